@@ -1,0 +1,393 @@
+"""Model runtimes behind one small interface: load a ``.tflite`` or ``.onnx``
+file, describe its signature, run it with float inputs and outputs.
+
+TFLite models run on LiteRT (``ai_edge_litert``), ``tflite_runtime`` or
+``tensorflow.lite``, whichever is installed, in that order of preference; ONNX
+models on ONNX Runtime (TensorRT and CUDA providers first where present, as on a
+Jetson, then CPU). The agent serves through this module and the host's
+``validate``/``bench`` run converted models through it too, so a model is
+checked on the workstation by the same code that will run it on the device.
+
+Quantized (int8/uint8) inputs and outputs are handled here from the model's own
+scales and zero points: callers pass and receive float32.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TensorSpec",
+    "ModelSignature",
+    "ModelRunner",
+    "ModelLoadError",
+    "RuntimeUnavailableError",
+    "TFLITE_RUNTIMES",
+    "available_runtimes",
+    "detect_model_format",
+    "open_model",
+]
+
+import importlib
+import importlib.util
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgeship.ota.errors import BadInputError, EdgeshipError, EXIT_REJECTED
+
+TFLITE_RUNTIMES: tuple[str, ...] = ("litert", "tflite_runtime", "tensorflow")
+"""TFLite interpreters in order of preference."""
+_TFLITE_MODULES = {
+    "litert": ("ai_edge_litert.interpreter", "ai_edge_litert"),
+    "tflite_runtime": ("tflite_runtime.interpreter", "tflite_runtime"),
+    "tensorflow": ("tensorflow.lite", "tensorflow"),
+}
+
+
+class ModelLoadError(BadInputError):
+    """The model file is corrupt, truncated, of an unknown format, or will not load."""
+
+
+class RuntimeUnavailableError(EdgeshipError):
+    """No installed runtime can run this model (the device lacks what it needs)."""
+
+    exit_code = EXIT_REJECTED
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: name, shape (-1 for a dynamic dimension), dtype and
+    per-tensor quantization (scale 0.0 when the tensor is not quantized)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float = 0.0
+    zero_point: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale != 0.0 and self.dtype in ("int8", "uint8", "int16")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["shape"] = list(self.shape)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TensorSpec":
+        return cls(
+            name=str(data["name"]),
+            shape=tuple(int(d) for d in data["shape"]),
+            dtype=str(data["dtype"]),
+            scale=float(data.get("scale", 0.0)),
+            zero_point=int(data.get("zero_point", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSignature":
+        return cls(
+            inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+        )
+
+
+def quantize(values: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Float values to the tensor's integer domain (pass-through if already that dtype)."""
+    target = np.dtype(spec.dtype)
+    if values.dtype == target or not spec.quantized:
+        return values.astype(target, copy=False)
+    info = np.iinfo(target)
+    q = np.round(values.astype(np.float32) / spec.scale + spec.zero_point)
+    return np.clip(q, info.min, info.max).astype(target)
+
+
+def dequantize(values: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    if not spec.quantized:
+        return values.astype(np.float32, copy=False) if values.dtype.kind == "f" else values
+    return (values.astype(np.float32) - spec.zero_point) * np.float32(spec.scale)
+
+
+class ModelRunner:
+    """A loaded model. ``run`` takes and returns float32 arrays (one per input /
+    output, in signature order); ``run_raw`` uses the model's native dtypes.
+
+    Safe to call from several threads: TFLite interpreters are serialized by a
+    lock, ONNX Runtime sessions run concurrently.
+    """
+
+    runtime: str
+    runtime_version: str
+    path: Path
+    signature: ModelSignature
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if len(inputs) != len(self.signature.inputs):
+            raise BadInputError(
+                f"model takes {len(self.signature.inputs)} inputs "
+                f"({', '.join(t.name for t in self.signature.inputs)}), got {len(inputs)}"
+            )
+        native = [quantize(np.asarray(x), spec) for x, spec in zip(inputs, self.signature.inputs)]
+        outputs = self.run_raw(native)
+        return [dequantize(y, spec) for y, spec in zip(outputs, self.signature.outputs)]
+
+    def run_raw(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the runtime's resources (the runner must not be used after)."""
+
+    def __enter__(self) -> "ModelRunner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TFLiteRunner(ModelRunner):
+    def __init__(self, path: Path, runtime: str, threads: int | None) -> None:
+        module_name, version_module = _TFLITE_MODULES[runtime]
+        module = importlib.import_module(module_name)
+        self.runtime = runtime
+        self.runtime_version = _module_version(version_module)
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            self._interpreter = module.Interpreter(model_path=str(path), num_threads=threads or 1)
+            self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"{path}: {runtime} cannot load this TFLite model: {_first_line(exc)}") from None
+        self._input_details = self._interpreter.get_input_details()
+        self._output_details = self._interpreter.get_output_details()
+        self.signature = ModelSignature(
+            inputs=tuple(_tflite_spec(d) for d in self._input_details),
+            outputs=tuple(_tflite_spec(d) for d in self._output_details),
+        )
+        self._current_shapes = [tuple(int(v) for v in d["shape"]) for d in self._input_details]
+
+    def run_raw(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        with self._lock:
+            resized = False
+            for i, (array, detail) in enumerate(zip(inputs, self._input_details)):
+                if tuple(array.shape) != self._current_shapes[i]:
+                    _check_shape(array.shape, self.signature.inputs[i])
+                    self._interpreter.resize_tensor_input(detail["index"], list(array.shape))
+                    self._current_shapes[i] = tuple(array.shape)
+                    resized = True
+            if resized:
+                self._interpreter.allocate_tensors()
+            for array, detail in zip(inputs, self._input_details):
+                self._interpreter.set_tensor(detail["index"], np.ascontiguousarray(array, dtype=detail["dtype"]))
+            self._interpreter.invoke()
+            return [self._interpreter.get_tensor(d["index"]).copy() for d in self._output_details]
+
+    def operators(self) -> list[str]:
+        """The operator of each node in the graph, in execution order."""
+        try:
+            return [str(op["op_name"]) for op in self._interpreter._get_ops_details()]
+        except AttributeError:  # pragma: no cover - very old runtimes
+            return []
+
+    def close(self) -> None:
+        self._interpreter = None
+
+
+class OnnxRunner(ModelRunner):
+    def __init__(self, path: Path, threads: int | None, providers: Sequence[str] | None) -> None:
+        ort = importlib.import_module("onnxruntime")
+        self.runtime = "onnxruntime"
+        self.runtime_version = str(ort.__version__)
+        self.path = path
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        available = ort.get_available_providers()
+        wanted = list(providers) if providers else [
+            p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider") if p in available
+        ]
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelLoadError(f"{path}: onnxruntime cannot load this ONNX model: {_first_line(exc)}") from None
+        self.providers = tuple(self._session.get_providers())
+        self._input_names = [i.name for i in self._session.get_inputs()]
+        self._output_names = [o.name for o in self._session.get_outputs()]
+        self.signature = ModelSignature(
+            inputs=tuple(_onnx_spec(i) for i in self._session.get_inputs()),
+            outputs=tuple(_onnx_spec(o) for o in self._session.get_outputs()),
+        )
+
+    def run_raw(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        feed = {}
+        for name, array, spec in zip(self._input_names, inputs, self.signature.inputs):
+            _check_shape(array.shape, spec)
+            feed[name] = np.ascontiguousarray(array, dtype=spec.dtype)
+        return list(self._session.run(self._output_names, feed))
+
+    def close(self) -> None:
+        self._session = None
+
+
+def detect_model_format(path: str | os.PathLike[str]) -> str:
+    """'tflite' or 'onnx', from the file's content (not its name)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        raise ModelLoadError(f"{p}: cannot read model: {exc.strerror or exc}") from None
+    if len(head) >= 8 and head[4:8] == b"TFL3":
+        return "tflite"
+    if p.suffix == ".onnx" or (head[:1] == b"\x08"):  # ONNX ModelProto starts with field 1 (ir_version)
+        return "onnx"
+    if p.suffix == ".tflite":
+        raise ModelLoadError(f"{p}: not a TFLite model (no 'TFL3' identifier; corrupt or truncated?)")
+    raise ModelLoadError(f"{p}: unknown model format (expected a .tflite or .onnx file)")
+
+
+def _importable_tflite(name: str) -> bool:
+    """Whether TFLite runtime ``name`` imports here (imported only when asked)."""
+    module_name = _TFLITE_MODULES[name][0]
+    if importlib.util.find_spec(module_name.split(".")[0]) is None:
+        return False
+    try:
+        importlib.import_module(module_name)
+    except Exception:  # a broken install (e.g. tflite_runtime under numpy 2) is not available
+        return False
+    return True
+
+
+def available_runtimes(*, include_tensorflow: bool = True) -> dict[str, str]:
+    """Runtime name -> version, for every runtime importable here.
+
+    Importing TensorFlow takes seconds; pass ``include_tensorflow=False`` where
+    only a light runtime matters.
+    """
+    found: dict[str, str] = {}
+    for name in TFLITE_RUNTIMES:
+        if name == "tensorflow" and not include_tensorflow:
+            continue
+        if _importable_tflite(name):
+            found[name] = _module_version(_TFLITE_MODULES[name][1])
+    if importlib.util.find_spec("onnxruntime") is not None:
+        try:
+            found["onnxruntime"] = str(importlib.import_module("onnxruntime").__version__)
+        except Exception:
+            pass
+    return found
+
+
+def open_model(
+    path: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    prefer: Sequence[str] | None = None,
+    providers: Sequence[str] | None = None,
+) -> ModelRunner:
+    """Load a model with the best runtime installed for its format.
+
+    Args:
+        path: a ``.tflite`` or ``.onnx`` file.
+        threads: interpreter threads (XNNPACK / intra-op); None for the runtime's default.
+        prefer: TFLite runtime names to try, in order (default TFLITE_RUNTIMES).
+        providers: ONNX Runtime execution providers (default: TensorRT, CUDA, CPU as available).
+
+    Raises:
+        ModelLoadError: the file is missing, corrupt or of an unknown format.
+        RuntimeUnavailableError: no runtime for this format is installed.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ModelLoadError(f"{p}: no such model file")
+    fmt = detect_model_format(p)
+    if fmt == "onnx":
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise RuntimeUnavailableError(
+                f"{p}: ONNX model, but onnxruntime is not installed (pip install 'edgeship[onnx]')"
+            )
+        return OnnxRunner(p, threads, providers)
+    order = list(prefer) if prefer else list(TFLITE_RUNTIMES)
+    unknown = [r for r in order if r not in _TFLITE_MODULES]
+    if unknown:
+        raise BadInputError(f"unknown TFLite runtime(s) {unknown}; choose from {list(TFLITE_RUNTIMES)}")
+    for name in order:  # import lazily: TensorFlow only when nothing lighter is there
+        if _importable_tflite(name):
+            return TFLiteRunner(p, name, threads)
+    raise RuntimeUnavailableError(
+        f"{p}: TFLite model, but none of {order} is installed (pip install 'edgeship[litert]')"
+    )
+
+
+def _tflite_spec(detail: dict[str, Any]) -> TensorSpec:
+    signature = detail.get("shape_signature")
+    shape = signature if signature is not None and len(signature) else detail["shape"]
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    return TensorSpec(
+        name=str(detail["name"]),
+        shape=tuple(int(v) for v in shape),
+        dtype=np.dtype(detail["dtype"]).name,
+        scale=float(scale),
+        zero_point=int(zero_point),
+    )
+
+
+_ONNX_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+}
+
+
+def _onnx_spec(node: Any) -> TensorSpec:
+    shape = tuple(int(d) if isinstance(d, int) else -1 for d in node.shape)
+    return TensorSpec(name=str(node.name), shape=shape, dtype=_ONNX_DTYPES.get(node.type, node.type))
+
+
+def _check_shape(shape: Sequence[int], spec: TensorSpec) -> None:
+    if len(shape) != len(spec.shape) or any(
+        want not in (-1, got) and not (i == 0) for i, (want, got) in enumerate(zip(spec.shape, shape))
+    ):
+        raise BadInputError(
+            f"input '{spec.name}' has shape {list(shape)}, the model expects {list(spec.shape)} "
+            "(-1: any size; the first dimension is the batch)"
+        )
+
+
+def _module_version(module_name: str) -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        dist = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime"}.get(module_name)
+        if dist:
+            try:
+                return version(dist)
+            except PackageNotFoundError:
+                pass
+        module = importlib.import_module(module_name)
+        return str(getattr(module, "__version__", "unknown"))
+    except Exception:
+        return "unknown"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or exc.__class__.__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,94 @@
+"""The error families shared by every part of edgeship.
+
+Each domain error carries the process exit status it maps to; only the CLI
+edges (``edgeship`` and ``edgeship-agent``) turn an error into an exit. The
+message is one line that names what was wrong, where, and what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_BAD_INPUT",
+    "EXIT_GATE_FAILED",
+    "EXIT_REJECTED",
+    "EXIT_MISSING_EXTRA",
+    "EdgeshipError",
+    "BadInputError",
+    "GateFailedError",
+    "SecurityError",
+    "MissingExtraError",
+    "require_module",
+]
+
+import importlib
+from types import ModuleType
+
+EXIT_FAILURE = 1
+"""Something failed that is not the user's input (I/O, a runtime crash)."""
+EXIT_BAD_INPUT = 2
+"""The input was wrong: a corrupt model, malformed data, a bad option."""
+EXIT_GATE_FAILED = 3
+"""A quality gate refused the result (accuracy drop, agreement, latency)."""
+EXIT_REJECTED = 4
+"""Verification refused something: a signature, hash, expiry or rollback check."""
+EXIT_MISSING_EXTRA = 5
+"""The command needs an optional extra that is not installed."""
+
+
+class EdgeshipError(Exception):
+    """Base of every error edgeship reports to a user.
+
+    Attributes:
+        exit_code: the process exit status the CLI uses for this error.
+    """
+
+    exit_code: int = EXIT_FAILURE
+
+    def __init__(self, message: str, *, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class BadInputError(EdgeshipError):
+    """The user's input (a file, an option, data) cannot be used."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class GateFailedError(EdgeshipError):
+    """A configured quality gate refused the result."""
+
+    exit_code = EXIT_GATE_FAILED
+
+
+class SecurityError(EdgeshipError):
+    """Hostile or untrusted data: bad signature, hash, expiry, rollback, archive."""
+
+    exit_code = EXIT_REJECTED
+
+
+class MissingExtraError(EdgeshipError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    exit_code = EXIT_MISSING_EXTRA
+
+
+def require_module(module: str, extra: str) -> ModuleType:
+    """Import ``module`` or raise a MissingExtraError naming ``extra``.
+
+    Heavy dependencies (TensorFlow, ONNX Runtime, SQLAlchemy...) are imported
+    lazily through this, so a command whose extra is missing says what to do.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"this needs the Python module '{module}', which is not installed ({exc}); "
+            f"install it with: pip install 'edgeship[{extra}]'"
+        ) from None

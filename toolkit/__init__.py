@@ -1,0 +1,1 @@
+"""edgeship.toolkit: the host CLI (``edgeship``) and the fleet side."""
