@@ -1,0 +1,54 @@
+"""Session-wide fixtures shared by every part's tests: the digits model, trained
+once per test session, and its data. Parts keep their own fixtures in their own
+test folders."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples" / "digits"))
+
+
+@pytest.fixture(scope="session")
+def digits_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``model`` (digits.keras), ``calib`` and ``eval`` (.npz with x, y)."""
+    from model import save_digits_model  # examples/digits/model.py
+
+    return save_digits_model(tmp_path_factory.mktemp("digits"), epochs=8)
+
+
+@pytest.fixture(scope="session")
+def digits_tflite(digits_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits model as fp32 TFLite, straight from TensorFlow's converter."""
+    import tensorflow as tf
+
+    model = tf.keras.models.load_model(digits_files["model"])
+    out = tmp_path_factory.mktemp("digits-tflite") / "digits.tflite"
+    out.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_int8_tflite(digits_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits model as full-integer TFLite with int8 inputs and outputs."""
+    import numpy as np
+    import tensorflow as tf
+
+    model = tf.keras.models.load_model(digits_files["model"])
+    calib = np.load(digits_files["calib"])["x"]
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([calib[i : i + 1]] for i in range(100))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    out = tmp_path_factory.mktemp("digits-int8") / "digits-int8.tflite"
+    out.write_bytes(converter.convert())
+    return out
