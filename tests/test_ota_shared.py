@@ -1,0 +1,61 @@
+"""Topic tree and latency histograms: pure, table-tested."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeship.ota.telemetry import LatencyHistogram
+from edgeship.ota.topics import TopicError, device_topic, parse_device_topic
+
+
+@pytest.mark.parametrize(
+    "fleet, device, kind, expected",
+    [
+        ("lab", "pi-01", "desired", "edgeship/lab/devices/pi-01/desired"),
+        ("lab", "pi-01", "blocks/request", "edgeship/lab/devices/pi-01/blocks/request"),
+    ],
+)
+def test_device_topic_round_trips(fleet: str, device: str, kind: str, expected: str) -> None:
+    assert device_topic(fleet, device, kind) == expected
+    parsed = parse_device_topic(expected)
+    assert (parsed.fleet, parsed.device, parsed.kind) == (fleet, device, kind)
+
+
+@pytest.mark.parametrize(
+    "fleet, device, kind",
+    [("lab", "pi/01", "desired"), ("lab", "+", "desired"), ("#", "pi", "desired"), ("lab", "pi", "secrets"), ("", "pi", "desired")],
+)
+def test_bad_topic_parts_are_refused(fleet: str, device: str, kind: str) -> None:
+    with pytest.raises(TopicError):
+        device_topic(fleet, device, kind)
+
+
+@pytest.mark.parametrize("topic", ["edgeship/lab/devices/pi", "other/lab/devices/pi/desired", "edgeship/lab/devices/pi/x"])
+def test_non_device_topics_do_not_parse(topic: str) -> None:
+    with pytest.raises(TopicError):
+        parse_device_topic(topic)
+
+
+def test_histogram_quantiles_track_numpy_within_a_bucket() -> None:
+    rng = np.random.default_rng(1)
+    samples = rng.lognormal(mean=0.5, sigma=0.6, size=20000)
+    histogram = LatencyHistogram()
+    for s in samples:
+        histogram.observe(float(s))
+    for q in (0.5, 0.95, 0.99):
+        exact = float(np.quantile(samples, q))
+        approx = histogram.quantile_ms(q)
+        assert approx is not None and abs(approx - exact) / exact < 0.2, (q, approx, exact)
+
+
+def test_histograms_merge_exactly_and_survive_serialization() -> None:
+    a, b = LatencyHistogram(), LatencyHistogram()
+    for v in (0.3, 1.2, 4.0):
+        a.observe(v)
+    for v in (0.3, 80.0):
+        b.observe(v)
+    merged = LatencyHistogram.from_dict(a.merge(b).to_dict())
+    assert merged.count == 5 and merged.total_ms == pytest.approx(85.8)
+    with pytest.raises(ValueError):
+        LatencyHistogram.from_dict({"buckets_ms": [1, 2], "counts": [1, 2, 3]})
