@@ -1,0 +1,1 @@
+"""edgeship.converters: model in, converted model and report out (TFLite, ONNX, quantization, validation)."""
