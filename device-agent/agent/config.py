@@ -1,0 +1,243 @@
+"""The agent's configuration: a TOML file, read and validated into AgentConfig.
+
+Every error names the file, the key and what is expected. ``render_config``
+writes a complete, commented file (``edgeship-agent init``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["AgentConfig", "DEFAULT_CONFIG_PATH", "load_config", "parse_config", "render_config", "parse_bind"]
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from edgeship.ota.errors import BadInputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.9/3.10 devices
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = "/etc/edgeship/agent.toml"
+_TFLITE_NAMES = ("litert", "tflite_runtime", "tensorflow")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Validated settings (see device-agent/agent.example.toml for each one's meaning)."""
+
+    device_id: str
+    fleet: str
+    data_dir: Path
+    root_metadata: Path
+    director_key: Path
+    runtime_prefer: tuple[str, ...] = _TFLITE_NAMES
+    threads: int = 1
+    bind_host: str = "127.0.0.1"
+    bind_port: int = 8501
+    probation_window_s: float = 60.0
+    probation_min_requests: int = 0
+    max_error_rate: float = 0.05
+    max_nonfinite_rate: float = 0.0
+    max_latency_ratio: float = 2.0
+    max_reentries: int = 3
+    self_test_latency_ratio: float = 0.0
+    self_test_runs: int = 20
+    keep_previous: int = 2
+    broker_url: str = ""
+    source: Path | None = field(default=None, compare=False)
+
+    @property
+    def state_file(self) -> Path:
+        return self.data_dir / "state.json"
+
+    @property
+    def slots_dir(self) -> Path:
+        return self.data_dir / "slots"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.data_dir / "work"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.data_dir / "agent.sock"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.data_dir / "agent.lock"
+
+
+def parse_bind(text: str, where: str = "bind") -> tuple[str, int]:
+    """'HOST:PORT' -> (host, port), with a clear error."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise BadInputError(f"{where}: '{text}' is not HOST:PORT (e.g. 127.0.0.1:8501)")
+    return host, int(port)
+
+
+def load_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Read and validate an agent config file."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise BadInputError(
+            f"config {p} does not exist; write one with `edgeship-agent init ... -o {p}` or pass --config"
+        ) from None
+    except OSError as exc:
+        raise BadInputError(f"config {p} cannot be read: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"config {p} is not valid TOML: {exc}") from None
+    return parse_config(data, source=p)
+
+
+class _Reader:
+    def __init__(self, data: Mapping[str, Any], where: str) -> None:
+        self.data, self.where = data, where
+
+    def table(self, name: str) -> Mapping[str, Any]:
+        value = self.data.get(name, {})
+        if not isinstance(value, dict):
+            raise BadInputError(f"{self.where}: [{name}] must be a table")
+        return value
+
+    def get(self, table: str, key: str, kind: type, default: Any = None, *, required: bool = False) -> Any:
+        section = self.table(table)
+        if key not in section:
+            if required:
+                raise BadInputError(f"{self.where}: [{table}] {key} is missing")
+            return default
+        value = section[key]
+        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise BadInputError(
+                f"{self.where}: [{table}] {key} = {value!r} must be a {kind.__name__}"
+            )
+        return value
+
+
+def _positive(where: str, name: str, value: float, *, allow_zero: bool = True) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise BadInputError(f"{where}: {name} = {value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def parse_config(data: Mapping[str, Any], *, source: Path | None = None) -> AgentConfig:
+    """Validate a parsed TOML document (pure; used by load_config and tests)."""
+    where = f"config {source}" if source else "config"
+    r = _Reader(data, where)
+    base = source.parent if source else Path.cwd()
+
+    def path(table: str, key: str) -> Path:
+        p = Path(r.get(table, key, str, required=True)).expanduser()
+        return p if p.is_absolute() else (base / p)
+
+    device_id = r.get("device", "id", str, required=True)
+    fleet = r.get("device", "fleet", str, required=True)
+    for name, value in (("[device] id", device_id), ("[device] fleet", fleet)):
+        if not value or any(c in value for c in "/#+ \t\n"):
+            raise BadInputError(f"{where}: {name} = {value!r} must be non-empty without '/', '#', '+' or spaces")
+    prefer = r.get("runtime", "prefer", list, list(_TFLITE_NAMES))
+    unknown = [x for x in prefer if x not in _TFLITE_NAMES]
+    if unknown or not prefer:
+        raise BadInputError(f"{where}: [runtime] prefer = {prefer!r}: choose from {list(_TFLITE_NAMES)}")
+    threads = r.get("runtime", "threads", int, 1)
+    _positive(where, "[runtime] threads", threads, allow_zero=False)
+    host, port = parse_bind(r.get("server", "bind", str, "127.0.0.1:8501"), f"{where}: [server] bind")
+    cfg = AgentConfig(
+        device_id=device_id,
+        fleet=fleet,
+        data_dir=path("paths", "data"),
+        root_metadata=path("trust", "root"),
+        director_key=path("trust", "director_key"),
+        runtime_prefer=tuple(prefer),
+        threads=threads,
+        bind_host=host,
+        bind_port=port,
+        probation_window_s=r.get("probation", "window_s", float, 60.0),
+        probation_min_requests=r.get("probation", "min_requests", int, 0),
+        max_error_rate=r.get("probation", "max_error_rate", float, 0.05),
+        max_nonfinite_rate=r.get("probation", "max_nonfinite_rate", float, 0.0),
+        max_latency_ratio=r.get("probation", "max_latency_ratio", float, 2.0),
+        max_reentries=r.get("probation", "max_restarts", int, 3),
+        self_test_latency_ratio=r.get("self_test", "max_latency_ratio", float, 0.0),
+        self_test_runs=r.get("self_test", "latency_runs", int, 20),
+        keep_previous=r.get("retention", "keep_previous", int, 2),
+        broker_url=r.get("broker", "url", str, ""),
+        source=source,
+    )
+    for name in ("probation_window_s", "probation_min_requests", "max_error_rate", "max_nonfinite_rate",
+                 "max_latency_ratio", "self_test_latency_ratio", "keep_previous"):
+        _positive(where, name, getattr(cfg, name))
+    _positive(where, "[probation] max_restarts", cfg.max_reentries, allow_zero=False)
+    _positive(where, "[self_test] latency_runs", cfg.self_test_runs, allow_zero=False)
+    if cfg.max_error_rate > 1 or cfg.max_nonfinite_rate > 1:
+        raise BadInputError(f"{where}: [probation] rates must be within [0, 1]")
+    return cfg
+
+
+_TEMPLATE = """\
+# edgeship-agent configuration (written by `edgeship-agent init`).
+# Every key is documented in docs/agent.md.
+
+[device]
+id = {device_id}          # this device's id: names its MQTT subtree and its director documents
+fleet = {fleet}           # the fleet it belongs to
+
+[paths]
+data = {data}             # slots, state file, control socket; must be writable by the agent
+
+[trust]
+root = {root}             # trusted TUF root metadata (root.json) of the release repository
+director_key = {director_key}   # the director's public key (PEM)
+
+[runtime]
+prefer = ["litert", "tflite_runtime", "tensorflow"]   # TFLite interpreters, in order
+threads = {threads}                  # interpreter threads (XNNPACK / ONNX intra-op)
+
+[server]
+bind = {bind}             # TF Serving-compatible REST API (keep it on loopback)
+
+[self_test]
+latency_runs = 20         # invokes timed for the new and the running model
+max_latency_ratio = 0.0   # refuse a model slower than this x the running one (0: no gate)
+
+[probation]
+window_s = 60.0           # how long a new model is watched before it is committed
+min_requests = 0          # and at least this many requests (0: time only)
+max_error_rate = 0.05     # roll back above this share of failed predictions
+max_nonfinite_rate = 0.0  # roll back above this share of NaN/Inf outputs
+max_latency_ratio = 2.0   # roll back when p95 latency exceeds this x the previous model's
+max_restarts = 3          # agent restarts tolerated in a state before it rolls back
+
+[retention]
+keep_previous = 2         # committed bundles kept besides the active one
+
+[broker]
+url = {broker}            # MQTT broker for fleet rollouts ("" = none; the agent runs without)
+"""
+
+
+def _toml_str(value: str) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_config(
+    *, data: str, device_id: str, fleet: str, root: str, director_key: str,
+    bind: str = "127.0.0.1:8501", broker: str = "", threads: int = 1,
+) -> str:
+    """A complete, commented config file; validated before it is returned."""
+    parse_bind(bind, "--bind")
+    text = _TEMPLATE.format(
+        device_id=_toml_str(device_id), fleet=_toml_str(fleet), data=_toml_str(data), root=_toml_str(root),
+        director_key=_toml_str(director_key), bind=_toml_str(bind), broker=_toml_str(broker), threads=threads,
+    )
+    parse_config(tomllib.loads(text))
+    return text

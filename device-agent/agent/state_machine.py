@@ -1,0 +1,126 @@
+"""The update state machine: states, events and one aligned transition table.
+
+Pure: no I/O. The updater persists a state before it acts in it (write, fsync,
+rename), then asks this module where an event leads. After the Mender client:
+reading ``TRANSITIONS`` tells every path an update can take, and a cap on
+re-entries of a state (a crash loop) turns into ``LOOP_DETECTED``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "State",
+    "Event",
+    "TRANSITIONS",
+    "TERMINAL_STATES",
+    "ACTIVE_IS_NEW_STATES",
+    "InvalidTransitionError",
+    "next_state",
+    "is_terminal",
+    "event_on_reentry",
+]
+
+from enum import Enum
+from typing import Mapping
+
+
+class State(str, Enum):
+    IDLE = "IDLE"
+    DISK_CHECK = "DISK_CHECK"
+    FETCHING = "FETCHING"
+    VERIFYING = "VERIFYING"
+    INSTALLING = "INSTALLING"
+    SELF_TEST = "SELF_TEST"
+    ACTIVATING = "ACTIVATING"
+    PROBATION = "PROBATION"
+    ROLLING_BACK = "ROLLING_BACK"
+    COMMITTED = "COMMITTED"
+    ROLLED_BACK = "ROLLED_BACK"
+    FAILED = "FAILED"
+    REJECTED = "REJECTED"
+
+
+class Event(str, Enum):
+    START = "START"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"            # something broke (I/O, crash, a model that does not pass)
+    REJECT = "REJECT"              # refused: trust failure, or the device lacks what the bundle needs
+    ABORT = "ABORT"                # an operator asked to stop (rollback command)
+    LOOP_DETECTED = "LOOP_DETECTED"  # the state was re-entered too often (crash loop)
+
+
+S, E = State, Event
+
+# (state, event) -> next state. Pre-activation failures leave the old model active,
+# so they end in FAILED / REJECTED directly; after activation every failure rolls back.
+TRANSITIONS: Mapping[tuple[State, Event], State] = {
+    (S.IDLE,         E.START):         S.DISK_CHECK,
+    (S.DISK_CHECK,   E.SUCCESS):       S.FETCHING,
+    (S.DISK_CHECK,   E.FAILURE):       S.FAILED,
+    (S.DISK_CHECK,   E.ABORT):         S.FAILED,
+    (S.DISK_CHECK,   E.LOOP_DETECTED): S.FAILED,
+    (S.FETCHING,     E.SUCCESS):       S.VERIFYING,
+    (S.FETCHING,     E.FAILURE):       S.FAILED,
+    (S.FETCHING,     E.REJECT):        S.REJECTED,
+    (S.FETCHING,     E.ABORT):         S.FAILED,
+    (S.FETCHING,     E.LOOP_DETECTED): S.FAILED,
+    (S.VERIFYING,    E.SUCCESS):       S.INSTALLING,
+    (S.VERIFYING,    E.FAILURE):       S.FAILED,
+    (S.VERIFYING,    E.REJECT):        S.REJECTED,
+    (S.VERIFYING,    E.ABORT):         S.FAILED,
+    (S.VERIFYING,    E.LOOP_DETECTED): S.FAILED,
+    (S.INSTALLING,   E.SUCCESS):       S.SELF_TEST,
+    (S.INSTALLING,   E.FAILURE):       S.FAILED,
+    (S.INSTALLING,   E.REJECT):        S.REJECTED,
+    (S.INSTALLING,   E.ABORT):         S.FAILED,
+    (S.INSTALLING,   E.LOOP_DETECTED): S.FAILED,
+    (S.SELF_TEST,    E.SUCCESS):       S.ACTIVATING,
+    (S.SELF_TEST,    E.FAILURE):       S.FAILED,
+    (S.SELF_TEST,    E.REJECT):        S.REJECTED,
+    (S.SELF_TEST,    E.ABORT):         S.FAILED,
+    (S.SELF_TEST,    E.LOOP_DETECTED): S.FAILED,
+    (S.ACTIVATING,   E.SUCCESS):       S.PROBATION,
+    (S.ACTIVATING,   E.FAILURE):       S.ROLLING_BACK,
+    (S.ACTIVATING,   E.ABORT):         S.ROLLING_BACK,
+    (S.ACTIVATING,   E.LOOP_DETECTED): S.ROLLING_BACK,
+    (S.PROBATION,    E.SUCCESS):       S.COMMITTED,
+    (S.PROBATION,    E.FAILURE):       S.ROLLING_BACK,
+    (S.PROBATION,    E.ABORT):         S.ROLLING_BACK,
+    (S.PROBATION,    E.LOOP_DETECTED): S.ROLLING_BACK,
+    (S.ROLLING_BACK, E.SUCCESS):       S.ROLLED_BACK,
+    # A rollback that cannot finish is retried on restart; the cap stops a loop in FAILED
+    # (the previous slot is then still the one recorded as active, see resume_state).
+    (S.ROLLING_BACK, E.FAILURE):       S.FAILED,
+    (S.ROLLING_BACK, E.LOOP_DETECTED): S.FAILED,
+}
+
+TERMINAL_STATES: frozenset[State] = frozenset({S.IDLE, S.COMMITTED, S.ROLLED_BACK, S.FAILED, S.REJECTED})
+"""States in which no update is in progress (IDLE: none was ever started)."""
+
+ACTIVE_IS_NEW_STATES: frozenset[State] = frozenset({S.PROBATION, S.COMMITTED})
+"""States in which the new bundle is the one serving."""
+
+
+class InvalidTransitionError(RuntimeError):
+    """Misuse: an event that the table does not allow in this state (a bug, not bad input)."""
+
+
+def next_state(state: State, event: Event) -> State:
+    """Where ``event`` leads from ``state``; raises InvalidTransitionError if nowhere."""
+    try:
+        return TRANSITIONS[(State(state), Event(event))]
+    except KeyError:
+        raise InvalidTransitionError(f"no transition from {State(state).value} on {Event(event).value}") from None
+
+
+def is_terminal(state: State) -> bool:
+    return State(state) in TERMINAL_STATES
+
+
+def event_on_reentry(entries: int, cap: int) -> Event | None:
+    """LOOP_DETECTED once a state was entered more than ``cap`` times, else None.
+
+    ``entries`` counts this entry too: the first entry is 1.
+    """
+    return Event.LOOP_DETECTED if entries > cap else None
+

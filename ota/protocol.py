@@ -1,0 +1,540 @@
+"""Every message of the MQTT topic tree, as versioned JSON (see docs/protocol.md).
+
+Pure: bytes in, a validated frozen dataclass out (or a ProtocolError), and back.
+Nothing here touches a socket. Each payload is capped in size *before* it is
+decoded, so a hostile or broken publisher can cost a reader no more than one
+bounded ``json.loads``.
+
+Versioning: every document carries ``"v"`` (the major schema version, an
+integer) and ``"type"``. A reader refuses a major version it does not know and
+ignores fields it does not know (new optional fields are a minor change that
+does not bump ``"v"``).
+
+Block data is the one non-JSON-only message: a compact JSON header, one newline
+byte, then the raw block bytes (base64 would cost a third more on the wire and
+the CPU to encode it on small devices).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_PAYLOAD_BYTES",
+    "MAX_BLOCK_SIZE",
+    "MIN_BLOCK_SIZE",
+    "ProtocolError",
+    "DesiredMessage",
+    "ReportedMessage",
+    "StatusMessage",
+    "EventMessage",
+    "TelemetryMessage",
+    "BlockRequest",
+    "BlockData",
+    "BlockInfo",
+    "BlockError",
+    "Message",
+    "parse_message",
+    "encode_message",
+    "parse_block_reply",
+    "encode_block_reply",
+    "bitmap_from_indexes",
+    "indexes_from_bitmap",
+]
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from .errors import BadInputError
+from .telemetry import LatencyHistogram
+from .topics import BLOCK_DATA, BLOCK_REQUEST, DESIRED, EVENTS, REPORTED, STATUS, TELEMETRY
+
+PROTOCOL_VERSION = 1
+"""The major schema version this code writes and reads."""
+
+MIN_BLOCK_SIZE = 256
+MAX_BLOCK_SIZE = 1024 * 1024
+"""Block sizes a request may ask for (bytes)."""
+
+MAX_PAYLOAD_BYTES: Dict[str, int] = {
+    DESIRED: 64 * 1024,
+    REPORTED: 64 * 1024,
+    STATUS: 1024,
+    EVENTS: 16 * 1024,
+    TELEMETRY: 64 * 1024,
+    BLOCK_REQUEST: 16 * 1024,
+    BLOCK_DATA: MAX_BLOCK_SIZE + 4096,
+}
+"""Largest payload accepted per topic kind (bytes); larger ones are refused undecoded."""
+
+_MAX_HEADER_BYTES = 4096
+_MAX_STREAM_CHARS = 512
+_MAX_BLOCKS = 1 << 20
+
+
+class ProtocolError(BadInputError):
+    """A message that is malformed, oversized, of an unknown version, or unsigned."""
+
+
+# -- small explicit validators ---------------------------------------------------------------
+
+def _where(doc_type: str, key: str) -> str:
+    return f"{doc_type} message field '{key}'"
+
+
+def _get(doc: Dict[str, Any], key: str, kinds: Tuple[type, ...], doc_type: str, required: bool = True) -> Any:
+    if key not in doc or doc[key] is None:
+        if required:
+            raise ProtocolError(f"{doc_type} message lacks required field '{key}'")
+        return None
+    value = doc[key]
+    # bool is an int in Python; a schema that asks for a number never wants true/false.
+    if isinstance(value, bool) and bool not in kinds:
+        raise ProtocolError(f"{_where(doc_type, key)} must be {_kind_names(kinds)}, got a boolean")
+    if not isinstance(value, kinds):
+        raise ProtocolError(f"{_where(doc_type, key)} must be {_kind_names(kinds)}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError(f"{_where(doc_type, key)} must be a finite number")
+    return value
+
+
+def _kind_names(kinds: Tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _text(doc: Dict[str, Any], key: str, doc_type: str, required: bool = True, limit: int = 256) -> Optional[str]:
+    value = _get(doc, key, (str,), doc_type, required)
+    if value is not None and (len(value) > limit or (required and not value)):
+        raise ProtocolError(f"{_where(doc_type, key)} must be 1-{limit} characters")
+    return value
+
+
+def _count(doc: Dict[str, Any], key: str, doc_type: str, required: bool = True, low: int = 0,
+           high: int = 2**63 - 1) -> Optional[int]:
+    value = _get(doc, key, (int,), doc_type, required)
+    if value is not None and not low <= value <= high:
+        raise ProtocolError(f"{_where(doc_type, key)} must be within [{low}, {high}], got {value}")
+    return value
+
+
+def _number(doc: Dict[str, Any], key: str, doc_type: str, required: bool = True) -> Optional[float]:
+    value = _get(doc, key, (int, float), doc_type, required)
+    return None if value is None else float(value)
+
+
+def _object(doc: Dict[str, Any], key: str, doc_type: str, required: bool = True) -> Optional[Dict[str, Any]]:
+    return _get(doc, key, (dict,), doc_type, required)
+
+
+def _decode(payload: bytes, kind: str, expected_type: str) -> Dict[str, Any]:
+    """Cap, decode and check the envelope (``v``, ``type``) of one JSON document."""
+    if not isinstance(payload, (bytes, bytearray)):
+        raise ProtocolError(f"{kind} payload must be bytes, got {type(payload).__name__}")
+    cap = MAX_PAYLOAD_BYTES[kind]
+    if len(payload) > cap:
+        raise ProtocolError(f"{kind} message of {len(payload)} bytes exceeds the {cap}-byte limit")
+    try:
+        doc = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"{kind} message is not UTF-8 JSON ({str(exc)[:80]})") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError(f"{kind} message must be a JSON object, got {type(doc).__name__}")
+    version = _get(doc, "v", (int,), expected_type)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"{expected_type} message has schema version {version}; this edgeship reads version "
+            f"{PROTOCOL_VERSION} (upgrade the older side)"
+        )
+    found = _get(doc, "type", (str,), expected_type)
+    if found != expected_type:
+        raise ProtocolError(f"message on a '{kind}' topic has type {found[:40]!r}, expected {expected_type!r}")
+    return doc
+
+
+def _base(doc_type: str) -> Dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "type": doc_type}
+
+
+def _drop_none(doc: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in doc.items() if v is not None}
+
+
+def _bundle_ref(value: Optional[Dict[str, Any]], key: str, doc_type: str) -> Optional[Dict[str, str]]:
+    """``{"name": ..., "version": ...}`` or None."""
+    if value is None:
+        return None
+    where = f"{doc_type}.{key}"
+    return {"name": _text(value, "name", where) or "", "version": _text(value, "version", where, limit=64) or ""}
+
+
+# -- messages ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DesiredMessage:
+    """Controller -> device, retained: carries the director's signed envelope.
+
+    Only the envelope's shape is checked here (a ``signed`` object and at least
+    one ``{keyid, sig}`` signature); the signature itself is verified by the
+    director-trust code on the device, which is the only judge of it.
+    """
+
+    envelope: Dict[str, Any]
+    KIND = DESIRED
+    TYPE = "desired"
+
+    @classmethod
+    def from_dict(cls, doc: Dict[str, Any]) -> "DesiredMessage":
+        envelope = _object(doc, "envelope", cls.TYPE)
+        assert envelope is not None
+        _object(envelope, "signed", "desired.envelope")
+        signatures = _get(envelope, "signatures", (list,), "desired.envelope")
+        if not signatures:
+            raise ProtocolError("desired message is unsigned: envelope.signatures is empty")
+        for index, signature in enumerate(signatures):
+            if not isinstance(signature, dict):
+                raise ProtocolError(f"desired.envelope.signatures[{index}] must be an object")
+            _text(signature, "keyid", f"desired.envelope.signatures[{index}]")
+            _text(signature, "sig", f"desired.envelope.signatures[{index}]", limit=4096)
+        return cls(envelope)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {**_base(self.TYPE), "envelope": self.envelope}
+
+
+@dataclass(frozen=True)
+class ReportedMessage:
+    """Device -> controller, retained: what the device runs and where its update stands."""
+
+    device: str
+    ts: float
+    active: Optional[Dict[str, str]] = None
+    previous: Optional[Dict[str, str]] = None
+    update: Optional[Dict[str, Any]] = None
+    agent_version: Optional[str] = None
+    runtime: Optional[str] = None
+    KIND = REPORTED
+    TYPE = "reported"
+
+    @classmethod
+    def from_dict(cls, doc: Dict[str, Any]) -> "ReportedMessage":
+        t = cls.TYPE
+        update = _object(doc, "update", t, required=False)
+        if update is not None:
+            _text(update, "state", "reported.update", limit=32)
+        return cls(
+            device=_text(doc, "device", t, limit=64) or "",
+            ts=_number(doc, "ts", t) or 0.0,
+            active=_bundle_ref(_object(doc, "active", t, required=False), "active", t),
+            previous=_bundle_ref(_object(doc, "previous", t, required=False), "previous", t),
+            update=update,
+            agent_version=_text(doc, "agent_version", t, required=False, limit=64),
+            runtime=_text(doc, "runtime", t, required=False, limit=64),
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _drop_none({**_base(self.TYPE), "device": self.device, "ts": self.ts, "active": self.active,
+                           "previous": self.previous, "update": self.update,
+                           "agent_version": self.agent_version, "runtime": self.runtime})
+
+
+STATUS_STATES = ("online", "offline")
+
+
+@dataclass(frozen=True)
+class StatusMessage:
+    """Device, retained: ``online`` when connected; the last will publishes ``offline``."""
+
+    state: str
+    ts: Optional[float] = None
+    KIND = STATUS
+    TYPE = "status"
+
+    @classmethod
+    def from_dict(cls, doc: Dict[str, Any]) -> "StatusMessage":
+        state = _text(doc, "state", cls.TYPE, limit=16)
+        if state not in STATUS_STATES:
+            raise ProtocolError(f"status message field 'state' must be one of {list(STATUS_STATES)}, got {state!r}")
+        return cls(state, _number(doc, "ts", cls.TYPE, required=False))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _drop_none({**_base(self.TYPE), "state": self.state, "ts": self.ts})
+
+
+@dataclass(frozen=True)
+class EventMessage:
+    """Device -> controller, QoS 1: one update or health event, in order (``seq`` grows)."""
+
+    event: str
+    ts: float
+    seq: int
+    deployment: Optional[str] = None
+    bundle: Optional[Dict[str, str]] = None
+    state: Optional[str] = None
+    detail: Optional[str] = None
+    KIND = EVENTS
+    TYPE = "event"
+
+    @classmethod
+    def from_dict(cls, doc: Dict[str, Any]) -> "EventMessage":
+        t = cls.TYPE
+        return cls(
+            event=_text(doc, "event", t, limit=64) or "",
+            ts=_number(doc, "ts", t) or 0.0,
+            seq=_count(doc, "seq", t) or 0,
+            deployment=_text(doc, "deployment", t, required=False, limit=128),
+            bundle=_bundle_ref(_object(doc, "bundle", t, required=False), "bundle", t),
+            state=_text(doc, "state", t, required=False, limit=32),
+            detail=_text(doc, "detail", t, required=False, limit=4096),
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _drop_none({**_base(self.TYPE), "event": self.event, "ts": self.ts, "seq": self.seq,
+                           "deployment": self.deployment, "bundle": self.bundle, "state": self.state,
+                           "detail": self.detail})
+
+
+@dataclass(frozen=True)
+class TelemetryMessage:
+    """Device -> controller, QoS 0/1: one window of serving statistics.
+
+    ``latency`` is an ota.telemetry.LatencyHistogram (fixed buckets, mergeable);
+    ``feedback`` counts labelled answers (``correct``/``total``) for A/B accuracy.
+    """
+
+    ts: float
+    window_s: float
+    requests: int
+    errors: int
+    latency: LatencyHistogram
+    bundle: Optional[Dict[str, str]] = None
+    feedback: Optional[Dict[str, int]] = None
+    drift: Optional[float] = None
+    KIND = TELEMETRY
+    TYPE = "telemetry"
+
+    @classmethod
+    def from_dict(cls, doc: Dict[str, Any]) -> "TelemetryMessage":
+        t = cls.TYPE
+        latency_doc = _object(doc, "latency", t)
+        try:
+            latency = LatencyHistogram.from_dict(latency_doc or {})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"telemetry message field 'latency' is not a latency histogram ({exc})") from None
+        if any(c < 0 for c in latency.counts):
+            raise ProtocolError("telemetry message field 'latency' has negative counts")
+        feedback = _object(doc, "feedback", t, required=False)
+        if feedback is not None:
+            feedback = {"correct": _count(feedback, "correct", "telemetry.feedback") or 0,
+                        "total": _count(feedback, "total", "telemetry.feedback") or 0}
+            if feedback["correct"] > feedback["total"]:
+                raise ProtocolError("telemetry.feedback: 'correct' exceeds 'total'")
+        requests = _count(doc, "requests", t) or 0
+        errors = _count(doc, "errors", t) or 0
+        if errors > requests:
+            raise ProtocolError(f"telemetry message counts {errors} errors in {requests} requests")
+        window = _number(doc, "window_s", t) or 0.0
+        if window <= 0:
+            raise ProtocolError("telemetry message field 'window_s' must be positive")
+        return cls(
+            ts=_number(doc, "ts", t) or 0.0, window_s=window, requests=requests, errors=errors, latency=latency,
+            bundle=_bundle_ref(_object(doc, "bundle", t, required=False), "bundle", t),
+            feedback=feedback, drift=_number(doc, "drift", t, required=False),
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _drop_none({**_base(self.TYPE), "ts": self.ts, "window_s": self.window_s, "requests": self.requests,
+                           "errors": self.errors, "latency": self.latency.to_dict(), "bundle": self.bundle,
+                           "feedback": self.feedback, "drift": self.drift})
+
+
+@dataclass(frozen=True)
+class BlockRequest:
+    """Device -> server: blocks of one stream (a file path under the served folder).
+
+    ``bitmap`` (hex) marks the wanted block indexes, bit ``i % 8`` of byte
+    ``i // 8`` for block ``i``. Without a bitmap the request asks only for the
+    stream's description (a BlockInfo: size and block count).
+    """
+
+    request_id: str
+    stream: str
+    block_size: int
+    bitmap: Optional[str] = None
+    KIND = BLOCK_REQUEST
+    TYPE = "block_request"
+
+    @classmethod
+    def from_dict(cls, doc: Dict[str, Any]) -> "BlockRequest":
+        t = cls.TYPE
+        stream = _text(doc, "stream", t, limit=_MAX_STREAM_CHARS) or ""
+        if stream.startswith("/") or "\\" in stream or "\x00" in stream or ".." in stream.split("/"):
+            raise ProtocolError(f"block_request stream {stream[:80]!r} must be a relative path without '..'")
+        bitmap = _text(doc, "bitmap", t, required=False, limit=_MAX_BLOCKS // 4)
+        if bitmap is not None:
+            try:
+                bytes.fromhex(bitmap)
+            except ValueError:
+                raise ProtocolError("block_request field 'bitmap' must be an even-length hex string") from None
+        return cls(
+            request_id=_text(doc, "request_id", t, limit=64) or "",
+            stream=stream,
+            block_size=_count(doc, "block_size", t, low=MIN_BLOCK_SIZE, high=MAX_BLOCK_SIZE) or 0,
+            bitmap=bitmap,
+        )
+
+    def wanted(self) -> List[int]:
+        return indexes_from_bitmap(self.bitmap or "")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _drop_none({**_base(self.TYPE), "request_id": self.request_id, "stream": self.stream,
+                           "block_size": self.block_size, "bitmap": self.bitmap})
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """Server -> device: a stream's size and block count (answer to a describe request)."""
+
+    request_id: str
+    stream: str
+    file_size: int
+    block_size: int
+    TYPE = "block_info"
+
+    @property
+    def blocks_total(self) -> int:
+        return max(1, -(-self.file_size // self.block_size))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {**_base(self.TYPE), "request_id": self.request_id, "stream": self.stream,
+                "file_size": self.file_size, "block_size": self.block_size}
+
+
+@dataclass(frozen=True)
+class BlockError:
+    """Server -> device: ``code`` 404 (no such stream), 400 (bad request), 429 (rate limited)."""
+
+    request_id: str
+    stream: str
+    code: int
+    message: str
+    retry_after_s: Optional[float] = None
+    TYPE = "block_error"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _drop_none({**_base(self.TYPE), "request_id": self.request_id, "stream": self.stream,
+                           "code": self.code, "message": self.message, "retry_after_s": self.retry_after_s})
+
+
+@dataclass(frozen=True)
+class BlockData:
+    """Server -> device: one block. On the wire: JSON header, ``\\n``, raw bytes."""
+
+    request_id: str
+    stream: str
+    index: int
+    block_size: int
+    file_size: int
+    data: bytes = field(repr=False)
+    TYPE = "block"
+
+    def header(self) -> Dict[str, Any]:
+        return {**_base(self.TYPE), "request_id": self.request_id, "stream": self.stream, "index": self.index,
+                "block_size": self.block_size, "file_size": self.file_size, "length": len(self.data)}
+
+
+Message = Union[DesiredMessage, ReportedMessage, StatusMessage, EventMessage, TelemetryMessage, BlockRequest]
+_BY_KIND = {cls.KIND: cls for cls in (DesiredMessage, ReportedMessage, StatusMessage, EventMessage,
+                                      TelemetryMessage, BlockRequest)}
+
+
+def parse_message(kind: str, payload: bytes) -> Message:
+    """Validate one JSON message received on a topic of ``kind`` (ota.topics).
+
+    Raises:
+        ProtocolError: oversized, not JSON, unknown version, wrong type, or a field is wrong.
+    """
+    cls = _BY_KIND.get(kind)
+    if cls is None:
+        raise ProtocolError(f"no JSON message schema for topic kind {kind!r}; expected one of {sorted(_BY_KIND)}")
+    return cls.from_dict(_decode(payload, kind, cls.TYPE))  # type: ignore[attr-defined]
+
+
+def encode_message(message: Message) -> bytes:
+    """Compact UTF-8 JSON of a message (the inverse of parse_message)."""
+    return json.dumps(message.to_dict(), separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+BlockReply = Union[BlockData, BlockInfo, BlockError]
+
+
+def encode_block_reply(reply: BlockReply) -> bytes:
+    """The wire form of a reply on ``blocks/data``."""
+    if isinstance(reply, BlockData):
+        header = json.dumps(reply.header(), separators=(",", ":")).encode("utf-8")
+        return header + b"\n" + reply.data
+    return json.dumps(reply.to_dict(), separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def parse_block_reply(payload: bytes) -> BlockReply:
+    """Validate one ``blocks/data`` payload (a block, a stream description or an error)."""
+    if not isinstance(payload, (bytes, bytearray)):
+        raise ProtocolError(f"blocks/data payload must be bytes, got {type(payload).__name__}")
+    if len(payload) > MAX_PAYLOAD_BYTES[BLOCK_DATA]:
+        raise ProtocolError(f"blocks/data message of {len(payload)} bytes exceeds the limit")
+    cut = payload.find(b"\n", 0, _MAX_HEADER_BYTES)
+    if cut < 0:
+        raise ProtocolError("blocks/data message has no header line within its first 4096 bytes")
+    header_bytes, body = bytes(payload[:cut]), bytes(payload[cut + 1:])
+    try:
+        doc = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"blocks/data header is not UTF-8 JSON ({str(exc)[:80]})") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("blocks/data header must be a JSON object")
+    doc_type = _get(doc, "type", (str,), "blocks/data")
+    if _get(doc, "v", (int,), "blocks/data") != PROTOCOL_VERSION:
+        raise ProtocolError(f"blocks/data message has schema version {doc['v']}; expected {PROTOCOL_VERSION}")
+    request_id = _text(doc, "request_id", doc_type, limit=64) or ""
+    stream = _text(doc, "stream", doc_type, limit=_MAX_STREAM_CHARS) or ""
+    if doc_type == BlockData.TYPE:
+        block_size = _count(doc, "block_size", doc_type, low=MIN_BLOCK_SIZE, high=MAX_BLOCK_SIZE) or 0
+        file_size = _count(doc, "file_size", doc_type) or 0
+        index = _count(doc, "index", doc_type, high=_MAX_BLOCKS) or 0
+        length = _count(doc, "length", doc_type, high=MAX_BLOCK_SIZE)
+        expected = min(block_size, file_size - index * block_size)
+        if length != len(body) or length != max(expected, 0):
+            raise ProtocolError(
+                f"block {index} of {stream!r} carries {len(body)} bytes; header says {length}, "
+                f"its place in the file needs {max(expected, 0)}"
+            )
+        return BlockData(request_id, stream, index, block_size, file_size, body)
+    if body:
+        raise ProtocolError(f"blocks/data {doc_type} message has trailing bytes")
+    if doc_type == BlockInfo.TYPE:
+        return BlockInfo(request_id, stream, _count(doc, "file_size", doc_type) or 0,
+                         _count(doc, "block_size", doc_type, low=MIN_BLOCK_SIZE, high=MAX_BLOCK_SIZE) or 0)
+    if doc_type == BlockError.TYPE:
+        return BlockError(request_id, stream, _count(doc, "code", doc_type, low=100, high=599) or 0,
+                          _text(doc, "message", doc_type, limit=1024) or "",
+                          _number(doc, "retry_after_s", doc_type, required=False))
+    raise ProtocolError(f"blocks/data message has unknown type {doc_type[:40]!r}")
+
+
+def bitmap_from_indexes(indexes: List[int]) -> str:
+    """Hex bitmap with bit ``i % 8`` of byte ``i // 8`` set for each index."""
+    if not indexes:
+        return ""
+    bits = bytearray(max(indexes) // 8 + 1)
+    for i in indexes:
+        if i < 0:
+            raise ValueError(f"block index must be >= 0, got {i}")
+        bits[i // 8] |= 1 << (i % 8)
+    return bits.hex()
+
+
+def indexes_from_bitmap(bitmap: str) -> List[int]:
+    """The set bit positions of a hex bitmap, ascending."""
+    bits = bytes.fromhex(bitmap)
+    return [byte_i * 8 + bit for byte_i, byte in enumerate(bits) if byte for bit in range(8) if byte >> bit & 1]
