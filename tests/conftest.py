@@ -7,13 +7,17 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from mqtt_broker import MosquittoBroker
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples" / "digits"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +56,21 @@ def digits_int8_tflite(digits_files: dict[str, Path], tmp_path_factory: pytest.T
     out = tmp_path_factory.mktemp("digits-int8") / "digits-int8.tflite"
     out.write_bytes(converter.convert())
     return out
+
+
+@pytest.fixture
+def mosquitto_broker(tmp_path: Path) -> Iterator["MosquittoBroker"]:
+    """A real Mosquitto on a free loopback port, anonymous, MQTT 3.1.1 and 5.
+
+    For a custom configuration (TLS, ACLs), build ``MosquittoBroker(folder, config)``
+    from tests/mqtt_broker.py yourself. Skips when mosquitto is not installed.
+    """
+    from mqtt_broker import MosquittoBroker, mosquitto_binary
+
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed (.ci/run installs it)")
+    broker = MosquittoBroker(tmp_path / "mosquitto").start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

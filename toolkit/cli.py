@@ -30,6 +30,12 @@ COMMANDS: dict[str, str] = {
     # broker configuration and device identities
     "broker": "edgeship.toolkit.commands.broker:broker",
     "device": "edgeship.toolkit.commands.device:device",
+    # the fleet over MQTT (edgeship.toolkit)
+    "controller": "edgeship.toolkit.commands.fleet:controller",
+    "fleet": "edgeship.toolkit.commands.fleet:fleet",
+    "deploy": "edgeship.toolkit.commands.fleet:deploy",
+    "rollout": "edgeship.toolkit.commands.rollout:rollout",
+    "abtest": "edgeship.toolkit.commands.abtest:abtest",
 }
 
 HELP: dict[str, str] = {
@@ -43,6 +49,11 @@ HELP: dict[str, str] = {
     "repo": "Show and refresh the release repository.",
     "broker": "Generate a locked-down Mosquitto configuration, or run the embedded broker.",
     "device": "Device identities, details and provisioning.",
+    "controller": "Run the fleet controller: ingest, serve blocks, reconcile rollouts.",
+    "fleet": "List the fleet's devices, their models and health; provision many devices.",
+    "deploy": "Assign a bundle version to one device or a selection, directly.",
+    "rollout": "Staged rollouts with automatic abort and rollback.",
+    "abtest": "A/B tests between two bundle versions, with a statistical verdict.",
 }
 
 
