@@ -39,12 +39,17 @@ __all__ = [
     "encode_block_reply",
     "bitmap_from_indexes",
     "indexes_from_bitmap",
+    "blocks_in",
+    "MAX_STREAM_BYTES",
+    "MAX_BLOCKS_PER_STREAM",
+    "STATUS_STATES",
+    "BlockReply",
 ]
 
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from .errors import BadInputError
 from .telemetry import LatencyHistogram
@@ -56,6 +61,8 @@ PROTOCOL_VERSION = 1
 MIN_BLOCK_SIZE = 256
 MAX_BLOCK_SIZE = 1024 * 1024
 """Block sizes a request may ask for (bytes)."""
+MAX_STREAM_BYTES = 8 * 1024 ** 3
+"""Largest stream (file) the block protocol describes (bytes)."""
 
 MAX_PAYLOAD_BYTES: Dict[str, int] = {
     DESIRED: 64 * 1024,
@@ -71,6 +78,8 @@ MAX_PAYLOAD_BYTES: Dict[str, int] = {
 _MAX_HEADER_BYTES = 4096
 _MAX_STREAM_CHARS = 512
 _MAX_BLOCKS = 1 << 20
+MAX_BLOCKS_PER_STREAM = _MAX_BLOCKS
+"""Highest block count a stream may have (choose a larger block size for larger files)."""
 
 
 class ProtocolError(BadInputError):
@@ -351,17 +360,19 @@ class TelemetryMessage:
 
 @dataclass(frozen=True)
 class BlockRequest:
-    """Device -> server: blocks of one stream (a file path under the served folder).
+    """Device -> server: blocks of one stream (``metadata/<file>`` or ``targets/<path>``).
 
-    ``bitmap`` (hex) marks the wanted block indexes, bit ``i % 8`` of byte
-    ``i // 8`` for block ``i``. Without a bitmap the request asks only for the
-    stream's description (a BlockInfo: size and block count).
+    ``bitmap`` (hex) marks the wanted block indexes relative to ``offset``: bit
+    ``j % 8`` of byte ``j // 8`` asks for block ``offset + j``. Without a bitmap
+    the request asks only for the stream's description (a BlockInfo: size,
+    block count and etag).
     """
 
     request_id: str
     stream: str
     block_size: int
     bitmap: Optional[str] = None
+    offset: int = 0
     KIND = BLOCK_REQUEST
     TYPE = "block_request"
 
@@ -369,8 +380,7 @@ class BlockRequest:
     def from_dict(cls, doc: Dict[str, Any]) -> "BlockRequest":
         t = cls.TYPE
         stream = _text(doc, "stream", t, limit=_MAX_STREAM_CHARS) or ""
-        if stream.startswith("/") or "\\" in stream or "\x00" in stream or ".." in stream.split("/"):
-            raise ProtocolError(f"block_request stream {stream[:80]!r} must be a relative path without '..'")
+        _check_stream(stream)
         bitmap = _text(doc, "bitmap", t, required=False, limit=_MAX_BLOCKS // 4)
         if bitmap is not None:
             try:
@@ -382,14 +392,25 @@ class BlockRequest:
             stream=stream,
             block_size=_count(doc, "block_size", t, low=MIN_BLOCK_SIZE, high=MAX_BLOCK_SIZE) or 0,
             bitmap=bitmap,
+            offset=_count(doc, "offset", t, required=False, high=_MAX_BLOCKS) or 0,
         )
 
     def wanted(self) -> List[int]:
-        return indexes_from_bitmap(self.bitmap or "")
+        """The absolute block indexes this request asks for, ascending."""
+        return indexes_from_bitmap(self.bitmap or "", self.offset)
 
     def to_dict(self) -> Dict[str, Any]:
         return _drop_none({**_base(self.TYPE), "request_id": self.request_id, "stream": self.stream,
-                           "block_size": self.block_size, "bitmap": self.bitmap})
+                           "block_size": self.block_size, "bitmap": self.bitmap,
+                           "offset": self.offset or None})
+
+
+def _check_stream(stream: str) -> None:
+    """A stream is a relative path of plain segments: no '..', '.', empty, absolute or NUL parts."""
+    parts = stream.split("/")
+    if (stream.startswith("/") or "\\" in stream or "\x00" in stream
+            or any(part in ("", ".", "..") for part in parts)):
+        raise ProtocolError(f"block stream {stream[:80]!r} must be a relative path of plain segments")
 
 
 @dataclass(frozen=True)
@@ -400,15 +421,16 @@ class BlockInfo:
     stream: str
     file_size: int
     block_size: int
+    etag: Optional[str] = None
     TYPE = "block_info"
 
     @property
     def blocks_total(self) -> int:
-        return max(1, -(-self.file_size // self.block_size))
+        return blocks_in(self.file_size, self.block_size)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {**_base(self.TYPE), "request_id": self.request_id, "stream": self.stream,
-                "file_size": self.file_size, "block_size": self.block_size}
+        return _drop_none({**_base(self.TYPE), "request_id": self.request_id, "stream": self.stream,
+                           "file_size": self.file_size, "block_size": self.block_size, "etag": self.etag})
 
 
 @dataclass(frozen=True)
@@ -437,11 +459,13 @@ class BlockData:
     block_size: int
     file_size: int
     data: bytes = field(repr=False)
+    etag: Optional[str] = None
     TYPE = "block"
 
     def header(self) -> Dict[str, Any]:
-        return {**_base(self.TYPE), "request_id": self.request_id, "stream": self.stream, "index": self.index,
-                "block_size": self.block_size, "file_size": self.file_size, "length": len(self.data)}
+        return _drop_none({**_base(self.TYPE), "request_id": self.request_id, "stream": self.stream,
+                           "index": self.index, "block_size": self.block_size, "file_size": self.file_size,
+                           "length": len(self.data), "etag": self.etag})
 
 
 Message = Union[DesiredMessage, ReportedMessage, StatusMessage, EventMessage, TelemetryMessage, BlockRequest]
@@ -498,23 +522,28 @@ def parse_block_reply(payload: bytes) -> BlockReply:
         raise ProtocolError(f"blocks/data message has schema version {doc['v']}; expected {PROTOCOL_VERSION}")
     request_id = _text(doc, "request_id", doc_type, limit=64) or ""
     stream = _text(doc, "stream", doc_type, limit=_MAX_STREAM_CHARS) or ""
+    etag = _text(doc, "etag", doc_type, required=False, limit=128)
     if doc_type == BlockData.TYPE:
         block_size = _count(doc, "block_size", doc_type, low=MIN_BLOCK_SIZE, high=MAX_BLOCK_SIZE) or 0
-        file_size = _count(doc, "file_size", doc_type) or 0
+        file_size = _count(doc, "file_size", doc_type, high=MAX_STREAM_BYTES) or 0
         index = _count(doc, "index", doc_type, high=_MAX_BLOCKS) or 0
         length = _count(doc, "length", doc_type, high=MAX_BLOCK_SIZE)
+        total = blocks_in(file_size, block_size)
+        if index >= total:
+            raise ProtocolError(f"block {index} of {stream!r} is past its end ({total} blocks)")
         expected = min(block_size, file_size - index * block_size)
-        if length != len(body) or length != max(expected, 0):
+        if length != len(body) or length != expected:
             raise ProtocolError(
                 f"block {index} of {stream!r} carries {len(body)} bytes; header says {length}, "
-                f"its place in the file needs {max(expected, 0)}"
+                f"its place in the file needs {expected}"
             )
-        return BlockData(request_id, stream, index, block_size, file_size, body)
-    if body:
+        return BlockData(request_id, stream, index, block_size, file_size, body, etag)
+    if body.strip(b"\n"):
         raise ProtocolError(f"blocks/data {doc_type} message has trailing bytes")
     if doc_type == BlockInfo.TYPE:
-        return BlockInfo(request_id, stream, _count(doc, "file_size", doc_type) or 0,
-                         _count(doc, "block_size", doc_type, low=MIN_BLOCK_SIZE, high=MAX_BLOCK_SIZE) or 0)
+        return BlockInfo(request_id, stream, _count(doc, "file_size", doc_type, high=MAX_STREAM_BYTES) or 0,
+                         _count(doc, "block_size", doc_type, low=MIN_BLOCK_SIZE, high=MAX_BLOCK_SIZE) or 0,
+                         etag)
     if doc_type == BlockError.TYPE:
         return BlockError(request_id, stream, _count(doc, "code", doc_type, low=100, high=599) or 0,
                           _text(doc, "message", doc_type, limit=1024) or "",
@@ -522,19 +551,26 @@ def parse_block_reply(payload: bytes) -> BlockReply:
     raise ProtocolError(f"blocks/data message has unknown type {doc_type[:40]!r}")
 
 
-def bitmap_from_indexes(indexes: List[int]) -> str:
-    """Hex bitmap with bit ``i % 8`` of byte ``i // 8`` set for each index."""
-    if not indexes:
+def blocks_in(file_size: int, block_size: int) -> int:
+    """How many blocks a stream of ``file_size`` bytes has (an empty stream has one, empty, block)."""
+    return max(1, -(-file_size // block_size))
+
+
+def bitmap_from_indexes(indexes: Iterable[int], offset: int = 0) -> str:
+    """Hex bitmap with bit ``j % 8`` of byte ``j // 8`` set for each index ``offset + j``."""
+    relative = [i - offset for i in indexes]
+    if not relative:
         return ""
-    bits = bytearray(max(indexes) // 8 + 1)
-    for i in indexes:
-        if i < 0:
-            raise ValueError(f"block index must be >= 0, got {i}")
-        bits[i // 8] |= 1 << (i % 8)
+    if min(relative) < 0:
+        raise ValueError(f"block index must be >= offset {offset}, got {min(relative) + offset}")
+    bits = bytearray(max(relative) // 8 + 1)
+    for j in relative:
+        bits[j // 8] |= 1 << (j % 8)
     return bits.hex()
 
 
-def indexes_from_bitmap(bitmap: str) -> List[int]:
-    """The set bit positions of a hex bitmap, ascending."""
+def indexes_from_bitmap(bitmap: str, offset: int = 0) -> List[int]:
+    """The set bit positions of a hex bitmap plus ``offset``, ascending."""
     bits = bytes.fromhex(bitmap)
-    return [byte_i * 8 + bit for byte_i, byte in enumerate(bits) if byte for bit in range(8) if byte >> bit & 1]
+    return [offset + byte_i * 8 + bit for byte_i, byte in enumerate(bits) if byte
+            for bit in range(8) if byte >> bit & 1]

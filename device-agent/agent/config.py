@@ -48,6 +48,7 @@ class AgentConfig:
     self_test_runs: int = 20
     keep_previous: int = 2
     broker_url: str = ""
+    telemetry_interval_s: float = 60.0
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -171,12 +172,14 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None) -> Agen
         self_test_runs=r.get("self_test", "latency_runs", int, 20),
         keep_previous=r.get("retention", "keep_previous", int, 2),
         broker_url=r.get("broker", "url", str, ""),
+        telemetry_interval_s=r.get("telemetry", "interval_s", float, 60.0),
         source=source,
     )
     for name in ("probation_window_s", "probation_min_requests", "max_error_rate", "max_nonfinite_rate",
                  "max_latency_ratio", "self_test_latency_ratio", "keep_previous"):
         _positive(where, name, getattr(cfg, name))
-    _positive(where, "[probation] max_restarts", cfg.max_reentries, allow_zero=False)
+    _positive(where, "[probation] max_restarts", cfg.max_reentries, allow_zero=True)
+    _positive(where, "[telemetry] interval_s", cfg.telemetry_interval_s, allow_zero=False)
     _positive(where, "[self_test] latency_runs", cfg.self_test_runs, allow_zero=False)
     if cfg.max_error_rate > 1 or cfg.max_nonfinite_rate > 1:
         raise BadInputError(f"{where}: [probation] rates must be within [0, 1]")
@@ -215,10 +218,13 @@ min_requests = 0          # and at least this many requests (0: time only)
 max_error_rate = 0.05     # roll back above this share of failed predictions
 max_nonfinite_rate = 0.0  # roll back above this share of NaN/Inf outputs
 max_latency_ratio = 2.0   # roll back when p95 latency exceeds this x the previous model's
-max_restarts = 3          # agent restarts tolerated in a state before it rolls back
+max_restarts = 3          # agent restarts tolerated in one update state before it gives up (rolls back)
 
 [retention]
 keep_previous = 2         # committed bundles kept besides the active one
+
+[telemetry]
+interval_s = 60.0         # how often a telemetry window goes to the reporter (MQTT with a broker)
 
 [broker]
 url = {broker}            # MQTT broker for fleet rollouts ("" = none; the agent runs without)

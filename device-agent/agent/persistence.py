@@ -38,6 +38,7 @@ class InstalledBundle:
     golden_tolerance: dict[str, float] | None = None
     runtime: dict[str, Any] = field(default_factory=dict)
     installed_at: float = 0.0
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # member -> {size, sha256}, from the manifest
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,11 +61,14 @@ class UpdateRecord:
     kind: str                      # "install" | "rollback"
     state: str = State.IDLE.value
     reason: str = ""
-    source: str = ""               # the package path, or the fleet's target
+    source: dict[str, Any] = field(default_factory=dict)  # how to rebuild the source after a restart
     bundle: dict[str, str] | None = None   # {"name", "version"} once known
     staged: InstalledBundle | None = None  # the new bundle, once installed in its slot
     rollback_to: InstalledBundle | None = None
     sequence: int | None = None
+    base_sequence: int = 0         # the agent's last_sequence when this update was admitted
+    deployment: str | None = None
+    fetched: dict[str, Any] | None = None  # the verified, extracted bundle (FETCHING's result)
     entries: dict[str, int] = field(default_factory=dict)
     history: list[list[Any]] = field(default_factory=list)   # [state, unix time, reason]
     started: float = field(default_factory=time.time)

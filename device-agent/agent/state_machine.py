@@ -18,6 +18,8 @@ __all__ = [
     "next_state",
     "is_terminal",
     "event_on_reentry",
+    "serving_bundle_key",
+    "PRE_ACTIVATION_STATES",
 ]
 
 from enum import Enum
@@ -56,6 +58,7 @@ S, E = State, Event
 TRANSITIONS: Mapping[tuple[State, Event], State] = {
     (S.IDLE,         E.START):         S.DISK_CHECK,
     (S.DISK_CHECK,   E.SUCCESS):       S.FETCHING,
+    (S.DISK_CHECK,   E.REJECT):        S.REJECTED,
     (S.DISK_CHECK,   E.FAILURE):       S.FAILED,
     (S.DISK_CHECK,   E.ABORT):         S.FAILED,
     (S.DISK_CHECK,   E.LOOP_DETECTED): S.FAILED,
@@ -89,7 +92,7 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = {
     (S.PROBATION,    E.LOOP_DETECTED): S.ROLLING_BACK,
     (S.ROLLING_BACK, E.SUCCESS):       S.ROLLED_BACK,
     # A rollback that cannot finish is retried on restart; the cap stops a loop in FAILED
-    # (the previous slot is then still the one recorded as active, see resume_state).
+    # (the new bundle then stays the one recorded as active: never neither, see serving_bundle_key).
     (S.ROLLING_BACK, E.FAILURE):       S.FAILED,
     (S.ROLLING_BACK, E.LOOP_DETECTED): S.FAILED,
 }
@@ -99,6 +102,11 @@ TERMINAL_STATES: frozenset[State] = frozenset({S.IDLE, S.COMMITTED, S.ROLLED_BAC
 
 ACTIVE_IS_NEW_STATES: frozenset[State] = frozenset({S.PROBATION, S.COMMITTED})
 """States in which the new bundle is the one serving."""
+
+PRE_ACTIVATION_STATES: frozenset[State] = frozenset(
+    {S.DISK_CHECK, S.FETCHING, S.VERIFYING, S.INSTALLING, S.SELF_TEST}
+)
+"""States in which the running (old) bundle is untouched: a failure ends the update there."""
 
 
 class InvalidTransitionError(RuntimeError):
@@ -117,10 +125,23 @@ def is_terminal(state: State) -> bool:
     return State(state) in TERMINAL_STATES
 
 
-def event_on_reentry(entries: int, cap: int) -> Event | None:
-    """LOOP_DETECTED once a state was entered more than ``cap`` times, else None.
+def event_on_reentry(entries: int, max_restarts: int) -> Event | None:
+    """LOOP_DETECTED once a state was re-entered after more than ``max_restarts``
+    restarts of the agent, else None.
 
-    ``entries`` counts this entry too: the first entry is 1.
+    ``entries`` counts this entry too: the first (normal) entry is 1, so the
+    number of restarts in this state is ``entries - 1``.
     """
-    return Event.LOOP_DETECTED if entries > cap else None
+    return Event.LOOP_DETECTED if entries - 1 > max_restarts else None
+
+
+def serving_bundle_key(state: State) -> str:
+    """Which bundle of the update record serves after a (re)start in ``state``:
+    ``"rollback_to"`` while a rollback is in progress, else ``"active"``.
+
+    The agent state's ``active`` switches to the new bundle in the same atomic
+    write that enters PROBATION, and back to ``rollback_to`` in the one that
+    enters ROLLED_BACK; in ROLLING_BACK the old bundle is the one to serve.
+    """
+    return "rollback_to" if State(state) is S.ROLLING_BACK else "active"
 

@@ -1,0 +1,169 @@
+"""Golden vectors for a converted model, with a tolerance derived from the
+model's own numerics.
+
+The expected outputs are what the converted model gives on this host through
+``edgeship.agent.runtimes`` (one thread, the device's default kernels). The
+tolerance is the largest of:
+
+- ``SPREAD_MARGIN`` x the spread actually observed when the same model runs
+  other ways here: 2 threads, and (TFLite) the builtin kernels without XNNPACK
+  and TFLite's reference kernels, or (ONNX) graph optimizations switched off;
+  a device's kernels differ from ours as these differ from each other;
+- ``QUANTUM_STEPS`` steps of the integer tensor each output is dequantized from
+  (int8 models: one rounding flip anywhere shows up as whole steps);
+- a floor per numeric format, relative to the outputs' magnitude, for what this
+  host cannot observe (another CPU's fused multiply-add, native float16 math).
+
+Everything that went into the number is recorded in the report.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SPREAD_MARGIN", "QUANTUM_STEPS", "FLOORS", "GoldenDerivation", "golden_tolerance", "make_golden_vectors"]
+
+import importlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgeship.agent.runtimes import ModelRunner, dequantize, quantize
+
+from .sources import open_any_model
+from edgeship.ota.golden import GoldenVectors
+
+SPREAD_MARGIN = 4.0
+QUANTUM_STEPS = 2.0
+FLOORS = {"none": 1e-4, "dynamic": 1e-3, "float16": 1e-2, "int8": 1e-4}
+"""Relative floor per quantization mode (x max(1, max |output|))."""
+MAX_GOLDEN_BYTES = 2 << 20
+
+
+@dataclass(frozen=True)
+class GoldenDerivation:
+    samples: int
+    variants: tuple[str, ...]
+    observed_spread: float
+    output_quantum: float
+    floor: float
+    atol: float
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["variants"] = list(self.variants)
+        data["spread_margin"] = SPREAD_MARGIN
+        data["quantum_steps"] = QUANTUM_STEPS
+        return data
+
+
+def golden_tolerance(observed_spread: float, output_quantum: float, floor: float) -> float:
+    """The tolerance rule above (pure)."""
+    return float(max(SPREAD_MARGIN * observed_spread, QUANTUM_STEPS * output_quantum, floor))
+
+
+def golden_sample_count(input_shapes: Sequence[Sequence[int]], wanted: int = 8) -> int:
+    """Up to ``wanted`` samples, fewer for large inputs (the file stays under ~2 MiB)."""
+    per_sample = sum(int(np.prod([d for d in s[1:] if d > 0])) * 4 for s in input_shapes) or 1
+    return int(max(1, min(wanted, MAX_GOLDEN_BYTES // per_sample)))
+
+
+def _max_diff(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
+    return max(float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)), initial=0.0)) for x, y in zip(a, b))
+
+
+def _tflite_variant(path: Path, inputs: Sequence[np.ndarray], resolver: str, runner: ModelRunner) -> list[np.ndarray] | None:
+    """Outputs with another kernel set (the runtime API has no switch for it)."""
+    module = None
+    order = ["ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow.lite"]
+    if runner.runtime == "tensorflow":  # Select TF ops: only TensorFlow's interpreter runs them
+        order = ["tensorflow.lite"]
+    for name in order:
+        try:
+            module = importlib.import_module(name)
+            break
+        except Exception:
+            continue
+    if module is None:
+        return None
+    resolver_type = getattr(getattr(module, "OpResolverType", None) or getattr(getattr(module, "experimental", None), "OpResolverType", None), resolver, None)
+    if resolver_type is None:
+        return None
+    interpreter = module.Interpreter(model_path=str(path), num_threads=1, experimental_op_resolver_type=resolver_type)
+    in_details = interpreter.get_input_details()
+    for x, detail in zip(inputs, in_details):
+        interpreter.resize_tensor_input(detail["index"], list(x.shape))
+    interpreter.allocate_tensors()
+    for x, detail, spec in zip(inputs, in_details, runner.signature.inputs):
+        interpreter.set_tensor(detail["index"], np.ascontiguousarray(quantize(x, spec), dtype=detail["dtype"]))
+    interpreter.invoke()
+    return [
+        dequantize(interpreter.get_tensor(d["index"]).copy(), spec)
+        for d, spec in zip(interpreter.get_output_details(), runner.signature.outputs)
+    ]
+
+
+def _onnx_unoptimized(path: Path, inputs: Sequence[np.ndarray], runner: ModelRunner) -> list[np.ndarray]:
+    ort = importlib.import_module("onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    feed = {i.name: np.ascontiguousarray(x, dtype=s.dtype) for i, x, s in zip(session.get_inputs(), inputs, runner.signature.inputs)}
+    return [np.asarray(y, np.float32) for y in session.run(None, feed)]
+
+
+def make_golden_vectors(
+    path: Path,
+    fmt: str,
+    inputs: Sequence[np.ndarray],
+    *,
+    quantization: str,
+    output_quanta: Sequence[float] = (),
+) -> tuple[GoldenVectors, GoldenDerivation]:
+    """Golden vectors for the model at ``path`` on ``inputs`` (float, batch first).
+
+    A device may replay them as one batch or one by one; both ways are among the
+    variants whose spread sets the tolerance.
+    """
+    with open_any_model(path, threads=1) as runner:
+        names_in = tuple(s.name for s in runner.signature.inputs)
+        names_out = tuple(s.name for s in runner.signature.outputs)
+        expected = runner.run(list(inputs))
+        variants: list[str] = []
+        singles = [runner.run([x[i : i + 1] for x in inputs]) for i in range(len(inputs[0]))]
+        spread = _max_diff(expected, [np.concatenate([s[k] for s in singles]) for k in range(len(expected))])
+        variants.append("batch=1")
+        with open_any_model(path, threads=2) as two:
+            spread = max(spread, _max_diff(expected, two.run(list(inputs))))
+            variants.append("threads=2")
+        if fmt == "tflite":
+            for resolver in ("BUILTIN_WITHOUT_DEFAULT_DELEGATES", "BUILTIN_REF"):
+                try:
+                    other = _tflite_variant(path, inputs, resolver, runner)
+                except (RuntimeError, ValueError):
+                    other = None
+                if other is not None:
+                    spread = max(spread, _max_diff(expected, other))
+                    variants.append(resolver.lower())
+        else:
+            try:
+                spread = max(spread, _max_diff(expected, _onnx_unoptimized(path, inputs, runner)))
+                variants.append("graph_optimization=disabled")
+            except Exception:
+                pass
+        quanta = [s.scale for s in runner.signature.outputs if s.quantized]
+    quantum = max([*quanta, *output_quanta, 0.0])
+    magnitude = max(1.0, max(float(np.max(np.abs(y), initial=0.0)) for y in expected))
+    floor = FLOORS.get(quantization, 1e-3) * magnitude
+    atol = golden_tolerance(spread, quantum, floor)
+    golden = GoldenVectors(
+        input_names=names_in,
+        inputs=tuple(np.asarray(x, np.float32) for x in inputs),
+        output_names=names_out,
+        outputs=tuple(np.asarray(y, np.float32) for y in expected),
+        atol=atol,
+        rtol=0.0,
+    )
+    return golden, GoldenDerivation(len(inputs[0]), tuple(variants), spread, quantum, floor, atol)

@@ -1,0 +1,253 @@
+"""Source models: what kind a MODEL path is, loading Keras / SavedModel models
+with TensorFlow, and one runner interface over every kind.
+
+Keras and SavedModel references run in TensorFlow here; ``.tflite`` and
+``.onnx`` files run through ``edgeship.agent.runtimes`` (the device's code), so
+``validate`` and ``bench`` compare like with like.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SOURCE_KINDS",
+    "detect_source_kind",
+    "import_tensorflow",
+    "load_keras_or_savedmodel",
+    "KerasRunner",
+    "open_any_model",
+    "stdout_to_stderr",
+    "serving_function",
+    "check_runner_inputs",
+    "keras_output_names",
+]
+
+import contextlib
+import os
+import sys
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from edgeship.agent.runtimes import ModelLoadError, ModelRunner, ModelSignature, TensorSpec, detect_model_format, open_model
+from edgeship.ota.errors import BadInputError, require_module
+
+SOURCE_KINDS = ("keras", "h5", "savedmodel", "onnx", "tflite")
+
+
+def detect_source_kind(path: str | os.PathLike[str]) -> str:
+    """One of SOURCE_KINDS, from the path's content; ModelLoadError when it is none of them."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "saved_model.pb").is_file() or (p / "saved_model.pbtxt").is_file():
+            return "savedmodel"
+        raise ModelLoadError(f"{p}: a folder, but not a SavedModel (no saved_model.pb inside)")
+    if not p.is_file():
+        raise ModelLoadError(f"{p}: no such model file or folder")
+    try:
+        with open(p, "rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        raise ModelLoadError(f"{p}: cannot read model: {exc.strerror or exc}") from None
+    if p.suffix == ".keras" or (head[:2] == b"PK" and p.suffix not in (".onnx", ".tflite")):
+        if not zipfile.is_zipfile(p):
+            raise ModelLoadError(f"{p}: not a valid .keras file (not a zip archive; corrupt or truncated?)")
+        return "keras"
+    if p.suffix in (".h5", ".hdf5") or head[:8] == b"\x89HDF\r\n\x1a\n":
+        if head[:8] != b"\x89HDF\r\n\x1a\n":
+            raise ModelLoadError(f"{p}: not a valid HDF5 Keras file (corrupt or truncated?)")
+        return "h5"
+    if len(head) >= 8 and head[4:8] == b"TFL3":
+        return "tflite"
+    if p.suffix == ".onnx" or (head[:1] == b"\x08" and p.suffix != ".tflite"):
+        return "onnx"  # an ONNX ModelProto starts with field 1, ir_version
+    if p.suffix == ".tflite":
+        return detect_model_format(p)  # raises the runtime layer's message
+    raise ModelLoadError(
+        f"{p}: unknown model format (expected a .keras or .h5 file, a SavedModel folder, an .onnx or a .tflite file)"
+    )
+
+
+def import_tensorflow() -> Any:
+    """TensorFlow, quietly (its C++ logging off unless asked), or MissingExtraError."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return require_module("tensorflow", "convert")
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send whatever TensorFlow and friends print to stdout to stderr instead.
+
+    The TFLite converter and Keras' export print ("Saved artifact at ...") from
+    Python and from C++; ``--json`` promises that stdout holds one JSON document.
+    Both the Python-level stream and file descriptor 1 are redirected.
+    """
+    sys.stdout.flush()
+    try:
+        saved_fd = os.dup(1)
+    except OSError:  # pragma: no cover - no fd 1
+        saved_fd = -1
+    try:
+        if saved_fd >= 0:
+            os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        try:
+            sys.stdout.flush()
+        except Exception:  # pragma: no cover
+            pass
+        if saved_fd >= 0:
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+
+
+def load_keras_or_savedmodel(path: str | os.PathLike[str], kind: str | None = None) -> Any:
+    """A Keras model (for .keras/.h5) or a loaded SavedModel (tf.saved_model.load)."""
+    p = Path(path)
+    kind = kind or detect_source_kind(p)
+    tf = import_tensorflow()
+    try:
+        with stdout_to_stderr():
+            if kind in ("keras", "h5"):
+                return tf.keras.models.load_model(p, compile=False)
+            if kind == "savedmodel":
+                return tf.saved_model.load(str(p))
+    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile, ImportError, AttributeError) as exc:
+        raise ModelLoadError(f"{p}: TensorFlow cannot load this {kind} model: {_first_line(exc)}") from None
+    except Exception as exc:  # TensorFlow raises many internal error types on corrupt files
+        raise ModelLoadError(f"{p}: TensorFlow cannot load this {kind} model: {_first_line(exc)}") from None
+    raise ModelLoadError(f"{p}: a {kind} model is not a Keras model or a SavedModel")
+
+
+def serving_function(model: Any) -> Any:
+    """The concrete function a SavedModel serves (its default signature)."""
+    signatures = getattr(model, "signatures", None)
+    if signatures is None:
+        return None
+    if "serving_default" in signatures:
+        return signatures["serving_default"]
+    if len(signatures) == 1:
+        return next(iter(signatures.values()))
+    return None
+
+
+class KerasRunner(ModelRunner):
+    """A Keras model or SavedModel behind the runtime interface (float in, float out)."""
+
+    def __init__(self, path: Path, model: Any, kind: str) -> None:
+        tf = import_tensorflow()
+        self.runtime = "tensorflow"
+        self.runtime_version = str(tf.__version__)
+        self.path = path
+        self.kind = kind
+        self._tf = tf
+        self._model = model
+        self._lock = threading.Lock()
+        if kind == "savedmodel":
+            fn = serving_function(model)
+            if fn is None:
+                raise ModelLoadError(f"{path}: SavedModel has no 'serving_default' signature to run")
+            self._fn = fn
+            specs = fn.structured_input_signature[1]
+            self._input_keys = sorted(specs)
+            inputs = tuple(_spec_from_tf(key, specs[key]) for key in self._input_keys)
+            outputs_struct = fn.structured_outputs
+            self._output_keys = sorted(outputs_struct)
+            outputs = tuple(_spec_from_tf(key, outputs_struct[key]) for key in self._output_keys)
+        else:
+            self._fn = None
+            inputs = tuple(
+                TensorSpec(_keras_name(t), tuple(-1 if d is None else int(d) for d in t.shape), _dtype_name(t.dtype))
+                for t in model.inputs
+            )
+            outputs = tuple(
+                TensorSpec(name, tuple(-1 if d is None else int(d) for d in t.shape), _dtype_name(t.dtype))
+                for name, t in zip(keras_output_names(model), model.outputs)
+            )
+        self.signature = ModelSignature(inputs=inputs, outputs=outputs)
+
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    def run_raw(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        with self._lock:
+            if self._fn is not None:
+                result = self._fn(**{k: self._tf.constant(x) for k, x in zip(self._input_keys, inputs)})
+                return [np.asarray(result[k]) for k in self._output_keys]
+            feed = list(inputs) if len(inputs) > 1 else inputs[0]
+            result = self._model(feed, training=False)
+            if isinstance(result, dict):
+                result = [result[k] for k in sorted(result)]
+            if not isinstance(result, (list, tuple)):
+                result = [result]
+            return [np.asarray(r) for r in result]
+
+    def close(self) -> None:
+        self._model = None
+        self._fn = None
+
+
+def keras_output_names(model: Any) -> list[str]:
+    """The model's output names: Keras 2's ``output_names``, or (Keras 3) the name
+    of the layer that produces each output."""
+    names = list(getattr(model, "output_names", None) or [])
+    if len(names) == len(model.outputs):
+        return [str(n) for n in names]
+    found = []
+    for tensor in model.outputs:
+        history = getattr(tensor, "_keras_history", None)
+        operation = getattr(history, "operation", None) or getattr(history, "layer", None)
+        found.append(str(getattr(operation, "name", None) or _keras_name(tensor)))
+    return found
+
+
+def _keras_name(tensor: Any) -> str:
+    name = str(getattr(tensor, "name", "input"))
+    return name.split(":")[0]
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(getattr(dtype, "name", dtype))
+
+
+def _spec_from_tf(name: str, spec: Any) -> TensorSpec:
+    shape = tuple(-1 if d is None else int(d) for d in spec.shape.as_list())
+    return TensorSpec(name, shape, spec.dtype.name)
+
+
+def open_any_model(path: str | os.PathLike[str], *, threads: int | None = None) -> ModelRunner:
+    """A runner for any MODEL: TFLite/ONNX via the device runtimes, Keras/SavedModel via TensorFlow."""
+    p = Path(path)
+    kind = detect_source_kind(p)
+    if kind == "tflite":
+        from .tflite_flatbuffer import read_tflite_graph
+
+        # Select TF ops run only in TensorFlow's interpreter (LiteRT lacks the Flex delegate).
+        prefer = ["tensorflow"] if read_tflite_graph(p).select_tf_ops else None
+        return open_model(p, threads=threads, prefer=prefer)
+    if kind == "onnx":
+        return open_model(p, threads=threads)
+    tf = import_tensorflow()
+    if threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:  # already initialized: TensorFlow keeps its first setting
+            pass
+    return KerasRunner(p, load_keras_or_savedmodel(p, kind), kind)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or exc.__class__.__name__
+    return text.splitlines()[0][:300]
+
+
+def check_runner_inputs(runner: ModelRunner, where: str) -> None:
+    """Refuse models whose inputs are not float (the data path here feeds floats)."""
+    for spec in runner.signature.inputs:
+        if spec.dtype not in ("float32", "float16", "float64") and not spec.quantized:
+            raise BadInputError(f"{where}: input '{spec.name}' has dtype {spec.dtype}; only float (or quantized) inputs are supported")

@@ -1,0 +1,322 @@
+"""``edgeship-agent``: run, init, install, status, rollback.
+
+The one place where the agent's domain errors become ``error: ...`` on stderr and
+an exit status (1 failure, 2 bad input, 3 gate refused, 4 verification refused,
+5 missing extra). Every command takes ``--config`` (default
+``/etc/edgeship/agent.toml``, or ``$EDGESHIP_AGENT_CONFIG``) and ``--json``
+(stdout then holds exactly one JSON document; progress goes to stderr).
+
+``install`` and ``rollback`` talk to the running agent over its control socket;
+when no agent runs they take the data folder's lock and do the update here, up
+to activation (probation then runs when the agent starts).
+"""
+
+from __future__ import annotations
+
+__all__ = ["main", "cli"]
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from edgeship.ota.errors import EXIT_FAILURE, EXIT_REJECTED, BadInputError, EdgeshipError
+
+from .config import DEFAULT_CONFIG_PATH, AgentConfig, load_config, render_config
+
+_CONFIG_HELP = "agent config file"
+
+
+def _config_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--config", "config_path", default=DEFAULT_CONFIG_PATH, envvar="EDGESHIP_AGENT_CONFIG",
+                        show_default=True, type=click.Path(dir_okay=False), help=_CONFIG_HELP)(func)
+
+
+def _json_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="print one JSON document on stdout")(func)
+
+
+def _emit(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+
+def _say(text: str) -> None:
+    click.echo(text, err=True)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgeshipError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="edgeship")
+def cli() -> None:
+    """edgeship-agent: verify, install, self-test, swap, serve, watch and roll back models."""
+
+
+# -- init ----------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--data", required=True, help="data folder (slots, state, control socket)")
+@click.option("--device-id", required=True)
+@click.option("--fleet", required=True)
+@click.option("--root", "root", required=True, help="trusted root metadata (root.json) of the release repository")
+@click.option("--director-key", required=True, help="the director's public key (PEM)")
+@click.option("--bind", default="127.0.0.1:8501", show_default=True, help="HTTP API address HOST:PORT")
+@click.option("--broker", default="", help="MQTT broker URL (mqtt://host:port or mqtts://...); empty: none")
+@click.option("--threads", default=1, show_default=True, type=int, help="interpreter threads")
+@click.option("-o", "--output", "output", default=None, help="where to write the config (default: --config)")
+@click.option("--force", is_flag=True, help="overwrite an existing file")
+@_config_option
+@_json_option
+def init(data: str, device_id: str, fleet: str, root: str, director_key: str, bind: str, broker: str,
+         threads: int, output: str | None, force: bool, config_path: str, as_json: bool) -> None:
+    """Write a complete, commented agent config."""
+    from edgeship.ota.atomicfile import atomic_write_text
+
+    target = Path(output or config_path)
+    if target.exists() and not force:
+        raise BadInputError(f"{target} exists; pass --force to overwrite it")
+    if threads < 1:
+        raise BadInputError("--threads must be >= 1")
+    absolute = {k: str(Path(v).expanduser().resolve()) for k, v in
+                (("data", data), ("root", root), ("director_key", director_key))}
+    text = render_config(data=absolute["data"], device_id=device_id, fleet=fleet, root=absolute["root"],
+                         director_key=absolute["director_key"], bind=bind, broker=broker, threads=threads)
+    if not target.parent.is_dir():
+        raise BadInputError(f"folder {target.parent} does not exist")
+    atomic_write_text(target, text, mode=0o640)
+    config = load_config(target)
+    if as_json:
+        _emit({"config": str(target), "device": config.device_id, "fleet": config.fleet,
+               "data": str(config.data_dir)})
+    else:
+        _say(f"wrote {target}")
+
+
+# -- run -----------------------------------------------------------------------------------------
+@cli.command()
+@_config_option
+@_json_option
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def run(config_path: str, as_json: bool, log_level: str) -> None:
+    """Serve the active model and carry out updates (the daemon; systemd runs this)."""
+    from .daemon import Agent
+    from .reporter import LogReporter
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(config_path)
+    agent = Agent(config, reporter=LogReporter()).start()
+    model = agent.serving.current
+    assert agent.api is not None
+    where = f"http://{agent.api.host}:{agent.api.port}"
+    if as_json:
+        _emit({"serving": {"name": model.name, "version": model.version} if model else None, "server": where})
+        sys.stdout.flush()
+    _say(f"edgeship-agent {config.device_id}: serving {model.label if model else 'nothing yet'} on {where}")
+    agent.run_forever()
+
+
+# -- status --------------------------------------------------------------------------------------
+def _status(config: AgentConfig) -> dict[str, Any]:
+    from .control import AgentNotRunning, ControlClient
+    from .daemon import status_document
+    from .persistence import StateStore
+
+    try:
+        return dict(ControlClient(config.control_socket, timeout=10).call("status")["status"])
+    except AgentNotRunning:
+        return status_document(config, StateStore(config.state_file).load(), running=False)
+
+
+@cli.command()
+@_config_option
+@_json_option
+def status(config_path: str, as_json: bool) -> None:
+    """Show the active bundle, the last update and, while running, serving figures."""
+    config = load_config(config_path)
+    doc = _status(config)
+    if as_json:
+        _emit(doc)
+        return
+    active = doc["active"]
+    click.echo(f"device   {doc['device']} (fleet {doc['fleet']}), agent {'running' if doc['running'] else 'stopped'}")
+    click.echo(f"active   {active['name'] + ' ' + active['version'] if active else '-'}")
+    kept = ", ".join(f"{b['name']} {b['version']}" for b in doc["previous"]) or "-"
+    click.echo(f"kept     {kept}")
+    update = doc["update"]
+    if update:
+        click.echo(f"update   {update['kind']} {update['id']}: {update['state']} - {update['reason']}")
+    serving = doc.get("serving")
+    if serving:
+        click.echo(f"serving  {serving['runtime']} {serving['runtime_version']}, {serving['requests']} requests "
+                   f"on {doc['server']}")
+
+
+# -- install / rollback ------------------------------------------------------------------------------
+_EXIT_FOR_STATE = {"COMMITTED": 0, "PROBATION": 0, "REJECTED": EXIT_REJECTED, "FAILED": EXIT_FAILURE}
+
+
+def _finish(doc: dict[str, Any], kind: str, as_json: bool) -> None:
+    update = doc.get("update") or {}
+    state = str(update.get("state"))
+    if kind == "rollback" or update.get("kind") == "rollback":
+        code = 0 if state in ("COMMITTED", "ROLLED_BACK", "PROBATION") else EXIT_FAILURE
+    else:
+        code = _EXIT_FOR_STATE.get(state, EXIT_FAILURE)
+    if as_json:
+        _emit(doc)
+    active = doc.get("active")
+    text = f"update {update.get('id')} ended {state}: {update.get('reason')}"
+    if state == "PROBATION":
+        text = f"update {update.get('id')} activated; probation runs when the agent starts ({update.get('reason')})"
+    if code:
+        _say(f"error: {text}")
+    else:
+        _say(text)
+        _say(f"active: {active['name']} {active['version']}" if active else "active: none")
+    sys.exit(code)
+
+
+def _follow(config: AgentConfig, update_id: str, timeout: float, quiet: bool) -> dict[str, Any]:
+    """Poll the running agent until ``update_id`` ends, printing each state reached."""
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while True:
+        doc = _status(config)
+        update = doc.get("update") or {}
+        if update.get("id") != update_id:
+            raise EdgeshipError(f"update {update_id} is no longer the agent's current update")
+        history = update.get("history") or []
+        for step in history[seen:]:
+            if not quiet:
+                _say(f"  {step['state']:<13} {step['reason']}")
+        seen = len(history)
+        if update.get("terminal"):
+            return doc
+        if time.monotonic() > deadline:
+            raise EdgeshipError(f"update {update_id} still in {update.get('state')} after {timeout:g} s "
+                                "(it goes on in the agent; see `edgeship-agent status`)")
+        time.sleep(0.2)
+
+
+def _offline(config: AgentConfig, start: Callable[[Any], Any], quiet: bool) -> dict[str, Any]:
+    """No agent runs: take the lock and drive the update here (up to PROBATION)."""
+    from .control import AgentLock
+    from .daemon import status_document
+    from .updater import UpdateDriver
+
+    lock = AgentLock(config.lock_file)
+    if not lock.acquire():
+        raise EdgeshipError(f"an agent (pid {lock.holder_pid()}) holds {config.lock_file} but does not answer on "
+                            f"{config.control_socket}; try again, or restart it")
+    try:
+        driver = UpdateDriver(config, reporter=_ProgressReporter(quiet))
+        driver.prepare_resume()
+        if driver.in_progress:
+            driver.run(stop_at_probation=True)
+        start(driver)
+        driver.run(stop_at_probation=True)
+        return status_document(config, driver.snapshot(), running=False)
+    finally:
+        lock.release()
+
+
+class _ProgressReporter:
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def report_event(self, event: dict[str, Any]) -> None:
+        if not self.quiet:
+            _say(f"  {event.get('state', ''):<13} {event.get('detail', '')}")
+
+    def report_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def report_telemetry(self, telemetry: dict[str, Any]) -> None:
+        pass
+
+
+@cli.command()
+@click.argument("package", type=click.Path(dir_okay=False))
+@_config_option
+@_json_option
+@click.option("--no-wait", is_flag=True, help="return once the running agent accepted the update")
+@click.option("--timeout", default=3600.0, show_default=True, help="seconds to wait for the update to end")
+def install(package: str, config_path: str, as_json: bool, no_wait: bool, timeout: float) -> None:
+    """Install an offline update package (from `edgeship bundle export`)."""
+    from .control import AgentNotRunning, ControlClient
+    from .sources import OfflinePackageSource
+
+    config = load_config(config_path)
+    path = Path(package).resolve()
+    if not path.is_file():
+        raise BadInputError(f"offline package {package}: no such file")
+    try:
+        reply = ControlClient(config.control_socket).call("install", package=str(path))
+    except AgentNotRunning:
+        doc = _offline(config, lambda driver: driver.begin(OfflinePackageSource(path)), as_json)
+        _finish(doc, "install", as_json)
+        return
+    if no_wait:
+        if as_json:
+            _emit(reply)
+        else:
+            _say(f"update {reply['update']} accepted by the running agent")
+        return
+    _finish(_follow(config, reply["update"], timeout, as_json), "install", as_json)
+
+
+@cli.command()
+@_config_option
+@_json_option
+@click.option("--no-wait", is_flag=True, help="return once the running agent accepted the rollback")
+@click.option("--timeout", default=3600.0, show_default=True, help="seconds to wait for the rollback to end")
+def rollback(config_path: str, as_json: bool, no_wait: bool, timeout: float) -> None:
+    """Roll back: abort the update in progress, or go back to the previous kept bundle."""
+    from .control import AgentNotRunning, ControlClient
+    from .sources import SlotSource
+
+    config = load_config(config_path)
+    try:
+        reply = ControlClient(config.control_socket).call("rollback")
+    except AgentNotRunning:
+        def start(driver: Any) -> None:
+            if driver.in_progress:
+                driver.abort("rollback requested by the operator")
+                return
+            if not driver.state.previous:
+                raise BadInputError("nothing to roll back to: no previous bundle is kept on this device")
+            driver.begin(SlotSource(driver.state.previous[0]), kind="rollback")
+
+        _finish(_offline(config, start, as_json), "rollback", as_json)
+        return
+    if no_wait:
+        if as_json:
+            _emit(reply)
+        else:
+            _say(f"rollback accepted by the running agent (update {reply.get('update')})")
+        return
+    _finish(_follow(config, reply["update"], timeout, as_json), "rollback", as_json)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``edgeship-agent``."""
+    cli.main(args=argv, prog_name="edgeship-agent")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,252 @@
+"""``edgeship-agent run``: serving, the update worker, telemetry and the control socket.
+
+Start order (fast to the first prediction, safe against crash loops): take the
+data folder's lock; read the state; count the re-entry of an interrupted update
+(before any model is loaded, so a model that kills the process is rolled back
+after ``max_restarts``); load and warm the bundle to serve; open the HTTP API;
+then resume the interrupted update on the worker thread.
+
+The fleet (issue 5) plugs in here: ``Agent(config, reporter=MqttReporter(...),
+registry=...)`` and ``agent.submit_desired(envelope, fetcher)`` for each desired
+state it receives; the update then takes exactly the path of a local install.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Agent", "AgentBusyError", "status_document"]
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from edgeship.ota.errors import BadInputError, EdgeshipError
+
+from .config import AgentConfig
+from .control import AgentLock, ControlServer
+from .persistence import AgentState, InstalledBundle
+from .reporter import NullReporter, Reporter, state_document
+from .server import ApiServer
+from .serving import ServingModel
+from .sources import BundleSource, DirectorSource, OfflinePackageSource, SlotSource, SourceRegistry
+from .state_machine import State, is_terminal
+from .telemetry import TelemetryWindow
+from .updater import TestHooks, UpdateDriver, load_bundle_model
+
+log = logging.getLogger("edgeship.agent")
+
+
+class AgentBusyError(EdgeshipError):
+    """Another edgeship-agent process holds this data folder."""
+
+
+def _bundle_doc(bundle: InstalledBundle | None) -> dict[str, Any] | None:
+    if bundle is None:
+        return None
+    return {"name": bundle.name, "version": bundle.version, "slot": bundle.slot, "format": bundle.model_format,
+            "installed_at": bundle.installed_at}
+
+
+def status_document(config: AgentConfig, state: AgentState, *, running: bool,
+                    serving: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``edgeship-agent status --json`` prints (``active.name/version``, ``update.state/reason``)."""
+    update = state.update
+    return {
+        "device": config.device_id,
+        "fleet": config.fleet,
+        "running": running,
+        "active": _bundle_doc(state.active),
+        "previous": [_bundle_doc(b) for b in state.previous],
+        "last_sequence": state.last_sequence,
+        "update": None if update is None else {
+            "id": update.id, "kind": update.kind, "state": update.state, "reason": update.reason,
+            "terminal": is_terminal(State(update.state)), "bundle": update.bundle, "sequence": update.sequence,
+            "deployment": update.deployment, "started": update.started, "finished": update.finished,
+            "source": {k: v for k, v in update.source.items() if k != "envelope"},
+            "history": [{"state": s, "at": t, "reason": r} for s, t, r in update.history],
+        },
+        "serving": serving,
+        "server": f"http://{config.bind_host}:{config.bind_port}",
+    }
+
+
+class Agent:
+    """The running agent. ``start()`` returns once it serves; ``stop()`` ends it."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        reporter: Reporter | None = None,
+        registry: SourceRegistry | None = None,
+        hooks: TestHooks | None = None,
+    ) -> None:
+        self.config = config
+        self.reporter = reporter or NullReporter()
+        self.registry = registry or SourceRegistry()
+        self.hooks = hooks or TestHooks.from_env(config.data_dir)
+        self.serving = ServingModel()
+        self.lock = AgentLock(config.lock_file)
+        self.driver: UpdateDriver | None = None
+        self.api: ApiServer | None = None
+        self.control: ControlServer | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.started_at = 0.0
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def start(self) -> "Agent":
+        self.started_at = time.time()
+        self.config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.lock.acquire():
+            raise AgentBusyError(
+                f"another edgeship-agent (pid {self.lock.holder_pid()}) holds {self.config.lock_file}"
+            )
+        try:
+            driver = self.driver = UpdateDriver(self.config, serving=self.serving, reporter=self.reporter,
+                                                registry=self.registry, hooks=self.hooks)
+            driver.prepare_resume()
+            boot = driver.boot_bundle()
+            if boot is not None:
+                try:
+                    self.serving.swap(load_bundle_model(self.config, boot))
+                    log.info("serving %s", boot.label)
+                except EdgeshipError as exc:
+                    log.error("cannot serve %s: %s", boot.label, exc.message)
+            if not driver.in_progress:
+                driver.cleanup()
+            self.api = ApiServer(self.serving, self.config.data_dir, self.config.bind_host, self.config.bind_port,
+                                 health=self._health).start()
+            self.control = ControlServer(self.config.control_socket, self.dispatch).start()
+        except BaseException:
+            self.lock.release()
+            raise
+        for target, name in ((self._work, "edgeship-updater"), (self._telemetry, "edgeship-telemetry")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._report_state()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self.api is not None:
+            self.api.stop()
+        if self.control is not None:
+            self.control.stop()
+        self.lock.release()
+
+    def run_forever(self) -> None:
+        """Serve until SIGTERM or SIGINT."""
+        def handler(signum: int, frame: Any) -> None:
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+        while not self._stop.wait(0.5):
+            pass
+        self.stop()
+
+    # -- workers ---------------------------------------------------------------------------------
+    def _work(self) -> None:
+        assert self.driver is not None
+        while not self._stop.is_set():
+            if self.driver.in_progress:
+                try:
+                    self.driver.run()
+                except Exception:  # pragma: no cover - the driver ends updates itself
+                    log.exception("update worker failed")
+                    time.sleep(1)
+                self._report_state()
+                continue
+            self._wake.wait(1.0)
+            self._wake.clear()
+
+    def _telemetry(self) -> None:
+        window = TelemetryWindow(self.serving, self.config.data_dir)
+        while not self._stop.wait(self.config.telemetry_interval_s):
+            try:
+                self.reporter.report_telemetry(window.take())
+            except Exception:
+                log.exception("telemetry report failed")
+
+    def _report_state(self) -> None:
+        if self.driver is None:
+            return
+        try:
+            model = self.serving.current
+            self.reporter.report_state(state_document(self.config, self.driver.snapshot(),
+                                                      model.runner.runtime if model else None))
+        except Exception:
+            log.exception("state report failed")
+
+    def _health(self) -> tuple[bool, dict[str, Any]]:
+        model = self.serving.current
+        update = self.driver.state.update if self.driver else None
+        doc: dict[str, Any] = {"status": "ok" if model else "no model serving",
+                               "update": update.state if update else None}
+        if model is not None:
+            doc["model"] = {"name": model.name, "version": model.version}
+        return model is not None, doc
+
+    # -- requests --------------------------------------------------------------------------------
+    def submit(self, source: BundleSource, kind: str = "install") -> dict[str, Any]:
+        """Start an update (persisted before this returns); the worker runs it."""
+        assert self.driver is not None
+        record = self.driver.begin(source, kind)
+        self._wake.set()
+        return {"update": record.id, "state": record.state}
+
+    def submit_desired(self, envelope: dict[str, Any], fetcher: Any, record: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The fleet's entry point: a director envelope and a TUF fetcher (see sources.py)."""
+        return self.submit(DirectorSource(envelope, fetcher, record))
+
+    def rollback(self) -> dict[str, Any]:
+        """Abort the update in progress (after activation it rolls back), or roll back
+        to the most recent kept bundle through a full update of kind ``rollback``."""
+        assert self.driver is not None
+        if self.driver.abort("rollback requested by the operator"):
+            update = self.driver.state.update
+            return {"update": update.id if update else None, "aborted": True}
+        previous = self.driver.state.previous
+        if not previous:
+            raise BadInputError("nothing to roll back to: no previous bundle is kept on this device")
+        return self.submit(SlotSource(previous[0]), kind="rollback")
+
+    def status(self) -> dict[str, Any]:
+        assert self.driver is not None
+        model = self.serving.current
+        serving = None
+        if model is not None:
+            snap = model.stats.snapshot()
+            serving = {"name": model.name, "version": model.version, "runtime": model.runner.runtime,
+                       "runtime_version": model.runner.runtime_version, "requests": snap["requests"],
+                       "errors": snap["errors"], "p95_ms": snap["latency"].quantile_ms(0.95),
+                       "loaded_at": model.loaded_at}
+        doc = status_document(self.config, self.driver.snapshot(), running=True, serving=serving)
+        if self.api is not None:
+            doc["server"] = f"http://{self.api.host}:{self.api.port}"
+        return doc
+
+    def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One control-socket request."""
+        op = request["op"]
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if op == "status":
+            return {"ok": True, "status": self.status()}
+        if op == "install":
+            package = request.get("package")
+            if not isinstance(package, str) or not package:
+                raise BadInputError("install needs 'package' (a path)")
+            if not Path(package).is_file():
+                raise BadInputError(f"offline package {package}: no such file")
+            return {"ok": True, **self.submit(OfflinePackageSource(package))}
+        if op == "rollback":
+            return {"ok": True, **self.rollback()}
+        raise BadInputError(f"unknown control operation {op!r} (ping, status, install, rollback)")

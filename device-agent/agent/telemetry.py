@@ -1,0 +1,200 @@
+"""Telemetry: process and device readings, the Prometheus ``/metrics`` page and
+the windowed snapshot handed to the reporter (``TelemetryMessage`` shape).
+
+Request counters live on each loaded model (``serving.ModelStats``); this module
+only reads them. Readings come from ``/proc`` and ``/sys`` directly (no psutil
+needed): process CPU seconds and RSS, the board's thermal zones where it has
+them, free disk on the data folder.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "process_cpu_seconds",
+    "process_rss_bytes",
+    "device_temperatures_c",
+    "free_disk_bytes",
+    "render_prometheus",
+    "TelemetryWindow",
+    "drift_score",
+]
+
+import glob
+import math
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+from edgeship.ota.protocol import TelemetryMessage
+from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
+
+from .serving import LoadedModel, ServingModel
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def process_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return float(usage.ru_utime + usage.ru_stime)
+
+
+def process_rss_bytes() -> int:
+    """Resident set size now (``/proc/self/statm``), or the peak where /proc is absent."""
+    try:
+        with open("/proc/self/statm", "rb") as handle:
+            return int(handle.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):  # pragma: no cover - non-Linux
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def device_temperatures_c(root: str = "/sys/class/thermal") -> dict[str, float]:
+    """Thermal zone type -> degrees Celsius, where the board exposes them (Pi, Jetson)."""
+    found: dict[str, float] = {}
+    for zone in sorted(glob.glob(os.path.join(root, "thermal_zone*"))):
+        try:
+            raw = Path(zone, "temp").read_text().strip()
+            kind = Path(zone, "type").read_text().strip() or os.path.basename(zone)
+            found[kind] = int(raw) / 1000.0
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def free_disk_bytes(folder: Path) -> int:
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return 0
+    return stat.f_bavail * stat.f_frsize
+
+
+def drift_score(input_mean: float, golden_mean: float | None, golden_std: float | None) -> float | None:
+    """How far the window's mean input lies from the bundle's golden inputs, in
+    golden standard deviations (None without golden vectors or traffic)."""
+    if golden_mean is None or not golden_std or not math.isfinite(input_mean):
+        return None
+    return abs(input_mean - golden_mean) / golden_std
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_prometheus(serving: ServingModel, data_dir: Path, extra: dict[str, Any] | None = None) -> str:
+    """The Prometheus text exposition (version 0.0.4) of the serving model and the process."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lines.append(f"{name}{labels} {value:.10g}")
+
+    model = serving.current
+    if model is not None:
+        snap = model.stats.snapshot()
+        base = f'model="{_escape(model.name)}",version="{_escape(model.version)}"'
+        metric("edgeship_predict_requests_total", "counter", "Predict requests served by the active model.",
+               [(f"{{{base}}}", snap["requests"])])
+        metric("edgeship_predict_examples_total", "counter", "Examples (batch rows) predicted.",
+               [(f"{{{base}}}", snap["examples"])])
+        metric("edgeship_predict_errors_total", "counter", "Failed predict requests by kind.",
+               [(f'{{{base},kind="{_escape(k)}"}}', v) for k, v in sorted(snap["errors"].items())]
+               or [(f'{{{base},kind="runtime"}}', 0)])
+        metric("edgeship_predict_nonfinite_total", "counter", "Predictions with NaN or Inf outputs.",
+               [(f"{{{base}}}", snap["nonfinite"])])
+        hist: LatencyHistogram = snap["latency"]
+        cumulative = 0
+        samples = []
+        for bound, count in zip(LATENCY_BUCKETS_MS, hist.counts):
+            cumulative += count
+            samples.append((f'{{{base},le="{bound / 1000.0:g}"}}', cumulative))
+        samples.append((f'{{{base},le="+Inf"}}', hist.count))
+        lines.append("# HELP edgeship_predict_latency_seconds Predict latency in the model runtime.")
+        lines.append("# TYPE edgeship_predict_latency_seconds histogram")
+        for labels, value in samples:
+            lines.append(f"edgeship_predict_latency_seconds_bucket{labels} {value}")
+        lines.append(f"edgeship_predict_latency_seconds_sum{{{base}}} {hist.total_ms / 1000.0:.10g}")
+        lines.append(f"edgeship_predict_latency_seconds_count{{{base}}} {hist.count}")
+        metric("edgeship_predict_class_total", "counter", "Predicted classes (argmax of the first output).",
+               [(f'{{{base},class="{c}"}}', n) for c, n in sorted(snap["classes"].items())])
+        metric("edgeship_feedback_total", "counter", "Ground-truth labels received.",
+               [(f"{{{base}}}", snap["feedback"]["total"])])
+        metric("edgeship_feedback_correct_total", "counter", "Ground-truth labels that matched the prediction.",
+               [(f"{{{base}}}", snap["feedback"]["correct"])])
+        if snap["input_count"]:
+            metric("edgeship_input_mean", "gauge", "Mean input value over all requests (drift).",
+                   [(f"{{{base}}}", snap["input_sum"] / snap["input_count"])])
+        metric("edgeship_model_loaded_timestamp_seconds", "gauge", "When the active model was loaded.",
+               [(f"{{{base}}}", model.loaded_at)])
+    metric("edgeship_model_swaps_total", "counter", "Hot swaps of the serving model.", [("", serving.swaps)])
+    metric("process_cpu_seconds_total", "counter", "User and system CPU time of the agent.",
+           [("", process_cpu_seconds())])
+    metric("process_resident_memory_bytes", "gauge", "Resident memory of the agent.", [("", process_rss_bytes())])
+    metric("edgeship_disk_free_bytes", "gauge", "Free bytes on the data folder's filesystem.",
+           [("", free_disk_bytes(data_dir))])
+    temps = device_temperatures_c()
+    if temps:
+        metric("edgeship_device_temperature_celsius", "gauge", "Board thermal zones.",
+               [(f'{{zone="{_escape(k)}"}}', v) for k, v in temps.items()])
+    for key, value in sorted((extra or {}).items()):
+        metric(f"edgeship_{key}", "gauge", key.replace("_", " ") + ".", [("", float(value))])
+    return "\n".join(lines) + "\n"
+
+
+class TelemetryWindow:
+    """Turns the cumulative counters into windows for the reporter."""
+
+    def __init__(self, serving: ServingModel, data_dir: Path) -> None:
+        self.serving = serving
+        self.data_dir = data_dir
+        self._last: dict[str, Any] | None = None
+        self._last_model: LoadedModel | None = None
+        self._last_ts = time.time()
+        self._last_cpu = process_cpu_seconds()
+
+    def take(self) -> dict[str, Any]:
+        """One window's telemetry: a valid ``TelemetryMessage`` dict plus device readings."""
+        now = time.time()
+        model = self.serving.current
+        snap = model.stats.snapshot() if model is not None else None
+        prev = self._last if (model is not None and model is self._last_model) else None
+        if snap is None:
+            requests = errors = 0
+            latency = LatencyHistogram()
+            classes: dict[int, int] = {}
+            feedback = {"correct": 0, "total": 0}
+            mean = float("nan")
+        else:
+            requests = snap["requests"] - (prev["requests"] if prev else 0)
+            errors = snap["model_errors"] - (prev["model_errors"] if prev else 0)
+            base = prev["latency"].counts if prev else [0] * len(snap["latency"].counts)
+            latency = LatencyHistogram([a - b for a, b in zip(snap["latency"].counts, base)],
+                                       snap["latency"].total_ms - (prev["latency"].total_ms if prev else 0.0))
+            classes = {c: n - (prev["classes"].get(c, 0) if prev else 0) for c, n in snap["classes"].items()}
+            classes = {c: n for c, n in classes.items() if n}
+            feedback = {k: snap["feedback"][k] - (prev["feedback"][k] if prev else 0) for k in ("correct", "total")}
+            count = snap["input_count"] - (prev["input_count"] if prev else 0)
+            total = snap["input_sum"] - (prev["input_sum"] if prev else 0.0)
+            mean = total / count if count else float("nan")
+        cpu = process_cpu_seconds()
+        window = max(now - self._last_ts, 1e-3)
+        message = TelemetryMessage(
+            ts=now, window_s=window, requests=requests, errors=min(errors, requests), latency=latency,
+            bundle={"name": model.name, "version": model.version} if model else None,
+            feedback=feedback if feedback["total"] else None,
+            drift=drift_score(mean, model.golden_input_mean, model.golden_input_std) if model else None,
+        )
+        document = message.to_dict()
+        document["device_stats"] = {
+            "cpu_percent": 100.0 * (cpu - self._last_cpu) / window,
+            "rss_bytes": process_rss_bytes(),
+            "disk_free_bytes": free_disk_bytes(self.data_dir),
+            "temperature_c": device_temperatures_c(),
+            "classes": {str(c): n for c, n in sorted(classes.items())},
+            "input_mean": None if math.isnan(mean) else mean,
+        }
+        self._last, self._last_model, self._last_ts, self._last_cpu = snap, model, now, cpu
+        return document

@@ -1,0 +1,709 @@
+"""The release repository on the host: a TUF repository written with ``tuf.api.metadata``,
+plus the director's key and sequence counters (see docs/trust.md).
+
+Layout of a repository folder::
+
+    config.json            expiry of each role (seconds)
+    metadata/              as a TUF repository serves it: N.root.json (every version),
+                           root.json (the newest), timestamp.json, snapshot.json, targets.json
+    targets/<name>/<name>-<version>.bundle
+    keys/                  0700; root.key (encrypted with the root passphrase), targets.key,
+                           snapshot.key, timestamp.key (0600, online roles)
+    director/              director.key (0600), director.pub, sequences.json (last sequence per fleet)
+
+Every change is made under an exclusive lock (``.lock``) and written atomically;
+metadata is written targets -> snapshot -> timestamp, so a reader never follows a
+timestamp to a snapshot that is not there yet.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ROLES",
+    "DEFAULT_EXPIRY",
+    "TargetInfo",
+    "ReleaseRepository",
+    "VersionNotNewerError",
+    "parse_duration",
+    "key_fingerprint",
+]
+
+import contextlib
+import datetime as _dt
+import fcntl
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from securesystemslib.signer import CryptoSigner, SSlibKey
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.serialization.json import JSONSerializer
+
+from .atomicfile import atomic_write_bytes, atomic_write_json, fsync_dir
+from .bundle import CHUNK_SIZE, BundleScan, scan_bundle
+from .director import (
+    DesiredState,
+    director_key_id,
+    format_utc,
+    generate_director_key,
+    load_director_private_key,
+    load_director_public_key,
+    sign_desired_state,
+)
+from .errors import BadInputError, EdgeshipError
+from .fetchers import PACKAGE_FORMAT, LocalFolderFetcher
+from .versions import check_name, compare_versions, parse_version
+
+ROLES = ("root", "targets", "snapshot", "timestamp")
+DEFAULT_EXPIRY: Dict[str, int] = {
+    "root": 365 * 86400,
+    "targets": 365 * 86400,
+    "snapshot": 7 * 86400,
+    "timestamp": 1 * 86400,
+}
+"""Seconds each role's metadata stays valid after it is signed (timestamp a day, as
+production TUF deployments do; the controller re-signs it with ``refresh``)."""
+
+Passphrase = Union[str, bytes]
+ProgressCallback = Callable[[str, int, int], None]
+_SERIALIZER = JSONSerializer(compact=False)
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdwy]?)$")
+_UNITS = {"": 86400, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+class VersionNotNewerError(BadInputError):
+    """Publishing a version that is not newer than every published version of its name."""
+
+
+def parse_duration(text: str) -> int:
+    """``"30s"``, ``"12h"``, ``"7d"``, ``"2w"``, ``"1y"`` (a bare number is days) -> seconds."""
+    match = _DURATION.match(str(text).strip())
+    if not match:
+        raise BadInputError(f"duration {text!r} is not of the form 30s, 12h, 7d, 2w or 1y")
+    seconds = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if seconds <= 0:
+        raise BadInputError(f"duration {text!r} must be positive")
+    return seconds
+
+
+def key_fingerprint(key: SSlibKey) -> str:
+    """The TUF key id (sha256 of the key's canonical JSON), which is its fingerprint."""
+    return str(key.keyid)
+
+
+def _utc_now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+
+
+def _as_bytes(passphrase: Optional[Passphrase], what: str = "root passphrase") -> bytes:
+    if passphrase is None:
+        raise BadInputError(f"a {what} is needed (prompt, or the EDGESHIP_ROOT_PASSPHRASE environment variable)")
+    data = passphrase.encode("utf-8") if isinstance(passphrase, str) else bytes(passphrase)
+    if len(data) < 8:
+        raise BadInputError(f"the {what} must be at least 8 characters")
+    return data
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """A published bundle, as the signed targets metadata lists it."""
+
+    name: str
+    version: str
+    path: str
+    """The TUF target path (``<name>/<name>-<version>.bundle``)."""
+    length: int
+    sha256: str
+    format: str
+    runtime: Dict[str, Any]
+    file: Path
+    """Where the bundle lies in the repository."""
+
+    @property
+    def hashes(self) -> Dict[str, str]:
+        return {"sha256": self.sha256}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "target": self.path,
+            "length": self.length,
+            "sha256": self.sha256,
+            "format": self.format,
+            "runtime": self.runtime,
+            "file": str(self.file),
+        }
+
+
+class ReleaseRepository:
+    """A release repository folder (see the module docstring for its layout)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.metadata_dir = self.path / "metadata"
+        self.targets_dir = self.path / "targets"
+        self.keys_dir = self.path / "keys"
+        self.director_dir = self.path / "director"
+
+    # -- paths ----------------------------------------------------------------------------------
+
+    @property
+    def root_metadata_path(self) -> Path:
+        """The trusted root metadata a device is provisioned with (the newest root)."""
+        return self.metadata_dir / "root.json"
+
+    @property
+    def director_public_key_path(self) -> Path:
+        """The director's public key a device is provisioned with."""
+        return self.director_dir / "director.pub"
+
+    def _key_path(self, role: str) -> Path:
+        return self.keys_dir / f"{role}.key"
+
+    def exists(self) -> bool:
+        return (self.metadata_dir / "timestamp.json").is_file()
+
+    def _require(self) -> None:
+        if not self.exists():
+            raise BadInputError(
+                f"{self.path} is not an edgeship release repository (no metadata/timestamp.json); "
+                f"create one with: edgeship keys init --repo {self.path}"
+            )
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    # -- configuration --------------------------------------------------------------------------
+
+    def expiry(self) -> Dict[str, int]:
+        """Seconds of validity per role (config.json, defaults for what it lacks)."""
+        config_path = self.path / "config.json"
+        config: Dict[str, Any] = {}
+        if config_path.is_file():
+            try:
+                config = json.loads(config_path.read_text())
+            except ValueError as exc:
+                raise BadInputError(f"{config_path} is not valid JSON: {exc}") from None
+        values = dict(DEFAULT_EXPIRY)
+        values.update({k: int(v) for k, v in (config.get("expiry_seconds") or {}).items() if k in ROLES})
+        return values
+
+    def _set_expiry(self, changes: Optional[Mapping[str, int]]) -> Dict[str, int]:
+        values = self.expiry()
+        for role, seconds in (changes or {}).items():
+            if role not in ROLES:
+                raise BadInputError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+            if int(seconds) <= 0:
+                raise BadInputError(f"expiry of {role} must be positive")
+            values[role] = int(seconds)
+        if changes:
+            atomic_write_json(self.path / "config.json", {"schema": 1, "expiry_seconds": values})
+        return values
+
+    # -- keys -----------------------------------------------------------------------------------
+
+    def _write_key(self, role: str, key: Ed25519PrivateKey, passphrase: Optional[bytes]) -> None:
+        encryption: serialization.KeySerializationEncryption = (
+            serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+        )
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+        atomic_write_bytes(self._key_path(role), pem, mode=0o600)
+
+    def _signer(self, role: str, passphrase: Optional[Passphrase] = None) -> CryptoSigner:
+        path = self._key_path(role)
+        try:
+            pem = path.read_bytes()
+        except FileNotFoundError:
+            raise BadInputError(f"the {role} key {path} is missing") from None
+        password = _as_bytes(passphrase) if role == "root" else None
+        try:
+            key = serialization.load_pem_private_key(pem, password=password)
+        except (ValueError, TypeError):
+            if role == "root":
+                raise BadInputError(f"the root passphrase does not decrypt {path}") from None
+            raise BadInputError(f"the {role} key {path} is not a readable PEM private key") from None
+        return CryptoSigner(key)  # type: ignore[arg-type]
+
+    # -- metadata -------------------------------------------------------------------------------
+
+    def _load(self, role: str) -> Metadata:
+        path = self.metadata_dir / f"{role}.json"
+        try:
+            return Metadata.from_bytes(path.read_bytes())
+        except FileNotFoundError:
+            raise BadInputError(f"{path} is missing: the repository is incomplete") from None
+        except Exception as exc:
+            raise EdgeshipError(f"{path} cannot be read as TUF metadata: {exc}") from None
+
+    def _sign_write(self, md: Metadata, signers: List[CryptoSigner], now: _dt.datetime) -> None:
+        role = md.signed.type
+        md.signed.expires = now + _dt.timedelta(seconds=self.expiry()[role])
+        md.signatures.clear()
+        for signer in signers:
+            md.sign(signer, append=True)
+        data = md.to_bytes(_SERIALIZER)
+        if role == "root":
+            atomic_write_bytes(self.metadata_dir / f"{md.signed.version}.root.json", data, mode=0o644)
+        atomic_write_bytes(self.metadata_dir / f"{role}.json", data, mode=0o644)
+
+    def _resign(self, roles: List[str], now: _dt.datetime, *, bump_targets: bool = False) -> None:
+        """Re-sign targets (optionally), then snapshot and timestamp, each with a new version."""
+        if "targets" in roles or bump_targets:
+            targets = self._load("targets")
+            targets.signed.version += 1
+            self._sign_write(targets, [self._signer("targets")], now)
+        targets_version = self._load("targets").signed.version
+        if "snapshot" in roles:
+            snapshot = self._load("snapshot")
+            snapshot.signed.version += 1
+            snapshot.signed.meta["targets.json"] = MetaFile(version=targets_version)
+            self._sign_write(snapshot, [self._signer("snapshot")], now)
+        snapshot_version = self._load("snapshot").signed.version
+        timestamp = self._load("timestamp")
+        timestamp.signed.version += 1
+        timestamp.signed.snapshot_meta = MetaFile(version=snapshot_version)
+        self._sign_write(timestamp, [self._signer("timestamp")], now)
+
+    # -- init -----------------------------------------------------------------------------------
+
+    def init(
+        self,
+        *,
+        root_passphrase: Passphrase,
+        expiry: Optional[Mapping[str, int]] = None,
+        now: Optional[_dt.datetime] = None,
+    ) -> Dict[str, Any]:
+        """Create keys for every role and the director, and version 1 of all metadata.
+
+        Raises:
+            BadInputError: the folder already holds a repository, or the passphrase is too short.
+        """
+        passphrase = _as_bytes(root_passphrase)
+        now = now or _utc_now()
+        if self.exists() or self._key_path("root").exists():
+            raise BadInputError(f"{self.path} already holds a release repository; nothing was changed")
+        with self._locked():
+            for folder in (self.metadata_dir, self.targets_dir, self.director_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+            self.keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.keys_dir, 0o700)
+            self._set_expiry(expiry or dict(DEFAULT_EXPIRY))
+            root = Root(version=1, consistent_snapshot=False)
+            for role in ROLES:
+                key = Ed25519PrivateKey.generate()
+                self._write_key(role, key, passphrase if role == "root" else None)
+                root.add_key(SSlibKey.from_crypto(key.public_key()), role)
+            self._sign_write(Metadata(Targets(version=1)), [self._signer("targets")], now)
+            self._sign_write(Metadata(Snapshot(version=1)), [self._signer("snapshot")], now)
+            self._sign_write(Metadata(Timestamp(version=1)), [self._signer("timestamp")], now)
+            self._sign_write(Metadata(root), [self._signer("root", passphrase)], now)
+            generate_director_key(self.director_dir / "director.key", self.director_public_key_path)
+            atomic_write_json(self.director_dir / "sequences.json", {})
+            fsync_dir(self.path)
+        return self.fingerprints()
+
+    def fingerprints(self) -> Dict[str, Any]:
+        """Key ids of every role and the director, and the two provisioning files."""
+        self._require()
+        root = self._load("root").signed
+        keys = {role: [key_fingerprint(root.get_key(k)) for k in root.roles[role].keyids] for role in ROLES}
+        director = load_director_public_key(self.director_public_key_path)
+        return {
+            "repository": str(self.path),
+            "keys": keys,
+            "director_key": director_key_id(director),
+            "root_metadata": str(self.root_metadata_path),
+            "director_public_key": str(self.director_public_key_path),
+            "root_version": root.version,
+        }
+
+    # -- targets --------------------------------------------------------------------------------
+
+    def targets(self) -> List[TargetInfo]:
+        """Every published bundle, sorted by name then version."""
+        self._require()
+        found: List[TargetInfo] = []
+        for path, target in self._load("targets").signed.targets.items():
+            custom = target.custom if isinstance(target.custom, dict) else {}
+            found.append(TargetInfo(
+                name=str(custom.get("name", "")),
+                version=str(custom.get("version", "")),
+                path=path,
+                length=target.length,
+                sha256=target.hashes.get("sha256", ""),
+                format=str(custom.get("format", "")),
+                runtime=dict(custom.get("runtime") or {}),
+                file=self.targets_dir / path,
+            ))
+        found.sort(key=lambda t: (t.name, parse_version(t.version) if t.version else ((), 0, ())))
+        return found
+
+    def target_info(self, name: str, version: str) -> TargetInfo:
+        """The published bundle ``name`` ``version``.
+
+        Raises:
+            BadInputError: it is not published (the message lists the versions that are).
+        """
+        matches = [t for t in self.targets() if t.name == name]
+        for target in matches:
+            if compare_versions(target.version, version) == 0:
+                return target
+        known = ", ".join(t.version for t in matches) or "none"
+        raise BadInputError(f"bundle {name} {version} is not published in {self.path} (published versions: {known})")
+
+    def publish(
+        self,
+        bundle_path: str | os.PathLike[str],
+        *,
+        now: Optional[_dt.datetime] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> TargetInfo:
+        """Check the bundle, copy it into ``targets/`` and sign new targets, snapshot, timestamp.
+
+        Raises:
+            UnsafeBundleError: the bundle does not pass the extraction checks.
+            VersionNotNewerError: an equal or newer version of the name is published.
+        """
+        self._require()
+        now = now or _utc_now()
+        scan: BundleScan = scan_bundle(bundle_path, progress=progress)
+        manifest = scan.manifest
+        with self._locked():
+            for published in self.targets():
+                if published.name == manifest.name and compare_versions(manifest.version, published.version) <= 0:
+                    raise VersionNotNewerError(
+                        f"{manifest.name} {manifest.version} is not newer than the published "
+                        f"{published.name} {published.version}; publish a higher version"
+                    )
+            path = f"{manifest.name}/{manifest.name}-{manifest.version}.bundle"
+            destination = self.targets_dir / path
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            _copy_verified(Path(bundle_path), destination, scan)
+            custom = {"name": manifest.name, "version": manifest.version, "format": manifest.format,
+                      "runtime": manifest.runtime}
+            targets = self._load("targets")
+            targets.signed.targets[path] = TargetFile(
+                length=scan.length, hashes={"sha256": scan.sha256}, path=path,
+                unrecognized_fields={"custom": custom},
+            )
+            targets.signed.version += 1
+            self._sign_write(targets, [self._signer("targets")], now)
+            self._resign(["snapshot", "timestamp"], now)
+        return self.target_info(manifest.name, manifest.version)
+
+    def verify_bundle(self, bundle_path: str | os.PathLike[str], *, now: Optional[_dt.datetime] = None,
+                      progress: Optional[ProgressCallback] = None) -> Dict[str, Any]:
+        """Check a bundle file against this repository, offline, as a device would.
+
+        The repository's metadata is verified with python-tuf from its first root
+        (every rotation followed; signatures, versions, expiry at ``now``); then the
+        bundle's length and sha256 must equal what targets.json signed for its name
+        and version, and the bundle must pass every extraction check.
+        """
+        from .updater import TargetMismatchError, TargetNotFoundError, _refresh
+
+        self._require()
+        now = now or _utc_now()
+        with tempfile.TemporaryDirectory(prefix="edgeship-verify-") as trust:
+            first_root = self.metadata_dir / "1.root.json"
+            shutil.copyfile(first_root, Path(trust) / "root.json")
+            updater = _refresh(Path(trust), LocalFolderFetcher(self.path), now)
+            scan = scan_bundle(bundle_path, progress=progress)
+            manifest = scan.manifest
+            path = f"{manifest.name}/{manifest.name}-{manifest.version}.bundle"
+            info = updater.get_targetinfo(path)
+        if info is None:
+            raise TargetNotFoundError(
+                f"{manifest.name} {manifest.version} is not published in {self.path}: the bundle is not released"
+            )
+        if info.length != scan.length or info.hashes.get("sha256") != scan.sha256:
+            raise TargetMismatchError(
+                f"bundle {bundle_path} is not the released {manifest.name} {manifest.version}: sha256 "
+                f"{scan.sha256[:16]}... / {scan.length} bytes, signed {info.hashes.get('sha256', '')[:16]}... / "
+                f"{info.length} bytes"
+            )
+        return {"name": manifest.name, "version": manifest.version, "target": path, "length": scan.length,
+                "sha256": scan.sha256, "verified": True}
+
+    # -- status and refresh ---------------------------------------------------------------------
+
+    def status(self, *, now: Optional[_dt.datetime] = None) -> Dict[str, Any]:
+        """Roles (version, expiry, key ids), published targets and the provisioning files."""
+        self._require()
+        now = now or _utc_now()
+        roles: Dict[str, Any] = {}
+        root = self._load("root").signed
+        for role in ROLES:
+            signed = self._load(role).signed
+            remaining = (signed.expires - now).total_seconds()
+            roles[role] = {
+                "version": signed.version,
+                "expires": format_utc(signed.expires),
+                "expires_in_seconds": int(remaining),
+                "expired": remaining <= 0,
+                "keys": list(root.roles[role].keyids),
+                "validity_seconds": self.expiry()[role],
+            }
+        return {
+            "repository": str(self.path),
+            "roles": roles,
+            "targets": [t.to_dict() for t in self.targets()],
+            "root_metadata": str(self.root_metadata_path),
+            "director_public_key": str(self.director_public_key_path),
+            "director_key": director_key_id(load_director_public_key(self.director_public_key_path)),
+            "sequences": self._sequences(),
+        }
+
+    def refresh(
+        self,
+        *,
+        now: Optional[_dt.datetime] = None,
+        expiry: Optional[Mapping[str, int]] = None,
+        targets: bool = False,
+    ) -> Dict[str, Any]:
+        """Re-sign timestamp and snapshot (and targets when asked) with fresh expiries.
+
+        Args:
+            expiry: new validity (seconds) per role, saved in config.json first.
+            targets: also re-sign targets.json (needed once a year with the defaults).
+        """
+        self._require()
+        now = now or _utc_now()
+        with self._locked():
+            self._set_expiry(expiry)
+            self._resign(["snapshot", "timestamp"] + (["targets"] if targets else []), now)
+        return self.status(now=now)
+
+    # -- rotation -------------------------------------------------------------------------------
+
+    def rotate(
+        self,
+        role: str,
+        *,
+        root_passphrase: Optional[Passphrase] = None,
+        new_root_passphrase: Optional[Passphrase] = None,
+        now: Optional[_dt.datetime] = None,
+    ) -> Dict[str, Any]:
+        """Replace ``role``'s key; the old key is revoked (no longer trusted by devices).
+
+        ``root``, ``targets``, ``snapshot`` and ``timestamp`` need the root passphrase:
+        a new root version is signed (for root: by the old *and* the new key, so a
+        device on the old root follows the chain). ``director`` replaces the
+        director's key pair; devices must then be provisioned with the new public key.
+        """
+        self._require()
+        now = now or _utc_now()
+        if role == "director":
+            with self._locked():
+                key_id = generate_director_key(self.director_dir / "director.key", self.director_public_key_path)
+            return {"role": "director", "director_key": key_id,
+                    "director_public_key": str(self.director_public_key_path),
+                    "note": "devices must be provisioned with the new director public key"}
+        if role not in ROLES:
+            raise BadInputError(f"unknown role {role!r}; roles are {', '.join(ROLES)}, director")
+        with self._locked():
+            old_root_signer = self._signer("root", root_passphrase)
+            root_md = self._load("root")
+            root = root_md.signed
+            old_keyids = list(root.roles[role].keyids)
+            new_key = Ed25519PrivateKey.generate()
+            new_public = SSlibKey.from_crypto(new_key.public_key())
+            for keyid in old_keyids:
+                root.revoke_key(keyid, role)
+            root.add_key(new_public, role)
+            root.version += 1
+            if role == "root":
+                new_passphrase = _as_bytes(new_root_passphrase if new_root_passphrase is not None
+                                           else root_passphrase)
+                new_signer = CryptoSigner(new_key)
+                # the new key is kept beside the old one until the new root is written
+                pending = self._key_path("root").with_suffix(".key.new")
+                pem = new_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(new_passphrase))
+                atomic_write_bytes(pending, pem, mode=0o600)
+                # signed by the old root (trusted by devices) and the new one (self-signed, spec 5.3.4-5)
+                self._sign_write(root_md, [old_root_signer, new_signer], now)
+                os.replace(pending, self._key_path("root"))
+                fsync_dir(self.keys_dir)
+            else:
+                self._sign_write(root_md, [old_root_signer], now)
+                self._write_key(role, new_key, None)
+                if role == "targets":
+                    self._resign(["targets", "snapshot", "timestamp"], now)
+                elif role == "snapshot":
+                    self._resign(["snapshot", "timestamp"], now)
+                else:
+                    self._resign(["timestamp"], now)
+        return {"role": role, "revoked": old_keyids, "new_key": new_public.keyid, "root_version": root.version,
+                "root_metadata": str(self.root_metadata_path)}
+
+    # -- director -------------------------------------------------------------------------------
+
+    def _sequences(self) -> Dict[str, int]:
+        path = self.director_dir / "sequences.json"
+        if not path.is_file():
+            return {}
+        try:
+            return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+        except (ValueError, AttributeError) as exc:
+            raise EdgeshipError(f"{path} is corrupt ({exc}); restore it: sequence numbers must only grow") from None
+
+    def next_sequence(self, fleet: str) -> int:
+        """The next sequence number of ``fleet`` (one counter per fleet, saved before it is used)."""
+        with self._locked():
+            sequences = self._sequences()
+            value = sequences.get(fleet, 0) + 1
+            sequences[fleet] = value
+            atomic_write_json(self.director_dir / "sequences.json", sequences)
+        return value
+
+    def sign_desired(
+        self,
+        *,
+        fleet: str,
+        device: str,
+        name: str,
+        version: str,
+        expires_in: _dt.timedelta = _dt.timedelta(days=7),
+        deployment: Optional[str] = None,
+        rollout: Optional[str] = None,
+        action: str = "install",
+        now: Optional[_dt.datetime] = None,
+    ) -> Dict[str, Any]:
+        """Build and sign the desired state for ``device`` (or ``"*"``) with the fleet's next sequence."""
+        self._require()
+        now = now or _utc_now()
+        if not fleet or not device:
+            raise BadInputError("a desired state needs a fleet and a device (or '*')")
+        target = self.target_info(name, version)
+        state = DesiredState(
+            fleet=fleet,
+            device=device,
+            bundle=target.name,
+            version=target.version,
+            target=target.path,
+            length=target.length,
+            hashes=target.hashes,
+            sequence=self.next_sequence(fleet),
+            expires=now + expires_in,
+            issued=now,
+            deployment=deployment,
+            rollout=rollout,
+            action=action,
+        )
+        key = load_director_private_key(self.director_dir / "director.key")
+        return sign_desired_state(state, key)
+
+    # -- offline packages -----------------------------------------------------------------------
+
+    def export(
+        self,
+        name: str,
+        version: str,
+        out: str | os.PathLike[str],
+        *,
+        fleet: str = "default",
+        expires_in: _dt.timedelta = _dt.timedelta(days=30),
+        now: Optional[_dt.datetime] = None,
+    ) -> Dict[str, Any]:
+        """Write an offline update package (see :mod:`edgeship.ota.fetchers`) to ``out``.
+
+        It holds the bundle, every root version and the current timestamp, snapshot
+        and targets metadata, and a director-signed desired state for device ``"*"``
+        of ``fleet`` with the fleet's next sequence number. A device verifies it
+        exactly as an online update; the metadata must still be unexpired when the
+        stick is plugged in (run ``repo refresh`` with a long enough timestamp
+        expiry before exporting for sticks that travel).
+        """
+        self._require()
+        check_name(name)
+        now = now or _utc_now()
+        target = self.target_info(name, version)
+        envelope = self.sign_desired(fleet=fleet, device="*", name=target.name, version=target.version,
+                                     expires_in=expires_in, now=now)
+        info = {"format": PACKAGE_FORMAT, "schema": 1, "fleet": fleet, "bundle": target.name,
+                "version": target.version, "target": target.path, "created": format_utc(now),
+                "sequence": envelope["signed"]["sequence"]}
+        out_path = Path(out)
+        if not out_path.parent.is_dir():
+            raise BadInputError(f"output folder {out_path.parent} does not exist")
+        roots = sorted(self.metadata_dir.glob("*.root.json"), key=lambda p: int(p.name.split(".")[0]))
+        with tempfile.NamedTemporaryFile(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent,
+                                         delete=False) as handle:
+            tmp = Path(handle.name)
+        try:
+            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                _tar_bytes(tar, "package.json", json.dumps(info, indent=2, sort_keys=True).encode(), now)
+                _tar_bytes(tar, "desired.json", json.dumps(envelope, indent=2, sort_keys=True).encode(), now)
+                for path in roots + [self.metadata_dir / f"{r}.json" for r in ("timestamp", "snapshot", "targets")]:
+                    _tar_file(tar, f"metadata/{path.name}", path, now)
+                _tar_file(tar, f"targets/{target.path}", target.file, now)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, out_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return {"package": str(out_path), "fleet": fleet, "device": "*", "bundle": target.name,
+                "version": target.version, "target": target.path, "sequence": info["sequence"],
+                "expires": envelope["signed"]["expires"]}
+
+
+def _tar_bytes(tar: tarfile.TarFile, name: str, payload: bytes, now: _dt.datetime) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = int(now.timestamp())
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _tar_file(tar: tarfile.TarFile, name: str, path: Path, now: _dt.datetime) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = path.stat().st_size
+    info.mtime = int(now.timestamp())
+    info.mode = 0o644
+    with open(path, "rb") as handle:
+        tar.addfile(info, handle)
+
+
+def _copy_verified(source: Path, destination: Path, scan: BundleScan) -> None:
+    """Copy ``source`` atomically, re-hashing the copy: the file may have changed since the scan."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    length = 0
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    try:
+        with open(source, "rb", buffering=0) as src, os.fdopen(fd, "wb") as dst:
+            while True:
+                chunk = src.read(CHUNK_SIZE)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                length += len(chunk)
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if digest.hexdigest() != scan.sha256 or length != scan.length:
+            raise EdgeshipError(f"bundle {source} changed while it was being published; publish it again")
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, destination)
+        fsync_dir(destination.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)

@@ -1,0 +1,382 @@
+"""The device side of verification: TUF refresh, director check, bounded download, safe extraction.
+
+:func:`fetch_verified_bundle` is the one entry point. Its steps, each with its own
+exception (docs/trust.md has the table):
+
+1. The clock is fixed at ``now`` for the whole update. python-tuf's
+   ``TrustedMetadataSet`` reads the wall clock once, when the ``Updater`` is built,
+   into ``reference_time``; we overwrite that attribute with ``now`` right after
+   construction (before any metadata but the trusted root is loaded), and after
+   the refresh check every role's expiry against ``now`` ourselves as well, so the
+   result does not depend on that private attribute staying put.
+2. ``Updater.refresh()`` through the given fetcher: root rotations followed,
+   signatures, versions (rollback), expiries (freeze) checked by python-tuf.
+3. The director's document and the release repository must name the same target
+   with the same length and hashes (Uptane's two-repository check).
+4. The bundle is streamed into a partial file, cut as soon as it passes the signed
+   length, hashed on the way; its length and every hash must match.
+5. The bundle is extracted with the safe extractor; its manifest must name the
+   bundle and version the director asked for.
+
+On any failure the partial download and the extraction folder are removed.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TrustError",
+    "UntrustedMetadataError",
+    "MetadataExpiredError",
+    "MetadataRollbackError",
+    "MixedMetadataError",
+    "BadMetadataError",
+    "MetadataTooLargeError",
+    "TargetNotFoundError",
+    "TargetMismatchError",
+    "TargetTooLongError",
+    "TargetTruncatedError",
+    "TargetHashError",
+    "BundleIdentityError",
+    "FetchError",
+    "VerifiedBundle",
+    "LocalFolderFetcher",
+    "OfflinePackage",
+    "open_offline_package",
+    "fetch_verified_bundle",
+    "map_tuf_error",
+]
+
+import datetime as _dt
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from tuf.api import exceptions as tuf_exceptions
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+
+from .archive import ExtractionLimits, MemberSizeError
+from .bundle import BundleManifest, extract_bundle
+from .director import DesiredState, ExpiredDesiredStateError, format_utc
+from .errors import EdgeshipError, SecurityError
+from .fetchers import METADATA_URL, TARGETS_URL, LocalFolderFetcher, OfflinePackage, open_offline_package
+
+_DOWNLOAD_CHUNK = 1 << 20
+
+
+class TrustError(SecurityError):
+    """The release repository's metadata or the bundle failed verification (REJECTED)."""
+
+
+class UntrustedMetadataError(TrustError):
+    """Metadata is not signed by the keys the device's trusted root names (wrong root, revoked key, forgery)."""
+
+
+class MetadataExpiredError(TrustError):
+    """Metadata expired at the update's fixed time (a freeze attack, or a repository not refreshed)."""
+
+
+class MetadataRollbackError(TrustError):
+    """Metadata is older than what the device already trusts (a rollback attack)."""
+
+
+class MixedMetadataError(TrustError):
+    """Metadata files of different repository versions were served together."""
+
+
+class BadMetadataError(TrustError):
+    """Metadata is malformed or inconsistent in another way."""
+
+
+class MetadataTooLargeError(TrustError):
+    """A metadata file is longer than the client's cap (an endless or bloated response)."""
+
+
+class TargetNotFoundError(TrustError):
+    """The release repository does not list the target the director names."""
+
+
+class TargetMismatchError(TrustError):
+    """The director and the release repository disagree about the target (hashes, length, name)."""
+
+
+class TargetTooLongError(TrustError):
+    """The bundle stream went past its signed length; it was cut there."""
+
+
+class TargetTruncatedError(TrustError):
+    """The bundle stream ended before its signed length."""
+
+
+class TargetHashError(TrustError):
+    """The downloaded bundle's hash differs from the signed one."""
+
+
+class BundleIdentityError(TrustError):
+    """The bundle's manifest names another bundle or version than the director ordered."""
+
+
+class FetchError(EdgeshipError):
+    """The transport failed (not a verification failure: the agent reports FAILED and may retry)."""
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle that passed every check, extracted under ``root``."""
+
+    manifest: BundleManifest
+    root: Path
+    model_path: Path
+    golden_path: Optional[Path]
+    labels_path: Optional[Path]
+    target: str
+    length: int
+    sha256: str
+
+
+_ROLLBACK_MESSAGE = re.compile(r"must be >=|^Expected \S+\.json version")
+
+
+def map_tuf_error(exc: BaseException, what: str = "release metadata") -> EdgeshipError:
+    """Translate a python-tuf exception into edgeship's own, with a one-line message."""
+    text = str(exc) or exc.__class__.__name__
+    if isinstance(exc, tuf_exceptions.UnsignedMetadataError):
+        return UntrustedMetadataError(
+            f"{what} refused: {text} (not signed by keys the device's trusted root names: wrong root, revoked "
+            "key or forgery)"
+        )
+    if isinstance(exc, tuf_exceptions.ExpiredMetadataError):
+        return MetadataExpiredError(f"{what} refused: {text} at the update's fixed time (freeze attack, or the "
+                                    "repository needs `edgeship repo refresh`)")
+    if isinstance(exc, tuf_exceptions.BadVersionNumberError):
+        if _ROLLBACK_MESSAGE.search(text):
+            return MetadataRollbackError(f"{what} refused: {text} (rollback to older metadata)")
+        return MixedMetadataError(f"{what} refused: {text} (metadata of different versions served together)")
+    if isinstance(exc, tuf_exceptions.RepositoryError):
+        return BadMetadataError(f"{what} refused: {text}")
+    if isinstance(exc, tuf_exceptions.DownloadLengthMismatchError):
+        return MetadataTooLargeError(f"{what} refused: {text}")
+    if isinstance(exc, tuf_exceptions.DownloadHTTPError) and exc.status_code == 404:
+        return FetchError(f"{what}: the repository has no such file ({text})")
+    if isinstance(exc, tuf_exceptions.DownloadError):
+        cause = exc.__cause__
+        detail = f"{text}: {cause}" if cause else text
+        return FetchError(f"{what}: download failed: {detail}")
+    return FetchError(f"{what}: {text}")
+
+
+def _pin_clock(updater: Updater, now: _dt.datetime) -> None:
+    trusted = getattr(updater, "_trusted_set", None)
+    if trusted is None or not hasattr(trusted, "reference_time"):  # pragma: no cover - python-tuf changed
+        raise RuntimeError("this python-tuf keeps no TrustedMetadataSet.reference_time; edgeship cannot fix "
+                           "the update's clock (pin tuf<8)")
+    trusted.reference_time = now
+
+
+def _check_expiry(updater: Updater, now: _dt.datetime) -> None:
+    trusted = updater._trusted_set  # the verified metadata; read-only use
+    for role in ("root", "timestamp", "snapshot", "targets"):
+        signed = trusted[role]
+        if signed.is_expired(now):
+            raise MetadataExpiredError(
+                f"release metadata refused: {role}.json expired at {format_utc(signed.expires)}, before the "
+                f"update's fixed time {format_utc(now)}"
+            )
+
+
+def _refresh(trust_dir: Path, fetcher: FetcherInterface, now: _dt.datetime) -> Updater:
+    if not (trust_dir / "root.json").exists():
+        raise EdgeshipError(f"trust folder {trust_dir} has no root.json: the device is not provisioned")
+    try:
+        updater = Updater(
+            metadata_dir=str(trust_dir),
+            metadata_base_url=METADATA_URL,
+            target_base_url=TARGETS_URL,
+            fetcher=fetcher,
+            config=UpdaterConfig(prefix_targets_with_hash=False),
+            bootstrap=None,  # the device's trust anchor is the newest root it has verified
+        )
+        _pin_clock(updater, now)
+        updater.refresh()
+    except (tuf_exceptions.RepositoryError, tuf_exceptions.DownloadError) as exc:
+        raise map_tuf_error(exc) from None
+    except OSError as exc:
+        raise EdgeshipError(f"trust folder {trust_dir}: {exc.strerror or exc}") from None
+    _check_expiry(updater, now)
+    return updater
+
+
+def _check_director_against_tuf(desired: DesiredState, info: object) -> None:
+    length = getattr(info, "length")
+    hashes = dict(getattr(info, "hashes"))
+    if "sha256" not in hashes:
+        raise TargetMismatchError(f"release repository lists {desired.target!r} without a sha256 hash")
+    if length != desired.length:
+        raise TargetMismatchError(
+            f"director and release repository disagree on {desired.target!r}: length {desired.length} vs {length}"
+        )
+    for algorithm, value in desired.hashes.items():
+        if algorithm in hashes and hashes[algorithm] != value:
+            raise TargetMismatchError(
+                f"director and release repository disagree on {desired.target!r}: the director names "
+                f"{algorithm} {value[:16]}..., the release repository signed {hashes[algorithm][:16]}..."
+            )
+    custom = getattr(info, "custom", {}) or {}
+    for key, want in (("name", desired.bundle), ("version", desired.version)):
+        if key in custom and custom[key] != want:
+            raise TargetMismatchError(
+                f"director and release repository disagree on {desired.target!r}: {key} {want!r} vs {custom[key]!r}"
+            )
+
+
+def _close(chunks: Iterator[bytes]) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            pass
+
+
+def _download(fetcher: FetcherInterface, target: str, length: int, hashes: dict, destination: Path) -> None:
+    """Stream ``target`` into ``destination``, never past ``length``; check length and hashes."""
+    digests = {}
+    for algorithm in hashes:
+        try:
+            digests[algorithm] = hashlib.new(algorithm)
+        except ValueError:
+            continue
+    if "sha256" not in digests:
+        raise TargetMismatchError(f"target {target!r} has no sha256 hash to verify")
+    url = TARGETS_URL + target
+    try:
+        chunks = fetcher.fetch(url)
+    except tuf_exceptions.DownloadError as exc:
+        raise map_tuf_error(exc, f"bundle {target}") from None
+    received = 0
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        with os.fdopen(os.open(destination, flags, 0o600), "wb") as out:
+            iterator = iter(chunks)
+            while True:
+                try:
+                    chunk = next(iterator)
+                except StopIteration:
+                    break
+                except tuf_exceptions.DownloadError as exc:
+                    raise map_tuf_error(exc, f"bundle {target}") from None
+                except Exception as exc:
+                    raise FetchError(f"bundle {target}: download failed: {exc}") from None
+                received += len(chunk)
+                if received > length:
+                    raise TargetTooLongError(
+                        f"bundle {target} stream went past its signed length of {length} bytes; cut at {received}"
+                    )
+                out.write(chunk)
+                for digest in digests.values():
+                    digest.update(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        _close(chunks)
+    if received < length:
+        raise TargetTruncatedError(f"bundle {target} is truncated: {received} of its signed {length} bytes arrived")
+    for algorithm, digest in digests.items():
+        if digest.hexdigest() != hashes[algorithm]:
+            raise TargetHashError(
+                f"bundle {target} does not match its signed {algorithm}: got {digest.hexdigest()[:16]}..., "
+                f"signed {hashes[algorithm][:16]}..."
+            )
+
+
+def fetch_verified_bundle(
+    *,
+    trust_dir: str | os.PathLike[str],
+    desired: DesiredState,
+    fetcher: FetcherInterface,
+    work_dir: str | os.PathLike[str],
+    now: _dt.datetime,
+    limits: Optional[ExtractionLimits] = None,
+) -> VerifiedBundle:
+    """Refresh TUF metadata, check it against the director, download, verify and extract.
+
+    Args:
+        trust_dir: the device's TUF metadata folder, provisioned with the trusted ``root.json``;
+            python-tuf keeps the metadata it verified there (root history included).
+        desired: a DesiredState already checked with ``verify_desired_state``.
+        fetcher: any ``FetcherInterface``; it is asked for ``edgeship://metadata/<file>``
+            and ``edgeship://targets/<path>``.
+        work_dir: where the bundle is downloaded and extracted (``<name>-<version>/``);
+            an earlier extraction of the same bundle there is replaced.
+        now: the update's fixed time (timezone-aware).
+        limits: extraction caps (defaults: :class:`ExtractionLimits`).
+
+    Raises:
+        SecurityError: a subclass naming what failed verification (the agent reports REJECTED).
+        EdgeshipError: I/O or transport failures (FAILED; may be retried).
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware (UTC)")
+    limits = limits or ExtractionLimits()
+    if desired.expires <= now:
+        raise ExpiredDesiredStateError(
+            f"desired state (sequence {desired.sequence}) expired at {format_utc(desired.expires)}, before the "
+            f"update's fixed time {format_utc(now)}"
+        )
+    if desired.length > limits.max_total_bytes + limits.max_manifest_bytes + 64 * 1024:
+        raise MemberSizeError(
+            f"bundle {desired.target} is {desired.length} bytes, more than this device accepts "
+            f"({limits.max_total_bytes})"
+        )
+    trust = Path(trust_dir)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+
+    updater = _refresh(trust, fetcher, now)
+    try:
+        info = updater.get_targetinfo(desired.target)
+    except (tuf_exceptions.RepositoryError, tuf_exceptions.DownloadError) as exc:
+        raise map_tuf_error(exc) from None
+    if info is None:
+        raise TargetNotFoundError(
+            f"the release repository does not list {desired.target!r}, which the director names: not published, "
+            "or the director's document is forged"
+        )
+    _check_director_against_tuf(desired, info)
+
+    stem = f"{desired.bundle}-{desired.version}"
+    partial = work / f".{stem}.download"
+    dest = work / stem
+    try:
+        _download(fetcher, info.path, info.length, dict(info.hashes), partial)
+        if dest.exists():
+            shutil.rmtree(dest)
+        extracted = extract_bundle(partial, dest, limits=limits)
+        manifest = extracted.manifest
+        if manifest.name != desired.bundle or manifest.version != desired.version:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise BundleIdentityError(
+                f"bundle {info.path} holds {manifest.name} {manifest.version}, but the director ordered "
+                f"{desired.bundle} {desired.version}"
+            )
+    except OSError as exc:
+        raise EdgeshipError(f"work folder {work}: {exc.strerror or exc}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return VerifiedBundle(
+        manifest=manifest,
+        root=extracted.root,
+        model_path=extracted.model_path,
+        golden_path=extracted.golden_path,
+        labels_path=extracted.labels_path,
+        target=info.path,
+        length=info.length,
+        sha256=info.hashes["sha256"],
+    )
+
+
+# re-exported for the contract: ``from edgeship.ota.updater import LocalFolderFetcher``
+_ = (LocalFolderFetcher, OfflinePackage, open_offline_package)

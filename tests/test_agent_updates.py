@@ -1,0 +1,269 @@
+"""The update driver with real parts: real offline packages from a real release
+repository (issue 3's TUF + director verification), real LiteRT, real files.
+
+A failure is injected in each state in turn; every bad bundle must end REJECTED
+or FAILED with the running model still serving."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from agent_fixtures import DEVICE, AgentRepo, agent_config, agent_repo, tamper_package  # noqa: F401
+
+from edgeship.agent.persistence import StateStore
+from edgeship.agent.serving import ServingModel
+from edgeship.agent.sources import OfflinePackageSource, SlotSource
+from edgeship.agent.state_machine import State
+from edgeship.agent.updater import TestHooks, UpdateDriver, UpdateInProgressError
+from edgeship.ota.errors import EdgeshipError, SecurityError
+
+
+def predict(serving: ServingModel, x: np.ndarray) -> np.ndarray:
+    _, (y,) = serving.predict([x])
+    return y
+
+
+def install(driver: UpdateDriver, package: Path):  # type: ignore[no-untyped-def]
+    driver.begin(OfflinePackageSource(package))
+    return driver.run()
+
+
+@pytest.fixture
+def device(tmp_path: Path, agent_repo: AgentRepo):  # type: ignore[no-untyped-def]
+    """A driver that serves digits 1.0.0, committed."""
+    config = agent_config(tmp_path, agent_repo, probation_window_s=0.2)
+    serving = ServingModel()
+    driver = UpdateDriver(config, serving=serving)
+    record = install(driver, agent_repo.export("1.0.0"))
+    assert record.state == "COMMITTED", record.reason
+    return driver
+
+
+def test_install_then_update_commits_and_keeps_the_previous(device: UpdateDriver, agent_repo: AgentRepo) -> None:
+    record = install(device, agent_repo.export("2.0.0"))
+    assert record.state == "COMMITTED", record.reason
+    assert [h[0] for h in record.history] == ["DISK_CHECK", "FETCHING", "VERIFYING", "INSTALLING", "SELF_TEST",
+                                              "ACTIVATING", "PROBATION", "COMMITTED"]
+    state = StateStore(device.config.state_file).load()  # what is on disk, not in memory
+    assert (state.active.name, state.active.version) == ("digits", "2.0.0")
+    assert [b.version for b in state.previous] == ["1.0.0"]
+    assert device.serving.current.version == "2.0.0" and device.serving.current.runner.signature.inputs[0].dtype == "int8"
+    assert state.last_sequence == record.sequence
+    y = predict(device.serving, agent_repo.eval_x[:4])
+    assert y.shape == (4, 10) and y.dtype == np.float32  # int8 I/O handled for the caller
+    assert "golden vectors match" in " ".join(h[2] for h in record.history)
+    slots = sorted(p.name for p in device.config.slots_dir.iterdir())
+    assert slots == sorted([state.active.slot, state.previous[0].slot])
+    assert not any(device.config.work_dir.iterdir())  # downloads and the unpacked package are gone
+
+
+# Failure injected in each state: (state, exception, final state, active version afterwards)
+INJECTIONS = [
+    (State.DISK_CHECK, EdgeshipError, "FAILED", "1.0.0"),
+    (State.FETCHING, EdgeshipError, "FAILED", "1.0.0"),
+    (State.VERIFYING, EdgeshipError, "FAILED", "1.0.0"),
+    (State.INSTALLING, EdgeshipError, "FAILED", "1.0.0"),
+    (State.SELF_TEST, EdgeshipError, "FAILED", "1.0.0"),
+    (State.ACTIVATING, EdgeshipError, "ROLLED_BACK", "1.0.0"),
+    (State.PROBATION, EdgeshipError, "ROLLED_BACK", "1.0.0"),
+    (State.DISK_CHECK, SecurityError, "REJECTED", "1.0.0"),
+    (State.FETCHING, SecurityError, "REJECTED", "1.0.0"),
+    (State.VERIFYING, SecurityError, "REJECTED", "1.0.0"),
+    (State.INSTALLING, SecurityError, "REJECTED", "1.0.0"),
+    (State.SELF_TEST, SecurityError, "REJECTED", "1.0.0"),
+    (State.ACTIVATING, SecurityError, "ROLLED_BACK", "1.0.0"),  # no REJECT after activation: a failure
+    (State.PROBATION, RuntimeError, "ROLLED_BACK", "1.0.0"),    # a bug is a failure too, never stuck
+    (State.ROLLING_BACK, EdgeshipError, "FAILED", "2.0.0"),     # rollback impossible: the new one stays
+]
+
+
+@pytest.mark.parametrize("state, error, final, active", INJECTIONS,
+                         ids=[f"{s.value}-{e.__name__}" for s, e, _, _ in INJECTIONS])
+def test_failure_injected_in_each_state(device: UpdateDriver, agent_repo: AgentRepo, state: State,
+                                        error: type[Exception], final: str, active: str) -> None:
+    def inject(current: State) -> None:
+        if current is state:
+            raise error(f"injected in {current.value}")
+        if state is State.ROLLING_BACK and current is State.PROBATION:
+            raise EdgeshipError("probation breach (to reach ROLLING_BACK)")
+
+    device.hooks = TestHooks(inject=inject)
+    record = install(device, agent_repo.export("2.0.0"))
+    assert record.state == final
+    assert f"injected in {state.value}" in record.reason or final == "ROLLED_BACK"
+    disk = StateStore(device.config.state_file).load()
+    assert disk.active is not None and disk.active.version == active  # never neither
+    assert device.serving.current.version == active
+    assert predict(device.serving, agent_repo.eval_x[:2]).shape == (2, 10)
+    slots = {p.name for p in device.config.slots_dir.iterdir()}
+    assert disk.active.slot in slots
+    if final in ("FAILED", "REJECTED") and active == "1.0.0":
+        assert len(slots) == 1  # the failed bundle's slot was deleted
+    assert not any(device.config.work_dir.iterdir())
+
+
+BAD_BUNDLES = [
+    ("2.1.0", "FAILED", "golden vectors do not match"),
+    ("2.2.0", "REJECTED", "needs"),
+    ("2.3.0", "REJECTED", "built for ['riscv64']"),
+    ("2.4.0", "FAILED", "cannot load"),
+]
+
+
+@pytest.mark.parametrize("version, final, words", BAD_BUNDLES)
+def test_bad_bundle_leaves_the_running_model_serving(device: UpdateDriver, agent_repo: AgentRepo, version: str,
+                                                     final: str, words: str) -> None:
+    before = predict(device.serving, agent_repo.eval_x[:4])
+    record = install(device, agent_repo.export(version))
+    assert record.state == final and words in record.reason, record.reason
+    assert device.serving.current.version == "1.0.0"
+    np.testing.assert_array_equal(predict(device.serving, agent_repo.eval_x[:4]), before)
+    assert StateStore(device.config.state_file).load().active.version == "1.0.0"
+    assert len(list(device.config.slots_dir.iterdir())) == 1
+
+
+def test_tampered_package_is_rejected(device: UpdateDriver, agent_repo: AgentRepo, tmp_path: Path) -> None:
+    bad = tamper_package(agent_repo.export("2.0.0"), tmp_path / "tampered.package")
+    record = install(device, bad)
+    assert record.state == "REJECTED" and "sha256" in record.reason, record.reason
+    assert device.serving.current.version == "1.0.0"
+
+
+def test_replayed_older_package_is_rejected(device: UpdateDriver, agent_repo: AgentRepo) -> None:
+    old = agent_repo.export("2.0.0")      # lower sequence
+    newer = agent_repo.export("3.0.0")
+    assert install(device, newer).state == "COMMITTED"
+    record = install(device, old)
+    assert record.state == "REJECTED" and "replayed" in record.reason, record.reason
+    assert device.serving.current.version == "3.0.0"
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"fleet": "other-fleet"}, "fleet"),
+    ({"now": dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3), "expires_in": dt.timedelta(days=1)},
+     "expired"),
+])
+def test_director_document_for_another_fleet_or_expired_is_rejected(device: UpdateDriver, agent_repo: AgentRepo,
+                                                                   kwargs: dict, words: str) -> None:
+    record = install(device, agent_repo.export("2.0.0", **kwargs))
+    assert record.state == "REJECTED" and words in record.reason, record.reason
+    assert device.serving.current.version == "1.0.0"
+
+
+def test_package_signed_by_another_repository_is_rejected(device: UpdateDriver, agent_repo: AgentRepo,
+                                                          tmp_path: Path) -> None:
+    from agent_fixtures import PASSPHRASE
+
+    from edgeship.ota.bundle import build_bundle
+    from edgeship.ota.release import ReleaseRepository
+
+    rogue = ReleaseRepository(tmp_path / "rogue")
+    rogue.init(root_passphrase=PASSPHRASE)
+    build_bundle(agent_repo.int8, name="digits", version="9.0.0", out=tmp_path / "b.bundle")
+    rogue.publish(tmp_path / "b.bundle")
+    rogue.export("digits", "9.0.0", tmp_path / "rogue.package", fleet="lab")
+    record = install(device, tmp_path / "rogue.package")
+    assert record.state == "REJECTED" and "director key" in record.reason, record.reason
+    assert device.serving.current.version == "1.0.0"
+
+
+def test_insufficient_disk_is_named(device: UpdateDriver, agent_repo: AgentRepo, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeship.agent.updater as updater
+
+    monkeypatch.setattr(updater, "free_bytes", lambda folder: 1000)  # a full disk, as statvfs would say
+    record = install(device, agent_repo.export("2.0.0"))
+    assert record.state == "FAILED" and record.reason.startswith("insufficient disk: need ")
+    assert "free 1000 bytes" in record.reason
+
+
+def test_probation_rolls_back_a_model_that_fails_requests(device: UpdateDriver, agent_repo: AgentRepo) -> None:
+    """Requests during probation fail in the runtime (a broken interpreter); the driver rolls back by itself."""
+    import threading
+
+    device.config = device.config.__class__(**{**device.config.__dict__, "probation_window_s": 5.0})
+    done = threading.Event()
+
+    def traffic() -> None:
+        while not done.is_set():
+            current = device.serving.current
+            if current is not None and current.version == "2.0.0":
+                current.runner._interpreter = None  # the new model's runtime breaks on every call
+            try:
+                predict(device.serving, agent_repo.eval_x[:1])
+            except Exception:
+                pass
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        record = install(device, agent_repo.export("2.0.0"))
+    finally:
+        done.set()
+        thread.join()
+    assert record.state == "ROLLED_BACK" and "error rate" in record.reason, record.reason
+    assert device.serving.current.version == "1.0.0"
+    assert StateStore(device.config.state_file).load().failed_slots == []  # deleted, not pending
+
+
+def test_operator_rollback_of_a_committed_update_goes_through_the_machine(device: UpdateDriver,
+                                                                          agent_repo: AgentRepo) -> None:
+    assert install(device, agent_repo.export("2.0.0")).state == "COMMITTED"
+    previous = device.state.previous[0]
+    device.begin(SlotSource(previous), kind="rollback")
+    record = device.run()
+    assert record.state == "COMMITTED" and record.kind == "rollback"
+    assert "golden vectors match" in " ".join(h[2] for h in record.history)  # self-tested again
+    assert device.serving.current.version == "1.0.0"
+    assert [b.version for b in device.state.previous] == ["2.0.0"]
+
+
+def test_kept_bundle_modified_on_disk_is_refused_for_rollback(device: UpdateDriver, agent_repo: AgentRepo) -> None:
+    assert install(device, agent_repo.export("2.0.0")).state == "COMMITTED"
+    previous = device.state.previous[0]
+    model = device.config.slots_dir / previous.slot / previous.model_file
+    model.write_bytes(model.read_bytes()[:-1] + b"\x00")
+    device.begin(SlotSource(previous), kind="rollback")
+    record = device.run()
+    assert record.state == "FAILED" and "changed on disk" in record.reason
+    assert device.serving.current.version == "2.0.0"
+
+
+def test_one_update_at_a_time(device: UpdateDriver, agent_repo: AgentRepo) -> None:
+    device.begin(OfflinePackageSource(agent_repo.export("2.0.0")))
+    with pytest.raises(UpdateInProgressError, match="in progress"):
+        device.begin(OfflinePackageSource(agent_repo.export("3.0.0")))
+    assert device.run().state == "COMMITTED"
+
+
+def test_retention_keeps_the_configured_number(tmp_path: Path, agent_repo: AgentRepo) -> None:
+    config = agent_config(tmp_path, agent_repo, probation_window_s=0.05, keep_previous=1)
+    driver = UpdateDriver(config, serving=ServingModel())
+    for version in ("1.0.0", "2.0.0", "3.0.0"):
+        assert install(driver, agent_repo.export(version)).state == "COMMITTED"
+    assert [b.version for b in driver.state.previous] == ["2.0.0"]
+    assert len(list(config.slots_dir.iterdir())) == 2
+
+
+def test_crash_loop_in_probation_rolls_back_before_loading_the_model(device: UpdateDriver,
+                                                                     agent_repo: AgentRepo) -> None:
+    """Restarts in PROBATION are counted before anything loads; past the cap it rolls back."""
+    device.hooks = TestHooks(inject=lambda s: None)
+    device.begin(OfflinePackageSource(agent_repo.export("2.0.0")))
+    device.run(stop_at_probation=True)
+    assert device.state.update.state == "PROBATION"
+    for restart in range(device.config.max_reentries + 1):
+        restarted = UpdateDriver(device.config, serving=ServingModel())
+        restarted.prepare_resume()
+        state = restarted.state.update.state
+        if restart < device.config.max_reentries:
+            assert state == "PROBATION" and restarted.boot_bundle().version == "2.0.0"
+    assert state == "ROLLING_BACK"
+    assert restarted.boot_bundle().version == "1.0.0"  # served at boot instead of the crashing model
+    record = restarted.run()
+    assert record.state == "ROLLED_BACK" and "interrupted" in " ".join(h[2] for h in record.history)
+    assert json.loads(device.config.state_file.read_text())["active"]["version"] == "1.0.0"
+    assert DEVICE

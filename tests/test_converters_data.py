@@ -1,0 +1,127 @@
+"""DATA loading: .npz, .npy, folders of images with a preprocessing spec, and
+every way a file can be wrong (one clear BadInputError each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeship.converters.data import PreprocessingSpec, load_dataset, split_holdback
+from edgeship.ota.errors import BadInputError
+
+SHAPE = [(-1, 8, 8, 1)]
+
+
+def test_npz_with_labels(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.random.rand(10, 8, 8, 1), y=np.arange(10) % 3)
+    data = load_dataset(path, input_shapes=SHAPE)
+    assert len(data) == 10 and data.inputs[0].dtype == np.float32
+    assert data.labels is not None and data.labels.tolist() == [i % 3 for i in range(10)]
+
+
+def test_one_hot_labels_become_indices(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.random.rand(3, 8, 8, 1).astype(np.float32), y=np.eye(3))
+    assert load_dataset(path, input_shapes=SHAPE).labels.tolist() == [0, 1, 2]
+
+
+def test_npy_without_labels(tmp_path: Path) -> None:
+    path = tmp_path / "d.npy"
+    np.save(path, np.random.rand(4, 8, 8, 1).astype(np.float32))
+    data = load_dataset(path, input_shapes=SHAPE)
+    assert data.labels is None and len(data) == 4
+
+
+def test_uint8_arrays_need_a_spec_and_use_it(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.full((2, 8, 8, 1), 255, np.uint8))
+    with pytest.raises(BadInputError, match="dtype uint8"):
+        load_dataset(path, input_shapes=SHAPE)
+    data = load_dataset(path, input_shapes=SHAPE, preprocessing=PreprocessingSpec(scale=1 / 255))
+    assert float(data.inputs[0].max()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"images": np.zeros((2, 8, 8, 1), np.float32)}, "has no array 'x' (found: images)"),
+        ({"x": np.zeros((2, 7, 8, 1), np.float32)}, "samples of shape [7, 8, 1], the model expects [8, 8, 1]"),
+        ({"x": np.zeros((2, 8, 8), np.float32)}, "samples of shape [8, 8]"),
+        ({"x": np.array(["a", "b"])}, "dtype <U1"),
+        ({"x": np.zeros((2, 8, 8, 1), np.float32), "y": np.zeros(3)}, "'y' has 3 labels but 'x' has 2 samples"),
+        ({"x": np.full((2, 8, 8, 1), np.nan, np.float32)}, "NaN or Inf"),
+        ({"x": np.zeros((0, 8, 8, 1), np.float32)}, "holds no samples"),
+    ],
+)
+def test_bad_npz(tmp_path: Path, arrays: dict, message: str) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(BadInputError) as info:
+        load_dataset(path, input_shapes=SHAPE, role="calibration data")
+    assert message in info.value.message
+    assert "\n" not in info.value.message and str(path) in info.value.message
+
+
+@pytest.mark.parametrize("name, payload", [("trunc.npz", b"PK\x03\x04garbage"), ("bad.npy", b"\x93NUMPY garbage"), ("d.csv", b"1,2")])
+def test_unreadable_or_unknown_data_files(tmp_path: Path, name: str, payload: bytes) -> None:
+    path = tmp_path / name
+    path.write_bytes(payload)
+    with pytest.raises(BadInputError):
+        load_dataset(path, input_shapes=SHAPE)
+
+
+def test_missing_data_file(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="no such file"):
+        load_dataset(tmp_path / "nope.npz", input_shapes=SHAPE)
+
+
+def _write_images(folder: Path, classes: dict[str, int], size: tuple[int, int] = (16, 12)) -> None:
+    from PIL import Image
+
+    for index, (name, count) in enumerate(classes.items()):
+        (folder / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = np.full((size[1], size[0], 3), 40 * index + i, np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+
+
+def test_image_folder_with_class_folders(tmp_path: Path) -> None:
+    _write_images(tmp_path / "imgs", {"cat": 2, "dog": 3})
+    data = load_dataset(tmp_path / "imgs", input_shapes=[(-1, 8, 8, 3)], preprocessing=PreprocessingSpec(scale=1 / 255))
+    assert data.inputs[0].shape == (5, 8, 8, 3)
+    assert data.labels.tolist() == [0, 0, 1, 1, 1]
+    assert data.class_names == ("cat", "dog")
+    assert data.preprocessing.size == (8, 8)  # taken from the model's input
+    assert float(data.inputs[0][2, 0, 0, 0]) == pytest.approx(40 / 255)
+
+
+def test_image_folder_nchw_grayscale_with_normalization(tmp_path: Path) -> None:
+    _write_images(tmp_path / "imgs", {"a": 2})
+    spec = PreprocessingSpec(scale=1 / 255, mean=(0.5,), std=(0.25,), layout="NCHW")
+    data = load_dataset(tmp_path / "imgs", input_shapes=[(-1, 1, 8, 8)], preprocessing=spec)
+    assert data.inputs[0].shape == (2, 1, 8, 8)
+    assert data.preprocessing.color == "grayscale"
+    assert float(data.inputs[0][1, 0, 0, 0]) == pytest.approx((1 / 255 - 0.5) / 0.25, rel=1e-3)
+
+
+def test_image_folder_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInputError, match="no images found"):
+        load_dataset(tmp_path / "empty", input_shapes=[(-1, 8, 8, 3)])
+    (tmp_path / "broken" / "a").mkdir(parents=True)
+    (tmp_path / "broken" / "a" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(BadInputError, match="cannot be decoded"):
+        load_dataset(tmp_path / "broken", input_shapes=[(-1, 8, 8, 3)])
+
+
+def test_holdback_split_is_disjoint_and_deterministic(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.arange(50, dtype=np.float32).reshape(50, 1, 1, 1), y=np.arange(50))
+    data = load_dataset(path, input_shapes=[(-1, 1, 1, 1)])
+    calib, held = split_holdback(data)
+    assert len(calib) == 40 and len(held) == 10
+    assert not set(calib.labels.tolist()) & set(held.labels.tolist())
+    assert split_holdback(data)[1].labels.tolist() == held.labels.tolist()

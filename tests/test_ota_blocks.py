@@ -1,0 +1,332 @@
+"""Block transfer through a real Mosquitto: the device's MqttBlockFetcher against
+the host's BlockServer, with the broker restarted mid-transfer and the fetcher
+process SIGKILLed and restarted (both resume; finished blocks are not asked for
+again), rate limits, hostile paths, and the pure pieces table-tested."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional, Set, Tuple
+
+import pytest
+from tuf.api import exceptions as tuf_exceptions
+
+from edgeship.ota.blocks import (
+    BlockNotFoundError,
+    BlockTransferConfig,
+    BlockTransferError,
+    MqttBlockFetcher,
+    stream_for_url,
+)
+from edgeship.ota.errors import BadInputError, EdgeshipError
+from edgeship.ota.protocol import BlockRequest, indexes_from_bitmap
+from edgeship.ota.transport import MqttConnection, ReconnectPolicy
+from edgeship.toolkit.blockserver import BlockServer, TokenBucket, resolve_stream
+from mqtt_broker import MosquittoBroker
+from transport_fixtures import python_child, read_line_with, wait_until
+
+FAST = ReconnectPolicy(initial_s=0.1, max_s=0.5)
+
+
+# -- pure pieces -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "url, stream",
+    [
+        ("edgeship://metadata/1.root.json", "metadata/1.root.json"),
+        ("edgeship://metadata/timestamp.json", "metadata/timestamp.json"),
+        ("edgeship://targets/digits-1.0.0.tar", "targets/digits-1.0.0.tar"),
+        ("edgeship://targets/a/b%20c.tar", "targets/a/b c.tar"),
+    ],
+)
+def test_urls_map_to_streams(url: str, stream: str) -> None:
+    assert stream_for_url(url) == stream
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://x/metadata/root.json", "edgeship://keys/root.key", "edgeship://metadata/", "edgeship://targets/../keys/x",
+     "edgeship://targets/%2e%2e/keys/x", "edgeship://targets//etc/passwd", "edgeship://targets/a\\b"],
+)
+def test_other_urls_are_refused_as_400(url: str) -> None:
+    with pytest.raises(BlockNotFoundError) as info:
+        stream_for_url(url)
+    assert info.value.status_code == 400
+    assert isinstance(info.value, tuf_exceptions.DownloadHTTPError) and isinstance(info.value, EdgeshipError)
+
+
+@pytest.mark.parametrize(
+    "steps, expected",
+    [
+        # (time, take bytes) -> granted?
+        ([(0.0, 100), (0.0, 100), (0.0, 50), (0.0, 1)], [True, False, True, False]),  # a burst of 150, no more
+        ([(0.0, 150), (1.0, 50), (1.0, 1)], [True, True, False]),  # refills 50 per second
+        ([(0.0, 150), (10.0, 150), (10.0, 1)], [True, True, False]),  # never holds more than capacity
+        ([(0.0, 1000), (0.0, 1)], [True, False]),  # more than capacity needs a full bucket
+    ],
+)
+def test_token_bucket(steps: List[Tuple[float, int]], expected: List[bool]) -> None:
+    bucket = TokenBucket(rate=50, capacity=150, updated=0.0)
+    assert [bucket.take(amount, now) for now, amount in steps] == expected
+
+
+def test_token_bucket_wait_time() -> None:
+    bucket = TokenBucket(rate=100, capacity=200, updated=0.0)
+    assert bucket.take(200, 0.0)
+    assert bucket.wait_s(50, 0.0) == pytest.approx(0.5)
+    assert bucket.wait_s(50, 0.5) == pytest.approx(0.0)
+    with pytest.raises(BadInputError):
+        TokenBucket(rate=0, capacity=1)
+
+
+def _repository(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    (root / "metadata").mkdir(parents=True)
+    (root / "targets" / "sub").mkdir(parents=True)
+    (root / "keys").mkdir()
+    (root / "keys" / "root.key").write_text("secret")
+    (root / "metadata" / "root.json").write_text("{}")
+    return root
+
+
+def test_paths_cannot_leave_the_served_folders(tmp_path: Path) -> None:
+    root = _repository(tmp_path)
+    (root / "targets" / "sub" / "ok.tar").write_bytes(b"x")
+    (tmp_path / "outside.txt").write_text("no")
+    os.symlink(tmp_path / "outside.txt", root / "targets" / "escape.tar")
+    os.symlink(root / "keys", root / "targets" / "keys")
+    assert resolve_stream(root, "targets/sub/ok.tar") == (root / "targets" / "sub" / "ok.tar").resolve()
+    assert resolve_stream(root, "metadata/root.json") is not None
+    for stream in ["keys/root.key", "targets/../keys/root.key", "targets/escape.tar", "targets/keys/root.key",
+                   "targets/sub", "targets/missing", "metadata", "metadata/../../outside.txt", "/etc/passwd"]:
+        assert resolve_stream(root, stream) is None, stream
+
+
+def test_config_refuses_nonsense() -> None:
+    with pytest.raises(BadInputError):
+        BlockTransferConfig(block_size=100)
+    with pytest.raises(BadInputError):
+        BlockTransferConfig(window=0)
+    with pytest.raises(BadInputError):
+        BlockTransferConfig(qos=2)
+
+
+# -- through Mosquitto ----------------------------------------------------------------------------
+
+class Rig:
+    """A controller connection with a BlockServer, and a device connection with a fetcher."""
+
+    def __init__(self, broker: MosquittoBroker, tmp_path: Path, *, config: Optional[BlockTransferConfig] = None,
+                 **server_options: object) -> None:
+        self.root = _repository(tmp_path)
+        self.controller = MqttConnection(broker.url, client_id="controller", reconnect=FAST).connect(5)
+        self.server = BlockServer(self.controller, self.root, **server_options).start()  # type: ignore[arg-type]
+        self.device = MqttConnection(broker.url, client_id="pi-01", reconnect=FAST).connect(5)
+        self.work = tmp_path / "device-work"
+        self.fetcher = MqttBlockFetcher(self.device, fleet="lab", device="pi-01", work_dir=self.work,
+                                        config=config or BlockTransferConfig(block_size=4096))
+
+    def target(self, name: str, size: int, seed: int = 1) -> bytes:
+        data = os.urandom(size) if seed < 0 else (hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1))[:size]
+        (self.root / "targets" / name).write_bytes(data)
+        return data
+
+    def close(self) -> None:
+        self.server.stop()
+        self.device.close()
+        self.controller.close()
+
+
+@pytest.fixture
+def rig(mosquitto_broker: MosquittoBroker, tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(mosquitto_broker, tmp_path)
+    yield r
+    r.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 300_000])
+def test_files_of_any_size_arrive_whole(rig: Rig, size: int) -> None:
+    data = rig.target(f"f{size}.bin", size, seed=-1)
+    chunks = list(rig.fetcher.fetch(f"edgeship://targets/f{size}.bin"))
+    assert b"".join(chunks) == data
+    assert not list((rig.work / "partial").iterdir())  # a finished transfer leaves nothing behind
+
+
+def test_tuf_download_bytes_works_and_enforces_its_length(rig: Rig) -> None:
+    (rig.root / "metadata" / "timestamp.json").write_bytes(b'{"signed": {}}')
+    assert rig.fetcher.download_bytes("edgeship://metadata/timestamp.json", 1000) == b'{"signed": {}}'
+    rig.target("big.tar", 100_000)
+    with pytest.raises(tuf_exceptions.DownloadLengthMismatchError):
+        rig.fetcher.download_bytes("edgeship://targets/big.tar", 10_000)
+    # the refused stream's partial file is not kept around
+    assert not list((rig.work / "partial").iterdir())
+
+
+def test_missing_file_is_a_404_for_the_tuf_client(rig: Rig) -> None:
+    with pytest.raises(tuf_exceptions.DownloadHTTPError) as info:
+        rig.fetcher.download_bytes("edgeship://metadata/2.root.json", 1000)
+    assert info.value.status_code == 404
+    with pytest.raises(tuf_exceptions.DownloadHTTPError):
+        rig.fetcher.download_bytes("edgeship://targets/../keys/root.key", 1000)
+    assert [entry.outcome for entry in rig.server.log] == ["not-found"]  # the traversal never left the device
+
+
+def test_no_server_means_a_clear_timeout(mosquitto_broker: MosquittoBroker, tmp_path: Path) -> None:
+    with MqttConnection(mosquitto_broker.url, client_id="alone", reconnect=FAST) as device:
+        fetcher = MqttBlockFetcher(device, fleet="lab", device="alone", work_dir=tmp_path,
+                                   config=BlockTransferConfig(request_timeout_s=0.3, total_timeout_s=1.0))
+        with pytest.raises(BlockTransferError, match="no description"):
+            fetcher.fetch_to_file("edgeship://targets/x.tar", tmp_path / "x")
+        with pytest.raises(tuf_exceptions.DownloadError):
+            fetcher.download_bytes("edgeship://targets/x.tar", 10)
+
+
+def test_rate_limit_slows_a_device_down_and_it_still_completes(mosquitto_broker: MosquittoBroker,
+                                                                tmp_path: Path) -> None:
+    rig = Rig(mosquitto_broker, tmp_path, rate_bytes_per_s=400_000, burst_bytes=100_000, max_blocks_per_request=16,
+              config=BlockTransferConfig(block_size=8192, window=32))
+    try:
+        data = rig.target("slow.tar", 1_000_000)
+        started = time.monotonic()
+        assert b"".join(rig.fetcher.fetch("edgeship://targets/slow.tar")) == data
+        elapsed = time.monotonic() - started
+        assert elapsed >= (1_000_000 - 100_000) / 400_000 * 0.9, elapsed
+        outcomes = [e.outcome for e in rig.server.log]
+        assert "rate-limited" in outcomes
+        assert max(len(e.served) for e in rig.server.log) <= 16  # the per-request cap holds
+    finally:
+        rig.close()
+
+
+def test_garbage_on_the_data_topic_does_not_break_a_transfer(rig: Rig) -> None:
+    data = rig.target("t.tar", 200_000)
+    topic = rig.fetcher.data_topic
+    junk = [b"", b"junk", b'{"v":1,"type":"block"}\n', b"\xff" * 100,
+            b'{"v":1,"type":"block","request_id":"x","stream":"targets/t.tar","index":0,"block_size":4096,'
+            b'"file_size":200000,"length":4096,"etag":"forged"}\n' + b"A" * 4096]
+
+    def inject(stream: str, have: int, total: int) -> None:
+        if have == 5:  # mid-transfer, from another client
+            for payload in junk[:4]:
+                rig.controller.publish(topic, payload, qos=1, wait=False)
+
+    rig.fetcher.progress = inject
+    assert b"".join(rig.fetcher.fetch("edgeship://targets/t.tar")) == data
+    assert rig.device.dropped == 4 and rig.device.is_connected
+    # a well-formed block of another version of the file (wrong etag) aborts the transfer cleanly
+    data = rig.target("t.tar", 1_000_000, seed=2)
+
+    def forge(stream: str, have: int, total: int) -> None:
+        if have == 3:
+            rig.controller.publish(topic, junk[4].replace(b"200000", b"1000000"), qos=1)
+            time.sleep(0.3)  # it is queued behind the first window, before the next one
+
+    rig.fetcher.progress = forge
+    with pytest.raises(BlockTransferError, match="changed on the server"):
+        rig.fetcher.fetch_to_file("edgeship://targets/t.tar", rig.work / "out")
+    rig.fetcher.progress = None
+    assert b"".join(rig.fetcher.fetch("edgeship://targets/t.tar")) == data
+
+
+def _requested_after(fetcher: MqttBlockFetcher, since: float) -> Set[int]:
+    return {i for t, r in fetcher.requests_sent if t >= since and r.bitmap for i in r.wanted()}
+
+
+@pytest.mark.slow
+def test_broker_restart_mid_transfer_resumes_without_refetching(mosquitto_broker: MosquittoBroker,
+                                                                  tmp_path: Path) -> None:
+    # ~2 MB at 1 MB/s: the broker goes down for a second in the middle
+    rig = Rig(mosquitto_broker, tmp_path, rate_bytes_per_s=1_000_000, burst_bytes=64_000,
+              config=BlockTransferConfig(block_size=8192, window=32, request_timeout_s=1.0))
+    data = rig.target("bundle.tar", 2_000_000)
+    total = -(-len(data) // 8192)
+    snapshot: List[Set[int]] = []
+    restarted_at: List[float] = []
+
+    def progress(stream: str, have: int, of: int) -> None:
+        if have >= total // 3 and not snapshot and not restarted_at:
+            restarted_at.append(-1.0)
+            threading.Thread(target=restart, daemon=True).start()
+
+    def restart() -> None:
+        mosquitto_broker.stop()
+        time.sleep(0.3)
+        assert rig.fetcher.current is not None
+        snapshot.append(set(rig.fetcher.current.have))
+        time.sleep(0.7)
+        restarted_at[0] = time.monotonic()
+        mosquitto_broker.start()
+
+    rig.fetcher.progress = progress
+    try:
+        got = b"".join(rig.fetcher.fetch("edgeship://targets/bundle.tar"))
+        assert got == data
+        assert snapshot and restarted_at[0] > 0
+        finished_before = snapshot[0]
+        assert total // 3 <= len(finished_before) < total
+        asked_again = _requested_after(rig.fetcher, restarted_at[0]) & finished_before
+        assert not asked_again, sorted(asked_again)[:10]
+        assert _requested_after(rig.fetcher, restarted_at[0])  # it did go on asking after the restart
+        assert rig.device.connects >= 2 and rig.controller.connects >= 2
+        assert rig.fetcher.blocks_received == total
+    finally:
+        rig.close()
+
+
+_CHILD_FETCHER = r"""
+import hashlib, json, sys
+from edgeship.ota.blocks import BlockTransferConfig, MqttBlockFetcher
+from edgeship.ota.transport import MqttConnection
+url, work = sys.argv[1], sys.argv[2]
+conn = MqttConnection(url, client_id="pi-02").connect(10)
+def progress(stream, have, total):
+    print(f"have {have} {total}", flush=True)
+fetcher = MqttBlockFetcher(conn, fleet="lab", device="pi-02", work_dir=work, progress=progress,
+                           config=BlockTransferConfig(block_size=4096, window=16, sync_every_blocks=4))
+digest = hashlib.sha256()
+for chunk in fetcher.fetch("edgeship://targets/bundle.tar"):
+    digest.update(chunk)
+    if fetcher.current is not None and len(fetcher.current.have) and not hasattr(fetcher, "said"):
+        fetcher.said = True
+        print(f"resumed-with {len(fetcher.current.have)}", flush=True)
+asked = sorted({i for _, r in fetcher.requests_sent if r.bitmap for i in r.wanted()})
+print("done " + json.dumps({"sha256": digest.hexdigest(), "asked": asked,
+                             "received": fetcher.blocks_received}), flush=True)
+conn.close()
+"""
+
+
+@pytest.mark.slow
+def test_killed_fetcher_process_resumes_from_disk(mosquitto_broker: MosquittoBroker, tmp_path: Path) -> None:
+    rig = Rig(mosquitto_broker, tmp_path, rate_bytes_per_s=600_000, burst_bytes=32_000)
+    data = rig.target("bundle.tar", 1_200_000)
+    total = -(-len(data) // 4096)
+    work = tmp_path / "pi-02"
+    try:
+        first = python_child(_CHILD_FETCHER, mosquitto_broker.url, str(work))
+        line = read_line_with(first, f"have {total // 2} ")
+        assert line
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=10)
+        sidecars = list((work / "partial").glob("*.json"))
+        assert len(sidecars) == 1
+        on_disk = set(indexes_from_bitmap(json.loads(sidecars[0].read_text())["have"]))
+        assert total // 3 < len(on_disk) < total  # fsynced every 4 blocks: most of what arrived is durable
+
+        second = python_child(_CHILD_FETCHER, mosquitto_broker.url, str(work))
+        done = read_line_with(second, "done ", timeout=60)
+        second.communicate(timeout=10)
+        result = json.loads(done.split("done ", 1)[1])
+        assert result["sha256"] == hashlib.sha256(data).hexdigest()
+        assert not set(result["asked"]) & on_disk, "a block already on disk was requested again"
+        assert result["received"] == total - len(on_disk)
+        assert set(result["asked"]) | on_disk == set(range(total))
+        assert not list((work / "partial").iterdir())
+    finally:
+        rig.close()

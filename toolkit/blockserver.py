@@ -1,0 +1,296 @@
+"""Block transfer over MQTT, host side: answer the devices' block requests from
+the release repository's ``metadata/`` and ``targets/`` (docs/protocol.md).
+
+Requests arrive on ``<prefix>/<fleet>/devices/+/blocks/request`` (optionally
+through an MQTT 5 shared subscription, so controller replicas split them) and
+are answered on the requesting device's ``blocks/data``:
+
+- a request without a bitmap gets a ``block_info`` (size, block size, etag);
+- a request with a bitmap gets one ``block`` message per wanted block, at most
+  ``max_blocks_per_request`` of them, while the device's token bucket (bytes per
+  second, with a burst) allows; the rest gets a ``block_error`` 429 with
+  ``retry_after_s``;
+- unknown, unreadable or out-of-tree streams get a ``block_error`` 404 (400 for
+  malformed requests). Paths are resolved (symlinks included) and must stay
+  inside ``metadata/`` or ``targets/``: traversal is impossible by construction.
+
+The message handler only parses and queues; a worker thread reads files and
+publishes, so the MQTT network thread never blocks on disk or on the broker.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TokenBucket", "BlockServer", "ServedRequest", "resolve_stream"]
+
+import collections
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Deque, Dict, List, Optional, Tuple, Union
+
+from edgeship.ota.errors import BadInputError
+from edgeship.ota.protocol import (
+    BlockData,
+    BlockError,
+    BlockInfo,
+    BlockReply,
+    BlockRequest,
+    blocks_in,
+    encode_block_reply,
+    parse_message,
+)
+from edgeship.ota.topics import BLOCK_DATA, BLOCK_REQUEST, DEFAULT_PREFIX, device_topic, device_wildcard, parse_device_topic
+from edgeship.ota.transport import MqttConnection, ReceivedMessage, TransportError
+
+log = logging.getLogger(__name__)
+
+_AREAS = ("metadata", "targets")
+
+
+# -- pure pieces -----------------------------------------------------------------------------------
+
+@dataclass
+class TokenBucket:
+    """A token bucket in bytes: ``rate`` per second, holding at most ``capacity``.
+
+    Pure arithmetic on a clock value the caller passes in (table-tested).
+    """
+
+    rate: float
+    capacity: float
+    tokens: float = -1.0
+    updated: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rate <= 0 or self.capacity <= 0:
+            raise BadInputError(f"rate limit needs a positive rate and burst, got {self.rate}/s, {self.capacity}")
+        if self.tokens < 0:
+            self.tokens = self.capacity
+
+    def _refill(self, now: float) -> None:
+        if now > self.updated:
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+
+    def take(self, amount: float, now: float) -> bool:
+        """Spend ``amount`` if the bucket holds it (a request larger than ``capacity`` needs a full bucket)."""
+        self._refill(now)
+        need = min(amount, self.capacity)
+        if self.tokens >= need:
+            self.tokens -= need
+            return True
+        return False
+
+    def wait_s(self, amount: float, now: float) -> float:
+        """Seconds until ``take(amount)`` would succeed."""
+        self._refill(now)
+        need = min(amount, self.capacity)
+        return max(0.0, (need - self.tokens) / self.rate)
+
+
+def resolve_stream(root: Path, stream: str) -> Optional[Path]:
+    """The regular file for ``stream`` under ``root/metadata`` or ``root/targets``, or None.
+
+    Symlinks are resolved before the containment check, so no name leads outside.
+    """
+    area, _, rest = stream.partition("/")
+    if area not in _AREAS or not rest:
+        return None
+    base = (root / area).resolve()
+    try:
+        path = (base / rest).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    if base != path and base not in path.parents:
+        return None
+    return path if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class ServedRequest:
+    """One request as the server handled it (kept for diagnostics and tests)."""
+
+    at: float
+    fleet: str
+    device: str
+    stream: str
+    wanted: Tuple[int, ...]
+    served: Tuple[int, ...]
+    outcome: str  # "info", "blocks", "rate-limited", "not-found", "bad-request"
+
+
+# -- the server ------------------------------------------------------------------------------------
+
+class BlockServer:
+    """Serve block requests from a release repository folder.
+
+    Args:
+        connection: a connected MqttConnection of the controller.
+        root: the folder holding ``metadata/`` and ``targets/``.
+        fleet: serve one fleet, or ``"+"`` for all.
+        shared_group: subscribe as ``$share/<group>/...`` so replicas split the requests.
+        rate_bytes_per_s, burst_bytes: each device's token bucket.
+        max_blocks_per_request: blocks answered per request at most.
+        qos: QoS of the blocks published.
+    """
+
+    def __init__(
+        self,
+        connection: MqttConnection,
+        root: Union[str, "os.PathLike[str]"],
+        *,
+        fleet: str = "+",
+        prefix: str = DEFAULT_PREFIX,
+        shared_group: Optional[str] = None,
+        rate_bytes_per_s: float = 8 * 1024 * 1024,
+        burst_bytes: float = 4 * 1024 * 1024,
+        max_blocks_per_request: int = 256,
+        qos: int = 1,
+        queue_size: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.connection = connection
+        self.root = Path(root)
+        if not all((self.root / area).is_dir() for area in _AREAS):
+            raise BadInputError(f"{self.root} is not a release repository: it needs metadata/ and targets/ folders")
+        if max_blocks_per_request < 1:
+            raise BadInputError("max_blocks_per_request must be at least 1")
+        self.prefix = prefix
+        topic_filter = device_wildcard(BLOCK_REQUEST, fleet, prefix)
+        self.topic_filter = f"$share/{shared_group}/{topic_filter}" if shared_group else topic_filter
+        self.rate = rate_bytes_per_s
+        self.burst = burst_bytes
+        TokenBucket(self.rate, self.burst)  # validates the numbers
+        self.max_blocks = max_blocks_per_request
+        self.qos = qos
+        self.clock = clock
+        self._buckets: Dict[Tuple[str, str], TokenBucket] = {}
+        self._queue: "queue.Queue[Optional[Tuple[str, str, BlockRequest]]]" = queue.Queue(queue_size)
+        self._worker: Optional[threading.Thread] = None
+        self._etags: Dict[Path, Tuple[Tuple[int, int, int], str]] = {}
+        self.log: Deque[ServedRequest] = collections.deque(maxlen=100_000)
+        self.blocks_sent = 0
+        self.bytes_sent = 0
+        self.dropped_requests = 0
+
+    # -- lifecycle --
+    def start(self) -> "BlockServer":
+        if self._worker is not None:
+            return self
+        self._worker = threading.Thread(target=self._work, name="block-server", daemon=True)
+        self._worker.start()
+        self.connection.subscribe(self.topic_filter, self._on_request, qos=1)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._worker is None:
+            return
+        self.connection.unsubscribe(self.topic_filter)
+        self._queue.put(None)
+        self._worker.join(timeout)
+        self._worker = None
+
+    def __enter__(self) -> "BlockServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- network thread: parse and queue only --
+    def _on_request(self, message: ReceivedMessage) -> None:
+        where = parse_device_topic(message.topic, self.prefix)
+        request = parse_message(BLOCK_REQUEST, message.payload)
+        assert isinstance(request, BlockRequest)
+        try:
+            self._queue.put_nowait((where.fleet, where.device, request))
+        except queue.Full:
+            self.dropped_requests += 1
+            log.warning("block server busy: dropped a request from %s/%s (the device will ask again)",
+                        where.fleet, where.device)
+
+    # -- worker --
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                self.serve(*item)
+            except Exception:
+                log.exception("block server failed on a request from %s/%s", item[0], item[1])
+
+    def _etag(self, path: Path, stat: os.stat_result) -> str:
+        key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        known = self._etags.get(path)
+        if known is None or known[0] != key:
+            digest = hashlib.sha256(f"{path}:{key}".encode()).hexdigest()[:24]
+            self._etags[path] = (key, digest)
+            return digest
+        return known[1]
+
+    def serve(self, fleet: str, device: str, request: BlockRequest) -> ServedRequest:
+        """Answer one request (called on the worker thread; public for tests and benchmarks)."""
+        reply_topic = device_topic(fleet, device, BLOCK_DATA, self.prefix)
+        now = self.clock()
+        wanted = tuple(request.wanted())
+
+        def record(served: Tuple[int, ...], outcome: str) -> ServedRequest:
+            entry = ServedRequest(time.time(), fleet, device, request.stream, wanted, served, outcome)
+            self.log.append(entry)
+            return entry
+
+        path = resolve_stream(self.root, request.stream)
+        if path is None:
+            self._reply(reply_topic, BlockError(request.request_id, request.stream, 404, "no such file"))
+            return record((), "not-found")
+        try:
+            handle = open(path, "rb")
+        except OSError as exc:
+            self._reply(reply_topic, BlockError(request.request_id, request.stream, 404, f"unreadable: {exc.strerror}"))
+            return record((), "not-found")
+        with handle:
+            stat = os.fstat(handle.fileno())
+            etag = self._etag(path, stat)
+            size, block_size = stat.st_size, request.block_size
+            if request.bitmap is None:
+                self._reply(reply_topic, BlockInfo(request.request_id, request.stream, size, block_size, etag))
+                return record((), "info")
+            total = blocks_in(size, block_size)
+            indexes = [i for i in wanted if i < total][: self.max_blocks]
+            bucket = self._buckets.get((fleet, device))
+            if bucket is None:
+                bucket = self._buckets[(fleet, device)] = TokenBucket(self.rate, self.burst, updated=now)
+            served: List[int] = []
+            for position, index in enumerate(indexes):
+                length = min(block_size, size - index * block_size)
+                if not bucket.take(max(length, 1), self.clock()):
+                    retry = bucket.wait_s(block_size, self.clock())
+                    self._reply(reply_topic, BlockError(
+                        request.request_id, request.stream, 429,
+                        f"rate limited after {len(served)} of {len(indexes)} blocks", round(retry, 3)))
+                    return record(tuple(served), "rate-limited")
+                handle.seek(index * block_size)
+                data = handle.read(length) if length > 0 else b""
+                if len(data) != max(length, 0):  # the file shrank under us
+                    self._reply(reply_topic, BlockError(request.request_id, request.stream, 404, "file changed"))
+                    return record(tuple(served), "not-found")
+                last = position == len(indexes) - 1
+                self._reply(reply_topic, BlockData(request.request_id, request.stream, index, block_size, size,
+                                                   data, etag), wait=last)
+                served.append(index)
+                self.blocks_sent += 1
+                self.bytes_sent += len(data)
+            return record(tuple(served), "blocks")
+
+    def _reply(self, topic: str, reply: BlockReply, wait: bool = False) -> None:
+        """Publish; the last block of a request waits for the broker's ack (back-pressure)."""
+        try:
+            self.connection.publish(topic, encode_block_reply(reply), qos=self.qos, wait=wait and self.qos > 0,
+                                    timeout=30.0)
+        except TransportError as exc:
+            log.warning("block reply to %s not delivered: %s (the device will ask again)", topic, exc)

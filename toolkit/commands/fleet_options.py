@@ -1,0 +1,90 @@
+"""Options shared by the fleet commands (``rollout``, ``abtest``, and the controller's ``fleet``/``deploy``).
+
+- ``--db URL`` / ``EDGESHIP_DB``: the controller's store (a SQLAlchemy URL; default ``sqlite:///fleet.db``).
+- ``--broker URL`` / ``EDGESHIP_BROKER``: ``mqtt://HOST:PORT`` or ``mqtts://HOST:PORT``. The rollout and
+  A/B commands only record intent in the store; the controller, which holds the broker connection and
+  the director key, carries it out. They accept ``--broker`` so that every fleet command takes the
+  same options (scripts need not know which ones talk to the broker) and check its form.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "db_option",
+    "broker_option",
+    "json_option",
+    "policy_options",
+    "policy_from_options",
+    "open_fleet_store",
+    "check_broker_url",
+]
+
+import re
+from typing import Any, Callable, Optional
+
+import click
+
+from edgeship.ota.errors import BadInputError
+
+F = Callable[..., Any]
+
+_BROKER_URL = re.compile(r"^mqtts?://[^\s/:]+(:\d{1,5})?/?$")
+
+
+def check_broker_url(url: Optional[str]) -> Optional[str]:
+    """``mqtt://HOST:PORT`` or ``mqtts://HOST:PORT`` (or None); anything else is bad input."""
+    if url is not None and not _BROKER_URL.match(url):
+        raise BadInputError(f"broker URL {url!r}: use mqtt://HOST:PORT or mqtts://HOST:PORT")
+    return url
+
+
+def db_option(func: F) -> F:
+    return click.option("--db", "db_url", envvar="EDGESHIP_DB", default=None, metavar="URL",
+                        help="The fleet store, a SQLAlchemy URL (env EDGESHIP_DB; default sqlite:///fleet.db).")(func)
+
+
+def broker_option(func: F) -> F:
+    return click.option("--broker", "broker_url", envvar="EDGESHIP_BROKER", default=None, metavar="URL",
+                        help="mqtt://HOST:PORT or mqtts://HOST:PORT (env EDGESHIP_BROKER). This command only "
+                             "records intent in the store; the running controller carries it out.")(func)
+
+
+def json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(func)
+
+
+def policy_options(func: F) -> F:
+    """The rollout policy options of ``rollout start`` (and ``abtest promote``)."""
+    options = [
+        click.option("--stages", default="5,25,100", show_default=True,
+                     help="Cumulative percentages of the selected devices, ending at 100."),
+        click.option("--success-threshold", "success_threshold", type=float, default=90.0, show_default=True,
+                     metavar="PCT", help="Share of a stage's devices that must succeed before the next stage."),
+        click.option("--max-failures", "max_failures", default="10%", show_default=True, metavar="PCT%|N",
+                     help="Abort when more than this many moved devices failed or were rejected."),
+        click.option("--health", "health", default="", metavar="GATES",
+                     help="Telemetry gates, e.g. max_error_rate=0.05,max_p95_ratio=1.5[,min_requests=100]."),
+        click.option("--stage-timeout", "stage_timeout", default="30m", show_default=True, metavar="DURATION",
+                     help="A device that has not finished this long after its assignment counts as timed out."),
+        click.option("--bake", "bake", default="0s", show_default=True, metavar="DURATION",
+                     help="Minimum time each stage stays before the next one starts (lets telemetry arrive)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def policy_from_options(stages: str, success_threshold: float, max_failures: str, health: str, stage_timeout: str,
+                        bake: str) -> Any:
+    from edgeship.toolkit.rollouts import FailureThreshold, HealthGates, RolloutPolicy, parse_duration, parse_stages
+
+    bake_s = 0.0 if bake.strip() in ("0", "0s", "") else parse_duration(bake)
+    return RolloutPolicy(stages=parse_stages(stages), success_threshold_pct=success_threshold,
+                         max_failures=FailureThreshold.parse(max_failures), health=HealthGates.parse(health),
+                         stage_timeout_s=parse_duration(stage_timeout), bake_s=bake_s)
+
+
+def open_fleet_store(db_url: Optional[str]) -> Any:
+    from edgeship.toolkit.store import open_store
+
+    return open_store(db_url)

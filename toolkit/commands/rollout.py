@@ -1,0 +1,283 @@
+"""``edgeship rollout``: staged rollouts (start, status, pause, resume, abort, rollback, ls).
+
+These commands work on the fleet store. Starting a rollout records it; the
+controller's reconcile loop moves the devices. Pause and resume change the
+rollout's state; abort and rollback also queue the rollback desired states in
+the store's outbox, which the controller signs and publishes. See docs/fleet.md.
+"""
+
+from __future__ import annotations
+
+__all__ = ["rollout", "rollout_summary"]
+
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import click
+
+from edgeship.ota.errors import GateFailedError
+from edgeship.ota.topics import validate_identifier
+from edgeship.ota.versions import check_name, parse_version
+
+from ..output import console, emit_json, progress_reporter
+from .fleet_options import (
+    broker_option,
+    check_broker_url,
+    db_option,
+    json_option,
+    open_fleet_store,
+    policy_from_options,
+    policy_options,
+)
+
+
+def rollout_summary(rollout: Any, health: Any = None, with_devices: bool = False) -> Dict[str, Any]:
+    """A rollout as one JSON-ready document (what ``status --json`` prints)."""
+    from edgeship.toolkit.rollouts import stage_progress
+
+    counts: Dict[str, int] = {}
+    for record in rollout.devices.values():
+        counts[record.status.value] = counts.get(record.status.value, 0) + 1
+    doc: Dict[str, Any] = {
+        "id": rollout.id, "fleet": rollout.fleet, "name": rollout.name, "version": rollout.version,
+        "state": rollout.state.value, "stage": rollout.stage + 1, "stages": list(rollout.policy.stages),
+        "reason": rollout.reason, "created_at": rollout.created_at, "updated_at": rollout.updated_at,
+        "selection": {k: v for k, v in rollout.selection}, "policy": rollout.policy.to_dict(), "counts": counts,
+        "stage_progress": [p.to_dict() for p in stage_progress(rollout)],
+        "health": health.to_dict() if health is not None else None,
+    }
+    if with_devices:
+        doc["devices"] = [r.to_dict() for _, r in sorted(rollout.devices.items())]
+    return doc
+
+
+def _load_with_health(store: Any, rollout_id: str) -> Tuple[Any, Any]:
+    from edgeship.toolkit.rollouts import measure_health
+
+    rollout, _ = store.load_rollout(rollout_id)
+    snapshot = {s.device: s for s in store.fleet_snapshot(rollout.fleet, rollout.selection,
+                                                         telemetry_since=rollout.created_at)}
+    return rollout, measure_health(rollout, snapshot)
+
+
+_COLUMNS = [("SUCCEEDED", "ok", "green"), ("ASSIGNED", "sent", ""), ("IN_PROGRESS", "updating", "cyan"),
+            ("FAILED", "failed", "red"), ("REJECTED", "rejected", "magenta"), ("TIMED_OUT", "timed out", "yellow"),
+            ("ROLLBACK_SENT", "rolled back", "yellow"), ("NO_PREVIOUS", "no previous", "")]
+
+
+def _render(doc: Dict[str, Any]) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    selection = ",".join(f"{k}={v}" for k, v in doc["selection"].items()) or "all devices"
+    state_style = {"RUNNING": "cyan", "PAUSED": "yellow", "COMPLETED": "green", "ABORTED": "red",
+                   "ROLLED_BACK": "red"}.get(doc["state"], "")
+    head = Text.assemble((f"rollout {doc['id']}", "bold"), f"  {doc['name']} {doc['version']} -> fleet "
+                         f"{doc['fleet']} ({selection})  ", (doc["state"], state_style),
+                         f"  stage {doc['stage']} of {len(doc['stages'])}")
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("stage")
+    table.add_column("target", justify="right")
+    for _, title, style in _COLUMNS:
+        table.add_column(title, justify="right", style=style or None)
+    for p in doc["stage_progress"]:
+        marker = ">" if p["stage"] + 1 == doc["stage"] and doc["state"] in ("RUNNING", "PAUSED") else " "
+        table.add_row(f"{marker}{p['stage'] + 1} ({p['percent']:g}%)", str(p["target"]),
+                      *[str(p["counts"].get(key, 0) or "") for key, _, _ in _COLUMNS])
+    counts = doc["counts"]
+    foot = Text(f"pending {counts.get('PENDING', 0)}, already on the version {counts.get('ALREADY', 0)}, "
+                f"skipped {counts.get('SKIPPED', 0)}")
+    parts: List[Any] = [head, table, foot]
+    health = doc.get("health")
+    if health and (health["new_requests"] or health["baseline_requests"]):
+        rate, ratio, p95 = health["new_error_rate"], health["p95_ratio"], health["new_p95_ms"]
+        rate_text = "-" if rate is None else f"{rate:.2%}"
+        p95_text = "-" if p95 is None else f"{p95:.2f} ms"
+        ratio_text = "-" if ratio is None else f"{ratio:.2f}x"
+        parts.append(Text(f"health: {health['new_requests']} requests on {doc['version']}, error rate {rate_text}, "
+                          f"p95 {p95_text} ({ratio_text} the previous versions')"))
+    if doc.get("reason"):
+        parts.append(Text(f"reason: {doc['reason']}"))
+    return Group(*parts)
+
+
+@click.group("rollout")
+def rollout() -> None:
+    """Staged rollouts with automatic abort and rollback."""
+
+
+@rollout.command("start")
+@click.argument("name")
+@click.argument("version")
+@click.option("--fleet", required=True, help="The fleet to roll out to.")
+@click.option("--select", "select", multiple=True, metavar="TAG=VALUE",
+              help="Only devices with this tag (repeatable: all must match).")
+@policy_options
+@click.option("--wait", is_flag=True, help="Follow the rollout until it completes or aborts (needs the controller).")
+@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between polls with --wait.")
+@db_option
+@broker_option
+@json_option
+def start(name: str, version: str, fleet: str, select: Tuple[str, ...], stages: str, success_threshold: float,
+          max_failures: str, health: str, stage_timeout: str, bake: str, wait: bool, interval: float,
+          db_url: Optional[str], broker_url: Optional[str], as_json: bool) -> None:
+    """Start rolling NAME VERSION out to a fleet in stages; prints the rollout's id."""
+    from edgeship.toolkit.rollouts import new_rollout
+    from edgeship.toolkit.store import new_id, parse_selection
+
+    check_broker_url(broker_url)
+    check_name(name)
+    parse_version(version)
+    validate_identifier(fleet, "fleet")
+    policy = policy_from_options(stages, success_threshold, max_failures, health, stage_timeout, bake)
+    selection = parse_selection(select)
+    store = open_fleet_store(db_url)
+    created = new_rollout(new_id("r"), fleet, name, version, policy, time.time(), selection)
+    store.create_rollout(created)
+    if not wait:
+        if as_json:
+            emit_json({"id": created.id, "state": created.state.value, "fleet": fleet, "name": name,
+                       "version": version, "policy": policy.to_dict(), "selection": dict(selection)})
+        else:
+            click.echo(created.id)
+        return
+    if not as_json:
+        console(stderr=True).print(f"rollout {created.id} started; waiting for the controller to move the devices")
+    final = _follow(store, created.id, interval, show=not as_json)
+    doc = rollout_summary(*_load_with_health(store, final.id))
+    if as_json:
+        emit_json(doc)
+    else:
+        click.echo(created.id)
+    if final.state.value != "COMPLETED":
+        raise GateFailedError(f"rollout {final.id} {final.state.value}: {final.reason}")
+
+
+def _follow(store: Any, rollout_id: str, interval: float, show: bool) -> Any:
+    """Poll until the rollout is finished, with a progress bar of the devices that moved."""
+    from edgeship.toolkit.rollouts import FINISHED_STATES, DeviceStatus
+
+    done_statuses = {DeviceStatus.SUCCEEDED, DeviceStatus.ALREADY}
+    with progress_reporter(enabled=show) as report:
+        while True:
+            current, _ = store.load_rollout(rollout_id)
+            total = current.population() + current.count(DeviceStatus.ALREADY)
+            report(f"rollout {rollout_id} (stage {current.stage + 1})",
+                   sum(1 for r in current.devices.values() if r.status in done_statuses), max(total, 1))
+            if current.state in FINISHED_STATES:
+                return current
+            time.sleep(interval)
+
+
+@rollout.command("status")
+@click.argument("rollout_id")
+@click.option("--watch", is_flag=True, help="A live view, refreshed until the rollout finishes (Ctrl-C leaves).")
+@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--devices", "with_devices", is_flag=True, help="Include every device's record.")
+@db_option
+@json_option
+def status(rollout_id: str, watch: bool, interval: float, with_devices: bool, db_url: Optional[str],
+           as_json: bool) -> None:
+    """Show a rollout's stages, device counts and health."""
+    from edgeship.toolkit.rollouts import FINISHED_STATES
+
+    store = open_fleet_store(db_url)
+    current, health = _load_with_health(store, rollout_id)
+    if watch and current.state not in FINISHED_STATES:
+        if as_json:
+            current = _follow(store, rollout_id, interval, show=False)
+            current, health = _load_with_health(store, rollout_id)
+        else:
+            from rich.live import Live
+
+            with Live(_render(rollout_summary(current, health)), console=console(), refresh_per_second=4) as live:
+                while current.state not in FINISHED_STATES:
+                    time.sleep(interval)
+                    current, health = _load_with_health(store, rollout_id)
+                    live.update(_render(rollout_summary(current, health)))
+            return
+    doc = rollout_summary(current, health, with_devices)
+    if as_json:
+        emit_json(doc)
+        return
+    out = console()
+    out.print(_render(doc))
+    if with_devices:
+        from rich.table import Table
+
+        table = Table("device", "status", "stage", "previous", "detail", show_edge=False)
+        for record in doc["devices"]:
+            previous = f"{record['previous_name'] or ''} {record['previous_version'] or ''}".strip()
+            table.add_row(record["device"], record["status"], "" if record["stage"] is None else str(record["stage"] + 1),
+                          previous, record["detail"] or "")
+        out.print(table)
+
+
+def _operator_command(name: str, summary: str) -> Any:
+    @rollout.command(name, help=summary)
+    @click.argument("rollout_id")
+    @click.option("--reason", default=None, help="Why (kept in the rollout's log).")
+    @db_option
+    @broker_option
+    @json_option
+    def command(rollout_id: str, reason: Optional[str], db_url: Optional[str], broker_url: Optional[str],
+                as_json: bool) -> None:
+        from edgeship.toolkit import rollouts as engine
+
+        check_broker_url(broker_url)
+        store = open_fleet_store(db_url)
+        now = time.time()
+        operation = getattr(engine, name)
+        decision = store.update_rollout(
+            rollout_id, lambda r: operation(r, now, reason) if reason else operation(r, now), now=now)
+        rollbacks = [a for a in decision.actions if isinstance(a, engine.RollbackDevice)]
+        if as_json:
+            emit_json({"id": rollout_id, "state": decision.rollout.state.value, "reason": decision.rollout.reason,
+                       "rollbacks_queued": len(rollbacks),
+                       "rollbacks": [{"device": a.device, "name": a.name, "version": a.version} for a in rollbacks]})
+            return
+        line = f"rollout {rollout_id} is {decision.rollout.state.value}"
+        if name in ("abort", "rollback"):
+            line += f"; {len(rollbacks)} device(s) queued to roll back (the controller publishes them)"
+        click.echo(line)
+
+    return command
+
+
+pause_command = _operator_command("pause", "Pause a running rollout: no new devices, no next stage.")
+resume_command = _operator_command("resume", "Resume a paused rollout.")
+abort_command = _operator_command("abort", "Abort a running or paused rollout and roll its devices back.")
+rollback_command = _operator_command(
+    "rollback", "Roll every device a rollout moved (even a completed one) back to its previous version.")
+
+
+@rollout.command("ls")
+@click.option("--fleet", default=None, help="Only this fleet.")
+@click.option("--state", "states", multiple=True,
+              type=click.Choice(["RUNNING", "PAUSED", "COMPLETED", "ABORTED", "ROLLED_BACK"], case_sensitive=False),
+              help="Only rollouts in this state (repeatable).")
+@click.option("--limit", type=int, default=50, show_default=True)
+@db_option
+@json_option
+def ls(fleet: Optional[str], states: Tuple[str, ...], limit: int, db_url: Optional[str], as_json: bool) -> None:
+    """List rollouts, newest first."""
+    store = open_fleet_store(db_url)
+    rows = store.list_rollouts(fleet, [s.upper() for s in states] or None, limit)
+    docs = [{"id": r["id"], "fleet": r["fleet"], "name": r["name"], "version": r["version"], "state": r["state"],
+             "stage": r["stage"] + 1, "stages": r["policy"]["stages"] if isinstance(r["policy"], dict) else None,
+             "created_at": r["created_at"], "updated_at": r["updated_at"], "reason": r["reason"],
+             "superseded_by": r["superseded_by"], "devices": r["devices"]} for r in rows]
+    if as_json:
+        emit_json(docs)
+        return
+    from rich.table import Table
+
+    table = Table("id", "fleet", "bundle", "state", "stage", "ok", "failed", "pending", "started", show_edge=False)
+    for d in docs:
+        started = time.strftime("%Y-%m-%d %H:%M", time.gmtime(d["created_at"]))
+        table.add_row(d["id"], d["fleet"], f"{d['name']} {d['version']}", d["state"],
+                      f"{d['stage']}/{len(d['stages'] or [])}", str(d["devices"].get("SUCCEEDED", 0)),
+                      str(d["devices"].get("FAILED", 0) + d["devices"].get("REJECTED", 0)),
+                      str(d["devices"].get("PENDING", 0)), started)
+    console().print(table)

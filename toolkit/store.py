@@ -1,0 +1,903 @@
+"""The controller's store (SQLAlchemy 2 Core): devices, events, telemetry, desired states,
+rollouts, A/B tests, and an outbox of actions that must reach devices (see docs/fleet.md).
+
+One :class:`FleetStore` per process, opened from a SQLAlchemy URL:
+``sqlite:///fleet.db`` (WAL journal, a busy timeout, so the controller and the
+CLI can use the file at the same time) or ``postgresql://...`` (psycopg 3).
+
+Writes that must keep up with a fleet go through :meth:`FleetStore.ingest`: a
+batch of parsed MQTT messages in one transaction, one ``executemany`` per
+statement kind. Times are float seconds since the epoch (UTC) on the
+controller's clock, which is the clock the rollout engine compares.
+
+Rollouts are saved with optimistic concurrency: each has a ``revision``; a save
+names the revision it was computed from and fails with
+:class:`ConcurrentUpdateError` when someone else (the CLI, another controller
+replica) saved in between. :meth:`FleetStore.update_rollout` does the
+load-decide-save-retry loop around a pure function of ``edgeship.toolkit.rollouts``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DEFAULT_DB_URL",
+    "ConcurrentUpdateError",
+    "IngestItem",
+    "DeviceInfo",
+    "DesiredRecord",
+    "PendingAction",
+    "FleetStore",
+    "open_store",
+    "parse_selection",
+    "new_id",
+]
+
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from edgeship.ota.errors import BadInputError, EdgeshipError, require_module
+from edgeship.ota.protocol import EventMessage, ReportedMessage, StatusMessage, TelemetryMessage
+from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
+from edgeship.toolkit.abtest import ABTest, Arm, Metric, TelemetryWindow
+from edgeship.toolkit.rollouts import (
+    Action,
+    AssignVersion,
+    Decision,
+    DeviceRecord,
+    DeviceSnapshot,
+    DeviceStatus,
+    RollbackDevice,
+    Rollout,
+    RolloutPolicy,
+    RolloutState,
+    VersionTelemetry,
+    action_from_dict,
+)
+
+require_module("sqlalchemy", "host")
+
+import sqlalchemy as sa  # noqa: E402
+from sqlalchemy.engine import Connection, Engine  # noqa: E402
+
+DEFAULT_DB_URL = "sqlite:///fleet.db"
+
+_BIGINT = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+_ID = sa.String(64)
+_NAME = sa.String(64)
+_VERSION = sa.String(64)
+
+metadata = sa.MetaData()
+
+devices = sa.Table(
+    "devices", metadata,
+    sa.Column("id", _ID, primary_key=True),
+    sa.Column("fleet", _ID, nullable=False, index=True),
+    sa.Column("online", sa.Boolean, nullable=False, default=False),
+    sa.Column("first_seen", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+    sa.Column("status_at", sa.Float),
+    sa.Column("active_name", _NAME), sa.Column("active_version", _VERSION),
+    sa.Column("previous_name", _NAME), sa.Column("previous_version", _VERSION),
+    sa.Column("update_state", sa.String(32)),
+    sa.Column("update_name", _NAME), sa.Column("update_version", _VERSION),
+    sa.Column("update_detail", sa.Text),
+    sa.Column("reported_at", sa.Float),
+    sa.Column("reported", sa.JSON),
+    sa.Column("agent_version", sa.String(64)), sa.Column("runtime", sa.String(64)),
+    sa.Column("telemetry_at", sa.Float),
+    sa.Column("last_requests", sa.Integer), sa.Column("last_errors", sa.Integer),
+    sa.Column("last_p95_ms", sa.Float), sa.Column("last_drift", sa.Float),
+)
+
+device_tags = sa.Table(
+    "device_tags", metadata,
+    sa.Column("device_id", _ID, sa.ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+    sa.Index("ix_device_tags_key_value", "key", "value"),
+)
+
+events = sa.Table(
+    "events", metadata,
+    sa.Column("id", _BIGINT, primary_key=True, autoincrement=True),
+    sa.Column("device_id", _ID, nullable=False),
+    sa.Column("fleet", _ID, nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("event", sa.String(64), nullable=False),
+    sa.Column("deployment", sa.String(128)),
+    sa.Column("bundle_name", _NAME), sa.Column("bundle_version", _VERSION),
+    sa.Column("state", sa.String(32)),
+    sa.Column("detail", sa.Text),
+    # QoS 1 delivers at least once: a redelivered event is dropped, not stored twice.
+    sa.UniqueConstraint("device_id", "seq", "ts", name="uq_events_device_seq_ts"),
+    sa.Index("ix_events_device_received", "device_id", "received_at"),
+)
+
+telemetry = sa.Table(
+    "telemetry", metadata,
+    sa.Column("id", _BIGINT, primary_key=True, autoincrement=True),
+    sa.Column("device_id", _ID, nullable=False),
+    sa.Column("fleet", _ID, nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("window_s", sa.Float, nullable=False),
+    sa.Column("requests", sa.Integer, nullable=False),
+    sa.Column("errors", sa.Integer, nullable=False),
+    sa.Column("latency", sa.JSON, nullable=False),  # {"counts": [...], "sum_ms": float}, fixed buckets
+    sa.Column("p95_ms", sa.Float),
+    sa.Column("bundle_name", _NAME), sa.Column("bundle_version", _VERSION),
+    sa.Column("feedback_correct", sa.Integer), sa.Column("feedback_total", sa.Integer),
+    sa.Column("drift", sa.Float),
+    sa.Index("ix_telemetry_device_received", "device_id", "received_at"),
+    sa.Index("ix_telemetry_fleet_received", "fleet", "received_at"),
+)
+
+desired_sequences = sa.Table(
+    "desired_sequences", metadata,
+    sa.Column("device_id", _ID, primary_key=True),
+    sa.Column("last_sequence", sa.BigInteger, nullable=False),
+)
+
+desired_states = sa.Table(
+    "desired_states", metadata,
+    sa.Column("id", _BIGINT, primary_key=True, autoincrement=True),
+    sa.Column("device_id", _ID, nullable=False),
+    sa.Column("fleet", _ID, nullable=False),
+    sa.Column("sequence", sa.BigInteger, nullable=False),
+    sa.Column("name", _NAME, nullable=False), sa.Column("version", _VERSION, nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("rollout_id", _ID), sa.Column("abtest_id", _ID), sa.Column("deployment", sa.String(128)),
+    sa.Column("issued_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float),
+    sa.Column("envelope", sa.JSON),
+    sa.UniqueConstraint("device_id", "sequence", name="uq_desired_device_sequence"),
+)
+
+rollouts = sa.Table(
+    "rollouts", metadata,
+    sa.Column("id", _ID, primary_key=True),
+    sa.Column("fleet", _ID, nullable=False, index=True),
+    sa.Column("name", _NAME, nullable=False), sa.Column("version", _VERSION, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("stage", sa.Integer, nullable=False),
+    sa.Column("stage_started_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("policy", sa.JSON, nullable=False),
+    sa.Column("selection", sa.JSON, nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("superseded_by", _ID),
+)
+
+rollout_devices = sa.Table(
+    "rollout_devices", metadata,
+    sa.Column("rollout_id", _ID, sa.ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("device_id", _ID, primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("stage", sa.Integer), sa.Column("assigned_at", sa.Float),
+    sa.Column("previous_name", _NAME), sa.Column("previous_version", _VERSION),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("detail", sa.Text),
+)
+
+rollout_log = sa.Table(
+    "rollout_log", metadata,
+    sa.Column("id", _BIGINT, primary_key=True, autoincrement=True),
+    sa.Column("rollout_id", _ID, sa.ForeignKey("rollouts.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("device_id", _ID),
+    sa.Column("detail", sa.Text),
+)
+
+outbox = sa.Table(
+    "outbox", metadata,
+    sa.Column("id", _BIGINT, primary_key=True, autoincrement=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("fleet", _ID, nullable=False),
+    sa.Column("rollout_id", _ID), sa.Column("abtest_id", _ID),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("device_id", _ID),
+    sa.Column("payload", sa.JSON, nullable=False),
+    sa.Column("done_at", sa.Float),
+    sa.Column("error", sa.Text),
+    sa.Index("ix_outbox_pending", "done_at", "id"),
+)
+
+abtests = sa.Table(
+    "abtests", metadata,
+    sa.Column("id", _ID, primary_key=True),
+    sa.Column("fleet", _ID, nullable=False),
+    sa.Column("a_name", _NAME, nullable=False), sa.Column("a_version", _VERSION, nullable=False),
+    sa.Column("b_name", _NAME, nullable=False), sa.Column("b_version", _VERSION, nullable=False),
+    sa.Column("metric", sa.String(16), nullable=False),
+    sa.Column("split_pct", sa.Float, nullable=False),
+    sa.Column("min_samples", sa.Integer, nullable=False),
+    sa.Column("alpha", sa.Float, nullable=False), sa.Column("power", sa.Float, nullable=False),
+    sa.Column("selection", sa.JSON, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("promoted_rollout", _ID),
+)
+
+LIVE_ROLLOUT_STATES = (RolloutState.RUNNING.value, RolloutState.PAUSED.value)
+
+
+class ConcurrentUpdateError(EdgeshipError):
+    """The rollout changed since it was read (another writer saved first); read it again and retry."""
+
+
+# -- values the store hands out -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IngestItem:
+    """One parsed MQTT message and where it came from (the topic's fleet and device)."""
+
+    fleet: str
+    device: str
+    message: Any  # ReportedMessage | StatusMessage | EventMessage | TelemetryMessage
+    received_at: float
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    id: str
+    fleet: str
+    online: bool
+    first_seen: float
+    last_seen: float
+    active_name: Optional[str]
+    active_version: Optional[str]
+    previous_name: Optional[str]
+    previous_version: Optional[str]
+    update_state: Optional[str]
+    update_name: Optional[str]
+    update_version: Optional[str]
+    update_detail: Optional[str]
+    reported_at: Optional[float]
+    agent_version: Optional[str]
+    runtime: Optional[str]
+    telemetry_at: Optional[float]
+    last_requests: Optional[int]
+    last_errors: Optional[int]
+    last_p95_ms: Optional[float]
+    last_drift: Optional[float]
+    tags: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def device(self) -> str:  # the attribute plan_assignments and the engine read
+        return self.id
+
+    @property
+    def last_error_rate(self) -> Optional[float]:
+        return self.last_errors / self.last_requests if self.last_requests else None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {**asdict(self), "last_error_rate": self.last_error_rate}
+
+
+@dataclass(frozen=True)
+class DesiredRecord:
+    device: str
+    fleet: str
+    sequence: int
+    name: str
+    version: str
+    action: str
+    rollout_id: Optional[str]
+    abtest_id: Optional[str]
+    deployment: Optional[str]
+    issued_at: float
+    expires_at: Optional[float]
+    envelope: Optional[Dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class PendingAction:
+    """An outbox entry: an action that must reach a device, in the order it was decided."""
+
+    id: int
+    fleet: str
+    rollout_id: Optional[str]
+    abtest_id: Optional[str]
+    action: Action
+    created_at: float
+
+
+def new_id(prefix: str) -> str:
+    """A short random id such as ``r-3f9a1c0b`` (rollouts) or ``ab-...`` (A/B tests)."""
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def parse_selection(items: Iterable[str]) -> Tuple[Tuple[str, str], ...]:
+    """``["site=berlin", "hw=pi4"]`` -> sorted (key, value) pairs; every pair must match (AND)."""
+    pairs: Dict[str, str] = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise BadInputError(f"selection {item!r}: use TAG=VALUE (e.g. site=berlin)")
+        pairs[key.strip()] = value.strip()
+    return tuple(sorted(pairs.items()))
+
+
+def _bundle(ref: Optional[Mapping[str, Any]]) -> Tuple[Optional[str], Optional[str]]:
+    if not ref:
+        return None, None
+    return ref.get("name"), ref.get("version")
+
+
+def _update_fields(update: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The agent's ``update`` object: ``state`` plus the bundle it is about, as ``bundle: {name, version}``
+    or flat ``name``/``version``, and an optional ``detail``/``error``."""
+    if not update:
+        return {"update_state": None, "update_name": None, "update_version": None, "update_detail": None}
+    bundle = update.get("bundle") if isinstance(update.get("bundle"), Mapping) else update
+    name, version = bundle.get("name"), bundle.get("version")
+    detail = update.get("detail") or update.get("error")
+    return {"update_state": str(update.get("state"))[:32] if update.get("state") else None,
+            "update_name": str(name)[:64] if name else None, "update_version": str(version)[:64] if version else None,
+            "update_detail": str(detail)[:4096] if detail else None}
+
+
+def _latency_json(histogram: LatencyHistogram) -> Dict[str, Any]:
+    return {"counts": list(histogram.counts), "sum_ms": histogram.total_ms}
+
+
+def _latency_from_json(doc: Any) -> LatencyHistogram:
+    if isinstance(doc, str):  # some drivers hand JSON back as text
+        doc = json.loads(doc)
+    return LatencyHistogram([int(c) for c in doc["counts"]], float(doc.get("sum_ms", 0.0)))
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps the file consistent
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _normalize_url(url: str) -> str:
+    """``postgresql://`` means psycopg 3 here (SQLAlchemy's default would be psycopg2)."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+class FleetStore:
+    """The store: see the module docstring. Thread-safe (one pooled engine); cheap to share."""
+
+    def __init__(self, url: str = DEFAULT_DB_URL, *, create: bool = True, echo: bool = False) -> None:
+        self.url = url
+        try:
+            self.engine: Engine = sa.create_engine(_normalize_url(url), echo=echo, future=True)
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+            raise BadInputError(f"store URL {url!r} is not a SQLAlchemy URL ({exc}); use e.g. {DEFAULT_DB_URL}") \
+                from None
+        self.dialect = self.engine.dialect.name
+        if self.dialect == "sqlite":
+            sa.event.listen(self.engine, "connect", _on_sqlite_connect)
+        if create:
+            try:
+                metadata.create_all(self.engine)
+            except sa.exc.OperationalError as exc:
+                raise EdgeshipError(f"cannot open the store {url}: {str(exc.orig)[:200]}") from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "FleetStore":
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.close()
+
+    # -- dialect helpers ----------------------------------------------------------------------
+
+    def _insert(self, table: sa.Table) -> Any:
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+            return insert(table)
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+            return insert(table)
+        return sa.insert(table)  # pragma: no cover - other databases are not supported
+
+    def _insert_ignore(self, table: sa.Table, *keys: str) -> Any:
+        return self._insert(table).on_conflict_do_nothing(index_elements=list(keys))
+
+    # -- ingest -------------------------------------------------------------------------------
+
+    def ingest(self, items: Sequence[IngestItem]) -> int:
+        """Write a batch of parsed messages in one transaction; returns how many were written.
+
+        Within a batch, later messages of a device win (items keep their order).
+        Unknown message types raise BadInputError before anything is written.
+        """
+        if not items:
+            return 0
+        new_devices: Dict[str, Dict[str, Any]] = {}
+        status_rows: List[Dict[str, Any]] = []
+        reported_rows: List[Dict[str, Any]] = []
+        event_rows: List[Dict[str, Any]] = []
+        telemetry_rows: List[Dict[str, Any]] = []
+        device_telemetry: Dict[str, Dict[str, Any]] = {}
+        seen: Dict[str, float] = {}
+        for item in items:
+            message, device, at = item.message, item.device, item.received_at
+            new_devices.setdefault(device, {"id": device, "fleet": item.fleet, "online": False, "first_seen": at,
+                                            "last_seen": at})
+            if isinstance(message, StatusMessage):
+                online = message.state == "online"
+                status_rows.append({"b_id": device, "online": online, "status_at": at})
+                if online:
+                    seen[device] = at
+            elif isinstance(message, ReportedMessage):
+                active, previous = _bundle(message.active), _bundle(message.previous)
+                reported_rows.append({
+                    "b_id": device, "active_name": active[0], "active_version": active[1],
+                    "previous_name": previous[0], "previous_version": previous[1], "reported_at": at,
+                    "reported": message.to_dict(), "agent_version": message.agent_version,
+                    "runtime": message.runtime, **_update_fields(message.update)})
+                seen[device] = at
+            elif isinstance(message, EventMessage):
+                name, version = _bundle(message.bundle)
+                event_rows.append({
+                    "device_id": device, "fleet": item.fleet, "ts": message.ts, "seq": message.seq,
+                    "received_at": at, "event": message.event, "deployment": message.deployment,
+                    "bundle_name": name, "bundle_version": version, "state": message.state,
+                    "detail": message.detail})
+                seen[device] = at
+            elif isinstance(message, TelemetryMessage):
+                name, version = _bundle(message.bundle)
+                p95 = message.latency.quantile_ms(0.95)
+                feedback = message.feedback or {}
+                telemetry_rows.append({
+                    "device_id": device, "fleet": item.fleet, "ts": message.ts, "received_at": at,
+                    "window_s": message.window_s, "requests": message.requests, "errors": message.errors,
+                    "latency": _latency_json(message.latency), "p95_ms": p95, "bundle_name": name,
+                    "bundle_version": version, "feedback_correct": feedback.get("correct"),
+                    "feedback_total": feedback.get("total"), "drift": message.drift})
+                device_telemetry[device] = {"b_id": device, "telemetry_at": at, "last_requests": message.requests,
+                                            "last_errors": message.errors, "last_p95_ms": p95,
+                                            "last_drift": message.drift}
+                seen[device] = at
+            else:
+                raise BadInputError(f"the store does not ingest {type(message).__name__} messages")
+        b_id = sa.bindparam("b_id")
+        with self.engine.begin() as conn:
+            conn.execute(self._insert_ignore(devices, "id"), list(new_devices.values()))
+            if status_rows:
+                conn.execute(sa.update(devices).where(devices.c.id == b_id)
+                             .values(online=sa.bindparam("online"), status_at=sa.bindparam("status_at")),
+                             status_rows)
+            if reported_rows:
+                columns = {k: sa.bindparam(k) for k in reported_rows[0] if k != "b_id"}
+                conn.execute(sa.update(devices).where(devices.c.id == b_id).values(**columns), reported_rows)
+            if device_telemetry:
+                rows = list(device_telemetry.values())
+                columns = {k: sa.bindparam(k) for k in rows[0] if k != "b_id"}
+                conn.execute(sa.update(devices).where(devices.c.id == b_id).values(**columns), rows)
+            if seen:
+                conn.execute(sa.update(devices).where(devices.c.id == b_id)
+                             .values(last_seen=sa.bindparam("at")),
+                             [{"b_id": d, "at": at} for d, at in seen.items()])
+            if event_rows:
+                conn.execute(self._insert_ignore(events, "device_id", "seq", "ts"), event_rows)
+            if telemetry_rows:
+                conn.execute(sa.insert(telemetry), telemetry_rows)
+        return len(items)
+
+    def record_reported(self, fleet: str, device: str, message: ReportedMessage, received_at: float) -> None:
+        self.ingest([IngestItem(fleet, device, message, received_at)])
+
+    def record_status(self, fleet: str, device: str, message: StatusMessage, received_at: float) -> None:
+        self.ingest([IngestItem(fleet, device, message, received_at)])
+
+    def record_event(self, fleet: str, device: str, message: EventMessage, received_at: float) -> None:
+        self.ingest([IngestItem(fleet, device, message, received_at)])
+
+    def record_telemetry(self, fleet: str, device: str, message: TelemetryMessage, received_at: float) -> None:
+        self.ingest([IngestItem(fleet, device, message, received_at)])
+
+    def prune_telemetry(self, older_than: float) -> int:
+        """Delete telemetry windows received before ``older_than``; returns how many."""
+        with self.engine.begin() as conn:
+            return int(conn.execute(sa.delete(telemetry).where(telemetry.c.received_at < older_than)).rowcount)
+
+    # -- devices and tags ---------------------------------------------------------------------
+
+    def ensure_device(self, fleet: str, device: str, now: float) -> None:
+        """Create a device row (e.g. when provisioning, before it ever spoke)."""
+        with self.engine.begin() as conn:
+            conn.execute(self._insert_ignore(devices, "id"),
+                         [{"id": device, "fleet": fleet, "online": False, "first_seen": now, "last_seen": now}])
+
+    def set_tags(self, device: str, tags: Mapping[str, str], remove: Iterable[str] = ()) -> Dict[str, str]:
+        """Set (and remove) a device's tags; returns its tags after. Unknown device: BadInputError."""
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(devices.c.id).where(devices.c.id == device)).first() is None:
+                raise BadInputError(f"unknown device {device!r}; it has never reported to this store")
+            keys = list(tags) + list(remove)
+            if keys:
+                conn.execute(sa.delete(device_tags).where(device_tags.c.device_id == device,
+                                                          device_tags.c.key.in_(keys)))
+            if tags:
+                conn.execute(sa.insert(device_tags),
+                             [{"device_id": device, "key": k, "value": v} for k, v in tags.items()])
+            return self._tags(conn, [device]).get(device, {})
+
+    def _tags(self, conn: Connection, ids: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, str]]:
+        query = sa.select(device_tags.c.device_id, device_tags.c.key, device_tags.c.value)
+        if ids is not None:
+            if not ids:
+                return {}
+            query = query.where(device_tags.c.device_id.in_(list(ids)))
+        result: Dict[str, Dict[str, str]] = {}
+        for device_id, key, value in conn.execute(query):
+            result.setdefault(device_id, {})[key] = value
+        return result
+
+    def _selected(self, fleet: Optional[str], selection: Sequence[Tuple[str, str]]) -> Any:
+        query = sa.select(devices)
+        if fleet is not None:
+            query = query.where(devices.c.fleet == fleet)
+        for key, value in selection:
+            query = query.where(sa.exists().where(device_tags.c.device_id == devices.c.id,
+                                                  device_tags.c.key == key, device_tags.c.value == value))
+        return query.order_by(devices.c.id)
+
+    def list_devices(self, fleet: Optional[str] = None, selection: Sequence[Tuple[str, str]] = ()) -> List[DeviceInfo]:
+        """The devices of ``fleet`` (all fleets if None) that carry every tag=value of ``selection``."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(self._selected(fleet, selection)).mappings().all()
+            tags = self._tags(conn, [r["id"] for r in rows]) if len(rows) < 5000 else self._tags(conn)
+        names = DeviceInfo.__dataclass_fields__
+        return [DeviceInfo(**{k: row[k] for k in names if k != "tags"}, tags=tags.get(row["id"], {})) for row in rows]
+
+    def get_device(self, device: str) -> DeviceInfo:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(devices).where(devices.c.id == device)).mappings().first()
+            if row is None:
+                raise BadInputError(f"unknown device {device!r}; it has never reported to this store")
+            tags = self._tags(conn, [device]).get(device, {})
+        names = DeviceInfo.__dataclass_fields__
+        return DeviceInfo(**{k: row[k] for k in names if k != "tags"}, tags=tags)
+
+    def recent_events(self, device: Optional[str] = None, limit: int = 50) -> List[Dict[str, Any]]:
+        query = sa.select(events).order_by(events.c.received_at.desc(), events.c.id.desc()).limit(limit)
+        if device is not None:
+            query = query.where(events.c.device_id == device)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    # -- what the engines read ----------------------------------------------------------------
+
+    def _telemetry_rows(self, conn: Connection, ids: Sequence[str], since: float) -> Iterable[Any]:
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start:start + 500])
+            query = (sa.select(telemetry.c.device_id, telemetry.c.bundle_name, telemetry.c.bundle_version,
+                               telemetry.c.requests, telemetry.c.errors, telemetry.c.latency,
+                               telemetry.c.feedback_correct, telemetry.c.feedback_total)
+                     .where(telemetry.c.device_id.in_(chunk), telemetry.c.received_at >= since))
+            yield from conn.execute(query)
+
+    def fleet_snapshot(self, fleet: str, selection: Sequence[Tuple[str, str]] = (),
+                       telemetry_since: Optional[float] = None) -> List[DeviceSnapshot]:
+        """The rollout engine's input: the selected devices, with their telemetry per version merged
+        over the windows received since ``telemetry_since`` (none if None)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(self._selected(fleet, selection)).mappings().all()
+            merged: Dict[Tuple[str, str, str], List[Any]] = {}
+            if telemetry_since is not None and rows:
+                for device_id, name, version, requests, errors, latency, _c, _t in self._telemetry_rows(
+                        conn, [r["id"] for r in rows], telemetry_since):
+                    if name is None or version is None:
+                        continue
+                    slot = merged.setdefault((device_id, name, version), [0, 0, [0] * (len(LATENCY_BUCKETS_MS) + 1),
+                                                                         0.0])
+                    hist = _latency_from_json(latency)
+                    slot[0] += requests
+                    slot[1] += errors
+                    slot[2] = [a + b for a, b in zip(slot[2], hist.counts)]
+                    slot[3] += hist.total_ms
+        per_device: Dict[str, List[VersionTelemetry]] = {}
+        for (device_id, name, version), (requests, errors, counts, total) in sorted(merged.items()):
+            per_device.setdefault(device_id, []).append(
+                VersionTelemetry(name, version, requests, errors, LatencyHistogram(counts, total)))
+        return [DeviceSnapshot(device=r["id"], online=bool(r["online"]), active_name=r["active_name"],
+                               active_version=r["active_version"], update_state=r["update_state"],
+                               update_name=r["update_name"], update_version=r["update_version"],
+                               reported_at=r["reported_at"], telemetry=tuple(per_device.get(r["id"], ())))
+                for r in rows]
+
+    def telemetry_windows(self, fleet: str, selection: Sequence[Tuple[str, str]] = (),
+                          since: float = 0.0) -> List[TelemetryWindow]:
+        """Every telemetry window of the selected devices received since ``since`` (the A/B report's input)."""
+        with self.engine.connect() as conn:
+            ids = [r[0] for r in conn.execute(sa.select(self._selected(fleet, selection).subquery().c.id))]
+            return [TelemetryWindow(device_id, name, version, requests, errors, _latency_from_json(latency),
+                                    correct or 0, total or 0)
+                    for device_id, name, version, requests, errors, latency, correct, total
+                    in self._telemetry_rows(conn, ids, since)]
+
+    # -- desired states -----------------------------------------------------------------------
+
+    def next_desired_sequence(self, device: str) -> int:
+        """Atomically allocate the device's next desired-state sequence number (1, 2, ...)."""
+        statement = (self._insert(desired_sequences).values(device_id=device, last_sequence=1)
+                     .on_conflict_do_update(index_elements=["device_id"],
+                                            set_={"last_sequence": desired_sequences.c.last_sequence + 1})
+                     .returning(desired_sequences.c.last_sequence))
+        with self.engine.begin() as conn:
+            return int(conn.execute(statement).scalar_one())
+
+    def record_desired(self, *, fleet: str, device: str, sequence: int, name: str, version: str,
+                       action: str = "install", issued_at: float, expires_at: Optional[float] = None,
+                       rollout_id: Optional[str] = None, abtest_id: Optional[str] = None,
+                       deployment: Optional[str] = None, envelope: Optional[Dict[str, Any]] = None) -> None:
+        """Keep the desired state the controller signed and published (its history too)."""
+        if action not in ("install", "rollback"):
+            raise BadInputError(f"desired action {action!r} must be install or rollback")
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(desired_states).values(
+                device_id=device, fleet=fleet, sequence=sequence, name=name, version=version, action=action,
+                rollout_id=rollout_id, abtest_id=abtest_id, deployment=deployment, issued_at=issued_at,
+                expires_at=expires_at, envelope=envelope))
+
+    def desired_for(self, device: str) -> Optional[DesiredRecord]:
+        """The device's latest desired state (highest sequence), or None."""
+        query = (sa.select(desired_states).where(desired_states.c.device_id == device)
+                 .order_by(desired_states.c.sequence.desc()).limit(1))
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return None if row is None else self._desired(row)
+
+    def desired_map(self, fleet: str) -> Dict[str, Tuple[str, str]]:
+        """Each device of ``fleet``: the (name, version) of its latest desired state."""
+        latest = (sa.select(desired_states.c.device_id, sa.func.max(desired_states.c.sequence).label("seq"))
+                  .where(desired_states.c.fleet == fleet).group_by(desired_states.c.device_id).subquery())
+        query = (sa.select(desired_states.c.device_id, desired_states.c.name, desired_states.c.version)
+                 .join(latest, sa.and_(latest.c.device_id == desired_states.c.device_id,
+                                       latest.c.seq == desired_states.c.sequence)))
+        with self.engine.connect() as conn:
+            return {d: (n, v) for d, n, v in conn.execute(query)}
+
+    @staticmethod
+    def _desired(row: Mapping[str, Any]) -> DesiredRecord:
+        return DesiredRecord(row["device_id"], row["fleet"], int(row["sequence"]), row["name"], row["version"],
+                             row["action"], row["rollout_id"], row["abtest_id"], row["deployment"],
+                             row["issued_at"], row["expires_at"], row["envelope"])
+
+    # -- rollouts -----------------------------------------------------------------------------
+
+    def create_rollout(self, rollout: Rollout) -> None:
+        """Store a new rollout. Refused while another rollout of the same bundle on the fleet is
+        RUNNING or PAUSED; COMPLETED ones of the same bundle are marked superseded (they stop
+        giving their version to devices that join later)."""
+        with self.engine.begin() as conn:
+            busy = conn.execute(sa.select(rollouts.c.id, rollouts.c.version, rollouts.c.state).where(
+                rollouts.c.fleet == rollout.fleet, rollouts.c.name == rollout.name,
+                rollouts.c.state.in_(LIVE_ROLLOUT_STATES))).first()
+            if busy is not None:
+                raise BadInputError(
+                    f"rollout {busy.id} of {rollout.name} {busy.version} on fleet {rollout.fleet} is {busy.state}; "
+                    f"abort it or let it finish first")
+            conn.execute(sa.insert(rollouts).values(**self._rollout_row(rollout), revision=1))
+            conn.execute(sa.update(rollouts).where(
+                rollouts.c.fleet == rollout.fleet, rollouts.c.name == rollout.name, rollouts.c.id != rollout.id,
+                rollouts.c.state == RolloutState.COMPLETED.value, rollouts.c.superseded_by.is_(None))
+                .values(superseded_by=rollout.id))
+            self._write_devices(conn, rollout, {})
+            conn.execute(sa.insert(rollout_log).values(rollout_id=rollout.id, at=rollout.created_at, kind="start",
+                                                       detail=f"{rollout.name} {rollout.version}"))
+
+    @staticmethod
+    def _rollout_row(rollout: Rollout) -> Dict[str, Any]:
+        return {"id": rollout.id, "fleet": rollout.fleet, "name": rollout.name, "version": rollout.version,
+                "state": rollout.state.value, "stage": rollout.stage, "stage_started_at": rollout.stage_started_at,
+                "created_at": rollout.created_at, "updated_at": rollout.updated_at,
+                "policy": rollout.policy.to_dict(), "selection": [list(p) for p in rollout.selection],
+                "reason": rollout.reason}
+
+    def _write_devices(self, conn: Connection, rollout: Rollout, before: Mapping[str, DeviceRecord]) -> None:
+        changed = [r for d, r in rollout.devices.items() if before.get(d) != r]
+        if not changed:
+            return
+        existing = [r.device for r in changed if r.device in before]
+        for start in range(0, len(existing), 500):
+            conn.execute(sa.delete(rollout_devices).where(rollout_devices.c.rollout_id == rollout.id,
+                                                          rollout_devices.c.device_id.in_(existing[start:start + 500])))
+        conn.execute(sa.insert(rollout_devices), [
+            {"rollout_id": rollout.id, "device_id": r.device, "status": r.status.value, "stage": r.stage,
+             "assigned_at": r.assigned_at, "previous_name": r.previous_name, "previous_version": r.previous_version,
+             "updated_at": r.updated_at, "detail": r.detail} for r in changed])
+
+    def load_rollout(self, rollout_id: str) -> Tuple[Rollout, int]:
+        """(rollout, revision). Unknown id: BadInputError."""
+        with self.engine.connect() as conn:
+            return self._load_rollout(conn, rollout_id)
+
+    def _load_rollout(self, conn: Connection, rollout_id: str) -> Tuple[Rollout, int]:
+        row = conn.execute(sa.select(rollouts).where(rollouts.c.id == rollout_id)).mappings().first()
+        if row is None:
+            raise BadInputError(f"unknown rollout {rollout_id!r} (see `edgeship rollout ls`)")
+        records = {
+            r["device_id"]: DeviceRecord(r["device_id"], DeviceStatus(r["status"]), r["stage"], r["assigned_at"],
+                                         r["previous_name"], r["previous_version"], r["updated_at"], r["detail"])
+            for r in conn.execute(sa.select(rollout_devices).where(rollout_devices.c.rollout_id == rollout_id))
+            .mappings()}
+        policy = row["policy"] if not isinstance(row["policy"], str) else json.loads(row["policy"])
+        selection = row["selection"] if not isinstance(row["selection"], str) else json.loads(row["selection"])
+        rollout = Rollout(id=row["id"], fleet=row["fleet"], name=row["name"], version=row["version"],
+                          policy=RolloutPolicy.from_dict(policy), state=RolloutState(row["state"]),
+                          stage=row["stage"], stage_started_at=row["stage_started_at"], created_at=row["created_at"],
+                          updated_at=row["updated_at"], selection=tuple((k, v) for k, v in selection),
+                          devices=records, reason=row["reason"])
+        return rollout, int(row["revision"])
+
+    def save_rollout(self, rollout: Rollout, expected_revision: int, actions: Sequence[Action] = (),
+                     before: Optional[Rollout] = None, now: Optional[float] = None) -> int:
+        """Persist a decision: the rollout, its changed device records, its log, and the actions that
+        must reach devices (into the outbox), in one transaction. Returns the new revision.
+
+        Raises:
+            ConcurrentUpdateError: the stored revision is no longer ``expected_revision``.
+        """
+        at = rollout.updated_at if now is None else now
+        with self.engine.begin() as conn:
+            result = conn.execute(sa.update(rollouts).where(rollouts.c.id == rollout.id,
+                                                            rollouts.c.revision == expected_revision)
+                                  .values(**{k: v for k, v in self._rollout_row(rollout).items() if k != "id"},
+                                          revision=expected_revision + 1))
+            if result.rowcount != 1:
+                raise ConcurrentUpdateError(f"rollout {rollout.id} changed since revision {expected_revision}")
+            previous = before.devices if before is not None else self._load_rollout(conn, rollout.id)[0].devices
+            self._write_devices(conn, rollout, previous)
+            self._log_and_enqueue(conn, rollout.fleet, actions, at, rollout_id=rollout.id)
+        return expected_revision + 1
+
+    def _log_and_enqueue(self, conn: Connection, fleet: str, actions: Sequence[Action], at: float,
+                         rollout_id: Optional[str] = None, abtest_id: Optional[str] = None) -> None:
+        if not actions:
+            return
+        if rollout_id is not None:
+            conn.execute(sa.insert(rollout_log), [
+                {"rollout_id": rollout_id, "at": at, "kind": a.kind, "device_id": getattr(a, "device", None),
+                 "detail": getattr(a, "reason", None)} for a in actions])
+        deliver = [a for a in actions if isinstance(a, (AssignVersion, RollbackDevice))]
+        if deliver:
+            conn.execute(sa.insert(outbox), [
+                {"created_at": at, "fleet": fleet, "rollout_id": rollout_id, "abtest_id": abtest_id, "kind": a.kind,
+                 "device_id": a.device, "payload": asdict(a)} for a in deliver])
+
+    def update_rollout(self, rollout_id: str, decide: Callable[[Rollout], Decision], *, now: Optional[float] = None,
+                       retries: int = 5) -> Decision:
+        """Load, apply ``decide`` (a pure function of the rollout), save; retry on a concurrent save."""
+        for attempt in range(retries):
+            rollout, revision = self.load_rollout(rollout_id)
+            decision = decide(rollout)
+            try:
+                self.save_rollout(decision.rollout, revision, decision.actions, before=rollout, now=now)
+                return decision
+            except ConcurrentUpdateError:
+                if attempt == retries - 1:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def list_rollouts(self, fleet: Optional[str] = None, states: Optional[Iterable[str]] = None,
+                      limit: int = 100) -> List[Dict[str, Any]]:
+        """Rollout rows (no device records), newest first, with per-status device counts."""
+        query = sa.select(rollouts).order_by(rollouts.c.created_at.desc(), rollouts.c.id).limit(limit)
+        if fleet is not None:
+            query = query.where(rollouts.c.fleet == fleet)
+        if states is not None:
+            query = query.where(rollouts.c.state.in_([str(s) for s in states]))
+        counts_query = (sa.select(rollout_devices.c.rollout_id, rollout_devices.c.status, sa.func.count())
+                        .group_by(rollout_devices.c.rollout_id, rollout_devices.c.status))
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(query).mappings()]
+            counts: Dict[str, Dict[str, int]] = {}
+            for rollout_id, status, count in conn.execute(counts_query):
+                counts.setdefault(rollout_id, {})[status] = int(count)
+        for row in rows:
+            row["devices"] = counts.get(row["id"], {})
+        return rows
+
+    def live_rollout_ids(self) -> List[str]:
+        """What the controller reconciles: RUNNING and PAUSED rollouts, and COMPLETED ones not yet
+        superseded by a newer rollout of the same bundle on the fleet (they serve late joiners)."""
+        query = sa.select(rollouts.c.id).where(sa.or_(
+            rollouts.c.state.in_(LIVE_ROLLOUT_STATES),
+            sa.and_(rollouts.c.state == RolloutState.COMPLETED.value, rollouts.c.superseded_by.is_(None))
+        )).order_by(rollouts.c.created_at, rollouts.c.id)
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(query)]
+
+    def rollout_log_entries(self, rollout_id: str, limit: int = 200) -> List[Dict[str, Any]]:
+        query = (sa.select(rollout_log).where(rollout_log.c.rollout_id == rollout_id)
+                 .order_by(rollout_log.c.id.desc()).limit(limit))
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()][::-1]
+
+    # -- the outbox ---------------------------------------------------------------------------
+
+    def enqueue_actions(self, fleet: str, actions: Sequence[Action], now: float, *, rollout_id: Optional[str] = None,
+                        abtest_id: Optional[str] = None) -> None:
+        """Queue device actions decided outside a rollout (``deploy``, A/B assignments)."""
+        with self.engine.begin() as conn:
+            self._log_and_enqueue(conn, fleet, actions, now, rollout_id=rollout_id, abtest_id=abtest_id)
+
+    def pending_actions(self, limit: int = 1000) -> List[PendingAction]:
+        """Actions not yet carried out, oldest first (a device's actions stay in decision order)."""
+        query = sa.select(outbox).where(outbox.c.done_at.is_(None)).order_by(outbox.c.id).limit(limit)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [PendingAction(int(r["id"]), r["fleet"], r["rollout_id"], r["abtest_id"],
+                              action_from_dict(r["payload"] if not isinstance(r["payload"], str)
+                                               else json.loads(r["payload"])), r["created_at"]) for r in rows]
+
+    def complete_action(self, action_id: int, now: float, error: Optional[str] = None) -> None:
+        """Mark an outbox entry carried out (``error`` keeps why it could not be)."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(outbox).where(outbox.c.id == action_id).values(done_at=now, error=error))
+
+    # -- A/B tests ----------------------------------------------------------------------------
+
+    def create_abtest(self, test: ABTest) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(abtests).values(
+                id=test.id, fleet=test.fleet, a_name=test.a.name, a_version=test.a.version, b_name=test.b.name,
+                b_version=test.b.version, metric=test.metric.value, split_pct=test.split_pct,
+                min_samples=test.min_samples, alpha=test.alpha, power=test.power,
+                selection=[list(p) for p in test.selection], state=test.state, created_at=test.created_at,
+                updated_at=test.created_at))
+
+    def get_abtest(self, test_id: str) -> Tuple[ABTest, Optional[str]]:
+        """(test, id of the rollout it was promoted to or None). Unknown id: BadInputError."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(abtests).where(abtests.c.id == test_id)).mappings().first()
+        if row is None:
+            raise BadInputError(f"unknown A/B test {test_id!r} (see `edgeship abtest ls`)")
+        return self._abtest(row), row["promoted_rollout"]
+
+    @staticmethod
+    def _abtest(row: Mapping[str, Any]) -> ABTest:
+        selection = row["selection"] if not isinstance(row["selection"], str) else json.loads(row["selection"])
+        return ABTest(id=row["id"], fleet=row["fleet"], a=Arm(row["a_name"], row["a_version"]),
+                      b=Arm(row["b_name"], row["b_version"]), metric=Metric(row["metric"]),
+                      split_pct=row["split_pct"], min_samples=row["min_samples"], alpha=row["alpha"],
+                      power=row["power"], created_at=row["created_at"],
+                      selection=tuple((k, v) for k, v in selection), state=row["state"])
+
+    def list_abtests(self, fleet: Optional[str] = None, states: Optional[Iterable[str]] = None) -> List[ABTest]:
+        query = sa.select(abtests).order_by(abtests.c.created_at.desc(), abtests.c.id)
+        if fleet is not None:
+            query = query.where(abtests.c.fleet == fleet)
+        if states is not None:
+            query = query.where(abtests.c.state.in_(list(states)))
+        with self.engine.connect() as conn:
+            return [self._abtest(r) for r in conn.execute(query).mappings()]
+
+    def set_abtest_state(self, test_id: str, state: str, now: float, promoted_rollout: Optional[str] = None) -> None:
+        with self.engine.begin() as conn:
+            result = conn.execute(sa.update(abtests).where(abtests.c.id == test_id)
+                                  .values(state=state, updated_at=now, promoted_rollout=promoted_rollout))
+            if result.rowcount != 1:
+                raise BadInputError(f"unknown A/B test {test_id!r}")
+
+
+def open_store(url: Optional[str] = None) -> FleetStore:
+    """The store at ``url``, else $EDGESHIP_DB, else ``sqlite:///fleet.db``."""
+    import os
+
+    return FleetStore(url or os.environ.get("EDGESHIP_DB") or DEFAULT_DB_URL)
