@@ -8,14 +8,14 @@ cost, not the interpreter's own accounting.
 
 from __future__ import annotations
 
-__all__ = ["LatencyStats", "latency_stats", "measure_latency", "sample_inputs", "rss_mib", "fastest"]
+__all__ = ["LatencyStats", "fastest", "latency_stats", "measure_latency", "rss_mib", "sample_inputs"]
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
 from edgeship.agent.runtimes import ModelRunner, TensorSpec
 from edgeship.ota.errors import BadInputError
 

@@ -9,7 +9,7 @@ failure at any step leaves nothing behind, not even a temporary file.
 
 from __future__ import annotations
 
-__all__ = ["FORMATS", "ConversionResult", "ConversionGateError", "convert_model", "check_output_path"]
+__all__ = ["FORMATS", "ConversionGateError", "ConversionResult", "check_output_path", "convert_model"]
 
 import importlib.metadata
 import os
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from edgeship.agent.runtimes import ModelRunner, open_model
 from edgeship.ota.atomicfile import atomic_output_path, atomic_write_json
 from edgeship.ota.errors import BadInputError, EdgeshipError, GateFailedError
@@ -29,7 +28,13 @@ from .golden_vectors import golden_sample_count, make_golden_vectors
 from .inspection import inspect_model, runtime_requirements
 from .progress import ProgressCallback, no_progress
 from .report import build_report, golden_path, report_path
-from .sources import KerasRunner, check_runner_inputs, detect_source_kind, load_keras_or_savedmodel, open_any_model
+from .sources import (
+    KerasRunner,
+    check_runner_inputs,
+    detect_source_kind,
+    load_keras_or_savedmodel,
+    open_any_model,
+)
 from .tflite_flatbuffer import read_tflite_graph
 from .to_onnx import export_to_onnx, quantize_onnx
 from .to_tflite import QUANTIZATIONS, convert_to_tflite

@@ -12,12 +12,12 @@ was expected.
 from __future__ import annotations
 
 __all__ = [
-    "PreprocessingSpec",
-    "Dataset",
     "IMAGE_SUFFIXES",
+    "Dataset",
+    "PreprocessingSpec",
+    "check_against_input",
     "load_dataset",
     "parse_preprocessing",
-    "check_against_input",
     "split_holdback",
 ]
 
@@ -25,12 +25,12 @@ import json
 import os
 import re
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
 from edgeship.ota.errors import BadInputError, require_module
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
@@ -83,7 +83,7 @@ class PreprocessingSpec:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PreprocessingSpec":
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessingSpec:
         unknown = set(data) - {"size", "scale", "mean", "std", "layout", "color"}
         if unknown:
             raise BadInputError(f"preprocessing spec has unknown keys {sorted(unknown)}")
@@ -180,7 +180,7 @@ class Dataset:
     def __len__(self) -> int:
         return int(self.inputs[0].shape[0]) if self.inputs else 0
 
-    def take(self, indices: np.ndarray | slice) -> "Dataset":
+    def take(self, indices: np.ndarray | slice) -> Dataset:
         return replace(
             self,
             inputs=tuple(x[indices] for x in self.inputs),

@@ -19,25 +19,29 @@ Everything that went into the number is recorded in the report.
 
 from __future__ import annotations
 
-__all__ = ["SPREAD_MARGIN", "QUANTUM_STEPS", "FLOORS", "GoldenDerivation", "golden_tolerance", "make_golden_vectors"]
+__all__ = ["FLOORS", "QUANTUM_STEPS", "SPREAD_MARGIN", "GoldenDerivation", "golden_tolerance", "make_golden_vectors"]
 
 import importlib
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
 from edgeship.agent.runtimes import ModelRunner, dequantize, quantize
+from edgeship.ota.golden import GoldenVectors
 
 from .sources import open_any_model
-from edgeship.ota.golden import GoldenVectors
 
 SPREAD_MARGIN = 4.0
 QUANTUM_STEPS = 2.0
 FLOORS = {"none": 1e-4, "dynamic": 1e-3, "float16": 1e-2, "int8": 1e-4}
 """Relative floor per quantization mode (x max(1, max |output|))."""
 MAX_GOLDEN_BYTES = 2 << 20
+CHILD_TIMEOUT_S = 240
 
 
 @dataclass(frozen=True)
@@ -75,9 +79,9 @@ def _max_diff(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
 def _tflite_variant(path: Path, inputs: Sequence[np.ndarray], resolver: str, runner: ModelRunner) -> list[np.ndarray] | None:
     """Outputs with another kernel set (the runtime API has no switch for it)."""
     module = None
-    order = ["ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow.lite"]
+    order = ["ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow.lite.python.interpreter"]
     if runner.runtime == "tensorflow":  # Select TF ops: only TensorFlow's interpreter runs them
-        order = ["tensorflow.lite"]
+        order = ["tensorflow.lite.python.interpreter"]
     for name in order:
         try:
             module = importlib.import_module(name)
@@ -101,6 +105,28 @@ def _tflite_variant(path: Path, inputs: Sequence[np.ndarray], resolver: str, run
         dequantize(interpreter.get_tensor(d["index"]).copy(), spec)
         for d, spec in zip(interpreter.get_output_details(), runner.signature.outputs)
     ]
+
+
+def _tflite_variant_in_child(path: Path, inputs: Sequence[np.ndarray], resolver: str) -> tuple[list[np.ndarray] | None, str]:
+    """Run ``_tflite_variant`` in a child process: TFLite's reference kernels abort
+    the process (SIGABRT) on some int8 graphs (MobileNetV2), and that must not
+    take the conversion down. Returns (outputs or None, variant label)."""
+    label = resolver.lower()
+    with tempfile.TemporaryDirectory(prefix="edgeship-golden-") as work:
+        given, produced = Path(work) / "in.npz", Path(work) / "out.npz"
+        np.savez(given, *[np.asarray(x) for x in inputs])
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "edgeship.converters.golden_vectors", str(path), str(given), resolver, str(produced)],
+                capture_output=True, timeout=CHILD_TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired:
+            return None, f"{label} (skipped: over {CHILD_TIMEOUT_S} s)"
+        if proc.returncode != 0 or not produced.is_file():
+            how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+            return None, f"{label} (skipped: the kernels crashed, {how})"
+        with np.load(produced, allow_pickle=False) as npz:
+            return [npz[f"arr_{i}"] for i in range(len(npz.files))], label
 
 
 def _onnx_unoptimized(path: Path, inputs: Sequence[np.ndarray], runner: ModelRunner) -> list[np.ndarray]:
@@ -140,13 +166,10 @@ def make_golden_vectors(
             variants.append("threads=2")
         if fmt == "tflite":
             for resolver in ("BUILTIN_WITHOUT_DEFAULT_DELEGATES", "BUILTIN_REF"):
-                try:
-                    other = _tflite_variant(path, inputs, resolver, runner)
-                except (RuntimeError, ValueError):
-                    other = None
+                other, label = _tflite_variant_in_child(path, inputs, resolver)
                 if other is not None:
                     spread = max(spread, _max_diff(expected, other))
-                    variants.append(resolver.lower())
+                variants.append(label)
         else:
             try:
                 spread = max(spread, _max_diff(expected, _onnx_unoptimized(path, inputs, runner)))
@@ -167,3 +190,20 @@ def make_golden_vectors(
         rtol=0.0,
     )
     return golden, GoldenDerivation(len(inputs[0]), tuple(variants), spread, quantum, floor, atol)
+
+
+def _variant_main(argv: Sequence[str]) -> int:
+    """Child entry: MODEL INPUTS.npz RESOLVER OUTPUTS.npz (see _tflite_variant_in_child)."""
+    model, given, resolver, produced = argv
+    with np.load(given, allow_pickle=False) as npz:
+        inputs = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+    with open_any_model(model, threads=1) as runner:
+        outputs = _tflite_variant(Path(model), inputs, resolver, runner)
+    if outputs is None:
+        return 3
+    np.savez(produced, *outputs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_variant_main(sys.argv[1:]))

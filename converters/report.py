@@ -8,14 +8,13 @@ docs/converters.md; ``REPORT_SCHEMA`` changes when a field changes meaning.
 
 from __future__ import annotations
 
-__all__ = ["REPORT_SCHEMA", "report_path", "golden_path", "build_report", "quality_summary"]
+__all__ = ["REPORT_SCHEMA", "build_report", "golden_path", "quality_summary", "report_path"]
 
 import datetime as _dt
 import hashlib
 import os
 from pathlib import Path
 from typing import Any
-
 
 REPORT_SCHEMA = "edgeship.conversion-report/1"
 

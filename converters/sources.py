@@ -10,15 +10,15 @@ from __future__ import annotations
 
 __all__ = [
     "SOURCE_KINDS",
+    "KerasRunner",
+    "check_runner_inputs",
     "detect_source_kind",
     "import_tensorflow",
-    "load_keras_or_savedmodel",
-    "KerasRunner",
-    "open_any_model",
-    "stdout_to_stderr",
-    "serving_function",
-    "check_runner_inputs",
     "keras_output_names",
+    "load_keras_or_savedmodel",
+    "open_any_model",
+    "serving_function",
+    "stdout_to_stderr",
 ]
 
 import contextlib
@@ -26,12 +26,19 @@ import os
 import sys
 import threading
 import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
-
-from edgeship.agent.runtimes import ModelLoadError, ModelRunner, ModelSignature, TensorSpec, detect_model_format, open_model
+from edgeship.agent.runtimes import (
+    ModelLoadError,
+    ModelRunner,
+    ModelSignature,
+    TensorSpec,
+    detect_model_format,
+    open_model,
+)
 from edgeship.ota.errors import BadInputError, require_module
 
 SOURCE_KINDS = ("keras", "h5", "savedmodel", "onnx", "tflite")

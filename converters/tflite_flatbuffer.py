@@ -9,7 +9,7 @@ TensorFlow; whichever is installed is used.
 
 from __future__ import annotations
 
-__all__ = ["TFLiteGraph", "OperatorInfo", "read_tflite_graph"]
+__all__ = ["OperatorInfo", "TFLiteGraph", "read_tflite_graph"]
 
 import importlib
 import os

@@ -16,19 +16,19 @@ __all__ = [
     "DEFAULT_OPSET",
     "ONNX_QUANTIZATIONS",
     "export_to_onnx",
-    "quantize_onnx",
     "min_onnxruntime_version",
     "onnx_operator_counts",
+    "quantize_onnx",
 ]
 
 import collections
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
 from edgeship.agent.runtimes import ModelLoadError
 from edgeship.ota.errors import BadInputError, EdgeshipError, require_module
 

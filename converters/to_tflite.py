@@ -12,16 +12,16 @@ __all__ = ["QUANTIZATIONS", "TFLiteConversion", "convert_to_tflite", "unsupporte
 
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
-
 from edgeship.ota.errors import BadInputError, EdgeshipError
-from .progress import ProgressCallback, no_progress
 
 from .data import Dataset
+from .progress import ProgressCallback, no_progress
 from .sources import import_tensorflow, stdout_to_stderr
 
 QUANTIZATIONS = ("none", "dynamic", "float16", "int8")

@@ -11,25 +11,25 @@ output of shape [N, classes] with more than one class. Errors cover every output
 from __future__ import annotations
 
 __all__ = [
-    "ParityMetrics",
     "GateLimits",
+    "ParityMetrics",
     "ValidationResult",
     "align_outputs",
+    "check_gates",
     "classification_output",
     "compare_outputs_of",
-    "check_gates",
+    "model_size_bytes",
     "run_dataset",
     "validate_models",
-    "model_size_bytes",
 ]
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
 from edgeship.agent.runtimes import ModelRunner, TensorSpec
 from edgeship.ota.errors import BadInputError, GateFailedError
 
@@ -76,7 +76,7 @@ class GateLimits:
 def _base(name: str) -> str:
     name = name.split(":")[0]
     for prefix in ("StatefulPartitionedCall_", "serving_default_"):
-        name = name[len(prefix):] if name.startswith(prefix) else name
+        name = name.removeprefix(prefix)
     return name
 
 

@@ -22,27 +22,28 @@ from __future__ import annotations
 
 __all__ = [
     "CHUNK_SIZE",
+    "ArchiveTooLargeError",
+    "CompressedArchiveError",
+    "DuplicateMemberError",
     "ExtractionLimits",
+    "MalformedArchiveError",
+    "ManifestError",
+    "MemberHashError",
+    "MemberSizeError",
+    "MissingMemberError",
     "TarMember",
     "TarStreamReader",
-    "UnsafeBundleError",
-    "MalformedArchiveError",
-    "CompressedArchiveError",
     "TruncatedArchiveError",
-    "ArchiveTooLargeError",
+    "UnexpectedMemberError",
+    "UnsafeBundleError",
     "UnsafeMemberNameError",
     "UnsafeMemberTypeError",
-    "DuplicateMemberError",
-    "UnexpectedMemberError",
-    "MissingMemberError",
-    "MemberSizeError",
-    "MemberHashError",
-    "ManifestError",
     "check_member_path",
 ]
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO, Optional
 
 from .errors import SecurityError
 
@@ -257,7 +258,8 @@ class TarStreamReader:
             self._pending = 0
         header = self._read_exact(BLOCK, "inside a member header") if self.bytes_read else self._first_block()
         if header == bytes(BLOCK):
-            self._read_exact(BLOCK, "at the end-of-archive marker")  # the second zero block
+            if self._read_exact(BLOCK, "at the end-of-archive marker") != bytes(BLOCK):
+                raise MalformedArchiveError(f"the {self._what} has a broken end-of-archive marker")
             self._ended = True
             return None
         self._check_checksum(header)
@@ -298,6 +300,13 @@ class TarStreamReader:
 
     def _first_block(self) -> bytes:
         first = self._read(BLOCK)
+        if not first:
+            raise TruncatedArchiveError(f"the {self._what} is empty")
+        while len(first) < BLOCK:  # a stream may deliver the first block in pieces
+            more = self._read(BLOCK - len(first))
+            if not more:
+                break
+            first += more
         for magic, kind in _COMPRESSED_MAGICS.items():
             if first.startswith(magic):
                 raise CompressedArchiveError(
@@ -305,10 +314,7 @@ class TarStreamReader:
                     "tar files and are never decompressed"
                 )
         if len(first) < BLOCK:
-            if not first:
-                raise TruncatedArchiveError(f"the {self._what} is empty")
-            rest = self._read_exact(BLOCK - len(first), "inside the first header")
-            first += rest
+            raise TruncatedArchiveError(f"the {self._what} is truncated: it ends inside the first header")
         return first
 
     def _check_checksum(self, header: bytes) -> None:

@@ -112,7 +112,7 @@ class BlockTransferConfig:
         qos: QoS of the requests and of the blocks subscription.
     """
 
-    block_size: int = 32 * 1024
+    block_size: int = 64 * 1024
     window: int = 64
     request_timeout_s: float = 3.0
     total_timeout_s: float = 900.0
@@ -146,6 +146,13 @@ def stream_for_url(url: str) -> str:
             or any(p in ("", ".", "..") for p in parts)):
         raise BlockNotFoundError(f"refused URL {url!r}: not a plain path under metadata/ or targets/", 400)
     return stream
+
+
+def _retry_after(reply: BlockError, config: BlockTransferConfig) -> float:
+    """The server's ``retry_after_s`` (0 is a valid answer), bounded; the request timeout without one."""
+    if reply.retry_after_s is None:
+        return config.request_timeout_s
+    return min(max(reply.retry_after_s, 0.0), config.request_timeout_s * 10)
 
 
 # -- the partial file on disk ------------------------------------------------------------------------
@@ -356,7 +363,7 @@ class MqttBlockFetcher(FetcherInterface):
                 return reply
             if isinstance(reply, BlockError):
                 if reply.code == 429:
-                    next_send = time.monotonic() + (reply.retry_after_s or self.config.request_timeout_s)
+                    next_send = time.monotonic() + _retry_after(reply, self.config)
                     continue
                 if reply.code == 404:
                     raise BlockNotFoundError(f"{stream} not found on the block server: {reply.message}", 404)
@@ -405,7 +412,7 @@ class MqttBlockFetcher(FetcherInterface):
                     inflight.clear()
                     last_progress = now
                 room = config.window - len(inflight)
-                if pending and now >= not_before and (room >= max(1, config.window // 2) or not inflight):
+                if pending and now >= not_before and (room >= max(1, config.window // 4) or not inflight):
                     batch: List[int] = []
                     while pending and len(batch) < room:
                         index = pending.pop(0)
@@ -416,8 +423,11 @@ class MqttBlockFetcher(FetcherInterface):
                                                 bitmap_from_indexes(batch, batch[0]), batch[0]))
                         for index in batch:
                             inflight[index] = now
+                wait = 0.05
+                if pending and now < not_before:
+                    wait = min(wait, max(0.001, not_before - now))
                 try:
-                    reply = self._replies.get(timeout=0.05)
+                    reply = self._replies.get(timeout=wait)
                 except queue.Empty:
                     continue
                 if reply.stream != stream:
@@ -439,7 +449,7 @@ class MqttBlockFetcher(FetcherInterface):
                         self.progress(stream, len(partial.have), partial.total)
                 elif isinstance(reply, BlockError):
                     if reply.code == 429:
-                        not_before = time.monotonic() + (reply.retry_after_s or config.request_timeout_s)
+                        not_before = time.monotonic() + _retry_after(reply, config)
                         pending = sorted(set(pending) | set(inflight))
                         inflight.clear()
                         last_progress = not_before

@@ -11,18 +11,18 @@ a temporary folder that is renamed into place only when every check passed.
 from __future__ import annotations
 
 __all__ = [
-    "SCHEMA_VERSION",
     "MANIFEST_NAME",
     "MODEL_FILES",
+    "SCHEMA_VERSION",
     "BundleManifest",
-    "ExtractedBundle",
     "BundleScan",
+    "ExtractedBundle",
     "ExtractionLimits",
     "UnsafeBundleError",
     "build_bundle",
-    "read_manifest",
     "extract_bundle",
     "extract_bundle_stream",
+    "read_manifest",
     "scan_bundle",
     "sidecar_files",
 ]
@@ -31,13 +31,13 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import re
 import shutil
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple
 
 from .archive import (
     CHUNK_SIZE,
@@ -53,17 +53,17 @@ from .archive import (
 )
 from .atomicfile import atomic_output_path, fsync_dir
 from .errors import BadInputError, EdgeshipError
+from .manifest import (
+    GOLDEN_NAME,
+    LABELS_NAME,
+    MANIFEST_NAME,
+    MODEL_FILES,
+    REPORT_NAME,
+    SCHEMA_VERSION,
+    BundleManifest,
+)
 from .versions import check_name, parse_version
 
-SCHEMA_VERSION = 1
-"""The manifest schema this code writes and reads (``"schema"`` in manifest.json)."""
-MANIFEST_NAME = "manifest.json"
-MODEL_FILES = {"tflite": "model.tflite", "onnx": "model.onnx"}
-GOLDEN_NAME = "golden.npz"
-LABELS_NAME = "labels.txt"
-REPORT_NAME = "report.json"
-_MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_LABELS_BYTES = 4 * 1024**2
 _MAX_REPORT_BYTES = 4 * 1024**2
 
@@ -76,148 +76,6 @@ def _utc_now() -> _dt.datetime:
 
 def _iso(moment: _dt.datetime) -> str:
     return moment.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass(frozen=True)
-class BundleManifest:
-    """What a bundle holds, as ``manifest.json`` states it (schema ``SCHEMA_VERSION``).
-
-    Attributes:
-        files: member name -> ``{"size": int, "sha256": hex}`` for every member but
-            the manifest itself.
-        runtime: runtime requirements: ``runtime`` (tflite | onnxruntime), ``min_version``,
-            ``architectures``, ``int8_io``, ``operators``, ``delegates``.
-        signature: ``ModelSignature.to_dict()`` of the model.
-        golden: ``{"file", "atol", "rtol"}`` or None when the bundle has no golden vectors.
-        labels: the class labels, in output order (also in ``labels.txt``); empty if none.
-        quality: the conversion's figures (accuracy, agreement, size...), as reported.
-    """
-
-    name: str
-    version: str
-    format: str
-    model_file: str
-    files: Dict[str, Dict[str, Any]]
-    runtime: Dict[str, Any] = field(default_factory=dict)
-    signature: Dict[str, Any] = field(default_factory=dict)
-    preprocessing: Dict[str, Any] = field(default_factory=dict)
-    golden: Optional[Dict[str, Any]] = None
-    labels: Tuple[str, ...] = ()
-    quality: Dict[str, Any] = field(default_factory=dict)
-    tags: Tuple[str, ...] = ()
-    meta: Dict[str, str] = field(default_factory=dict)
-    created: str = ""
-    schema: int = SCHEMA_VERSION
-
-    @property
-    def model_size(self) -> int:
-        return int(self.files[self.model_file]["size"])
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {
-            "schema": self.schema,
-            "name": self.name,
-            "version": self.version,
-            "format": self.format,
-            "model_file": self.model_file,
-            "files": {k: {"size": int(v["size"]), "sha256": str(v["sha256"])} for k, v in sorted(self.files.items())},
-            "runtime": self.runtime,
-            "signature": self.signature,
-            "preprocessing": self.preprocessing,
-            "golden": self.golden,
-            "labels": list(self.labels),
-            "quality": self.quality,
-            "tags": list(self.tags),
-            "meta": dict(self.meta),
-            "created": self.created,
-        }
-
-    def to_json_bytes(self) -> bytes:
-        return (json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-
-    @classmethod
-    def from_dict(cls, doc: Mapping[str, Any]) -> "BundleManifest":
-        """Validate and load a manifest; a malformed one raises ManifestError."""
-        if not isinstance(doc, Mapping):
-            raise ManifestError("manifest.json is not a JSON object")
-        schema = doc.get("schema")
-        if schema != SCHEMA_VERSION:
-            raise ManifestError(
-                f"manifest schema {schema!r} is not supported (this edgeship reads schema {SCHEMA_VERSION}); "
-                "upgrade edgeship or rebuild the bundle"
-            )
-        try:
-            name = check_name(doc.get("name"))  # type: ignore[arg-type]
-            version = str(doc.get("version"))
-            parse_version(version)
-        except BadInputError as exc:
-            raise ManifestError(f"manifest: {exc.message}") from None
-        fmt = doc.get("format")
-        if fmt not in MODEL_FILES:
-            raise ManifestError(f"manifest: format {fmt!r} is not one of {sorted(MODEL_FILES)}")
-        files_doc = doc.get("files")
-        if not isinstance(files_doc, Mapping) or not files_doc:
-            raise ManifestError("manifest: 'files' must be a non-empty object")
-        files: Dict[str, Dict[str, Any]] = {}
-        for member, info in files_doc.items():
-            if not isinstance(member, str) or not _MEMBER_NAME.match(member) or member == MANIFEST_NAME:
-                raise ManifestError(f"manifest: file name {member!r} is not allowed (flat names of a-z, 0-9, . _ -)")
-            if not isinstance(info, Mapping):
-                raise ManifestError(f"manifest: files[{member!r}] must be an object")
-            size, digest = info.get("size"), info.get("sha256")
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise ManifestError(f"manifest: files[{member!r}].size must be a non-negative integer")
-            if not isinstance(digest, str) or not _SHA256.match(digest):
-                raise ManifestError(f"manifest: files[{member!r}].sha256 must be 64 lower-case hex digits")
-            files[member] = {"size": size, "sha256": digest}
-        model_file = doc.get("model_file")
-        if model_file != MODEL_FILES[fmt] or model_file not in files:
-            raise ManifestError(
-                f"manifest: model_file {model_file!r} must be {MODEL_FILES[fmt]!r} and listed in 'files'"
-            )
-
-        def obj(key: str) -> Dict[str, Any]:
-            value = doc.get(key) or {}
-            if not isinstance(value, Mapping):
-                raise ManifestError(f"manifest: {key!r} must be an object")
-            return dict(value)
-
-        golden = doc.get("golden")
-        if golden is not None:
-            if not isinstance(golden, Mapping) or golden.get("file") not in files:
-                raise ManifestError("manifest: 'golden' must be an object whose 'file' is listed in 'files'")
-            golden = dict(golden)
-        labels = doc.get("labels") or []
-        tags = doc.get("tags") or []
-        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise ManifestError("manifest: 'labels' must be a list of strings")
-        if not isinstance(tags, list) or not all(isinstance(x, str) for x in tags):
-            raise ManifestError("manifest: 'tags' must be a list of strings")
-        meta = obj("meta")
-        return cls(
-            name=name,
-            version=version,
-            format=str(fmt),
-            model_file=str(model_file),
-            files=files,
-            runtime=obj("runtime"),
-            signature=obj("signature"),
-            preprocessing=obj("preprocessing"),
-            golden=golden,
-            labels=tuple(labels),
-            quality=obj("quality"),
-            tags=tuple(tags),
-            meta={str(k): str(v) for k, v in meta.items()},
-            created=str(doc.get("created") or ""),
-        )
-
-    @classmethod
-    def from_json_bytes(cls, data: bytes) -> "BundleManifest":
-        try:
-            doc = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ManifestError(f"manifest.json is not valid UTF-8 JSON: {exc}") from None
-        return cls.from_dict(doc)
 
 
 @dataclass(frozen=True)
@@ -256,9 +114,10 @@ def sidecar_files(model_path: str | os.PathLike[str]) -> Dict[str, Optional[Path
     return found
 
 
-def _hash_file(path: Path) -> Tuple[int, str]:
+def _hash_file(path: Path, progress: Optional[ProgressCallback] = None) -> Tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
+    total = path.stat().st_size
     with open(path, "rb", buffering=0) as handle:
         buffer = bytearray(CHUNK_SIZE)
         view = memoryview(buffer)
@@ -268,7 +127,26 @@ def _hash_file(path: Path) -> Tuple[int, str]:
                 break
             digest.update(view[:n])
             size += n
+            if progress is not None:
+                progress("hash", size, total)
     return size, digest.hexdigest()
+
+
+class _ProgressReader:
+    """A file wrapper that reports how much of it was read (tarfile copies through ``read``)."""
+
+    def __init__(self, handle: BinaryIO, progress: Optional[ProgressCallback], total: int) -> None:
+        self._handle = handle
+        self._progress = progress
+        self._total = total
+        self._done = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._handle.read(n)
+        self._done += len(data)
+        if self._progress is not None:
+            self._progress("pack", self._done, self._total)
+        return data
 
 
 def _load_report(report: Any) -> Dict[str, Any]:
@@ -364,6 +242,7 @@ def build_bundle(
     meta: Optional[Mapping[str, str]] = None,
     tags: Optional[Sequence[str]] = None,
     created: Optional[_dt.datetime] = None,
+    progress: Optional[ProgressCallback] = None,
 ) -> BundleManifest:
     """Pack a converted model into a bundle file at ``out`` (written atomically).
 
@@ -376,6 +255,8 @@ def build_bundle(
             signature is read by loading the model through ``edgeship.agent.runtimes``.
         meta: free ``key -> value`` strings kept in the manifest.
         tags: the device tags the bundle is meant for.
+        progress: called as ``(step, done, total)`` while large files are hashed,
+            packed and re-checked (steps ``hash``, ``pack``, ``verify``).
 
     Raises:
         BadInputError: an input file is missing, unreadable or malformed.
@@ -425,7 +306,7 @@ def build_bundle(
     files: Dict[str, Dict[str, Any]] = {}
     for member, path in members.items():
         try:
-            size, digest = _hash_file(path)
+            size, digest = _hash_file(path, progress)
         except OSError as exc:
             raise BadInputError(f"{path} cannot be read: {exc.strerror or exc}") from None
         files[member] = {"size": size, "sha256": digest}
@@ -465,11 +346,11 @@ def build_bundle(
             for member, path in members.items():
                 info = _tarinfo(member, files[member]["size"], mtime)
                 with open(path, "rb") as handle:
-                    tar.addfile(info, handle)
+                    tar.addfile(info, _ProgressReader(handle, progress, files[member]["size"]))
             for member, payload in generated.items():
                 _add_bytes(tar, member, payload, mtime)
         # a file changed while it was packed would not match its manifest entry
-        scan_bundle(tmp)
+        scan_bundle(tmp, progress=progress)
     return manifest
 
 

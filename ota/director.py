@@ -21,39 +21,41 @@ device's identity, the last sequence number it accepted and its clock.
 from __future__ import annotations
 
 __all__ = [
-    "DESIRED_STATE_TYPE",
-    "DESIRED_STATE_SCHEMA",
     "ACTIONS",
+    "DESIRED_STATE_SCHEMA",
+    "DESIRED_STATE_TYPE",
     "DesiredState",
     "DirectorError",
-    "MalformedDesiredStateError",
     "DirectorKeyError",
     "DirectorSignatureError",
-    "ReplayedDesiredStateError",
     "ExpiredDesiredStateError",
+    "MalformedDesiredStateError",
+    "ReplayedDesiredStateError",
     "WrongDeviceError",
-    "sign_desired_state",
-    "verify_desired_state",
     "canonical_json",
     "director_key_id",
+    "format_utc",
     "generate_director_key",
     "load_director_private_key",
     "load_director_public_key",
     "parse_utc",
-    "format_utc",
+    "sign_desired_state",
+    "verify_desired_state",
 ]
 
 import datetime as _dt
 import hashlib
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from securesystemslib.exceptions import FormatError
 from securesystemslib.formats import encode_canonical
 
 from .atomicfile import atomic_write_bytes
@@ -112,7 +114,7 @@ def canonical_json(obj: Any) -> bytes:
     """OLPC canonical JSON, as TUF signs it (no floats; sorted keys; no spaces)."""
     try:
         return encode_canonical(obj).encode("utf-8")  # type: ignore[union-attr]
-    except Exception as exc:  # securesystemslib raises FormatError for floats etc.
+    except (FormatError, TypeError, ValueError) as exc:  # floats, non-string keys...
         raise MalformedDesiredStateError(f"desired state cannot be canonicalised: {exc}") from None
 
 
@@ -168,7 +170,7 @@ class DesiredState:
         return doc
 
     @classmethod
-    def from_dict(cls, doc: Mapping[str, Any]) -> "DesiredState":
+    def from_dict(cls, doc: Mapping[str, Any]) -> DesiredState:
         """Validate the signed part of a desired-state envelope."""
         if not isinstance(doc, Mapping):
             raise MalformedDesiredStateError("desired state: 'signed' is not an object")

@@ -19,33 +19,33 @@ timestamp to a snapshot that is not there yet.
 from __future__ import annotations
 
 __all__ = [
-    "ROLES",
     "DEFAULT_EXPIRY",
-    "TargetInfo",
+    "ROLES",
     "ReleaseRepository",
+    "TargetInfo",
     "VersionNotNewerError",
-    "parse_duration",
     "key_fingerprint",
+    "parse_duration",
 ]
 
 import contextlib
 import datetime as _dt
 import fcntl
-import io
 import json
 import os
 import re
 import shutil
-import tarfile
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner, SSlibKey
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from .atomicfile import atomic_write_bytes, atomic_write_json, fsync_dir
@@ -60,7 +60,8 @@ from .director import (
     sign_desired_state,
 )
 from .errors import BadInputError, EdgeshipError
-from .fetchers import PACKAGE_FORMAT, LocalFolderFetcher
+from .fetchers import LocalFolderFetcher
+from .offline import write_offline_package
 from .versions import check_name, compare_versions, parse_version
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
@@ -249,7 +250,7 @@ class ReleaseRepository:
             return Metadata.from_bytes(path.read_bytes())
         except FileNotFoundError:
             raise BadInputError(f"{path} is missing: the repository is incomplete") from None
-        except Exception as exc:
+        except (DeserializationError, OSError, ValueError) as exc:
             raise EdgeshipError(f"{path} cannot be read as TUF metadata: {exc}") from None
 
     def _sign_write(self, md: Metadata, signers: List[CryptoSigner], now: _dt.datetime) -> None:
@@ -476,18 +477,30 @@ class ReleaseRepository:
         *,
         now: Optional[_dt.datetime] = None,
         expiry: Optional[Mapping[str, int]] = None,
-        targets: bool = False,
+        targets: Optional[bool] = None,
+        root_passphrase: Optional[Passphrase] = None,
     ) -> Dict[str, Any]:
-        """Re-sign timestamp and snapshot (and targets when asked) with fresh expiries.
+        """Re-sign timestamp and snapshot (and targets, root when due or asked) with fresh expiries.
 
         Args:
             expiry: new validity (seconds) per role, saved in config.json first.
-            targets: also re-sign targets.json (needed once a year with the defaults).
+            targets: re-sign targets.json too; None (the default) does it when less than a
+                tenth of its validity is left, so a controller calling this daily keeps
+                every online role alive.
+            root_passphrase: also re-sign root (same key, next version): the root key is
+                offline, so this is never automatic.
         """
         self._require()
         now = now or _utc_now()
         with self._locked():
-            self._set_expiry(expiry)
+            validity = self._set_expiry(expiry)
+            if targets is None:
+                left = (self._load("targets").signed.expires - now).total_seconds()
+                targets = left < validity["targets"] / 10
+            if root_passphrase is not None:
+                root = self._load("root")
+                root.signed.version += 1
+                self._sign_write(root, [self._signer("root", root_passphrase)], now)
             self._resign(["snapshot", "timestamp"] + (["targets"] if targets else []), now)
         return self.status(now=now)
 
@@ -638,48 +651,15 @@ class ReleaseRepository:
         target = self.target_info(name, version)
         envelope = self.sign_desired(fleet=fleet, device="*", name=target.name, version=target.version,
                                      expires_in=expires_in, now=now)
-        info = {"format": PACKAGE_FORMAT, "schema": 1, "fleet": fleet, "bundle": target.name,
-                "version": target.version, "target": target.path, "created": format_utc(now),
-                "sequence": envelope["signed"]["sequence"]}
-        out_path = Path(out)
-        if not out_path.parent.is_dir():
-            raise BadInputError(f"output folder {out_path.parent} does not exist")
         roots = sorted(self.metadata_dir.glob("*.root.json"), key=lambda p: int(p.name.split(".")[0]))
-        with tempfile.NamedTemporaryFile(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent,
-                                         delete=False) as handle:
-            tmp = Path(handle.name)
-        try:
-            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-                _tar_bytes(tar, "package.json", json.dumps(info, indent=2, sort_keys=True).encode(), now)
-                _tar_bytes(tar, "desired.json", json.dumps(envelope, indent=2, sort_keys=True).encode(), now)
-                for path in roots + [self.metadata_dir / f"{r}.json" for r in ("timestamp", "snapshot", "targets")]:
-                    _tar_file(tar, f"metadata/{path.name}", path, now)
-                _tar_file(tar, f"targets/{target.path}", target.file, now)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out_path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return {"package": str(out_path), "fleet": fleet, "device": "*", "bundle": target.name,
-                "version": target.version, "target": target.path, "sequence": info["sequence"],
-                "expires": envelope["signed"]["expires"]}
-
-
-def _tar_bytes(tar: tarfile.TarFile, name: str, payload: bytes, now: _dt.datetime) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mtime = int(now.timestamp())
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(payload))
-
-
-def _tar_file(tar: tarfile.TarFile, name: str, path: Path, now: _dt.datetime) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = path.stat().st_size
-    info.mtime = int(now.timestamp())
-    info.mode = 0o644
-    with open(path, "rb") as handle:
-        tar.addfile(info, handle)
-
+        metadata = roots + [self.metadata_dir / f"{role}.json" for role in ("timestamp", "snapshot", "targets")]
+        result = write_offline_package(Path(out), metadata=metadata, target_path=target.path,
+                                       target_file=target.file, envelope=envelope, fleet=fleet, now=now)
+        # the package is usable until the first of its metadata expires (the timestamp, by default a day)
+        role, expires = min(((r, self._load(r).signed.expires) for r in ROLES), key=lambda item: item[1])
+        result["metadata_expires"] = format_utc(expires)
+        result["metadata_expires_role"] = role
+        return result
 
 def _copy_verified(source: Path, destination: Path, scan: BundleScan) -> None:
     """Copy ``source`` atomically, re-hashing the copy: the file may have changed since the scan."""

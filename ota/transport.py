@@ -22,6 +22,7 @@ from __future__ import annotations
 __all__ = [
     "MQTT_V311",
     "MQTT_V5",
+    "MQTT_AUTO",
     "ENV_USERNAME",
     "ENV_PASSWORD",
     "TransportError",
@@ -32,6 +33,7 @@ __all__ = [
     "ReceivedMessage",
     "MessageHandler",
     "MqttConnection",
+    "PendingPublish",
     "topic_matches",
     "validate_filter",
 ]
@@ -39,6 +41,7 @@ __all__ = [
 import logging
 import os
 import random
+import socket
 import ssl
 import threading
 import time
@@ -58,9 +61,12 @@ log = logging.getLogger(__name__)
 
 MQTT_V311 = "3.1.1"
 MQTT_V5 = "5"
+MQTT_AUTO = "auto"
+"""MQTT 5, falling back to 3.1.1 once when the broker refuses version 5 (amqtt, old brokers)."""
 ENV_USERNAME = "EDGESHIP_MQTT_USERNAME"
 ENV_PASSWORD = "EDGESHIP_MQTT_PASSWORD"
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+_UNSUPPORTED_PROTOCOL_VERSION = 0x84
 
 
 class TransportError(EdgeshipError):
@@ -261,12 +267,47 @@ class _Subscription:
     handler: MessageHandler
 
 
+def _no_delay(client: paho.Client, userdata: object, sock: object) -> None:
+    """Turn Nagle's algorithm off: block requests and acks are small and latency-bound
+    (with it on, each round trip can wait for a delayed ACK, ~40 ms)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
+    except (OSError, AttributeError):
+        pass
+
+
 def _describe(code: Union[ReasonCode, MQTTErrorCode, int, None]) -> str:
     if isinstance(code, ReasonCode):
         return str(code)
     if isinstance(code, MQTTErrorCode):
         return paho.error_string(code)
     return str(code)
+
+
+class PendingPublish:
+    """A published message whose acknowledgement can be awaited once (QoS 0: nothing to wait for)."""
+
+    def __init__(self, connection: "MqttConnection", topic: str, mid: Optional[int], mark: int) -> None:
+        self._connection = connection
+        self.topic = topic
+        self._mid = mid
+        self._mark = mark
+        self.acknowledged = mid is None
+
+    def wait(self, timeout: float = 10.0) -> None:
+        """Return once the broker acknowledged the message.
+
+        Raises:
+            TransportError: no acknowledgement within ``timeout``, or the broker refused it.
+            RuntimeError: called on the network thread (it would deadlock).
+        """
+        if self.acknowledged or self._mid is None:
+            return
+        self._connection._check_not_network_thread("publish")
+        reasons = self._connection._await(self._mid, self._mark, timeout, f"publish to {self.topic}")
+        self.acknowledged = True
+        if reasons and reasons[0].is_failure:
+            raise TransportError(f"broker {self._connection.broker} refused the publish to {self.topic}: {reasons[0]}")
 
 
 # -- the connection ----------------------------------------------------------------------------
@@ -277,7 +318,7 @@ class MqttConnection:
     Args:
         broker: a BrokerUrl or a URL string for parse_broker_url.
         client_id: the MQTT client id (a device uses its device id).
-        protocol: ``"5"`` (default) or ``"3.1.1"``.
+        protocol: ``"auto"`` (default: MQTT 5, or 3.1.1 when the broker refuses 5), ``"5"`` or ``"3.1.1"``.
         last_will: what the broker publishes if we vanish without a clean close.
         birth: published after every accepted connect (the ``online`` status).
         keepalive: seconds between pings; a dead peer is noticed after about 1.5x this.
@@ -291,7 +332,7 @@ class MqttConnection:
         broker: Union[BrokerUrl, str],
         *,
         client_id: str,
-        protocol: str = MQTT_V5,
+        protocol: str = MQTT_AUTO,
         last_will: Optional[WillMessage] = None,
         birth: Optional[WillMessage] = None,
         keepalive: int = 30,
@@ -301,14 +342,23 @@ class MqttConnection:
         max_queued_messages: int = 10000,
     ) -> None:
         self.broker = parse_broker_url(broker) if isinstance(broker, str) else broker
-        if protocol not in (MQTT_V311, MQTT_V5):
-            raise BadInputError(f"MQTT protocol {protocol!r} is not supported; use '{MQTT_V311}' or '{MQTT_V5}'")
+        if protocol not in (MQTT_V311, MQTT_V5, MQTT_AUTO):
+            raise BadInputError(
+                f"MQTT protocol {protocol!r} is not supported; use '{MQTT_AUTO}', '{MQTT_V311}' or '{MQTT_V5}'"
+            )
         if not client_id or len(client_id) > 128:
             raise BadInputError("MQTT client id must be 1-128 characters")
         if keepalive < 1:
             raise BadInputError(f"keepalive must be at least 1 second, got {keepalive}")
         self.client_id = client_id
-        self.protocol = protocol
+        self._auto = protocol == MQTT_AUTO
+        self.protocol = MQTT_V5 if self._auto else protocol
+        """The MQTT version in use (after an automatic fall-back, "3.1.1")."""
+        self._downgrade = False
+        self._connack = False
+        self._session_up = False
+        self._connect_timeout = 5.0
+        self._max_queued = max_queued_messages
         self.last_will = last_will
         self.birth = birth
         self.keepalive = keepalive
@@ -368,6 +418,7 @@ class MqttConnection:
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         client.on_unsubscribe = self._on_unsubscribe
+        client.on_socket_open = _no_delay
         return client
 
     def add_connect_listener(self, listener: ConnectListener) -> None:
@@ -392,9 +443,8 @@ class MqttConnection:
         """
         if self._thread is not None:
             raise RuntimeError("MqttConnection.connect() was already called")
-        kwargs = {"clean_start": self.clean_start} if self.protocol == MQTT_V5 else {}
-        self._client.connect_timeout = max(1.0, min(timeout, 10.0))
-        self._client.connect_async(self.broker.host, self.broker.port, self.keepalive, **kwargs)
+        self._connect_timeout = max(1.0, min(timeout, 10.0))
+        self._prepare_connect()
         self._thread = threading.Thread(target=self._network_loop, name=f"mqtt-{self.client_id}", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
@@ -432,6 +482,11 @@ class MqttConnection:
         self._closing.set()
         self._client.disconnect()
         self._join(timeout)
+
+    def _prepare_connect(self) -> None:
+        kwargs = {"clean_start": self.clean_start} if self.protocol == MQTT_V5 else {}
+        self._client.connect_timeout = self._connect_timeout
+        self._client.connect_async(self.broker.host, self.broker.port, self.keepalive, **kwargs)
 
     def _stop_thread(self) -> None:
         self._closing.set()
@@ -473,6 +528,12 @@ class MqttConnection:
                 continue
             result = MQTTErrorCode.MQTT_ERR_SUCCESS
             close_deadline: Optional[float] = None
+            self._connack = False
+            wait_for_connack = self._connect_timeout
+            if self._auto and self.protocol == MQTT_V5 and not self._ever_connected:
+                # probing MQTT 5: a 3.1.1-only broker may sit silent on it, so leave time to fall back
+                wait_for_connack = min(max(1.0, self._connect_timeout / 3), 3.0)
+            connack_deadline = time.monotonic() + wait_for_connack
             while result == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 try:
                     result = self._client.loop(timeout=0.2)
@@ -485,26 +546,57 @@ class MqttConnection:
                     close_deadline = close_deadline or time.monotonic() + 2.0
                     if time.monotonic() > close_deadline:
                         break
+                elif not self._connack and time.monotonic() > connack_deadline:
+                    # Some MQTT 3.1.1-only brokers neither answer nor close on an MQTT 5 CONNECT.
+                    self._last_error = f"no CONNACK within {wait_for_connack:g} s"
+                    if self._auto and self.protocol == MQTT_V5 and not self._ever_connected:
+                        self._downgrade = True
+                    result = MQTTErrorCode.MQTT_ERR_CONN_LOST
+                    self._drop_socket()
             self._connected.clear()
+            with self._lock:
+                self._session_up = False
+            if self._downgrade and not self._closing.is_set():
+                self._downgrade = False
+                log.info("broker %s does not speak MQTT 5; using MQTT 3.1.1", self.broker)
+                self.protocol = MQTT_V311
+                self._drop_socket()
+                self._client = self._make_client(self._max_queued)
+                self._prepare_connect()
+                attempt = 0
+                continue
             if result != MQTTErrorCode.MQTT_ERR_SUCCESS and not self._closing.is_set():
                 self._last_error = f"connection lost ({_describe(result)})"
                 log.warning("MQTT connection to %s lost: %s", self.broker, _describe(result))
             attempt = max(attempt, 1)
         self._connected.clear()
 
+    def _drop_socket(self) -> None:
+        sock = self._client.socket()
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
     def _on_connect(self, client: paho.Client, userdata: object, flags: object, reason: ReasonCode,
                     properties: object = None) -> None:
         if reason.is_failure:
+            if self._auto and self.protocol == MQTT_V5 and reason.value == _UNSUPPORTED_PROTOCOL_VERSION:
+                self._downgrade = True
+                return
             self._refusal = str(reason)
             self._last_error = f"refused: {reason}"
             log.warning("broker %s refused the connection: %s", self.broker, reason)
             return
+        self._connack = True
         reconnected = self._ever_connected
         self._ever_connected = True
         self.connects += 1
-        with self._lock:
+        with self._lock:  # a subscribe() racing with this either is in the snapshot or sees the session up
             subscriptions = list(self._subscriptions.values())
             listeners = list(self._listeners)
+            self._session_up = True
         for sub in subscriptions:
             client.subscribe(sub.topic_filter, sub.qos)
         if self.birth is not None:
@@ -519,6 +611,8 @@ class MqttConnection:
 
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object, reason: ReasonCode,
                        properties: object = None) -> None:
+        with self._lock:
+            self._session_up = False
         self._connected.clear()
 
     def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
@@ -582,13 +676,17 @@ class MqttConnection:
 
     # -- publish / subscribe --
     def publish(self, topic: str, payload: Union[bytes, str], qos: int = 0, retain: bool = False, *,
-                wait: Optional[bool] = None, timeout: float = 10.0) -> None:
+                wait: Optional[bool] = None, timeout: float = 10.0) -> "PendingPublish":
         """Publish one message.
 
         With QoS 1/2 and ``wait`` (the default for QoS > 0 outside the network
         thread) this returns only once the broker acknowledged it; a message
         published while the connection is down is queued and sent after the
         reconnect, within ``timeout``.
+
+        Without ``wait`` it returns at once; the returned PendingPublish can wait
+        for the acknowledgement later (a sender that keeps one message of
+        look-ahead gets back-pressure without stalling its pipeline).
 
         Raises:
             TransportError: QoS 0 while disconnected (the message is not sent), the
@@ -614,10 +712,10 @@ class MqttConnection:
             raise TransportError(f"not connected to {self.broker}; QoS 0 message to {topic} not sent")
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise TransportError(f"publish to {topic} failed: {_describe(info.rc)}")
+        pending = PendingPublish(self, topic, info.mid if qos > 0 else None, mark)
         if wait:
-            reasons = self._await(info.mid, mark, timeout, f"publish to {topic}")
-            if reasons and reasons[0].is_failure:
-                raise TransportError(f"broker {self.broker} refused the publish to {topic}: {reasons[0]}")
+            pending.wait(timeout)
+        return pending
 
     def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1, *,
                   timeout: float = 10.0) -> None:
@@ -635,8 +733,9 @@ class MqttConnection:
         validate_filter(topic_filter)
         with self._lock:
             self._subscriptions[topic_filter] = _Subscription(topic_filter, qos, handler)
-        if self._thread is None or not self.is_connected:
-            return
+            session_up = self._session_up
+        if self._thread is None or not session_up:
+            return  # subscribed by the next connect
         in_network_thread = threading.current_thread() is self._thread
         mark = self._ack_mark()
         result, mid = self._client.subscribe(topic_filter, qos)

@@ -13,58 +13,69 @@ exception (docs/trust.md has the table):
    signatures, versions (rollback), expiries (freeze) checked by python-tuf.
 3. The director's document and the release repository must name the same target
    with the same length and hashes (Uptane's two-repository check).
-4. The bundle is streamed into a partial file, cut as soon as it passes the signed
-   length, hashed on the way; its length and every hash must match.
-5. The bundle is extracted with the safe extractor; its manifest must name the
-   bundle and version the director asked for.
+4. The bundle streams straight into the safe extractor (one pass, no second copy on
+   disk): the archive rules judge each header before its bytes are written, the
+   stream is cut as soon as it passes the signed length, and at its end the length
+   and every signed hash must match *before* the extraction folder is renamed into
+   place. If the archive rules refuse first, the rest of the stream (at most the
+   signed length) is still read and hashed, so a bundle altered in transit is
+   reported as TargetHashError and a signed hostile bundle as its archive error.
+5. The manifest must name the bundle and version the director asked for.
 
-On any failure the partial download and the extraction folder are removed.
+On any failure the extraction folder is removed; nothing is left in ``work_dir``.
 """
 
 from __future__ import annotations
 
 __all__ = [
-    "TrustError",
-    "UntrustedMetadataError",
-    "MetadataExpiredError",
-    "MetadataRollbackError",
-    "MixedMetadataError",
     "BadMetadataError",
-    "MetadataTooLargeError",
-    "TargetNotFoundError",
-    "TargetMismatchError",
-    "TargetTooLongError",
-    "TargetTruncatedError",
-    "TargetHashError",
     "BundleIdentityError",
     "FetchError",
-    "VerifiedBundle",
     "LocalFolderFetcher",
+    "MetadataExpiredError",
+    "MetadataRollbackError",
+    "MetadataTooLargeError",
+    "MixedMetadataError",
     "OfflinePackage",
-    "open_offline_package",
+    "TargetHashError",
+    "TargetMismatchError",
+    "TargetNotFoundError",
+    "TargetTooLongError",
+    "TargetTruncatedError",
+    "TrustError",
+    "UntrustedMetadataError",
+    "VerifiedBundle",
     "fetch_verified_bundle",
     "map_tuf_error",
+    "open_offline_package",
 ]
 
+import contextlib
 import datetime as _dt
 import hashlib
+import inspect
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Dict, Optional
 
 from tuf.api import exceptions as tuf_exceptions
+from tuf.api.metadata import TargetFile
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
-from .archive import ExtractionLimits, MemberSizeError
-from .bundle import BundleManifest, extract_bundle
+from .archive import ExtractionLimits, MemberSizeError, UnsafeBundleError
+from .bundle import BundleManifest, ExtractedBundle, extract_bundle_stream
 from .director import DesiredState, ExpiredDesiredStateError, format_utc
 from .errors import EdgeshipError, SecurityError
-from .fetchers import METADATA_URL, TARGETS_URL, LocalFolderFetcher, OfflinePackage, open_offline_package
+from .fetchers import METADATA_URL, TARGETS_URL, LocalFolderFetcher
+from .offline import OfflinePackage, open_offline_package
 
-_DOWNLOAD_CHUNK = 1 << 20
+# python-tuf >= 6 requires ``bootstrap``; None: the device's trust anchor is the newest
+# root it has verified (root.json in its trust folder, as provisioned or updated since).
+_BOOTSTRAP = {"bootstrap": None} if "bootstrap" in inspect.signature(Updater.__init__).parameters else {}
 
 
 class TrustError(SecurityError):
@@ -197,7 +208,7 @@ def _refresh(trust_dir: Path, fetcher: FetcherInterface, now: _dt.datetime) -> U
             target_base_url=TARGETS_URL,
             fetcher=fetcher,
             config=UpdaterConfig(prefix_targets_with_hash=False),
-            bootstrap=None,  # the device's trust anchor is the newest root it has verified
+            **_BOOTSTRAP,
         )
         _pin_clock(updater, now)
         updater.refresh()
@@ -209,9 +220,9 @@ def _refresh(trust_dir: Path, fetcher: FetcherInterface, now: _dt.datetime) -> U
     return updater
 
 
-def _check_director_against_tuf(desired: DesiredState, info: object) -> None:
-    length = getattr(info, "length")
-    hashes = dict(getattr(info, "hashes"))
+def _check_director_against_tuf(desired: DesiredState, info: TargetFile) -> None:
+    length = info.length
+    hashes = dict(info.hashes)
     if "sha256" not in hashes:
         raise TargetMismatchError(f"release repository lists {desired.target!r} without a sha256 hash")
     if length != desired.length:
@@ -224,7 +235,7 @@ def _check_director_against_tuf(desired: DesiredState, info: object) -> None:
                 f"director and release repository disagree on {desired.target!r}: the director names "
                 f"{algorithm} {value[:16]}..., the release repository signed {hashes[algorithm][:16]}..."
             )
-    custom = getattr(info, "custom", {}) or {}
+    custom = info.custom if isinstance(info.custom, dict) else {}
     for key, want in (("name", desired.bundle), ("version", desired.version)):
         if key in custom and custom[key] != want:
             raise TargetMismatchError(
@@ -232,64 +243,121 @@ def _check_director_against_tuf(desired: DesiredState, info: object) -> None:
             )
 
 
-def _close(chunks: Iterator[bytes]) -> None:
-    close = getattr(chunks, "close", None)
-    if close is not None:
-        try:
-            close()
-        except Exception:
-            pass
+class _VerifyingStream:
+    """A read-only stream over a fetcher's chunks that enforces the signed length and hashes.
 
+    It is cut the moment more than ``length`` bytes arrive (TargetTooLongError); when the
+    chunks end it checks the length (TargetTruncatedError) and every hash
+    (TargetHashError) *before* returning end-of-file, so whoever reads to the end (the
+    extractor's ``finish``) has read verified bytes or an exception.
+    """
 
-def _download(fetcher: FetcherInterface, target: str, length: int, hashes: dict, destination: Path) -> None:
-    """Stream ``target`` into ``destination``, never past ``length``; check length and hashes."""
-    digests = {}
-    for algorithm in hashes:
-        try:
-            digests[algorithm] = hashlib.new(algorithm)
-        except ValueError:
-            continue
-    if "sha256" not in digests:
-        raise TargetMismatchError(f"target {target!r} has no sha256 hash to verify")
-    url = TARGETS_URL + target
-    try:
-        chunks = fetcher.fetch(url)
-    except tuf_exceptions.DownloadError as exc:
-        raise map_tuf_error(exc, f"bundle {target}") from None
-    received = 0
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        with os.fdopen(os.open(destination, flags, 0o600), "wb") as out:
-            iterator = iter(chunks)
-            while True:
-                try:
-                    chunk = next(iterator)
-                except StopIteration:
-                    break
-                except tuf_exceptions.DownloadError as exc:
-                    raise map_tuf_error(exc, f"bundle {target}") from None
-                except Exception as exc:
-                    raise FetchError(f"bundle {target}: download failed: {exc}") from None
-                received += len(chunk)
-                if received > length:
-                    raise TargetTooLongError(
-                        f"bundle {target} stream went past its signed length of {length} bytes; cut at {received}"
-                    )
-                out.write(chunk)
-                for digest in digests.values():
-                    digest.update(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-    finally:
-        _close(chunks)
-    if received < length:
-        raise TargetTruncatedError(f"bundle {target} is truncated: {received} of its signed {length} bytes arrived")
-    for algorithm, digest in digests.items():
-        if digest.hexdigest() != hashes[algorithm]:
-            raise TargetHashError(
-                f"bundle {target} does not match its signed {algorithm}: got {digest.hexdigest()[:16]}..., "
-                f"signed {hashes[algorithm][:16]}..."
+    def __init__(self, chunks: Iterator[bytes], target: str, length: int, hashes: Dict[str, str]) -> None:
+        self._chunks = iter(chunks)
+        self._source = chunks
+        self.target = target
+        self.length = length
+        self.hashes = hashes
+        self.digests = {}
+        for algorithm in hashes:
+            try:
+                self.digests[algorithm] = hashlib.new(algorithm)
+            except ValueError:  # an algorithm this Python lacks: sha256 is required below
+                continue
+        if "sha256" not in self.digests:
+            raise TargetMismatchError(f"target {target!r} has no sha256 hash to verify")
+        self.received = 0
+        self._buffer = b""
+        self._pos = 0
+        self._eof = False
+
+    def _pull(self) -> bool:
+        """Fetch the next chunk into the buffer; False at the (verified) end."""
+        while True:
+            try:
+                chunk: Optional[bytes] = next(self._chunks)
+            except StopIteration:
+                chunk = None
+            except tuf_exceptions.DownloadError as exc:
+                raise map_tuf_error(exc, f"bundle {self.target}") from None
+            except Exception as exc:  # any transport: a failure to fetch, not a verification failure
+                raise FetchError(f"bundle {self.target}: download failed: {exc}") from None
+            if chunk is None:
+                self._eof = True
+                self._verify()
+                return False
+            if not chunk:
+                continue
+            self.received += len(chunk)
+            if self.received > self.length:
+                raise TargetTooLongError(
+                    f"bundle {self.target} stream went past its signed length of {self.length} bytes; cut at "
+                    f"{self.received}"
+                )
+            for digest in self.digests.values():
+                digest.update(chunk)
+            self._buffer, self._pos = bytes(chunk), 0
+            return True
+
+    def _verify(self) -> None:
+        if self.received < self.length:
+            raise TargetTruncatedError(
+                f"bundle {self.target} is truncated: {self.received} of its signed {self.length} bytes arrived"
             )
+        for algorithm, digest in self.digests.items():
+            if digest.hexdigest() != self.hashes[algorithm]:
+                raise TargetHashError(
+                    f"bundle {self.target} does not match its signed {algorithm}: got {digest.hexdigest()[:16]}..., "
+                    f"signed {self.hashes[algorithm][:16]}..."
+                )
+
+    def read(self, n: int = -1) -> bytes:
+        if self._pos >= len(self._buffer):
+            if self._eof or not self._pull():
+                return b""
+        if n < 0 or (self._pos == 0 and n >= len(self._buffer)):
+            data = self._buffer[self._pos:] if self._pos else self._buffer
+        else:
+            data = self._buffer[self._pos:self._pos + n]
+        self._pos += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read to the end (still bounded by the signed length), verifying the whole file."""
+        while not self._eof:
+            self._pos = len(self._buffer)
+            self._pull()
+
+    def close(self) -> None:
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
+
+
+def _stream_and_extract(fetcher: FetcherInterface, info: TargetFile, dest: Path,
+                        limits: ExtractionLimits) -> ExtractedBundle:
+    """Download the target and extract it in one pass; the folder appears only if everything verified.
+
+    The bytes are judged twice as they stream: by the archive rules (before anything is
+    written) and by the signed length and hashes (before the extraction folder is renamed
+    into place). When the archive rules refuse first, the rest of the stream is read (at most
+    the signed length) so that a bundle altered in transit is reported as such
+    (TargetHashError) and a hostile bundle that *was* signed as the archive error it is.
+    """
+    try:
+        chunks = fetcher.fetch(TARGETS_URL + info.path)
+    except tuf_exceptions.DownloadError as exc:
+        raise map_tuf_error(exc, f"bundle {info.path}") from None
+    stream = _VerifyingStream(chunks, info.path, info.length, dict(info.hashes))
+    try:
+        try:
+            return extract_bundle_stream(stream, dest, limits=limits)  # type: ignore[arg-type]
+        except UnsafeBundleError:
+            stream.drain()  # raises if the transport altered the bytes
+            raise
+    finally:
+        stream.close()
 
 
 def fetch_verified_bundle(
@@ -347,14 +415,11 @@ def fetch_verified_bundle(
         )
     _check_director_against_tuf(desired, info)
 
-    stem = f"{desired.bundle}-{desired.version}"
-    partial = work / f".{stem}.download"
-    dest = work / stem
+    dest = work / f"{desired.bundle}-{desired.version}"
     try:
-        _download(fetcher, info.path, info.length, dict(info.hashes), partial)
         if dest.exists():
             shutil.rmtree(dest)
-        extracted = extract_bundle(partial, dest, limits=limits)
+        extracted = _stream_and_extract(fetcher, info, dest, limits)
         manifest = extracted.manifest
         if manifest.name != desired.bundle or manifest.version != desired.version:
             shutil.rmtree(dest, ignore_errors=True)
@@ -364,8 +429,6 @@ def fetch_verified_bundle(
             )
     except OSError as exc:
         raise EdgeshipError(f"work folder {work}: {exc.strerror or exc}") from None
-    finally:
-        partial.unlink(missing_ok=True)
     return VerifiedBundle(
         manifest=manifest,
         root=extracted.root,
@@ -377,6 +440,3 @@ def fetch_verified_bundle(
         sha256=info.hashes["sha256"],
     )
 
-
-# re-exported for the contract: ``from edgeship.ota.updater import LocalFolderFetcher``
-_ = (LocalFolderFetcher, OfflinePackage, open_offline_package)

@@ -23,6 +23,7 @@ import pytest
 
 from edgeship.agent.config import AgentConfig, load_config, render_config
 from edgeship.agent.runtimes import open_model
+from edgeship.ota.errors import EdgeshipError
 from edgeship.ota.golden import GoldenVectors
 
 PASSPHRASE = "agent-tests-root-passphrase"
@@ -199,17 +200,29 @@ class AgentProcess:
 
     def wait_serving(self, timeout: float = 30.0) -> dict[str, Any]:
         """Wait for the control socket to answer; returns the status document."""
+        from edgeship.agent.config import load_config
+        from edgeship.agent.control import ControlClient
+
+        socket_path = load_config(self.config).control_socket
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            result = agent_cli("status", "--json", "--config", str(self.config))
-            if result.returncode == 0:
-                doc = json.loads(result.stdout)
-                if doc["running"]:
-                    return doc
-            time.sleep(0.1)
+            try:
+                return dict(ControlClient(socket_path, timeout=5).call("status")["status"])
+            except EdgeshipError:
+                time.sleep(0.05)
         raise AssertionError(f"agent did not start:\n{self.log.read_text()[-3000:]}")
+
+    def status(self) -> dict[str, Any]:
+        from edgeship.agent.config import load_config
+        from edgeship.agent.control import ControlClient
+
+        return dict(ControlClient(load_config(self.config).control_socket, timeout=10).call("status")["status"])
+
+    def client(self) -> "TFServingClient":
+        host, port = self.status()["server"].removeprefix("http://").rsplit(":", 1)
+        return TFServingClient(host, int(port))
 
     def kill(self) -> None:
         if self.proc.poll() is None:

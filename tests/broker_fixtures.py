@@ -8,8 +8,8 @@ import json
 import os
 import queue
 import shutil
-import tempfile
 import ssl
+import tempfile
 import threading
 import time
 import uuid
@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import paho.mqtt.client as mqtt
-
-from mqtt_broker import MosquittoBroker, free_port
-
 from edgeship.toolkit.broker_config import BrokerSettings
 from edgeship.toolkit.identities import BrokerFolder
+from mqtt_broker import MosquittoBroker, free_port
 
 __all__ = ["Client", "connect", "start_broker", "BrokerUnderTest", "creds"]
 
@@ -181,7 +179,6 @@ def start_broker(root: Path, auth: str = "both") -> BrokerUnderTest:
     if run_as:
         home = Path(tempfile.mkdtemp(prefix="edgeship-broker-"))
         os.chmod(home, 0o755)
-        (root / "broker-folder").write_text(str(home))
         root = home
     settings = BrokerSettings(port=free_port(), password_port=free_port(), auth=auth, run_as=run_as)
     folder = BrokerFolder(root / "broker")

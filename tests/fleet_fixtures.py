@@ -13,12 +13,16 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Optional
 
 import pytest
 
-__all__ = ["PostgresServer", "postgres_binaries", "postgres_server"]
+if TYPE_CHECKING:
+    from edgeship.toolkit.store import FleetStore
+
+__all__ = ["PostgresServer", "SimulatedFleet", "postgres_binaries", "postgres_server"]
 
 
 def _free_port() -> int:
@@ -55,9 +59,9 @@ class PostgresServer:
         command = [str(a) for a in args]
         if self.user is not None:
             command = ["runuser", "-u", self.user, "--"] + command
-        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
-    def start(self) -> "PostgresServer":
+    def start(self) -> PostgresServer:
         if self.user is not None:
             shutil.chown(self.folder, self.user)
         result = self._run(self.bindir / "initdb", "-D", self.data, "-A", "trust", "-U", "postgres",
@@ -110,3 +114,60 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+class SimulatedFleet:
+    """Devices that answer desired states at once, and the controller's reconcile loop, over a real store.
+
+    What the controller does with the store (step every live rollout, carry out the outbox), with the
+    broker and the agents replaced by direct store writes: devices in ``fail`` report FAILED for any
+    new version, the others COMMITTED; rollbacks succeed. The loop is the reference the controller's
+    own reconcile follows.
+    """
+
+    def __init__(self, store: FleetStore, fleet: str, n: int, version: str = "1.0", name: str = "digits",
+                 fail: Optional[set] = None, now: Optional[float] = None) -> None:
+        from edgeship.ota.protocol import ReportedMessage, StatusMessage
+        from edgeship.toolkit.store import IngestItem
+
+        self.store, self.fleet, self.name = store, fleet, name
+        self.fail = fail or set()
+        # The CLI stamps rollouts with the wall clock; the simulated controller must share it.
+        self.now = time.time() if now is None else now
+        self.devices = [f"dev-{i:03d}" for i in range(n)]
+        self._reported, self._item = ReportedMessage, IngestItem
+        store.ingest([IngestItem(fleet, d, StatusMessage("online"), self.now) for d in self.devices]
+                     + [IngestItem(fleet, d, self._report(d, version), self.now) for d in self.devices])
+
+    def _report(self, device: str, version: Optional[str], update: Optional[dict] = None) -> object:
+        active = {"name": self.name, "version": version} if version else None
+        return self._reported(device=device, ts=self.now, active=active, update=update)
+
+    def tick(self, dt: float = 1.0) -> None:
+        from edgeship.toolkit.rollouts import AssignVersion
+
+        self.now += dt
+        for rollout_id in self.store.live_rollout_ids():
+            self.store.reconcile_rollout(rollout_id, self.now)
+        for test in self.store.list_abtests(states=["RUNNING"]):
+            self.store.reconcile_abtest(test.id, self.now)
+        self.now += dt
+        items = []
+        for pending in self.store.pending_actions():
+            action = pending.action
+            sequence = self.store.next_desired_sequence(action.device)
+            is_assign = isinstance(action, AssignVersion)
+            self.store.record_desired(fleet=pending.fleet, device=action.device, sequence=sequence,
+                                      name=action.name, version=action.version,
+                                      action="install" if is_assign else "rollback", issued_at=self.now,
+                                      rollout_id=pending.rollout_id)
+            current = self.store.get_device(action.device)
+            bundle = {"name": action.name, "version": action.version}
+            if is_assign and action.device in self.fail:
+                report = self._report(action.device, current.active_version, {"state": "FAILED", "bundle": bundle})
+            else:
+                report = self._report(action.device, action.version, {"state": "COMMITTED", "bundle": bundle})
+            items.append(self._item(pending.fleet, action.device, report, self.now))
+            self.store.complete_action(pending.id, self.now)
+        if items:
+            self.store.ingest(items)

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from edgeship.ota.bundle import build_bundle
+from edgeship.ota.director import DesiredState, sign_desired_state
 from securesystemslib.signer import CryptoSigner
 from tuf.api.exceptions import DownloadHTTPError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 from tuf.ngclient import FetcherInterface
-
-from edgeship.ota.bundle import build_bundle
-from edgeship.ota.director import DesiredState, sign_desired_state
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 SIGNATURE = {

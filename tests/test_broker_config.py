@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
-
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.topics import DEVICE_KINDS, DEVICE_PUBLISHES, DEVICE_SUBSCRIBES
 from edgeship.toolkit import broker_config as bc
@@ -252,3 +251,22 @@ def test_broker_folder_is_not_world_readable_where_it_matters(tmp_path: Path) ->
     folder.create_or_update(bc.BrokerSettings(auth="both"))
     for rel in ("ca/ca.key", "server/server.key", "passwd", "identities.json", "controller/client.key"):
         assert (folder.path / rel).stat().st_mode & 0o077 == 0, rel
+
+
+def test_amqtt_rules_are_the_same_tables() -> None:
+    acl = bc.render_amqtt_topic_acl([bc.AclIdentity("d1", "device", "f"), bc.AclIdentity("ctl", "controller")])
+    assert acl["publish-acl"]["d1"] == [f"edgeship/f/devices/d1/{k}" for k, a in ACCESS if "write" in a]
+    assert acl["subscribe-acl"]["d1"] == [f"edgeship/f/devices/d1/{k}" for k, a in ACCESS if "read" in a]
+    assert acl["receive-acl"] == acl["subscribe-acl"]
+    assert acl["publish-acl"]["ctl"] == ["edgeship/#"] and acl["publish-acl"]["anonymous"] == []
+
+
+def test_amqtt_plugin_applies_our_rules() -> None:
+    """amqtt's own matcher, fed our rules: d1 may publish its reported state, not d2's nor a desired state."""
+    plugin = pytest.importorskip("amqtt.plugins.topic_checking").TopicAccessControlListPlugin
+    acl = bc.render_amqtt_topic_acl([bc.AclIdentity("d1", "device", "f")])
+    allowed = acl["publish-acl"]["d1"]
+    def can(topic: str) -> bool:
+        return any(plugin.topic_ac(topic, a) for a in allowed)
+    assert can("edgeship/f/devices/d1/reported")
+    assert not can("edgeship/f/devices/d2/reported") and not can("edgeship/f/devices/d1/desired")

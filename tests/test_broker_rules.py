@@ -13,11 +13,14 @@ from typing import Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
-
 from broker_fixtures import BrokerUnderTest, Client, connect, start_broker
+from edgeship.toolkit.broker_config import (
+    certificate_pem,
+    create_ca,
+    issue_client_certificate,
+    private_key_pem,
+)
 from mqtt_broker import mosquitto_binary
-
-from edgeship.toolkit.broker_config import create_ca, issue_client_certificate, certificate_pem, private_key_pem
 
 pytestmark = [pytest.mark.mosquitto,
               pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (.ci/run installs it)")]

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from edgeship.converters.data import PreprocessingSpec, load_dataset, split_holdback
 from edgeship.ota.errors import BadInputError
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from edgeship.agent.runtimes import TensorSpec
 from edgeship.converters.bench import fastest, latency_stats
 from edgeship.converters.data import PreprocessingSpec, parse_preprocessing
@@ -85,7 +84,7 @@ def test_parity_refuses_mismatched_outputs() -> None:
     ],
 )
 def test_align_outputs(ref: list, cand: list, expected: list[int]) -> None:
-    specs = lambda items: [TensorSpec(n, s, "float32") for n, s in items]  # noqa: E731
+    specs = lambda items: [TensorSpec(n, s, "float32") for n, s in items]
     assert align_outputs(specs(ref), specs(cand)) == expected
 
 

@@ -4,12 +4,10 @@ false-positive rate under no difference (a simulation)."""
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import pytest
-from scipy import stats
-
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
 from edgeship.toolkit.abtest import (
@@ -27,6 +25,7 @@ from edgeship.toolkit.abtest import (
     welch_test,
 )
 from edgeship.toolkit.rollouts import DeviceSnapshot
+from scipy import stats
 
 A, B = Arm("digits", "1.0"), Arm("digits", "2.0")
 
@@ -193,7 +192,7 @@ def test_report_ignores_windows_of_the_wrong_version() -> None:
     rng = np.random.default_rng(2)
     windows = _latency_windows(test, rng, devices=10, windows=3, scale_a=10.0, scale_b=10.0)
     # A device of arm B still on the old version (not converged yet) must not count for either arm.
-    stale = [w for w in windows if assign_arm(test.id, w.device, 50) == "B"][0]
+    stale = next(w for w in windows if assign_arm(test.id, w.device, 50) == "B")
     extra = TelemetryWindow(stale.device, A.name, A.version, 100, 0, histogram_of(np.full(100, 500.0)))
     assert report(test, windows + [extra]).a == report(test, windows).a
 
@@ -211,7 +210,7 @@ def test_report_asks_for_more_samples_when_undecided() -> None:
     assert result.samples_needed_per_arm == needed and needed is not None
     assert result.more_samples_needed == needed - 1000
     assert result.verdict.startswith("no significant difference yet (p = ")
-    assert f"about {needed - 1000} more requests per arm needed" in result.verdict
+    assert f"about {needed - 1000:,} more requests per arm needed" in result.verdict
     assert result.a.ci_low < 0.05 < result.a.ci_high  # type: ignore[operator]
 
 

@@ -6,11 +6,11 @@ that a row reads as the situation it tests. No clock, no store, no broker.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
-
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.telemetry import LatencyHistogram
 from edgeship.toolkit.rollouts import (
@@ -23,8 +23,11 @@ from edgeship.toolkit.rollouts import (
     DeviceStatus,
     FailureThreshold,
     HealthGates,
-    Rollout,
+    PauseRollout,
+    ResumeRollout,
     RollbackDevice,
+    RollbackRollout,
+    Rollout,
     RolloutPolicy,
     RolloutState,
     VersionTelemetry,
@@ -193,7 +196,7 @@ FIRST_STEP = [
     ("another bundle's device is moved (its model is replaced)", [snap("a", "7.0", name="other")], ["assign"],
      {"ASSIGNED": 1}),
     ("a device with no model at all is moved", [snap("a", None)], ["assign"], {"ASSIGNED": 1}),
-    ("empty selection completes at once", [], ["complete"], {}),
+    ("empty selection waits for devices (it does not complete)", [], [], {}),
     ("every device already on the version completes", fleet(4, NEW), ["complete"], {"ALREADY": 4}),
 ]
 
@@ -439,7 +442,7 @@ def test_abort_rolls_back_each_device_to_its_own_previous_version() -> None:
     rollbacks = {a.device: (a.name, a.version) for a in decision.actions if isinstance(a, RollbackDevice)}
     assert rollbacks == {"a": (NAME, "1.0"), "b": ("legacy", "1.5")}
     after = {d: r.status for d, r in decision.rollout.devices.items()}
-    assert after == {"a": S.ROLLBACK_SENT, "b": S.ROLLBACK_SENT, "c": S.NO_PREVIOUS, "d": S.ALREADY, "e": S.SKIPPED}
+    assert after == {"a": S.ROLLBACK_SENT, "b": S.ROLLBACK_SENT, "c": S.NO_PREVIOUS, "d": S.ALREADY, "e": S.CANCELLED}
 
 
 def test_failed_and_timed_out_devices_are_rolled_back_too() -> None:
@@ -490,7 +493,7 @@ def test_operator_commands(command: Any, state: str, allowed: bool, next_state: 
 def test_rollback_of_a_completed_rollout_sends_every_moved_device_back() -> None:
     records = [rec("a", "SUCCEEDED"), rec("b", "SUCCEEDED", stage=1), rec("c", "ALREADY")]
     decision = rollback(rollout(records, state="COMPLETED"), T0 + 9)
-    assert kinds(decision.actions) == ["abort", "rollback", "rollback"]
+    assert kinds(decision.actions) == ["rollback_rollout", "rollback", "rollback"]
     assert step(decision.rollout, [snap("a"), snap("b"), snap("c", NEW), snap("new")], T0 + 10).actions == []
 
 
@@ -587,7 +590,88 @@ def test_a_rollout_whose_devices_fail_stops_at_its_first_stage() -> None:
 def test_actions_survive_a_round_trip_through_dicts() -> None:
     from dataclasses import asdict
     for action in [AssignVersion("a", NAME, NEW, "why", 1), RollbackDevice("a", NAME, OLD, "why"),
-                   AdvanceStage(0, 1, "why"), CompleteRollout("done"), AbortRollout("bad")]:
+                   AdvanceStage(0, 1, "why"), CompleteRollout("done"), AbortRollout("bad"),
+                   RollbackRollout("undo"), PauseRollout("p"), ResumeRollout("r")]:
         assert action_from_dict(asdict(action)) == action
     with pytest.raises(BadInputError):
         action_from_dict({"kind": "explode"})
+
+
+def test_a_rollout_started_before_its_devices_report_waits_then_stages() -> None:
+    waiting = step(rollout(), [], T0)
+    assert waiting.actions == [] and waiting.rollout.state is RolloutState.RUNNING
+    assert "no device matches" in (waiting.rollout.reason or "")
+    later = step(waiting.rollout, fleet(20), T0 + 60)
+    assert kinds(later.actions) == ["assign"]  # 5% of 20, not all 20 at once
+
+
+# -- invariants under random fleets ----------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(30))
+def test_invariants_under_random_device_behaviour(seed: int) -> None:
+    """Random fleets (offline devices, failures, rejections, silence, joiners, leavers): whatever
+    happens, a device is assigned at most once, moved devices never exceed the current stage's
+    target, an abort rolls back every moved device, and a terminal rollout says nothing more."""
+    import random
+
+    rng = random.Random(seed)
+    n = rng.randint(1, 60)
+    policy = RolloutPolicy(stages=rng.choice([(5, 25, 100), (50, 100), (100,), (1, 10, 50, 100)]),
+                           success_threshold_pct=rng.choice([50, 80, 100]),
+                           max_failures=rng.choice([FailureThreshold(pct=10), FailureThreshold(count=3),
+                                                    FailureThreshold(pct=50)]),
+                           stage_timeout_s=rng.choice([5, 20]))
+    behaviour = {f"d{i:02d}": rng.choices(["ok", "fail", "reject", "silent", "slow"], [80, 5, 3, 5, 7])[0]
+                 for i in range(n)}
+    online = {d: rng.random() > 0.1 for d in behaviour}
+    versions: Dict[str, Optional[str]] = {d: rng.choice([OLD, OLD, OLD, NEW, "0.5", None]) for d in behaviour}
+    updates: Dict[str, Tuple[str, float]] = {}
+    assigned_once: Dict[str, int] = {}
+    present = set(behaviour)
+    r = new_rollout("r-rand", "f", NAME, NEW, policy, 0.0)
+    finished_at: Optional[int] = None
+    for t in range(1, 120):
+        if rng.random() < 0.05:  # a device joins
+            device = f"j{t:03d}"
+            behaviour[device], online[device], versions[device] = "ok", True, OLD
+            present.add(device)
+        if rng.random() < 0.03 and present:  # a device leaves the selection
+            present.discard(rng.choice(sorted(present)))
+        devices = []
+        for d in sorted(present):
+            state, at = updates.get(d, (None, None))
+            devices.append(DeviceSnapshot(d, online[d], NAME if versions[d] else None, versions[d],
+                                          update_state=state, update_name=NAME if state else None,
+                                          update_version=NEW if state else None, reported_at=at))
+        before = r
+        decision = step(r, devices, float(t))
+        r = decision.rollout
+        if before.state in (RolloutState.ABORTED, RolloutState.ROLLED_BACK):
+            assert decision.actions == [] and r == before
+        for action in decision.actions:
+            if isinstance(action, AssignVersion):
+                assigned_once[action.device] = assigned_once.get(action.device, 0) + 1
+                kind = behaviour[action.device]
+                if not online[action.device] or kind == "silent":
+                    continue
+                if kind == "ok":
+                    versions[action.device] = NEW
+                    updates[action.device] = ("COMMITTED", t + 0.5)
+                elif kind == "slow":
+                    updates[action.device] = ("FETCHING", t + 0.5)
+                else:
+                    updates[action.device] = ("FAILED" if kind == "fail" else "REJECTED", t + 0.5)
+        if r.state is RolloutState.ABORTED and before.state is not RolloutState.ABORTED:
+            moved_before = {d for d, rec in r.devices.items() if rec.status in (S.ROLLBACK_SENT, S.NO_PREVIOUS)}
+            rolled = {a.device for a in decision.actions if isinstance(a, RollbackDevice)}
+            assert rolled == {d for d in moved_before if r.devices[d].status is S.ROLLBACK_SENT}
+            assert all(r.devices[d].previous_version for d in rolled)
+            assert "abort" in kinds(decision.actions)
+        if r.state is RolloutState.RUNNING and any(isinstance(a, AssignVersion) for a in decision.actions):
+            # Assignments never overfill the stage they were made for.
+            assert len(r.moved()) <= stage_targets(policy.stages, r.population())[r.stage]
+        if r.state in (RolloutState.ABORTED, RolloutState.COMPLETED) and finished_at is None:
+            finished_at = t
+    assert all(count == 1 for count in assigned_once.values()), assigned_once
+    # Every rollout ends: all answer within the timeout, so it completes or aborts.
+    assert finished_at is not None, (r.state, r.reason, statuses(r))

@@ -6,19 +6,19 @@ Every test in this module runs on both backends through the ``store`` fixture.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
-from fleet_fixtures import postgres_server  # noqa: F401  (fixture)
-
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.protocol import EventMessage, ReportedMessage, StatusMessage, TelemetryMessage
 from edgeship.ota.telemetry import LatencyHistogram
-from edgeship.toolkit.abtest import ABTest, Arm, Metric
+from edgeship.toolkit.abtest import ABTest, Arm, Metric, assign_arm
 from edgeship.toolkit.rollouts import (
     AssignVersion,
     DeviceStatus,
+    HealthGates,
     RollbackDevice,
     RolloutPolicy,
     RolloutState,
@@ -28,6 +28,7 @@ from edgeship.toolkit.rollouts import (
     step,
 )
 from edgeship.toolkit.store import ConcurrentUpdateError, FleetStore, IngestItem, parse_selection
+from fleet_fixtures import postgres_server  # noqa: F401  (fixture)
 
 FLEET = "plant1"
 
@@ -70,11 +71,10 @@ def item(device: str, message: Any, at: float = 100.0, fleet: str = FLEET) -> In
 # -- schema and connection ----------------------------------------------------------------------
 
 def test_sqlite_uses_wal_and_a_busy_timeout(tmp_path: Path) -> None:
-    with FleetStore(f"sqlite:///{tmp_path / 'f.db'}") as s:
-        with s.engine.connect() as conn:
-            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 10000
-            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    with FleetStore(f"sqlite:///{tmp_path / 'f.db'}") as s, s.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 10000
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
 
 def test_a_bad_url_is_bad_input() -> None:
@@ -348,3 +348,113 @@ def test_abtest_crud_and_windows(store: FleetStore) -> None:
     assert windows[0].latency.count == 1
     store.set_tags("a", {"site": "x"})
     assert [w.device for w in store.telemetry_windows(FLEET, (("site", "x"),))] == ["a"]
+
+
+def test_fleet_summary_for_metrics(store: FleetStore) -> None:
+    store.ingest([item("a", StatusMessage("online")), item("b", StatusMessage("offline")),
+                  item("c", StatusMessage("online"), fleet="other"),
+                  item("a", reported("a", "2.0")), item("b", reported("b", "1.0")),
+                  item("a", telemetry("2.0", 10, 1, 4.0, 4.0), at=50.0),
+                  item("a", telemetry("2.0", 20, 0, 8.0), at=150.0),
+                  item("b", telemetry("1.0", 5, 5, 300.0), at=160.0)])
+    summary = store.fleet_summary(since=100.0)
+    mine = summary[FLEET]
+    assert (mine["devices"], mine["online"], mine["requests"], mine["errors"]) == (2, 1, 25, 5)
+    assert mine["versions"] == {"digits:2.0": 1, "digits:1.0": 1}
+    assert mine["latency"].count == 2
+    assert summary["other"]["versions"] == {"none": 1} and summary["other"]["online"] == 1
+
+
+def test_rollouts_and_abtests_of_one_bundle_exclude_each_other(store: FleetStore) -> None:
+    from dataclasses import replace
+
+    def abtest(test_id: str) -> ABTest:
+        return ABTest(id=test_id, fleet=FLEET, a=Arm("digits", "1.0"), b=Arm("digits", "2.0"),
+                      metric=Metric.ERROR_RATE, created_at=10.0)
+
+    store.create_rollout(new_rollout("r-1", FLEET, "digits", "1.0", RolloutPolicy(), 1.0))
+    with pytest.raises(BadInputError, match="r-1"):
+        store.create_abtest(abtest("ab-1"))
+    loaded, revision = store.load_rollout("r-1")
+    store.save_rollout(replace(loaded, state=RolloutState.COMPLETED), revision)
+    store.create_abtest(abtest("ab-1"))
+    assert "r-1" not in store.live_rollout_ids()  # the test now decides what joiners get
+    with pytest.raises(BadInputError, match="ab-1"):
+        store.create_rollout(new_rollout("r-2", FLEET, "digits", "3.0", RolloutPolicy(), 20.0))
+    store.create_rollout(new_rollout("r-other", FLEET, "other", "1.0", RolloutPolicy(), 20.0))
+    with pytest.raises(BadInputError):
+        store.create_rollout(new_rollout("r-3", FLEET, "other", "2.0", RolloutPolicy(), 20.0),
+                             promote_abtest="ab-1")
+    store.create_rollout(new_rollout("r-2", FLEET, "digits", "2.0", RolloutPolicy(), 30.0), promote_abtest="ab-1")
+    test, promoted = store.get_abtest("ab-1")
+    assert (test.state, promoted) == ("PROMOTED", "r-2")
+
+
+def test_a_step_that_changes_nothing_writes_nothing(store: FleetStore) -> None:
+    _fleet_of(store, 3)
+    store.create_rollout(new_rollout("r-1", FLEET, "digits", "2.0", RolloutPolicy(), 200.0))
+    store.update_rollout("r-1", lambda r: step(r, store.fleet_snapshot(FLEET), 201.0))
+    revision = store.load_rollout("r-1")[1]
+    store.update_rollout("r-1", lambda r: step(r, store.fleet_snapshot(FLEET), 202.0))  # canary still silent
+    assert store.load_rollout("r-1")[1] == revision
+
+
+def test_reconcile_abtest_queues_each_arm_assignment_once(store: FleetStore) -> None:
+    _fleet_of(store, 30)
+    test = ABTest(id="ab-1", fleet=FLEET, a=Arm("digits", "1.0"), b=Arm("digits", "2.0"), metric=Metric.ACCURACY,
+                  created_at=5.0)
+    store.create_abtest(test)
+    queued = store.reconcile_abtest("ab-1", 10.0)
+    expected = sorted(d.id for d in store.list_devices(FLEET) if assign_arm("ab-1", d.id, 50) == "B")
+    assert sorted(a.device for a in queued) == expected and {a.version for a in queued} == {"2.0"}
+    assert store.reconcile_abtest("ab-1", 11.0) == []  # still in the outbox: not queued twice
+    for pending in store.pending_actions():
+        store.record_desired(fleet=FLEET, device=pending.action.device, sequence=1, name="digits", version="2.0",
+                             issued_at=12.0, abtest_id="ab-1")
+        store.complete_action(pending.id, 12.0)
+    assert store.reconcile_abtest("ab-1", 13.0) == []  # published: not queued again
+    store.ingest([item("late", reported("late", "1.0"))])
+    late = store.reconcile_abtest("ab-1", 14.0)
+    assert [a.device for a in late] == (["late"] if assign_arm("ab-1", "late", 50) == "B" else [])
+    store.set_abtest_state("ab-1", "STOPPED", 15.0)
+    assert store.reconcile_abtest("ab-1", 16.0) == []
+
+
+def test_reconcile_rollout_uses_the_recent_telemetry(store: FleetStore) -> None:
+    _fleet_of(store, 10)
+    policy = RolloutPolicy(health=HealthGates(max_error_rate=0.1, min_requests=10))
+    store.create_rollout(new_rollout("r-1", FLEET, "digits", "2.0", policy, 100.0))
+    # An old burst of errors on 2.0 (before the window) must not abort; a recent one must.
+    store.ingest([item("d00", telemetry("2.0", 100, 50, 1.0), at=150.0)])
+    assert store.reconcile_rollout("r-1", 2000.0, telemetry_window_s=900).rollout.state is RolloutState.RUNNING
+    store.ingest([item("d00", telemetry("2.0", 100, 50, 1.0), at=1990.0)])
+    decision = store.reconcile_rollout("r-1", 2001.0, telemetry_window_s=900)
+    assert decision.rollout.state is RolloutState.ABORTED and "error rate" in (decision.rollout.reason or "")
+
+
+def test_two_replicas_never_claim_the_same_action(store: FleetStore) -> None:
+    store.enqueue_actions(FLEET, [AssignVersion(f"d{i:03d}", "digits", "2.0", "deploy") for i in range(200)], 1.0)
+    claimed: dict = {"one": [], "two": []}
+
+    def replica(owner: str) -> None:
+        for _ in range(20):
+            for pending in store.claim_actions(owner, now=10.0, limit=7):
+                claimed[owner].append(pending.id)
+                store.complete_action(pending.id, 10.0)
+
+    threads = [threading.Thread(target=replica, args=(owner,)) for owner in claimed]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    one, two = set(claimed["one"]), set(claimed["two"])
+    assert not one & two and len(one | two) == 200
+
+
+def test_a_dead_replicas_claims_expire(store: FleetStore) -> None:
+    store.enqueue_actions(FLEET, [AssignVersion("d1", "digits", "2.0", "deploy")], 1.0)
+    assert len(store.claim_actions("dead", now=10.0)) == 1
+    assert store.claim_actions("alive", now=20.0, lease_s=60) == []
+    [taken] = store.claim_actions("alive", now=80.0, lease_s=60)
+    store.complete_action(taken.id, 80.0)
+    assert store.claim_actions("other", now=1000.0) == [] and store.pending_actions() == []

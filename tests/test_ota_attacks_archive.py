@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import pytest
-
 from edgeship.ota import archive as a
 from edgeship.ota import director as d
 from edgeship.ota import updater as u
@@ -32,7 +31,7 @@ from edgeship.ota.bundle import (
     scan_bundle,
 )
 from edgeship.ota.errors import EXIT_REJECTED
-from edgeship.ota.fetchers import open_offline_package
+from edgeship.ota.offline import open_offline_package
 from ota_repo_simulator import SIGNATURE, RepositorySimulator, fake_tflite, leftovers
 
 MODEL = fake_tflite(3000)
@@ -332,3 +331,35 @@ def test_hostile_offline_package(tmp_path: Path, name: str, error: Type[UnsafeBu
     with pytest.raises(error, match=message):
         open_offline_package(package, tmp_path / "usb")
     assert leftovers(tmp_path / "usb") == []
+
+
+class TrickleStream:
+    """A stream that returns at most ``step`` bytes per read (a slow transport)."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self._data = io.BytesIO(data)
+        self._step = step
+
+    def read(self, n: int = -1) -> bytes:
+        return self._data.read(min(self._step, n if n >= 0 else self._step))
+
+
+@pytest.mark.parametrize("step", [1, 7, 511, 513])
+def test_streams_delivered_in_small_pieces(tmp_path: Path, step: int) -> None:
+    result = extract_bundle_stream(TrickleStream(tar_of(good_entries()), step), tmp_path / f"out{step}")  # type: ignore[arg-type]
+    assert result.model_path.read_bytes() == MODEL
+    with pytest.raises(a.CompressedArchiveError):
+        extract_bundle_stream(TrickleStream(gzip.compress(b"\0" * 1000), step), tmp_path / "gz")  # type: ignore[arg-type]
+    assert not (tmp_path / "gz").exists()
+
+
+def test_broken_end_marker(tmp_path: Path) -> None:
+    entries = good_entries()
+    data = bytearray(tar_of(entries))
+    end = sum(512 + len(body or b"") + (-len(body or b"") % 512) for _, body in entries)  # the end marker
+    data[end + 512 + 7] = 1  # inside its second zero block
+    bundle = tmp_path / "b"
+    bundle.write_bytes(bytes(data))
+    with pytest.raises(a.MalformedArchiveError, match="broken end-of-archive marker"):
+        extract_bundle(bundle, tmp_path / "out")
+    assert leftovers(tmp_path / "out") == []

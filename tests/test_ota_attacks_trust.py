@@ -9,12 +9,12 @@ demand and serves through a FetcherInterface).
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Type
+from typing import Callable, Optional, Type
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from edgeship.ota import director as d
 from edgeship.ota import updater as u
 from edgeship.ota.errors import EXIT_FAILURE, EXIT_REJECTED, SecurityError
@@ -100,6 +100,16 @@ def test_byte_flipped_in_bundle(device: Device, sim: RepositorySimulator) -> Non
     data[3000] ^= 0x01
     sim.serve_override["targets/digits/digits-1.0.0.bundle"] = bytes(data)
     _refused(device, sim.desired(), u.TargetHashError, "does not match its signed sha256")
+
+
+def test_header_altered_in_transit_is_reported_as_transport_tampering(device: Device, sim: RepositorySimulator) -> None:
+    # the archive rules refuse first (bad header checksum); the rest of the stream is still
+    # hashed, so the report names the real cause: bytes that are not the signed ones
+    data = bytearray(_served_bundle(sim))
+    data[5] ^= 0x01  # inside manifest.json's tar header
+    sim.serve_override["targets/digits/digits-1.0.0.bundle"] = bytes(data)
+    err = _refused(device, sim.desired(), u.TargetHashError, "does not match its signed sha256")
+    assert "bad checksum" in str(err.__context__)
 
 
 def test_truncated_bundle(device: Device, sim: RepositorySimulator) -> None:

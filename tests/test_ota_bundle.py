@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
+from edgeship.ota.archive import ManifestError
 from edgeship.ota.bundle import (
     SCHEMA_VERSION,
     BundleManifest,
@@ -19,7 +19,6 @@ from edgeship.ota.bundle import (
     scan_bundle,
     sidecar_files,
 )
-from edgeship.ota.archive import ManifestError
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.golden import GoldenVectors
 from ota_repo_simulator import SIGNATURE, fake_tflite
@@ -155,3 +154,11 @@ def test_signature_is_read_from_a_real_model_without_a_report(tmp_path: Path, di
     assert manifest.runtime["int8_io"] is True
     assert "FULLY_CONNECTED" in manifest.runtime["operators"]
     assert "report.json" not in manifest.files
+
+
+def test_build_reports_progress(tmp_path: Path, model: Path) -> None:
+    seen: dict = {}
+    build_bundle(model, name="digits", version="1.0.0", out=tmp_path / "b", report={"signature": SIGNATURE},
+                 progress=lambda step, done, total: seen.__setitem__(step, (done, total)))
+    assert seen["hash"] == (5000, 5000) and seen["pack"][0] == 5000
+    assert seen["verify"][0] == seen["verify"][1] == (tmp_path / "b").stat().st_size

@@ -442,3 +442,32 @@ def test_broker_url_object_is_accepted_directly(mosquitto_broker: MosquittoBroke
         assert conn.is_connected
     with pytest.raises(BadInputError):
         MqttConnection(url, client_id="x", protocol="4")
+
+
+def test_mqtts_with_client_certificates(tmp_path: Path) -> None:
+    from transport_fixtures import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    broker = MosquittoBroker(
+        tmp_path / "m",
+        "listener {port} 127.0.0.1\nuser root\nallow_anonymous true\n"
+        f"cafile {pki['ca']}\ncertfile {pki['server']}\nkeyfile {pki['server_key']}\nrequire_certificate true\n",
+    ).start()
+    url = f"mqtts://127.0.0.1:{broker.port}"
+    try:
+        good = parse_broker_url(url, ca_file=pki["ca"], cert_file=pki["client"], key_file=pki["client_key"],
+                                environ={})
+        got = Collector()
+        with MqttConnection(good, client_id="tls-dev", reconnect=FAST) as conn:
+            conn.subscribe("t/#", got)
+            conn.publish("t/x", b"over tls", qos=1)
+            assert got.wait_for(lambda ms: ms and ms[0].payload == b"over tls")
+        no_client_cert = parse_broker_url(url, ca_file=pki["ca"], environ={})
+        with pytest.raises(TransportError, match="could not connect"):
+            MqttConnection(no_client_cert, client_id="anon", reconnect=FAST).connect(timeout=2)
+        wrong_ca = parse_broker_url(url, ca_file=pki["other_ca"], cert_file=pki["client"],
+                                    key_file=pki["client_key"], environ={})
+        with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            MqttConnection(wrong_ca, client_id="mitm", reconnect=FAST).connect(timeout=2)
+    finally:
+        broker.stop()

@@ -80,3 +80,53 @@ def read_line_with(process: "subprocess.Popen[str]", marker: str, timeout: float
         _, err = process.communicate(timeout=5)
         raise AssertionError(f"child never printed {marker!r}; stderr:\n{err[-3000:]}")
     return result[0]
+
+
+def make_pki(folder: Path) -> dict:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate (PEM files)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    def issue(name: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: ec.EllipticCurvePrivateKey,
+              ca: bool, san: bool = False) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = issue("test CA", ca_key, ca_name, ca_key, ca=True)
+    files = {}
+    for name, san in (("server", True), ("client", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = issue(name, key, ca_name, ca_key, ca=False, san=san)
+        (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (folder / f"{name}.key").write_bytes(key_pem(key))
+        files[name] = str(folder / f"{name}.pem")
+        files[f"{name}_key"] = str(folder / f"{name}.key")
+    (folder / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files["ca"] = str(folder / "ca.pem")
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other = issue("other CA", other_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "other CA")]),
+                  other_key, ca=True)
+    (folder / "other-ca.pem").write_bytes(other.public_bytes(serialization.Encoding.PEM))
+    files["other_ca"] = str(folder / "other-ca.pem")
+    return files

@@ -18,29 +18,30 @@ Pure: telemetry windows in, a report out (see docs/fleet.md, "A/B statistics").
 from __future__ import annotations
 
 __all__ = [
-    "Metric",
-    "Arm",
-    "ABTest",
-    "TelemetryWindow",
-    "ArmStats",
-    "TestResult",
     "ABReport",
-    "assign_arm",
-    "plan_assignments",
+    "ABTest",
+    "Arm",
+    "ArmStats",
+    "Metric",
+    "TelemetryWindow",
+    "TestResult",
     "arm_stats",
-    "welch_test",
-    "two_proportion_test",
+    "assign_arm",
+    "format_p",
+    "plan_assignments",
+    "report",
     "samples_needed_continuous",
     "samples_needed_proportions",
-    "format_p",
-    "report",
+    "two_proportion_test",
+    "welch_test",
 ]
 
 import hashlib
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.telemetry import LatencyHistogram
@@ -67,7 +68,7 @@ class Arm:
     version: str
 
     @classmethod
-    def parse(cls, text: str) -> "Arm":
+    def parse(cls, text: str) -> Arm:
         """``NAME:VERSION``."""
         name, sep, version = str(text).partition(":")
         if not sep or not name or not version:
@@ -128,7 +129,7 @@ class TelemetryWindow:
 
 def assign_arm(test_id: str, device: str, split_pct: float) -> str:
     """``"A"`` or ``"B"``: the first 64 bits of sha256(test id ":" device id) as a fraction, below split -> B."""
-    digest = hashlib.sha256(f"{test_id}:{device}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{test_id}:{device}".encode()).digest()
     fraction = int.from_bytes(digest[:8], "big") / 2.0**64
     return "B" if fraction * 100.0 < split_pct else "A"
 
@@ -372,11 +373,11 @@ def report(test: ABTest, windows: Iterable[TelemetryWindow]) -> ABReport:
             verdict = (f"not enough data yet{p_text}: {stats_a.n} and {stats_b.n} {unit} in A and B, "
                        f"at least {test.min_samples} each needed")
             if needed is not None and needed > test.min_samples:
-                verdict += f"; about {more} more per arm would detect the difference seen so far"
+                verdict += f"; about {more:,} more per arm would detect the difference seen so far"
         elif needed is None:
             verdict = f"no significant difference{p_text}: the arms look the same so far"
         elif more:
-            verdict = f"no significant difference yet{p_text}; about {more} more {unit} per arm needed"
+            verdict = f"no significant difference yet{p_text}; about {more:,} more {unit} per arm needed"
         else:
             verdict = (f"no significant difference{p_text}; there are enough {unit} to see a difference of the "
                        f"size observed, so it is likely noise")

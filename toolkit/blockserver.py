@@ -45,7 +45,7 @@ from edgeship.ota.protocol import (
     parse_message,
 )
 from edgeship.ota.topics import BLOCK_DATA, BLOCK_REQUEST, DEFAULT_PREFIX, device_topic, device_wildcard, parse_device_topic
-from edgeship.ota.transport import MqttConnection, ReceivedMessage, TransportError
+from edgeship.ota.transport import MqttConnection, PendingPublish, ReceivedMessage, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ class BlockServer:
         self.blocks_sent = 0
         self.bytes_sent = 0
         self.dropped_requests = 0
+        self._previous: Optional[PendingPublish] = None
 
     # -- lifecycle --
     def start(self) -> "BlockServer":
@@ -272,25 +273,37 @@ class BlockServer:
                     retry = bucket.wait_s(block_size, self.clock())
                     self._reply(reply_topic, BlockError(
                         request.request_id, request.stream, 429,
-                        f"rate limited after {len(served)} of {len(indexes)} blocks", round(retry, 3)))
+                        f"rate limited after {len(served)} of {len(indexes)} blocks", round(retry + 0.0005, 3)))
                     return record(tuple(served), "rate-limited")
                 handle.seek(index * block_size)
                 data = handle.read(length) if length > 0 else b""
                 if len(data) != max(length, 0):  # the file shrank under us
                     self._reply(reply_topic, BlockError(request.request_id, request.stream, 404, "file changed"))
                     return record(tuple(served), "not-found")
-                last = position == len(indexes) - 1
-                self._reply(reply_topic, BlockData(request.request_id, request.stream, index, block_size, size,
-                                                   data, etag), wait=last)
+                if position == 0:
+                    self._wait_previous()
+                pending = self._reply(reply_topic, BlockData(request.request_id, request.stream, index,
+                                                             block_size, size, data, etag))
+                if position == len(indexes) - 1:
+                    self._previous = pending
                 served.append(index)
                 self.blocks_sent += 1
                 self.bytes_sent += len(data)
             return record(tuple(served), "blocks")
 
-    def _reply(self, topic: str, reply: BlockReply, wait: bool = False) -> None:
-        """Publish; the last block of a request waits for the broker's ack (back-pressure)."""
+    def _wait_previous(self) -> None:
+        """Back-pressure with one request of look-ahead: before sending a request's blocks,
+        wait until the broker acknowledged the last block of the request before it."""
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            try:
+                previous.wait(30.0)
+            except TransportError as exc:
+                log.warning("block server: %s (the device will ask again)", exc)
+
+    def _reply(self, topic: str, reply: BlockReply) -> Optional[PendingPublish]:
         try:
-            self.connection.publish(topic, encode_block_reply(reply), qos=self.qos, wait=wait and self.qos > 0,
-                                    timeout=30.0)
+            return self.connection.publish(topic, encode_block_reply(reply), qos=self.qos, wait=False)
         except TransportError as exc:
             log.warning("block reply to %s not delivered: %s (the device will ask again)", topic, exc)
+            return None

@@ -31,6 +31,7 @@ __all__ = [
     "device_topic_access",
     "render_acl",
     "render_mosquitto_conf",
+    "render_amqtt_topic_acl",
     "password_file_entry",
     "verify_password_entry",
     "render_password_file",
@@ -62,7 +63,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.topics import (
     DEFAULT_PREFIX,
@@ -220,6 +220,29 @@ def render_acl(identities: Iterable[AclIdentity], *, prefix: str = DEFAULT_PREFI
                 lines.append(f"topic {access} {prefix}/{ident.fleet}/devices/{ident.name}/{kind}")
         lines.append("")
     return "\n".join(lines)
+
+
+def render_amqtt_topic_acl(identities: Iterable[AclIdentity], *, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
+    """The same rules for amqtt's ``TopicAccessControlListPlugin`` (amqtt >= 0.12): per user name,
+    the topics it may publish (``publish-acl``), subscribe to (``subscribe-acl``) and be sent
+    (``receive-acl``). Anonymous clients (amqtt's user ``anonymous``) get nothing.
+
+    What amqtt cannot do that Mosquitto does: identify a client by its TLS
+    certificate (the user name comes from CONNECT, so the embedded broker needs
+    password authentication to mean anything), read Mosquitto's ``$7$``
+    password file, or take a CRL. See docs/security.md.
+    """
+    validate_identifier(prefix, "topic prefix")
+    publish: dict[str, list[str]] = {"anonymous": []}
+    subscribe: dict[str, list[str]] = {"anonymous": []}
+    for ident in identities:
+        if ident.kind == "controller":
+            publish[ident.name] = subscribe[ident.name] = [f"{prefix}/#"]
+            continue
+        base = f"{prefix}/{ident.fleet}/devices/{ident.name}"
+        publish[ident.name] = [f"{base}/{k}" for k in DEVICE_KINDS if "write" in (device_topic_access(k) or "")]
+        subscribe[ident.name] = [f"{base}/{k}" for k in DEVICE_KINDS if "read" in (device_topic_access(k) or "")]
+    return {"publish-acl": publish, "subscribe-acl": subscribe, "receive-acl": dict(subscribe)}
 
 
 def render_mosquitto_conf(settings: BrokerSettings, folder: str | Path) -> str:

@@ -73,7 +73,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
 
-from edgeship.ota.errors import BadInputError, EdgeshipError, GateFailedError, require_module
+from edgeship.ota.errors import (
+    BadInputError,
+    EdgeshipError,
+    GateFailedError,
+    require_module,
+)
 from edgeship.ota.topics import STATUS, device_topic, validate_identifier
 
 RUNTIMES = ("litert", "tflite", "onnx")
@@ -420,7 +425,7 @@ def render_systemd_unit(prefix: str, user: str) -> str:
     ])
 
 
-def render_agent_env(prefix: str, connection: Mapping[str, Any]) -> str:
+def render_agent_env(prefix: str, connection: Mapping[str, Any], password: Optional[str] = None) -> str:
     """The agent's environment: where its broker credentials are (EnvironmentFile syntax, also sh)."""
     broker = f"{prefix}/etc/broker"
     lines = [
@@ -433,6 +438,9 @@ def render_agent_env(prefix: str, connection: Mapping[str, Any]) -> str:
                   f"EDGESHIP_MQTT_KEY={broker}/{Path(str(connection['key'])).name}"]
     if "password" in connection:
         lines += [f"EDGESHIP_MQTT_PASSWORD_FILE={broker}/{Path(str(connection['password'])).name}"]
+        if password is not None:
+            # edgeship.ota.transport reads the password from here (the file is 0600)
+            lines += [f"EDGESHIP_MQTT_PASSWORD={password}"]
     lines.append(f"EDGESHIP_MQTT_CONNECTION={broker}/connection.json")
     return "\n".join(lines) + "\n"
 
@@ -781,6 +789,7 @@ def provision(shell: RemoteShell, target: str, options: ProvisionOptions, *,
     # 6. broker credentials
     broker_url = options.broker_url
     connection: Optional[dict[str, Any]] = None
+    password: Optional[str] = None
     if options.broker_dir is None:
         run.step("broker credentials", "skipped", "no --broker-dir: the agent runs without a broker")
     else:
@@ -816,6 +825,7 @@ def provision(shell: RemoteShell, target: str, options: ProvisionOptions, *,
                         state["client_crt_sha256"] = hashlib.sha256(data).hexdigest()
                     if f.name == "password":
                         state["password_sha256"] = hashlib.sha256(data).hexdigest()
+                        password = data.decode().strip()
             connection = {k: (Path(v).name if k in ("ca", "cert", "key", "password") else v)
                           for k, v in connection.items()}
             state["connection"] = connection
@@ -823,8 +833,9 @@ def provision(shell: RemoteShell, target: str, options: ProvisionOptions, *,
             run.step("broker credentials", "changed",
                      f"{issued.record.auth} credentials issued for {device_id}"
                      + (f" (replaced {issued.replaced_serial})" if issued.replaced_serial else ""))
-        if connection:
-            env_text = render_agent_env(prefix, connection).encode()
+        if connection and (password is not None or "password" not in connection):
+            # (an unchanged password device keeps its env file: the password is not known here)
+            env_text = render_agent_env(prefix, connection, password).encode()
             action = file_action("etc/agent.env", hashlib.sha256(env_text).hexdigest(), facts)
             if action != "unchanged" and not dry:
                 run.put_bytes(env_text, f"{prefix}/etc/agent.env", 0o600)
@@ -940,7 +951,7 @@ def _install_start_script(run: _Run, prefix: str) -> None:
         "#!/bin/sh",
         "# written by `edgeship device provision`: starts the agent where there is no systemd",
         f"cd {p} || exit 1",
-        f"if [ -f run/agent.pid ] && kill -0 $(cat run/agent.pid) 2>/dev/null; then",
+        "if [ -f run/agent.pid ] && kill -0 $(cat run/agent.pid) 2>/dev/null; then",
         "  kill $(cat run/agent.pid); i=0",
         "  while kill -0 $(cat run/agent.pid) 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done",
         "  kill -9 $(cat run/agent.pid) 2>/dev/null",
@@ -978,12 +989,15 @@ def wait_online(folder: Any, fleet: str, device_id: str, timeout: float) -> floa
 
     start = time.monotonic()
     topic = device_topic(fleet, device_id, STATUS, folder.settings().prefix)
-    with MqttConnection(url, client_id=f"edgeship-provision-{os.getpid()}-{device_id}"[:128]) as mqtt:
-        mqtt.connect(timeout=min(timeout, 15.0))
+    mqtt = MqttConnection(url, client_id=f"edgeship-provision-{os.getpid()}-{device_id}"[:128])
+    mqtt.connect(timeout=min(timeout, 15.0))
+    try:
         mqtt.subscribe(topic, handler)
         if not online.wait(max(0.0, timeout - (time.monotonic() - start))):
-            raise ProvisionError(f"device {device_id} did not report online on {topic} within {timeout:.0f} s; "
+            raise ProvisionError(f"device {device_id} did not report online on {topic} within {timeout:.1f} s; "
                                  "see the agent's log on the device")
+    finally:
+        mqtt.close()
     return time.monotonic() - start
 
 

@@ -14,6 +14,7 @@ A device moves through these statuses within one rollout::
                                                      a late answer still updates it)
     PENDING -> ALREADY (already ran the version) | SKIPPED (left the selection, runs a newer version)
     moved   -> ROLLBACK_SENT (abort/rollback; NO_PREVIOUS when it ran nothing before)
+    PENDING -> CANCELLED (the rollout ended before it moved)
 
 The rollout itself: RUNNING <-> PAUSED -> COMPLETED | ABORTED; RUNNING, PAUSED or
 COMPLETED -> ROLLED_BACK (operator). ABORTED and ROLLED_BACK are terminal; a
@@ -24,49 +25,51 @@ join the selection later (until a newer rollout of the same bundle supersedes it
 from __future__ import annotations
 
 __all__ = [
-    "RolloutState",
-    "DeviceStatus",
+    "FINISHED_STATES",
     "MOVED_STATUSES",
     "RESOLVED_STATUSES",
-    "FINISHED_STATES",
+    "AbortRollout",
+    "Action",
+    "AdvanceStage",
+    "AssignVersion",
+    "CompleteRollout",
+    "Decision",
+    "DeviceRecord",
+    "DeviceSnapshot",
+    "DeviceStatus",
     "FailureThreshold",
     "HealthGates",
-    "RolloutPolicy",
-    "VersionTelemetry",
-    "DeviceSnapshot",
-    "DeviceRecord",
-    "Rollout",
     "HealthReading",
-    "AssignVersion",
-    "RollbackDevice",
-    "AdvanceStage",
-    "CompleteRollout",
-    "AbortRollout",
     "PauseRollout",
     "ResumeRollout",
-    "Action",
-    "Decision",
+    "RollbackDevice",
+    "RollbackRollout",
+    "Rollout",
+    "RolloutPolicy",
+    "RolloutState",
     "StageProgress",
+    "VersionTelemetry",
+    "abort",
+    "action_from_dict",
+    "measure_health",
     "new_rollout",
-    "step",
+    "parse_duration",
+    "parse_stages",
     "pause",
     "resume",
-    "abort",
     "rollback",
-    "stage_targets",
-    "measure_health",
     "stage_progress",
-    "parse_stages",
-    "parse_duration",
-    "action_from_dict",
+    "stage_targets",
+    "step",
 ]
 
 import hashlib
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.telemetry import LatencyHistogram
@@ -97,6 +100,7 @@ class DeviceStatus(str, Enum):
     TIMED_OUT = "TIMED_OUT"
     ROLLBACK_SENT = "ROLLBACK_SENT"
     NO_PREVIOUS = "NO_PREVIOUS"
+    CANCELLED = "CANCELLED"
 
 
 D = DeviceStatus
@@ -134,7 +138,7 @@ class FailureThreshold:
             raise BadInputError(f"failure threshold {self.pct}% must be within 0-100%")
 
     @classmethod
-    def parse(cls, text: str) -> "FailureThreshold":
+    def parse(cls, text: str) -> FailureThreshold:
         """``"10%"`` (percentage of moved devices) or ``"3"`` (a number of devices)."""
         value = str(text).strip()
         try:
@@ -176,7 +180,7 @@ class HealthGates:
             raise BadInputError(f"min_requests={self.min_requests} must be >= 1")
 
     @classmethod
-    def parse(cls, text: str) -> "HealthGates":
+    def parse(cls, text: str) -> HealthGates:
         """``"max_error_rate=0.05,max_p95_ratio=1.5[,min_requests=100]"`` (error rate may be ``5%``)."""
         values: Dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in str(text).split(","))):
@@ -243,7 +247,7 @@ class RolloutPolicy:
         }
 
     @classmethod
-    def from_dict(cls, doc: Mapping[str, Any]) -> "RolloutPolicy":
+    def from_dict(cls, doc: Mapping[str, Any]) -> RolloutPolicy:
         return cls(
             stages=tuple(doc.get("stages", (5.0, 25.0, 100.0))),
             success_threshold_pct=float(doc.get("success_threshold_pct", 90.0)),
@@ -405,6 +409,14 @@ class AbortRollout:
 
 
 @dataclass(frozen=True)
+class RollbackRollout:
+    """The operator rolled a whole rollout back (its RollbackDevice actions follow)."""
+
+    reason: str
+    kind: str = field(default="rollback_rollout", init=False)
+
+
+@dataclass(frozen=True)
 class PauseRollout:
     reason: str
     kind: str = field(default="pause", init=False)
@@ -416,11 +428,11 @@ class ResumeRollout:
     kind: str = field(default="resume", init=False)
 
 
-Action = Union[AssignVersion, RollbackDevice, AdvanceStage, CompleteRollout, AbortRollout, PauseRollout,
-               ResumeRollout]
+Action = Union[AssignVersion, RollbackDevice, AdvanceStage, CompleteRollout, AbortRollout, RollbackRollout,
+               PauseRollout, ResumeRollout]
 _ACTIONS = {cls.__dataclass_fields__["kind"].default: cls for cls in  # type: ignore[attr-defined]
-            (AssignVersion, RollbackDevice, AdvanceStage, CompleteRollout, AbortRollout, PauseRollout,
-             ResumeRollout)}
+            (AssignVersion, RollbackDevice, AdvanceStage, CompleteRollout, AbortRollout, RollbackRollout,
+             PauseRollout, ResumeRollout)}
 
 
 def action_from_dict(doc: Mapping[str, Any]) -> Action:
@@ -529,7 +541,7 @@ class StageProgress:
 
 def stage_progress(rollout: Rollout) -> List[StageProgress]:
     """Per stage: its cumulative target and how its devices stand (for status views and metrics)."""
-    population = rollout.population() + rollout.count(D.ROLLBACK_SENT, D.NO_PREVIOUS)
+    population = rollout.population() + rollout.count(D.ROLLBACK_SENT, D.NO_PREVIOUS, D.CANCELLED)
     targets = stage_targets(rollout.policy.stages, population)
     result = []
     for index, pct in enumerate(rollout.policy.stages):
@@ -602,7 +614,8 @@ def _refresh(record: DeviceRecord, snapshot: Optional[DeviceSnapshot], rollout: 
     if status not in MOVED_STATUSES:
         return record
     assert record.assigned_at is not None
-    new_status, detail = status, record.detail
+    new_status: DeviceStatus = status
+    detail = record.detail
     # Only reports received after the assignment count: a retained report from an
     # earlier attempt at the same version must not decide this one.
     if snapshot is not None and snapshot.reported_at is not None and snapshot.reported_at >= record.assigned_at:
@@ -680,7 +693,7 @@ def _roll_back(rollout: Rollout, now: float, reason: str, state: RolloutState, f
                 devices[device] = replace(record, status=D.NO_PREVIOUS, updated_at=now,
                                           detail=f"was {record.status.value}; it ran no model before")
         elif record.status is D.PENDING:
-            devices[device] = replace(record, status=D.SKIPPED, updated_at=now, detail="the rollout ended first")
+            devices[device] = replace(record, status=D.CANCELLED, updated_at=now, detail="the rollout ended first")
     return Decision(replace(rollout, state=state, devices=devices, reason=reason, updated_at=now), actions)
 
 
@@ -732,6 +745,11 @@ def step(rollout: Rollout, fleet: Union[Mapping[str, DeviceSnapshot], Iterable[D
         pending = current.count(D.PENDING)
         if current.count(*MOVED_STATUSES) < targets[stage] and pending:
             break  # pending devices not in the snapshot cannot be assigned; wait for them
+        if current.population() == 0 and not current.count(D.ALREADY):
+            # No device matches yet (none reported, or a tag not set yet): wait rather than
+            # complete, or the devices that appear later would all get the version unstaged.
+            current = replace(current, reason="waiting: no device matches the selection yet")
+            break
         members = [r for r in devices.values() if r.stage == stage and r.status in MOVED_STATUSES]
         succeeded = sum(1 for r in members if r.status is D.SUCCEEDED)
         threshold = current.policy.success_threshold_pct
@@ -742,7 +760,7 @@ def step(rollout: Rollout, fleet: Union[Mapping[str, DeviceSnapshot], Iterable[D
                 why = (f"stage {stage + 1}: {succeeded} of {len(members)} devices succeeded "
                        f"({_pct(succeeded, len(members))}); every selected device has the version")
                 if not members and not current.moved():
-                    why = "no selected device needed the update"
+                    why = "every selected device already runs the version"
                 current = replace(current, state=RolloutState.COMPLETED, stage=stage,
                                   stage_started_at=stage_started_at, reason=why)
                 actions.append(CompleteRollout(why))
@@ -793,4 +811,4 @@ def rollback(rollout: Rollout, now: float, reason: str = "rolled back by the ope
     """RUNNING|PAUSED|COMPLETED -> ROLLED_BACK, rolling every moved device back."""
     if rollout.state in (RolloutState.ABORTED, RolloutState.ROLLED_BACK):
         raise BadInputError(f"rollout {rollout.id} is {rollout.state.value}: its devices were already rolled back")
-    return _roll_back(rollout, now, reason, RolloutState.ROLLED_BACK, AbortRollout(reason))
+    return _roll_back(rollout, now, reason, RolloutState.ROLLED_BACK, RollbackRollout(reason))

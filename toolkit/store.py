@@ -22,26 +22,27 @@ from __future__ import annotations
 __all__ = [
     "DEFAULT_DB_URL",
     "ConcurrentUpdateError",
-    "IngestItem",
-    "DeviceInfo",
     "DesiredRecord",
-    "PendingAction",
+    "DeviceInfo",
     "FleetStore",
+    "IngestItem",
+    "PendingAction",
+    "new_id",
     "open_store",
     "parse_selection",
-    "new_id",
 ]
 
 import json
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from edgeship.ota.errors import BadInputError, EdgeshipError, require_module
 from edgeship.ota.protocol import EventMessage, ReportedMessage, StatusMessage, TelemetryMessage
 from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
-from edgeship.toolkit.abtest import ABTest, Arm, Metric, TelemetryWindow
+from edgeship.toolkit.abtest import ABTest, Arm, Metric, TelemetryWindow, plan_assignments
 from edgeship.toolkit.rollouts import (
     Action,
     AssignVersion,
@@ -55,12 +56,13 @@ from edgeship.toolkit.rollouts import (
     RolloutState,
     VersionTelemetry,
     action_from_dict,
+    step,
 )
 
 require_module("sqlalchemy", "host")
 
-import sqlalchemy as sa  # noqa: E402
-from sqlalchemy.engine import Connection, Engine  # noqa: E402
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
 
 DEFAULT_DB_URL = "sqlite:///fleet.db"
 
@@ -207,6 +209,8 @@ outbox = sa.Table(
     sa.Column("payload", sa.JSON, nullable=False),
     sa.Column("done_at", sa.Float),
     sa.Column("error", sa.Text),
+    sa.Column("claimed_by", sa.String(128)),
+    sa.Column("claimed_at", sa.Float),
     sa.Index("ix_outbox_pending", "done_at", "id"),
 )
 
@@ -277,7 +281,9 @@ class DeviceInfo:
 
     @property
     def last_error_rate(self) -> Optional[float]:
-        return self.last_errors / self.last_requests if self.last_requests else None
+        if not self.last_requests or self.last_errors is None:
+            return None
+        return self.last_errors / self.last_requests
 
     def to_dict(self) -> Dict[str, Any]:
         return {**asdict(self), "last_error_rate": self.last_error_rate}
@@ -338,7 +344,8 @@ def _update_fields(update: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     or flat ``name``/``version``, and an optional ``detail``/``error``."""
     if not update:
         return {"update_state": None, "update_name": None, "update_version": None, "update_detail": None}
-    bundle = update.get("bundle") if isinstance(update.get("bundle"), Mapping) else update
+    nested = update.get("bundle")
+    bundle: Mapping[str, Any] = nested if isinstance(nested, Mapping) else update
     name, version = bundle.get("name"), bundle.get("version")
     detail = update.get("detail") or update.get("error")
     return {"update_state": str(update.get("state"))[:32] if update.get("state") else None,
@@ -367,7 +374,7 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 def _normalize_url(url: str) -> str:
     """``postgresql://`` means psycopg 3 here (SQLAlchemy's default would be psycopg2)."""
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
+    if url.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
 
@@ -394,21 +401,21 @@ class FleetStore:
     def close(self) -> None:
         self.engine.dispose()
 
-    def __enter__(self) -> "FleetStore":
+    def __enter__(self) -> FleetStore:
         return self
 
-    def __exit__(self, *_exc: Any) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self.close()
 
     # -- dialect helpers ----------------------------------------------------------------------
 
     def _insert(self, table: sa.Table) -> Any:
         if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-            return insert(table)
+            from sqlalchemy.dialects import postgresql
+            return postgresql.insert(table)
         if self.dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
-            return insert(table)
+            from sqlalchemy.dialects import sqlite
+            return sqlite.insert(table)
         return sa.insert(table)  # pragma: no cover - other databases are not supported
 
     def _insert_ignore(self, table: sa.Table, *keys: str) -> Any:
@@ -472,7 +479,7 @@ class FleetStore:
                 seen[device] = at
             else:
                 raise BadInputError(f"the store does not ingest {type(message).__name__} messages")
-        b_id = sa.bindparam("b_id")
+        b_id: Any = sa.bindparam("b_id")
         with self.engine.begin() as conn:
             conn.execute(self._insert_ignore(devices, "id"), list(new_devices.values()))
             if status_rows:
@@ -480,7 +487,7 @@ class FleetStore:
                              .values(online=sa.bindparam("online"), status_at=sa.bindparam("status_at")),
                              status_rows)
             if reported_rows:
-                columns = {k: sa.bindparam(k) for k in reported_rows[0] if k != "b_id"}
+                columns: Dict[str, Any] = {k: sa.bindparam(k) for k in reported_rows[0] if k != "b_id"}
                 conn.execute(sa.update(devices).where(devices.c.id == b_id).values(**columns), reported_rows)
             if device_telemetry:
                 rows = list(device_telemetry.values())
@@ -571,6 +578,36 @@ class FleetStore:
             tags = self._tags(conn, [device]).get(device, {})
         names = DeviceInfo.__dataclass_fields__
         return DeviceInfo(**{k: row[k] for k in names if k != "tags"}, tags=tags)
+
+    def fleet_summary(self, since: float) -> Dict[str, Any]:
+        """What the controller's Prometheus metrics need, per fleet: devices and how many are online,
+        devices per active (bundle, version), and the fleet's merged latency histogram and request and
+        error counts over the telemetry received since ``since``."""
+        summary: Dict[str, Any] = {}
+        with self.engine.connect() as conn:
+            online_query = (sa.select(devices.c.fleet, devices.c.online, sa.func.count())
+                            .group_by(devices.c.fleet, devices.c.online))
+            for fleet, online, count in conn.execute(online_query):
+                entry = summary.setdefault(fleet, {"devices": 0, "online": 0, "versions": {}, "requests": 0,
+                                                   "errors": 0, "latency": LatencyHistogram()})
+                entry["devices"] += int(count)
+                entry["online"] += int(count) if online else 0
+            versions_query = (sa.select(devices.c.fleet, devices.c.active_name, devices.c.active_version,
+                                        sa.func.count())
+                              .group_by(devices.c.fleet, devices.c.active_name, devices.c.active_version))
+            for fleet, name, version, count in conn.execute(versions_query):
+                key = f"{name}:{version}" if name else "none"
+                summary[fleet]["versions"][key] = int(count)
+            window_query = (sa.select(telemetry.c.fleet, telemetry.c.requests, telemetry.c.errors,
+                                      telemetry.c.latency).where(telemetry.c.received_at >= since))
+            for fleet, requests, errors, latency in conn.execute(window_query):
+                entry = summary.get(fleet)
+                if entry is None:
+                    continue
+                entry["requests"] += requests
+                entry["errors"] += errors
+                entry["latency"] = entry["latency"].merge(_latency_from_json(latency))
+        return summary
 
     def recent_events(self, device: Optional[str] = None, limit: int = 50) -> List[Dict[str, Any]]:
         query = sa.select(events).order_by(events.c.received_at.desc(), events.c.id.desc()).limit(limit)
@@ -672,16 +709,18 @@ class FleetStore:
             return {d: (n, v) for d, n, v in conn.execute(query)}
 
     @staticmethod
-    def _desired(row: Mapping[str, Any]) -> DesiredRecord:
+    def _desired(row: Any) -> DesiredRecord:
         return DesiredRecord(row["device_id"], row["fleet"], int(row["sequence"]), row["name"], row["version"],
                              row["action"], row["rollout_id"], row["abtest_id"], row["deployment"],
                              row["issued_at"], row["expires_at"], row["envelope"])
 
     # -- rollouts -----------------------------------------------------------------------------
 
-    def create_rollout(self, rollout: Rollout) -> None:
+    def create_rollout(self, rollout: Rollout, promote_abtest: Optional[str] = None) -> None:
         """Store a new rollout. Refused while another rollout of the same bundle on the fleet is
-        RUNNING or PAUSED; COMPLETED ones of the same bundle are marked superseded (they stop
+        RUNNING or PAUSED, or a RUNNING A/B test there has an arm of that bundle (other than
+        ``promote_abtest``, which this rollout promotes: it is marked PROMOTED in the same
+        transaction). COMPLETED rollouts of the same bundle are marked superseded (they stop
         giving their version to devices that join later)."""
         with self.engine.begin() as conn:
             busy = conn.execute(sa.select(rollouts.c.id, rollouts.c.version, rollouts.c.state).where(
@@ -691,6 +730,19 @@ class FleetStore:
                 raise BadInputError(
                     f"rollout {busy.id} of {rollout.name} {busy.version} on fleet {rollout.fleet} is {busy.state}; "
                     f"abort it or let it finish first")
+            testing = conn.execute(sa.select(abtests.c.id).where(
+                abtests.c.fleet == rollout.fleet, abtests.c.state == "RUNNING",
+                sa.or_(abtests.c.a_name == rollout.name, abtests.c.b_name == rollout.name))).scalars().all()
+            others = [t for t in testing if t != promote_abtest]
+            if others:
+                raise BadInputError(f"A/B test {others[0]} of {rollout.name} runs on fleet {rollout.fleet}; "
+                                    "promote or stop it first")
+            if promote_abtest is not None:
+                if promote_abtest not in testing:
+                    raise BadInputError(f"A/B test {promote_abtest} is not a RUNNING test of {rollout.name} "
+                                        f"on fleet {rollout.fleet}")
+                conn.execute(sa.update(abtests).where(abtests.c.id == promote_abtest).values(
+                    state="PROMOTED", updated_at=rollout.created_at, promoted_rollout=rollout.id))
             conn.execute(sa.insert(rollouts).values(**self._rollout_row(rollout), revision=1))
             conn.execute(sa.update(rollouts).where(
                 rollouts.c.fleet == rollout.fleet, rollouts.c.name == rollout.name, rollouts.c.id != rollout.id,
@@ -785,6 +837,8 @@ class FleetStore:
         for attempt in range(retries):
             rollout, revision = self.load_rollout(rollout_id)
             decision = decide(rollout)
+            if not decision.actions and replace(decision.rollout, updated_at=rollout.updated_at) == rollout:
+                return decision  # nothing changed: no write, no revision bump
             try:
                 self.save_rollout(decision.rollout, revision, decision.actions, before=rollout, now=now)
                 return decision
@@ -793,6 +847,32 @@ class FleetStore:
                     raise
                 time.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def reconcile_rollout(self, rollout_id: str, now: float, telemetry_window_s: float = 900.0) -> Decision:
+        """One reconcile of one rollout: snapshot of its selection (telemetry of the last
+        ``telemetry_window_s`` seconds, never before the rollout started), ``step``, save with the
+        outbox. What the controller calls for each of :meth:`live_rollout_ids` on every tick."""
+        def decide(rollout: Rollout) -> Decision:
+            since = max(rollout.created_at, now - telemetry_window_s)
+            return step(rollout, self.fleet_snapshot(rollout.fleet, rollout.selection, telemetry_since=since), now)
+
+        return self.update_rollout(rollout_id, decide, now=now)
+
+    def reconcile_abtest(self, test_id: str, now: float) -> List[AssignVersion]:
+        """Queue the arm assignments a RUNNING A/B test still needs (devices that joined, or whose
+        desired state is not their arm's yet); returns what was queued. Assignments already queued and
+        not yet carried out are not queued twice."""
+        test, _ = self.get_abtest(test_id)
+        if test.state != "RUNNING":
+            return []
+        desired = self.desired_map(test.fleet)
+        for pending in self.pending_actions(limit=100_000):
+            if pending.abtest_id == test_id and isinstance(pending.action, AssignVersion):
+                desired[pending.action.device] = (pending.action.name, pending.action.version)
+        actions = plan_assignments(test, self.list_devices(test.fleet, test.selection), desired)
+        if actions:
+            self.enqueue_actions(test.fleet, actions, now, abtest_id=test_id)
+        return actions
 
     def list_rollouts(self, fleet: Optional[str] = None, states: Optional[Iterable[str]] = None,
                       limit: int = 100) -> List[Dict[str, Any]]:
@@ -846,6 +926,28 @@ class FleetStore:
                               action_from_dict(r["payload"] if not isinstance(r["payload"], str)
                                                else json.loads(r["payload"])), r["created_at"]) for r in rows]
 
+    def claim_actions(self, owner: str, now: float, limit: int = 500, lease_s: float = 60.0) -> List[PendingAction]:
+        """Claim pending actions for one controller replica, so two replicas never carry out the same
+        one: unclaimed entries, or entries whose claim is older than ``lease_s`` (a replica that died).
+        Returns the entries this call claimed, oldest first."""
+        expired = now - lease_s
+        claimable = sa.and_(outbox.c.done_at.is_(None),
+                            sa.or_(outbox.c.claimed_by.is_(None), outbox.c.claimed_at < expired))
+        with self.engine.begin() as conn:
+            ids = list(conn.execute(sa.select(outbox.c.id).where(claimable).order_by(outbox.c.id).limit(limit))
+                       .scalars())
+            if not ids:
+                return []
+            # The claim re-checks the condition, so a concurrent claimer that got there first wins.
+            conn.execute(sa.update(outbox).where(outbox.c.id.in_(ids), claimable)
+                         .values(claimed_by=owner, claimed_at=now))
+            rows = conn.execute(sa.select(outbox).where(outbox.c.id.in_(ids), outbox.c.claimed_by == owner,
+                                                        outbox.c.claimed_at == now).order_by(outbox.c.id)
+                                ).mappings().all()
+        return [PendingAction(int(r["id"]), r["fleet"], r["rollout_id"], r["abtest_id"],
+                              action_from_dict(r["payload"] if not isinstance(r["payload"], str)
+                                               else json.loads(r["payload"])), r["created_at"]) for r in rows]
+
     def complete_action(self, action_id: int, now: float, error: Optional[str] = None) -> None:
         """Mark an outbox entry carried out (``error`` keeps why it could not be)."""
         with self.engine.begin() as conn:
@@ -854,7 +956,21 @@ class FleetStore:
     # -- A/B tests ----------------------------------------------------------------------------
 
     def create_abtest(self, test: ABTest) -> None:
+        """Store a new A/B test. Refused while a rollout of either arm's bundle is RUNNING or PAUSED on
+        the fleet; COMPLETED rollouts of those bundles are superseded (they stop giving their version
+        to devices that join later, which now get an arm)."""
+        names = {test.a.name, test.b.name}
         with self.engine.begin() as conn:
+            busy = conn.execute(sa.select(rollouts.c.id, rollouts.c.name, rollouts.c.state).where(
+                rollouts.c.fleet == test.fleet, rollouts.c.name.in_(names),
+                rollouts.c.state.in_(LIVE_ROLLOUT_STATES))).first()
+            if busy is not None:
+                raise BadInputError(f"rollout {busy.id} of {busy.name} on fleet {test.fleet} is {busy.state}; "
+                                    "abort it or let it finish before an A/B test of that bundle")
+            conn.execute(sa.update(rollouts).where(
+                rollouts.c.fleet == test.fleet, rollouts.c.name.in_(names),
+                rollouts.c.state == RolloutState.COMPLETED.value, rollouts.c.superseded_by.is_(None))
+                .values(superseded_by=test.id))
             conn.execute(sa.insert(abtests).values(
                 id=test.id, fleet=test.fleet, a_name=test.a.name, a_version=test.a.version, b_name=test.b.name,
                 b_version=test.b.version, metric=test.metric.value, split_pct=test.split_pct,
@@ -871,7 +987,7 @@ class FleetStore:
         return self._abtest(row), row["promoted_rollout"]
 
     @staticmethod
-    def _abtest(row: Mapping[str, Any]) -> ABTest:
+    def _abtest(row: Any) -> ABTest:
         selection = row["selection"] if not isinstance(row["selection"], str) else json.loads(row["selection"])
         return ABTest(id=row["id"], fleet=row["fleet"], a=Arm(row["a_name"], row["a_version"]),
                       b=Arm(row["b_name"], row["b_version"]), metric=Metric(row["metric"]),

@@ -81,6 +81,8 @@ def classify_error(exc: BaseException) -> Event:
 class TestHooks:
     """Test-only: pause or SIGKILL the process on entering a state (see the module doc)."""
 
+    __test__ = False  # not a pytest class
+
     pause_in: frozenset[str] = frozenset()
     kill_in: frozenset[str] = frozenset()
     marker_dir: Path | None = None
@@ -168,6 +170,7 @@ class UpdateDriver:
         self._baseline: dict[str, Any] | None = None
         self._event_seq = 0
         self._ctx_cache: dict[str, Any] = {}
+        self._hook_pending: State | None = None
         self.state: AgentState = self.store.load()
         config.data_dir.mkdir(parents=True, exist_ok=True)
 
@@ -206,7 +209,9 @@ class UpdateDriver:
             record = UpdateRecord(id=uuid.uuid4().hex[:12], kind=kind, source=source.to_record(),
                                   rollback_to=self.state.active, base_sequence=self.state.last_sequence)
             self.state.update = record
-            self._enter(next_state(State.IDLE, Event.START), f"{kind} from {source.describe()}")
+            # persisted here, in the caller's thread; the test hook fires on the worker's first step
+            self._enter(next_state(State.IDLE, Event.START), f"{kind} from {source.describe()}", hook=False)
+            self._hook_pending = State(record.state)
             return record
 
     def abort(self, reason: str = "rollback requested by the operator") -> bool:
@@ -226,12 +231,14 @@ class UpdateDriver:
             if update is None or is_terminal(State(update.state)):
                 return
             state = State(update.state)
-            self._enter(state, f"resumed in {state.value} after a restart")
+            self._enter(state, f"resumed in {state.value} after a restart", hook=False)
             entries = update.entries.get(state.value, 0)
             event = event_on_reentry(entries, self.config.max_reentries)
             if event is not None:
                 self._transition(event, f"{state.value} interrupted {entries - 1} times (agent restarts or "
                                         f"crashes); cap is {self.config.max_reentries}")
+            else:
+                self.hooks.on_enter(state)  # the re-entry is counted on disk before anything can crash
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, *, stop_at_probation: bool = False) -> UpdateRecord | None:
@@ -245,6 +252,9 @@ class UpdateDriver:
                         self._finish()
                     return update
                 state = State(update.state)
+            if self._hook_pending is state:
+                self._hook_pending = None
+                self.hooks.on_enter(state)
             if state is State.PROBATION and (stop_at_probation or self.serving is None) \
                     and not self._abort.is_set():
                 return update
@@ -270,7 +280,7 @@ class UpdateDriver:
                 self._transition(event, reason, mutate)
 
     # -- persistence -----------------------------------------------------------------------------
-    def _enter(self, state: State, reason: str) -> None:
+    def _enter(self, state: State, reason: str, *, hook: bool = True) -> None:
         update = self.state.update
         assert update is not None
         now = time.time()
@@ -283,7 +293,8 @@ class UpdateDriver:
         self.store.save(self.state)
         log.info("update %s: %s (%s)", update.id, state.value, reason)
         self._report(state, reason)
-        self.hooks.on_enter(state)
+        if hook:
+            self.hooks.on_enter(state)
 
     def _transition(self, event: Event, reason: str, mutate: Callable[[AgentState, UpdateRecord], None] | None = None) -> None:
         update = self.state.update

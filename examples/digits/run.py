@@ -19,35 +19,34 @@ Files land in DIR (default ./demo-out): ``digits.keras``, ``calib.npz``,
 from __future__ import annotations
 
 __all__ = [
-    "VARIANTS",
-    "PRIMARY_VARIANT",
     "GATES",
+    "PRIMARY_VARIANT",
+    "VARIANTS",
     "Variant",
     "VariantResult",
-    "train",
-    "convert_variants",
     "benchmark_variants",
-    "summary_rows",
+    "convert_variants",
+    "main",
     "render_table",
     "run_demo",
-    "main",
+    "summary_rows",
+    "train",
 ]
 
 import argparse
-import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from model import save_digits_model  # noqa: E402  (examples/digits/model.py)
-
-from edgeship.converters.validate import GateLimits  # noqa: E402
+from edgeship.converters.validate import GateLimits
+from model import save_digits_model
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -137,7 +136,6 @@ def benchmark_variants(
 ) -> dict[str, dict[str, Any]]:
     """Batch-1 latency of the Keras model and of every variant, same inputs, one run."""
     import numpy as np
-
     from edgeship.converters.bench import measure_latency, rss_mib
     from edgeship.converters.sources import open_any_model
 
@@ -265,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from edgeship.toolkit.output import console, emit_json, progress_reporter
 
     try:
-        with progress_reporter(enabled=True) as progress:
+        with progress_reporter(enabled=sys.stderr.isatty()) as progress:
             summary = run_demo(args.out, epochs=args.epochs, runs=args.runs, progress=progress)
     except EdgeshipError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

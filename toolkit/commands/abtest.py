@@ -14,7 +14,6 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 import click
-
 from edgeship.ota.errors import BadInputError, GateFailedError
 from edgeship.ota.topics import validate_identifier
 from edgeship.ota.versions import check_name, parse_version
@@ -159,8 +158,7 @@ def promote(test_id: str, arm: Optional[str], stages: str, success_threshold: fl
     chosen = test.arm(label)
     now = time.time()
     created = new_rollout(new_id("r"), test.fleet, chosen.name, chosen.version, policy, now, test.selection)
-    store.create_rollout(created)
-    store.set_abtest_state(test_id, "PROMOTED", now, promoted_rollout=created.id)
+    store.create_rollout(created, promote_abtest=test_id)
     if as_json:
         emit_json({"id": created.id, "abtest": test_id, "arm": label, "name": chosen.name, "version": chosen.version,
                    "verdict": result.verdict})
@@ -198,7 +196,10 @@ def ls(fleet: Optional[str], db_url: Optional[str], as_json: bool) -> None:
         return
     from rich.table import Table
 
-    table = Table("id", "fleet", "A", "B", "metric", "split", "state", show_edge=False)
+    table = Table(show_edge=False)
+    table.add_column("id", no_wrap=True)
+    for title in ("fleet", "A", "B", "metric", "split", "state"):
+        table.add_column(title)
     for t in tests:
         table.add_row(t.id, t.fleet, str(t.a), str(t.b), t.metric.value, f"{t.split_pct:g}%", t.state)
     console().print(table)

@@ -5,13 +5,14 @@ at the CLI edge (``edgeship.toolkit.cli``).
 
 from __future__ import annotations
 
-__all__ = ["convert", "validate", "inspect_model", "bench"]
+__all__ = ["bench", "convert", "inspect_model", "validate"]
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import click
-
 from edgeship.ota.errors import BadInputError
 from edgeship.toolkit.output import console, emit_json, progress_reporter
 
@@ -48,6 +49,11 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _line(out: Any, text: str) -> None:
+    """A plain line (click.echo, never wrapped: paths stay whole) on ``out``'s stream."""
+    click.echo(text, err=bool(getattr(out, "stderr", False)))
+
+
 def _print_validation(out: Any, validation: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -67,7 +73,8 @@ def _print_validation(out: Any, validation: dict[str, Any]) -> None:
         )
     out.print(table)
     drop = metrics["accuracy_drop_pp"]
-    out.print(
+    _line(
+        out,
         f"agreement {_pct(metrics['agreement'])}, accuracy drop "
         f"{'-' if drop is None else f'{drop:.2f} points'}, max abs error {metrics['max_abs_error']:.4g}, "
         f"mean abs error {metrics['mean_abs_error']:.4g}"
@@ -75,9 +82,9 @@ def _print_validation(out: Any, validation: dict[str, Any]) -> None:
     gates = validation["gates"]
     if gates["failures"]:
         for failure in gates["failures"]:
-            out.print(f"[bold red]FAIL[/] {failure}")
+            _line(out, f"FAIL {failure}")
     elif any(v is not None for v in gates["limits"].values()):
-        out.print("[green]gates passed[/]")
+        _line(out, "gates passed")
 
 
 @click.command("convert")
@@ -106,7 +113,7 @@ def convert(
     limits = _limits(max_accuracy_drop, min_agreement)
     spec = parse_preprocessing(preprocess)
     try:
-        with progress_reporter(enabled=True) as progress:
+        with progress_reporter(enabled=sys.stderr.isatty()) as progress:
             result = convert_model(
                 model, output, to=to, quantize=quantize, int8_io=int8_io, calib=calib, eval_data=eval_data,
                 preprocessing=spec, validate=not no_validate, limits=limits, allow_select_tf_ops=allow_select_tf_ops,
@@ -127,12 +134,13 @@ def convert(
     if report.get("validation"):
         _print_validation(out, report["validation"])
     golden = report["golden"]
-    out.print(
+    _line(
+        out,
         f"wrote {result.out} ({report['model']['size_bytes'] / 1024:.1f} KiB, {report['conversion']['to']} "
         f"{report['conversion']['quantize']}{', int8 I/O' if int8_io else ''}; fully integer: "
         f"{report['operators']['fully_integer']})"
     )
-    out.print(f"wrote {result.golden_path} ({golden['samples']} samples, atol {golden['atol']:.3g}) and {result.report_path}")
+    _line(out, f"wrote {result.golden_path} ({golden['samples']} samples, atol {golden['atol']:.3g}) and {result.report_path}")
 
 
 @click.command("validate")
@@ -160,7 +168,7 @@ def validate(
     spec = parse_preprocessing(preprocess)
     with open_any_model(reference, threads=threads) as ref, open_any_model(candidate, threads=threads) as cand:
         dataset = load_dataset(data, input_shapes=[s.shape for s in ref.signature.inputs], preprocessing=spec)
-        with progress_reporter(enabled=True) as progress:
+        with progress_reporter(enabled=sys.stderr.isatty()) as progress:
             result = validate_models(ref, cand, dataset, limits=limits, latency_runs=runs, threads=threads, progress=progress)
     if as_json:
         emit_json(result.to_dict())
@@ -184,7 +192,7 @@ def inspect_model(model: str, as_json: bool) -> None:
     from rich.table import Table
 
     out = console()
-    out.print(f"{info['path']}: {info['format']}, {info['size_bytes'] / 1024:.1f} KiB, loaded with "
+    _line(out, f"{info['path']}: {info['format']}, {info['size_bytes'] / 1024:.1f} KiB, loaded with "
               f"{info['loaded_with']['name']} {info['loaded_with']['version']}")
     table = Table(title="signature")
     for column in ("", "name", "shape", "dtype", "scale", "zero point"):
@@ -194,14 +202,14 @@ def inspect_model(model: str, as_json: bool) -> None:
             table.add_row(role[:-1], t["name"], str(t["shape"]), t["dtype"],
                           f"{t['scale']:.6g}" if t["scale"] else "-", str(t["zero_point"]) if t["scale"] else "-")
     out.print(table)
-    out.print("operators: " + ", ".join(f"{name} x{count}" for name, count in info["operators"].items()))
+    _line(out, "operators: " + ", ".join(f"{name} x{count}" for name, count in info["operators"].items()))
     if info["fully_integer"]:
-        out.print("fully integer: yes")
+        _line(out, "fully integer: yes")
     else:
-        out.print("fully integer: no; in float: " + ", ".join(info["float_operators"]))
+        _line(out, "fully integer: no; in float: " + ", ".join(info["float_operators"]))
     requirements = info.get("runtime_requirements")
     if requirements:
-        out.print(f"needs: {requirements['name']} >= {requirements['min_version']}"
+        _line(out, f"needs: {requirements['name']} >= {requirements['min_version']}"
                   + (", Select TF ops (full TensorFlow)" if requirements["select_tf_ops"] else ""))
 
 
@@ -225,7 +233,7 @@ def bench(models: Sequence[str], threads: int, runs: int, warmup: int, data: str
     if any(k in ("keras", "h5", "savedmodel") for k in kinds):
         import_tensorflow()  # its import is not the model's memory
     rows: list[dict[str, Any]] = []
-    with progress_reporter(enabled=True) as progress:
+    with progress_reporter(enabled=sys.stderr.isatty()) as progress:
         for path, kind in zip(models, kinds):
             before = rss_mib()
             with open_any_model(path, threads=threads) as runner:
@@ -257,5 +265,5 @@ def bench(models: Sequence[str], threads: int, runs: int, warmup: int, data: str
                       "-" if row["rss_growth_mib"] is None else f"{row['rss_growth_mib']:.1f}",
                       f"{row['p50_ratio_to_first']:.2f}x")
     out.print(table)
-    out.print(f"fastest here: {Path(best).name if best else '-'}")
+    _line(out, f"fastest here: {Path(best).name if best else '-'}")
 

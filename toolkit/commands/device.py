@@ -165,8 +165,11 @@ _MARK = {"changed": "[green]✓[/green]", "unchanged": "[dim]=[/dim]", "skipped"
 
 
 def _print_step(con: Any, step: "StepResult", prefix: str = "") -> None:
+    from rich.markup import escape
+
     detail = f": {step.detail}" if step.detail else ""
-    con.print(f"{prefix}{_MARK.get(step.status, '?')} {step.name} [{step.status}]{detail}", highlight=False)
+    con.print(f"{prefix}{_MARK.get(step.status, '?')} " + escape(f"{step.name} [{step.status}]{detail}"),
+              highlight=False)
 
 
 @device.command("provision")
@@ -225,13 +228,19 @@ def _finish_report(con: Any, report: "ProvisionReport", as_json: bool, *, dry_ru
         emit_json({**report.to_dict(), "dry_run": dry_run})
         return
     for note in report.notes:
-        con.print(f"[yellow]note:[/yellow] {note}")
+        con.print("[yellow]note:[/yellow] " + _escape(note))
     if dry_run:
         con.print(f"dry run: nothing was changed on {report.target}")
     elif report.changed:
-        con.print(f"{report.target}: {verb} ({report.device_id or 'device'} in {report.prefix})")
+        con.print(_escape(f"{report.target}: {verb} ({report.device_id or 'device'} in {report.prefix})"))
     else:
-        con.print(f"{report.target}: nothing changed, already {verb}")
+        con.print(_escape(f"{report.target}: nothing changed, already {verb}"))
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 @click.command("provision")
@@ -288,7 +297,7 @@ def fleet_provision(hosts_file: str, parallel: int, **kw: Any) -> None:
         t = Table("host", "device", "step", "status", title=f"provisioning {len(entries)} devices")
         with lock:
             for host, row in rows.items():
-                t.add_row(host, row["device"], row["step"], row["status"])
+                t.add_row(*(_escape(x) for x in (host, row["device"], row["step"], row["status"])))
         return t
 
     from rich.live import Live
@@ -307,7 +316,7 @@ def fleet_provision(hosts_file: str, parallel: int, **kw: Any) -> None:
     elif failed:
         con.print(f"[red]{len(failed)} of {len(entries)} devices failed:[/red]")
         for r in failed:
-            con.print(f"  {r['target']}: {r['error']}")
+            con.print("  " + _escape(f"{r['target']}: {r['error']}"))
     else:
         con.print(f"all {len(entries)} devices provisioned")
     if failed:

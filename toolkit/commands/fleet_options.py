@@ -10,20 +10,19 @@
 from __future__ import annotations
 
 __all__ = [
-    "db_option",
     "broker_option",
-    "json_option",
-    "policy_options",
-    "policy_from_options",
-    "open_fleet_store",
     "check_broker_url",
+    "db_option",
+    "json_option",
+    "open_fleet_store",
+    "policy_from_options",
+    "policy_options",
 ]
 
 import re
 from typing import Any, Callable, Optional
 
 import click
-
 from edgeship.ota.errors import BadInputError
 
 F = Callable[..., Any]
@@ -76,7 +75,13 @@ def policy_options(func: F) -> F:
 
 def policy_from_options(stages: str, success_threshold: float, max_failures: str, health: str, stage_timeout: str,
                         bake: str) -> Any:
-    from edgeship.toolkit.rollouts import FailureThreshold, HealthGates, RolloutPolicy, parse_duration, parse_stages
+    from edgeship.toolkit.rollouts import (
+        FailureThreshold,
+        HealthGates,
+        RolloutPolicy,
+        parse_duration,
+        parse_stages,
+    )
 
     bake_s = 0.0 if bake.strip() in ("0", "0s", "") else parse_duration(bake)
     return RolloutPolicy(stages=parse_stages(stages), success_threshold_pct=success_threshold,

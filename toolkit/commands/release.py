@@ -6,7 +6,7 @@ Thin: each command parses its options, calls ``edgeship.ota.bundle`` /
 
 from __future__ import annotations
 
-__all__ = ["keys", "bundle", "publish", "repo"]
+__all__ = ["bundle", "keys", "publish", "repo"]
 
 import datetime as _dt
 import os
@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import click
-
 from edgeship.ota.errors import BadInputError
 from edgeship.toolkit.output import console, emit_json, progress_reporter
 
@@ -180,8 +179,9 @@ def bundle_build(model: Path, name: str, version: str, golden: Optional[Path], l
     for label, path in (("golden vectors", golden), ("labels", labels), ("report", report)):
         if path is not None and not path.is_file():
             raise BadInputError(f"{label} file {path}: no such file")
-    manifest = build_bundle(model, name=name, version=version, out=out, golden=golden, labels=labels,
-                            report=report, meta=_meta_options(meta), tags=list(tags))
+    with _progress(as_json) as progress:
+        manifest = build_bundle(model, name=name, version=version, out=out, golden=golden, labels=labels,
+                                report=report, meta=_meta_options(meta), tags=list(tags), progress=progress)
     if as_json:
         emit_json({"bundle": str(out), "size": out.stat().st_size, "manifest": manifest.to_dict()})
         return
@@ -273,6 +273,14 @@ def bundle_export(name: str, version: str, repo_dir: Path, out: Path, fleet: str
 
     result = ReleaseRepository(repo_dir).export(name, version, out, fleet=fleet,
                                                 expires_in=_dt.timedelta(seconds=parse_duration(expires)))
+    from edgeship.ota.director import parse_utc
+
+    # a package whose metadata lapses well before its desired state is a trap for a USB stick
+    if parse_utc(result["metadata_expires"]) < parse_utc(result["expires"]) - _dt.timedelta(hours=1):
+        click.echo(f"warning: the package can be installed only until {result['metadata_expires']}, when its "
+                   f"{result['metadata_expires_role']} metadata expires; for a stick that travels, first run "
+                   f"`edgeship repo refresh --repo {repo_dir} --expires {result['metadata_expires_role']}={expires}`",
+                   err=True)
     if as_json:
         emit_json(result)
         return
@@ -339,13 +347,20 @@ def repo_status(repo_dir: Path, as_json: bool) -> None:
 @_repo_option
 @click.option("--expires", "expires", multiple=True, metavar="ROLE=DURATION",
               help="New validity of a role, saved for later refreshes (e.g. timestamp=1d).")
-@click.option("--targets", "with_targets", is_flag=True, help="Re-sign targets.json too.")
+@click.option("--targets", "with_targets", is_flag=True, default=None,
+              help="Re-sign targets.json too (default: when less than a tenth of its validity is left).")
+@click.option("--root", "with_root", is_flag=True,
+              help="Re-sign root.json too, with the same key (needs the root passphrase).")
 @_json_option
-def repo_refresh(repo_dir: Path, expires: Tuple[str, ...], with_targets: bool, as_json: bool) -> None:
-    """Re-sign timestamp and snapshot (and targets with --targets) before they expire."""
+def repo_refresh(repo_dir: Path, expires: Tuple[str, ...], with_targets: Optional[bool], with_root: bool,
+                 as_json: bool) -> None:
+    """Re-sign timestamp and snapshot (targets when due, root with --root) before they expire."""
     from edgeship.ota.release import ReleaseRepository
 
-    status = ReleaseRepository(repo_dir).refresh(expiry=_expiry_options(expires), targets=with_targets)
+    repository = ReleaseRepository(repo_dir)
+    expiry = _expiry_options(expires)
+    passphrase = _passphrase(confirm=False) if with_root else None
+    status = repository.refresh(expiry=expiry, targets=with_targets, root_passphrase=passphrase)
     if as_json:
         emit_json(status)
         return

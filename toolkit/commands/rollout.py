@@ -14,7 +14,6 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import click
-
 from edgeship.ota.errors import GateFailedError
 from edgeship.ota.topics import validate_identifier
 from edgeship.ota.versions import check_name, parse_version
@@ -87,7 +86,7 @@ def _render(doc: Dict[str, Any]) -> Any:
                       *[str(p["counts"].get(key, 0) or "") for key, _, _ in _COLUMNS])
     counts = doc["counts"]
     foot = Text(f"pending {counts.get('PENDING', 0)}, already on the version {counts.get('ALREADY', 0)}, "
-                f"skipped {counts.get('SKIPPED', 0)}")
+                f"skipped {counts.get('SKIPPED', 0)}, cancelled {counts.get('CANCELLED', 0)}")
     parts: List[Any] = [head, table, foot]
     health = doc.get("health")
     if health and (health["new_requests"] or health["baseline_requests"]):
@@ -206,7 +205,10 @@ def status(rollout_id: str, watch: bool, interval: float, with_devices: bool, db
     if with_devices:
         from rich.table import Table
 
-        table = Table("device", "status", "stage", "previous", "detail", show_edge=False)
+        table = Table(show_edge=False)
+        table.add_column("device", no_wrap=True)
+        for title in ("status", "stage", "previous", "detail"):
+            table.add_column(title)
         for record in doc["devices"]:
             previous = f"{record['previous_name'] or ''} {record['previous_version'] or ''}".strip()
             table.add_row(record["device"], record["status"], "" if record["stage"] is None else str(record["stage"] + 1),
@@ -273,9 +275,12 @@ def ls(fleet: Optional[str], states: Tuple[str, ...], limit: int, db_url: Option
         return
     from rich.table import Table
 
-    table = Table("id", "fleet", "bundle", "state", "stage", "ok", "failed", "pending", "started", show_edge=False)
+    table = Table(show_edge=False)
+    table.add_column("id", no_wrap=True)
+    for title in ("fleet", "bundle", "state", "stage", "ok", "failed", "pending", "started (UTC)"):
+        table.add_column(title, no_wrap=title == "state")
     for d in docs:
-        started = time.strftime("%Y-%m-%d %H:%M", time.gmtime(d["created_at"]))
+        started = time.strftime("%m-%d %H:%M", time.gmtime(d["created_at"]))
         table.add_row(d["id"], d["fleet"], f"{d['name']} {d['version']}", d["state"],
                       f"{d['stage']}/{len(d['stages'] or [])}", str(d["devices"].get("SUCCEEDED", 0)),
                       str(d["devices"].get("FAILED", 0) + d["devices"].get("REJECTED", 0)),

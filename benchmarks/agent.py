@@ -1,0 +1,366 @@
+"""Device-agent benchmarks (docs/benchmarks.md, section ``agent``), each beside a
+baseline measured in the same run:
+
+1. idle RSS of ``edgeship-agent run`` serving digits vs a bare Python + numpy + LiteRT
+   process holding the same model (target: agent <= 60 MB);
+2. in-process predict (``ServingModel.predict``: float I/O, shape checks, telemetry)
+   vs a bare interpreter ``set_tensor/invoke/get_tensor`` loop (target: <= 10% more);
+3. HTTP predict through the real agent process, keep-alive TF Serving-style clients in
+   another process, vs the bare interpreter loop (targets: >= 1,000 req/s, p99 < 5 ms);
+4. 100 hot swaps under that load: failed requests (target 0) and p99 during swaps vs
+   steady state (target <= 2x);
+5. start to first successful prediction of ``edgeship-agent run`` (target <= 1.5 s) vs a
+   bare process that imports LiteRT, loads the model and invokes it once.
+
+Reproduce: ``.venv/bin/python benchmarks/agent.py --write`` (about 2 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples" / "digits"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+TARGETS = {"rss_mb": 60.0, "overhead_pct": 10.0, "rps": 1000.0, "p99_ms": 5.0, "swap_p99_ratio": 2.0,
+           "start_s": 1.5}
+
+
+# -- load generator (its own process, so the agent's CPU is not the client's) ---------------------
+def _client_process(host: str, port: int, body: bytes, seconds: float, connections: int, queue: Any) -> None:
+    stop = time.perf_counter() + seconds
+    results: list[tuple[list[float], int, int]] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        lat: list[float] = []
+        ok = failed = 0
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            try:
+                conn.request("POST", "/v1/models/digits:predict", body, {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                if response.status == 200:
+                    ok += 1
+                else:
+                    failed += 1
+            except Exception:
+                failed += 1
+                conn.close()
+                conn = http.client.HTTPConnection(host, port, timeout=10)
+            lat.append((time.perf_counter() - start) * 1000.0)
+        conn.close()
+        with lock:
+            results.append((lat, ok, failed))
+
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    latencies = [v for lat, _, _ in results for v in lat]
+    queue.put({"ok": sum(r[1] for r in results), "failed": sum(r[2] for r in results), "elapsed": elapsed,
+               "latencies": latencies})
+
+
+def load(host: str, port: int, body: bytes, seconds: float, connections: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_client_process, args=(host, port, body, seconds, connections, queue))
+    proc.start()
+    result = queue.get(timeout=seconds + 60)
+    proc.join()
+    lat = np.array(result["latencies"]) if result["latencies"] else np.array([0.0])
+    result.update(rps=result["ok"] / result["elapsed"], p50=float(np.percentile(lat, 50)),
+                  p99=float(np.percentile(lat, 99)))
+    del result["latencies"]
+    return result
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def bare_loop(model: Path, x: np.ndarray, n: int) -> float:
+    """Microseconds per bare interpreter set_tensor/invoke/get_tensor."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(model), num_threads=1)
+    interp.allocate_tensors()
+    i = interp.get_input_details()[0]["index"]
+    o = interp.get_output_details()[0]["index"]
+    for _ in range(200):
+        interp.set_tensor(i, x)
+        interp.invoke()
+        interp.get_tensor(o)
+    start = time.perf_counter()
+    for _ in range(n):
+        interp.set_tensor(i, x)
+        interp.invoke()
+        interp.get_tensor(o)
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def agent_predict_loop(model: Path, x: np.ndarray, n: int) -> float:
+    from edgeship.agent.runtimes import open_model
+    from edgeship.agent.serving import LoadedModel, ServingModel, warm_up
+
+    runner = open_model(model, threads=1, prefer=["litert"])
+    warm_up(runner, [x], runs=200)
+    serving = ServingModel()
+    serving.swap(LoadedModel("digits", "1", runner))
+    inputs = [x]
+    start = time.perf_counter()
+    for _ in range(n):
+        serving.predict(inputs)
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def interleaved(model: Path, x: np.ndarray, n: int, rounds: int = 5) -> tuple[float, float]:
+    """Median over alternating rounds (the machine is shared: drift hits both alike)."""
+    bare, agent = [], []
+    for _ in range(rounds):
+        bare.append(bare_loop(model, x, n))
+        agent.append(agent_predict_loop(model, x, n))
+    return statistics.median(bare), statistics.median(agent)
+
+
+def make_device(base: Path) -> tuple[Path, Path, Path]:
+    """A release repository with digits 1.0.0 and 2.0.0, an agent config, and digits 1.0.0
+    installed and committed (the real offline-package path)."""
+    import tensorflow as tf
+    from model import save_digits_model
+
+    from edgeship.agent.config import load_config, render_config
+    from edgeship.agent.runtimes import open_model
+    from edgeship.agent.serving import ServingModel
+    from edgeship.agent.sources import OfflinePackageSource
+    from edgeship.agent.updater import UpdateDriver
+    from edgeship.ota.bundle import build_bundle
+    from edgeship.ota.golden import GoldenVectors
+    from edgeship.ota.release import ReleaseRepository
+
+    files = save_digits_model(base / "digits", epochs=8)
+    keras_model = tf.keras.models.load_model(files["model"])
+    model = base / "digits.tflite"
+    model.write_bytes(tf.lite.TFLiteConverter.from_keras_model(keras_model).convert())
+    x = np.load(files["eval"])["x"][:8].astype(np.float32)
+    with open_model(model) as runner:
+        (y,) = runner.run([x])
+    GoldenVectors(("image",), (x,), ("probs",), (y,), atol=1e-4).save(base / "golden.npz")
+    repo = ReleaseRepository(base / "repo")
+    repo.init(root_passphrase="benchmark-passphrase")
+    for version in ("1.0.0", "2.0.0"):
+        build_bundle(model, name="digits", version=version, out=base / f"{version}.bundle", golden=base / "golden.npz")
+        repo.publish(base / f"{version}.bundle")
+    config_path = base / "agent.toml"
+    config_path.write_text(render_config(
+        data=str(base / "data"), device_id="bench", fleet="bench", root=str(repo.root_metadata_path),
+        director_key=str(repo.director_public_key_path), bind="127.0.0.1:0",
+    ).replace("window_s = 60.0", "window_s = 0.1"))
+    repo.export("digits", "1.0.0", base / "1.package", fleet="bench")
+    driver = UpdateDriver(load_config(config_path), serving=ServingModel())
+    driver.begin(OfflinePackageSource(base / "1.package"))
+    record = driver.run()
+    assert record.state == "COMMITTED", record.reason
+    return config_path, model, base / "digits"
+
+
+def start_agent(config: Path) -> tuple[subprocess.Popen, str, int, float]:
+    """Start ``edgeship-agent run``; returns it, its address and the time to first prediction."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    begin = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "edgeship.agent.cli", "run", "--config", str(config), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    assert proc.stdout is not None
+    doc = json.loads(proc.stdout.readline())  # printed once the API listens
+    host, port = doc["server"].removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"instances": np.zeros((1, 8, 8, 1)).tolist()})
+    while True:
+        try:
+            conn = http.client.HTTPConnection(host, int(port), timeout=5)
+            conn.request("POST", "/v1/models/digits:predict", body)
+            if conn.getresponse().status == 200:
+                break
+        except OSError:
+            time.sleep(0.005)
+    return proc, host, int(port), time.perf_counter() - begin
+
+
+_BARE_START = """
+import time, numpy as np
+from ai_edge_litert.interpreter import Interpreter
+i = Interpreter(model_path={model!r}); i.allocate_tensors()
+d = i.get_input_details()[0]; i.set_tensor(d["index"], np.zeros(d["shape"], np.float32)); i.invoke()
+import os; print(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]); time.sleep({sleep})
+"""
+
+
+def bare_process(model: Path) -> tuple[float, float]:
+    """(seconds to first invoke, RSS MB) of a bare Python + numpy + LiteRT process."""
+    begin = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", _BARE_START.format(model=str(model), sleep=0)],
+                            stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=60)
+    return time.perf_counter() - begin, int(out.strip()) / 1024.0
+
+
+def hot_swaps_under_load(model: Path, x: np.ndarray, swaps: int, connections: int) -> dict[str, Any]:
+    """In one process: the real ApiServer and ServingModel; the load from another process.
+    Steady state first, then the same load while ``swaps`` swaps happen (each new
+    runner loaded and warmed before the switch)."""
+    from edgeship.agent.runtimes import open_model
+    from edgeship.agent.server import ApiServer
+    from edgeship.agent.serving import LoadedModel, ServingModel, warm_up
+
+    def fresh(version: str) -> LoadedModel:
+        runner = open_model(model, threads=1)
+        warm_up(runner, [x[:1]])
+        return LoadedModel("digits", version, runner)
+
+    serving = ServingModel()
+    serving.swap(fresh("1"))
+    with tempfile.TemporaryDirectory() as folder:
+        server = ApiServer(serving, Path(folder), port=0).start()
+        body = json.dumps({"instances": x[:1].tolist()}).encode()
+        steady = load(server.host, server.port, body, 5.0, connections)
+        result: dict[str, Any] = {}
+        seconds = 10.0
+
+        def swapper() -> None:
+            time.sleep(0.5)
+            gap = (seconds - 1.5) / swaps
+            for i in range(swaps):
+                serving.swap(fresh(str(i + 2)))
+                time.sleep(gap)
+            result["swaps"] = swaps
+
+        thread = threading.Thread(target=swapper)
+        thread.start()
+        during = load(server.host, server.port, body, seconds, connections)
+        thread.join()
+        server.stop()
+    return {"steady": steady, "during": during, "swaps": result.get("swaps", 0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md section 'agent'")
+    parser.add_argument("--connections", type=int, default=4)
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
+        base = Path(tmp)
+        config, model, _ = make_device(base)
+        x = np.load(base / "digits" / "eval.npz")["x"][:8].astype(np.float32)
+        x1 = x[:1]
+
+        # 5 and 1: start to first prediction and idle RSS (median of 3 starts)
+        starts, rss = [], []
+        for _ in range(3):
+            proc, host, port, seconds = start_agent(config)
+            starts.append(seconds)
+            time.sleep(1.0)  # idle
+            rss.append(rss_mb(proc.pid))
+            proc.terminate()
+            proc.wait(timeout=20)
+        bare = [bare_process(model) for _ in range(3)]
+        bare_start = statistics.median(b[0] for b in bare)
+        bare_rss = statistics.median(b[1] for b in bare)
+        start_s, rss_agent = statistics.median(starts), statistics.median(rss)
+        print(f"start to first prediction: agent {start_s:.3f} s, bare LiteRT process {bare_start:.3f} s")
+        print(f"idle RSS: agent {rss_agent:.1f} MB, bare Python+numpy+LiteRT {bare_rss:.1f} MB")
+
+        # 2: in-process overhead
+        bare_us, agent_us = interleaved(model, x1, 20000)
+        overhead = (agent_us / bare_us - 1) * 100
+        print(f"in-process predict: bare invoke {bare_us:.1f} us, agent predict {agent_us:.1f} us (+{overhead:.1f}%)")
+
+        # 3: HTTP through the real agent process
+        proc, host, port, _ = start_agent(config)
+        try:
+            body = json.dumps({"instances": x1.tolist()}).encode()
+            load(host, port, body, 2.0, args.connections)  # warm-up
+            http_result = load(host, port, body, 10.0, args.connections)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+        bare_rps = 1e6 / bare_us
+        print(f"HTTP predict: {http_result['rps']:.0f} req/s, p50 {http_result['p50']:.2f} ms, "
+              f"p99 {http_result['p99']:.2f} ms, {http_result['failed']} failed; bare loop {bare_rps:.0f} invokes/s")
+
+        # 4: hot swaps under load
+        swap = hot_swaps_under_load(model, x, 100, args.connections)
+        ratio = swap["during"]["p99"] / swap["steady"]["p99"]
+        print(f"hot swaps: {swap['swaps']} swaps, {swap['during']['failed']} failed of "
+              f"{swap['during']['ok'] + swap['during']['failed']}; p99 {swap['during']['p99']:.2f} ms during vs "
+              f"{swap['steady']['p99']:.2f} ms steady ({ratio:.2f}x)")
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    rows = [
+        ("idle RSS serving digits", f"{rss_agent:.1f} MB", f"bare Python+numpy+LiteRT process: {bare_rss:.1f} MB "
+         f"({rss_agent / bare_rss:.2f}x)", "<= 60 MB", verdict(rss_agent <= TARGETS["rss_mb"])),
+        ("in-process predict, batch 1", f"{agent_us:.1f} us", f"bare set_tensor/invoke/get_tensor: {bare_us:.1f} us "
+         f"(+{overhead:.1f}%)", "<= +10%", verdict(overhead <= TARGETS["overhead_pct"])),
+        ("HTTP predict throughput", f"{http_result['rps']:.0f} req/s", f"bare invoke loop: {bare_rps:.0f} /s "
+         f"({http_result['rps'] / bare_rps:.3f}x)", ">= 1,000 req/s", verdict(http_result["rps"] >= TARGETS["rps"])),
+        ("HTTP predict p99", f"{http_result['p99']:.2f} ms", f"p50 {http_result['p50']:.2f} ms; "
+         f"{http_result['failed']} failed", "< 5 ms", verdict(http_result["p99"] < TARGETS["p99_ms"])),
+        ("100 hot swaps under load: failures", f"{swap['during']['failed']} of "
+         f"{swap['during']['ok'] + swap['during']['failed']}", f"{swap['swaps']} swaps in 10 s", "0",
+         verdict(swap["during"]["failed"] == 0 and swap["swaps"] == 100)),
+        ("p99 during swaps vs steady", f"{swap['during']['p99']:.2f} ms", f"steady {swap['steady']['p99']:.2f} ms "
+         f"({ratio:.2f}x)", "<= 2x", verdict(ratio <= TARGETS["swap_p99_ratio"])),
+        ("start to first prediction", f"{start_s:.2f} s", f"bare LiteRT process to first invoke: {bare_start:.2f} s",
+         "<= 1.5 s", verdict(start_s <= TARGETS["start_s"])),
+    ]
+    table = "\n".join(f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows)
+    markdown = f"""## Device agent (`benchmarks/agent.py`)
+
+Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} cores (shared), Python
+{platform.python_version()}, LiteRT, the digits model (fp32 TFLite, batch 1, 1 interpreter thread). HTTP load:
+{args.connections} keep-alive connections from a separate client process (Python `http.client`, TF
+Serving-style JSON), 10 s. Swaps: the real `ApiServer` and `ServingModel`, each new interpreter
+loaded and warmed before the switch, 100 swaps in 10 s under the same load.
+
+| measure | agent | baseline in the same run | target | |
+| --- | --- | --- | --- | --- |
+{table}
+
+Reproduce: `.venv/bin/python benchmarks/agent.py --write`.
+"""
+    print(markdown)
+    if args.write:
+        from results_doc import write_section
+
+        write_section("agent", markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""``edgeship keys``, ``bundle``, ``publish`` and ``repo`` through the real CLI edge
+(click's CliRunner, and one real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, List
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from edgeship.ota.golden import GoldenVectors
+from edgeship.toolkit.cli import main
+from ota_repo_simulator import SIGNATURE, fake_tflite
+
+PASS = "correct horse battery"
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    monkeypatch.setenv("EDGESHIP_ROOT_PASSPHRASE", PASS)
+    monkeypatch.delenv("EDGESHIP_NEW_ROOT_PASSPHRASE", raising=False)
+    return CliRunner()
+
+
+def run(runner: CliRunner, args: List[str], code: int = 0, **kwargs: Any) -> Any:
+    result = runner.invoke(main, args, catch_exceptions=False, **kwargs)
+    assert result.exit_code == code, (result.output, result.stderr if hasattr(result, "stderr") else "")
+    return result
+
+
+def run_json(runner: CliRunner, args: List[str]) -> Any:
+    return json.loads(run(runner, args + ["--json"]).stdout)
+
+
+@pytest.fixture
+def converted(tmp_path: Path) -> Path:
+    """A model with the converter's sidecar files: MODEL.report.json and MODEL.golden.npz."""
+    model = tmp_path / "digits.tflite"
+    model.write_bytes(fake_tflite(4000))
+    (tmp_path / "digits.tflite.report.json").write_text(json.dumps({
+        "signature": SIGNATURE, "quality": {"accuracy": 0.95}, "labels": list("0123456789"),
+        "golden": {"atol": 0.03, "rtol": 0.0}}))
+    GoldenVectors(("x",), (np.ones((2, 64), np.float32),), ("y",), (np.zeros((2, 10), np.float32),),
+                  atol=0.1).save(tmp_path / "digits.tflite.golden.npz")
+    return model
+
+
+@pytest.fixture
+def repo(runner: CliRunner, tmp_path: Path) -> Path:
+    path = tmp_path / "repo"
+    run(runner, ["keys", "init", "--repo", str(path)])
+    return path
+
+
+def test_keys_init_prints_fingerprints_and_provisioning_files(runner: CliRunner, tmp_path: Path) -> None:
+    info = run_json(runner, ["keys", "init", "--repo", str(tmp_path / "r"), "--expires", "timestamp=6h"])
+    assert set(info["keys"]) == {"root", "targets", "snapshot", "timestamp"}
+    assert Path(info["root_metadata"]).is_file() and Path(info["director_public_key"]).is_file()
+    assert stat.S_IMODE((tmp_path / "r" / "keys" / "root.key").stat().st_mode) == 0o600
+    human = run(runner, ["keys", "init", "--repo", str(tmp_path / "r2")]).stdout
+    assert "trusted root metadata" in human and "director public key" in human and "root " in human
+    status = run_json(runner, ["repo", "status", "--repo", str(tmp_path / "r")])
+    assert status["roles"]["timestamp"]["validity_seconds"] == 6 * 3600
+
+
+def test_keys_init_prompts_for_the_passphrase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EDGESHIP_ROOT_PASSPHRASE", raising=False)
+    result = CliRunner().invoke(main, ["keys", "init", "--repo", str(tmp_path / "r"), "--json"],
+                                input=f"{PASS}\n{PASS}\n")
+    assert result.exit_code == 0, result.output
+    assert b"ENCRYPTED" in (tmp_path / "r" / "keys" / "root.key").read_bytes()
+
+
+def test_keys_init_twice_is_refused(runner: CliRunner, repo: Path) -> None:
+    result = run(runner, ["keys", "init", "--repo", str(repo)], code=2)
+    assert result.stderr.strip() == f"error: {repo} already holds a release repository; nothing was changed"
+
+
+def test_build_inspect_publish_verify_export(runner: CliRunner, repo: Path, converted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "digits-1.0.0.bundle"
+    built = run_json(runner, ["bundle", "build", str(converted), "--name", "digits", "--version", "1.0.0",
+                              "--meta", "git=abc", "--tag", "arm64", "-o", str(out)])
+    manifest = built["manifest"]
+    assert set(manifest["files"]) == {"model.tflite", "golden.npz", "labels.txt", "report.json"}  # picked up
+    assert manifest["golden"]["atol"] == 0.03 and manifest["meta"] == {"git": "abc"}
+    assert run_json(runner, ["bundle", "inspect", str(out)]) == manifest
+    assert "digits 1.0.0" in run(runner, ["bundle", "inspect", str(out)]).stdout
+    published = run_json(runner, ["publish", str(out), "--repo", str(repo)])
+    assert published["target"] == "digits/digits-1.0.0.bundle"
+    verified = run_json(runner, ["bundle", "verify", str(out), "--repo", str(repo)])
+    assert verified["verified"] is True and verified["sha256"] == published["sha256"]
+    status = run_json(runner, ["repo", "status", "--repo", str(repo)])
+    assert [t["version"] for t in status["targets"]] == ["1.0.0"]
+    assert status["root_metadata"].endswith("root.json") and status["director_public_key"].endswith(".pub")
+    package = tmp_path / "usb.tar"
+    exported = run_json(runner, ["bundle", "export", "digits", "1.0.0", "--repo", str(repo), "-o", str(package),
+                                 "--fleet", "plant"])
+    assert exported["device"] == "*" and package.is_file()
+    assert exported["metadata_expires_role"] == "timestamp"  # a day, by default: the CLI warns
+    warned = run(runner, ["bundle", "export", "digits", "1.0.0", "--repo", str(repo), "-o", str(package)])
+    assert "warning: the package can be installed only until" in warned.stderr
+    assert "--expires timestamp=30d" in warned.stderr
+    run(runner, ["repo", "refresh", "--repo", str(repo), "--expires", "timestamp=30d", "--expires", "snapshot=30d"])
+    quiet = run(runner, ["bundle", "export", "digits", "1.0.0", "--repo", str(repo), "-o", str(package)])
+    assert "warning" not in quiet.stderr
+
+
+def test_publish_of_an_equal_version_exits_2(runner: CliRunner, repo: Path, converted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    run(runner, ["bundle", "build", str(converted), "--name", "digits", "--version", "1.0.0", "-o", str(out)])
+    run(runner, ["publish", str(out), "--repo", str(repo)])
+    result = run(runner, ["publish", str(out), "--repo", str(repo)], code=2)
+    assert result.stderr == ("error: digits 1.0.0 is not newer than the published digits 1.0.0; "
+                             "publish a higher version\n")
+
+
+def test_verify_of_a_tampered_bundle_exits_4(runner: CliRunner, repo: Path, converted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    run(runner, ["bundle", "build", str(converted), "--name", "digits", "--version", "1.0.0", "-o", str(out)])
+    run(runner, ["publish", str(out), "--repo", str(repo)])
+    data = bytearray(out.read_bytes())
+    data[data.index(b"TFL3") + 10] ^= 1
+    out.write_bytes(bytes(data))
+    result = run(runner, ["bundle", "verify", str(out), "--repo", str(repo)], code=4)
+    assert result.stderr.startswith("error: member 'model.tflite' does not match its manifest")
+    assert result.stdout == ""
+
+
+def test_bad_input_exits_2(runner: CliRunner, tmp_path: Path, converted: Path) -> None:
+    result = run(runner, ["bundle", "build", str(converted), "--name", "Bad Name", "--version", "1",
+                          "-o", str(tmp_path / "b")], code=2)
+    assert result.stderr.startswith("error: bundle name 'Bad Name' is not allowed")
+    result = run(runner, ["repo", "status", "--repo", str(tmp_path)], code=2)
+    assert "is not an edgeship release repository" in result.stderr
+    result = run(runner, ["repo", "refresh", "--repo", str(tmp_path), "--expires", "nonsense=1d"], code=2)
+    assert "--expires 'nonsense=1d'" in result.stderr
+
+
+def test_refresh_and_rotate(runner: CliRunner, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    refreshed = run_json(runner, ["repo", "refresh", "--repo", str(repo), "--expires", "timestamp=2h", "--targets"])
+    assert refreshed["roles"]["timestamp"]["version"] == 2 and refreshed["roles"]["targets"]["version"] == 2
+    assert refreshed["roles"]["timestamp"]["validity_seconds"] == 7200
+    monkeypatch.setenv("EDGESHIP_NEW_ROOT_PASSPHRASE", "the next passphrase")
+    rotated = run_json(runner, ["keys", "rotate", "root", "--repo", str(repo)])
+    assert rotated["root_version"] == 2 and rotated["fingerprints"]["keys"]["root"] == [rotated["new_key"]]
+    monkeypatch.setenv("EDGESHIP_ROOT_PASSPHRASE", "wrong passphrase")
+    result = run(runner, ["keys", "rotate", "timestamp", "--repo", str(repo)], code=2)
+    assert "does not decrypt" in result.stderr
+    monkeypatch.setenv("EDGESHIP_ROOT_PASSPHRASE", "the next passphrase")
+    assert run_json(runner, ["keys", "rotate", "timestamp", "--repo", str(repo)])["root_version"] == 3
+    assert run_json(runner, ["keys", "rotate", "director", "--repo", str(repo)])["role"] == "director"
+
+
+def test_real_process_exit_codes(tmp_path: Path, converted: Path) -> None:
+    """The installed entry point, in its own process: exit status and one line on stderr."""
+    exe = shutil.which("edgeship", path=str(Path(sys.executable).parent)) or "edgeship"
+    env = dict(os.environ, EDGESHIP_ROOT_PASSPHRASE=PASS)
+    repo = tmp_path / "repo"
+    bundle = tmp_path / "b.bundle"
+    for args in (["keys", "init", "--repo", str(repo), "--json"],
+                 ["bundle", "build", str(converted), "--name", "digits", "--version", "2.0.0", "-o", str(bundle)],
+                 ["publish", str(bundle), "--repo", str(repo)]):
+        done = subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+    data = bytearray(bundle.read_bytes())
+    data[data.index(b"TFL3") + 5] ^= 1  # inside the model: the member hash fails
+    bundle.write_bytes(bytes(data))
+    done = subprocess.run([exe, "bundle", "verify", str(bundle), "--repo", str(repo), "--json"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 4
+    assert done.stdout == "" and done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+
+
+def test_verify_without_a_repository_checks_the_manifest_only(runner: CliRunner, converted: Path,
+                                                              tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    run(runner, ["bundle", "build", str(converted), "--name", "digits", "--version", "1.0.0", "-o", str(out)])
+    result = run_json(runner, ["bundle", "verify", str(out)])
+    assert result["verified"] is True and result["released"] is None
+    assert "not checked as released" in run(runner, ["bundle", "verify", str(out)]).stdout

@@ -1,0 +1,49 @@
+"""examples/digits/run.py, what `make demo` runs: every variant converted,
+validated and benchmarked, files where the later fleet steps pick them up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_as_a_script(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "digits" / "run.py"), "--out", str(out), "--json", "--epochs", "8", "--runs", "20"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    rows = {row["model"]: row for row in summary["rows"]}
+    assert set(rows) == {"keras", "fp32", "dynamic", "float16", "int8", "int8-io", "onnx-fp32", "onnx-int8-dynamic", "onnx-int8-qdq"}
+    for name, row in rows.items():
+        assert row["gates_passed"], name
+        assert row["p50_ms"] > 0
+    primary = summary["files"][summary["primary"]]
+    for key in ("model", "golden", "report"):
+        assert Path(primary[key]).is_file()
+    assert json.loads(Path(primary["report"]).read_text())["quality"]["agreement"] >= 0.97
+    assert (out / "summary.json").is_file()
+
+
+def test_demo_steps_are_importable() -> None:
+    sys.path.insert(0, str(REPO / "examples" / "digits"))
+    import run  # examples/digits/run.py
+
+    names = [v.name for v in run.VARIANTS]
+    assert run.PRIMARY_VARIANT in names
+    assert {(v.to, v.quantize, v.int8_io) for v in run.VARIANTS} >= {
+        ("tflite", "none", False), ("tflite", "dynamic", False), ("tflite", "float16", False),
+        ("tflite", "int8", False), ("tflite", "int8", True),
+        ("onnx", "none", False), ("onnx", "dynamic", False), ("onnx", "int8", False),
+    }
+    for step in (run.train, run.convert_variants, run.benchmark_variants, run.run_demo, run.main):
+        assert callable(step)

@@ -1,0 +1,295 @@
+"""The release repository on disk (python-tuf metadata, keys at rest, publish, refresh,
+rotation, offline packages) verified end to end by the device-side client."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import stat
+from pathlib import Path
+from typing import Optional
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from edgeship.ota import director as d
+from edgeship.ota import updater as u
+from edgeship.ota.archive import MemberHashError, UnsafeBundleError
+from edgeship.ota.errors import BadInputError
+from edgeship.ota.fetchers import LocalFolderFetcher
+from edgeship.ota.offline import open_offline_package
+from edgeship.ota.release import ReleaseRepository, VersionNotNewerError, parse_duration
+from ota_repo_simulator import leftovers, make_bundle
+
+PASS = "correct horse battery"
+NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.timezone.utc)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> ReleaseRepository:
+    repository = ReleaseRepository(tmp_path / "repo")
+    repository.init(root_passphrase=PASS, now=NOW)
+    return repository
+
+
+def _device_update(repo: ReleaseRepository, tmp: Path, name: str, version: str, *, trust: Optional[Path] = None,
+                   now: dt.datetime = NOW, device: str = "dev-1", last: Optional[int] = None) -> u.VerifiedBundle:
+    if trust is None:
+        trust = tmp / f"trust-{device}"
+        trust.mkdir(exist_ok=True)
+        shutil.copy(repo.metadata_dir / "1.root.json", trust / "root.json")
+    envelope = repo.sign_desired(fleet="plant", device=device, name=name, version=version, now=now)
+    state = d.verify_desired_state(envelope, d.load_director_public_key(repo.director_public_key_path),
+                                   device=device, fleet="plant", last_sequence=last, now=now)
+    return u.fetch_verified_bundle(trust_dir=trust, desired=state, fetcher=LocalFolderFetcher(repo.path),
+                                   work_dir=tmp / f"work-{device}", now=now)
+
+
+def test_init_writes_keys_at_rest(repo: ReleaseRepository) -> None:
+    assert stat.S_IMODE(repo.keys_dir.stat().st_mode) == 0o700
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        assert stat.S_IMODE((repo.keys_dir / f"{role}.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((repo.director_dir / "director.key").stat().st_mode) == 0o600
+    root_pem = (repo.keys_dir / "root.key").read_bytes()
+    assert b"ENCRYPTED PRIVATE KEY" in root_pem
+    with pytest.raises(TypeError):  # encrypted: no key without the passphrase
+        serialization.load_pem_private_key(root_pem, password=None)
+    serialization.load_pem_private_key(root_pem, password=PASS.encode())
+    info = repo.fingerprints()
+    assert info["root_metadata"].endswith("metadata/root.json")
+    assert info["director_public_key"].endswith("director/director.pub")
+    assert all(len(ids) == 1 and len(ids[0]) == 64 for ids in info["keys"].values())
+    metadata = sorted(p.name for p in repo.metadata_dir.iterdir())
+    assert metadata == ["1.root.json", "root.json", "snapshot.json", "targets.json", "timestamp.json"]
+
+
+def test_init_refuses_an_existing_repository_and_a_short_passphrase(repo: ReleaseRepository, tmp_path: Path) -> None:
+    before = (repo.metadata_dir / "root.json").read_bytes()
+    with pytest.raises(BadInputError, match="already holds a release repository"):
+        repo.init(root_passphrase=PASS)
+    assert (repo.metadata_dir / "root.json").read_bytes() == before
+    with pytest.raises(BadInputError, match="at least 8 characters"):
+        ReleaseRepository(tmp_path / "other").init(root_passphrase="short")
+
+
+def test_publish_and_device_update(repo: ReleaseRepository, tmp_path: Path) -> None:
+    info = repo.publish(make_bundle(tmp_path / "b", "digits", "1.0.0"), now=NOW)
+    assert info.path == "digits/digits-1.0.0.bundle" and info.file.is_file()
+    targets = json.loads((repo.metadata_dir / "targets.json").read_text())["signed"]["targets"]
+    assert targets[info.path]["custom"] == {"name": "digits", "version": "1.0.0", "format": "tflite",
+                                            "runtime": info.runtime}
+    result = _device_update(repo, tmp_path, "digits", "1.0.0")
+    assert result.sha256 == info.sha256 and result.manifest.version == "1.0.0"
+
+
+def test_publishing_an_older_or_equal_version_is_refused(repo: ReleaseRepository, tmp_path: Path) -> None:
+    repo.publish(make_bundle(tmp_path / "b", "digits", "1.2.0"), now=NOW)
+    versions_before = json.loads((repo.metadata_dir / "targets.json").read_text())["signed"]["version"]
+    for version in ("1.2.0", "1.2", "1.1.9", "1.2.0-rc.1"):
+        with pytest.raises(VersionNotNewerError, match=f"digits {version} is not newer than the published"):
+            repo.publish(make_bundle(tmp_path / f"b-{version}", "digits", version), now=NOW)
+    assert json.loads((repo.metadata_dir / "targets.json").read_text())["signed"]["version"] == versions_before
+    repo.publish(make_bundle(tmp_path / "b3", "digits", "1.10.0"), now=NOW)  # numeric, not string, order
+    repo.publish(make_bundle(tmp_path / "b4", "other", "0.1.0"), now=NOW)  # another name is independent
+    assert [(t.name, t.version) for t in repo.targets()] == [("digits", "1.2.0"), ("digits", "1.10.0"),
+                                                             ("other", "0.1.0")]
+
+
+def test_publishing_a_hostile_bundle_is_refused(repo: ReleaseRepository, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b", "digits", "1.0.0")
+    data = bytearray(bundle.read_bytes())
+    data[data.index(b"TFL3") + 100] ^= 0xFF  # inside the model member
+    bundle.write_bytes(bytes(data))
+    with pytest.raises(MemberHashError):
+        repo.publish(bundle, now=NOW)
+    assert repo.targets() == [] and leftovers(repo.targets_dir) == []
+
+
+def test_refresh_re_signs_with_configurable_expiry(repo: ReleaseRepository, tmp_path: Path) -> None:
+    repo.publish(make_bundle(tmp_path / "b", "digits", "1.0.0"), now=NOW)
+    before = repo.status(now=NOW)["roles"]
+    later = NOW + dt.timedelta(hours=20)
+    after = repo.refresh(now=later, expiry={"timestamp": parse_duration("2h")})["roles"]
+    assert after["timestamp"]["version"] == before["timestamp"]["version"] + 1
+    assert after["snapshot"]["version"] == before["snapshot"]["version"] + 1
+    assert after["targets"]["version"] == before["targets"]["version"]
+    assert after["timestamp"]["expires"] == "2026-11-24T10:00:00Z"
+    assert repo.expiry()["timestamp"] == 7200  # saved for the next refresh
+
+
+def test_freeze_then_refresh(repo: ReleaseRepository, tmp_path: Path) -> None:
+    repo.publish(make_bundle(tmp_path / "b", "digits", "1.0.0"), now=NOW)
+    two_days = NOW + dt.timedelta(days=2)  # the timestamp (1 day) has expired
+    with pytest.raises(u.MetadataExpiredError, match="timestamp.json is expired"):
+        _device_update(repo, tmp_path, "digits", "1.0.0", now=two_days)
+    repo.refresh(now=two_days)
+    assert _device_update(repo, tmp_path, "digits", "1.0.0", now=two_days, device="dev-2").manifest.name == "digits"
+
+
+def test_status_lists_targets_roles_and_provisioning_files(repo: ReleaseRepository, tmp_path: Path) -> None:
+    repo.publish(make_bundle(tmp_path / "b", "digits", "1.0.0"), now=NOW)
+    status = repo.status(now=NOW)
+    assert status["roles"]["timestamp"]["expires"] == "2026-11-24T12:00:00Z"
+    assert status["roles"]["root"]["expires_in_seconds"] == 365 * 86400
+    assert [t["version"] for t in status["targets"]] == ["1.0.0"]
+    assert Path(status["root_metadata"]).is_file() and Path(status["director_public_key"]).is_file()
+
+
+@pytest.mark.parametrize("role", ["root", "targets", "snapshot", "timestamp"])
+def test_rotation_is_followed_by_a_device_on_the_old_root(repo: ReleaseRepository, tmp_path: Path, role: str) -> None:
+    repo.publish(make_bundle(tmp_path / "b", "digits", "1.0.0"), now=NOW)
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    shutil.copy(repo.root_metadata_path, trust / "root.json")
+    _device_update(repo, tmp_path, "digits", "1.0.0", trust=trust)
+    old_key = (repo.keys_dir / f"{role}.key").read_bytes()
+    result = repo.rotate(role, root_passphrase=PASS, now=NOW)
+    assert (repo.keys_dir / f"{role}.key").read_bytes() != old_key
+    assert result["root_version"] == 2 and (repo.metadata_dir / "2.root.json").is_file()
+    repo.publish(make_bundle(tmp_path / "b2", "digits", "1.1.0"), now=NOW)
+    assert _device_update(repo, tmp_path, "digits", "1.1.0", trust=trust).manifest.version == "1.1.0"
+    assert (trust / "root_history" / "2.root.json").is_file()
+
+
+def test_rotation_needs_the_root_passphrase(repo: ReleaseRepository) -> None:
+    with pytest.raises(BadInputError, match="does not decrypt"):
+        repo.rotate("targets", root_passphrase="wrong passphrase", now=NOW)
+    assert not (repo.metadata_dir / "2.root.json").exists()
+
+
+def test_root_rotation_with_a_new_passphrase(repo: ReleaseRepository) -> None:
+    repo.rotate("root", root_passphrase=PASS, new_root_passphrase="a brand new one", now=NOW)
+    with pytest.raises(BadInputError, match="does not decrypt"):
+        repo.rotate("root", root_passphrase=PASS, now=NOW)
+    repo.rotate("root", root_passphrase="a brand new one", now=NOW)
+    assert repo.fingerprints()["root_version"] == 3
+
+
+def test_director_sequences_grow_per_fleet(repo: ReleaseRepository, tmp_path: Path) -> None:
+    repo.publish(make_bundle(tmp_path / "b", "digits", "1.0.0"), now=NOW)
+    seqs = [repo.sign_desired(fleet="plant", device=dev, name="digits", version="1.0.0", now=NOW)["signed"]["sequence"]
+            for dev in ("a", "b", "*")]
+    assert seqs == [1, 2, 3]
+    assert repo.sign_desired(fleet="lab", device="a", name="digits", version="1.0")["signed"]["sequence"] == 1
+    assert json.loads((repo.director_dir / "sequences.json").read_text()) == {"plant": 3, "lab": 1}
+    with pytest.raises(BadInputError, match="digits 2.0.0 is not published"):
+        repo.sign_desired(fleet="plant", device="a", name="digits", version="2.0.0")
+
+
+def test_rotating_the_director_key(repo: ReleaseRepository, tmp_path: Path) -> None:
+    repo.publish(make_bundle(tmp_path / "b", "digits", "1.0.0"), now=NOW)
+    old_public = d.load_director_public_key(repo.director_public_key_path)
+    repo.rotate("director")
+    envelope = repo.sign_desired(fleet="plant", device="a", name="digits", version="1.0.0", now=NOW)
+    with pytest.raises(d.DirectorKeyError):
+        d.verify_desired_state(envelope, old_public, device="a", fleet="plant", last_sequence=None, now=NOW)
+
+
+def test_verify_bundle_against_the_repository(repo: ReleaseRepository, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b", "digits", "1.0.0")
+    repo.publish(bundle, now=NOW)
+    assert repo.verify_bundle(bundle, now=NOW)["verified"] is True
+    impostor = make_bundle(tmp_path / "c", "digits", "1.0.0", size=6000)  # same name and version, other bytes
+    with pytest.raises(u.TargetMismatchError, match="is not the released digits 1.0.0"):
+        repo.verify_bundle(impostor, now=NOW)
+    unreleased = make_bundle(tmp_path / "d", "digits", "3.0.0")
+    with pytest.raises(u.TargetNotFoundError, match="not published"):
+        repo.verify_bundle(unreleased, now=NOW)
+    with pytest.raises(u.MetadataExpiredError):
+        repo.verify_bundle(bundle, now=NOW + dt.timedelta(days=3))
+
+
+def test_offline_package(repo: ReleaseRepository, tmp_path: Path) -> None:
+    repo.publish(make_bundle(tmp_path / "b", "digits", "1.0.0"), now=NOW)
+    repo.rotate("root", root_passphrase=PASS, now=NOW)  # a device on root v1 must follow v2 from the stick
+    package = tmp_path / "usb.tar"
+    info = repo.export("digits", "1.0.0", package, fleet="plant", now=NOW)
+    assert info["device"] == "*"
+    opened = open_offline_package(package, tmp_path / "usb")
+    state = d.verify_desired_state(opened.desired_envelope, d.load_director_public_key(repo.director_public_key_path),
+                                   device="dev-7", fleet="plant", last_sequence=None, now=NOW)
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    shutil.copy(repo.metadata_dir / "1.root.json", trust / "root.json")
+    result = u.fetch_verified_bundle(trust_dir=trust, desired=state, fetcher=opened.fetcher,
+                                     work_dir=tmp_path / "work", now=NOW)
+    assert result.manifest.name == "digits"
+    opened.cleanup()
+    assert leftovers(tmp_path / "usb") == []
+
+
+def test_tampered_offline_package_is_refused(repo: ReleaseRepository, tmp_path: Path) -> None:
+    repo.publish(make_bundle(tmp_path / "b", "digits", "1.0.0"), now=NOW)
+    package = tmp_path / "usb.tar"
+    repo.export("digits", "1.0.0", package, fleet="plant", now=NOW)
+    data = bytearray(package.read_bytes())
+    offset = data.index(b"TFL3") + 200  # inside the bundle inside the package
+    data[offset] ^= 0xFF
+    package.write_bytes(bytes(data))
+    opened = open_offline_package(package, tmp_path / "usb")
+    state = d.verify_desired_state(opened.desired_envelope, d.load_director_public_key(repo.director_public_key_path),
+                                   device="dev-7", fleet="plant", last_sequence=None, now=NOW)
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    shutil.copy(repo.root_metadata_path, trust / "root.json")
+    with pytest.raises(u.TargetHashError):
+        u.fetch_verified_bundle(trust_dir=trust, desired=state, fetcher=opened.fetcher, work_dir=tmp_path / "work",
+                                now=NOW)
+    assert leftovers(tmp_path / "work") == []
+
+
+def test_not_a_repository(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="is not an edgeship release repository"):
+        ReleaseRepository(tmp_path).status()
+
+
+def test_unsafe_bundle_error_is_the_contract_name() -> None:
+    from edgeship.ota import bundle
+
+    assert bundle.UnsafeBundleError is UnsafeBundleError
+
+
+@pytest.mark.parametrize("url", [
+    "edgeship://metadata/../keys/root.key",
+    "edgeship://targets/..%2Fkeys%2Froot.key",
+    "edgeship://keys/root.key",
+    "edgeship://targets//etc/passwd",
+    "https://example.com/metadata/root.json",
+])
+def test_local_fetcher_serves_only_metadata_and_targets(repo: ReleaseRepository, url: str) -> None:
+    from tuf.api.exceptions import DownloadHTTPError
+
+    with pytest.raises(DownloadHTTPError) as info:
+        list(LocalFolderFetcher(repo.path).fetch(url))
+    assert info.value.status_code == 400
+
+
+def test_local_fetcher_answers_404_for_missing_files(repo: ReleaseRepository) -> None:
+    from tuf.api.exceptions import DownloadHTTPError
+
+    with pytest.raises(DownloadHTTPError) as info:
+        list(LocalFolderFetcher(repo.path).fetch("edgeship://metadata/2.root.json"))
+    assert info.value.status_code == 404
+    data = b"".join(LocalFolderFetcher(repo.path).fetch("edgeship://metadata/1.root.json"))
+    assert data == (repo.metadata_dir / "1.root.json").read_bytes()
+
+
+def test_refresh_re_signs_targets_when_due_and_root_when_asked(repo: ReleaseRepository, tmp_path: Path) -> None:
+    repo.publish(make_bundle(tmp_path / "b", "digits", "1.0.0"), now=NOW)
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    shutil.copy(repo.root_metadata_path, trust / "root.json")
+    versions = repo.status(now=NOW)["roles"]
+    repo.refresh(now=NOW + dt.timedelta(days=300))  # 65 days of 365 left: not due
+    assert repo.status(now=NOW)["roles"]["targets"]["version"] == versions["targets"]["version"]
+    late = NOW + dt.timedelta(days=340)  # 25 days left: due
+    repo.refresh(now=late)
+    assert repo.status(now=late)["roles"]["targets"]["version"] == versions["targets"]["version"] + 1
+    root_late = NOW + dt.timedelta(days=364)
+    repo.refresh(now=root_late, root_passphrase=PASS)
+    status = repo.status(now=root_late)
+    assert status["roles"]["root"]["version"] == 2 and status["roles"]["root"]["expires"] == "2028-11-21T12:00:00Z"
+    # a device provisioned at the start follows, a year later, without re-provisioning
+    after_a_year = NOW + dt.timedelta(days=365, hours=1)
+    repo.refresh(now=after_a_year)
+    assert _device_update(repo, tmp_path, "digits", "1.0.0", trust=trust, now=after_a_year).manifest.name == "digits"
