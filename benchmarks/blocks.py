@@ -34,14 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import paho.mqtt.client as paho  # noqa: E402  (the baseline is bare paho on purpose)
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
-
-from edgeship.ota.blocks import BlockTransferConfig, MqttBlockFetcher  # noqa: E402
-from edgeship.ota.transport import MqttConnection  # noqa: E402
-from edgeship.toolkit.blockserver import BlockServer  # noqa: E402
-from mqtt_broker import MosquittoBroker  # noqa: E402
-from results_doc import write_section  # noqa: E402
+import paho.mqtt.client as paho
+from edgeship.ota.blocks import BlockTransferConfig, MqttBlockFetcher
+from edgeship.ota.transport import MqttConnection
+from edgeship.toolkit.blockserver import BlockServer
+from mqtt_broker import MosquittoBroker
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from results_doc import write_section
 
 
 def bare_paho(port: int, data: bytes, block: int, qos: int) -> float:

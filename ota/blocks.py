@@ -62,7 +62,6 @@ from .protocol import (
     BlockInfo,
     BlockReply,
     BlockRequest,
-    ProtocolError,
     bitmap_from_indexes,
     blocks_in,
     encode_message,

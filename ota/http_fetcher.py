@@ -201,6 +201,7 @@ class HttpFetcher(FetcherInterface):
                         left -= len(chunk)
                         yield chunk
             while True:
+                chunk: Optional[bytes]
                 try:
                     chunk = response.read(self.chunk_size)
                 except (OSError, ValueError) as exc:  # connection dropped mid-body (http.client raises these)

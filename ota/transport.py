@@ -301,10 +301,11 @@ class PendingPublish:
             TransportError: no acknowledgement within ``timeout``, or the broker refused it.
             RuntimeError: called on the network thread (it would deadlock).
         """
-        if self.acknowledged or self._mid is None:
+        mid = self._mid
+        if self.acknowledged or mid is None:
             return
         self._connection._check_not_network_thread("publish")
-        reasons = self._connection._await(self._mid, self._mark, timeout, f"publish to {self.topic}")
+        reasons = self._connection._await(mid, self._mark, timeout, f"publish to {self.topic}")
         self.acknowledged = True
         if reasons and reasons[0].is_failure:
             raise TransportError(f"broker {self._connection.broker} refused the publish to {self.topic}: {reasons[0]}")
@@ -484,9 +485,12 @@ class MqttConnection:
         self._join(timeout)
 
     def _prepare_connect(self) -> None:
-        kwargs = {"clean_start": self.clean_start} if self.protocol == MQTT_V5 else {}
         self._client.connect_timeout = self._connect_timeout
-        self._client.connect_async(self.broker.host, self.broker.port, self.keepalive, **kwargs)
+        if self.protocol == MQTT_V5:
+            self._client.connect_async(self.broker.host, self.broker.port, self.keepalive,
+                                       clean_start=self.clean_start)
+        else:  # 3.1.1 takes clean_session at construction
+            self._client.connect_async(self.broker.host, self.broker.port, self.keepalive)
 
     def _stop_thread(self) -> None:
         self._closing.set()

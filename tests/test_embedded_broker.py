@@ -11,15 +11,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator
 
 import pytest
-
 from edgeship.ota.blocks import BlockTransferConfig, MqttBlockFetcher
 from edgeship.ota.errors import EdgeshipError
-from edgeship.ota.protocol import StatusMessage, encode_message
 from edgeship.ota.topics import device_topic
-from edgeship.ota.transport import MQTT_V5, MQTT_V311, MqttConnection, ReconnectPolicy, TransportError
+from edgeship.ota.transport import (
+    MQTT_V5,
+    MQTT_V311,
+    MqttConnection,
+    ReconnectPolicy,
+    TransportError,
+)
 from edgeship.toolkit.blockserver import BlockServer
 from edgeship.toolkit.embedded_broker import EmbeddedBroker
 from transport_fixtures import Collector, python_child, read_line_with, wait_until

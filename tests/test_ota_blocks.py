@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Set, Tuple
 
 import pytest
-from tuf.api import exceptions as tuf_exceptions
-
 from edgeship.ota.blocks import (
     BlockNotFoundError,
     BlockTransferConfig,
@@ -25,11 +23,12 @@ from edgeship.ota.blocks import (
     stream_for_url,
 )
 from edgeship.ota.errors import BadInputError, EdgeshipError
-from edgeship.ota.protocol import BlockRequest, indexes_from_bitmap
+from edgeship.ota.protocol import indexes_from_bitmap
 from edgeship.ota.transport import MqttConnection, ReconnectPolicy
 from edgeship.toolkit.blockserver import BlockServer, TokenBucket, resolve_stream
 from mqtt_broker import MosquittoBroker
-from transport_fixtures import python_child, read_line_with, wait_until
+from transport_fixtures import python_child, read_line_with
+from tuf.api import exceptions as tuf_exceptions
 
 FAST = ReconnectPolicy(initial_s=0.1, max_s=0.5)
 

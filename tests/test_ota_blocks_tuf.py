@@ -17,16 +17,16 @@ import pytest
 
 pytest.importorskip("edgeship.ota.updater")
 
-from edgeship.ota import director as d  # noqa: E402
-from edgeship.ota import updater as u  # noqa: E402
-from edgeship.ota.blocks import BlockTransferConfig, MqttBlockFetcher  # noqa: E402
-from edgeship.ota.errors import SecurityError  # noqa: E402
-from edgeship.ota.http_fetcher import HttpFetcher  # noqa: E402
-from edgeship.ota.release import ReleaseRepository  # noqa: E402
-from edgeship.ota.transport import MqttConnection, ReconnectPolicy  # noqa: E402
-from edgeship.toolkit.blockserver import BlockServer  # noqa: E402
-from mqtt_broker import MosquittoBroker  # noqa: E402
-from ota_repo_simulator import make_bundle  # noqa: E402
+from edgeship.ota import director as d
+from edgeship.ota import updater as u
+from edgeship.ota.blocks import BlockTransferConfig, MqttBlockFetcher
+from edgeship.ota.errors import SecurityError
+from edgeship.ota.http_fetcher import HttpFetcher
+from edgeship.ota.release import ReleaseRepository
+from edgeship.ota.transport import MqttConnection, ReconnectPolicy
+from edgeship.toolkit.blockserver import BlockServer
+from mqtt_broker import MosquittoBroker
+from ota_repo_simulator import make_bundle
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.timezone.utc)
 FAST = ReconnectPolicy(initial_s=0.1, max_s=0.5)
@@ -98,7 +98,7 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 
 def test_bundle_verified_over_http(repo: ReleaseRepository, tmp_path: Path) -> None:
-    handler = lambda *a, **k: _Quiet(*a, directory=str(repo.path), **k)  # noqa: E731
+    handler = lambda *a, **k: _Quiet(*a, directory=str(repo.path), **k)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -7,7 +7,6 @@ import json
 from typing import Any, Dict
 
 import pytest
-
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.protocol import (
     MAX_PAYLOAD_BYTES,

@@ -15,10 +15,15 @@ from pathlib import Path
 from typing import Any, List
 
 import pytest
-
 from edgeship.ota.errors import BadInputError, EdgeshipError
 from edgeship.ota.protocol import StatusMessage, encode_message, parse_message
-from edgeship.ota.topics import DEVICE_KINDS, STATUS, device_topic, device_wildcard, parse_device_topic
+from edgeship.ota.topics import (
+    DEVICE_KINDS,
+    STATUS,
+    device_topic,
+    device_wildcard,
+    parse_device_topic,
+)
 from edgeship.ota.transport import (
     MQTT_V5,
     MQTT_V311,

@@ -9,13 +9,12 @@ import http.server
 import threading
 import urllib.parse
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 import pytest
-from tuf.api import exceptions as tuf_exceptions
-
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.http_fetcher import HttpFetcher
+from tuf.api import exceptions as tuf_exceptions
 
 
 class _Server(http.server.ThreadingHTTPServer):

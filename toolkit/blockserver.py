@@ -29,7 +29,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Deque, Dict, List, Optional, Tuple, Union
 
@@ -44,7 +44,14 @@ from edgeship.ota.protocol import (
     encode_block_reply,
     parse_message,
 )
-from edgeship.ota.topics import BLOCK_DATA, BLOCK_REQUEST, DEFAULT_PREFIX, device_topic, device_wildcard, parse_device_topic
+from edgeship.ota.topics import (
+    BLOCK_DATA,
+    BLOCK_REQUEST,
+    DEFAULT_PREFIX,
+    device_topic,
+    device_wildcard,
+    parse_device_topic,
+)
 from edgeship.ota.transport import MqttConnection, PendingPublish, ReceivedMessage, TransportError
 
 log = logging.getLogger(__name__)
