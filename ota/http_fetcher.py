@@ -195,11 +195,11 @@ class HttpFetcher(FetcherInterface):
                 with open(paths[0], "rb") as have:
                     left = offset
                     while left:
-                        chunk = have.read(min(self.chunk_size, left))
-                        if not chunk:
+                        held = have.read(min(self.chunk_size, left))
+                        if not held:
                             raise tuf_exceptions.DownloadError(f"{http_url}: partial file shrank")
-                        left -= len(chunk)
-                        yield chunk
+                        left -= len(held)
+                        yield held
             while True:
                 chunk: Optional[bytes]
                 try:

@@ -745,7 +745,7 @@ class MqttConnection:
         result, mid = self._client.subscribe(topic_filter, qos)
         if result == MQTTErrorCode.MQTT_ERR_NO_CONN:
             return  # renewed on reconnect
-        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise TransportError(f"subscribe to {topic_filter} failed: {_describe(result)}")
         if in_network_thread:
             return
