@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgeship-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench lint clean
+.PHONY: demo test test-fast test-tflite bench lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,23 @@ test: $(STAMP)
 ## test-fast: the suite without the tests marked slow
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## test-tflite: runtime and agent tests on tflite_runtime 2.14 (needs numpy < 2: its own venv)
+TFLITE_VENV := .venv-tflite
+$(TFLITE_VENV)/.edgeship-installed: pyproject.toml
+	@test -x $(TFLITE_VENV)/bin/python || $(PYTHON) -m venv $(TFLITE_VENV)
+	$(TFLITE_VENV)/bin/python -m pip install --quiet 'tflite-runtime==2.14.*' 'numpy<2'
+	$(TFLITE_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(TFLITE_VENV)/bin/python -m pip install --quiet 'cryptography>=42' 'tuf>=5,<8' 'securesystemslib>=1.0' \
+		'paho-mqtt>=2.0,<3' 'click>=8.1' 'tomli>=2; python_version < "3.11"' psutil pytest pytest-timeout
+	@touch $@
+
+$(TFLITE_VENV)/models/reference.npz: $(STAMP) tests/agent_tflite_models.py
+	$(BIN)/python tests/agent_tflite_models.py $(TFLITE_VENV)/models
+
+test-tflite: $(TFLITE_VENV)/.edgeship-installed $(TFLITE_VENV)/models/reference.npz
+	EDGESHIP_TFLITE_MODELS=$(TFLITE_VENV)/models $(TFLITE_VENV)/bin/python -m pytest -p no:cacheprovider \
+		tests/test_agent_tflite.py tests/test_agent_state_machine.py $(PYTEST_ARGS)
 
 ## bench: the benchmarks; results go to docs/benchmarks.md
 bench: $(STAMP)

@@ -38,12 +38,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples" / "digits"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-TARGETS = {"rss_mb": 60.0, "overhead_pct": 10.0, "rps": 1000.0, "p99_ms": 5.0, "swap_p99_ratio": 2.0,
-           "start_s": 1.5}
+TARGETS = {
+    "rss_mb": 60.0,
+    "overhead_pct": 10.0,
+    "rps": 1000.0,
+    "p99_ms": 5.0,
+    "swap_p99_ratio": 2.0,
+    "start_s": 1.5,
+}
 
 
 # -- load generator (its own process, so the agent's CPU is not the client's) ---------------------
-def _client_process(host: str, port: int, body: bytes, seconds: float, connections: int, queue: Any) -> None:
+def _client_process(
+    host: str, port: int, body: bytes, seconds: float, connections: int, queue: Any
+) -> None:
     stop = time.perf_counter() + seconds
     results: list[tuple[list[float], int, int]] = []
     lock = threading.Lock()
@@ -55,7 +63,9 @@ def _client_process(host: str, port: int, body: bytes, seconds: float, connectio
         while time.perf_counter() < stop:
             start = time.perf_counter()
             try:
-                conn.request("POST", "/v1/models/digits:predict", body, {"Content-Type": "application/json"})
+                conn.request(
+                    "POST", "/v1/models/digits:predict", body, {"Content-Type": "application/json"}
+                )
                 response = conn.getresponse()
                 response.read()
                 if response.status == 200:
@@ -79,8 +89,14 @@ def _client_process(host: str, port: int, body: bytes, seconds: float, connectio
         thread.join()
     elapsed = time.perf_counter() - began
     latencies = [v for lat, _, _ in results for v in lat]
-    queue.put({"ok": sum(r[1] for r in results), "failed": sum(r[2] for r in results), "elapsed": elapsed,
-               "latencies": latencies})
+    queue.put(
+        {
+            "ok": sum(r[1] for r in results),
+            "failed": sum(r[2] for r in results),
+            "elapsed": elapsed,
+            "latencies": latencies,
+        }
+    )
 
 
 def load(host: str, port: int, body: bytes, seconds: float, connections: int) -> dict[str, Any]:
@@ -91,8 +107,11 @@ def load(host: str, port: int, body: bytes, seconds: float, connections: int) ->
     result = queue.get(timeout=seconds + 60)
     proc.join()
     lat = np.array(result["latencies"]) if result["latencies"] else np.array([0.0])
-    result.update(rps=result["ok"] / result["elapsed"], p50=float(np.percentile(lat, 50)),
-                  p99=float(np.percentile(lat, 99)))
+    result.update(
+        rps=result["ok"] / result["elapsed"],
+        p50=float(np.percentile(lat, 50)),
+        p99=float(np.percentile(lat, 99)),
+    )
     del result["latencies"]
     return result
 
@@ -153,8 +172,6 @@ def make_device(base: Path) -> tuple[Path, Path, Path]:
     """A release repository with digits 1.0.0 and 2.0.0, an agent config, and digits 1.0.0
     installed and committed (the real offline-package path)."""
     import tensorflow as tf
-    from model import save_digits_model
-
     from edgeship.agent.config import load_config, render_config
     from edgeship.agent.runtimes import open_model
     from edgeship.agent.serving import ServingModel
@@ -163,6 +180,7 @@ def make_device(base: Path) -> tuple[Path, Path, Path]:
     from edgeship.ota.bundle import build_bundle
     from edgeship.ota.golden import GoldenVectors
     from edgeship.ota.release import ReleaseRepository
+    from model import save_digits_model
 
     files = save_digits_model(base / "digits", epochs=8)
     keras_model = tf.keras.models.load_model(files["model"])
@@ -175,13 +193,25 @@ def make_device(base: Path) -> tuple[Path, Path, Path]:
     repo = ReleaseRepository(base / "repo")
     repo.init(root_passphrase="benchmark-passphrase")
     for version in ("1.0.0", "2.0.0"):
-        build_bundle(model, name="digits", version=version, out=base / f"{version}.bundle", golden=base / "golden.npz")
+        build_bundle(
+            model,
+            name="digits",
+            version=version,
+            out=base / f"{version}.bundle",
+            golden=base / "golden.npz",
+        )
         repo.publish(base / f"{version}.bundle")
     config_path = base / "agent.toml"
-    config_path.write_text(render_config(
-        data=str(base / "data"), device_id="bench", fleet="bench", root=str(repo.root_metadata_path),
-        director_key=str(repo.director_public_key_path), bind="127.0.0.1:0",
-    ).replace("window_s = 60.0", "window_s = 0.1"))
+    config_path.write_text(
+        render_config(
+            data=str(base / "data"),
+            device_id="bench",
+            fleet="bench",
+            root=str(repo.root_metadata_path),
+            director_key=str(repo.director_public_key_path),
+            bind="127.0.0.1:0",
+        ).replace("window_s = 60.0", "window_s = 0.1")
+    )
     repo.export("digits", "1.0.0", base / "1.package", fleet="bench")
     driver = UpdateDriver(load_config(config_path), serving=ServingModel())
     driver.begin(OfflinePackageSource(base / "1.package"))
@@ -194,8 +224,13 @@ def start_agent(config: Path) -> tuple[subprocess.Popen, str, int, float]:
     """Start ``edgeship-agent run``; returns it, its address and the time to first prediction."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     begin = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "edgeship.agent.cli", "run", "--config", str(config), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeship.agent.cli", "run", "--config", str(config), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
     assert proc.stdout is not None
     doc = json.loads(proc.stdout.readline())  # printed once the API listens
     host, port = doc["server"].removeprefix("http://").rsplit(":", 1)
@@ -223,13 +258,18 @@ import os; print(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
 def bare_process(model: Path) -> tuple[float, float]:
     """(seconds to first invoke, RSS MB) of a bare Python + numpy + LiteRT process."""
     begin = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _BARE_START.format(model=str(model), sleep=0)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BARE_START.format(model=str(model), sleep=0)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     out, _ = proc.communicate(timeout=60)
     return time.perf_counter() - begin, int(out.strip()) / 1024.0
 
 
-def hot_swaps_under_load(model: Path, x: np.ndarray, swaps: int, connections: int) -> dict[str, Any]:
+def hot_swaps_under_load(
+    model: Path, x: np.ndarray, swaps: int, connections: int
+) -> dict[str, Any]:
     """In one process: the real ApiServer and ServingModel; the load from another process.
     Steady state first, then the same load while ``swaps`` swaps happen (each new
     runner loaded and warmed before the switch)."""
@@ -269,7 +309,9 @@ def hot_swaps_under_load(model: Path, x: np.ndarray, swaps: int, connections: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md section 'agent'")
+    parser.add_argument(
+        "--write", action="store_true", help="write docs/benchmarks.md section 'agent'"
+    )
     parser.add_argument("--connections", type=int, default=4)
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -292,13 +334,17 @@ def main() -> None:
         bare_start = statistics.median(b[0] for b in bare)
         bare_rss = statistics.median(b[1] for b in bare)
         start_s, rss_agent = statistics.median(starts), statistics.median(rss)
-        print(f"start to first prediction: agent {start_s:.3f} s, bare LiteRT process {bare_start:.3f} s")
+        print(
+            f"start to first prediction: agent {start_s:.3f} s, bare LiteRT process {bare_start:.3f} s"
+        )
         print(f"idle RSS: agent {rss_agent:.1f} MB, bare Python+numpy+LiteRT {bare_rss:.1f} MB")
 
         # 2: in-process overhead
         bare_us, agent_us = interleaved(model, x1, 20000)
         overhead = (agent_us / bare_us - 1) * 100
-        print(f"in-process predict: bare invoke {bare_us:.1f} us, agent predict {agent_us:.1f} us (+{overhead:.1f}%)")
+        print(
+            f"in-process predict: bare invoke {bare_us:.1f} us, agent predict {agent_us:.1f} us (+{overhead:.1f}%)"
+        )
 
         # 3: HTTP through the real agent process
         proc, host, port, _ = start_agent(config)
@@ -310,40 +356,78 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=20)
         bare_rps = 1e6 / bare_us
-        print(f"HTTP predict: {http_result['rps']:.0f} req/s, p50 {http_result['p50']:.2f} ms, "
-              f"p99 {http_result['p99']:.2f} ms, {http_result['failed']} failed; bare loop {bare_rps:.0f} invokes/s")
+        print(
+            f"HTTP predict: {http_result['rps']:.0f} req/s, p50 {http_result['p50']:.2f} ms, "
+            f"p99 {http_result['p99']:.2f} ms, {http_result['failed']} failed; bare loop {bare_rps:.0f} invokes/s"
+        )
 
         # 4: hot swaps under load
         swap = hot_swaps_under_load(model, x, 100, args.connections)
         ratio = swap["during"]["p99"] / swap["steady"]["p99"]
-        print(f"hot swaps: {swap['swaps']} swaps, {swap['during']['failed']} failed of "
-              f"{swap['during']['ok'] + swap['during']['failed']}; p99 {swap['during']['p99']:.2f} ms during vs "
-              f"{swap['steady']['p99']:.2f} ms steady ({ratio:.2f}x)")
+        print(
+            f"hot swaps: {swap['swaps']} swaps, {swap['during']['failed']} failed of "
+            f"{swap['during']['ok'] + swap['during']['failed']}; p99 {swap['during']['p99']:.2f} ms during vs "
+            f"{swap['steady']['p99']:.2f} ms steady ({ratio:.2f}x)"
+        )
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "**missed**"
 
     rows = [
-        ("idle RSS serving digits", f"{rss_agent:.1f} MB", f"bare Python+numpy+LiteRT process: {bare_rss:.1f} MB "
-         f"({rss_agent / bare_rss:.2f}x)", "<= 60 MB", verdict(rss_agent <= TARGETS["rss_mb"])),
-        ("in-process predict, batch 1", f"{agent_us:.1f} us", f"bare set_tensor/invoke/get_tensor: {bare_us:.1f} us "
-         f"(+{overhead:.1f}%)", "<= +10%", verdict(overhead <= TARGETS["overhead_pct"])),
-        ("HTTP predict throughput", f"{http_result['rps']:.0f} req/s", f"bare invoke loop: {bare_rps:.0f} /s "
-         f"({http_result['rps'] / bare_rps:.3f}x)", ">= 1,000 req/s", verdict(http_result["rps"] >= TARGETS["rps"])),
-        ("HTTP predict p99", f"{http_result['p99']:.2f} ms", f"p50 {http_result['p50']:.2f} ms; "
-         f"{http_result['failed']} failed", "< 5 ms", verdict(http_result["p99"] < TARGETS["p99_ms"])),
-        ("100 hot swaps under load: failures", f"{swap['during']['failed']} of "
-         f"{swap['during']['ok'] + swap['during']['failed']}", f"{swap['swaps']} swaps in 10 s", "0",
-         verdict(swap["during"]["failed"] == 0 and swap["swaps"] == 100)),
-        ("p99 during swaps vs steady", f"{swap['during']['p99']:.2f} ms", f"steady {swap['steady']['p99']:.2f} ms "
-         f"({ratio:.2f}x)", "<= 2x", verdict(ratio <= TARGETS["swap_p99_ratio"])),
-        ("start to first prediction", f"{start_s:.2f} s", f"bare LiteRT process to first invoke: {bare_start:.2f} s",
-         "<= 1.5 s", verdict(start_s <= TARGETS["start_s"])),
+        (
+            "idle RSS serving digits",
+            f"{rss_agent:.1f} MB",
+            f"bare Python+numpy+LiteRT process: {bare_rss:.1f} MB ({rss_agent / bare_rss:.2f}x)",
+            "<= 60 MB",
+            verdict(rss_agent <= TARGETS["rss_mb"]),
+        ),
+        (
+            "in-process predict, batch 1",
+            f"{agent_us:.1f} us",
+            f"bare set_tensor/invoke/get_tensor: {bare_us:.1f} us (+{overhead:.1f}%)",
+            "<= +10%",
+            verdict(overhead <= TARGETS["overhead_pct"]),
+        ),
+        (
+            "HTTP predict throughput",
+            f"{http_result['rps']:.0f} req/s",
+            f"bare invoke loop: {bare_rps:.0f} /s ({http_result['rps'] / bare_rps:.3f}x)",
+            ">= 1,000 req/s",
+            verdict(http_result["rps"] >= TARGETS["rps"]),
+        ),
+        (
+            "HTTP predict p99",
+            f"{http_result['p99']:.2f} ms",
+            f"p50 {http_result['p50']:.2f} ms; {http_result['failed']} failed",
+            "< 5 ms",
+            verdict(http_result["p99"] < TARGETS["p99_ms"]),
+        ),
+        (
+            "100 hot swaps under load: failures",
+            f"{swap['during']['failed']} of {swap['during']['ok'] + swap['during']['failed']}",
+            f"{swap['swaps']} swaps in 10 s",
+            "0",
+            verdict(swap["during"]["failed"] == 0 and swap["swaps"] == 100),
+        ),
+        (
+            "p99 during swaps vs steady",
+            f"{swap['during']['p99']:.2f} ms",
+            f"steady {swap['steady']['p99']:.2f} ms ({ratio:.2f}x)",
+            "<= 2x",
+            verdict(ratio <= TARGETS["swap_p99_ratio"]),
+        ),
+        (
+            "start to first prediction",
+            f"{start_s:.2f} s",
+            f"bare LiteRT process to first invoke: {bare_start:.2f} s",
+            "<= 1.5 s",
+            verdict(start_s <= TARGETS["start_s"]),
+        ),
     ]
     table = "\n".join(f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows)
     markdown = f"""## Device agent (`benchmarks/agent.py`)
 
-Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} cores (shared), Python
+Measured {time.strftime("%Y-%m-%d")} on {platform.machine()}, {os.cpu_count()} cores (shared), Python
 {platform.python_version()}, LiteRT, the digits model (fp32 TFLite, batch 1, 1 interpreter thread). HTTP load:
 {args.connections} keep-alive connections from a separate client process (Python `http.client`, TF
 Serving-style JSON), 10 s. Swaps: the real `ApiServer` and `ServingModel`, each new interpreter

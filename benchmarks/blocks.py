@@ -9,8 +9,8 @@ same message size and QoS:
 - block transfer: ``edgeship.toolkit.blockserver.BlockServer`` answers an
   ``edgeship.ota.blocks.MqttBlockFetcher`` that describes the file, requests
   windows of blocks with bitmaps, writes them into its on-disk partial file
-  (fsync + sidecar every 64 blocks) and streams the file out, as on a device.
-  Timed from the fetch call to the last byte written.
+  (fsync + sidecar every 64 blocks) and streams the file, in order, to a consumer
+  that hashes it (as the TUF client does). Timed from the fetch call to the last byte.
 
 Target (issue 5): block transfer at >= 50% of the baseline's throughput.
 
@@ -89,17 +89,16 @@ def block_transfer(broker: MosquittoBroker, root: Path, work: Path, data: bytes,
     server = BlockServer(controller, root, qos=qos, rate_bytes_per_s=1e12, burst_bytes=1e12).start()
     fetcher = MqttBlockFetcher(device, fleet="bench", device=f"dev-{run}", work_dir=work,
                                config=BlockTransferConfig(block_size=block, qos=qos, window=window))
-    work.mkdir(parents=True, exist_ok=True)
-    out = work / "out.bin"
     try:
         started = time.perf_counter()
-        fetcher.fetch_to_file("edgeship://targets/bundle.bin", out)
+        digest = hashlib.sha256()
+        for chunk in fetcher.fetch("edgeship://targets/bundle.bin"):
+            digest.update(chunk)  # what the TUF client does with the stream: hash it, check the length
         elapsed = time.perf_counter() - started
-        if hashlib.sha256(out.read_bytes()).digest() != hashlib.sha256(data).digest():
+        if digest.digest() != hashlib.sha256(data).digest():
             raise RuntimeError("block transfer delivered different bytes")
         return elapsed
     finally:
-        out.unlink(missing_ok=True)
         server.stop()
         device.close()
         controller.close()
@@ -139,30 +138,35 @@ def main() -> None:
                                                      block, qos, run, args.window))
                         print(f"broker {label}, qos {qos}, run {run}: bare paho {size / bare[-1] / 1e6:.1f} MB/s, "
                               f"block transfer {size / blocks[-1] / 1e6:.1f} MB/s", flush=True)
-                    bare_s, blocks_s = statistics.median(bare), statistics.median(blocks)
-                    rows.append({"broker": label, "qos": qos, "bare": size / bare_s / 1e6,
-                                 "blocks": size / blocks_s / 1e6, "ratio": bare_s / blocks_s})
+                    # each run pairs a baseline and a block transfer measured back to back; the median
+                    # of the pairs' ratios is robust to the load of a shared machine drifting
+                    ratios = [b / k for b, k in zip(bare, blocks)]
+                    rows.append({"broker": label, "qos": qos, "bare": size / statistics.median(bare) / 1e6,
+                                 "blocks": size / statistics.median(blocks) / 1e6,
+                                 "ratio": statistics.median(ratios), "worst": min(ratios), "best": max(ratios)})
             finally:
                 broker.stop()
     lines = [
         f"Block transfer of a {args.size_mb:g} MiB file in {args.block_kb} KiB blocks (window {args.window} "
         f"blocks) through Mosquitto "
         f"{_mosquitto_version()} on loopback, against a bare paho-mqtt {_paho_version()} publish loop moving "
-        f"the same bytes in messages of the same size, same run, median of {args.repeats}; "
+        f"the same bytes in messages of the same size, same run, {args.repeats} back-to-back pairs (medians); "
         f"{os.cpu_count()} CPU cores shared with other work.",
         "",
-        "| Mosquitto config | QoS | bare paho loop (MB/s) | block transfer (MB/s) | ratio | target |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| Mosquitto config | QoS | bare paho loop (MB/s) | block transfer (MB/s) | ratio (median of pairs) "
+        "| ratio range | target |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         verdict = "met" if float(row["ratio"]) >= 0.5 else "missed"  # type: ignore[arg-type]
-        lines.append(f"| {row['broker']} | {row['qos']:.0f} | {row['bare']:.1f} | {row['blocks']:.1f} | {row['ratio']:.0%} | "
-                     f">= 50%: {verdict} |")
+        lines.append(f"| {row['broker']} | {row['qos']:.0f} | {row['bare']:.1f} | {row['blocks']:.1f} | "
+                     f"{row['ratio']:.0%} | {row['worst']:.0%}-{row['best']:.0%} | >= 50%: {verdict} |")
     lines += [
         "",
         "The block transfer does more than the loop: a describe round trip, windowed bitmap requests, "
         "a header parsed per block, every block written to the on-disk partial file, fsync and sidecar "
-        "every 64 blocks, and the file streamed back out of it (what makes it resumable).",
+        "every 64 blocks (what makes it resumable), and the file streamed in order to a consumer that "
+        "hashes it, as the TUF client does; the baseline keeps the bytes in memory.",
         "",
         "Mosquitto leaves Nagle's algorithm on by default; the block protocol's small requests and "
         "replies then wait on delayed ACKs (tens of ms per round trip), which the one-way bare loop never "

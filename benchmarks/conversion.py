@@ -168,7 +168,8 @@ def render_markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]], me
     lines = [
         "## Conversion: size, accuracy and latency against fp32 of the same runtime",
         "",
-        f"Reproduce: `{meta['command']}` ({meta['date']}, {meta['machine']}; "
+        f"Reproduce: `{meta['command']}` ({meta['date']}, {meta['machine']}, load average {meta['load_before']} "
+        f"before and {meta['load_after']} after the run: the cores are shared, so 2 threads are often no faster here; "
         f"TensorFlow {meta['versions'].get('tensorflow', '?')}, LiteRT {meta['versions'].get('ai-edge-litert', '?')}, "
         f"ONNX Runtime {meta['versions'].get('onnxruntime', '?')}). Batch-1 p50 latency, "
         f"{meta['rounds']} interleaved rounds x {meta['per_round']} calls per model; ratios are to the fp32 row of the same "
@@ -198,6 +199,14 @@ def render_markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]], me
     return "\n".join(lines)
 
 
+def _load() -> str:
+    """The 1-minute load average ('?' where the OS has none)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=Path, default=None, help="write the results into this docs/benchmarks.md (section 'conversion')")
@@ -217,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
     versions.setdefault("tensorflow", versions.get("tensorflow-cpu", "?"))
     started = time.perf_counter()
+    load_before = _load()
     with tempfile.TemporaryDirectory(prefix="edgeship-bench-") as work:
         folder = Path(work)
         rows = measure("digits_cnn", prepare_digits(folder), folder, args.rounds, args.per_round)
@@ -232,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rounds": args.rounds,
         "per_round": args.per_round,
         "seconds": time.perf_counter() - started,
+        "load_before": load_before,
+        "load_after": _load(),
     }
     markdown = render_markdown(rows, checks, meta)
     if args.write:

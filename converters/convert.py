@@ -9,17 +9,18 @@ failure at any step leaves nothing behind, not even a temporary file.
 
 from __future__ import annotations
 
-__all__ = ["FORMATS", "ConversionGateError", "ConversionResult", "check_output_path", "convert_model"]
+__all__ = ["FORMATS", "ConversionGateError", "ConversionResult", "check_output_path", "convert_model", "read_labels"]
 
 import importlib.metadata
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgeship.agent.runtimes import ModelRunner, open_model
+from edgeship.agent.runtimes import ModelLoadError, ModelRunner, open_model
 from edgeship.ota.atomicfile import atomic_output_path, atomic_write_json
 from edgeship.ota.errors import BadInputError, EdgeshipError, GateFailedError
 
@@ -36,7 +37,7 @@ from .sources import (
     open_any_model,
 )
 from .tflite_flatbuffer import read_tflite_graph
-from .to_onnx import export_to_onnx, quantize_onnx
+from .to_onnx import export_to_onnx, onnx_output_quanta, quantize_onnx
 from .to_tflite import QUANTIZATIONS, convert_to_tflite
 from .validate import GateLimits, validate_models
 
@@ -96,6 +97,45 @@ def _random_data(runner: ModelRunner, samples: int = 64) -> Dataset:
     return Dataset(inputs, None, "random uniform [0, 1) inputs (no --calib or --eval given)")
 
 
+def read_labels(path: str | os.PathLike[str]) -> list[str]:
+    """Class names, one per line (blank lines at the end ignored)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"labels file {path} cannot be read: {exc}") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise BadInputError(f"labels file {path} is empty (one class name per line)")
+    return [line.strip() for line in lines]
+
+
+def _check_labels(labels: list[str], reference: ModelRunner, from_data: list[str] | None) -> list[str]:
+    classes = next((s.shape[-1] for s in reference.signature.outputs if len(s.shape) == 2 and s.shape[-1] > 1), None)
+    if classes is not None and len(labels) != classes:
+        raise BadInputError(f"{len(labels)} labels given, but the model's classification output has {classes} classes")
+    if from_data and from_data != labels:
+        raise BadInputError(f"the labels given differ from the image folder's class folders {from_data}")
+    return labels
+
+
+def _open_candidate(work: Path, fmt: str, target: Path) -> ModelRunner:
+    """The converted model through the device runtimes; a model no runtime here
+    can run (Select TF ops without a Flex delegate) cannot be proven, so it is
+    not written."""
+    try:
+        return open_any_model(work, threads=1)
+    except ModelLoadError:
+        flex = read_tflite_graph(work).select_tf_ops if fmt == "tflite" else ()
+        if not flex:
+            raise
+        raise EdgeshipError(
+            f"the converted model needs Select TF ops ({', '.join(flex)}), and no TFLite runtime here can run them "
+            "(LiteRT and tflite-runtime have no Flex delegate, and this TensorFlow's interpreter does not load it), "
+            f"so it cannot be validated or self-tested; nothing was written to {target}"
+        ) from None
+
+
 def convert_model(
     model: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -109,6 +149,7 @@ def convert_model(
     validate: bool = True,
     limits: GateLimits = GateLimits(),
     allow_select_tf_ops: bool = False,
+    labels: Sequence[str] | None = None,
     latency_runs: int = 30,
     progress: ProgressCallback | None = None,
 ) -> ConversionResult:
@@ -138,6 +179,8 @@ def convert_model(
         raise BadInputError("--int8-io needs --to tflite --quantize int8 (ONNX int8 models keep float inputs and outputs)")
     if quantize == "int8" and calib is None:
         raise BadInputError("--quantize int8 needs calibration data: give --calib DATA (a few hundred representative samples)")
+    if target.suffix in (".tflite", ".onnx") and target.suffix != f".{fmt}":
+        raise BadInputError(f"output {target} has the suffix {target.suffix}, but the model is converted to {fmt}; name it *.{fmt}")
     check_output_path(target)
 
     # The reference: the source model, run by TensorFlow (Keras/SavedModel) or ONNX Runtime.
@@ -172,6 +215,8 @@ def convert_model(
         validation_data = _random_data(reference)
     spec_used = (calibration or validation_data).preprocessing or preprocessing
     class_names = list((calibration or validation_data).class_names) or None
+    if labels is not None:
+        class_names = _check_labels(list(labels), reference, class_names)
 
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.work-", dir=target.parent) as work_dir:
         work = Path(work_dir) / target.name
@@ -196,7 +241,7 @@ def convert_model(
         except OSError as exc:
             raise EdgeshipError(f"cannot write the converted model beside {target}: {exc.strerror or exc}") from None
 
-        candidate = open_any_model(work, threads=1)
+        candidate = _open_candidate(work, fmt, target)
         try:
             validation = None
             if validate:
@@ -211,8 +256,11 @@ def convert_model(
             candidate.close()
             reference.close()
 
-        quanta = read_tflite_graph(work).output_quanta if fmt == "tflite" else ()
+        quanta = read_tflite_graph(work).output_quanta if fmt == "tflite" else onnx_output_quanta(work)
         n_golden = min(len(validation_data), golden_sample_count(input_shapes))
+        fixed = {int(t.shape[0]) for t in signature.inputs if t.shape and t.shape[0] > 0}
+        if fixed and min(fixed) <= len(validation_data):  # a fixed-batch model replays exactly one batch
+            n_golden = min(fixed)
         golden, derivation = make_golden_vectors(
             work, fmt, [x[:n_golden] for x in validation_data.inputs], quantization=quantize, output_quanta=quanta
         )

@@ -304,11 +304,12 @@ def _load_image_folder(
         files = [(f, -1) for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise BadInputError(f"{role} {p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}, directly or in class folders)")
+    height, width = int(size[0]), int(size[1])
     pixels = []
     for f, _ in files:
         try:
             with image.open(f) as img:
-                img = img.convert("L" if color == "grayscale" else "RGB").resize((spec.size[1], spec.size[0]))
+                img = img.convert("L" if color == "grayscale" else "RGB").resize((width, height))
                 array = np.asarray(img, dtype=np.uint8)
         except (OSError, ValueError) as exc:
             raise BadInputError(f"{role} image {f} cannot be decoded: {exc}") from None

@@ -35,6 +35,7 @@ from edgeship.agent.runtimes import ModelRunner, dequantize, quantize
 from edgeship.ota.golden import GoldenVectors
 
 from .sources import open_any_model
+from .validate import fixed_batch, run_arrays
 
 SPREAD_MARGIN = 4.0
 QUANTUM_STEPS = 2.0
@@ -129,15 +130,21 @@ def _tflite_variant_in_child(path: Path, inputs: Sequence[np.ndarray], resolver:
             return [npz[f"arr_{i}"] for i in range(len(npz.files))], label
 
 
-def _onnx_unoptimized(path: Path, inputs: Sequence[np.ndarray], runner: ModelRunner) -> list[np.ndarray]:
+def _onnx_unoptimized(path: Path, inputs: Sequence[np.ndarray], runner: ModelRunner, fixed: int | None) -> list[np.ndarray]:
     ort = importlib.import_module("onnxruntime")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    feed = {i.name: np.ascontiguousarray(x, dtype=s.dtype) for i, x, s in zip(session.get_inputs(), inputs, runner.signature.inputs)}
-    return [np.asarray(y, np.float32) for y in session.run(None, feed)]
+    names = [i.name for i in session.get_inputs()]
+    step = fixed or int(inputs[0].shape[0])
+    parts = []
+    for start in range(0, int(inputs[0].shape[0]), step):
+        chunk = [x[start : start + step] for x in inputs]
+        feed = {n: np.ascontiguousarray(x, dtype=s.dtype) for n, x, s in zip(names, chunk, runner.signature.inputs)}
+        parts.append([np.asarray(y, np.float32) for y in session.run(None, feed)])
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
 def make_golden_vectors(
@@ -156,13 +163,12 @@ def make_golden_vectors(
     with open_any_model(path, threads=1) as runner:
         names_in = tuple(s.name for s in runner.signature.inputs)
         names_out = tuple(s.name for s in runner.signature.outputs)
-        expected = runner.run(list(inputs))
+        expected = run_arrays(runner, inputs)
         variants: list[str] = []
-        singles = [runner.run([x[i : i + 1] for x in inputs]) for i in range(len(inputs[0]))]
-        spread = _max_diff(expected, [np.concatenate([s[k] for s in singles]) for k in range(len(expected))])
+        spread = _max_diff(expected, run_arrays(runner, inputs, batch=1))
         variants.append("batch=1")
         with open_any_model(path, threads=2) as two:
-            spread = max(spread, _max_diff(expected, two.run(list(inputs))))
+            spread = max(spread, _max_diff(expected, run_arrays(two, inputs)))
             variants.append("threads=2")
         if fmt == "tflite":
             for resolver in ("BUILTIN_WITHOUT_DEFAULT_DELEGATES", "BUILTIN_REF"):
@@ -172,7 +178,7 @@ def make_golden_vectors(
                 variants.append(label)
         else:
             try:
-                spread = max(spread, _max_diff(expected, _onnx_unoptimized(path, inputs, runner)))
+                spread = max(spread, _max_diff(expected, _onnx_unoptimized(path, inputs, runner, fixed_batch(runner))))
                 variants.append("graph_optimization=disabled")
             except Exception:
                 pass

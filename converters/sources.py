@@ -234,8 +234,15 @@ def open_any_model(path: str | os.PathLike[str], *, threads: int | None = None) 
         from .tflite_flatbuffer import read_tflite_graph
 
         # Select TF ops run only in TensorFlow's interpreter (LiteRT lacks the Flex delegate).
-        prefer = ["tensorflow"] if read_tflite_graph(p).select_tf_ops else None
-        return open_model(p, threads=threads, prefer=prefer)
+        flex = read_tflite_graph(p).select_tf_ops
+        if not flex:
+            return open_model(p, threads=threads)
+        try:
+            return open_model(p, threads=threads, prefer=["tensorflow"])
+        except (AttributeError, ImportError) as exc:  # the runtime layer could not reach TF's interpreter
+            raise ModelLoadError(
+                f"{p}: uses Select TF ops ({', '.join(flex)}); TensorFlow's TFLite interpreter is not usable here ({exc})"
+            ) from None
     if kind == "onnx":
         return open_model(p, threads=threads)
     tf = import_tensorflow()

@@ -210,6 +210,24 @@ def onnx_operator_counts(path: str | os.PathLike[str]) -> tuple[dict[str, int], 
     return dict(sorted(counts.items())), opset
 
 
+def onnx_output_quanta(path: str | os.PathLike[str]) -> tuple[float, ...]:
+    """For each graph output, the scale of the DequantizeLinear that produces it
+    (QDQ models), else 0.0: the step an int8 rounding flip moves that output by."""
+    onnx = require_module("onnx", "onnx")
+    numpy_helper = require_module("onnx.numpy_helper", "onnx")
+    model = onnx.load(str(path), load_external_data=False)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {i.name: i for i in model.graph.initializer}
+    quanta = []
+    for output in model.graph.output:
+        node = producers.get(output.name)
+        scale = 0.0
+        if node is not None and node.op_type == "DequantizeLinear" and len(node.input) > 1 and node.input[1] in initializers:
+            scale = float(np.max(numpy_helper.to_array(initializers[node.input[1]])))
+        quanta.append(scale)
+    return tuple(quanta)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or exc.__class__.__name__
     return text.splitlines()[0][:300]

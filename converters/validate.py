@@ -20,6 +20,8 @@ __all__ = [
     "compare_outputs_of",
     "model_size_bytes",
     "run_dataset",
+    "run_arrays",
+    "fixed_batch",
     "validate_models",
 ]
 
@@ -210,6 +212,42 @@ def model_size_bytes(path: str | os.PathLike[str]) -> int:
     return p.stat().st_size
 
 
+def fixed_batch(runner: ModelRunner) -> int | None:
+    """The batch size a model insists on (an ONNX export with batch 1), or None
+    when its batch dimension is dynamic."""
+    sizes = {int(s.shape[0]) for s in runner.signature.inputs if s.shape and s.shape[0] > 0}
+    return min(sizes) if sizes else None
+
+
+def run_arrays(
+    runner: ModelRunner,
+    inputs: Sequence[np.ndarray],
+    *,
+    batch: int = 32,
+    progress: ProgressCallback | None = None,
+    label: str = "running",
+) -> list[np.ndarray]:
+    """All outputs of ``runner`` over ``inputs`` (batch first), chunk by chunk (float32).
+
+    A model with a fixed batch size gets chunks of exactly that size; the last one
+    is padded by repeating its final sample, and the padding's outputs dropped.
+    """
+    report = progress or no_progress
+    fixed = fixed_batch(runner)
+    step = fixed or batch
+    n = int(inputs[0].shape[0])
+    parts: list[list[np.ndarray]] = []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        chunk = [x[start:stop] for x in inputs]
+        if fixed and stop - start < fixed:
+            chunk = [np.concatenate([c, np.repeat(c[-1:], fixed - (stop - start), axis=0)]) for c in chunk]
+        outputs = runner.run(chunk)
+        parts.append([np.asarray(y, np.float32)[: stop - start] for y in outputs])
+        report(label, stop, n)
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
 def run_dataset(
     runner: ModelRunner,
     data: Dataset,
@@ -218,15 +256,8 @@ def run_dataset(
     progress: ProgressCallback | None = None,
     label: str = "running",
 ) -> list[np.ndarray]:
-    """All outputs of ``runner`` over ``data``, batch by batch (float32)."""
-    report = progress or no_progress
-    n = len(data)
-    parts: list[list[np.ndarray]] = []
-    for start in range(0, n, batch):
-        stop = min(n, start + batch)
-        parts.append([np.asarray(y, np.float32) for y in runner.run([x[start:stop] for x in data.inputs])])
-        report(label, stop, n)
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+    """All outputs of ``runner`` over ``data`` (see run_arrays)."""
+    return run_arrays(runner, data.inputs, batch=batch, progress=progress, label=label)
 
 
 def validate_models(
@@ -251,6 +282,9 @@ def validate_models(
     names = [s.name for s in reference.signature.outputs]
     metrics = compare_outputs_of(ref_out, cand_out, data.labels, names)
     one = [x[:1] for x in data.inputs]
+    if fixed_batch(candidate) or fixed_batch(reference):
+        size = max(fixed_batch(candidate) or 1, fixed_batch(reference) or 1)
+        one = [np.repeat(x[:1], size, axis=0) for x in data.inputs]
     latencies: dict[str, LatencyStats] = {}
     for role, runner in (("reference", reference), ("candidate", candidate)):
         latencies[role] = measure_latency(

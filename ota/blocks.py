@@ -35,6 +35,7 @@ __all__ = [
     "stream_for_url",
 ]
 
+import collections
 import hashlib
 import json
 import logging
@@ -45,7 +46,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple, Union
 from urllib import parse
 
 from tuf.api import exceptions as tuf_exceptions
@@ -112,7 +113,7 @@ class BlockTransferConfig:
     """
 
     block_size: int = 64 * 1024
-    window: int = 64
+    window: int = 128
     request_timeout_s: float = 3.0
     total_timeout_s: float = 900.0
     max_file_size: int = 2 * 1024 ** 3
@@ -283,8 +284,8 @@ class MqttBlockFetcher(FetcherInterface):
         self._replies: "queue.Queue[BlockReply]" = queue.Queue()
         self._subscribed = False
         self._lock = threading.Lock()
-        self.requests_sent: List[Tuple[float, BlockRequest]] = []
-        """Every request this fetcher sent, with its time.monotonic() (for diagnostics and tests)."""
+        self.requests_sent: Deque[Tuple[float, BlockRequest]] = collections.deque(maxlen=20_000)
+        """The last requests this fetcher sent, with their time.monotonic() (for diagnostics and tests)."""
         self.current: Optional[PartialFile] = None
         """The partial file being fetched now, if any."""
         self.blocks_received = 0
@@ -316,6 +317,9 @@ class MqttBlockFetcher(FetcherInterface):
 
     # -- FetcherInterface --
     def _fetch(self, url: str) -> Iterator[bytes]:
+        if self.connection.on_network_thread():
+            raise RuntimeError("MqttBlockFetcher cannot fetch inside a message handler: the blocks arrive on "
+                               "that same thread; fetch from another thread")
         stream = stream_for_url(url)
         self._ensure_subscribed()
         deadline = time.monotonic() + self.config.total_timeout_s
@@ -372,8 +376,9 @@ class MqttBlockFetcher(FetcherInterface):
         config = self.config
         stream = partial.stream
         next_yield = 0
-        pending: List[int] = partial.missing()
+        pending: Deque[int] = collections.deque(partial.missing())
         inflight: Dict[int, float] = {}
+        fresh: Dict[int, bytes] = {}
         not_before = 0.0
         last_progress = time.monotonic()
         was_connected = True
@@ -381,10 +386,14 @@ class MqttBlockFetcher(FetcherInterface):
         try:
             while True:
                 while next_yield < partial.total and next_yield in partial.have:
-                    chunk = partial.read(next_yield)
+                    # the block that just arrived is usually the next one: no need to read it back
+                    chunk = fresh.pop(next_yield, None)
+                    if chunk is None:
+                        chunk = partial.read(next_yield)
                     next_yield += 1
                     if chunk:
                         yield chunk
+                fresh.clear()
                 if next_yield >= partial.total:
                     break
                 now = time.monotonic()
@@ -395,31 +404,30 @@ class MqttBlockFetcher(FetcherInterface):
                     )
                 connected = self.connection.is_connected
                 if not connected:
-                    if inflight:  # whatever was on the wire is lost; ask again once back
-                        pending = sorted(set(pending) | set(inflight))
+                    if inflight:  # whatever was still on the wire is lost; ask again once back
+                        pending = collections.deque(sorted(set(pending) | set(inflight)))
                         inflight.clear()
                     was_connected = False
-                    time.sleep(0.05)
-                    continue
-                if not was_connected:
+                elif not was_connected:
                     was_connected = True
                     last_progress = now
-                if now - last_progress > config.request_timeout_s and inflight:
+                if connected and now - last_progress > config.request_timeout_s and inflight:
                     log.info("%s: %d blocks did not arrive within %.1f s; asking again",
                              stream, len(inflight), config.request_timeout_s)
-                    pending = sorted(set(pending) | set(inflight))
+                    pending = collections.deque(sorted(set(pending) | set(inflight)))
                     inflight.clear()
                     last_progress = now
                 room = config.window - len(inflight)
-                if pending and now >= not_before and (room >= max(1, config.window // 4) or not inflight):
+                if connected and pending and now >= not_before \
+                        and (room >= max(1, config.window // 4) or not inflight):
                     batch: List[int] = []
                     while pending and len(batch) < room:
-                        index = pending.pop(0)
+                        index = pending.popleft()
                         if index not in partial.have:
                             batch.append(index)
                     if batch:
                         self._send(BlockRequest(uuid.uuid4().hex, stream, partial.block_size,
-                                                bitmap_from_indexes(batch, batch[0]), batch[0]))
+                                                bitmap_from_indexes(batch, min(batch)), min(batch)))
                         for index in batch:
                             inflight[index] = now
                 wait = 0.05
@@ -441,6 +449,8 @@ class MqttBlockFetcher(FetcherInterface):
                         self.duplicate_blocks += 1
                         continue
                     partial.write(reply.index, reply.data)
+                    if reply.index == next_yield:
+                        fresh[reply.index] = reply.data
                     self.blocks_received += 1
                     last_progress = time.monotonic()
                     partial.sync(every_blocks=config.sync_every_blocks, every_s=config.sync_every_s)
@@ -449,7 +459,7 @@ class MqttBlockFetcher(FetcherInterface):
                 elif isinstance(reply, BlockError):
                     if reply.code == 429:
                         not_before = time.monotonic() + _retry_after(reply, config)
-                        pending = sorted(set(pending) | set(inflight))
+                        pending = collections.deque(sorted(set(pending) | set(inflight)))
                         inflight.clear()
                         last_progress = not_before
                     elif reply.code == 404:

@@ -48,6 +48,7 @@ __all__ = [
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -76,6 +77,7 @@ MAX_PAYLOAD_BYTES: Dict[str, int] = {
 """Largest payload accepted per topic kind (bytes); larger ones are refused undecoded."""
 
 _MAX_HEADER_BYTES = 4096
+_HEX = re.compile(r"^[0-9a-fA-F]*$")
 _MAX_STREAM_CHARS = 512
 _MAX_BLOCKS = 1 << 20
 MAX_BLOCKS_PER_STREAM = _MAX_BLOCKS
@@ -382,11 +384,8 @@ class BlockRequest:
         stream = _text(doc, "stream", t, limit=_MAX_STREAM_CHARS) or ""
         _check_stream(stream)
         bitmap = _text(doc, "bitmap", t, required=False, limit=_MAX_BLOCKS // 4)
-        if bitmap is not None:
-            try:
-                bytes.fromhex(bitmap)
-            except ValueError:
-                raise ProtocolError("block_request field 'bitmap' must be an even-length hex string") from None
+        if bitmap is not None and (len(bitmap) % 2 or not _HEX.match(bitmap)):
+            raise ProtocolError("block_request field 'bitmap' must be an even-length hex string")
         return cls(
             request_id=_text(doc, "request_id", t, limit=64) or "",
             stream=stream,

@@ -34,6 +34,7 @@ __all__ = [
     "MessageHandler",
     "MqttConnection",
     "PendingPublish",
+    "device_connection",
     "topic_matches",
     "validate_filter",
 ]
@@ -56,6 +57,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from .errors import BadInputError, EdgeshipError
+from .protocol import StatusMessage, encode_message
+from .topics import DEFAULT_PREFIX, STATUS, device_topic
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +297,12 @@ class PendingPublish:
         self._mark = mark
         self.acknowledged = mid is None
 
+    def done(self) -> bool:
+        """True once the broker acknowledged the message (never blocks)."""
+        if not self.acknowledged and self._mid is not None:
+            self.acknowledged = self._connection._poll_ack(self._mid, self._mark)
+        return self.acknowledged
+
     def wait(self, timeout: float = 10.0) -> None:
         """Return once the broker acknowledged the message.
 
@@ -377,7 +386,6 @@ class MqttConnection:
         self._ack_serial = 0
         self._connected = threading.Event()
         self._closing = threading.Event()
-        self._first_result = threading.Event()
         self._refusal: Optional[str] = None
         self._last_error = "no attempt yet"
         self._ever_connected = False
@@ -435,6 +443,22 @@ class MqttConnection:
         return self._connected.wait(timeout)
 
     # -- connect / close --
+    def start(self, connect_timeout: float = 10.0) -> "MqttConnection":
+        """Start the network thread and return at once; it connects (and reconnects) with
+        backoff whenever the broker is there, for as long as the connection is open.
+
+        For a daemon that must come up before its broker: QoS 1 publishes queue until
+        connected, subscriptions are made at the first connect, ``wait_connected``
+        waits for it. ``connect_timeout`` bounds each TCP/TLS connect and CONNACK wait.
+        """
+        if self._thread is not None:
+            raise RuntimeError("MqttConnection was already started")
+        self._connect_timeout = max(1.0, min(connect_timeout, 10.0))
+        self._prepare_connect()
+        self._thread = threading.Thread(target=self._network_loop, name=f"mqtt-{self.client_id}", daemon=True)
+        self._thread.start()
+        return self
+
     def connect(self, timeout: float = 10.0) -> "MqttConnection":
         """Connect, retrying with backoff for up to ``timeout`` seconds.
 
@@ -442,12 +466,7 @@ class MqttConnection:
             TransportError: not connected within ``timeout`` (names the last error), or
                 the broker refused the connection (bad credentials, not authorized).
         """
-        if self._thread is not None:
-            raise RuntimeError("MqttConnection.connect() was already called")
-        self._connect_timeout = max(1.0, min(timeout, 10.0))
-        self._prepare_connect()
-        self._thread = threading.Thread(target=self._network_loop, name=f"mqtt-{self.client_id}", daemon=True)
-        self._thread.start()
+        self.start(timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._connected.wait(0.05):
@@ -661,6 +680,14 @@ class MqttConnection:
         with self._acks:
             return self._ack_serial
 
+    def _poll_ack(self, mid: int, after: int) -> bool:
+        with self._acks:
+            entry = self._acked.get(mid)
+            if entry is not None and entry[0] > after:
+                del self._acked[mid]
+                return True
+            return False
+
     def _await(self, mid: int, after: int, timeout: float, what: str) -> List[ReasonCode]:
         deadline = time.monotonic() + timeout
         with self._acks:
@@ -673,6 +700,10 @@ class MqttConnection:
                 if left <= 0:
                     raise TransportError(f"{what}: no acknowledgement from {self.broker} within {timeout:g} s")
                 self._acks.wait(min(left, 0.2))
+
+    def on_network_thread(self) -> bool:
+        """True when called from this connection's network thread (inside a handler or listener)."""
+        return self._thread is not None and threading.current_thread() is self._thread
 
     def _check_not_network_thread(self, what: str) -> None:
         if threading.current_thread() is self._thread:
@@ -688,7 +719,9 @@ class MqttConnection:
         published while the connection is down is queued and sent after the
         reconnect, within ``timeout``.
 
-        Without ``wait`` it returns at once; the returned PendingPublish can wait
+        Without ``wait`` it returns at once (except before the very first connect of an
+        ``auto`` connection, which must settle the MQTT version first: then it waits up to
+        ``timeout`` for the connection); the returned PendingPublish can wait
         for the acknowledgement later (a sender that keeps one message of
         look-ahead gets back-pressure without stalling its pipeline).
 
@@ -708,6 +741,12 @@ class MqttConnection:
             if qos == 0:
                 raise BadInputError("wait=True needs QoS 1 or 2 (QoS 0 is never acknowledged)")
             self._check_not_network_thread("publish")
+        if self._auto and not self._ever_connected and not self.on_network_thread():
+            # Until the first connect settles the MQTT version (auto), a message queued in the
+            # client would be lost if the client is rebuilt for 3.1.1: wait for the connection.
+            if not self._connected.wait(timeout):
+                raise TransportError(f"not connected to {self.broker} within {timeout:g} s; message to {topic} "
+                                     "not sent")
         mark = self._ack_mark()
         info = self._client.publish(topic, data, qos, retain)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
@@ -762,3 +801,19 @@ class MqttConnection:
             known = self._subscriptions.pop(topic_filter, None)
         if known is not None and self.is_connected:
             self._client.unsubscribe(topic_filter)
+
+
+def device_connection(broker: Union[BrokerUrl, str], *, fleet: str, device: str, prefix: str = DEFAULT_PREFIX,
+                      **options: object) -> MqttConnection:
+    """A device's connection: client id = device id, retained ``status`` ``online`` as its
+    birth message and ``offline`` as its last will (docs/protocol.md). Not yet connected.
+
+    ``options`` go to MqttConnection (protocol, keepalive, reconnect, on_connect...).
+    """
+    status = device_topic(fleet, device, STATUS, prefix)
+    return MqttConnection(
+        broker, client_id=device,
+        last_will=WillMessage(status, encode_message(StatusMessage("offline")), qos=1, retain=True),
+        birth=WillMessage(status, encode_message(StatusMessage("online")), qos=1, retain=True),
+        **options,  # type: ignore[arg-type]
+    )

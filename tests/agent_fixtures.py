@@ -16,11 +16,10 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
-
 from edgeship.agent.config import AgentConfig, load_config, render_config
 from edgeship.agent.runtimes import open_model
 from edgeship.ota.errors import EdgeshipError
@@ -32,11 +31,15 @@ DEVICE = "dev-1"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_golden(model: Path, x: np.ndarray, out: Path, atol: float = 1e-4, outputs_from: Path | None = None) -> Path:
+def make_golden(
+    model: Path, x: np.ndarray, out: Path, atol: float = 1e-4, outputs_from: Path | None = None
+) -> Path:
     """Golden vectors of ``model`` (or of ``outputs_from``'s outputs, to make a mismatch)."""
     with open_model(outputs_from or model, prefer=["litert", "tflite_runtime"]) as runner:
         (y,) = runner.run([x])
-    GoldenVectors(("image",), (x.astype(np.float32),), ("probs",), (y.astype(np.float32),), atol=atol).save(out)
+    GoldenVectors(
+        ("image",), (x.astype(np.float32),), ("probs",), (y.astype(np.float32),), atol=atol
+    ).save(out)
     return out
 
 
@@ -57,8 +60,16 @@ class AgentRepo:
 
         return ReleaseRepository(self.path)
 
-    def export(self, version: str, *, fleet: str = FLEET, name: str = "digits", tag: str = "",
-               now: dt.datetime | None = None, expires_in: dt.timedelta = dt.timedelta(days=30)) -> Path:
+    def export(
+        self,
+        version: str,
+        *,
+        fleet: str = FLEET,
+        name: str = "digits",
+        tag: str = "",
+        now: dt.datetime | None = None,
+        expires_in: dt.timedelta = dt.timedelta(days=30),
+    ) -> Path:
         out = self.out / f"{name}-{version}{tag}-{time.monotonic_ns()}.package"
         self.repo.export(name, version, out, fleet=fleet, now=now, expires_in=expires_in)
         return out
@@ -76,17 +87,37 @@ BUNDLES = {
     # version: (model kind, bundle options) -- published in this (increasing) order
     "1.0.0": "fp32",
     "2.0.0": "int8",
-    "2.1.0": "bad-golden",       # golden vectors that the model does not reproduce -> FAILED
-    "2.2.0": "needs-runtime",    # needs a runtime version this device lacks -> REJECTED
-    "2.3.0": "other-arch",       # built for another architecture -> REJECTED
-    "2.4.0": "corrupt-model",    # signed and intact, but the model does not load -> FAILED
+    "2.1.0": "bad-golden",  # golden vectors that the model does not reproduce -> FAILED
+    "2.2.0": "needs-runtime",  # needs a runtime version this device lacks -> REJECTED
+    "2.3.0": "other-arch",  # built for another architecture -> REJECTED
+    "2.4.0": "corrupt-model",  # signed and intact, but the model does not load -> FAILED
     "3.0.0": "fp32",
 }
 
 
-@pytest.fixture(scope="session")
-def agent_repo(digits_tflite: Path, digits_int8_tflite: Path, digits_files: dict[str, Path],
-               tmp_path_factory: pytest.TempPathFactory) -> AgentRepo:
+_REPOS: dict[str, AgentRepo] = {}
+
+
+def build_agent_repo(
+    digits_tflite: Path,
+    digits_int8_tflite: Path,
+    digits_files: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AgentRepo:
+    """The release repository, built once per test session (each test module's
+    ``agent_repo`` fixture calls this)."""
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _REPOS:
+        _REPOS[key] = _build(digits_tflite, digits_int8_tflite, digits_files, tmp_path_factory)
+    return _REPOS[key]
+
+
+def _build(
+    digits_tflite: Path,
+    digits_int8_tflite: Path,
+    digits_files: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AgentRepo:
     from edgeship.ota.bundle import build_bundle
     from edgeship.ota.release import ReleaseRepository
 
@@ -96,7 +127,9 @@ def agent_repo(digits_tflite: Path, digits_int8_tflite: Path, digits_files: dict
     repo.init(root_passphrase=PASSPHRASE)
     golden_fp32 = make_golden(digits_tflite, x, base / "fp32.golden.npz")
     golden_int8 = make_golden(digits_int8_tflite, x, base / "int8.golden.npz", atol=1e-3)
-    bad_golden = make_golden(digits_int8_tflite, x, base / "bad.golden.npz", atol=1e-7, outputs_from=digits_tflite)
+    bad_golden = make_golden(
+        digits_int8_tflite, x, base / "bad.golden.npz", atol=1e-7, outputs_from=digits_tflite
+    )
     with open_model(digits_int8_tflite) as runner:
         int8_signature = runner.signature.to_dict()
     corrupt = base / "corrupt.tflite"
@@ -106,21 +139,51 @@ def agent_repo(digits_tflite: Path, digits_int8_tflite: Path, digits_files: dict
         if kind == "fp32":
             build_bundle(digits_tflite, name="digits", version=version, out=out, golden=golden_fp32)
         elif kind == "int8":
-            build_bundle(digits_int8_tflite, name="digits", version=version, out=out, golden=golden_int8)
+            build_bundle(
+                digits_int8_tflite, name="digits", version=version, out=out, golden=golden_int8
+            )
         elif kind == "bad-golden":
-            build_bundle(digits_int8_tflite, name="digits", version=version, out=out, golden=bad_golden)
+            build_bundle(
+                digits_int8_tflite, name="digits", version=version, out=out, golden=bad_golden
+            )
         elif kind == "needs-runtime":
-            build_bundle(digits_int8_tflite, name="digits", version=version, out=out, golden=golden_int8,
-                         report={"signature": int8_signature, "runtime_requirements": {"min_version": "99.0"}})
+            build_bundle(
+                digits_int8_tflite,
+                name="digits",
+                version=version,
+                out=out,
+                golden=golden_int8,
+                report={
+                    "signature": int8_signature,
+                    "runtime_requirements": {"min_version": "99.0"},
+                },
+            )
         elif kind == "other-arch":
-            build_bundle(digits_int8_tflite, name="digits", version=version, out=out, golden=golden_int8,
-                         report={"signature": int8_signature, "runtime_requirements": {"architectures": ["riscv64"]}})
+            build_bundle(
+                digits_int8_tflite,
+                name="digits",
+                version=version,
+                out=out,
+                golden=golden_int8,
+                report={
+                    "signature": int8_signature,
+                    "runtime_requirements": {"architectures": ["riscv64"]},
+                },
+            )
         elif kind == "corrupt-model":
-            build_bundle(corrupt, name="digits", version=version, out=out, report={"signature": int8_signature})
+            build_bundle(
+                corrupt,
+                name="digits",
+                version=version,
+                out=out,
+                report={"signature": int8_signature},
+            )
         repo.publish(out)
     packages = base / "packages"
     packages.mkdir()
-    return AgentRepo(path=base / "repo", out=packages, eval_x=x, fp32=digits_tflite, int8=digits_int8_tflite)
+    return AgentRepo(
+        path=base / "repo", out=packages, eval_x=x, fp32=digits_tflite, int8=digits_int8_tflite
+    )
 
 
 def tamper_package(package: Path, out: Path) -> Path:
@@ -136,12 +199,26 @@ def tamper_package(package: Path, out: Path) -> Path:
     return out
 
 
-def write_config(folder: Path, repo: AgentRepo, *, port: int = 0, window_s: float = 0.3,
-                 extra: str = "", device: str = DEVICE, fleet: str = FLEET) -> Path:
+def write_config(
+    folder: Path,
+    repo: AgentRepo,
+    *,
+    port: int = 0,
+    window_s: float = 0.3,
+    extra: str = "",
+    device: str = DEVICE,
+    fleet: str = FLEET,
+) -> Path:
     """A config made by the real ``render_config`` (what ``edgeship-agent init`` writes)."""
     folder.mkdir(parents=True, exist_ok=True)
-    text = render_config(data=str(folder / "data"), device_id=device, fleet=fleet, root=str(repo.root_json),
-                         director_key=str(repo.director_pub), bind=f"127.0.0.1:{port}")
+    text = render_config(
+        data=str(folder / "data"),
+        device_id=device,
+        fleet=fleet,
+        root=str(repo.root_json),
+        director_key=str(repo.director_pub),
+        bind=f"127.0.0.1:{port}",
+    )
     text = text.replace("window_s = 60.0", f"window_s = {window_s}")
     text += extra
     path = folder / "agent.toml"
@@ -160,8 +237,12 @@ class TFServingClient:
     def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
         self.conn = http.client.HTTPConnection(host, port, timeout=timeout)
 
-    def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
-        payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    def request(
+        self, method: str, path: str, body: Any = None, raw: bytes | None = None
+    ) -> tuple[int, Any]:
+        payload = (
+            raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        )
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         self.conn.request(method, path, body=payload, headers=headers)
         response = self.conn.getresponse()
@@ -182,10 +263,17 @@ def agent_env() -> dict[str, str]:
     return env
 
 
-def agent_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def agent_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run ``edgeship-agent`` as a user would (a real process)."""
-    return subprocess.run([sys.executable, "-m", "edgeship.agent.cli", *args], capture_output=True, text=True,
-                          env=env or agent_env(), timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "edgeship.agent.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env or agent_env(),
+        timeout=timeout,
+    )
 
 
 class AgentProcess:
@@ -195,8 +283,12 @@ class AgentProcess:
         self.config = config
         self.log = config.parent / f"agent-{time.monotonic_ns()}.log"
         self._log_handle = open(self.log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgeship.agent.cli", "run", "--config", str(config)],
-                                     stdout=self._log_handle, stderr=subprocess.STDOUT, env=env or agent_env())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeship.agent.cli", "run", "--config", str(config)],
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            env=env or agent_env(),
+        )
 
     def wait_serving(self, timeout: float = 30.0) -> dict[str, Any]:
         """Wait for the control socket to answer; returns the status document."""
@@ -207,7 +299,9 @@ class AgentProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"agent exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
             try:
                 return dict(ControlClient(socket_path, timeout=5).call("status")["status"])
             except EdgeshipError:
@@ -218,9 +312,13 @@ class AgentProcess:
         from edgeship.agent.config import load_config
         from edgeship.agent.control import ControlClient
 
-        return dict(ControlClient(load_config(self.config).control_socket, timeout=10).call("status")["status"])
+        return dict(
+            ControlClient(load_config(self.config).control_socket, timeout=10).call("status")[
+                "status"
+            ]
+        )
 
-    def client(self) -> "TFServingClient":
+    def client(self) -> TFServingClient:
         host, port = self.status()["server"].removeprefix("http://").rsplit(":", 1)
         return TFServingClient(host, int(port))
 
@@ -247,7 +345,9 @@ def status(config: Path) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
-def wait_for(predicate: Any, timeout: float = 60.0, interval: float = 0.1, what: str = "condition") -> Any:
+def wait_for(
+    predicate: Any, timeout: float = 60.0, interval: float = 0.1, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -255,9 +355,3 @@ def wait_for(predicate: Any, timeout: float = 60.0, interval: float = 0.1, what:
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def agent_folder(tmp_path: Path) -> Iterator[Path]:
-    """A short folder path (the control socket path must stay under 108 bytes)."""
-    yield tmp_path

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 from agent_fixtures import TFServingClient
-
 from edgeship.agent.runtimes import open_model
 from edgeship.agent.server import ApiServer
 from edgeship.agent.serving import LoadedModel, ServingModel, warm_up
@@ -38,7 +37,9 @@ def x(digits_files: dict[str, Path]) -> np.ndarray:
     return np.load(digits_files["eval"])["x"][:5].astype(np.float32)
 
 
-def test_predict_row_and_columnar_forms_match_the_runtime(api, x: np.ndarray, digits_tflite: Path) -> None:  # type: ignore[no-untyped-def]
+def test_predict_row_and_columnar_forms_match_the_runtime(
+    api, x: np.ndarray, digits_tflite: Path
+) -> None:  # type: ignore[no-untyped-def]
     server, _ = api
     client = TFServingClient(server.host, server.port)
     with open_model(digits_tflite) as runner:
@@ -50,15 +51,22 @@ def test_predict_row_and_columnar_forms_match_the_runtime(api, x: np.ndarray, di
     assert status == 200
     np.testing.assert_allclose(np.array(body["outputs"]), expected, atol=1e-6)
     name = server.serving.current.runner.signature.inputs[0].name
-    status, body = client.request("POST", "/v1/models/digits/versions/1.0.0:predict",
-                                  {"signature_name": "serving_default", "instances": [{name: x[0].tolist()}]})
+    status, body = client.request(
+        "POST",
+        "/v1/models/digits/versions/1.0.0:predict",
+        {"signature_name": "serving_default", "instances": [{name: x[0].tolist()}]},
+    )
     assert status == 200 and len(body["predictions"]) == 1
-    status, body = client.request("POST", "/v1/models/digits:predict", {"inputs": {name: x[:2].tolist()}})
+    status, body = client.request(
+        "POST", "/v1/models/digits:predict", {"inputs": {name: x[:2].tolist()}}
+    )
     assert status == 200 and np.array(body["outputs"]).shape == (2, 10)
     client.close()
 
 
-def test_int8_model_takes_and_returns_floats(tmp_path: Path, digits_int8_tflite: Path, x: np.ndarray) -> None:
+def test_int8_model_takes_and_returns_floats(
+    tmp_path: Path, digits_int8_tflite: Path, x: np.ndarray
+) -> None:
     serving = ServingModel()
     serving.swap(loaded(digits_int8_tflite, "2.0.0"))
     server = ApiServer(serving, tmp_path, port=0).start()
@@ -67,31 +75,40 @@ def test_int8_model_takes_and_returns_floats(tmp_path: Path, digits_int8_tflite:
         status, body = client.predict("digits", x.tolist())
         assert status == 200
         probs = np.array(body["predictions"])
-        assert probs.shape == (5, 10) and abs(probs.sum(axis=1) - 1).max() < 0.05  # dequantized probabilities
+        assert (
+            probs.shape == (5, 10) and abs(probs.sum(axis=1) - 1).max() < 0.05
+        )  # dequantized probabilities
         status, meta = client.request("GET", "/v1/models/digits/metadata")
         sig = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
-        assert [t["dtype"] for t in sig["inputs"].values()] == ["DT_FLOAT"]  # int8 hidden from the caller
+        assert [t["dtype"] for t in sig["inputs"].values()] == [
+            "DT_FLOAT"
+        ]  # int8 hidden from the caller
     finally:
         server.stop()
 
 
-@pytest.mark.parametrize("body, raw, words", [
-    (None, b"{not json", "JSON Parse error"),
-    ({"instances": [[1.0, 2.0]]}, None, "has shape [1, 2]"),
-    ({"instances": [[["a"] * 1] * 8] * 8}, None, "float32"),
-    ({"instances": [[[[1.0]] * 8] * 8, [[[1.0]] * 7] * 8]}, None, "rectangular"),
-    ({"instances": []}, None, "non-empty"),
-    ({"rows": []}, None, "exactly one of 'instances'"),
-    ({"instances": [[0.0]], "inputs": [[0.0]]}, None, "exactly one of"),
-    ({"signature_name": "other", "instances": [[0.0]]}, None, "signature_name"),
-    ([1, 2], None, "JSON object"),
-])
+@pytest.mark.parametrize(
+    "body, raw, words",
+    [
+        (None, b"{not json", "JSON Parse error"),
+        ({"instances": [[1.0, 2.0]]}, None, "has shape [1, 2]"),
+        ({"instances": [[["a"] * 1] * 8] * 8}, None, "float32"),
+        ({"instances": [[[[1.0]] * 8] * 8, [[[1.0]] * 7] * 8]}, None, "rectangular"),
+        ({"instances": []}, None, "non-empty"),
+        ({"rows": []}, None, "exactly one of 'instances'"),
+        ({"instances": [[0.0]], "inputs": [[0.0]]}, None, "exactly one of"),
+        ({"signature_name": "other", "instances": [[0.0]]}, None, "signature_name"),
+        ([1, 2], None, "JSON object"),
+    ],
+)
 def test_bad_requests_get_400_in_tf_serving_error_format(api, body, raw, words: str) -> None:  # type: ignore[no-untyped-def]
     server, serving = api
     client = TFServingClient(server.host, server.port)
     status, reply = client.request("POST", "/v1/models/digits:predict", body, raw=raw)
     assert status == 400 and set(reply) == {"error"} and words in reply["error"], reply
-    status, _ = client.predict("digits", np.zeros((1, 8, 8, 1)).tolist())  # the connection still works
+    status, _ = client.predict(
+        "digits", np.zeros((1, 8, 8, 1)).tolist()
+    )  # the connection still works
     assert status == 200
     client.close()
 
@@ -101,7 +118,10 @@ def test_model_status_metadata_unknown_model_and_version(api) -> None:  # type: 
     client = TFServingClient(server.host, server.port)
     status, body = client.request("GET", "/v1/models/digits")
     assert status == 200 and body["model_version_status"][0] == {
-        "version": "1.0.0", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+        "version": "1.0.0",
+        "state": "AVAILABLE",
+        "status": {"error_code": "OK", "error_message": ""},
+    }
     status, body = client.request("GET", "/v1/models/digits/versions/1.0.0/metadata")
     assert status == 200 and body["model_spec"]["name"] == "digits"
     sig = body["metadata"]["signature_def"]["signature_def"]["serving_default"]
@@ -125,7 +145,9 @@ def test_healthz_metrics_feedback_and_telemetry(api, x: np.ndarray) -> None:  # 
     for _ in range(3):
         assert client.predict("digits", x.tolist())[0] == 200
     assert client.request("POST", "/v1/models/digits:predict", {"instances": [[1.0]]})[0] == 400
-    status, body = client.request("POST", "/v1/models/digits:feedback", {"labels": [1, 2, 3], "predictions": [1, 2, 0]})
+    status, body = client.request(
+        "POST", "/v1/models/digits:feedback", {"labels": [1, 2, 3], "predictions": [1, 2, 0]}
+    )
     assert status == 200 and body == {"accepted": 3, "correct": 2}
     assert client.request("POST", "/v1/models/digits:feedback", {"labels": [1]})[0] == 400
     status, text = client.request("GET", "/metrics")
@@ -135,14 +157,19 @@ def test_healthz_metrics_feedback_and_telemetry(api, x: np.ndarray) -> None:  # 
     assert 'kind="bad_request"} 1' in text
     assert 'edgeship_predict_latency_seconds_count{model="digits",version="1.0.0"} 3' in text
     assert "process_resident_memory_bytes" in text and "edgeship_disk_free_bytes" in text
-    classes = sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith("edgeship_predict_class_total{"))
+    classes = sum(
+        int(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("edgeship_predict_class_total{")
+    )
     assert classes == 15
     doc = window.take()
     message = TelemetryMessage.from_dict(doc)  # the fleet's schema accepts it
     assert message.requests == 4 and message.errors == 0 and message.latency.count == 3
     assert message.feedback == {"correct": 2, "total": 3}
-    assert doc["device_stats"]["rss_bytes"] > 0 and sum(doc["device_stats"]["classes"].values()) == 15
+    assert (
+        doc["device_stats"]["rss_bytes"] > 0 and sum(doc["device_stats"]["classes"].values()) == 15
+    )
     assert TelemetryMessage.from_dict(window.take()).requests == 0  # windows do not overlap
     serving.swap(None)
     assert client.request("GET", "/healthz")[0] == 503
@@ -151,8 +178,9 @@ def test_healthz_metrics_feedback_and_telemetry(api, x: np.ndarray) -> None:  # 
 
 
 @pytest.mark.slow
-def test_hot_swaps_under_concurrent_load_fail_no_request(tmp_path: Path, digits_tflite: Path,
-                                                         digits_int8_tflite: Path, x: np.ndarray) -> None:
+def test_hot_swaps_under_concurrent_load_fail_no_request(
+    tmp_path: Path, digits_tflite: Path, digits_int8_tflite: Path, x: np.ndarray
+) -> None:
     """4 keep-alive clients hammer the API while the model is swapped 60 times
     between two versions; every request succeeds and gets one model's answer."""
     models = {"1.0.0": digits_tflite, "2.0.0": digits_int8_tflite}

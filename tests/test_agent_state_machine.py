@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from edgeship.agent.config import load_config, parse_config, render_config
 from edgeship.agent.health import (
     MIN_SAMPLE,
@@ -35,7 +34,16 @@ from edgeship.ota.errors import BadInputError
 S, E = State, Event
 
 # The happy path, then a failure injected in each state: where it must end.
-HAPPY = [S.DISK_CHECK, S.FETCHING, S.VERIFYING, S.INSTALLING, S.SELF_TEST, S.ACTIVATING, S.PROBATION, S.COMMITTED]
+HAPPY = [
+    S.DISK_CHECK,
+    S.FETCHING,
+    S.VERIFYING,
+    S.INSTALLING,
+    S.SELF_TEST,
+    S.ACTIVATING,
+    S.PROBATION,
+    S.COMMITTED,
+]
 FAILURE_IN = {
     S.DISK_CHECK: [S.FAILED],
     S.FETCHING: [S.FAILED],
@@ -45,7 +53,9 @@ FAILURE_IN = {
     S.ACTIVATING: [S.ROLLING_BACK, S.ROLLED_BACK],
     S.PROBATION: [S.ROLLING_BACK, S.ROLLED_BACK],
 }
-REJECT_IN = {s: [S.REJECTED] for s in (S.DISK_CHECK, S.FETCHING, S.VERIFYING, S.INSTALLING, S.SELF_TEST)}
+REJECT_IN = {
+    s: [S.REJECTED] for s in (S.DISK_CHECK, S.FETCHING, S.VERIFYING, S.INSTALLING, S.SELF_TEST)
+}
 
 
 def walk(fail_in: State | None, event: Event) -> list[State]:
@@ -66,7 +76,7 @@ def test_happy_path() -> None:
 def test_failure_in_each_state(state: State, tail: list[State]) -> None:
     path = walk(state, E.FAILURE)
     assert path[: path.index(state) + 1] == HAPPY[: HAPPY.index(state) + 1]
-    assert path[path.index(state) + 1:] == tail
+    assert path[path.index(state) + 1 :] == tail
 
 
 @pytest.mark.parametrize("state, tail", sorted(REJECT_IN.items()))
@@ -74,8 +84,10 @@ def test_reject_in_each_pre_activation_state(state: State, tail: list[State]) ->
     assert walk(state, E.REJECT)[-1:] == tail
 
 
-@pytest.mark.parametrize("state", [S.DISK_CHECK, S.FETCHING, S.VERIFYING, S.INSTALLING, S.SELF_TEST,
-                                   S.ACTIVATING, S.PROBATION])
+@pytest.mark.parametrize(
+    "state",
+    [S.DISK_CHECK, S.FETCHING, S.VERIFYING, S.INSTALLING, S.SELF_TEST, S.ACTIVATING, S.PROBATION],
+)
 def test_abort_and_loop_in_each_state_end_without_the_new_model(state: State) -> None:
     for event in (E.ABORT, E.LOOP_DETECTED):
         end = next_state(state, event)
@@ -101,55 +113,96 @@ def test_no_event_leaves_a_terminal_state() -> None:
         next_state(S.ACTIVATING, E.REJECT)  # after activation a refusal is a failure
 
 
-@pytest.mark.parametrize("entries, cap, expected", [
-    (1, 3, None), (2, 3, None), (4, 3, None), (5, 3, E.LOOP_DETECTED), (1, 0, None), (2, 0, E.LOOP_DETECTED),
-])
+@pytest.mark.parametrize(
+    "entries, cap, expected",
+    [
+        (1, 3, None),
+        (2, 3, None),
+        (4, 3, None),
+        (5, 3, E.LOOP_DETECTED),
+        (1, 0, None),
+        (2, 0, E.LOOP_DETECTED),
+    ],
+)
 def test_reentry_cap(entries: int, cap: int, expected: Event | None) -> None:
     assert event_on_reentry(entries, cap) is expected
 
 
-@pytest.mark.parametrize("state, key", [(S.ROLLING_BACK, "rollback_to"), (S.PROBATION, "active"),
-                                        (S.SELF_TEST, "active"), (S.ACTIVATING, "active")])
+@pytest.mark.parametrize(
+    "state, key",
+    [
+        (S.ROLLING_BACK, "rollback_to"),
+        (S.PROBATION, "active"),
+        (S.SELF_TEST, "active"),
+        (S.ACTIVATING, "active"),
+    ],
+)
 def test_bundle_served_at_boot(state: State, key: str) -> None:
     assert serving_bundle_key(state) == key
 
 
-POLICY = ProbationPolicy(window_s=10, min_requests=5, max_error_rate=0.05, max_nonfinite_rate=0.0,
-                         max_latency_ratio=2.0)
+POLICY = ProbationPolicy(
+    window_s=10, min_requests=5, max_error_rate=0.05, max_nonfinite_rate=0.0, max_latency_ratio=2.0
+)
 
 
-@pytest.mark.parametrize("sample, verdict, words", [
-    (ProbationSample(1, 3, 0, 0, 1.0, 1.0, 100), Verdict.WAIT, ""),
-    (ProbationSample(11, 3, 0, 0, 1.0, 1.0, 100), Verdict.WAIT, ""),              # too few requests yet
-    (ProbationSample(11, 6, 0, 0, 1.0, 1.0, 100), Verdict.COMMIT, "healthy"),
-    (ProbationSample(1, MIN_SAMPLE, 5, 0, 1.0, 1.0, 100), Verdict.ROLL_BACK, "error rate"),
-    (ProbationSample(1, MIN_SAMPLE - 1, 5, 0, 1.0, 1.0, 100), Verdict.WAIT, ""),  # not enough to judge early
-    (ProbationSample(11, 6, 1, 0, 1.0, 1.0, 100), Verdict.ROLL_BACK, "error rate"),  # judged at window end
-    (ProbationSample(2, 40, 0, 1, 1.0, 1.0, 100), Verdict.ROLL_BACK, "NaN/Inf"),
-    (ProbationSample(2, 40, 0, 0, 3.0, 1.0, 100), Verdict.ROLL_BACK, "p95 latency"),
-    (ProbationSample(11, 40, 0, 0, 3.0, 1.0, 5), Verdict.COMMIT, "healthy"),      # baseline too small to compare
-    (ProbationSample(11, 40, 0, 0, 1.9, 1.0, 100), Verdict.COMMIT, "healthy"),
-])
+@pytest.mark.parametrize(
+    "sample, verdict, words",
+    [
+        (ProbationSample(1, 3, 0, 0, 1.0, 1.0, 100), Verdict.WAIT, ""),
+        (ProbationSample(11, 3, 0, 0, 1.0, 1.0, 100), Verdict.WAIT, ""),  # too few requests yet
+        (ProbationSample(11, 6, 0, 0, 1.0, 1.0, 100), Verdict.COMMIT, "healthy"),
+        (ProbationSample(1, MIN_SAMPLE, 5, 0, 1.0, 1.0, 100), Verdict.ROLL_BACK, "error rate"),
+        (
+            ProbationSample(1, MIN_SAMPLE - 1, 5, 0, 1.0, 1.0, 100),
+            Verdict.WAIT,
+            "",
+        ),  # not enough to judge early
+        (
+            ProbationSample(11, 6, 1, 0, 1.0, 1.0, 100),
+            Verdict.ROLL_BACK,
+            "error rate",
+        ),  # judged at window end
+        (ProbationSample(2, 40, 0, 1, 1.0, 1.0, 100), Verdict.ROLL_BACK, "NaN/Inf"),
+        (ProbationSample(2, 40, 0, 0, 3.0, 1.0, 100), Verdict.ROLL_BACK, "p95 latency"),
+        (
+            ProbationSample(11, 40, 0, 0, 3.0, 1.0, 5),
+            Verdict.COMMIT,
+            "healthy",
+        ),  # baseline too small to compare
+        (ProbationSample(11, 40, 0, 0, 1.9, 1.0, 100), Verdict.COMMIT, "healthy"),
+    ],
+)
 def test_probation_verdicts(sample: ProbationSample, verdict: Verdict, words: str) -> None:
     got, reason = probation_verdict(sample, POLICY)
     assert got is verdict and words in reason
 
 
-@pytest.mark.parametrize("new, running, ratio, ok", [
-    (1.0, None, 1.5, True), (1.0, 1.0, 0.0, True), (2.0, 1.0, 1.5, False), (1.4, 1.0, 1.5, True),
-])
+@pytest.mark.parametrize(
+    "new, running, ratio, ok",
+    [
+        (1.0, None, 1.5, True),
+        (1.0, 1.0, 0.0, True),
+        (2.0, 1.0, 1.5, False),
+        (1.4, 1.0, 1.5, True),
+    ],
+)
 def test_self_test_latency_gate(new: float, running: float | None, ratio: float, ok: bool) -> None:
     passed, reason = latency_gate(new, running, ratio)
     assert passed is ok and ("too slow" in reason) is (not ok)
 
 
 def _bundle(slot: str) -> InstalledBundle:
-    return InstalledBundle(name="m", version=slot, slot=slot, model_file="model.tflite", model_format="tflite")
+    return InstalledBundle(
+        name="m", version=slot, slot=slot, model_file="model.tflite", model_format="tflite"
+    )
 
 
 def test_retention_keeps_active_and_n_previous_and_deletes_the_rest() -> None:
     active, previous = _bundle("a"), [_bundle("p1"), _bundle("p2"), _bundle("p3")]
-    plan = plan_retention(active, previous, 2, ["a", "p1", "p2", "p3", "failed", "leftover"], protected=["new"])
+    plan = plan_retention(
+        active, previous, 2, ["a", "p1", "p2", "p3", "failed", "leftover"], protected=["new"]
+    )
     assert [b.slot for b in plan.keep_previous] == ["p1", "p2"]
     assert plan.delete == ("failed", "leftover", "p3")
 
@@ -167,8 +220,15 @@ def test_install_into_slot_is_idempotent(tmp_path: Path) -> None:
 def test_state_file_round_trip_and_corruption(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "state.json")
     assert store.load().active is None
-    record = UpdateRecord(id="u1", kind="install", state="PROBATION", staged=_bundle("s"), rollback_to=_bundle("o"),
-                          source={"kind": "package", "path": "/x"}, entries={"PROBATION": 2})
+    record = UpdateRecord(
+        id="u1",
+        kind="install",
+        state="PROBATION",
+        staged=_bundle("s"),
+        rollback_to=_bundle("o"),
+        source={"kind": "package", "path": "/x"},
+        entries={"PROBATION": 2},
+    )
     state = AgentState(active=_bundle("s"), previous=[_bundle("o")], last_sequence=7, update=record)
     store.save(state)
     again = store.load()
@@ -182,29 +242,47 @@ def test_state_file_round_trip_and_corruption(tmp_path: Path) -> None:
 
 
 def test_rendered_config_is_complete_and_valid(tmp_path: Path) -> None:
-    text = render_config(data="/var/lib/edgeship", device_id="pi-7", fleet="lab", root="/etc/edgeship/root.json",
-                         director_key="/etc/edgeship/director.pub", bind="127.0.0.1:9000", broker="mqtt://h:1883")
+    text = render_config(
+        data="/var/lib/edgeship",
+        device_id="pi-7",
+        fleet="lab",
+        root="/etc/edgeship/root.json",
+        director_key="/etc/edgeship/director.pub",
+        bind="127.0.0.1:9000",
+        broker="mqtt://h:1883",
+    )
     path = tmp_path / "agent.toml"
     path.write_text(text)
     config = load_config(path)
-    assert (config.device_id, config.fleet, config.bind_port, config.broker_url) == ("pi-7", "lab", 9000, "mqtt://h:1883")
+    assert (config.device_id, config.fleet, config.bind_port, config.broker_url) == (
+        "pi-7",
+        "lab",
+        9000,
+        "mqtt://h:1883",
+    )
     assert config.data_dir == Path("/var/lib/edgeship") and config.keep_previous == 2
     example = Path(__file__).resolve().parents[1] / "device-agent" / "agent.example.toml"
     assert load_config(example).device_id  # the shipped example parses
 
 
-@pytest.mark.parametrize("patch, message", [
-    ({"device": {"fleet": "lab"}}, r"\[device\] id is missing"),
-    ({"device": {"id": "a/b", "fleet": "lab"}}, "must be non-empty without"),
-    ({"runtime": {"prefer": ["cuda"]}}, "choose from"),
-    ({"runtime": {"threads": 0}}, "threads = 0 must be > 0"),
-    ({"server": {"bind": "localhost"}}, "not HOST:PORT"),
-    ({"probation": {"max_error_rate": 2.0}}, "within"),
-    ({"probation": {"window_s": "long"}}, "must be a float"),
-])
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"device": {"fleet": "lab"}}, r"\[device\] id is missing"),
+        ({"device": {"id": "a/b", "fleet": "lab"}}, "must be non-empty without"),
+        ({"runtime": {"prefer": ["cuda"]}}, "choose from"),
+        ({"runtime": {"threads": 0}}, "threads = 0 must be > 0"),
+        ({"server": {"bind": "localhost"}}, "not HOST:PORT"),
+        ({"probation": {"max_error_rate": 2.0}}, "within"),
+        ({"probation": {"window_s": "long"}}, "must be a float"),
+    ],
+)
 def test_bad_config_is_named(patch: dict, message: str) -> None:
-    doc = {"device": {"id": "d", "fleet": "f"}, "paths": {"data": "/d"},
-           "trust": {"root": "/r.json", "director_key": "/k.pub"}}
+    doc = {
+        "device": {"id": "d", "fleet": "f"},
+        "paths": {"data": "/d"},
+        "trust": {"root": "/r.json", "director_key": "/k.pub"},
+    }
     for table, values in patch.items():
         doc[table] = values if table == "device" else {**doc.get(table, {}), **values}
     with pytest.raises(BadInputError, match=message):

@@ -12,14 +12,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from agent_fixtures import DEVICE, AgentRepo, agent_config, agent_repo, tamper_package  # noqa: F401
-
+from agent_fixtures import DEVICE, AgentRepo, agent_config, build_agent_repo, tamper_package
 from edgeship.agent.persistence import StateStore
 from edgeship.agent.serving import ServingModel
 from edgeship.agent.sources import OfflinePackageSource, SlotSource
 from edgeship.agent.state_machine import State
 from edgeship.agent.updater import TestHooks, UpdateDriver, UpdateInProgressError
 from edgeship.ota.errors import EdgeshipError, SecurityError
+
+
+@pytest.fixture(scope="session")
+def agent_repo(
+    digits_tflite: Path,
+    digits_int8_tflite: Path,
+    digits_files: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AgentRepo:
+    return build_agent_repo(digits_tflite, digits_int8_tflite, digits_files, tmp_path_factory)
 
 
 def predict(serving: ServingModel, x: np.ndarray) -> np.ndarray:
@@ -43,15 +52,28 @@ def device(tmp_path: Path, agent_repo: AgentRepo):  # type: ignore[no-untyped-de
     return driver
 
 
-def test_install_then_update_commits_and_keeps_the_previous(device: UpdateDriver, agent_repo: AgentRepo) -> None:
+def test_install_then_update_commits_and_keeps_the_previous(
+    device: UpdateDriver, agent_repo: AgentRepo
+) -> None:
     record = install(device, agent_repo.export("2.0.0"))
     assert record.state == "COMMITTED", record.reason
-    assert [h[0] for h in record.history] == ["DISK_CHECK", "FETCHING", "VERIFYING", "INSTALLING", "SELF_TEST",
-                                              "ACTIVATING", "PROBATION", "COMMITTED"]
+    assert [h[0] for h in record.history] == [
+        "DISK_CHECK",
+        "FETCHING",
+        "VERIFYING",
+        "INSTALLING",
+        "SELF_TEST",
+        "ACTIVATING",
+        "PROBATION",
+        "COMMITTED",
+    ]
     state = StateStore(device.config.state_file).load()  # what is on disk, not in memory
     assert (state.active.name, state.active.version) == ("digits", "2.0.0")
     assert [b.version for b in state.previous] == ["1.0.0"]
-    assert device.serving.current.version == "2.0.0" and device.serving.current.runner.signature.inputs[0].dtype == "int8"
+    assert (
+        device.serving.current.version == "2.0.0"
+        and device.serving.current.runner.signature.inputs[0].dtype == "int8"
+    )
     assert state.last_sequence == record.sequence
     y = predict(device.serving, agent_repo.eval_x[:4])
     assert y.shape == (4, 10) and y.dtype == np.float32  # int8 I/O handled for the caller
@@ -75,16 +97,35 @@ INJECTIONS = [
     (State.VERIFYING, SecurityError, "REJECTED", "1.0.0"),
     (State.INSTALLING, SecurityError, "REJECTED", "1.0.0"),
     (State.SELF_TEST, SecurityError, "REJECTED", "1.0.0"),
-    (State.ACTIVATING, SecurityError, "ROLLED_BACK", "1.0.0"),  # no REJECT after activation: a failure
-    (State.PROBATION, RuntimeError, "ROLLED_BACK", "1.0.0"),    # a bug is a failure too, never stuck
-    (State.ROLLING_BACK, EdgeshipError, "FAILED", "2.0.0"),     # rollback impossible: the new one stays
+    (
+        State.ACTIVATING,
+        SecurityError,
+        "ROLLED_BACK",
+        "1.0.0",
+    ),  # no REJECT after activation: a failure
+    (State.PROBATION, RuntimeError, "ROLLED_BACK", "1.0.0"),  # a bug is a failure too, never stuck
+    (
+        State.ROLLING_BACK,
+        EdgeshipError,
+        "FAILED",
+        "2.0.0",
+    ),  # rollback impossible: the new one stays
 ]
 
 
-@pytest.mark.parametrize("state, error, final, active", INJECTIONS,
-                         ids=[f"{s.value}-{e.__name__}" for s, e, _, _ in INJECTIONS])
-def test_failure_injected_in_each_state(device: UpdateDriver, agent_repo: AgentRepo, state: State,
-                                        error: type[Exception], final: str, active: str) -> None:
+@pytest.mark.parametrize(
+    "state, error, final, active",
+    INJECTIONS,
+    ids=[f"{s.value}-{e.__name__}" for s, e, _, _ in INJECTIONS],
+)
+def test_failure_injected_in_each_state(
+    device: UpdateDriver,
+    agent_repo: AgentRepo,
+    state: State,
+    error: type[Exception],
+    final: str,
+    active: str,
+) -> None:
     def inject(current: State) -> None:
         if current is state:
             raise error(f"injected in {current.value}")
@@ -115,8 +156,9 @@ BAD_BUNDLES = [
 
 
 @pytest.mark.parametrize("version, final, words", BAD_BUNDLES)
-def test_bad_bundle_leaves_the_running_model_serving(device: UpdateDriver, agent_repo: AgentRepo, version: str,
-                                                     final: str, words: str) -> None:
+def test_bad_bundle_leaves_the_running_model_serving(
+    device: UpdateDriver, agent_repo: AgentRepo, version: str, final: str, words: str
+) -> None:
     before = predict(device.serving, agent_repo.eval_x[:4])
     record = install(device, agent_repo.export(version))
     assert record.state == final and words in record.reason, record.reason
@@ -126,7 +168,9 @@ def test_bad_bundle_leaves_the_running_model_serving(device: UpdateDriver, agent
     assert len(list(device.config.slots_dir.iterdir())) == 1
 
 
-def test_tampered_package_is_rejected(device: UpdateDriver, agent_repo: AgentRepo, tmp_path: Path) -> None:
+def test_tampered_package_is_rejected(
+    device: UpdateDriver, agent_repo: AgentRepo, tmp_path: Path
+) -> None:
     bad = tamper_package(agent_repo.export("2.0.0"), tmp_path / "tampered.package")
     record = install(device, bad)
     assert record.state == "REJECTED" and "sha256" in record.reason, record.reason
@@ -134,7 +178,7 @@ def test_tampered_package_is_rejected(device: UpdateDriver, agent_repo: AgentRep
 
 
 def test_replayed_older_package_is_rejected(device: UpdateDriver, agent_repo: AgentRepo) -> None:
-    old = agent_repo.export("2.0.0")      # lower sequence
+    old = agent_repo.export("2.0.0")  # lower sequence
     newer = agent_repo.export("3.0.0")
     assert install(device, newer).state == "COMMITTED"
     record = install(device, old)
@@ -142,22 +186,31 @@ def test_replayed_older_package_is_rejected(device: UpdateDriver, agent_repo: Ag
     assert device.serving.current.version == "3.0.0"
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"fleet": "other-fleet"}, "fleet"),
-    ({"now": dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3), "expires_in": dt.timedelta(days=1)},
-     "expired"),
-])
-def test_director_document_for_another_fleet_or_expired_is_rejected(device: UpdateDriver, agent_repo: AgentRepo,
-                                                                   kwargs: dict, words: str) -> None:
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"fleet": "other-fleet"}, "fleet"),
+        (
+            {
+                "now": dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3),
+                "expires_in": dt.timedelta(days=1),
+            },
+            "expired",
+        ),
+    ],
+)
+def test_director_document_for_another_fleet_or_expired_is_rejected(
+    device: UpdateDriver, agent_repo: AgentRepo, kwargs: dict, words: str
+) -> None:
     record = install(device, agent_repo.export("2.0.0", **kwargs))
     assert record.state == "REJECTED" and words in record.reason, record.reason
     assert device.serving.current.version == "1.0.0"
 
 
-def test_package_signed_by_another_repository_is_rejected(device: UpdateDriver, agent_repo: AgentRepo,
-                                                          tmp_path: Path) -> None:
+def test_package_signed_by_another_repository_is_rejected(
+    device: UpdateDriver, agent_repo: AgentRepo, tmp_path: Path
+) -> None:
     from agent_fixtures import PASSPHRASE
-
     from edgeship.ota.bundle import build_bundle
     from edgeship.ota.release import ReleaseRepository
 
@@ -171,16 +224,22 @@ def test_package_signed_by_another_repository_is_rejected(device: UpdateDriver, 
     assert device.serving.current.version == "1.0.0"
 
 
-def test_insufficient_disk_is_named(device: UpdateDriver, agent_repo: AgentRepo, monkeypatch: pytest.MonkeyPatch) -> None:
-    import edgeship.agent.updater as updater
+def test_insufficient_disk_is_named(
+    device: UpdateDriver, agent_repo: AgentRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgeship.agent import updater
 
-    monkeypatch.setattr(updater, "free_bytes", lambda folder: 1000)  # a full disk, as statvfs would say
+    monkeypatch.setattr(
+        updater, "free_bytes", lambda folder: 1000
+    )  # a full disk, as statvfs would say
     record = install(device, agent_repo.export("2.0.0"))
     assert record.state == "FAILED" and record.reason.startswith("insufficient disk: need ")
     assert "free 1000 bytes" in record.reason
 
 
-def test_probation_rolls_back_a_model_that_fails_requests(device: UpdateDriver, agent_repo: AgentRepo) -> None:
+def test_probation_rolls_back_a_model_that_fails_requests(
+    device: UpdateDriver, agent_repo: AgentRepo
+) -> None:
     """Requests during probation fail in the runtime (a broken interpreter); the driver rolls back by itself."""
     import threading
 
@@ -209,8 +268,9 @@ def test_probation_rolls_back_a_model_that_fails_requests(device: UpdateDriver, 
     assert StateStore(device.config.state_file).load().failed_slots == []  # deleted, not pending
 
 
-def test_operator_rollback_of_a_committed_update_goes_through_the_machine(device: UpdateDriver,
-                                                                          agent_repo: AgentRepo) -> None:
+def test_operator_rollback_of_a_committed_update_goes_through_the_machine(
+    device: UpdateDriver, agent_repo: AgentRepo
+) -> None:
     assert install(device, agent_repo.export("2.0.0")).state == "COMMITTED"
     previous = device.state.previous[0]
     device.begin(SlotSource(previous), kind="rollback")
@@ -221,7 +281,9 @@ def test_operator_rollback_of_a_committed_update_goes_through_the_machine(device
     assert [b.version for b in device.state.previous] == ["2.0.0"]
 
 
-def test_kept_bundle_modified_on_disk_is_refused_for_rollback(device: UpdateDriver, agent_repo: AgentRepo) -> None:
+def test_kept_bundle_modified_on_disk_is_refused_for_rollback(
+    device: UpdateDriver, agent_repo: AgentRepo
+) -> None:
     assert install(device, agent_repo.export("2.0.0")).state == "COMMITTED"
     previous = device.state.previous[0]
     model = device.config.slots_dir / previous.slot / previous.model_file
@@ -248,8 +310,9 @@ def test_retention_keeps_the_configured_number(tmp_path: Path, agent_repo: Agent
     assert len(list(config.slots_dir.iterdir())) == 2
 
 
-def test_crash_loop_in_probation_rolls_back_before_loading_the_model(device: UpdateDriver,
-                                                                     agent_repo: AgentRepo) -> None:
+def test_crash_loop_in_probation_rolls_back_before_loading_the_model(
+    device: UpdateDriver, agent_repo: AgentRepo
+) -> None:
     """Restarts in PROBATION are counted before anything loads; past the cap it rolls back."""
     device.hooks = TestHooks(inject=lambda s: None)
     device.begin(OfflinePackageSource(agent_repo.export("2.0.0")))
@@ -262,7 +325,9 @@ def test_crash_loop_in_probation_rolls_back_before_loading_the_model(device: Upd
         if restart < device.config.max_reentries:
             assert state == "PROBATION" and restarted.boot_bundle().version == "2.0.0"
     assert state == "ROLLING_BACK"
-    assert restarted.boot_bundle().version == "1.0.0"  # served at boot instead of the crashing model
+    assert (
+        restarted.boot_bundle().version == "1.0.0"
+    )  # served at boot instead of the crashing model
     record = restarted.run()
     assert record.state == "ROLLED_BACK" and "interrupted" in " ".join(h[2] for h in record.history)
     assert json.loads(device.config.state_file.read_text())["active"]["version"] == "1.0.0"

@@ -188,3 +188,14 @@ def test_convert_h5_source_human_output(digits_files: dict[str, Path], tmp_path:
     assert "wrote" in result.stdout and "golden" in result.stdout
     report = json.loads((tmp_path / "digits.tflite.report.json").read_text())
     assert report["source"]["kind"] == "h5" and report["quality"] is None and report["validation"] is None
+
+
+def test_convert_records_labels_and_refuses_a_wrong_count(digits_files: dict[str, Path], tmp_path: Path) -> None:
+    good, bad = tmp_path / "labels.txt", tmp_path / "three.txt"
+    good.write_text("".join(f"digit {i}\n" for i in range(10)))
+    bad.write_text("a\nb\nc\n")
+    result = invoke("convert", digits_files["model"], "-o", tmp_path / "d.tflite", "--labels", bad, "--no-validate")
+    assert result.exit_code == 2 and "3 labels given" in one_error_line(result) and "10 classes" in result.stderr
+    result = invoke("convert", digits_files["model"], "-o", tmp_path / "d.tflite", "--labels", good, "--no-validate", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["report"]["labels"] == [f"digit {i}" for i in range(10)]

@@ -203,6 +203,7 @@ def test_bad_calibration_data(digits_files: dict[str, Path], tmp_path: Path, arr
         ({"quantize": "int8"}, "needs calibration data"),
         ({"to": "onnx", "quantize": "int8", "int8_io": True, "calib": "x.npz"}, "--int8-io needs --to tflite"),
         ({"quantize": "int4"}, "unknown quantization"),
+        ({"to": "onnx"}, "has the suffix .tflite"),
     ],
 )
 def test_bad_options(digits_files: dict[str, Path], tmp_path: Path, kwargs: dict, message: str) -> None:
@@ -247,14 +248,63 @@ def test_operator_tflite_cannot_express_is_named(determinant_savedmodel: Path, t
 
 
 def test_select_tf_ops_opt_in(determinant_savedmodel: Path, tmp_path: Path) -> None:
-    import importlib
+    """With the opt-in the converter keeps the operator as a Flex op; the model is
+    written only where a runtime can prove it (run it for validation and golden vectors)."""
+    from edgeship.ota.errors import EdgeshipError
 
-    if not hasattr(importlib.import_module("tensorflow.lite"), "Interpreter"):
-        pytest.skip(
-            "edgeship.agent.runtimes loads TensorFlow's interpreter from 'tensorflow.lite', which has no "
-            "Interpreter in TF >= 2.16 (it is tensorflow.lite.python.interpreter); Select TF ops cannot run"
-        )
-    result = convert_model(determinant_savedmodel, tmp_path / "det.tflite", allow_select_tf_ops=True, latency_runs=2)
+    np.savez(tmp_path / "eval.npz", x=np.random.default_rng(0).normal(size=(8, 3, 3)).astype(np.float32))
+    try:
+        result = convert_model(determinant_savedmodel, tmp_path / "det.tflite", allow_select_tf_ops=True,
+                               eval_data=tmp_path / "eval.npz", latency_runs=2)
+    except EdgeshipError as exc:  # no Flex delegate in any runtime installed here
+        assert exc.exit_code == 1
+        assert "needs Select TF ops (MatrixDeterminant)" in exc.message and "nothing was written" in exc.message
+        _assert_nothing_written(tmp_path, {"eval.npz"})
+        return
     assert result.report["runtime"]["select_tf_ops"] is True
     assert result.report["runtime"]["runtimes"] == ["tensorflow"]
     assert "MatrixDeterminant" in result.report["runtime"]["select_tf_ops_used"]
+    assert result.report["quality"]["max_abs_error"] < 1e-3
+
+
+def test_onnx_with_a_fixed_batch_of_one(convert_digits: Any, digits_files: dict[str, Path], tmp_path: Path) -> None:
+    """PyTorch exports often fix the batch at 1: validation and golden vectors go one sample at a time."""
+    import onnx
+
+    model = onnx.load(str(convert_digits("onnx", "none").out))
+    for value in list(model.graph.input) + list(model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(model, str(fixed))
+    result = convert_model(fixed, tmp_path / "fixed-int8.onnx", quantize="int8", calib=digits_files["calib"],
+                           eval_data=digits_files["eval"], latency_runs=2)
+    assert result.report["signature"]["inputs"][0]["shape"] == [1, 8, 8, 1]
+    assert result.report["quality"]["samples"] == 397 and result.report["quality"]["agreement"] >= 0.97
+    golden = GoldenVectors.load(result.golden_path)
+    assert golden.inputs[0].shape[0] == 1
+    with open_model(result.out) as runner:
+        assert compare_outputs(golden, runner.run(list(golden.inputs))).passed
+
+
+def test_missing_extra_names_it_and_exits_5(tmp_path: Path, digits_files: dict[str, Path]) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'tensorflow' or name.startswith('tensorflow.'):\n"
+        "            raise ImportError('blocked for this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from edgeship.toolkit.cli import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "convert", str(digits_files["model"]), "-o", str(tmp_path / "o.tflite")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr.startswith("error: ") and "pip install 'edgeship[convert]'" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert list(tmp_path.iterdir()) == []

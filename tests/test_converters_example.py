@@ -30,7 +30,10 @@ def test_demo_runs_end_to_end_as_a_script(tmp_path: Path) -> None:
     primary = summary["files"][summary["primary"]]
     for key in ("model", "golden", "report"):
         assert Path(primary[key]).is_file()
-    assert json.loads(Path(primary["report"]).read_text())["quality"]["agreement"] >= 0.97
+    report = json.loads(Path(primary["report"]).read_text())
+    assert report["quality"]["agreement"] >= 0.97
+    assert report["labels"] == [str(i) for i in range(10)]
+    assert Path(summary["files"]["labels"]).read_text().split() == report["labels"]
     assert (out / "summary.json").is_file()
 
 

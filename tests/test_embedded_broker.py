@@ -74,11 +74,9 @@ def test_explicit_mqtt5_is_refused_clearly(embedded: EmbeddedBroker) -> None:
 
 _CHILD = r"""
 import sys, time
-from edgeship.ota.protocol import StatusMessage, encode_message
-from edgeship.ota.transport import MqttConnection, WillMessage
+from edgeship.ota.transport import device_connection
 url, topic = sys.argv[1], sys.argv[2]
-MqttConnection(url, client_id="pi-05", last_will=WillMessage(topic, encode_message(StatusMessage("offline"))),
-               birth=WillMessage(topic, encode_message(StatusMessage("online")))).connect(10)
+device_connection(url, fleet="lab", device="pi-05").connect(10)
 print("ready", flush=True)
 time.sleep(120)
 """
@@ -158,3 +156,35 @@ def test_module_entry_point_runs_until_interrupted() -> None:
         if process.poll() is None:
             process.kill()
         process.communicate(timeout=5)
+
+
+def test_an_agent_started_before_the_broker_loses_nothing_in_the_version_fallback() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    got = Collector()
+    conn = MqttConnection(f"mqtt://127.0.0.1:{port}", client_id="early", reconnect=FAST).start()
+    conn.subscribe("edgeship/lab/devices/early/#", got)
+    errors: List[Exception] = []
+
+    def report() -> None:
+        try:  # published before any broker exists; must arrive once the version is settled
+            conn.publish(device_topic("lab", "early", "reported"), b'{"state":"IDLE"}', qos=1, retain=True,
+                         wait=False, timeout=20)
+        except Exception as exc:  # pragma: no cover - the assertion below shows it
+            errors.append(exc)
+
+    import threading
+
+    sender = threading.Thread(target=report)
+    sender.start()
+    time.sleep(0.5)
+    broker = EmbeddedBroker("127.0.0.1", port).start()
+    try:
+        sender.join(20)
+        assert not errors
+        assert conn.wait_connected(10) and conn.protocol == MQTT_V311
+        assert got.wait_for(lambda ms: any(m.payload == b'{"state":"IDLE"}' for m in ms), 10)
+    finally:
+        conn.close()
+        broker.stop()

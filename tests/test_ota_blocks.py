@@ -23,11 +23,11 @@ from edgeship.ota.blocks import (
     stream_for_url,
 )
 from edgeship.ota.errors import BadInputError, EdgeshipError
-from edgeship.ota.protocol import indexes_from_bitmap
+from edgeship.ota.protocol import BlockRequest, encode_message, indexes_from_bitmap
 from edgeship.ota.transport import MqttConnection, ReconnectPolicy
 from edgeship.toolkit.blockserver import BlockServer, TokenBucket, resolve_stream
 from mqtt_broker import MosquittoBroker
-from transport_fixtures import python_child, read_line_with
+from transport_fixtures import python_child, read_line_with, wait_until
 from tuf.api import exceptions as tuf_exceptions
 
 FAST = ReconnectPolicy(initial_s=0.1, max_s=0.5)
@@ -328,4 +328,51 @@ def test_killed_fetcher_process_resumes_from_disk(mosquitto_broker: MosquittoBro
         assert set(result["asked"]) | on_disk == set(range(total))
         assert not list((work / "partial").iterdir())
     finally:
+        rig.close()
+
+
+def test_hostile_requests_are_dropped_and_the_server_keeps_serving(rig: Rig, mosquitto_broker: MosquittoBroker,
+                                                                   tmp_path: Path) -> None:
+    import subprocess
+
+    data = rig.target("ok.tar", 100_000)
+    big = tmp_path / "big.json"
+    big.write_bytes(b'{"v":1,"type":"block_request","request_id":"r","stream":"targets/ok.tar","block_size":4096,'
+                    b'"bitmap":"' + b"ff" * 20_000 + b'"}')
+    topic = rig.fetcher.request_topic
+    hostile = [b"junk", b"\xff\xfe", b"[]", b'{"v":2,"type":"block_request"}',
+               b'{"v":1,"type":"block_request","request_id":"r","stream":"../keys/root.key","block_size":4096}',
+               b'{"v":1,"type":"block_request","request_id":"r","stream":"targets/ok.tar","block_size":1}',
+               b'{"v":1,"type":"block_request","request_id":"r","stream":"targets/ok.tar","block_size":4096,'
+               b'"bitmap":"zz"}']
+    for payload in hostile:
+        subprocess.run(["mosquitto_pub", "-p", str(mosquitto_broker.port), "-h", "127.0.0.1", "-t", topic, "-s",
+                        "-q", "1"], input=payload, check=True, timeout=10)
+    subprocess.run(["mosquitto_pub", "-p", str(mosquitto_broker.port), "-h", "127.0.0.1", "-t", topic, "-f",
+                    str(big), "-q", "1"], check=True, timeout=10)
+    # a request on a topic that is not a device topic, and one for keys/ that parses but must not be served
+    rig.device.publish("edgeship/lab/devices/pi-01/blocks/request", encode_message(
+        BlockRequest("r2", "keys/root.key", 4096, "01")), qos=1)
+    assert wait_until(lambda: rig.controller.dropped == len(hostile) + 1, 10), rig.controller.dropped
+    assert b"".join(rig.fetcher.fetch("edgeship://targets/ok.tar")) == data
+    assert [e.outcome for e in rig.server.log][0] == "not-found"  # keys/ is outside metadata/ and targets/
+    assert rig.controller.is_connected and rig.controller.connects == 1
+
+
+def test_two_server_replicas_share_the_requests(mosquitto_broker: MosquittoBroker, tmp_path: Path) -> None:
+    rig = Rig(mosquitto_broker, tmp_path, shared_group="controllers",
+              config=BlockTransferConfig(block_size=4096, window=8))
+    other = MqttConnection(mosquitto_broker.url, client_id="controller-2", reconnect=FAST).connect(5)
+    replica = BlockServer(other, rig.root, shared_group="controllers").start()
+    try:
+        data = rig.target("shared.tar", 400_000)
+        assert b"".join(rig.fetcher.fetch("edgeship://targets/shared.tar")) == data
+        first = [e for e in rig.server.log if e.outcome == "blocks"]
+        second = [e for e in replica.log if e.outcome == "blocks"]
+        assert first and second, (len(first), len(second))
+        served = [i for e in first + second for i in e.served]
+        assert sorted(set(served)) == list(range(-(-len(data) // 4096)))
+    finally:
+        replica.stop()
+        other.close()
         rig.close()

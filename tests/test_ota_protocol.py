@@ -130,6 +130,8 @@ BAD = [
     (BLOCK_REQUEST, json.dumps(_request(block_size=1)).encode(), "within [256"),
     (BLOCK_REQUEST, json.dumps(_request(block_size=2 ** 30)).encode(), "within [256"),
     (BLOCK_REQUEST, json.dumps(_request(bitmap="xyz")).encode(), "hex"),
+    (BLOCK_REQUEST, json.dumps(_request(bitmap="0a 0b")).encode(), "hex"),
+    (BLOCK_REQUEST, json.dumps(_request(bitmap="abc")).encode(), "hex"),
     (BLOCK_REQUEST, json.dumps(_request(offset=-3)).encode(), "within"),
     (BLOCK_REQUEST, json.dumps(_request(bitmap="ff" * 10000)).encode(), "exceeds"),
 ]

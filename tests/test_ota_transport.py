@@ -476,3 +476,39 @@ def test_mqtts_with_client_certificates(tmp_path: Path) -> None:
             MqttConnection(wrong_ca, client_id="mitm", reconnect=FAST).connect(timeout=2)
     finally:
         broker.stop()
+
+
+def test_a_started_connection_comes_up_when_the_broker_does(tmp_path: Path) -> None:
+    broker = MosquittoBroker(tmp_path / "m")
+    got = Collector()
+    conn = MqttConnection(broker.url, client_id="early-agent", reconnect=FAST).start()
+    try:
+        conn.subscribe("t/#", got)  # registered now, made at the first connect
+        assert not conn.wait_connected(0.5)
+        broker.start()
+        assert conn.wait_connected(10)
+        conn.publish("t/x", b"late but there", qos=1)
+        assert got.wait_for(lambda ms: ms and ms[0].payload == b"late but there")
+        with pytest.raises(RuntimeError):
+            conn.start()
+    finally:
+        conn.close()
+        broker.stop()
+
+
+def test_fetching_blocks_inside_a_handler_is_refused(mosquitto_broker: MosquittoBroker, tmp_path: Path) -> None:
+    from edgeship.ota.blocks import MqttBlockFetcher
+
+    errors: List[str] = []
+    with _conn(mosquitto_broker, "dev") as conn:
+        fetcher = MqttBlockFetcher(conn, fleet="lab", device="dev", work_dir=tmp_path)
+
+        def handler(message: ReceivedMessage) -> None:
+            try:
+                fetcher.fetch_to_file("edgeship://targets/x.tar", tmp_path / "x")
+            except RuntimeError as exc:
+                errors.append(str(exc))
+
+        conn.subscribe("go", handler)
+        conn.publish("go", b"", qos=1)
+        assert wait_until(lambda: bool(errors), 5) and "inside a message handler" in errors[0]

@@ -144,6 +144,7 @@ class BlockServer:
         rate_bytes_per_s, burst_bytes: each device's token bucket.
         max_blocks_per_request: blocks answered per request at most.
         qos: QoS of the blocks published.
+        max_unacked_bytes: blocks published and not yet acknowledged by the broker, at most (QoS 1).
     """
 
     def __init__(
@@ -159,6 +160,8 @@ class BlockServer:
         max_blocks_per_request: int = 256,
         qos: int = 1,
         queue_size: int = 1000,
+        max_unacked_bytes: int = 16 * 1024 * 1024,
+        history: int = 2000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.connection = connection
@@ -180,11 +183,14 @@ class BlockServer:
         self._queue: "queue.Queue[Optional[Tuple[str, str, BlockRequest]]]" = queue.Queue(queue_size)
         self._worker: Optional[threading.Thread] = None
         self._etags: Dict[Path, Tuple[Tuple[int, int, int], str]] = {}
-        self.log: Deque[ServedRequest] = collections.deque(maxlen=100_000)
+        self.log: Deque[ServedRequest] = collections.deque(maxlen=history)
+        """The last ``history`` requests handled (diagnostics, tests)."""
         self.blocks_sent = 0
         self.bytes_sent = 0
         self.dropped_requests = 0
-        self._previous: Optional[PendingPublish] = None
+        self.max_unacked_bytes = max_unacked_bytes
+        self._unacked: Deque[Tuple[PendingPublish, int]] = collections.deque()
+        self._unacked_bytes = 0
 
     # -- lifecycle --
     def start(self) -> "BlockServer":
@@ -287,24 +293,29 @@ class BlockServer:
                 if len(data) != max(length, 0):  # the file shrank under us
                     self._reply(reply_topic, BlockError(request.request_id, request.stream, 404, "file changed"))
                     return record(tuple(served), "not-found")
-                if position == 0:
-                    self._wait_previous()
+                self._throttle()
                 pending = self._reply(reply_topic, BlockData(request.request_id, request.stream, index,
                                                              block_size, size, data, etag))
-                if position == len(indexes) - 1:
-                    self._previous = pending
+                if pending is not None:
+                    self._unacked.append((pending, len(data)))
+                    self._unacked_bytes += len(data)
                 served.append(index)
                 self.blocks_sent += 1
                 self.bytes_sent += len(data)
             return record(tuple(served), "blocks")
 
-    def _wait_previous(self) -> None:
-        """Back-pressure with one request of look-ahead: before sending a request's blocks,
-        wait until the broker acknowledged the last block of the request before it."""
-        previous, self._previous = self._previous, None
-        if previous is not None:
+    def _throttle(self) -> None:
+        """Back-pressure: at most ``max_unacked_bytes`` of blocks the broker has not acknowledged.
+
+        Waiting on the oldest unacknowledged block (acks come back in order) keeps the
+        pipe full; waiting on every request instead would cost one broker round trip per
+        request, and a broker with Nagle's algorithm on delays small acks by tens of ms.
+        """
+        while self._unacked and (self._unacked[0][0].done() or self._unacked_bytes > self.max_unacked_bytes):
+            pending, length = self._unacked.popleft()
+            self._unacked_bytes -= length
             try:
-                previous.wait(30.0)
+                pending.wait(30.0)
             except TransportError as exc:
                 log.warning("block server: %s (the device will ask again)", exc)
 

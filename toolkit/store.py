@@ -708,6 +708,19 @@ class FleetStore:
         with self.engine.connect() as conn:
             return {d: (n, v) for d, n, v in conn.execute(query)}
 
+    def expiring_desired(self, before: float, limit: int = 1000) -> List[DesiredRecord]:
+        """Each device's latest desired state if it expires before ``before`` (the controller
+        re-issues them so a device that was away long never finds only an expired document)."""
+        latest = (sa.select(desired_states.c.device_id, sa.func.max(desired_states.c.sequence).label("seq"))
+                  .group_by(desired_states.c.device_id).subquery())
+        query = (sa.select(desired_states)
+                 .join(latest, sa.and_(latest.c.device_id == desired_states.c.device_id,
+                                       latest.c.seq == desired_states.c.sequence))
+                 .where(desired_states.c.expires_at.is_not(None), desired_states.c.expires_at < before)
+                 .order_by(desired_states.c.expires_at).limit(limit))
+        with self.engine.connect() as conn:
+            return [self._desired(row) for row in conn.execute(query).mappings()]
+
     @staticmethod
     def _desired(row: Any) -> DesiredRecord:
         return DesiredRecord(row["device_id"], row["fleet"], int(row["sequence"]), row["name"], row["version"],

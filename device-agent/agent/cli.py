@@ -13,7 +13,7 @@ to activation (probation then runs when the agent starts).
 
 from __future__ import annotations
 
-__all__ = ["main", "cli"]
+__all__ = ["cli", "main"]
 
 import json
 import logging
@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-
 from edgeship.ota.errors import EXIT_FAILURE, EXIT_REJECTED, BadInputError, EdgeshipError
 
 from .config import DEFAULT_CONFIG_PATH, AgentConfig, load_config, render_config
@@ -32,12 +31,21 @@ _CONFIG_HELP = "agent config file"
 
 
 def _config_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--config", "config_path", default=DEFAULT_CONFIG_PATH, envvar="EDGESHIP_AGENT_CONFIG",
-                        show_default=True, type=click.Path(dir_okay=False), help=_CONFIG_HELP)(func)
+    return click.option(
+        "--config",
+        "config_path",
+        default=DEFAULT_CONFIG_PATH,
+        envvar="EDGESHIP_AGENT_CONFIG",
+        show_default=True,
+        type=click.Path(dir_okay=False),
+        help=_CONFIG_HELP,
+    )(func)
 
 
 def _json_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True, help="print one JSON document on stdout")(func)
+    return click.option(
+        "--json", "as_json", is_flag=True, help="print one JSON document on stdout"
+    )(func)
 
 
 def _emit(doc: Any) -> None:
@@ -60,7 +68,9 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(package_name="edgeship")
 def cli() -> None:
     """edgeship-agent: verify, install, self-test, swap, serve, watch and roll back models."""
@@ -71,17 +81,40 @@ def cli() -> None:
 @click.option("--data", required=True, help="data folder (slots, state, control socket)")
 @click.option("--device-id", required=True)
 @click.option("--fleet", required=True)
-@click.option("--root", "root", required=True, help="trusted root metadata (root.json) of the release repository")
+@click.option(
+    "--root",
+    "root",
+    required=True,
+    help="trusted root metadata (root.json) of the release repository",
+)
 @click.option("--director-key", required=True, help="the director's public key (PEM)")
-@click.option("--bind", default="127.0.0.1:8501", show_default=True, help="HTTP API address HOST:PORT")
-@click.option("--broker", default="", help="MQTT broker URL (mqtt://host:port or mqtts://...); empty: none")
+@click.option(
+    "--bind", default="127.0.0.1:8501", show_default=True, help="HTTP API address HOST:PORT"
+)
+@click.option(
+    "--broker", default="", help="MQTT broker URL (mqtt://host:port or mqtts://...); empty: none"
+)
 @click.option("--threads", default=1, show_default=True, type=int, help="interpreter threads")
-@click.option("-o", "--output", "output", default=None, help="where to write the config (default: --config)")
+@click.option(
+    "-o", "--output", "output", default=None, help="where to write the config (default: --config)"
+)
 @click.option("--force", is_flag=True, help="overwrite an existing file")
 @_config_option
 @_json_option
-def init(data: str, device_id: str, fleet: str, root: str, director_key: str, bind: str, broker: str,
-         threads: int, output: str | None, force: bool, config_path: str, as_json: bool) -> None:
+def init(
+    data: str,
+    device_id: str,
+    fleet: str,
+    root: str,
+    director_key: str,
+    bind: str,
+    broker: str,
+    threads: int,
+    output: str | None,
+    force: bool,
+    config_path: str,
+    as_json: bool,
+) -> None:
     """Write a complete, commented agent config."""
     from edgeship.ota.atomicfile import atomic_write_text
 
@@ -90,17 +123,33 @@ def init(data: str, device_id: str, fleet: str, root: str, director_key: str, bi
         raise BadInputError(f"{target} exists; pass --force to overwrite it")
     if threads < 1:
         raise BadInputError("--threads must be >= 1")
-    absolute = {k: str(Path(v).expanduser().resolve()) for k, v in
-                (("data", data), ("root", root), ("director_key", director_key))}
-    text = render_config(data=absolute["data"], device_id=device_id, fleet=fleet, root=absolute["root"],
-                         director_key=absolute["director_key"], bind=bind, broker=broker, threads=threads)
+    absolute = {
+        k: str(Path(v).expanduser().resolve())
+        for k, v in (("data", data), ("root", root), ("director_key", director_key))
+    }
+    text = render_config(
+        data=absolute["data"],
+        device_id=device_id,
+        fleet=fleet,
+        root=absolute["root"],
+        director_key=absolute["director_key"],
+        bind=bind,
+        broker=broker,
+        threads=threads,
+    )
     if not target.parent.is_dir():
         raise BadInputError(f"folder {target.parent} does not exist")
     atomic_write_text(target, text, mode=0o640)
     config = load_config(target)
     if as_json:
-        _emit({"config": str(target), "device": config.device_id, "fleet": config.fleet,
-               "data": str(config.data_dir)})
+        _emit(
+            {
+                "config": str(target),
+                "device": config.device_id,
+                "fleet": config.fleet,
+                "data": str(config.data_dir),
+            }
+        )
     else:
         _say(f"wrote {target}")
 
@@ -109,25 +158,46 @@ def init(data: str, device_id: str, fleet: str, root: str, director_key: str, bi
 @cli.command()
 @_config_option
 @_json_option
-@click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
 def run(config_path: str, as_json: bool, log_level: str) -> None:
     """Serve the active model and carry out updates (the daemon; systemd runs this)."""
     from .daemon import Agent
     from .reporter import LogReporter
 
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     config = load_config(config_path)
-    agent = Agent(config, reporter=LogReporter()).start()
+    from .fleet_link import open_fleet_link  # issue 5: MQTT when [broker] url is set
+
+    link = open_fleet_link(config)  # None without a broker: no MQTT at all
+    agent = Agent(
+        config, reporter=link.reporter if link else LogReporter(), registry=link.registry if link else None
+    ).start()
+    if link is not None:
+        link.attach(agent)
     model = agent.serving.current
     assert agent.api is not None
     where = f"http://{agent.api.host}:{agent.api.port}"
-    if as_json:
-        _emit({"serving": {"name": model.name, "version": model.version} if model else None, "server": where})
+    if as_json:  # one line, printed once the API listens (a supervisor or test can wait for it)
+        doc = {"serving": {"name": model.name, "version": model.version} if model else None, "server": where}
+        click.echo(json.dumps(doc, sort_keys=True))
         sys.stdout.flush()
-    _say(f"edgeship-agent {config.device_id}: serving {model.label if model else 'nothing yet'} on {where}")
-    agent.run_forever()
+    _say(
+        f"edgeship-agent {config.device_id}: serving {model.label if model else 'nothing yet'} on {where}"
+    )
+    try:
+        agent.run_forever()
+    finally:
+        if link is not None:
+            link.close()  # status "offline" (a crash leaves that to the last will)
 
 
 # -- status --------------------------------------------------------------------------------------
@@ -153,21 +223,32 @@ def status(config_path: str, as_json: bool) -> None:
         _emit(doc)
         return
     active = doc["active"]
-    click.echo(f"device   {doc['device']} (fleet {doc['fleet']}), agent {'running' if doc['running'] else 'stopped'}")
+    click.echo(
+        f"device   {doc['device']} (fleet {doc['fleet']}), agent {'running' if doc['running'] else 'stopped'}"
+    )
     click.echo(f"active   {active['name'] + ' ' + active['version'] if active else '-'}")
     kept = ", ".join(f"{b['name']} {b['version']}" for b in doc["previous"]) or "-"
     click.echo(f"kept     {kept}")
     update = doc["update"]
     if update:
-        click.echo(f"update   {update['kind']} {update['id']}: {update['state']} - {update['reason']}")
+        click.echo(
+            f"update   {update['kind']} {update['id']}: {update['state']} - {update['reason']}"
+        )
     serving = doc.get("serving")
     if serving:
-        click.echo(f"serving  {serving['runtime']} {serving['runtime_version']}, {serving['requests']} requests "
-                   f"on {doc['server']}")
+        click.echo(
+            f"serving  {serving['runtime']} {serving['runtime_version']}, {serving['requests']} requests "
+            f"on {doc['server']}"
+        )
 
 
 # -- install / rollback ------------------------------------------------------------------------------
-_EXIT_FOR_STATE = {"COMMITTED": 0, "PROBATION": 0, "REJECTED": EXIT_REJECTED, "FAILED": EXIT_FAILURE}
+_EXIT_FOR_STATE = {
+    "COMMITTED": 0,
+    "PROBATION": 0,
+    "REJECTED": EXIT_REJECTED,
+    "FAILED": EXIT_FAILURE,
+}
 
 
 def _finish(doc: dict[str, Any], kind: str, as_json: bool) -> None:
@@ -208,8 +289,10 @@ def _follow(config: AgentConfig, update_id: str, timeout: float, quiet: bool) ->
         if update.get("terminal"):
             return doc
         if time.monotonic() > deadline:
-            raise EdgeshipError(f"update {update_id} still in {update.get('state')} after {timeout:g} s "
-                                "(it goes on in the agent; see `edgeship-agent status`)")
+            raise EdgeshipError(
+                f"update {update_id} still in {update.get('state')} after {timeout:g} s "
+                "(it goes on in the agent; see `edgeship-agent status`)"
+            )
         time.sleep(0.2)
 
 
@@ -221,8 +304,10 @@ def _offline(config: AgentConfig, start: Callable[[Any], Any], quiet: bool) -> d
 
     lock = AgentLock(config.lock_file)
     if not lock.acquire():
-        raise EdgeshipError(f"an agent (pid {lock.holder_pid()}) holds {config.lock_file} but does not answer on "
-                            f"{config.control_socket}; try again, or restart it")
+        raise EdgeshipError(
+            f"an agent (pid {lock.holder_pid()}) holds {config.lock_file} but does not answer on "
+            f"{config.control_socket}; try again, or restart it"
+        )
     try:
         driver = UpdateDriver(config, reporter=_ProgressReporter(quiet))
         driver.prepare_resume()
@@ -255,7 +340,9 @@ class _ProgressReporter:
 @_config_option
 @_json_option
 @click.option("--no-wait", is_flag=True, help="return once the running agent accepted the update")
-@click.option("--timeout", default=3600.0, show_default=True, help="seconds to wait for the update to end")
+@click.option(
+    "--timeout", default=3600.0, show_default=True, help="seconds to wait for the update to end"
+)
 def install(package: str, config_path: str, as_json: bool, no_wait: bool, timeout: float) -> None:
     """Install an offline update package (from `edgeship bundle export`)."""
     from .control import AgentNotRunning, ControlClient
@@ -284,7 +371,9 @@ def install(package: str, config_path: str, as_json: bool, no_wait: bool, timeou
 @_config_option
 @_json_option
 @click.option("--no-wait", is_flag=True, help="return once the running agent accepted the rollback")
-@click.option("--timeout", default=3600.0, show_default=True, help="seconds to wait for the rollback to end")
+@click.option(
+    "--timeout", default=3600.0, show_default=True, help="seconds to wait for the rollback to end"
+)
 def rollback(config_path: str, as_json: bool, no_wait: bool, timeout: float) -> None:
     """Roll back: abort the update in progress, or go back to the previous kept bundle."""
     from .control import AgentNotRunning, ControlClient
@@ -294,12 +383,15 @@ def rollback(config_path: str, as_json: bool, no_wait: bool, timeout: float) -> 
     try:
         reply = ControlClient(config.control_socket).call("rollback")
     except AgentNotRunning:
+
         def start(driver: Any) -> None:
             if driver.in_progress:
                 driver.abort("rollback requested by the operator")
                 return
             if not driver.state.previous:
-                raise BadInputError("nothing to roll back to: no previous bundle is kept on this device")
+                raise BadInputError(
+                    "nothing to roll back to: no previous bundle is kept on this device"
+                )
             driver.begin(SlotSource(driver.state.previous[0]), kind="rollback")
 
         _finish(_offline(config, start, as_json), "rollback", as_json)

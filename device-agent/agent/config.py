@@ -6,13 +6,14 @@ writes a complete, commented file (``edgeship-agent init``).
 
 from __future__ import annotations
 
-__all__ = ["AgentConfig", "DEFAULT_CONFIG_PATH", "load_config", "parse_config", "render_config", "parse_bind"]
+__all__ = ["DEFAULT_CONFIG_PATH", "AgentConfig", "load_config", "parse_bind", "parse_config", "render_config"]
 
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from edgeship.ota.errors import BadInputError
 

@@ -10,7 +10,7 @@ those commands take the lock and work on the data folder directly.
 
 from __future__ import annotations
 
-__all__ = ["ControlServer", "ControlClient", "AgentLock", "AgentNotRunning", "MAX_LINE"]
+__all__ = ["MAX_LINE", "AgentLock", "AgentNotRunning", "ControlClient", "ControlServer"]
 
 import fcntl
 import json
@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeship.ota.errors import EdgeshipError
+from edgeship.ota.errors import BadInputError, EdgeshipError
 
 MAX_LINE = 1 << 20
 
@@ -66,7 +66,7 @@ class AgentLock:
 
 
 class _StreamHandler(socketserver.StreamRequestHandler):
-    server: "_UnixServer"
+    server: _UnixServer
 
     def handle(self) -> None:
         line = self.rfile.readline(MAX_LINE)
@@ -80,7 +80,11 @@ class _StreamHandler(socketserver.StreamRequestHandler):
         except ValueError as exc:
             reply = {"ok": False, "error": f"bad control request: {exc}", "exit_code": 2}
         except Exception as exc:  # pragma: no cover - a bug must not kill the agent
-            reply = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}", "exit_code": 1}
+            reply = {
+                "ok": False,
+                "error": f"internal error: {type(exc).__name__}: {exc}",
+                "exit_code": 1,
+            }
         self.wfile.write(json.dumps(reply, default=str).encode() + b"\n")
 
 
@@ -92,6 +96,10 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class ControlServer:
     def __init__(self, path: Path, dispatch: Handler) -> None:
         self.path = path
+        if len(str(path).encode()) > 100:  # sun_path holds 108 bytes on Linux
+            raise BadInputError(
+                f"control socket path {path} is too long for a Unix socket; use a shorter [paths] data folder"
+            )
         if path.exists() or path.is_symlink():
             path.unlink()  # a stale socket of a killed agent (we hold the lock, so it is ours)
         old = os.umask(0o177)
@@ -103,9 +111,13 @@ class ControlServer:
         self._server.dispatch = dispatch
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "ControlServer":
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="edgeship-control", daemon=True)
+    def start(self) -> ControlServer:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="edgeship-control",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -131,12 +143,16 @@ class ControlClient:
             try:
                 sock.connect(str(self.path))
             except (FileNotFoundError, ConnectionRefusedError) as exc:
-                raise AgentNotRunning(f"no agent answers on {self.path} ({exc.strerror or exc})") from None
+                raise AgentNotRunning(
+                    f"no agent answers on {self.path} ({exc.strerror or exc})"
+                ) from None
             sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
             with sock.makefile("rb") as reader:
                 line = reader.readline(MAX_LINE)
         except socket.timeout:
-            raise EdgeshipError(f"the agent on {self.path} did not answer within {self.timeout:g} s") from None
+            raise EdgeshipError(
+                f"the agent on {self.path} did not answer within {self.timeout:g} s"
+            ) from None
         finally:
             sock.close()
         if not line:

@@ -46,12 +46,18 @@ class AgentBusyError(EdgeshipError):
 def _bundle_doc(bundle: InstalledBundle | None) -> dict[str, Any] | None:
     if bundle is None:
         return None
-    return {"name": bundle.name, "version": bundle.version, "slot": bundle.slot, "format": bundle.model_format,
-            "installed_at": bundle.installed_at}
+    return {
+        "name": bundle.name,
+        "version": bundle.version,
+        "slot": bundle.slot,
+        "format": bundle.model_format,
+        "installed_at": bundle.installed_at,
+    }
 
 
-def status_document(config: AgentConfig, state: AgentState, *, running: bool,
-                    serving: dict[str, Any] | None = None) -> dict[str, Any]:
+def status_document(
+    config: AgentConfig, state: AgentState, *, running: bool, serving: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What ``edgeship-agent status --json`` prints (``active.name/version``, ``update.state/reason``)."""
     update = state.update
     return {
@@ -61,10 +67,19 @@ def status_document(config: AgentConfig, state: AgentState, *, running: bool,
         "active": _bundle_doc(state.active),
         "previous": [_bundle_doc(b) for b in state.previous],
         "last_sequence": state.last_sequence,
-        "update": None if update is None else {
-            "id": update.id, "kind": update.kind, "state": update.state, "reason": update.reason,
-            "terminal": is_terminal(State(update.state)), "bundle": update.bundle, "sequence": update.sequence,
-            "deployment": update.deployment, "started": update.started, "finished": update.finished,
+        "update": None
+        if update is None
+        else {
+            "id": update.id,
+            "kind": update.kind,
+            "state": update.state,
+            "reason": update.reason,
+            "terminal": is_terminal(State(update.state)),
+            "bundle": update.bundle,
+            "sequence": update.sequence,
+            "deployment": update.deployment,
+            "started": update.started,
+            "finished": update.finished,
             "source": {k: v for k, v in update.source.items() if k != "envelope"},
             "history": [{"state": s, "at": t, "reason": r} for s, t, r in update.history],
         },
@@ -99,7 +114,7 @@ class Agent:
         self.started_at = 0.0
 
     # -- life cycle ------------------------------------------------------------------------------
-    def start(self) -> "Agent":
+    def start(self) -> Agent:
         self.started_at = time.time()
         self.config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not self.lock.acquire():
@@ -107,8 +122,13 @@ class Agent:
                 f"another edgeship-agent (pid {self.lock.holder_pid()}) holds {self.config.lock_file}"
             )
         try:
-            driver = self.driver = UpdateDriver(self.config, serving=self.serving, reporter=self.reporter,
-                                                registry=self.registry, hooks=self.hooks)
+            driver = self.driver = UpdateDriver(
+                self.config,
+                serving=self.serving,
+                reporter=self.reporter,
+                registry=self.registry,
+                hooks=self.hooks,
+            )
             driver.prepare_resume()
             boot = driver.boot_bundle()
             if boot is not None:
@@ -119,13 +139,21 @@ class Agent:
                     log.error("cannot serve %s: %s", boot.label, exc.message)
             if not driver.in_progress:
                 driver.cleanup()
-            self.api = ApiServer(self.serving, self.config.data_dir, self.config.bind_host, self.config.bind_port,
-                                 health=self._health).start()
+            self.api = ApiServer(
+                self.serving,
+                self.config.data_dir,
+                self.config.bind_host,
+                self.config.bind_port,
+                health=self._health,
+            ).start()
             self.control = ControlServer(self.config.control_socket, self.dispatch).start()
         except BaseException:
             self.lock.release()
             raise
-        for target, name in ((self._work, "edgeship-updater"), (self._telemetry, "edgeship-telemetry")):
+        for target, name in (
+            (self._work, "edgeship-updater"),
+            (self._telemetry, "edgeship-telemetry"),
+        ):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -143,6 +171,7 @@ class Agent:
 
     def run_forever(self) -> None:
         """Serve until SIGTERM or SIGINT."""
+
         def handler(signum: int, frame: Any) -> None:
             self._stop.set()
 
@@ -180,16 +209,21 @@ class Agent:
             return
         try:
             model = self.serving.current
-            self.reporter.report_state(state_document(self.config, self.driver.snapshot(),
-                                                      model.runner.runtime if model else None))
+            self.reporter.report_state(
+                state_document(
+                    self.config, self.driver.snapshot(), model.runner.runtime if model else None
+                )
+            )
         except Exception:
             log.exception("state report failed")
 
     def _health(self) -> tuple[bool, dict[str, Any]]:
         model = self.serving.current
         update = self.driver.state.update if self.driver else None
-        doc: dict[str, Any] = {"status": "ok" if model else "no model serving",
-                               "update": update.state if update else None}
+        doc: dict[str, Any] = {
+            "status": "ok" if model else "no model serving",
+            "update": update.state if update else None,
+        }
         if model is not None:
             doc["model"] = {"name": model.name, "version": model.version}
         return model is not None, doc
@@ -202,9 +236,20 @@ class Agent:
         self._wake.set()
         return {"update": record.id, "state": record.state}
 
-    def submit_desired(self, envelope: dict[str, Any], fetcher: Any, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    def submit_desired(
+        self, envelope: dict[str, Any], fetcher: Any, record: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """The fleet's entry point: a director envelope and a TUF fetcher (see sources.py)."""
         return self.submit(DirectorSource(envelope, fetcher, record))
+
+    def is_redelivery(self, envelope: dict[str, Any]) -> bool:
+        """Whether a desired state was already acted on (a retained message seen again
+        after a reconnect): its sequence is not above the last accepted one. A peek
+        for deduplication only; an update verifies the signature itself."""
+        assert self.driver is not None
+        signed = envelope.get("signed") if isinstance(envelope, dict) else None
+        sequence = signed.get("sequence") if isinstance(signed, dict) else None
+        return isinstance(sequence, int) and sequence <= self.driver.state.last_sequence
 
     def rollback(self) -> dict[str, Any]:
         """Abort the update in progress (after activation it rolls back), or roll back
@@ -215,7 +260,9 @@ class Agent:
             return {"update": update.id if update else None, "aborted": True}
         previous = self.driver.state.previous
         if not previous:
-            raise BadInputError("nothing to roll back to: no previous bundle is kept on this device")
+            raise BadInputError(
+                "nothing to roll back to: no previous bundle is kept on this device"
+            )
         return self.submit(SlotSource(previous[0]), kind="rollback")
 
     def status(self) -> dict[str, Any]:
@@ -224,10 +271,16 @@ class Agent:
         serving = None
         if model is not None:
             snap = model.stats.snapshot()
-            serving = {"name": model.name, "version": model.version, "runtime": model.runner.runtime,
-                       "runtime_version": model.runner.runtime_version, "requests": snap["requests"],
-                       "errors": snap["errors"], "p95_ms": snap["latency"].quantile_ms(0.95),
-                       "loaded_at": model.loaded_at}
+            serving = {
+                "name": model.name,
+                "version": model.version,
+                "runtime": model.runner.runtime,
+                "runtime_version": model.runner.runtime_version,
+                "requests": snap["requests"],
+                "errors": snap["errors"],
+                "p95_ms": snap["latency"].quantile_ms(0.95),
+                "loaded_at": model.loaded_at,
+            }
         doc = status_document(self.config, self.driver.snapshot(), running=True, serving=serving)
         if self.api is not None:
             doc["server"] = f"http://{self.api.host}:{self.api.port}"

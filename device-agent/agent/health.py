@@ -7,7 +7,14 @@ what to do; they do no I/O.
 
 from __future__ import annotations
 
-__all__ = ["ProbationPolicy", "ProbationSample", "Verdict", "probation_verdict", "latency_gate", "MIN_SAMPLE"]
+__all__ = [
+    "MIN_SAMPLE",
+    "ProbationPolicy",
+    "ProbationSample",
+    "Verdict",
+    "latency_gate",
+    "probation_verdict",
+]
 
 from dataclasses import dataclass
 from enum import Enum
@@ -37,10 +44,10 @@ class ProbationSample:
 
     elapsed_s: float
     requests: int
-    errors: int            # model errors (not the callers' bad requests)
+    errors: int  # model errors (not the callers' bad requests)
     nonfinite: int
     p95_ms: float | None
-    baseline_p95_ms: float | None    # the replaced model's p95 while it served (None: unknown)
+    baseline_p95_ms: float | None  # the replaced model's p95 while it served (None: unknown)
     baseline_requests: int = 0
 
 

@@ -8,7 +8,7 @@ file says so; a restart reads it back and resumes.
 
 from __future__ import annotations
 
-__all__ = ["InstalledBundle", "UpdateRecord", "AgentState", "StateStore"]
+__all__ = ["AgentState", "InstalledBundle", "StateStore", "UpdateRecord"]
 
 import json
 import time
@@ -44,7 +44,7 @@ class InstalledBundle:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "InstalledBundle":
+    def from_dict(cls, data: dict[str, Any]) -> InstalledBundle:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
 
@@ -82,7 +82,7 @@ class UpdateRecord:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "UpdateRecord":
+    def from_dict(cls, data: dict[str, Any]) -> UpdateRecord:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         for key in ("staged", "rollback_to"):
             if known.get(key):
@@ -109,7 +109,7 @@ class AgentState:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AgentState":
+    def from_dict(cls, data: dict[str, Any]) -> AgentState:
         return cls(
             active=InstalledBundle.from_dict(data["active"]) if data.get("active") else None,
             previous=[InstalledBundle.from_dict(b) for b in data.get("previous", [])],

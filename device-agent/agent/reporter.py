@@ -9,7 +9,14 @@ lines on the agent's log, what a device without a broker keeps).
 
 from __future__ import annotations
 
-__all__ = ["Reporter", "NullReporter", "LogReporter", "event_document", "state_document", "AGENT_VERSION"]
+__all__ = [
+    "AGENT_VERSION",
+    "LogReporter",
+    "NullReporter",
+    "Reporter",
+    "event_document",
+    "state_document",
+]
 
 import json
 import logging
@@ -72,21 +79,37 @@ def event_document(state: AgentState, seq: int, entered: State, reason: str) -> 
     update = state.update
     bundle = update.bundle if update is not None and update.bundle else None
     return EventMessage(
-        event=f"update.{entered.value.lower()}", ts=time.time(), seq=seq,
+        event=f"update.{entered.value.lower()}",
+        ts=time.time(),
+        seq=seq,
         deployment=update.deployment if update is not None else None,
-        bundle=dict(bundle) if bundle else None, state=entered.value, detail=reason[:4000] or None,
+        bundle=dict(bundle) if bundle else None,
+        state=entered.value,
+        detail=reason[:4000] or None,
     ).to_dict()
 
 
-def state_document(config: AgentConfig, state: AgentState, runtime: str | None = None) -> dict[str, Any]:
+def state_document(
+    config: AgentConfig, state: AgentState, runtime: str | None = None
+) -> dict[str, Any]:
     """A ReportedMessage dict: what runs, and where the last update stands."""
     update = state.update
     return ReportedMessage(
-        device=config.device_id, ts=time.time(), active=_ref(state.active),
+        device=config.device_id,
+        ts=time.time(),
+        active=_ref(state.active),
         previous=_ref(state.previous[0]) if state.previous else None,
         update={
-            "id": update.id, "kind": update.kind, "state": update.state, "reason": update.reason[:1000],
-            "bundle": update.bundle, "sequence": update.sequence, "deployment": update.deployment,
-        } if update is not None else None,
-        agent_version=AGENT_VERSION, runtime=runtime,
+            "id": update.id,
+            "kind": update.kind,
+            "state": update.state,
+            "reason": update.reason[:1000],
+            "bundle": update.bundle,
+            "sequence": update.sequence,
+            "deployment": update.deployment,
+        }
+        if update is not None
+        else None,
+        agent_version=AGENT_VERSION,
+        runtime=runtime,
     ).to_dict()

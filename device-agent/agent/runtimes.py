@@ -15,12 +15,12 @@ scales and zero points: callers pass and receive float32.
 from __future__ import annotations
 
 __all__ = [
-    "TensorSpec",
-    "ModelSignature",
-    "ModelRunner",
-    "ModelLoadError",
-    "RuntimeUnavailableError",
     "TFLITE_RUNTIMES",
+    "ModelLoadError",
+    "ModelRunner",
+    "ModelSignature",
+    "RuntimeUnavailableError",
+    "TensorSpec",
     "available_runtimes",
     "detect_model_format",
     "open_model",
@@ -30,13 +30,13 @@ import importlib
 import importlib.util
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
-from edgeship.ota.errors import BadInputError, EdgeshipError, EXIT_REJECTED
+from edgeship.ota.errors import EXIT_REJECTED, BadInputError, EdgeshipError
 
 TFLITE_RUNTIMES: tuple[str, ...] = ("litert", "tflite_runtime", "tensorflow")
 """TFLite interpreters in order of preference."""
@@ -78,7 +78,7 @@ class TensorSpec:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TensorSpec":
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
         return cls(
             name=str(data["name"]),
             shape=tuple(int(d) for d in data["shape"]),
@@ -97,7 +97,7 @@ class ModelSignature:
         return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelSignature":
+    def from_dict(cls, data: dict[str, Any]) -> ModelSignature:
         return cls(
             inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
@@ -149,7 +149,7 @@ class ModelRunner:
     def close(self) -> None:
         """Release the runtime's resources (the runner must not be used after)."""
 
-    def __enter__(self) -> "ModelRunner":
+    def __enter__(self) -> ModelRunner:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -181,11 +181,24 @@ class TFLiteRunner(ModelRunner):
                          for d, spec in zip(self._input_details, self.signature.inputs)]
         self._out_plan = [(d["index"], spec, spec.quantized)
                           for d, spec in zip(self._output_details, self.signature.outputs)]
+        self._single = len(self._in_plan) == 1 and len(self._out_plan) == 1
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Float in, float out; the serving hot path (one lock, no redundant copies)."""
         if len(inputs) != len(self._in_plan):
             return super().run(inputs)  # raises the one-line error
+        if self._single:  # one input, one output, already the right dtype and shape: the common case
+            x = inputs[0]
+            index, dtype, _ = self._in_plan[0]
+            if type(x) is np.ndarray and x.dtype == dtype and x.shape == self._current_shapes[0] \
+                    and x.flags.c_contiguous:
+                out_index, out_spec, out_quantized = self._out_plan[0]
+                with self._lock:
+                    interpreter = self._interpreter
+                    interpreter.set_tensor(index, x)
+                    interpreter.invoke()
+                    y = interpreter.get_tensor(out_index)  # a copy
+                return [dequantize(y, out_spec) if out_quantized else y]
         with self._lock:
             interpreter = self._interpreter
             resized = False

@@ -9,16 +9,16 @@ own statistics, so probation compares the new model with the one it replaced.
 
 from __future__ import annotations
 
-__all__ = ["ModelStats", "LoadedModel", "ServingModel", "NoModelError", "warm_up"]
+__all__ = ["LoadedModel", "ModelStats", "NoModelError", "ServingModel", "warm_up"]
 
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
 from edgeship.ota.errors import BadInputError, EdgeshipError
 from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
 
@@ -30,6 +30,7 @@ class NoModelError(EdgeshipError):
 
 
 _FLUSH_EVERY = 256
+_perf_counter = time.perf_counter
 _BUCKETS = np.asarray(LATENCY_BUCKETS_MS)
 
 
@@ -47,7 +48,7 @@ class ModelStats:
 
     requests: int = 0
     examples: int = 0
-    errors: dict[str, int] = field(default_factory=dict)   # kind -> count
+    errors: dict[str, int] = field(default_factory=dict)  # kind -> count
     nonfinite: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     classes: dict[int, int] = field(default_factory=dict)
@@ -55,10 +56,14 @@ class ModelStats:
     input_sum: float = 0.0
     feedback_total: int = 0
     feedback_correct: int = 0
-    _pending: deque = field(default_factory=deque, repr=False, compare=False)  # append/popleft: thread-safe
+    _pending: deque = field(
+        default_factory=deque, repr=False, compare=False
+    )  # append/popleft: thread-safe
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def observe(self, latency_ms: float, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
+    def observe(
+        self, latency_ms: float, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]
+    ) -> None:
         """Record one successful prediction (cheap: folded in batches)."""
         pending = self._pending
         pending.append((latency_ms, inputs[0] if inputs else None, outputs[0] if outputs else None))
@@ -69,11 +74,15 @@ class ModelStats:
     def _flush(self) -> None:
         """Fold pending observations into the counters (caller holds the lock)."""
         queue = self._pending
-        pending = [queue.popleft() for _ in range(len(queue))]  # later appends wait for the next flush
+        pending = [
+            queue.popleft() for _ in range(len(queue))
+        ]  # later appends wait for the next flush
         if not pending:
             return
         latencies = np.fromiter((p[0] for p in pending), dtype=np.float64, count=len(pending))
-        counts = np.bincount(np.searchsorted(_BUCKETS, latencies, side="left"), minlength=len(self.latency.counts))
+        counts = np.bincount(
+            np.searchsorted(_BUCKETS, latencies, side="left"), minlength=len(self.latency.counts)
+        )
         self.latency.counts = [a + int(b) for a, b in zip(self.latency.counts, counts)]
         self.latency.total_ms += float(latencies.sum())
         self.requests += len(pending)
@@ -84,8 +93,11 @@ class ModelStats:
                 stacked = np.concatenate(outputs) if outputs[0].ndim else np.stack(outputs)
                 sizes = np.fromiter((len(o) for o in outputs), dtype=np.int64, count=len(outputs))
                 self.examples += int(sizes.sum())
-                rows_ok = np.isfinite(stacked.reshape(len(stacked), -1)).all(axis=1) if stacked.dtype.kind == "f" \
+                rows_ok = (
+                    np.isfinite(stacked.reshape(len(stacked), -1)).all(axis=1)
+                    if stacked.dtype.kind == "f"
                     else np.ones(len(stacked), dtype=bool)
+                )
                 bad_rows = np.flatnonzero(~rows_ok)
                 if bad_rows.size:  # requests with at least one non-finite row
                     owners = np.searchsorted(np.cumsum(sizes), bad_rows, side="right")
@@ -104,11 +116,15 @@ class ModelStats:
             if len({x.shape[1:] for x in inputs}) == 1:
                 rows = np.concatenate(inputs)
                 self.input_count += len(rows)
-                self.input_sum += float(rows.reshape(len(rows), -1).mean(axis=1, dtype=np.float64).sum())
+                self.input_sum += float(
+                    rows.reshape(len(rows), -1).mean(axis=1, dtype=np.float64).sum()
+                )
             else:
                 for x in inputs:
                     self.input_count += len(x)
-                    self.input_sum += float(x.reshape(len(x), -1).mean(axis=1, dtype=np.float64).sum())
+                    self.input_sum += float(
+                        x.reshape(len(x), -1).mean(axis=1, dtype=np.float64).sum()
+                    )
 
     def error(self, kind: str) -> None:
         with self._lock:
@@ -165,7 +181,10 @@ def warm_up(runner: ModelRunner, inputs: Sequence[np.ndarray] | None = None, run
     """Run the model a few times so the first real request pays no first-invoke cost."""
     if inputs is None:
         inputs = [
-            np.zeros([1 if d in (-1, 0) or i == 0 else d for i, d in enumerate(spec.shape)], dtype=np.float32)
+            np.zeros(
+                [1 if d in (-1, 0) or i == 0 else d for i, d in enumerate(spec.shape)],
+                dtype=np.float32,
+            )
             for spec in runner.signature.inputs
         ]
     for _ in range(runs):
@@ -203,8 +222,10 @@ class ServingModel:
         if model is None:
             model = self._current  # one atomic read: this request finishes on this model
         if model is None:
-            raise NoModelError("no model is serving (install one with `edgeship-agent install PACKAGE`)")
-        start = time.perf_counter()
+            raise NoModelError(
+                "no model is serving (install one with `edgeship-agent install PACKAGE`)"
+            )
+        start = _perf_counter()
         try:
             outputs = model.runner.run(inputs)
         except BadInputError:
@@ -213,5 +234,5 @@ class ServingModel:
         except Exception:
             model.stats.error("runtime")
             raise
-        model.stats.observe((time.perf_counter() - start) * 1000.0, inputs, outputs)
+        model.stats.observe((_perf_counter() - start) * 1000.0, inputs, outputs)
         return model, outputs

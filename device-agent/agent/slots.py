@@ -7,14 +7,14 @@ pure decision (``plan_retention``) applied by a thin deleter.
 
 from __future__ import annotations
 
-__all__ = ["slot_name", "install_into_slot", "RetentionPlan", "plan_retention", "apply_retention", "free_bytes"]
+__all__ = ["RetentionPlan", "apply_retention", "free_bytes", "install_into_slot", "plan_retention", "slot_name"]
 
 import os
 import re
 import shutil
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from edgeship.ota.atomicfile import fsync_dir
 

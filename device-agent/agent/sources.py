@@ -27,13 +27,13 @@ from __future__ import annotations
 
 __all__ = [
     "Admission",
-    "StagedBundle",
-    "SourceContext",
     "BundleSource",
     "DirectorSource",
     "OfflinePackageSource",
     "SlotSource",
+    "SourceContext",
     "SourceRegistry",
+    "StagedBundle",
     "hash_file",
 ]
 
@@ -69,7 +69,7 @@ class StagedBundle:
 
     root: str
     manifest: dict[str, Any]
-    in_place: bool = False   # True: ``root`` is already a slot (rollback to a kept bundle)
+    in_place: bool = False  # True: ``root`` is already a slot (rollback to a kept bundle)
 
     @property
     def name(self) -> str:
@@ -83,8 +83,12 @@ class StagedBundle:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StagedBundle":
-        return cls(root=str(data["root"]), manifest=dict(data["manifest"]), in_place=bool(data.get("in_place")))
+    def from_dict(cls, data: dict[str, Any]) -> StagedBundle:
+        return cls(
+            root=str(data["root"]),
+            manifest=dict(data["manifest"]),
+            in_place=bool(data.get("in_place")),
+        )
 
 
 @dataclass
@@ -136,7 +140,9 @@ class DirectorSource(BundleSource):
 
     kind = "director"
 
-    def __init__(self, envelope: dict[str, Any], fetcher: Any, record: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, envelope: dict[str, Any], fetcher: Any, record: dict[str, Any] | None = None
+    ) -> None:
         self.envelope = envelope
         self.fetcher = fetcher
         self._record = dict(record or {"kind": self.kind})
@@ -147,7 +153,9 @@ class DirectorSource(BundleSource):
 
     def describe(self) -> str:
         signed = self.envelope.get("signed", {}) if isinstance(self.envelope, dict) else {}
-        return f"{self._record.get('kind')}: {signed.get('bundle', '?')} {signed.get('version', '?')}"
+        return (
+            f"{self._record.get('kind')}: {signed.get('bundle', '?')} {signed.get('version', '?')}"
+        )
 
     def _desired(self, ctx: SourceContext) -> Any:
         from edgeship.ota.director import load_director_public_key, verify_desired_state
@@ -158,25 +166,42 @@ class DirectorSource(BundleSource):
             except SecurityError:
                 raise
             except EdgeshipError as exc:
-                raise EdgeshipError(f"director key {ctx.config.director_key}: {exc.message}") from None
+                raise EdgeshipError(
+                    f"director key {ctx.config.director_key}: {exc.message}"
+                ) from None
             ctx.cache["desired"] = verify_desired_state(
-                self.envelope, key, device=ctx.config.device_id, fleet=ctx.config.fleet,
-                last_sequence=ctx.last_sequence, now=ctx.now,
+                self.envelope,
+                key,
+                device=ctx.config.device_id,
+                fleet=ctx.config.fleet,
+                last_sequence=ctx.last_sequence,
+                now=ctx.now,
             )
         return ctx.cache["desired"]
 
     def admit(self, ctx: SourceContext) -> Admission:
         desired = self._desired(ctx)
-        return Admission(name=desired.bundle, version=desired.version, length=int(desired.length),
-                         sequence=int(desired.sequence), deployment=desired.deployment, target=desired.target)
+        return Admission(
+            name=desired.bundle,
+            version=desired.version,
+            length=int(desired.length),
+            sequence=int(desired.sequence),
+            deployment=desired.deployment,
+            target=desired.target,
+        )
 
     def fetch(self, ctx: SourceContext) -> StagedBundle:
         from edgeship.ota.updater import fetch_verified_bundle
 
         desired = self._desired(ctx)
         _seed_trust(ctx)
-        verified = fetch_verified_bundle(trust_dir=ctx.trust_dir, desired=desired, fetcher=self.fetcher,
-                                         work_dir=ctx.work_dir / "bundle", now=ctx.now)
+        verified = fetch_verified_bundle(
+            trust_dir=ctx.trust_dir,
+            desired=desired,
+            fetcher=self.fetcher,
+            work_dir=ctx.work_dir / "bundle",
+            now=ctx.now,
+        )
         return StagedBundle(root=str(verified.root), manifest=verified.manifest.to_dict())
 
 
@@ -217,7 +242,9 @@ class OfflinePackageSource(BundleSource):
             unpack = ctx.work_dir / "package"
             shutil.rmtree(unpack, ignore_errors=True)
             if not self.path.is_file():
-                raise BadInputError(f"offline package {self.path}: no such file (was the medium removed?)")
+                raise BadInputError(
+                    f"offline package {self.path}: no such file (was the medium removed?)"
+                )
             package = open_offline_package(self.path, unpack)
             ctx.cache["package"] = DirectorSource(package.desired_envelope, package.fetcher)
         source: DirectorSource = ctx.cache["package"]
@@ -257,10 +284,14 @@ class SlotSource(BundleSource):
         try:
             manifest = json.loads((root / "manifest.json").read_text())
         except (OSError, ValueError) as exc:
-            raise EdgeshipError(f"kept bundle {self.bundle.label} in {root} has no readable manifest ({exc})") from None
+            raise EdgeshipError(
+                f"kept bundle {self.bundle.label} in {root} has no readable manifest ({exc})"
+            ) from None
         files = manifest.get("files") or {}
         if files != self.bundle.files:
-            raise SecurityError(f"kept bundle {self.bundle.label}: manifest in {root} differs from the one installed")
+            raise SecurityError(
+                f"kept bundle {self.bundle.label}: manifest in {root} differs from the one installed"
+            )
         return StagedBundle(root=str(root), manifest=manifest, in_place=True)
 
 

@@ -9,21 +9,21 @@ re-entries of a state (a crash loop) turns into ``LOOP_DETECTED``.
 from __future__ import annotations
 
 __all__ = [
-    "State",
-    "Event",
-    "TRANSITIONS",
-    "TERMINAL_STATES",
     "ACTIVE_IS_NEW_STATES",
-    "InvalidTransitionError",
-    "next_state",
-    "is_terminal",
-    "event_on_reentry",
-    "serving_bundle_key",
     "PRE_ACTIVATION_STATES",
+    "TERMINAL_STATES",
+    "TRANSITIONS",
+    "Event",
+    "InvalidTransitionError",
+    "State",
+    "event_on_reentry",
+    "is_terminal",
+    "next_state",
+    "serving_bundle_key",
 ]
 
+from collections.abc import Mapping
 from enum import Enum
-from typing import Mapping
 
 
 class State(str, Enum):

@@ -10,13 +10,13 @@ them, free disk on the data folder.
 from __future__ import annotations
 
 __all__ = [
+    "TelemetryWindow",
+    "device_temperatures_c",
+    "drift_score",
+    "free_disk_bytes",
     "process_cpu_seconds",
     "process_rss_bytes",
-    "device_temperatures_c",
-    "free_disk_bytes",
     "render_prometheus",
-    "TelemetryWindow",
-    "drift_score",
 ]
 
 import glob
@@ -70,7 +70,9 @@ def free_disk_bytes(folder: Path) -> int:
     return stat.f_bavail * stat.f_frsize
 
 
-def drift_score(input_mean: float, golden_mean: float | None, golden_std: float | None) -> float | None:
+def drift_score(
+    input_mean: float, golden_mean: float | None, golden_std: float | None
+) -> float | None:
     """How far the window's mean input lies from the bundle's golden inputs, in
     golden standard deviations (None without golden vectors or traffic)."""
     if golden_mean is None or not golden_std or not math.isfinite(input_mean):
@@ -82,7 +84,9 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_prometheus(serving: ServingModel, data_dir: Path, extra: dict[str, Any] | None = None) -> str:
+def render_prometheus(
+    serving: ServingModel, data_dir: Path, extra: dict[str, Any] | None = None
+) -> str:
     """The Prometheus text exposition (version 0.0.4) of the serving model and the process."""
     lines: list[str] = []
 
@@ -96,15 +100,31 @@ def render_prometheus(serving: ServingModel, data_dir: Path, extra: dict[str, An
     if model is not None:
         snap = model.stats.snapshot()
         base = f'model="{_escape(model.name)}",version="{_escape(model.version)}"'
-        metric("edgeship_predict_requests_total", "counter", "Predict requests served by the active model.",
-               [(f"{{{base}}}", snap["requests"])])
-        metric("edgeship_predict_examples_total", "counter", "Examples (batch rows) predicted.",
-               [(f"{{{base}}}", snap["examples"])])
-        metric("edgeship_predict_errors_total", "counter", "Failed predict requests by kind.",
-               [(f'{{{base},kind="{_escape(k)}"}}', v) for k, v in sorted(snap["errors"].items())]
-               or [(f'{{{base},kind="runtime"}}', 0)])
-        metric("edgeship_predict_nonfinite_total", "counter", "Predictions with NaN or Inf outputs.",
-               [(f"{{{base}}}", snap["nonfinite"])])
+        metric(
+            "edgeship_predict_requests_total",
+            "counter",
+            "Predict requests served by the active model.",
+            [(f"{{{base}}}", snap["requests"])],
+        )
+        metric(
+            "edgeship_predict_examples_total",
+            "counter",
+            "Examples (batch rows) predicted.",
+            [(f"{{{base}}}", snap["examples"])],
+        )
+        metric(
+            "edgeship_predict_errors_total",
+            "counter",
+            "Failed predict requests by kind.",
+            [(f'{{{base},kind="{_escape(k)}"}}', v) for k, v in sorted(snap["errors"].items())]
+            or [(f'{{{base},kind="runtime"}}', 0)],
+        )
+        metric(
+            "edgeship_predict_nonfinite_total",
+            "counter",
+            "Predictions with NaN or Inf outputs.",
+            [(f"{{{base}}}", snap["nonfinite"])],
+        )
         hist: LatencyHistogram = snap["latency"]
         cumulative = 0
         samples = []
@@ -112,33 +132,79 @@ def render_prometheus(serving: ServingModel, data_dir: Path, extra: dict[str, An
             cumulative += count
             samples.append((f'{{{base},le="{bound / 1000.0:g}"}}', cumulative))
         samples.append((f'{{{base},le="+Inf"}}', hist.count))
-        lines.append("# HELP edgeship_predict_latency_seconds Predict latency in the model runtime.")
+        lines.append(
+            "# HELP edgeship_predict_latency_seconds Predict latency in the model runtime."
+        )
         lines.append("# TYPE edgeship_predict_latency_seconds histogram")
         for labels, value in samples:
             lines.append(f"edgeship_predict_latency_seconds_bucket{labels} {value}")
-        lines.append(f"edgeship_predict_latency_seconds_sum{{{base}}} {hist.total_ms / 1000.0:.10g}")
+        lines.append(
+            f"edgeship_predict_latency_seconds_sum{{{base}}} {hist.total_ms / 1000.0:.10g}"
+        )
         lines.append(f"edgeship_predict_latency_seconds_count{{{base}}} {hist.count}")
-        metric("edgeship_predict_class_total", "counter", "Predicted classes (argmax of the first output).",
-               [(f'{{{base},class="{c}"}}', n) for c, n in sorted(snap["classes"].items())])
-        metric("edgeship_feedback_total", "counter", "Ground-truth labels received.",
-               [(f"{{{base}}}", snap["feedback"]["total"])])
-        metric("edgeship_feedback_correct_total", "counter", "Ground-truth labels that matched the prediction.",
-               [(f"{{{base}}}", snap["feedback"]["correct"])])
+        metric(
+            "edgeship_predict_class_total",
+            "counter",
+            "Predicted classes (argmax of the first output).",
+            [(f'{{{base},class="{c}"}}', n) for c, n in sorted(snap["classes"].items())],
+        )
+        metric(
+            "edgeship_feedback_total",
+            "counter",
+            "Ground-truth labels received.",
+            [(f"{{{base}}}", snap["feedback"]["total"])],
+        )
+        metric(
+            "edgeship_feedback_correct_total",
+            "counter",
+            "Ground-truth labels that matched the prediction.",
+            [(f"{{{base}}}", snap["feedback"]["correct"])],
+        )
         if snap["input_count"]:
-            metric("edgeship_input_mean", "gauge", "Mean input value over all requests (drift).",
-                   [(f"{{{base}}}", snap["input_sum"] / snap["input_count"])])
-        metric("edgeship_model_loaded_timestamp_seconds", "gauge", "When the active model was loaded.",
-               [(f"{{{base}}}", model.loaded_at)])
-    metric("edgeship_model_swaps_total", "counter", "Hot swaps of the serving model.", [("", serving.swaps)])
-    metric("process_cpu_seconds_total", "counter", "User and system CPU time of the agent.",
-           [("", process_cpu_seconds())])
-    metric("process_resident_memory_bytes", "gauge", "Resident memory of the agent.", [("", process_rss_bytes())])
-    metric("edgeship_disk_free_bytes", "gauge", "Free bytes on the data folder's filesystem.",
-           [("", free_disk_bytes(data_dir))])
+            metric(
+                "edgeship_input_mean",
+                "gauge",
+                "Mean input value over all requests (drift).",
+                [(f"{{{base}}}", snap["input_sum"] / snap["input_count"])],
+            )
+        metric(
+            "edgeship_model_loaded_timestamp_seconds",
+            "gauge",
+            "When the active model was loaded.",
+            [(f"{{{base}}}", model.loaded_at)],
+        )
+    metric(
+        "edgeship_model_swaps_total",
+        "counter",
+        "Hot swaps of the serving model.",
+        [("", serving.swaps)],
+    )
+    metric(
+        "process_cpu_seconds_total",
+        "counter",
+        "User and system CPU time of the agent.",
+        [("", process_cpu_seconds())],
+    )
+    metric(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory of the agent.",
+        [("", process_rss_bytes())],
+    )
+    metric(
+        "edgeship_disk_free_bytes",
+        "gauge",
+        "Free bytes on the data folder's filesystem.",
+        [("", free_disk_bytes(data_dir))],
+    )
     temps = device_temperatures_c()
     if temps:
-        metric("edgeship_device_temperature_celsius", "gauge", "Board thermal zones.",
-               [(f'{{zone="{_escape(k)}"}}', v) for k, v in temps.items()])
+        metric(
+            "edgeship_device_temperature_celsius",
+            "gauge",
+            "Board thermal zones.",
+            [(f'{{zone="{_escape(k)}"}}', v) for k, v in temps.items()],
+        )
     for key, value in sorted((extra or {}).items()):
         metric(f"edgeship_{key}", "gauge", key.replace("_", " ") + ".", [("", float(value))])
     return "\n".join(lines) + "\n"
@@ -171,21 +237,35 @@ class TelemetryWindow:
             requests = snap["requests"] - (prev["requests"] if prev else 0)
             errors = snap["model_errors"] - (prev["model_errors"] if prev else 0)
             base = prev["latency"].counts if prev else [0] * len(snap["latency"].counts)
-            latency = LatencyHistogram([a - b for a, b in zip(snap["latency"].counts, base)],
-                                       snap["latency"].total_ms - (prev["latency"].total_ms if prev else 0.0))
-            classes = {c: n - (prev["classes"].get(c, 0) if prev else 0) for c, n in snap["classes"].items()}
+            latency = LatencyHistogram(
+                [a - b for a, b in zip(snap["latency"].counts, base)],
+                snap["latency"].total_ms - (prev["latency"].total_ms if prev else 0.0),
+            )
+            classes = {
+                c: n - (prev["classes"].get(c, 0) if prev else 0)
+                for c, n in snap["classes"].items()
+            }
             classes = {c: n for c, n in classes.items() if n}
-            feedback = {k: snap["feedback"][k] - (prev["feedback"][k] if prev else 0) for k in ("correct", "total")}
+            feedback = {
+                k: snap["feedback"][k] - (prev["feedback"][k] if prev else 0)
+                for k in ("correct", "total")
+            }
             count = snap["input_count"] - (prev["input_count"] if prev else 0)
             total = snap["input_sum"] - (prev["input_sum"] if prev else 0.0)
             mean = total / count if count else float("nan")
         cpu = process_cpu_seconds()
         window = max(now - self._last_ts, 1e-3)
         message = TelemetryMessage(
-            ts=now, window_s=window, requests=requests, errors=min(errors, requests), latency=latency,
+            ts=now,
+            window_s=window,
+            requests=requests,
+            errors=min(errors, requests),
+            latency=latency,
             bundle={"name": model.name, "version": model.version} if model else None,
             feedback=feedback if feedback["total"] else None,
-            drift=drift_score(mean, model.golden_input_mean, model.golden_input_std) if model else None,
+            drift=drift_score(mean, model.golden_input_mean, model.golden_input_std)
+            if model
+            else None,
         )
         document = message.to_dict()
         document["device_stats"] = {

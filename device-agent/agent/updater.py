@@ -20,10 +20,10 @@ process SIGKILL itself there (a model that kills the agent, a power cut).
 from __future__ import annotations
 
 __all__ = [
+    "SelfTestResult",
+    "TestHooks",
     "UpdateDriver",
     "UpdateInProgressError",
-    "TestHooks",
-    "SelfTestResult",
     "classify_error",
     "load_bundle_model",
 ]
@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-
 from edgeship.ota.errors import EdgeshipError, SecurityError
 from edgeship.ota.golden import GoldenVectors, compare_outputs
 
@@ -54,7 +53,14 @@ from .runtimes import RuntimeUnavailableError, _importable_tflite, open_model
 from .serving import LoadedModel, ServingModel, warm_up
 from .slots import apply_retention, free_bytes, install_into_slot, plan_retention, slot_name
 from .sources import BundleSource, SourceContext, SourceRegistry, StagedBundle, hash_file
-from .state_machine import Event, State, event_on_reentry, is_terminal, next_state, serving_bundle_key
+from .state_machine import (
+    Event,
+    State,
+    event_on_reentry,
+    is_terminal,
+    next_state,
+    serving_bundle_key,
+)
 
 log = logging.getLogger("edgeship.agent.updater")
 
@@ -86,15 +92,20 @@ class TestHooks:
     pause_in: frozenset[str] = frozenset()
     kill_in: frozenset[str] = frozenset()
     marker_dir: Path | None = None
-    inject: Callable[[State], None] | None = None   # raise here to inject a failure in a state
+    inject: Callable[[State], None] | None = None  # raise here to inject a failure in a state
 
     @classmethod
-    def from_env(cls, marker_dir: Path) -> "TestHooks":
+    def from_env(cls, marker_dir: Path) -> TestHooks:
         def states(name: str) -> frozenset[str]:
-            return frozenset(s.strip().upper() for s in os.environ.get(name, "").split(",") if s.strip())
+            return frozenset(
+                s.strip().upper() for s in os.environ.get(name, "").split(",") if s.strip()
+            )
 
-        return cls(pause_in=states("EDGESHIP_AGENT_TEST_PAUSE_IN"), kill_in=states("EDGESHIP_AGENT_TEST_KILL_IN"),
-                   marker_dir=marker_dir)
+        return cls(
+            pause_in=states("EDGESHIP_AGENT_TEST_PAUSE_IN"),
+            kill_in=states("EDGESHIP_AGENT_TEST_KILL_IN"),
+            marker_dir=marker_dir,
+        )
 
     def on_enter(self, state: State) -> None:
         if state.value in self.kill_in:
@@ -116,10 +127,14 @@ class SelfTestResult:
     running_ms: float | None = None
 
 
-def load_bundle_model(config: AgentConfig, bundle: InstalledBundle, *, warm: bool = True) -> LoadedModel:
+def load_bundle_model(
+    config: AgentConfig, bundle: InstalledBundle, *, warm: bool = True
+) -> LoadedModel:
     """Open a slot's model with the configured runtime preference, warmed."""
     slot = config.slots_dir / bundle.slot
-    runner = open_model(slot / bundle.model_file, threads=config.threads, prefer=list(config.runtime_prefer))
+    runner = open_model(
+        slot / bundle.model_file, threads=config.threads, prefer=list(config.runtime_prefer)
+    )
     model = LoadedModel(name=bundle.name, version=bundle.version, runner=runner, slot=bundle.slot)
     golden = None
     if bundle.golden_file and (slot / bundle.golden_file).exists():
@@ -206,11 +221,18 @@ class UpdateDriver:
             self._prepared = None
             self._baseline = None
             self._ctx_cache = {}
-            record = UpdateRecord(id=uuid.uuid4().hex[:12], kind=kind, source=source.to_record(),
-                                  rollback_to=self.state.active, base_sequence=self.state.last_sequence)
+            record = UpdateRecord(
+                id=uuid.uuid4().hex[:12],
+                kind=kind,
+                source=source.to_record(),
+                rollback_to=self.state.active,
+                base_sequence=self.state.last_sequence,
+            )
             self.state.update = record
             # persisted here, in the caller's thread; the test hook fires on the worker's first step
-            self._enter(next_state(State.IDLE, Event.START), f"{kind} from {source.describe()}", hook=False)
+            self._enter(
+                next_state(State.IDLE, Event.START), f"{kind} from {source.describe()}", hook=False
+            )
             self._hook_pending = State(record.state)
             return record
 
@@ -235,10 +257,15 @@ class UpdateDriver:
             entries = update.entries.get(state.value, 0)
             event = event_on_reentry(entries, self.config.max_reentries)
             if event is not None:
-                self._transition(event, f"{state.value} interrupted {entries - 1} times (agent restarts or "
-                                        f"crashes); cap is {self.config.max_reentries}")
+                self._transition(
+                    event,
+                    f"{state.value} interrupted {entries - 1} times (agent restarts or "
+                    f"crashes); cap is {self.config.max_reentries}",
+                )
             else:
-                self.hooks.on_enter(state)  # the re-entry is counted on disk before anything can crash
+                self.hooks.on_enter(
+                    state
+                )  # the re-entry is counted on disk before anything can crash
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, *, stop_at_probation: bool = False) -> UpdateRecord | None:
@@ -255,8 +282,11 @@ class UpdateDriver:
             if self._hook_pending is state:
                 self._hook_pending = None
                 self.hooks.on_enter(state)
-            if state is State.PROBATION and (stop_at_probation or self.serving is None) \
-                    and not self._abort.is_set():
+            if (
+                state is State.PROBATION
+                and (stop_at_probation or self.serving is None)
+                and not self._abort.is_set()
+            ):
                 return update
             try:
                 if self._abort.is_set() and state not in (State.ROLLING_BACK,):
@@ -268,7 +298,11 @@ class UpdateDriver:
                 event, reason, mutate = Event.ABORT, self._abort_reason or "aborted", None
             except Exception as exc:  # every failure ends somewhere: never "in progress" forever
                 event = classify_error(exc)
-                reason = exc.message if isinstance(exc, EdgeshipError) else f"{type(exc).__name__}: {exc}"
+                reason = (
+                    exc.message
+                    if isinstance(exc, EdgeshipError)
+                    else f"{type(exc).__name__}: {exc}"
+                )
                 if not isinstance(exc, EdgeshipError):
                     log.exception("unexpected error in %s", state.value)
                 mutate = None
@@ -296,7 +330,12 @@ class UpdateDriver:
         if hook:
             self.hooks.on_enter(state)
 
-    def _transition(self, event: Event, reason: str, mutate: Callable[[AgentState, UpdateRecord], None] | None = None) -> None:
+    def _transition(
+        self,
+        event: Event,
+        reason: str,
+        mutate: Callable[[AgentState, UpdateRecord], None] | None = None,
+    ) -> None:
         update = self.state.update
         assert update is not None
         target = next_state(State(update.state), event)
@@ -313,9 +352,14 @@ class UpdateDriver:
             log.exception("reporter failed")
 
     def _context(self, update: UpdateRecord) -> SourceContext:
-        return SourceContext(config=self.config, last_sequence=update.base_sequence, now=_utcnow(),
-                             work_dir=self.config.work_dir / update.id, trust_dir=self.config.data_dir / "trust",
-                             cache=self._ctx_cache)
+        return SourceContext(
+            config=self.config,
+            last_sequence=update.base_sequence,
+            now=_utcnow(),
+            work_dir=self.config.work_dir / update.id,
+            trust_dir=self.config.data_dir / "trust",
+            cache=self._ctx_cache,
+        )
 
     def _source(self, update: UpdateRecord) -> BundleSource:
         source = self._ctx_cache.get("source")
@@ -324,7 +368,9 @@ class UpdateDriver:
         return source
 
     # -- the actions ----------------------------------------------------------------------------
-    def _act(self, state: State) -> tuple[Event, str, Callable[[AgentState, UpdateRecord], None] | None]:
+    def _act(
+        self, state: State
+    ) -> tuple[Event, str, Callable[[AgentState, UpdateRecord], None] | None]:
         update = self.state.update
         assert update is not None
         action = {
@@ -344,10 +390,14 @@ class UpdateDriver:
         ctx = self._context(update)
         admission = source.admit(ctx)
         active = self.state.active
-        if update.kind == "install" and active is not None and (active.name, active.version) == (
-            admission.name, admission.version
+        if (
+            update.kind == "install"
+            and active is not None
+            and (active.name, active.version) == (admission.name, admission.version)
         ):
-            raise EdgeshipError(f"{admission.name} {admission.version} is already the active bundle")
+            raise EdgeshipError(
+                f"{admission.name} {admission.version} is already the active bundle"
+            )
         need = admission.length * 2 + DISK_MARGIN_BYTES if admission.length else 0
         free = free_bytes(self.config.data_dir)
         if need and free < need:
@@ -363,7 +413,11 @@ class UpdateDriver:
             if admission.sequence is not None:
                 state.last_sequence = max(state.last_sequence, admission.sequence)
 
-        return Event.SUCCESS, f"{admission.name} {admission.version}: {admission.length} bytes, {free} free", mutate
+        return (
+            Event.SUCCESS,
+            f"{admission.name} {admission.version}: {admission.length} bytes, {free} free",
+            mutate,
+        )
 
     def _fetching(self, update: UpdateRecord):  # type: ignore[no-untyped-def]
         source = self._source(update)
@@ -380,7 +434,10 @@ class UpdateDriver:
             raise EdgeshipError("no fetched bundle recorded (state file inconsistent)")
         staged = StagedBundle.from_dict(update.fetched)
         manifest = staged.manifest
-        if update.bundle and (staged.name, staged.version) != (update.bundle["name"], update.bundle["version"]):
+        if update.bundle and (staged.name, staged.version) != (
+            update.bundle["name"],
+            update.bundle["version"],
+        ):
             raise SecurityError(
                 f"bundle holds {staged.name} {staged.version}, the update asked for "
                 f"{update.bundle['name']} {update.bundle['version']}"
@@ -391,11 +448,19 @@ class UpdateDriver:
             try:
                 size, digest = hash_file(path)
             except OSError as exc:
-                raise EdgeshipError(f"bundle file {path} cannot be read: {exc.strerror or exc}") from None
+                raise EdgeshipError(
+                    f"bundle file {path} cannot be read: {exc.strerror or exc}"
+                ) from None
             if size != info.get("size") or digest != info.get("sha256"):
-                raise EdgeshipError(f"bundle file {path} changed on disk since it was verified (size or sha256)")
+                raise EdgeshipError(
+                    f"bundle file {path} changed on disk since it was verified (size or sha256)"
+                )
         self._check_runtime(manifest)
-        return Event.SUCCESS, f"{len(manifest.get('files') or {})} files match the manifest; runtime available", None
+        return (
+            Event.SUCCESS,
+            f"{len(manifest.get('files') or {})} files match the manifest; runtime available",
+            None,
+        )
 
     def _check_runtime(self, manifest: dict[str, Any]) -> None:
         """REJECT (RuntimeUnavailableError) a bundle that needs what this device lacks."""
@@ -413,13 +478,18 @@ class UpdateDriver:
                 raise RuntimeUnavailableError(
                     f"bundle is a TFLite model; none of {list(self.config.runtime_prefer)} is installed here"
                 )
-            version_module = {"litert": "ai_edge_litert", "tflite_runtime": "tflite_runtime",
-                              "tensorflow": "tensorflow"}[found]
+            version_module = {
+                "litert": "ai_edge_litert",
+                "tflite_runtime": "tflite_runtime",
+                "tensorflow": "tensorflow",
+            }[found]
         elif fmt == "onnx":
             import importlib.util
 
             if importlib.util.find_spec("onnxruntime") is None:
-                raise RuntimeUnavailableError("bundle is an ONNX model; onnxruntime is not installed here")
+                raise RuntimeUnavailableError(
+                    "bundle is an ONNX model; onnxruntime is not installed here"
+                )
             found, version_module = "onnxruntime", "onnxruntime"
         else:
             raise RuntimeUnavailableError(f"bundle format {fmt!r} is not supported by this agent")
@@ -429,7 +499,9 @@ class UpdateDriver:
 
             have = _module_version(version_module)
             if _version_tuple(have) < _version_tuple(str(minimum)):
-                raise RuntimeUnavailableError(f"bundle needs {found} >= {minimum}, this device has {have}")
+                raise RuntimeUnavailableError(
+                    f"bundle needs {found} >= {minimum}, this device has {have}"
+                )
 
     def _installing(self, update: UpdateRecord):  # type: ignore[no-untyped-def]
         assert update.fetched is not None
@@ -442,12 +514,21 @@ class UpdateDriver:
             install_into_slot(Path(staged.root), self.config.slots_dir, slot)
         golden = manifest.get("golden") or None
         installed = InstalledBundle(
-            name=staged.name, version=staged.version, slot=slot, model_file=str(manifest["model_file"]),
-            model_format=str(manifest["format"]), golden_file=golden.get("file") if golden else None,
+            name=staged.name,
+            version=staged.version,
+            slot=slot,
+            model_file=str(manifest["model_file"]),
+            model_format=str(manifest["format"]),
+            golden_file=golden.get("file") if golden else None,
             labels_file="labels.txt" if "labels.txt" in (manifest.get("files") or {}) else None,
-            golden_tolerance={"atol": float(golden.get("atol", 0.0)), "rtol": float(golden.get("rtol", 0.0))}
-            if golden else None,
-            runtime=dict(manifest.get("runtime") or {}), installed_at=time.time(),
+            golden_tolerance={
+                "atol": float(golden.get("atol", 0.0)),
+                "rtol": float(golden.get("rtol", 0.0)),
+            }
+            if golden
+            else None,
+            runtime=dict(manifest.get("runtime") or {}),
+            installed_at=time.time(),
             files={k: dict(v) for k, v in (manifest.get("files") or {}).items()},
         )
 
@@ -476,9 +557,14 @@ class UpdateDriver:
         if installed.golden_file:
             golden = GoldenVectors.load(slot / installed.golden_file)
             if installed.golden_tolerance:
-                golden = GoldenVectors(golden.input_names, golden.inputs, golden.output_names, golden.outputs,
-                                       atol=installed.golden_tolerance.get("atol", golden.atol),
-                                       rtol=installed.golden_tolerance.get("rtol", golden.rtol))
+                golden = GoldenVectors(
+                    golden.input_names,
+                    golden.inputs,
+                    golden.output_names,
+                    golden.outputs,
+                    atol=installed.golden_tolerance.get("atol", golden.atol),
+                    rtol=installed.golden_tolerance.get("rtol", golden.rtol),
+                )
             outputs = runner.run([np.asarray(x) for x in golden.inputs])
             check = compare_outputs(golden, outputs)
             if not check.passed:
@@ -486,21 +572,28 @@ class UpdateDriver:
             reasons.append(check.reason)
             sample = [np.asarray(x)[:1] for x in golden.inputs]
         else:
-            sample = [np.zeros([1, *[d if d > 0 else 1 for d in s.shape[1:]]], dtype=np.float32)
-                      for s in runner.signature.inputs]
+            sample = [
+                np.zeros([1, *[d if d > 0 else 1 for d in s.shape[1:]]], dtype=np.float32)
+                for s in runner.signature.inputs
+            ]
             outputs = runner.run(sample)
             if not all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f"):
-                return SelfTestResult(False, "model gives NaN/Inf outputs for a zero input (no golden vectors)")
+                return SelfTestResult(
+                    False, "model gives NaN/Inf outputs for a zero input (no golden vectors)"
+                )
             reasons.append("no golden vectors: load and finite-output check only")
         warm_up(runner, sample)
         new_ms = _time_runs(lambda: runner.run(sample), self.config.self_test_runs)
         running_ms = None
         current = self.serving.current if self.serving is not None else None
-        same_shapes = current is not None and [i.shape for i in current.runner.signature.inputs] == [
-            i.shape for i in runner.signature.inputs]
+        same_shapes = current is not None and [
+            i.shape for i in current.runner.signature.inputs
+        ] == [i.shape for i in runner.signature.inputs]
         if current is not None and same_shapes:
             try:
-                running_ms = _time_runs(lambda: current.runner.run(sample), self.config.self_test_runs)
+                running_ms = _time_runs(
+                    lambda: current.runner.run(sample), self.config.self_test_runs
+                )
             except Exception:
                 running_ms = None
         ok, text = latency_gate(new_ms, running_ms, self.config.self_test_latency_ratio)
@@ -513,7 +606,9 @@ class UpdateDriver:
         if self.serving is not None:
             model = self._prepared
             if model is None or model.slot != installed.slot:
-                model = load_bundle_model(self.config, installed)  # after a restart: load and warm again
+                model = load_bundle_model(
+                    self.config, installed
+                )  # after a restart: load and warm again
             old = self.serving.swap(model)
             self._baseline = old.stats.snapshot() if old is not None else None
         self._prepared = None
@@ -521,23 +616,37 @@ class UpdateDriver:
         def mutate(state: AgentState, record: UpdateRecord) -> None:
             old_active = state.active
             state.active = installed
-            kept = [b for b in state.previous if b.slot not in (installed.slot, old_active.slot if old_active else "")]
-            state.previous = ([old_active] if old_active and old_active.slot != installed.slot else []) + kept
+            kept = [
+                b
+                for b in state.previous
+                if b.slot not in (installed.slot, old_active.slot if old_active else "")
+            ]
+            state.previous = (
+                [old_active] if old_active and old_active.slot != installed.slot else []
+            ) + kept
             record.probation_started = time.time()
 
-        where = "serving" if self.serving is not None else "activated (probation starts when the agent runs)"
+        where = (
+            "serving"
+            if self.serving is not None
+            else "activated (probation starts when the agent runs)"
+        )
         return Event.SUCCESS, f"{installed.label} {where}", mutate
 
     def _probation(self, update: UpdateRecord):  # type: ignore[no-untyped-def]
         assert self.serving is not None
         policy = ProbationPolicy(
-            window_s=self.config.probation_window_s, min_requests=self.config.probation_min_requests,
-            max_error_rate=self.config.max_error_rate, max_nonfinite_rate=self.config.max_nonfinite_rate,
+            window_s=self.config.probation_window_s,
+            min_requests=self.config.probation_min_requests,
+            max_error_rate=self.config.max_error_rate,
+            max_nonfinite_rate=self.config.max_nonfinite_rate,
             max_latency_ratio=self.config.max_latency_ratio,
         )
         started = update.probation_started or time.time()
         baseline = self._baseline
-        baseline_p95 = baseline["latency"].quantile_ms(0.95) if baseline and baseline["requests"] else None
+        baseline_p95 = (
+            baseline["latency"].quantile_ms(0.95) if baseline and baseline["requests"] else None
+        )
         while True:
             if self._abort.is_set():
                 raise _Aborted()
@@ -546,9 +655,12 @@ class UpdateDriver:
                 raise EdgeshipError("no model is serving during probation")
             snap = current.stats.snapshot()
             sample = ProbationSample(
-                elapsed_s=time.time() - started, requests=snap["requests"] - snap["errors"].get("bad_request", 0),
-                errors=snap["model_errors"], nonfinite=snap["nonfinite"],
-                p95_ms=snap["latency"].quantile_ms(0.95), baseline_p95_ms=baseline_p95,
+                elapsed_s=time.time() - started,
+                requests=snap["requests"] - snap["errors"].get("bad_request", 0),
+                errors=snap["model_errors"],
+                nonfinite=snap["nonfinite"],
+                p95_ms=snap["latency"].quantile_ms(0.95),
+                baseline_p95_ms=baseline_p95,
                 baseline_requests=baseline["requests"] if baseline else 0,
             )
             verdict, reason = probation_verdict(sample, policy)
@@ -570,7 +682,9 @@ class UpdateDriver:
 
         def mutate(state: AgentState, record: UpdateRecord) -> None:
             state.active = target
-            state.previous = [b for b in state.previous if b.slot != (target.slot if target else "")]
+            state.previous = [
+                b for b in state.previous if b.slot != (target.slot if target else "")
+            ]
             if failed is not None and failed.slot != (target.slot if target else ""):
                 state.previous = [b for b in state.previous if b.slot != failed.slot]
                 if failed.slot not in state.failed_slots:
@@ -608,8 +722,16 @@ class UpdateDriver:
                         protected.add(bundle.slot)
             slots = self.config.slots_dir
             on_disk = [p.name for p in slots.iterdir() if p.is_dir()] if slots.is_dir() else []
-            plan = plan_retention(self.state.active, self.state.previous, self.config.keep_previous, on_disk, protected)
-            changed = list(plan.keep_previous) != self.state.previous or bool(self.state.failed_slots)
+            plan = plan_retention(
+                self.state.active,
+                self.state.previous,
+                self.config.keep_previous,
+                on_disk,
+                protected,
+            )
+            changed = list(plan.keep_previous) != self.state.previous or bool(
+                self.state.failed_slots
+            )
             if changed:
                 self.state.previous = list(plan.keep_previous)
                 self.state.failed_slots = [s for s in self.state.failed_slots if s in protected]
@@ -618,12 +740,18 @@ class UpdateDriver:
             work = self.config.work_dir
             if work.is_dir():
                 for child in work.iterdir():
-                    if update is None or is_terminal(State(update.state)) or child.name != update.id:
+                    if (
+                        update is None
+                        or is_terminal(State(update.state))
+                        or child.name != update.id
+                    ):
                         shutil.rmtree(child, ignore_errors=True)
 
 
-_REJECTABLE = {(s, Event.REJECT) for s in (State.DISK_CHECK, State.FETCHING, State.VERIFYING,
-                                           State.INSTALLING, State.SELF_TEST)}
+_REJECTABLE = {
+    (s, Event.REJECT)
+    for s in (State.DISK_CHECK, State.FETCHING, State.VERIFYING, State.INSTALLING, State.SELF_TEST)
+}
 
 
 def _time_runs(func: Callable[[], Any], runs: int) -> float:

@@ -12,7 +12,7 @@ Each step is a function a later step (bundle, sign, publish, roll out) can call:
     results[PRIMARY_VARIANT].model               # the .tflite a device runs; .golden / .report beside it
 
 Files land in DIR (default ./demo-out): ``digits.keras``, ``calib.npz``,
-``eval.npz``, ``digits-<variant>.{tflite,onnx}`` each with ``.golden.npz`` and
+``eval.npz``, ``labels.txt``, ``digits-<variant>.{tflite,onnx}`` each with ``.golden.npz`` and
 ``.report.json``, and ``summary.json``.
 """
 
@@ -31,6 +31,8 @@ __all__ = [
     "run_demo",
     "summary_rows",
     "train",
+    "write_labels",
+    "LABELS",
 ]
 
 import argparse
@@ -73,6 +75,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("onnx-int8-dynamic", "onnx", "dynamic"),
     Variant("onnx-int8-qdq", "onnx", "int8"),
 )
+LABELS = tuple(str(digit) for digit in range(10))
 PRIMARY_VARIANT = "int8"
 """The variant the fleet demo bundles and rolls out (full-integer TFLite, float I/O)."""
 GATES = GateLimits(max_accuracy_drop_pp=1.0, min_agreement_pct=97.0)
@@ -92,6 +95,14 @@ class VariantResult:
 def train(out_dir: str | os.PathLike[str], *, epochs: int = 12, seed: int = 0) -> dict[str, Path]:
     """Train the CNN and save ``digits.keras``, ``calib.npz`` and ``eval.npz`` in ``out_dir``."""
     return save_digits_model(out_dir, epochs=epochs, seed=seed)
+
+
+def write_labels(path: Path) -> Path:
+    """``labels.txt``: the ten digit classes, one per line (the bundle's labels)."""
+    from edgeship.ota.atomicfile import atomic_write_text
+
+    atomic_write_text(path, "".join(f"{digit}\n" for digit in range(10)))
+    return path
 
 
 def convert_variants(
@@ -117,6 +128,7 @@ def convert_variants(
             int8_io=variant.int8_io,
             calib=paths["calib"],
             eval_data=paths["eval"],
+            labels=LABELS,
             limits=limits,
             progress=progress,
         )
@@ -227,6 +239,7 @@ def run_demo(out_dir: str | os.PathLike[str], *, epochs: int = 12, runs: int = 2
     timings: dict[str, float] = {}
     start = time.perf_counter()
     paths = train(out, epochs=epochs)
+    paths["labels"] = write_labels(out / "labels.txt")
     timings["train_s"] = time.perf_counter() - start
     start = time.perf_counter()
     results = convert_variants(paths, out, progress=progress)
@@ -240,6 +253,7 @@ def run_demo(out_dir: str | os.PathLike[str], *, epochs: int = 12, runs: int = 2
             "keras": str(paths["model"]),
             "calib": str(paths["calib"]),
             "eval": str(paths["eval"]),
+            "labels": str(paths["labels"]),
             **{name: {"model": str(r.model), "golden": str(r.golden), "report": str(r.report_path)} for name, r in results.items()},
         },
         "primary": PRIMARY_VARIANT,

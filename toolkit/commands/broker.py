@@ -133,7 +133,7 @@ def run(host: str, port: int, as_json: bool) -> None:
     loopback only. A fleet on a network uses Mosquitto from `broker config`.
     """
     try:
-        from ..embedded_broker import EmbeddedBroker  # type: ignore[import-not-found]
+        from ..embedded_broker import EmbeddedBroker
     except ImportError:
         raise EdgeshipError(
             "the embedded broker (edgeship.toolkit.embedded_broker) is not part of this build; "
@@ -144,10 +144,11 @@ def run(host: str, port: int, as_json: bool) -> None:
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        url = str(getattr(embedded, "url", f"mqtt://{host}:{port}"))
         if as_json:
-            emit_json({"url": f"mqtt://{host}:{port}", "acl": False, "anonymous": True})
+            emit_json({"url": url, "acl": False, "anonymous": True})
         else:
-            click.echo(f"embedded broker listening on mqtt://{host}:{port} "
+            click.echo(f"embedded broker listening on {url} "
                        "(anonymous, no topic rules: development only); Ctrl-C stops it", err=True)
         try:
             while not stop.wait(0.5):

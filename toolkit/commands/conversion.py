@@ -49,6 +49,16 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _console(stderr: bool = False) -> Any:
+    """A rich console; when the stream is not a terminal, wide enough that tables keep their names."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return console(stderr=stderr)
+    from rich.console import Console
+
+    return Console(stderr=stderr, width=160, highlight=False, soft_wrap=False)
+
+
 def _line(out: Any, text: str) -> None:
     """A plain line (click.echo, never wrapped: paths stay whole) on ``out``'s stream."""
     click.echo(text, err=bool(getattr(out, "stderr", False)))
@@ -96,41 +106,43 @@ def _print_validation(out: Any, validation: dict[str, Any]) -> None:
 @click.option("--calib", type=str, default=None, metavar="DATA", help="Calibration data: .npz (x[, y]), .npy, or a folder of images.")
 @click.option("--eval", "eval_data", type=str, default=None, metavar="DATA", help="Validation data (default: a fifth held back from --calib).")
 @click.option("--preprocess", type=str, default=None, metavar="SPEC", help="Preprocessing: JSON file, JSON object, or size=224x224,scale=1/255,mean=..,std=..,layout=NHWC.")
+@click.option("--labels", "labels_file", type=str, default=None, metavar="FILE", help="Class names, one per line, recorded in the report (the bundle's labels).")
 @click.option("--no-validate", is_flag=True, help="Skip validation against MODEL (golden vectors are still written).")
 @click.option("--allow-select-tf-ops", is_flag=True, help="Let TFLite fall back to TensorFlow kernels (the device then needs full TensorFlow).")
 @_gate_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 def convert(
     model: str, output: str, to: str | None, quantize: str, int8_io: bool, calib: str | None, eval_data: str | None,
-    preprocess: str | None, no_validate: bool, allow_select_tf_ops: bool, max_accuracy_drop: float | None,
+    preprocess: str | None, labels_file: str | None, no_validate: bool, allow_select_tf_ops: bool, max_accuracy_drop: float | None,
     min_agreement: float | None, as_json: bool,
 ) -> None:
     """Convert and quantize MODEL (.keras, .h5, SavedModel folder, .onnx) to OUT, validate it,
     and write OUT.golden.npz and OUT.report.json beside it."""
-    from edgeship.converters.convert import ConversionGateError, convert_model
+    from edgeship.converters.convert import ConversionGateError, convert_model, read_labels
     from edgeship.converters.data import parse_preprocessing
 
     limits = _limits(max_accuracy_drop, min_agreement)
     spec = parse_preprocessing(preprocess)
+    labels = read_labels(labels_file) if labels_file else None
     try:
         with progress_reporter(enabled=sys.stderr.isatty()) as progress:
             result = convert_model(
                 model, output, to=to, quantize=quantize, int8_io=int8_io, calib=calib, eval_data=eval_data,
                 preprocessing=spec, validate=not no_validate, limits=limits, allow_select_tf_ops=allow_select_tf_ops,
-                progress=progress,
+                labels=labels, progress=progress,
             )
     except ConversionGateError as exc:
         if as_json:
             emit_json({"written": False, "error": exc.message, "report": exc.report})
         elif exc.report.get("validation"):
-            _print_validation(console(stderr=True), exc.report["validation"])
+            _print_validation(_console(stderr=True), exc.report["validation"])
         raise
     report = result.report
     if as_json:
         emit_json({"written": True, "model": str(result.out), "report_file": str(result.report_path),
                    "golden_file": str(result.golden_path), "report": report})
         return
-    out = console()
+    out = _console()
     if report.get("validation"):
         _print_validation(out, report["validation"])
     golden = report["golden"]
@@ -173,7 +185,7 @@ def validate(
     if as_json:
         emit_json(result.to_dict())
     else:
-        _print_validation(console(), result.to_dict())
+        _print_validation(_console(), result.to_dict())
     result.raise_if_failed()
 
 
@@ -191,7 +203,7 @@ def inspect_model(model: str, as_json: bool) -> None:
         return
     from rich.table import Table
 
-    out = console()
+    out = _console()
     _line(out, f"{info['path']}: {info['format']}, {info['size_bytes'] / 1024:.1f} KiB, loaded with "
               f"{info['loaded_with']['name']} {info['loaded_with']['version']}")
     table = Table(title="signature")
@@ -255,7 +267,7 @@ def bench(models: Sequence[str], threads: int, runs: int, warmup: int, data: str
         return
     from rich.table import Table
 
-    out = console()
+    out = _console()
     table = Table(title=f"batch-1 latency, {threads} thread(s), {runs} runs")
     for column in ("model", "runtime", "p50 ms", "p95 ms", "p99 ms", "per s", "RSS +MiB", "p50 vs first"):
         table.add_column(column, justify="left" if column in ("model", "runtime") else "right")
@@ -263,7 +275,7 @@ def bench(models: Sequence[str], threads: int, runs: int, warmup: int, data: str
         table.add_row(Path(row["model"]).name, row["runtime"], _ms(row["p50_ms"]), _ms(row["p95_ms"]), _ms(row["p99_ms"]),
                       f"{row['throughput_per_s']:.0f}",
                       "-" if row["rss_growth_mib"] is None else f"{row['rss_growth_mib']:.1f}",
-                      f"{row['p50_ratio_to_first']:.2f}x")
+                      f"{row['p50_ratio_to_first']:.3g}x")
     out.print(table)
     _line(out, f"fastest here: {Path(best).name if best else '-'}")
 

@@ -322,3 +322,11 @@ def fleet_provision(hosts_file: str, parallel: int, **kw: Any) -> None:
     if failed:
         code = EXIT_GATE_FAILED if all(r["exit_code"] == EXIT_GATE_FAILED for r in failed) else EXIT_FAILURE
         sys.exit(code)
+
+
+# `device show` and `device tag` read and write the fleet store; they live with the other
+# store-backed commands in commands/fleet.py (the controller engineer's).
+from .fleet import device_show, device_tag  # noqa: E402
+
+device.add_command(device_show)
+device.add_command(device_tag)

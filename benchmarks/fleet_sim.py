@@ -1,0 +1,571 @@
+"""Many simulated devices against the real controller (section ``fleet-sim`` of docs/benchmarks.md).
+
+Everything is real but the devices' model serving: a Mosquitto broker, the controller as its own
+process (``edgeship controller``, so its CPU is measured apart), a SQLite store in WAL mode, a
+release repository with a published 1 MB bundle, and N simulated devices, **each with its own MQTT
+connection and client id** (one paho client per device, driven by one asyncio event loop: 1,000
+``MqttConnection`` objects would be 1,000 network threads polling every 0.2 s, which on this
+2-core machine would measure the GIL rather than the controller). Each device speaks the real
+protocol: retained status with a last will, retained reported state, events at QoS 1, telemetry;
+it verifies each desired state with the director's public key (ed25519, ``verify_desired_state``),
+fetches the bundle with the block protocol (describe, then bitmap requests of a window of blocks,
+re-asking for missing blocks after a timeout, honouring 429 retry-after) and checks the director's
+length and sha256 over the bytes it received before it reports COMMITTED. It does not run the TUF
+client (no metadata refresh): that costs the device, not the controller, and is measured in the
+``verify`` and ``blocks`` sections.
+
+Phases, in one run:
+
+1. connect N devices (in waves of 50) and wait until the controller has ingested every one;
+2. staged rollout of the 1 MB bundle to all of them (``edgeship rollout start --stages 5,25,100``):
+   time to COMPLETED, per-stage times, controller CPU, bytes served; baseline: a bare paho publish
+   loop moving the same number of bytes (N x bundle) through the same broker in the same block size;
+3. telemetry: every device publishes a telemetry window every second for ``--telemetry-s``
+   seconds: messages/s ingested by the controller (from its Prometheus counters), ingest lag
+   (sampled every second), controller CPU; baseline: a bare paho subscriber counting what the
+   broker delivered of the same messages.
+
+    .venv/bin/python benchmarks/fleet_sim.py [--devices 1000] [--bundle-mb 1] [--telemetry-s 20] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import paho.mqtt.client as paho
+import psutil
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from edgeship.ota.director import load_director_public_key, verify_desired_state
+from edgeship.ota.protocol import (
+    BlockData,
+    BlockError,
+    BlockInfo,
+    BlockRequest,
+    DesiredMessage,
+    EventMessage,
+    ReportedMessage,
+    StatusMessage,
+    TelemetryMessage,
+    bitmap_from_indexes,
+    encode_message,
+    parse_block_reply,
+    parse_message,
+)
+from edgeship.ota.release import ReleaseRepository
+from edgeship.ota.telemetry import LatencyHistogram
+from edgeship.ota.topics import BLOCK_DATA, BLOCK_REQUEST, DESIRED, EVENTS, REPORTED, STATUS, TELEMETRY, device_topic
+from edgeship.toolkit.store import FleetStore
+
+FLEET = "sim"
+BLOCK_SIZE = 64 * 1024
+WINDOW = 16
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds:.1f} s"
+
+
+# -- one simulated device ------------------------------------------------------------------------
+
+class SimDevice:
+    """One device: one paho client (its own TCP connection and client id) on the shared loop."""
+
+    def __init__(self, sim: "Simulator", device: str) -> None:
+        self.sim, self.device = sim, device
+        self.loop = sim.loop
+        self.active = {"name": "digits", "version": "1.0.0"}
+        self.connected = asyncio.Event()
+        self.seq = 0
+        self.last_sequence: Optional[int] = None
+        self.state: Any = None
+        self.info: Optional[BlockInfo] = None
+        self.blocks: Dict[int, bytes] = {}
+        self.progress_at = 0.0
+        self.request_no = 0
+        self.committed_at: Optional[float] = None
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=device, protocol=paho.MQTTv5)
+        self.client.will_set(self.topic(STATUS), encode_message(StatusMessage("offline")), qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_socket_open = self._on_socket_open
+        self.client.on_socket_close = self._on_socket_close
+        self.client.on_socket_register_write = lambda c, u, s: self.loop.add_writer(s, c.loop_write)
+        self.client.on_socket_unregister_write = lambda c, u, s: self.loop.remove_writer(s)
+        self.client.max_inflight_messages_set(100)
+        self._misc: Optional[asyncio.Task] = None
+
+    def topic(self, kind: str) -> str:
+        return device_topic(FLEET, self.device, kind)
+
+    # socket plumbing (paho's documented external-loop integration)
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self.loop.add_reader(sock, client.loop_read)
+        self._misc = self.loop.create_task(self._misc_loop())
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self.loop.remove_reader(sock)
+        if self._misc is not None:
+            self._misc.cancel()
+
+    async def _misc_loop(self) -> None:
+        while self.client.loop_misc() == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            await asyncio.sleep(1.0)
+            self._check_transfer()
+
+    def connect(self) -> None:
+        self.client.connect(self.sim.host, self.sim.port, keepalive=60, clean_start=True)
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        client.subscribe([(self.topic(DESIRED), 1), (self.topic(BLOCK_DATA), 1)])
+        client.publish(self.topic(STATUS), encode_message(StatusMessage("online", time.time())), 1, True)
+        self.report()
+        self.connected.set()
+
+    def report(self, update: Optional[Dict[str, Any]] = None) -> None:
+        message = ReportedMessage(self.device, time.time(), dict(self.active), update=update, agent_version="sim",
+                                  runtime="none")
+        self.client.publish(self.topic(REPORTED), encode_message(message), 1, True)
+
+    def event(self, name: str, **fields: Any) -> None:
+        self.seq += 1
+        self.client.publish(self.topic(EVENTS), encode_message(EventMessage(name, time.time(), self.seq, **fields)), 1)
+
+    def telemetry(self, payload: bytes) -> None:
+        self.client.publish(self.topic(TELEMETRY), payload, 0)
+
+    # the update
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        if message.topic.endswith("/desired"):
+            self._on_desired(bytes(message.payload))
+        else:
+            self._on_block(bytes(message.payload))
+
+    def _on_desired(self, payload: bytes) -> None:
+        doc = parse_message(DESIRED, payload)
+        assert isinstance(doc, DesiredMessage)
+        state = verify_desired_state(doc.envelope, self.sim.director_key, device=self.device, fleet=FLEET,
+                                     last_sequence=self.last_sequence, now=dt.datetime.now(dt.timezone.utc))
+        self.last_sequence = state.sequence
+        if state.version == self.active["version"] and state.bundle == self.active["name"]:
+            return
+        self.state, self.info, self.blocks = state, None, {}
+        self.report({"state": "FETCHING", "bundle": {"name": state.bundle, "version": state.version}})
+        self._request(None)
+
+    def _request(self, indexes: Optional[List[int]]) -> None:
+        self.request_no += 1
+        self.progress_at = time.monotonic()
+        bitmap = None
+        offset = 0
+        if indexes:
+            offset = min(indexes)
+            bitmap = bitmap_from_indexes(indexes, offset)
+        request = BlockRequest(f"{self.device}-{self.request_no}", f"targets/{self.state.target}", BLOCK_SIZE, bitmap,
+                               offset)
+        self.client.publish(self.topic(BLOCK_REQUEST), encode_message(request), 1)
+
+    def _missing(self) -> List[int]:
+        assert self.info is not None
+        return [i for i in range(self.info.blocks_total) if i not in self.blocks]
+
+    def _on_block(self, payload: bytes) -> None:
+        if self.state is None:
+            return
+        reply = parse_block_reply(payload)
+        self.progress_at = time.monotonic()
+        if isinstance(reply, BlockInfo):
+            self.info = reply
+            self._request(self._missing()[:WINDOW])
+        elif isinstance(reply, BlockError):
+            if reply.code == 429:
+                self.sim.rate_limited += 1
+                self.loop.call_later(reply.retry_after_s or 0.5, lambda: self.state and self.info and
+                                     self._request(self._missing()[:WINDOW]))
+            else:
+                raise RuntimeError(f"{self.device}: block error {reply.code} {reply.message}")
+        elif isinstance(reply, BlockData) and self.info is not None:
+            if reply.index not in self.blocks:
+                self.blocks[reply.index] = reply.data
+                self.sim.bytes_received += len(reply.data)
+            missing = self._missing()
+            if not missing:
+                self._finish()
+            elif len(self.blocks) % WINDOW == 0 or reply.index == self.info.blocks_total - 1:
+                self._request(missing[:WINDOW])
+
+    def _check_transfer(self) -> None:
+        """Ask again for what did not arrive (a lost request or block)."""
+        if self.state is not None and time.monotonic() - self.progress_at > 5.0:
+            self.sim.retries += 1
+            self._request(self._missing()[:WINDOW] if self.info else None)
+
+    def _finish(self) -> None:
+        assert self.info is not None and self.state is not None
+        data = b"".join(self.blocks[i] for i in range(self.info.blocks_total))
+        if len(data) != self.state.length or hashlib.sha256(data).hexdigest() != self.state.sha256:
+            raise RuntimeError(f"{self.device}: the bundle does not match the director's length and sha256")
+        bundle = {"name": self.state.bundle, "version": self.state.version}
+        self.active, self.state, self.info, self.blocks = bundle, None, None, {}
+        self.committed_at = time.monotonic()
+        self.event("update_committed", bundle=bundle, state="COMMITTED")
+        self.report({"state": "COMMITTED", "bundle": bundle})
+
+
+class Simulator:
+    def __init__(self, host: str, port: int, director_pub: Path, n: int) -> None:
+        self.host, self.port, self.n = host, port, n
+        self.director_key = load_director_public_key(director_pub)
+        self.loop = asyncio.new_event_loop()
+        self.devices: List[SimDevice] = []
+        self.bytes_received = 0
+        self.retries = 0
+        self.rate_limited = 0
+        self.thread = threading.Thread(target=self.loop.run_forever, name="sim-loop", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def call(self, coro: Any, timeout: float = 600) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _connect_all(self) -> None:
+        for start in range(0, self.n, 50):
+            wave = [SimDevice(self, f"d{i:05d}") for i in range(start, min(self.n, start + 50))]
+            for device in wave:
+                device.connect()
+            self.devices.extend(wave)
+            await asyncio.wait_for(asyncio.gather(*(d.connected.wait() for d in wave)), 60)
+
+    def connect_all(self) -> None:
+        self.call(self._connect_all())
+
+    async def _telemetry_round(self, payload: bytes) -> None:
+        for device in self.devices:
+            device.telemetry(payload)
+
+    async def _telemetry(self, seconds: float, payload: bytes) -> int:
+        sent = 0
+        start = time.monotonic()
+        rounds = int(seconds)
+        for index in range(rounds):
+            # spread each round over the second, as independent devices would
+            for offset in range(0, len(self.devices), 50):
+                for device in self.devices[offset:offset + 50]:
+                    device.telemetry(payload)
+                    sent += 1
+                await asyncio.sleep(max(0.0, (start + index + (offset + 50) / len(self.devices)) - time.monotonic()))
+        return sent
+
+    def telemetry(self, seconds: float, payload: bytes) -> int:
+        return self.call(self._telemetry(seconds, payload), timeout=seconds + 120)
+
+    async def _disconnect(self) -> None:
+        for device in self.devices:
+            device.client.disconnect()
+        await asyncio.sleep(0.5)
+
+    def stop(self) -> None:
+        try:
+            self.call(self._disconnect(), timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+
+
+# -- the harness ---------------------------------------------------------------------------------
+
+def _metrics(port: int) -> Dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values: Dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def _baseline_publish(host: str, port: int, total_bytes: int, block_size: int) -> float:
+    """Bare paho: one client publishes total_bytes in block-sized QoS 1 messages, another receives them."""
+    received = threading.Event()
+    count = {"n": 0}
+    messages = max(1, total_bytes // block_size)
+
+    def on_message(client: paho.Client, userdata: Any, message: Any) -> None:
+        count["n"] += 1
+        if count["n"] >= messages:
+            received.set()
+
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="baseline-sub", protocol=paho.MQTTv5)
+    sub.on_message = on_message
+    sub.connect(host, port)
+    sub.subscribe("baseline/blocks", 1)
+    sub.loop_start()
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="baseline-pub", protocol=paho.MQTTv5)
+    pub.max_queued_messages_set(0)
+    pub.connect(host, port)
+    pub.loop_start()
+    time.sleep(0.5)
+    payload = os.urandom(block_size)
+    start = time.perf_counter()
+    for _ in range(messages):
+        info = pub.publish("baseline/blocks", payload, 1)
+        if (_ % 64) == 63:
+            info.wait_for_publish(30)
+    received.wait(300)
+    elapsed = time.perf_counter() - start
+    for client in (pub, sub):
+        client.loop_stop()
+        client.disconnect()
+    return elapsed
+
+
+def _baseline_subscriber(host: str, port: int) -> Any:
+    counter = {"n": 0}
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="baseline-telemetry", protocol=paho.MQTTv5)
+
+    def on_message(c: Any, u: Any, m: Any) -> None:
+        counter["n"] += 1
+
+    client.on_message = on_message
+    client.connect(host, port)
+    client.subscribe(f"edgeship/{FLEET}/devices/+/telemetry", 0)
+    client.loop_start()
+    return client, counter
+
+
+def run(n: int, bundle_mb: float, telemetry_s: int, work: Path) -> Dict[str, Any]:
+    from mqtt_broker import MosquittoBroker
+    from ota_repo_simulator import make_bundle
+
+    results: Dict[str, Any] = {"devices": n, "bundle_mb": bundle_mb}
+    broker = MosquittoBroker(work / "mosquitto", "listener {port} 127.0.0.1\nallow_anonymous true\n"
+                                                  "persistence false\nmax_queued_messages 10000\n").start()
+    repo = ReleaseRepository(work / "repo")
+    repo.init(root_passphrase="benchmark passphrase")
+    bundle = make_bundle(work / "bundles", "digits", "1.1.0", size=int(bundle_mb * 1024 * 1024))
+    target = repo.publish(bundle)
+    results["bundle_bytes"] = target.length
+    db = f"sqlite:///{work / 'fleet.db'}"
+    store = FleetStore(db)
+    metrics_port = 19000 + random.randint(0, 900)
+    log = open(work / "controller.log", "wb")
+    controller = subprocess.Popen([sys.executable, "-m", "edgeship.toolkit.cli", "controller", "--broker", broker.url,
+                                   "--repo", str(repo.path), "--db", db, "--replica-id", "bench",
+                                   "--metrics-port", str(metrics_port)], stdout=log, stderr=subprocess.STDOUT)
+    sim = Simulator("127.0.0.1", broker.port, repo.director_public_key_path, n)
+    try:
+        proc = psutil.Process(controller.pid)
+        deadline = time.monotonic() + 60
+        while b"started" not in (work / "controller.log").read_bytes():
+            if controller.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("controller did not start: " + (work / "controller.log").read_text()[-2000:])
+            time.sleep(0.2)
+        sim.start()
+        print(f"connecting {n} devices, one MQTT connection each ...", flush=True)
+        start = time.perf_counter()
+        sim.connect_all()
+        results["connect_s"] = time.perf_counter() - start
+        while len([d for d in store.list_devices(FLEET) if d.online and d.active_version]) < n:
+            if time.perf_counter() - start > 300:
+                raise RuntimeError("the controller did not ingest every device within 300 s")
+            time.sleep(0.5)
+        results["known_s"] = time.perf_counter() - start
+        print(f"  connected in {_fmt(results['connect_s'])}, all {n} in the store after {_fmt(results['known_s'])}",
+              flush=True)
+
+        # -- phase 2: staged rollout
+        cpu0, sim_cpu0 = _cpu(proc), _cpu(psutil.Process())
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "edgeship.toolkit.cli", "rollout", "start", "digits", "1.1.0",
+                              "--fleet", FLEET, "--stages", "5,25,100", "--success-threshold", "100",
+                              "--db", db], capture_output=True, text=True, check=True, timeout=60)
+        rollout_id = out.stdout.strip()
+        print(f"rollout {rollout_id} of a {target.length / 1e6:.2f} MB bundle to {n} devices ...", flush=True)
+        stage_times: List[float] = []
+        last_stage = 0
+        while True:
+            rollout, _ = store.load_rollout(rollout_id)
+            if rollout.stage != last_stage:
+                stage_times.append(time.perf_counter() - start)
+                last_stage = rollout.stage
+            if rollout.state.value in ("COMPLETED", "ABORTED", "ROLLED_BACK"):
+                break
+            if time.perf_counter() - start > 1800:
+                raise RuntimeError("rollout did not finish within 30 minutes")
+            time.sleep(0.5)
+        elapsed = time.perf_counter() - start
+        results.update(rollout_state=rollout.state.value, rollout_s=elapsed, stage_s=stage_times,
+                       rollout_cpu_s=_cpu(proc) - cpu0, sim_cpu_s=_cpu(psutil.Process()) - sim_cpu0,
+                       bytes_received=sim.bytes_received, retries=sim.retries, rate_limited=sim.rate_limited)
+        metrics = _metrics(metrics_port)
+        results["blocks_sent"] = metrics.get("edgeship_controller_blocks_sent_total", 0)
+        results["block_bytes_sent"] = metrics.get("edgeship_controller_block_bytes_sent_total", 0)
+        results["desired_published"] = metrics.get("edgeship_controller_desired_published_total", 0)
+        print(f"  {rollout.state.value} in {_fmt(elapsed)} (stages advanced at "
+              f"{', '.join(_fmt(s) for s in stage_times)}); controller CPU {results['rollout_cpu_s']:.1f} s",
+              flush=True)
+        moved = results["block_bytes_sent"] or n * target.length
+        results["baseline_s"] = _baseline_publish("127.0.0.1", broker.port, int(moved), BLOCK_SIZE)
+        print(f"  baseline: bare paho moves the same {moved / 1e6:.0f} MB in {_fmt(results['baseline_s'])}", flush=True)
+
+        # -- phase 3: telemetry from every device every second
+        histogram = LatencyHistogram()
+        rng = random.Random(3)
+        for _ in range(50):
+            histogram.observe(rng.lognormvariate(1.5, 0.4))
+        payload = encode_message(TelemetryMessage(time.time(), 1.0, 50, 1, histogram,
+                                                  bundle={"name": "digits", "version": "1.1.0"}, drift=0.01))
+        baseline_client, delivered = _baseline_subscriber("127.0.0.1", broker.port)
+        time.sleep(0.5)
+        before = _metrics(metrics_port)
+        cpu0 = _cpu(proc)
+        lags: List[float] = []
+        depth: List[float] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(1.0):
+                m = _metrics(metrics_port)
+                lags.append(m.get("edgeship_controller_ingest_lag_seconds", 0.0))
+                depth.append(m.get("edgeship_controller_ingest_queue", 0.0))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        print(f"telemetry: {n} devices x 1 message/s for {telemetry_s} s ...", flush=True)
+        start = time.perf_counter()
+        sampler.start()
+        sent = sim.telemetry(telemetry_s, payload)
+        sent_s = time.perf_counter() - start
+        target_count = before.get("edgeship_controller_ingested_total", 0) + sent
+        while _metrics(metrics_port).get("edgeship_controller_ingested_total", 0) < target_count * 0.999:
+            if time.perf_counter() - start > telemetry_s + 120:
+                break
+            time.sleep(0.25)
+        drained_s = time.perf_counter() - start
+        stop.set()
+        sampler.join(5)
+        after = _metrics(metrics_port)
+        ingested = after.get("edgeship_controller_ingested_total", 0) - before.get("edgeship_controller_ingested_total", 0)
+        results.update(telemetry_sent=sent, telemetry_send_s=sent_s, telemetry_ingested=int(ingested),
+                       telemetry_drained_s=drained_s, telemetry_rate=ingested / drained_s,
+                       offered_rate=sent / sent_s, delivered_baseline=delivered["n"],
+                       lag_max_s=max(lags) if lags else None, lag_median_s=sorted(lags)[len(lags) // 2] if lags else None,
+                       queue_max=max(depth) if depth else None, telemetry_cpu_s=_cpu(proc) - cpu0,
+                       dropped=after.get("edgeship_controller_ingest_dropped_total", 0),
+                       rejected=sum(v for k, v in after.items() if k.startswith("edgeship_controller_messages_rejected")))
+        baseline_client.loop_stop()
+        baseline_client.disconnect()
+        print(f"  sent {sent} in {_fmt(sent_s)} ({results['offered_rate']:.0f}/s offered); controller ingested "
+              f"{int(ingested)} in {_fmt(drained_s)} ({results['telemetry_rate']:.0f}/s), lag max "
+              f"{results['lag_max_s']} s; a bare subscriber got {delivered['n']}", flush=True)
+    finally:
+        try:
+            sim.stop()
+        except Exception as exc:  # report, do not hide the results
+            print(f"simulator stop: {exc}", file=sys.stderr)
+        controller.terminate()
+        try:
+            controller.wait(30)
+        except subprocess.TimeoutExpired:
+            controller.kill()
+        log.close()
+        store.close()
+        broker.stop()
+    return results
+
+
+def render(r: Dict[str, Any], command: str) -> str:
+    mb = r["bundle_bytes"] / 1e6
+    moved = r["block_bytes_sent"] or r["bytes_received"]
+    rollout_mbps = moved / 1e6 / r["rollout_s"]
+    base_mbps = moved / 1e6 / r["baseline_s"]
+    lines = [
+        "## fleet-sim: simulated devices against the real controller",
+        "",
+        f"Run: `{command}` on {platform.machine()}, {os.cpu_count()} cores (shared), Python "
+        f"{platform.python_version()}, Mosquitto, SQLite (WAL). Each simulated device has its own MQTT "
+        "connection and client id; the controller is its own process (`edgeship controller`).",
+        "",
+        "| measured | value |",
+        "| --- | --- |",
+        f"| devices (one MQTT connection each) | {r['devices']} |",
+        f"| connect all | {r['connect_s']:.1f} s; every device in the store after {r['known_s']:.1f} s |",
+        f"| staged rollout 5,25,100 % of a {mb:.2f} MB bundle | {r['rollout_state']} in {r['rollout_s']:.1f} s "
+        f"(stages started at {', '.join(f'{s:.1f}' for s in r['stage_s'])} s) |",
+        f"| bundle bytes served by the controller's block server | {moved / 1e6:.0f} MB in {r['blocks_sent']:.0f} "
+        f"blocks = {rollout_mbps:.1f} MB/s over the whole rollout |",
+        f"| baseline: bare paho publish loop, same bytes, same broker, 64 KiB QoS 1 | {r['baseline_s']:.1f} s = "
+        f"{base_mbps:.1f} MB/s (rollout / baseline throughput: {rollout_mbps / base_mbps:.2f}) |",
+        f"| controller CPU during the rollout | {r['rollout_cpu_s']:.1f} s ({r['rollout_cpu_s'] / r['rollout_s']:.0%} "
+        f"of one core); the simulator's {r['sim_cpu_s']:.1f} s |",
+        f"| desired states signed and published | {r['desired_published']:.0f} |",
+        f"| block re-requests (timeouts) / 429 rate limits | {r['retries']} / {r['rate_limited']} |",
+        f"| telemetry offered | {r['telemetry_sent']} messages in {r['telemetry_send_s']:.1f} s = "
+        f"{r['offered_rate']:.0f}/s |",
+        f"| telemetry ingested by the controller | {r['telemetry_ingested']} in {r['telemetry_drained_s']:.1f} s = "
+        f"**{r['telemetry_rate']:.0f} messages/s** (dropped {r['dropped']:.0f}) |",
+        f"| baseline: what a bare paho subscriber received of it | {r['delivered_baseline']} |",
+        f"| ingest lag (age of the oldest message of a batch when written), sampled each second | median "
+        f"{r['lag_median_s']:.2f} s, max {r['lag_max_s']:.2f} s; queue at most {r['queue_max']:.0f} |",
+        f"| controller CPU during telemetry | {r['telemetry_cpu_s']:.1f} s over {r['telemetry_drained_s']:.1f} s "
+        f"({r['telemetry_cpu_s'] / r['telemetry_drained_s']:.0%} of one core) |",
+        "",
+        "The simulated devices verify each desired state (ed25519) and the bundle's length and sha256 but do not "
+        "run the TUF client; the simulator, the broker and the controller share this machine's cores with "
+        "each other (and with other work), so the figures are a floor, not a ceiling.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--bundle-mb", type=float, default=1.0)
+    parser.add_argument("--telemetry-s", type=int, default=20)
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--json", action="store_true", help="Print the raw results as JSON too.")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="edgeship-fleet-sim-"))
+    try:
+        results = run(args.devices, args.bundle_mb, args.telemetry_s, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    command = (f".venv/bin/python benchmarks/fleet_sim.py --devices {args.devices} --bundle-mb {args.bundle_mb:g} "
+               f"--telemetry-s {args.telemetry_s}")
+    text = render(results, command)
+    print(text)
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    if not args.no_write:
+        from results_doc import write_section
+
+        write_section("fleet-sim", text)
+
+
+if __name__ == "__main__":
+    main()

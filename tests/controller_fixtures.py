@@ -1,0 +1,190 @@
+"""Fixtures for the controller tests: a real release repository built through the CLI from
+the digits model, a running controller over a real store and Mosquitto, and simulated devices
+speaking the real protocol over their own MqttConnection (one connection per device)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import pytest
+from click.testing import CliRunner
+
+from edgeship.ota.director import DesiredState, load_director_public_key, verify_desired_state
+from edgeship.ota.protocol import (
+    DesiredMessage,
+    EventMessage,
+    ReportedMessage,
+    StatusMessage,
+    TelemetryMessage,
+    encode_message,
+    parse_message,
+)
+from edgeship.ota.telemetry import LatencyHistogram
+from edgeship.ota.topics import DESIRED, EVENTS, REPORTED, STATUS, TELEMETRY, device_topic
+from edgeship.ota.transport import MqttConnection, ReconnectPolicy, WillMessage
+from edgeship.toolkit.cli import main
+
+__all__ = ["PASS", "FAST", "SimDevice", "cli", "cli_json", "make_release_repo", "wait_for", "start_controller"]
+
+PASS = "controller test passphrase"
+FAST = ReconnectPolicy(initial_s=0.1, max_s=0.5)
+
+
+def cli(args: List[str], code: int = 0, env: Optional[Dict[str, str]] = None) -> Any:
+    result = CliRunner().invoke(main, args, catch_exceptions=False, env=env)
+    assert result.exit_code == code, (args, result.output, getattr(result, "stderr", ""))
+    return result
+
+
+def cli_json(args: List[str], env: Optional[Dict[str, str]] = None) -> Any:
+    return json.loads(cli(args + ["--json"], env=env).stdout)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def make_release_repo(folder: Path, model: Path, versions: List[str], name: str = "digits") -> Path:
+    """``edgeship keys init`` + ``bundle build`` + ``publish`` for each version, through the CLI."""
+    env = {"EDGESHIP_ROOT_PASSPHRASE": PASS}
+    repo = folder / "repo"
+    cli(["keys", "init", "--repo", str(repo)], env=env)
+    for version in versions:
+        bundle = folder / f"{name}-{version}.bundle"
+        cli(["bundle", "build", str(model), "--name", name, "--version", version, "-o", str(bundle)], env=env)
+        cli(["publish", str(bundle), "--repo", str(repo)], env=env)
+    return repo
+
+
+@dataclass
+class SimDevice:
+    """A device speaking the real protocol: retained status (birth/last will) and reported state,
+    events with a growing seq, telemetry windows; it verifies every desired state it receives
+    with the director's public key, and can answer one by reporting COMMITTED."""
+
+    broker: str
+    fleet: str
+    device: str
+    director_pub: Path
+    active: Optional[Dict[str, str]] = None
+    auto_commit: bool = False
+    desired: "queue.Queue[DesiredState]" = field(default_factory=queue.Queue)
+    refused: List[str] = field(default_factory=list)
+    last_sequence: Optional[int] = None
+    seq: int = 0
+
+    def topic(self, kind: str) -> str:
+        return device_topic(self.fleet, self.device, kind)
+
+    def connect(self) -> "SimDevice":
+        offline = encode_message(StatusMessage("offline"))
+        online = encode_message(StatusMessage("online", time.time()))
+        self.connection = MqttConnection(self.broker, client_id=self.device, reconnect=FAST,
+                                         last_will=WillMessage(self.topic(STATUS), offline),
+                                         birth=WillMessage(self.topic(STATUS), online)).connect(10)
+        self.connection.subscribe(self.topic(DESIRED), self._on_desired, qos=1)
+        self.report()
+        return self
+
+    def close(self, send_will: bool = True) -> None:
+        self.connection.close(send_will=send_will)
+
+    def _on_desired(self, message: Any) -> None:
+        envelope = parse_message(DESIRED, message.payload)
+        assert isinstance(envelope, DesiredMessage)
+        try:
+            state = verify_desired_state(envelope.envelope, load_director_public_key(self.director_pub),
+                                         device=self.device, fleet=self.fleet, last_sequence=self.last_sequence,
+                                         now=dt.datetime.now(dt.timezone.utc))
+        except Exception as exc:  # a refused document is recorded, never installed
+            self.refused.append(f"{type(exc).__name__}: {exc}")
+            return
+        self.last_sequence = state.sequence
+        self.desired.put(state)
+        if self.auto_commit:
+            threading.Thread(target=self.commit, args=(state,), daemon=True).start()
+
+    def commit(self, state: DesiredState) -> None:
+        bundle = {"name": state.bundle, "version": state.version}
+        previous = self.active
+        self.active = bundle
+        self.event("update_committed", bundle=bundle, state="COMMITTED", deployment=state.deployment)
+        self.report(update={"state": "COMMITTED", "bundle": bundle}, previous=previous)
+
+    def report(self, update: Optional[Dict[str, Any]] = None, previous: Optional[Dict[str, str]] = None,
+               device: Optional[str] = None) -> None:
+        message = ReportedMessage(device=device or self.device, ts=time.time(), active=self.active,
+                                  previous=previous, update=update, agent_version="sim", runtime="none")
+        self.connection.publish(self.topic(REPORTED), encode_message(message), qos=1, retain=True)
+
+    def event(self, name: str, **fields: Any) -> None:
+        self.seq += 1
+        self.connection.publish(self.topic(EVENTS), encode_message(EventMessage(name, time.time(), self.seq,
+                                                                                **fields)), qos=1)
+
+    def telemetry(self, requests: int = 100, errors: int = 0, latency_ms: float = 2.0, drift: Optional[float] = None,
+                  qos: int = 1) -> None:
+        histogram = LatencyHistogram()
+        for _ in range(requests):
+            histogram.observe(latency_ms)
+        message = TelemetryMessage(ts=time.time(), window_s=10.0, requests=requests, errors=errors, latency=histogram,
+                                   bundle=self.active, drift=drift)
+        self.connection.publish(self.topic(TELEMETRY), encode_message(message), qos=qos)
+
+
+def start_controller(broker_url: str, repo: Path, db_url: str, **overrides: Any) -> Any:
+    from edgeship.toolkit.controller import Controller, ControllerConfig
+
+    config = ControllerConfig(broker=broker_url, repo=repo, db_url=db_url, **{"tick_s": 0.2, **overrides})
+    return Controller(config).start()
+
+
+@pytest.fixture(scope="session")
+def digits_repo_template(digits_tflite: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A release repository with digits 1.0.0 and 1.1.0 (built once; tests copy it)."""
+    return make_release_repo(tmp_path_factory.mktemp("controller-repo"), digits_tflite, ["1.0.0", "1.1.0"])
+
+
+@pytest.fixture
+def release_repo(digits_repo_template: Path, tmp_path: Path) -> Path:
+    """A private copy of the digits release repository (tests may re-sign it)."""
+    target = tmp_path / "repo"
+    shutil.copytree(digits_repo_template, target)
+    return target
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'fleet.db'}"
+
+
+@pytest.fixture
+def devices_factory(mosquitto_broker: Any, release_repo: Path) -> Iterator[Callable[..., SimDevice]]:
+    made: List[SimDevice] = []
+
+    def make(device: str, fleet: str = "plant", **kwargs: Any) -> SimDevice:
+        sim = SimDevice(mosquitto_broker.url, fleet, device, release_repo / "director" / "director.pub",
+                        **kwargs).connect()
+        made.append(sim)
+        return sim
+
+    yield make
+    for sim in made:
+        try:
+            sim.close(send_will=False)
+        except Exception:
+            pass

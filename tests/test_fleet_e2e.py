@@ -1,0 +1,269 @@
+"""Fleet end to end with real parts: Mosquitto, a release repository made with the
+``edgeship`` CLI on the digits model, a real BlockServer, and real
+``edgeship-agent run`` processes (killed with SIGKILL where a test says so)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edgeship.ota.protocol import DesiredMessage, encode_message
+from edgeship.ota.topics import DESIRED, device_topic
+from fleet_e2e_fixtures import (
+    BAD,
+    FLEET,
+    GOOD,
+    NEXT,
+    FleetAgent,
+    FleetRelease,
+    TestDirector,
+    fleet_release,
+    wait_for,
+)
+
+__all__ = ["fleet_release"]  # the session fixture, re-exported for pytest
+
+pytestmark = pytest.mark.mosquitto
+
+
+@pytest.fixture
+def director(mosquitto_broker, fleet_release: FleetRelease) -> Iterator[TestDirector]:  # type: ignore[no-untyped-def]
+    d = TestDirector(mosquitto_broker.url, fleet_release)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def _stop(*agents: FleetAgent) -> None:
+    for agent in agents:
+        agent.stop()
+
+
+def _check_prediction(agent: FleetAgent, release: FleetRelease) -> None:
+    status, body = agent.predict(release.eval_x[:2].tolist())
+    assert status == 200, body
+    predictions = np.asarray(body["predictions"], dtype=np.float32)
+    np.testing.assert_allclose(predictions, release.golden_y[:2], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_install_over_mqtt_then_bad_version_fails_and_garbage_is_ignored(
+        tmp_path: Path, mosquitto_broker, director: TestDirector, fleet_release: FleetRelease) -> None:  # type: ignore[no-untyped-def]
+    device = "dev-a"
+    agent = FleetAgent(tmp_path / "a", fleet_release, mosquitto_broker.url, device)
+    try:
+        agent.wait_serving()
+        wait_for(lambda: "online" in director.status[device], 20, "status online")
+        first = director.assign(device, GOOD)
+        director.wait_update(device, GOOD, ("COMMITTED",))
+        assert director.active_of(device) == {"name": "digits", "version": GOOD}
+        _check_prediction(agent, fleet_release)
+        # the whole bundle travelled as MQTT blocks
+        stream = fleet_release.target_stream(GOOD)
+        served = {i for entry in director.served(stream) for i in entry.served}
+        block = 64 * 1024
+        assert served == set(range(-(-fleet_release.target_length(GOOD) // block)))
+
+        # a bad version (golden outputs perturbed) fails the self-test on the device: FAILED with the reason
+        director.assign(device, BAD)
+        update = director.wait_update(device, BAD, ("FAILED", "REJECTED", "COMMITTED"))
+        assert update["state"] == "FAILED", update
+        assert "golden" in update["reason"].lower() or "self-test" in update["reason"].lower(), update["reason"]
+        assert director.active_of(device) == {"name": "digits", "version": GOOD}
+        _check_prediction(agent, fleet_release)
+        events = [e for e in director.events[device]]
+        assert [e.seq for e in events] == sorted(e.seq for e in events) and len({e.seq for e in events}) == len(events)
+        assert any(e.state == "SELF_TEST" for e in events) and any(e.state == "FAILED" for e in events)
+
+        # garbage on the device's desired topic: logged and ignored, the agent keeps serving
+        failed_id = director.update_of(device)["id"]
+        topic = device_topic(FLEET, device, DESIRED)
+        forged = json.loads(json.dumps(first))
+        forged["signed"]["version"] = NEXT
+        forged["signed"]["sequence"] = 10_000
+        unsigned = {"signed": first["signed"], "signatures": []}
+        garbage = [
+            b"not json at all",
+            b"\xff\xfe\x00binary",
+            b'{"v": 99, "type": "desired", "envelope": {}}',
+            b'{"v": 1, "type": "reported"}',
+            json.dumps({"v": 1, "type": "desired", "envelope": unsigned}).encode(),
+            encode_message(DesiredMessage(forged)),          # signature no longer matches
+            encode_message(DesiredMessage(first)),           # a replay of an older, genuine document
+            b"[" * 100_000,                                  # oversized and deeply nested
+        ]
+        pub = shutil.which("mosquitto_pub")
+        for payload in garbage:
+            if pub:
+                subprocess.run([pub, "-h", "127.0.0.1", "-p", str(mosquitto_broker.port), "-t", topic, "-q", "1",
+                                "-s"], input=payload, check=True, timeout=10)
+            else:  # pragma: no cover - .ci/run installs mosquitto-clients
+                director.publish_desired(device, payload)
+        subprocess.run([pub or "true", "-h", "127.0.0.1", "-p", str(mosquitto_broker.port), "-t", topic, "-r", "-n"],
+                       check=True, timeout=10)  # an empty retained message clears the topic
+        wait_for(lambda: any(e.event == "desired.refused" for e in director.events[device]), 20,
+                 "the forged document to be refused")
+        time.sleep(1.0)
+        assert agent.proc.poll() is None
+        status = agent.status()
+        assert status["update"]["id"] == failed_id, "garbage must not start an update"
+        assert status["active"]["version"] == GOOD
+        _check_prediction(agent, fleet_release)
+        assert not director.refused, director.refused  # everything the agent published parsed
+        assert "Traceback" not in agent.log.read_text()
+
+        # and the link is not wedged: a genuine newer document still installs
+        director.assign(device, NEXT)
+        director.wait_update(device, NEXT, ("COMMITTED",))
+    finally:
+        _stop(agent)
+    # a clean stop says offline (retained)
+    wait_for(lambda: director.status[device][-1:] == ["offline"], 15, "status offline")
+
+
+def _rate_limited_director(mosquitto_broker, release: FleetRelease, rate: float) -> TestDirector:  # type: ignore[no-untyped-def]
+    return TestDirector(mosquitto_broker.url, release, rate_bytes_per_s=rate)
+
+
+@pytest.mark.slow
+def test_broker_restart_mid_transfer_resumes_without_refetching(
+        tmp_path: Path, mosquitto_broker, fleet_release: FleetRelease) -> None:  # type: ignore[no-untyped-def]
+    device, window, block = "dev-b", 8, 1024
+    director = _rate_limited_director(mosquitto_broker, fleet_release, rate=48 * 1024)
+    agent = FleetAgent(tmp_path / "b", fleet_release, mosquitto_broker.url, device, block_size=block,
+                       block_window=window)
+    try:
+        agent.wait_serving()
+        wait_for(lambda: "online" in director.status[device], 20, "status online")
+        stream = fleet_release.target_stream(GOOD)
+        total = -(-fleet_release.target_length(GOOD) // block)
+        assert total > 60, f"the bundle must span many blocks for this test ({total})"
+        director.assign(device, GOOD)
+        wait_for(lambda: sum(len(e.served) for e in director.served(stream)) >= total // 3, 60, "a third served")
+        before = {i for e in director.served(stream) for i in e.served}
+        restart_at = time.time()
+        mosquitto_broker.restart(down_for=1.0)
+        director.wait_update(device, GOOD, ("COMMITTED",), timeout=120)
+        entries = director.served(stream)
+        after_wanted = [i for e in entries if e.at > restart_at for i in e.wanted]
+        again = before & set(after_wanted)
+        assert {i for e in entries for i in e.served} == set(range(total))
+        # only blocks that were on the wire when the broker went down are asked for again
+        assert len(again) <= window, f"{len(again)} finished blocks fetched again: {sorted(again)[:20]}"
+        assert len(before) > 3 * window
+        print(f"broker restarted after {len(before)} of {total} blocks; {len(again)} asked for again")
+        _check_prediction(agent, fleet_release)
+    finally:
+        _stop(agent)
+        director.close()
+
+
+@pytest.mark.slow
+def test_agent_killed_mid_transfer_resumes_from_disk(
+        tmp_path: Path, mosquitto_broker, fleet_release: FleetRelease) -> None:  # type: ignore[no-untyped-def]
+    device, window, block = "dev-c", 8, 1024
+    director = _rate_limited_director(mosquitto_broker, fleet_release, rate=16 * 1024)
+    agent = FleetAgent(tmp_path / "c", fleet_release, mosquitto_broker.url, device, block_size=block,
+                       block_window=window)
+    try:
+        agent.wait_serving()
+        stream = fleet_release.target_stream(GOOD)
+        total = -(-fleet_release.target_length(GOOD) // block)
+        director.assign(device, GOOD)
+        wait_for(lambda: sum(len(e.served) for e in director.served(stream)) >= total // 3, 60, "a third served")
+        time.sleep(1.2)  # the fetcher fsyncs what it holds at least every second
+        agent.kill()  # SIGKILL: no clean shutdown, the last will says offline
+        wait_for(lambda: director.status[device][-1:] == ["offline"], 30, "last will: offline")
+        before = {i for e in director.served(stream) for i in e.served}
+        restart_at = time.time()
+        agent = FleetAgent(tmp_path / "c", fleet_release, mosquitto_broker.url, device, block_size=block,
+                           block_window=window)
+        director.wait_update(device, GOOD, ("COMMITTED",), timeout=120)
+        after_wanted = {i for e in director.served(stream) if e.at > restart_at for i in e.wanted}
+        again = before & after_wanted
+        # blocks received and synced before the kill are not fetched again (the last second's may be)
+        assert len(again) < len(before) // 2, f"{len(again)} of {len(before)} blocks fetched again"
+        assert len(before) < total, "the kill must come before the end of the transfer"
+        assert after_wanted, "the resumed download asked for the missing blocks"
+        assert "blocks already on disk" in agent.log.read_text(), "the fetcher resumed from its partial file"
+        print(f"killed after {len(before)} of {total} blocks; {len(again)} fetched again after the restart")
+        _check_prediction(agent, fleet_release)
+    finally:
+        _stop(agent)
+        director.close()
+
+
+@pytest.mark.slow
+def test_device_offline_during_rollout_converges_when_it_returns(
+        tmp_path: Path, mosquitto_broker, director: TestDirector, fleet_release: FleetRelease) -> None:  # type: ignore[no-untyped-def]
+    online = FleetAgent(tmp_path / "on", fleet_release, mosquitto_broker.url, "dev-on")
+    offline = FleetAgent(tmp_path / "off", fleet_release, mosquitto_broker.url, "dev-off")
+    try:
+        online.wait_serving()
+        offline.wait_serving()
+        wait_for(lambda: "online" in director.status["dev-off"], 20, "dev-off online")
+        offline.stop()
+        wait_for(lambda: director.status["dev-off"][-1:] == ["offline"], 20, "dev-off offline")
+        for device in ("dev-on", "dev-off"):  # the rollout's stage: retained desired states
+            director.assign(device, GOOD)
+        director.wait_update("dev-on", GOOD, ("COMMITTED",))
+        time.sleep(1.0)
+        assert director.update_of("dev-off") == {} or director.update_of("dev-off").get("bundle") is None
+        offline = FleetAgent(tmp_path / "off", fleet_release, mosquitto_broker.url, "dev-off")
+        director.wait_update("dev-off", GOOD, ("COMMITTED",))
+        assert director.status["dev-off"][-1] == "online"
+        _check_prediction(offline, fleet_release)
+    finally:
+        _stop(online, offline)
+
+
+def test_agent_without_broker_runs_as_before(tmp_path: Path, fleet_release: FleetRelease) -> None:
+    """No [broker] url: no MQTT at all, the agent starts and serves its API."""
+    from agent_fixtures import AgentProcess
+    from edgeship.agent.config import render_config
+
+    folder = tmp_path / "nb"
+    folder.mkdir()
+    config = folder / "agent.toml"
+    config.write_text(render_config(data=str(folder / "data"), device_id="dev-nb", fleet=FLEET,
+                                    root=str(fleet_release.root_json), director_key=str(fleet_release.director_pub),
+                                    bind="127.0.0.1:0"))
+    agent = AgentProcess(config)
+    try:
+        status = agent.wait_serving()
+        assert status["device"] == "dev-nb"
+        assert not (folder / "data" / "fleet").exists()
+    finally:
+        agent.stop()
+
+
+@pytest.mark.slow
+def test_agent_keeps_serving_while_the_broker_is_down_and_reconnects(
+        tmp_path: Path, mosquitto_broker, director: TestDirector, fleet_release: FleetRelease) -> None:  # type: ignore[no-untyped-def]
+    device = "dev-d"
+    agent = FleetAgent(tmp_path / "d", fleet_release, mosquitto_broker.url, device)
+    try:
+        agent.wait_serving()
+        director.assign(device, GOOD)
+        director.wait_update(device, GOOD, ("COMMITTED",))
+        seen = len(director.status[device])
+        mosquitto_broker.stop()
+        for _ in range(5):
+            _check_prediction(agent, fleet_release)
+            time.sleep(0.5)
+        mosquitto_broker.start()
+        # the agent comes back by itself (backoff), says online again, and takes a new desired state
+        director.connection.wait_connected(30)
+        wait_for(lambda: len(director.status[device]) > seen and director.status[device][-1] == "online", 30,
+                 "online again")
+        director.assign(device, NEXT)
+        director.wait_update(device, NEXT, ("COMMITTED",))
+    finally:
+        _stop(agent)

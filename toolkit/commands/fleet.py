@@ -1,0 +1,389 @@
+"""``edgeship controller``, ``edgeship fleet ls``, ``edgeship deploy``, and ``device show``/``device tag``.
+
+The controller is the one long-running process that holds the broker connection and the
+director key (toolkit/controller.py). The other commands read and write the fleet store only:
+``deploy`` queues desired states in the store's outbox, which the running controller signs and
+publishes. They accept ``--broker`` like every fleet command (see fleet_options.py). See
+docs/fleet.md, "Controller".
+"""
+
+from __future__ import annotations
+
+__all__ = ["controller", "deploy", "device_show", "device_tag", "fleet", "fleet_ls", "device_rows"]
+
+import logging
+import signal
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import click
+from edgeship.ota.errors import BadInputError
+from edgeship.ota.topics import validate_identifier
+
+from ..output import console, emit_json
+from .fleet_options import broker_option, check_broker_url, db_option, json_option, open_fleet_store
+
+_WINDOW_HELP = "Telemetry window for p95 latency and error rate (e.g. 15m, 1h)."
+
+
+# -- the controller ------------------------------------------------------------------------------
+
+def _setup_logging(json_log: bool, verbose: int) -> None:
+    from edgeship.toolkit.controller import JsonLogFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    if json_log:
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    if verbose < 2:
+        logging.getLogger("edgeship.ota.transport").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+@click.command("controller")
+@click.option("--broker", "broker_url", envvar="EDGESHIP_BROKER", required=True, metavar="URL",
+              help="mqtt://HOST:PORT or mqtts://HOST:PORT (env EDGESHIP_BROKER; credentials from "
+                   "EDGESHIP_MQTT_USERNAME/EDGESHIP_MQTT_PASSWORD).")
+@click.option("--repo", "repo_dir", envvar="EDGESHIP_REPO", required=True, type=click.Path(file_okay=False),
+              help="The release repository folder (env EDGESHIP_REPO).")
+@db_option
+@click.option("--replica-id", default=None, metavar="ID",
+              help="This replica's name (MQTT client id edgeship-controller-ID); default HOST-PID.")
+@click.option("--fleet", "fleet_name", default="+", show_default=True, help="Serve one fleet, or + for all.")
+@click.option("--prefix", default="edgeship", show_default=True, help="MQTT topic prefix.")
+@click.option("--shared-group", default="edgeship-controllers", show_default=True,
+              help="MQTT 5 shared-subscription group for events, telemetry and block requests ('' to disable).")
+@click.option("--tick", "tick_s", type=float, default=1.0, show_default=True, help="Seconds between reconciles.")
+@click.option("--metrics-port", type=int, default=None, metavar="N", help="Serve Prometheus metrics on this port.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of the metrics server.")
+@click.option("--ca", "ca_file", type=click.Path(dir_okay=False), default=None, help="CA file for mqtts://.")
+@click.option("--cert", "cert_file", type=click.Path(dir_okay=False), default=None, help="Client certificate.")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False), default=None, help="Client key.")
+@click.option("--json-log", is_flag=True, help="Log one JSON object per line on stderr.")
+@click.option("-v", "--verbose", count=True, help="More log (-vv: debug).")
+def controller(broker_url: str, repo_dir: str, db_url: Optional[str], replica_id: Optional[str], fleet_name: str,
+               prefix: str, shared_group: str, tick_s: float, metrics_port: Optional[int], metrics_host: str,
+               ca_file: Optional[str], cert_file: Optional[str], key_file: Optional[str], json_log: bool,
+               verbose: int) -> None:
+    """Run the fleet controller until SIGTERM or SIGINT: ingest, serve blocks, reconcile, publish."""
+    from edgeship.ota.transport import parse_broker_url
+    from edgeship.toolkit.controller import Controller, ControllerConfig, default_replica_id
+    from edgeship.toolkit.store import DEFAULT_DB_URL
+
+    broker = parse_broker_url(broker_url, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+    if fleet_name != "+":
+        validate_identifier(fleet_name, "fleet")
+    validate_identifier(prefix, "topic prefix")
+    if metrics_port is not None and not 0 <= metrics_port < 65536:
+        raise BadInputError(f"--metrics-port {metrics_port} must be 0-65535")
+    _setup_logging(json_log, verbose)
+    config = ControllerConfig(broker=broker, repo=repo_dir, db_url=db_url or DEFAULT_DB_URL,
+                              replica_id=replica_id or default_replica_id(), prefix=prefix, fleet=fleet_name,
+                              shared_group=shared_group or None, tick_s=tick_s, metrics_port=metrics_port,
+                              metrics_host=metrics_host)
+    instance = Controller(config)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logging.getLogger(__name__).info("received %s; shutting down", signal.Signals(signum).name)
+        instance.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    instance.run()
+
+
+# -- fleet ls ------------------------------------------------------------------------------------
+
+def _ago(seconds: Optional[float], now: float) -> str:
+    if seconds is None:
+        return "-"
+    delta = max(0.0, now - seconds)
+    if delta < 90:
+        return f"{delta:.0f}s ago"
+    if delta < 5400:
+        return f"{delta / 60:.0f}m ago"
+    if delta < 2 * 86400:
+        return f"{delta / 3600:.0f}h ago"
+    return f"{delta / 86400:.0f}d ago"
+
+
+def device_rows(store: Any, fleet: Optional[str], selection: Tuple[Tuple[str, str], ...], window_s: float,
+                now: float) -> List[Dict[str, Any]]:
+    """One row per selected device: its state and its active version's telemetry over the window
+    (p95 from the merged fixed-bucket histograms, errors per request)."""
+    from edgeship.ota.telemetry import LatencyHistogram
+
+    devices = store.list_devices(fleet, selection)
+    merged: Dict[Tuple[str, Optional[str], Optional[str]], List[Any]] = {}
+    for fleet_name in sorted({d.fleet for d in devices}):
+        for window in store.telemetry_windows(fleet_name, selection, since=now - window_s):
+            slot = merged.setdefault((window.device, window.name, window.version), [0, 0, LatencyHistogram()])
+            slot[0] += window.requests
+            slot[1] += window.errors
+            slot[2] = slot[2].merge(window.latency)
+    rows = []
+    for info in devices:
+        slot = merged.get((info.id, info.active_name, info.active_version))
+        if slot is None:  # telemetry without a bundle, or of another version: use what there is
+            slots = [v for (d, _n, _v), v in merged.items() if d == info.id]
+            if slots:
+                slot = [sum(s[0] for s in slots), sum(s[1] for s in slots),
+                        LatencyHistogram.merged(s[2] for s in slots)]
+        requests, errors, histogram = slot if slot is not None else (0, 0, LatencyHistogram())
+        rows.append({
+            "device": info.id, "fleet": info.fleet, "online": info.online,
+            "bundle": info.active_name, "version": info.active_version,
+            "update_state": info.update_state, "update_bundle": info.update_name,
+            "update_version": info.update_version, "update_detail": info.update_detail,
+            "last_seen": info.last_seen, "requests": requests, "errors": errors,
+            "p95_ms": histogram.quantile_ms(0.95), "error_rate": (errors / requests) if requests else None,
+            "drift": info.last_drift, "tags": info.tags,
+        })
+    return rows
+
+
+def _window(text: str) -> float:
+    from edgeship.toolkit.rollouts import parse_duration
+
+    return parse_duration(text)
+
+
+@click.group("fleet")
+def fleet() -> None:
+    """List the fleet's devices, their models and health."""
+
+
+@fleet.command("ls")
+@click.option("--fleet", "fleet_name", default=None, help="Only this fleet (default: every fleet).")
+@click.option("--select", "select", multiple=True, metavar="TAG=VALUE", help="Only devices with this tag (AND).")
+@click.option("--window", default="15m", show_default=True, help=_WINDOW_HELP)
+@db_option
+@broker_option
+@json_option
+def fleet_ls(fleet_name: Optional[str], select: Tuple[str, ...], window: str, db_url: Optional[str],
+             broker_url: Optional[str], as_json: bool) -> None:
+    """Devices: online, active bundle and version, update status, last seen, p95, error rate, drift."""
+    from edgeship.toolkit.store import parse_selection
+
+    check_broker_url(broker_url)
+    if fleet_name is not None:
+        validate_identifier(fleet_name, "fleet")
+    selection = parse_selection(select)
+    window_s = _window(window)
+    now = time.time()
+    store = open_fleet_store(db_url)
+    try:
+        rows = device_rows(store, fleet_name, selection, window_s, now)
+    finally:
+        store.close()
+    if as_json:
+        emit_json({"devices": rows, "window_s": window_s, "at": now,
+                   "online": sum(1 for r in rows if r["online"]), "total": len(rows)})
+        return
+    from rich.table import Table
+
+    con = console()
+    if not rows:
+        con.print("no devices" + (f" in fleet {fleet_name}" if fleet_name else "") +
+                  (" match the selection" if selection else "") + " (devices appear once they report)")
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for title, justify in (("device", "left"), ("fleet", "left"), ("online", "left"), ("bundle", "left"),
+                           ("update", "left"), ("last seen", "right"), (f"p95 ({window})", "right"),
+                           ("errors", "right"), ("drift", "right")):
+        table.add_column(title, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        update = r["update_state"] or "-"
+        if r["update_state"] and r["update_version"] and r["update_version"] != r["version"]:
+            update += f" {r['update_version']}"
+        update_style = {"FAILED": "red", "REJECTED": "magenta", "ROLLED_BACK": "yellow",
+                        "COMMITTED": "green"}.get(r["update_state"] or "", "")
+        table.add_row(r["device"], r["fleet"], "[green]yes[/green]" if r["online"] else "[red]no[/red]",
+                      f"{r['bundle']} {r['version']}" if r["bundle"] else "-",
+                      f"[{update_style}]{update}[/{update_style}]" if update_style else update,
+                      _ago(r["last_seen"], now),
+                      "-" if r["p95_ms"] is None else f"{r['p95_ms']:.2f} ms",
+                      "-" if r["error_rate"] is None else f"{r['error_rate']:.1%}",
+                      "-" if r["drift"] is None else f"{r['drift']:.3f}")
+    con.print(table)
+    con.print(f"{sum(1 for r in rows if r['online'])} of {len(rows)} online")
+
+
+# -- deploy --------------------------------------------------------------------------------------
+
+@click.command("deploy")
+@click.argument("name")
+@click.argument("version")
+@click.option("--device", "device_ids", multiple=True, metavar="ID", help="The device (repeatable).")
+@click.option("--select", "select", multiple=True, metavar="TAG=VALUE",
+              help="Every device with this tag (repeatable: all must match).")
+@click.option("--fleet", "fleet_name", default=None, help="The fleet (needed with --select when several exist).")
+@click.option("--repo", "repo_dir", envvar="EDGESHIP_REPO", default=None, type=click.Path(file_okay=False),
+              help="Check that NAME VERSION is published in this release repository first (env EDGESHIP_REPO).")
+@db_option
+@broker_option
+@json_option
+def deploy(name: str, version: str, device_ids: Tuple[str, ...], select: Tuple[str, ...], fleet_name: Optional[str],
+           repo_dir: Optional[str], db_url: Optional[str], broker_url: Optional[str], as_json: bool) -> None:
+    """Assign NAME VERSION to devices directly (no stages, no thresholds); the controller publishes it."""
+    from edgeship.ota.versions import check_name, parse_version
+    from edgeship.toolkit.rollouts import AssignVersion
+    from edgeship.toolkit.store import parse_selection
+
+    check_broker_url(broker_url)
+    check_name(name)
+    parse_version(version)
+    if bool(device_ids) == bool(select):
+        raise BadInputError("deploy needs either --device ID (repeatable) or --select TAG=VALUE, not both")
+    if fleet_name is not None:
+        validate_identifier(fleet_name, "fleet")
+    if repo_dir is not None:
+        from edgeship.ota.release import ReleaseRepository
+
+        ReleaseRepository(repo_dir).target_info(name, version)  # BadInputError when it is not published
+    store = open_fleet_store(db_url)
+    try:
+        if device_ids:
+            targets = [store.get_device(validate_identifier(d, "device id")) for d in dict.fromkeys(device_ids)]
+            wrong = [t.id for t in targets if fleet_name is not None and t.fleet != fleet_name]
+            if wrong:
+                raise BadInputError(f"device {wrong[0]} is not in fleet {fleet_name}")
+        else:
+            selection = parse_selection(select)
+            targets = store.list_devices(fleet_name, selection)
+            if not targets:
+                raise BadInputError("no device matches " + ",".join(f"{k}={v}" for k, v in selection) +
+                                    (f" in fleet {fleet_name}" if fleet_name else ""))
+        now = time.time()
+        by_fleet: Dict[str, List[Any]] = {}
+        for target in targets:
+            by_fleet.setdefault(target.fleet, []).append(target)
+        for fleet_id, members in sorted(by_fleet.items()):
+            store.enqueue_actions(fleet_id, [AssignVersion(m.id, name, version, reason=f"deploy {name} {version}")
+                                             for m in members], now)
+    finally:
+        store.close()
+    doc = {"name": name, "version": version, "queued": [{"device": t.id, "fleet": t.fleet} for t in targets]}
+    if as_json:
+        emit_json(doc)
+        return
+    con = console()
+    con.print(f"queued {name} {version} for {len(targets)} device(s): " + ", ".join(t.id for t in targets[:20])
+              + (" ..." if len(targets) > 20 else ""))
+    con.print("the running controller signs and publishes the desired states (see `edgeship fleet ls`)")
+
+
+# -- device show / tag (attached to the `device` group in commands/device.py) ---------------------
+
+@click.command("show")
+@click.argument("device_id")
+@click.option("--window", default="15m", show_default=True, help=_WINDOW_HELP)
+@click.option("--events", "n_events", type=int, default=10, show_default=True, help="Recent events to show.")
+@db_option
+@broker_option
+@json_option
+def device_show(device_id: str, window: str, n_events: int, db_url: Optional[str], broker_url: Optional[str],
+                as_json: bool) -> None:
+    """A device's state, tags, desired state, telemetry and recent events."""
+    from edgeship.ota.telemetry import LatencyHistogram
+
+    check_broker_url(broker_url)
+    validate_identifier(device_id, "device id")
+    window_s = _window(window)
+    now = time.time()
+    store = open_fleet_store(db_url)
+    try:
+        info = store.get_device(device_id)
+        desired = store.desired_for(device_id)
+        windows = [w for w in store.telemetry_windows(info.fleet, (), since=now - window_s) if w.device == device_id]
+        events = store.recent_events(device_id, limit=max(0, n_events))
+    finally:
+        store.close()
+    per_version: Dict[str, Dict[str, Any]] = {}
+    for w in windows:
+        key = f"{w.name}:{w.version}" if w.name else "none"
+        slot = per_version.setdefault(key, {"requests": 0, "errors": 0, "latency": LatencyHistogram()})
+        slot["requests"] += w.requests
+        slot["errors"] += w.errors
+        slot["latency"] = slot["latency"].merge(w.latency)
+    telemetry = {key: {"requests": s["requests"], "errors": s["errors"],
+                       "error_rate": s["errors"] / s["requests"] if s["requests"] else None,
+                       "p50_ms": s["latency"].quantile_ms(0.5), "p95_ms": s["latency"].quantile_ms(0.95),
+                       "p99_ms": s["latency"].quantile_ms(0.99)} for key, s in sorted(per_version.items())}
+    desired_doc = None
+    if desired is not None:
+        desired_doc = {"sequence": desired.sequence, "name": desired.name, "version": desired.version,
+                       "action": desired.action, "rollout": desired.rollout_id, "abtest": desired.abtest_id,
+                       "deployment": desired.deployment, "issued_at": desired.issued_at,
+                       "expires_at": desired.expires_at}
+    doc = {"device": info.to_dict(), "desired": desired_doc, "telemetry": telemetry, "window_s": window_s,
+           "events": [{k: e[k] for k in ("ts", "seq", "received_at", "event", "deployment", "bundle_name",
+                                         "bundle_version", "state", "detail")} for e in events]}
+    if as_json:
+        emit_json(doc)
+        return
+    con = console()
+    con.print(f"[bold]{info.id}[/bold]  fleet {info.fleet}  " +
+              ("[green]online[/green]" if info.online else "[red]offline[/red]") +
+              f"  last seen {_ago(info.last_seen, now)}  first seen {_ago(info.first_seen, now)}")
+    con.print(f"  active   {info.active_name or '-'} {info.active_version or ''}   previous "
+              f"{info.previous_name or '-'} {info.previous_version or ''}")
+    con.print(f"  update   {info.update_state or '-'} {info.update_name or ''} {info.update_version or ''}"
+              + (f"  ({info.update_detail})" if info.update_detail else ""))
+    if desired is not None:
+        con.print(f"  desired  {desired.name} {desired.version} ({desired.action}, sequence {desired.sequence}"
+                  + (f", rollout {desired.rollout_id}" if desired.rollout_id else "")
+                  + (f", A/B test {desired.abtest_id}" if desired.abtest_id else "") + ")")
+    con.print(f"  agent    {info.agent_version or '-'}  runtime {info.runtime or '-'}")
+    con.print("  tags     " + (", ".join(f"{k}={v}" for k, v in sorted(info.tags.items())) or "-"))
+    for key, t in telemetry.items():
+        p95 = "-" if t["p95_ms"] is None else f"{t['p95_ms']:.2f} ms"
+        rate = "-" if t["error_rate"] is None else f"{t['error_rate']:.1%}"
+        con.print(f"  {key}: {t['requests']} requests in the last {window}, p95 {p95}, errors {rate}")
+    if info.last_drift is not None:
+        con.print(f"  drift    {info.last_drift:.3f}")
+    for e in doc["events"]:
+        bundle = f" {e['bundle_name']} {e['bundle_version']}" if e["bundle_name"] else ""
+        con.print(f"  event {_ago(e['received_at'], now):>8}  {e['event']}{bundle}"
+                  + (f" [{e['state']}]" if e["state"] else "") + (f": {e['detail']}" if e["detail"] else ""))
+
+
+@click.command("tag")
+@click.argument("device_id")
+@click.argument("pairs", nargs=-1, metavar="KEY=VALUE...")
+@click.option("--remove", "remove", multiple=True, metavar="KEY", help="Remove this tag (repeatable).")
+@db_option
+@broker_option
+@json_option
+def device_tag(device_id: str, pairs: Tuple[str, ...], remove: Tuple[str, ...], db_url: Optional[str],
+               broker_url: Optional[str], as_json: bool) -> None:
+    """Set (KEY=VALUE) or remove (--remove KEY) a device's tags; rollouts select devices by them."""
+    check_broker_url(broker_url)
+    validate_identifier(device_id, "device id")
+    if not pairs and not remove:
+        raise BadInputError("give at least one KEY=VALUE or --remove KEY")
+    tags: Dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise BadInputError(f"tag {pair!r}: use KEY=VALUE (e.g. site=berlin)")
+        if len(key) > 64 or len(value) > 256:
+            raise BadInputError(f"tag {pair[:80]!r}: keys are at most 64 characters, values 256")
+        tags[key] = value
+    overlap = set(tags) & set(remove)
+    if overlap:
+        raise BadInputError(f"tag {sorted(overlap)[0]!r} is both set and removed")
+    store = open_fleet_store(db_url)
+    try:
+        result = store.set_tags(device_id, tags, remove=remove)
+    finally:
+        store.close()
+    if as_json:
+        emit_json({"device": device_id, "tags": result})
+        return
+    console().print(f"{device_id}: " + (", ".join(f"{k}={v}" for k, v in sorted(result.items())) or "no tags"))
