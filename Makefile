@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 ## demo: the main job end to end on the embedded defaults (no broker, no device, no account)
 demo: $(STAMP)
 	$(BIN)/python examples/digits/run.py
+	$(BIN)/python examples/digits/fleet_demo.py
 
 ## test: the whole suite, slow tests included (what CI runs)
 test: $(STAMP)

@@ -159,13 +159,14 @@ def agent_predict_loop(model: Path, x: np.ndarray, n: int) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-def interleaved(model: Path, x: np.ndarray, n: int, rounds: int = 5) -> tuple[float, float]:
-    """Median over alternating rounds (the machine is shared: drift hits both alike)."""
+def interleaved(model: Path, x: np.ndarray, n: int, rounds: int = 7) -> tuple[float, float]:
+    """Best of alternating rounds for each (the machine is shared: other load only ever
+    adds time, so the fastest round is the closest to each path's own cost)."""
     bare, agent = [], []
     for _ in range(rounds):
         bare.append(bare_loop(model, x, n))
         agent.append(agent_predict_loop(model, x, n))
-    return statistics.median(bare), statistics.median(agent)
+    return min(bare), min(agent)
 
 
 def make_device(base: Path) -> tuple[Path, Path, Path]:
@@ -312,7 +313,7 @@ def main() -> None:
     parser.add_argument(
         "--write", action="store_true", help="write docs/benchmarks.md section 'agent'"
     )
-    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--connections", type=int, default=2)
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
@@ -340,7 +341,7 @@ def main() -> None:
         print(f"idle RSS: agent {rss_agent:.1f} MB, bare Python+numpy+LiteRT {bare_rss:.1f} MB")
 
         # 2: in-process overhead
-        bare_us, agent_us = interleaved(model, x1, 20000)
+        bare_us, agent_us = interleaved(model, x1, 10000)
         overhead = (agent_us / bare_us - 1) * 100
         print(
             f"in-process predict: bare invoke {bare_us:.1f} us, agent predict {agent_us:.1f} us (+{overhead:.1f}%)"
@@ -352,13 +353,15 @@ def main() -> None:
             body = json.dumps({"instances": x1.tolist()}).encode()
             load(host, port, body, 2.0, args.connections)  # warm-up
             http_result = load(host, port, body, 10.0, args.connections)
+            http_more = load(host, port, body, 10.0, 2 * args.connections)  # and twice the concurrency
         finally:
             proc.terminate()
             proc.wait(timeout=20)
         bare_rps = 1e6 / bare_us
         print(
             f"HTTP predict: {http_result['rps']:.0f} req/s, p50 {http_result['p50']:.2f} ms, "
-            f"p99 {http_result['p99']:.2f} ms, {http_result['failed']} failed; bare loop {bare_rps:.0f} invokes/s"
+            f"p99 {http_result['p99']:.2f} ms, {http_result['failed']} failed; bare loop {bare_rps:.0f} invokes/s; "
+            f"{2 * args.connections} connections: {http_more['rps']:.0f} req/s, p99 {http_more['p99']:.2f} ms"
         )
 
         # 4: hot swaps under load
@@ -403,6 +406,13 @@ def main() -> None:
             verdict(http_result["p99"] < TARGETS["p99_ms"]),
         ),
         (
+            f"HTTP predict with {2 * args.connections} connections",
+            f"{http_more['rps']:.0f} req/s, p99 {http_more['p99']:.2f} ms",
+            f"p50 {http_more['p50']:.2f} ms; {http_more['failed']} failed",
+            ">= 1,000 req/s, p99 < 5 ms",
+            verdict(http_more["rps"] >= TARGETS["rps"] and http_more["p99"] < TARGETS["p99_ms"]),
+        ),
+        (
             "100 hot swaps under load: failures",
             f"{swap['during']['failed']} of {swap['during']['ok'] + swap['during']['failed']}",
             f"{swap['swaps']} swaps in 10 s",
@@ -432,6 +442,8 @@ Measured {time.strftime("%Y-%m-%d")} on {platform.machine()}, {os.cpu_count()} c
 {args.connections} keep-alive connections from a separate client process (Python `http.client`, TF
 Serving-style JSON), 10 s. Swaps: the real `ApiServer` and `ServingModel`, each new interpreter
 loaded and warmed before the switch, 100 swaps in 10 s under the same load.
+In-process: best of 7 alternating rounds of 10,000 calls each (the machine is shared with other work).
+RSS and start time: median of 3 starts of `edgeship-agent run` with digits installed and committed.
 
 | measure | agent | baseline in the same run | target | |
 | --- | --- | --- | --- | --- |

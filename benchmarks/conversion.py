@@ -4,9 +4,9 @@ MobileNetV2 with random weights (224x224), measured in one run.
 
     python benchmarks/conversion.py [--write docs/benchmarks.md] [--runs N] [--no-mobilenet] [--json]
 
-Latency is measured interleaved: in each round every model of a runtime runs a
-few timed calls in turn, so a noisy neighbour on a shared machine slows every
-row alike instead of one row by chance. Targets of issue 2 are checked and
+Latency is measured interleaved: the models of a runtime take turns call by
+call, so a noisy neighbour on a shared machine slows every row alike instead of
+one row by chance. Targets of issue 2 are checked and
 printed PASS/FAIL beside the measured numbers.
 """
 
@@ -172,7 +172,8 @@ def render_markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]], me
         f"before and {meta['load_after']} after the run: the cores are shared, so 2 threads are often no faster here; "
         f"TensorFlow {meta['versions'].get('tensorflow', '?')}, LiteRT {meta['versions'].get('ai-edge-litert', '?')}, "
         f"ONNX Runtime {meta['versions'].get('onnxruntime', '?')}). Batch-1 p50 latency, "
-        f"{meta['rounds']} interleaved rounds x {meta['per_round']} calls per model; ratios are to the fp32 row of the same "
+        f"models of a runtime timed in turn, {meta['per_round']} call(s) each per round, {meta['rounds']} rounds for digits "
+        f"and {max(10, meta['rounds'] // 3)} for MobileNetV2; ratios are to the fp32 row of the same "
         "runtime, measured in the same run. Accuracy and agreement: digits eval split (397 images) against the Keras "
         "model (Keras accuracy in the fp32 rows' reference); MobileNetV2 has random weights, so only size and latency mean "
         "something there (its outputs are near-uniform; agreement would be an artefact).",
@@ -210,8 +211,8 @@ def _load() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=Path, default=None, help="write the results into this docs/benchmarks.md (section 'conversion')")
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (default 10)")
-    parser.add_argument("--per-round", type=int, default=10, help="timed calls per model per round (default 10)")
+    parser.add_argument("--rounds", type=int, default=100, help="interleaved timing rounds for digits (default 100; MobileNetV2 a third)")
+    parser.add_argument("--per-round", type=int, default=1, help="timed calls per model per round (default 1: models alternate call by call)")
     parser.add_argument("--no-mobilenet", action="store_true", help="digits only (quick)")
     parser.add_argument("--json", action="store_true", help="print rows and checks as one JSON document")
     args = parser.parse_args(argv)
@@ -231,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder = Path(work)
         rows = measure("digits_cnn", prepare_digits(folder), folder, args.rounds, args.per_round)
         if not args.no_mobilenet:
-            rows += measure("mobilenet_v2", prepare_mobilenet(folder), folder, max(3, args.rounds // 2), max(3, args.per_round // 2))
+            rows += measure("mobilenet_v2", prepare_mobilenet(folder), folder, max(10, args.rounds // 3), args.per_round)
     checks = check_targets(rows)
     command = "make bench" if not args.no_mobilenet else "python benchmarks/conversion.py --no-mobilenet"
     meta = {

@@ -28,7 +28,7 @@ from .data import Dataset, PreprocessingSpec, load_dataset, split_holdback
 from .golden_vectors import golden_sample_count, make_golden_vectors
 from .inspection import inspect_model, runtime_requirements
 from .progress import ProgressCallback, no_progress
-from .report import build_report, golden_path, report_path
+from .report import REPORT_SCHEMA, build_report, golden_path, quality_summary, report_path
 from .sources import (
     KerasRunner,
     check_runner_inputs,
@@ -255,6 +255,12 @@ def convert_model(
         finally:
             candidate.close()
             reference.close()
+        if validation is not None and validation["gates"]["failures"]:
+            # Refused before any more work: the report a caller gets says what was measured.
+            refused = {"schema": REPORT_SCHEMA, "model": None, "source": {"path": str(source), "kind": kind},
+                       "conversion": {"to": fmt, "quantize": quantize, "int8_io": int8_io},
+                       "quality": quality_summary(validation), "validation": validation}
+            raise ConversionGateError("; ".join(validation["gates"]["failures"]) + f" (nothing written to {target})", refused)
 
         quanta = read_tflite_graph(work).output_quanta if fmt == "tflite" else onnx_output_quanta(work)
         n_golden = min(len(validation_data), golden_sample_count(input_shapes))
@@ -287,8 +293,6 @@ def convert_model(
             converter=_versions(("tensorflow", "tensorflow-cpu", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert")),
         )
         report["source"]["path"] = str(source)
-        if validation is not None and validation["gates"]["failures"]:
-            raise ConversionGateError("; ".join(validation["gates"]["failures"]) + f" (nothing written to {target})", report)
         report_work = report_path(work)
         atomic_write_json(report_work, report)
         # Commit: golden vectors and report first, the model last (a reader that sees

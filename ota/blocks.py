@@ -180,7 +180,10 @@ class PartialFile:
         self.have: Set[int] = set()
         self._unsynced = 0
         self._last_sync = time.monotonic()
+        self._syncer: Optional[threading.Thread] = None
+        self._discarded = False
         folder.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
         resumed = self._load_sidecar()
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
         self._fd = os.open(self.data_path, flags, 0o600)
@@ -189,6 +192,14 @@ class PartialFile:
         os.ftruncate(self._fd, file_size)
         if not resumed:
             self._write_sidecar()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temp files of sidecar writes a killed process left behind (atomic writes are temp + rename)."""
+        for stale in self.folder.glob(f".{self.sidecar_path.name}.*.tmp"):
+            try:
+                stale.unlink()
+            except OSError:
+                pass
 
     def _load_sidecar(self) -> bool:
         try:
@@ -204,10 +215,11 @@ class PartialFile:
         self.have = {i for i in have if 0 <= i < self.total}
         return True
 
-    def _write_sidecar(self) -> None:
+    def _write_sidecar(self, have: Optional[List[int]] = None) -> None:
+        held = sorted(self.have) if have is None else have
         atomic_write_json(self.sidecar_path, {
             "format": self.FORMAT, "stream": self.stream, "file_size": self.file_size,
-            "block_size": self.block_size, "etag": self.etag, "have": bitmap_from_indexes(sorted(self.have)),
+            "block_size": self.block_size, "etag": self.etag, "have": bitmap_from_indexes(held),
         })
 
     @property
@@ -227,15 +239,51 @@ class PartialFile:
         return os.pread(self._fd, length, index * self.block_size) if length > 0 else b""
 
     def sync(self, *, force: bool = False, every_blocks: int = 64, every_s: float = 1.0) -> None:
-        """fsync the data, then record it in the sidecar (when due, or ``force``)."""
+        """Make the blocks written so far durable and record them in the sidecar (when due, or ``force``).
+
+        A due sync runs on a background thread so the transfer does not wait on the
+        disk: it records the blocks written *before* it started, fsyncs the data, and
+        only then rewrites the sidecar, so the sidecar never names a block that is
+        not on disk. ``force`` waits for that and then syncs the rest in place.
+        """
+        if self._discarded:
+            return
+        if force:
+            self._join_syncer()
+            if self._unsynced:
+                self._sync_now(sorted(self.have))
+            return
         if not self._unsynced:
             return
-        if not force and self._unsynced < every_blocks and time.monotonic() - self._last_sync < every_s:
+        if self._unsynced < every_blocks and time.monotonic() - self._last_sync < every_s:
             return
-        os.fsync(self._fd)
-        self._write_sidecar()
+        if self._syncer is not None and self._syncer.is_alive():
+            return  # one at a time; the next due check catches up
+        snapshot = sorted(self.have)
         self._unsynced = 0
         self._last_sync = time.monotonic()
+        self._syncer = threading.Thread(target=self._sync_in_background, args=(snapshot,), daemon=True,
+                                        name="partial-file-sync")
+        self._syncer.start()
+
+    def _sync_now(self, have: List[int]) -> None:
+        os.fsync(self._fd)
+        self._write_sidecar(have)
+        self._unsynced = 0
+        self._last_sync = time.monotonic()
+
+    def _sync_in_background(self, have: List[int]) -> None:
+        try:
+            os.fsync(self._fd)
+            self._write_sidecar(have)
+        except OSError as exc:  # the next sync (or close) tries again; nothing is claimed meanwhile
+            self._unsynced += 1
+            log.warning("could not record progress of %s: %s", self.stream, exc)
+
+    def _join_syncer(self) -> None:
+        syncer, self._syncer = self._syncer, None
+        if syncer is not None:
+            syncer.join()
 
     def close(self) -> None:
         try:
@@ -244,6 +292,9 @@ class PartialFile:
             os.close(self._fd)
 
     def discard(self) -> None:
+        self._discarded = True
+        self._join_syncer()  # a sidecar written after this would resurrect the stream
+        self._remove_stale_temporaries()
         for path in (self.sidecar_path, self.data_path):
             try:
                 path.unlink()
@@ -281,7 +332,9 @@ class MqttBlockFetcher(FetcherInterface):
         self.data_topic = device_topic(fleet, device, BLOCK_DATA, prefix)
         self.work_dir = Path(work_dir)
         self.progress = progress
-        self._replies: "queue.Queue[BlockReply]" = queue.Queue()
+        # bounded: a flood on the data topic (or late replies between fetches) costs at most this
+        self._replies: "queue.Queue[BlockReply]" = queue.Queue(maxsize=4 * self.config.window + 16)
+        self.dropped_replies = 0
         self._subscribed = False
         self._lock = threading.Lock()
         self.requests_sent: Deque[Tuple[float, BlockRequest]] = collections.deque(maxlen=20_000)
@@ -293,7 +346,11 @@ class MqttBlockFetcher(FetcherInterface):
 
     # -- plumbing --
     def _on_data(self, message: ReceivedMessage) -> None:
-        self._replies.put(parse_block_reply(message.payload))  # ProtocolError: logged and dropped by the transport
+        reply = parse_block_reply(message.payload)  # ProtocolError: logged and dropped by the transport
+        try:
+            self._replies.put_nowait(reply)
+        except queue.Full:  # nobody is consuming this fast: the request timeout asks again
+            self.dropped_replies += 1
 
     def _ensure_subscribed(self) -> None:
         with self._lock:
@@ -339,10 +396,14 @@ class MqttBlockFetcher(FetcherInterface):
     def fetch_to_file(self, url: str, destination: Union[str, "os.PathLike[str]"]) -> int:
         """Fetch ``url`` into ``destination`` (outside the TUF client); returns the byte count."""
         count = 0
-        with open(destination, "wb") as out:
-            for chunk in self._fetch(url):
-                out.write(chunk)
-                count += len(chunk)
+        try:
+            with open(destination, "wb") as out:
+                for chunk in self._fetch(url):
+                    out.write(chunk)
+                    count += len(chunk)
+        except BaseException:
+            Path(destination).unlink(missing_ok=True)  # the partial file, not this one, is what resumes
+            raise
         return count
 
     def _describe(self, stream: str, deadline: float) -> BlockInfo:

@@ -133,6 +133,9 @@ class HttpFetcher(FetcherInterface):
 
     def _discard(self, http_url: str) -> None:
         paths = self._paths(http_url)
+        if paths is not None:  # temp files of sidecar writes a killed process left behind
+            for stale in paths[1].parent.glob(f".{paths[1].name}.*.tmp"):
+                stale.unlink(missing_ok=True)
         for path in paths or ():
             try:
                 path.unlink()

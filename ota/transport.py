@@ -270,6 +270,10 @@ class _Subscription:
     handler: MessageHandler
 
 
+def _ignore_socket(client: paho.Client, userdata: object, sock: object) -> None:
+    """The network thread's select already watches the socket; nothing to register."""
+
+
 def _no_delay(client: paho.Client, userdata: object, sock: object) -> None:
     """Turn Nagle's algorithm off: block requests and acks are small and latency-bound
     (with it on, each round trip can wait for a delayed ACK, ~40 ms)."""
@@ -428,6 +432,12 @@ class MqttConnection:
         client.on_subscribe = self._on_subscribe
         client.on_unsubscribe = self._on_unsubscribe
         client.on_socket_open = _no_delay
+        # Only our network thread may touch the socket: without a registered "want write"
+        # hook, paho writes from whichever thread publishes, concurrently with the network
+        # thread's reads, which an SSL socket does not survive ("connection lost" under load).
+        # With the hook, a publish queues the packet and wakes the network thread's select.
+        client.on_socket_register_write = _ignore_socket
+        client.on_socket_unregister_write = _ignore_socket
         return client
 
     def add_connect_listener(self, listener: ConnectListener) -> None:

@@ -372,3 +372,49 @@ def test_agent_runs_without_tensorflow(tmp_path: Path, agent_repo: AgentRepo) ->
     }
     assert doc["runtime"] in ("litert", "tflite_runtime")
     assert "tensorflow" not in os.environ.get("EDGESHIP_AGENT_TEST_PAUSE_IN", "")
+
+
+@pytest.mark.slow
+def test_updates_of_the_running_agent_under_load_fail_no_request(tmp_path: Path, agent_repo: AgentRepo) -> None:
+    """A TF Serving client keeps predicting over keep-alive connections while the real
+    agent process installs a new version and rolls it back: every request succeeds."""
+    import threading
+
+    config = write_config(tmp_path, agent_repo, window_s=0.5)
+    # int8 on x86 can be slower than fp32: probation's latency rule (p95 vs the previous
+    # model's) would rightly roll the update back; this test is about failed requests
+    config.write_text(config.read_text().replace("max_latency_ratio = 2.0", "max_latency_ratio = 20.0"))
+    agent = AgentProcess(config)
+    try:
+        agent.wait_serving()
+        assert agent_cli("install", agent_repo.export("1.0.0"), "--config", str(config)).returncode == 0
+        stop = threading.Event()
+        seen: list[tuple[int, str]] = []
+
+        def client_loop() -> None:
+            client = agent.client()
+            body = agent_repo.eval_x[:1].tolist()
+            while not stop.is_set():
+                code, reply = client.predict("digits", body)
+                status_code, info = client.request("GET", "/v1/models/digits")
+                seen.append((code if status_code == 200 else status_code,
+                             info["model_version_status"][0]["version"] if status_code == 200 else "?"))
+            client.close()
+
+        threads = [threading.Thread(target=client_loop) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        try:
+            result = agent_cli("install", agent_repo.export("2.0.0"), "--config", str(config))
+            assert result.returncode == 0, result.stderr
+            result = agent_cli("rollback", "--config", str(config))
+            assert result.returncode == 0, result.stderr
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        assert seen and all(code == 200 for code, _ in seen), [s for s in seen if s[0] != 200][:5]
+        assert {"1.0.0", "2.0.0"} <= {version for _, version in seen}
+        assert agent.status()["active"]["version"] == "1.0.0"
+    finally:
+        agent.stop()

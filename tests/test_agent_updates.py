@@ -332,3 +332,43 @@ def test_crash_loop_in_probation_rolls_back_before_loading_the_model(
     assert record.state == "ROLLED_BACK" and "interrupted" in " ".join(h[2] for h in record.history)
     assert json.loads(device.config.state_file.read_text())["active"]["version"] == "1.0.0"
     assert DEVICE
+
+
+def _linear_onnx(path: Path) -> Path:
+    """A small real ONNX model (64 -> 10 softmax), built with onnx.helper."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.normal(size=(64, 10)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"]), helper.make_node("Softmax", ["logits"], ["probs"], axis=1)],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 10])],
+        initializer=[weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_onnx_bundle_runs_on_onnx_runtime(device: UpdateDriver, agent_repo: AgentRepo, tmp_path: Path) -> None:
+    """The runtime is chosen by the bundle's format: an .onnx bundle replaces a .tflite one."""
+    pytest.importorskip("onnxruntime")
+    from edgeship.agent.runtimes import open_model
+    from edgeship.ota.bundle import build_bundle
+    from edgeship.ota.golden import GoldenVectors
+
+    model = _linear_onnx(tmp_path / "linear.onnx")
+    x = agent_repo.eval_x.reshape(len(agent_repo.eval_x), -1)
+    with open_model(model) as runner:
+        (y,) = runner.run([x])
+    GoldenVectors(("x",), (x,), ("probs",), (y,), atol=1e-5).save(tmp_path / "golden.npz")
+    build_bundle(model, name="linear", version="1.0.0", out=tmp_path / "linear.bundle", golden=tmp_path / "golden.npz")
+    agent_repo.repo.publish(tmp_path / "linear.bundle")
+    record = install(device, agent_repo.export("1.0.0", name="linear"))
+    assert record.state == "COMMITTED", record.reason
+    assert device.serving.current.runner.runtime == "onnxruntime" and device.serving.current.name == "linear"
+    np.testing.assert_allclose(predict(device.serving, x[:3]), y[:3], atol=1e-6)

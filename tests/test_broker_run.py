@@ -9,12 +9,10 @@ import sys
 import time
 
 import pytest
-from click.testing import CliRunner
-
 from broker_fixtures import connect
-from mqtt_broker import free_port
-
+from click.testing import CliRunner
 from edgeship.toolkit.cli import main
+from mqtt_broker import free_port
 
 HAVE_EMBEDDED = importlib.util.find_spec("edgeship.toolkit.embedded_broker") is not None
 

@@ -199,3 +199,17 @@ def test_convert_records_labels_and_refuses_a_wrong_count(digits_files: dict[str
     result = invoke("convert", digits_files["model"], "-o", tmp_path / "d.tflite", "--labels", good, "--no-validate", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["report"]["labels"] == [f"digit {i}" for i in range(10)]
+
+
+def test_convert_gate_refusal_exits_3_writes_nothing_and_still_reports(digits_files: dict[str, Path], tmp_path: Path) -> None:
+    unlabelled = tmp_path / "unlabelled.npz"
+    np.savez(unlabelled, x=np.load(digits_files["eval"])["x"][:50])
+    out = tmp_path / "gated.tflite"
+    result = invoke("convert", digits_files["model"], "-o", out, "--quantize", "dynamic", "--eval", unlabelled,
+                    "--max-accuracy-drop", "1", "--json")
+    assert result.exit_code == 3
+    assert "accuracy gate: the data has no labels" in one_error_line(result)
+    document = json.loads(result.stdout)
+    assert document["written"] is False and document["report"]["quality"]["gates_passed"] is False
+    assert document["report"]["quality"]["agreement"] >= 0.97
+    assert {p.name for p in tmp_path.iterdir()} == {"unlabelled.npz"}

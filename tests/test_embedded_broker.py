@@ -64,7 +64,9 @@ def test_retained_state_reaches_a_late_subscriber(embedded: EmbeddedBroker) -> N
         device.subscribe(topic, got)
         assert got.wait_for(lambda ms: len(ms) >= 1)
         time.sleep(0.3)
-        assert [m.payload for m in got.messages if m.retain] == [b'{"seq":2}']
+        # only the latest retained state; amqtt 0.12 sometimes delivers it more than once on
+        # subscribe (docs/protocol.md), which the consumers of retained state tolerate
+        assert {m.payload for m in got.messages if m.retain} == {b'{"seq":2}'}
 
 
 def test_explicit_mqtt5_is_refused_clearly(embedded: EmbeddedBroker) -> None:

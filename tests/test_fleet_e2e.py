@@ -267,3 +267,47 @@ def test_agent_keeps_serving_while_the_broker_is_down_and_reconnects(
         director.wait_update(device, NEXT, ("COMMITTED",))
     finally:
         _stop(agent)
+
+
+@pytest.mark.slow
+def test_agent_starts_before_its_broker_and_connects_when_it_appears(
+        tmp_path: Path, fleet_release: FleetRelease) -> None:
+    from mqtt_broker import MosquittoBroker, free_port, mosquitto_binary
+
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed")
+    port = free_port()
+    url = f"mqtt://127.0.0.1:{port}"
+    agent = FleetAgent(tmp_path / "e", fleet_release, url, "dev-e")
+    broker = MosquittoBroker(tmp_path / "mosq", port=port)
+    director = None
+    try:
+        status = agent.wait_serving()  # serves (its API answers) with no broker at all
+        assert status["device"] == "dev-e"
+        time.sleep(2.0)
+        assert agent.proc.poll() is None
+        broker.start()
+        director = TestDirector(url, fleet_release)
+        wait_for(lambda: "online" in director.status["dev-e"], 30, "the agent to connect once the broker is up")
+        director.assign("dev-e", GOOD)
+        director.wait_update("dev-e", GOOD, ("COMMITTED",))
+    finally:
+        agent.stop()
+        if director is not None:
+            director.close()
+        broker.stop()
+
+
+def test_bad_broker_url_is_one_clear_line(tmp_path: Path, fleet_release: FleetRelease) -> None:
+    from agent_fixtures import agent_cli
+
+    from edgeship.agent.config import render_config
+
+    config = tmp_path / "agent.toml"
+    config.write_text(render_config(data=str(tmp_path / "data"), device_id="dev-x", fleet=FLEET,
+                                    root=str(fleet_release.root_json), director_key=str(fleet_release.director_pub),
+                                    bind="127.0.0.1:0", broker="http://127.0.0.1:1883"))
+    result = agent_cli("run", "--config", str(config), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: broker URL")
+    assert "Traceback" not in result.stderr

@@ -173,7 +173,8 @@ def test_missing_file_is_a_404_for_the_tuf_client(rig: Rig) -> None:
     assert info.value.status_code == 404
     with pytest.raises(tuf_exceptions.DownloadHTTPError):
         rig.fetcher.download_bytes("edgeship://targets/../keys/root.key", 1000)
-    assert [entry.outcome for entry in rig.server.log] == ["not-found"]  # the traversal never left the device
+    # the server logs a request after answering it; the traversal never left the device
+    assert wait_until(lambda: [entry.outcome for entry in rig.server.log] == ["not-found"], 5), list(rig.server.log)
 
 
 def test_no_server_means_a_clear_timeout(mosquitto_broker: MosquittoBroker, tmp_path: Path) -> None:
@@ -355,6 +356,7 @@ def test_hostile_requests_are_dropped_and_the_server_keeps_serving(rig: Rig, mos
         BlockRequest("r2", "keys/root.key", 4096, "01")), qos=1)
     assert wait_until(lambda: rig.controller.dropped == len(hostile) + 1, 10), rig.controller.dropped
     assert b"".join(rig.fetcher.fetch("edgeship://targets/ok.tar")) == data
+    assert wait_until(lambda: len(rig.server.log) >= 2, 5)
     assert [e.outcome for e in rig.server.log][0] == "not-found"  # keys/ is outside metadata/ and targets/
     assert rig.controller.is_connected and rig.controller.connects == 1
 
@@ -376,3 +378,26 @@ def test_two_server_replicas_share_the_requests(mosquitto_broker: MosquittoBroke
         replica.stop()
         other.close()
         rig.close()
+
+
+def test_partial_file_sidecar_never_runs_ahead_of_the_data(tmp_path: Path) -> None:
+    from edgeship.ota.blocks import PartialFile
+
+    partial = PartialFile(tmp_path, "targets/x.tar", 10 * 256 + 7, 256, "e1")
+    for index in (0, 1, 2, 5):
+        partial.write(index, bytes([index]) * 256)
+    partial.sync(every_blocks=2)  # due: runs in the background
+    partial.write(10, b"z" * 7)
+    partial.close()  # waits for it, then records the rest
+    again = PartialFile(tmp_path, "targets/x.tar", 10 * 256 + 7, 256, "e1")
+    assert again.have == {0, 1, 2, 5, 10}
+    assert again.read(5) == b"\x05" * 256 and again.read(10) == b"z" * 7
+    assert again.missing() == [3, 4, 6, 7, 8, 9]
+    # another etag (the file changed on the server) starts over
+    other = PartialFile(tmp_path, "targets/x.tar", 10 * 256 + 7, 256, "e2")
+    assert other.have == set()
+    other.write(0, b"a" * 256)
+    other.discard()
+    other.close()  # after a discard nothing is written back
+    assert not list(tmp_path.iterdir())
+    again.close()

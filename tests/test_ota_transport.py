@@ -380,6 +380,7 @@ _HOSTILE_PAYLOADS = [
     b'{"v":1}',
     b"{" * 5000,
     b'{"v":1,"type":"status","state":"online","ts":1e999}',
+    b'{"v":1,"type":"desired","envelope":{"signed":{"device":"evil"},"signatures":[]}}',  # unsigned
 ]
 
 

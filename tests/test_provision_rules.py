@@ -15,6 +15,7 @@ from edgeship.toolkit.provisioning import (
     HostFacts,
     HostRequirements,
     SshTarget,
+    broker_table_lines,
     check_host,
     default_prefix,
     file_action,
@@ -196,10 +197,39 @@ def test_unit_and_env_files() -> None:
     unit = render_systemd_unit("/opt/edgeship", "edge")
     assert "ExecStart=/opt/edgeship/venv/bin/edgeship-agent run --config /opt/edgeship/etc/agent.toml" in unit
     assert "User=edge" in unit and "EnvironmentFile=-/opt/edgeship/etc/agent.env" in unit
-    env = render_agent_env("/p", {"username": "d1", "ca": "ca.crt", "cert": "client.crt", "key": "client.key"})
-    assert "EDGESHIP_MQTT_CERT=/p/etc/broker/client.crt" in env and "PASSWORD" not in env
-    envp = render_agent_env("/p", {"username": "d1", "ca": "ca.crt", "password": "password"}, "s3cret")
-    assert "EDGESHIP_MQTT_PASSWORD=s3cret" in envp and "EDGESHIP_MQTT_CERT" not in envp
+    cert = {"username": "d1", "ca": "ca.crt", "cert": "client.crt", "key": "client.key"}
+    env = render_agent_env("/p", cert)
+    assert "PASSWORD" not in env and "USERNAME" not in env  # the certificate's CN is the user name
+    pw = {"username": "d1", "ca": "ca.crt", "password": "password"}
+    envp = render_agent_env("/p", pw, "s3cret")
+    assert "EDGESHIP_MQTT_PASSWORD=s3cret" in envp and "EDGESHIP_MQTT_USERNAME=d1" in envp
+    assert broker_table_lines("/p", cert, "edgeship")[1:] == [
+        'ca_file = "/p/etc/broker/ca.crt"', 'cert_file = "/p/etc/broker/client.crt"',
+        'key_file = "/p/etc/broker/client.key"']
+    assert broker_table_lines("/p", pw, "fleetx")[1:] == ['ca_file = "/p/etc/broker/ca.crt"', 'prefix = "fleetx"']
+
+
+def test_broker_lines_extend_the_agent_config_it_reads() -> None:
+    """Appended to what `edgeship-agent init` renders, they land in [broker] and the agent reads them."""
+    from edgeship.agent.config import parse_config, render_config
+
+    text = render_config(data="/p/data", device_id="d1", fleet="f", root="/p/r.json", director_key="/p/d.pub",
+                         broker="mqtts://localhost:8883")
+    cert = {"username": "d1", "ca": "ca.crt", "cert": "client.crt", "key": "client.key"}
+    full = text + "\n".join(broker_table_lines("/p", cert, "edgeship")) + "\n"
+    import sys
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    doc = tomllib.loads(full)
+    assert doc["broker"]["cert_file"] == "/p/etc/broker/client.crt" and doc["broker"]["url"].startswith("mqtts://")
+    parse_config(doc)
+    fleet_link = pytest.importorskip("edgeship.agent.fleet_link")
+    cfg = parse_config(doc)
+    settings = fleet_link.load_link_settings(cfg, doc["broker"])
+    assert (settings.ca_file, settings.cert_file, settings.key_file) == (
+        "/p/etc/broker/ca.crt", "/p/etc/broker/client.crt", "/p/etc/broker/client.key")
 
 
 def test_wheel_content_id_ignores_zip_timestamps(tmp_path: Path) -> None:

@@ -314,10 +314,18 @@ class BlockServer:
         while self._unacked and (self._unacked[0][0].done() or self._unacked_bytes > self.max_unacked_bytes):
             pending, length = self._unacked.popleft()
             self._unacked_bytes -= length
+            if pending.acknowledged:
+                continue
             try:
+                if not self.connection.is_connected:
+                    raise TransportError("connection to the broker is down")
                 pending.wait(30.0)
             except TransportError as exc:
-                log.warning("block server: %s (the device will ask again)", exc)
+                # the broker is gone or stuck: stop waiting on any of it (paho re-sends what it
+                # holds after a reconnect, and devices ask again for what they miss)
+                log.warning("block server: %s; not waiting for %d unacknowledged blocks", exc, len(self._unacked))
+                self._unacked.clear()
+                self._unacked_bytes = 0
 
     def _reply(self, topic: str, reply: BlockReply) -> Optional[PendingPublish]:
         try:

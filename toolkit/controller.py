@@ -304,7 +304,8 @@ class ControllerConfig:
         replica_id: this replica's name (MQTT client id suffix and outbox claim owner).
         fleet: ``"+"`` for every fleet, or one fleet.
         shared_group: the MQTT 5 shared-subscription group; None subscribes with plain filters.
-        tick_s: the reconcile period.
+        tick_s: the reconcile period (RUNNING and PAUSED rollouts, A/B tests, the outbox).
+        late_joiner_check_s: how often COMPLETED rollouts are reconciled (for devices that join later).
         batch_max, batch_wait_s: an ingest batch holds at most this many messages and waits at
             most this long for more after its first one.
         queue_max: ingest queue bound (messages); with the batch bounds it bounds the lag.
@@ -329,6 +330,7 @@ class ControllerConfig:
     batch_wait_s: float = 0.2
     queue_max: int = 50_000
     actions_per_tick: int = 500
+    late_joiner_check_s: float = 15.0
     desired_expires_s: float = 7 * 86400.0
     desired_renew_s: float = 2 * 86400.0
     refresh_check_s: float = 60.0
@@ -444,6 +446,7 @@ class Controller:
         self._last_refresh_check = 0.0
         self._last_renew_check = 0.0
         self._last_prune = 0.0
+        self._last_late_joiner_check = 0.0
         self._http: Optional[ThreadingHTTPServer] = None
         self._metrics_cache: Tuple[float, str] = (0.0, "")
         self._metrics_lock = threading.Lock()
@@ -668,7 +671,16 @@ class Controller:
         Returns what it did (counts). Public so tests can drive it."""
         now = self.clock() if now is None else now
         done = {"rollouts": 0, "abtests": 0, "published": 0, "errors": 0}
-        for rollout_id in self.store.live_rollout_ids():
+        # RUNNING and PAUSED rollouts every tick; COMPLETED ones (still live: they give their version to
+        # devices that join the selection later) every late_joiner_check_s, since each reconcile reads the
+        # rollout's whole selection and recent telemetry.
+        if now - self._last_late_joiner_check >= self.config.late_joiner_check_s:
+            self._last_late_joiner_check = now
+            live = self.store.live_rollout_ids()
+        else:
+            rows = self.store.list_rollouts(states=["RUNNING", "PAUSED"], limit=10_000)
+            live = [row["id"] for row in sorted(rows, key=lambda row: (row["created_at"], row["id"]))]
+        for rollout_id in live:
             try:
                 self.store.reconcile_rollout(rollout_id, now)
                 done["rollouts"] += 1
@@ -717,6 +729,18 @@ class Controller:
         key = self._signing_key()
         published = errors = 0
         in_flight: List[Tuple[PendingAction, DesiredState, Dict[str, Any], Any]] = []
+        sequences: Dict[str, Tuple[int, set]] = {}
+
+        def sequence_for(fleet: str, device: str) -> int:
+            # One number from the fleet's director counter serves the whole batch: a sequence must only
+            # grow per device, and every later number (a later batch, an offline package) is higher.
+            # A device met twice in one batch (an assignment, then its rollback) gets a fresh number.
+            current = sequences.get(fleet)
+            if current is None or device in current[1]:
+                current = sequences[fleet] = (self.repo.next_sequence(fleet), set())
+            current[1].add(device)
+            return current[0]
+
         for index, entry in enumerate(pending):
             action = entry.action
             if not isinstance(action, (AssignVersion, RollbackDevice)):
@@ -737,7 +761,7 @@ class Controller:
                 continue
             state = build_desired_state(
                 fleet=entry.fleet, device=action.device, target=target,
-                sequence=self.repo.next_sequence(entry.fleet), now=now,
+                sequence=sequence_for(entry.fleet, action.device), now=now,
                 expires_in_s=self.config.desired_expires_s,
                 action="install" if isinstance(action, AssignVersion) else "rollback",
                 rollout=entry.rollout_id, deployment=entry.rollout_id or entry.abtest_id or f"deploy-{entry.id}")
@@ -776,6 +800,7 @@ class Controller:
         if not expiring:
             return
         key = self._signing_key()
+        sequences: Dict[str, int] = {}  # one number per fleet: the list holds each device once
         for record in expiring:
             try:
                 target = self.repo.target_info(record.name, record.version)
@@ -783,8 +808,10 @@ class Controller:
                 log.warning("desired state of %s (%s %s) cannot be renewed: %s", record.device, record.name,
                             record.version, exc.message)
                 continue
+            if record.fleet not in sequences:
+                sequences[record.fleet] = self.repo.next_sequence(record.fleet)
             state = build_desired_state(fleet=record.fleet, device=record.device, target=target,
-                                        sequence=self.repo.next_sequence(record.fleet), now=now,
+                                        sequence=sequences[record.fleet], now=now,
                                         expires_in_s=self.config.desired_expires_s, action=record.action,
                                         rollout=record.rollout_id, deployment=record.deployment)
             envelope = sign_desired_state(state, key)

@@ -51,6 +51,7 @@ __all__ = [
     "probe_script",
     "render_systemd_unit",
     "render_agent_env",
+    "broker_table_lines",
     "wheel_content_id",
     "build_project_wheel",
     "collect_wheels",
@@ -79,7 +80,12 @@ from edgeship.ota.errors import (
     GateFailedError,
     require_module,
 )
-from edgeship.ota.topics import STATUS, device_topic, validate_identifier
+from edgeship.ota.topics import (
+    DEFAULT_PREFIX,
+    STATUS,
+    device_topic,
+    validate_identifier,
+)
 
 RUNTIMES = ("litert", "tflite", "onnx")
 RUNTIME_ARCHITECTURES: dict[str, frozenset[str]] = {
@@ -426,23 +432,35 @@ def render_systemd_unit(prefix: str, user: str) -> str:
 
 
 def render_agent_env(prefix: str, connection: Mapping[str, Any], password: Optional[str] = None) -> str:
-    """The agent's environment: where its broker credentials are (EnvironmentFile syntax, also sh)."""
+    """The agent's environment (EnvironmentFile syntax, also sh): what edgeship.ota.transport reads
+    from the environment, i.e. a password device's user name and password. Certificate devices need
+    nothing here (the certificate's CN is the user name)."""
     broker = f"{prefix}/etc/broker"
-    lines = [
-        "# written by `edgeship device provision`: the agent's broker credentials",
-        f"EDGESHIP_MQTT_USERNAME={connection['username']}",
-        f"EDGESHIP_MQTT_CA={broker}/{Path(str(connection['ca'])).name}",
-    ]
-    if "cert" in connection:
-        lines += [f"EDGESHIP_MQTT_CERT={broker}/{Path(str(connection['cert'])).name}",
-                  f"EDGESHIP_MQTT_KEY={broker}/{Path(str(connection['key'])).name}"]
+    lines = ["# written by `edgeship device provision`: the agent's broker credentials (0600)",
+             f"EDGESHIP_MQTT_CONNECTION={broker}/connection.json"]
     if "password" in connection:
-        lines += [f"EDGESHIP_MQTT_PASSWORD_FILE={broker}/{Path(str(connection['password'])).name}"]
+        lines += [f"EDGESHIP_MQTT_USERNAME={connection['username']}"]
         if password is not None:
-            # edgeship.ota.transport reads the password from here (the file is 0600)
             lines += [f"EDGESHIP_MQTT_PASSWORD={password}"]
-    lines.append(f"EDGESHIP_MQTT_CONNECTION={broker}/connection.json")
     return "\n".join(lines) + "\n"
+
+
+def broker_table_lines(prefix: str, connection: Mapping[str, Any], topic_prefix: str) -> list[str]:
+    """Keys appended to the agent config's ``[broker]`` table (edgeship.agent.fleet_link reads them):
+    the CA that signs the broker's certificate, and the client certificate and key."""
+    broker = f"{prefix}/etc/broker"
+
+    def toml(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = ["# added by `edgeship device provision`: this device's broker credentials",
+             f"ca_file = {toml(broker + '/' + Path(str(connection['ca'])).name)}"]
+    if "cert" in connection:
+        lines += [f"cert_file = {toml(broker + '/' + Path(str(connection['cert'])).name)}",
+                  f"key_file = {toml(broker + '/' + Path(str(connection['key'])).name)}"]
+    if topic_prefix != DEFAULT_PREFIX:
+        lines.append(f"prefix = {toml(topic_prefix)}")
+    return lines
 
 
 # -- wheels --------------------------------------------------------------------------------------
@@ -601,6 +619,8 @@ class ProvisionOptions:
     online_timeout: float = 60.0
     dry_run: bool = False
     bind: str = "127.0.0.1:8501"
+    wheels: Optional[tuple[tuple[Path, ...], bool]] = None
+    """Wheels collected once for many devices (``collect_wheels``' result); None: collect per run."""
 
 
 @dataclass
@@ -718,7 +738,10 @@ def provision(shell: RemoteShell, target: str, options: ProvisionOptions, *,
 
     # 2. the wheels
     with tempfile.TemporaryDirectory(prefix="edgeship-wheels-") as build:
-        wheels, complete = collect_wheels(options.wheelhouse, Path(build))
+        if options.wheels is not None:
+            wheels, complete = list(options.wheels[0]), options.wheels[1]
+        else:
+            wheels, complete = collect_wheels(options.wheelhouse, Path(build))
         wanted = {w.name: (sha256_file(w), wheel_content_id(w)) for w in wheels}
         old_wheels = state.get("wheels", {}) if isinstance(state.get("wheels"), dict) else {}
         to_upload = [w for w in wheels
@@ -851,7 +874,14 @@ def provision(shell: RemoteShell, target: str, options: ProvisionOptions, *,
         run.step("agent config", "planned", f"edgeship-agent init ... -o {prefix}/etc/agent.toml")
     else:
         cfg = f"{q(prefix)}/etc/agent.toml"
-        out = run.sh(f"rm -f {cfg}.new && {init} -o {cfg}.new && if cmp -s {cfg}.new {cfg}; then rm -f {cfg}.new; echo same; "
+        append = ""
+        if connection:
+            # init writes [broker] last; the credentials' keys go into that table
+            lines = broker_table_lines(prefix, connection, BrokerFolder(options.broker_dir).settings().prefix
+                                       if options.broker_dir else DEFAULT_PREFIX)
+            append = (f" && [ \"$(grep '^\\[' {cfg}.new | tail -n 1)\" = '[broker]' ]"
+                      f" && printf '%s\\n' {' '.join(q(x) for x in lines)} >> {cfg}.new")
+        out = run.sh(f"rm -f {cfg}.new && {init} -o {cfg}.new{append} && if cmp -s {cfg}.new {cfg}; then rm -f {cfg}.new; echo same; "
                      f"else mv -f {cfg}.new {cfg}; echo new; fi", "edgeship-agent init")
         if out.strip().endswith("new"):
             changed_for_agent = True

@@ -36,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -190,6 +191,7 @@ class FleetDemo:
         self.db_url = f"sqlite:///{self.root / 'fleet.db'}"
         self.broker_url = ""
         self.devices = [f"dev-{i + 1}" for i in range(devices)]
+        self.short_root: Path | None = None
 
     # -- steps --
     def prepare(self) -> None:
@@ -234,7 +236,8 @@ class FleetDemo:
             folder = self.root / "devices" / device
             folder.mkdir(parents=True)
             config = folder / "agent.toml"
-            _agent_cli("init", "--data", str(folder / "data"), "--device-id", device, "--fleet", FLEET,
+            data = self._data_folder(device)
+            _agent_cli("init", "--data", str(data), "--device-id", device, "--fleet", FLEET,
                        "--root", str(self.root_json), "--director-key", str(self.director_pub),
                        "--bind", "127.0.0.1:0", "--broker", self.broker_url, "-o", str(config))
             # a demo's probation is short (a real device watches a new model for minutes)
@@ -255,6 +258,16 @@ class FleetDemo:
         _wait(all_online, 90, "every agent to report online to the controller", interval=0.3)
         self.timings["fleet_start_s"] = time.perf_counter() - start
         self.say(f"all {len(self.devices)} devices online (controller store {self.db_url})")
+
+    def _data_folder(self, device: str) -> Path:
+        """The device's data folder; under a short temporary folder when the demo's own path
+        would make the control socket's path longer than a Unix socket allows (108 bytes)."""
+        data = (self.root / "devices" / device / "data").resolve()
+        if len(str(data / "agent.sock")) <= 100:
+            return data
+        if self.short_root is None:
+            self.short_root = Path(tempfile.mkdtemp(prefix="edgeship-demo-"))
+        return self.short_root / device
 
     @staticmethod
     def _listening(port: int) -> bool:
@@ -372,6 +385,8 @@ class FleetDemo:
             killed = self.procs.stop()
             if killed:
                 self.say(f"stopped with SIGKILL (did not stop within 10 s): {', '.join(killed)}")
+        if self.short_root is not None:
+            shutil.rmtree(self.short_root, ignore_errors=True)
 
 
 def run_fleet_demo(out: Path, devices: int = 5, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -386,8 +401,14 @@ def run_fleet_demo(out: Path, devices: int = 5, say: Callable[[str], None] = pri
     try:
         return demo.run()
     finally:
-        demo.close()
-        signal.signal(signal.SIGTERM, previous)
+        # a second Ctrl-C (or SIGTERM) while stopping must not leave a process behind
+        previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            demo.close()
+        finally:
+            signal.signal(signal.SIGINT, previous_int)
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _summary(result: dict[str, Any]) -> str:

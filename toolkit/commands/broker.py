@@ -5,9 +5,10 @@ controller's identity, mosquitto.conf, the ACL, the password file and the CRL
 (docs/security.md). Running it again keeps the CA and every identity and only
 rewrites what changed.
 
-``broker run`` starts the embedded pure-Python broker (amqtt) for development.
-It is anonymous and has NO topic rules: the ACL that keeps one device out of
-another's topics is enforced by Mosquitto only (docs/security.md says why).
+``broker run`` starts the embedded pure-Python broker (amqtt) for development:
+anonymous and without topic rules, or with ``--broker-dir`` the folder's
+password identities and the same per-device topic rules
+(``edgeship.toolkit.embedded_rules``; no TLS, no certificates: docs/security.md).
 """
 
 from __future__ import annotations
@@ -125,13 +126,20 @@ def status(folder_path: str, as_json: bool) -> None:
 @broker.command("run")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=1883, show_default=True, type=int, help="Port to listen on.")
+@click.option("--broker-dir", type=click.Path(file_okay=False), default=None,
+              help="Enforce this broker folder's password identities and topic rules (made with --auth password).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document once listening.")
-def run(host: str, port: int, as_json: bool) -> None:
+def run(host: str, port: int, broker_dir: str | None, as_json: bool) -> None:
     """Run the embedded broker (amqtt) for development, until interrupted.
 
-    It accepts anonymous clients and enforces no topic rules: use it on
-    loopback only. A fleet on a network uses Mosquitto from `broker config`.
+    Without --broker-dir it accepts anonymous clients and enforces no topic
+    rules. With it, clients log in with the folder's password identities and
+    the same per-device topic rules apply (no TLS, no certificates: loopback
+    only). A fleet on a network uses Mosquitto from `broker config`.
     """
+    from edgeship.ota.errors import require_module
+
+    require_module("amqtt.broker", "host")
     try:
         from ..embedded_broker import EmbeddedBroker
     except ImportError:
@@ -139,14 +147,24 @@ def run(host: str, port: int, as_json: bool) -> None:
             "the embedded broker (edgeship.toolkit.embedded_broker) is not part of this build; "
             "run Mosquitto from `edgeship broker config` instead"
         ) from None
-    embedded: Any = EmbeddedBroker(host, port)
+    embedded: Any
+    if broker_dir:
+        from ..embedded_rules import RuledEmbeddedBroker
+
+        embedded = RuledEmbeddedBroker(host, port, broker_dir)
+    else:
+        embedded = EmbeddedBroker(host, port)
     embedded.start()
+    ruled = broker_dir is not None
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         url = str(getattr(embedded, "url", f"mqtt://{host}:{port}"))
         if as_json:
-            emit_json({"url": url, "acl": False, "anonymous": True})
+            emit_json({"url": url, "acl": ruled, "anonymous": not ruled})
+        elif ruled:
+            click.echo(f"embedded broker listening on {url} with the password identities and topic rules of "
+                       f"{broker_dir} (no TLS: development only); Ctrl-C stops it", err=True)
         else:
             click.echo(f"embedded broker listening on {url} "
                        "(anonymous, no topic rules: development only); Ctrl-C stops it", err=True)

@@ -253,13 +253,20 @@ def fleet_provision(hosts_file: str, parallel: int, **kw: Any) -> None:
     HOSTS_FILE: one device per line, `USER@HOST[:PORT] [id=DEVICE_ID] [KEY=VALUE ...]`, `#` comments.
     Exit status: 0 all done, 3 some hosts were refused (and nothing else failed), 1 some failed.
     """
+    import tempfile
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from edgeship.ota.errors import EXIT_FAILURE, EXIT_GATE_FAILED, EdgeshipError
 
+    from ..provisioning import collect_wheels
+
     entries = parse_hosts_file(Path(hosts_file).read_text(), where=hosts_file)
     base = _build_options(kw, device_id=None, tags={})
+    build_dir = tempfile.TemporaryDirectory(prefix="edgeship-wheels-")
+    # one wheel build for every device (parallel builds would share the source tree's build/)
+    wheels, complete = collect_wheels(base.wheelhouse, Path(build_dir.name))
+    base = replace(base, wheels=(tuple(wheels), complete))
     con = console(stderr=kw["as_json"])
     rows: dict[str, dict[str, str]] = {str(e.target): {"device": e.device_id or "", "step": "waiting", "status": ""}
                                        for e in entries}
@@ -274,6 +281,8 @@ def fleet_provision(hosts_file: str, parallel: int, **kw: Any) -> None:
                 rows[name].update(step=step.name, status=step.status)
 
         options = replace(base, device_id=entry.device_id, tags={**entry.tags})
+        with lock:
+            rows[name]["step"] = "connect"
         try:
             with _shell(entry.target, kw) as shell:
                 report = provision(shell, name, options, on_step=on_step)
@@ -283,11 +292,11 @@ def fleet_provision(hosts_file: str, parallel: int, **kw: Any) -> None:
                 results[name] = {"ok": True, **report.to_dict()}
         except EdgeshipError as exc:
             with lock:
-                rows[name].update(step="failed", status=exc.message[:80])
+                rows[name].update(status="refused" if exc.exit_code == EXIT_GATE_FAILED else "failed")
                 results[name] = {"ok": False, "target": name, "error": exc.message, "exit_code": exc.exit_code}
         except Exception as exc:  # noqa: BLE001 - one host's surprise must not stop the others
             with lock:
-                rows[name].update(step="failed", status=str(exc)[:80])
+                rows[name].update(status="failed")
                 results[name] = {"ok": False, "target": name, "error": f"{type(exc).__name__}: {exc}",
                                  "exit_code": EXIT_FAILURE}
 
@@ -309,6 +318,8 @@ def fleet_provision(hosts_file: str, parallel: int, **kw: Any) -> None:
                 live.update(table())
                 time.sleep(0.25)
         live.update(table())
+    con.print()
+    build_dir.cleanup()
     failed = [r for r in results.values() if not r["ok"]]
     if kw["as_json"]:
         emit_json({"hosts": [results[str(e.target)] for e in entries], "failed": len(failed),
