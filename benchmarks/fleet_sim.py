@@ -224,7 +224,18 @@ class SimDevice:
         assert self.info is not None and self.state is not None
         data = b"".join(self.blocks[i] for i in range(self.info.blocks_total))
         if len(data) != self.state.length or hashlib.sha256(data).hexdigest() != self.state.sha256:
-            raise RuntimeError(f"{self.device}: the bundle does not match the director's length and sha256")
+            self.sim.mismatches += 1
+            detail = ""
+            if self.sim.target_file is not None:
+                truth = self.sim.target_file.read_bytes()
+                bad = [i for i in range(self.info.blocks_total)
+                       if self.blocks[i] != truth[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]]
+                detail = f"; blocks differing from the file: {bad[:10]} of {self.info.blocks_total}"
+            print(f"{self.device}: the bundle ({len(data)} bytes) does not match the director's length "
+                  f"{self.state.length} and sha256{detail}; fetching again", file=sys.stderr)
+            self.info, self.blocks = None, {}
+            self._request(None)
+            return
         bundle = {"name": self.state.bundle, "version": self.state.version}
         self.active, self.state, self.info, self.blocks = bundle, None, None, {}
         self.committed_at = time.monotonic()
@@ -241,6 +252,8 @@ class Simulator:
         self.bytes_received = 0
         self.retries = 0
         self.rate_limited = 0
+        self.mismatches = 0
+        self.target_file: Optional[Path] = None
         self.thread = threading.Thread(target=self.loop.run_forever, name="sim-loop", daemon=True)
 
     def start(self) -> None:
@@ -441,6 +454,7 @@ def run(n: int, bundle_mb: float, telemetry_s: int, rates: List[float], work: Pa
                                    "--repo", str(repo.path), "--db", db, "--replica-id", "bench",
                                    "--metrics-port", str(metrics_port)], stdout=log, stderr=subprocess.STDOUT)
     sim = Simulator("127.0.0.1", broker.port, repo.director_public_key_path, n)
+    sim.target_file = target.file
     try:
         proc = psutil.Process(controller.pid)
         deadline = time.monotonic() + 60
@@ -484,7 +498,8 @@ def run(n: int, bundle_mb: float, telemetry_s: int, rates: List[float], work: Pa
         elapsed = time.perf_counter() - start
         results.update(rollout_state=rollout.state.value, rollout_s=elapsed, stage_s=stage_times,
                        rollout_cpu_s=_cpu(proc) - cpu0, sim_cpu_s=_cpu(psutil.Process()) - sim_cpu0,
-                       bytes_received=sim.bytes_received, retries=sim.retries, rate_limited=sim.rate_limited)
+                       bytes_received=sim.bytes_received, retries=sim.retries, rate_limited=sim.rate_limited,
+                       mismatches=sim.mismatches)
         metrics = _metrics(metrics_port)
         results["blocks_sent"] = metrics.get("edgeship_controller_blocks_sent_total", 0)
         results["block_bytes_sent"] = metrics.get("edgeship_controller_block_bytes_sent_total", 0)
@@ -540,7 +555,8 @@ def render(r: Dict[str, Any], command: str) -> str:
         f"| controller CPU during the rollout | {r['rollout_cpu_s']:.1f} s ({r['rollout_cpu_s'] / r['rollout_s']:.0%} "
         f"of one core); the simulator's {r['sim_cpu_s']:.1f} s |",
         f"| desired states signed and published | {r['desired_published']:.0f} |",
-        f"| block re-requests (timeouts) / 429 rate limits | {r['retries']} / {r['rate_limited']} |",
+        f"| block re-requests (timeouts) / 429 rate limits / bundles that failed the sha256 check | "
+        f"{r['retries']} / {r['rate_limited']} / {r['mismatches']} |",
     ]
     for t in r["telemetry"]:
         lines += [

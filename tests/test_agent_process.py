@@ -214,7 +214,7 @@ def test_sigkill_in_each_state_then_restart_ends_consistent(
         result = agent_cli("install", agent_repo.export(new), "--config", str(config), "--no-wait")
         assert result.returncode == 0, result.stderr
         if state == "ROLLING_BACK":
-            wait_for(lambda: agent.status()["update"]["state"] == "PROBATION", 30, what="probation")
+            wait_for(lambda a=agent: a.status()["update"]["state"] == "PROBATION", 30, what="probation")
             assert agent_cli("rollback", "--config", str(config), "--no-wait").returncode == 0
         wait_for(marker.exists, 60, what=f"the agent to pause in {state}")
         agent.kill()  # SIGKILL, mid-update

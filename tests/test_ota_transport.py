@@ -468,6 +468,12 @@ def test_mqtts_with_client_certificates(tmp_path: Path) -> None:
             conn.subscribe("t/#", got)
             conn.publish("t/x", b"over tls", qos=1)
             assert got.wait_for(lambda ms: ms and ms[0].payload == b"over tls")
+            # publishing from this thread while the network thread reads the same TLS socket:
+            # only the network thread may touch an SSL socket (this used to drop the connection)
+            for i in range(2000):
+                conn.publish("t/load", bytes([i % 256]) * 10_000, qos=1, wait=False)
+            assert got.wait_for(lambda ms: len(ms) == 2001, 30), len(got.messages)
+            assert conn.connects == 1 and conn.is_connected
         no_client_cert = parse_broker_url(url, ca_file=pki["ca"], environ={})
         with pytest.raises(TransportError, match="could not connect"):
             MqttConnection(no_client_cert, client_id="anon", reconnect=FAST).connect(timeout=2)

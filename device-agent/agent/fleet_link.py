@@ -255,6 +255,7 @@ class MqttReporter:
         self._seq += 1
         if self._seq_file is not None:
             try:
+                self._seq_file.parent.mkdir(exist_ok=True, mode=0o700)  # inside the agent's data folder
                 atomic_write_json(self._seq_file, {"event_seq": self._seq})
             except OSError as exc:  # a read-only disk must not stop reporting
                 log.warning("cannot save the event sequence in %s: %s", self._seq_file, exc)
@@ -424,8 +425,14 @@ class FleetLink:
             log.error("fleet link disabled: %s", exc.message)
 
     def attach(self, agent: Any) -> None:
-        """Take desired states for ``agent`` (after ``agent.start()``)."""
+        """Connect (in the background) and take desired states for ``agent``.
+
+        Called after ``agent.start()``: an agent that cannot start (another one holds the
+        data folder) must not connect with the same client id and take over its session.
+        """
         self.agent = agent
+        if not self._threads:
+            self.start()
         thread = threading.Thread(target=self._work, name="edgeship-fleet-desired", daemon=True)
         thread.start()
         self._threads.append(thread)
@@ -550,7 +557,7 @@ class FleetLink:
 
 
 def open_fleet_link(config: AgentConfig) -> FleetLink | None:
-    """The link for ``config``, connecting in the background; None when no broker is configured."""
+    """The link for ``config`` (not connected yet: ``attach`` connects), or None without a broker."""
     if not config.broker_url:
         return None
-    return FleetLink(config).start()
+    return FleetLink(config)

@@ -234,5 +234,11 @@ class ServingModel:
         except Exception:
             model.stats.error("runtime")
             raise
-        model.stats.observe((_perf_counter() - start) * 1000.0, inputs, outputs)
+        latency_ms = (_perf_counter() - start) * 1000.0
+        stats = model.stats  # ModelStats.observe, inlined: this is the per-request cost
+        pending = stats._pending
+        pending.append((latency_ms, inputs[0] if inputs else None, outputs[0] if outputs else None))
+        if len(pending) >= _FLUSH_EVERY:
+            with stats._lock:
+                stats._flush()
         return model, outputs

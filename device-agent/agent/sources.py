@@ -131,8 +131,9 @@ class BundleSource(ABC):
     def describe(self) -> str:
         return self.kind
 
-    def cleanup(self, ctx: SourceContext) -> None:
+    def cleanup(self, ctx: SourceContext) -> None:  # noqa: B027 - optional hook, nothing by default
         """Remove what the source left in the work folder (after the update ends)."""
+        return None
 
 
 class DirectorSource(BundleSource):

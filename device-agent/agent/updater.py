@@ -220,7 +220,7 @@ class UpdateDriver:
             self._abort.clear()
             self._prepared = None
             self._baseline = None
-            self._ctx_cache = {}
+            self._ctx_cache = {"source": source}  # the live source; rebuilt from its record only after a restart
             record = UpdateRecord(
                 id=uuid.uuid4().hex[:12],
                 kind=kind,

@@ -1,0 +1,85 @@
+"""The running agent in-process, as the fleet (issue 5) plugs into it: the reporter
+receives valid ReportedMessage / EventMessage / TelemetryMessage documents, and a
+desired state with a TUF fetcher takes the same path as an offline package."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_fixtures import FLEET, AgentRepo, TFServingClient, agent_config, build_agent_repo, wait_for
+
+from edgeship.agent.daemon import Agent
+from edgeship.agent.sources import OfflinePackageSource
+from edgeship.ota.protocol import EventMessage, ReportedMessage, TelemetryMessage
+
+
+@pytest.fixture(scope="session")
+def agent_repo(
+    digits_tflite: Path,
+    digits_int8_tflite: Path,
+    digits_files: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AgentRepo:
+    return build_agent_repo(digits_tflite, digits_int8_tflite, digits_files, tmp_path_factory)
+
+
+class Capture:
+    def __init__(self) -> None:
+        self.states: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self.telemetry: list[dict[str, Any]] = []
+
+    def report_state(self, state: dict[str, Any]) -> None:
+        self.states.append(state)
+
+    def report_event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def report_telemetry(self, telemetry: dict[str, Any]) -> None:
+        self.telemetry.append(telemetry)
+
+
+def test_reporter_gets_protocol_documents_and_desired_state_installs(tmp_path: Path, agent_repo: AgentRepo) -> None:
+    from edgeship.ota.updater import LocalFolderFetcher
+
+    config = dataclasses.replace(
+        agent_config(tmp_path, agent_repo), probation_window_s=0.2, telemetry_interval_s=0.3
+    )
+    capture = Capture()
+    agent = Agent(config, reporter=capture).start()
+    try:
+        agent.submit(OfflinePackageSource(agent_repo.export("1.0.0")))
+        wait_for(lambda: not agent.driver.in_progress, 30, what="install")
+        client = TFServingClient(agent.api.host, agent.api.port)
+        for _ in range(5):
+            assert client.predict("digits", agent_repo.eval_x[:2].tolist())[0] == 200
+
+        # the fleet's path: a director envelope and a TUF fetcher over the release repository
+        envelope = agent_repo.repo.sign_desired(fleet=FLEET, device=config.device_id, name="digits", version="2.0.0")
+        assert not agent.is_redelivery(envelope)
+        agent.submit_desired(envelope, LocalFolderFetcher(agent_repo.path))
+        wait_for(lambda: not agent.driver.in_progress, 30, what="desired-state update")
+        assert agent.driver.state.update.state == "COMMITTED", agent.driver.state.update.reason
+        assert agent.serving.current.version == "2.0.0"
+        assert agent.is_redelivery(envelope)  # the same document again: already acted on
+        assert client.request("GET", "/healthz") == (
+            200, {"status": "ok", "update": "COMMITTED", "model": {"name": "digits", "version": "2.0.0"}})
+        assert client.predict("digits", agent_repo.eval_x[:1].tolist())[0] == 200
+        time.sleep(0.8)
+        client.close()
+    finally:
+        agent.stop()
+    events = [EventMessage.from_dict(e) for e in capture.events]
+    assert [e.state for e in events if e.bundle and e.bundle["version"] == "2.0.0"][-2:] == ["PROBATION", "COMMITTED"]
+    assert [e.seq for e in events] == sorted(e.seq for e in events)
+    reported = [ReportedMessage.from_dict(s) for s in capture.states]
+    assert reported[-1].active == {"name": "digits", "version": "2.0.0"} and reported[-1].device == config.device_id
+    assert reported[-1].update["state"] == "COMMITTED"
+    windows = [TelemetryMessage.from_dict(t) for t in capture.telemetry]
+    assert sum(w.requests for w in windows) >= 1 and all(w.window_s > 0 for w in windows)
+    assert json.dumps(capture.telemetry[-1])  # plain JSON for any transport
