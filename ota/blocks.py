@@ -333,7 +333,7 @@ class MqttBlockFetcher(FetcherInterface):
         self.work_dir = Path(work_dir)
         self.progress = progress
         # bounded: a flood on the data topic (or late replies between fetches) costs at most this
-        self._replies: "queue.Queue[BlockReply]" = queue.Queue(maxsize=4 * self.config.window + 16)
+        self._replies: "queue.Queue[BlockReply]" = queue.Queue(maxsize=2 * self.config.window + 16)
         self.dropped_replies = 0
         self._subscribed = False
         self._lock = threading.Lock()

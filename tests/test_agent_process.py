@@ -252,7 +252,6 @@ def test_sigkill_in_each_state_then_restart_ends_consistent(
     assert outcomes["ROLLING_BACK"] == ("ROLLED_BACK", False)
 
 
-@pytest.mark.slow
 def test_model_that_kills_the_agent_in_probation_is_rolled_back_after_max_restarts(
     tmp_path: Path, agent_repo: AgentRepo
 ) -> None:
@@ -374,7 +373,6 @@ def test_agent_runs_without_tensorflow(tmp_path: Path, agent_repo: AgentRepo) ->
     assert "tensorflow" not in os.environ.get("EDGESHIP_AGENT_TEST_PAUSE_IN", "")
 
 
-@pytest.mark.slow
 def test_updates_of_the_running_agent_under_load_fail_no_request(tmp_path: Path, agent_repo: AgentRepo) -> None:
     """A TF Serving client keeps predicting over keep-alive connections while the real
     agent process installs a new version and rolls it back: every request succeeds."""
@@ -418,3 +416,22 @@ def test_updates_of_the_running_agent_under_load_fail_no_request(tmp_path: Path,
         assert agent.status()["active"]["version"] == "1.0.0"
     finally:
         agent.stop()
+
+
+def test_offline_rollback_aborts_a_deferred_probation(tmp_path: Path, agent_repo: AgentRepo) -> None:
+    """No agent runs: install stops in PROBATION; rollback then aborts it (ROLLED_BACK to
+    what ran before: here nothing) without counting restarts."""
+    config = write_config(tmp_path, agent_repo)
+    result = agent_cli("install", agent_repo.export("1.0.0"), "--config", str(config), "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["update"]["state"] == "PROBATION"
+    result = agent_cli("install", agent_repo.export("2.0.0"), "--config", str(config))
+    assert result.returncode == 1 and "in progress (PROBATION)" in result.stderr
+    result = agent_cli("rollback", "--config", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["update"]["state"] == "ROLLED_BACK" and doc["active"] is None
+    states = [h["state"] for h in doc["update"]["history"]]
+    assert states[-3:] == ["PROBATION", "ROLLING_BACK", "ROLLED_BACK"]
+    assert states.count("PROBATION") == 1  # no restart counted by the CLI commands
+    result = agent_cli("rollback", "--config", str(config))
+    assert result.returncode == 2 and "nothing to roll back to" in result.stderr

@@ -177,7 +177,6 @@ def test_healthz_metrics_feedback_and_telemetry(api, x: np.ndarray) -> None:  # 
     client.close()
 
 
-@pytest.mark.slow
 def test_hot_swaps_under_concurrent_load_fail_no_request(
     tmp_path: Path, digits_tflite: Path, digits_int8_tflite: Path, x: np.ndarray
 ) -> None:

@@ -372,3 +372,26 @@ def test_onnx_bundle_runs_on_onnx_runtime(device: UpdateDriver, agent_repo: Agen
     assert record.state == "COMMITTED", record.reason
     assert device.serving.current.runner.runtime == "onnxruntime" and device.serving.current.name == "linear"
     np.testing.assert_allclose(predict(device.serving, x[:3]), y[:3], atol=1e-6)
+
+
+@pytest.mark.parametrize("member", ["../escaped.txt", "targets/../../escaped.txt", "/abs/escaped.txt"])
+def test_hostile_offline_package_is_rejected_and_writes_nothing_outside(
+    device: UpdateDriver, agent_repo: AgentRepo, tmp_path: Path, member: str
+) -> None:
+    import io
+    import tarfile
+
+    good = agent_repo.export("2.0.0")
+    hostile = tmp_path / "hostile.package"
+    with tarfile.open(good) as src, tarfile.open(hostile, "w", format=tarfile.GNU_FORMAT) as dst:
+        for info in src.getmembers():
+            dst.addfile(info, src.extractfile(info))
+        evil = tarfile.TarInfo(member)
+        evil.size = 5
+        dst.addfile(evil, io.BytesIO(b"owned"))
+    record = install(device, hostile)
+    assert record.state == "REJECTED", record.reason
+    assert device.serving.current.version == "1.0.0"
+    data = device.config.data_dir
+    assert not list(data.parent.rglob("escaped.txt")) and not Path("/abs/escaped.txt").exists()
+    assert not any(device.config.work_dir.iterdir())

@@ -167,3 +167,15 @@ def test_device_show_json_and_text(db: str, monkeypatch: pytest.MonkeyPatch) -> 
         assert text in out, text
     out = run(["device", "show", "cam-1", "--db", db]).stdout
     assert "desired  digits 1.1.0 (install, sequence 3, rollout r-1)" in out and "update_committed" in out
+
+
+@pytest.mark.parametrize("args,why", [
+    (["controller", "--broker", "http://x:1", "--repo", "."], "broker URL"),
+    (["controller", "--broker", "mqtt://user:pw@127.0.0.1:1883", "--repo", "."], "credentials"),
+    (["controller", "--broker", "mqtt://127.0.0.1:1", "--repo", "/nonexistent/repo"], "not an edgeship release"),
+    (["controller", "--broker", "mqtt://127.0.0.1:1", "--repo", ".", "--fleet", "a/b"], "fleet"),
+    (["controller", "--broker", "mqtt://127.0.0.1:1", "--repo", ".", "--metrics-port", "70000"], "metrics-port"),
+])
+def test_controller_bad_input_is_one_line_and_exit_2(args: List[str], why: str, tmp_path: Path) -> None:
+    result = run(args + ["--db", f"sqlite:///{tmp_path / 'f.db'}"], code=2)
+    assert result.output.startswith("error: ") and why in result.output and "Traceback" not in result.output

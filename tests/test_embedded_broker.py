@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List
 
 import pytest
 from edgeship.ota.blocks import BlockTransferConfig, MqttBlockFetcher

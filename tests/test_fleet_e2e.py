@@ -150,6 +150,10 @@ def test_broker_restart_mid_transfer_resumes_without_refetching(
         before = {i for e in director.served(stream) for i in e.served}
         restart_at = time.time()
         mosquitto_broker.restart(down_for=1.0)
+        director.connection.wait_connected(20)
+        blocks_topic = device_topic(FLEET, device, "blocks/data")
+        for junk in (b"junk", b'{"v": 1, "type": "block"}\nxx', b'{"v": 7, "type": "block_info"}\n', b"\n" * 10):
+            director.connection.publish(blocks_topic, junk, qos=1)  # dropped by the fetcher, nothing breaks
         director.wait_update(device, GOOD, ("COMMITTED",), timeout=120)
         entries = director.served(stream)
         after_wanted = [i for e in entries if e.at > restart_at for i in e.wanted]
@@ -300,7 +304,6 @@ def test_agent_starts_before_its_broker_and_connects_when_it_appears(
 
 def test_bad_broker_url_is_one_clear_line(tmp_path: Path, fleet_release: FleetRelease) -> None:
     from agent_fixtures import agent_cli
-
     from edgeship.agent.config import render_config
 
     config = tmp_path / "agent.toml"

@@ -401,3 +401,16 @@ def test_partial_file_sidecar_never_runs_ahead_of_the_data(tmp_path: Path) -> No
     other.close()  # after a discard nothing is written back
     assert not list(tmp_path.iterdir())
     again.close()
+
+
+def test_server_can_publish_on_a_second_connection(mosquitto_broker: MosquittoBroker, tmp_path: Path) -> None:
+    rig = Rig(mosquitto_broker, tmp_path)
+    rig.server.stop()
+    publisher = MqttConnection(mosquitto_broker.url, client_id="controller-pub", reconnect=FAST).connect(5)
+    rig.server = BlockServer(rig.controller, rig.root, publisher=publisher).start()
+    try:
+        data = rig.target("two.tar", 300_000)
+        assert b"".join(rig.fetcher.fetch("edgeship://targets/two.tar")) == data
+    finally:
+        rig.close()
+        publisher.close()

@@ -145,6 +145,9 @@ class BlockServer:
         max_blocks_per_request: blocks answered per request at most.
         qos: QoS of the blocks published.
         max_unacked_bytes: blocks published and not yet acknowledged by the broker, at most (QoS 1).
+        publisher: a second connection to publish blocks on (default: ``connection``). Requests
+            then arrive on a connection that carries no stream of acks, so a broker with
+            Nagle's algorithm on does not hold them back behind one (docs/protocol.md).
     """
 
     def __init__(
@@ -162,9 +165,11 @@ class BlockServer:
         queue_size: int = 1000,
         max_unacked_bytes: int = 16 * 1024 * 1024,
         history: int = 2000,
+        publisher: Optional[MqttConnection] = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.connection = connection
+        self.publisher = publisher or connection
         self.root = Path(root)
         if not all((self.root / area).is_dir() for area in _AREAS):
             raise BadInputError(f"{self.root} is not a release repository: it needs metadata/ and targets/ folders")
@@ -280,7 +285,7 @@ class BlockServer:
             if bucket is None:
                 bucket = self._buckets[(fleet, device)] = TokenBucket(self.rate, self.burst, updated=now)
             served: List[int] = []
-            for position, index in enumerate(indexes):
+            for index in indexes:
                 length = min(block_size, size - index * block_size)
                 if not bucket.take(max(length, 1), self.clock()):
                     retry = bucket.wait_s(block_size, self.clock())
@@ -317,7 +322,7 @@ class BlockServer:
             if pending.acknowledged:
                 continue
             try:
-                if not self.connection.is_connected:
+                if not self.publisher.is_connected:
                     raise TransportError("connection to the broker is down")
                 pending.wait(30.0)
             except TransportError as exc:
@@ -329,7 +334,7 @@ class BlockServer:
 
     def _reply(self, topic: str, reply: BlockReply) -> Optional[PendingPublish]:
         try:
-            return self.connection.publish(topic, encode_block_reply(reply), qos=self.qos, wait=False)
+            return self.publisher.publish(topic, encode_block_reply(reply), qos=self.qos, wait=False)
         except TransportError as exc:
             log.warning("block reply to %s not delivered: %s (the device will ask again)", topic, exc)
             return None

@@ -60,9 +60,7 @@ from edgeship.ota.director import DesiredState, load_director_private_key, sign_
 from edgeship.ota.errors import BadInputError, EdgeshipError
 from edgeship.ota.protocol import (
     DesiredMessage,
-    EventMessage,
     ReportedMessage,
-    StatusMessage,
     TelemetryMessage,
     encode_message,
     parse_message,

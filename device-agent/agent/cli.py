@@ -310,8 +310,11 @@ def _offline(config: AgentConfig, start: Callable[[Any], Any], quiet: bool) -> d
         )
     try:
         driver = UpdateDriver(config, reporter=_ProgressReporter(quiet))
-        driver.prepare_resume()
-        if driver.in_progress:
+        update = driver.state.update
+        # an update interrupted before activation is finished here first; one waiting in
+        # PROBATION (deferred to the running agent) is left alone: no restart is counted
+        if driver.in_progress and update is not None and update.state != "PROBATION":
+            driver.prepare_resume()
             driver.run(stop_at_probation=True)
         start(driver)
         driver.run(stop_at_probation=True)

@@ -72,59 +72,64 @@ class ModelStats:
                 self._flush()
 
     def _flush(self) -> None:
-        """Fold pending observations into the counters (caller holds the lock)."""
+        """Fold pending observations into the counters (caller holds the lock).
+
+        Vectorized: a handful of numpy calls per batch, whatever its size; per-item
+        Python work is limited to unzipping the tuples.
+        """
         queue = self._pending
-        pending = [
-            queue.popleft() for _ in range(len(queue))
-        ]  # later appends wait for the next flush
-        if not pending:
+        count = len(queue)  # later appends wait for the next flush
+        if not count:
             return
-        latencies = np.fromiter((p[0] for p in pending), dtype=np.float64, count=len(pending))
-        counts = np.bincount(
-            np.searchsorted(_BUCKETS, latencies, side="left"), minlength=len(self.latency.counts)
-        )
-        self.latency.counts = [a + int(b) for a, b in zip(self.latency.counts, counts)]
-        self.latency.total_ms += float(latencies.sum())
-        self.requests += len(pending)
-        outputs = [p[2] for p in pending if p[2] is not None]
-        if outputs:
-            shapes = {o.shape[1:] for o in outputs}
-            if len(shapes) == 1 and outputs[0].ndim >= 1:
-                stacked = np.concatenate(outputs) if outputs[0].ndim else np.stack(outputs)
-                sizes = np.fromiter((len(o) for o in outputs), dtype=np.int64, count=len(outputs))
-                self.examples += int(sizes.sum())
-                rows_ok = (
-                    np.isfinite(stacked.reshape(len(stacked), -1)).all(axis=1)
-                    if stacked.dtype.kind == "f"
-                    else np.ones(len(stacked), dtype=bool)
-                )
-                bad_rows = np.flatnonzero(~rows_ok)
-                if bad_rows.size:  # requests with at least one non-finite row
-                    owners = np.searchsorted(np.cumsum(sizes), bad_rows, side="right")
-                    self.nonfinite += int(np.unique(owners).size)
-                if stacked.ndim == 2 and stacked.shape[1] > 1:
-                    classes = np.bincount(np.argmax(stacked[rows_ok], axis=1), minlength=0)
-                    for c in np.flatnonzero(classes).tolist():
-                        self.classes[c] = self.classes.get(c, 0) + int(classes[c])
-            else:  # pragma: no cover - a model with dynamic output shapes: one by one
-                for o in outputs:
-                    self.examples += int(o.shape[0]) if o.ndim else 1
-                    if o.dtype.kind == "f" and not np.isfinite(o).all():
-                        self.nonfinite += 1
-        inputs = [p[1] for p in pending if p[1] is not None and p[1].size and p[1].ndim]
-        if inputs:  # per example (batch row): the mean of its values, summed
-            if len({x.shape[1:] for x in inputs}) == 1:
-                rows = np.concatenate(inputs)
-                self.input_count += len(rows)
-                self.input_sum += float(
-                    rows.reshape(len(rows), -1).mean(axis=1, dtype=np.float64).sum()
-                )
-            else:
-                for x in inputs:
-                    self.input_count += len(x)
-                    self.input_sum += float(
-                        x.reshape(len(x), -1).mean(axis=1, dtype=np.float64).sum()
-                    )
+        latencies, inputs, outputs = zip(*[queue.popleft() for _ in range(count)])
+        lat = np.array(latencies, dtype=np.float64)
+        counts = np.bincount(np.searchsorted(_BUCKETS, lat, side="left"), minlength=len(self.latency.counts))
+        self.latency.counts = [a + b for a, b in zip(self.latency.counts, counts.tolist())]
+        self.latency.total_ms += float(lat.sum())
+        self.requests += count
+        self._fold_outputs([o for o in outputs if o is not None and o.ndim])
+        self._fold_inputs([x for x in inputs if x is not None and x.ndim and x.size])
+
+    def _fold_outputs(self, outputs: list[np.ndarray]) -> None:
+        if not outputs:
+            return
+        try:
+            stacked = np.concatenate(outputs)
+        except ValueError:  # outputs of different shapes (a dynamic model): one by one
+            for o in outputs:
+                self._fold_outputs_same([o], o)
+            return
+        self._fold_outputs_same(outputs, stacked)
+
+    def _fold_outputs_same(self, outputs: list[np.ndarray], stacked: np.ndarray) -> None:
+        self.examples += len(stacked)
+        if stacked.dtype.kind == "f":
+            rows_ok = np.isfinite(stacked.reshape(len(stacked), -1)).all(axis=1)
+            if not rows_ok.all():  # count requests with at least one non-finite row
+                sizes = np.array([len(o) for o in outputs])
+                owners = np.searchsorted(np.cumsum(sizes), np.flatnonzero(~rows_ok), side="right")
+                self.nonfinite += int(np.unique(owners).size)
+                stacked = stacked[rows_ok]
+        if stacked.ndim == 2 and stacked.shape[1] > 1 and len(stacked):
+            classes = np.bincount(np.argmax(stacked, axis=1))
+            for c in np.flatnonzero(classes).tolist():
+                self.classes[c] = self.classes.get(c, 0) + int(classes[c])
+
+    def _fold_inputs(self, inputs: list[np.ndarray]) -> None:
+        """Per example (batch row): the mean of its values, summed (drift)."""
+        if not inputs:
+            return
+        try:
+            rows = np.concatenate(inputs)
+        except ValueError:
+            for x in inputs:
+                self._fold_rows(x)
+            return
+        self._fold_rows(rows)
+
+    def _fold_rows(self, rows: np.ndarray) -> None:
+        self.input_count += len(rows)
+        self.input_sum += float(rows.reshape(len(rows), -1).mean(axis=1, dtype=np.float64).sum())
 
     def error(self, kind: str) -> None:
         with self._lock:

@@ -80,12 +80,12 @@ def controller(broker_url: str, repo_dir: str, db_url: Optional[str], replica_id
     validate_identifier(prefix, "topic prefix")
     if metrics_port is not None and not 0 <= metrics_port < 65536:
         raise BadInputError(f"--metrics-port {metrics_port} must be 0-65535")
-    _setup_logging(json_log, verbose)
     config = ControllerConfig(broker=broker, repo=repo_dir, db_url=db_url or DEFAULT_DB_URL,
                               replica_id=replica_id or default_replica_id(), prefix=prefix, fleet=fleet_name,
                               shared_group=shared_group or None, tick_s=tick_s, metrics_port=metrics_port,
                               metrics_host=metrics_host)
-    instance = Controller(config)
+    instance = Controller(config)  # checks the repository and opens the store before any logging is set up
+    _setup_logging(json_log, verbose)
 
     def on_signal(signum: int, _frame: Any) -> None:
         logging.getLogger(__name__).info("received %s; shutting down", signal.Signals(signum).name)
@@ -121,13 +121,13 @@ def device_rows(store: Any, fleet: Optional[str], selection: Tuple[Tuple[str, st
     merged: Dict[Tuple[str, Optional[str], Optional[str]], List[Any]] = {}
     for fleet_name in sorted({d.fleet for d in devices}):
         for window in store.telemetry_windows(fleet_name, selection, since=now - window_s):
-            slot = merged.setdefault((window.device, window.name, window.version), [0, 0, LatencyHistogram()])
-            slot[0] += window.requests
-            slot[1] += window.errors
-            slot[2] = slot[2].merge(window.latency)
+            acc = merged.setdefault((window.device, window.name, window.version), [0, 0, LatencyHistogram()])
+            acc[0] += window.requests
+            acc[1] += window.errors
+            acc[2] = acc[2].merge(window.latency)
     rows = []
     for info in devices:
-        slot = merged.get((info.id, info.active_name, info.active_version))
+        slot: Optional[List[Any]] = merged.get((info.id, info.active_name, info.active_version))
         if slot is None:  # telemetry without a bundle, or of another version: use what there is
             slots = [v for (d, _n, _v), v in merged.items() if d == info.id]
             if slots:
@@ -154,7 +154,7 @@ def _window(text: str) -> float:
 
 @click.group("fleet")
 def fleet() -> None:
-    """List the fleet's devices, their models and health."""
+    """List the fleet's devices, their models and health; provision many devices."""
 
 
 @fleet.command("ls")
@@ -387,3 +387,10 @@ def device_tag(device_id: str, pairs: Tuple[str, ...], remove: Tuple[str, ...], 
         emit_json({"device": device_id, "tags": result})
         return
     console().print(f"{device_id}: " + (", ".join(f"{k}={v}" for k, v in sorted(result.items())) or "no tags"))
+
+
+# `fleet provision` (the provisioning engineer's, in commands/device.py). Imported last: device.py
+# imports show/tag from this module at its end, so either module may be imported first.
+from .device import fleet_provision  # noqa: E402
+
+fleet.add_command(fleet_provision, "provision")
