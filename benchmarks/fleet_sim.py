@@ -156,10 +156,17 @@ class SimDevice:
 
     # the update
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        if message.topic.endswith("/desired"):
-            self._on_desired(bytes(message.payload))
-        else:
-            self._on_block(bytes(message.payload))
+        # Nothing may escape into paho: an exception raised in a callback leaves the packet it was
+        # handling half-processed inside paho's reader, and the next read misparses.
+        try:
+            if message.topic.endswith("/desired"):
+                self._on_desired(bytes(message.payload))
+            else:
+                self._on_block(bytes(message.payload))
+        except Exception as exc:
+            self.sim.errors += 1
+            if self.sim.errors <= 10:
+                print(f"{self.device}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
     def _on_desired(self, payload: bytes) -> None:
         doc = parse_message(DESIRED, payload)
@@ -253,6 +260,7 @@ class Simulator:
         self.retries = 0
         self.rate_limited = 0
         self.mismatches = 0
+        self.errors = 0
         self.target_file: Optional[Path] = None
         self.thread = threading.Thread(target=self.loop.run_forever, name="sim-loop", daemon=True)
 
@@ -508,7 +516,7 @@ def run(n: int, bundle_mb: float, telemetry_s: int, rates: List[float], work: Pa
         results.update(rollout_state=rollout.state.value, rollout_s=elapsed, stage_s=stage_times,
                        rollout_cpu_s=_cpu(proc) - cpu0, sim_cpu_s=_cpu(psutil.Process()) - sim_cpu0,
                        bytes_received=sim.bytes_received, retries=sim.retries, rate_limited=sim.rate_limited,
-                       mismatches=sim.mismatches)
+                       mismatches=sim.mismatches, sim_errors=sim.errors)
         metrics = _metrics(metrics_port)
         results["blocks_sent"] = metrics.get("edgeship_controller_blocks_sent_total", 0)
         results["block_bytes_sent"] = metrics.get("edgeship_controller_block_bytes_sent_total", 0)
@@ -565,7 +573,7 @@ def render(r: Dict[str, Any], command: str) -> str:
         f"of one core); the simulator's {r['sim_cpu_s']:.1f} s |",
         f"| desired states signed and published | {r['desired_published']:.0f} |",
         f"| block re-requests (timeouts) / 429 rate limits / bundles that failed the sha256 check | "
-        f"{r['retries']} / {r['rate_limited']} / {r['mismatches']} |",
+        f"{r['retries']} / {r['rate_limited']} / {r['mismatches']} (device-side errors: {r['sim_errors']}) |",
     ]
     for t in r["telemetry"]:
         lines += [

@@ -341,13 +341,13 @@ def _bundle(ref: Optional[Mapping[str, Any]]) -> Tuple[Optional[str], Optional[s
 
 def _update_fields(update: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """The agent's ``update`` object: ``state`` plus the bundle it is about, as ``bundle: {name, version}``
-    or flat ``name``/``version``, and an optional ``detail``/``error``."""
+    or flat ``name``/``version``, and why it ended as ``reason`` (what the agent reports)."""
     if not update:
         return {"update_state": None, "update_name": None, "update_version": None, "update_detail": None}
     nested = update.get("bundle")
     bundle: Mapping[str, Any] = nested if isinstance(nested, Mapping) else update
     name, version = bundle.get("name"), bundle.get("version")
-    detail = update.get("detail") or update.get("error")
+    detail = update.get("reason") or update.get("detail") or update.get("error")
     return {"update_state": str(update.get("state"))[:32] if update.get("state") else None,
             "update_name": str(name)[:64] if name else None, "update_version": str(version)[:64] if version else None,
             "update_detail": str(detail)[:4096] if detail else None}

@@ -263,10 +263,6 @@ class MqttReporter:
 
     # -- Reporter --
     def report_state(self, state: dict[str, Any]) -> None:
-        update = state.get("update")
-        if isinstance(update, dict) and update.get("reason") and not update.get("detail"):
-            # the agent says "reason"; the fleet store reads "detail" (docs/fleet-link.md)
-            state = {**state, "update": {**update, "detail": update["reason"]}}
         try:
             payload = _encode(REPORTED, state)
         except EdgeshipError as exc:
