@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgeship-installed
+TFLITE_VENV := .venv-tflite
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast test-tflite bench lint clean
@@ -19,8 +20,10 @@ demo: $(STAMP)
 	$(BIN)/python examples/digits/run.py
 	$(BIN)/python examples/digits/fleet_demo.py
 
-## test: the whole suite, slow tests included (what CI runs)
-test: $(STAMP)
+## test: the whole suite, slow tests included (what CI runs): first the runtime and agent
+## tests on tflite_runtime 2.14 in its own environment (numpy < 2), then everything else
+test: $(STAMP) $(TFLITE_VENV)/.edgeship-installed $(TFLITE_VENV)/models/reference.npz
+	$(MAKE) --no-print-directory test-tflite PYTEST_ARGS="-q"
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## test-fast: the suite without the tests marked slow
@@ -28,7 +31,6 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 ## test-tflite: runtime and agent tests on tflite_runtime 2.14 (needs numpy < 2: its own venv)
-TFLITE_VENV := .venv-tflite
 $(TFLITE_VENV)/.edgeship-installed: pyproject.toml
 	@test -x $(TFLITE_VENV)/bin/python || $(PYTHON) -m venv $(TFLITE_VENV)
 	$(TFLITE_VENV)/bin/python -m pip install --quiet 'tflite-runtime==2.14.*' 'numpy<2'
@@ -47,10 +49,16 @@ test-tflite: $(TFLITE_VENV)/.edgeship-installed $(TFLITE_VENV)/models/reference.
 ## bench: the benchmarks; results go to docs/benchmarks.md
 bench: $(STAMP)
 	$(BIN)/python benchmarks/conversion.py --write docs/benchmarks.md
+	$(BIN)/python benchmarks/verify.py
+	$(BIN)/python benchmarks/agent.py --write
+	$(BIN)/python benchmarks/blocks.py
+	$(BIN)/python benchmarks/fleet_store.py --write
+	$(BIN)/python benchmarks/fleet_sim.py
+	$(BIN)/python benchmarks/broker.py --write
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check converters ota toolkit device-agent tests
 	$(BIN)/python -m mypy -p edgeship.ota -p edgeship.agent
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TFLITE_VENV) build *.egg-info .pytest_cache
