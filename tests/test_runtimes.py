@@ -52,3 +52,13 @@ def test_truncated_tflite_is_refused(tmp_path: Path, digits_tflite: Path) -> Non
     assert detect_model_format(bad) == "tflite"
     with pytest.raises(ModelLoadError):
         open_model(bad)
+
+
+def test_tensorflow_lite_is_a_working_fallback_runtime(digits_files: dict[str, Path], digits_tflite: Path) -> None:
+    """Where TensorFlow is the only TFLite runtime (a workstation, a Jetson image), it serves."""
+    x = np.load(digits_files["eval"])["x"][:8]
+    with open_model(digits_tflite, prefer=["tensorflow"]) as tf_runner, open_model(digits_tflite, prefer=["litert"]) as litert:
+        assert tf_runner.runtime == "tensorflow" and tf_runner.runtime_version != "unknown"
+        (a,) = tf_runner.run([x])
+        (b,) = litert.run([x])
+    np.testing.assert_allclose(a, b, atol=1e-5)

@@ -43,7 +43,7 @@ TFLITE_RUNTIMES: tuple[str, ...] = ("litert", "tflite_runtime", "tensorflow")
 _TFLITE_MODULES = {
     "litert": ("ai_edge_litert.interpreter", "ai_edge_litert"),
     "tflite_runtime": ("tflite_runtime.interpreter", "tflite_runtime"),
-    "tensorflow": ("tensorflow.lite", "tensorflow"),
+    "tensorflow": ("tensorflow.lite.python.interpreter", "tensorflow"),
 }
 
 
