@@ -17,6 +17,7 @@ from typing import Any, Callable, List
 
 import pytest
 
+from fleet_fixtures import postgres_server  # noqa: F401 - fixture
 from controller_fixtures import (  # noqa: F401 - fixtures
     SimDevice,
     cli,
@@ -113,8 +114,8 @@ def test_rollout_reaches_devices_as_signed_desired_states_and_blocks_are_served(
                  what="the rollout completes")
         assert first and all(store.get_device(s.device).active_version == "1.1.0" for s in sims)
         assert all(not s.refused for s in sims)
-        record = store.desired_for("dev-1")
-        assert record is not None and record.rollout_id == rollout_id and record.envelope["signatures"]
+        record = wait_for(lambda: store.desired_for("dev-1"), what="dev-1's desired state recorded")
+        assert record.rollout_id == rollout_id and record.envelope["signatures"]
         # retained: a device that connects later still finds its signed desired state
         late = MqttConnection(mosquitto_broker.url, client_id="reader").connect(5)
         got: List[Any] = []
@@ -335,5 +336,85 @@ def test_controller_survives_a_broker_restart(mosquitto_broker: Any, release_rep
         state = wait_for(lambda: not sim.desired.empty() and sim.desired.get_nowait(), timeout=20,
                          what="desired state after the restart")
         assert state.version == "1.0.0" and controller.connection.connects >= 2
+    finally:
+        controller.stop()
+
+
+def test_controller_on_postgresql(mosquitto_broker: Any, release_repo: Path, postgres_server: Any,
+                                  devices_factory: Callable[..., SimDevice]) -> None:
+    """The same controller over PostgreSQL: batched ingest, outbox claims, desired states."""
+    url = postgres_server.new_database()
+    controller = start_controller(mosquitto_broker.url, release_repo, url)
+    pg = FleetStore(url)
+    try:
+        sims = [devices_factory(f"pg-{i}", active={"name": "digits", "version": "1.0.0"}) for i in range(3)]
+        for sim in sims:
+            sim.event("hello")
+            sim.telemetry(requests=20, errors=1)
+        wait_for(lambda: len(pg.list_devices("plant")) == 3 and all(pg.get_device(s.device).telemetry_at for s in sims)
+                 and all(pg.recent_events(s.device) for s in sims), what="ingest into PostgreSQL")
+        cli(["deploy", "digits", "1.1.0", "--select", "x=y", "--db", url], code=2)
+        cli(["deploy", "digits", "1.1.0", "--device", "pg-1", "--db", url])
+        state = wait_for(lambda: not sims[1].desired.empty() and sims[1].desired.get_nowait(), what="desired state")
+        assert state.version == "1.1.0"
+        record = wait_for(lambda: pg.desired_for("pg-1"), what="desired state recorded")
+        assert record.sequence == state.sequence and record.envelope["signed"]["device"] == "pg-1"
+    finally:
+        controller.stop()
+        pg.close()
+
+
+def test_failing_rollout_is_aborted_and_the_moved_device_rolled_back(
+        mosquitto_broker: Any, release_repo: Path, db_url: str, store: FleetStore,
+        devices_factory: Callable[..., SimDevice]) -> None:
+    """The demo's second act: the canary fails the new version, the rollout aborts at its first stage
+    and the controller publishes a signed rollback desired state to the previous version."""
+    v1 = {"name": "digits", "version": "1.0.0"}
+    sims = [devices_factory(f"dev-{i}", active=dict(v1)) for i in range(4)]
+    controller = start_controller(mosquitto_broker.url, release_repo, db_url)
+    try:
+        wait_for(lambda: len(store.list_devices("plant")) == 4, what="devices known")
+        rollout_id = cli(["rollout", "start", "digits", "1.1.0", "--fleet", "plant", "--stages", "25,100",
+                          "--max-failures", "0", "--db", db_url]).stdout.strip()
+        canary = wait_for(lambda: next((s for s in sims if not s.desired.empty()), None), what="the canary")
+        state = canary.desired.get_nowait()
+        assert state.action == "install" and state.version == "1.1.0"
+        bundle = {"name": "digits", "version": "1.1.0"}
+        canary.event("update_failed", bundle=bundle, state="FAILED", detail="golden vectors do not match")
+        canary.report(update={"state": "FAILED", "bundle": bundle, "detail": "golden vectors do not match"})
+        rollback = wait_for(lambda: not canary.desired.empty() and canary.desired.get_nowait(), timeout=20,
+                            what="the rollback desired state")
+        assert (rollback.action, rollback.version, rollback.rollout) == ("rollback", "1.0.0", rollout_id)
+        assert rollback.sequence > state.sequence
+        assert store.load_rollout(rollout_id)[0].state.value in ("ABORTED", "ROLLED_BACK")
+        time.sleep(1.0)
+        assert all(s.desired.empty() for s in sims if s is not canary)  # nobody else was moved
+    finally:
+        controller.stop()
+
+
+def test_abtest_assignments_reach_both_arms(mosquitto_broker: Any, release_repo: Path, db_url: str,
+                                           store: FleetStore, devices_factory: Callable[..., SimDevice]) -> None:
+    from edgeship.toolkit.abtest import assign_arm
+
+    controller = start_controller(mosquitto_broker.url, release_repo, db_url)
+    try:
+        test_id = cli(["abtest", "start", "digits:1.0.0", "digits:1.1.0", "--fleet", "plant", "--metric",
+                       "latency_p95", "--db", db_url]).stdout.strip()
+        # devices that join after the start: three hashing to each arm (the test id is random)
+        names = {"A": [], "B": []}  # type: dict
+        for i in range(200):
+            arm = assign_arm(test_id, f"ab-{i}", 50.0)
+            if len(names[arm]) < 3:
+                names[arm].append(f"ab-{i}")
+        v1 = {"name": "digits", "version": "1.0.0"}
+        sims = {arm: [devices_factory(n, active=dict(v1)) for n in names[arm]] for arm in ("A", "B")}
+        for sim in sims["B"]:  # arm B devices get 1.1.0, signed, tagged with the test
+            state = wait_for(lambda: not sim.desired.empty() and sim.desired.get_nowait(), what="desired state")
+            assert (state.version, state.deployment) == ("1.1.0", test_id)
+            record = wait_for(lambda: store.desired_for(sim.device), what="desired state recorded")
+            assert record.abtest_id == test_id  # recorded once the broker acknowledged the publish
+        time.sleep(1.0)  # arm A devices already run 1.0.0: nothing is sent to them
+        assert all(s.desired.empty() and store.desired_for(s.device) is None for s in sims["A"])
     finally:
         controller.stop()

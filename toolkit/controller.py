@@ -52,9 +52,8 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from edgeship.ota.director import DesiredState, load_director_private_key, sign_desired_state
 from edgeship.ota.errors import BadInputError, EdgeshipError
@@ -66,13 +65,10 @@ from edgeship.ota.protocol import (
     parse_message,
 )
 from edgeship.ota.release import ReleaseRepository, TargetInfo
-from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
 from edgeship.ota.topics import (
     DEFAULT_PREFIX,
     DESIRED,
     EVENTS,
-    REPORTED,
-    STATUS,
     TELEMETRY,
     device_topic,
     device_wildcard,
@@ -80,13 +76,13 @@ from edgeship.ota.topics import (
 )
 from edgeship.ota.transport import MQTT_V5, BrokerUrl, MqttConnection, ReceivedMessage, TransportError
 from edgeship.toolkit.blockserver import BlockServer
+from edgeship.toolkit.controller_metrics import INGESTED_KINDS, MetricsServer, render_metrics
 from edgeship.toolkit.rollouts import AssignVersion, RollbackDevice
 from edgeship.toolkit.store import ConcurrentUpdateError, FleetStore, IngestItem, PendingAction
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARED_GROUP = "edgeship-controllers"
-INGESTED_KINDS = (REPORTED, STATUS, EVENTS, TELEMETRY)
 SHARED_KINDS = (EVENTS, TELEMETRY)
 """Kinds split between replicas (shared subscription); reported and status are retained and
 must reach every replica, so they use plain filters."""
@@ -159,134 +155,6 @@ def timestamp_refresh_due(status: Mapping[str, Any], fraction: float = 0.5) -> b
         if info.get("expired") or info.get("expires_in_seconds", 0) < fraction * info.get("validity_seconds", 0):
             return True
     return False
-
-
-def _label(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(**labels: Any) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels.items()) + "}"
-
-
-def _number(value: Optional[float]) -> str:
-    if value is None:
-        return "NaN"
-    if isinstance(value, float) and value != value:  # NaN
-        return "NaN"
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-def render_metrics(summary: Mapping[str, Mapping[str, Any]], rollouts: Sequence[Mapping[str, Any]],
-                   stats: Mapping[str, float], window_s: float) -> str:
-    """The Prometheus text exposition (format 0.0.4) of the fleet and the controller. Pure.
-
-    Args:
-        summary: :meth:`FleetStore.fleet_summary` (per fleet: devices, online, versions, requests,
-            errors and the merged latency histogram of the last ``window_s`` seconds).
-        rollouts: :meth:`FleetStore.list_rollouts` rows (id, fleet, name, version, state, stage,
-            devices: per-status counts).
-        stats: the controller's own counters (:meth:`ControllerStats.snapshot`).
-    """
-    out: List[str] = []
-
-    def family(name: str, kind: str, help_text: str, samples: Iterable[Tuple[Dict[str, Any], Optional[float]]]) -> None:
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            out.append(f"{name}{_labels(**labels)} {_number(value)}")
-
-    fleets = sorted(summary)
-    family("edgeship_devices", "gauge", "Devices known to the controller.",
-           [({"fleet": f}, summary[f]["devices"]) for f in fleets])
-    family("edgeship_devices_online", "gauge", "Devices whose retained status is online.",
-           [({"fleet": f}, summary[f]["online"]) for f in fleets])
-    version_samples = []
-    for f in fleets:
-        for key, count in sorted(summary[f]["versions"].items()):
-            name, _, version = key.partition(":")
-            version_samples.append(({"fleet": f, "bundle": name if version else "", "version": version}, count))
-    family("edgeship_devices_by_version", "gauge", "Devices per active bundle and version (empty: none yet).",
-           version_samples)
-    family("edgeship_fleet_requests", "gauge", f"Inference requests reported over the last {window_s:g} s.",
-           [({"fleet": f}, summary[f]["requests"]) for f in fleets])
-    family("edgeship_fleet_errors", "gauge", f"Inference errors reported over the last {window_s:g} s.",
-           [({"fleet": f}, summary[f]["errors"]) for f in fleets])
-    family("edgeship_fleet_error_rate", "gauge", f"Errors per request over the last {window_s:g} s.",
-           [({"fleet": f}, (summary[f]["errors"] / summary[f]["requests"]) if summary[f]["requests"] else None)
-            for f in fleets])
-    quantile_samples = []
-    for f in fleets:
-        histogram: LatencyHistogram = summary[f]["latency"]
-        for q in (0.5, 0.95, 0.99):
-            quantile_samples.append(({"fleet": f, "quantile": q}, histogram.quantile_ms(q)))
-    family("edgeship_fleet_latency_ms", "gauge",
-           f"Fleet-wide inference latency quantiles (ms) from the devices' merged histograms, last {window_s:g} s.",
-           quantile_samples)
-    bucket_samples: List[Tuple[Dict[str, Any], Optional[float]]] = []
-    for f in fleets:
-        histogram = summary[f]["latency"]
-        running = 0
-        for bound, count in zip(LATENCY_BUCKETS_MS, histogram.counts):
-            running += count
-            bucket_samples.append(({"fleet": f, "le": bound}, running))
-        bucket_samples.append(({"fleet": f, "le": "+Inf"}, histogram.count))
-    out.append(f"# HELP edgeship_fleet_latency_window_ms Merged latency histogram of the last {window_s:g} s "
-               "(cumulative buckets, ms).")
-    out.append("# TYPE edgeship_fleet_latency_window_ms histogram")
-    for labels, value in bucket_samples:
-        out.append(f"edgeship_fleet_latency_window_ms_bucket{_labels(**labels)} {_number(value)}")
-    for f in fleets:
-        histogram = summary[f]["latency"]
-        out.append(f"edgeship_fleet_latency_window_ms_sum{_labels(fleet=f)} {_number(float(histogram.total_ms))}")
-        out.append(f"edgeship_fleet_latency_window_ms_count{_labels(fleet=f)} {histogram.count}")
-    rollout_samples = []
-    stage_samples = []
-    for row in rollouts:
-        base = {"rollout": row["id"], "fleet": row["fleet"], "bundle": row["name"], "version": row["version"],
-                "state": row["state"]}
-        stage_samples.append((base, int(row["stage"]) + 1))
-        for status, count in sorted((row.get("devices") or {}).items()):
-            rollout_samples.append(({**base, "status": status}, count))
-    family("edgeship_rollout_stage", "gauge", "Current stage of each rollout (1-based).", stage_samples)
-    family("edgeship_rollout_devices", "gauge", "Devices of each rollout per status.", rollout_samples)
-    counters = [
-        ("edgeship_controller_messages_total", "counter", "MQTT messages received, per kind.", "received"),
-        ("edgeship_controller_messages_rejected_total", "counter",
-         "Messages dropped as malformed, oversized, unknown or mis-addressed, per kind.", "rejected"),
-    ]
-    for name, kind, help_text, prefix in counters:
-        family(name, kind, help_text, [({"kind": k}, stats.get(f"{prefix}.{k}", 0))
-                                       for k in INGESTED_KINDS + ("other",)])
-    singles = [
-        ("edgeship_controller_ingested_total", "counter", "Messages written to the store.", "ingested"),
-        ("edgeship_controller_ingest_batches_total", "counter", "Store transactions of the ingest writer.",
-         "batches"),
-        ("edgeship_controller_ingest_dropped_total", "counter",
-         "Messages dropped because the ingest queue was full or the store refused them.", "ingest_dropped"),
-        ("edgeship_controller_ingest_queue", "gauge", "Messages waiting for the ingest writer.", "queue_depth"),
-        ("edgeship_controller_ingest_lag_seconds", "gauge",
-         "Age of the oldest message of the last ingested batch when it was written.", "ingest_lag_s"),
-        ("edgeship_controller_ingest_lag_max_seconds", "gauge", "Largest ingest lag seen.", "ingest_lag_max_s"),
-        ("edgeship_controller_desired_published_total", "counter", "Signed desired states published.",
-         "desired_published"),
-        ("edgeship_controller_action_errors_total", "counter",
-         "Outbox actions that could not be carried out (not published bundle, signing or publish failure).",
-         "action_errors"),
-        ("edgeship_controller_blocks_sent_total", "counter", "Blocks served to devices.", "blocks_sent"),
-        ("edgeship_controller_block_bytes_sent_total", "counter", "Block bytes served to devices.",
-         "block_bytes_sent"),
-        ("edgeship_controller_tick_seconds", "gauge", "Duration of the last reconcile tick.", "tick_s"),
-        ("edgeship_controller_ticks_total", "counter", "Reconcile ticks run.", "ticks"),
-        ("edgeship_controller_timestamp_expires_in_seconds", "gauge",
-         "Seconds until the release repository's timestamp metadata expires.", "timestamp_expires_in_s"),
-        ("edgeship_controller_connected", "gauge", "1 while connected to the broker.", "connected"),
-    ]
-    for name, kind, help_text, key in singles:
-        family(name, kind, help_text, [({}, stats.get(key))] if key in stats else [])
-    return "\n".join(out) + "\n"
 
 
 # -- configuration and counters -------------------------------------------------------------------
@@ -445,7 +313,7 @@ class Controller:
         self._last_renew_check = 0.0
         self._last_prune = 0.0
         self._last_late_joiner_check = 0.0
-        self._http: Optional[ThreadingHTTPServer] = None
+        self._http: Optional[MetricsServer] = None
         self._metrics_cache: Tuple[float, str] = (0.0, "")
         self._metrics_lock = threading.Lock()
         self.shared = False
@@ -454,7 +322,7 @@ class Controller:
     # -- lifecycle --
     @property
     def metrics_port(self) -> Optional[int]:
-        return self._http.server_address[1] if self._http is not None else None
+        return self._http.port if self._http is not None else None
 
     def start(self, connect_timeout: float = 15.0) -> "Controller":
         """Connect, subscribe, start the writer, the reconcile loop, the block server and the metrics."""
@@ -519,8 +387,7 @@ class Controller:
             thread.join(timeout)
         self._threads = []
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.stop()
             self._http = None
         self.connection.close()
         if self._own_store:
@@ -752,10 +619,10 @@ class Controller:
                     targets[wanted] = exc
             target = targets[wanted]
             if isinstance(target, EdgeshipError):
-                errors += 1
-                self.stats.add("action_errors")
                 log.error("cannot give %s %s %s: %s", action.device, action.name, action.version, target.message)
                 self.store.complete_action(entry.id, now, error=target.message)
+                errors += 1
+                self.stats.add("action_errors")
                 continue
             state = build_desired_state(
                 fleet=entry.fleet, device=action.device, target=target,
@@ -863,35 +730,7 @@ class Controller:
         return self.stats.snapshot()
 
     def _start_metrics(self, host: str, port: int) -> None:
-        controller = self
-
-        class MetricsHandler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                if self.path.split("?")[0] not in ("/metrics", "/"):
-                    self.send_error(404, "only /metrics is served here")
-                    return
-                try:
-                    body = controller.metrics_text().encode("utf-8")
-                except Exception as exc:  # the store may be busy or gone: say so, do not die
-                    log.warning("metrics scrape failed: %s", exc)
-                    self.send_error(503, "metrics unavailable")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                log.debug("metrics: " + format, *args)
-
-        try:
-            self._http = ThreadingHTTPServer((host, port), MetricsHandler)
-        except OSError as exc:
-            raise BadInputError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
-        self._http.daemon_threads = True
-        thread = threading.Thread(target=self._http.serve_forever, name="controller-metrics", daemon=True)
-        thread.start()
+        self._http = MetricsServer(host, port, self.metrics_text).start()
 
 
 class JsonLogFormatter(logging.Formatter):

@@ -181,24 +181,50 @@ class TFLiteRunner(ModelRunner):
                          for d, spec in zip(self._input_details, self.signature.inputs)]
         self._out_plan = [(d["index"], spec, spec.quantized)
                           for d, spec in zip(self._output_details, self.signature.outputs)]
-        self._single = len(self._in_plan) == 1 and len(self._out_plan) == 1
+        self._fast: tuple[Any, ...] | None = None
+        if len(self._in_plan) == 1 and len(self._out_plan) == 1:  # the serving hot path's facts and bound methods, in one attribute
+            (in_index, in_dtype, in_spec), (out_index, out_spec, out_quantized) = self._in_plan[0], self._out_plan[0]
+            interpreter = self._interpreter
+            self._fast = (
+                self._lock.acquire, self._lock.release, interpreter.set_tensor, interpreter.invoke,
+                interpreter.get_tensor, in_index, out_index, in_spec if in_spec.quantized else None,
+                in_dtype, out_spec if out_quantized else None,
+            )
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Float in, float out; the serving hot path (one lock, no redundant copies)."""
+        """Float in, float out; the serving hot path.
+
+        One input and one output (the common case): the interpreter's own
+        ``set_tensor`` checks dtype and shape (and copies), so an input that already
+        matches costs no extra Python check; one that does not (another dtype, a
+        new batch size, a non-array) raises ValueError there before anything is
+        written, and goes the general way (convert, resize, or a one-line error).
+        """
+        fast = self._fast
+        if fast is not None and len(inputs) == 1:
+            acquire, release, set_tensor, invoke, get_tensor, index, out_index, in_spec, in_dtype, out_spec = fast
+            x = inputs[0]
+            if in_spec is not None and (type(x) is not np.ndarray or x.dtype != in_dtype):
+                x = quantize(np.asarray(x), in_spec)  # int8 I/O: float from the caller
+            acquire()
+            try:
+                try:
+                    set_tensor(index, x)
+                except ValueError:
+                    y = None
+                else:
+                    invoke()
+                    y = get_tensor(out_index)  # a copy: safe to hand out after the lock
+            finally:
+                release()
+            if y is not None:
+                return [y] if out_spec is None else [dequantize(y, out_spec)]
+        return self._run_general(inputs)
+
+    def _run_general(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Any number of inputs; converts dtypes, resizes for a new batch size."""
         if len(inputs) != len(self._in_plan):
             return super().run(inputs)  # raises the one-line error
-        if self._single:  # one input, one output, already the right dtype and shape: the common case
-            x = inputs[0]
-            index, dtype, _ = self._in_plan[0]
-            if type(x) is np.ndarray and x.dtype == dtype and x.shape == self._current_shapes[0] \
-                    and x.flags.c_contiguous:
-                out_index, out_spec, out_quantized = self._out_plan[0]
-                with self._lock:
-                    interpreter = self._interpreter
-                    interpreter.set_tensor(index, x)
-                    interpreter.invoke()
-                    y = interpreter.get_tensor(out_index)  # a copy
-                return [dequantize(y, out_spec) if out_quantized else y]
         with self._lock:
             interpreter = self._interpreter
             resized = False
@@ -250,6 +276,7 @@ class TFLiteRunner(ModelRunner):
 
     def close(self) -> None:
         self._interpreter = None
+        self._fast = None  # its bound methods hold the interpreter too
 
 
 class OnnxRunner(ModelRunner):

@@ -152,7 +152,22 @@ def _window(text: str) -> float:
     return parse_duration(text)
 
 
-@click.group("fleet")
+class _FleetGroup(click.Group):
+    """``fleet`` with ``provision`` (the provisioning command, defined in commands/device.py) loaded
+    on use: device.py imports ``show``/``tag`` from this module, so importing it here would be a cycle."""
+
+    def list_commands(self, ctx: click.Context) -> List[str]:
+        return sorted(set(super().list_commands(ctx)) | {"provision"})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> Optional[click.Command]:
+        if cmd_name == "provision":
+            from .device import fleet_provision
+
+            return fleet_provision
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group("fleet", cls=_FleetGroup)
 def fleet() -> None:
     """List the fleet's devices, their models and health; provision many devices."""
 
@@ -388,9 +403,3 @@ def device_tag(device_id: str, pairs: Tuple[str, ...], remove: Tuple[str, ...], 
         return
     console().print(f"{device_id}: " + (", ".join(f"{k}={v}" for k, v in sorted(result.items())) or "no tags"))
 
-
-# `fleet provision` (the provisioning engineer's, in commands/device.py). Imported last: device.py
-# imports show/tag from this module at its end, so either module may be imported first.
-from .device import fleet_provision  # noqa: E402
-
-fleet.add_command(fleet_provision, "provision")
