@@ -32,7 +32,7 @@ _FLUSH_MAX = 1024
 """Requests folded at most per batch (the fold's fixed cost is shared by this many)."""
 _FLUSH_BYTES = 8 << 20
 """...and at most this many bytes of held outputs (a segmentation model folds more often)."""
-_SAMPLE_S = 0.001
+_SAMPLE_S = 0.01
 """Input statistics (drift) come from at most one request per this many seconds."""
 _perf_counter = time.perf_counter
 _BUCKETS = np.asarray(LATENCY_BUCKETS_MS)
@@ -51,8 +51,8 @@ class ModelStats:
     with a few vectorized numpy calls. Counts, errors, the latency histogram,
     NaN/Inf outputs and the output class histogram are exact (every request).
     The input statistics for drift are sampled: the first request after each
-    millisecond (so every request while traffic is below 1,000 requests/s, and at
-    most ~1,000 input sums a second above it); ``input_count`` counts the sampled
+    10 ms (so every request while traffic is below 100 requests/s, and at most
+    ~100 input sums a second above it); ``input_count`` counts the sampled
     examples, and ``input_sum / input_count`` is the mean input over the sample.
     """
 
@@ -73,6 +73,9 @@ class ModelStats:
     _samples: list = field(default_factory=list, repr=False, compare=False)
     _next_sample: float = field(default=0.0, repr=False, compare=False)
     _flush_at: int = field(default=1, repr=False, compare=False)  # learns the output size first
+    # set by LoadedModel: the model's first output has a fixed shape after the batch
+    # dimension, so a batch of outputs can be joined as bytes (see _fold_outputs)
+    fixed_row_shape: bool = field(default=False, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def observe(
@@ -86,9 +89,9 @@ class ModelStats:
             self._sample(now, inputs, len(pending) >> 1)
 
     def _sample(self, now: float, inputs: Sequence[np.ndarray], pending: int) -> None:
-        """Off the common path (at most ~1,000 times a second): take this request's
+        """Off the common path (at most ~100 times a second): take this request's
         input statistics and fold the batch when it is due. Races between threads
-        here are benign (at worst two samples in one millisecond)."""
+        here are benign (at worst two samples in one period)."""
         self._next_sample = now + _SAMPLE_S
         if inputs:
             try:
@@ -139,12 +142,31 @@ class ModelStats:
                 self.input_sum += total
 
     def _fold_outputs(self, outputs: list[np.ndarray | None]) -> None:
-        try:  # the common case: every request's output has the same trailing shape
-            stacked = np.concatenate(outputs)
-        except (ValueError, TypeError):  # None, 0-d, or outputs of different shapes
-            self._fold_outputs_careful([o for o in outputs if o is not None and o.ndim])
-            return
+        stacked = self._joined(outputs) if self.fixed_row_shape else None
+        if stacked is None:
+            try:  # every request's output has the same trailing shape
+                stacked = np.concatenate(outputs)
+            except (ValueError, TypeError):  # None, 0-d, or outputs of different shapes
+                self._fold_outputs_careful([o for o in outputs if o is not None and o.ndim])
+                return
         self._fold_outputs_same(outputs, stacked)
+
+    @staticmethod
+    def _joined(outputs: list[np.ndarray | None]) -> np.ndarray | None:
+        """``np.concatenate(outputs)`` for a model whose output rows have one fixed
+        shape, at a quarter of the cost (one ``bytes.join``, no per-array checks),
+        or None where that cannot be shown: the bytes must be exactly the rows
+        times the first output's row size, else the careful way decides."""
+        first = outputs[0]
+        try:
+            rows = sum(map(len, outputs))  # TypeError for None or a 0-d array
+            joined = b"".join(outputs)  # BufferError for a non-contiguous array
+            rowbytes = first.nbytes // len(first)  # ZeroDivisionError for an empty batch
+        except (TypeError, ValueError, BufferError, ZeroDivisionError, AttributeError):
+            return None
+        if len(joined) != rows * rowbytes or not first.flags.c_contiguous:
+            return None
+        return np.frombuffer(joined, dtype=first.dtype).reshape((rows, *first.shape[1:]))
 
     def _fold_outputs_careful(self, outputs: list[np.ndarray]) -> None:
         if not outputs:
@@ -220,6 +242,11 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         self.run = self.runner.run  # bound once: the request path calls it directly
+        try:  # no dynamic dimension after the batch: outputs join as bytes
+            shape = self.runner.signature.outputs[0].shape
+            self.stats.fixed_row_shape = len(shape) >= 1 and all(d >= 0 for d in shape[1:])
+        except (AttributeError, IndexError, TypeError):
+            self.stats.fixed_row_shape = False
 
     @property
     def label(self) -> str:
