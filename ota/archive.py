@@ -336,10 +336,12 @@ class TarStreamReader:
             if field[0] & 0x40:
                 raise MalformedArchiveError(f"member {name!r} has a negative size")
             return value
-        try:
-            return int(field.replace(b"\0", b" ").strip() or b"0", 8)
-        except ValueError:
-            raise MalformedArchiveError(f"member {name!r} has an unreadable size field {field!r}") from None
+        # octal digits only: int() would also take a sign ("-1" once became read(-1), the whole
+        # stream at once) or underscores
+        digits = field.replace(b"\0", b" ").strip()
+        if digits.strip(b"01234567"):
+            raise MalformedArchiveError(f"member {name!r} has an unreadable size field {field!r}")
+        return int(digits or b"0", 8)
 
     # -- content --------------------------------------------------------------------------------
 

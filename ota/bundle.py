@@ -340,17 +340,20 @@ def build_bundle(
     out_path = Path(out)
     if not out_path.parent.is_dir():
         raise BadInputError(f"output folder {out_path.parent} does not exist")
-    with atomic_output_path(out_path, mode=0o644) as tmp:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            _add_bytes(tar, MANIFEST_NAME, manifest.to_json_bytes(), mtime)
-            for member, path in members.items():
-                info = _tarinfo(member, files[member]["size"], mtime)
-                with open(path, "rb") as handle:
-                    tar.addfile(info, _ProgressReader(handle, progress, files[member]["size"]))
-            for member, payload in generated.items():
-                _add_bytes(tar, member, payload, mtime)
-        # a file changed while it was packed would not match its manifest entry
-        scan_bundle(tmp, progress=progress)
+    try:
+        with atomic_output_path(out_path, mode=0o644) as tmp:
+            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                _add_bytes(tar, MANIFEST_NAME, manifest.to_json_bytes(), mtime)
+                for member, path in members.items():
+                    info = _tarinfo(member, files[member]["size"], mtime)
+                    with open(path, "rb") as handle:
+                        tar.addfile(info, _ProgressReader(handle, progress, files[member]["size"]))
+                for member, payload in generated.items():
+                    _add_bytes(tar, member, payload, mtime)
+            # a file changed while it was packed would not match its manifest entry
+            scan_bundle(tmp, progress=progress)
+    except OSError as exc:
+        raise EdgeshipError(f"bundle {out_path} cannot be written: {exc.strerror or exc}") from None
     return manifest
 
 

@@ -60,6 +60,7 @@ from securesystemslib.formats import encode_canonical
 
 from .atomicfile import atomic_write_bytes
 from .errors import BadInputError, EdgeshipError, SecurityError
+from .versions import check_name, parse_version
 
 DESIRED_STATE_TYPE = "edgeship-desired-state"
 DESIRED_STATE_SCHEMA = 1
@@ -105,7 +106,7 @@ def format_utc(moment: _dt.datetime) -> str:
 
 def parse_utc(text: str) -> _dt.datetime:
     """Parse ``YYYY-MM-DDTHH:MM:SSZ``; anything else raises ValueError."""
-    if not isinstance(text, str) or not _ISO.match(text):
+    if not isinstance(text, str) or not _ISO.fullmatch(text):
         raise ValueError(f"{text!r} is not a UTC time of the form YYYY-MM-DDTHH:MM:SSZ")
     return _dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.timezone.utc)
 
@@ -200,7 +201,7 @@ class DesiredState:
 
         hashes = doc.get("hashes")
         if (not isinstance(hashes, Mapping) or "sha256" not in hashes
-                or not all(isinstance(k, str) and isinstance(v, str) and _HEX.match(v) for k, v in hashes.items())):
+                or not all(isinstance(k, str) and isinstance(v, str) and _HEX.fullmatch(v) for k, v in hashes.items())):
             raise MalformedDesiredStateError("desired state: 'hashes' must map algorithms to hex, sha256 included")
         try:
             expires = parse_utc(doc.get("expires"))  # type: ignore[arg-type]
@@ -210,6 +211,13 @@ class DesiredState:
         action = doc.get("action", "install")
         if action not in ACTIONS:
             raise MalformedDesiredStateError(f"desired state: action {action!r} is not one of {list(ACTIONS)}")
+        # the bundle and version name a folder on the device (work_dir/<bundle>-<version>): the
+        # same rules as the release repository's, never a path
+        try:
+            check_name(doc.get("bundle"))  # type: ignore[arg-type]
+            parse_version(doc.get("version"))  # type: ignore[arg-type]
+        except BadInputError as exc:
+            raise MalformedDesiredStateError(f"desired state: {exc.message}") from None
         known = {"_type", "schema", "fleet", "device", "bundle", "version", "target", "length", "hashes",
                  "sequence", "expires", "issued", "deployment", "rollout", "action"}
         return cls(

@@ -59,7 +59,7 @@ class LocalFolderFetcher(FetcherInterface):
             raise tuf_exceptions.DownloadHTTPError(f"unsupported URL {url!r}", 400)
         rest = parse.unquote(url[len(URL_PREFIX):])
         area, _, relative = rest.partition("/")
-        if area not in ("metadata", "targets") or not _SAFE_PATH.match(relative):
+        if area not in ("metadata", "targets") or not _SAFE_PATH.fullmatch(relative):
             raise tuf_exceptions.DownloadHTTPError(f"refused URL {url!r}", 400)
         return self.folder / area / relative
 

@@ -119,15 +119,22 @@ class BundleManifest:
         if not isinstance(files_doc, Mapping) or not files_doc:
             raise ManifestError("manifest: 'files' must be a non-empty object")
         files: Dict[str, Dict[str, Any]] = {}
+        folded: Dict[str, str] = {}
         for member, info in files_doc.items():
-            if not isinstance(member, str) or not _MEMBER_NAME.match(member) or member == MANIFEST_NAME:
+            if not isinstance(member, str) or not _MEMBER_NAME.fullmatch(member) or member == MANIFEST_NAME:
                 raise ManifestError(f"manifest: file name {member!r} is not allowed (flat names of a-z, 0-9, . _ -)")
+            # on a case-insensitive file system (macOS, FAT on a USB stick) both would be one file
+            twin = folded.setdefault(member.lower(), member)
+            if member.lower() == MANIFEST_NAME:
+                twin = MANIFEST_NAME
+            if twin != member:
+                raise ManifestError(f"manifest: file names {twin!r} and {member!r} differ only by case")
             if not isinstance(info, Mapping):
                 raise ManifestError(f"manifest: files[{member!r}] must be an object")
             size, digest = info.get("size"), info.get("sha256")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise ManifestError(f"manifest: files[{member!r}].size must be a non-negative integer")
-            if not isinstance(digest, str) or not _SHA256.match(digest):
+            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
                 raise ManifestError(f"manifest: files[{member!r}].sha256 must be 64 lower-case hex digits")
             files[member] = {"size": size, "sha256": digest}
         model_file = doc.get("model_file")

@@ -37,6 +37,7 @@ from .archive import (
     ManifestError,
     TarStreamReader,
     UnexpectedMemberError,
+    UnsafeMemberNameError,
 )
 from .director import format_utc
 from .errors import BadInputError, EdgeshipError
@@ -120,8 +121,8 @@ def _package_member_allowed(name: str) -> bool:
         return True
     area, _, rest = name.partition("/")
     if area == "metadata":
-        return "/" not in rest and rest.endswith(".json") and bool(_SAFE_PATH.match(rest))
-    return area == "targets" and bool(_SAFE_PATH.match(rest))
+        return "/" not in rest and rest.endswith(".json") and bool(_SAFE_PATH.fullmatch(rest))
+    return area == "targets" and bool(_SAFE_PATH.fullmatch(rest))
 
 
 def open_offline_package(
@@ -177,9 +178,16 @@ def open_offline_package(
                 if member.size > cap:
                     raise ManifestError(f"member {member.name!r} is {member.size} bytes, more than {cap} allowed")
                 destination = staging / member.name
-                destination.parent.mkdir(parents=True, exist_ok=True)
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-                with os.fdopen(os.open(destination, flags, 0o644), "wb") as out:
+                try:
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(destination, flags, 0o644)
+                except (FileExistsError, NotADirectoryError, IsADirectoryError):
+                    raise UnsafeMemberNameError(
+                        f"member {member.name!r} clashes with another member (one name used as a file and as a "
+                        "folder, or names that differ only by case)"
+                    ) from None
+                with os.fdopen(fd, "wb") as out:
                     for chunk in reader.read_content(member, cap=cap):
                         out.write(chunk)
             reader.finish()
@@ -196,6 +204,9 @@ def open_offline_package(
                                 f"{PACKAGE_FORMAT!r})")
         if not isinstance(envelope, dict):
             raise ManifestError("the offline package's desired.json is not a JSON object")
+    except OSError as exc:  # the device's storage (full, read-only): not a verdict on the package
+        shutil.rmtree(staging, ignore_errors=True)
+        raise EdgeshipError(f"offline package {path} cannot be unpacked into {work}: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 __all__ = [
     "DEFAULT_EXPIRY",
+    "MAX_EXPIRY_SECONDS",
     "ROLES",
     "ReleaseRepository",
     "TargetInfo",
@@ -74,6 +75,9 @@ DEFAULT_EXPIRY: Dict[str, int] = {
 """Seconds each role's metadata stays valid after it is signed (timestamp a day, as
 production TUF deployments do; the controller re-signs it with ``refresh``)."""
 
+MAX_EXPIRY_SECONDS = 100 * 365 * 86400
+"""The longest validity a role may be given (a century; more cannot even be signed as a date)."""
+
 Passphrase = Union[str, bytes]
 ProgressCallback = Callable[[str, int, int], None]
 _SERIALIZER = JSONSerializer(compact=False)
@@ -93,6 +97,8 @@ def parse_duration(text: str) -> int:
     seconds = int(float(match.group(1)) * _UNITS[match.group(2)])
     if seconds <= 0:
         raise BadInputError(f"duration {text!r} must be positive")
+    if seconds > MAX_EXPIRY_SECONDS:
+        raise BadInputError(f"duration {text!r} is longer than 100 years, the most allowed")
     return seconds
 
 
@@ -203,7 +209,14 @@ class ReleaseRepository:
             except ValueError as exc:
                 raise BadInputError(f"{config_path} is not valid JSON: {exc}") from None
         values = dict(DEFAULT_EXPIRY)
-        values.update({k: int(v) for k, v in (config.get("expiry_seconds") or {}).items() if k in ROLES})
+        try:
+            values.update({k: int(v) for k, v in (config.get("expiry_seconds") or {}).items() if k in ROLES})
+        except (TypeError, ValueError, AttributeError):
+            raise BadInputError(f"{config_path}: expiry_seconds must map roles to whole seconds") from None
+        for role, seconds in values.items():
+            if not 0 < seconds <= MAX_EXPIRY_SECONDS:
+                raise BadInputError(f"{config_path}: the expiry of {role} ({seconds} s) must be between 1 second "
+                                    "and 100 years; correct it in that file")
         return values
 
     def _set_expiry(self, changes: Optional[Mapping[str, int]]) -> Dict[str, int]:
@@ -213,6 +226,8 @@ class ReleaseRepository:
                 raise BadInputError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
             if int(seconds) <= 0:
                 raise BadInputError(f"expiry of {role} must be positive")
+            if int(seconds) > MAX_EXPIRY_SECONDS:
+                raise BadInputError(f"expiry of {role} must be at most {MAX_EXPIRY_SECONDS} seconds (100 years)")
             values[role] = int(seconds)
         if changes:
             atomic_write_json(self.path / "config.json", {"schema": 1, "expiry_seconds": values})
@@ -300,6 +315,13 @@ class ReleaseRepository:
         now = now or _utc_now()
         if self.exists() or self._key_path("root").exists():
             raise BadInputError(f"{self.path} already holds a release repository; nothing was changed")
+        try:
+            self._create(passphrase, expiry, now)
+        except OSError as exc:
+            raise EdgeshipError(f"cannot create a release repository in {self.path}: {exc.strerror or exc}") from None
+        return self.fingerprints()
+
+    def _create(self, passphrase: bytes, expiry: Optional[Mapping[str, int]], now: _dt.datetime) -> None:
         with self._locked():
             for folder in (self.metadata_dir, self.targets_dir, self.director_dir):
                 folder.mkdir(parents=True, exist_ok=True)
@@ -318,7 +340,6 @@ class ReleaseRepository:
             generate_director_key(self.director_dir / "director.key", self.director_public_key_path)
             atomic_write_json(self.director_dir / "sequences.json", {})
             fsync_dir(self.path)
-        return self.fingerprints()
 
     def fingerprints(self) -> Dict[str, Any]:
         """Key ids of every role and the director, and the two provisioning files."""
@@ -653,8 +674,11 @@ class ReleaseRepository:
                                      expires_in=expires_in, now=now)
         roots = sorted(self.metadata_dir.glob("*.root.json"), key=lambda p: int(p.name.split(".")[0]))
         metadata = roots + [self.metadata_dir / f"{role}.json" for role in ("timestamp", "snapshot", "targets")]
-        result = write_offline_package(Path(out), metadata=metadata, target_path=target.path,
-                                       target_file=target.file, envelope=envelope, fleet=fleet, now=now)
+        try:
+            result = write_offline_package(Path(out), metadata=metadata, target_path=target.path,
+                                           target_file=target.file, envelope=envelope, fleet=fleet, now=now)
+        except OSError as exc:
+            raise EdgeshipError(f"offline package {out} cannot be written: {exc.strerror or exc}") from None
         # the package is usable until the first of its metadata expires (the timestamp, by default a day)
         role, expires = min(((r, self._load(r).signed.expires) for r in ROLES), key=lambda item: item[1])
         result["metadata_expires"] = format_utc(expires)

@@ -141,7 +141,7 @@ def parse_broker_url(
     if not host:
         raise BadInputError(f"broker URL {url!r} has no host; {form}")
     try:
-        port = parts.port or _DEFAULT_PORTS[scheme]
+        port = parts.port if parts.port is not None else _DEFAULT_PORTS[scheme]  # ':0' is refused, not 1883
     except ValueError:
         raise BadInputError(f"broker URL {url!r} has an invalid port; {form} with PORT in 1-65535") from None
     if not 0 < port < 65536:

@@ -30,7 +30,7 @@ ParsedVersion = Tuple[Tuple[int, ...], int, Tuple[_Identifier, ...]]
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid bundle name, else raise BadInputError."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise BadInputError(
             f"bundle name {name!r} is not allowed: use 1-64 characters of a-z, 0-9, '.', '_', '-' "
             "starting with a letter or digit"
@@ -44,7 +44,7 @@ def parse_version(version: str) -> ParsedVersion:
     Raises:
         BadInputError: the string is not a version (the message shows the form).
     """
-    match = _VERSION.match(version) if isinstance(version, str) else None
+    match = _VERSION.fullmatch(version) if isinstance(version, str) else None
     if match is None:
         raise BadInputError(
             f"version {version!r} is not a version: use numbers separated by dots, optionally "

@@ -11,8 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_fixtures import FLEET, AgentRepo, TFServingClient, agent_config, build_agent_repo, wait_for
-
+from agent_fixtures import (
+    FLEET,
+    AgentRepo,
+    TFServingClient,
+    agent_config,
+    build_agent_repo,
+    wait_for,
+)
 from edgeship.agent.daemon import Agent
 from edgeship.agent.sources import OfflinePackageSource
 from edgeship.ota.protocol import EventMessage, ReportedMessage, TelemetryMessage
@@ -83,3 +89,19 @@ def test_reporter_gets_protocol_documents_and_desired_state_installs(tmp_path: P
     windows = [TelemetryMessage.from_dict(t) for t in capture.telemetry]
     assert sum(w.requests for w in windows) >= 1 and all(w.window_s > 0 for w in windows)
     assert json.dumps(capture.telemetry[-1])  # plain JSON for any transport
+
+
+def test_install_of_a_path_the_agent_cannot_see_says_why(tmp_path: Path) -> None:
+    """``install`` sends the path: under systemd (PrivateTmp, ProtectHome) a package in
+    /tmp or /home exists for the operator but not for the agent; the refusal says so."""
+    from edgeship.agent.config import parse_config
+    from edgeship.ota.errors import BadInputError
+
+    config = parse_config({
+        "device": {"id": "d", "fleet": "f"},
+        "paths": {"data": str(tmp_path / "data")},
+        "trust": {"root": str(tmp_path / "root.json"), "director_key": str(tmp_path / "k.pub")},
+    })
+    with pytest.raises(BadInputError) as caught:
+        Agent(config).dispatch({"op": "install", "package": str(tmp_path / "gone.package")})
+    assert "no such file" in caught.value.message and "PrivateTmp" in caught.value.message

@@ -224,3 +224,40 @@ def test_hot_swaps_under_concurrent_load_fail_no_request(
         got = np.array(body["predictions"][0])  # type: ignore[index]
         assert any(np.allclose(got, want, atol=1e-6) for want in expected.values())
     assert serving.swaps == 61
+
+
+def test_a_taken_port_is_one_clear_error(tmp_path: Path) -> None:
+    """Another process on [server] bind: `edgeship-agent run` says so in one line."""
+    import socket
+
+    from edgeship.ota.errors import EdgeshipError
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        with pytest.raises(EdgeshipError, match=rf"cannot listen on 127\.0\.0\.1:{port} \(\[server\] bind\)"):
+            ApiServer(ServingModel(), tmp_path, "127.0.0.1", port)
+    finally:
+        taken.close()
+
+
+def test_named_inputs_take_the_tf_serving_signature_key(api, x: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """A TF Serving client names inputs by the SavedModel signature's key ("image"); TF's
+    TFLite converter names the tensor "serving_default_image:0". Both are accepted, and the
+    metadata lists the input under its key with the tensor name as "name", as TF Serving does."""
+    server, serving = api
+    assert serving.current.runner.signature.inputs[0].name == "serving_default_image:0"  # precondition
+    client = TFServingClient(server.host, server.port)
+    status, columnar = client.request("POST", "/v1/models/digits:predict", {"inputs": {"image": x[:2].tolist()}})
+    assert status == 200 and np.array(columnar["outputs"]).shape == (2, 10), columnar
+    status, rows = client.request("POST", "/v1/models/digits:predict", {"instances": [{"image": x[0].tolist()}]})
+    assert status == 200 and len(rows["predictions"]) == 1, rows
+    np.testing.assert_allclose(rows["predictions"][0], columnar["outputs"][0], atol=1e-6)
+    status, reply = client.request("POST", "/v1/models/digits:predict", {"inputs": {"images": x[:1].tolist()}})
+    assert status == 400 and "image" in reply["error"]
+    status, meta = client.request("GET", "/v1/models/digits/metadata")
+    inputs = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"]
+    assert list(inputs) == ["image"] and inputs["image"]["name"] == "serving_default_image:0"
+    client.close()

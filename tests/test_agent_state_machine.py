@@ -275,6 +275,10 @@ def test_rendered_config_is_complete_and_valid(tmp_path: Path) -> None:
         ({"server": {"bind": "localhost"}}, "not HOST:PORT"),
         ({"probation": {"max_error_rate": 2.0}}, "within"),
         ({"probation": {"window_s": "long"}}, "must be a float"),
+        # a typo must not silently leave the default in force
+        ({"probation": {"window": 5.0}}, r"\[probation\] window is not a known key \(known: max_error_rate"),
+        ({"probaton": {"window_s": 5.0}}, r"\[probaton\] is not a known table"),
+        ({"retention": {"keep": 1}}, r"\[retention\] keep is not a known key"),
     ],
 )
 def test_bad_config_is_named(patch: dict, message: str) -> None:
@@ -287,3 +291,62 @@ def test_bad_config_is_named(patch: dict, message: str) -> None:
         doc[table] = values if table == "device" else {**doc.get(table, {}), **values}
     with pytest.raises(BadInputError, match=message):
         parse_config(doc)
+
+
+def test_broker_table_takes_the_fleet_links_keys() -> None:
+    """[broker] keys besides url belong to the fleet link (validated there): not refused here."""
+    doc = {
+        "device": {"id": "d", "fleet": "f"},
+        "paths": {"data": "/d"},
+        "trust": {"root": "/r.json", "director_key": "/k.pub"},
+        "broker": {"url": "", "prefix": "x", "block_size": 1024, "repository_url": "https://h/r"},
+    }
+    assert parse_config(doc).broker_url == ""
+
+
+# -- which TFLite runtime may run a bundle, and whether its version is enough ---------------------
+@pytest.mark.parametrize(
+    "prefer, runtimes, order",
+    [
+        (["litert", "tflite_runtime", "tensorflow"], None, ["litert", "tflite_runtime", "tensorflow"]),
+        (["litert", "tflite_runtime", "tensorflow"], [], ["litert", "tflite_runtime", "tensorflow"]),
+        # SELECT_TF_OPS models name only full TensorFlow: LiteRT must not be tried
+        (["litert", "tflite_runtime", "tensorflow"], ["tensorflow"], ["tensorflow"]),
+        (["litert", "tflite_runtime"], ["tensorflow"], []),
+        (["tflite_runtime", "litert"], ["litert", "tflite_runtime"], ["tflite_runtime", "litert"]),
+    ],
+)
+def test_tflite_runtime_order(prefer: list[str], runtimes: list[str] | None, order: list[str]) -> None:
+    from edgeship.agent.updater import tflite_runtime_order
+
+    assert tflite_runtime_order(prefer, runtimes) == order
+
+
+@pytest.mark.parametrize(
+    "runtime, have, minimum, validated, ok, words",
+    [
+        ("litert", "2.3.0", None, None, True, ""),
+        # min_version is a TensorFlow Lite version; LiteRT numbers its releases apart from
+        # TensorFlow's, and every LiteRT release has at least TF Lite 2.17's kernels
+        ("litert", "2.3.0", "2.17.0", None, True, "2.17"),
+        ("litert", "1.0.1", "1.14.0", None, True, ""),
+        # newer than the floor: accepted only when the converter validated it on this
+        # LiteRT version or an older one
+        ("litert", "2.3.0", "2.20.0", {"runtime": "litert", "version": "2.3.0"}, True, "validated"),
+        ("litert", "2.3.0", "2.20.0", {"runtime": "litert", "version": "2.4.0"}, False, "2.20.0"),
+        ("litert", "2.3.0", "99.0", None, False, "needs TensorFlow Lite >= 99.0"),
+        ("litert", "2.3.0", "2.20.0", {"runtime": "tensorflow", "version": "2.21.0"}, False, "litert 2.3.0"),
+        # tflite_runtime and tensorflow use TensorFlow's numbering: compared directly
+        ("tflite_runtime", "2.14.0", "2.17.0", None, False, "tflite_runtime >= 2.17.0"),
+        ("tflite_runtime", "2.14.0", "1.14.0", None, True, ""),
+        ("tensorflow", "2.21.0", "2.17.0", None, True, ""),
+        ("tensorflow", "2.16.1", "99.0", {"runtime": "tensorflow", "version": "2.15.0"}, False, "99.0"),
+    ],
+)
+def test_tflite_min_version(
+    runtime: str, have: str, minimum: str | None, validated: dict | None, ok: bool, words: str
+) -> None:
+    from edgeship.agent.updater import tflite_version_ok
+
+    result, reason = tflite_version_ok(runtime, have, minimum, validated)
+    assert result is ok and words in reason, reason

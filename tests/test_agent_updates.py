@@ -237,6 +237,18 @@ def test_insufficient_disk_is_named(
     assert "free 1000 bytes" in record.reason
 
 
+def break_runtime(model) -> None:  # type: ignore[no-untyped-def]
+    """Make every call into ``model``'s runtime raise, wherever the request path looks it
+    up (the runner's ``run`` and the bound copy the serving layer may keep)."""
+
+    def broken(inputs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("interpreter crashed (injected)")
+
+    model.runner.run = broken
+    if hasattr(model, "run"):
+        model.run = broken
+
+
 def test_probation_rolls_back_a_model_that_fails_requests(
     device: UpdateDriver, agent_repo: AgentRepo
 ) -> None:
@@ -250,7 +262,7 @@ def test_probation_rolls_back_a_model_that_fails_requests(
         while not done.is_set():
             current = device.serving.current
             if current is not None and current.version == "2.0.0":
-                current.runner._interpreter = None  # the new model's runtime breaks on every call
+                break_runtime(current)  # the new model's runtime breaks on every call
             try:
                 predict(device.serving, agent_repo.eval_x[:1])
             except Exception:
@@ -395,3 +407,43 @@ def test_hostile_offline_package_is_rejected_and_writes_nothing_outside(
     data = device.config.data_dir
     assert not list(data.parent.rglob("escaped.txt")) and not Path("/abs/escaped.txt").exists()
     assert not any(device.config.work_dir.iterdir())
+
+
+def _publish_with_requirements(agent_repo: AgentRepo, tmp_path: Path, name: str, requirements: dict) -> Path:
+    """A real digits bundle whose manifest states ``requirements``, published and exported."""
+    from edgeship.agent.runtimes import open_model
+    from edgeship.ota.bundle import build_bundle
+
+    with open_model(agent_repo.fp32, prefer=["litert"]) as runner:
+        signature = runner.signature.to_dict()
+    out = tmp_path / f"{name}.bundle"
+    build_bundle(agent_repo.fp32, name=name, version="1.0.0", out=out,
+                 report={"signature": signature, "runtime_requirements": requirements})
+    agent_repo.repo.publish(out)
+    return agent_repo.export("1.0.0", name=name)
+
+
+def test_tflite_min_version_is_not_compared_with_litert_numbering(
+    device: UpdateDriver, agent_repo: AgentRepo, tmp_path: Path
+) -> None:
+    """A dynamic-range model from TF's converter states TF Lite 2.17.0; LiteRT 2.x runs it
+    (its own version numbers are not TensorFlow's), so it must not be REJECTED."""
+    pytest.importorskip("ai_edge_litert")
+    package = _publish_with_requirements(agent_repo, tmp_path, "digitsmin", {"min_version": "2.17.0"})
+    record = install(device, package)
+    assert record.state == "COMMITTED", record.reason
+    assert device.serving.current.runner.runtime == "litert"
+
+
+def test_bundle_for_full_tensorflow_only_is_rejected_without_it(
+    tmp_path: Path, agent_repo: AgentRepo
+) -> None:
+    """A SELECT_TF_OPS model names only ``tensorflow``; a device configured without it
+    REJECTS the bundle (not FAILED after LiteRT cannot load it)."""
+    config = agent_config(tmp_path, agent_repo, probation_window_s=0.05, runtime_prefer=("litert", "tflite_runtime"))
+    driver = UpdateDriver(config, serving=ServingModel())
+    package = _publish_with_requirements(agent_repo, tmp_path, "digitsflex", {"runtimes": ["tensorflow"]})
+    record = install(driver, package)
+    assert record.state == "REJECTED" and "tensorflow" in record.reason, record.reason
+    assert driver.serving.current is None
+    assert not config.slots_dir.exists() or not any(config.slots_dir.iterdir())

@@ -112,6 +112,15 @@ def test_build_inspect_publish_verify_export(runner: CliRunner, repo: Path, conv
     assert "warning" not in quiet.stderr
 
 
+def test_inspect_prints_hostile_manifest_text_literally(runner: CliRunner, converted: Path, tmp_path: Path) -> None:
+    # manifest strings are the bundle author's: rich markup in them once raised MarkupError (a traceback)
+    out = tmp_path / "b.bundle"
+    run(runner, ["bundle", "build", str(converted), "--name", "digits", "--version", "1.0.0", "--meta",
+                 "note=[/] [red]x", "--tag", "[/bold]", "-o", str(out)])
+    shown = run(runner, ["bundle", "inspect", str(out)]).stdout
+    assert "[/] [red]x" in shown and "[/bold]" in shown
+
+
 def test_publish_of_an_equal_version_exits_2(runner: CliRunner, repo: Path, converted: Path, tmp_path: Path) -> None:
     out = tmp_path / "b"
     run(runner, ["bundle", "build", str(converted), "--name", "digits", "--version", "1.0.0", "-o", str(out)])
@@ -141,6 +150,24 @@ def test_bad_input_exits_2(runner: CliRunner, tmp_path: Path, converted: Path) -
     assert "is not an edgeship release repository" in result.stderr
     result = run(runner, ["repo", "refresh", "--repo", str(tmp_path), "--expires", "nonsense=1d"], code=2)
     assert "--expires 'nonsense=1d'" in result.stderr
+
+
+def test_unwritable_outputs_are_one_line_errors(runner: CliRunner, repo: Path, converted: Path,
+                                                tmp_path: Path) -> None:
+    # an OSError once escaped as a traceback
+    (tmp_path / "a-file").write_text("x")
+    result = run(runner, ["keys", "init", "--repo", str(tmp_path / "a-file" / "repo")], code=1)
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    too_long = str(tmp_path / ("x" * 300))
+    result = run(runner, ["bundle", "build", str(converted), "--name", "digits", "--version", "1.0.0", "-o",
+                          too_long], code=1)
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    bundle = tmp_path / "b.bundle"
+    run(runner, ["bundle", "build", str(converted), "--name", "digits", "--version", "1.0.0", "-o", str(bundle)])
+    run(runner, ["publish", str(bundle), "--repo", str(repo)])
+    result = run(runner, ["bundle", "export", "digits", "1.0.0", "--repo", str(repo), "-o", too_long], code=1)
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_refresh_and_rotate(runner: CliRunner, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:

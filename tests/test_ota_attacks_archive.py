@@ -30,7 +30,7 @@ from edgeship.ota.bundle import (
     read_manifest,
     scan_bundle,
 )
-from edgeship.ota.errors import EXIT_REJECTED
+from edgeship.ota.errors import EXIT_REJECTED, BadInputError
 from edgeship.ota.offline import open_offline_package
 from ota_repo_simulator import SIGNATURE, RepositorySimulator, fake_tflite, leftovers
 
@@ -105,11 +105,11 @@ def _long_name(fmt: int) -> bytes:
     return tar_of(good_entries() + [entry("m" * 150, b"x")], fmt)
 
 
-def _declared_bomb() -> bytes:
+def _declared_bomb(name: bytes = b"model.tflite", kind: bytes = b"0") -> bytes:
     """A member whose header claims 10 GiB (the data is not there: it must never be read)."""
     manifest = manifest_bytes({"model.tflite": MODEL})
     head = tar_of([entry("manifest.json", manifest)])[: 512 + len(manifest) + (-len(manifest) % 512)]
-    return head + raw_header(b"model.tflite", 10 * 1024**3) + b"\0" * 4096
+    return head + raw_header(name, 10 * 1024**3, kind) + b"\0" * 4096
 
 
 def _grows_past_declared() -> bytes:
@@ -134,6 +134,24 @@ def _truncated() -> bytes:
 
 def _trailing_garbage() -> bytes:
     return tar_of(good_entries()) + b"#!/bin/sh\nrm -rf /\n"
+
+
+def _size_field(name: bytes, field: bytes, kind: bytes = b"0") -> bytes:
+    """A hand-written header whose size field holds ``field`` verbatim (checksum fixed)."""
+    header = bytearray(raw_header(name, 0, kind))
+    header[124:136] = field
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header):06o}\0 ".encode()
+    return bytes(header)
+
+
+def _bad_manifest_size(field: bytes) -> bytes:
+    return _size_field(b"manifest.json", field) + b"\x01" * 4096
+
+
+def _case_twins() -> bytes:
+    files = {"model.tflite": MODEL, "labels.txt": LABELS, "LABELS.txt": LABELS}
+    return tar_of([entry("manifest.json", manifest_bytes(files))] + [entry(n, b) for n, b in files.items()])
 
 
 CASES: List[Tuple[str, Callable[[], bytes], Type[UnsafeBundleError], str]] = [
@@ -196,6 +214,22 @@ CASES: List[Tuple[str, Callable[[], bytes], Type[UnsafeBundleError], str]] = [
     ("data after the end", _trailing_garbage, a.MalformedArchiveError, "after its end-of-archive marker"),
     ("not a tar file", lambda: b"PKGX" + bytes(range(256)) * 8, a.MalformedArchiveError, "bad checksum"),
     ("empty file", lambda: b"", a.TruncatedArchiveError, "empty"),
+    ("negative size", lambda: _bad_manifest_size(b"-0000000001\0"), a.MalformedArchiveError, "unreadable size"),
+    ("size with a sign", lambda: _bad_manifest_size(b"+0000000012\0"), a.MalformedArchiveError, "unreadable size"),
+    ("size with an underscore", lambda: _bad_manifest_size(b"0000_000012\0"), a.MalformedArchiveError,
+     "unreadable size"),
+    ("negative base-256 size", lambda: _bad_manifest_size(b"\xff" * 12), a.MalformedArchiveError, "negative size"),
+    ("sparse file (GNU)", lambda: _with_member(entry("sparse", None, b"S")), a.UnsafeMemberTypeError,
+     "GNU sparse file"),
+    ("contiguous file", lambda: _with_member(entry("model.bin", b"x", b"7")), a.UnsafeMemberTypeError,
+     "contiguous file"),
+    ("pax header claiming 10 GiB", lambda: _declared_bomb(b"././@PaxHeader", b"x"), a.UnsafeMemberTypeError,
+     "pax extended header"),
+    ("manifest names equal but for case", _case_twins, a.ManifestError, "differ only by case"),
+    ("manifest name with a trailing newline", lambda: tar_of([entry("manifest.json", manifest_bytes(
+        {"model.tflite": MODEL}, files={"model.tflite": {"size": 1, "sha256": "0" * 64},
+                                        "labels.txt\n": {"size": 1, "sha256": "0" * 64}}))]),
+     a.ManifestError, "is not allowed"),
 ]
 
 
@@ -258,6 +292,16 @@ def test_endless_member_is_cut_at_the_cap(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("field", [b"-0000000001\0", b" -1        \0"])
+def test_negative_size_never_reads_the_stream_at_once(tmp_path: Path, field: bytes) -> None:
+    # a size of -1 once turned into read(-1): the whole (endless) stream in one call
+    stream = CountingStream(_size_field(b"manifest.json", field) + b"\x01" * (8 << 20))
+    with pytest.raises(a.MalformedArchiveError, match="unreadable size"):
+        extract_bundle_stream(stream, tmp_path / "out")  # type: ignore[arg-type]
+    assert stream.read_bytes < 8192
+    assert leftovers(tmp_path) == []
+
+
 def test_endless_zero_padding_is_cut(tmp_path: Path) -> None:
     stream = CountingStream(tar_of(good_entries()), endless=False)
     stream._data = io.BytesIO(stream._data.getvalue() + b"\0" * (3 << 20))
@@ -290,7 +334,7 @@ def test_extraction_into_a_non_empty_folder_is_refused(tmp_path: Path) -> None:
     bundle.write_bytes(tar_of(good_entries()))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(u.BadInputError if hasattr(u, "BadInputError") else Exception, match="not empty"):
+    with pytest.raises(BadInputError, match="not empty"):
         extract_bundle(bundle, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
@@ -299,7 +343,9 @@ def test_extraction_into_a_non_empty_folder_is_refused(tmp_path: Path) -> None:
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.timezone.utc)
 SIGNED_CASES = [c for c in CASES if c[0] in ("symbolic link", "dot-dot", "member outside the manifest",
-                                             "gzip bomb", "non-UTF-8 member name", "decompression bomb (10 GiB declared)")]
+                                             "gzip bomb", "non-UTF-8 member name", "decompression bomb (10 GiB declared)",
+                                             "negative size", "pax header claiming 10 GiB",
+                                             "manifest names equal but for case")]
 
 
 @pytest.mark.parametrize("label,build,error,message", SIGNED_CASES, ids=[c[0] for c in SIGNED_CASES])
@@ -319,6 +365,16 @@ def test_signed_hostile_bundle_is_refused_on_the_device(
 
 
 # -- offline packages are read with the same care ----------------------------------------------------
+
+@pytest.mark.parametrize("names", [["targets/a", "targets/a/b"], ["targets/a/b", "targets/a"]])
+def test_offline_package_with_a_file_and_folder_of_one_name(tmp_path: Path, names: List[str]) -> None:
+    # one name used as a file and as a folder: an archive error, not a bare OSError
+    package = tmp_path / "p.tar"
+    package.write_bytes(tar_of([entry("package.json", b"{}")] + [entry(n, b"x") for n in names]))
+    with pytest.raises(a.UnsafeMemberNameError, match="clashes"):
+        open_offline_package(package, tmp_path / "usb")
+    assert leftovers(tmp_path / "usb") == []
+
 
 @pytest.mark.parametrize("name,error,message", [
     ("install.sh", a.UnexpectedMemberError, "does not belong in an offline package"),

@@ -147,6 +147,17 @@ def test_expired_timestamp_freeze(device: Device, sim: RepositorySimulator) -> N
     assert err.exit_code == EXIT_REJECTED
 
 
+@pytest.mark.parametrize("role", ["root", "snapshot", "targets"])
+def test_expired_role_is_refused(tmp_path: Path, role: str) -> None:
+    # every role's expiry counts, not only the timestamp's
+    sim = RepositorySimulator(NOW, expiry={role: dt.timedelta(hours=1)})
+    sim.add_target(make_bundle(tmp_path / "b"), name="digits", version="1.0.0")
+    device = Device(tmp_path, sim)
+    later = NOW + dt.timedelta(hours=2)
+    _refused(device, sim.desired(expires_in=dt.timedelta(days=1)), u.MetadataExpiredError,
+             rf"{role}(\.json)? is expired", now=later)
+
+
 def test_rollback_to_an_older_timestamp(device: Device, sim: RepositorySimulator, tmp_path: Path) -> None:
     device.update(sim.desired())  # the device now trusts timestamp v2
     old_timestamp = sim.history["timestamp"][1]

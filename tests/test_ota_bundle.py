@@ -112,6 +112,8 @@ def test_manifest_round_trip_and_schema_refusal(tmp_path: Path, model: Path) -> 
 @pytest.mark.parametrize("kwargs,message", [
     ({"name": "Digits!"}, "bundle name 'Digits!' is not allowed"),
     ({"version": "one"}, "version 'one' is not a version"),
+    ({"name": "digits\n"}, "is not allowed"),  # a regex '$' matches before a final newline
+    ({"version": "2.0.0\n"}, "is not a version"),
     ({"labels": "missing.txt"}, "labels file missing.txt cannot be read"),
     ({"report": "missing.json"}, "report missing.json cannot be read"),
 ])

@@ -105,6 +105,12 @@ MALFORMED: Dict[str, Any] = {
                         "'length' must be a non-negative integer"),
     "bad time": (lambda: resign(signed(), lambda s: s.update(expires="tomorrow")), d.MalformedDesiredStateError,
                  "not a UTC time"),
+    "bundle name with a path": (lambda: resign(signed(), lambda s: s.update(bundle="../../var/lib/edgeship")),
+                                d.MalformedDesiredStateError, "bundle name"),
+    "version not a version": (lambda: resign(signed(), lambda s: s.update(version="1.0/../../x")),
+                              d.MalformedDesiredStateError, "is not a version"),
+    "hash with a newline": (lambda: resign(signed(), lambda s: s.update(hashes={"sha256": "ab" * 32 + "\n"})),
+                            d.MalformedDesiredStateError, "sha256 included"),
     "float inside": (lambda: {"signed": dict(signed()["signed"], length=1.5), "signatures": signed()["signatures"]},
                      d.MalformedDesiredStateError, "cannot be canonicalised"),
 }

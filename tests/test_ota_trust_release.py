@@ -117,6 +117,21 @@ def test_refresh_re_signs_with_configurable_expiry(repo: ReleaseRepository, tmp_
     assert repo.expiry()["timestamp"] == 7200  # saved for the next refresh
 
 
+@pytest.mark.parametrize("text", ["99999999999y", "1e9", "200y"])
+def test_absurd_expiry_is_refused_and_the_repository_still_works(repo: ReleaseRepository, text: str) -> None:
+    # once saved to config.json before signing failed (OverflowError): every later publish broke
+    config = (repo.path / "config.json").read_bytes()
+    with pytest.raises(BadInputError):
+        repo.refresh(expiry={"timestamp": parse_duration(text)}, now=NOW)
+    with pytest.raises(BadInputError, match="at most"):
+        repo.refresh(expiry={"timestamp": 10**19}, now=NOW)
+    assert (repo.path / "config.json").read_bytes() == config
+    assert repo.refresh(now=NOW)["roles"]["timestamp"]["version"] == 2
+    (repo.path / "config.json").write_text(json.dumps({"expiry_seconds": {"timestamp": 10**19}}))
+    with pytest.raises(BadInputError, match="config.json: the expiry of timestamp"):
+        repo.refresh(now=NOW)
+
+
 def test_freeze_then_refresh(repo: ReleaseRepository, tmp_path: Path) -> None:
     repo.publish(make_bundle(tmp_path / "b", "digits", "1.0.0"), now=NOW)
     two_days = NOW + dt.timedelta(days=2)  # the timestamp (1 day) has expired

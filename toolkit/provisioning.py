@@ -62,6 +62,7 @@ __all__ = [
 import base64
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -621,6 +622,12 @@ class ProvisionOptions:
     bind: str = "127.0.0.1:8501"
     wheels: Optional[tuple[tuple[Path, ...], bool]] = None
     """Wheels collected once for many devices (``collect_wheels``' result); None: collect per run."""
+
+    def __post_init__(self) -> None:
+        # refused here, before any host is touched: a bad value would otherwise surface only after
+        # the whole install, when waiting for the device
+        if not (math.isfinite(self.online_timeout) and self.online_timeout > 0):
+            raise BadInputError(f"--online-timeout {self.online_timeout:g}: use a positive number of seconds")
 
 
 @dataclass

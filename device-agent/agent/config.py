@@ -131,9 +131,41 @@ def _positive(where: str, name: str, value: float, *, allow_zero: bool = True) -
         raise BadInputError(f"{where}: {name} = {value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+_KNOWN_KEYS: dict[str, frozenset[str] | None] = {
+    "device": frozenset({"id", "fleet"}),
+    "paths": frozenset({"data"}),
+    "trust": frozenset({"root", "director_key"}),
+    "runtime": frozenset({"prefer", "threads"}),
+    "server": frozenset({"bind"}),
+    "self_test": frozenset({"latency_runs", "max_latency_ratio"}),
+    "probation": frozenset(
+        {"window_s", "min_requests", "max_error_rate", "max_nonfinite_rate", "max_latency_ratio", "max_restarts"}
+    ),
+    "retention": frozenset({"keep_previous"}),
+    "telemetry": frozenset({"interval_s"}),
+    "broker": None,  # url here; the fleet link's own keys are validated by fleet_link.load_link_settings
+}
+
+
+def _check_known(data: Mapping[str, Any], where: str) -> None:
+    """A misspelt table or key must not silently leave a default in force."""
+    for table, values in data.items():
+        if table not in _KNOWN_KEYS:
+            raise BadInputError(f"{where}: [{table}] is not a known table (known: {', '.join(_KNOWN_KEYS)})")
+        known = _KNOWN_KEYS[table]
+        if known is None or not isinstance(values, dict):
+            continue
+        for key in values:
+            if key not in known:
+                raise BadInputError(
+                    f"{where}: [{table}] {key} is not a known key (known: {', '.join(sorted(known))})"
+                )
+
+
 def parse_config(data: Mapping[str, Any], *, source: Path | None = None) -> AgentConfig:
     """Validate a parsed TOML document (pure; used by load_config and tests)."""
     where = f"config {source}" if source else "config"
+    _check_known(data, where)
     r = _Reader(data, where)
     base = source.parent if source else Path.cwd()
 
@@ -229,6 +261,9 @@ interval_s = 60.0         # how often a telemetry window goes to the reporter (M
 
 [broker]
 url = {broker}            # MQTT broker for fleet rollouts ("" = none; the agent runs without)
+# The fleet link's other keys (prefix, protocol, keepalive_s, reconnect_max_s, block_size,
+# block_window, block_timeout_s, telemetry_qos, ca_file, cert_file, key_file,
+# repository_url, repository_ca_file) go here too: see docs/fleet-link.md.
 """
 
 

@@ -298,7 +298,12 @@ class Agent:
             if not isinstance(package, str) or not package:
                 raise BadInputError("install needs 'package' (a path)")
             if not Path(package).is_file():
-                raise BadInputError(f"offline package {package}: no such file")
+                raise BadInputError(
+                    f"offline package {package}: no such file as the agent sees it (the agent opens "
+                    "the path itself; under systemd, PrivateTmp= and ProtectHome= hide /tmp and /home "
+                    "from it: put the package where the agent's user can read it, e.g. a USB mount "
+                    "under /media)"
+                )
             return {"ok": True, **self.submit(OfflinePackageSource(package))}
         if op == "rollback":
             return {"ok": True, **self.rollback()}

@@ -116,12 +116,18 @@ class FleetLinkSettings:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    repository_url: str | None = None
+    """Fetch metadata and bundles over HTTP(S) from this copy of the release repository instead of
+    MQTT blocks (desired states, reports and telemetry still use the broker); TUF verifies either."""
+    repository_ca_file: str | None = None
+    """CA file for an ``https://`` ``repository_url`` (default: the system CAs)."""
 
 
 _SETTING_TYPES: dict[str, tuple[type, ...]] = {
     "prefix": (str,), "protocol": (str,), "keepalive_s": (int,), "reconnect_max_s": (int, float),
     "block_size": (int,), "block_window": (int,), "block_timeout_s": (int, float), "telemetry_qos": (int,),
-    "ca_file": (str,), "cert_file": (str,), "key_file": (str,),
+    "ca_file": (str,), "cert_file": (str,), "key_file": (str,), "repository_url": (str,),
+    "repository_ca_file": (str,),
 }
 
 
@@ -157,6 +163,15 @@ def load_link_settings(config: AgentConfig, table: Mapping[str, Any] | None = No
                             "must be positive")
     if settings.telemetry_qos not in (0, 1):
         raise BadInputError(f"{where}: [broker] telemetry_qos must be 0 or 1")
+    if settings.repository_ca_file and not (settings.repository_url or "").startswith("https://"):
+        raise BadInputError(f"{where}: [broker] repository_ca_file needs an https:// repository_url")
+    if settings.repository_url:
+        from edgeship.ota.http_fetcher import HttpFetcher
+
+        try:
+            HttpFetcher(settings.repository_url)  # checks the URL's form; no I/O
+        except BadInputError as exc:
+            raise BadInputError(f"{where}: [broker] repository_url: {exc.message}") from None
     return settings
 
 
@@ -387,11 +402,18 @@ class FleetLink:
         )
         self.reporter = MqttReporter(self.connection, config, s, self.folder / "events.json")
         self.connection.add_connect_listener(self.reporter.on_connect)
-        self.fetcher = MqttBlockFetcher(
-            self.connection, fleet=config.fleet, device=config.device_id, work_dir=self.folder / "blocks",
-            prefix=s.prefix, config=BlockTransferConfig(block_size=s.block_size, window=s.block_window,
-                                                        request_timeout_s=s.block_timeout_s),
-        )
+        self.fetcher: Any
+        if s.repository_url:
+            from edgeship.ota.http_fetcher import HttpFetcher
+
+            self.fetcher = HttpFetcher(s.repository_url, work_dir=self.folder / "http",
+                                       ca_file=s.repository_ca_file)
+        else:
+            self.fetcher = MqttBlockFetcher(
+                self.connection, fleet=config.fleet, device=config.device_id, work_dir=self.folder / "blocks",
+                prefix=s.prefix, config=BlockTransferConfig(block_size=s.block_size, window=s.block_window,
+                                                            request_timeout_s=s.block_timeout_s),
+            )
         self.registry = SourceRegistry()
         self.registry.register(SOURCE_KIND, self._rebuild)
         self.agent: Any = None

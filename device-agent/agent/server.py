@@ -23,7 +23,7 @@ wait for the client's delayed ACK).
 
 from __future__ import annotations
 
-__all__ = ["ApiServer", "PredictRequestError", "build_inputs", "format_outputs"]
+__all__ = ["ApiServer", "PredictRequestError", "build_inputs", "format_outputs", "signature_key"]
 
 import json
 import re
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from edgeship.ota.errors import BadInputError
+from edgeship.ota.errors import BadInputError, EdgeshipError
 
 from .runtimes import ModelSignature, TensorSpec
 from .serving import LoadedModel, NoModelError, ServingModel
@@ -62,6 +62,26 @@ _TF_DTYPES = {
 
 class PredictRequestError(BadInputError):
     """A predict request that cannot be served as sent (HTTP 400)."""
+
+
+_TF_TENSOR_NAME = re.compile(r"^serving_default_(?P<key>.+):\d+$")
+
+
+def signature_key(tensor_name: str) -> str:
+    """The SavedModel signature key a TF Serving client uses for an input: TF's TFLite
+    converter names the tensor of key ``image`` ``serving_default_image:0``."""
+    match = _TF_TENSOR_NAME.match(tensor_name)
+    return match.group("key") if match else tensor_name
+
+
+def _named_values(given: dict[str, Any], specs: Sequence[TensorSpec], where: str) -> list[Any]:
+    """The values of a document naming each input, by tensor name or by signature key."""
+    if set(given) == {s.name for s in specs}:
+        return [given[s.name] for s in specs]
+    keys = [signature_key(s.name) for s in specs]
+    if len(set(keys)) == len(keys) and set(given) == set(keys):
+        return [given[k] for k in keys]
+    raise PredictRequestError(f"{where} must name exactly the inputs {keys}")
 
 
 def _caller_dtype(spec: TensorSpec) -> np.dtype:
@@ -115,12 +135,12 @@ def build_inputs(body: Any, signature: ModelSignature) -> tuple[list[np.ndarray]
         if isinstance(instances[0], dict):
             columns: list[list[Any]] = [[] for _ in specs]
             for row, instance in enumerate(instances):
-                if not isinstance(instance, dict) or set(instance) != {s.name for s in specs}:
+                if not isinstance(instance, dict):
                     raise PredictRequestError(
-                        f"instances[{row}] must name exactly the inputs {[s.name for s in specs]}"
+                        f"instances[{row}] must name exactly the inputs {[signature_key(s.name) for s in specs]}"
                     )
-                for i, spec in enumerate(specs):
-                    columns[i].append(instance[spec.name])
+                for i, value in enumerate(_named_values(instance, specs, f"instances[{row}]")):
+                    columns[i].append(value)
             return [_tensor(col, s, "instances") for col, s in zip(columns, specs)], True
         if len(specs) != 1:
             raise PredictRequestError(
@@ -129,11 +149,8 @@ def build_inputs(body: Any, signature: ModelSignature) -> tuple[list[np.ndarray]
         return [_tensor(instances, specs[0], "instances")], True
     inputs = body["inputs"]
     if isinstance(inputs, dict):
-        if set(inputs) != {s.name for s in specs}:
-            raise PredictRequestError(
-                f"'inputs' must name exactly the inputs {[s.name for s in specs]}"
-            )
-        return [_tensor(inputs[s.name], s, "inputs") for s in specs], False
+        values = _named_values(inputs, specs, "'inputs'")
+        return [_tensor(v, s, "inputs") for v, s in zip(values, specs)], False
     if len(specs) != 1:
         raise PredictRequestError(
             f"the model has {len(specs)} inputs: 'inputs' must be an object naming them"
@@ -157,9 +174,9 @@ def format_outputs(
 
 
 def _signature_def(signature: ModelSignature) -> dict[str, Any]:
-    def tensors(specs: Sequence[TensorSpec]) -> dict[str, Any]:
+    def tensors(specs: Sequence[TensorSpec], keyed: bool) -> dict[str, Any]:
         return {
-            s.name: {
+            (signature_key(s.name) if keyed else s.name): {
                 "dtype": _TF_DTYPES.get(_caller_dtype(s).name, "DT_INVALID"),
                 "tensor_shape": {
                     "dim": [{"size": str(d), "name": ""} for d in (-1, *s.shape[1:])],
@@ -171,8 +188,10 @@ def _signature_def(signature: ModelSignature) -> dict[str, Any]:
         }
 
     return {
-        "inputs": tensors(signature.inputs),
-        "outputs": tensors(signature.outputs),
+        # inputs under the key a TF Serving client sends (accepted by build_inputs too)
+        "inputs": tensors(signature.inputs, len({signature_key(s.name) for s in signature.inputs})
+                          == len(signature.inputs)),
+        "outputs": tensors(signature.outputs, False),
         "method_name": "tensorflow/serving/predict",
     }
 
@@ -368,7 +387,12 @@ class ApiServer:
         health: Callable[[], tuple[bool, dict[str, Any]]] | None = None,
     ) -> None:
         self.serving = serving
-        self._httpd = _Server((host, port), _Handler)
+        try:
+            self._httpd = _Server((host, port), _Handler)
+        except OSError as exc:  # taken port, unknown host, privileged port
+            raise EdgeshipError(
+                f"cannot listen on {host}:{port} ([server] bind): {exc.strerror or exc}"
+            ) from None
         self._httpd.serving = serving
         self._httpd.data_dir = data_dir
         self._httpd.health = health or self._default_health

@@ -13,6 +13,7 @@ __all__ = ["LoadedModel", "ModelStats", "NoModelError", "ServingModel", "warm_up
 
 import threading
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ class NoModelError(EdgeshipError):
     """No model is serving yet (nothing installed, or the active one failed to load)."""
 
 
-_FLUSH_MAX = 1024
+_FLUSH_MAX = 4096
 """Requests folded at most per batch (the fold's fixed cost is shared by this many)."""
 _FLUSH_BYTES = 8 << 20
 """...and at most this many bytes of held outputs (a segmentation model folds more often)."""
@@ -36,6 +37,7 @@ _SAMPLE_S = 0.01
 """Input statistics (drift) come from at most one request per this many seconds."""
 _perf_counter = time.perf_counter
 _BUCKETS = np.asarray(LATENCY_BUCKETS_MS)
+_NOT_COMPACT = (AttributeError, BufferError, TypeError, ValueError)
 
 
 @dataclass
@@ -45,15 +47,18 @@ class ModelStats:
     Cumulative (Prometheus counters never go down); reporters take windows by
     subtracting two ``snapshot()`` results.
 
-    The request path pays for one tuple append: ``(seconds, first output)`` goes
-    to a list, and every so many requests (1,024, fewer for large outputs: at
-    most 8 MB held) and on each snapshot the batch is folded into the counters
-    with a few vectorized numpy calls. Counts, errors, the latency histogram,
-    NaN/Inf outputs and the output class histogram are exact (every request).
-    The input statistics for drift are sampled: the first request after each
-    10 ms (so every request while traffic is below 100 requests/s, and at most
-    ~100 input sums a second above it); ``input_count`` counts the sampled
-    examples, and ``input_sum / input_count`` is the mean input over the sample.
+    What a request pays: its latency goes to an array of doubles and its first
+    output's bytes to a byte buffer (no object kept; an output of another size
+    than the model's usual one, or of a model with dynamic dimensions after the
+    batch, is kept as an array instead). Every so many requests (4,096, fewer
+    for large outputs: at most 8 MB held) and on each snapshot the batch is
+    folded into the counters with a few vectorized numpy calls. Counts, errors,
+    the latency histogram, NaN/Inf outputs and the output class histogram are
+    exact (every request). The input statistics for drift are sampled: the first
+    request after each 10 ms (so every request while traffic is below 100
+    requests/s, and at most ~100 input sums a second above it) and the first
+    after each fold; ``input_count`` counts the sampled examples, and ``input_sum /
+    input_count`` is the mean input over the sample.
     """
 
     requests: int = 0
@@ -66,16 +71,24 @@ class ModelStats:
     input_sum: float = 0.0
     feedback_total: int = 0
     feedback_correct: int = 0
-    # seconds, first output, seconds, first output, ...: a request adds its pair with one
-    # atomic `+=` (C code under the GIL), a fold takes pairs from the front with `del l[:n]`
-    _pending: list = field(default_factory=list, repr=False, compare=False)
+    fixed_row_shape: bool = field(default=False, compare=False)
+    """Set by LoadedModel: the first output has no dynamic dimension after the
+    batch, so outputs of one byte size have one shape (a runner returns one dtype
+    per output), and can be kept as bytes."""
+    # Per request: its latency (s), then its first output, to _rows (bytes, when it
+    # has the learned size _row_nbytes) or to _outputs. Appends, extends and `del
+    # x[:n]` are atomic (C code under the GIL); a fold takes from the front what is
+    # there, later appends wait for the next fold.
+    _latencies: array = field(default_factory=lambda: array("d"), repr=False, compare=False)
+    _outputs: list = field(default_factory=list, repr=False, compare=False)
+    _rows: bytearray = field(default_factory=bytearray, repr=False, compare=False)
+    _row_nbytes: int = field(default=-1, repr=False, compare=False)  # -1: not learned yet
+    _row_dtype: Any = field(default=None, repr=False, compare=False)
+    _row_shape: tuple[int, ...] = field(default=(), repr=False, compare=False)
     # (examples, sum of their per-example input means) per sampled request
     _samples: list = field(default_factory=list, repr=False, compare=False)
     _next_sample: float = field(default=0.0, repr=False, compare=False)
     _flush_at: int = field(default=1, repr=False, compare=False)  # learns the output size first
-    # set by LoadedModel: the model's first output has a fixed shape after the batch
-    # dimension, so a batch of outputs can be joined as bytes (see _fold_outputs)
-    fixed_row_shape: bool = field(default=False, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def observe(
@@ -83,12 +96,19 @@ class ModelStats:
     ) -> None:
         """Record one successful prediction (``ServingModel.predict`` does the same inline)."""
         now = _perf_counter()
-        pending = self._pending
-        pending += (latency_ms / 1000.0, outputs[0] if outputs else None)
+        self._latencies.append(latency_ms / 1000.0)
+        y = outputs[0] if outputs else None
+        try:
+            if y.nbytes == self._row_nbytes:
+                self._rows.extend(y)  # the buffer's bytes; fails whole, before writing
+            else:
+                self._outputs.append(y)
+        except _NOT_COMPACT:  # None, not an array, not contiguous
+            self._outputs.append(y)
         if now >= self._next_sample:
-            self._sample(now, inputs, len(pending) >> 1)
+            self._sample(now, inputs)
 
-    def _sample(self, now: float, inputs: Sequence[np.ndarray], pending: int) -> None:
+    def _sample(self, now: float, inputs: Sequence[np.ndarray]) -> None:
         """Off the common path (at most ~100 times a second): take this request's
         input statistics and fold the batch when it is due. Races between threads
         here are benign (at worst two samples in one period)."""
@@ -106,32 +126,48 @@ class ModelStats:
                     self._samples.append((rows, total * rows / x.size))
             except (TypeError, ValueError):  # not numeric: no input statistics
                 pass
-        if pending >= self._flush_at:
+        if len(self._latencies) >= self._flush_at:
             with self._lock:
                 self._flush()
 
     def _flush(self) -> None:
         """Fold pending observations into the counters (caller holds the lock).
 
-        Vectorized: a handful of numpy calls per batch, whatever its size. Requests
-        that append while this runs stay for the next fold.
+        Vectorized: a handful of numpy calls per batch, whatever its size. A
+        request appends its latency before its output: one still between the two
+        has its latency counted now and its output at the next fold.
         """
-        pending = self._pending
-        count = len(pending) >> 1  # pairs; always even (each request adds its pair atomically)
+        count = len(self._latencies)
         if count:
-            batch = pending[: 2 * count]
-            del pending[: 2 * count]
-            outputs = batch[1::2]
-            lat = np.array(batch[0::2], dtype=np.float64) * 1000.0
+            seconds = self._latencies[:count]  # a copy: the live array must stay resizable
+            del self._latencies[:count]
+            lat = np.frombuffer(seconds, dtype=np.float64) * 1000.0
             counts = np.bincount(
                 np.searchsorted(_BUCKETS, lat, side="left"), minlength=len(self.latency.counts)
             )
             self.latency.counts = [a + b for a, b in zip(self.latency.counts, counts.tolist())]
             self.latency.total_ms += float(lat.sum())
             self.requests += count
+        size = len(self._rows)  # whole outputs: each extend is atomic
+        if size:
+            data = self._rows[:size]
+            del self._rows[:size]
+            per = self._row_shape[0]  # rows (examples) per request
+            stacked = np.frombuffer(data, dtype=self._row_dtype)
+            self._fold_stacked(stacked.reshape((size // self._row_nbytes * per, *self._row_shape[1:])), per)
+        count = len(self._outputs)
+        if count:
+            outputs = self._outputs[:count]
+            del self._outputs[:count]
             self._fold_outputs(outputs)
-            held = max((o.nbytes for o in outputs[:1] if isinstance(o, np.ndarray)), default=0)
-            self._flush_at = max(1, min(_FLUSH_MAX, _FLUSH_BYTES // max(held, 1)))
+            first = outputs[0]
+            if isinstance(first, np.ndarray):
+                if self._row_nbytes < 0 and self.fixed_row_shape and first.ndim and len(first) \
+                        and first.flags.c_contiguous and first.dtype.kind in "biuf":
+                    self._row_dtype, self._row_shape = first.dtype, first.shape
+                    self._row_nbytes = first.nbytes  # last: from now on the request path uses it
+                self._flush_at = max(1, min(_FLUSH_MAX, _FLUSH_BYTES // max(first.nbytes, 1)))
+        self._next_sample = 0.0  # the next request is sampled: every window with traffic has one
         samples = self._samples
         count = len(samples)
         if count:
@@ -141,18 +177,22 @@ class ModelStats:
                 self.input_count += rows
                 self.input_sum += total
 
-    def _fold_outputs(self, outputs: list[np.ndarray | None]) -> None:
+    def _fold_outputs(self, outputs: list[Any]) -> None:
         stacked = self._joined(outputs) if self.fixed_row_shape else None
         if stacked is None:
-            try:  # every request's output has the same trailing shape
-                stacked = np.concatenate(outputs)
-            except (ValueError, TypeError):  # None, 0-d, or outputs of different shapes
-                self._fold_outputs_careful([o for o in outputs if o is not None and o.ndim])
+            outputs = [o for o in outputs if isinstance(o, np.ndarray) and o.ndim]
+            if not outputs:
                 return
-        self._fold_outputs_same(outputs, stacked)
+            try:
+                stacked = np.concatenate(outputs)
+            except ValueError:  # outputs of different shapes (a dynamic model): one by one
+                for o in outputs:
+                    self._fold_stacked(o, [o])
+                return
+        self._fold_stacked(stacked, outputs)
 
     @staticmethod
-    def _joined(outputs: list[np.ndarray | None]) -> np.ndarray | None:
+    def _joined(outputs: list[Any]) -> np.ndarray | None:
         """``np.concatenate(outputs)`` for a model whose output rows have one fixed
         shape, at a quarter of the cost (one ``bytes.join``, no per-array checks),
         or None where that cannot be shown: the bytes must be exactly the rows
@@ -160,7 +200,7 @@ class ModelStats:
         first = outputs[0]
         try:
             rows = sum(map(len, outputs))  # TypeError for None or a 0-d array
-            joined = b"".join(outputs)  # BufferError for a non-contiguous array
+            joined = b"".join(outputs)  # TypeError for a non-contiguous array
             rowbytes = first.nbytes // len(first)  # ZeroDivisionError for an empty batch
         except (TypeError, ValueError, BufferError, ZeroDivisionError, AttributeError):
             return None
@@ -168,26 +208,20 @@ class ModelStats:
             return None
         return np.frombuffer(joined, dtype=first.dtype).reshape((rows, *first.shape[1:]))
 
-    def _fold_outputs_careful(self, outputs: list[np.ndarray]) -> None:
-        if not outputs:
-            return
-        try:
-            stacked = np.concatenate(outputs)
-        except ValueError:  # outputs of different shapes (a dynamic model): one by one
-            for o in outputs:
-                self._fold_outputs_same([o], o)
-            return
-        self._fold_outputs_same(outputs, stacked)
-
-    def _fold_outputs_same(self, outputs: list[np.ndarray], stacked: np.ndarray) -> None:
+    def _fold_stacked(self, stacked: np.ndarray, sizes: int | list[np.ndarray]) -> None:
+        """Fold rows of outputs; ``sizes``: rows per request (one number for all),
+        or the requests' outputs (to tell which request a row came from)."""
         self.examples += len(stacked)
         if stacked.dtype.kind == "f" and not np.isfinite(stacked).all():
             rows_ok = np.isfinite(stacked.reshape(len(stacked), -1)).all(axis=1)
-            if not rows_ok.all():  # count requests with at least one non-finite row
-                sizes = np.array([len(o) for o in outputs])
-                owners = np.searchsorted(np.cumsum(sizes), np.flatnonzero(~rows_ok), side="right")
-                self.nonfinite += int(np.unique(owners).size)
-                stacked = stacked[rows_ok]
+            bad = np.flatnonzero(~rows_ok)  # count requests with at least one non-finite row
+            if isinstance(sizes, int):
+                owners = bad // max(sizes, 1)
+            else:
+                ends = np.cumsum([len(o) for o in sizes])
+                owners = np.searchsorted(ends, bad, side="right")
+            self.nonfinite += int(np.unique(owners).size)
+            stacked = stacked[rows_ok]
         if stacked.ndim == 2 and stacked.shape[1] > 1 and len(stacked):
             classes = np.bincount(np.argmax(stacked, axis=1))
             for c in np.flatnonzero(classes).tolist():
@@ -312,8 +346,15 @@ class ServingModel:
             raise
         end = _perf_counter()
         stats = model.stats  # ModelStats.observe, inlined: this is the per-request cost
-        pending = stats._pending
-        pending += (end - start, outputs[0] if outputs else None)  # one atomic extend
-        if end >= stats._next_sample:  # at most once a millisecond
-            stats._sample(end, inputs, len(pending) >> 1)
+        stats._latencies.append(end - start)
+        y = outputs[0] if outputs else None
+        try:
+            if y.nbytes == stats._row_nbytes:
+                stats._rows.extend(y)  # a copy of its bytes: no reference kept
+            else:
+                stats._outputs.append(y)
+        except _NOT_COMPACT:  # None, not an array, not contiguous
+            stats._outputs.append(y)
+        if end >= stats._next_sample:  # at most every 10 ms
+            stats._sample(end, inputs)
         return model, outputs

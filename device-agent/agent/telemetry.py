@@ -164,7 +164,7 @@ def render_prometheus(
             metric(
                 "edgeship_input_mean",
                 "gauge",
-                "Mean input value over all requests (drift).",
+                "Mean input value per example over sampled requests (drift; docs/agent.md).",
                 [(f"{{{base}}}", snap["input_sum"] / snap["input_count"])],
             )
         metric(

@@ -26,6 +26,8 @@ __all__ = [
     "UpdateInProgressError",
     "classify_error",
     "load_bundle_model",
+    "tflite_runtime_order",
+    "tflite_version_ok",
 ]
 
 import datetime as _dt
@@ -37,6 +39,7 @@ import statistics
 import threading
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -66,6 +69,49 @@ log = logging.getLogger("edgeship.agent.updater")
 
 DISK_MARGIN_BYTES = 1 << 20
 """Free space kept beyond the bundle's download and its extraction."""
+
+LITERT_TFLITE_FLOOR = "2.17.0"
+"""The TensorFlow Lite version whose kernels every LiteRT (``ai_edge_litert``) release
+has: LiteRT was split out of TensorFlow after 2.17. A manifest's ``min_version`` for a
+.tflite model is a TensorFlow Lite version (the converter's ``min_runtime_version``),
+while LiteRT numbers its own releases (1.x, 2.x), so the two are never compared."""
+
+
+def tflite_runtime_order(prefer: Sequence[str], runtimes: Sequence[str] | None) -> list[str]:
+    """The configured TFLite runtimes (``[runtime] prefer``, in order) that the bundle
+    may run on: its manifest's ``runtime.runtimes`` (e.g. only ``tensorflow`` for a
+    model with SELECT_TF_OPS); all of them when the manifest names none."""
+    allowed = {str(r) for r in runtimes or []}
+    return [r for r in prefer if not allowed or r in allowed]
+
+
+def tflite_version_ok(
+    runtime: str, have: str, min_version: str | None, validated_with: Mapping[str, Any] | None
+) -> tuple[bool, str]:
+    """Whether TFLite runtime ``runtime`` at version ``have`` provides the TensorFlow Lite
+    version ``min_version`` the bundle states, and why.
+
+    tflite_runtime and tensorflow use TensorFlow's numbering: compared directly. LiteRT
+    provides at least ``LITERT_TFLITE_FLOOR``; above it, only the converter's own proof
+    counts (the model was validated on LiteRT at this version or an older one)."""
+    if not min_version:
+        return True, "no minimum runtime version"
+    if runtime != "litert":
+        if _version_tuple(have) >= _version_tuple(str(min_version)):
+            return True, f"{runtime} {have} >= {min_version}"
+        return False, f"bundle needs {runtime} >= {min_version}, this device has {have}"
+    if _version_tuple(str(min_version)) <= _version_tuple(LITERT_TFLITE_FLOOR):
+        return True, f"TensorFlow Lite {min_version} <= {LITERT_TFLITE_FLOOR}, which every LiteRT has"
+    validated = validated_with or {}
+    if validated.get("runtime") == "litert" and validated.get("version") and _version_tuple(
+        have
+    ) >= _version_tuple(str(validated["version"])):
+        return True, f"validated by the converter on litert {validated['version']} (this device: {have})"
+    return False, (
+        f"bundle needs TensorFlow Lite >= {min_version}; litert {have} is not known to provide it "
+        f"(LiteRT numbers its releases apart from TensorFlow; the converter validated the model "
+        f"with {validated.get('runtime', 'no runtime')} {validated.get('version', '')})".rstrip()
+    )
 
 
 class UpdateInProgressError(EdgeshipError):
@@ -132,8 +178,9 @@ def load_bundle_model(
 ) -> LoadedModel:
     """Open a slot's model with the configured runtime preference, warmed."""
     slot = config.slots_dir / bundle.slot
+    prefer = tflite_runtime_order(config.runtime_prefer, (bundle.runtime or {}).get("runtimes"))
     runner = open_model(
-        slot / bundle.model_file, threads=config.threads, prefer=list(config.runtime_prefer)
+        slot / bundle.model_file, threads=config.threads, prefer=prefer or list(config.runtime_prefer)
     )
     model = LoadedModel(name=bundle.name, version=bundle.version, runner=runner, slot=bundle.slot)
     golden = None
@@ -473,16 +520,26 @@ class UpdateDriver:
         if arches and machine not in arches:
             raise RuntimeUnavailableError(f"bundle is built for {arches}, this device is {machine}")
         if fmt == "tflite":
-            found = next((r for r in self.config.runtime_prefer if _importable_tflite(r)), None)
+            order = tflite_runtime_order(self.config.runtime_prefer, needs.get("runtimes"))
+            if not order:
+                raise RuntimeUnavailableError(
+                    f"bundle runs only on {list(needs.get('runtimes') or [])}; this agent uses "
+                    f"{list(self.config.runtime_prefer)} ([runtime] prefer)"
+                )
+            found = next((r for r in order if _importable_tflite(r)), None)
             if found is None:
                 raise RuntimeUnavailableError(
-                    f"bundle is a TFLite model; none of {list(self.config.runtime_prefer)} is installed here"
+                    f"bundle is a TFLite model for {order}; none of them is installed here"
                 )
-            version_module = {
-                "litert": "ai_edge_litert",
-                "tflite_runtime": "tflite_runtime",
-                "tensorflow": "tensorflow",
-            }[found]
+            from .runtimes import _module_version
+
+            have = _module_version(
+                {"litert": "ai_edge_litert", "tflite_runtime": "tflite_runtime", "tensorflow": "tensorflow"}[found]
+            )
+            ok, why = tflite_version_ok(found, have, needs.get("min_version"), needs.get("validated_with"))
+            if not ok:
+                raise RuntimeUnavailableError(why)
+            return
         elif fmt == "onnx":
             import importlib.util
 

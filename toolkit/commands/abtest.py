@@ -22,11 +22,13 @@ from ..output import console, emit_json
 from .fleet_options import (
     broker_option,
     check_broker_url,
+    check_published,
     db_option,
     json_option,
     open_fleet_store,
     policy_from_options,
     policy_options,
+    repo_option,
 )
 
 
@@ -55,11 +57,13 @@ def _test_doc(test: Any, promoted: Optional[str] = None) -> Dict[str, Any]:
               help="Samples per arm before any verdict (windows for latency, requests or labels for rates).")
 @click.option("--alpha", type=float, default=0.05, show_default=True, help="Significance level.")
 @click.option("--power", type=float, default=0.8, show_default=True, help="Power for the sample-size estimate.")
+@repo_option
 @db_option
 @broker_option
 @json_option
 def start(arm_a: str, arm_b: str, fleet: str, select: Tuple[str, ...], split: float, metric: str, min_samples: int,
-          alpha: float, power: float, db_url: Optional[str], broker_url: Optional[str], as_json: bool) -> None:
+          alpha: float, power: float, repo_dir: Optional[str], db_url: Optional[str], broker_url: Optional[str],
+          as_json: bool) -> None:
     """Start an A/B test between NAME:VA and NAME:VB; prints the test's id."""
     from edgeship.toolkit.abtest import ABTest, Arm, Metric
     from edgeship.toolkit.store import new_id, parse_selection
@@ -73,6 +77,7 @@ def start(arm_a: str, arm_b: str, fleet: str, select: Tuple[str, ...], split: fl
     test = ABTest(id=new_id("ab"), fleet=fleet, a=a, b=b, metric=Metric(metric), split_pct=split,
                   min_samples=min_samples, alpha=alpha, power=power, created_at=time.time(),
                   selection=parse_selection(select))
+    check_published(repo_dir, (a.name, a.version), (b.name, b.version))
     store = open_fleet_store(db_url)
     running = [t for t in store.list_abtests(fleet, ["RUNNING"]) if t.selection == test.selection]
     if running:

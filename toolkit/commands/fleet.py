@@ -60,6 +60,10 @@ def _setup_logging(json_log: bool, verbose: int) -> None:
 @click.option("--tick", "tick_s", type=float, default=1.0, show_default=True, help="Seconds between reconciles.")
 @click.option("--metrics-port", type=int, default=None, metavar="N", help="Serve Prometheus metrics on this port.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of the metrics server.")
+@click.option("--username", default=None, metavar="NAME",
+              help="Broker user name (default: env EDGESHIP_MQTT_USERNAME).")
+@click.option("--password", default=None, metavar="SECRET",
+              help="Broker password (default: env EDGESHIP_MQTT_PASSWORD, which keeps it out of process lists).")
 @click.option("--ca", "ca_file", type=click.Path(dir_okay=False), default=None, help="CA file for mqtts://.")
 @click.option("--cert", "cert_file", type=click.Path(dir_okay=False), default=None, help="Client certificate.")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False), default=None, help="Client key.")
@@ -67,14 +71,15 @@ def _setup_logging(json_log: bool, verbose: int) -> None:
 @click.option("-v", "--verbose", count=True, help="More log (-vv: debug).")
 def controller(broker_url: str, repo_dir: str, db_url: Optional[str], replica_id: Optional[str], fleet_name: str,
                prefix: str, shared_group: str, tick_s: float, metrics_port: Optional[int], metrics_host: str,
-               ca_file: Optional[str], cert_file: Optional[str], key_file: Optional[str], json_log: bool,
-               verbose: int) -> None:
+               username: Optional[str], password: Optional[str], ca_file: Optional[str], cert_file: Optional[str],
+               key_file: Optional[str], json_log: bool, verbose: int) -> None:
     """Run the fleet controller until SIGTERM or SIGINT: ingest, serve blocks, reconcile, publish."""
     from edgeship.ota.transport import parse_broker_url
     from edgeship.toolkit.controller import Controller, ControllerConfig, default_replica_id
     from edgeship.toolkit.store import DEFAULT_DB_URL
 
-    broker = parse_broker_url(broker_url, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+    broker = parse_broker_url(broker_url, username=username, password=password, ca_file=ca_file,
+                              cert_file=cert_file, key_file=key_file)
     if fleet_name != "+":
         validate_identifier(fleet_name, "fleet")
     validate_identifier(prefix, "topic prefix")

@@ -1,6 +1,9 @@
 """Options shared by the fleet commands (``rollout``, ``abtest``, and the controller's ``fleet``/``deploy``).
 
 - ``--db URL`` / ``EDGESHIP_DB``: the controller's store (a SQLAlchemy URL; default ``sqlite:///fleet.db``).
+- ``--repo DIR`` / ``EDGESHIP_REPO`` (optional): the release repository; when given, a rollout, deploy
+  or A/B test of a version that is not published there is refused at once (the controller could not
+  sign it: the devices of the first stage would only time out).
 - ``--broker URL`` / ``EDGESHIP_BROKER``: ``mqtt://HOST:PORT`` or ``mqtts://HOST:PORT``. The rollout and
   A/B commands only record intent in the store; the controller, which holds the broker connection and
   the director key, carries it out. They accept ``--broker`` so that every fleet command takes the
@@ -12,15 +15,17 @@ from __future__ import annotations
 __all__ = [
     "broker_option",
     "check_broker_url",
+    "check_published",
     "db_option",
     "json_option",
     "open_fleet_store",
     "policy_from_options",
     "policy_options",
+    "repo_option",
 ]
 
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import click
 from edgeship.ota.errors import BadInputError
@@ -31,10 +36,37 @@ _BROKER_URL = re.compile(r"^mqtts?://[^\s/:]+(:\d{1,5})?/?$")
 
 
 def check_broker_url(url: Optional[str]) -> Optional[str]:
-    """``mqtt://HOST:PORT`` or ``mqtts://HOST:PORT`` (or None); anything else is bad input."""
-    if url is not None and not _BROKER_URL.match(url):
+    """``mqtt://HOST:PORT`` or ``mqtts://HOST:PORT`` (or None); anything else is bad input.
+
+    The same rules as the controller and the agent (``parse_broker_url``: ports 1-65535, IPv6
+    hosts in brackets, no credentials in the URL), so a URL one command accepts the others do too.
+    """
+    if url is None:
+        return None
+    from edgeship.ota.transport import parse_broker_url
+
+    if not _BROKER_URL.match(url) and not url.startswith(("mqtt://[", "mqtts://[")):
         raise BadInputError(f"broker URL {url!r}: use mqtt://HOST:PORT or mqtts://HOST:PORT")
+    parse_broker_url(url, environ={})
     return url
+
+
+def repo_option(func: F) -> F:
+    return click.option("--repo", "repo_dir", envvar="EDGESHIP_REPO", default=None,
+                        type=click.Path(file_okay=False),
+                        help="Check that the version is published in this release repository first "
+                             "(env EDGESHIP_REPO).")(func)
+
+
+def check_published(repo_dir: Optional[str], *bundles: Tuple[str, str]) -> None:
+    """With a release repository, every (name, version) must be published there (BadInputError)."""
+    if repo_dir is None:
+        return
+    from edgeship.ota.release import ReleaseRepository
+
+    repo = ReleaseRepository(repo_dir)
+    for name, version in bundles:
+        repo.target_info(name, version)
 
 
 def db_option(func: F) -> F:

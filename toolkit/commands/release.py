@@ -201,34 +201,41 @@ def bundle_inspect(bundle_file: Path, as_json: bool) -> None:
     if as_json:
         emit_json(manifest.to_dict())
         return
+    from rich.markup import escape
     from rich.table import Table
 
+    def e(value: Any) -> str:  # manifest text is the bundle author's: never rich markup
+        return escape(str(value))
+
     out = console()
-    out.print(f"[bold]{manifest.name} {manifest.version}[/bold]  format {manifest.format}, created "
-              f"{manifest.created}")
+    out.print(f"[bold]{e(manifest.name)} {e(manifest.version)}[/bold]  format {e(manifest.format)}, created "
+              f"{e(manifest.created)}")
     table = Table("file", "size", "sha256")
     for member, info in manifest.files.items():
-        table.add_row(member, str(info["size"]), info["sha256"])
+        table.add_row(e(member), str(info["size"]), e(info["sha256"]))
     out.print(table)
     sig = Table("tensor", "name", "shape", "dtype", "quantization")
     for kind in ("inputs", "outputs"):
-        for tensor in manifest.signature.get(kind, []):
+        tensors = manifest.signature.get(kind)
+        for tensor in tensors if isinstance(tensors, list) else []:
+            if not isinstance(tensor, dict):
+                continue
             quant = f"scale {tensor.get('scale')}, zero {tensor.get('zero_point')}" if tensor.get("scale") else "-"
-            sig.add_row(kind[:-1], str(tensor.get("name")), str(tensor.get("shape")), str(tensor.get("dtype")), quant)
+            sig.add_row(kind[:-1], e(tensor.get("name")), e(tensor.get("shape")), e(tensor.get("dtype")), e(quant))
     out.print(sig)
-    out.print(f"runtime: {manifest.runtime}")
+    out.print(f"runtime: {e(manifest.runtime)}")
     if manifest.golden:
-        out.print(f"golden vectors: {manifest.golden}")
+        out.print(f"golden vectors: {e(manifest.golden)}")
     if manifest.labels:
-        out.print(f"labels: {len(manifest.labels)} ({', '.join(manifest.labels[:5])}"
+        out.print(f"labels: {len(manifest.labels)} ({e(', '.join(manifest.labels[:5]))}"
                   f"{', ...' if len(manifest.labels) > 5 else ''})")
     for key in ("preprocessing", "quality"):
         if getattr(manifest, key):
-            out.print(f"{key}: {getattr(manifest, key)}")
+            out.print(f"{key}: {e(getattr(manifest, key))}")
     if manifest.tags:
-        out.print(f"tags: {', '.join(manifest.tags)}")
+        out.print(f"tags: {e(', '.join(manifest.tags))}")
     if manifest.meta:
-        out.print(f"meta: {manifest.meta}")
+        out.print(f"meta: {e(manifest.meta)}")
 
 
 @bundle.command("verify")

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 __all__ = ["rollout", "rollout_summary"]
 
+import math
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import click
-from edgeship.ota.errors import GateFailedError
+from edgeship.ota.errors import BadInputError, GateFailedError
 from edgeship.ota.topics import validate_identifier
 from edgeship.ota.versions import check_name, parse_version
 
@@ -22,12 +23,21 @@ from ..output import console, emit_json, progress_reporter
 from .fleet_options import (
     broker_option,
     check_broker_url,
+    check_published,
     db_option,
     json_option,
     open_fleet_store,
     policy_from_options,
     policy_options,
+    repo_option,
 )
+
+
+def check_interval(interval: float) -> float:
+    """A polling interval must be a positive, finite number of seconds (``time.sleep`` would raise)."""
+    if not (math.isfinite(interval) and interval > 0):
+        raise BadInputError(f"--interval {interval:g}: use a positive number of seconds")
+    return interval
 
 
 def rollout_summary(rollout: Any, health: Any = None, with_devices: bool = False) -> Dict[str, Any]:
@@ -115,12 +125,13 @@ def rollout() -> None:
 @policy_options
 @click.option("--wait", is_flag=True, help="Follow the rollout until it completes or aborts (needs the controller).")
 @click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between polls with --wait.")
+@repo_option
 @db_option
 @broker_option
 @json_option
 def start(name: str, version: str, fleet: str, select: Tuple[str, ...], stages: str, success_threshold: float,
           max_failures: str, health: str, stage_timeout: str, bake: str, wait: bool, interval: float,
-          db_url: Optional[str], broker_url: Optional[str], as_json: bool) -> None:
+          repo_dir: Optional[str], db_url: Optional[str], broker_url: Optional[str], as_json: bool) -> None:
     """Start rolling NAME VERSION out to a fleet in stages; prints the rollout's id."""
     from edgeship.toolkit.rollouts import new_rollout
     from edgeship.toolkit.store import new_id, parse_selection
@@ -129,8 +140,11 @@ def start(name: str, version: str, fleet: str, select: Tuple[str, ...], stages: 
     check_name(name)
     parse_version(version)
     validate_identifier(fleet, "fleet")
+    if wait:
+        check_interval(interval)
     policy = policy_from_options(stages, success_threshold, max_failures, health, stage_timeout, bake)
     selection = parse_selection(select)
+    check_published(repo_dir, (name, version))
     store = open_fleet_store(db_url)
     created = new_rollout(new_id("r"), fleet, name, version, policy, time.time(), selection)
     store.create_rollout(created)
@@ -181,6 +195,8 @@ def status(rollout_id: str, watch: bool, interval: float, with_devices: bool, db
     """Show a rollout's stages, device counts and health."""
     from edgeship.toolkit.rollouts import FINISHED_STATES
 
+    if watch:
+        check_interval(interval)
     store = open_fleet_store(db_url)
     current, health = _load_with_health(store, rollout_id)
     if watch and current.state not in FINISHED_STATES:
@@ -264,6 +280,8 @@ rollback_command = _operator_command(
 @json_option
 def ls(fleet: Optional[str], states: Tuple[str, ...], limit: int, db_url: Optional[str], as_json: bool) -> None:
     """List rollouts, newest first."""
+    if limit < 1:
+        raise BadInputError(f"--limit {limit}: show at least 1 rollout")
     store = open_fleet_store(db_url)
     rows = store.list_rollouts(fleet, [s.upper() for s in states] or None, limit)
     docs = [{"id": r["id"], "fleet": r["fleet"], "name": r["name"], "version": r["version"], "state": r["state"],

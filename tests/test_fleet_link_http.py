@@ -1,0 +1,79 @@
+"""The agent's fleet link can fetch bundles over HTTP instead of MQTT blocks (issue 5: "or over
+HTTP; both are fetchers behind the same verification"): ``[broker] repository_url``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.server
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from edgeship.agent.config import parse_config
+from edgeship.agent.fleet_link import FleetLink, FleetLinkSettings, load_link_settings
+from edgeship.ota import director as d
+from edgeship.ota import updater as u
+from edgeship.ota.blocks import MqttBlockFetcher
+from edgeship.ota.errors import BadInputError
+from edgeship.ota.http_fetcher import HttpFetcher
+from edgeship.ota.release import ReleaseRepository
+from ota_repo_simulator import make_bundle
+
+NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.timezone.utc)
+
+
+def _config(tmp_path: Path) -> object:
+    return parse_config({
+        "device": {"id": "dev-1", "fleet": "plant"}, "paths": {"data": str(tmp_path / "data")},
+        "trust": {"root": "root.json", "director_key": "director.pub"}, "broker": {"url": "mqtt://127.0.0.1:1"},
+    }, source=tmp_path / "agent.toml")
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_default_is_mqtt_blocks(tmp_path: Path) -> None:
+    link = FleetLink(_config(tmp_path), load_link_settings(_config(tmp_path), {}))  # type: ignore[arg-type]
+    assert isinstance(link.fetcher, MqttBlockFetcher)
+
+
+@pytest.mark.parametrize("table,needle", [
+    ({"repository_url": "ftp://h/repo"}, "repository_url"),
+    ({"repository_url": "http://h/?x=1"}, "repository_url"),
+    ({"repository_url": 5}, "repository_url"),
+    ({"repository_ca_file": "ca.pem"}, "repository_ca_file"),
+])
+def test_bad_repository_settings_are_refused(tmp_path: Path, table: dict, needle: str) -> None:
+    with pytest.raises(BadInputError, match=needle):
+        load_link_settings(_config(tmp_path), table)  # type: ignore[arg-type]
+
+
+def test_repository_url_makes_the_link_fetch_over_http_through_tuf(tmp_path: Path) -> None:
+    repo = ReleaseRepository(tmp_path / "repo")
+    repo.init(root_passphrase="pass phrase", now=NOW)
+    repo.publish(make_bundle(tmp_path / "b", "digits", "1.0.0", size=200_000), now=NOW)
+    handler = lambda *a, **k: _Quiet(*a, directory=str(repo.path), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = _config(tmp_path)
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        settings = load_link_settings(config, {"repository_url": url})  # type: ignore[arg-type]
+        assert settings == FleetLinkSettings(url="mqtt://127.0.0.1:1", repository_url=url)
+        link = FleetLink(config, settings)  # type: ignore[arg-type]
+        assert isinstance(link.fetcher, HttpFetcher)
+        envelope = repo.sign_desired(fleet="plant", device="dev-1", name="digits", version="1.0.0", now=NOW)
+        desired = d.verify_desired_state(envelope, d.load_director_public_key(repo.director_public_key_path),
+                                         device="dev-1", fleet="plant", last_sequence=None, now=NOW)
+        trust = tmp_path / "trust"
+        trust.mkdir()
+        shutil.copy(repo.metadata_dir / "1.root.json", trust / "root.json")
+        result = u.fetch_verified_bundle(trust_dir=trust, desired=desired, fetcher=link.fetcher,
+                                         work_dir=tmp_path / "work", now=NOW)
+        assert result.manifest.version == "1.0.0" and link.fetcher.requests > 0
+    finally:
+        server.shutdown()
+        server.server_close()
