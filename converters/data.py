@@ -111,6 +111,13 @@ class PreprocessingSpec:
             shape[channel_axis] = -1
         mean = np.asarray(self.mean, np.float32)
         std = np.asarray(self.std, np.float32)
+        channels = int(x.shape[channel_axis]) if x.ndim >= 2 else 1
+        for name, values in (("mean", mean), ("std", std)):
+            if values.size > 1 and values.size != channels:  # never broadcast into a different channel count
+                raise BadInputError(
+                    f"preprocessing {name} has {values.size} values, but the data has {channels} "
+                    f"channel{'s' if channels != 1 else ''} on the {self.layout} channel axis (give one value, or one per channel)"
+                )
         mean = mean.reshape(shape) if mean.size > 1 else mean
         std = std.reshape(shape) if std.size > 1 else std
         return ((x - mean) / std).astype(np.float32)
@@ -138,6 +145,8 @@ def parse_preprocessing(text: str | None) -> PreprocessingSpec | None:
             return PreprocessingSpec.from_dict(json.loads(Path(text).read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise BadInputError(f"preprocessing spec {text} cannot be read: {exc}") from None
+    if text.lower().endswith(".json"):
+        raise BadInputError(f"preprocessing spec file {text}: no such file")
     data: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
@@ -163,6 +172,8 @@ def _number(text: str) -> float:
     text = text.strip()
     if re.fullmatch(r"[0-9.eE+-]+/[0-9.eE+-]+", text):
         a, b = text.split("/")
+        if float(b) == 0:
+            raise ValueError(f"{text} divides by zero")
         return float(a) / float(b)
     return float(text)
 

@@ -25,6 +25,8 @@ __all__ = [
     "ReleaseRepository",
     "TargetInfo",
     "VersionNotNewerError",
+    "decode_private_key",
+    "encode_private_key",
     "key_fingerprint",
     "parse_duration",
 ]
@@ -152,6 +154,36 @@ class TargetInfo:
         }
 
 
+ROOT_KEY_KDF_ROUNDS = 32
+"""bcrypt rounds for the encrypted root key (about half a second per use on a small CPU)."""
+
+
+def encode_private_key(key: Ed25519PrivateKey, passphrase: Optional[bytes]) -> bytes:
+    """A private key as PEM: unencrypted PKCS#8, or, with a passphrase, the OpenSSH key format
+    encrypted under bcrypt's KDF.
+
+    Why not encrypted PKCS#8: ``cryptography`` writes it with PBKDF2 at 2,048 iterations and no
+    way to raise them, which a stolen key file does not survive against a GPU for long. bcrypt
+    (``ROOT_KEY_KDF_ROUNDS``) is memory-hard and tunable, and ``ssh-keygen`` reads the file too.
+    """
+    if not passphrase:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+    encryption = serialization.PrivateFormat.OpenSSH.encryption_builder().kdf_rounds(ROOT_KEY_KDF_ROUNDS)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                             encryption.build(passphrase))
+
+
+def decode_private_key(pem: bytes, password: Optional[bytes]) -> Any:
+    """Read what ``encode_private_key`` wrote (and encrypted PKCS#8 from earlier repositories).
+
+    Raises ValueError or TypeError when the passphrase is wrong or missing.
+    """
+    if pem.lstrip().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----"):
+        return serialization.load_ssh_private_key(pem, password=password)
+    return serialization.load_pem_private_key(pem, password=password)
+
+
 class ReleaseRepository:
     """A release repository folder (see the module docstring for its layout)."""
 
@@ -236,11 +268,7 @@ class ReleaseRepository:
     # -- keys -----------------------------------------------------------------------------------
 
     def _write_key(self, role: str, key: Ed25519PrivateKey, passphrase: Optional[bytes]) -> None:
-        encryption: serialization.KeySerializationEncryption = (
-            serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
-        )
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-        atomic_write_bytes(self._key_path(role), pem, mode=0o600)
+        atomic_write_bytes(self._key_path(role), encode_private_key(key, passphrase), mode=0o600)
 
     def _signer(self, role: str, passphrase: Optional[Passphrase] = None) -> CryptoSigner:
         path = self._key_path(role)
@@ -250,7 +278,7 @@ class ReleaseRepository:
             raise BadInputError(f"the {role} key {path} is missing") from None
         password = _as_bytes(passphrase) if role == "root" else None
         try:
-            key = serialization.load_pem_private_key(pem, password=password)
+            key = decode_private_key(pem, password)
         except (ValueError, TypeError):
             if role == "root":
                 raise BadInputError(f"the root passphrase does not decrypt {path}") from None
@@ -569,9 +597,7 @@ class ReleaseRepository:
                 new_signer = CryptoSigner(new_key)
                 # the new key is kept beside the old one until the new root is written
                 pending = self._key_path("root").with_suffix(".key.new")
-                pem = new_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.BestAvailableEncryption(new_passphrase))
-                atomic_write_bytes(pending, pem, mode=0o600)
+                atomic_write_bytes(pending, encode_private_key(new_key, new_passphrase), mode=0o600)
                 # signed by the old root (trusted by devices) and the new one (self-signed, spec 5.3.4-5)
                 self._sign_write(root_md, [old_root_signer, new_signer], now)
                 os.replace(pending, self._key_path("root"))

@@ -261,3 +261,22 @@ def test_named_inputs_take_the_tf_serving_signature_key(api, x: np.ndarray) -> N
     inputs = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"]
     assert list(inputs) == ["image"] and inputs["image"]["name"] == "serving_default_image:0"
     client.close()
+
+
+def test_chunked_request_body_is_read_and_the_connection_stays_usable(api, x: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """HTTP/1.1 clients may stream a body with Transfer-Encoding: chunked (TF Serving reads it)."""
+    import http.client
+    import json
+
+    server, _ = api
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    body = json.dumps({"instances": x[:2].tolist()}).encode()
+    conn.request("POST", "/v1/models/digits:predict", body=iter([body[:100], body[100:]]),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    response = conn.getresponse()
+    reply = json.loads(response.read())
+    assert response.status == 200 and np.array(reply["predictions"]).shape == (2, 10), reply
+    conn.request("POST", "/v1/models/digits:predict", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and len(json.loads(response.read())["predictions"]) == 2
+    conn.close()

@@ -142,8 +142,8 @@ def test_failure_injected_in_each_state(
     assert predict(device.serving, agent_repo.eval_x[:2]).shape == (2, 10)
     slots = {p.name for p in device.config.slots_dir.iterdir()}
     assert disk.active.slot in slots
-    if final in ("FAILED", "REJECTED") and active == "1.0.0":
-        assert len(slots) == 1  # the failed bundle's slot was deleted
+    if active == "1.0.0":  # FAILED, REJECTED and ROLLED_BACK alike: the failed bundle's slot was deleted
+        assert slots == {disk.active.slot} and disk.previous == [] and disk.failed_slots == []
     assert not any(device.config.work_dir.iterdir())
 
 

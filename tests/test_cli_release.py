@@ -75,7 +75,7 @@ def test_keys_init_prompts_for_the_passphrase(tmp_path: Path, monkeypatch: pytes
     result = CliRunner().invoke(main, ["keys", "init", "--repo", str(tmp_path / "r"), "--json"],
                                 input=f"{PASS}\n{PASS}\n")
     assert result.exit_code == 0, result.output
-    assert b"ENCRYPTED" in (tmp_path / "r" / "keys" / "root.key").read_bytes()
+    assert b"OPENSSH PRIVATE KEY" in (tmp_path / "r" / "keys" / "root.key").read_bytes()
 
 
 def test_keys_init_twice_is_refused(runner: CliRunner, repo: Path) -> None:

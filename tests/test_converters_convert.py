@@ -27,6 +27,7 @@ VARIANTS = [
     ("tflite", "int8", True),
     ("onnx", "none", False),
     ("onnx", "dynamic", False),
+    ("onnx", "float16", False),
     ("onnx", "int8", False),
 ]
 
@@ -308,3 +309,63 @@ def test_missing_extra_names_it_and_exits_5(tmp_path: Path, digits_files: dict[s
     assert proc.stderr.startswith("error: ") and "pip install 'edgeship[convert]'" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- review fixes: outputs that cannot be written, gates that cannot be checked ----------
+
+
+def test_a_folder_nobody_can_write_in_is_refused_before_any_work(digits_files: dict[str, Path]) -> None:
+    """/proc takes no new files, not even from root (for whom os.access always says yes)."""
+    with pytest.raises(BadInputError) as info:
+        convert_model(digits_files["model"], "/proc/edgeship-review.tflite")
+    assert "cannot be written" in info.value.message and "\n" not in info.value.message
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("suffix", [".report.json", ".golden.npz"])
+def test_a_folder_where_the_report_or_golden_file_goes_is_refused(
+    digits_files: dict[str, Path], tmp_path: Path, suffix: str
+) -> None:
+    (tmp_path / f"out.tflite{suffix}").mkdir()
+    with pytest.raises(BadInputError) as info:
+        convert_model(digits_files["model"], tmp_path / "out.tflite", validate=False)
+    assert f"out.tflite{suffix}" in info.value.message and "is a folder" in info.value.message
+    _assert_nothing_written(tmp_path, {f"out.tflite{suffix}"})
+
+
+def test_gates_are_refused_when_validation_is_skipped(digits_files: dict[str, Path], tmp_path: Path) -> None:
+    """A gate the user asked for is never passed silently: --no-validate with a gate is bad input."""
+    with pytest.raises(BadInputError, match="--no-validate"):
+        convert_model(digits_files["model"], tmp_path / "out.tflite", validate=False,
+                      limits=GateLimits(min_agreement_pct=97.0))
+    _assert_nothing_written(tmp_path, set())
+
+
+@pytest.mark.parametrize("to, quantize", [("tflite", "int8"), ("onnx", "dynamic")])
+def test_converted_files_share_the_model_file_mode(convert_digits: Any, to: str, quantize: str) -> None:
+    """The golden vectors and the report are as readable as the model they describe."""
+    result = convert_digits(to, quantize)
+    mode = result.out.stat().st_mode & 0o777
+    assert result.golden_path.stat().st_mode & 0o777 == mode
+    assert result.report_path.stat().st_mode & 0o777 == mode
+
+
+def test_missing_onnxruntime_is_a_missing_extra_named_before_converting(tmp_path: Path, digits_files: dict[str, Path]) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['onnxruntime'] = None  # as if not installed\n"
+        "from edgeship.toolkit.cli import main\n"
+        "main()\n"
+    )
+    for args in (["convert", str(digits_files["model"]), "-o", str(tmp_path / "o.onnx")],
+                 ["inspect", str(tmp_path / "o.onnx")]):
+        if args[0] == "inspect":
+            (tmp_path / "o.onnx").write_bytes(b"\x08\x07")  # looks like ONNX; the runtime is what is missing
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 5, proc.stderr
+        assert proc.stderr.startswith("error: ") and "edgeship[" in proc.stderr and ".work-" not in proc.stderr
+        assert proc.stderr.strip().count("\n") == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["o.onnx"]  # only what the test itself wrote

@@ -128,7 +128,9 @@ def test_parse_preprocessing(text: str | None, expected: PreprocessingSpec | Non
     assert parse_preprocessing(text) == expected
 
 
-@pytest.mark.parametrize("text", ["size", "layout=NWHC", "std=0", "scale=abc", '{"sise": 3}', "{broken"])
+@pytest.mark.parametrize(
+    "text", ["size", "layout=NWHC", "std=0", "scale=abc", '{"sise": 3}', "{broken", "scale=1/0", "mean=1/0", "missing-spec.json"]
+)
 def test_bad_preprocessing_is_one_clear_error(text: str) -> None:
     with pytest.raises(BadInputError):
         parse_preprocessing(text)
@@ -155,3 +157,23 @@ def test_unsupported_ops_are_named_from_converter_errors() -> None:
 @pytest.mark.parametrize("opset, version", [(13, "1.7"), (17, "1.12"), (18, "1.14"), (21, "1.18"), (30, "1.20")])
 def test_min_onnxruntime_version(opset: int, version: str) -> None:
     assert min_onnxruntime_version(opset) == version
+
+
+@pytest.mark.parametrize(
+    "spec, channels, message",
+    [
+        (PreprocessingSpec(mean=(0.5, 0.5)), 3, "mean has 2 values"),
+        (PreprocessingSpec(std=(0.2, 0.2, 0.2)), 1, "std has 3 values"),
+        (PreprocessingSpec(mean=(0.5, 0.4, 0.3), layout="NCHW"), 1, "the data has 1 channel"),
+    ],
+)
+def test_per_channel_values_must_match_the_channels(spec: PreprocessingSpec, channels: int, message: str) -> None:
+    """One value per channel, or one for all: never a silent broadcast into more channels."""
+    shape = (2, 4, 4, channels) if spec.layout == "NHWC" else (2, channels, 4, 4)
+    with pytest.raises(BadInputError, match=message):
+        spec.apply(np.zeros(shape, np.uint8))
+
+
+def test_missing_spec_file_is_named() -> None:
+    with pytest.raises(BadInputError, match="no such file"):
+        parse_preprocessing("missing-spec.json")

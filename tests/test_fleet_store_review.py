@@ -26,3 +26,10 @@ def test_a_file_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 1 and result.stderr.startswith("error: cannot open the store")
     assert result.stderr.count("\n") == 1
     assert junk.read_bytes() == b"this is not SQLite at all\n" * 100  # nothing lost
+
+
+def test_an_unreachable_postgresql_is_one_line() -> None:
+    pytest.importorskip("psycopg")
+    with pytest.raises(EdgeshipError, match="cannot open the store") as caught:
+        FleetStore("postgresql://nobody@127.0.0.1:1/fleet")
+    assert "\n" not in caught.value.message and "\t" not in caught.value.message

@@ -51,10 +51,12 @@ def test_init_writes_keys_at_rest(repo: ReleaseRepository) -> None:
         assert stat.S_IMODE((repo.keys_dir / f"{role}.key").stat().st_mode) == 0o600
     assert stat.S_IMODE((repo.director_dir / "director.key").stat().st_mode) == 0o600
     root_pem = (repo.keys_dir / "root.key").read_bytes()
-    assert b"ENCRYPTED PRIVATE KEY" in root_pem
+    assert root_pem.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")  # bcrypt KDF, not PBKDF2
     with pytest.raises(TypeError):  # encrypted: no key without the passphrase
-        serialization.load_pem_private_key(root_pem, password=None)
-    serialization.load_pem_private_key(root_pem, password=PASS.encode())
+        serialization.load_ssh_private_key(root_pem, password=None)
+    with pytest.raises(ValueError):
+        serialization.load_ssh_private_key(root_pem, password=b"not the passphrase")
+    serialization.load_ssh_private_key(root_pem, password=PASS.encode())
     info = repo.fingerprints()
     assert info["root_metadata"].endswith("metadata/root.json")
     assert info["director_public_key"].endswith("director/director.pub")
@@ -308,3 +310,17 @@ def test_refresh_re_signs_targets_when_due_and_root_when_asked(repo: ReleaseRepo
     after_a_year = NOW + dt.timedelta(days=365, hours=1)
     repo.refresh(now=after_a_year)
     assert _device_update(repo, tmp_path, "digits", "1.0.0", trust=trust, now=after_a_year).manifest.name == "digits"
+
+
+def test_root_keys_of_earlier_repositories_still_open(tmp_path: Path) -> None:
+    """Repositories made before the bcrypt change keep an encrypted PKCS#8 root key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edgeship.ota.release import decode_private_key
+
+    key = Ed25519PrivateKey.generate()
+    legacy = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.BestAvailableEncryption(PASS.encode()))
+    assert decode_private_key(legacy, PASS.encode()).public_key() == key.public_key()
+    with pytest.raises((ValueError, TypeError)):
+        decode_private_key(legacy, b"wrong passphrase")

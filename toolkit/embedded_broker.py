@@ -79,10 +79,20 @@ class EmbeddedBroker:
         if self._thread is not None:
             raise RuntimeError("EmbeddedBroker.start() was already called")
         require_module("amqtt.broker", "host")
-        if self.port == 0:
-            with socket.socket() as probe:
-                probe.bind((self.host, 0))
-                self.port = int(probe.getsockname()[1])
+        # Bind here first (as asyncio will, with SO_REUSEADDR): an unknown host, an address that is not
+        # this machine's or a taken port is then one clear error, not amqtt's logged traceback.
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM,
+                                                                 flags=socket.AI_PASSIVE)[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+                probe.listen(1)
+                if self.port == 0:
+                    self.port = int(probe.getsockname()[1])
+        except OSError as exc:
+            raise EdgeshipError(f"embedded MQTT broker could not listen on {self.host}:{self.port} "
+                                f"({type(exc).__name__}: {exc})") from None
         self._thread = threading.Thread(target=self._run, name=f"amqtt-{self.port}", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout) or self._error is not None:

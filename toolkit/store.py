@@ -385,6 +385,14 @@ class FleetStore:
     def __init__(self, url: str = DEFAULT_DB_URL, *, create: bool = True, echo: bool = False) -> None:
         self.url = url
         try:
+            backend = sa.engine.make_url(_normalize_url(url)).get_backend_name()
+        except sa.exc.ArgumentError as exc:
+            raise BadInputError(f"store URL {url!r} is not a SQLAlchemy URL ({exc}); use e.g. {DEFAULT_DB_URL}") \
+                from None
+        if backend not in ("sqlite", "postgresql"):  # the upserts are written for these two
+            raise BadInputError(f"store URL {url!r}: the fleet store runs on sqlite:/// or postgresql://, "
+                                f"not {backend}")
+        try:
             self.engine: Engine = sa.create_engine(_normalize_url(url), echo=echo, future=True)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
             raise BadInputError(f"store URL {url!r} is not a SQLAlchemy URL ({exc}); use e.g. {DEFAULT_DB_URL}") \
@@ -395,8 +403,9 @@ class FleetStore:
         if create:
             try:
                 metadata.create_all(self.engine)
-            except sa.exc.OperationalError as exc:
-                raise EdgeshipError(f"cannot open the store {url}: {str(exc.orig)[:200]}") from None
+            except sa.exc.DatabaseError as exc:  # OperationalError, or a file that is not a database
+                why = " ".join(str(exc.orig).split())  # libpq's messages span lines: keep it one line
+                raise EdgeshipError(f"cannot open the store {url}: {why[:200]}") from None
 
     def close(self) -> None:
         self.engine.dispose()

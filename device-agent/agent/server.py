@@ -220,15 +220,41 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str) -> None:
         self._json(status, {"error": message})
 
+    def _chunked(self) -> bytes:
+        """A ``Transfer-Encoding: chunked`` body, at most MAX_BODY_BYTES."""
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                self.close_connection = True
+                raise PredictRequestError("malformed chunked request body") from None
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(parts)
+            total += size
+            if total > MAX_BODY_BYTES:
+                self.close_connection = True
+                raise PredictRequestError(f"request body exceeds {MAX_BODY_BYTES} bytes")
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(8)  # the CRLF after each chunk
+
     def _body(self) -> Any:
         length_text = self.headers.get("Content-Length")
-        if length_text is None or not length_text.isdigit():
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raw = self._chunked()
+        elif length_text is None or not length_text.isdigit():
+            self.close_connection = True  # the body's end is unknown: the stream cannot be reused
             raise PredictRequestError("a request body with Content-Length is required")
-        length = int(length_text)
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise PredictRequestError(f"request body of {length} bytes exceeds {MAX_BODY_BYTES}")
-        raw = self.rfile.read(length)
+        else:
+            length = int(length_text)
+            if length > MAX_BODY_BYTES:
+                self.close_connection = True
+                raise PredictRequestError(f"request body of {length} bytes exceeds {MAX_BODY_BYTES}")
+            raw = self.rfile.read(length)
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
