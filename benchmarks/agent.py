@@ -4,7 +4,9 @@ baseline measured in the same run:
 1. idle RSS of ``edgeship-agent run`` serving digits vs a bare Python + numpy + LiteRT
    process holding the same model (target: agent <= 60 MB);
 2. in-process predict (``ServingModel.predict``: float I/O, shape checks, telemetry)
-   vs a bare interpreter ``set_tensor/invoke/get_tensor`` loop (target: <= 10% more);
+   vs a bare interpreter ``set_tensor/invoke/get_tensor`` loop on the public LiteRT API
+   (target: <= 10% more): interleaved rounds, the median of each round's own ratio
+   (``--only-overhead MODEL.tflite`` measures just this);
 3. HTTP predict through the real agent process, keep-alive TF Serving-style clients in
    another process, vs the bare interpreter loop (targets: >= 1,000 req/s, p99 < 5 ms);
 4. 100 hot swaps under that load: failed requests (target 0) and p99 during swaps vs
@@ -174,7 +176,7 @@ def agent_predict_loop(
     return _timed(call, [x], n)
 
 
-def interleaved(model: Path, x: np.ndarray, n: int, rounds: int = 15) -> dict[str, float]:
+def interleaved(model: Path, x: np.ndarray, n: int, rounds: int = 21) -> dict[str, float]:
     """Alternating rounds of the three paths (the order rotates each round), each on
     a fresh interpreter. The machine is shared, so a single round can be slowed by
     other work: each round's overhead is the ratio of its own paths (paired), and
@@ -355,7 +357,7 @@ def main() -> None:
     )
     parser.add_argument("--connections", type=int, default=2)
     parser.add_argument(
-        "--rounds", type=int, default=15, help="in-process: interleaved rounds (default 15)"
+        "--rounds", type=int, default=21, help="in-process: interleaved rounds (default 21)"
     )
     parser.add_argument(
         "--calls", type=int, default=5000, help="in-process: calls per path per round (default 5000)"
@@ -466,8 +468,10 @@ def main() -> None:
         (
             "of which the runtime layer (`runner.run`)",
             f"{run_us:.2f} us",
-            f"{ov['run_pct']:+.1f}% over bare (CPU {ov['run_cpu_pct']:+.1f}%); "
-            "the lock, float I/O; telemetry and bookkeeping the rest",
+            (
+                f"{ov['run_pct']:+.1f}% over bare (CPU {ov['run_cpu_pct']:+.1f}%); "
+                "the lock, float I/O; telemetry and bookkeeping the rest"
+            ),
             "",
             "",
         ),

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgeship.agent.runtimes import ModelLoadError, ModelRunner, open_model
+from edgeship.agent.runtimes import ModelLoadError, ModelRunner
 from edgeship.ota.atomicfile import atomic_output_path, atomic_write_json
-from edgeship.ota.errors import BadInputError, EdgeshipError, GateFailedError
+from edgeship.ota.errors import BadInputError, EdgeshipError, GateFailedError, require_module
 
 from .data import Dataset, PreprocessingSpec, load_dataset, split_holdback
 from .golden_vectors import golden_sample_count, make_golden_vectors
@@ -61,16 +61,28 @@ class ConversionResult:
 
 
 def check_output_path(out: Path) -> None:
-    """Refuse an OUT that cannot be written, before any work is done."""
+    """Refuse an OUT (or the golden vectors and report beside it) that cannot be
+    written, before any work is done."""
     if out.is_dir():
         raise BadInputError(f"output {out} is a folder; give a file name such as {out / 'model.tflite'}")
     parent = out.parent
     if not parent.is_dir():
-        raise BadInputError(f"output {out} cannot be written: folder {parent} does not exist")
+        what = f"{parent} is a file, not a folder" if parent.exists() else f"folder {parent} does not exist"
+        raise BadInputError(f"output {out} cannot be written: {what}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BadInputError(f"output {out} cannot be written: no permission to write in {parent}")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise BadInputError(f"output {out} cannot be written: the existing file is read-only")
+    for path in (out, golden_path(out), report_path(out)):
+        if path.is_dir():
+            raise BadInputError(f"output {path} is a folder in the way of the file convert writes there; move it")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise BadInputError(f"output {path} cannot be written: the existing file is read-only")
+    # os.access answers yes to root even on a read-only file system or in /proc: try it.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=parent)
+    except OSError as exc:
+        raise BadInputError(f"output {out} cannot be written in {parent}: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _versions(names: tuple[str, ...]) -> dict[str, str]:
@@ -179,15 +191,19 @@ def convert_model(
         raise BadInputError("--int8-io needs --to tflite --quantize int8 (ONNX int8 models keep float inputs and outputs)")
     if quantize == "int8" and calib is None:
         raise BadInputError("--quantize int8 needs calibration data: give --calib DATA (a few hundred representative samples)")
+    if not validate and (limits.max_accuracy_drop_pp is not None or limits.min_agreement_pct is not None):
+        raise BadInputError("a gate (--max-accuracy-drop, --min-agreement) needs validation: drop --no-validate or the gate")
     if target.suffix in (".tflite", ".onnx") and target.suffix != f".{fmt}":
         raise BadInputError(f"output {target} has the suffix {target.suffix}, but the model is converted to {fmt}; name it *.{fmt}")
     check_output_path(target)
+    if fmt == "onnx":  # the converted model is proven on ONNX Runtime: refuse before any work without it
+        require_module("onnxruntime", "convert")
 
     # The reference: the source model, run by TensorFlow (Keras/SavedModel) or ONNX Runtime.
     loaded: Any = None
     reference: ModelRunner
     if kind == "onnx":
-        reference = open_model(source, threads=1)
+        reference = open_any_model(source, threads=1)
     else:
         report_progress("loading model", 0, 1)
         loaded = load_keras_or_savedmodel(source, kind)
@@ -218,7 +234,11 @@ def convert_model(
     if labels is not None:
         class_names = _check_labels(list(labels), reference, class_names)
 
-    with tempfile.TemporaryDirectory(prefix=f".{target.name}.work-", dir=target.parent) as work_dir:
+    try:
+        work_folder = tempfile.TemporaryDirectory(prefix=f".{target.name}.work-", dir=target.parent)
+    except OSError as exc:
+        raise EdgeshipError(f"cannot create a work folder beside {target}: {exc.strerror or exc}") from None
+    with work_folder as work_dir:
         work = Path(work_dir) / target.name
         samples = 0
         try:
@@ -285,7 +305,7 @@ def convert_model(
             signature=signature.to_dict(),
             preprocessing=spec_used.to_dict() if spec_used else None,
             labels=class_names,
-            calibration=None if calibration is None else {"source": str(calibration.source), "samples": samples},
+            calibration=None if calibration is None or not samples else {"source": str(calibration.source), "samples": samples},
             validation=validation,
             inspection=inspection,
             runtime=runtime,
@@ -296,9 +316,11 @@ def convert_model(
         report_work = report_path(work)
         atomic_write_json(report_work, report)
         # Commit: golden vectors and report first, the model last (a reader that sees
-        # the model also sees what describes it).
+        # the model also sees what describes it). All three get the model file's mode
+        # (the umask's), not the private 0600 of a temporary file.
+        mode = work.stat().st_mode & 0o777
         for done, final in ((golden_work, golden_path(target)), (report_work, report_path(target)), (work, target)):
-            with atomic_output_path(final) as tmp:
+            with atomic_output_path(final, mode=mode) as tmp:
                 os.replace(done, tmp)
     return ConversionResult(target, report_path(target), golden_path(target), report)
 

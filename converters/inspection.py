@@ -1,23 +1,24 @@
 """What a model is: inputs and outputs (names, shapes, dtypes, quantization),
 operator counts, size, whether it computes fully in integers, and which
 operators are left in float. ``.tflite`` and ``.onnx`` load through the device
-runtimes; Keras models and SavedModels through TensorFlow (layers stand in for
-operators there).
+runtimes; Keras models and SavedModels through TensorFlow (a Keras model's
+layers stand in for operators; a SavedModel lists the TensorFlow operations of
+its serving signature).
 """
 
 from __future__ import annotations
 
-__all__ = ["inspect_model", "onnx_float_operators", "runtime_requirements"]
+__all__ = ["inspect_model", "onnx_float_operators", "runtime_requirements", "savedmodel_operations"]
 
 import collections
 import os
 from pathlib import Path
 from typing import Any
 
-from edgeship.agent.runtimes import ModelLoadError, open_model
+from edgeship.agent.runtimes import ModelLoadError
 from edgeship.ota.errors import require_module
 
-from .sources import detect_source_kind, open_any_model
+from .sources import detect_source_kind, open_any_model, serving_function
 from .tflite_flatbuffer import read_tflite_graph
 from .to_onnx import min_onnxruntime_version, onnx_operator_counts
 from .validate import model_size_bytes
@@ -62,6 +63,26 @@ def onnx_float_operators(model: Any) -> list[str]:
     return sorted(set(floats))
 
 
+# TensorFlow graph bookkeeping: feeds, variables, constants and call wrappers compute nothing.
+_TF_BOOKKEEPING_OPS = {
+    "Placeholder", "ReadVariableOp", "VarHandleOp", "Const", "NoOp", "Identity", "IdentityN",
+    "StatefulPartitionedCall", "PartitionedCall",
+}
+
+
+def savedmodel_operations(model: Any) -> dict[str, int]:
+    """TensorFlow operation counts of a loaded SavedModel's serving signature
+    (its functions included), bookkeeping operations left out."""
+    function = serving_function(model)
+    if function is None:
+        return {}
+    graph = function.graph.as_graph_def()
+    counts = collections.Counter(node.op for node in graph.node)
+    for library_function in graph.library.function:
+        counts.update(node.op for node in library_function.node_def)
+    return dict(sorted((op, n) for op, n in counts.items() if op not in _TF_BOOKKEEPING_OPS))
+
+
 def runtime_requirements(path: str | os.PathLike[str], fmt: str, signature: Any) -> dict[str, Any]:
     """What a device needs to run this model (the bundle manifest's ``runtime``)."""
     int8_io = any(t.dtype in ("int8", "uint8") for t in (*signature.inputs, *signature.outputs))
@@ -103,7 +124,7 @@ def inspect_model(path: str | os.PathLike[str]) -> dict[str, Any]:
         fully_integer = not float_ops
     elif kind == "onnx":
         onnx = require_module("onnx", "onnx")
-        with open_model(p) as runner:
+        with open_any_model(p) as runner:
             signature = runner.signature
             runtime = {"name": runner.runtime, "version": runner.runtime_version}
         counts, _ = onnx_operator_counts(p)
@@ -118,7 +139,10 @@ def inspect_model(path: str | os.PathLike[str]) -> dict[str, Any]:
             runtime = {"name": runner.runtime, "version": runner.runtime_version}
             model = runner.model  # type: ignore[attr-defined]
             layers = getattr(model, "layers", None)
-            counts = dict(sorted(collections.Counter(type(layer).__name__ for layer in layers or []).items()))
+            if layers is None and kind == "savedmodel":
+                counts = savedmodel_operations(model)
+            else:
+                counts = dict(sorted(collections.Counter(type(layer).__name__ for layer in layers or []).items()))
         float_ops = sorted(counts)
         fully_integer = False
     result: dict[str, Any] = {

@@ -35,11 +35,12 @@ from edgeship.agent.runtimes import (
     ModelLoadError,
     ModelRunner,
     ModelSignature,
+    RuntimeUnavailableError,
     TensorSpec,
     detect_model_format,
     open_model,
 )
-from edgeship.ota.errors import BadInputError, require_module
+from edgeship.ota.errors import BadInputError, MissingExtraError, require_module
 
 SOURCE_KINDS = ("keras", "h5", "savedmodel", "onnx", "tflite")
 
@@ -227,8 +228,18 @@ def _spec_from_tf(name: str, spec: Any) -> TensorSpec:
 
 
 def open_any_model(path: str | os.PathLike[str], *, threads: int | None = None) -> ModelRunner:
-    """A runner for any MODEL: TFLite/ONNX via the device runtimes, Keras/SavedModel via TensorFlow."""
-    p = Path(path)
+    """A runner for any MODEL: TFLite/ONNX via the device runtimes, Keras/SavedModel via TensorFlow.
+
+    On the workstation a missing runtime is a missing extra (exit 5), not the
+    device's RuntimeUnavailableError (exit 4: the device refuses the model).
+    """
+    try:
+        return _open_any_model(Path(path), threads)
+    except RuntimeUnavailableError as exc:
+        raise MissingExtraError(exc.message) from None
+
+
+def _open_any_model(p: Path, threads: int | None) -> ModelRunner:
     kind = detect_source_kind(p)
     if kind == "tflite":
         from .tflite_flatbuffer import read_tflite_graph

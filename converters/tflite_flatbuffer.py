@@ -100,7 +100,9 @@ def read_tflite_graph(path: str | os.PathLike[str]) -> TFLiteGraph:
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"{path}: not a readable TFLite flatbuffer ({exc.__class__.__name__})") from None
+        raise ModelLoadError(
+            f"{path}: not a readable TFLite flatbuffer (corrupt or truncated? the parser failed with {exc.__class__.__name__})"
+        ) from None
     return TFLiteGraph(tuple(operators), metadata, tuple(quanta), tuple(sorted(set(select))))
 
 

@@ -105,3 +105,15 @@ def test_install_of_a_path_the_agent_cannot_see_says_why(tmp_path: Path) -> None
     with pytest.raises(BadInputError) as caught:
         Agent(config).dispatch({"op": "install", "package": str(tmp_path / "gone.package")})
     assert "no such file" in caught.value.message and "PrivateTmp" in caught.value.message
+
+
+def test_a_control_socket_that_cannot_be_opened_is_one_clear_error(tmp_path: Path) -> None:
+    """connect() failing otherwise than "nobody listens" (a user without access to the
+    0700 data folder gets EACCES; here ENOTDIR) is one line naming the socket, not a traceback."""
+    from edgeship.agent.control import AgentNotRunning, ControlClient
+    from edgeship.ota.errors import EdgeshipError
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(EdgeshipError, match=r"cannot use the agent's control socket .*file/agent\.sock") as caught:
+        ControlClient(tmp_path / "file" / "agent.sock").call("status")
+    assert not isinstance(caught.value, AgentNotRunning)

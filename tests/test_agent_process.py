@@ -379,9 +379,11 @@ def test_updates_of_the_running_agent_under_load_fail_no_request(tmp_path: Path,
     import threading
 
     config = write_config(tmp_path, agent_repo, window_s=0.5)
-    # int8 on x86 can be slower than fp32: probation's latency rule (p95 vs the previous
-    # model's) would rightly roll the update back; this test is about failed requests
-    config.write_text(config.read_text().replace("max_latency_ratio = 2.0", "max_latency_ratio = 20.0"))
+    # int8 on x86 can be slower than fp32, and on this shared machine a burst of CPU
+    # contention during the window has given p95 93x the old model's: probation's latency
+    # rule (tested in test_agent_state_machine/test_agent_updates) would roll the update
+    # back; this test is about failed requests, so the rule is off (0)
+    config.write_text(config.read_text().replace("max_latency_ratio = 2.0", "max_latency_ratio = 0.0"))
     agent = AgentProcess(config)
     try:
         agent.wait_serving()

@@ -99,6 +99,9 @@ def test_int8_model_takes_and_returns_floats(
         ({"instances": [[0.0]], "inputs": [[0.0]]}, None, "exactly one of"),
         ({"signature_name": "other", "instances": [[0.0]]}, None, "signature_name"),
         ([1, 2], None, "JSON object"),
+        # hostile documents: a client error (400), never a 500 or a dropped connection
+        (None, b'{"instances": ' + b"[" * 100000 + b"]" * 100000 + b"}", "JSON Parse error"),
+        ({"instances": [[[[10**400]] * 1] * 8] * 8}, None, "float32"),
     ],
 )
 def test_bad_requests_get_400_in_tf_serving_error_format(api, body, raw, words: str) -> None:  # type: ignore[no-untyped-def]
@@ -280,3 +283,28 @@ def test_chunked_request_body_is_read_and_the_connection_stays_usable(api, x: np
     response = conn.getresponse()
     assert response.status == 200 and len(json.loads(response.read())["predictions"]) == 2
     conn.close()
+
+
+def test_an_internal_error_on_get_is_a_500_in_the_error_format(api, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A bug behind GET (e.g. a reading /metrics cannot take) answers 500 {"error"}, not a dropped connection."""
+    from edgeship.agent import server as server_module
+
+    def broken(*args: object) -> str:
+        raise OSError("reading failed")
+
+    monkeypatch.setattr(server_module, "render_prometheus", broken)
+    server, _ = api
+    client = TFServingClient(server.host, server.port)
+    status, body = client.request("GET", "/metrics")
+    assert status == 500 and "reading failed" in body["error"], body
+    assert client.request("GET", "/v1/models/digits")[0] == 200  # the connection still works
+    client.close()
+
+
+def test_hostile_feedback_is_a_400(api) -> None:  # type: ignore[no-untyped-def]
+    server, _ = api
+    client = TFServingClient(server.host, server.port)
+    for body in ({"labels": [1], "predictions": [[10**400, 1]]}, {"labels": [1], "predictions": [[[1, 2], [3]]]}):
+        status, reply = client.request("POST", "/v1/models/digits:feedback", body)
+        assert status == 400 and set(reply) == {"error"}, reply
+    client.close()

@@ -110,3 +110,23 @@ def test_example_config_is_complete_documented_and_loads() -> None:
     for line in EXAMPLE.read_text().splitlines():  # each key says what it means
         if "=" in line and not line.lstrip().startswith("#"):
             assert "#" in line, f"undocumented line in the example: {line}"
+
+
+def test_init_writes_a_config_the_unprivileged_service_user_can_read(tmp_path: Path) -> None:
+    """root runs `edgeship-agent init -o /etc/edgeship/agent.toml`; the unit runs the agent as
+    `edgeship`, so the file must be readable by others (it holds no secrets: broker
+    credentials come from the environment)."""
+    import stat
+
+    from click.testing import CliRunner
+    from edgeship.agent.cli import cli
+
+    out = tmp_path / "agent.toml"
+    result = CliRunner().invoke(cli, [
+        "init", "--data", str(tmp_path / "data"), "--device-id", "pi-7", "--fleet", "lab",
+        "--root", str(tmp_path / "root.json"), "--director-key", str(tmp_path / "director.pub"), "-o", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    mode = stat.S_IMODE(out.stat().st_mode)
+    assert mode & 0o044 == 0o044 and mode & 0o022 == 0, oct(mode)
+    assert "password" not in out.read_text().lower()

@@ -447,3 +447,15 @@ def test_bundle_for_full_tensorflow_only_is_rejected_without_it(
     assert record.state == "REJECTED" and "tensorflow" in record.reason, record.reason
     assert driver.serving.current is None
     assert not config.slots_dir.exists() or not any(config.slots_dir.iterdir())
+
+
+def test_reinstalling_a_kept_version_keeps_no_duplicate(device: UpdateDriver, agent_repo: AgentRepo) -> None:
+    """1.0.0 -> 2.0.0 -> rollback to 1.0.0 -> 2.0.0 again: the old copy of 2.0.0 is not kept
+    beside the active 2.0.0 (useless as a rollback target, and it would push out 1.0.0)."""
+    assert install(device, agent_repo.export("2.0.0")).state == "COMMITTED"
+    device.begin(SlotSource(device.state.previous[0]), kind="rollback")
+    assert device.run().state == "COMMITTED" and device.serving.current.version == "1.0.0"
+    assert install(device, agent_repo.export("2.0.0")).state == "COMMITTED"
+    disk = StateStore(device.config.state_file).load()
+    assert disk.active.version == "2.0.0" and [b.version for b in disk.previous] == ["1.0.0"]
+    assert {p.name for p in device.config.slots_dir.iterdir()} == {disk.active.slot, disk.previous[0].slot}

@@ -69,19 +69,44 @@ def test_validate_gate_failure_exits_3_naming_the_gate(digits_files: dict[str, P
     assert "accuracy" in result.stdout  # the human table is still shown
 
 
-def test_validate_json_on_gate_failure_still_prints_the_document(convert_digits: Any, digits_files: dict[str, Path]) -> None:
+def test_validate_json_on_gate_failure_still_prints_the_document(
+    convert_digits: Any, digits_files: dict[str, Path], tmp_path: Path
+) -> None:
     candidate = convert_digits("onnx", "int8")
     result = invoke("validate", candidate.out, candidate.out, "--data", digits_files["eval"], "--runs", "3",
                     "--min-agreement", "100", "--json")
     assert result.exit_code == 0  # a model agrees with itself
     document = json.loads(result.stdout)
     assert document["metrics"]["agreement"] == 1.0 and document["metrics"]["max_abs_error"] == 0.0
+    # a gate that fails: accuracy cannot be measured on data without labels
+    unlabelled = tmp_path / "unlabelled.npz"
+    np.savez(unlabelled, x=np.load(digits_files["eval"])["x"][:40])
+    result = invoke("validate", digits_files["model"], candidate.out, "--data", unlabelled, "--runs", "3",
+                    "--max-accuracy-drop", "1", "--json")
+    assert result.exit_code == 3
+    assert "accuracy gate" in one_error_line(result)
+    document = json.loads(result.stdout)  # still exactly one JSON document on stdout
+    assert document["gates"]["passed"] is False and document["gates"]["failures"][0].startswith("accuracy gate")
+    assert document["metrics"]["samples"] == 40 and document["metrics"]["agreement"] >= 0.97
 
 
 def test_inspect_names_the_float_operators(convert_digits: Any) -> None:
     result = invoke("inspect", convert_digits("tflite", "none").out)
     assert result.exit_code == 0
     assert "fully integer: no; in float:" in result.stdout and "CONV_2D" in result.stdout
+
+
+def test_inspect_a_savedmodel_lists_its_tensorflow_operations(digits_files: dict[str, Path], tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    saved = tmp_path / "saved"
+    tf.keras.models.load_model(digits_files["model"]).export(saved)
+    info = json.loads(invoke("inspect", saved, "--json").stdout)
+    assert info["format"] == "savedmodel"
+    assert info["operators"]["Conv2D"] == 2 and info["operators"]["MatMul"] == 2
+    assert "Placeholder" not in info["operators"] and "Conv2D" in info["float_operators"]
+    human = invoke("inspect", saved)
+    assert "operators: " in human.stdout and not any(line.endswith(": ") for line in human.stdout.splitlines())
 
 
 def test_bench_ranks_models_against_the_first(convert_digits: Any, digits_files: dict[str, Path]) -> None:
@@ -95,8 +120,11 @@ def test_bench_ranks_models_against_the_first(convert_digits: Any, digits_files:
     for row in rows:
         assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] and row["throughput_per_s"] > 0
     assert document["fastest"] in {str(m) for m in models}
-    human = invoke("bench", *models[:2], "--runs", "5")
-    assert "fastest here:" in human.stdout
+    human = invoke("bench", digits_files["model"], *models[:2], "--runs", "5")  # Keras too, on TensorFlow
+    assert human.exit_code == 0, human.stderr
+    assert "fastest here:" in human.stdout and "tensorflow" in human.stdout and "digits.keras" in human.stdout
+    keras = json.loads(invoke("bench", digits_files["model"], "--runs", "3", "--json").stdout)["models"][0]
+    assert keras["runtime"] == "tensorflow" and keras["format"] == "keras" and keras["p50_ms"] > 0
 
 
 @pytest.mark.parametrize(
@@ -176,6 +204,55 @@ def test_convert_from_a_folder_of_images_records_the_preprocessing(digits_files:
     assert report["preprocessing"] == {"size": [8, 8], "scale": 1 / 255, "mean": [0.0], "std": [1.0],
                                        "layout": "NHWC", "color": "grayscale"}
     assert report["quality"]["accuracy"] >= 0.9 and "held back" in report["quality"]["data"]
+
+
+def test_convert_refuses_a_gate_it_would_not_check(digits_files: dict[str, Path], tmp_path: Path) -> None:
+    result = invoke("convert", digits_files["model"], "-o", tmp_path / "d.tflite", "--no-validate", "--min-agreement", "97")
+    assert result.exit_code == 2 and "--no-validate" in one_error_line(result)
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_convert_reports_progress_of_the_long_steps(digits_files: dict[str, Path], tmp_path: Path) -> None:
+    """Calibration, validation and timing report progress (the CLI draws rich bars from it)."""
+    from edgeship.converters.convert import convert_model
+
+    seen: dict[str, list[tuple[int, int]]] = {}
+    convert_model(digits_files["model"], tmp_path / "p.tflite", quantize="int8", calib=digits_files["calib"],
+                  latency_runs=3, progress=lambda label, done, total: seen.setdefault(label, []).append((done, total)))
+    for label in ("loading model", "calibrating", "validating: reference", "validating: candidate",
+                  "timing: reference", "timing: candidate"):
+        assert label in seen, sorted(seen)
+        done, total = seen[label][-1]
+        assert done == total > 0, (label, seen[label][-1])
+    assert seen["calibrating"][-1] == (160, 160)  # four fifths of calib.npz; the rest validates
+
+
+def test_nchw_onnx_model_from_an_image_folder(convert_digits: Any, digits_files: dict[str, Path], tmp_path: Path) -> None:
+    """A PyTorch-style NCHW ONNX model quantized on a folder of images with layout=NCHW answers like it does on
+    the NHWC arrays (digits are not symmetric: a transposed image would show in the accuracy)."""
+    import onnx
+    from onnx import TensorProto, helper
+    from PIL import Image
+
+    model = onnx.load(str(convert_digits("onnx", "none").out))
+    graph, old = model.graph, model.graph.input[0]
+    for node in graph.node:
+        node.input[:] = [f"{old.name}_nhwc" if v == old.name else v for v in node.input]
+    graph.node.insert(0, helper.make_node("Transpose", ["pixels"], [f"{old.name}_nhwc"], perm=[0, 2, 3, 1]))
+    graph.input.remove(old)
+    graph.input.insert(0, helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 1, 8, 8]))
+    nchw = tmp_path / "nchw.onnx"
+    onnx.save(model, str(nchw))
+    data = np.load(digits_files["eval"])
+    for i, (x, y) in enumerate(zip(data["x"][:150], data["y"][:150])):
+        (tmp_path / "images" / str(int(y))).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(x[..., 0] * 255).astype(np.uint8)).save(tmp_path / "images" / str(int(y)) / f"{i}.png")
+    result = invoke("convert", nchw, "-o", tmp_path / "nchw-int8.onnx", "--quantize", "int8", "--calib", tmp_path / "images",
+                    "--preprocess", "scale=1/255,layout=NCHW", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)["report"]
+    assert report["preprocessing"]["layout"] == "NCHW" and report["signature"]["inputs"][0]["shape"] == [-1, 1, 8, 8]
+    assert report["quality"]["reference_accuracy"] >= 0.9 and report["quality"]["agreement"] >= 0.97
 
 
 def test_convert_h5_source_human_output(digits_files: dict[str, Path], tmp_path: Path) -> None:

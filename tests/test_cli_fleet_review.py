@@ -141,3 +141,25 @@ def test_port_zero_is_refused_not_silently_the_default() -> None:
     with pytest.raises(BadInputError, match="port 0"):
         parse_broker_url("mqtt://127.0.0.1:0", environ={})
     assert parse_broker_url("mqtt://127.0.0.1", environ={}).port == 1883
+
+
+def test_status_json_numbers_stages_from_1_everywhere(db: str) -> None:
+    """``stage`` is 1-based at the top of ``rollout status --json``; the per-stage rows and the device
+    records must use the same numbering, or a script matching them is off by one."""
+    import json
+
+    from edgeship.toolkit.store import FleetStore
+    from fleet_fixtures import SimulatedFleet
+
+    with FleetStore(db) as store:
+        sim = SimulatedFleet(store, "plant", 20)
+        rollout_id = _run("rollout", "start", "digits", "2.0", "--fleet", "plant", "--db", db).stdout.strip()
+        sim.tick()
+        doc = json.loads(_run("rollout", "status", rollout_id, "--devices", "--json", "--db", db).stdout)
+    assert doc["stage"] == 1
+    assert [p["stage"] for p in doc["stage_progress"]] == [1, 2, 3]
+    current = [p for p in doc["stage_progress"] if p["stage"] == doc["stage"]]
+    assert len(current) == 1 and current[0]["assigned"] == 1
+    moved = [d for d in doc["devices"] if d["status"] != "PENDING"]
+    assert len(moved) == 1 and moved[0]["stage"] == 1
+    assert all(d["stage"] is None for d in doc["devices"] if d["status"] == "PENDING")

@@ -59,6 +59,9 @@ def test_every_variant_converts_validates_and_reports(convert_digits: Any, to: s
         assert report["operators"]["fully_integer"] is True, report["operators"]
     if quantize == "none":
         assert report["operators"]["fully_integer"] is False
+    # calibration is recorded only where it happened (the other modes only validate on --calib)
+    calibration = report["conversion"]["calibration"]
+    assert (calibration["samples"] if calibration else 0) == (200 if quantize == "int8" else 0)
     # no temporary files or work folders left beside the output
     leftovers = [p.name for p in result.out.parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []
@@ -218,6 +221,9 @@ def test_unwritable_output(digits_files: dict[str, Path], tmp_path: Path) -> Non
         convert_model(digits_files["model"], tmp_path / "missing" / "out.tflite")
     with pytest.raises(BadInputError, match="is a folder"):
         convert_model(digits_files["model"], tmp_path)
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(BadInputError, match="is a file, not a folder"):
+        convert_model(digits_files["model"], tmp_path / "file" / "out.tflite")
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)

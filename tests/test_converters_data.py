@@ -124,3 +124,22 @@ def test_holdback_split_is_disjoint_and_deterministic(tmp_path: Path) -> None:
     assert len(calib) == 40 and len(held) == 10
     assert not set(calib.labels.tolist()) & set(held.labels.tolist())
     assert split_holdback(data)[1].labels.tolist() == held.labels.tolist()
+
+
+def test_nchw_is_the_nhwc_image_transposed_not_reshaped(tmp_path: Path) -> None:
+    """Non-uniform images, so a height/width or channel mix-up cannot hide."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "a" / f"{i}.png")
+    nhwc = load_dataset(tmp_path / "imgs", input_shapes=[(-1, 6, 10, 3)], preprocessing=PreprocessingSpec(scale=1 / 255))
+    nchw = load_dataset(tmp_path / "imgs", input_shapes=[(-1, 3, 6, 10)],
+                        preprocessing=PreprocessingSpec(scale=1 / 255, layout="NCHW"))
+    assert nhwc.inputs[0].shape == (3, 6, 10, 3) and nchw.inputs[0].shape == (3, 3, 6, 10)
+    np.testing.assert_array_equal(nchw.inputs[0], np.transpose(nhwc.inputs[0], (0, 3, 1, 2)))
+    spec = PreprocessingSpec(scale=1 / 255, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.125), layout="NCHW")
+    normalized = load_dataset(tmp_path / "imgs", input_shapes=[(-1, 3, 6, 10)], preprocessing=spec).inputs[0]
+    for c, (m, s) in enumerate(zip(spec.mean, spec.std)):
+        np.testing.assert_allclose(normalized[:, c], (nchw.inputs[0][:, c] - m) / s, rtol=1e-5, atol=1e-6)

@@ -23,7 +23,8 @@ def test_demo_runs_end_to_end_as_a_script(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     rows = {row["model"]: row for row in summary["rows"]}
-    assert set(rows) == {"keras", "fp32", "dynamic", "float16", "int8", "int8-io", "onnx-fp32", "onnx-int8-dynamic", "onnx-int8-qdq"}
+    assert set(rows) == {"keras", "fp32", "dynamic", "float16", "int8", "int8-io", "onnx-fp32", "onnx-int8-dynamic", "onnx-float16",
+                         "onnx-int8-qdq"}
     for name, row in rows.items():
         assert row["gates_passed"], name
         assert row["p50_ms"] > 0
@@ -46,7 +47,7 @@ def test_demo_steps_are_importable() -> None:
     assert {(v.to, v.quantize, v.int8_io) for v in run.VARIANTS} >= {
         ("tflite", "none", False), ("tflite", "dynamic", False), ("tflite", "float16", False),
         ("tflite", "int8", False), ("tflite", "int8", True),
-        ("onnx", "none", False), ("onnx", "dynamic", False), ("onnx", "int8", False),
-    }
+        ("onnx", "none", False), ("onnx", "dynamic", False), ("onnx", "float16", False), ("onnx", "int8", False),
+    }  # every quantization `edgeship convert` offers, in both formats
     for step in (run.train, run.convert_variants, run.benchmark_variants, run.run_demo, run.main):
         assert callable(step)

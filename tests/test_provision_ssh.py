@@ -261,3 +261,16 @@ def test_a_password_device_comes_online_through_its_env_file(lab: dict[str, Any]
         broker.stop()
     assert gone.exit_code == 0, gone.output
     assert not prefix.exists()
+
+
+def test_dry_run_plans_the_fleet_tags_when_a_store_is_given(lab: dict[str, Any], wheelhouse: Path,
+                                                           tmp_path: Path) -> None:
+    base = common(lab, "--repo", str(lab["repo"]), "--wheelhouse", str(wheelhouse), "--device-id", "dev-ssh",
+                  "--tags", "site=p3", "--dry-run", "--json")
+    with_db = cli(["device", "provision", *base, "--db", f"sqlite:///{tmp_path / 'fleet.db'}"])
+    assert with_db.exit_code == 0, with_db.output
+    assert steps(json.loads(with_db.output[with_db.output.index("{"):]))["fleet tags"] == "planned"
+    without = cli(["device", "provision", *base])
+    assert without.exit_code == 0, without.output
+    assert "fleet tags" not in steps(json.loads(without.output[without.output.index("{"):]))
+    assert not Path(lab["prefix"]).exists()

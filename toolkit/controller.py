@@ -73,6 +73,7 @@ from edgeship.ota.topics import (
     device_topic,
     device_wildcard,
     parse_device_topic,
+    validate_identifier,
 )
 from edgeship.ota.transport import MQTT_V5, BrokerUrl, MqttConnection, ReceivedMessage, TransportError
 from edgeship.toolkit.blockserver import BlockServer
@@ -212,6 +213,11 @@ class ControllerConfig:
     def __post_init__(self) -> None:
         if self.tick_s <= 0 or self.batch_wait_s < 0 or self.batch_max < 1 or self.queue_max < 1:
             raise BadInputError("tick_s must be positive, batch_max and queue_max at least 1")
+        if not 0 < self.tick_s <= 3600:  # NaN would make every wait return at once; inf overflows the waits
+            raise BadInputError(f"--tick {self.tick_s:g}: use a number of seconds within (0, 3600]")
+        if self.shared_group is not None:
+            # "$share/GROUP/FILTER": a '/' in the group would shift the filter onto other topics
+            validate_identifier(self.shared_group, "--shared-group")
         if not self.replica_id or len(self.replica_id) > 100:
             raise BadInputError("the replica id must be 1-100 characters")
         if self.desired_renew_s >= self.desired_expires_s:

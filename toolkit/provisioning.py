@@ -57,6 +57,7 @@ __all__ = [
     "collect_wheels",
     "provision",
     "deprovision",
+    "record_fleet_tags",
 ]
 
 import base64
@@ -622,6 +623,10 @@ class ProvisionOptions:
     bind: str = "127.0.0.1:8501"
     wheels: Optional[tuple[tuple[Path, ...], bool]] = None
     """Wheels collected once for many devices (``collect_wheels``' result); None: collect per run."""
+    db_url: Optional[str] = None
+    """The fleet store: ``tags`` are recorded there once the device has reported (``--select`` finds it)."""
+    tags_timeout: float = 20.0
+    """How long to wait for the controller to know the device before giving up on recording its tags."""
 
     def __post_init__(self) -> None:
         # refused here, before any host is touched: a bad value would otherwise surface only after
@@ -951,7 +956,18 @@ def provision(shell: RemoteShell, target: str, options: ProvisionOptions, *,
             waited = wait_online(BrokerFolder(options.broker_dir), options.fleet, device_id, options.online_timeout)
             run.step("wait online", "unchanged" if not restart else "changed", f"online after {waited:.1f} s")
 
-    # 10. the record of what is there
+    # 10. the tags in the fleet store, where `rollout start --select TAG=VALUE` looks for them
+    if options.db_url and options.tags:
+        if dry:
+            run.step("fleet tags", "planned", ", ".join(f"{k}={v}" for k, v in sorted(options.tags.items())))
+        else:
+            status, detail = record_fleet_tags(options.db_url, options.fleet, device_id, options.tags,
+                                               timeout_s=options.tags_timeout)
+            if status == "skipped":
+                report.notes.append(detail)
+            run.step("fleet tags", status, detail)
+
+    # 11. the record of what is there
     if not dry:
         state.update({
             "schema": 1, "device_id": device_id, "fleet": options.fleet, "runtime": options.runtime,
@@ -1000,6 +1016,37 @@ def _install_start_script(run: _Run, prefix: str) -> None:
     ])
     run.sh(f"mkdir -p {p}/bin", "creating bin/")
     run.put_bytes(script.encode(), f"{prefix}/bin/start-agent", 0o755)
+
+
+def record_fleet_tags(db_url: str, fleet: str, device_id: str, tags: Mapping[str, str], *,
+                      timeout_s: float = 20.0, poll_s: float = 0.25) -> tuple[str, str]:
+    """Set ``tags`` on the device in the fleet store; ("changed" | "unchanged" | "skipped", detail).
+
+    The store learns of a device from its reports, through the controller: wait up to
+    ``timeout_s`` for it to appear rather than invent a row for it. A device of another
+    fleet is left alone. "skipped" says how to set the tags later.
+    """
+    from .store import FleetStore
+
+    later = f"`edgeship device tag {device_id} " + " ".join(f"{k}={v}" for k, v in sorted(tags.items())) + "`"
+    deadline = time.monotonic() + timeout_s
+    with FleetStore(db_url) as store:
+        while True:
+            try:
+                info = store.get_device(device_id)
+                break
+            except BadInputError:
+                if time.monotonic() >= deadline:
+                    return "skipped", (f"tags not recorded: the fleet store does not know {device_id} yet "
+                                       f"(is the controller running?); set them later with {later}")
+                time.sleep(poll_s)
+        if info.fleet != fleet:
+            return "skipped", (f"tags not recorded: {device_id} is in fleet {info.fleet} in the fleet store, "
+                               f"not {fleet}")
+        if all(info.tags.get(k) == v for k, v in tags.items()):
+            return "unchanged", ", ".join(f"{k}={v}" for k, v in sorted(tags.items()))
+        store.set_tags(device_id, dict(tags))
+        return "changed", ", ".join(f"{k}={v}" for k, v in sorted(tags.items()))
 
 
 def wait_online(folder: Any, fleet: str, device_id: str, timeout: float) -> float:

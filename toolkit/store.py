@@ -27,6 +27,7 @@ __all__ = [
     "FleetStore",
     "IngestItem",
     "PendingAction",
+    "check_store_url",
     "new_id",
     "open_store",
     "parse_selection",
@@ -379,19 +380,23 @@ def _normalize_url(url: str) -> str:
     return url
 
 
+def check_store_url(url: str) -> str:
+    """A SQLAlchemy URL of a database the store runs on (SQLite or PostgreSQL); no I/O."""
+    try:
+        backend = sa.engine.make_url(_normalize_url(url)).get_backend_name()
+    except sa.exc.ArgumentError as exc:
+        raise BadInputError(f"store URL {url!r} is not a SQLAlchemy URL ({exc}); use e.g. {DEFAULT_DB_URL}") \
+            from None
+    if backend not in ("sqlite", "postgresql"):  # the upserts are written for these two
+        raise BadInputError(f"store URL {url!r}: the fleet store runs on sqlite:/// or postgresql://, not {backend}")
+    return url
+
+
 class FleetStore:
     """The store: see the module docstring. Thread-safe (one pooled engine); cheap to share."""
 
     def __init__(self, url: str = DEFAULT_DB_URL, *, create: bool = True, echo: bool = False) -> None:
-        self.url = url
-        try:
-            backend = sa.engine.make_url(_normalize_url(url)).get_backend_name()
-        except sa.exc.ArgumentError as exc:
-            raise BadInputError(f"store URL {url!r} is not a SQLAlchemy URL ({exc}); use e.g. {DEFAULT_DB_URL}") \
-                from None
-        if backend not in ("sqlite", "postgresql"):  # the upserts are written for these two
-            raise BadInputError(f"store URL {url!r}: the fleet store runs on sqlite:/// or postgresql://, "
-                                f"not {backend}")
+        self.url = check_store_url(url)
         try:
             self.engine: Engine = sa.create_engine(_normalize_url(url), echo=echo, future=True)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:

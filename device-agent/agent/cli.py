@@ -139,7 +139,9 @@ def init(
     )
     if not target.parent.is_dir():
         raise BadInputError(f"folder {target.parent} does not exist")
-    atomic_write_text(target, text, mode=0o640)
+    # 0644: the service runs as an unprivileged user; the file holds no secrets (broker
+    # credentials come from the environment, key files are referenced by path)
+    atomic_write_text(target, text, mode=0o644)
     config = load_config(target)
     if as_json:
         _emit(

@@ -146,6 +146,15 @@ class ControlClient:
                 raise AgentNotRunning(
                     f"no agent answers on {self.path} ({exc.strerror or exc})"
                 ) from None
+            except PermissionError as exc:
+                raise EdgeshipError(
+                    f"cannot use the agent's control socket {self.path} ({exc.strerror or exc}): "
+                    "run the command as the agent's user or root (e.g. sudo -u edgeship edgeship-agent ...)"
+                ) from None
+            except OSError as exc:
+                raise EdgeshipError(
+                    f"cannot use the agent's control socket {self.path} ({exc.strerror or exc})"
+                ) from None
             sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
             with sock.makefile("rb") as reader:
                 line = reader.readline(MAX_LINE)

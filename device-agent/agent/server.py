@@ -95,7 +95,7 @@ def _tensor(value: Any, spec: TensorSpec, where: str) -> np.ndarray:
     dtype = _caller_dtype(spec)
     try:
         array = np.asarray(value, dtype=dtype)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise PredictRequestError(
             f"{where}: input '{spec.name}' must be a rectangular array of {dtype.name} values ({str(exc)[:120]})"
         ) from None
@@ -242,6 +242,19 @@ class _Handler(BaseHTTPRequestHandler):
             parts.append(self.rfile.read(size))
             self.rfile.readline(8)  # the CRLF after each chunk
 
+    def _discard_body(self) -> None:
+        """Consume a body nobody will read, so the keep-alive connection stays usable."""
+        length_text = self.headers.get("Content-Length") or ""
+        try:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                self._chunked()
+            elif length_text.isdigit() and int(length_text) <= MAX_BODY_BYTES:
+                self.rfile.read(int(length_text))
+            elif length_text:
+                self.close_connection = True
+        except PredictRequestError:
+            self.close_connection = True
+
     def _body(self) -> Any:
         length_text = self.headers.get("Content-Length")
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -257,7 +270,7 @@ class _Handler(BaseHTTPRequestHandler):
             raw = self.rfile.read(length)
         try:
             return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
             raise PredictRequestError(f"JSON Parse error: {str(exc)[:200]}") from None
 
     def _model_for(self, name: str, version: str | None) -> LoadedModel:
@@ -323,6 +336,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(503, exc.message)
         except LookupError as exc:
             self._error(404, str(exc))
+        except Exception as exc:  # a bug must answer in the error format, not drop the connection
+            self._error(500, f"internal error: {type(exc).__name__}: {str(exc)[:300]}")
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -333,8 +348,7 @@ class _Handler(BaseHTTPRequestHandler):
                 or match.group("metadata")
                 or match.group("verb") not in ("predict", "feedback")
             ):
-                # consume the body so the keep-alive connection stays usable
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self._discard_body()
                 self._error(404, f"unknown path {path}: use /v1/models/NAME:predict")
                 return
             body = self._body()
@@ -377,7 +391,7 @@ class _Handler(BaseHTTPRequestHandler):
             if isinstance(predicted, list):
                 try:
                     predicted = int(np.argmax(np.asarray(predicted, dtype=np.float64)))
-                except (ValueError, TypeError):
+                except (ValueError, TypeError, OverflowError):
                     raise PredictRequestError(
                         "feedback 'predictions' must be class indexes or score lists"
                     ) from None

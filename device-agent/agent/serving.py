@@ -97,7 +97,7 @@ class ModelStats:
         """Record one successful prediction (``ServingModel.predict`` does the same inline)."""
         now = _perf_counter()
         self._latencies.append(latency_ms / 1000.0)
-        y = outputs[0] if outputs else None
+        y: Any = outputs[0] if outputs else None
         try:
             if y.nbytes == self._row_nbytes:
                 self._rows.extend(y)  # the buffer's bytes; fails whole, before writing
@@ -347,7 +347,7 @@ class ServingModel:
         end = _perf_counter()
         stats = model.stats  # ModelStats.observe, inlined: this is the per-request cost
         stats._latencies.append(end - start)
-        y = outputs[0] if outputs else None
+        y: Any = outputs[0] if outputs else None
         try:
             if y.nbytes == stats._row_nbytes:
                 stats._rows.extend(y)  # a copy of its bytes: no reference kept

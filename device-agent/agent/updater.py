@@ -673,10 +673,11 @@ class UpdateDriver:
         def mutate(state: AgentState, record: UpdateRecord) -> None:
             old_active = state.active
             state.active = installed
-            kept = [
+            kept = [  # a kept copy of the version now active is no rollback target
                 b
                 for b in state.previous
                 if b.slot not in (installed.slot, old_active.slot if old_active else "")
+                and (b.name, b.version) != (installed.name, installed.version)
             ]
             state.previous = (
                 [old_active] if old_active and old_active.slot != installed.slot else []

@@ -73,6 +73,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("int8-io", "tflite", "int8", int8_io=True),
     Variant("onnx-fp32", "onnx", "none"),
     Variant("onnx-int8-dynamic", "onnx", "dynamic"),
+    Variant("onnx-float16", "onnx", "float16"),
     Variant("onnx-int8-qdq", "onnx", "int8"),
 )
 LABELS = tuple(str(digit) for digit in range(10))

@@ -244,6 +244,9 @@ def bench(models: Sequence[str], threads: int, runs: int, warmup: int, data: str
     kinds = [detect_source_kind(m) for m in models]  # refuse a bad file before timing anything
     if any(k in ("keras", "h5", "savedmodel") for k in kinds):
         import_tensorflow()  # its import is not the model's memory
+    from edgeship.agent.runtimes import available_runtimes
+
+    available_runtimes(include_tensorflow=False)  # nor is LiteRT's or ONNX Runtime's: import them first
     rows: list[dict[str, Any]] = []
     with progress_reporter(enabled=sys.stderr.isatty()) as progress:
         for path, kind in zip(models, kinds):

@@ -130,6 +130,9 @@ def _provision_options(func: Any) -> Any:
         click.option("--no-wait", is_flag=True, help="Do not wait for the device to report online over MQTT."),
         click.option("--online-timeout", type=float, default=60.0, show_default=True,
                      help="Seconds to wait for the device to report online."),
+        click.option("--db", "db_url", envvar="EDGESHIP_DB", default=None, metavar="URL",
+                     help="The fleet store (env EDGESHIP_DB): the device's tags are recorded there once the "
+                          "controller knows it, so --select TAG=VALUE finds it."),
         click.option("--dry-run", is_flag=True, help="Print every step; change nothing (the host is only probed)."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
     ]
@@ -150,6 +153,10 @@ def _build_options(kw: dict[str, Any], *, device_id: str | None, tags: dict[str,
         director = director or str(repo.director_public_key_path)
     if not root or not director:
         raise BadInputError("pass --repo RELEASE_REPO, or --root ROOT.json and --director-key KEY.pub")
+    if kw["db_url"]:
+        from edgeship.toolkit.store import check_store_url
+
+        check_store_url(kw["db_url"])  # refused before any host is touched
     return ProvisionOptions(
         fleet=kw["fleet"], runtime=kw["runtime"], device_id=device_id, tags=tags,
         wheelhouse=Path(kw["wheelhouse"]) if kw["wheelhouse"] else None, prefix=kw["prefix"],
@@ -157,6 +164,7 @@ def _build_options(kw: dict[str, Any], *, device_id: str | None, tags: dict[str,
         root_metadata=Path(root), director_key=Path(director),
         requirements=HostRequirements.from_env(min_disk_mb=kw["min_disk_mb"], min_memory_mb=kw["min_memory_mb"]),
         wait_online=not kw["no_wait"], online_timeout=kw["online_timeout"], dry_run=kw["dry_run"], bind=kw["bind"],
+        db_url=kw["db_url"],
     )
 
 

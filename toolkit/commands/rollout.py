@@ -52,11 +52,13 @@ def rollout_summary(rollout: Any, health: Any = None, with_devices: bool = False
         "state": rollout.state.value, "stage": rollout.stage + 1, "stages": list(rollout.policy.stages),
         "reason": rollout.reason, "created_at": rollout.created_at, "updated_at": rollout.updated_at,
         "selection": {k: v for k, v in rollout.selection}, "policy": rollout.policy.to_dict(), "counts": counts,
-        "stage_progress": [p.to_dict() for p in stage_progress(rollout)],
+        # stages are numbered from 1 everywhere in this document, as in "stage 2 of 3"
+        "stage_progress": [{**p.to_dict(), "stage": p.stage + 1} for p in stage_progress(rollout)],
         "health": health.to_dict() if health is not None else None,
     }
     if with_devices:
-        doc["devices"] = [r.to_dict() for _, r in sorted(rollout.devices.items())]
+        doc["devices"] = [{**r.to_dict(), "stage": None if r.stage is None else r.stage + 1}
+                          for _, r in sorted(rollout.devices.items())]
     return doc
 
 
@@ -91,8 +93,8 @@ def _render(doc: Dict[str, Any]) -> Any:
     for _, title, style in _COLUMNS:
         table.add_column(title, justify="right", style=style or None)
     for p in doc["stage_progress"]:
-        marker = ">" if p["stage"] + 1 == doc["stage"] and doc["state"] in ("RUNNING", "PAUSED") else " "
-        table.add_row(f"{marker}{p['stage'] + 1} ({p['percent']:g}%)", str(p["target"]),
+        marker = ">" if p["stage"] == doc["stage"] and doc["state"] in ("RUNNING", "PAUSED") else " "
+        table.add_row(f"{marker}{p['stage']} ({p['percent']:g}%)", str(p["target"]),
                       *[str(p["counts"].get(key, 0) or "") for key, _, _ in _COLUMNS])
     counts = doc["counts"]
     foot = Text(f"pending {counts.get('PENDING', 0)}, already on the version {counts.get('ALREADY', 0)}, "
@@ -227,7 +229,7 @@ def status(rollout_id: str, watch: bool, interval: float, with_devices: bool, db
             table.add_column(title)
         for record in doc["devices"]:
             previous = f"{record['previous_name'] or ''} {record['previous_version'] or ''}".strip()
-            table.add_row(record["device"], record["status"], "" if record["stage"] is None else str(record["stage"] + 1),
+            table.add_row(record["device"], record["status"], "" if record["stage"] is None else str(record["stage"]),
                           previous, record["detail"] or "")
         out.print(table)
 
