@@ -85,6 +85,21 @@ def check_output_path(out: Path) -> None:
     os.unlink(probe)
 
 
+def _refuse_overwriting_inputs(out: Path, inputs: dict[str, str | os.PathLike[str] | None]) -> None:
+    """OUT, OUT.golden.npz and OUT.report.json must not be one of the inputs
+    (ONNX in, ONNX out makes ``-o MODEL`` easy to type, and it would replace the original)."""
+    for written in (out, golden_path(out), report_path(out)):
+        for role, given in inputs.items():
+            if given is None or not written.exists():
+                continue
+            try:
+                same = os.path.samefile(written, given)
+            except OSError:
+                continue
+            if same:
+                raise BadInputError(f"output {written} would overwrite {role} {given}; write the conversion elsewhere")
+
+
 def _versions(names: tuple[str, ...]) -> dict[str, str]:
     found = {}
     for name in names:
@@ -196,6 +211,7 @@ def convert_model(
     if target.suffix in (".tflite", ".onnx") and target.suffix != f".{fmt}":
         raise BadInputError(f"output {target} has the suffix {target.suffix}, but the model is converted to {fmt}; name it *.{fmt}")
     check_output_path(target)
+    _refuse_overwriting_inputs(target, {"MODEL": source, "--calib": calib, "--eval": eval_data})
     if fmt == "onnx":  # the converted model is proven on ONNX Runtime: refuse before any work without it
         require_module("onnxruntime", "convert")
 

@@ -112,10 +112,10 @@ class PreprocessingSpec:
         mean = np.asarray(self.mean, np.float32)
         std = np.asarray(self.std, np.float32)
         channels = int(x.shape[channel_axis]) if x.ndim >= 2 else 1
-        for name, values in (("mean", mean), ("std", std)):
-            if values.size > 1 and values.size != channels:  # never broadcast into a different channel count
+        for name, per_channel in (("mean", mean), ("std", std)):
+            if per_channel.size > 1 and per_channel.size != channels:  # never broadcast into another channel count
                 raise BadInputError(
-                    f"preprocessing {name} has {values.size} values, but the data has {channels} "
+                    f"preprocessing {name} has {per_channel.size} values, but the data has {channels} "
                     f"channel{'s' if channels != 1 else ''} on the {self.layout} channel axis (give one value, or one per channel)"
                 )
         mean = mean.reshape(shape) if mean.size > 1 else mean

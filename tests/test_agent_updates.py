@@ -459,3 +459,37 @@ def test_reinstalling_a_kept_version_keeps_no_duplicate(device: UpdateDriver, ag
     disk = StateStore(device.config.state_file).load()
     assert disk.active.version == "2.0.0" and [b.version for b in disk.previous] == ["1.0.0"]
     assert {p.name for p in device.config.slots_dir.iterdir()} == {disk.active.slot, disk.previous[0].slot}
+
+
+def test_offline_package_is_not_unpacked_onto_a_full_disk(
+    device: UpdateDriver, agent_repo: AgentRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The package is unpacked (1x), its bundle downloaded (2x) and extracted (3x): the space
+    is checked before the first copy, with the same clear message."""
+    from edgeship.agent import sources
+
+    package = agent_repo.export("2.0.0")
+    size = package.stat().st_size
+    monkeypatch.setattr(sources, "free_bytes", lambda folder: size * 2)  # enough for 2x, not 3x
+    record = install(device, package)
+    assert record.state == "FAILED" and record.reason.startswith("insufficient disk: need "), record.reason
+    assert f"free {size * 2} bytes" in record.reason and "offline package" in record.reason
+    assert device.serving.current.version == "1.0.0"
+    assert not any(device.config.work_dir.iterdir())
+
+
+def test_a_state_file_with_a_duplicate_kept_version_heals(device: UpdateDriver, agent_repo: AgentRepo) -> None:
+    """A state written before duplicates were dropped (active 2.0.0, kept [1.0.0, older 2.0.0
+    copy]): rolling back to 1.0.0 keeps 2.0.0 once."""
+    import dataclasses
+
+    assert install(device, agent_repo.export("2.0.0")).state == "COMMITTED"
+    stale = dataclasses.replace(device.state.active, slot="digits-2.0.0-stalecopy")
+    (device.config.slots_dir / stale.slot).mkdir()
+    device.state.previous.append(stale)
+    device.store.save(device.state)
+    device.begin(SlotSource(device.state.previous[0]), kind="rollback")
+    assert device.run().state == "COMMITTED"
+    disk = StateStore(device.config.state_file).load()
+    assert disk.active.version == "1.0.0" and [b.version for b in disk.previous] == ["2.0.0"]
+    assert not (device.config.slots_dir / stale.slot).exists()

@@ -5,6 +5,7 @@ writes into docs/benchmarks.md."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,11 @@ def _load_benchmark() -> Any:
     spec = importlib.util.spec_from_file_location("edgeship_benchmark_conversion", REPO / "benchmarks" / "conversion.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    saved = list(sys.path)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved  # the script puts benchmarks/ first; keep its module names out of other tests
     return module
 
 

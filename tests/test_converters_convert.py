@@ -375,3 +375,24 @@ def test_missing_onnxruntime_is_a_missing_extra_named_before_converting(tmp_path
         assert proc.stderr.startswith("error: ") and "edgeship[" in proc.stderr and ".work-" not in proc.stderr
         assert proc.stderr.strip().count("\n") == 0
     assert [p.name for p in tmp_path.iterdir()] == ["o.onnx"]  # only what the test itself wrote
+
+
+def test_an_output_that_would_overwrite_an_input_is_refused(convert_digits: Any, digits_files: dict[str, Path], tmp_path: Path) -> None:
+    """ONNX in, ONNX out: `-o` the source itself would replace the original with its quantized copy."""
+    source = tmp_path / "model.onnx"
+    source.write_bytes(convert_digits("onnx", "none").out.read_bytes())
+    calib = tmp_path / "calib.npz"
+    calib.write_bytes(digits_files["calib"].read_bytes())
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for out, kwargs, role in [
+        (source, {"quantize": "dynamic"}, "MODEL"),
+        (tmp_path / "." / "model.onnx", {"quantize": "dynamic"}, "MODEL"),
+        (calib, {"to": "onnx", "quantize": "int8", "calib": calib}, "--calib"),
+        (tmp_path / "x.onnx", {"eval_data": tmp_path / "x.onnx.report.json"}, "--eval"),
+    ]:
+        if role == "--eval":
+            (tmp_path / "x.onnx.report.json").write_bytes(b"{}")
+            before["x.onnx.report.json"] = b"{}"
+        with pytest.raises(BadInputError, match=f"would overwrite {role}"):
+            convert_model(source, out, latency_runs=2, **kwargs)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -51,3 +51,29 @@ def test_demo_steps_are_importable() -> None:
     }  # every quantization `edgeship convert` offers, in both formats
     for step in (run.train, run.convert_variants, run.benchmark_variants, run.run_demo, run.main):
         assert callable(step)
+
+
+def test_summary_ratios_are_measured_never_filled_in(tmp_path: Path) -> None:
+    """The Keras row has no fp32 of its own runtime: its "vs fp32" is absent, not 1.00x."""
+    sys.path.insert(0, str(REPO / "examples" / "digits"))
+    import run  # examples/digits/run.py
+
+    keras = tmp_path / "digits.keras"
+    keras.write_bytes(b"x" * 4000)
+    quality = {"reference_accuracy": 0.98, "accuracy": 0.97, "agreement": 0.99, "max_abs_error": 0.03,
+               "size_bytes": 1000, "gates_passed": True}
+    report = {"quality": quality, "operators": {"fully_integer": True}, "golden": {"atol": 0.01}}
+    results = {
+        v.name: run.VariantResult(v, tmp_path / v.file_name, tmp_path / "g", tmp_path / "r", report, 1.0)
+        for v in run.VARIANTS if v.name in ("fp32", "int8", "onnx-fp32", "onnx-int8-qdq")
+    }
+    bench = {"keras": {"p50_ms": 5.0, "runtime": "tensorflow"}, "fp32": {"p50_ms": 0.02, "runtime": "litert"},
+             "int8": {"p50_ms": 0.01, "runtime": "litert"}, "onnx-fp32": {"p50_ms": 0.03, "runtime": "onnxruntime"},
+             "onnx-int8-qdq": {"p50_ms": 0.06, "runtime": "onnxruntime"}}
+    rows = {row["model"]: row for row in run.summary_rows({"model": keras}, results, bench)}
+    assert rows["keras"]["p50_ratio_to_fp32"] is None and rows["keras"]["p50_ratio_to_keras"] == 1.0
+    assert rows["int8"]["p50_ratio_to_fp32"] == pytest.approx(0.5)
+    assert rows["onnx-int8-qdq"]["p50_ratio_to_fp32"] == pytest.approx(2.0)  # slower is shown as slower
+    assert rows["int8"]["p50_ratio_to_keras"] == pytest.approx(0.002)
+    table = run.render_table(list(rows.values()))
+    assert table.columns[7].header == "vs fp32" and list(table.columns[7].cells)[0] == "-"

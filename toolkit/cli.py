@@ -1,5 +1,5 @@
-"""The ``edgeship`` command line: one lazy click group, and the one place where
-domain errors become a one-line message and an exit status.
+"""The ``edgeship`` command line: one lazy click group. Errors become one line and
+an exit status in ``edgeship.ota.cli_edge`` (shared with ``edgeship-agent``).
 
 Subcommands live in ``edgeship.toolkit.commands.*`` and are imported only when
 invoked, so ``edgeship --help`` and light commands never load TensorFlow.
@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from edgeship.ota.errors import EdgeshipError
+from edgeship.ota.cli_edge import ErrorReportingGroup
 
 # command name -> "module:attribute" (a click.Command or click.Group)
 COMMANDS: dict[str, str] = {
@@ -57,7 +57,7 @@ HELP: dict[str, str] = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(ErrorReportingGroup):
     """A click group whose subcommands are imported on first use."""
 
     def __init__(self, *args: Any, lazy: dict[str, str], short_help: dict[str, str], **kwargs: Any) -> None:
@@ -80,21 +80,6 @@ class LazyGroup(click.Group):
         if not isinstance(command, click.Command):  # pragma: no cover - wiring error
             raise RuntimeError(f"{self._lazy[cmd_name]} is not a click command")
         return command
-
-    def invoke(self, ctx: click.Context) -> Any:
-        return run_reporting_errors(super().invoke, ctx)
-
-
-def run_reporting_errors(func: Any, *args: Any) -> Any:
-    """Call ``func``; turn an EdgeshipError into one line on stderr and its exit status."""
-    try:
-        return func(*args)
-    except EdgeshipError as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
 
 
 @click.group(

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+
+from edgeship.ota.cli_edge import ErrorReportingGroup
 from edgeship.ota.errors import EXIT_FAILURE, EXIT_REJECTED, BadInputError, EdgeshipError
 
 from .config import DEFAULT_CONFIG_PATH, AgentConfig, load_config, render_config
@@ -56,20 +58,8 @@ def _say(text: str) -> None:
     click.echo(text, err=True)
 
 
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except EdgeshipError as exc:
-            click.echo(f"error: {exc.message}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
-            sys.exit(130)
-
-
 @click.group(
-    cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+    cls=ErrorReportingGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
 )
 @click.version_option(package_name="edgeship")
 def cli() -> None:

@@ -336,7 +336,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(503, exc.message)
         except LookupError as exc:
             self._error(404, str(exc))
-        except Exception as exc:  # a bug must answer in the error format, not drop the connection
+        except Exception as exc:  # noqa: BLE001 - a bug must answer in the error format, not drop the connection
             self._error(500, f"internal error: {type(exc).__name__}: {str(exc)[:300]}")
 
     def do_POST(self) -> None:

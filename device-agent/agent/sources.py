@@ -49,6 +49,11 @@ from edgeship.ota.errors import BadInputError, EdgeshipError, SecurityError
 
 from .config import AgentConfig
 from .persistence import InstalledBundle
+from .slots import free_bytes
+
+PACKAGE_COPIES = 3
+"""An offline package's bytes exist up to three times during an install: the unpacked
+package, the bundle downloaded from it, and the extracted bundle."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +250,14 @@ class OfflinePackageSource(BundleSource):
             if not self.path.is_file():
                 raise BadInputError(
                     f"offline package {self.path}: no such file (was the medium removed?)"
+                )
+            size = self.path.stat().st_size
+            need = size * PACKAGE_COPIES + (1 << 20)
+            free = free_bytes(ctx.work_dir)
+            if free < need:  # before the first copy: the same clear message as DISK_CHECK's
+                raise EdgeshipError(
+                    f"insufficient disk: need {need} bytes (offline package {size} bytes, unpacked, "
+                    f"downloaded and extracted), free {free} bytes on {ctx.config.data_dir}"
                 )
             package = open_offline_package(self.path, unpack)
             ctx.cache["package"] = DirectorSource(package.desired_envelope, package.fetcher)

@@ -678,6 +678,7 @@ class UpdateDriver:
                 for b in state.previous
                 if b.slot not in (installed.slot, old_active.slot if old_active else "")
                 and (b.name, b.version) != (installed.name, installed.version)
+                and not (old_active and (b.name, b.version) == (old_active.name, old_active.version))
             ]
             state.previous = (
                 [old_active] if old_active and old_active.slot != installed.slot else []

@@ -1,0 +1,51 @@
+"""The one place where an error becomes what a person sees: a click group for the
+``edgeship`` and ``edgeship-agent`` entry points.
+
+Every failure leaves as one line on stderr (``error: ...``) and its exit status:
+an EdgeshipError with its own code, a usage mistake (a bad option value, a missing
+argument) with 2, an interrupt with 130. Nothing else in edgeship calls sys.exit.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ErrorReportingGroup"]
+
+import sys
+from typing import Any, NoReturn
+
+import click
+
+from .errors import EXIT_BAD_INPUT, EdgeshipError
+
+
+def _fail(message: str, exit_code: int) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(exit_code)
+
+
+class ErrorReportingGroup(click.Group):
+    """A click group whose errors are one line each (see the module docstring)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgeshipError as exc:
+            _fail(exc.message, exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:  # a caller that handles click's exceptions itself
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else self.name
+            _fail(f"{exc.format_message()} (see '{where} --help')", EXIT_BAD_INPUT)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            _fail("aborted", 1)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        sys.exit(result if isinstance(result, int) else 0)
