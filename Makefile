@@ -35,7 +35,7 @@ $(TFLITE_VENV)/.edgeship-installed: pyproject.toml
 	@test -x $(TFLITE_VENV)/bin/python || $(PYTHON) -m venv $(TFLITE_VENV)
 	$(TFLITE_VENV)/bin/python -m pip install --quiet 'tflite-runtime==2.14.*' 'numpy<2'
 	$(TFLITE_VENV)/bin/python -m pip install --quiet --no-deps -e .
-	$(TFLITE_VENV)/bin/python -m pip install --quiet 'cryptography>=42' 'tuf>=5,<8' 'securesystemslib>=1.0' \
+	$(TFLITE_VENV)/bin/python -m pip install --quiet 'cryptography>=42' 'bcrypt>=4' 'tuf>=5,<8' 'securesystemslib>=1.0' \
 		'paho-mqtt>=2.0,<3' 'click>=8.1' 'tomli>=2; python_version < "3.11"' psutil pytest pytest-timeout
 	@touch $@
 
