@@ -197,6 +197,9 @@ def test_unit_and_env_files() -> None:
     unit = render_systemd_unit("/opt/edgeship", "edge")
     assert "ExecStart=/opt/edgeship/venv/bin/edgeship-agent run --config /opt/edgeship/etc/agent.toml" in unit
     assert "User=edge" in unit and "EnvironmentFile=-/opt/edgeship/etc/agent.env" in unit
+    for hardening in ("NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=/opt/edgeship/data",
+                      "PrivateTmp=yes", "CapabilityBoundingSet="):
+        assert hardening in unit.splitlines(), hardening
     cert = {"username": "d1", "ca": "ca.crt", "cert": "client.crt", "key": "client.key"}
     env = render_agent_env("/p", cert)
     assert "PASSWORD" not in env and "USERNAME" not in env  # the certificate's CN is the user name
