@@ -34,11 +34,13 @@ __all__ = [
     "SourceContext",
     "SourceRegistry",
     "StagedBundle",
+    "VERIFY_IN_PROCESS_ENV",
     "hash_file",
 ]
 
 import datetime as _dt
 import hashlib
+import os
 import shutil
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -50,6 +52,10 @@ from edgeship.ota.errors import BadInputError, EdgeshipError, SecurityError
 from .config import AgentConfig
 from .persistence import InstalledBundle
 from .slots import free_bytes
+
+VERIFY_IN_PROCESS_ENV = "EDGESHIP_AGENT_VERIFY_IN_PROCESS"
+"""Set to ``1``: an offline package is verified in the agent's own process (the
+behaviour before isolated.py; costs ~15 MB of idle RSS for good)."""
 
 PACKAGE_COPIES = 3
 """An offline package's bytes exist up to three times during an install: the unpacked
@@ -232,8 +238,15 @@ class OfflinePackageSource(BundleSource):
 
     kind = "package"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, isolate: bool | None = None) -> None:
         self.path = Path(path).resolve()
+        # admit and fetch (TUF, cryptography, tar extraction) run in a short-lived child
+        # interpreter so their imports never enter the serving process (isolated.py);
+        # EDGESHIP_AGENT_VERIFY_IN_PROCESS=1 keeps them in-process (diagnostics, the
+        # benchmark's comparison; docs/agent.md)
+        if isolate is None:
+            isolate = os.environ.get(VERIFY_IN_PROCESS_ENV) != "1"
+        self.isolate = isolate
 
     def to_record(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": str(self.path)}
@@ -265,9 +278,19 @@ class OfflinePackageSource(BundleSource):
         return source
 
     def admit(self, ctx: SourceContext) -> Admission:
+        if self.isolate:
+            from .isolated import run_isolated
+
+            result: Admission = run_isolated("admit", self.to_record(), ctx)
+            return result
         return self._director(ctx).admit(ctx)
 
     def fetch(self, ctx: SourceContext) -> StagedBundle:
+        if self.isolate:  # the package is unpacked and the desired state verified again there
+            from .isolated import run_isolated
+
+            staged: StagedBundle = run_isolated("fetch", self.to_record(), ctx)
+            return staged
         return self._director(ctx).fetch(ctx)
 
     def cleanup(self, ctx: SourceContext) -> None:

@@ -26,11 +26,13 @@ __all__ = [
     "UpdateInProgressError",
     "classify_error",
     "load_bundle_model",
+    "release_memory",
     "tflite_runtime_order",
     "tflite_version_ok",
 ]
 
 import datetime as _dt
+import gc
 import logging
 import os
 import shutil
@@ -767,7 +769,9 @@ class UpdateDriver:
                 log.exception("source cleanup failed")
         self._ctx_cache = {}
         self._prepared = None
+        self._baseline = None
         self.cleanup()
+        release_memory()
 
     def cleanup(self) -> None:
         """Retention: keep the active and ``keep_previous`` bundles; delete failed ones,
@@ -811,6 +815,23 @@ _REJECTABLE = {
     (s, Event.REJECT)
     for s in (State.DISK_CHECK, State.FETCHING, State.VERIFYING, State.INSTALLING, State.SELF_TEST)
 }
+
+
+def release_memory() -> bool:
+    """After an update: collect the cycles it left (the old runner, golden arrays,
+    parsed metadata) and hand glibc's free heap pages back to the kernel
+    (``malloc_trim(0)``), so the idle agent does not keep the update's peak.
+    Returns whether malloc_trim was available (glibc only)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): gc.collect only
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
 
 
 def _time_runs(func: Callable[[], Any], runs: int) -> float:
