@@ -12,7 +12,10 @@ baseline measured in the same run:
 4. 100 hot swaps under that load: failed requests (target 0) and p99 during swaps vs
    steady state (target <= 2x);
 5. start to first successful prediction of ``edgeship-agent run`` (target <= 1.5 s) vs a
-   bare process that imports LiteRT, loads the model and invokes it once.
+   bare process that imports LiteRT, loads the model and invokes it once;
+6. idle RSS after one update installed through the running agent's control socket (the
+   state a device idles in; target <= 60 MB) vs the same process before the update, and
+   vs the verification run in the agent's own process (``EDGESHIP_AGENT_VERIFY_IN_PROCESS=1``).
 
 Reproduce: ``.venv/bin/python benchmarks/agent.py --write`` (about 2 minutes).
 """
@@ -270,9 +273,11 @@ def make_device(base: Path) -> tuple[Path, Path, Path]:
     return config_path, model, base / "digits"
 
 
-def start_agent(config: Path) -> tuple[subprocess.Popen, str, int, float]:
+def start_agent(
+    config: Path, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str, int, float]:
     """Start ``edgeship-agent run``; returns it, its address and the time to first prediction."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     begin = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgeship.agent.cli", "run", "--config", str(config), "--json"],
@@ -294,6 +299,49 @@ def start_agent(config: Path) -> tuple[subprocess.Popen, str, int, float]:
         except OSError:
             time.sleep(0.005)
     return proc, host, int(port), time.perf_counter() - begin
+
+
+def rss_after_update(
+    config: Path, package: Path, data: Path, committed: Path, extra_env: dict[str, str] | None = None
+) -> dict[str, float]:
+    """Idle RSS of ``edgeship-agent run`` before and after one update, as a device does it:
+    start the agent (digits 1.0.0 committed: ``data`` restored from ``committed``), idle,
+    read VmRSS; ``edgeship-agent install PACKAGE`` through the control socket (it follows
+    the update to its end: COMMITTED after the probation window); idle 3 s; read VmRSS
+    of the same agent process again."""
+    import shutil
+
+    shutil.rmtree(data)
+    shutil.copytree(committed, data)
+    proc, host, port, _ = start_agent(config, extra_env)
+    try:
+        time.sleep(1.0)
+        before = rss_mb(proc.pid)
+        began = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "edgeship.agent.cli", "install", str(package), "--config",
+             str(config), "--json"],
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=120,
+            env={**os.environ, **(extra_env or {})},
+        )
+        seconds = time.perf_counter() - began
+        doc = json.loads(done.stdout)
+        state = doc["update"]["state"]
+        assert done.returncode == 0 and state == "COMMITTED", (state, doc["update"]["reason"])
+        assert doc["active"]["version"] == "2.0.0", doc["active"]
+        conn = http.client.HTTPConnection(host, port, timeout=5)  # it serves the new model
+        conn.request("POST", "/v1/models/digits:predict",
+                     json.dumps({"instances": np.zeros((1, 8, 8, 1)).tolist()}))
+        assert conn.getresponse().status == 200
+        time.sleep(3.0)  # idle
+        after = rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    return {"before": before, "after": after, "install_s": seconds}
 
 
 _BARE_START = """
@@ -388,6 +436,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
         base = Path(tmp)
         config, model, _ = make_device(base)
+        from edgeship.agent.sources import VERIFY_IN_PROCESS_ENV
+        from edgeship.ota.release import ReleaseRepository
+
+        ReleaseRepository(base / "repo").export("digits", "2.0.0", base / "2.package", fleet="bench")
+        import shutil
+
+        shutil.copytree(base / "data", base / "data.committed")
         x = np.load(base / "digits" / "eval.npz")["x"][:8].astype(np.float32)
         x1 = x[:1]
 
@@ -408,6 +463,33 @@ def main() -> None:
             f"start to first prediction: agent {start_s:.3f} s, bare LiteRT process {bare_start:.3f} s"
         )
         print(f"idle RSS: agent {rss_agent:.1f} MB, bare Python+numpy+LiteRT {bare_rss:.1f} MB")
+
+        # 1b: idle RSS after one update (median of 3), and the same with the verification
+        # in the agent's own process (what the agent did before; docs/agent.md)
+        upd = [
+            rss_after_update(config, base / "2.package", base / "data", base / "data.committed")
+            for _ in range(3)
+        ]
+        inproc = [
+            rss_after_update(
+                config,
+                base / "2.package",
+                base / "data",
+                base / "data.committed",
+                {VERIFY_IN_PROCESS_ENV: "1"},
+            )
+            for _ in range(3)
+        ]
+        upd_before = statistics.median(u["before"] for u in upd)
+        upd_after = statistics.median(u["after"] for u in upd)
+        upd_s = statistics.median(u["install_s"] for u in upd)
+        inproc_after = statistics.median(u["after"] for u in inproc)
+        inproc_s = statistics.median(u["install_s"] for u in inproc)
+        print(
+            f"idle RSS after one update: agent {upd_after:.1f} MB (same process before it "
+            f"{upd_before:.1f} MB; install {upd_s:.2f} s); verification in the agent's process: "
+            f"{inproc_after:.1f} MB (install {inproc_s:.2f} s)"
+        )
 
         # 2: in-process overhead
         ov = interleaved(model, x1, args.calls, args.rounds)
@@ -457,6 +539,17 @@ def main() -> None:
             f"bare Python+numpy+LiteRT process: {bare_rss:.1f} MB ({rss_agent / bare_rss:.2f}x)",
             "<= 60 MB",
             verdict(rss_agent <= TARGETS["rss_mb"]),
+        ),
+        (
+            "idle RSS after one update (offline package installed through the running agent, COMMITTED)",
+            f"{upd_after:.1f} MB",
+            (
+                f"the same process before the update: {upd_before:.1f} MB ({upd_after - upd_before:+.1f} MB); "
+                f"verification in the agent's own process (`EDGESHIP_AGENT_VERIFY_IN_PROCESS=1`): "
+                f"{inproc_after:.1f} MB; install took {upd_s:.2f} s vs {inproc_s:.2f} s in-process"
+            ),
+            "<= 60 MB",
+            verdict(upd_after <= TARGETS["rss_mb"]),
         ),
         (
             "in-process predict, batch 1 (wall clock)",
@@ -549,6 +642,10 @@ histogram of every request; input statistics sampled, see docs/agent.md). CPU ti
 thread's own (`time.thread_time`), which leaves out time other processes on this shared machine
 took; wall clock is the headline.
 RSS and start time: median of 3 starts of `edgeship-agent run` with digits installed and committed.
+RSS after one update: median of 3 agents, each started with digits 1.0.0 committed, then
+`edgeship-agent install` of an offline package of digits 2.0.0 through the control socket (TUF
+refresh, director signature, bounded download, safe extraction, self-test with golden vectors and
+a second interpreter, hot swap, probation, commit), then 3 s idle; VmRSS of the agent process.
 
 | measure | agent | baseline in the same run | target | |
 | --- | --- | --- | --- | --- |

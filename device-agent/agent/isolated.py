@@ -58,8 +58,8 @@ def _rebuild_error(payload: tuple[Any, ...]) -> BaseException:
     if isinstance(cls, type) and issubclass(cls, EdgeshipError):
         try:
             return cls(message, exit_code=exit_code)
-        except Exception:
-            pass
+        except TypeError:  # a subclass with another constructor: the base below
+            cls = None
     if is_runtime:
         return RuntimeUnavailableError(message, exit_code=exit_code)
     if is_security:
@@ -85,7 +85,7 @@ def run_isolated(op: str, record: dict[str, Any], ctx: Any) -> Any:
         raise EdgeshipError(f"cannot start the verification process: {exc}") from None
     try:
         reply = pickle.loads(proc.stdout) if proc.stdout else None
-    except Exception:
+    except Exception:  # noqa: BLE001 - a cut-off reply (child killed mid-write) is reported below
         reply = None
     if not isinstance(reply, tuple) or not reply:
         raise EdgeshipError(
@@ -105,8 +105,8 @@ def _die_with_parent() -> None:
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except Exception:  # pragma: no cover - not Linux: the step just finishes on its own
-        pass
+    except (OSError, AttributeError):  # pragma: no cover - not Linux: the step just finishes
+        return
 
 
 def _child() -> int:
@@ -132,7 +132,7 @@ def _child() -> int:
             isinstance(exc, SecurityError),
             isinstance(exc, RuntimeUnavailableError),
         )
-    except Exception as exc:  # a bug: FAILED with the same reason the in-process step gives
+    except Exception as exc:  # noqa: BLE001 - a bug: FAILED with the reason the in-process step gives
         import traceback
 
         traceback.print_exc()

@@ -20,12 +20,15 @@ record), through ``SourceRegistry``. Kinds here:
   transfer, its files are re-hashed against the manifest they were verified with.
 
 ota's verification modules (tuf, cryptography) are imported only when an update
-runs, so serving starts without them.
+runs, so serving starts without them; for an offline package they are imported
+only in a short-lived child process (isolated.py), so the agent idles after an
+update as small as before it.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "VERIFY_IN_PROCESS_ENV",
     "Admission",
     "BundleSource",
     "DirectorSource",
@@ -34,7 +37,6 @@ __all__ = [
     "SourceContext",
     "SourceRegistry",
     "StagedBundle",
-    "VERIFY_IN_PROCESS_ENV",
     "hash_file",
 ]
 
@@ -254,24 +256,28 @@ class OfflinePackageSource(BundleSource):
     def describe(self) -> str:
         return f"offline package {self.path}"
 
+    def _check_space(self, ctx: SourceContext) -> None:
+        """The package exists and its copies fit, before the first copy is made."""
+        if not self.path.is_file():
+            raise BadInputError(
+                f"offline package {self.path}: no such file (was the medium removed?)"
+            )
+        size = self.path.stat().st_size
+        need = size * PACKAGE_COPIES + (1 << 20)
+        free = free_bytes(ctx.work_dir)
+        if free < need:  # before the first copy: the same clear message as DISK_CHECK's
+            raise EdgeshipError(
+                f"insufficient disk: need {need} bytes (offline package {size} bytes, unpacked, "
+                f"downloaded and extracted), free {free} bytes on {ctx.config.data_dir}"
+            )
+
     def _director(self, ctx: SourceContext) -> DirectorSource:
         if "package" not in ctx.cache:
             from edgeship.ota.updater import open_offline_package
 
             unpack = ctx.work_dir / "package"
             shutil.rmtree(unpack, ignore_errors=True)
-            if not self.path.is_file():
-                raise BadInputError(
-                    f"offline package {self.path}: no such file (was the medium removed?)"
-                )
-            size = self.path.stat().st_size
-            need = size * PACKAGE_COPIES + (1 << 20)
-            free = free_bytes(ctx.work_dir)
-            if free < need:  # before the first copy: the same clear message as DISK_CHECK's
-                raise EdgeshipError(
-                    f"insufficient disk: need {need} bytes (offline package {size} bytes, unpacked, "
-                    f"downloaded and extracted), free {free} bytes on {ctx.config.data_dir}"
-                )
+            self._check_space(ctx)
             package = open_offline_package(self.path, unpack)
             ctx.cache["package"] = DirectorSource(package.desired_envelope, package.fetcher)
         source: DirectorSource = ctx.cache["package"]
@@ -281,6 +287,7 @@ class OfflinePackageSource(BundleSource):
         if self.isolate:
             from .isolated import run_isolated
 
+            self._check_space(ctx)  # here too: no child is started for a package that cannot fit
             result: Admission = run_isolated("admit", self.to_record(), ctx)
             return result
         return self._director(ctx).admit(ctx)
