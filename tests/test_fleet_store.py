@@ -437,10 +437,15 @@ def test_two_replicas_never_claim_the_same_action(store: FleetStore) -> None:
     claimed: dict = {"one": [], "two": []}
 
     def replica(owner: str) -> None:
-        for _ in range(20):
-            for pending in store.claim_actions(owner, now=10.0, limit=7):
+        # until the outbox is empty: a claim that lost the race to the other replica returns
+        # nothing and is tried again (bounded, so a bug cannot hang the test)
+        for _ in range(2000):
+            got = store.claim_actions(owner, now=10.0, limit=7)
+            for pending in got:
                 claimed[owner].append(pending.id)
                 store.complete_action(pending.id, 10.0)
+            if not got and not store.pending_actions(limit=1):
+                return
 
     threads = [threading.Thread(target=replica, args=(owner,)) for owner in claimed]
     for thread in threads:
