@@ -11,10 +11,11 @@ from __future__ import annotations
 __all__ = ["REPORT_SCHEMA", "build_report", "golden_path", "quality_summary", "report_path"]
 
 import datetime as _dt
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
+
+from edgeship.ota.hashing import sha256_file
 
 REPORT_SCHEMA = "edgeship.conversion-report/1"
 
@@ -25,14 +26,6 @@ def report_path(out: str | os.PathLike[str]) -> Path:
 
 def golden_path(out: str | os.PathLike[str]) -> Path:
     return Path(str(out) + ".golden.npz")
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def quality_summary(validation: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -40,7 +40,7 @@ from edgeship.agent.runtimes import (
     detect_model_format,
     open_model,
 )
-from edgeship.ota.errors import BadInputError, MissingExtraError, require_module
+from edgeship.ota.errors import BadInputError, MissingExtraError, first_line, require_module
 
 SOURCE_KINDS = ("keras", "h5", "savedmodel", "onnx", "tflite")
 
@@ -124,9 +124,9 @@ def load_keras_or_savedmodel(path: str | os.PathLike[str], kind: str | None = No
             if kind == "savedmodel":
                 return tf.saved_model.load(str(p))
     except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile, ImportError, AttributeError) as exc:
-        raise ModelLoadError(f"{p}: TensorFlow cannot load this {kind} model: {_first_line(exc)}") from None
+        raise ModelLoadError(f"{p}: TensorFlow cannot load this {kind} model: {first_line(exc)}") from None
     except Exception as exc:  # TensorFlow raises many internal error types on corrupt files
-        raise ModelLoadError(f"{p}: TensorFlow cannot load this {kind} model: {_first_line(exc)}") from None
+        raise ModelLoadError(f"{p}: TensorFlow cannot load this {kind} model: {first_line(exc)}") from None
     raise ModelLoadError(f"{p}: a {kind} model is not a Keras model or a SavedModel")
 
 
@@ -266,9 +266,6 @@ def _open_any_model(p: Path, threads: int | None) -> ModelRunner:
     return KerasRunner(p, load_keras_or_savedmodel(p, kind), kind)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or exc.__class__.__name__
-    return text.splitlines()[0][:300]
 
 
 def check_runner_inputs(runner: ModelRunner, where: str) -> None:

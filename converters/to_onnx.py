@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 from edgeship.agent.runtimes import ModelLoadError
-from edgeship.ota.errors import BadInputError, EdgeshipError, require_module
+from edgeship.ota.errors import BadInputError, EdgeshipError, first_line, require_module
 
 from .data import Dataset
 from .progress import ProgressCallback, no_progress
@@ -87,7 +87,7 @@ def export_to_onnx(source: Any, kind: str, path: Path, out: Path, *, opset: int 
         with stdout_to_stderr():
             proto, _ = tf2onnx.convert.from_function(forward, input_signature=signature, opset=opset)
     except Exception as exc:
-        raise EdgeshipError(f"tf2onnx could not convert {path}: {_first_line(exc)}") from None
+        raise EdgeshipError(f"tf2onnx could not convert {path}: {first_line(exc)}") from None
     _rename_outputs(proto, output_names)
     onnx.save(proto, str(out))
 
@@ -151,7 +151,7 @@ def quantize_onnx(
     try:
         model = onnx.load(str(src))
     except Exception as exc:
-        raise ModelLoadError(f"{src}: not a readable ONNX model: {_first_line(exc)}") from None
+        raise ModelLoadError(f"{src}: not a readable ONNX model: {first_line(exc)}") from None
     if quantize == "none":
         onnx.save(model, str(out))
         return 0
@@ -161,14 +161,14 @@ def quantize_onnx(
         try:
             onnx.save(convert_float_to_float16(model, keep_io_types=True), str(out))
         except Exception as exc:
-            raise EdgeshipError(f"float16 conversion of {src} failed: {_first_line(exc)}") from None
+            raise EdgeshipError(f"float16 conversion of {src} failed: {first_line(exc)}") from None
         return 0
     quantization = require_module("onnxruntime.quantization", "convert")
     if quantize == "dynamic":
         try:
             quantization.quantize_dynamic(str(src), str(out), weight_type=quantization.QuantType.QInt8)
         except Exception as exc:
-            raise EdgeshipError(f"dynamic quantization of {src} failed: {_first_line(exc)}") from None
+            raise EdgeshipError(f"dynamic quantization of {src} failed: {first_line(exc)}") from None
         return 0
     if calibration is None:
         raise BadInputError("--quantize int8 needs calibration data: give --calib DATA (a few hundred representative samples)")
@@ -192,7 +192,7 @@ def quantize_onnx(
                 weight_type=quantization.QuantType.QInt8,
             )
         except Exception as exc:
-            raise EdgeshipError(f"static int8 quantization of {src} failed: {_first_line(exc)}") from None
+            raise EdgeshipError(f"static int8 quantization of {src} failed: {first_line(exc)}") from None
     return len(calibration)
 
 
@@ -202,7 +202,7 @@ def onnx_operator_counts(path: str | os.PathLike[str]) -> tuple[dict[str, int], 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise ModelLoadError(f"{path}: not a readable ONNX model: {_first_line(exc)}") from None
+        raise ModelLoadError(f"{path}: not a readable ONNX model: {first_line(exc)}") from None
     counts = collections.Counter(
         (f"{node.domain}." if node.domain not in ("", "ai.onnx") else "") + node.op_type for node in model.graph.node
     )
@@ -228,6 +228,3 @@ def onnx_output_quanta(path: str | os.PathLike[str]) -> tuple[float, ...]:
     return tuple(quanta)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or exc.__class__.__name__
-    return text.splitlines()[0][:300]

@@ -46,9 +46,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Optional
 
 from .errors import SecurityError
-
-CHUNK_SIZE = 1 << 20
-"""Bytes read at a time from an archive (1 MiB)."""
+from .hashing import CHUNK_SIZE
 
 BLOCK = 512
 MAX_TRAILING_PADDING = 1 << 20

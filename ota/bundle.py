@@ -53,6 +53,7 @@ from .archive import (
 )
 from .atomicfile import atomic_output_path, fsync_dir
 from .errors import BadInputError, EdgeshipError
+from .hashing import hash_file
 from .manifest import (
     GOLDEN_NAME,
     LABELS_NAME,
@@ -112,24 +113,6 @@ def sidecar_files(model_path: str | os.PathLike[str]) -> Dict[str, Optional[Path
         candidates = [model.with_name(model.name + suffix), model.with_name(model.stem + suffix)]
         found[key] = next((c for c in candidates if c.is_file()), None)
     return found
-
-
-def _hash_file(path: Path, progress: Optional[ProgressCallback] = None) -> Tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    total = path.stat().st_size
-    with open(path, "rb", buffering=0) as handle:
-        buffer = bytearray(CHUNK_SIZE)
-        view = memoryview(buffer)
-        while True:
-            n = handle.readinto(buffer)
-            if not n:
-                break
-            digest.update(view[:n])
-            size += n
-            if progress is not None:
-                progress("hash", size, total)
-    return size, digest.hexdigest()
 
 
 class _ProgressReader:
@@ -306,7 +289,7 @@ def build_bundle(
     files: Dict[str, Dict[str, Any]] = {}
     for member, path in members.items():
         try:
-            size, digest = _hash_file(path, progress)
+            size, digest = hash_file(path, progress)
         except OSError as exc:
             raise BadInputError(f"{path} cannot be read: {exc.strerror or exc}") from None
         files[member] = {"size": size, "sha256": digest}

@@ -19,6 +19,7 @@ __all__ = [
     "SecurityError",
     "MissingExtraError",
     "require_module",
+    "first_line",
 ]
 
 import importlib
@@ -92,3 +93,10 @@ def require_module(module: str, extra: str) -> ModuleType:
             f"this needs the Python module '{module}', which is not installed ({exc}); "
             f"install it with: pip install 'edgeship[{extra}]'"
         ) from None
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's text (its class name if it has none), capped: what a
+    third-party error contributes to our one-line messages."""
+    text = str(exc).strip() or exc.__class__.__name__
+    return text.splitlines()[0][:limit]

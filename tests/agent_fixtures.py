@@ -24,6 +24,7 @@ from edgeship.agent.config import AgentConfig, load_config, render_config
 from edgeship.agent.runtimes import open_model
 from edgeship.ota.errors import EdgeshipError
 from edgeship.ota.golden import GoldenVectors
+from polling import wait_for  # noqa: F401  (re-exported for the tests)
 
 PASSPHRASE = "agent-tests-root-passphrase"
 FLEET = "lab"
@@ -343,15 +344,3 @@ def status(config: Path) -> dict[str, Any]:
     result = agent_cli("status", "--json", "--config", str(config))
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def wait_for(
-    predicate: Any, timeout: float = 60.0, interval: float = 0.1, what: str = "condition"
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")

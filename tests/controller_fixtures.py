@@ -31,6 +31,7 @@ from edgeship.ota.telemetry import LatencyHistogram
 from edgeship.ota.topics import DESIRED, EVENTS, REPORTED, STATUS, TELEMETRY, device_topic
 from edgeship.ota.transport import MqttConnection, ReconnectPolicy, WillMessage
 from edgeship.toolkit.cli import main
+from polling import wait_for  # noqa: F401  (re-exported for the tests)
 
 __all__ = ["PASS", "FAST", "SimDevice", "cli", "cli_json", "make_release_repo", "wait_for", "start_controller"]
 
@@ -46,16 +47,6 @@ def cli(args: List[str], code: int = 0, env: Optional[Dict[str, str]] = None) ->
 
 def cli_json(args: List[str], env: Optional[Dict[str, str]] = None) -> Any:
     return json.loads(cli(args + ["--json"], env=env).stdout)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def make_release_repo(folder: Path, model: Path, versions: List[str], name: str = "digits") -> Path:

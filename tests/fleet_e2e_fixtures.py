@@ -16,11 +16,10 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,6 +30,7 @@ from edgeship.ota.golden import GoldenVectors
 from edgeship.ota.protocol import DesiredMessage, encode_message, parse_message
 from edgeship.ota.topics import DESIRED, EVENTS, REPORTED, STATUS, device_topic, device_wildcard
 from edgeship.ota.transport import MqttConnection, ReceivedMessage
+from polling import wait_for  # noqa: F401  (re-exported for the tests)
 
 __all__ = ["FLEET", "PASSPHRASE", "FleetAgent", "FleetRelease", "TestDirector", "edgeship_cli", "wait_for"]
 
@@ -46,17 +46,6 @@ def edgeship_cli(*args: str, timeout: float = 300) -> dict[str, Any]:
                             text=True, env=env, timeout=timeout, check=False)
     assert result.returncode == 0, f"edgeship {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}"
     return dict(json.loads(result.stdout))
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition",
-             interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 @dataclass

@@ -18,17 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import pytest
+from mqtt_broker import free_port
 
 if TYPE_CHECKING:
     from edgeship.toolkit.store import FleetStore
 
 __all__ = ["PostgresServer", "SimulatedFleet", "postgres_binaries", "postgres_server"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def postgres_binaries() -> Optional[Path]:
@@ -51,7 +46,7 @@ class PostgresServer:
         self.bindir = bindir
         self.folder = Path(tempfile.mkdtemp(prefix="edgeship-pg-"))
         self.data = self.folder / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.user = "postgres" if os.geteuid() == 0 else None
         self._databases = 0
 

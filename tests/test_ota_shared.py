@@ -59,3 +59,27 @@ def test_histograms_merge_exactly_and_survive_serialization() -> None:
     assert merged.count == 5 and merged.total_ms == pytest.approx(85.8)
     with pytest.raises(ValueError):
         LatencyHistogram.from_dict({"buckets_ms": [1, 2], "counts": [1, 2, 3]})
+
+
+def test_hash_file_streams_any_size_and_reports_progress(tmp_path) -> None:
+    import hashlib
+
+    from edgeship.ota.hashing import CHUNK_SIZE, hash_file, sha256_file
+
+    for size in (0, 1, CHUNK_SIZE, 2 * CHUNK_SIZE + 7):
+        data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+        path = tmp_path / f"f{size}"
+        path.write_bytes(data)
+        seen: list = []
+        assert hash_file(path, lambda step, done, total: seen.append((step, done, total))) == (
+            size, hashlib.sha256(data).hexdigest())
+        assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+        assert not seen or seen[-1] == ("hash", size, size)
+
+
+def test_first_line_of_an_error() -> None:
+    from edgeship.ota.errors import first_line
+
+    assert first_line(ValueError("bad thing\n  at line 3")) == "bad thing"
+    assert first_line(RuntimeError("")) == "RuntimeError"
+    assert len(first_line(ValueError("x" * 1000))) == 300

@@ -76,6 +76,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
 
+from edgeship.ota.hashing import sha256_file
 from edgeship.ota.errors import (
     BadInputError,
     EdgeshipError,
@@ -484,14 +485,6 @@ def broker_table_lines(prefix: str, connection: Mapping[str, Any], topic_prefix:
 
 
 # -- wheels --------------------------------------------------------------------------------------
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def wheel_content_id(path: Path) -> str:
     """A hash of what a wheel holds (its RECORD), stable across rebuilds of the same sources.

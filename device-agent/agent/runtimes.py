@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgeship.ota.errors import EXIT_REJECTED, BadInputError, EdgeshipError
+from edgeship.ota.errors import EXIT_REJECTED, BadInputError, EdgeshipError, first_line
 
 TFLITE_RUNTIMES: tuple[str, ...] = ("litert", "tflite_runtime", "tensorflow")
 """TFLite interpreters in order of preference."""
@@ -168,7 +168,7 @@ class TFLiteRunner(ModelRunner):
             self._interpreter = module.Interpreter(model_path=str(path), num_threads=threads or 1)
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"{path}: {runtime} cannot load this TFLite model: {_first_line(exc)}") from None
+            raise ModelLoadError(f"{path}: {runtime} cannot load this TFLite model: {first_line(exc)}") from None
         self._input_details = self._interpreter.get_input_details()
         self._output_details = self._interpreter.get_output_details()
         self.signature = ModelSignature(
@@ -297,7 +297,7 @@ class OnnxRunner(ModelRunner):
         try:
             self._session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelLoadError(f"{path}: onnxruntime cannot load this ONNX model: {_first_line(exc)}") from None
+            raise ModelLoadError(f"{path}: onnxruntime cannot load this ONNX model: {first_line(exc)}") from None
         self.providers = tuple(self._session.get_providers())
         self._input_names = [i.name for i in self._session.get_inputs()]
         self._output_names = [o.name for o in self._session.get_outputs()]
@@ -463,6 +463,3 @@ def _module_version(module_name: str) -> str:
         return "unknown"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or exc.__class__.__name__
-    return text.splitlines()[0][:300]

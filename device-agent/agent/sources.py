@@ -37,11 +37,9 @@ __all__ = [
     "SourceContext",
     "SourceRegistry",
     "StagedBundle",
-    "hash_file",
 ]
 
 import datetime as _dt
-import hashlib
 import os
 import shutil
 from abc import ABC, abstractmethod
@@ -112,16 +110,6 @@ class SourceContext:
     work_dir: Path
     trust_dir: Path
     cache: dict[str, Any] = field(default_factory=dict)
-
-
-def hash_file(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 class BundleSource(ABC):

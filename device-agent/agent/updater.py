@@ -57,7 +57,9 @@ from .reporter import NullReporter, Reporter, event_document, state_document
 from .runtimes import RuntimeUnavailableError, _importable_tflite, open_model
 from .serving import LoadedModel, ServingModel, warm_up
 from .slots import apply_retention, free_bytes, install_into_slot, plan_retention, slot_name
-from .sources import BundleSource, SourceContext, SourceRegistry, StagedBundle, hash_file
+from edgeship.ota.hashing import hash_file
+
+from .sources import BundleSource, SourceContext, SourceRegistry, StagedBundle
 from .state_machine import (
     Event,
     State,
