@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -105,31 +106,34 @@ def test_folded_counters_equal_a_per_request_reference(name: str) -> None:
     assert snap["classes"] == want["classes"]
     assert snap["latency"].counts == want["counts"]
     assert snap["latency"].total_ms == pytest.approx(want["total_ms"])
-    assert not stats._outputs and not stats._rows and not len(stats._latencies)
+    assert not stats._outputs and not len(stats._latencies)
 
 
-def test_batch_one_outputs_are_kept_as_bytes_once_the_size_is_learned() -> None:
-    """The cheap path is the one taken: after the first fold, batch-1 outputs of a
-    fixed-shape model go to the byte buffer, other sizes to the list."""
+def test_outputs_are_held_only_until_the_fold() -> None:
+    """The request path keeps a reference to each output (no copy); the fold drops
+    them, so a served output is not kept alive by the statistics afterwards."""
     stats = ModelStats(fixed_row_shape=True)
-    stats.observe(1.0, [], [_batch(1)])
-    stats.snapshot()
-    assert stats._row_nbytes == 40 and stats._row_shape == (1, 10)
-    stats.observe(1.0, [], [_batch(1)])
-    stats.observe(1.0, [], [_batch(3)])
-    assert len(stats._rows) == 40 and len(stats._outputs) == 1
+    stats.observe(1.0, [], [_batch(1)])  # the first request folds at once: it learns the output size
     y = _batch(1)
+    ref = weakref.ref(y)
     stats.observe(1.0, [], [y])
-    y[:] = np.nan  # the caller changes its output afterwards: the statistics saw what was returned
-    assert stats.snapshot()["nonfinite"] == 0
+    del y
+    assert ref() is not None  # held for the fold
+    stats.snapshot()
+    assert ref() is None and not stats._outputs
 
 
-def test_a_model_without_a_fixed_row_shape_never_uses_the_byte_buffer() -> None:
-    stats = ModelStats(fixed_row_shape=False)
-    for _ in range(5):
-        stats.observe(1.0, [], [_batch(1)])
-        stats.snapshot()
-    assert stats._row_nbytes == -1
+def test_the_fold_batch_shrinks_for_large_outputs() -> None:
+    """At most 8 MB of outputs are held between folds: a model with 1 MB outputs
+    folds every 8 requests, one with small outputs every 4,096."""
+    stats = ModelStats(fixed_row_shape=True)
+    stats.observe(1.0, [], [np.zeros((1, 1 << 18), np.float32)])  # 1 MiB
+    stats.snapshot()
+    assert stats._flush_at == 8
+    small = ModelStats(fixed_row_shape=True)
+    small.observe(1.0, [], [_batch(1)])
+    small.snapshot()
+    assert small._flush_at == 4096
 
 
 def test_input_statistics_are_per_example_means_of_the_sampled_requests() -> None:
@@ -139,9 +143,9 @@ def test_input_statistics_are_per_example_means_of_the_sampled_requests() -> Non
     snap = stats.snapshot()
     assert snap["input_count"] == 3
     assert snap["input_sum"] == pytest.approx(3.5 + 11.5 + 19.5)
-    stats._next_sample = 0.0
+    stats._next_sample = stats._next_input = 0
     stats.observe(1.0, [np.full((2, 4000), 60000.0, dtype=np.float16)], [_batch(2)])  # no float16 overflow
-    stats._next_sample = 0.0
+    stats._next_sample = stats._next_input = 0
     stats.observe(1.0, [np.array(["a", "b"])], [_batch(2)])  # not numeric: no input statistics
     snap = stats.snapshot()
     assert snap["input_count"] == 5
@@ -231,6 +235,52 @@ def test_fast_path_equals_the_general_path(digits_tflite: Path, digits_int8_tfli
                 (native,) = runner.run([q])
                 np.testing.assert_array_equal(native, general([q])[0])
                 assert native.dtype == np.float32
+
+
+def test_the_inline_predict_path_equals_the_runner_and_counts_everything(
+    digits_tflite: Path, digits_int8_tflite: Path, digits_files: dict[str, Path]
+) -> None:
+    """``ServingModel.predict`` runs a float model's interpreter calls itself
+    (``LoadedModel.hot``); an int8 I/O model goes through ``run``. Either way the
+    answers are the runner's and every request is counted once, including the
+    ones the inline path hands to ``run`` (another dtype, batch size, a list)."""
+    x = np.load(digits_files["eval"])["x"][:8].astype(np.float32)
+    inputs = [x[:1], x[:1].astype(np.float64), x, x[3:4], np.asfortranarray(x[:2]), x[::2], x[:1].tolist()]
+    for path, inline in ((digits_tflite, True), (digits_int8_tflite, False)):
+        with open_model(path, prefer=["litert"]) as reference:
+            serving = ServingModel()
+            serving.swap(LoadedModel("digits", "1", open_model(path, prefer=["litert"])))
+            assert (serving.current.hot is not None) is inline  # type: ignore[union-attr]
+            for batch in inputs:
+                _, (y,) = serving.predict([batch])
+                np.testing.assert_array_equal(y, reference.run([np.asarray(batch, np.float32)])[0])
+            with pytest.raises(BadInputError, match="has shape"):
+                serving.predict([np.zeros((1, 7, 8, 1), np.float32)])
+            snap = serving.current.stats.snapshot()  # type: ignore[union-attr]
+            assert snap["requests"] == len(inputs) + 1 and snap["latency"].count == len(inputs)
+            assert snap["examples"] == sum(len(b) for b in inputs)
+            assert snap["errors"] == {"bad_request": 1}
+
+
+def test_a_failing_invoke_on_the_inline_path_is_a_runtime_error_and_releases_the_lock(
+    digits_tflite: Path,
+) -> None:
+    serving = ServingModel()
+    model = LoadedModel("digits", "1", open_model(digits_tflite, prefer=["litert"]))
+    calls = model.runner.hot_calls()
+    assert calls is not None
+
+    def broken() -> None:
+        raise RuntimeError("delegate failed")
+
+    model.hot = (model.stats, *calls._replace(invoke=broken), model.stats._latencies.append,
+                 model.stats._outputs.append)
+    serving.swap(model)
+    with pytest.raises(RuntimeError, match="delegate failed"):
+        serving.predict([np.zeros((1, 8, 8, 1), np.float32)])
+    assert model.stats.snapshot()["errors"] == {"runtime": 1}
+    (y,) = model.runner.run([np.zeros((1, 8, 8, 1), np.float32)])  # the lock was released
+    assert y.shape == (1, 10)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 __all__ = [
     "TFLITE_RUNTIMES",
+    "HotCalls",
     "ModelLoadError",
     "ModelRunner",
     "ModelSignature",
@@ -30,10 +31,10 @@ import importlib
 import importlib.util
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from edgeship.ota.errors import EXIT_REJECTED, BadInputError, EdgeshipError, first_line
@@ -120,6 +121,23 @@ def dequantize(values: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return (values.astype(np.float32) - spec.zero_point) * np.float32(spec.scale)
 
 
+class HotCalls(NamedTuple):
+    """A single float input to a single float output, as bound calls (no Python
+    frame of the runner's own on the request path). The contract: ``acquire()``;
+    ``set_tensor(input_index, x)``; ``invoke()``; ``y = get_tensor(output_index)``
+    (a copy); ``release()``, the lock held from the first call to the last. A
+    ``ValueError`` from ``set_tensor`` (another dtype or batch size) means "use
+    ``run``", which converts or resizes, or answers with a one-line error."""
+
+    acquire: Callable[[], Any]
+    release: Callable[[], Any]
+    set_tensor: Callable[[int, Any], Any]
+    invoke: Callable[[], Any]
+    get_tensor: Callable[[int], np.ndarray]
+    input_index: int
+    output_index: int
+
+
 class ModelRunner:
     """A loaded model. ``run`` takes and returns float32 arrays (one per input /
     output, in signature order); ``run_raw`` uses the model's native dtypes.
@@ -145,6 +163,12 @@ class ModelRunner:
 
     def run_raw(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def hot_calls(self) -> HotCalls | None:
+        """The calls behind ``run`` for a caller that inlines the request path (the
+        serving layer times and counts each request in the same frame); None where
+        ``run`` has work of its own to do (several tensors, quantized I/O, ONNX)."""
+        return None
 
     def close(self) -> None:
         """Release the runtime's resources (the runner must not be used after)."""
@@ -220,6 +244,13 @@ class TFLiteRunner(ModelRunner):
             if y is not None:
                 return [y] if out_spec is None else [dequantize(y, out_spec)]
         return self._run_general(inputs)
+
+    def hot_calls(self) -> HotCalls | None:
+        fast = self._fast
+        if fast is None or fast[7] is not None or fast[9] is not None:  # quantized I/O: run converts
+            return None
+        acquire, release, set_tensor, invoke, get_tensor, index, out_index = fast[:7]
+        return HotCalls(acquire, release, set_tensor, invoke, get_tensor, index, out_index)
 
     def _run_general(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Any number of inputs; converts dtypes, resizes for a new batch size."""

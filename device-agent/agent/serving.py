@@ -33,11 +33,14 @@ _FLUSH_MAX = 4096
 """Requests folded at most per batch (the fold's fixed cost is shared by this many)."""
 _FLUSH_BYTES = 8 << 20
 """...and at most this many bytes of held outputs (a segmentation model folds more often)."""
-_SAMPLE_S = 0.01
-"""Input statistics (drift) come from at most one request per this many seconds."""
-_perf_counter = time.perf_counter
-_BUCKETS = np.asarray(LATENCY_BUCKETS_MS)
-_NOT_COMPACT = (AttributeError, BufferError, TypeError, ValueError)
+_CHECK_NS = 10_000_000
+"""The request path compares its clock with the next check, at most every 10 ms:
+is a fold due, is an input sample due."""
+_INPUT_SAMPLE_NS = 100_000_000
+"""Input statistics (drift) come from at most one request per 100 ms (and the first
+after each fold)."""
+_clock_ns = time.perf_counter_ns  # an int: cheaper than perf_counter's float on the request path
+_BUCKETS_NS = np.asarray([round(b * 1e6) for b in LATENCY_BUCKETS_MS], dtype=np.int64)
 
 
 @dataclass
@@ -47,16 +50,19 @@ class ModelStats:
     Cumulative (Prometheus counters never go down); reporters take windows by
     subtracting two ``snapshot()`` results.
 
-    What a request pays: its latency goes to an array of doubles and its first
-    output's bytes to a byte buffer (no object kept; an output of another size
-    than the model's usual one, or of a model with dynamic dimensions after the
-    batch, is kept as an array instead). Every so many requests (4,096, fewer
-    for large outputs: at most 8 MB held) and on each snapshot the batch is
-    folded into the counters with a few vectorized numpy calls. Counts, errors,
+    What a request pays: two appends, its latency (integer nanoseconds) to an
+    array and a reference to its first output to a list. Every so many requests
+    (4,096, fewer for large outputs: at most 8 MB held) and on each snapshot the
+    batch is folded into the counters with a few vectorized numpy calls, and the
+    references are dropped. The statistics count the output arrays as they are at
+    the fold: a caller that changes a returned array in place before then (the
+    HTTP API never does) changes what is counted. Copying each output's bytes
+    instead costs a buffer export per request, about 3% of a digits prediction
+    (docs/agent.md). Counts, errors,
     the latency histogram, NaN/Inf outputs and the output class histogram are
     exact (every request). The input statistics for drift are sampled: the first
-    request after each 10 ms (so every request while traffic is below 100
-    requests/s, and at most ~100 input sums a second above it) and the first
+    request after each 100 ms (so every request while traffic is below 10
+    requests/s, and about 10 input sums a second above it) and the first
     after each fold; ``input_count`` counts the sampled examples, and ``input_sum /
     input_count`` is the mean input over the sample.
     """
@@ -74,20 +80,16 @@ class ModelStats:
     fixed_row_shape: bool = field(default=False, compare=False)
     """Set by LoadedModel: the first output has no dynamic dimension after the
     batch, so outputs of one byte size have one shape (a runner returns one dtype
-    per output), and can be kept as bytes."""
-    # Per request: its latency (s), then its first output, to _rows (bytes, when it
-    # has the learned size _row_nbytes) or to _outputs. Appends, extends and `del
-    # x[:n]` are atomic (C code under the GIL); a fold takes from the front what is
-    # there, later appends wait for the next fold.
-    _latencies: array = field(default_factory=lambda: array("d"), repr=False, compare=False)
+    per output), and a fold can join them as bytes."""
+    # Per request: its latency (ns), then its first output. Appends and `del x[:n]`
+    # are atomic (C code under the GIL); a fold takes from the front what is there,
+    # later appends wait for the next fold.
+    _latencies: array = field(default_factory=lambda: array("q"), repr=False, compare=False)
     _outputs: list = field(default_factory=list, repr=False, compare=False)
-    _rows: bytearray = field(default_factory=bytearray, repr=False, compare=False)
-    _row_nbytes: int = field(default=-1, repr=False, compare=False)  # -1: not learned yet
-    _row_dtype: Any = field(default=None, repr=False, compare=False)
-    _row_shape: tuple[int, ...] = field(default=(), repr=False, compare=False)
     # (examples, sum of their per-example input means) per sampled request
     _samples: list = field(default_factory=list, repr=False, compare=False)
-    _next_sample: float = field(default=0.0, repr=False, compare=False)
+    _next_sample: int = field(default=0, repr=False, compare=False)  # clock_ns of the next check
+    _next_input: int = field(default=0, repr=False, compare=False)  # clock_ns of the next input sample
     _flush_at: int = field(default=1, repr=False, compare=False)  # learns the output size first
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -95,25 +97,19 @@ class ModelStats:
         self, latency_ms: float, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]
     ) -> None:
         """Record one successful prediction (``ServingModel.predict`` does the same inline)."""
-        now = _perf_counter()
-        self._latencies.append(latency_ms / 1000.0)
-        y: Any = outputs[0] if outputs else None
-        try:
-            if y.nbytes == self._row_nbytes:
-                self._rows.extend(y)  # the buffer's bytes; fails whole, before writing
-            else:
-                self._outputs.append(y)
-        except _NOT_COMPACT:  # None, not an array, not contiguous
-            self._outputs.append(y)
+        now = _clock_ns()
+        self._latencies.append(round(latency_ms * 1e6))
+        self._outputs.append(outputs[0] if outputs else None)
         if now >= self._next_sample:
             self._sample(now, inputs)
 
-    def _sample(self, now: float, inputs: Sequence[np.ndarray]) -> None:
+    def _sample(self, now: int, inputs: Sequence[np.ndarray]) -> None:
         """Off the common path (at most ~100 times a second): take this request's
-        input statistics and fold the batch when it is due. Races between threads
-        here are benign (at worst two samples in one period)."""
-        self._next_sample = now + _SAMPLE_S
-        if inputs:
+        input statistics and fold the batch when they are due. Races between
+        threads here are benign (at worst two samples in one period)."""
+        self._next_sample = now + _CHECK_NS
+        if inputs and now >= self._next_input:
+            self._next_input = now + _INPUT_SAMPLE_NS
             try:
                 x = np.asarray(inputs[0])
                 if x.ndim and x.size:
@@ -139,22 +135,15 @@ class ModelStats:
         """
         count = len(self._latencies)
         if count:
-            seconds = self._latencies[:count]  # a copy: the live array must stay resizable
+            nanoseconds = self._latencies[:count]  # a copy: the live array must stay resizable
             del self._latencies[:count]
-            lat = np.frombuffer(seconds, dtype=np.float64) * 1000.0
-            counts = np.bincount(
-                np.searchsorted(_BUCKETS, lat, side="left"), minlength=len(self.latency.counts)
+            lat = np.frombuffer(nanoseconds, dtype=np.int64)
+            counts = np.bincount(  # bucket i: latency <= its bound (Prometheus' "le")
+                np.searchsorted(_BUCKETS_NS, lat, side="left"), minlength=len(self.latency.counts)
             )
             self.latency.counts = [a + b for a, b in zip(self.latency.counts, counts.tolist())]
-            self.latency.total_ms += float(lat.sum())
+            self.latency.total_ms += int(lat.sum()) / 1e6
             self.requests += count
-        size = len(self._rows)  # whole outputs: each extend is atomic
-        if size:
-            data = self._rows[:size]
-            del self._rows[:size]
-            per = self._row_shape[0]  # rows (examples) per request
-            stacked = np.frombuffer(data, dtype=self._row_dtype)
-            self._fold_stacked(stacked.reshape((size // self._row_nbytes * per, *self._row_shape[1:])), per)
         count = len(self._outputs)
         if count:
             outputs = self._outputs[:count]
@@ -162,12 +151,8 @@ class ModelStats:
             self._fold_outputs(outputs)
             first = outputs[0]
             if isinstance(first, np.ndarray):
-                if self._row_nbytes < 0 and self.fixed_row_shape and first.ndim and len(first) \
-                        and first.flags.c_contiguous and first.dtype.kind in "biuf":
-                    self._row_dtype, self._row_shape = first.dtype, first.shape
-                    self._row_nbytes = first.nbytes  # last: from now on the request path uses it
                 self._flush_at = max(1, min(_FLUSH_MAX, _FLUSH_BYTES // max(first.nbytes, 1)))
-        self._next_sample = 0.0  # the next request is sampled: every window with traffic has one
+        self._next_sample = self._next_input = 0  # the next request is sampled: every window with traffic has one
         samples = self._samples
         count = len(samples)
         if count:
@@ -273,9 +258,20 @@ class LoadedModel:
     golden_input_mean: float | None = None
     golden_input_std: float | None = None
     run: Callable[[Sequence[np.ndarray]], list[np.ndarray]] = field(init=False, repr=False, compare=False)
+    hot: tuple[Any, ...] | None = field(init=False, repr=False, compare=False)
+    """What ``ServingModel.predict`` needs for a single float tensor in and out,
+    bound once: the stats, the runner's ``HotCalls``, and the appends of the
+    stats' per-request buffers; None for other models (they go through ``run``).
+    It holds nothing that refers back to this object, so an old model is freed
+    as soon as its last request returns."""
 
     def __post_init__(self) -> None:
         self.run = self.runner.run  # bound once: the request path calls it directly
+        calls = self.runner.hot_calls()
+        stats = self.stats
+        self.hot = None if calls is None else (
+            stats, *calls, stats._latencies.append, stats._outputs.append
+        )
         try:  # no dynamic dimension after the batch: outputs join as bytes
             shape = self.runner.signature.outputs[0].shape
             self.stats.fixed_row_shape = len(shape) >= 1 and all(d >= 0 for d in shape[1:])
@@ -328,14 +324,47 @@ class ServingModel:
         self, inputs: Sequence[np.ndarray], model: LoadedModel | None = None
     ) -> tuple[LoadedModel, list[np.ndarray]]:
         """Run the serving model (or ``model``, the one a request already resolved);
-        errors are counted by kind and re-raised."""
+        errors are counted by kind and re-raised.
+
+        This is the per-request cost, so the common case (one float tensor in and
+        out, see ``LoadedModel.hot``) runs the interpreter's calls and
+        ``ModelStats.observe`` inline in this one frame; anything else goes through
+        the runner's ``run``.
+        """
         if model is None:
             model = self._current  # one atomic read: this request finishes on this model
             if model is None:
                 raise NoModelError(
                     "no model is serving (install one with `edgeship-agent install PACKAGE`)"
                 )
-        start = _perf_counter()
+        hot = model.hot
+        if hot is not None and len(inputs) == 1:
+            (stats, acquire, release, set_tensor, invoke, get_tensor, index, out_index,
+             add_latency, add_output) = hot
+            start = _clock_ns()
+            try:
+                acquire()
+                try:
+                    try:
+                        set_tensor(index, inputs[0])
+                    except ValueError:
+                        y = None  # another dtype or batch size: run() converts or resizes
+                    else:
+                        invoke()
+                        y = get_tensor(out_index)  # a copy: safe to hand out after the lock
+                finally:
+                    release()
+            except Exception:
+                stats.error("runtime")
+                raise
+            if y is not None:
+                end = _clock_ns()
+                add_latency(end - start)
+                add_output(y)
+                if end >= stats._next_sample:  # at most every 10 ms
+                    stats._sample(end, inputs)
+                return model, [y]
+        start = _clock_ns()
         try:
             outputs = model.run(inputs)
         except BadInputError:
@@ -344,17 +373,10 @@ class ServingModel:
         except Exception:
             model.stats.error("runtime")
             raise
-        end = _perf_counter()
-        stats = model.stats  # ModelStats.observe, inlined: this is the per-request cost
+        end = _clock_ns()
+        stats = model.stats
         stats._latencies.append(end - start)
-        y: Any = outputs[0] if outputs else None
-        try:
-            if y.nbytes == stats._row_nbytes:
-                stats._rows.extend(y)  # a copy of its bytes: no reference kept
-            else:
-                stats._outputs.append(y)
-        except _NOT_COMPACT:  # None, not an array, not contiguous
-            stats._outputs.append(y)
-        if end >= stats._next_sample:  # at most every 10 ms
+        stats._outputs.append(outputs[0] if outputs else None)
+        if end >= stats._next_sample:
             stats._sample(end, inputs)
         return model, outputs
