@@ -15,7 +15,8 @@ baseline measured in the same run:
    bare process that imports LiteRT, loads the model and invokes it once;
 6. idle RSS after one update installed through the running agent's control socket (the
    state a device idles in; target <= 60 MB) vs the same process before the update, and
-   vs the verification run in the agent's own process (``EDGESHIP_AGENT_VERIFY_IN_PROCESS=1``).
+   vs the verification run in the agent's own process (``EDGESHIP_AGENT_VERIFY_IN_PROCESS=1``);
+   the same for an update from the fleet over Mosquitto (MQTT blocks), where mosquitto is installed.
 
 Reproduce: ``.venv/bin/python benchmarks/agent.py --write`` (about 2 minutes).
 """
@@ -42,6 +43,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples" / "digits"))
 sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tests"))  # mqtt_broker: the tests' Mosquitto runner
 
 TARGETS = {
     "rss_mb": 60.0,
@@ -374,6 +376,62 @@ def rss_after_update(
     return {"before": before, "after": after, "install_s": seconds}
 
 
+def rss_after_fleet_update(
+    config: Path, repo: Path, data: Path, committed: Path, broker_url: str, extra_env: dict[str, str] | None = None
+) -> dict[str, float]:
+    """The same as ``rss_after_update`` for a fleet device: ``edgeship-agent run`` with a
+    broker in its config (digits 1.0.0 committed), idle; then the fleet side (a real
+    BlockServer, the repository's director key) publishes a signed desired state for
+    2.0.0, retained; the agent verifies it, fetches the bundle in MQTT blocks, self-tests,
+    swaps, probation, COMMITTED; idle 3 s; VmRSS of the same agent process again."""
+    import shutil
+
+    from edgeship.ota.protocol import DesiredMessage, encode_message
+    from edgeship.ota.release import ReleaseRepository
+    from edgeship.ota.topics import DESIRED, device_topic
+    from edgeship.ota.transport import MqttConnection
+    from edgeship.toolkit.blockserver import BlockServer
+
+    shutil.rmtree(data)
+    shutil.copytree(committed, data)
+    fleet_side = MqttConnection(broker_url, client_id=f"bench-director-{os.getpid()}").connect(10)
+    blocks = BlockServer(fleet_side, repo, fleet="bench").start()
+    topic = device_topic("bench", "bench", DESIRED)
+    proc, host, port, _ = start_agent(config, extra_env)
+    try:
+        time.sleep(2.0)  # connected, idle
+        before = rss_mb(proc.pid)
+        began = time.perf_counter()
+        envelope = ReleaseRepository(repo).sign_desired(fleet="bench", device="bench", name="digits", version="2.0.0")
+        fleet_side.publish(topic, encode_message(DesiredMessage(envelope)), qos=1, retain=True)
+        while True:
+            done = subprocess.run(
+                [sys.executable, "-m", "edgeship.agent.cli", "status", "--config", str(config), "--json"],
+                capture_output=True, check=False, text=True, timeout=60,
+            )
+            doc = json.loads(done.stdout)
+            update = doc.get("update") or {}
+            if (doc.get("active") or {}).get("version") == "2.0.0" and update.get("state") == "COMMITTED":
+                break
+            assert update.get("state") not in ("FAILED", "REJECTED", "ROLLED_BACK"), update
+            assert time.perf_counter() - began < 120, "the fleet update did not end within 120 s"
+            time.sleep(0.2)
+        seconds = time.perf_counter() - began
+        conn = http.client.HTTPConnection(host, port, timeout=5)  # it serves the new model
+        conn.request("POST", "/v1/models/digits:predict",
+                     json.dumps({"instances": np.zeros((1, 8, 8, 1)).tolist()}))
+        assert conn.getresponse().status == 200
+        time.sleep(3.0)  # idle
+        after = rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        fleet_side.publish(topic, b"", qos=1, retain=True)  # the next agent starts without it
+        blocks.stop()
+        fleet_side.close()
+    return {"before": before, "after": after, "install_s": seconds}
+
+
 _BARE_START = """
 import time, numpy as np
 from ai_edge_litert.interpreter import Interpreter
@@ -521,6 +579,50 @@ def main() -> None:
             f"{inproc_after:.1f} MB (install {inproc_s:.2f} s)"
         )
 
+        # 1c: the same for a fleet device: the update over MQTT (Mosquitto), verified in
+        # children that download through the agent's connection (docs/agent.md)
+        fleet: dict[str, float] | None = None
+        fleet_inproc: dict[str, float] | None = None
+        try:
+            from mqtt_broker import MosquittoBroker
+
+            broker = MosquittoBroker(base / "mosquitto").start()
+        except RuntimeError as exc:  # no mosquitto on this machine: the row says so
+            print(f"fleet update RSS not measured: {exc}")
+        else:
+            try:
+                from edgeship.agent.config import render_config
+                from edgeship.ota.release import ReleaseRepository
+
+                release = ReleaseRepository(base / "repo")
+                fleet_config = base / "agent-fleet.toml"
+                fleet_config.write_text(
+                    render_config(
+                        data=str(base / "data"), device_id="bench", fleet="bench",
+                        root=str(release.root_metadata_path), director_key=str(release.director_public_key_path),
+                        bind="127.0.0.1:0", broker=broker.url,
+                    ).replace("window_s = 60.0", "window_s = 0.1")
+                )
+                runs = [
+                    rss_after_fleet_update(fleet_config, base / "repo", base / "data", base / "data.committed",
+                                           broker.url)
+                    for _ in range(3)
+                ]
+                runs_inproc = [
+                    rss_after_fleet_update(fleet_config, base / "repo", base / "data", base / "data.committed",
+                                           broker.url, {VERIFY_IN_PROCESS_ENV: "1"})
+                    for _ in range(3)
+                ]
+                fleet = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                fleet_inproc = {k: statistics.median(r[k] for r in runs_inproc) for k in runs_inproc[0]}
+                print(
+                    f"idle RSS after one fleet update: agent {fleet['after']:.1f} MB (connected, before it "
+                    f"{fleet['before']:.1f} MB; update {fleet['install_s']:.2f} s); verification in the agent's "
+                    f"process: {fleet_inproc['after']:.1f} MB (update {fleet_inproc['install_s']:.2f} s)"
+                )
+            finally:
+                broker.stop()
+
         # 2: in-process overhead
         ov = overhead_in_processes(model, args.calls, args.processes)
         bare_us, run_us, agent_us = ov["bare_us"], ov["run_us"], ov["predict_us"]
@@ -579,6 +681,18 @@ def main() -> None:
             ),
             "<= 60 MB",
             verdict(upd_after <= TARGETS["rss_mb"]),
+        ),
+        (
+            "idle RSS after one fleet update (desired state over MQTT, bundle in MQTT blocks, COMMITTED)",
+            f"{fleet['after']:.1f} MB" if fleet else "not measured (no mosquitto)",
+            (
+                f"the same process before the update (connected, serving 1.0.0): {fleet['before']:.1f} MB "
+                f"({fleet['after'] - fleet['before']:+.1f} MB); verification in the agent's own process: "
+                f"{fleet_inproc['after']:.1f} MB; the update took {fleet['install_s']:.2f} s vs "
+                f"{fleet_inproc['install_s']:.2f} s in-process"
+            ) if fleet and fleet_inproc else "",
+            "<= 60 MB",
+            verdict(fleet is not None and fleet["after"] <= TARGETS["rss_mb"]),
         ),
         (
             "in-process predict, batch 1",
@@ -670,6 +784,10 @@ RSS after one update: median of 3 agents, each started with digits 1.0.0 committ
 `edgeship-agent install` of an offline package of digits 2.0.0 through the control socket (TUF
 refresh, director signature, bounded download, safe extraction, self-test with golden vectors and
 a second interpreter, hot swap, probation, commit), then 3 s idle; VmRSS of the agent process.
+RSS after one fleet update: the same agents with a Mosquitto broker in their config; a real
+`BlockServer` and the repository's director key publish a signed desired state for 2.0.0
+(retained); the agent checks it, downloads the bundle in MQTT blocks, verifies, self-tests,
+swaps and commits; median of 3, and of 3 more with `EDGESHIP_AGENT_VERIFY_IN_PROCESS=1`.
 
 | measure | agent | baseline in the same run | target | |
 | --- | --- | --- | --- | --- |

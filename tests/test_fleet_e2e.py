@@ -228,6 +228,47 @@ def test_device_offline_during_rollout_converges_when_it_returns(
         _stop(online, offline)
 
 
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _mapped(pid: int) -> set[str]:
+    return {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if ".so" in line}
+
+
+@pytest.mark.slow
+def test_fleet_update_keeps_the_verification_out_of_the_agent(
+        tmp_path: Path, mosquitto_broker, director: TestDirector, fleet_release: FleetRelease) -> None:  # type: ignore[no-untyped-def]
+    """The desired state's signature, the TUF refresh and the download's checks run in
+    children (isolated.py); the agent only moves the blocks. Its process never maps
+    cryptography's or bcrypt's extension. Prints the agent's idle RSS after the update
+    (docs/agent.md, "Memory after an update")."""
+    device = "dev-rss"
+    agent = FleetAgent(tmp_path / "a", fleet_release, mosquitto_broker.url, device)
+    try:
+        agent.wait_serving()
+        wait_for(lambda: "online" in director.status[device], 20, "status online")
+        pid = agent.proc.pid
+        before = _rss_mb(pid)
+        director.assign(device, GOOD)
+        director.wait_update(device, GOOD, ("COMMITTED",))
+        _check_prediction(agent, fleet_release)
+        time.sleep(3.0)  # idle
+        after = _rss_mb(pid)
+        mapped = _mapped(pid)
+        heavy = sorted(m for m in mapped if any(  # the Python packages' extensions (not OpenSSL's libcrypto)
+            part in m for part in ("/cryptography/", "/bcrypt/", "_cffi_backend")))
+        assert not heavy, heavy
+        assert any("litert" in m.lower() for m in mapped)  # and it serves the model itself
+        print(f"\nfleet agent idle RSS: {before:.1f} MB connected without a model, {after:.1f} MB "
+              f"serving digits after an update over MQTT")
+    finally:
+        _stop(agent)
+
+
 def test_agent_without_broker_runs_as_before(tmp_path: Path, fleet_release: FleetRelease) -> None:
     """No [broker] url: no MQTT at all, the agent starts and serves its API."""
     from agent_fixtures import AgentProcess

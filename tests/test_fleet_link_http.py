@@ -14,7 +14,8 @@ from edgeship.agent.config import parse_config
 from edgeship.agent.fleet_link import FleetLink, FleetLinkSettings, load_link_settings
 from edgeship.ota import director as d
 from edgeship.ota import updater as u
-from edgeship.ota.blocks import MqttBlockFetcher
+from edgeship.agent.sources import DirectorSource, HttpFetchPlan
+from edgeship.ota.block_transfer import MqttBlockDownloader
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.http_fetcher import HttpFetcher
 from edgeship.ota.release import ReleaseRepository
@@ -37,7 +38,8 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 def test_default_is_mqtt_blocks(tmp_path: Path) -> None:
     link = FleetLink(_config(tmp_path), load_link_settings(_config(tmp_path), {}))  # type: ignore[arg-type]
-    assert isinstance(link.fetcher, MqttBlockFetcher)
+    # the agent's own downloader, not the TUF client's fetcher: TUF stays out of the agent
+    assert isinstance(link.fetcher, MqttBlockDownloader) and not hasattr(link.fetcher, "download_bytes")
 
 
 @pytest.mark.parametrize("table,needle", [
@@ -64,16 +66,18 @@ def test_repository_url_makes_the_link_fetch_over_http_through_tuf(tmp_path: Pat
         settings = load_link_settings(config, {"repository_url": url})  # type: ignore[arg-type]
         assert settings == FleetLinkSettings(url="mqtt://127.0.0.1:1", repository_url=url)
         link = FleetLink(config, settings)  # type: ignore[arg-type]
-        assert isinstance(link.fetcher, HttpFetcher)
+        assert isinstance(link.fetcher, HttpFetchPlan)  # the update's child builds the fetcher
+        fetcher = DirectorSource({}, link.fetcher)._tuf_fetcher()
+        assert isinstance(fetcher, HttpFetcher)
         envelope = repo.sign_desired(fleet="plant", device="dev-1", name="digits", version="1.0.0", now=NOW)
         desired = d.verify_desired_state(envelope, d.load_director_public_key(repo.director_public_key_path),
                                          device="dev-1", fleet="plant", last_sequence=None, now=NOW)
         trust = tmp_path / "trust"
         trust.mkdir()
         shutil.copy(repo.metadata_dir / "1.root.json", trust / "root.json")
-        result = u.fetch_verified_bundle(trust_dir=trust, desired=desired, fetcher=link.fetcher,
+        result = u.fetch_verified_bundle(trust_dir=trust, desired=desired, fetcher=fetcher,
                                          work_dir=tmp_path / "work", now=NOW)
-        assert result.manifest.version == "1.0.0" and link.fetcher.requests > 0
+        assert result.manifest.version == "1.0.0" and fetcher.requests > 0
     finally:
         server.shutdown()
         server.server_close()

@@ -31,7 +31,14 @@ from .persistence import AgentState, InstalledBundle
 from .reporter import NullReporter, Reporter, state_document
 from .server import ApiServer
 from .serving import ServingModel
-from .sources import BundleSource, DirectorSource, OfflinePackageSource, SlotSource, SourceRegistry
+from .sources import (
+    BundleSource,
+    DirectorSource,
+    OfflinePackageSource,
+    SlotSource,
+    SourceRegistry,
+    verify_in_child,
+)
 from .state_machine import State, is_terminal
 from .telemetry import TelemetryWindow
 from .updater import TestHooks, UpdateDriver, load_bundle_model
@@ -240,7 +247,7 @@ class Agent:
         self, envelope: dict[str, Any], fetcher: Any, record: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """The fleet's entry point: a director envelope and a TUF fetcher (see sources.py)."""
-        return self.submit(DirectorSource(envelope, fetcher, record))
+        return self.submit(DirectorSource(envelope, fetcher, record, isolate=verify_in_child()))
 
     def is_redelivery(self, envelope: dict[str, Any]) -> bool:
         """Whether a desired state was already acted on (a retained message seen again

@@ -67,6 +67,7 @@ from edgeship.ota.errors import BadInputError, EdgeshipError, SecurityError
 from edgeship.ota.protocol import (
     DesiredMessage,
     EventMessage,
+    ProtocolError,
     StatusMessage,
     encode_message,
     parse_message,
@@ -84,7 +85,7 @@ from edgeship.ota.topics import (
 
 from .config import AgentConfig
 from .reporter import state_document
-from .sources import DirectorSource, SourceRegistry
+from .sources import DirectorSource, HttpFetchPlan, SourceRegistry, verify_in_child
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -96,6 +97,8 @@ log = logging.getLogger("edgeship.agent.fleet")
 SOURCE_KIND = "mqtt"
 """The update-source kind this module registers (kept in the update record)."""
 _MAX_QUEUED_EVENTS = 1000
+_MAX_CANDIDATES = 8
+"""Desired states received and not verified yet, at most (the highest claimed sequences)."""
 
 
 # -- settings --------------------------------------------------------------------------------------
@@ -379,7 +382,8 @@ class FleetLink:
     """One agent's MQTT connection, reporter, update source and desired-state worker."""
 
     def __init__(self, config: AgentConfig, settings: FleetLinkSettings | None = None) -> None:
-        from edgeship.ota.blocks import BlockTransferConfig, MqttBlockFetcher
+        # block_transfer, not blocks: the TUF client and its imports stay out of this process
+        from edgeship.ota.block_transfer import BlockTransferConfig, MqttBlockDownloader
         from edgeship.ota.transport import (
             MqttConnection,
             ReconnectPolicy,
@@ -403,13 +407,10 @@ class FleetLink:
         self.reporter = MqttReporter(self.connection, config, s, self.folder / "events.json")
         self.connection.add_connect_listener(self.reporter.on_connect)
         self.fetcher: Any
-        if s.repository_url:
-            from edgeship.ota.http_fetcher import HttpFetcher
-
-            self.fetcher = HttpFetcher(s.repository_url, work_dir=self.folder / "http",
-                                       ca_file=s.repository_ca_file)
-        else:
-            self.fetcher = MqttBlockFetcher(
+        if s.repository_url:  # the update's child process fetches over HTTPS itself
+            self.fetcher = HttpFetchPlan(s.repository_url, str(self.folder / "http"), s.repository_ca_file)
+        else:  # the child's TUF client downloads through this process's connection
+            self.fetcher = MqttBlockDownloader(
                 self.connection, fleet=config.fleet, device=config.device_id, work_dir=self.folder / "blocks",
                 prefix=s.prefix, config=BlockTransferConfig(block_size=s.block_size, window=s.block_window,
                                                             request_timeout_s=s.block_timeout_s),
@@ -417,7 +418,8 @@ class FleetLink:
         self.registry = SourceRegistry()
         self.registry.register(SOURCE_KIND, self._rebuild)
         self.agent: Any = None
-        self._pending: tuple[int, dict[str, Any]] | None = None
+        self._pending: tuple[int, dict[str, Any]] | None = None  # verified: (sequence, envelope)
+        self._candidates: dict[int, dict[str, Any]] = {}  # received, not verified yet: claimed sequence -> envelope
         self._taken = 0
         self._aborted_for = 0
         self._last_refusal_event = -1e9
@@ -472,28 +474,38 @@ class FleetLink:
         envelope = record.get("envelope")
         if not isinstance(envelope, dict):
             raise EdgeshipError("the interrupted fleet update's record holds no desired-state envelope")
-        return DirectorSource(envelope, self.fetcher, record)
+        return DirectorSource(envelope, self.fetcher, record, isolate=verify_in_child())
 
     # -- desired states --
     def _on_desired(self, message: Any) -> None:
-        """Network thread: parse and verify only (cheap); the worker decides and acts."""
+        """Network thread: parse only (cheap); the worker verifies, decides and acts."""
         if not message.payload:
             return  # a cleared retained message
         desired = parse_message(DESIRED, message.payload)   # ProtocolError: logged and dropped by the transport
         assert isinstance(desired, DesiredMessage)
-        state = self._verify(desired.envelope)
+        signed = desired.envelope.get("signed") if isinstance(desired.envelope, dict) else None
+        claimed = signed.get("sequence") if isinstance(signed, dict) else None
+        if not isinstance(claimed, int) or isinstance(claimed, bool):
+            raise ProtocolError("desired state without an integer sequence")
         with self._cond:
-            if self._pending is None or state.sequence > self._pending[0]:
-                self._pending = (int(state.sequence), desired.envelope)
-                self._cond.notify_all()
+            self._candidates[claimed] = desired.envelope
+            while len(self._candidates) > _MAX_CANDIDATES:  # a flood keeps the highest claims
+                del self._candidates[min(self._candidates)]
+            self._cond.notify_all()
 
-    def _verify(self, envelope: dict[str, Any]) -> Any:
-        from edgeship.ota.director import load_director_public_key, verify_desired_state
+    def _verify(self, envelope: dict[str, Any]) -> int:
+        """The desired state's verified sequence (SecurityError: refused, with an event).
 
+        The signature check runs in a short-lived child (isolated.run_call) unless
+        EDGESHIP_AGENT_VERIFY_IN_PROCESS=1: cryptography never enters the agent."""
+        args = (envelope, str(self.config.director_key), self.config.device_id, self.config.fleet,
+                _dt.datetime.now(_dt.timezone.utc).isoformat())
         try:
-            key = load_director_public_key(self.config.director_key)
-            return verify_desired_state(envelope, key, device=self.config.device_id, fleet=self.config.fleet,
-                                        last_sequence=None, now=_dt.datetime.now(_dt.timezone.utc))
+            if verify_in_child():
+                from .isolated import run_call
+
+                return int(run_call("edgeship.agent.fleet_link:verify_envelope", *args))
+            return verify_envelope(*args)
         except SecurityError as exc:
             signed = envelope.get("signed") if isinstance(envelope, dict) else None
             seq = signed.get("sequence") if isinstance(signed, dict) else None
@@ -506,11 +518,31 @@ class FleetLink:
                 detail=f"desired state (sequence {seq!r}) refused: {exc.message}"[:4000]).to_dict())
             raise
 
-    def _work(self) -> None:
+    def _verify_candidates(self) -> None:
+        """Worker: verify the received desired states, highest claimed sequence first;
+        the highest genuine one becomes the pending one."""
         while not self._stop.is_set():
             with self._cond:
+                if not self._candidates:
+                    return
+                claimed = max(self._candidates)
+                envelope = self._candidates.pop(claimed)
+            try:
+                sequence = self._verify(envelope)
+            except EdgeshipError as exc:
+                log.warning("desired state (claimed sequence %s) refused: %s", claimed, exc.message)
+                continue
+            with self._cond:
+                if self._pending is None or sequence > self._pending[0]:
+                    self._pending = (sequence, envelope)
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            self._verify_candidates()
+            with self._cond:
                 if self._pending is None:
-                    self._cond.wait(1.0)
+                    if not self._candidates:
+                        self._cond.wait(1.0)
                     continue
                 sequence, envelope = self._pending
             try:
@@ -521,7 +553,7 @@ class FleetLink:
             with self._cond:
                 if done and self._pending is not None and self._pending[0] == sequence:
                     self._pending = None
-                elif not done:
+                elif not done and not self._candidates:
                     self._cond.wait(0.5)  # an update runs: look again shortly
 
     def _consider(self, sequence: int, envelope: dict[str, Any]) -> bool:
@@ -572,6 +604,17 @@ class FleetLink:
         self._taken = sequence
         log.info("desired state %d: update %s started (%s)", sequence, reply.get("update"), decision.reason)
         return True
+
+
+def verify_envelope(envelope: dict[str, Any], director_key: str, device: str, fleet: str, now: str) -> int:
+    """The director's signature and the desired state's addressing, checked; its
+    sequence (runs in the child ``FleetLink._verify`` starts: plain data in and out)."""
+    from edgeship.ota.director import load_director_public_key, verify_desired_state
+
+    key = load_director_public_key(director_key)
+    state = verify_desired_state(envelope, key, device=device, fleet=fleet, last_sequence=None,
+                                 now=_dt.datetime.fromisoformat(now))
+    return int(state.sequence)
 
 
 def open_fleet_link(config: AgentConfig) -> FleetLink | None:

@@ -32,11 +32,13 @@ __all__ = [
     "Admission",
     "BundleSource",
     "DirectorSource",
+    "HttpFetchPlan",
     "OfflinePackageSource",
     "SlotSource",
     "SourceContext",
     "SourceRegistry",
     "StagedBundle",
+    "verify_in_child",
 ]
 
 import datetime as _dt
@@ -54,6 +56,12 @@ from .persistence import InstalledBundle
 from .slots import free_bytes
 
 VERIFY_IN_PROCESS_ENV = "EDGESHIP_AGENT_VERIFY_IN_PROCESS"
+
+
+def verify_in_child() -> bool:
+    """Whether update verification runs in a short-lived child (the default), or in
+    the agent's own process (``EDGESHIP_AGENT_VERIFY_IN_PROCESS=1``)."""
+    return os.environ.get(VERIFY_IN_PROCESS_ENV) != "1"
 """Set to ``1``: an offline package is verified in the agent's own process (the
 behaviour before isolated.py; costs ~15 MB of idle RSS for good)."""
 
@@ -137,18 +145,62 @@ class BundleSource(ABC):
         return None
 
 
+@dataclass(frozen=True)
+class HttpFetchPlan:
+    """A fleet link's HTTPS release repository: what a (child) verifier needs to
+    build its ``HttpFetcher`` (no TUF import to describe it)."""
+
+    url: str
+    work_dir: str
+    ca_file: str | None = None
+
+
 class DirectorSource(BundleSource):
-    """A director envelope and a TUF fetcher: the path every fleet update takes."""
+    """A director envelope and a fetcher: the path every fleet update takes.
+
+    ``fetcher``: a TUF ``FetcherInterface``, an ``MqttBlockDownloader`` (the fleet
+    link's, made without TUF) or an ``HttpFetchPlan``. ``isolate``: admit and fetch
+    run in a short-lived child (isolated.py), which downloads through this
+    process's fetcher (or, for HTTPS, by itself); the fleet link sets it so that
+    the verification's imports (TUF, cryptography) never enter the agent.
+    """
 
     kind = "director"
 
     def __init__(
-        self, envelope: dict[str, Any], fetcher: Any, record: dict[str, Any] | None = None
+        self,
+        envelope: dict[str, Any],
+        fetcher: Any,
+        record: dict[str, Any] | None = None,
+        *,
+        isolate: bool = False,
     ) -> None:
         self.envelope = envelope
         self.fetcher = fetcher
+        self.isolate = isolate
         self._record = dict(record or {"kind": self.kind})
         self._record.setdefault("envelope", envelope)
+
+    def _run_isolated(self, op: str, ctx: SourceContext) -> Any:
+        from .isolated import run_isolated
+
+        plan: dict[str, Any] = {"director": True, "http": None}
+        if isinstance(self.fetcher, HttpFetchPlan):
+            plan["http"] = (self.fetcher.url, self.fetcher.work_dir, self.fetcher.ca_file)
+        return run_isolated(op, self.to_record(), ctx, fetcher=self.fetcher, plan=plan)
+
+    def _tuf_fetcher(self) -> Any:
+        """The fetcher as the TUF client wants it (in-process work)."""
+        fetcher = self.fetcher
+        if isinstance(fetcher, HttpFetchPlan):
+            from edgeship.ota.http_fetcher import HttpFetcher
+
+            return HttpFetcher(fetcher.url, work_dir=fetcher.work_dir, ca_file=fetcher.ca_file)
+        if hasattr(fetcher, "chunks") and not hasattr(fetcher, "download_bytes"):
+            from edgeship.ota.blocks import DownloaderFetcher
+
+            return DownloaderFetcher(fetcher)
+        return fetcher
 
     def to_record(self) -> dict[str, Any]:
         return dict(self._record)
@@ -182,6 +234,9 @@ class DirectorSource(BundleSource):
         return ctx.cache["desired"]
 
     def admit(self, ctx: SourceContext) -> Admission:
+        if self.isolate:
+            result: Admission = self._run_isolated("admit", ctx)
+            return result
         desired = self._desired(ctx)
         return Admission(
             name=desired.bundle,
@@ -193,6 +248,9 @@ class DirectorSource(BundleSource):
         )
 
     def fetch(self, ctx: SourceContext) -> StagedBundle:
+        if self.isolate:
+            staged: StagedBundle = self._run_isolated("fetch", ctx)
+            return staged
         from edgeship.ota.updater import fetch_verified_bundle
 
         desired = self._desired(ctx)
@@ -200,7 +258,7 @@ class DirectorSource(BundleSource):
         verified = fetch_verified_bundle(
             trust_dir=ctx.trust_dir,
             desired=desired,
-            fetcher=self.fetcher,
+            fetcher=self._tuf_fetcher(),
             work_dir=ctx.work_dir / "bundle",
             now=ctx.now,
         )
@@ -235,7 +293,7 @@ class OfflinePackageSource(BundleSource):
         # EDGESHIP_AGENT_VERIFY_IN_PROCESS=1 keeps them in-process (diagnostics, the
         # benchmark's comparison; docs/agent.md)
         if isolate is None:
-            isolate = os.environ.get(VERIFY_IN_PROCESS_ENV) != "1"
+            isolate = verify_in_child()
         self.isolate = isolate
 
     def to_record(self) -> dict[str, Any]:
