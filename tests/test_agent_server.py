@@ -308,3 +308,48 @@ def test_hostile_feedback_is_a_400(api) -> None:  # type: ignore[no-untyped-def]
         status, reply = client.request("POST", "/v1/models/digits:feedback", body)
         assert status == 400 and set(reply) == {"error"}, reply
     client.close()
+
+
+@pytest.fixture(scope="module")
+def two_output_tflite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real Keras model with two named outputs, converted by TF's TFLite converter."""
+    import tensorflow as tf
+
+    features = tf.keras.Input((4,), name="features")
+    hidden = tf.keras.layers.Dense(8, activation="relu")(features)
+    scores = tf.keras.layers.Dense(3, activation="softmax", name="scores")(hidden)
+    value = tf.keras.layers.Dense(1, name="value")(hidden)
+    model = tf.keras.Model(features, {"scores": scores, "value": value})
+    path = tmp_path_factory.mktemp("two-outputs") / "two.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    return path
+
+
+def test_a_multi_output_model_answers_under_its_signature_keys(tmp_path: Path, two_output_tflite: Path) -> None:
+    """TF Serving answers a multi-output model under the SignatureDef's output keys; the
+    TFLite file keeps that SignatureDef, so the agent does too (not under the tensor
+    names, "StatefulPartitionedCall:0"), and its metadata lists the same keys."""
+    runner = open_model(two_output_tflite)
+    keys = sorted(s.key for s in runner.signature.outputs)
+    assert keys == ["scores", "value"], runner.signature
+    assert all(s.key != s.name for s in runner.signature.outputs)  # the tensor names differ from the keys
+    x = np.random.default_rng(3).random((2, 4)).astype(np.float32)
+    expected = dict(zip((s.key for s in runner.signature.outputs), runner.run([x])))
+    serving = ServingModel()
+    serving.swap(LoadedModel("two", "1", runner))
+    server = ApiServer(serving, tmp_path, port=0).start()
+    client = TFServingClient(server.host, server.port)
+    try:
+        status, rows = client.request("POST", "/v1/models/two:predict", {"instances": x.tolist()})
+        assert status == 200, rows
+        assert [sorted(r) for r in rows["predictions"]] == [["scores", "value"]] * 2
+        np.testing.assert_allclose([r["scores"] for r in rows["predictions"]], expected["scores"], atol=1e-6)
+        status, columns = client.request("POST", "/v1/models/two:predict", {"inputs": {"features": x.tolist()}})
+        assert status == 200 and sorted(columns["outputs"]) == ["scores", "value"], columns
+        np.testing.assert_allclose(columns["outputs"]["value"], expected["value"], atol=1e-6)
+        status, meta = client.request("GET", "/v1/models/two/metadata")
+        sig = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
+        assert sorted(sig["outputs"]) == ["scores", "value"] and list(sig["inputs"]) == ["features"]
+    finally:
+        client.close()
+        server.stop()

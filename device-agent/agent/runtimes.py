@@ -60,14 +60,19 @@ class RuntimeUnavailableError(EdgeshipError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output: name, shape (-1 for a dynamic dimension), dtype and
-    per-tensor quantization (scale 0.0 when the tensor is not quantized)."""
+    """One input or output: name, shape (-1 for a dynamic dimension), dtype,
+    per-tensor quantization (scale 0.0 when the tensor is not quantized) and
+    ``key``: its key in the model's SignatureDef where the file has one (a
+    TFLite model converted from TensorFlow: ``image`` for the tensor
+    ``serving_default_image:0``, ``output_0`` for ``StatefulPartitionedCall:0``),
+    the name TensorFlow Serving would answer under; "" where there is none."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     scale: float = 0.0
     zero_point: int = 0
+    key: str = ""
 
     @property
     def quantized(self) -> bool:
@@ -86,6 +91,7 @@ class TensorSpec:
             dtype=str(data["dtype"]),
             scale=float(data.get("scale", 0.0)),
             zero_point=int(data.get("zero_point", 0)),
+            key=str(data.get("key", "")),
         )
 
 
@@ -195,9 +201,10 @@ class TFLiteRunner(ModelRunner):
             raise ModelLoadError(f"{path}: {runtime} cannot load this TFLite model: {first_line(exc)}") from None
         self._input_details = self._interpreter.get_input_details()
         self._output_details = self._interpreter.get_output_details()
+        in_keys, out_keys = _signature_keys(self._interpreter)
         self.signature = ModelSignature(
-            inputs=tuple(_tflite_spec(d) for d in self._input_details),
-            outputs=tuple(_tflite_spec(d) for d in self._output_details),
+            inputs=tuple(_tflite_spec(d, in_keys) for d in self._input_details),
+            outputs=tuple(_tflite_spec(d, out_keys) for d in self._output_details),
         )
         self._current_shapes = [tuple(int(v) for v in d["shape"]) for d in self._input_details]
         # per-tensor facts the request path needs, computed once
@@ -438,7 +445,7 @@ def open_model(
     )
 
 
-def _tflite_spec(detail: dict[str, Any]) -> TensorSpec:
+def _tflite_spec(detail: dict[str, Any], keys: dict[int, str]) -> TensorSpec:
     signature = detail.get("shape_signature")
     shape = signature if signature is not None and len(signature) else detail["shape"]
     scale, zero_point = detail.get("quantization", (0.0, 0))
@@ -448,7 +455,30 @@ def _tflite_spec(detail: dict[str, Any]) -> TensorSpec:
         dtype=np.dtype(detail["dtype"]).name,
         scale=float(scale),
         zero_point=int(zero_point),
+        key=keys.get(int(detail["index"]), ""),
     )
+
+
+def _signature_keys(interpreter: Any) -> tuple[dict[int, str], dict[int, str]]:
+    """Tensor index -> SignatureDef key, for inputs and outputs, when the model has
+    exactly one signature whose tensors are the model's inputs and outputs (what
+    the TFLite converter writes); empty maps otherwise (older files, several
+    signatures, a runtime without signature runners)."""
+    try:
+        signatures = interpreter.get_signature_list()
+        if len(signatures) != 1:
+            return {}, {}
+        runner = interpreter.get_signature_runner(next(iter(signatures)))
+        inputs = {int(d["index"]): str(k) for k, d in runner.get_input_details().items()}
+        outputs = {int(d["index"]): str(k) for k, d in runner.get_output_details().items()}
+        del runner  # it holds the interpreter's wrapper: invoke() refuses to run while it lives
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError):
+        return {}, {}
+    model_inputs = {int(d["index"]) for d in interpreter.get_input_details()}
+    model_outputs = {int(d["index"]) for d in interpreter.get_output_details()}
+    if set(inputs) != model_inputs or set(outputs) != model_outputs:
+        return {}, {}
+    return inputs, outputs
 
 
 _ONNX_DTYPES = {

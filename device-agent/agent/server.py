@@ -23,7 +23,7 @@ wait for the client's delayed ACK).
 
 from __future__ import annotations
 
-__all__ = ["ApiServer", "PredictRequestError", "build_inputs", "format_outputs", "signature_key"]
+__all__ = ["ApiServer", "PredictRequestError", "build_inputs", "format_outputs", "signature_key", "tensor_keys"]
 
 import json
 import re
@@ -74,12 +74,20 @@ def signature_key(tensor_name: str) -> str:
     return match.group("key") if match else tensor_name
 
 
+def tensor_keys(specs: Sequence[TensorSpec]) -> list[str]:
+    """The names TF Serving would use for these tensors: the model's SignatureDef keys
+    (``TensorSpec.key``), else the key in a converter's tensor name
+    (``signature_key``), else the tensor names themselves where keys would collide."""
+    keys = [s.key or signature_key(s.name) for s in specs]
+    return keys if len(set(keys)) == len(keys) else [s.name for s in specs]
+
+
 def _named_values(given: dict[str, Any], specs: Sequence[TensorSpec], where: str) -> list[Any]:
     """The values of a document naming each input, by tensor name or by signature key."""
     if set(given) == {s.name for s in specs}:
         return [given[s.name] for s in specs]
-    keys = [signature_key(s.name) for s in specs]
-    if len(set(keys)) == len(keys) and set(given) == set(keys):
+    keys = tensor_keys(specs)
+    if set(given) == set(keys):
         return [given[k] for k in keys]
     raise PredictRequestError(f"{where} must name exactly the inputs {keys}")
 
@@ -137,14 +145,14 @@ def build_inputs(body: Any, signature: ModelSignature) -> tuple[list[np.ndarray]
             for row, instance in enumerate(instances):
                 if not isinstance(instance, dict):
                     raise PredictRequestError(
-                        f"instances[{row}] must name exactly the inputs {[signature_key(s.name) for s in specs]}"
+                        f"instances[{row}] must name exactly the inputs {tensor_keys(specs)}"
                     )
                 for i, value in enumerate(_named_values(instance, specs, f"instances[{row}]")):
                     columns[i].append(value)
             return [_tensor(col, s, "instances") for col, s in zip(columns, specs)], True
         if len(specs) != 1:
             raise PredictRequestError(
-                f"the model has {len(specs)} inputs: each instance must be an object naming {[s.name for s in specs]}"
+                f"the model has {len(specs)} inputs: each instance must be an object naming {tensor_keys(specs)}"
             )
         return [_tensor(instances, specs[0], "instances")], True
     inputs = body["inputs"]
@@ -162,21 +170,19 @@ def format_outputs(
     outputs: Sequence[np.ndarray], signature: ModelSignature, row: bool
 ) -> dict[str, Any]:
     """Model outputs -> TF Serving's response (``predictions`` rows or ``outputs`` columns)."""
-    names = [s.name for s in signature.outputs]
+    if len(outputs) == 1:
+        return {"predictions": outputs[0].tolist()} if row else {"outputs": outputs[0].tolist()}
+    names = tensor_keys(signature.outputs)  # TF Serving answers under the SignatureDef's output keys
     if row:
-        if len(outputs) == 1:
-            return {"predictions": outputs[0].tolist()}
         lists = [o.tolist() for o in outputs]
         return {"predictions": [dict(zip(names, values)) for values in zip(*lists)]}
-    if len(outputs) == 1:
-        return {"outputs": outputs[0].tolist()}
     return {"outputs": {n: o.tolist() for n, o in zip(names, outputs)}}
 
 
 def _signature_def(signature: ModelSignature) -> dict[str, Any]:
-    def tensors(specs: Sequence[TensorSpec], keyed: bool) -> dict[str, Any]:
+    def tensors(specs: Sequence[TensorSpec]) -> dict[str, Any]:
         return {
-            (signature_key(s.name) if keyed else s.name): {
+            key: {
                 "dtype": _TF_DTYPES.get(_caller_dtype(s).name, "DT_INVALID"),
                 "tensor_shape": {
                     "dim": [{"size": str(d), "name": ""} for d in (-1, *s.shape[1:])],
@@ -184,14 +190,14 @@ def _signature_def(signature: ModelSignature) -> dict[str, Any]:
                 },
                 "name": s.name,
             }
-            for s in specs
+            for key, s in zip(tensor_keys(specs), specs)
         }
 
     return {
-        # inputs under the key a TF Serving client sends (accepted by build_inputs too)
-        "inputs": tensors(signature.inputs, len({signature_key(s.name) for s in signature.inputs})
-                          == len(signature.inputs)),
-        "outputs": tensors(signature.outputs, False),
+        # under the keys a TF Serving client uses (build_inputs accepts them, and
+        # multi-output answers use them)
+        "inputs": tensors(signature.inputs),
+        "outputs": tensors(signature.outputs),
         "method_name": "tensorflow/serving/predict",
     }
 
