@@ -34,7 +34,7 @@ from tuf.ngclient import FetcherInterface
 
 from .atomicfile import atomic_write_json
 from .blocks import stream_for_url
-from .errors import BadInputError
+from .repository_urls import check_http_base_url
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,7 @@ class HttpFetcher(FetcherInterface):
         headers: Optional[Dict[str, str]] = None,
         sync_every_bytes: int = _SYNC_EVERY_BYTES,  # how often the partial file is made durable
     ) -> None:
-        parts = urllib.parse.urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise BadInputError(f"HTTP fetcher base URL {base_url!r} must be http://HOST[:PORT][/PATH] or https://...")
-        if parts.query or parts.fragment:
-            raise BadInputError(f"HTTP fetcher base URL {base_url!r} must not have a query or fragment")
+        parts = check_http_base_url(base_url)
         self.base_url = base_url.rstrip("/") + "/"
         self.work_dir = Path(work_dir) / "http-partial" if work_dir is not None else None
         self.timeout_s = timeout_s

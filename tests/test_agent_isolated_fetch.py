@@ -140,3 +140,30 @@ def test_a_forged_desired_state_is_refused_in_the_child(tmp_path: Path, release:
     source._record["envelope"] = source.envelope
     with pytest.raises(SecurityError, match="(?i)signature"):
         source.admit(_context(tmp_path, release))
+
+
+def test_an_https_repository_is_fetched_by_the_child_itself(tmp_path: Path, release: ReleaseRepository) -> None:
+    """A fleet link with ``repository_url``: the child builds the HTTP fetcher from
+    the plan and downloads by itself; nothing goes through this process."""
+    import http.server
+    import threading
+
+    from edgeship.agent.sources import HttpFetchPlan
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a, **k: Quiet(*a, directory=str(release.path), **k)
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        plan = HttpFetchPlan(f"http://127.0.0.1:{server.server_address[1]}/", str(tmp_path / "http"))
+        source = _source(release, plan, isolate=True)
+        ctx = _context(tmp_path, release)
+        assert source.admit(ctx).version == "1.0.0"
+        assert source.fetch(ctx).manifest["version"] == "1.0.0"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -169,10 +169,10 @@ def load_link_settings(config: AgentConfig, table: Mapping[str, Any] | None = No
     if settings.repository_ca_file and not (settings.repository_url or "").startswith("https://"):
         raise BadInputError(f"{where}: [broker] repository_ca_file needs an https:// repository_url")
     if settings.repository_url:
-        from edgeship.ota.http_fetcher import HttpFetcher
+        from edgeship.ota.repository_urls import check_http_base_url  # not HttpFetcher: no TUF import here
 
         try:
-            HttpFetcher(settings.repository_url)  # checks the URL's form; no I/O
+            check_http_base_url(settings.repository_url)
         except BadInputError as exc:
             raise BadInputError(f"{where}: [broker] repository_url: {exc.message}") from None
     return settings
