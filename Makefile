@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.edgeship-installed
 TFLITE_VENV := .venv-tflite
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-tflite bench lint clean
+.PHONY: demo test test-fast test-tflite system-packages bench lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,9 +22,14 @@ demo: $(STAMP)
 
 ## test: the whole suite, slow tests included (what CI runs): first the runtime and agent
 ## tests on tflite_runtime 2.14 in its own environment (numpy < 2), then everything else
-test: $(STAMP) $(TFLITE_VENV)/.edgeship-installed $(TFLITE_VENV)/models/reference.npz
+test: system-packages $(STAMP) $(TFLITE_VENV)/.edgeship-installed $(TFLITE_VENV)/models/reference.npz
 	$(MAKE) --no-print-directory test-tflite PYTEST_ARGS="-q"
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## system-packages: Mosquitto, sshd, PostgreSQL, python3-venv with apt-get where we may (root
+## or sudo without a password); without them the tests that need them skip
+system-packages:
+	@bash .ci/system-packages
 
 ## test-fast: the suite without the tests marked slow
 test-fast: $(STAMP)

@@ -3,7 +3,8 @@
 
 Every failure leaves as one line on stderr (``error: ...``) and its exit status:
 an EdgeshipError with its own code, a usage mistake (a bad option value, a missing
-argument) with 2, an interrupt with 130. Nothing else in edgeship calls sys.exit.
+argument) with 2, an operating-system error nothing closer caught (a full disk, a
+folder that is a file) with 1 and the system's own words, an interrupt with 130. Nothing else in edgeship calls sys.exit.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
-from .errors import EXIT_BAD_INPUT, EdgeshipError
+from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, EdgeshipError, describe_os_error
 
 
 def _fail(message: str, exit_code: int) -> NoReturn:
@@ -33,6 +34,8 @@ class ErrorReportingGroup(click.Group):
             _fail(exc.message, exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except OSError as exc:  # a full disk, a folder that is a file, a permission: the system's words
+            _fail(describe_os_error(exc), EXIT_FAILURE)
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:  # a caller that handles click's exceptions itself

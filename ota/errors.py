@@ -13,6 +13,7 @@ __all__ = [
     "EXIT_GATE_FAILED",
     "EXIT_REJECTED",
     "EXIT_MISSING_EXTRA",
+    "describe_os_error",
     "EdgeshipError",
     "BadInputError",
     "GateFailedError",
@@ -100,3 +101,10 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     third-party error contributes to our one-line messages."""
     text = str(exc).strip() or exc.__class__.__name__
     return text.splitlines()[0][:limit]
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``[Errno 28] No space left on device: '/data/x'`` -> ``No space left on device: /data/x``."""
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    what = exc.strerror or str(exc) or type(exc).__name__
+    return f"{what}: {where}" if where else what

@@ -56,7 +56,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from .errors import BadInputError, EdgeshipError
+from .errors import BadInputError, EdgeshipError, first_line
 from .protocol import StatusMessage, encode_message
 from .topics import DEFAULT_PREFIX, STATUS, device_topic
 
@@ -553,7 +553,7 @@ class MqttConnection:
             try:
                 result = self._client.reconnect()
             except Exception as exc:  # OSError, ssl errors, DNS: all mean "try again later"
-                self._last_error = f"{type(exc).__name__}: {exc}"
+                self._last_error = f"{type(exc).__name__}: {first_line(exc)}"
                 log.debug("connect to %s failed: %s", self.broker, self._last_error)
                 continue
             if result != MQTTErrorCode.MQTT_ERR_SUCCESS:

@@ -117,3 +117,20 @@ def test_a_control_socket_that_cannot_be_opened_is_one_clear_error(tmp_path: Pat
     with pytest.raises(EdgeshipError, match=r"cannot use the agent's control socket .*file/agent\.sock") as caught:
         ControlClient(tmp_path / "file" / "agent.sock").call("status")
     assert not isinstance(caught.value, AgentNotRunning)
+
+
+def test_a_data_folder_that_cannot_be_made_is_one_line_and_a_failure_exit(tmp_path: Path) -> None:
+    """`run` with `[paths] data` under a regular file: the operating system's words in one
+    line on stderr, exit 1, no traceback (the CLI edge turns an OSError into that)."""
+    from agent_fixtures import agent_cli
+
+    (tmp_path / "file").write_text("")
+    config = tmp_path / "agent.toml"
+    made = agent_cli("init", "--data", str(tmp_path / "file" / "data"), "--device-id", "d", "--fleet", "f",
+                     "--root", str(tmp_path / "root.json"), "--director-key", str(tmp_path / "k.pub"),
+                     "-o", str(config))
+    assert made.returncode == 0, made.stderr
+    result = agent_cli("run", "--config", str(config), timeout=60)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"error: Not a directory: {tmp_path / 'file' / 'data'}"], result.stderr

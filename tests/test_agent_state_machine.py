@@ -29,7 +29,7 @@ from edgeship.agent.state_machine import (
     next_state,
     serving_bundle_key,
 )
-from edgeship.ota.errors import BadInputError
+from edgeship.ota.errors import BadInputError, EdgeshipError
 
 S, E = State, Event
 
@@ -239,6 +239,32 @@ def test_state_file_round_trip_and_corruption(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text(json.dumps({"format": 99}))
     with pytest.raises(BadInputError, match="unknown format"):
         store.load()
+    for bad in ([], "text", {"format": 1, "update": {"id": "u", "kind": "install", "state": "BOGUS"}}):
+        (tmp_path / "state.json").write_text(json.dumps(bad))
+        with pytest.raises(BadInputError, match="unreadable") as info:
+            store.load()
+        assert "\n" not in info.value.message
+
+
+def test_a_state_that_cannot_be_written_is_one_error_and_the_old_file_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import edgeship.agent.persistence as persistence
+
+    store = StateStore(tmp_path / "state.json")
+    store.save(AgentState(last_sequence=3))
+
+    def full_disk(path: Path, data: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(persistence, "atomic_write_json", full_disk)
+    with pytest.raises(EdgeshipError, match="cannot write agent state .*No space left on device") as info:
+        store.save(AgentState(last_sequence=4))
+    assert "\n" not in info.value.message
+    monkeypatch.undo()
+    assert store.load().last_sequence == 3
 
 
 def test_rendered_config_is_complete_and_valid(tmp_path: Path) -> None:
@@ -279,6 +305,12 @@ def test_rendered_config_is_complete_and_valid(tmp_path: Path) -> None:
         ({"probation": {"window": 5.0}}, r"\[probation\] window is not a known key \(known: max_error_rate"),
         ({"probaton": {"window_s": 5.0}}, r"\[probaton\] is not a known table"),
         ({"retention": {"keep": 1}}, r"\[retention\] keep is not a known key"),
+        # nan passes every comparison as false (probation would never roll back); inf never ends
+        ({"probation": {"max_error_rate": float("nan")}}, r"\[probation\] max_error_rate = nan must be a finite"),
+        ({"probation": {"window_s": float("inf")}}, r"\[probation\] window_s = inf must be a finite"),
+        # named as the file names it, not by the attribute
+        ({"probation": {"window_s": -1.0}}, r"\[probation\] window_s = -1.0 must be >= 0"),
+        ({"self_test": {"max_latency_ratio": -2.0}}, r"\[self_test\] max_latency_ratio = -2.0 must be >= 0"),
     ],
 )
 def test_bad_config_is_named(patch: dict, message: str) -> None:
@@ -341,6 +373,11 @@ def test_tflite_runtime_order(prefer: list[str], runtimes: list[str] | None, ord
         ("tflite_runtime", "2.14.0", "1.14.0", None, True, ""),
         ("tensorflow", "2.21.0", "2.17.0", None, True, ""),
         ("tensorflow", "2.16.1", "99.0", {"runtime": "tensorflow", "version": "2.15.0"}, False, "99.0"),
+        # pre-release and local labels (Jetson wheels): the release numbers only, not their digits run together
+        ("tensorflow", "2.16.0rc1", "2.16.1", None, False, "2.16.1"),
+        ("tflite_runtime", "2.15.0+nv24.05", "2.15.1", None, False, "2.15.1"),
+        ("tflite_runtime", "2.15.0+nv24.05", "2.15.0", None, True, ""),
+        ("tensorflow", "2.17.0-dev20240101", "2.17.0", None, True, ""),
     ],
 )
 def test_tflite_min_version(

@@ -47,6 +47,7 @@ def test_default_is_mqtt_blocks(tmp_path: Path) -> None:
     ({"repository_url": "http://h/?x=1"}, "repository_url"),
     ({"repository_url": 5}, "repository_url"),
     ({"repository_ca_file": "ca.pem"}, "repository_ca_file"),
+    ({"keepalive": 5}, r"\[broker\] keepalive is not a known key \(known: url, prefix"),  # a typo: no silent default
 ])
 def test_bad_repository_settings_are_refused(tmp_path: Path, table: dict, needle: str) -> None:
     with pytest.raises(BadInputError, match=needle):

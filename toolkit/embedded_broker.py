@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Any, Dict, Optional
 
-from edgeship.ota.errors import BadInputError, EdgeshipError, require_module
+from edgeship.ota.errors import BadInputError, EdgeshipError, first_line, require_module
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class EmbeddedBroker:
                     self.port = int(probe.getsockname()[1])
         except OSError as exc:
             raise EdgeshipError(f"embedded MQTT broker could not listen on {self.host}:{self.port} "
-                                f"({type(exc).__name__}: {exc})") from None
+                                f"({type(exc).__name__}: {first_line(exc)})") from None
         self._thread = threading.Thread(target=self._run, name=f"amqtt-{self.port}", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout) or self._error is not None:

@@ -353,13 +353,20 @@ def install(package: str, config_path: str, as_json: bool, no_wait: bool, timeou
         doc = _offline(config, lambda driver: driver.begin(OfflinePackageSource(path)), as_json)
         _finish(doc, "install", as_json)
         return
+    _accepted(config, reply, f"update {reply['update']} accepted by the running agent", "install",
+              no_wait=no_wait, timeout=timeout, as_json=as_json)
+
+
+def _accepted(config: Any, reply: dict[str, Any], message: str, what: str, *, no_wait: bool,
+              timeout: float, as_json: bool) -> None:
+    """The running agent accepted ``what``: say so (``--no-wait``), or follow it to its end."""
     if no_wait:
         if as_json:
             _emit(reply)
         else:
-            _say(f"update {reply['update']} accepted by the running agent")
+            _say(message)
         return
-    _finish(_follow(config, reply["update"], timeout, as_json), "install", as_json)
+    _finish(_follow(config, reply["update"], timeout, as_json), what, as_json)
 
 
 @cli.command()
@@ -372,7 +379,6 @@ def install(package: str, config_path: str, as_json: bool, no_wait: bool, timeou
 def rollback(config_path: str, as_json: bool, no_wait: bool, timeout: float) -> None:
     """Roll back: abort the update in progress, or go back to the previous kept bundle."""
     from .control import AgentNotRunning, ControlClient
-    from .sources import SlotSource
 
     config = load_config(config_path)
     try:
@@ -380,24 +386,14 @@ def rollback(config_path: str, as_json: bool, no_wait: bool, timeout: float) -> 
     except AgentNotRunning:
 
         def start(driver: Any) -> None:
-            if driver.in_progress:
-                driver.abort("rollback requested by the operator")
-                return
-            if not driver.state.previous:
-                raise BadInputError(
-                    "nothing to roll back to: no previous bundle is kept on this device"
-                )
-            driver.begin(SlotSource(driver.state.previous[0]), kind="rollback")
+            source = driver.rollback_request()
+            if source is not None:
+                driver.begin(source, kind="rollback")
 
         _finish(_offline(config, start, as_json), "rollback", as_json)
         return
-    if no_wait:
-        if as_json:
-            _emit(reply)
-        else:
-            _say(f"rollback accepted by the running agent (update {reply.get('update')})")
-        return
-    _finish(_follow(config, reply["update"], timeout, as_json), "rollback", as_json)
+    _accepted(config, reply, f"rollback accepted by the running agent (update {reply.get('update')})",
+              "rollback", no_wait=no_wait, timeout=timeout, as_json=as_json)
 
 
 def main(argv: list[str] | None = None) -> None:

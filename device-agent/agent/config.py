@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = ["DEFAULT_CONFIG_PATH", "AgentConfig", "load_config", "parse_bind", "parse_config", "render_config"]
 
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -127,6 +128,8 @@ class _Reader:
 
 
 def _positive(where: str, name: str, value: float, *, allow_zero: bool = True) -> None:
+    if not math.isfinite(value):  # nan compares false with every threshold; inf never ends a window
+        raise BadInputError(f"{where}: {name} = {value} must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         raise BadInputError(f"{where}: {name} = {value} must be {'>= 0' if allow_zero else '> 0'}")
 
@@ -208,9 +211,16 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None) -> Agen
         telemetry_interval_s=r.get("telemetry", "interval_s", float, 60.0),
         source=source,
     )
-    for name in ("probation_window_s", "probation_min_requests", "max_error_rate", "max_nonfinite_rate",
-                 "max_latency_ratio", "self_test_latency_ratio", "keep_previous"):
-        _positive(where, name, getattr(cfg, name))
+    for name, value in (
+        ("[probation] window_s", cfg.probation_window_s),
+        ("[probation] min_requests", cfg.probation_min_requests),
+        ("[probation] max_error_rate", cfg.max_error_rate),
+        ("[probation] max_nonfinite_rate", cfg.max_nonfinite_rate),
+        ("[probation] max_latency_ratio", cfg.max_latency_ratio),
+        ("[self_test] max_latency_ratio", cfg.self_test_latency_ratio),
+        ("[retention] keep_previous", cfg.keep_previous),
+    ):
+        _positive(where, name, value)
     _positive(where, "[probation] max_restarts", cfg.max_reentries, allow_zero=True)
     _positive(where, "[telemetry] interval_s", cfg.telemetry_interval_s, allow_zero=False)
     _positive(where, "[self_test] latency_runs", cfg.self_test_runs, allow_zero=False)

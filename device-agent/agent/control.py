@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeship.ota.errors import BadInputError, EdgeshipError
+from edgeship.ota.errors import BadInputError, EdgeshipError, first_line
 
 MAX_LINE = 1 << 20
 
@@ -82,7 +82,7 @@ class _StreamHandler(socketserver.StreamRequestHandler):
         except Exception as exc:  # pragma: no cover - a bug must not kill the agent
             reply = {
                 "ok": False,
-                "error": f"internal error: {type(exc).__name__}: {exc}",
+                "error": f"internal error: {type(exc).__name__}: {first_line(exc)}",
                 "exit_code": 1,
             }
         self.wfile.write(json.dumps(reply, default=str).encode() + b"\n")

@@ -35,7 +35,6 @@ from .sources import (
     BundleSource,
     DirectorSource,
     OfflinePackageSource,
-    SlotSource,
     SourceRegistry,
     verify_in_child,
 )
@@ -262,15 +261,11 @@ class Agent:
         """Abort the update in progress (after activation it rolls back), or roll back
         to the most recent kept bundle through a full update of kind ``rollback``."""
         assert self.driver is not None
-        if self.driver.abort("rollback requested by the operator"):
+        source = self.driver.rollback_request()
+        if source is None:
             update = self.driver.state.update
             return {"update": update.id if update else None, "aborted": True}
-        previous = self.driver.state.previous
-        if not previous:
-            raise BadInputError(
-                "nothing to roll back to: no previous bundle is kept on this device"
-            )
-        return self.submit(SlotSource(previous[0]), kind="rollback")
+        return self.submit(source, kind="rollback")
 
     def status(self) -> dict[str, Any]:
         assert self.driver is not None

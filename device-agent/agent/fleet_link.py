@@ -148,6 +148,11 @@ def load_link_settings(config: AgentConfig, table: Mapping[str, Any] | None = No
                 table = tomllib.loads(Path(config.source).read_text("utf-8")).get("broker", {})
             except (OSError, ValueError) as exc:
                 raise BadInputError(f"{where}: cannot read [broker] ({exc})") from None
+    unknown = sorted(set(table) - set(_SETTING_TYPES) - {"url"})
+    if unknown:  # a misspelt key must not silently leave a default in force
+        raise BadInputError(
+            f"{where}: [broker] {unknown[0]} is not a known key (known: url, {', '.join(_SETTING_TYPES)})"
+        )
     values: dict[str, Any] = {}
     for key, kinds in _SETTING_TYPES.items():
         if key not in table:

@@ -46,7 +46,7 @@ import subprocess
 import sys
 from typing import Any
 
-from edgeship.ota.errors import EdgeshipError, SecurityError
+from edgeship.ota.errors import EdgeshipError, SecurityError, first_line
 
 
 def _context_fields(ctx: Any) -> dict[str, Any]:
@@ -334,7 +334,7 @@ def _child() -> int:
         import traceback
 
         traceback.print_exc()
-        reply = ("error", "", "", f"{type(exc).__name__}: {exc}", None, False, False)
+        reply = ("error", "", "", f"{type(exc).__name__}: {first_line(exc)}", None, False, False)
     _send(out, reply)
     return 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeship.ota.atomicfile import atomic_write_json
-from edgeship.ota.errors import BadInputError
+from edgeship.ota.errors import BadInputError, EdgeshipError, describe_os_error, first_line
 
 from .state_machine import State
 
@@ -84,6 +84,7 @@ class UpdateRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UpdateRecord:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        State(known.get("state", State.IDLE.value))  # ValueError for a state the table does not know
         for key in ("staged", "rollback_to"):
             if known.get(key):
                 known[key] = InstalledBundle.from_dict(known[key])
@@ -132,15 +133,22 @@ class StateStore:
             return AgentState()
         try:
             data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
             if data.get("format") != STATE_FORMAT:
                 raise ValueError(f"unknown format {data.get('format')!r}")
             return AgentState.from_dict(data)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BadInputError(
-                f"agent state {self.path} is unreadable ({exc}); it is only ever replaced atomically, "
+                f"agent state {self.path} is unreadable ({first_line(exc)}); it is only ever replaced atomically, "
                 "so this file was edited or the disk is failing: restore it or remove it to start empty"
             ) from None
 
     def save(self, state: AgentState) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, state.to_dict())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path, state.to_dict())
+        except OSError as exc:  # the previous state.json is intact (atomic replace)
+            raise EdgeshipError(
+                f"cannot write agent state {self.path}: {describe_os_error(exc)}"
+            ) from None

@@ -96,9 +96,16 @@ class ModelStats:
     def observe(
         self, latency_ms: float, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]
     ) -> None:
-        """Record one successful prediction (``ServingModel.predict`` does the same inline)."""
+        """Record one successful prediction."""
         now = _clock_ns()
-        self._latencies.append(round(latency_ms * 1e6))
+        self.record(round(latency_ms * 1e6), now, inputs, outputs)
+
+    def record(
+        self, latency_ns: int, now: int, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]
+    ) -> None:
+        """Record one successful prediction that ended at ``now`` (clock_ns);
+        ``ServingModel.predict``'s inline path does the same without the call."""
+        self._latencies.append(latency_ns)
         self._outputs.append(outputs[0] if outputs else None)
         if now >= self._next_sample:
             self._sample(now, inputs)
@@ -374,9 +381,5 @@ class ServingModel:
             model.stats.error("runtime")
             raise
         end = _clock_ns()
-        stats = model.stats
-        stats._latencies.append(end - start)
-        stats._outputs.append(outputs[0] if outputs else None)
-        if end >= stats._next_sample:
-            stats._sample(end, inputs)
+        model.stats.record(end - start, end, inputs, outputs)
         return model, outputs

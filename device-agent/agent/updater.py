@@ -37,6 +37,7 @@ import logging
 import os
 import shutil
 import signal
+import re
 import statistics
 import threading
 import time
@@ -47,8 +48,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from edgeship.ota.errors import EdgeshipError, SecurityError
+from edgeship.ota.errors import BadInputError, EdgeshipError, SecurityError, first_line
 from edgeship.ota.golden import GoldenVectors, compare_outputs
+from edgeship.ota.hashing import hash_file
 
 from .config import AgentConfig
 from .health import ProbationPolicy, ProbationSample, Verdict, latency_gate, probation_verdict
@@ -57,9 +59,7 @@ from .reporter import NullReporter, Reporter, event_document, state_document
 from .runtimes import RuntimeUnavailableError, _importable_tflite, open_model
 from .serving import LoadedModel, ServingModel, warm_up
 from .slots import apply_retention, free_bytes, install_into_slot, plan_retention, slot_name
-from edgeship.ota.hashing import hash_file
-
-from .sources import BundleSource, SourceContext, SourceRegistry, StagedBundle
+from .sources import BundleSource, SlotSource, SourceContext, SourceRegistry, StagedBundle
 from .state_machine import (
     Event,
     State,
@@ -287,6 +287,16 @@ class UpdateDriver:
             self._hook_pending = State(record.state)
             return record
 
+    def rollback_request(self) -> BundleSource | None:
+        """The operator's rollback: abort the update in progress (None: it fails, or
+        rolls back by itself after activation), else the source of a full update of
+        kind ``rollback`` to the most recent kept bundle (BadInputError: none kept)."""
+        if self.abort("rollback requested by the operator"):
+            return None
+        if not self.state.previous:
+            raise BadInputError("nothing to roll back to: no previous bundle is kept on this device")
+        return SlotSource(self.state.previous[0])
+
     def abort(self, reason: str = "rollback requested by the operator") -> bool:
         """Ask the running update to stop (pre-activation: FAILED; after: roll back)."""
         with self._lock:
@@ -352,7 +362,7 @@ class UpdateDriver:
                 reason = (
                     exc.message
                     if isinstance(exc, EdgeshipError)
-                    else f"{type(exc).__name__}: {exc}"
+                    else f"{type(exc).__name__}: {first_line(exc)}"
                 )
                 if not isinstance(exc, EdgeshipError):
                     log.exception("unexpected error in %s", state.value)
@@ -846,10 +856,15 @@ def _time_runs(func: Callable[[], Any], runs: int) -> float:
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
+    """The release numbers of a runtime's version: ``2.15.0+nv24.05`` -> (2, 15, 0),
+    ``2.16.0rc1`` -> (2, 16, 0). Each dot-separated part gives its leading digits; a
+    part with anything after them (a pre-release or local label) is the last one."""
     parts = []
     for piece in text.split("."):
-        digits = "".join(c for c in piece if c.isdigit())
-        if not digits:
+        match = re.match(r"\d+", piece)
+        if match is None:
             break
-        parts.append(int(digits))
+        parts.append(int(match.group()))
+        if match.end() != len(piece):
+            break
     return tuple(parts)

@@ -265,7 +265,7 @@ def fleet_provision(hosts_file: str, parallel: int, **kw: Any) -> None:
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from edgeship.ota.errors import EXIT_FAILURE, EXIT_GATE_FAILED, EdgeshipError
+    from edgeship.ota.errors import EXIT_FAILURE, EXIT_GATE_FAILED, EdgeshipError, first_line
 
     from ..provisioning import collect_wheels
 
@@ -305,7 +305,7 @@ def fleet_provision(hosts_file: str, parallel: int, **kw: Any) -> None:
         except Exception as exc:  # noqa: BLE001 - one host's surprise must not stop the others
             with lock:
                 rows[name].update(status="failed")
-                results[name] = {"ok": False, "target": name, "error": f"{type(exc).__name__}: {exc}",
+                results[name] = {"ok": False, "target": name, "error": f"{type(exc).__name__}: {first_line(exc)}",
                                  "exit_code": EXIT_FAILURE}
 
     def table() -> Any:
