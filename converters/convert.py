@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from edgeship.agent.runtimes import ModelLoadError, ModelRunner
 from edgeship.ota.atomicfile import atomic_output_path, atomic_write_json
+from edgeship.ota.bundle import read_labels
 from edgeship.ota.errors import BadInputError, EdgeshipError, GateFailedError, require_module
 
 from .data import Dataset, PreprocessingSpec, load_dataset, split_holdback
@@ -122,19 +123,6 @@ def _random_data(runner: ModelRunner, samples: int = 64) -> Dataset:
     rng = np.random.default_rng(0)
     inputs = tuple(rng.random((samples, *dims), dtype=np.float32) for dims in shapes)
     return Dataset(inputs, None, "random uniform [0, 1) inputs (no --calib or --eval given)")
-
-
-def read_labels(path: str | os.PathLike[str]) -> list[str]:
-    """Class names, one per line (blank lines at the end ignored)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"labels file {path} cannot be read: {exc}") from None
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if not lines:
-        raise BadInputError(f"labels file {path} is empty (one class name per line)")
-    return [line.strip() for line in lines]
 
 
 def _check_labels(labels: list[str], reference: ModelRunner, from_data: list[str] | None) -> list[str]:

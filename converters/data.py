@@ -267,6 +267,8 @@ def _load_npy(p: Path, spec: PreprocessingSpec | None, role: str) -> Dataset:
 
 
 def _to_float(x: np.ndarray, spec: PreprocessingSpec | None, p: Path, role: str) -> np.ndarray:
+    if x.ndim == 0:
+        raise BadInputError(f"{role} {p}: the array is a single number; it needs a sample axis (shape [N, ...])")
     if x.dtype.kind == "f":
         return spec.apply(x) if spec else x.astype(np.float32, copy=False)
     if x.dtype.kind in "iu" and spec is not None:

@@ -22,6 +22,7 @@ __all__ = [
     "build_bundle",
     "extract_bundle",
     "extract_bundle_stream",
+    "read_labels",
     "read_manifest",
     "scan_bundle",
     "sidecar_files",
@@ -30,6 +31,7 @@ __all__ = [
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import shutil
 import tarfile
@@ -37,7 +39,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple, Union
 
 from .archive import (
     CHUNK_SIZE,
@@ -151,7 +153,11 @@ def _load_report(report: Any) -> Dict[str, Any]:
     return doc
 
 
-def _read_labels(path: Path) -> Tuple[str, ...]:
+def read_labels(path: Union[str, "os.PathLike[str]"]) -> Tuple[str, ...]:
+    """Class names, one per line in class-index order (the converter and the bundle
+    read the same file the same way). Blank lines at the end are ignored; a blank
+    line before a name would shift every later class, so it is refused."""
+    path = Path(path)
     try:
         if path.stat().st_size > _MAX_LABELS_BYTES:
             raise BadInputError(f"labels file {path} is larger than {_MAX_LABELS_BYTES} bytes")
@@ -160,10 +166,17 @@ def _read_labels(path: Path) -> Tuple[str, ...]:
         raise BadInputError(f"labels file {path} cannot be read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise BadInputError(f"labels file {path} is not UTF-8 text") from None
-    labels = tuple(line.strip() for line in text.splitlines() if line.strip())
-    if not labels:
+    lines = [line.strip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
         raise BadInputError(f"labels file {path} has no labels (one per line)")
-    return labels
+    if "" in lines:
+        raise BadInputError(
+            f"labels file {path}: line {lines.index('') + 1} is blank (one class name per line, "
+            "in class-index order)"
+        )
+    return tuple(lines)
 
 
 def _first(report: Mapping[str, Any], *keys: str) -> Any:
@@ -269,15 +282,20 @@ def build_bundle(
         tolerance = _first(report_doc, "golden_tolerance", "golden")
         atol, rtol = vectors.atol, vectors.rtol
         if isinstance(tolerance, Mapping):
-            atol = float(tolerance.get("atol", atol))
-            rtol = float(tolerance.get("rtol", rtol))
+            try:
+                atol = float(tolerance.get("atol", atol))
+                rtol = float(tolerance.get("rtol", rtol))
+            except (TypeError, ValueError):
+                raise BadInputError("the report's golden atol and rtol must be numbers") from None
+            if not (math.isfinite(atol) and math.isfinite(rtol) and atol >= 0 and rtol >= 0):
+                raise BadInputError("the report's golden atol and rtol must be finite numbers >= 0")
         golden_info = {"file": GOLDEN_NAME, "atol": atol, "rtol": rtol, "count": int(vectors.inputs[0].shape[0])
                        if vectors.inputs and vectors.inputs[0].ndim else 1}
         members[GOLDEN_NAME] = Path(golden)
     label_list: Tuple[str, ...] = ()
     generated: Dict[str, bytes] = {}
     if labels is not None:
-        label_list = _read_labels(Path(labels))
+        label_list = read_labels(labels)
         members[LABELS_NAME] = Path(labels)
     elif isinstance(report_doc.get("labels"), list) and report_doc["labels"]:
         label_list = tuple(str(x) for x in report_doc["labels"])

@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .atomicfile import atomic_write_bytes
-from .errors import BadInputError
+from .errors import BadInputError, first_line
 
 GOLDEN_FORMAT = 1
 
@@ -72,6 +72,8 @@ class GoldenVectors:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 meta = json.loads(str(npz["meta"]))
+                if not isinstance(meta, dict):
+                    raise ValueError("its meta is not a JSON object")
                 if meta.get("format") != GOLDEN_FORMAT:
                     raise BadInputError(
                         f"golden vectors {path}: unsupported format {meta.get('format')!r} "
@@ -91,8 +93,10 @@ class GoldenVectors:
                 )
         except BadInputError:
             raise
+        except EOFError:  # an empty or cut-off file
+            raise BadInputError(f"golden vectors {path} cannot be read: the file is empty or truncated") from None
         except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as exc:
-            raise BadInputError(f"golden vectors {path} cannot be read: {exc}") from None
+            raise BadInputError(f"golden vectors {path} cannot be read: {first_line(exc)}") from None
 
 
 @dataclass(frozen=True)

@@ -333,8 +333,6 @@ class TelemetryMessage:
             latency = LatencyHistogram.from_dict(latency_doc or {})
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"telemetry message field 'latency' is not a latency histogram ({exc})") from None
-        if any(c < 0 for c in latency.counts):
-            raise ProtocolError("telemetry message field 'latency' has negative counts")
         feedback = _object(doc, "feedback", t, required=False)
         if feedback is not None:
             feedback = {"correct": _count(feedback, "correct", "telemetry.feedback") or 0,

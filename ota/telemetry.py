@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = ["LATENCY_BUCKETS_MS", "LatencyHistogram"]
 
 import bisect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -77,9 +78,13 @@ class LatencyHistogram:
     def from_dict(cls, data: dict[str, Any]) -> "LatencyHistogram":
         """Rebuild from to_dict(); refuses histograms with other buckets (ValueError)."""
         buckets = [float(b) for b in data.get("buckets_ms", LATENCY_BUCKETS_MS)]
-        counts = [int(c) for c in data["counts"]]
+        counts = list(data["counts"])
         if tuple(buckets) != LATENCY_BUCKETS_MS or len(counts) != len(LATENCY_BUCKETS_MS) + 1:
             raise ValueError("latency histogram with unknown bucket bounds")
-        if any(c < 0 for c in counts):
-            raise ValueError("latency histogram with a negative count")
-        return cls(counts, float(data.get("sum_ms", 0.0)))
+        # counts arrive from devices: whole numbers a counter can hold, no 1.5, true or 1e300
+        if any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < 2**63 for c in counts):
+            raise ValueError("latency histogram counts must be whole numbers in [0, 2^63)")
+        total = data.get("sum_ms", 0.0)
+        if isinstance(total, bool) or not isinstance(total, (int, float)) or not 0 <= total < math.inf:
+            raise ValueError("latency histogram sum_ms must be a finite number >= 0")
+        return cls(counts, float(total))

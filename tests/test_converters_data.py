@@ -143,3 +143,14 @@ def test_nchw_is_the_nhwc_image_transposed_not_reshaped(tmp_path: Path) -> None:
     normalized = load_dataset(tmp_path / "imgs", input_shapes=[(-1, 3, 6, 10)], preprocessing=spec).inputs[0]
     for c, (m, s) in enumerate(zip(spec.mean, spec.std)):
         np.testing.assert_allclose(normalized[:, c], (nchw.inputs[0][:, c] - m) / s, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["x.npy", "x.npz"])
+def test_a_single_number_instead_of_samples_is_one_line(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    if name.endswith(".npy"):
+        np.save(path, np.float32(3.0))
+    else:
+        np.savez(path, x=np.float32(3.0))
+    with pytest.raises(BadInputError, match="single number; it needs a sample axis"):
+        load_dataset(path, input_shapes=SHAPE)

@@ -56,7 +56,7 @@ def _golden(path: Path) -> Path:
 def test_build_with_report_golden_labels_meta(tmp_path: Path, model: Path) -> None:
     golden = _golden(tmp_path / "g.npz")
     labels = tmp_path / "labels.txt"
-    labels.write_text("zero\none\n\ntwo\n")
+    labels.write_text("zero\none\ntwo\n\n")  # a blank line at the end is ignored (one inside is refused)
     out = tmp_path / "digits.bundle"
     manifest = build_bundle(model, name="digits", version="1.2.0", out=out, golden=golden, labels=labels,
                             report=REPORT, meta={"git": "abc123"}, tags=["arm64", "camera"])
@@ -164,3 +164,50 @@ def test_build_reports_progress(tmp_path: Path, model: Path) -> None:
                  progress=lambda step, done, total: seen.__setitem__(step, (done, total)))
     assert seen["hash"] == (5000, 5000) and seen["pack"][0] == 5000
     assert seen["verify"][0] == seen["verify"][1] == (tmp_path / "b").stat().st_size
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("cat\ndog\n", ("cat", "dog")),
+        ("cat\r\ndog\r\n\r\n\n", ("cat", "dog")),  # blank lines at the end: ignored
+        ("  cat \n dog\n", ("cat", "dog")),
+        ("cat\n\ndog\n", "line 2 is blank"),  # would shift dog to class 2
+        ("\n\n", "has no labels"),
+    ],
+)
+def test_labels_are_read_one_way_for_the_converter_and_the_bundle(tmp_path: Path, text: str, expected: object) -> None:
+    from edgeship.converters.convert import read_labels as converter_read_labels
+    from edgeship.ota.bundle import read_labels
+
+    assert converter_read_labels is read_labels  # one reader: `convert --labels` and `bundle build --labels` agree
+    path = tmp_path / "labels.txt"
+    path.write_bytes(text.encode())
+    if isinstance(expected, tuple):
+        assert read_labels(path) == expected
+    else:
+        with pytest.raises(BadInputError, match=str(expected)):
+            read_labels(path)
+
+
+@pytest.mark.parametrize("tolerance, message", [
+    ({"atol": "x"}, "golden atol and rtol must be numbers"),
+    ({"atol": float("nan")}, "must be finite numbers >= 0"),
+    ({"rtol": -1.0}, "must be finite numbers >= 0"),
+])
+def test_a_report_with_a_bad_golden_tolerance_is_one_line(tmp_path: Path, model: Path, tolerance: dict,
+                                                          message: str) -> None:
+    golden = _golden(tmp_path / "g.npz")
+    with pytest.raises(BadInputError, match=message):
+        build_bundle(model, name="digits", version="1.0.0", out=tmp_path / "b", golden=golden,
+                     report={"signature": SIGNATURE, "golden": tolerance})
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04truncated"])
+def test_an_empty_or_cut_off_golden_file_is_one_line(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "g.npz"
+    path.write_bytes(content)
+    with pytest.raises(BadInputError, match="golden vectors .* cannot be read") as info:
+        GoldenVectors.load(path)
+    assert "\n" not in info.value.message

@@ -61,6 +61,22 @@ def test_histograms_merge_exactly_and_survive_serialization() -> None:
         LatencyHistogram.from_dict({"buckets_ms": [1, 2], "counts": [1, 2, 3]})
 
 
+@pytest.mark.parametrize(
+    "first, sum_ms",
+    [(1e300, 1.0), (float("inf"), 1.0), (1.5, 1.0), (True, 1.0), (-1, 1.0), (2**63, 1.0),
+     (0, float("nan")), (0, float("inf")), (0, -1.0), (0, "1")],
+)
+def test_a_device_histogram_with_impossible_numbers_is_refused(first: object, sum_ms: object) -> None:
+    """Device telemetry feeds the rollout gates: a count of 1e300 or a NaN sum must not
+    be merged into the fleet's latency (the protocol turns the ValueError into a refusal)."""
+    from edgeship.ota.telemetry import LATENCY_BUCKETS_MS
+
+    counts = [first] + [0] * len(LATENCY_BUCKETS_MS)
+    with pytest.raises(ValueError):
+        LatencyHistogram.from_dict({"counts": counts, "sum_ms": sum_ms})
+    assert LatencyHistogram.from_dict({"counts": [0] * len(counts), "sum_ms": 0}).count == 0
+
+
 def test_hash_file_streams_any_size_and_reports_progress(tmp_path) -> None:
     import hashlib
 
