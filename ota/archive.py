@@ -52,7 +52,6 @@ BLOCK = 512
 MAX_TRAILING_PADDING = 1 << 20
 """Zero bytes accepted after the end-of-archive marker (tar pads to 10 KiB records; some tools more)."""
 
-_GZIP_MAGIC = b"\x1f\x8b"
 _COMPRESSED_MAGICS = {
     b"\x1f\x8b": "gzip",
     b"BZh": "bzip2",

@@ -35,11 +35,8 @@ from .archive import (
 URL_PREFIX = "edgeship://"
 METADATA_URL = URL_PREFIX + "metadata/"
 TARGETS_URL = URL_PREFIX + "targets/"
-PACKAGE_FORMAT = "edgeship-offline-package"
 
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
-_MAX_METADATA_BYTES = 5_000_000
-_MAX_SMALL_BYTES = 64 * 1024
 
 
 class LocalFolderFetcher(FetcherInterface):

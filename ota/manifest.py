@@ -69,10 +69,6 @@ class BundleManifest:
     created: str = ""
     schema: int = SCHEMA_VERSION
 
-    @property
-    def model_size(self) -> int:
-        return int(self.files[self.model_file]["size"])
-
     def to_dict(self) -> Dict[str, Any]:
         return {
             "schema": self.schema,

@@ -20,6 +20,7 @@ from edgeship.agent.health import (
 from edgeship.agent.persistence import AgentState, InstalledBundle, StateStore, UpdateRecord
 from edgeship.agent.slots import install_into_slot, plan_retention
 from edgeship.agent.state_machine import (
+    PRE_ACTIVATION_STATES,
     TERMINAL_STATES,
     TRANSITIONS,
     Event,
@@ -387,3 +388,10 @@ def test_tflite_min_version(
 
     result, reason = tflite_version_ok(runtime, have, minimum, validated)
     assert result is ok and words in reason, reason
+
+
+def test_only_states_before_activation_can_end_rejected() -> None:
+    """The driver turns a REJECT after activation into FAILURE (it rolls back): the set it
+    uses is exactly the states from which the table has a REJECT edge."""
+    rejectable = {state for (state, event) in TRANSITIONS if event is E.REJECT}
+    assert rejectable == set(PRE_ACTIVATION_STATES)

@@ -97,7 +97,6 @@ class AgentState:
     previous: list[InstalledBundle] = field(default_factory=list)   # most recent first
     last_sequence: int = 0
     update: UpdateRecord | None = None
-    failed_slots: list[str] = field(default_factory=list)            # to delete at the next cleanup
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,7 +105,6 @@ class AgentState:
             "previous": [b.to_dict() for b in self.previous],
             "last_sequence": self.last_sequence,
             "update": self.update.to_dict() if self.update else None,
-            "failed_slots": list(self.failed_slots),
         }
 
     @classmethod
@@ -116,7 +114,6 @@ class AgentState:
             previous=[InstalledBundle.from_dict(b) for b in data.get("previous", [])],
             last_sequence=int(data.get("last_sequence", 0)),
             update=UpdateRecord.from_dict(data["update"]) if data.get("update") else None,
-            failed_slots=list(data.get("failed_slots", [])),
         )
 
 

@@ -9,7 +9,6 @@ re-entries of a state (a crash loop) turns into ``LOOP_DETECTED``.
 from __future__ import annotations
 
 __all__ = [
-    "ACTIVE_IS_NEW_STATES",
     "PRE_ACTIVATION_STATES",
     "TERMINAL_STATES",
     "TRANSITIONS",
@@ -99,9 +98,6 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = {
 
 TERMINAL_STATES: frozenset[State] = frozenset({S.IDLE, S.COMMITTED, S.ROLLED_BACK, S.FAILED, S.REJECTED})
 """States in which no update is in progress (IDLE: none was ever started)."""
-
-ACTIVE_IS_NEW_STATES: frozenset[State] = frozenset({S.PROBATION, S.COMMITTED})
-"""States in which the new bundle is the one serving."""
 
 PRE_ACTIVATION_STATES: frozenset[State] = frozenset(
     {S.DISK_CHECK, S.FETCHING, S.VERIFYING, S.INSTALLING, S.SELF_TEST}

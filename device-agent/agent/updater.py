@@ -61,6 +61,7 @@ from .serving import LoadedModel, ServingModel, warm_up
 from .slots import apply_retention, free_bytes, install_into_slot, plan_retention, slot_name
 from .sources import BundleSource, SlotSource, SourceContext, SourceRegistry, StagedBundle
 from .state_machine import (
+    PRE_ACTIVATION_STATES,
     Event,
     State,
     event_on_reentry,
@@ -367,8 +368,8 @@ class UpdateDriver:
                 if not isinstance(exc, EdgeshipError):
                     log.exception("unexpected error in %s", state.value)
                 mutate = None
-                if event is Event.REJECT and (state, event) not in _REJECTABLE:
-                    event = Event.FAILURE
+                if event is Event.REJECT and state not in PRE_ACTIVATION_STATES:
+                    event = Event.FAILURE  # after activation nothing is refused: it rolls back
             with self._lock:
                 if self.state.update is not update or State(update.state) is not state:
                     continue  # pragma: no cover - defensive
@@ -759,9 +760,8 @@ class UpdateDriver:
                 b for b in state.previous if b.slot != (target.slot if target else "")
             ]
             if failed is not None and failed.slot != (target.slot if target else ""):
+                # no longer kept: retention deletes its slot at the end of the update
                 state.previous = [b for b in state.previous if b.slot != failed.slot]
-                if failed.slot not in state.failed_slots:
-                    state.failed_slots.append(failed.slot)
 
         cause = update.reason
         back = target.label if target else "no model (there was none before)"
@@ -804,12 +804,9 @@ class UpdateDriver:
                 on_disk,
                 protected,
             )
-            changed = list(plan.keep_previous) != self.state.previous or bool(
-                self.state.failed_slots
-            )
+            changed = list(plan.keep_previous) != self.state.previous
             if changed:
                 self.state.previous = list(plan.keep_previous)
-                self.state.failed_slots = [s for s in self.state.failed_slots if s in protected]
                 self.store.save(self.state)
             apply_retention(slots, plan)
             work = self.config.work_dir
@@ -821,12 +818,6 @@ class UpdateDriver:
                         or child.name != update.id
                     ):
                         shutil.rmtree(child, ignore_errors=True)
-
-
-_REJECTABLE = {
-    (s, Event.REJECT)
-    for s in (State.DISK_CHECK, State.FETCHING, State.VERIFYING, State.INSTALLING, State.SELF_TEST)
-}
 
 
 def release_memory() -> bool:
