@@ -36,6 +36,16 @@ class ErrorReportingGroup(click.Group):
             _fail("interrupted", 130)
         except OSError as exc:  # a full disk, a folder that is a file, a permission: the system's words
             _fail(describe_os_error(exc), EXIT_FAILURE)
+        except Exception as exc:
+            known = self.translate_error(exc)
+            if known is None:
+                raise
+            _fail(known.message, known.exit_code)
+
+    def translate_error(self, exc: Exception) -> EdgeshipError | None:
+        """A third-party error this program knows how to say in one line (None: a bug,
+        which keeps its traceback). Subclasses add theirs."""
+        return None
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:  # a caller that handles click's exceptions itself

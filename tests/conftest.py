@@ -58,6 +58,25 @@ def digits_int8_tflite(digits_files: dict[str, Path], tmp_path_factory: pytest.T
     return out
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """The system programs a marker names (pyproject.toml): a machine without them (a
+    `make test` that could not install them: no root) skips those tests, with the reason."""
+    import shutil
+
+    if item.get_closest_marker("mosquitto") is not None:
+        from mqtt_broker import mosquitto_binary
+
+        if mosquitto_binary() is None:
+            pytest.skip("mosquitto is not installed (make test installs it as root: .ci/system-packages)")
+    if item.get_closest_marker("mosquitto_clients") is not None and shutil.which("mosquitto_pub") is None:
+        pytest.skip("mosquitto_pub is not installed (mosquitto-clients; .ci/system-packages)")
+    if item.get_closest_marker("sshd") is not None:
+        from provision_fixtures import sshd_binary
+
+        if sshd_binary() is None:
+            pytest.skip("sshd is not installed (openssh-server; .ci/system-packages)")
+
+
 @pytest.fixture
 def mosquitto_broker(tmp_path: Path) -> Iterator["MosquittoBroker"]:
     """A real Mosquitto on a free loopback port, anonymous, MQTT 3.1.1 and 5.
@@ -68,7 +87,7 @@ def mosquitto_broker(tmp_path: Path) -> Iterator["MosquittoBroker"]:
     from mqtt_broker import MosquittoBroker, mosquitto_binary
 
     if mosquitto_binary() is None:
-        pytest.skip("mosquitto is not installed (.ci/run installs it)")
+        pytest.skip("mosquitto is not installed (make test installs it as root: .ci/system-packages)")
     broker = MosquittoBroker(tmp_path / "mosquitto").start()
     try:
         yield broker

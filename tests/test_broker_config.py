@@ -84,6 +84,9 @@ def test_bad_identities_are_refused(name: str, kind: str, fleet: str) -> None:
     ({"prefix": "a/b"}, "prefix"),
     ({"names": ("bad name",)}, "server name"),
     ({"run_as": "x;rm"}, "user name"),
+    ({"bind": "not an ip"}, "neither an IP address nor a host name"),
+    ({"bind": "127.0.0.1\nallow_anonymous true"}, "neither an IP address"),  # no option smuggled into the conf
+    ({"bind": ""}, "neither an IP address"),
 ])
 def test_bad_settings_are_refused(kwargs: dict, fragment: str) -> None:
     with pytest.raises(BadInputError, match=fragment):
@@ -270,3 +273,8 @@ def test_amqtt_plugin_applies_our_rules() -> None:
         return any(plugin.topic_ac(topic, a) for a in allowed)
     assert can("edgeship/f/devices/d1/reported")
     assert not can("edgeship/f/devices/d2/reported") and not can("edgeship/f/devices/d1/desired")
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1", "0.0.0.0", "::", "::1", "broker.lan", "gw-01"])
+def test_listener_addresses_are_ip_addresses_or_host_names(bind: str) -> None:
+    assert bc.BrokerSettings(bind=bind).bind == bind

@@ -295,3 +295,18 @@ def test_health_gates_abort_from_the_devices_own_telemetry(db: str, store: Fleet
     assert doc["state"] == "ABORTED" and fragment in doc["reason"], doc["reason"]
     assert doc["health"]["new_requests"] == 200 and doc["health"]["baseline_requests"] == 1000
     assert store.get_device(canary).active_version == "1.0"  # rolled back by the simulated controller
+
+
+def test_a_store_of_another_shape_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """A database the fleet store did not make (or an older layout): SQLAlchemy's error
+    becomes one line and exit 1 at the CLI edge."""
+    import sqlite3
+
+    db = tmp_path / "other.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("create table rollouts(id text)")
+    result = subprocess.run([sys.executable, "-m", "edgeship.toolkit.cli", "rollout", "ls", "--db", f"sqlite:///{db}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: fleet store: OperationalError: no such column: rollouts.fleet"], result.stderr

@@ -418,3 +418,24 @@ def test_abtest_assignments_reach_both_arms(mosquitto_broker: Any, release_repo:
         assert all(s.desired.empty() and store.desired_for(s.device) is None for s in sims["A"])
     finally:
         controller.stop()
+
+
+def test_one_rollout_that_cannot_be_reconciled_does_not_stop_the_tick(
+        release_repo: Path, db_url: str, store: FleetStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row the engine trips over (a bug, a value another version wrote) is logged and
+    counted; the other rollouts, the A/B tests and the outbox still run this tick."""
+    from edgeship.toolkit.controller import Controller, ControllerConfig
+
+    controller = Controller(ControllerConfig(broker="mqtt://127.0.0.1:1", repo=release_repo, db_url=db_url),
+                            store=store)
+    reconciled: List[str] = []
+
+    def reconcile(rollout_id: str, now: float) -> None:
+        if rollout_id == "r-bad":
+            raise KeyError("stages")
+        reconciled.append(rollout_id)
+
+    monkeypatch.setattr(store, "live_rollout_ids", lambda: ["r-bad", "r-good"])
+    monkeypatch.setattr(store, "reconcile_rollout", reconcile)
+    done = controller.tick(now=time.time())
+    assert reconciled == ["r-good"] and done["rollouts"] == 1 and done["errors"] == 1

@@ -142,7 +142,8 @@ def test_health_gates_parse(text: str, expected: HealthGates) -> None:
 
 
 @pytest.mark.parametrize("text", ["max_error_rate", "latency=3", "max_error_rate=x", "max_error_rate=2",
-                                  "max_p95_ratio=0", "min_requests=0"])
+                                  "max_p95_ratio=0", "min_requests=0", "max_p95_ratio=nan", "max_p95_ratio=inf",
+                                  "max_error_rate=nan"])
 def test_health_gates_refuse(text: str) -> None:
     with pytest.raises(BadInputError):
         HealthGates.parse(text)

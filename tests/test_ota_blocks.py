@@ -332,6 +332,7 @@ def test_killed_fetcher_process_resumes_from_disk(mosquitto_broker: MosquittoBro
         rig.close()
 
 
+@pytest.mark.mosquitto_clients
 def test_hostile_requests_are_dropped_and_the_server_keeps_serving(rig: Rig, mosquitto_broker: MosquittoBroker,
                                                                    tmp_path: Path) -> None:
     import subprocess

@@ -195,6 +195,7 @@ def test_connect_to_nothing_fails_within_the_timeout() -> None:
     assert isinstance(TransportError("x"), EdgeshipError)
 
 
+@pytest.mark.mosquitto
 def test_wrong_password_is_refused_with_our_error(tmp_path: Path) -> None:
     passwd = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "ctl", "right"], check=True,
@@ -278,6 +279,7 @@ def test_clean_close_can_still_send_the_will(mosquitto_broker: MosquittoBroker) 
 
 
 @pytest.mark.slow
+@pytest.mark.mosquitto
 def test_reconnect_with_backoff_resubscribes_and_sees_retained_state(tmp_path: Path,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     broker = MosquittoBroker(
@@ -384,6 +386,7 @@ _HOSTILE_PAYLOADS = [
 ]
 
 
+@pytest.mark.mosquitto_clients
 def test_hostile_messages_on_every_topic_are_logged_and_dropped(mosquitto_broker: MosquittoBroker,
                                                                 tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
@@ -450,6 +453,7 @@ def test_broker_url_object_is_accepted_directly(mosquitto_broker: MosquittoBroke
         MqttConnection(url, client_id="x", protocol="4")
 
 
+@pytest.mark.mosquitto
 def test_mqtts_with_client_certificates(tmp_path: Path) -> None:
     from transport_fixtures import make_pki
 
@@ -485,6 +489,7 @@ def test_mqtts_with_client_certificates(tmp_path: Path) -> None:
         broker.stop()
 
 
+@pytest.mark.mosquitto
 def test_a_started_connection_comes_up_when_the_broker_does(tmp_path: Path) -> None:
     broker = MosquittoBroker(tmp_path / "m")
     got = Collector()

@@ -83,6 +83,25 @@ DEVICE_READS_BACK: frozenset[str] = frozenset({REPORTED})
 _PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes ($7$: PBKDF2-SHA512)
 
 
+
+def check_bind_address(bind: str) -> None:
+    """A listener address Mosquitto takes on its ``listener`` line: an IP address or a
+    host name (BadInputError otherwise; whitespace or a newline would add options to
+    the generated mosquitto.conf)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(bind)
+        return
+    except ValueError:
+        pass
+    labels = bind.rstrip(".").split(".")
+    if not bind or len(bind) > 253 or not all(
+        label and len(label) <= 63 and label[0] != "-" and all(c.isalnum() or c == "-" for c in label)
+        and label.isascii() for label in labels
+    ):
+        raise BadInputError(f"bind address {bind!r} is neither an IP address nor a host name")
+
 @dataclass(frozen=True)
 class BrokerSettings:
     """How one broker is set up; saved as ``broker.json`` in its folder.
@@ -120,6 +139,7 @@ class BrokerSettings:
         for name, port in (("port", self.port), ("password port", self.password_port)):
             if not isinstance(port, int) or not 1 <= port <= 65535:
                 raise BadInputError(f"broker {name} {port!r} must be within 1-65535")
+        check_bind_address(self.bind)
         if self.run_as and not all(c.isalnum() or c in "._-" for c in self.run_as):
             raise BadInputError(f"account name {self.run_as!r} is not a user name")
         if self.auth == "both" and self.port == self.password_port:

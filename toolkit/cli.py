@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from edgeship.ota.cli_edge import ErrorReportingGroup
+from edgeship.ota.errors import EdgeshipError, first_line
 
 # command name -> "module:attribute" (a click.Command or click.Group)
 COMMANDS: dict[str, str] = {
@@ -64,6 +65,15 @@ class LazyGroup(ErrorReportingGroup):
         super().__init__(*args, **kwargs)
         self._lazy = lazy
         self._short_help = short_help
+
+    def translate_error(self, exc: Exception) -> EdgeshipError | None:
+        """The fleet store's database errors (a store made by another version, a locked
+        or unreachable database) in one line; only when SQLAlchemy is loaded at all."""
+        sa_exc = sys.modules.get("sqlalchemy.exc")
+        if sa_exc is not None and isinstance(exc, sa_exc.SQLAlchemyError):
+            cause = getattr(exc, "orig", None) or exc
+            return EdgeshipError(f"fleet store: {type(cause).__name__}: {first_line(cause)}")
+        return None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(self._lazy))

@@ -557,11 +557,21 @@ class Controller:
                 done["rollouts"] += 1
             except ConcurrentUpdateError:
                 log.debug("rollout %s changed under us (another replica or the CLI); next tick", rollout_id)
+            except Exception:  # one bad row must not stop the others, nor the outbox below
+                log.exception("rollout %s could not be reconciled; the others go on", rollout_id)
+                done["errors"] += 1
         for test in self.store.list_abtests(states=["RUNNING"]):
-            self.store.reconcile_abtest(test.id, now)
-            done["abtests"] += 1
+            try:
+                self.store.reconcile_abtest(test.id, now)
+                done["abtests"] += 1
+            except ConcurrentUpdateError:
+                log.debug("A/B test %s changed under us; next tick", test.id)
+            except Exception:  # as above
+                log.exception("A/B test %s could not be reconciled; the others go on", test.id)
+                done["errors"] += 1
         published, errors = self._carry_out(now)
-        done["published"], done["errors"] = published, errors
+        done["published"] = published
+        done["errors"] += errors
         if now - self._last_refresh_check >= self.config.refresh_check_s:
             self._last_refresh_check = now
             self._refresh_repository(now)

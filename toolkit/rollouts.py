@@ -172,10 +172,11 @@ class HealthGates:
     min_requests: int = 100
 
     def __post_init__(self) -> None:
+        # written so that nan fails them too (a nan gate would never fire)
         if self.max_error_rate is not None and not 0.0 <= self.max_error_rate <= 1.0:
             raise BadInputError(f"max_error_rate={self.max_error_rate} must be a fraction within 0-1 (e.g. 0.05)")
-        if self.max_p95_ratio is not None and self.max_p95_ratio <= 0:
-            raise BadInputError(f"max_p95_ratio={self.max_p95_ratio} must be positive (e.g. 1.5)")
+        if self.max_p95_ratio is not None and not 0 < self.max_p95_ratio < math.inf:
+            raise BadInputError(f"max_p95_ratio={self.max_p95_ratio} must be a finite positive number (e.g. 1.5)")
         if self.min_requests < 1:
             raise BadInputError(f"min_requests={self.min_requests} must be >= 1")
 
