@@ -310,3 +310,14 @@ def test_a_store_of_another_shape_is_one_line_not_a_traceback(tmp_path: Path) ->
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: fleet store: OperationalError: no such column: rollouts.fleet"], result.stderr
+
+
+@pytest.mark.parametrize("args", [["rollout", "ls"], ["fleet", "ls"], ["abtest", "ls"], ["rollout", "status", "r-1"],
+                                  ["device", "show", "dev-1"]])
+def test_a_mistyped_store_is_refused_not_created(tmp_path: Path, args: List[str]) -> None:
+    """Commands that read what is there refuse a SQLite store that does not exist, instead
+    of showing an empty fleet and leaving a new file behind."""
+    db = tmp_path / "typo.db"
+    result = CliRunner().invoke(main, [*args, "--db", f"sqlite:///{db}"])
+    assert result.exit_code == 2 and f"no fleet store at {db}" in result.output, result.output
+    assert not db.exists()

@@ -463,3 +463,17 @@ def test_a_dead_replicas_claims_expire(store: FleetStore) -> None:
     [taken] = store.claim_actions("alive", now=80.0, lease_s=60)
     store.complete_action(taken.id, 80.0)
     assert store.claim_actions("other", now=1000.0) == [] and store.pending_actions() == []
+
+
+def test_a_second_running_abtest_of_a_bundle_is_refused_whatever_its_selection(store: FleetStore) -> None:
+    """Two running tests of one bundle would each assign the devices both select, back and
+    forth every tick: refused in the store's transaction (not only by the CLI)."""
+    store.create_abtest(ABTest(id="ab-1", fleet=FLEET, a=Arm("digits", "1.0"), b=Arm("digits", "2.0"),
+                               metric=Metric.ERROR_RATE, created_at=10.0))
+    with pytest.raises(BadInputError, match="A/B test ab-1 of digits already runs on fleet"):
+        store.create_abtest(ABTest(id="ab-2", fleet=FLEET, a=Arm("digits", "1.0"), b=Arm("digits", "3.0"),
+                                   metric=Metric.ERROR_RATE, created_at=11.0, selection=(("site", "x"),)))
+    store.create_abtest(ABTest(id="ab-3", fleet=FLEET, a=Arm("other", "1.0"), b=Arm("other", "2.0"),
+                               metric=Metric.ERROR_RATE, created_at=12.0))  # another bundle: fine
+    store.create_abtest(ABTest(id="ab-4", fleet="elsewhere", a=Arm("digits", "1.0"), b=Arm("digits", "2.0"),
+                               metric=Metric.ERROR_RATE, created_at=13.0))  # another fleet: fine

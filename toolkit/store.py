@@ -984,8 +984,9 @@ class FleetStore:
 
     def create_abtest(self, test: ABTest) -> None:
         """Store a new A/B test. Refused while a rollout of either arm's bundle is RUNNING or PAUSED on
-        the fleet; COMPLETED rollouts of those bundles are superseded (they stop giving their version
-        to devices that join later, which now get an arm)."""
+        the fleet, or another A/B test of either bundle RUNS there (two tests would each assign the
+        devices both select, back and forth every tick); COMPLETED rollouts of those bundles are
+        superseded (they stop giving their version to devices that join later, which now get an arm)."""
         names = {test.a.name, test.b.name}
         with self.engine.begin() as conn:
             busy = conn.execute(sa.select(rollouts.c.id, rollouts.c.name, rollouts.c.state).where(
@@ -994,6 +995,12 @@ class FleetStore:
             if busy is not None:
                 raise BadInputError(f"rollout {busy.id} of {busy.name} on fleet {test.fleet} is {busy.state}; "
                                     "abort it or let it finish before an A/B test of that bundle")
+            other = conn.execute(sa.select(abtests.c.id).where(
+                abtests.c.fleet == test.fleet, abtests.c.state == "RUNNING",
+                sa.or_(abtests.c.a_name.in_(names), abtests.c.b_name.in_(names)))).first()
+            if other is not None:
+                raise BadInputError(f"A/B test {other.id} of {'/'.join(sorted(names))} already runs on fleet "
+                                    f"{test.fleet}; stop or promote it first")
             conn.execute(sa.update(rollouts).where(
                 rollouts.c.fleet == test.fleet, rollouts.c.name.in_(names),
                 rollouts.c.state == RolloutState.COMPLETED.value, rollouts.c.superseded_by.is_(None))

@@ -79,11 +79,7 @@ def start(arm_a: str, arm_b: str, fleet: str, select: Tuple[str, ...], split: fl
                   selection=parse_selection(select))
     check_published(repo_dir, (a.name, a.version), (b.name, b.version))
     store = open_fleet_store(db_url)
-    running = [t for t in store.list_abtests(fleet, ["RUNNING"]) if t.selection == test.selection]
-    if running:
-        raise BadInputError(f"A/B test {running[0].id} already runs on fleet {fleet} with this selection; "
-                            "stop or promote it first")
-    store.create_abtest(test)
+    store.create_abtest(test)  # refuses a second running test of these bundles, in the same transaction
     if as_json:
         emit_json(_test_doc(test))
     else:
@@ -110,7 +106,7 @@ def _fmt(value: Optional[float], metric: str) -> str:
 @json_option
 def report_command(test_id: str, db_url: Optional[str], as_json: bool) -> None:
     """Per-arm statistics, the test, p-value, effect size and a verdict in words."""
-    store = open_fleet_store(db_url)
+    store = open_fleet_store(db_url, existing=True)
     test, result, promoted = _report(store, test_id)
     if as_json:
         emit_json({"test": _test_doc(test, promoted), **result.to_dict()})
@@ -152,7 +148,7 @@ def promote(test_id: str, arm: Optional[str], stages: str, success_threshold: fl
 
     check_broker_url(broker_url)
     policy = policy_from_options(stages, success_threshold, max_failures, health, stage_timeout, bake)
-    store = open_fleet_store(db_url)
+    store = open_fleet_store(db_url, existing=True)
     test, result, promoted = _report(store, test_id)
     if test.state != "RUNNING":
         raise BadInputError(f"A/B test {test_id} is {test.state}" + (f" (rollout {promoted})" if promoted else ""))
@@ -177,7 +173,7 @@ def promote(test_id: str, arm: Optional[str], stages: str, success_threshold: fl
 @json_option
 def stop(test_id: str, db_url: Optional[str], as_json: bool) -> None:
     """Stop a test without promoting: the controller stops assigning arms; devices keep what they run."""
-    store = open_fleet_store(db_url)
+    store = open_fleet_store(db_url, existing=True)
     test, _ = store.get_abtest(test_id)
     if test.state != "RUNNING":
         raise BadInputError(f"A/B test {test_id} is {test.state}, not RUNNING")
@@ -194,7 +190,7 @@ def stop(test_id: str, db_url: Optional[str], as_json: bool) -> None:
 @json_option
 def ls(fleet: Optional[str], db_url: Optional[str], as_json: bool) -> None:
     """List A/B tests, newest first."""
-    store = open_fleet_store(db_url)
+    store = open_fleet_store(db_url, existing=True)
     tests = store.list_abtests(fleet)
     if as_json:
         emit_json([_test_doc(t) for t in tests])

@@ -195,7 +195,7 @@ def fleet_ls(fleet_name: Optional[str], select: Tuple[str, ...], window: str, db
     selection = parse_selection(select)
     window_s = _window(window)
     now = time.time()
-    store = open_fleet_store(db_url)
+    store = open_fleet_store(db_url, existing=True)
     try:
         rows = device_rows(store, fleet_name, selection, window_s, now)
     finally:
@@ -315,7 +315,7 @@ def device_show(device_id: str, window: str, n_events: int, db_url: Optional[str
     validate_identifier(device_id, "device id")
     window_s = _window(window)
     now = time.time()
-    store = open_fleet_store(db_url)
+    store = open_fleet_store(db_url, existing=True)
     try:
         info = store.get_device(device_id)
         desired = store.desired_for(device_id)
@@ -398,7 +398,7 @@ def device_tag(device_id: str, pairs: Tuple[str, ...], remove: Tuple[str, ...], 
     overlap = set(tags) & set(remove)
     if overlap:
         raise BadInputError(f"tag {sorted(overlap)[0]!r} is both set and removed")
-    store = open_fleet_store(db_url)
+    store = open_fleet_store(db_url, existing=True)
     try:
         result = store.set_tags(device_id, tags, remove=remove)
     finally:

@@ -121,7 +121,18 @@ def policy_from_options(stages: str, success_threshold: float, max_failures: str
                          stage_timeout_s=parse_duration(stage_timeout), bake_s=bake_s)
 
 
-def open_fleet_store(db_url: Optional[str]) -> Any:
-    from edgeship.toolkit.store import open_store
+def open_fleet_store(db_url: Optional[str], *, existing: bool = False) -> Any:
+    """The fleet store of ``--db`` ($EDGESHIP_DB, else ./fleet.db). ``existing``: a command
+    that only reads or changes what is there refuses a SQLite file that does not exist (a
+    mistyped --db would otherwise show an empty fleet and leave a new file behind)."""
+    import os
 
-    return open_store(db_url)
+    from edgeship.toolkit.store import DEFAULT_DB_URL, open_store
+
+    url = db_url or os.environ.get("EDGESHIP_DB") or DEFAULT_DB_URL
+    if existing and url.startswith("sqlite:///") and ":memory:" not in url:
+        path = url[len("sqlite:///"):].split("?", 1)[0]
+        if not os.path.exists(path):
+            raise BadInputError(f"no fleet store at {path} (the controller and `edgeship deploy` make one; "
+                                "check --db or $EDGESHIP_DB)")
+    return open_store(url)

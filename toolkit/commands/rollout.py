@@ -199,7 +199,7 @@ def status(rollout_id: str, watch: bool, interval: float, with_devices: bool, db
 
     if watch:
         check_interval(interval)
-    store = open_fleet_store(db_url)
+    store = open_fleet_store(db_url, existing=True)
     current, health = _load_with_health(store, rollout_id)
     if watch and current.state not in FINISHED_STATES:
         if as_json:
@@ -246,7 +246,7 @@ def _operator_command(name: str, summary: str) -> Any:
         from edgeship.toolkit import rollouts as engine
 
         check_broker_url(broker_url)
-        store = open_fleet_store(db_url)
+        store = open_fleet_store(db_url, existing=True)
         now = time.time()
         operation = getattr(engine, name)
         decision = store.update_rollout(
@@ -284,7 +284,7 @@ def ls(fleet: Optional[str], states: Tuple[str, ...], limit: int, db_url: Option
     """List rollouts, newest first."""
     if limit < 1:
         raise BadInputError(f"--limit {limit}: show at least 1 rollout")
-    store = open_fleet_store(db_url)
+    store = open_fleet_store(db_url, existing=True)
     rows = store.list_rollouts(fleet, [s.upper() for s in states] or None, limit)
     docs = [{"id": r["id"], "fleet": r["fleet"], "name": r["name"], "version": r["version"], "state": r["state"],
              "stage": r["stage"] + 1, "stages": r["policy"]["stages"] if isinstance(r["policy"], dict) else None,
