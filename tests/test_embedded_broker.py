@@ -190,3 +190,16 @@ def test_an_agent_started_before_the_broker_loses_nothing_in_the_version_fallbac
     finally:
         conn.close()
         broker.stop()
+
+
+def test_module_entry_point_on_a_taken_port_is_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "edgeship.toolkit.embedded_broker", "--port", str(port)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: embedded MQTT broker could not listen on 127.0.0.1:{port} "
+        "(OSError: [Errno 98] Address already in use)"], result.stderr

@@ -26,6 +26,7 @@ __all__ = ["EmbeddedBroker", "main"]
 import asyncio
 import logging
 import socket
+import sys
 import threading
 import time
 from typing import Any, Dict, Optional
@@ -162,7 +163,8 @@ class EmbeddedBroker:
 
 
 def main(argv: Optional[list] = None) -> None:
-    """``python -m edgeship.toolkit.embedded_broker``: run until interrupted."""
+    """``python -m edgeship.toolkit.embedded_broker``: run until interrupted (what
+    ``edgeship broker run`` does without --broker-dir)."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Run edgeship's embedded MQTT broker (amqtt, MQTT 3.1.1).")
@@ -170,7 +172,11 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--port", type=int, default=1883)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    broker = EmbeddedBroker(args.host, args.port).start()
+    try:
+        broker = EmbeddedBroker(args.host, args.port).start()
+    except EdgeshipError as exc:  # the port is taken, amqtt is missing: one line, as `edgeship broker run`
+        print(f"error: {exc.message}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
     print(f"edgeship embedded broker on {broker.url} (Ctrl-C to stop)", flush=True)
     try:
         while broker.running:

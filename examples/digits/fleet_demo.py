@@ -3,7 +3,7 @@
     python examples/digits/fleet_demo.py [--out DIR] [--devices N] [--json]
 
 On this machine, with nothing but the Python environment: an embedded MQTT broker
-(amqtt, ``python -m edgeship.toolkit.embedded_broker``), the fleet controller
+(amqtt, ``edgeship broker run``), the fleet controller
 (``edgeship controller``) and N device agents (``edgeship-agent run``, each with its
 own data folder and config written by ``edgeship-agent init``), all separate
 processes. Then, with the real commands:
@@ -225,7 +225,7 @@ class FleetDemo:
         start = time.perf_counter()
         port = _free_port()
         self.broker_url = f"mqtt://127.0.0.1:{port}"
-        self.procs.start("broker", [PYTHON, "-m", "edgeship.toolkit.embedded_broker", "--host", "127.0.0.1",
+        self.procs.start("broker", [PYTHON, "-m", "edgeship.toolkit.cli", "broker", "run", "--host", "127.0.0.1",
                                     "--port", str(port)], layer=0)
         _wait(lambda: self._listening(port) or self.procs.check(), 30, "the embedded broker")  # type: ignore[union-attr]
         self.say(f"embedded MQTT broker (amqtt) on {self.broker_url}")
