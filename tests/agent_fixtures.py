@@ -96,7 +96,10 @@ BUNDLES = {
 }
 
 
-_REPOS: dict[str, AgentRepo] = {}
+_REQUIREMENTS: dict[str, dict[str, Any]] = {
+    "needs-runtime": {"min_version": "99.0"},
+    "other-arch": {"architectures": ["riscv64"]},
+}
 
 
 def build_agent_repo(
@@ -105,12 +108,9 @@ def build_agent_repo(
     digits_files: dict[str, Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AgentRepo:
-    """The release repository, built once per test session (each test module's
-    ``agent_repo`` fixture calls this)."""
-    key = str(tmp_path_factory.getbasetemp())
-    if key not in _REPOS:
-        _REPOS[key] = _build(digits_tflite, digits_int8_tflite, digits_files, tmp_path_factory)
-    return _REPOS[key]
+    """The release repository (the session fixture ``agent_repo`` in conftest.py builds
+    it once for the whole run)."""
+    return _build(digits_tflite, digits_int8_tflite, digits_files, tmp_path_factory)
 
 
 def _build(
@@ -147,29 +147,14 @@ def _build(
             build_bundle(
                 digits_int8_tflite, name="digits", version=version, out=out, golden=bad_golden
             )
-        elif kind == "needs-runtime":
+        elif kind in _REQUIREMENTS:  # a bundle this device cannot run: REJECTED
             build_bundle(
                 digits_int8_tflite,
                 name="digits",
                 version=version,
                 out=out,
                 golden=golden_int8,
-                report={
-                    "signature": int8_signature,
-                    "runtime_requirements": {"min_version": "99.0"},
-                },
-            )
-        elif kind == "other-arch":
-            build_bundle(
-                digits_int8_tflite,
-                name="digits",
-                version=version,
-                out=out,
-                golden=golden_int8,
-                report={
-                    "signature": int8_signature,
-                    "runtime_requirements": {"architectures": ["riscv64"]},
-                },
+                report={"signature": int8_signature, "runtime_requirements": _REQUIREMENTS[kind]},
             )
         elif kind == "corrupt-model":
             build_bundle(

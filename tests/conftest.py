@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     from mqtt_broker import MosquittoBroker
@@ -75,6 +75,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
         if sshd_binary() is None:
             pytest.skip("sshd is not installed (openssh-server; .ci/system-packages)")
+
+
+@pytest.fixture(scope="session")
+def agent_repo(
+    digits_tflite: Path,
+    digits_int8_tflite: Path,
+    digits_files: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Any:
+    """A release repository of digits bundles for the agent tests (agent_fixtures.AgentRepo),
+    built once per run: defined here, not per test module, so every module shares it."""
+    from agent_fixtures import build_agent_repo
+
+    return build_agent_repo(digits_tflite, digits_int8_tflite, digits_files, tmp_path_factory)
 
 
 @pytest.fixture

@@ -16,22 +16,11 @@ from agent_fixtures import (
     AgentRepo,
     TFServingClient,
     agent_config,
-    build_agent_repo,
     wait_for,
 )
 from edgeship.agent.daemon import Agent
 from edgeship.agent.sources import OfflinePackageSource
 from edgeship.ota.protocol import EventMessage, ReportedMessage, TelemetryMessage
-
-
-@pytest.fixture(scope="session")
-def agent_repo(
-    digits_tflite: Path,
-    digits_int8_tflite: Path,
-    digits_files: dict[str, Path],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AgentRepo:
-    return build_agent_repo(digits_tflite, digits_int8_tflite, digits_files, tmp_path_factory)
 
 
 class Capture:

@@ -99,7 +99,7 @@ def test_the_child_verifies_what_this_process_downloads(tmp_path: Path, release:
     assert not downloader.opened  # admit checks the director's signature only
     staged = source.fetch(ctx)
     assert isinstance(staged, StagedBundle) and staged.manifest["version"] == "1.0.0"
-    assert (Path(staged.root) / "manifest.json").is_file() or any(Path(staged.root).iterdir())
+    assert (Path(staged.root) / "manifest.json").is_file() and (Path(staged.root) / "model.tflite").is_file()
     # every byte came through this process: metadata and the bundle
     assert any(p.startswith("metadata/") for p in downloader.opened)
     assert any(p.startswith("targets/") for p in downloader.opened)

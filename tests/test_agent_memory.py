@@ -13,23 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_fixtures import AgentProcess, AgentRepo, agent_cli, build_agent_repo, write_config
+from agent_fixtures import AgentProcess, AgentRepo, agent_cli, write_config
 from edgeship.agent.isolated import _rebuild_error
 from edgeship.agent.runtimes import RuntimeUnavailableError
 from edgeship.agent.sources import VERIFY_IN_PROCESS_ENV, OfflinePackageSource
 from edgeship.agent.state_machine import Event
 from edgeship.agent.updater import classify_error, release_memory
 from edgeship.ota.errors import BadInputError, EdgeshipError, SecurityError
-
-
-@pytest.fixture(scope="session")
-def agent_repo(
-    digits_tflite: Path,
-    digits_int8_tflite: Path,
-    digits_files: dict[str, Path],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AgentRepo:
-    return build_agent_repo(digits_tflite, digits_int8_tflite, digits_files, tmp_path_factory)
 
 
 # -- the child's error comes back mapped the same way (pure) ------------------------------------------
@@ -74,14 +64,21 @@ def test_isolation_is_the_default_and_the_env_switch_turns_it_off(
     assert OfflinePackageSource(tmp_path / "p", isolate=True).isolate is True
 
 
-def test_release_memory_trims_on_glibc() -> None:
+def test_release_memory_trims_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It calls glibc's malloc_trim(0) where libc has it, and only collects where not."""
     import ctypes
 
-    try:
-        has_trim = hasattr(ctypes.CDLL(None), "malloc_trim")
-    except OSError:
-        has_trim = False
-    assert release_memory() is has_trim
+    calls: list[int] = []
+
+    class Libc:
+        def __init__(self, with_trim: bool) -> None:
+            if with_trim:
+                self.malloc_trim = lambda pad: calls.append(pad)
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name, *a, **k: Libc(with_trim=True))
+    assert release_memory() is True and calls == [0]
+    monkeypatch.setattr(ctypes, "CDLL", lambda name, *a, **k: Libc(with_trim=False))
+    assert release_memory() is False and calls == [0]
 
 
 def test_missing_package_fails_in_the_parent_with_the_same_message(

@@ -18,22 +18,11 @@ from agent_fixtures import (
     AgentRepo,
     agent_cli,
     agent_env,
-    build_agent_repo,
     status,
     wait_for,
     write_config,
 )
 from edgeship.agent.config import load_config
-
-
-@pytest.fixture(scope="session")
-def agent_repo(
-    digits_tflite: Path,
-    digits_int8_tflite: Path,
-    digits_files: dict[str, Path],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AgentRepo:
-    return build_agent_repo(digits_tflite, digits_int8_tflite, digits_files, tmp_path_factory)
 
 
 def settle(agent: AgentProcess, timeout: float = 60) -> dict:

@@ -10,14 +10,15 @@ lines on the agent's log, what a device without a broker keeps).
 from __future__ import annotations
 
 __all__ = [
-    "AGENT_VERSION",
     "LogReporter",
     "NullReporter",
     "Reporter",
+    "agent_version",
     "event_document",
     "state_document",
 ]
 
+import functools
 import json
 import logging
 import time
@@ -29,7 +30,17 @@ from .config import AgentConfig
 from .persistence import AgentState
 from .state_machine import State
 
-AGENT_VERSION = "0.1.0"
+
+@functools.lru_cache(maxsize=1)
+def agent_version() -> str:
+    """The installed edgeship distribution's version (reported to the fleet); read on
+    first use, not at import (importlib.metadata is not free at start-up)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgeship")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree that is not installed
+        return "0+unknown"
 
 
 class Reporter(Protocol):
@@ -110,6 +121,6 @@ def state_document(
         }
         if update is not None
         else None,
-        agent_version=AGENT_VERSION,
+        agent_version=agent_version(),
         runtime=runtime,
     ).to_dict()

@@ -9,7 +9,7 @@ own statistics, so probation compares the new model with the one it replaced.
 
 from __future__ import annotations
 
-__all__ = ["LoadedModel", "ModelStats", "NoModelError", "ServingModel", "warm_up"]
+__all__ = ["LoadedModel", "ModelStats", "NoModelError", "ServingModel", "warm_up", "zero_inputs"]
 
 import threading
 import time
@@ -22,7 +22,7 @@ import numpy as np
 from edgeship.ota.errors import BadInputError, EdgeshipError
 from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
 
-from .runtimes import ModelRunner
+from .runtimes import ModelRunner, ModelSignature
 
 
 class NoModelError(EdgeshipError):
@@ -290,16 +290,19 @@ class LoadedModel:
         return f"{self.name} {self.version}"
 
 
+def zero_inputs(signature: ModelSignature) -> list[np.ndarray]:
+    """One example of zeros per input (batch 1, a dynamic dimension as 1), in float32:
+    what the runner takes for every model, int8 ones included."""
+    return [
+        np.zeros([1, *(d if d > 0 else 1 for d in spec.shape[1:])], dtype=np.float32)
+        for spec in signature.inputs
+    ]
+
+
 def warm_up(runner: ModelRunner, inputs: Sequence[np.ndarray] | None = None, runs: int = 3) -> None:
     """Run the model a few times so the first real request pays no first-invoke cost."""
     if inputs is None:
-        inputs = [
-            np.zeros(
-                [1 if d in (-1, 0) or i == 0 else d for i, d in enumerate(spec.shape)],
-                dtype=np.float32,
-            )
-            for spec in runner.signature.inputs
-        ]
+        inputs = zero_inputs(runner.signature)
     for _ in range(runs):
         runner.run(inputs)
 

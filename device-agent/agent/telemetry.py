@@ -31,6 +31,7 @@ from edgeship.ota.protocol import TelemetryMessage
 from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
 
 from .serving import LoadedModel, ServingModel
+from .slots import free_bytes
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -63,11 +64,11 @@ def device_temperatures_c(root: str = "/sys/class/thermal") -> dict[str, float]:
 
 
 def free_disk_bytes(folder: Path) -> int:
+    """slots.free_bytes, or 0 where the folder cannot be looked at (a gauge never fails)."""
     try:
-        stat = os.statvfs(folder)
+        return free_bytes(folder)
     except OSError:
         return 0
-    return stat.f_bavail * stat.f_frsize
 
 
 def drift_score(

@@ -57,7 +57,7 @@ from .health import ProbationPolicy, ProbationSample, Verdict, latency_gate, pro
 from .persistence import AgentState, InstalledBundle, StateStore, UpdateRecord
 from .reporter import NullReporter, Reporter, event_document, state_document
 from .runtimes import RuntimeUnavailableError, _importable_tflite, open_model
-from .serving import LoadedModel, ServingModel, warm_up
+from .serving import LoadedModel, ServingModel, warm_up, zero_inputs
 from .slots import apply_retention, free_bytes, install_into_slot, plan_retention, slot_name
 from .sources import BundleSource, SlotSource, SourceContext, SourceRegistry, StagedBundle
 from .state_machine import (
@@ -644,10 +644,7 @@ class UpdateDriver:
             reasons.append(check.reason)
             sample = [np.asarray(x)[:1] for x in golden.inputs]
         else:
-            sample = [
-                np.zeros([1, *[d if d > 0 else 1 for d in s.shape[1:]]], dtype=np.float32)
-                for s in runner.signature.inputs
-            ]
+            sample = zero_inputs(runner.signature)
             outputs = runner.run(sample)
             if not all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f"):
                 return SelfTestResult(
