@@ -3,7 +3,7 @@
 What the controller must sustain: 1,000 devices sending telemetry every second,
 i.e. at least 1,000 telemetry messages/s written. Measured here:
 
-- baseline: one transaction per message (``FleetStore.record_telemetry``), the naive way;
+- baseline: one transaction per message (``FleetStore.ingest`` of one item), the naive way;
 - ``FleetStore.ingest`` with batches of 100 and 1,000 messages;
 - the same batches including the protocol parse of each payload (bytes -> TelemetryMessage);
 - one reconcile of a 1,000-device rollout: ``fleet_snapshot`` (with 60 s of telemetry merged) and ``step``.
@@ -64,7 +64,7 @@ def run(url: str, messages: int) -> List[Tuple[str, int, float]]:
     def one_by_one() -> int:
         count = max(200, messages // 10)
         for i in range(count):
-            store.record_telemetry(FLEET, devices[i % DEVICES], samples[i % len(samples)], time.time())
+            store.ingest([IngestItem(FLEET, devices[i % DEVICES], samples[i % len(samples)], time.time())])
         return count
 
     results.append(("baseline: one transaction per message", *_timed(one_by_one)))

@@ -514,16 +514,6 @@ class Controller:
         self.stats.set("ingest_lag_s", lag)
         self.stats.max("ingest_lag_max_s", lag)
 
-    def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Wait until every queued message is written (tests and benchmarks)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._queue.all_tasks_done:
-                if self._queue.unfinished_tasks == 0:
-                    return True
-            time.sleep(0.02)
-        return False
-
     # -- reconcile --
     def _reconcile_loop(self) -> None:
         while not self._stop.is_set():

@@ -517,30 +517,12 @@ class FleetStore:
                 conn.execute(sa.insert(telemetry), telemetry_rows)
         return len(items)
 
-    def record_reported(self, fleet: str, device: str, message: ReportedMessage, received_at: float) -> None:
-        self.ingest([IngestItem(fleet, device, message, received_at)])
-
-    def record_status(self, fleet: str, device: str, message: StatusMessage, received_at: float) -> None:
-        self.ingest([IngestItem(fleet, device, message, received_at)])
-
-    def record_event(self, fleet: str, device: str, message: EventMessage, received_at: float) -> None:
-        self.ingest([IngestItem(fleet, device, message, received_at)])
-
-    def record_telemetry(self, fleet: str, device: str, message: TelemetryMessage, received_at: float) -> None:
-        self.ingest([IngestItem(fleet, device, message, received_at)])
-
     def prune_telemetry(self, older_than: float) -> int:
         """Delete telemetry windows received before ``older_than``; returns how many."""
         with self.engine.begin() as conn:
             return int(conn.execute(sa.delete(telemetry).where(telemetry.c.received_at < older_than)).rowcount)
 
     # -- devices and tags ---------------------------------------------------------------------
-
-    def ensure_device(self, fleet: str, device: str, now: float) -> None:
-        """Create a device row (e.g. when provisioning, before it ever spoke)."""
-        with self.engine.begin() as conn:
-            conn.execute(self._insert_ignore(devices, "id"),
-                         [{"id": device, "fleet": fleet, "online": False, "first_seen": now, "last_seen": now}])
 
     def set_tags(self, device: str, tags: Mapping[str, str], remove: Iterable[str] = ()) -> Dict[str, str]:
         """Set (and remove) a device's tags; returns its tags after. Unknown device: BadInputError."""

@@ -22,7 +22,15 @@ from edgeship.ota.errors import BadInputError
 from edgeship.ota.topics import validate_identifier
 
 from ..output import console, emit_json
-from .fleet_options import broker_option, check_broker_url, db_option, json_option, open_fleet_store
+from .fleet_options import (
+    broker_option,
+    check_broker_url,
+    check_published,
+    db_option,
+    json_option,
+    open_fleet_store,
+    repo_option,
+)
 
 _WINDOW_HELP = "Telemetry window for p95 latency and error rate (e.g. 15m, 1h)."
 
@@ -242,8 +250,7 @@ def fleet_ls(fleet_name: Optional[str], select: Tuple[str, ...], window: str, db
 @click.option("--select", "select", multiple=True, metavar="TAG=VALUE",
               help="Every device with this tag (repeatable: all must match).")
 @click.option("--fleet", "fleet_name", default=None, help="The fleet (needed with --select when several exist).")
-@click.option("--repo", "repo_dir", envvar="EDGESHIP_REPO", default=None, type=click.Path(file_okay=False),
-              help="Check that NAME VERSION is published in this release repository first (env EDGESHIP_REPO).")
+@repo_option
 @db_option
 @broker_option
 @json_option
@@ -261,10 +268,7 @@ def deploy(name: str, version: str, device_ids: Tuple[str, ...], select: Tuple[s
         raise BadInputError("deploy needs either --device ID (repeatable) or --select TAG=VALUE, not both")
     if fleet_name is not None:
         validate_identifier(fleet_name, "fleet")
-    if repo_dir is not None:
-        from edgeship.ota.release import ReleaseRepository
-
-        ReleaseRepository(repo_dir).target_info(name, version)  # BadInputError when it is not published
+    check_published(repo_dir, (name, version))
     store = open_fleet_store(db_url)
     try:
         if device_ids:
