@@ -75,6 +75,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
         if sshd_binary() is None:
             pytest.skip("sshd is not installed (openssh-server; .ci/system-packages)")
+    if item.get_closest_marker("promtool") is not None and shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (Debian's prometheus; .ci/system-packages)")
 
 
 @pytest.fixture(scope="session")

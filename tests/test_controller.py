@@ -49,6 +49,7 @@ def store(db_url: str) -> Any:
     opened.close()
 
 
+@pytest.mark.promtool
 def test_controller_ingests_status_reported_events_and_telemetry(mosquitto_broker: Any, release_repo: Path,
                                                                  db_url: str, store: FleetStore,
                                                                  devices_factory: Callable[..., SimDevice]) -> None:
@@ -72,7 +73,11 @@ def test_controller_ingests_status_reported_events_and_telemetry(mosquitto_broke
         assert 'edgeship_devices{fleet="plant"} 2' in body
         assert 'edgeship_devices_online{fleet="plant"} 1' in body
         assert 'edgeship_devices_by_version{fleet="plant",bundle="digits",version="1.0.0"} 1' in body
-        assert 'edgeship_fleet_requests{fleet="plant"} 250' in body
+        assert 'edgeship_fleet_window_requests{fleet="plant",bundle="digits",version="1.0.0"} 200' in body
+        assert 'edgeship_fleet_requests_total{fleet="plant",bundle="digits",version="1.0.0"} 200' in body
+        assert 'edgeship_fleet_requests_total{fleet="plant",bundle="",version=""} 50' in body
+        lint = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, text=True, timeout=60)
+        assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout + lint.stderr
         assert controller.stats.get("ingested") >= 6 and controller.stats.get("rejected.other") == 0
     finally:
         controller.stop()

@@ -36,6 +36,7 @@ from edgeship.toolkit.controller import (
     timestamp_refresh_due,
 )
 from edgeship.ota.errors import BadInputError
+from edgeship.toolkit.controller_metrics import FleetCounters
 
 T = "edgeship/plant/devices/dev-1"
 
@@ -136,31 +137,50 @@ def test_timestamp_refresh_is_due_before_half_the_validity_is_gone(status: Dict[
     assert timestamp_refresh_due(status, fraction) is due
 
 
-def test_metrics_page_has_the_fleet_versions_rollouts_and_latency() -> None:
+def _metrics_fixture() -> str:
     histogram = LatencyHistogram()
     for value in [1.0] * 90 + [40.0] * 10:
         histogram.observe(value)
     summary = {"plant": {"devices": 3, "online": 2, "versions": {"digits:1.0.0": 2, "none": 1}, "requests": 100,
-                         "errors": 5, "latency": histogram},
+                         "errors": 5, "latency": histogram,
+                         "by_version": {("digits", "1.0.0"): {"requests": 100, "errors": 5, "latency": histogram,
+                                                              "drift_max": 0.25}}},
                "lab": {"devices": 1, "online": 0, "versions": {}, "requests": 0, "errors": 0,
-                       "latency": LatencyHistogram()}}
+                       "latency": LatencyHistogram(),
+                       "by_version": {("", ""): {"requests": 0, "errors": 0, "latency": LatencyHistogram(),
+                                                 "drift_max": None}}}}
     rollouts = [{"id": "r-1", "fleet": "plant", "name": "digits", "version": "1.1.0", "state": "RUNNING", "stage": 0,
                  "devices": {"SUCCEEDED": 1, "PENDING": 2}}]
-    text = render_metrics(summary, rollouts, {"received.events": 4, "rejected.other": 2, "ingested": 9,
-                                              "ingest_lag_s": 0.25}, 60)
-    lines = set(text.splitlines())
+    counters = FleetCounters()
+    counters.add("plant", {"name": "digits", "version": "1.0.0"}, 60, 3, histogram)
+    counters.add("plant", {"name": "digits", "version": "1.0.0"}, 40, 2, histogram)
+    return render_metrics(summary, rollouts, {"received.events": 4, "rejected.other": 2, "ingested": 9,
+                                              "ingest_lag_s": 0.25}, 60, counters=counters.snapshot(),
+                          rollout_states={("plant", "ABORTED"): 1, ("plant", "RUNNING"): 1})
+
+
+def test_metrics_page_has_the_fleet_versions_rollouts_and_latency() -> None:
+    lines = set(_metrics_fixture().splitlines())
+    version = 'fleet="plant",bundle="digits",version="1.0.0"'
     assert 'edgeship_devices{fleet="plant"} 3' in lines
     assert 'edgeship_devices_online{fleet="plant"} 2' in lines
     assert 'edgeship_devices_by_version{fleet="plant",bundle="digits",version="1.0.0"} 2' in lines
     assert 'edgeship_devices_by_version{fleet="plant",bundle="",version=""} 1' in lines
-    assert 'edgeship_fleet_error_rate{fleet="plant"} 0.05' in lines
-    assert 'edgeship_fleet_error_rate{fleet="lab"} NaN' in lines
-    p95 = next(line for line in lines if line.startswith('edgeship_fleet_latency_ms{fleet="plant",quantile="0.95"}'))
-    assert 30.0 < float(p95.split()[-1]) <= 50.0  # the slow tenth lies in the (30, 50] ms bucket
-    assert 'edgeship_fleet_latency_window_ms_bucket{fleet="plant",le="+Inf"} 100' in lines
-    assert 'edgeship_fleet_latency_window_ms_bucket{fleet="plant",le="1.0"} 90' in lines
+    assert f"edgeship_fleet_window_requests{{{version}}} 100" in lines
+    assert f"edgeship_fleet_window_error_ratio{{{version}}} 0.05" in lines
+    assert 'edgeship_fleet_window_error_ratio{fleet="lab",bundle="",version=""} NaN' in lines
+    assert f"edgeship_fleet_window_drift_max{{{version}}} 0.25" in lines
+    p95 = next(line for line in lines if line.startswith(f"edgeship_fleet_window_latency_p95_seconds{{{version}}}"))
+    assert 0.030 < float(p95.split()[-1]) <= 0.050  # the slow tenth lies in the (30, 50] ms bucket
+    # cumulative: two telemetry windows added up; the histogram in seconds, buckets never falling
+    assert f"edgeship_fleet_requests_total{{{version}}} 100" in lines
+    assert f"edgeship_fleet_errors_total{{{version}}} 5" in lines
+    assert f'edgeship_fleet_latency_seconds_bucket{{{version},le="+Inf"}} 200' in lines
+    assert f'edgeship_fleet_latency_seconds_bucket{{{version},le="0.001"}} 180' in lines
+    assert f"edgeship_fleet_latency_seconds_count{{{version}}} 200" in lines
     assert ('edgeship_rollout_devices{rollout="r-1",fleet="plant",bundle="digits",version="1.1.0",'
             'state="RUNNING",status="PENDING"} 2') in lines
+    assert 'edgeship_rollouts{fleet="plant",state="ABORTED"} 1' in lines
     assert 'edgeship_controller_messages_total{kind="events"} 4' in lines
     assert 'edgeship_controller_messages_rejected_total{kind="other"} 2' in lines
     assert "edgeship_controller_ingest_lag_seconds 0.25" in lines
@@ -170,6 +190,27 @@ def test_metrics_page_has_the_fleet_versions_rollouts_and_latency() -> None:
         if line and not line.startswith("#"):
             name = line.split("{")[0].split(" ")[0]
             assert name in declared or name.rsplit("_", 1)[0] in declared, line
+
+
+def test_metrics_page_histogram_buckets_are_cumulative_and_never_fall() -> None:
+    lines = [line for line in _metrics_fixture().splitlines() if line.startswith("edgeship_fleet_latency_seconds_bucket")]
+    values = [float(line.split()[-1]) for line in lines]
+    assert len(values) > 10 and values == sorted(values)
+
+
+def test_fleet_counters_only_grow_and_keep_versions_apart() -> None:
+    counters = FleetCounters()
+    one = LatencyHistogram()
+    one.observe(2.0)
+    counters.add("plant", {"name": "digits", "version": "1.0.0"}, 10, 1, one)
+    counters.add("plant", {"name": "digits", "version": "1.1.0"}, 5, 0, one)
+    counters.add("plant", None, 3, 0, LatencyHistogram())
+    counters.add("plant", {"name": "digits", "version": "1.0.0"}, 7, 2, one)
+    snap = counters.snapshot()
+    assert snap[("plant", "digits", "1.0.0")]["requests"] == 17 and snap[("plant", "digits", "1.0.0")]["errors"] == 3
+    assert snap[("plant", "digits", "1.0.0")]["latency"].count == 2
+    assert snap[("plant", "digits", "1.1.0")]["requests"] == 5
+    assert snap[("plant", "", "")]["requests"] == 3
 
 
 def test_labels_are_escaped() -> None:

@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "deploy": "edgeship.toolkit.commands.fleet:deploy",
     "rollout": "edgeship.toolkit.commands.rollout:rollout",
     "abtest": "edgeship.toolkit.commands.abtest:abtest",
+    "monitoring": "edgeship.toolkit.commands.monitoring:monitoring",
 }
 
 HELP: dict[str, str] = {
@@ -55,6 +56,7 @@ HELP: dict[str, str] = {
     "deploy": "Assign a bundle version to one device or a selection, directly.",
     "rollout": "Staged rollouts with automatic abort and rollback.",
     "abtest": "A/B tests between two bundle versions, with a statistical verdict.",
+    "monitoring": "Export the Prometheus alert rules and Grafana dashboards.",
 }
 
 

@@ -77,7 +77,7 @@ from edgeship.ota.topics import (
 )
 from edgeship.ota.transport import MQTT_V5, BrokerUrl, MqttConnection, ReceivedMessage, TransportError
 from edgeship.toolkit.blockserver import BlockServer
-from edgeship.toolkit.controller_metrics import INGESTED_KINDS, MetricsServer, render_metrics
+from edgeship.toolkit.controller_metrics import INGESTED_KINDS, FleetCounters, MetricsServer, render_metrics
 from edgeship.toolkit.rollouts import AssignVersion, RollbackDevice
 from edgeship.toolkit.store import ConcurrentUpdateError, FleetStore, IngestItem, PendingAction
 
@@ -305,6 +305,7 @@ class Controller:
         self._own_store = store is None
         self.store = store if store is not None else FleetStore(config.db_url)
         self.stats = ControllerStats()
+        self.fleet_counters = FleetCounters()
         self.client_id = f"edgeship-controller-{config.replica_id}"
         self.connection = MqttConnection(config.broker, client_id=self.client_id, protocol=config.protocol,
                                          clean_start=True,
@@ -510,6 +511,10 @@ class Controller:
             return
         lag = self.clock() - min(item.received_at for item in batch)
         self.stats.add("ingested", len(batch))
+        for item in batch:
+            if isinstance(item.message, TelemetryMessage):
+                self.fleet_counters.add(item.fleet, item.message.bundle, item.message.requests, item.message.errors,
+                                        item.message.latency)
         self.stats.add("batches")
         self.stats.set("ingest_lag_s", lag)
         self.stats.max("ingest_lag_max_s", lag)
@@ -722,7 +727,9 @@ class Controller:
             summary = self.store.fleet_summary(now - self.config.metrics_window_s)
             rollouts = self.store.list_rollouts(states=["RUNNING", "PAUSED"], limit=100)
             stats = self.snapshot_stats()
-            text = render_metrics(summary, rollouts, stats, self.config.metrics_window_s)
+            text = render_metrics(summary, rollouts, stats, self.config.metrics_window_s,
+                                  counters=self.fleet_counters.snapshot(),
+                                  rollout_states=self.store.rollout_state_counts())
             self._metrics_cache = (time.monotonic(), text)
             return text
 

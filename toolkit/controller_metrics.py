@@ -4,7 +4,7 @@ and the figures come from the store and the controller's counters at scrape time
 
 from __future__ import annotations
 
-__all__ = ["INGESTED_KINDS", "MetricsServer", "render_metrics"]
+__all__ = ["INGESTED_KINDS", "FleetCounters", "MetricsServer", "WINDOW_QUANTILES", "render_metrics"]
 
 import logging
 import threading
@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
 from edgeship.ota.topics import EVENTS, REPORTED, STATUS, TELEMETRY
+from edgeship.toolkit.rollouts import RolloutState
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +40,63 @@ def _number(value: Optional[float]) -> str:
     return repr(float(value)) if isinstance(value, float) else str(value)
 
 
+class FleetCounters:
+    """Cumulative serving figures per (fleet, bundle, version), summed from the telemetry this
+    controller ingested since it started.
+
+    Prometheus wants counters that only grow (``rate()`` reads any fall as a reset), and the
+    store's window of telemetry falls as rows age out: so the counters are kept here, in the
+    process, and start from zero with it, as every Prometheus counter does. Replicas each count
+    what their shared subscription delivered; ``sum without (instance)`` adds them up.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._series: Dict[Tuple[str, str, str], Dict[str, Any]] = {}
+
+    def add(self, fleet: str, bundle: Optional[Mapping[str, str]], requests: int, errors: int,
+            latency: LatencyHistogram) -> None:
+        key = (fleet, (bundle or {}).get("name", ""), (bundle or {}).get("version", ""))
+        with self._lock:
+            entry = self._series.setdefault(key, {"requests": 0, "errors": 0, "latency": LatencyHistogram()})
+            entry["requests"] += requests
+            entry["errors"] += errors
+            entry["latency"] = entry["latency"].merge(latency)
+
+    def snapshot(self) -> Dict[Tuple[str, str, str], Dict[str, Any]]:
+        with self._lock:
+            return {key: dict(value) for key, value in self._series.items()}
+
+
+WINDOW_QUANTILES = ((0.5, "p50"), (0.95, "p95"), (0.99, "p99"))
+"""The latency quantiles published as windowed gauges (one metric each: a ``quantile`` label is
+reserved for summaries)."""
+
+
+def _version_labels(fleet: str, bundle: str, version: str) -> Dict[str, Any]:
+    return {"fleet": fleet, "bundle": bundle, "version": version}
+
+
 def render_metrics(summary: Mapping[str, Mapping[str, Any]], rollouts: Sequence[Mapping[str, Any]],
-                   stats: Mapping[str, float], window_s: float) -> str:
+                   stats: Mapping[str, float], window_s: float,
+                   counters: Optional[Mapping[Tuple[str, str, str], Mapping[str, Any]]] = None,
+                   rollout_states: Optional[Mapping[Tuple[str, str], int]] = None) -> str:
     """The Prometheus text exposition (format 0.0.4) of the fleet and the controller. Pure.
 
+    Names follow Prometheus' conventions, checked by ``promtool check metrics`` in the tests: base
+    units (seconds), ``_total`` on counters, no ``quantile`` label outside a summary. Figures over
+    the recent window are gauges named ``..._window_...`` (they fall as telemetry ages out);
+    counters and the latency histogram only grow (:class:`FleetCounters`).
+
     Args:
-        summary: :meth:`FleetStore.fleet_summary` (per fleet: devices, online, versions, requests,
-            errors and the merged latency histogram of the last ``window_s`` seconds).
+        summary: :meth:`FleetStore.fleet_summary` (per fleet: devices, online, versions, and per
+            ``(bundle, version)`` the requests, errors, drift and merged latency histogram of the
+            last ``window_s`` seconds).
         rollouts: :meth:`FleetStore.list_rollouts` rows (id, fleet, name, version, state, stage,
             devices: per-status counts).
         stats: the controller's own counters (:meth:`ControllerStats.snapshot`).
+        counters: :meth:`FleetCounters.snapshot`: cumulative requests, errors and latency.
+        rollout_states: rollouts per (fleet, state), all of them (:meth:`FleetStore.rollout_state_counts`).
     """
     out: List[str] = []
 
@@ -57,6 +105,18 @@ def render_metrics(summary: Mapping[str, Mapping[str, Any]], rollouts: Sequence[
         out.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
             out.append(f"{name}{_labels(**labels)} {_number(value)}")
+
+    def histogram(name: str, help_text: str, series: Sequence[Tuple[Dict[str, Any], LatencyHistogram]]) -> None:
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} histogram")
+        for labels, hist in series:
+            running = 0
+            for bound, count in zip(LATENCY_BUCKETS_MS, hist.counts):
+                running += count
+                out.append(f"{name}_bucket{_labels(**labels, le=f'{bound / 1000.0:g}')} {running}")
+            out.append(f"{name}_bucket{_labels(**labels, le='+Inf')} {hist.count}")
+            out.append(f"{name}_sum{_labels(**labels)} {_number(hist.total_ms / 1000.0)}")
+            out.append(f"{name}_count{_labels(**labels)} {hist.count}")
 
     fleets = sorted(summary)
     family("edgeship_devices", "gauge", "Devices known to the controller.",
@@ -70,38 +130,44 @@ def render_metrics(summary: Mapping[str, Mapping[str, Any]], rollouts: Sequence[
             version_samples.append(({"fleet": f, "bundle": name if version else "", "version": version}, count))
     family("edgeship_devices_by_version", "gauge", "Devices per active bundle and version (empty: none yet).",
            version_samples)
-    family("edgeship_fleet_requests", "gauge", f"Inference requests reported over the last {window_s:g} s.",
-           [({"fleet": f}, summary[f]["requests"]) for f in fleets])
-    family("edgeship_fleet_errors", "gauge", f"Inference errors reported over the last {window_s:g} s.",
-           [({"fleet": f}, summary[f]["errors"]) for f in fleets])
-    family("edgeship_fleet_error_rate", "gauge", f"Errors per request over the last {window_s:g} s.",
-           [({"fleet": f}, (summary[f]["errors"] / summary[f]["requests"]) if summary[f]["requests"] else None)
-            for f in fleets])
-    quantile_samples = []
-    for f in fleets:
-        histogram: LatencyHistogram = summary[f]["latency"]
-        for q in (0.5, 0.95, 0.99):
-            quantile_samples.append(({"fleet": f, "quantile": q}, histogram.quantile_ms(q)))
-    family("edgeship_fleet_latency_ms", "gauge",
-           f"Fleet-wide inference latency quantiles (ms) from the devices' merged histograms, last {window_s:g} s.",
-           quantile_samples)
-    bucket_samples: List[Tuple[Dict[str, Any], Optional[float]]] = []
-    for f in fleets:
-        histogram = summary[f]["latency"]
-        running = 0
-        for bound, count in zip(LATENCY_BUCKETS_MS, histogram.counts):
-            running += count
-            bucket_samples.append(({"fleet": f, "le": bound}, running))
-        bucket_samples.append(({"fleet": f, "le": "+Inf"}, histogram.count))
-    out.append(f"# HELP edgeship_fleet_latency_window_ms Merged latency histogram of the last {window_s:g} s "
-               "(cumulative buckets, ms).")
-    out.append("# TYPE edgeship_fleet_latency_window_ms histogram")
-    for labels, value in bucket_samples:
-        out.append(f"edgeship_fleet_latency_window_ms_bucket{_labels(**labels)} {_number(value)}")
-    for f in fleets:
-        histogram = summary[f]["latency"]
-        out.append(f"edgeship_fleet_latency_window_ms_sum{_labels(fleet=f)} {_number(float(histogram.total_ms))}")
-        out.append(f"edgeship_fleet_latency_window_ms_count{_labels(fleet=f)} {histogram.count}")
+
+    window = [(_version_labels(f, bundle, version), entry) for f in fleets
+              for (bundle, version), entry in sorted(summary[f].get("by_version", {}).items())]
+    family("edgeship_fleet_window_requests", "gauge",
+           f"Inference requests reported over the last {window_s:g} s, per bundle version.",
+           [(labels, entry["requests"]) for labels, entry in window])
+    family("edgeship_fleet_window_errors", "gauge",
+           f"Inference errors (the model's own) reported over the last {window_s:g} s, per bundle version.",
+           [(labels, entry["errors"]) for labels, entry in window])
+    family("edgeship_fleet_window_error_ratio", "gauge",
+           f"Errors per request over the last {window_s:g} s (NaN: no request).",
+           [(labels, entry["errors"] / entry["requests"] if entry["requests"] else None) for labels, entry in window])
+    for q, tag in WINDOW_QUANTILES:
+        family(f"edgeship_fleet_window_latency_{tag}_seconds", "gauge",
+               f"{tag} inference latency over the last {window_s:g} s, from the devices' merged histograms.",
+               [(labels, None if (v := entry["latency"].quantile_ms(q)) is None else v / 1000.0)
+                for labels, entry in window])
+    family("edgeship_fleet_window_drift_max", "gauge",
+           f"Largest input drift score any device reported over the last {window_s:g} s (NaN: none).",
+           [(labels, entry.get("drift_max")) for labels, entry in window])
+
+    cumulative = sorted((counters or {}).items())
+    family("edgeship_fleet_requests_total", "counter",
+           "Inference requests reported by devices since this controller started, per bundle version.",
+           [(_version_labels(*key), entry["requests"]) for key, entry in cumulative])
+    family("edgeship_fleet_errors_total", "counter",
+           "Inference errors (the model's own) reported since this controller started, per bundle version.",
+           [(_version_labels(*key), entry["errors"]) for key, entry in cumulative])
+    histogram("edgeship_fleet_latency_seconds",
+              "Inference latency reported by devices since this controller started (merged fixed buckets).",
+              [(_version_labels(*key), entry["latency"]) for key, entry in cumulative])
+    # Every state of every fleet, zeros included: an alert on a change (the first ABORTED) needs the
+    # series to exist before it changes.
+    states = dict(rollout_states or {})
+    rollout_fleets = sorted(set(fleets) | {fleet for fleet, _ in states})
+    family("edgeship_rollouts", "gauge", "Rollouts per state (all the store holds).",
+           [({"fleet": fleet, "state": state.value}, states.get((fleet, state.value), 0))
+            for fleet in rollout_fleets for state in RolloutState])
     rollout_samples = []
     stage_samples = []
     for row in rollouts:
@@ -112,12 +178,12 @@ def render_metrics(summary: Mapping[str, Mapping[str, Any]], rollouts: Sequence[
             rollout_samples.append(({**base, "status": status}, count))
     family("edgeship_rollout_stage", "gauge", "Current stage of each rollout (1-based).", stage_samples)
     family("edgeship_rollout_devices", "gauge", "Devices of each rollout per status.", rollout_samples)
-    counters = [
+    per_kind = [
         ("edgeship_controller_messages_total", "counter", "MQTT messages received, per kind.", "received"),
         ("edgeship_controller_messages_rejected_total", "counter",
          "Messages dropped as malformed, oversized, unknown or mis-addressed, per kind.", "rejected"),
     ]
-    for name, kind, help_text, prefix in counters:
+    for name, kind, help_text, prefix in per_kind:
         family(name, kind, help_text, [({"kind": k}, stats.get(f"{prefix}.{k}", 0))
                                        for k in INGESTED_KINDS + ("other",)])
     singles = [

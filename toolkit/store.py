@@ -578,7 +578,8 @@ class FleetStore:
     def fleet_summary(self, since: float) -> Dict[str, Any]:
         """What the controller's Prometheus metrics need, per fleet: devices and how many are online,
         devices per active (bundle, version), and the fleet's merged latency histogram and request and
-        error counts over the telemetry received since ``since``."""
+        error counts over the telemetry received since ``since``, in all and per reported (bundle,
+        version) under ``by_version`` (with the largest drift score)."""
         summary: Dict[str, Any] = {}
         with self.engine.connect() as conn:
             online_query = (sa.select(devices.c.fleet, devices.c.online, sa.func.count())
@@ -595,15 +596,32 @@ class FleetStore:
                 key = f"{name}:{version}" if name else "none"
                 summary[fleet]["versions"][key] = int(count)
             window_query = (sa.select(telemetry.c.fleet, telemetry.c.requests, telemetry.c.errors,
-                                      telemetry.c.latency).where(telemetry.c.received_at >= since))
-            for fleet, requests, errors, latency in conn.execute(window_query):
+                                      telemetry.c.latency, telemetry.c.bundle_name, telemetry.c.bundle_version,
+                                      telemetry.c.drift).where(telemetry.c.received_at >= since))
+            for fleet, requests, errors, latency, bundle, version, drift in conn.execute(window_query):
                 entry = summary.get(fleet)
                 if entry is None:
                     continue
+                histogram = _latency_from_json(latency)
                 entry["requests"] += requests
                 entry["errors"] += errors
-                entry["latency"] = entry["latency"].merge(_latency_from_json(latency))
+                entry["latency"] = entry["latency"].merge(histogram)
+                per_version = entry.setdefault("by_version", {}).setdefault(
+                    (bundle or "", version or ""),
+                    {"requests": 0, "errors": 0, "latency": LatencyHistogram(), "drift_max": None})
+                per_version["requests"] += requests
+                per_version["errors"] += errors
+                per_version["latency"] = per_version["latency"].merge(histogram)
+                if drift is not None:
+                    per_version["drift_max"] = max(drift, per_version["drift_max"] or drift)
         return summary
+
+    def rollout_state_counts(self) -> Dict[Tuple[str, str], int]:
+        """How many rollouts each fleet has in each state (the metrics' ``edgeship_rollouts``)."""
+        query = sa.select(rollouts.c.fleet, rollouts.c.state, sa.func.count()).group_by(rollouts.c.fleet,
+                                                                                       rollouts.c.state)
+        with self.engine.connect() as conn:
+            return {(fleet, state): int(count) for fleet, state, count in conn.execute(query)}
 
     def recent_events(self, device: Optional[str] = None, limit: int = 50) -> List[Dict[str, Any]]:
         query = sa.select(events).order_by(events.c.received_at.desc(), events.c.id.desc()).limit(limit)
