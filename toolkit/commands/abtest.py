@@ -14,10 +14,11 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 import click
-from edgeship.ota.errors import BadInputError, GateFailedError
+from edgeship.ota.errors import BadInputError
 from edgeship.ota.topics import validate_identifier
 from edgeship.ota.versions import check_name, parse_version
 
+from ..fleet_actions import abtest_report, promote_abtest
 from ..output import console, emit_json
 from .fleet_options import (
     broker_option,
@@ -86,14 +87,6 @@ def start(arm_a: str, arm_b: str, fleet: str, select: Tuple[str, ...], split: fl
         click.echo(test.id)
 
 
-def _report(store: Any, test_id: str) -> Tuple[Any, Any, Optional[str]]:
-    from edgeship.toolkit.abtest import report
-
-    test, promoted = store.get_abtest(test_id)
-    windows = store.telemetry_windows(test.fleet, test.selection, since=test.created_at)
-    return test, report(test, windows), promoted
-
-
 def _fmt(value: Optional[float], metric: str) -> str:
     if value is None:
         return "-"
@@ -107,7 +100,7 @@ def _fmt(value: Optional[float], metric: str) -> str:
 def report_command(test_id: str, db_url: Optional[str], as_json: bool) -> None:
     """Per-arm statistics, the test, p-value, effect size and a verdict in words."""
     store = open_fleet_store(db_url, existing=True)
-    test, result, promoted = _report(store, test_id)
+    test, result, promoted = abtest_report(store, test_id)
     if as_json:
         emit_json({"test": _test_doc(test, promoted), **result.to_dict()})
         return
@@ -143,28 +136,14 @@ def promote(test_id: str, arm: Optional[str], stages: str, success_threshold: fl
 
     Refused (exit 3) while the report has no significant winner, unless --arm names one.
     """
-    from edgeship.toolkit.rollouts import new_rollout
-    from edgeship.toolkit.store import new_id
-
     check_broker_url(broker_url)
     policy = policy_from_options(stages, success_threshold, max_failures, health, stage_timeout, bake)
     store = open_fleet_store(db_url, existing=True)
-    test, result, promoted = _report(store, test_id)
-    if test.state != "RUNNING":
-        raise BadInputError(f"A/B test {test_id} is {test.state}" + (f" (rollout {promoted})" if promoted else ""))
-    label = arm or result.winner
-    if label is None:
-        raise GateFailedError(f"A/B test {test_id} has no significant winner: {result.verdict} "
-                              "(use --arm A|B to promote one anyway)")
-    chosen = test.arm(label)
-    now = time.time()
-    created = new_rollout(new_id("r"), test.fleet, chosen.name, chosen.version, policy, now, test.selection)
-    store.create_rollout(created, promote_abtest=test_id)
+    promoted = promote_abtest(store, test_id, policy, arm)
     if as_json:
-        emit_json({"id": created.id, "abtest": test_id, "arm": label, "name": chosen.name, "version": chosen.version,
-                   "verdict": result.verdict})
+        emit_json(promoted.to_dict())
     else:
-        click.echo(created.id)
+        click.echo(promoted.rollout_id)
 
 
 @abtest.command("stop")

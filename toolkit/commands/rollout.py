@@ -243,23 +243,17 @@ def _operator_command(name: str, summary: str) -> Any:
     @json_option
     def command(rollout_id: str, reason: Optional[str], db_url: Optional[str], broker_url: Optional[str],
                 as_json: bool) -> None:
-        from edgeship.toolkit import rollouts as engine
+        from edgeship.toolkit.fleet_actions import operate_rollout
 
         check_broker_url(broker_url)
         store = open_fleet_store(db_url, existing=True)
-        now = time.time()
-        operation = getattr(engine, name)
-        decision = store.update_rollout(
-            rollout_id, lambda r: operation(r, now, reason) if reason else operation(r, now), now=now)
-        rollbacks = [a for a in decision.actions if isinstance(a, engine.RollbackDevice)]
+        result = operate_rollout(store, rollout_id, name, reason)
         if as_json:
-            emit_json({"id": rollout_id, "state": decision.rollout.state.value, "reason": decision.rollout.reason,
-                       "rollbacks_queued": len(rollbacks),
-                       "rollbacks": [{"device": a.device, "name": a.name, "version": a.version} for a in rollbacks]})
+            emit_json(result.to_dict())
             return
-        line = f"rollout {rollout_id} is {decision.rollout.state.value}"
+        line = f"rollout {rollout_id} is {result.state}"
         if name in ("abort", "rollback"):
-            line += f"; {len(rollbacks)} device(s) queued to roll back (the controller publishes them)"
+            line += f"; {len(result.rollbacks)} device(s) queued to roll back (the controller publishes them)"
         click.echo(line)
 
     return command
