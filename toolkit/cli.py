@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "rollout": "edgeship.toolkit.commands.rollout:rollout",
     "abtest": "edgeship.toolkit.commands.abtest:abtest",
     "monitoring": "edgeship.toolkit.commands.monitoring:monitoring",
+    "console": "edgeship.toolkit.commands.console:console_command",
 }
 
 HELP: dict[str, str] = {
@@ -57,6 +58,7 @@ HELP: dict[str, str] = {
     "rollout": "Staged rollouts with automatic abort and rollback.",
     "abtest": "A/B tests between two bundle versions, with a statistical verdict.",
     "monitoring": "Export the Prometheus alert rules and Grafana dashboards.",
+    "console": "Serve the operator's web console (fleet, devices, rollouts, A/B tests).",
 }
 
 

@@ -616,6 +616,20 @@ class FleetStore:
                     per_version["drift_max"] = max(drift, per_version["drift_max"] or drift)
         return summary
 
+    def device_telemetry(self, device: str, since: float) -> Dict[Tuple[str, str], Dict[str, Any]]:
+        """One device's telemetry received since ``since``, merged per (bundle, version): requests,
+        errors and the latency histogram (the console's device page)."""
+        merged: Dict[Tuple[str, str], Dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            for _device, name, version, requests, errors, latency, _c, _t in self._telemetry_rows(conn, [device],
+                                                                                                    since):
+                entry = merged.setdefault((name or "", version or ""),
+                                          {"requests": 0, "errors": 0, "latency": LatencyHistogram()})
+                entry["requests"] += requests
+                entry["errors"] += errors
+                entry["latency"] = entry["latency"].merge(_latency_from_json(latency))
+        return merged
+
     def rollout_state_counts(self) -> Dict[Tuple[str, str], int]:
         """How many rollouts each fleet has in each state (the metrics' ``edgeship_rollouts``)."""
         query = sa.select(rollouts.c.fleet, rollouts.c.state, sa.func.count()).group_by(rollouts.c.fleet,

@@ -1,0 +1,179 @@
+"""The console over HTTP, as a careless or hostile client meets it: every page answers for a
+logged-in user, nothing answers without a login, a viewer cannot press a button, a forged or
+cross-site request changes nothing, and a button does what the CLI's command does."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from console_fixtures import (  # noqa: F401 - fixtures
+    OPERATOR_TOKEN,
+    VIEWER_TOKEN,
+    ab_telemetry,
+    console_store,
+    fill_fleet,
+    serve,
+    start_abtest,
+    start_rollout,
+)
+from edgeship.toolkit.store import FleetStore
+
+
+class Client:
+    """A browser-like client that keeps its cookie and never follows redirects by itself."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.cookie = ""
+
+    def request(self, method: str, path: str, form: dict[str, str] | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        body = urllib.parse.urlencode(form).encode() if form is not None else None
+        sent = {"Host": f"127.0.0.1:{self.port}", **(headers or {})}
+        if body is not None:
+            sent["Content-Type"] = "application/x-www-form-urlencoded"
+        if self.cookie:
+            sent["Cookie"] = self.cookie
+        conn.request(method, path, body=body, headers=sent)
+        response = conn.getresponse()
+        text = response.read().decode("utf-8", "replace")
+        answer = {k.lower(): v for k, v in response.getheaders()}
+        conn.close()
+        if "set-cookie" in answer:
+            self.cookie = answer["set-cookie"].split(";")[0]
+        return response.status, answer, text
+
+    def login(self, secret: str) -> int:
+        status, headers, _ = self.request("POST", "/login", {"secret": secret, "next": "/"})
+        return status
+
+    def csrf(self, path: str) -> str:
+        _, _, text = self.request("GET", path)
+        match = re.search(r'name="csrf" value="([0-9a-f]+)"', text)
+        assert match, "no CSRF token on the page"
+        return match.group(1)
+
+
+@pytest.fixture
+def fleet(console_store: FleetStore) -> Iterator[tuple[Any, FleetStore, str, str]]:
+    fill_fleet(console_store, devices=12)
+    fill_fleet(console_store, devices=10, fleet="lab")  # the A/B test's fleet: one bundle, one experiment
+    rollout_id = start_rollout(console_store)
+    test_id = start_abtest(console_store, fleet="lab")
+    ab_telemetry(console_store, test_id, fleet="lab")
+    server = serve(console_store)
+    yield server, console_store, rollout_id, test_id
+    server.stop()
+
+
+def test_every_page_answers_a_logged_in_viewer(fleet: Any) -> None:
+    server, store, rollout_id, test_id = fleet
+    client = Client(server.port)
+    assert client.login(VIEWER_TOKEN) == 303
+    for path, words in [("/", "plant-00001"), ("/?online=no", "plant-00000"), ("/?tag=site%3Dberlin", "plant-00000"),
+                        ("/devices/plant-00001", "digits"), ("/rollouts", rollout_id),
+                        (f"/rollouts/{rollout_id}", "RUNNING"), ("/abtests", test_id),
+                        (f"/abtests/{test_id}", "<svg"), (f"/rollouts/{rollout_id}?part=live", "stage 1")]:
+        status, headers, text = client.request("GET", path)
+        assert status == 200 and words in text, (path, status, text[:300])
+        assert "default-src 'self'" in headers["content-security-policy"]
+        assert headers["x-frame-options"] == "DENY"
+    # a viewer sees no button and no CSRF token
+    _, _, page = client.request("GET", f"/rollouts/{rollout_id}")
+    assert "data-action" not in page and 'name="csrf"' not in page
+
+
+def test_filters_narrow_the_fleet_table(fleet: Any) -> None:
+    server, _, _, _ = fleet
+    client = Client(server.port)
+    client.login(VIEWER_TOKEN)
+    _, _, offline = client.request("GET", "/?online=no&fleet=plant")
+    rows = re.findall(r'data-device="([^"]+)"', offline)
+    assert rows == ["plant-00000", "plant-00003", "plant-00006", "plant-00009"]
+    _, _, tagged = client.request("GET", "/?tag=site%3Dberlin")
+    assert re.findall(r'data-device="([^"]+)"', tagged) == ["plant-00000"]
+    status, _, text = client.request("GET", "/?online=maybe")
+    assert status == 400 and "online: use yes or no" in text
+
+
+def test_nothing_answers_without_a_login(fleet: Any) -> None:
+    server, _, rollout_id, _ = fleet
+    client = Client(server.port)
+    status, headers, _ = client.request("GET", f"/rollouts/{rollout_id}")
+    assert status == 303 and headers["location"].startswith("/login?next=")
+    assert client.request("GET", f"/rollouts/{rollout_id}?part=live")[0] == 401
+    assert client.request("POST", f"/rollouts/{rollout_id}/abort", {})[0] == 401
+    assert client.request("GET", "/", headers={"Authorization": "Bearer wrong-token-xxxxxxxxxxxx"})[0] == 303
+    assert client.request("GET", "/static/console.js")[0] == 200  # assets are public
+    assert client.request("GET", "/healthz")[0] == 200
+    status, _, _ = client.request("GET", "/", headers={"Cookie": "edgeship_session=operator.9999999999.00.ff"})
+    assert status == 303  # a forged cookie is nobody
+
+
+def test_wrong_secret_is_refused_and_redirects_stay_on_the_console(fleet: Any) -> None:
+    server, _, _, _ = fleet
+    client = Client(server.port)
+    status, _, text = client.request("POST", "/login", {"secret": "guess", "next": "/"})
+    assert status == 401 and "not the operator" in text and not client.cookie
+    for target in ("//evil.example/", "https://evil.example/", "/\\evil.example"):
+        status, headers, _ = client.request("POST", "/login", {"secret": VIEWER_TOKEN, "next": target})
+        assert status == 303 and headers["location"] == "/"
+        assert "HttpOnly" in headers["set-cookie"] and "SameSite=Strict" in headers["set-cookie"]
+
+
+def test_a_viewer_cannot_act_and_a_forged_or_cross_site_action_changes_nothing(fleet: Any) -> None:
+    server, store, rollout_id, _ = fleet
+    viewer = Client(server.port)
+    viewer.login(VIEWER_TOKEN)
+    origin = {"Origin": f"http://127.0.0.1:{server.port}"}
+    assert viewer.request("POST", f"/rollouts/{rollout_id}/abort", {"csrf": "x"}, origin)[0] == 403
+    assert viewer.request("POST", f"/rollouts/{rollout_id}/abort",
+                          headers={"Authorization": f"Bearer {VIEWER_TOKEN}"})[0] == 403
+    operator = Client(server.port)
+    operator.login(OPERATOR_TOKEN)
+    token = operator.csrf(f"/rollouts/{rollout_id}")
+    assert operator.request("POST", f"/rollouts/{rollout_id}/abort", {}, origin)[0] == 403  # no token
+    assert operator.request("POST", f"/rollouts/{rollout_id}/abort", {"csrf": token})[0] == 403  # no origin
+    assert operator.request("POST", f"/rollouts/{rollout_id}/abort", {"csrf": token},
+                            {"Origin": "http://evil.example"})[0] == 403
+    assert operator.request("POST", f"/rollouts/{rollout_id}/abort", {"csrf": token + "0"}, origin)[0] == 403
+    assert store.load_rollout(rollout_id)[0].state.value == "RUNNING"
+    status, _, _ = operator.request("POST", f"/rollouts/{rollout_id}/pause", {"csrf": token}, origin)
+    assert status == 303 and store.load_rollout(rollout_id)[0].state.value == "PAUSED"
+
+
+def test_buttons_do_what_the_cli_commands_do(fleet: Any) -> None:
+    server, store, rollout_id, test_id = fleet
+    bearer = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    client = Client(server.port)
+    status, _, text = client.request("POST", f"/rollouts/{rollout_id}/resume", headers=bearer)
+    assert status == 409 and "only a PAUSED rollout can be resumed" in text, text  # the engine's own refusal
+    status, headers, _ = client.request("POST", f"/rollouts/{rollout_id}/abort", headers=bearer)
+    assert status == 303 and "ABORTED" in urllib.parse.unquote_plus(headers["location"])
+    rollout = store.load_rollout(rollout_id)[0]
+    assert rollout.state.value == "ABORTED" and rollout.reason == "aborted by the operator in the console"
+    status, headers, _ = client.request("POST", f"/abtests/{test_id}/promote", headers=bearer)
+    assert status == 303, headers
+    promoted_id = urllib.parse.urlsplit(headers["location"]).path.rsplit("/", 1)[-1]
+    promoted = store.load_rollout(promoted_id)[0]
+    assert (promoted.version, promoted.policy.stages) == ("1.0.0", (50.0, 100.0))  # A answers faster: the winner
+    assert store.get_abtest(test_id)[1] == promoted_id
+    assert client.request("POST", "/rollouts/r-missing/abort", headers=bearer)[0] == 404
+
+
+def test_careless_requests_get_clear_answers(fleet: Any) -> None:
+    server, _, _, _ = fleet
+    client = Client(server.port)
+    client.login(VIEWER_TOKEN)
+    assert client.request("GET", "/devices/nobody")[0] == 404
+    assert client.request("GET", "/no/such/page")[0] == 404
+    assert client.request("GET", "/static/../store.py")[0] == 404
+    assert client.request("PUT", "/")[0] in (405, 501)
+    big = {"csrf": "x" * 20000}
+    assert client.request("POST", "/rollouts/r-1/abort", big, {"Origin": "x"})[0] == 413
