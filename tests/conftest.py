@@ -77,6 +77,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             pytest.skip("sshd is not installed (openssh-server; .ci/system-packages)")
     if item.get_closest_marker("promtool") is not None and shutil.which("promtool") is None:
         pytest.skip("promtool is not installed (Debian's prometheus; .ci/system-packages)")
+    if item.get_closest_marker("chromium") is not None and chromium_binary() is None:
+        pytest.skip("Chromium or Playwright is not installed (Debian's chromium; .ci/system-packages)")
+
+
+def chromium_binary() -> str | None:
+    """Debian's Chromium, when it and the Playwright client that drives it are both installed."""
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("playwright") is None:
+        return None
+    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="session")

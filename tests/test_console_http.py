@@ -50,8 +50,7 @@ class Client:
         return response.status, answer, text
 
     def login(self, secret: str) -> int:
-        status, headers, _ = self.request("POST", "/login", {"secret": secret, "next": "/"})
-        return status
+        return self.request("POST", "/login", {"secret": secret, "next": "/"})[0]
 
     def csrf(self, path: str) -> str:
         _, _, text = self.request("GET", path)
@@ -73,7 +72,7 @@ def fleet(console_store: FleetStore) -> Iterator[tuple[Any, FleetStore, str, str
 
 
 def test_every_page_answers_a_logged_in_viewer(fleet: Any) -> None:
-    server, store, rollout_id, test_id = fleet
+    server, _, rollout_id, test_id = fleet
     client = Client(server.port)
     assert client.login(VIEWER_TOKEN) == 303
     for path, words in [("/", "plant-00001"), ("/?online=no", "plant-00000"), ("/?tag=site%3Dberlin", "plant-00000"),

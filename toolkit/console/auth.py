@@ -21,9 +21,9 @@ import hmac
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Mapping
 
 from edgeship.ota.errors import BadInputError
 

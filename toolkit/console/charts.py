@@ -80,7 +80,7 @@ def _scale(low: float, high: float, x0: float, x1: float) -> Any:
     return lambda v: x0 + (v - low) / span * (x1 - x0)
 
 
-def abtest_chart(arms: Sequence[dict[str, Any]], unit: str, width: int = 640) -> str:
+def abtest_chart(arms: Sequence[dict[str, Any]], unit: str, width: int = 900) -> str:
     """Each arm's samples (dots, for a continuous metric) and mean with its confidence interval.
 
     ``arms``: dicts with ``label``, ``mean``, ``ci_low``, ``ci_high`` and ``samples`` (may be empty).
@@ -91,7 +91,7 @@ def abtest_chart(arms: Sequence[dict[str, Any]], unit: str, width: int = 640) ->
     if not values:
         return _svg(width, 40, ['<text x="0" y="24" class="axis">no samples yet</text>'], "no samples yet")
     low, high = min(values), max(values)
-    pad = (high - low) * 0.08 or abs(high) * 0.1 or 1.0
+    pad = max((high - low) * 0.08, abs(high) * 0.05, 1e-9)  # one value, or values a rounding apart, still spread
     x = _scale(low - pad, high + pad, 60, width - 20)
     colours = {"A": "#5c6bc0", "B": "#ef6c00"}
     body: list[str] = []
@@ -119,5 +119,4 @@ def abtest_chart(arms: Sequence[dict[str, Any]], unit: str, width: int = 640) ->
     for k in range(5):
         v = low - pad + (high - low + 2 * pad) * k / 4
         body.append(f'<text x="{x(v) - 10:.1f}" y="{height - 4}" class="axis">{v:.3g}</text>')
-    body.append(f'<text x="{width - 60}" y="{axis_y - 6}" class="axis">{escape(unit)}</text>')
     return _svg(width, height, body, "each arm's samples, mean and confidence interval")

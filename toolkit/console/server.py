@@ -79,16 +79,16 @@ class ConsoleServer:
             sys_version = ""
             timeout = 30  # a connection idle this long is closed
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 console._handle(self, "GET")
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 console._handle(self, "POST")
 
-            def do_HEAD(self) -> None:  # noqa: N802
+            def do_HEAD(self) -> None:
                 console._send(self, 405, b"", "text/plain")
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 log.debug("console: " + format, *args)
 
         try:
@@ -104,7 +104,7 @@ class ConsoleServer:
 
     @property
     def url(self) -> str:
-        host = self._server.server_address[0]
+        host = str(self._server.server_address[0])
         return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"
 
     def start(self) -> ConsoleServer:
@@ -241,7 +241,11 @@ class ConsoleServer:
         raise _Answer(404, "no such page")
 
     def _act(self, request: BaseHTTPRequestHandler, parts: list[str], form: dict[str, str]) -> None:
-        from edgeship.toolkit.fleet_actions import ROLLOUT_OPERATIONS, operate_rollout, promote_abtest
+        from edgeship.toolkit.fleet_actions import (
+            ROLLOUT_OPERATIONS,
+            operate_rollout,
+            promote_abtest,
+        )
 
         try:
             if len(parts) == 3 and parts[0] == "rollouts" and parts[2] in ROLLOUT_OPERATIONS:

@@ -11,9 +11,10 @@ __all__ = ["FleetFilter", "Page", "abtest_page", "abtests_page", "device_page", 
            "rollout_page", "rollouts_page"]
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any
 
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.telemetry import LatencyHistogram
