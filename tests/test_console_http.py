@@ -176,3 +176,46 @@ def test_careless_requests_get_clear_answers(fleet: Any) -> None:
     assert client.request("PUT", "/")[0] in (405, 501)
     big = {"csrf": "x" * 20000}
     assert client.request("POST", "/rollouts/r-1/abort", big, {"Origin": "x"})[0] == 413
+
+
+def test_a_kept_rollout_is_reloaded_when_its_revision_moves(console_store: FleetStore) -> None:
+    from edgeship.toolkit.console.views import RolloutReader
+    from edgeship.toolkit.fleet_actions import operate_rollout
+
+    fill_fleet(console_store, devices=8)
+    rollout_id = start_rollout(console_store)
+    reader = RolloutReader()
+    first = reader.load(console_store, rollout_id)
+    assert reader.load(console_store, rollout_id) is first  # unchanged: the same object
+    operate_rollout(console_store, rollout_id, "pause")
+    again = reader.load(console_store, rollout_id)
+    assert again is not first and again.state.value == "PAUSED"
+
+
+def test_rollout_health_is_measured_in_the_background_and_then_shown(console_store: FleetStore) -> None:
+    import time as clock
+
+    from edgeship.toolkit.console.views import RolloutHealth
+
+    fill_fleet(console_store, devices=8)
+    rollout_id = start_rollout(console_store)
+    rollout, _ = console_store.load_rollout(rollout_id)
+    from edgeship.ota.protocol import TelemetryMessage
+    from edgeship.ota.telemetry import LatencyHistogram
+    from edgeship.toolkit.store import IngestItem
+
+    latency = LatencyHistogram()
+    latency.observe(3.0)
+    now = clock.time() + 1
+    console_store.ingest([IngestItem("plant", "plant-00001", TelemetryMessage(
+        ts=now, window_s=10.0, requests=25, errors=1, latency=latency, bundle={"name": "digits", "version": "1.0.0"}),
+        now)])
+    health = RolloutHealth(max_age_s=60)
+    reading, age = health.reading(console_store, rollout)
+    assert reading is None and age is None  # the first request never waits
+    deadline = clock.monotonic() + 10
+    while reading is None and clock.monotonic() < deadline:
+        clock.sleep(0.05)
+        reading, age = health.reading(console_store, rollout)
+    assert reading is not None and age is not None and age < 10
+    assert (reading.baseline_requests, reading.baseline_errors, reading.new_requests) == (25, 1, 0)

@@ -550,7 +550,9 @@ class FleetStore:
         return result
 
     def _selected(self, fleet: Optional[str], selection: Sequence[Tuple[str, str]]) -> Any:
-        query = sa.select(devices)
+        # Every column but the raw reported document: nothing here reads it, and decoding its JSON
+        # for each of 10,000 rows was most of the cost of listing a fleet.
+        query = sa.select(*[c for c in devices.c if c.name != "reported"])
         if fleet is not None:
             query = query.where(devices.c.fleet == fleet)
         for key, value in selection:
@@ -565,6 +567,40 @@ class FleetStore:
             tags = self._tags(conn, [r["id"] for r in rows]) if len(rows) < 5000 else self._tags(conn)
         names = DeviceInfo.__dataclass_fields__
         return [DeviceInfo(**{k: row[k] for k in names if k != "tags"}, tags=tags.get(row["id"], {})) for row in rows]
+
+    def device_listing(self, fleet: Optional[str] = None, selection: Sequence[Tuple[str, str]] = (), *,
+                       bundle: str = "", version: str = "", state: str = "", online: Optional[bool] = None,
+                       limit: int = 500) -> Dict[str, Any]:
+        """One page of a filtered fleet, counted in SQL (the console's fleet page at 10,000 devices):
+        ``devices`` (the first ``limit`` by fleet and id), ``total``, ``online``, ``versions``
+        (``"name version"`` or ``""`` -> count) and ``states`` (update state or ``""`` -> count) over
+        every match, and ``fleets`` (every fleet in the store)."""
+        selected = self._selected(fleet, selection).order_by(None)
+        if bundle:
+            selected = selected.where(devices.c.active_name == bundle)
+        if version:
+            selected = selected.where(devices.c.active_version == version)
+        if state:
+            selected = selected.where(devices.c.update_state.is_(None) if state.lower() == "none"
+                                      else sa.func.upper(devices.c.update_state) == state.upper())
+        if online is not None:
+            selected = selected.where(devices.c.online == online)
+        matched = selected.subquery()
+        names = DeviceInfo.__dataclass_fields__
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(matched).order_by(matched.c.fleet, matched.c.id).limit(limit)).mappings().all()
+            tags = self._tags(conn, [r["id"] for r in rows])
+            total, up = conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(
+                sa.case((matched.c.online, 1), else_=0)), 0))).first() or (0, 0)
+            versions = {(f"{n} {v}" if n else ""): int(c) for n, v, c in conn.execute(
+                sa.select(matched.c.active_name, matched.c.active_version, sa.func.count())
+                .group_by(matched.c.active_name, matched.c.active_version))}
+            states = {(st or ""): int(c) for st, c in conn.execute(
+                sa.select(matched.c.update_state, sa.func.count()).group_by(matched.c.update_state))}
+            fleets = sorted(f for (f,) in conn.execute(sa.select(devices.c.fleet).distinct()))
+        listed = [DeviceInfo(**{k: row[k] for k in names if k != "tags"}, tags=tags.get(row["id"], {})) for row in rows]
+        return {"devices": listed, "total": int(total), "online": int(up), "versions": versions, "states": states,
+                "fleets": fleets}
 
     def get_device(self, device: str) -> DeviceInfo:
         with self.engine.connect() as conn:
@@ -818,6 +854,13 @@ class FleetStore:
         """(rollout, revision). Unknown id: BadInputError."""
         with self.engine.connect() as conn:
             return self._load_rollout(conn, rollout_id)
+
+    def rollout_revision(self, rollout_id: str) -> Optional[int]:
+        """The stored revision of a rollout (None: unknown): every change to it or its devices'
+        records bumps it, so a reader may keep a loaded rollout until this moves."""
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.select(rollouts.c.revision).where(rollouts.c.id == rollout_id)).scalar()
+        return None if value is None else int(value)
 
     def _load_rollout(self, conn: Connection, rollout_id: str) -> Tuple[Rollout, int]:
         row = conn.execute(sa.select(rollouts).where(rollouts.c.id == rollout_id)).mappings().first()

@@ -69,6 +69,8 @@ class ConsoleServer:
         self.credentials = credentials
         self.signer = signer or SessionSigner()
         self.promotion_policy = promotion_policy
+        self.rollout_health = views.RolloutHealth()
+        self.rollout_reader = views.RolloutReader()
         self._static = {name: (resources.files("edgeship.toolkit.console") / "static" / name).read_bytes()
                         for name in STATIC_FILES}
         console = self
@@ -231,7 +233,7 @@ class ConsoleServer:
             if parts == ["rollouts"]:
                 return views.rollouts_page(self.store, query.get("fleet", ""))
             if parts[0] == "rollouts" and len(parts) == 2:
-                return views.rollout_page(self.store, parts[1])
+                return views.rollout_page(self.store, parts[1], self.rollout_reader, self.rollout_health)
             if parts == ["abtests"]:
                 return views.abtests_page(self.store)
             if parts[0] == "abtests" and len(parts) == 2:

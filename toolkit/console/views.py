@@ -7,9 +7,10 @@ function, so the live view can never show something the page would not.
 
 from __future__ import annotations
 
-__all__ = ["FleetFilter", "Page", "abtest_page", "abtests_page", "device_page", "fleet_page", "render",
+__all__ = ["FleetFilter", "Page", "RolloutHealth", "RolloutReader", "abtest_page", "abtests_page", "device_page", "fleet_page", "render",
            "rollout_page", "rollouts_page"]
 
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -95,35 +96,20 @@ class FleetFilter:
         key, _, value = self.tag.partition("=")
         return ((key.strip(), value.strip()),)
 
-    def keeps(self, device: Any) -> bool:
-        if self.bundle and device.active_name != self.bundle:
-            return False
-        if self.version and device.active_version != self.version:
-            return False
-        if self.state and (device.update_state or "none").upper() != self.state.upper():
-            return False
-        return not self.online or device.online == (self.online == "yes")
-
     def query(self) -> dict[str, str]:
         return {k: v for k, v in self.__dict__.items() if v}
 
 
 def fleet_page(store: Any, flt: FleetFilter) -> Page:
-    devices = [d for d in store.list_devices(flt.fleet or None, flt.selection()) if flt.keeps(d)]
-    devices.sort(key=lambda d: (d.fleet, d.id))
-    versions: dict[str, int] = {}
-    states: dict[str, int] = {}
-    for d in devices:
-        key = f"{d.active_name} {d.active_version}" if d.active_name else "nothing installed"
-        versions[key] = versions.get(key, 0) + 1
-        state = d.update_state or "none"
-        states[state] = states.get(state, 0) + 1
-    online = sum(1 for d in devices if d.online)
+    listing = store.device_listing(flt.fleet or None, flt.selection(), bundle=flt.bundle, version=flt.version,
+                                   state=flt.state, online=None if not flt.online else flt.online == "yes",
+                                   limit=MAX_DEVICE_ROWS)
+    versions = sorted(((v or "nothing installed"), n) for v, n in listing["versions"].items())
+    states = sorted(((s or "none"), n) for s, n in listing["states"].items())
     return Page("fleet.html", "Fleet", {
-        "filter": flt, "devices": devices[:MAX_DEVICE_ROWS], "total": len(devices), "online": online,
-        "offline": len(devices) - online, "versions": sorted(versions.items(), key=lambda kv: -kv[1]),
-        "states": sorted(states.items()), "fleets": sorted({d.fleet for d in store.list_devices()}),
-        "shown": min(len(devices), MAX_DEVICE_ROWS), "now": time.time()})
+        "filter": flt, "devices": listing["devices"], "total": listing["total"], "online": listing["online"],
+        "offline": listing["total"] - listing["online"], "versions": sorted(versions, key=lambda kv: -kv[1]),
+        "states": states, "fleets": listing["fleets"], "shown": len(listing["devices"]), "now": time.time()})
 
 
 def device_page(store: Any, device_id: str, window_s: float = 900.0) -> Page:
@@ -147,17 +133,84 @@ def rollouts_page(store: Any, fleet: str = "") -> Page:
     return Page("rollouts.html", "Rollouts", {"rollouts": rows, "fleet": fleet, "now": time.time()})
 
 
-def rollout_page(store: Any, rollout_id: str) -> Page:
-    from edgeship.toolkit.commands.rollout import _load_with_health, rollout_summary
+class RolloutReader:
+    """Rollouts as the console reads them: a loaded rollout is kept until its stored revision moves
+    (every change to a rollout or its devices' records bumps it), so a page re-fetched every 2 s
+    does not rebuild 10,000 device records that did not change."""
 
-    rollout, health = _load_with_health(store, rollout_id)
-    doc = rollout_summary(rollout, health, with_devices=True)
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loaded: dict[str, tuple[int, Any]] = {}
+
+    def load(self, store: Any, rollout_id: str) -> Any:
+        revision = store.rollout_revision(rollout_id)
+        with self._lock:
+            cached = self._loaded.get(rollout_id)
+        if cached is not None and revision is not None and cached[0] == revision:
+            return cached[1]
+        rollout, loaded_revision = store.load_rollout(rollout_id)  # unknown id: BadInputError
+        with self._lock:
+            self._loaded[rollout_id] = (loaded_revision, rollout)
+            while len(self._loaded) > 32:
+                self._loaded.pop(next(iter(self._loaded)))
+        return rollout
+
+
+class RolloutHealth:
+    """A rollout's health (its version against the others, from the telemetry since it started),
+    measured in the background and at most ``max_age_s`` old.
+
+    Measuring merges every telemetry window of the rollout's devices since it started: at 10,000
+    devices that is seconds of work, which a page re-fetched every 2 s must not wait for. The page
+    shows the latest reading and its age; a stale one starts one new measurement (never two at a
+    time for one rollout)."""
+
+    def __init__(self, max_age_s: float = 15.0) -> None:
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._readings: dict[str, tuple[float, Any]] = {}
+        self._running: set[str] = set()
+
+    def reading(self, store: Any, rollout: Any) -> tuple[Any, float | None]:
+        """(the latest reading or None, its age in seconds or None)."""
+        now = time.monotonic()
+        with self._lock:
+            at, value = self._readings.get(rollout.id, (None, None))
+            stale = at is None or now - at > self.max_age_s
+            if stale and rollout.id not in self._running:
+                self._running.add(rollout.id)
+                threading.Thread(target=self._measure, args=(store, rollout), daemon=True,
+                                 name=f"health-{rollout.id}").start()
+        return value, (None if at is None else now - at)
+
+    def _measure(self, store: Any, rollout: Any) -> None:
+        from edgeship.toolkit.rollouts import measure_health
+
+        try:
+            snapshot = {s.device: s for s in store.fleet_snapshot(rollout.fleet, rollout.selection,
+                                                                 telemetry_since=rollout.created_at)}
+            reading = measure_health(rollout, snapshot)
+            with self._lock:
+                self._readings[rollout.id] = (time.monotonic(), reading)
+        finally:
+            with self._lock:
+                self._running.discard(rollout.id)
+
+
+def rollout_page(store: Any, rollout_id: str, reader: RolloutReader, health: RolloutHealth) -> Page:
+    from edgeship.toolkit.commands.rollout import rollout_summary
+
+    rollout = reader.load(store, rollout_id)
+    reading, age = health.reading(store, rollout)
+    doc = rollout_summary(rollout, reading)
+    records = sorted(rollout.devices.items())
+    devices = [{**r.to_dict(), "stage": None if r.stage is None else r.stage + 1} for _, r in records[:MAX_DEVICE_ROWS]]
     state = doc["state"]
     operations = {"pause": state == "RUNNING", "resume": state == "PAUSED", "abort": state in ("RUNNING", "PAUSED"),
                   "rollback": state in ("RUNNING", "PAUSED", "COMPLETED", "ABORTED")}
     return Page("rollout.html", f"Rollout {rollout_id}", {
         "r": doc, "stage_chart": charts.stage_bars(doc["stage_progress"]), "operations": operations,
-        "devices": doc["devices"][:MAX_DEVICE_ROWS], "device_total": len(doc["devices"]),
+        "devices": devices, "device_total": len(records), "health_age": age,
         "log": store.rollout_log_entries(rollout_id, limit=30), "now": time.time(),
         "colours": charts.STATUS_COLOURS})
 
