@@ -23,7 +23,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "examples" / "digits"))
 
-import numpy as np  # noqa: E402
-from results_doc import write_section  # noqa: E402
-
-from edgeship.ota.bundle import build_bundle  # noqa: E402
-from edgeship.toolkit.deltas import DEFAULT_LEVEL, build_delta  # noqa: E402
+import numpy as np
+from edgeship.ota.bundle import build_bundle
+from edgeship.toolkit.deltas import DEFAULT_LEVEL, build_delta
+from results_doc import write_section
 
 LINK_BYTES_PER_S = 1_000_000
 

@@ -259,8 +259,9 @@ def apply_delta(delta_path: str | os.PathLike[str], base_path: str | os.PathLike
                 dictionary = _read_ranges(base, header.dictionary)
                 zdict = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT) \
                     if dictionary else None
-                literal_stream = zstandard.ZstdDecompressor(dict_data=zdict).stream_reader(
-                    _Slice(delta, header.literal_payload), read_across_frames=False)
+                source: Any = _Slice(delta, header.literal_payload)  # read()-able: all stream_reader needs
+                literal_stream = zstandard.ZstdDecompressor(dict_data=zdict).stream_reader(source,
+                                                                                        read_across_frames=False)
                 literal_pos = literal_at
                 for region in header.regions:
                     if region.kind == "literal":

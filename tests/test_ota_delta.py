@@ -90,8 +90,8 @@ def test_tflite_fine_tune_rebuilds_bit_for_bit_and_is_smaller(digits_pair: dict[
 
 
 def test_onnx_fine_tune_rebuilds_bit_for_bit(digits_pair: dict[str, Any], tmp_path: Path) -> None:
-    import tf2onnx
     import tensorflow as tf
+    import tf2onnx
 
     def to_onnx(model: Any, path: Path) -> Path:
         spec = [tf.TensorSpec((None, 8, 8, 1), tf.float32, name="image")]
@@ -230,3 +230,33 @@ def test_tensor_region_reading_past_the_base_is_refused() -> None:
     header = DeltaHeader("a" * 64, 100, "b" * 64, 8, (), 0, (Region(0, 8, "xor", 4, 96, 10),))
     with pytest.raises(DeltaError, match="past the end of the base"):
         header.check()
+
+
+def test_cli_builds_inspects_and_applies(made: dict[str, Any], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "new.bundle").write_bytes(made["new"])
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edgeship.toolkit.cli", "delta", *args], capture_output=True,
+                              text=True, timeout=120)
+
+    built = run("build", str(tmp_path / "old.bundle"), str(tmp_path / "new.bundle"), "-o", str(tmp_path / "d"),
+                "--json")
+    assert built.returncode == 0, built.stderr
+    doc = json.loads(built.stdout)
+    assert doc["method"] in ("tensor", "binary") and doc["ratio_to_zstd_full"] < 0.5
+    inspected = json.loads(run("inspect", str(tmp_path / "d"), "--json").stdout)
+    assert inspected["target_sha256"] == made["sha"] and inspected["file_size"] == doc["delta"]
+    applied = run("apply", str(tmp_path / "d"), "--base", str(tmp_path / "old.bundle"), "-o", str(tmp_path / "r"),
+                  "--sha256", made["sha"])
+    assert applied.returncode == 0 and (tmp_path / "r").read_bytes() == made["new"]
+    wrong = run("apply", str(tmp_path / "d"), "--base", str(tmp_path / "new.bundle"), "-o", str(tmp_path / "w"))
+    assert wrong.returncode == 4 and len(wrong.stderr.strip().splitlines()) == 1 and "another base" in wrong.stderr
+    assert not (tmp_path / "w").exists()
+    rng = np.random.default_rng(3)
+    (tmp_path / "r1").write_bytes(rng.bytes(50_000))
+    (tmp_path / "r2").write_bytes(rng.bytes(50_000))
+    none = run("build", str(tmp_path / "r1"), str(tmp_path / "r2"), "-o", str(tmp_path / "nd"))
+    assert none.returncode == 1 and "send the full bundle" in none.stderr and not (tmp_path / "nd").exists()

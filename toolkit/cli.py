@@ -39,6 +39,7 @@ COMMANDS: dict[str, str] = {
     "abtest": "edgeship.toolkit.commands.abtest:abtest",
     "monitoring": "edgeship.toolkit.commands.monitoring:monitoring",
     "console": "edgeship.toolkit.commands.console:console_command",
+    "delta": "edgeship.toolkit.commands.delta:delta",
 }
 
 HELP: dict[str, str] = {
@@ -59,6 +60,7 @@ HELP: dict[str, str] = {
     "abtest": "A/B tests between two bundle versions, with a statistical verdict.",
     "monitoring": "Export the Prometheus alert rules and Grafana dashboards.",
     "console": "Serve the operator's web console (fleet, devices, rollouts, A/B tests).",
+    "delta": "Build, apply and inspect deltas between two bundles.",
 }
 
 

@@ -116,7 +116,7 @@ def tensor_spans(bundle: bytes) -> list[TensorSpan]:
                 return sorted(parse(bundle[at:at + size], at), key=lambda s: s.at)
             except MissingExtraError:
                 raise
-            except Exception:  # a model the parser cannot read: no tensor regions, a binary delta
+            except Exception:  # noqa: BLE001 - any parser failure (flatbuffer, protobuf) means: no tensor regions, a binary delta
                 return []
     return []
 
