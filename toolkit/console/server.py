@@ -65,6 +65,7 @@ class ConsoleServer:
 
     def __init__(self, store: Any, credentials: Credentials, host: str = "127.0.0.1", port: int = 8080,
                  signer: SessionSigner | None = None, promotion_policy: Any = None) -> None:
+        views.load_templates()
         self.store = store
         self.credentials = credentials
         self.signer = signer or SessionSigner()

@@ -35,7 +35,11 @@ class Page:
 
 
 def _environment() -> Any:
-    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+    from edgeship.ota.errors import require_module
+
+    jinja2 = require_module("jinja2", "host")  # a missing extra is one line at start, not a 500 per page
+    Environment, PackageLoader = jinja2.Environment, jinja2.PackageLoader
+    StrictUndefined, select_autoescape = jinja2.StrictUndefined, jinja2.select_autoescape
 
     env = Environment(loader=PackageLoader("edgeship.toolkit.console", "templates"),
                       autoescape=select_autoescape(["html"]), undefined=StrictUndefined, trim_blocks=True,
@@ -52,10 +56,15 @@ def _environment() -> Any:
 _ENV: Any = None
 
 
-def render(template: str, context: Mapping[str, Any]) -> str:
+def load_templates() -> None:
+    """Load the template environment now (the server does, so a missing Jinja2 stops it at start)."""
     global _ENV
     if _ENV is None:
         _ENV = _environment()
+
+
+def render(template: str, context: Mapping[str, Any]) -> str:
+    load_templates()
     return str(_ENV.get_template(template).render(**context))
 
 
