@@ -58,6 +58,7 @@ __all__ = [
     "pause",
     "resume",
     "rollback",
+    "describe_stages",
     "stage_progress",
     "stage_targets",
     "step",
@@ -552,6 +553,19 @@ def stage_progress(rollout: Rollout) -> List[StageProgress]:
                 counts[record.status.value] = counts.get(record.status.value, 0) + 1
         result.append(StageProgress(index, pct, targets[index] if targets else 0, sum(counts.values()), counts))
     return result
+
+
+def describe_stages(progress: Sequence[StageProgress]) -> List[str]:
+    """One phrase per stage, its own counts against its own size (the devices it adds to the
+    previous stages' cumulative target): "stage 3 (100%, 9 dev): 9 succeeded", never a running
+    total beside a stage's count."""
+    phrases, previous = [], 0
+    for p in progress:
+        size = max(p.target - previous, 0)
+        previous = max(previous, p.target)
+        counts = ", ".join(f"{n} {k.lower().replace('_', ' ')}" for k, n in sorted(p.counts.items())) or "waiting"
+        phrases.append(f"stage {p.stage + 1} ({p.percent:g}%, {size} dev): {counts}")
+    return phrases
 
 
 def _as_map(fleet: Union[Mapping[str, DeviceSnapshot], Iterable[DeviceSnapshot]]) -> Dict[str, DeviceSnapshot]:
