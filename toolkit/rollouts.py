@@ -59,6 +59,7 @@ __all__ = [
     "resume",
     "rollback",
     "describe_stages",
+    "fail_assignment",
     "stage_progress",
     "stage_targets",
     "step",
@@ -824,6 +825,20 @@ def step(rollout: Rollout, fleet: Union[Mapping[str, DeviceSnapshot], Iterable[D
                                           f"waiting for {unresolved}")
         break
     return Decision(current, actions, health)
+
+
+def fail_assignment(rollout: Rollout, device: str, detail: str, now: float) -> Decision:
+    """The controller could not carry out ``device``'s assignment (it cannot sign the version:
+    not published, or the repository is unreadable): the device is FAILED with that reason at
+    once, rather than ASSIGNED until its stage timeout; the next :func:`step` applies the abort
+    rules to it like any other failure."""
+    record = rollout.devices.get(device)
+    if record is None or record.status not in (D.ASSIGNED, D.IN_PROGRESS) \
+            or rollout.state not in (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.COMPLETED):
+        return Decision(rollout, [])
+    devices = dict(rollout.devices)
+    devices[device] = replace(record, status=D.FAILED, detail=detail, updated_at=now)
+    return Decision(replace(rollout, devices=devices, updated_at=now), [])
 
 
 # -- operator commands ----------------------------------------------------------------------------
