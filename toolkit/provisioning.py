@@ -557,6 +557,21 @@ class RemoteShell(Protocol):
     def close(self) -> None: ...
 
 
+def quiet_paramiko() -> None:
+    """Keep paramiko's own log (a 20-line traceback for an unreachable host, from its transport
+    thread) off the terminal: every failure it logs also reaches us as an exception, which the
+    command turns into one line. ``EDGESHIP_SSH_DEBUG=1`` lets it through again."""
+    import logging
+    import os
+
+    logger = logging.getLogger("paramiko")
+    if os.environ.get("EDGESHIP_SSH_DEBUG"):
+        return
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
+    logger.propagate = False
+
+
 class FabricShell:
     """A RemoteShell over SSH with fabric (key authentication only)."""
 
@@ -564,6 +579,7 @@ class FabricShell:
                  connect_timeout: float = 15.0) -> None:
         fabric = require_module("fabric", "host")
         paramiko = require_module("paramiko", "host")
+        quiet_paramiko()
         kwargs: dict[str, Any] = {"allow_agent": identity is None, "look_for_keys": identity is None}
         if identity:
             if not Path(identity).is_file():
