@@ -65,6 +65,7 @@ def test_the_tour_is_read_from_the_readme() -> None:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no owner
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
