@@ -73,6 +73,28 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _clone_venv(clone: Path) -> None:
+    """``.venv`` in the clone, as `make demo` would leave it: a real virtual environment with the
+    clone installed editable (so the tour runs the clone's code), its dependencies taken from
+    this checkout's environment (a .pth line) instead of a download."""
+    here = Path(sys.prefix)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(clone / ".venv")], check=True)
+    site = next((clone / ".venv" / "lib").glob("python3*/site-packages"))
+    deps = next((here / "lib").glob("python3*/site-packages"))
+    (site / "_edgeship_deps.pth").write_text(f"{deps}\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(clone / ".venv" / "bin" / "python"), "install",
+                    "--quiet", "--no-deps", "--no-build-isolation", "-e", str(clone)], check=True,
+                   capture_output=True)
+
+
+def _stop_group(pgid: int) -> None:
+    """SIGKILL whatever the script left running (its own process group, started by the test)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def test_readme_tour_from_a_fresh_clone(tmp_path_factory: pytest.TempPathFactory) -> None:
     for tool, where in (("mosquitto", mosquitto_binary()), ("sshd", sshd_binary()), ("curl", shutil.which("curl")),
                         ("git", shutil.which("git"))):
@@ -81,37 +103,34 @@ def test_readme_tour_from_a_fresh_clone(tmp_path_factory: pytest.TempPathFactory
     busy = [p for p in TOUR_PORTS if not _port_free(p)]
     if busy:
         pytest.skip(f"the README's ports {busy} are taken on this machine")
-    if not (ROOT / ".venv" / "bin" / "edgeship").exists():
-        pytest.skip("no .venv in this checkout (make demo or make test makes it)")
+    wheelhouse = build_offline_wheelhouse(tmp_path_factory.mktemp("tour-wheels"), "litert")
     base = world_readable_tempdir("edgeship-tour-")  # Mosquitto's own account must reach broker/
     clone = base / "edgeship"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
-    (clone / ".venv").symlink_to(ROOT / ".venv")
+    _clone_venv(clone)
     account = make_device_account(base)
     key, pub = make_user_key(tmp_path_factory.mktemp("tour-sshkey"))
     (base / "sshd").mkdir()
     sshd = Sshd(base / "sshd", pub).start()
     prefix = account.home / "edgeship" if account.created else base / "device-prefix"
-    wheelhouse = build_offline_wheelhouse(tmp_path_factory.mktemp("tour-wheels"), "litert")
     target = (f"{account.user}@127.0.0.1 --port {sshd.port} --identity {key} --wheelhouse {wheelhouse}"
               + ("" if account.created else f" --prefix {prefix}"))
     script = tour_script((ROOT / "README.md").read_text(), target)
     (base / "tour.sh").write_text(script)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGESHIP_", "VIRTUAL_ENV"))}
     env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    process = subprocess.Popen(["bash", str(base / "tour.sh")], cwd=clone, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log_path = base / "tour.log"
+    # a file, not a pipe: a background process the script leaves behind must not hold the test up
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(["bash", str(base / "tour.sh")], cwd=clone, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        output, _ = process.communicate(timeout=900)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail("the tour did not finish within 15 minutes:\n" + output[-6000:])
+        try:
+            process.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the tour did not finish within 15 minutes:\n" + log_path.read_text(errors="replace")[-6000:])
     finally:
-        try:  # whatever the script left running (its own process group, started here)
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _stop_group(process.pid)
         pidfile = prefix / "run" / "agent.pid"
         if pidfile.exists():  # the agent provisioning started, by its pid
             try:
@@ -120,6 +139,7 @@ def test_readme_tour_from_a_fresh_clone(tmp_path_factory: pytest.TempPathFactory
                 pass
         sshd.stop()
         account.remove()
+    output = log_path.read_text(errors="replace")
     try:
         assert process.returncode == 0, output[-8000:]
         tour = clone / "tour"
