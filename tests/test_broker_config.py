@@ -340,3 +340,18 @@ def test_conf_binds_client_ids_to_identities_on_every_listener(tmp_path: Path) -
     listeners = conf.split("\nlistener ")[1:]
     assert len(listeners) == 2
     assert all("use_username_as_clientid true" in block for block in listeners)
+
+
+def test_broker_replica_issues_a_controller_identity_of_its_own(tmp_path: Path) -> None:
+    folder = BrokerFolder(tmp_path / "broker")
+    folder.create_or_update(bc.BrokerSettings(run_as=""))
+    result = CliRunner().invoke(main, ["broker", "replica", "ctl-b", "--dir", str(folder.path), "--out",
+                                       str(tmp_path / "ctl-b"), "--json"])
+    assert result.exit_code == 0, result.output
+    conn = json.loads((tmp_path / "ctl-b" / "connection.json").read_text())
+    assert conn["kind"] == "controller" and conn["identity"] == "ctl-b"
+    acl = (folder.path / "acl").read_text()
+    assert "user ctl-b\ntopic readwrite edgeship/#" in acl
+    again = CliRunner().invoke(main, ["broker", "replica", "ctl-b", "--dir", str(folder.path), "--out",
+                                      str(tmp_path / "again")])
+    assert again.exit_code == 2 and "already exists" in again.stderr

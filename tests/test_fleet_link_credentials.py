@@ -191,3 +191,14 @@ def test_an_agent_initialised_from_the_folder_connects_and_a_wrong_ca_is_named(b
         for process in (good, bad):
             os.killpg(process.pid, 9)
             process.wait(10)
+
+
+def test_controller_takes_its_credentials_folder_and_refuses_a_device_s(broker_folder: Any, repo: Path,
+                                                                        tmp_path: Path) -> None:
+    folder, _ = broker_folder
+    assert _credentials(folder, repo, tmp_path / "dev-1").exit_code == 0
+    refused = CliRunner().invoke(edgeship_main, ["controller", "--credentials", str(tmp_path / "dev-1"), "--repo",
+                                                 str(repo), "--db", f"sqlite:///{tmp_path / 'f.db'}"])
+    assert refused.exit_code == 2 and "holds a device's credentials, not the controller's" in refused.stderr
+    missing = CliRunner().invoke(edgeship_main, ["controller", "--repo", str(repo)], env={"EDGESHIP_BROKER": ""})
+    assert missing.exit_code == 2 and "--credentials BROKER_DIR/controller" in missing.stderr, missing.output
