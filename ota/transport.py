@@ -288,8 +288,8 @@ def describe_connect_failure(exc: BaseException) -> str:
     reconnect log repeats it: TLS verification, refused, DNS, or the raw error)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         detail = getattr(exc, "verify_message", None) or first_line(exc)
-        return (f"TLS verification of the broker failed ({detail}): check the CA file (ca_file / --ca) and that "
-                "the broker's certificate names this host")
+        return (f"TLS verification of the broker failed (certificate verify failed: {detail}): check the CA "
+                "file (ca_file / --ca) and that the broker's certificate names this host")
     if isinstance(exc, ssl.SSLError):
         reason = getattr(exc, "reason", None) or first_line(exc)
         if "ALERT" in str(reason).upper():

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 from broker_fixtures import connect, start_broker
 from edgeship.toolkit.broker_config import client_id_allowed

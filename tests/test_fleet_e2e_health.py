@@ -20,7 +20,15 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-from fleet_e2e_fixtures import FLEET, GOOD, FleetAgent, FleetRelease, edgeship_cli, fleet_release, wait_for
+from fleet_e2e_fixtures import (
+    FLEET,
+    GOOD,
+    FleetAgent,
+    FleetRelease,
+    edgeship_cli,
+    fleet_release,
+    wait_for,
+)
 
 __all__ = ["fleet_release"]
 

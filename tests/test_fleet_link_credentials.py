@@ -166,7 +166,7 @@ def _wait_log(log: Path, text: str, timeout: float = 30.0) -> str:
 @pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 def test_an_agent_initialised_from_the_folder_connects_and_a_wrong_ca_is_named(broker_folder: Any, repo: Path,
                                                                                 tmp_path: Path) -> None:
-    folder, broker = broker_folder
+    folder, _ = broker_folder
     assert _credentials(folder, repo, tmp_path / "dev-1", "--repo", str(repo)).exit_code == 0
     bind = f"127.0.0.1:{free_port()}"
     assert _init("--credentials", str(tmp_path / "dev-1"), "--data", str(tmp_path / "d"), "--bind", bind,

@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.mosquitto, pytest.mark.sshd]
 def tour_blocks(readme: str) -> list[str]:
     """The ``sh`` blocks of the README's tour section, in order."""
     section = readme.split("## A tour of the commands", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+    return re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)
 
 
 def tour_script(readme: str, provision_target: str) -> str:

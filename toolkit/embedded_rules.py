@@ -22,7 +22,7 @@ MQTT 5, a CRL; passwords cross the loopback in clear. Development only.
 
 from __future__ import annotations
 
-__all__ = ["RegistryPasswordAuth", "DeviceTopicRules", "RuledEmbeddedBroker", "rules_from_registry"]
+__all__ = ["DeviceTopicRules", "RegistryPasswordAuth", "RuledEmbeddedBroker", "rules_from_registry"]
 
 import os
 import threading
@@ -35,7 +35,12 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.plugins.topic_checking import TopicAccessControlListPlugin
 from edgeship.ota.errors import BadInputError
 
-from .broker_config import AclIdentity, client_id_allowed, render_amqtt_topic_acl, verify_password_entry
+from .broker_config import (
+    AclIdentity,
+    client_id_allowed,
+    render_amqtt_topic_acl,
+    verify_password_entry,
+)
 from .embedded_broker import EmbeddedBroker
 from .identities import REGISTRY_FILE, BrokerFolder
 
