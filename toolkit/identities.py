@@ -60,6 +60,8 @@ from . import broker_config as bc
 REGISTRY_FILE = "identities.json"
 SETTINGS_FILE = "broker.json"
 CONNECTION_FILE = "connection.json"
+PROVISIONER = "edgeship-provisioner"
+"""The identity `device provision` watches devices come online with (a controller's rights)."""
 
 
 def _now() -> dt.datetime:
@@ -186,6 +188,25 @@ class BrokerFolder:
     @property
     def controller_dir(self) -> Path:
         return self.path / "controller"
+
+    @property
+    def provisioner_dir(self) -> Path:
+        return self.path / "provisioner"
+
+    def provisioner_credentials(self) -> dict[str, Any]:
+        """The credentials provisioning watches devices come online with (issued on first use).
+
+        Not the controller's: the broker names each client by its identity, so a provisioning
+        run that connected as the controller would take the running controller's session.
+        """
+        record = self.record(PROVISIONER)
+        if record is None or not record.active or not (self.provisioner_dir / CONNECTION_FILE).is_file():
+            if record is not None and record.active:  # its folder is gone: a fresh identity
+                reg = self._registry()
+                self._revoke_in(reg, reg.identities[PROVISIONER])
+                self._save_registry(reg)
+            self.issue_controller(PROVISIONER, self.provisioner_dir)
+        return read_connection(self.provisioner_dir)
 
     def exists(self) -> bool:
         return (self.path / SETTINGS_FILE).is_file() and self.ca_key_path.is_file()
