@@ -9,6 +9,12 @@ and added to the probabilities. Its outputs equal its own golden vectors, so it 
 device's self-test (the device-side latency gates are loosened in these agents' configs, as a
 fleet whose operator gates at 3x in the rollout would have them), and it is really one to two
 orders of magnitude slower per request, which only the fleet's telemetry gate sees.
+
+The version that fails more is honest too: ``digits`` whose outputs are multiplied by a factor
+gathered from a two-entry table at index ``1000 * (sum of the image > 48)``. The golden images
+(sums about 16 to 22) give index 0 and the same answers, so it passes self-test; a bright image
+(all ones, sum 64) makes TFLite's GATHER fail at invoke time ("gather index out of bounds"), a
+500 that the agent counts as a model error in its telemetry.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ __all__ = ["fleet_release"]
 pytestmark = [pytest.mark.slow, pytest.mark.mosquitto]
 
 HEAVY = "3.0.0"
+FLAKY = "3.1.0"
 
 
 @pytest.fixture(scope="module")
@@ -65,26 +72,52 @@ def heavy_release(fleet_release: FleetRelease, digits_files: dict[str, Path],
     edgeship_cli("bundle", "build", str(model), "--name", "digits", "--version", HEAVY, "--golden", str(golden),
                  "-o", str(out))
     edgeship_cli("publish", str(out), "--repo", str(fleet_release.repo))
+
+    class Flaky(tf.keras.layers.Layer):
+        """probs x table[1000 * bright]: the gather fails at invoke time for a bright image."""
+
+        def call(self, inputs: Any) -> Any:
+            image, probs = inputs
+            bright = tf.cast(tf.reduce_sum(image, axis=[1, 2, 3]) > 48.0, tf.int32)
+            return probs * tf.gather(tf.constant([1.0, 1.0]), bright * 1000)[:, None]
+
+    image = tf.keras.Input((8, 8, 1), name="image")
+    model = base / "digits-flaky.tflite"
+    model.write_bytes(tf.lite.TFLiteConverter.from_keras_model(
+        tf.keras.Model(image, Flaky()([image, digits(image)]))).convert())
+    with open_model(model) as runner:
+        (y,) = runner.run([x])
+        with pytest.raises(Exception, match="gather index out of bounds"):
+            runner.run([np.ones((1, 8, 8, 1), np.float32)])
+    np.testing.assert_allclose(np.asarray(y), fleet_release.golden_y, atol=1e-4)
+    golden = base / "flaky.golden.npz"
+    GoldenVectors(("image",), (x,), ("probs",), (np.asarray(y, dtype=np.float32),), atol=1e-4).save(golden)
+    out = base / f"digits-{FLAKY}.bundle"
+    edgeship_cli("bundle", "build", str(model), "--name", "digits", "--version", FLAKY, "--golden", str(golden),
+                 "-o", str(out))
+    edgeship_cli("publish", str(out), "--repo", str(fleet_release.repo))
     return fleet_release
 
 
 class Traffic:
     """Requests to every agent's REST API, as applications would send them, until stopped."""
 
-    def __init__(self, agents: dict[str, FleetAgent], instances: list) -> None:
+    def __init__(self, agents: dict[str, FleetAgent], *requests: list) -> None:
         self._stop = threading.Event()
         self.answers = 0
-        self._threads = [threading.Thread(target=self._loop, args=(a, instances), daemon=True)
+        self._threads = [threading.Thread(target=self._loop, args=(a, list(requests)), daemon=True)
                          for a in agents.values()]
         for thread in self._threads:
             thread.start()
 
-    def _loop(self, agent: FleetAgent, instances: list) -> None:
+    def _loop(self, agent: FleetAgent, requests: list) -> None:
         client = None
+        turn = 0
         while not self._stop.is_set():
+            turn += 1
             try:
                 client = client or agent.client()
-                status, _ = client.predict("digits", instances)
+                status, _ = client.predict("digits", requests[turn % len(requests)])
                 self.answers += status == 200
             except Exception:  # noqa: BLE001 - an agent swapping models or restarting: try again
                 client = None
@@ -118,7 +151,8 @@ def fleet(tmp_path: Path, mosquitto_broker: Any, heavy_release: FleetRelease) ->
         first = edgeship_cli("rollout", "start", "digits", GOOD, "--fleet", FLEET, "--stages", "100", "--db", db_url,
                              "--wait", "--interval", "0.3", "--timeout", "2m")
         assert first["state"] == "COMPLETED", first["reason"]
-        traffic = Traffic(agents, heavy_release.eval_x[:1].tolist())
+        # ordinary digits, and every other request a bright image (all ones)
+        traffic = Traffic(agents, heavy_release.eval_x[:1].tolist(), np.ones((1, 8, 8, 1)).tolist())
         yield {"store": store, "db": db_url, "agents": agents, "names": names}
     finally:
         if traffic is not None:
@@ -156,6 +190,34 @@ def test_a_slower_version_is_caught_by_the_p95_gate_and_its_devices_roll_back(fl
     assert {d.id: d.active_version for d in store.list_devices(FLEET)} == {n: GOOD for n in fleet["names"]}
     status, _ = fleet["agents"][moved[0]].predict([[[[0.0]] * 8] * 8])
     assert status == 200
+
+
+def test_a_version_that_fails_more_in_service_is_caught_by_the_error_rate_gate(fleet: dict[str, Any]) -> None:
+    store, db = fleet["store"], fleet["db"]
+    doc = edgeship_cli_status(
+        "rollout", "start", "digits", FLAKY, "--fleet", FLEET, "--stages", "25,100", "--bake", "2m",
+        "--stage-timeout", "3m", "--max-failures", "50%", "--health", "max_error_rate=0.1,min_requests=30",
+        "--db", db, "--wait", "--interval", "0.5", "--timeout", "3m", code=3)
+    assert doc["state"] == "ABORTED" and "error rate" in doc["reason"] and "max_error_rate 10.00%" in doc["reason"]
+    assert doc["health"]["new_error_rate"] > 0.1
+    rollout, _ = store.load_rollout(doc["id"])
+    moved = [d for d, r in rollout.devices.items() if r.status.value == "ROLLBACK_SENT"]
+    assert len(moved) == 1
+    wait_for(lambda: store.get_device(moved[0]).active_version == GOOD, 90, f"{moved[0]} back on {GOOD}")
+    assert {d.id: d.active_version for d in store.list_devices(FLEET)} == {n: GOOD for n in fleet["names"]}
+
+
+def edgeship_cli_status(*args: str, code: int) -> dict[str, Any]:
+    """``edgeship ... --json`` that must exit with ``code``; its JSON document."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "edgeship.toolkit.cli", *args, "--json"], capture_output=True,
+                            text=True, timeout=400, check=False, env=dict(os.environ))
+    assert result.returncode == code, result.stderr[-3000:]
+    return dict(json.loads(result.stdout))
 
 
 def test_an_ab_test_reaches_a_verdict_from_the_devices_telemetry(fleet: dict[str, Any]) -> None:
