@@ -152,7 +152,8 @@ def status(folder_path: str, as_json: bool) -> None:
 @click.option("--broker-dir", type=click.Path(file_okay=False), default=None,
               help="Enforce this broker folder's password identities and topic rules (made with --auth password).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document once listening.")
-def run(host: str, port: int, broker_dir: str | None, as_json: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Show amqtt's own warnings (refused sessions, dropped messages).")
+def run(host: str, port: int, broker_dir: str | None, as_json: bool, verbose: bool) -> None:
     """Run the embedded broker (amqtt) for development, until interrupted.
 
     Without --broker-dir it accepts anonymous clients and enforces no topic
@@ -163,6 +164,12 @@ def run(host: str, port: int, broker_dir: str | None, as_json: bool) -> None:
     from edgeship.ota.errors import require_module
 
     require_module("amqtt.broker", "host")
+    if not verbose:
+        # amqtt warns about every client that probes MQTT 5 first (our agents and controller do, then
+        # use 3.1.1) and about queued messages at shutdown: noise for a development broker
+        import logging
+
+        logging.getLogger("amqtt").setLevel(logging.ERROR)
     try:
         from ..embedded_broker import EmbeddedBroker
     except ImportError:
