@@ -305,7 +305,10 @@ class Controller:
         self._own_store = store is None
         self.store = store if store is not None else FleetStore(config.db_url)
         self.stats = ControllerStats()
-        self.client_id = f"edgeship-controller-{config.replica_id}"
+        # IDENTITY-REPLICA when the identity is known (a password login): a broker that binds client
+        # ids to identities (the embedded broker with a broker folder) accepts exactly that
+        identity = getattr(config.broker, "username", None) or "edgeship-controller"
+        self.client_id = f"{identity}-{config.replica_id}"
         self.connection = MqttConnection(config.broker, client_id=self.client_id, protocol=config.protocol,
                                          clean_start=True,
                                          on_connect=self._on_connect)
