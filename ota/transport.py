@@ -283,6 +283,28 @@ def _no_delay(client: paho.Client, userdata: object, sock: object) -> None:
         pass
 
 
+def describe_connect_failure(exc: BaseException) -> str:
+    """Why a TCP/TLS connect to the broker failed, in words an operator can act on (the
+    reconnect log repeats it: TLS verification, refused, DNS, or the raw error)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = getattr(exc, "verify_message", None) or first_line(exc)
+        return (f"TLS verification of the broker failed (certificate verify failed: {detail}): check the CA "
+                "file (ca_file / --ca) and that the broker's certificate names this host")
+    if isinstance(exc, ssl.SSLError):
+        reason = getattr(exc, "reason", None) or first_line(exc)
+        if "ALERT" in str(reason).upper():
+            return (f"the broker refused the TLS handshake ({reason}): its CA did not accept the client "
+                    "certificate (cert_file / key_file), or it is revoked or missing")
+        return f"TLS error ({reason})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: nothing listens on that host and port"
+    if isinstance(exc, socket.gaierror):
+        return f"host name not found ({first_line(exc)})"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out"
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
 def _describe(code: Union[ReasonCode, MQTTErrorCode, int, None]) -> str:
     if isinstance(code, ReasonCode):
         return str(code)
@@ -546,14 +568,15 @@ class MqttConnection:
         while not self._closing.is_set():
             if attempt:
                 delay = self.policy.delay(attempt, self._rng)
-                log.info("reconnecting to %s in %.2f s (attempt %d)", self.broker, delay, attempt)
+                log.info("reconnecting to %s in %.2f s (attempt %d): %s", self.broker, delay, attempt,
+                         self._last_error)
                 if self._closing.wait(delay):
                     break
             attempt += 1
             try:
                 result = self._client.reconnect()
             except Exception as exc:  # OSError, ssl errors, DNS: all mean "try again later"
-                self._last_error = f"{type(exc).__name__}: {first_line(exc)}"
+                self._last_error = describe_connect_failure(exc)
                 log.debug("connect to %s failed: %s", self.broker, self._last_error)
                 continue
             if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -619,8 +642,9 @@ class MqttConnection:
                 self._downgrade = True
                 return
             self._refusal = str(reason)
-            self._last_error = f"refused: {reason}"
-            log.warning("broker %s refused the connection: %s", self.broker, reason)
+            self._last_error = f"refused by the broker: {reason} (check the user name, password or certificate)"
+            log.warning("broker %s refused the connection (authentication or authorization): %s", self.broker,
+                        reason)
             return
         self._connack = True
         reconnected = self._ever_connected

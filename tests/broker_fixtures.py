@@ -89,9 +89,11 @@ class Client:
 
 def connect(port: int, *, ca: Optional[Path] = None, cert: Optional[Path] = None, key: Optional[Path] = None,
             username: Optional[str] = None, password: Optional[str] = None, tls: bool = True,
-            protocol: int = mqtt.MQTTv311, timeout: float = 5.0) -> tuple[Optional[Client], str]:
+            protocol: int = mqtt.MQTTv311, timeout: float = 5.0,
+            client_id: Optional[str] = None) -> tuple[Optional[Client], str]:
     """Connect; returns (client, "ok") or (None, why it was refused)."""
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:10]}", protocol=protocol)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"t-{uuid.uuid4().hex[:10]}",
+                    protocol=protocol)
     client = Client(c)
     result: "queue.Queue[str]" = queue.Queue()
 

@@ -188,12 +188,15 @@ class FleetAgent(AgentProcess):
     """``edgeship-agent run`` with a broker in its config, in its own data folder."""
 
     def __init__(self, folder: Path, release: FleetRelease, broker_url: str, device: str, *,
-                 block_size: int = 64 * 1024, block_window: int = 64) -> None:
+                 block_size: int = 64 * 1024, block_window: int = 64, loosen_latency_gates: bool = False) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         text = render_config(data=str(folder / "data"), device_id=device, fleet=FLEET, root=str(release.root_json),
                              director_key=str(release.director_pub), bind="127.0.0.1:0", broker=broker_url)
         text = text.replace("window_s = 60.0", "window_s = 0.5")
         text = text.replace("interval_s = 60.0", "interval_s = 1.0")
+        if loosen_latency_gates:  # leave latency and errors to the fleet's telemetry gates (their tests)
+            text = text.replace("max_latency_ratio = 2.0", "max_latency_ratio = 1000.0")
+            text = text.replace("max_error_rate = 0.05", "max_error_rate = 1.0")
         text = text.replace("[broker]\n", f"[broker]\nblock_size = {block_size}\nblock_window = {block_window}\n"
                                           "reconnect_max_s = 2.0\nkeepalive_s = 5\n")
         config = folder / "agent.toml"

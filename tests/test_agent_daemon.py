@@ -114,6 +114,8 @@ def test_a_data_folder_that_cannot_be_made_is_one_line_and_a_failure_exit(tmp_pa
     from agent_fixtures import agent_cli
 
     (tmp_path / "file").write_text("")
+    (tmp_path / "root.json").write_text("{}")  # init and run refuse missing trust anchors first
+    (tmp_path / "k.pub").write_text("key")
     config = tmp_path / "agent.toml"
     made = agent_cli("init", "--data", str(tmp_path / "file" / "data"), "--device-id", "d", "--fleet", "f",
                      "--root", str(tmp_path / "root.json"), "--director-key", str(tmp_path / "k.pub"),

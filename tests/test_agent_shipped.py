@@ -122,6 +122,8 @@ def test_init_writes_a_config_the_unprivileged_service_user_can_read(tmp_path: P
     from edgeship.agent.cli import cli
 
     out = tmp_path / "agent.toml"
+    (tmp_path / "root.json").write_text("{}")  # init refuses missing trust anchors
+    (tmp_path / "director.pub").write_text("key")
     result = CliRunner().invoke(cli, [
         "init", "--data", str(tmp_path / "data"), "--device-id", "pi-7", "--fleet", "lab",
         "--root", str(tmp_path / "root.json"), "--director-key", str(tmp_path / "director.pub"), "-o", str(out),

@@ -278,3 +278,80 @@ def test_amqtt_plugin_applies_our_rules() -> None:
 @pytest.mark.parametrize("bind", ["127.0.0.1", "0.0.0.0", "::", "::1", "broker.lan", "gw-01"])
 def test_listener_addresses_are_ip_addresses_or_host_names(bind: str) -> None:
     assert bc.BrokerSettings(bind=bind).bind == bind
+
+
+# -- where Mosquitto can run from -------------------------------------------------------------------
+
+def _has_account(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.mark.skipif(not _has_account("mosquitto"), reason="no mosquitto account on this machine")
+def test_a_folder_the_broker_account_cannot_enter_is_named() -> None:
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="edgeship-home-"))  # pytest's tmp folders are 0700 themselves
+    base.chmod(0o755)
+    home = base / "home"
+    (home / "work").mkdir(parents=True)
+    home.chmod(0o700)
+    try:
+        assert bc.unreachable_folder(home / "work" / "broker", "mosquitto") == home
+        home.chmod(0o711)  # traversable by others: nothing to say
+        assert bc.unreachable_folder(home / "work" / "broker", "mosquitto") is None
+        assert bc.unreachable_folder(home / "work", "root") is None  # root enters everything
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.mark.skipif(not _has_account("mosquitto") or __import__("os").geteuid() != 0,
+                    reason="as root with a mosquitto account: the case where Mosquitto drops privileges")
+def test_broker_config_under_a_0700_home_says_what_to_do() -> None:
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="edgeship-home-"))
+    base.chmod(0o755)
+    home = base / "home"
+    home.mkdir()
+    home.chmod(0o700)
+    try:
+        _check_warning(home)
+    finally:
+        shutil.rmtree(base)
+
+
+def _check_warning(home: Path) -> None:
+    result = CliRunner().invoke(main, ["broker", "config", "--out", str(home / "broker"), "--port", "18999"])
+    assert result.exit_code == 0, result.output
+    assert "warning: Mosquitto drops from root to the account 'mosquitto'" in result.stderr
+    assert str(home) in result.stderr and "Unable to write pid" in result.stderr and "--run-as root" in result.stderr
+    doc = json.loads(CliRunner().invoke(main, ["broker", "config", "--out", str(home / "broker"), "--json"]).stdout)
+    assert doc["warnings"] and str(home) in doc["warnings"][0]
+
+
+def test_conf_binds_client_ids_to_identities_on_every_listener(tmp_path: Path) -> None:
+    conf = bc.render_mosquitto_conf(bc.BrokerSettings(auth="both", run_as=""), tmp_path)
+    listeners = conf.split("\nlistener ")[1:]
+    assert len(listeners) == 2
+    assert all("use_username_as_clientid true" in block for block in listeners)
+
+
+def test_broker_replica_issues_a_controller_identity_of_its_own(tmp_path: Path) -> None:
+    folder = BrokerFolder(tmp_path / "broker")
+    folder.create_or_update(bc.BrokerSettings(run_as=""))
+    result = CliRunner().invoke(main, ["broker", "replica", "ctl-b", "--dir", str(folder.path), "--out",
+                                       str(tmp_path / "ctl-b"), "--json"])
+    assert result.exit_code == 0, result.output
+    conn = json.loads((tmp_path / "ctl-b" / "connection.json").read_text())
+    assert conn["kind"] == "controller" and conn["identity"] == "ctl-b"
+    acl = (folder.path / "acl").read_text()
+    assert "user ctl-b\ntopic readwrite edgeship/#" in acl
+    again = CliRunner().invoke(main, ["broker", "replica", "ctl-b", "--dir", str(folder.path), "--out",
+                                      str(tmp_path / "again")])
+    assert again.exit_code == 2 and "already exists" in again.stderr

@@ -29,7 +29,8 @@ def t(device: str, kind: str) -> str:
 
 def login(port: int, folder: Path) -> tuple[Client | None, str]:
     c = creds(folder)
-    return connect(port, tls=False, username=c["username"], password=Path(c["password"]).read_text().strip())
+    return connect(port, tls=False, username=c["username"], password=Path(c["password"]).read_text().strip(),
+                   client_id=c["username"])
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Under the ACL that `broker config` writes, the controller identity can do what the controller
 does: MQTT 5 shared subscriptions to every device's events, telemetry and block requests (two
-replicas share the load), and publishing desired states."""
+replicas, each with its own identity from `broker replica`, share the load), and publishing
+desired states."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ pytestmark = [pytest.mark.mosquitto,
 def test_controller_identity_shares_subscriptions_under_the_acl(tmp_path: Path) -> None:
     b = start_broker(tmp_path, auth="cert")
     try:
-        ctl = b.controller()
+        from broker_fixtures import creds
+
+        b.folder.issue_controller("edgeship-controller-b", tmp_path / "replica-b")
         replicas = []
-        for _ in range(2):
+        for ctl in (b.controller(), creds(tmp_path / "replica-b")):
             client, outcome = b.connect_as(ctl, protocol=mqtt.MQTTv5)
             assert client is not None, outcome
             granted = client.subscribe("$share/edgeship-controllers/edgeship/+/devices/+/events")

@@ -200,6 +200,49 @@ def test_start_wait_in_a_real_process(db: str, store: FleetStore, failing: bool,
         assert doc["counts"]["ROLLBACK_SENT"] == 1  # stopped at its first stage (5% of 12 = 1 device)
 
 
+@pytest.mark.parametrize("devices, failing, code, state, reason", [
+    (12, False, 0, "COMPLETED", "every selected device has the version"),
+    (12, True, 3, "ABORTED", "above the failure threshold"),
+    (0, False, 3, "ABORTED", "no device matched the selection within the stage timeout (5 s)"),
+])
+def test_start_wait_through_a_pipe_prints_each_change_and_ends_with_the_state(
+        db: str, store: FleetStore, devices: int, failing: bool, code: int, state: str, reason: str) -> None:
+    sim = SimulatedFleet(store, FLEET, devices, fail=set(sim_ids(devices)) if failing else None)
+    stop = threading.Event()
+    thread = _controller_thread(sim, stop)
+    try:  # stdout and stderr are pipes, as in `edgeship rollout start ... --wait | tee log`
+        process = subprocess.run(
+            [sys.executable, "-m", "edgeship.toolkit.cli", "rollout", "start", "digits", "2.0", "--fleet", FLEET,
+             "--wait", "--interval", "0.1", "--stage-timeout", "5s"],
+            env={**os.environ, "EDGESHIP_DB": db}, capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        stop.set()
+        thread.join()
+    assert process.returncode == code, (process.stdout, process.stderr)
+    lines = process.stdout.strip().splitlines()
+    assert len(lines) >= 2, lines  # a line per change, not one silent wait
+    assert all(" rollout r-" in line for line in lines), lines
+    assert f" {state} " in lines[-1] and reason in lines[-1], lines[-1]
+    assert len(set(line.split(" ", 1)[1] for line in lines)) == len(lines)  # only changes are printed
+    if code:
+        assert process.stderr.strip().splitlines()[-1].startswith("error: rollout r-")
+
+
+def sim_ids(n: int) -> List[str]:
+    return [f"dev-{i:03d}" for i in range(n)]
+
+
+def test_start_wait_timeout_leaves_the_rollout_running_and_exits_1(db: str, store: FleetStore) -> None:
+    SimulatedFleet(store, FLEET, 3)  # devices that never answer: no controller runs
+    result = subprocess.run(
+        [sys.executable, "-m", "edgeship.toolkit.cli", "rollout", "start", "digits", "2.0", "--fleet", FLEET,
+         "--wait", "--interval", "0.1", "--timeout", "1s"],
+        env={**os.environ, "EDGESHIP_DB": db}, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1, result.stderr
+    assert "still RUNNING after --timeout 1 s" in result.stderr
+    assert " RUNNING " in result.stdout.strip().splitlines()[-1]
+
+
 # -- abtest ------------------------------------------------------------------------------------
 
 def _latency_window(rng: np.random.Generator, scale: float, version: str) -> TelemetryMessage:
@@ -321,3 +364,24 @@ def test_a_mistyped_store_is_refused_not_created(tmp_path: Path, args: List[str]
     result = CliRunner().invoke(main, [*args, "--db", f"sqlite:///{db}"])
     assert result.exit_code == 2 and f"no fleet store at {db}" in result.output, result.output
     assert not db.exists()
+
+
+def test_tables_through_a_pipe_are_never_cut(db: str, store: FleetStore) -> None:
+    sim = SimulatedFleet(store, "a-fleet-with-a-rather-long-name", 3, fail={"dev-000"})
+    run("rollout", "start", "digits", "2.0", "--fleet", sim.fleet, "--stages", "100", "--max-failures", "5",
+        "--db", db)
+    for _ in range(5):
+        sim.tick()
+    env = {**os.environ, "EDGESHIP_DB": db, "COLUMNS": "40"}  # a narrow $COLUMNS must not matter in a pipe
+    for args, whole in ((["fleet", "ls"], ["a-fleet-with-a-rather-long-name", "COMMITTED", "last seen",
+                                           "p95 (15m)"]),
+                        (["rollout", "ls"], ["a-fleet-with-a-rather-long-name", "digits 2.0", "ABORTED",
+                                             "started (UTC)"])):
+        out = subprocess.run([sys.executable, "-m", "edgeship.toolkit.cli", *args], env=env, capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+        assert "…" not in out, out
+        for text in whole:
+            assert text in out, (text, out)
+        as_json = subprocess.run([sys.executable, "-m", "edgeship.toolkit.cli", *args, "--json"], env=env,
+                                 capture_output=True, text=True, timeout=60, check=True).stdout
+        json.loads(as_json)  # --json unchanged: one document

@@ -444,3 +444,26 @@ def test_one_rollout_that_cannot_be_reconciled_does_not_stop_the_tick(
     monkeypatch.setattr(store, "reconcile_rollout", reconcile)
     done = controller.tick(now=time.time())
     assert reconciled == ["r-good"] and done["rollouts"] == 1 and done["errors"] == 1
+
+
+def test_an_assignment_the_controller_cannot_sign_fails_at_once_with_the_reason(
+        release_repo: Path, db_url: str, store: FleetStore) -> None:
+    """A rollout of a version the repository does not hold (started without --repo): the device
+    is FAILED with the reason in the same tick, and the rollout aborts on it, not after 30 minutes."""
+    from edgeship.toolkit.controller import Controller, ControllerConfig
+    from edgeship.toolkit.rollouts import DeviceStatus, RolloutPolicy, RolloutState, new_rollout
+    from fleet_fixtures import SimulatedFleet
+
+    SimulatedFleet(store, "plant", 2, version="1.0.0")
+    now = time.time()
+    store.create_rollout(new_rollout("r-unsigned", "plant", "digits", "7.7.7", RolloutPolicy(stages=(50, 100)), now))
+    controller = Controller(ControllerConfig(broker="mqtt://127.0.0.1:1", repo=release_repo, db_url=db_url),
+                            store=store)
+    done = controller.tick(now=now + 1)
+    assert done["errors"] == 1
+    rollout, _ = store.load_rollout("r-unsigned")
+    failed = [r for r in rollout.devices.values() if r.status is DeviceStatus.FAILED]
+    assert len(failed) == 1 and "cannot sign it" in (failed[0].detail or "") and "7.7.7" in failed[0].detail
+    store.reconcile_rollout("r-unsigned", now + 2)  # the next tick's reconcile (no broker to publish to here)
+    rollout, _ = store.load_rollout("r-unsigned")
+    assert rollout.state is RolloutState.ABORTED and "failed" in (rollout.reason or "")

@@ -676,3 +676,42 @@ def test_invariants_under_random_device_behaviour(seed: int) -> None:
     assert all(count == 1 for count in assigned_once.values()), assigned_once
     # Every rollout ends: all answer within the timeout, so it completes or aborts.
     assert finished_at is not None, (r.state, r.reason, statuses(r))
+
+
+# -- reasons: recomputed at every step -------------------------------------------------------------
+
+NEWER = "9.0.0"
+
+
+@pytest.mark.parametrize("records, devices, now, state, reason_has", [
+    # no device yet: waits, and says until when
+    ([], [], T0 + 10, "RUNNING", "no device matches the selection yet (ends after 1800 s)"),
+    # still none after the stage timeout: ends, and says why
+    ([], [], T0 + 1800, "ABORTED", "no device matched the selection within the stage timeout (1800 s)"),
+    # stage 2 waits for its devices: the stage-1 "no device" reason is gone
+    ([rec("d00", "SUCCEEDED"), rec("d01", "ASSIGNED", stage=1)], fleet(2), T0 + 10, "RUNNING",
+     "stage 2: 0 of 1 devices succeeded, waiting for 1"),
+    # a device that runs a newer version is skipped, counted and said
+    ([], [snap("d00", NEWER), snap("d01", NEW)], T0 + 1, "COMPLETED",
+     "no device needed the version: 1 already ran it, 1 skipped (they run a newer version)"),
+    ([], [snap("d00", NEWER)], T0 + 1, "COMPLETED",
+     "no device needed the version: 0 already ran it, 1 skipped (they run a newer version)"),
+    ([rec("d00", "SUCCEEDED", stage=2)], [snap("d00", NEW, update="COMMITTED"), snap("d01", NEWER)], T0 + 1,
+     "COMPLETED", "1 skipped (they run a newer version), every other selected device has the version"),
+    # without skipped devices the completion says so plainly
+    ([], [snap("d00", NEW)], T0 + 1, "COMPLETED", "every selected device already runs the version"),
+])
+def test_reason_says_what_the_rollout_waits_for_or_why_it_ended(
+        records: List[DeviceRecord], devices: List[DeviceSnapshot], now: float, state: str, reason_has: str) -> None:
+    start = replace(rollout(records, stage=max([r.stage or 0 for r in records], default=0)),
+                    reason="waiting: no device matches the selection yet")
+    decision = step(start, devices, now)
+    assert decision.rollout.state is RolloutState(state), decision.rollout.reason
+    assert reason_has in (decision.rollout.reason or ""), decision.rollout.reason
+
+
+def test_a_rollout_with_no_device_ends_at_its_stage_timeout_and_queues_nothing() -> None:
+    decision = step(rollout(stage_timeout_s=60), [], T0 + 60)
+    assert decision.rollout.state is RolloutState.ABORTED
+    assert kinds(decision.actions) == ["abort"]
+    assert step(rollout(stage_timeout_s=60), [], T0 + 59).rollout.state is RolloutState.RUNNING

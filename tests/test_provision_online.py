@@ -40,3 +40,41 @@ def test_wait_online_sees_the_device_and_only_the_device(tmp_path: Path) -> None
         oc.close()
     finally:
         b.stop()
+
+
+def test_waiting_for_devices_leaves_the_running_controller_connected(tmp_path: Path) -> None:
+    """The broker names each client by its identity: provisioning waits with its own (the
+    provisioner's), one connection for every device it waits for at once, so neither the
+    controller nor a parallel wait loses its session."""
+    b = start_broker(tmp_path, auth="cert")
+    try:
+        ctl, outcome = b.connect_as(b.controller())
+        assert ctl is not None, outcome
+        online = encode_message(StatusMessage("online", time.time()))
+        devices = {}
+        for name in ("dev-1", "dev-2", "dev-3"):
+            client, outcome = b.connect_as(b.device(name), client_id=name)
+            assert client is not None, outcome
+            devices[name] = client
+        waited: dict = {}
+
+        def wait(name: str) -> None:
+            waited[name] = wait_online(b.folder, "f1", name, timeout=15)
+
+        threads = [threading.Thread(target=wait, args=(n,)) for n in devices]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        for name, client in devices.items():
+            client.publish(f"edgeship/f1/devices/{name}/status", online, retain=True)
+        for thread in threads:
+            thread.join(20)
+        assert set(waited) == set(devices)
+        assert not ctl.disconnected.is_set(), "the controller lost its session to provisioning"
+        assert (b.folder.provisioner_dir / "connection.json").is_file()
+        log = b.broker.log_path.read_text()
+        assert log.count(" as edgeship-provisioner ") == 1, log[-3000:]  # one shared connection
+        for client in (ctl, *devices.values()):
+            client.close()
+    finally:
+        b.stop()

@@ -24,6 +24,8 @@ The rules (docs/security.md):
 from __future__ import annotations
 
 __all__ = [
+    "client_id_allowed",
+    "unreachable_folder",
     "AUTH_MODES",
     "DEVICE_READS_BACK",
     "BrokerSettings",
@@ -265,6 +267,52 @@ def render_amqtt_topic_acl(identities: Iterable[AclIdentity], *, prefix: str = D
     return {"publish-acl": publish, "subscribe-acl": subscribe, "receive-acl": dict(subscribe)}
 
 
+def client_id_allowed(kind: str, identity: str, client_id: str) -> bool:
+    """Whether an identity may connect with ``client_id`` (the embedded broker's check; Mosquitto
+    replaces the client id with the identity, ``use_username_as_clientid``).
+
+    A device is exactly its id, so a stolen or misused credential cannot take another device's
+    session. A controller replica is its identity, or the identity, ``-`` and a replica name
+    (``edgeship-controller-HOST-PID``), so replicas share one identity without clashing.
+    """
+    if kind == "controller":
+        return client_id == identity or (client_id.startswith(identity + "-") and len(client_id) > len(identity) + 1)
+    return client_id == identity
+
+
+def unreachable_folder(folder: str | Path, account: str) -> Path | None:
+    """The first folder on the way to ``folder`` that ``account`` cannot enter (no ``x`` for it),
+    or None. Mosquitto started as root drops to its account before it writes its pid file and
+    persistence and re-reads the ACL and CRL: a broker folder under a 0700 home fails there."""
+    import grp
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(account)
+    except KeyError:
+        return None
+    if entry.pw_uid == 0:
+        return None
+    groups = {entry.pw_gid} | {g.gr_gid for g in grp.getgrall() if account in g.gr_mem}
+    path = Path(folder).resolve()
+    for current in [*reversed(path.parents), path]:
+        try:
+            st = current.stat()
+        except FileNotFoundError:
+            return None  # made later, with modes we choose
+        except OSError:
+            return current
+        if st.st_uid == entry.pw_uid:
+            ok = bool(st.st_mode & 0o100)
+        elif st.st_gid in groups:
+            ok = bool(st.st_mode & 0o010)
+        else:
+            ok = bool(st.st_mode & 0o001)
+        if not ok:
+            return current
+    return None
+
+
 def render_mosquitto_conf(settings: BrokerSettings, folder: str | Path) -> str:
     """mosquitto.conf (Mosquitto 2.0) for a broker folder laid out by BrokerFolder.
 
@@ -305,6 +353,8 @@ def render_mosquitto_conf(settings: BrokerSettings, folder: str | Path) -> str:
             *tls,
             "require_certificate true",
             "use_identity_as_username true",
+            # the client id is the identity: a device cannot take another's session (and knock it offline)
+            "use_username_as_clientid true",
             f"crlfile {d / 'ca' / 'crl.pem'}",
             "",
         ]
@@ -314,6 +364,7 @@ def render_mosquitto_conf(settings: BrokerSettings, folder: str | Path) -> str:
             f"listener {settings.pass_port} {settings.bind}",
             *tls,
             "require_certificate false",
+            "use_username_as_clientid true",
             "",
         ]
     return "\n".join(lines)

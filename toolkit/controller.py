@@ -306,7 +306,10 @@ class Controller:
         self.store = store if store is not None else FleetStore(config.db_url)
         self.stats = ControllerStats()
         self.fleet_counters = FleetCounters()
-        self.client_id = f"edgeship-controller-{config.replica_id}"
+        # IDENTITY-REPLICA when the identity is known (a password login): a broker that binds client
+        # ids to identities (the embedded broker with a broker folder) accepts exactly that
+        identity = getattr(config.broker, "username", None) or "edgeship-controller"
+        self.client_id = f"{identity}-{config.replica_id}"
         self.connection = MqttConnection(config.broker, client_id=self.client_id, protocol=config.protocol,
                                          clean_start=True,
                                          on_connect=self._on_connect)
@@ -580,6 +583,15 @@ class Controller:
                 log.info("pruned %d telemetry windows older than %.0f s", pruned, self.config.telemetry_retention_s)
         return done
 
+    def _fail_assignment(self, rollout_id: str, device: str, detail: str, now: float) -> None:
+        """Mark an assignment that cannot be signed FAILED in its rollout now (not at its timeout)."""
+        from edgeship.toolkit.rollouts import fail_assignment
+
+        try:
+            self.store.update_rollout(rollout_id, lambda r: fail_assignment(r, device, detail, now), now=now)
+        except Exception:  # the outbox entry is already completed with the error; the timeout still ends it
+            log.exception("rollout %s: could not mark %s FAILED", rollout_id, device)
+
     def _signing_key(self) -> Any:
         """The director key, re-read when ``edgeship keys rotate director`` replaced the file."""
         try:
@@ -632,6 +644,9 @@ class Controller:
             if isinstance(target, EdgeshipError):
                 log.error("cannot give %s %s %s: %s", action.device, action.name, action.version, target.message)
                 self.store.complete_action(entry.id, now, error=target.message)
+                if entry.rollout_id and isinstance(action, AssignVersion):
+                    self._fail_assignment(entry.rollout_id, action.device,
+                                          f"the controller cannot sign it: {target.message}", now)
                 errors += 1
                 self.stats.add("action_errors")
                 continue

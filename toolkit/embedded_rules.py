@@ -5,7 +5,8 @@ amqtt plugins that read the broker folder's registry (identities.json):
 
 - ``RegistryPasswordAuth``: a client logs in with the user name and password of
   an active *password* identity (the same ``$7$`` entries Mosquitto's passwd
-  holds); anonymous clients and everyone else are refused;
+  holds) and a client id bound to it (``broker_config.client_id_allowed``: a
+  device's is its id); anonymous clients and everyone else are refused;
 - ``DeviceTopicRules``: the same per-device topic rules as the Mosquitto ACL
   (``broker_config.render_amqtt_topic_acl``, from the same topic tables), checked
   when a client publishes, subscribes, and before each message is delivered.
@@ -21,7 +22,7 @@ MQTT 5, a CRL; passwords cross the loopback in clear. Development only.
 
 from __future__ import annotations
 
-__all__ = ["RegistryPasswordAuth", "DeviceTopicRules", "RuledEmbeddedBroker", "rules_from_registry"]
+__all__ = ["DeviceTopicRules", "RegistryPasswordAuth", "RuledEmbeddedBroker", "rules_from_registry"]
 
 import os
 import threading
@@ -34,7 +35,12 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.plugins.topic_checking import TopicAccessControlListPlugin
 from edgeship.ota.errors import BadInputError
 
-from .broker_config import AclIdentity, render_amqtt_topic_acl, verify_password_entry
+from .broker_config import (
+    AclIdentity,
+    client_id_allowed,
+    render_amqtt_topic_acl,
+    verify_password_entry,
+)
 from .embedded_broker import EmbeddedBroker
 from .identities import REGISTRY_FILE, BrokerFolder
 
@@ -48,6 +54,7 @@ class _RegistryCache:
         self._stamp: Optional[float] = None
         self.passwords: Dict[str, str] = {}
         self.rules: Dict[str, Any] = {}
+        self.kinds: Dict[str, str] = {}
 
     def refresh(self) -> "_RegistryCache":
         path = self.folder.path / REGISTRY_FILE
@@ -58,6 +65,7 @@ class _RegistryCache:
         with self._lock:
             if stamp != self._stamp:
                 self.passwords, self.rules = rules_from_registry(self.folder)
+                self.kinds = {r.name: r.kind for r in self.folder.records().values() if r.active}
                 self._stamp = stamp
         return self
 
@@ -91,9 +99,14 @@ class RegistryPasswordAuth(BaseAuthPlugin):
     async def authenticate(self, *, session: Any) -> bool | None:
         if session is None or not session.username or session.password is None:
             return False
-        entry = _cache(self.config.broker_dir).passwords.get(session.username)
+        cache = _cache(self.config.broker_dir)
+        entry = cache.passwords.get(session.username)
         password = session.password.decode() if isinstance(session.password, bytes) else str(session.password)
-        return entry is not None and verify_password_entry(entry, password)
+        if entry is None or not verify_password_entry(entry, password):
+            return False
+        # the client id is bound to the identity: device A's password cannot take devB's session
+        return client_id_allowed(cache.kinds.get(session.username, "device"), session.username,
+                                 str(getattr(session, "client_id", "") or ""))
 
 
 class DeviceTopicRules(BaseTopicPlugin):

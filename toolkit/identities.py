@@ -60,6 +60,8 @@ from . import broker_config as bc
 REGISTRY_FILE = "identities.json"
 SETTINGS_FILE = "broker.json"
 CONNECTION_FILE = "connection.json"
+PROVISIONER = "edgeship-provisioner"
+"""The identity `device provision` watches devices come online with (a controller's rights)."""
 
 
 def _now() -> dt.datetime:
@@ -187,6 +189,25 @@ class BrokerFolder:
     def controller_dir(self) -> Path:
         return self.path / "controller"
 
+    @property
+    def provisioner_dir(self) -> Path:
+        return self.path / "provisioner"
+
+    def provisioner_credentials(self) -> dict[str, Any]:
+        """The credentials provisioning watches devices come online with (issued on first use).
+
+        Not the controller's: the broker names each client by its identity, so a provisioning
+        run that connected as the controller would take the running controller's session.
+        """
+        record = self.record(PROVISIONER)
+        if record is None or not record.active or not (self.provisioner_dir / CONNECTION_FILE).is_file():
+            if record is not None and record.active:  # its folder is gone: a fresh identity
+                reg = self._registry()
+                self._revoke_in(reg, reg.identities[PROVISIONER])
+                self._save_registry(reg)
+            self.issue_controller(PROVISIONER, self.provisioner_dir)
+        return read_connection(self.provisioner_dir)
+
     def exists(self) -> bool:
         return (self.path / SETTINGS_FILE).is_file() and self.ca_key_path.is_file()
 
@@ -277,9 +298,19 @@ class BrokerFolder:
         pid = self.reload_broker()
         if pid:
             changed.append(f"broker (pid {pid}) reloaded")
+        warnings: list[str] = []
+        if settings.run_as and os.geteuid() == 0:
+            blocked = bc.unreachable_folder(self.path, settings.run_as)
+            if blocked is not None:
+                warnings.append(
+                    f"Mosquitto drops from root to the account {settings.run_as!r}, which cannot enter {blocked} "
+                    f"(mode {oct(blocked.stat().st_mode & 0o777)[2:]}): it would stop with \"Unable to write pid "
+                    "file\". Make the broker folder where that account can reach it (e.g. "
+                    f"`edgeship broker config --out /srv/edgeship/broker`), or `chmod o+x {blocked}`, or pass "
+                    "--run-as root")
         return {"folder": str(self.path), "changed": changed, "settings": settings.to_dict(),
                 "conf": str(self.conf_path), "controller": str(self.controller_dir),
-                "run": f"mosquitto -c {self.conf_path}"}
+                "run": f"mosquitto -c {self.conf_path}", "warnings": warnings}
 
     def _server_names(self, path: Path) -> set[str]:
         from cryptography import x509
@@ -324,6 +355,26 @@ class BrokerFolder:
         reg.identities[name] = record
         self._save_registry(reg)
         return record, {k: str(out / v) for k, v in {**files, "connection": CONNECTION_FILE}.items()}
+
+    def issue_controller(self, name: str, out: str | os.PathLike[str]) -> IssuedCredentials:
+        """Issue credentials for another controller replica, an identity of its own.
+
+        Mosquitto names each client by its identity (``use_username_as_clientid``), so two
+        replicas that shared one identity would take each other's session in turn.
+        """
+        self.require()
+        validate_identifier(name, "controller identity")
+        settings = self.settings()
+        reg = self._registry()
+        old = reg.identities.get(name)
+        if old is not None and old.active:
+            raise BadInputError(f"identity {name!r} already exists ({old.kind}); choose another name")
+        auth = "password" if settings.auth == "password" else "cert"
+        record, files = self._issue(reg, name, "controller", "", auth, Path(out).resolve(), settings)
+        self.render()
+        pid = self.reload_broker()
+        return IssuedCredentials(record=record, out=Path(out).resolve(), files=files,
+                                 url=self.url_for(auth, settings), replaced_serial=None, broker_reloaded=pid)
 
     def url_for(self, auth: str, settings: bc.BrokerSettings | None = None) -> str:
         """The URL a client of ``auth`` connects to (the first server name, else localhost)."""
@@ -512,6 +563,39 @@ def revoke_device(broker_dir: str | os.PathLike[str], device_id: str) -> RevokeR
     return BrokerFolder(broker_dir).revoke(device_id)
 
 
+TRUST_FILES = {"root": "root.json", "director_key": "director.pub"}
+"""The trust anchors a device credentials folder may carry, and their file names in it."""
+
+
+def add_trust_anchors(folder: str | os.PathLike[str], *, root: str | os.PathLike[str],
+                      director_key: str | os.PathLike[str]) -> dict[str, str]:
+    """Copy the release repository's root metadata and the director's public key into a
+    credentials folder and name them in its connection.json, so that one folder is all a
+    device needs (``edgeship-agent init --credentials FOLDER``).
+
+    Raises:
+        BadInputError: a trust anchor is missing or unreadable (named), or the folder has no
+            connection.json.
+    """
+    d = Path(folder)
+    conn_path = d / CONNECTION_FILE
+    conn = read_connection(d)
+    raw = json.loads(conn_path.read_text())
+    copied: dict[str, str] = {}
+    for key, source, what in (("root", root, "trusted root metadata (root.json)"),
+                              ("director_key", director_key, "director's public key")):
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise BadInputError(f"the {what} {source} cannot be read: {exc.strerror or exc}") from None
+        atomic_write_bytes(d / TRUST_FILES[key], data, mode=0o644)
+        raw[key] = TRUST_FILES[key]
+        copied[key] = str(d / TRUST_FILES[key])
+    del conn
+    atomic_write_text(conn_path, json.dumps(raw, indent=2, sort_keys=True) + "\n", mode=0o644)
+    return copied
+
+
 def read_connection(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a credentials folder's connection.json, with its file names made absolute."""
     d = Path(folder)
@@ -522,7 +606,7 @@ def read_connection(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise BadInputError(f"{d} holds no {CONNECTION_FILE}; issue credentials with `edgeship device credentials`") from None
     except (OSError, ValueError) as exc:
         raise BadInputError(f"{p} cannot be read: {exc}") from None
-    for key in ("ca", "cert", "key", "password"):
+    for key in ("ca", "cert", "key", "password", *TRUST_FILES):
         if key in data:
             data[key] = str((d / data[key]).resolve())
     return data

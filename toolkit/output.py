@@ -37,11 +37,27 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+PIPE_WIDTH = 10_000
+"""Columns a console assumes when its stream is not a terminal: wide enough that no table is
+cut (``PROBAT…``) or wrapped for a reader that is a pipe, a file or grep."""
+
+
 def console(stderr: bool = False) -> Any:
-    """A rich Console (stderr when stdout is reserved for JSON)."""
+    """A rich Console (stderr when stdout is reserved for JSON).
+
+    On a terminal it fits the window; through a pipe it never truncates or wraps (tables keep
+    every column whole, one row per line), whatever $COLUMNS says.
+    """
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    stream = sys.stderr if stderr else sys.stdout
+    try:
+        terminal = stream.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    if terminal:
+        return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=PIPE_WIDTH)
 
 
 @contextlib.contextmanager

@@ -70,6 +70,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -557,6 +558,21 @@ class RemoteShell(Protocol):
     def close(self) -> None: ...
 
 
+def quiet_paramiko() -> None:
+    """Keep paramiko's own log (a 20-line traceback for an unreachable host, from its transport
+    thread) off the terminal: every failure it logs also reaches us as an exception, which the
+    command turns into one line. ``EDGESHIP_SSH_DEBUG=1`` lets it through again."""
+    import logging
+    import os
+
+    logger = logging.getLogger("paramiko")
+    if os.environ.get("EDGESHIP_SSH_DEBUG"):
+        return
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
+    logger.propagate = False
+
+
 class FabricShell:
     """A RemoteShell over SSH with fabric (key authentication only)."""
 
@@ -564,6 +580,7 @@ class FabricShell:
                  connect_timeout: float = 15.0) -> None:
         fabric = require_module("fabric", "host")
         paramiko = require_module("paramiko", "host")
+        quiet_paramiko()
         kwargs: dict[str, Any] = {"allow_agent": identity is None, "look_for_keys": identity is None}
         if identity:
             if not Path(identity).is_file():
@@ -1060,19 +1077,54 @@ def record_fleet_tags(db_url: str, fleet: str, device_id: str, tags: Mapping[str
         return "changed", ", ".join(f"{k}={v}" for k, v in sorted(tags.items()))
 
 
+class _StatusWatcher:
+    """One MQTT connection per broker folder and process, shared by every device a provisioning
+    run waits for (``fleet provision`` waits for several at once): the broker names each client by
+    its identity, so two connections with the provisioner's identity would take turns."""
+
+    _lock = threading.Lock()
+    _open: "dict[str, tuple[Any, int]]" = {}
+
+    @classmethod
+    def acquire(cls, folder: Any) -> Any:
+        from edgeship.ota.transport import MqttConnection, parse_broker_url
+
+        key = str(Path(folder.path).resolve())
+        with cls._lock:
+            if key in cls._open:
+                conn, users = cls._open[key]
+                cls._open[key] = (conn, users + 1)
+                return conn
+            creds = folder.provisioner_credentials()
+            url = parse_broker_url(
+                creds["url"], username=creds.get("username") if "password" in creds else None,
+                password=Path(creds["password"]).read_text().strip() if "password" in creds else None,
+                ca_file=creds.get("ca"), cert_file=creds.get("cert"), key_file=creds.get("key"))
+            conn = MqttConnection(url, client_id=f"{creds['identity']}-{os.getpid()}"[:128])
+            conn.connect(timeout=15.0)
+            cls._open[key] = (conn, 1)
+            return conn
+
+    @classmethod
+    def release(cls, folder: Any) -> None:
+        key = str(Path(folder.path).resolve())
+        with cls._lock:
+            conn, users = cls._open[key]
+            if users > 1:
+                cls._open[key] = (conn, users - 1)
+                return
+            del cls._open[key]
+        conn.close()
+
+
 def wait_online(folder: Any, fleet: str, device_id: str, timeout: float) -> float:
-    """Subscribe as the controller to the device's status topic until it says ``online``; seconds waited."""
-    import threading
+    """Subscribe to the device's status topic until it says ``online``; seconds waited.
 
+    With the broker folder's provisioner identity (a controller's rights, its own client id), never
+    the controller's: that would take the running controller's session away.
+    """
     from edgeship.ota.protocol import ProtocolError, parse_message
-    from edgeship.ota.transport import MqttConnection, parse_broker_url
 
-    from .identities import read_connection
-
-    conn = read_connection(folder.controller_dir)
-    url = parse_broker_url(conn["url"], username=conn.get("username") if "password" in conn else None,
-                           password=Path(conn["password"]).read_text().strip() if "password" in conn else None,
-                           ca_file=conn.get("ca"), cert_file=conn.get("cert"), key_file=conn.get("key"))
     online = threading.Event()
 
     def handler(message: Any) -> None:
@@ -1084,15 +1136,17 @@ def wait_online(folder: Any, fleet: str, device_id: str, timeout: float) -> floa
 
     start = time.monotonic()
     topic = device_topic(fleet, device_id, STATUS, folder.settings().prefix)
-    mqtt = MqttConnection(url, client_id=f"edgeship-provision-{os.getpid()}-{device_id}"[:128])
-    mqtt.connect(timeout=min(timeout, 15.0))
+    mqtt = _StatusWatcher.acquire(folder)
     try:
         mqtt.subscribe(topic, handler)
-        if not online.wait(max(0.0, timeout - (time.monotonic() - start))):
-            raise ProvisionError(f"device {device_id} did not report online on {topic} within {timeout:.1f} s; "
-                                 "see the agent's log on the device")
+        try:
+            if not online.wait(max(0.0, timeout - (time.monotonic() - start))):
+                raise ProvisionError(f"device {device_id} did not report online on {topic} within {timeout:.1f} s; "
+                                     "see the agent's log on the device")
+        finally:
+            mqtt.unsubscribe(topic)
     finally:
-        mqtt.close()
+        _StatusWatcher.release(folder)
     return time.monotonic() - start
 
 

@@ -51,6 +51,8 @@ __all__ = [
     "VersionTelemetry",
     "abort",
     "action_from_dict",
+    "describe_stages",
+    "fail_assignment",
     "measure_health",
     "new_rollout",
     "parse_duration",
@@ -554,6 +556,19 @@ def stage_progress(rollout: Rollout) -> List[StageProgress]:
     return result
 
 
+def describe_stages(progress: Sequence[StageProgress]) -> List[str]:
+    """One phrase per stage, its own counts against its own size (the devices it adds to the
+    previous stages' cumulative target): "stage 3 (100%, 9 dev): 9 succeeded", never a running
+    total beside a stage's count."""
+    phrases, previous = [], 0
+    for p in progress:
+        size = max(p.target - previous, 0)
+        previous = max(previous, p.target)
+        counts = ", ".join(f"{n} {k.lower().replace('_', ' ')}" for k, n in sorted(p.counts.items())) or "waiting"
+        phrases.append(f"stage {p.stage + 1} ({p.percent:g}%, {size} dev): {counts}")
+    return phrases
+
+
 def _as_map(fleet: Union[Mapping[str, DeviceSnapshot], Iterable[DeviceSnapshot]]) -> Dict[str, DeviceSnapshot]:
     if isinstance(fleet, Mapping):
         return dict(fleet)
@@ -680,6 +695,17 @@ def _abort_reason(rollout: Rollout, health: HealthReading) -> Optional[str]:
     return None
 
 
+def _skipped_newer(rollout: Rollout) -> int:
+    """Devices the rollout leaves alone because they run a newer version of the bundle."""
+    return sum(1 for r in rollout.devices.values()
+               if r.status is D.SKIPPED and (r.detail or "").startswith("runs the newer"))
+
+
+def _skipped_note(rollout: Rollout) -> str:
+    skipped = _skipped_newer(rollout)
+    return f"{skipped} skipped (they run a newer version)" if skipped else ""
+
+
 def _roll_back(rollout: Rollout, now: float, reason: str, state: RolloutState, first: Action) -> Decision:
     devices = dict(rollout.devices)
     actions: List[Action] = [first]
@@ -745,23 +771,38 @@ def step(rollout: Rollout, fleet: Union[Mapping[str, DeviceSnapshot], Iterable[D
         current = replace(current, devices=devices)
         pending = current.count(D.PENDING)
         if current.count(*MOVED_STATUSES) < targets[stage] and pending:
-            break  # pending devices not in the snapshot cannot be assigned; wait for them
-        if current.population() == 0 and not current.count(D.ALREADY):
+            # pending devices not in the snapshot cannot be assigned; wait for them
+            current = replace(current, reason=f"stage {stage + 1}: waiting for {pending} selected device(s) "
+                                              "that are not reporting to come back")
+            break
+        if current.population() == 0 and not current.count(D.ALREADY) and not _skipped_newer(current):
             # No device matches yet (none reported, or a tag not set yet): wait rather than
             # complete, or the devices that appear later would all get the version unstaged.
-            current = replace(current, reason="waiting: no device matches the selection yet")
+            # Not forever: after the stage timeout the rollout ends and says why.
+            timeout = current.policy.stage_timeout_s
+            if now - stage_started_at >= timeout:
+                why = f"no device matched the selection within the stage timeout ({timeout:g} s)"
+                return replace(_roll_back(current, now, why, RolloutState.ABORTED, AbortRollout(why)),
+                               health=health)
+            current = replace(current, reason=f"waiting: no device matches the selection yet (ends after {timeout:g} s)")
             break
         members = [r for r in devices.values() if r.stage == stage and r.status in MOVED_STATUSES]
         succeeded = sum(1 for r in members if r.status is D.SUCCEEDED)
         threshold = current.policy.success_threshold_pct
         if not members or succeeded * 100.0 >= threshold * len(members):
             if now - stage_started_at < current.policy.bake_s:
+                current = replace(current, reason=f"stage {stage + 1}: {succeeded} of {len(members)} devices "
+                                                  f"succeeded; baking for {current.policy.bake_s:g} s")
                 break
             if stage == last or not pending:
+                skipped = _skipped_note(current)
                 why = (f"stage {stage + 1}: {succeeded} of {len(members)} devices succeeded "
-                       f"({_pct(succeeded, len(members))}); every selected device has the version")
+                       f"({_pct(succeeded, len(members))}); "
+                       + (f"{skipped}, every other selected device has the version" if skipped
+                          else "every selected device has the version"))
                 if not members and not current.moved():
-                    why = "every selected device already runs the version"
+                    why = (f"no device needed the version: {current.count(D.ALREADY)} already ran it, {skipped}"
+                           if skipped else "every selected device already runs the version")
                 current = replace(current, state=RolloutState.COMPLETED, stage=stage,
                                   stage_started_at=stage_started_at, reason=why)
                 actions.append(CompleteRollout(why))
@@ -779,8 +820,25 @@ def step(rollout: Rollout, fleet: Union[Mapping[str, DeviceSnapshot], Iterable[D
                    f"{counts[D.REJECTED]} rejected, {counts[D.TIMED_OUT]} timed out)")
             decision = _roll_back(current, now, why, RolloutState.ABORTED, AbortRollout(why))
             return Decision(decision.rollout, actions + decision.actions, health)
+        unresolved = sum(1 for r in members if r.status not in RESOLVED_STATUSES)
+        current = replace(current, reason=f"stage {stage + 1}: {succeeded} of {len(members)} devices succeeded, "
+                                          f"waiting for {unresolved}")
         break
     return Decision(current, actions, health)
+
+
+def fail_assignment(rollout: Rollout, device: str, detail: str, now: float) -> Decision:
+    """The controller could not carry out ``device``'s assignment (it cannot sign the version:
+    not published, or the repository is unreadable): the device is FAILED with that reason at
+    once, rather than ASSIGNED until its stage timeout; the next :func:`step` applies the abort
+    rules to it like any other failure."""
+    record = rollout.devices.get(device)
+    if record is None or record.status not in (D.ASSIGNED, D.IN_PROGRESS) \
+            or rollout.state not in (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.COMPLETED):
+        return Decision(rollout, [])
+    devices = dict(rollout.devices)
+    devices[device] = replace(record, status=D.FAILED, detail=detail, updated_at=now)
+    return Decision(replace(rollout, devices=devices, updated_at=now), [])
 
 
 # -- operator commands ----------------------------------------------------------------------------

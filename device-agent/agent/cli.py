@@ -69,20 +69,30 @@ def cli() -> None:
 # -- init ----------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--data", required=True, help="data folder (slots, state, control socket)")
-@click.option("--device-id", required=True)
-@click.option("--fleet", required=True)
+@click.option(
+    "--credentials",
+    "credentials",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="the folder `edgeship device credentials ... --repo REPO --out FOLDER` wrote: broker URL, CA, "
+    "certificate and key (or password), device id, fleet and trust anchors, all from one option",
+)
+@click.option("--device-id", default=None, help="this device's id (default: from --credentials)")
+@click.option("--fleet", default=None, help="its fleet (default: from --credentials)")
 @click.option(
     "--root",
     "root",
-    required=True,
-    help="trusted root metadata (root.json) of the release repository",
+    default=None,
+    help="trusted root metadata (root.json) of the release repository (default: from --credentials)",
 )
-@click.option("--director-key", required=True, help="the director's public key (PEM)")
+@click.option("--director-key", default=None, help="the director's public key, PEM (default: from --credentials)")
 @click.option(
     "--bind", default="127.0.0.1:8501", show_default=True, help="HTTP API address HOST:PORT"
 )
 @click.option(
-    "--broker", default="", help="MQTT broker URL (mqtt://host:port or mqtts://...); empty: none"
+    "--broker",
+    default=None,
+    help="MQTT broker URL (mqtt://host:port or mqtts://...); empty: none (default: from --credentials)",
 )
 @click.option("--threads", default=1, show_default=True, type=int, help="interpreter threads")
 @click.option(
@@ -93,26 +103,53 @@ def cli() -> None:
 @_json_option
 def init(
     data: str,
-    device_id: str,
-    fleet: str,
-    root: str,
-    director_key: str,
+    credentials: str | None,
+    device_id: str | None,
+    fleet: str | None,
+    root: str | None,
+    director_key: str | None,
     bind: str,
-    broker: str,
+    broker: str | None,
     threads: int,
     output: str | None,
     force: bool,
     config_path: str,
     as_json: bool,
 ) -> None:
-    """Write a complete, commented agent config."""
+    """Write a complete, commented agent config.
+
+    With --credentials FOLDER the broker URL, TLS files, device id, fleet and trust
+    anchors come from that folder; an option given as well must agree with it.
+    """
     from edgeship.ota.atomicfile import atomic_write_text
+
+    from .config import check_trust_anchors, read_credentials
 
     target = Path(output or config_path)
     if target.exists() and not force:
         raise BadInputError(f"{target} exists; pass --force to overwrite it")
     if threads < 1:
         raise BadInputError("--threads must be >= 1")
+    broker_keys: dict[str, str] = {}
+    if credentials is not None:
+        creds = read_credentials(credentials)
+        for option, given, held in (("--device-id", device_id, creds.device_id), ("--fleet", fleet, creds.fleet)):
+            if given is not None and given != held:
+                raise BadInputError(f"{option} {given} disagrees with --credentials {credentials} ({held})")
+        device_id, fleet = creds.device_id, creds.fleet
+        root = root or (str(creds.root) if creds.root else None)
+        director_key = director_key or (str(creds.director_key) if creds.director_key else None)
+        broker = creds.url if broker is None else broker
+        broker_keys = creds.broker_keys()
+    missing = [name for name, value in (("--device-id", device_id), ("--fleet", fleet), ("--root", root),
+                                        ("--director-key", director_key)) if not value]
+    if missing:
+        raise BadInputError(
+            f"missing {', '.join(missing)}: pass them, or --credentials FOLDER made by "
+            "`edgeship device credentials ... --repo REPO`"
+        )
+    assert device_id and fleet and root and director_key
+    check_trust_anchors(root, director_key)
     absolute = {
         k: str(Path(v).expanduser().resolve())
         for k, v in (("data", data), ("root", root), ("director_key", director_key))
@@ -124,8 +161,9 @@ def init(
         root=absolute["root"],
         director_key=absolute["director_key"],
         bind=bind,
-        broker=broker,
+        broker=broker or "",
         threads=threads,
+        broker_keys=broker_keys,
     )
     if not target.parent.is_dir():
         raise BadInputError(f"folder {target.parent} does not exist")
@@ -140,10 +178,11 @@ def init(
                 "device": config.device_id,
                 "fleet": config.fleet,
                 "data": str(config.data_dir),
+                "broker": config.broker_url,
             }
         )
     else:
-        _say(f"wrote {target}")
+        _say(f"wrote {target}" + (f" (device {device_id} of fleet {fleet}, broker {broker})" if broker else ""))
 
 
 # -- run -----------------------------------------------------------------------------------------
@@ -167,6 +206,9 @@ def run(config_path: str, as_json: bool, log_level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = load_config(config_path)
+    from .config import check_trust_anchors
+
+    check_trust_anchors(config.root_metadata, config.director_key, where=f"config {config.source}: ")
     from .fleet_link import open_fleet_link  # issue 5: MQTT when [broker] url is set
 
     link = open_fleet_link(config)  # None without a broker: no MQTT at all

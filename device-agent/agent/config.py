@@ -6,8 +6,10 @@ writes a complete, commented file (``edgeship-agent init``).
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_CONFIG_PATH", "AgentConfig", "load_config", "parse_bind", "parse_config", "render_config"]
+__all__ = ["DEFAULT_CONFIG_PATH", "AgentConfig", "BrokerCredentials", "check_trust_anchors", "load_config",
+           "parse_bind", "parse_config", "read_credentials", "render_config"]
 
+import json
 import math
 import os
 import sys
@@ -284,12 +286,108 @@ def _toml_str(value: str) -> str:
 def render_config(
     *, data: str, device_id: str, fleet: str, root: str, director_key: str,
     bind: str = "127.0.0.1:8501", broker: str = "", threads: int = 1,
+    broker_keys: Mapping[str, str] | None = None,
 ) -> str:
-    """A complete, commented config file; validated before it is returned."""
+    """A complete, commented config file; validated before it is returned.
+
+    ``broker_keys``: more ``[broker]`` keys (the credentials' ca_file, cert_file, ...), written
+    right after ``url``.
+    """
     parse_bind(bind, "--bind")
     text = _TEMPLATE.format(
         device_id=_toml_str(device_id), fleet=_toml_str(fleet), data=_toml_str(data), root=_toml_str(root),
         director_key=_toml_str(director_key), bind=_toml_str(bind), broker=_toml_str(broker), threads=threads,
     )
+    if broker_keys:
+        url_line = f"url = {_toml_str(broker)}"
+        head, sep, tail = text.partition(url_line)
+        extra = "".join(f"\n{key} = {_toml_str(value)}" for key, value in broker_keys.items())
+        text = head + sep + tail.split("\n", 1)[0] + extra + "\n" + tail.split("\n", 1)[1]
     parse_config(tomllib.loads(text))
     return text
+
+
+# -- broker credentials and trust anchors --------------------------------------------------------
+
+_CREDENTIALS_FILE = "connection.json"
+_CREDENTIAL_FILES = ("ca", "cert", "key", "password", "root", "director_key")
+
+
+@dataclass(frozen=True)
+class BrokerCredentials:
+    """What ``edgeship device credentials`` writes for one device (its connection.json), paths absolute."""
+
+    folder: Path
+    url: str
+    device_id: str
+    fleet: str
+    prefix: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    root: Path | None = None
+    director_key: Path | None = None
+
+    def broker_keys(self) -> dict[str, str]:
+        """The ``[broker]`` keys (besides url) that connect with these credentials."""
+        keys = {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file,
+                "password_file": self.password_file}
+        out = {k: str(v) for k, v in keys.items() if v is not None}
+        if self.password_file is not None and self.username:
+            out["username"] = self.username
+        if self.prefix:
+            out["prefix"] = self.prefix
+        return out
+
+
+def read_credentials(folder: str | os.PathLike[str]) -> BrokerCredentials:
+    """Read a device credentials folder (``edgeship device credentials --out FOLDER``).
+
+    Raises:
+        BadInputError: not such a folder, a device's, or a file it names is missing (named).
+    """
+    d = Path(folder).expanduser().resolve()
+    p = d / _CREDENTIALS_FILE
+    try:
+        doc = json.loads(p.read_text("utf-8"))
+    except FileNotFoundError:
+        raise BadInputError(
+            f"--credentials {folder}: no {_CREDENTIALS_FILE} there; make the folder with "
+            "`edgeship device credentials DEVICE_ID --fleet FLEET --broker-dir BROKER --repo REPO --out FOLDER`"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"--credentials {folder}: {p} cannot be read ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("kind") != "device" or not doc.get("identity") or not doc.get("url"):
+        raise BadInputError(f"--credentials {folder}: {p} is not a device's credentials (kind, identity, url)")
+    files: dict[str, Path] = {}
+    for key in _CREDENTIAL_FILES:
+        if doc.get(key):
+            path = d / str(doc[key])
+            if not path.is_file():
+                raise BadInputError(f"--credentials {folder}: {path.name} ({key}) is missing")
+            files[key] = path
+    return BrokerCredentials(
+        folder=d, url=str(doc["url"]), device_id=str(doc["identity"]), fleet=str(doc.get("fleet") or ""),
+        prefix=str(doc["prefix"]) if doc.get("prefix") else None, ca_file=files.get("ca"),
+        cert_file=files.get("cert"), key_file=files.get("key"), username=str(doc.get("username") or "") or None,
+        password_file=files.get("password"), root=files.get("root"), director_key=files.get("director_key"),
+    )
+
+
+def check_trust_anchors(root: str | os.PathLike[str], director_key: str | os.PathLike[str], *,
+                        where: str = "") -> None:
+    """Refuse a missing or unreadable trust anchor, naming which: without them the agent could
+    verify nothing it is sent, and would only say so at its first update."""
+    for what, path in (("trusted root metadata (root.json)", root), ("director's public key", director_key)):
+        p = Path(path)
+        try:
+            with open(p, "rb") as handle:
+                handle.read(1)
+        except FileNotFoundError:
+            raise BadInputError(f"{where}the {what} {p} does not exist") from None
+        except IsADirectoryError:
+            raise BadInputError(f"{where}the {what} {p} is a folder, not a file") from None
+        except OSError as exc:
+            raise BadInputError(f"{where}the {what} {p} cannot be read: {exc.strerror or exc}") from None

@@ -124,13 +124,17 @@ class FleetLinkSettings:
     MQTT blocks (desired states, reports and telemetry still use the broker); TUF verifies either."""
     repository_ca_file: str | None = None
     """CA file for an ``https://`` ``repository_url`` (default: the system CAs)."""
+    username: str | None = None
+    """Broker user name for password identities (default: env EDGESHIP_MQTT_USERNAME)."""
+    password_file: str | None = None
+    """A file whose first line is the broker password (default: env EDGESHIP_MQTT_PASSWORD)."""
 
 
 _SETTING_TYPES: dict[str, tuple[type, ...]] = {
     "prefix": (str,), "protocol": (str,), "keepalive_s": (int,), "reconnect_max_s": (int, float),
     "block_size": (int,), "block_window": (int,), "block_timeout_s": (int, float), "telemetry_qos": (int,),
     "ca_file": (str,), "cert_file": (str,), "key_file": (str,), "repository_url": (str,),
-    "repository_ca_file": (str,),
+    "repository_ca_file": (str,), "username": (str,), "password_file": (str,),
 }
 
 
@@ -399,7 +403,15 @@ class FleetLink:
         self.config = config
         self.settings = settings or load_link_settings(config)
         s = self.settings
-        broker = parse_broker_url(s.url, ca_file=s.ca_file, cert_file=s.cert_file, key_file=s.key_file)
+        password = None
+        if s.password_file:
+            try:
+                password = Path(s.password_file).read_text("utf-8").strip()
+            except OSError as exc:
+                raise BadInputError(f"[broker] password_file {s.password_file} cannot be read: "
+                                    f"{exc.strerror or exc}") from None
+        broker = parse_broker_url(s.url, username=s.username, password=password, ca_file=s.ca_file,
+                                  cert_file=s.cert_file, key_file=s.key_file)
         self.desired_topic = device_topic(config.fleet, config.device_id, DESIRED, s.prefix)
         status_topic = device_topic(config.fleet, config.device_id, STATUS, s.prefix)
         self.folder = config.data_dir / "fleet"

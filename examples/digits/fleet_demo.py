@@ -279,7 +279,7 @@ class FleetDemo:
 
     def rollout(self, version: str, expect: str) -> dict[str, Any]:
         """Start a staged rollout with the real command and follow it live until it finishes."""
-        from edgeship.toolkit.rollouts import FINISHED_STATES, stage_progress
+        from edgeship.toolkit.rollouts import FINISHED_STATES, describe_stages, stage_progress
 
         start = time.perf_counter()
         started = _cli("rollout", "start", "digits", version, "--fleet", FLEET, "--stages", "20,60,100",
@@ -293,11 +293,7 @@ class FleetDemo:
             nonlocal last
             self.procs.check()  # type: ignore[union-attr]
             current, _ = self.store.load_rollout(rollout_id)
-            stages = stage_progress(current)
-            parts = []
-            for s in stages:
-                counts = ", ".join(f"{n} {k.lower()}" for k, n in sorted(s.counts.items())) or "waiting"
-                parts.append(f"stage {s.stage + 1} ({s.percent:g}%, {s.target} dev): {counts}")
+            parts = describe_stages(stage_progress(current))
             line = f"  [{time.perf_counter() - start:5.1f} s] {current.state.value:<11} " + " | ".join(parts)
             if line.split("] ", 1)[1] != last:
                 last = line.split("] ", 1)[1]

@@ -80,3 +80,23 @@ def save_digits_model(out_dir: str | os.PathLike[str], *, epochs: int = 12, seed
     np.savez(paths["calib"], x=split.x_calib, y=split.y_calib)
     np.savez(paths["eval"], x=split.x_test, y=split.y_test)
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python examples/digits/model.py [FOLDER]``: train and write the three files the README's
+    tour starts from (digits.keras, calib.npz, eval.npz) into FOLDER (default: here)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Train the digits CNN; write digits.keras, calib.npz, eval.npz.")
+    parser.add_argument("folder", nargs="?", default=".", help="where to write them (default: the current folder)")
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    paths = save_digits_model(args.folder, epochs=args.epochs)
+    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

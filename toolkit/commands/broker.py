@@ -99,6 +99,29 @@ def config(out: str, port: int | None, password_port: int | None, auth: str | No
     con.print(f"broker folder: {folder.path}")
     con.print(f"controller credentials: {folder.controller_dir}")
     con.print(f"run it with: {result['run']}")
+    for warning in result["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+
+
+@broker.command("replica")
+@click.argument("name")
+@click.option("--dir", "folder_path", required=True, envvar="EDGESHIP_BROKER_DIR",
+              type=click.Path(file_okay=False), help="The broker folder (env EDGESHIP_BROKER_DIR).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder to write them to.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def replica(name: str, folder_path: str, out: str, as_json: bool) -> None:
+    """Issue credentials for one more controller replica (an identity of its own, NAME).
+
+    The broker names every client by its identity, so each replica needs its own;
+    run it with `edgeship controller --credentials OUT`.
+    """
+    issued = BrokerFolder(folder_path).issue_controller(name, out)
+    if as_json:
+        emit_json(issued.to_dict())
+        return
+    con = console()
+    con.print(f"[green]✓[/green] controller replica {name}: credentials written to {issued.out}")
+    con.print(f"  run it with: edgeship controller --credentials {issued.out} --repo REPO")
 
 
 @broker.command("status")
@@ -129,7 +152,8 @@ def status(folder_path: str, as_json: bool) -> None:
 @click.option("--broker-dir", type=click.Path(file_okay=False), default=None,
               help="Enforce this broker folder's password identities and topic rules (made with --auth password).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document once listening.")
-def run(host: str, port: int, broker_dir: str | None, as_json: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Show amqtt's own warnings (refused sessions, dropped messages).")
+def run(host: str, port: int, broker_dir: str | None, as_json: bool, verbose: bool) -> None:
     """Run the embedded broker (amqtt) for development, until interrupted.
 
     Without --broker-dir it accepts anonymous clients and enforces no topic
@@ -140,6 +164,12 @@ def run(host: str, port: int, broker_dir: str | None, as_json: bool) -> None:
     from edgeship.ota.errors import require_module
 
     require_module("amqtt.broker", "host")
+    if not verbose:
+        # amqtt warns about every client that probes MQTT 5 first (our agents and controller do, then
+        # use 3.1.1) and about queued messages at shutdown: noise for a development broker
+        import logging
+
+        logging.getLogger("amqtt").setLevel(logging.ERROR)
     try:
         from ..embedded_broker import EmbeddedBroker
     except ImportError:

@@ -53,13 +53,39 @@ def device() -> None:
 @click.option("--auth", type=click.Choice(["cert", "password"]), default=None,
               help="A client certificate (default) or a password entry (the broker's mode decides the default).")
 @click.option("--reissue", is_flag=True, help="Replace active credentials (the old ones are revoked).")
+@click.option("--repo", "repo", type=click.Path(file_okay=False), default=None, envvar="EDGESHIP_REPO",
+              help="Also copy this release repository's trust anchors (root.json, director.pub) into the folder "
+                   "(env EDGESHIP_REPO): then `edgeship-agent init --credentials OUT` needs nothing else.")
+@click.option("--root", "root", type=click.Path(dir_okay=False), default=None,
+              help="Trusted root metadata (root.json) to copy, instead of --repo.")
+@click.option("--director-key", type=click.Path(dir_okay=False), default=None,
+              help="The director's public key to copy, instead of --repo.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def credentials(device_id: str, fleet: str, out: str, broker_dir: str, auth: str | None, reissue: bool,
-                as_json: bool) -> None:
-    """Issue DEVICE_ID's broker credentials and the files it needs to trust the broker."""
+                repo: str | None, root: str | None, director_key: str | None, as_json: bool) -> None:
+    """Issue DEVICE_ID's broker credentials and the files it needs to trust the broker
+    (and, with --repo, the release repository): one folder for `edgeship-agent init --credentials`."""
+    from edgeship.ota.errors import BadInputError
+
+    from ..identities import add_trust_anchors
+
+    if repo:
+        from edgeship.ota.release import ReleaseRepository
+
+        release = ReleaseRepository(repo)
+        root = root or str(release.root_metadata_path)
+        director_key = director_key or str(release.director_public_key_path)
+    if bool(root) != bool(director_key):
+        raise BadInputError("pass --repo RELEASE_REPO, or both --root ROOT.json and --director-key KEY.pub")
+    for what, path in (("--root", root), ("--director-key", director_key)):
+        if path and not Path(path).is_file():
+            raise BadInputError(f"{what} {path}: no such file")  # refused before any identity is issued
     issued = BrokerFolder(broker_dir).issue_device(device_id, fleet, out, auth=auth, reissue=reissue)
+    anchors: dict[str, str] = {}
+    if root and director_key:
+        anchors = add_trust_anchors(issued.out, root=root, director_key=director_key)
     if as_json:
-        emit_json(issued.to_dict())
+        emit_json({**issued.to_dict(), "trust_anchors": anchors})
         return
     con = console()
     what = f"certificate (serial {issued.record.serial})" if issued.record.auth == "cert" else "password"
@@ -67,6 +93,9 @@ def credentials(device_id: str, fleet: str, out: str, broker_dir: str, auth: str
     if issued.replaced_serial:
         con.print(f"  the previous credentials ({issued.replaced_serial}) are revoked")
     con.print(f"  connects to {issued.url} as {device_id}")
+    if anchors:
+        con.print("  with the release repository's trust anchors (root.json, director.pub)")
+    con.print(f"  on the device: edgeship-agent init --credentials {issued.out} --data DATA_DIR")
     _say_reload(issued.broker_reloaded)
 
 

@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import click
@@ -53,9 +54,12 @@ def _setup_logging(json_log: bool, verbose: int) -> None:
 
 
 @click.command("controller")
-@click.option("--broker", "broker_url", envvar="EDGESHIP_BROKER", required=True, metavar="URL",
+@click.option("--broker", "broker_url", envvar="EDGESHIP_BROKER", default=None, metavar="URL",
               help="mqtt://HOST:PORT or mqtts://HOST:PORT (env EDGESHIP_BROKER; credentials from "
-                   "EDGESHIP_MQTT_USERNAME/EDGESHIP_MQTT_PASSWORD).")
+                   "EDGESHIP_MQTT_USERNAME/EDGESHIP_MQTT_PASSWORD); default: from --credentials.")
+@click.option("--credentials", "credentials_dir", type=click.Path(file_okay=False), default=None,
+              help="The controller's credentials folder (BROKER_DIR/controller from `edgeship broker config`): "
+                   "the broker URL, CA, certificate and key (or password) in one option.")
 @click.option("--repo", "repo_dir", envvar="EDGESHIP_REPO", required=True, type=click.Path(file_okay=False),
               help="The release repository folder (env EDGESHIP_REPO).")
 @db_option
@@ -77,7 +81,7 @@ def _setup_logging(json_log: bool, verbose: int) -> None:
 @click.option("--key", "key_file", type=click.Path(dir_okay=False), default=None, help="Client key.")
 @click.option("--json-log", is_flag=True, help="Log one JSON object per line on stderr.")
 @click.option("-v", "--verbose", count=True, help="More log (-vv: debug).")
-def controller(broker_url: str, repo_dir: str, db_url: Optional[str], replica_id: Optional[str], fleet_name: str,
+def controller(broker_url: Optional[str], credentials_dir: Optional[str], repo_dir: str, db_url: Optional[str], replica_id: Optional[str], fleet_name: str,
                prefix: str, shared_group: str, tick_s: float, metrics_port: Optional[int], metrics_host: str,
                username: Optional[str], password: Optional[str], ca_file: Optional[str], cert_file: Optional[str],
                key_file: Optional[str], json_log: bool, verbose: int) -> None:
@@ -86,6 +90,24 @@ def controller(broker_url: str, repo_dir: str, db_url: Optional[str], replica_id
     from edgeship.toolkit.controller import Controller, ControllerConfig, default_replica_id
     from edgeship.toolkit.store import DEFAULT_DB_URL
 
+    if credentials_dir is not None:
+        from edgeship.toolkit.identities import read_connection
+
+        conn = read_connection(credentials_dir)
+        if conn.get("kind") != "controller":
+            raise BadInputError(f"--credentials {credentials_dir} holds a {conn.get('kind')}'s credentials, "
+                                "not the controller's (BROKER_DIR/controller)")
+        broker_url = broker_url or conn["url"]
+        ca_file, cert_file, key_file = (ca_file or conn.get("ca"), cert_file or conn.get("cert"),
+                                        key_file or conn.get("key"))
+        if conn.get("password") and password is None:
+            username = username or conn.get("username")
+            password = Path(conn["password"]).read_text().strip()
+    if not broker_url:
+        raise BadInputError("pass --broker URL (or $EDGESHIP_BROKER), or --credentials BROKER_DIR/controller")
+    for option, path in (("--ca", ca_file), ("--cert", cert_file), ("--key", key_file)):
+        if path and not Path(path).is_file():
+            raise BadInputError(f"{option} {path}: no such file")
     broker = parse_broker_url(broker_url, username=username, password=password, ca_file=ca_file,
                               cert_file=cert_file, key_file=key_file)
     if fleet_name != "+":

@@ -19,7 +19,7 @@ from edgeship.ota.errors import BadInputError, GateFailedError
 from edgeship.ota.topics import validate_identifier
 from edgeship.ota.versions import check_name, parse_version
 
-from ..output import console, emit_json, progress_reporter
+from ..output import console, emit_json
 from .fleet_options import (
     broker_option,
     check_broker_url,
@@ -125,15 +125,19 @@ def rollout() -> None:
 @click.option("--select", "select", multiple=True, metavar="TAG=VALUE",
               help="Only devices with this tag (repeatable: all must match).")
 @policy_options
-@click.option("--wait", is_flag=True, help="Follow the rollout until it completes or aborts (needs the controller).")
+@click.option("--wait", is_flag=True,
+              help="Follow the rollout until it ends (needs the controller): a live view on a terminal, a line "
+                   "per change otherwise; exit 0 COMPLETED, 3 ABORTED or ROLLED_BACK, 1 still running at --timeout.")
 @click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between polls with --wait.")
+@click.option("--timeout", "wait_timeout", default=None, metavar="DURATION",
+              help="With --wait: stop waiting after this long (exit 1; the rollout goes on).")
 @repo_option
 @db_option
 @broker_option
 @json_option
 def start(name: str, version: str, fleet: str, select: Tuple[str, ...], stages: str, success_threshold: float,
           max_failures: str, health: str, stage_timeout: str, bake: str, wait: bool, interval: float,
-          repo_dir: Optional[str], db_url: Optional[str], broker_url: Optional[str], as_json: bool) -> None:
+          wait_timeout: Optional[str], repo_dir: Optional[str], db_url: Optional[str], broker_url: Optional[str], as_json: bool) -> None:
     """Start rolling NAME VERSION out to a fleet in stages; prints the rollout's id."""
     from edgeship.toolkit.rollouts import new_rollout
     from edgeship.toolkit.store import new_id, parse_selection
@@ -144,6 +148,11 @@ def start(name: str, version: str, fleet: str, select: Tuple[str, ...], stages: 
     validate_identifier(fleet, "fleet")
     if wait:
         check_interval(interval)
+    deadline_s = None
+    if wait_timeout is not None:
+        from edgeship.toolkit.rollouts import parse_duration
+
+        deadline_s = parse_duration(wait_timeout)
     policy = policy_from_options(stages, success_threshold, max_failures, health, stage_timeout, bake)
     selection = parse_selection(select)
     check_published(repo_dir, (name, version))
@@ -157,32 +166,82 @@ def start(name: str, version: str, fleet: str, select: Tuple[str, ...], stages: 
         else:
             click.echo(created.id)
         return
-    if not as_json:
-        console(stderr=True).print(f"rollout {created.id} started; waiting for the controller to move the devices")
-    final = _follow(store, created.id, interval, show=not as_json)
+    final = follow_rollout(store, created.id, interval, as_json=as_json, timeout_s=deadline_s)
     doc = rollout_summary(*_load_with_health(store, final.id))
     if as_json:
         emit_json(doc)
-    else:
-        click.echo(created.id)
-    if final.state.value != "COMPLETED":
-        raise GateFailedError(f"rollout {final.id} {final.state.value}: {final.reason}")
+    finish_waiting(final, deadline_s)
 
 
-def _follow(store: Any, rollout_id: str, interval: float, show: bool) -> Any:
-    """Poll until the rollout is finished, with a progress bar of the devices that moved."""
-    from edgeship.toolkit.rollouts import FINISHED_STATES, DeviceStatus
+def finish_waiting(final: Any, timeout_s: Optional[float]) -> None:
+    """The exit status of a followed rollout: 0 COMPLETED, 3 ABORTED or ROLLED_BACK (its gates or
+    an operator refused the version), 1 still RUNNING or PAUSED when --timeout ran out."""
+    from edgeship.ota.errors import EdgeshipError
+    from edgeship.toolkit.rollouts import FINISHED_STATES
 
-    done_statuses = {DeviceStatus.SUCCEEDED, DeviceStatus.ALREADY}
-    with progress_reporter(enabled=show) as report:
-        while True:
-            current, _ = store.load_rollout(rollout_id)
-            total = current.population() + current.count(DeviceStatus.ALREADY)
-            report(f"rollout {rollout_id} (stage {current.stage + 1})",
-                   sum(1 for r in current.devices.values() if r.status in done_statuses), max(total, 1))
-            if current.state in FINISHED_STATES:
-                return current
-            time.sleep(interval)
+    if final.state.value == "COMPLETED":
+        return
+    if final.state not in FINISHED_STATES:
+        raise EdgeshipError(f"rollout {final.id} still {final.state.value} after --timeout {timeout_s:g} s "
+                            f"(it goes on; follow it with `edgeship rollout status {final.id} --watch`)")
+    raise GateFailedError(f"rollout {final.id} {final.state.value}: {final.reason}")
+
+
+def change_line(doc: Dict[str, Any]) -> str:
+    """One line about a rollout's state, for logs and pipes: the current stage's own counts
+    against its own size (describe_stages), never a running total beside a stage count."""
+    from edgeship.toolkit.rollouts import StageProgress, describe_stages
+
+    progress = [StageProgress(p["stage"] - 1, p["percent"], p["target"], p["assigned"], p["counts"])
+                for p in doc["stage_progress"]]
+    phrases = describe_stages(progress)
+    stage = doc["stage"]
+    where = f"{phrases[stage - 1]} [stage {stage} of {len(doc['stages'])}]" if 0 < stage <= len(phrases) \
+        else f"stage {stage}"
+    line = f"{time.strftime('%H:%M:%S')} rollout {doc['id']} {doc['state']} {where}"
+    skipped = doc["counts"].get("SKIPPED", 0)
+    if skipped:
+        line += f", {skipped} skipped"
+    return line + (f"; {doc['reason']}" if doc.get("reason") else "")
+
+
+def follow_rollout(store: Any, rollout_id: str, interval: float, *, as_json: bool,
+                   timeout_s: Optional[float] = None) -> Any:
+    """Poll until the rollout is finished (or ``timeout_s`` passes): a live view when stdout is a
+    terminal, else one line per change (stderr with --json, which keeps stdout for the document)."""
+    import sys
+
+    from edgeship.toolkit.rollouts import FINISHED_STATES
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    live_view = sys.stdout.isatty() and not as_json
+    out = console(stderr=as_json)
+    last_line = ""
+
+    def poll() -> Tuple[Any, Dict[str, Any]]:
+        current, health = _load_with_health(store, rollout_id)
+        return current, rollout_summary(current, health)
+
+    current, doc = poll()
+    if live_view:
+        from rich.live import Live
+
+        with Live(_render(doc), console=out, refresh_per_second=4) as live:
+            while current.state not in FINISHED_STATES and (deadline is None or time.monotonic() < deadline):
+                time.sleep(interval)
+                current, doc = poll()
+                live.update(_render(doc))
+        out.print(change_line(doc), markup=False, highlight=False, soft_wrap=True)  # the final state, kept
+        return current
+    while True:
+        line = change_line(doc)
+        if line.split(" ", 1)[1] != last_line.split(" ", 1)[-1]:
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
+            last_line = line
+        if current.state in FINISHED_STATES or (deadline is not None and time.monotonic() >= deadline):
+            return current
+        time.sleep(interval)
+        current, doc = poll()
 
 
 @rollout.command("status")
@@ -203,7 +262,7 @@ def status(rollout_id: str, watch: bool, interval: float, with_devices: bool, db
     current, health = _load_with_health(store, rollout_id)
     if watch and current.state not in FINISHED_STATES:
         if as_json:
-            current = _follow(store, rollout_id, interval, show=False)
+            current = follow_rollout(store, rollout_id, interval, as_json=True)
             current, health = _load_with_health(store, rollout_id)
         else:
             from rich.live import Live
