@@ -9,7 +9,16 @@ own statistics, so probation compares the new model with the one it replaced.
 
 from __future__ import annotations
 
-__all__ = ["LoadedModel", "ModelStats", "NoModelError", "ServingModel", "warm_up", "zero_inputs"]
+__all__ = [
+    "LoadedModel",
+    "ModelStats",
+    "NoModelError",
+    "ServingModel",
+    "inputs_finite",
+    "model_health",
+    "warm_up",
+    "zero_inputs",
+]
 
 import threading
 import time
@@ -71,6 +80,9 @@ class ModelStats:
     examples: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # kind -> count
     nonfinite: int = 0
+    """Requests whose outputs held NaN/Inf although their inputs were finite: the model's."""
+    nonfinite_input: int = 0
+    """Requests whose outputs held NaN/Inf and whose inputs did too: the caller's, counted apart."""
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     classes: dict[int, int] = field(default_factory=dict)
     input_count: int = 0
@@ -81,7 +93,9 @@ class ModelStats:
     """Set by LoadedModel: the first output has no dynamic dimension after the
     batch, so outputs of one byte size have one shape (a runner returns one dtype
     per output), and a fold can join them as bytes."""
-    # Per request: its latency (ns), then its first output. Appends and `del x[:n]`
+    # Per request: its latency (ns), then (its first output, its inputs): one append,
+    # so the pair stays together under concurrent requests; the inputs decide, for
+    # an output that is not finite, whose fault it was. Appends and `del x[:n]`
     # are atomic (C code under the GIL); a fold takes from the front what is there,
     # later appends wait for the next fold.
     _latencies: array = field(default_factory=lambda: array("q"), repr=False, compare=False)
@@ -106,7 +120,7 @@ class ModelStats:
         """Record one successful prediction that ended at ``now`` (clock_ns);
         ``ServingModel.predict``'s inline path does the same without the call."""
         self._latencies.append(latency_ns)
-        self._outputs.append(outputs[0] if outputs else None)
+        self._outputs.append((outputs[0] if outputs else None, inputs))
         if now >= self._next_sample:
             self._sample(now, inputs)
 
@@ -153,12 +167,15 @@ class ModelStats:
             self.requests += count
         count = len(self._outputs)
         if count:
-            outputs = self._outputs[:count]
+            pairs = self._outputs[:count]
             del self._outputs[:count]
-            self._fold_outputs(outputs)
+            outputs = [pair[0] for pair in pairs]
+            inputs = [pair[1] for pair in pairs]
+            self._fold_outputs(outputs, inputs)
             first = outputs[0]
             if isinstance(first, np.ndarray):
-                self._flush_at = max(1, min(_FLUSH_MAX, _FLUSH_BYTES // max(first.nbytes, 1)))
+                held = first.nbytes + sum(x.nbytes for x in inputs[0] if isinstance(x, np.ndarray))
+                self._flush_at = max(1, min(_FLUSH_MAX, _FLUSH_BYTES // max(held, 1)))
         self._next_sample = self._next_input = 0  # the next request is sampled: every window with traffic has one
         samples = self._samples
         count = len(samples)
@@ -169,19 +186,21 @@ class ModelStats:
                 self.input_count += rows
                 self.input_sum += total
 
-    def _fold_outputs(self, outputs: list[Any]) -> None:
+    def _fold_outputs(self, outputs: list[Any], inputs: list[Any]) -> None:
         stacked = self._joined(outputs) if self.fixed_row_shape else None
         if stacked is None:
-            outputs = [o for o in outputs if isinstance(o, np.ndarray) and o.ndim]
-            if not outputs:
+            kept = [(o, i) for o, i in zip(outputs, inputs) if isinstance(o, np.ndarray) and o.ndim]
+            if not kept:
                 return
+            outputs = [o for o, _ in kept]
+            inputs = [i for _, i in kept]
             try:
                 stacked = np.concatenate(outputs)
             except ValueError:  # outputs of different shapes (a dynamic model): one by one
-                for o in outputs:
-                    self._fold_stacked(o, [o])
+                for o, i in kept:
+                    self._fold_stacked(o, [o], [i])
                 return
-        self._fold_stacked(stacked, outputs)
+        self._fold_stacked(stacked, outputs, inputs)
 
     @staticmethod
     def _joined(outputs: list[Any]) -> np.ndarray | None:
@@ -200,9 +219,13 @@ class ModelStats:
             return None
         return np.frombuffer(joined, dtype=first.dtype).reshape((rows, *first.shape[1:]))
 
-    def _fold_stacked(self, stacked: np.ndarray, sizes: int | list[np.ndarray]) -> None:
+    def _fold_stacked(
+        self, stacked: np.ndarray, sizes: int | list[np.ndarray], inputs: list[Any] | None = None
+    ) -> None:
         """Fold rows of outputs; ``sizes``: rows per request (one number for all),
-        or the requests' outputs (to tell which request a row came from)."""
+        or the requests' outputs (to tell which request a row came from);
+        ``inputs``: each request's inputs (a non-finite output of a non-finite
+        input is the caller's, not the model's)."""
         self.examples += len(stacked)
         if stacked.dtype.kind == "f" and not np.isfinite(stacked).all():
             rows_ok = np.isfinite(stacked.reshape(len(stacked), -1)).all(axis=1)
@@ -212,7 +235,11 @@ class ModelStats:
             else:
                 ends = np.cumsum([len(o) for o in sizes])
                 owners = np.searchsorted(ends, bad, side="right")
-            self.nonfinite += int(np.unique(owners).size)
+            for owner in np.unique(owners).tolist():
+                if inputs is not None and owner < len(inputs) and not inputs_finite(inputs[owner]):
+                    self.nonfinite_input += 1
+                else:
+                    self.nonfinite += 1
             stacked = stacked[rows_ok]
         if stacked.ndim == 2 and stacked.shape[1] > 1 and len(stacked):
             classes = np.bincount(np.argmax(stacked, axis=1))
@@ -234,6 +261,11 @@ class ModelStats:
         """Failures that count against the model (not the caller's bad requests)."""
         return sum(v for k, v in self.errors.items() if k != "bad_request")
 
+    @property
+    def caller_errors(self) -> int:
+        """Requests refused as the caller's mistake (HTTP 4xx)."""
+        return self.errors.get("bad_request", 0)
+
     def snapshot(self) -> dict[str, Any]:
         """A consistent copy of the counters (plain data)."""
         with self._lock:
@@ -243,7 +275,9 @@ class ModelStats:
                 "examples": self.examples,
                 "errors": dict(self.errors),
                 "model_errors": self.model_errors,
+                "caller_errors": self.caller_errors,
                 "nonfinite": self.nonfinite,
+                "nonfinite_input": self.nonfinite_input,
                 "latency": LatencyHistogram(list(self.latency.counts), self.latency.total_ms),
                 "classes": dict(self.classes),
                 "input_count": self.input_count,
@@ -288,6 +322,28 @@ class LoadedModel:
     @property
     def label(self) -> str:
         return f"{self.name} {self.version}"
+
+
+def inputs_finite(inputs: Any) -> bool:
+    """Whether every float value of a request's inputs is finite (integer and bool
+    inputs always are; something that is not an array counts as finite)."""
+    try:
+        for x in inputs:
+            if isinstance(x, np.ndarray) and x.dtype.kind in "fc" and not np.isfinite(x).all():
+                return False
+    except TypeError:
+        return True
+    return True
+
+
+def model_health(snapshot: dict[str, Any]) -> dict[str, int]:
+    """What counts against the model, from a ``ModelStats.snapshot()`` (docs/agent.md,
+    "What counts against a model"): ``requests`` it answered on valid inputs (not the
+    callers' refused requests, nor those whose non-finite output came from a
+    non-finite input), its ``errors`` (runtime failures) and its ``nonfinite``
+    outputs from finite inputs."""
+    valid = snapshot["requests"] - snapshot["caller_errors"] - snapshot["nonfinite_input"]
+    return {"requests": max(valid, 0), "errors": snapshot["model_errors"], "nonfinite": snapshot["nonfinite"]}
 
 
 def zero_inputs(signature: ModelSignature) -> list[np.ndarray]:
@@ -370,7 +426,7 @@ class ServingModel:
             if y is not None:
                 end = _clock_ns()
                 add_latency(end - start)
-                add_output(y)
+                add_output((y, inputs))
                 if end >= stats._next_sample:  # at most every 10 ms
                     stats._sample(end, inputs)
                 return model, [y]
