@@ -36,9 +36,12 @@ __all__ = [
     "ApiAccess",
     "PredictRequestError",
     "ServerLimits",
+    "bind_refusal",
     "build_inputs",
     "format_outputs",
     "is_loopback",
+    "load_access",
+    "read_token",
     "signature_key",
     "tensor_keys",
 ]
@@ -136,6 +139,67 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+MIN_TOKEN_CHARS = 16
+
+
+def bind_refusal(host: str, access: ApiAccess, trusted_network: bool) -> str | None:
+    """Why the API must not listen on ``host`` as configured, or None.
+
+    Beyond loopback every process on the network could predict, read metadata
+    and /metrics: a bearer token or client certificates are required, unless the
+    operator states that the network is trusted.
+    """
+    if is_loopback(host) or not access.open or trusted_network:
+        return None
+    return (
+        f"refusing to serve the API on {host}, beyond loopback, without access control: set "
+        "[server] token_file (bearer token) or tls_cert/tls_key/tls_client_ca (client certificates), "
+        "or state [server] trusted_network = true (--trusted-network); see docs/security.md"
+    )
+
+
+def read_token(path: Path) -> str:
+    """The bearer token from its file, which only its owner may read (like a key)."""
+    try:
+        info = path.stat()
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgeshipError(f"[server] token_file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    if info.st_mode & 0o077:
+        raise EdgeshipError(
+            f"[server] token_file {path} is readable by others (mode {info.st_mode & 0o777:o}): chmod 600 {path}"
+        )
+    if len(text) < MIN_TOKEN_CHARS or any(c.isspace() for c in text):
+        raise EdgeshipError(
+            f"[server] token_file {path} must hold one token of at least {MIN_TOKEN_CHARS} characters "
+            "without spaces (e.g. `openssl rand -hex 32`)"
+        )
+    return text
+
+
+def load_access(
+    token_file: Path | None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    tls_client_ca: Path | None = None,
+) -> ApiAccess:
+    """The API's access rules from the config's files (read once, at start)."""
+    token = read_token(token_file) if token_file is not None else None
+    context = None
+    if tls_cert is not None and tls_key is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(str(tls_cert), str(tls_key))
+            if tls_client_ca is not None:
+                context.load_verify_locations(cafile=str(tls_client_ca))
+                # optional at the handshake so /healthz stays open; required per request elsewhere
+                context.verify_mode = ssl.CERT_OPTIONAL
+        except (OSError, ssl.SSLError) as exc:
+            raise EdgeshipError(f"[server] TLS files cannot be used: {exc}") from None
+    return ApiAccess(token=token, tls=context, client_certs=tls_client_ca is not None)
 
 
 def _signature_def(signature: ModelSignature) -> dict[str, Any]:
