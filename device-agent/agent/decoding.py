@@ -147,12 +147,12 @@ def _tensor(
             "({\"b64\": ...} strings are not supported)"
         )
     shape = _leading_shape(value)
+    if shape and shape[0] == 0:
+        raise PredictRequestError(f"{where}: empty batch")
     if len(shape) != len(spec.shape):
         raise PredictRequestError(
             f"{label} has shape {shape}, the model expects {_shape_text(spec)} (-1: any size)"
         )
-    if not shape or shape[0] == 0:
-        raise PredictRequestError(f"{where}: empty batch")
     if shape[0] > limits.max_batch:
         raise PredictRequestError(
             f"{label}: batch of {shape[0]} instances exceeds the limit of {limits.max_batch} "
@@ -255,7 +255,8 @@ def decode_request(
                 f"batch of {len(instances)} instances exceeds the limit of {limits.max_batch} "
                 "([limits] max_batch); split the request"
             )
-        if isinstance(instances[0], dict):
+        first = instances[0]
+        if isinstance(first, dict) and not (len(first) == 1 and "b64" in first):  # a b64 value is no name
             columns: list[list[Any]] = [[] for _ in specs]
             for row, instance in enumerate(instances):
                 if not isinstance(instance, dict):

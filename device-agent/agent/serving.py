@@ -363,6 +363,26 @@ def warm_up(runner: ModelRunner, inputs: Sequence[np.ndarray] | None = None, run
         runner.run(inputs)
 
 
+_CALLER_INDEX_ERRORS = ("index out of bounds", "out of range", "indices")
+"""What a runtime says when an index the caller sent is outside a table (TFLite:
+"gather index out of bounds"); TF Serving answers such a request 400."""
+
+
+def _counted_failure(model: LoadedModel, exc: Exception) -> Exception:
+    """Count a failed invoke and return what to raise: the caller's fault (400) when
+    the model takes integer inputs (token ids, indexes) and the runtime refused an
+    index, else the model's runtime error."""
+    text = str(exc)
+    integer_inputs = any(
+        np.dtype(s.dtype).kind in "iu" and not s.quantized for s in model.runner.signature.inputs
+    )
+    if integer_inputs and any(words in text for words in _CALLER_INDEX_ERRORS):
+        model.stats.error("bad_request")
+        return BadInputError(f"an input index is out of range for the model ({text.splitlines()[0][:200]})")
+    model.stats.error("runtime")
+    return exc
+
+
 class ServingModel:
     """Holds the model that serves; ``predict`` is safe from many threads."""
 
@@ -420,9 +440,8 @@ class ServingModel:
                         y = get_tensor(out_index)  # a copy: safe to hand out after the lock
                 finally:
                     release()
-            except Exception:
-                stats.error("runtime")
-                raise
+            except Exception as exc:
+                raise _counted_failure(model, exc) from None
             if y is not None:
                 end = _clock_ns()
                 add_latency(end - start)
@@ -436,9 +455,8 @@ class ServingModel:
         except BadInputError:
             model.stats.error("bad_request")
             raise
-        except Exception:
-            model.stats.error("runtime")
-            raise
+        except Exception as exc:
+            raise _counted_failure(model, exc) from None
         end = _clock_ns()
         model.stats.record(end - start, end, inputs, outputs)
         return model, outputs
