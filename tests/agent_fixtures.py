@@ -265,15 +265,18 @@ def agent_cli(
 class AgentProcess:
     """``edgeship-agent run`` in its own process; killed with SIGKILL by tests."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, env: dict[str, str] | None = None, preexec_fn: Any = None, args: tuple[str, ...] = ()
+    ) -> None:
         self.config = config
         self.log = config.parent / f"agent-{time.monotonic_ns()}.log"
         self._log_handle = open(self.log, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeship.agent.cli", "run", "--config", str(config)],
+            [sys.executable, "-m", "edgeship.agent.cli", "run", "--config", str(config), *args],
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
             env=env or agent_env(),
+            preexec_fn=preexec_fn,  # e.g. a lower file limit for the agent alone
         )
 
     def wait_serving(self, timeout: float = 30.0) -> dict[str, Any]:

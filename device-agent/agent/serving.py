@@ -16,6 +16,7 @@ __all__ = [
     "ServingModel",
     "inputs_finite",
     "model_health",
+    "run_in_slices",
     "warm_up",
     "zero_inputs",
 ]
@@ -363,6 +364,32 @@ def warm_up(runner: ModelRunner, inputs: Sequence[np.ndarray] | None = None, run
         runner.run(inputs)
 
 
+INVOKE_ROWS = 64
+"""Rows per invoke at most: a larger batch runs in slices. A TFLite interpreter
+keeps the memory arena of the largest batch it was resized to for good (a
+1,024-row digits request held 15 MB after it), so one large request would leave
+the agent larger for the rest of its life; slices bound that to INVOKE_ROWS rows."""
+
+
+def run_in_slices(
+    run: Callable[[Sequence[np.ndarray]], list[np.ndarray]], inputs: Sequence[np.ndarray]
+) -> list[np.ndarray]:
+    """``run(inputs)``, a batch over INVOKE_ROWS as slices of rows joined again. A
+    model whose outputs are not one row per input row (rare: a reduction over
+    the batch) is run on the whole batch instead."""
+    rows = len(inputs[0]) if inputs and getattr(inputs[0], "ndim", 0) else 0
+    if rows <= INVOKE_ROWS or any(getattr(x, "ndim", 0) == 0 or len(x) != rows for x in inputs):
+        return run(inputs)
+    parts = []
+    for begin in range(0, rows, INVOKE_ROWS):
+        piece = [x[begin : begin + INVOKE_ROWS] for x in inputs]
+        outputs = run(piece)
+        if any(getattr(y, "ndim", 0) == 0 or len(y) != len(piece[0]) for y in outputs):
+            return run(inputs)
+        parts.append(outputs)
+    return [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
+
+
 _CALLER_INDEX_ERRORS = ("index out of bounds", "out of range", "indices")
 """What a runtime says when an index the caller sent is outside a table (TFLite:
 "gather index out of bounds"); TF Serving answers such a request 400."""
@@ -451,7 +478,7 @@ class ServingModel:
                 return model, [y]
         start = _clock_ns()
         try:
-            outputs = model.run(inputs)
+            outputs = run_in_slices(model.run, inputs)
         except BadInputError:
             model.stats.error("bad_request")
             raise
