@@ -286,7 +286,7 @@ def test_a_connection_flood_under_a_1024_file_limit_leaves_the_control_socket_an
 def nan_repo(
     tmp_path_factory: pytest.TempPathFactory, digits_tflite: Path, digits_int8_tflite: Path, digits_files: dict[str, Path]
 ) -> AgentRepo:
-    """A release repository with the digits model (1.0.0) and a model that produces NaN
+    """A release repository with the digits model (1.0.0, and again as 1.1.0) and a model that produces NaN
     on every real digit (2.0.0): its output adds sqrt(first pixel - 0.5), and the first
     pixel of every digit is 0. Its golden vectors use a first pixel of 1, so it passes
     the self-test and fails only in service."""
@@ -296,16 +296,17 @@ def nan_repo(
 
     base = tmp_path_factory.mktemp("nan-repo")
     model = tf.keras.models.load_model(digits_files["model"])
-    nan_out = tf.keras.layers.Lambda(lambda t: t[0] + tf.sqrt(t[1][:, 0:1, 0, 0] - 0.5))([model.output, model.input])
+    image = tf.keras.Input(shape=(8, 8, 1), name="image")
+    nan_out = tf.keras.layers.Lambda(lambda t: t[0] + tf.sqrt(t[1][:, 0:1, 0, 0] - 0.5))([model(image), image])
     nan_path = base / "nan.tflite"
-    nan_path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(tf.keras.Model(model.input, nan_out)).convert())
+    nan_path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(tf.keras.Model(image, nan_out)).convert())
     x = np.load(digits_files["eval"])["x"][:8].astype(np.float32)
     assert (x[:, 0, 0, 0] == 0).all()
     golden_x = x.copy()
     golden_x[:, 0, 0, 0] = 1.0
     repo = ReleaseRepository(base / "repo")
     repo.init(root_passphrase=PASSPHRASE)
-    for version, path, gx in (("1.0.0", digits_tflite, x), ("2.0.0", nan_path, golden_x)):
+    for version, path, gx in (("1.0.0", digits_tflite, x), ("1.1.0", digits_tflite, x), ("2.0.0", nan_path, golden_x)):
         golden = make_golden(path, gx, base / f"{version}.golden.npz")
         bundle = base / f"{version}.bundle"
         build_bundle(path, name="digits", version=version, out=bundle, golden=golden)
@@ -320,6 +321,7 @@ def _probation_agent(folder: Path, repo: AgentRepo) -> tuple[AgentProcess, Path]
     config.write_text(config.read_text().replace("window_s = 0.3", "window_s = 4.0"))
     agent = AgentProcess(config)
     agent.wait_serving()
+    wait_for(lambda: agent.status()["update"]["terminal"] or None, 30, what="the first install's probation")
     return agent, config
 
 
@@ -342,7 +344,7 @@ def test_a_flood_of_bad_and_nan_inputs_does_not_roll_back_a_healthy_model(tmp_pa
     agent, config = _probation_agent(tmp_path, nan_repo)
     try:
         # a healthy model (the same digits model, as a new version) in probation
-        result = agent_cli("install", str(nan_repo.export("1.0.0", tag="-again")), "--config", str(config), "--no-wait")
+        result = agent_cli("install", str(nan_repo.export("1.1.0")), "--config", str(config), "--no-wait")
         assert result.returncode == 0, result.stderr
         wait_for(lambda: agent.status()["update"]["state"] in ("PROBATION", "COMMITTED", "ROLLED_BACK") or None, 30,
                  what="probation")
