@@ -333,6 +333,51 @@ def start_agent(
     return proc, host, int(port), time.perf_counter() - begin
 
 
+def rss_under_abuse(proc: subprocess.Popen, host: str, port: int, settle_s: float = 2.0) -> dict[str, float]:
+    """VmRSS of a serving agent: idle; after the largest predict request its default
+    [limits] admit for digits (max_batch = 1,024 instances of full-precision random
+    floats), three times; while 1,000 idle connections are open (beyond the connection
+    cap they get a 503 and are closed); and after they are gone."""
+    import resource
+    import socket
+
+    from edgeship.agent.config import AgentConfig
+
+    defaults = AgentConfig(device_id="d", fleet="f", data_dir=Path("."), root_metadata=Path("."),
+                           director_key=Path("."))
+    rng = np.random.default_rng(0)
+    body = json.dumps({"instances": rng.uniform(0, 16, (defaults.max_batch, 8, 8, 1)).tolist()}).encode()
+    assert len(body) <= defaults.max_body_bytes
+    out: dict[str, float] = {"idle": rss_mb(proc.pid), "body_mb": len(body) / 1e6}
+    for _ in range(3):
+        conn = http.client.HTTPConnection(host, port, timeout=60)
+        conn.request("POST", "/v1/models/digits:predict", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200, response.read()[:200]
+        response.read()
+        conn.close()
+    out["peak_large"] = _peak_mb(proc.pid)
+    time.sleep(settle_s)
+    out["after_large"] = rss_mb(proc.pid)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    idle = [socket.create_connection((host, port), timeout=10) for _ in range(1000)]
+    time.sleep(settle_s)
+    out["during_idle"] = rss_mb(proc.pid)
+    for sock in idle:
+        sock.close()
+    time.sleep(settle_s)
+    out["after_idle"] = rss_mb(proc.pid)
+    return out
+
+
+def _peak_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 def rss_after_update(
     config: Path, package: Path, data: Path, committed: Path, extra_env: dict[str, str] | None = None
 ) -> dict[str, float]:
@@ -641,10 +686,16 @@ def main() -> None:
             load(host, port, body, 2.0, args.connections)  # warm-up
             http_result = load(host, port, body, 10.0, args.connections)
             http_more = load(host, port, body, 10.0, 2 * args.connections)  # and twice the concurrency
+            abuse = rss_under_abuse(proc, host, port)
         finally:
             proc.terminate()
             proc.wait(timeout=20)
         bare_rps = 1e6 / bare_us
+        print(
+            f"RSS under abuse: idle {abuse['idle']:.1f} MB; after the largest admitted request "
+            f"({abuse['body_mb']:.2f} MB, 1,024 instances) {abuse['after_large']:.1f} MB (peak {abuse['peak_large']:.1f} MB); "
+            f"with 1,000 idle connections {abuse['during_idle']:.1f} MB; after them {abuse['after_idle']:.1f} MB"
+        )
         print(
             f"HTTP predict: {http_result['rps']:.0f} req/s, p50 {http_result['p50']:.2f} ms, "
             f"p99 {http_result['p99']:.2f} ms, {http_result['failed']} failed; bare loop {bare_rps:.0f} invokes/s; "
@@ -737,6 +788,27 @@ def main() -> None:
             f"p50 {http_more['p50']:.2f} ms; {http_more['failed']} failed",
             ">= 1,000 req/s, p99 < 5 ms",
             verdict(http_more["rps"] >= TARGETS["rps"] and http_more["p99"] < TARGETS["p99_ms"]),
+        ),
+        (
+            "RSS after the largest request the defaults admit (digits: 1,024 instances, "
+            f"{abuse['body_mb']:.2f} MB of JSON, 3 times)",
+            f"{abuse['after_large']:.1f} MB",
+            (
+                f"the same process idle just before: {abuse['idle']:.1f} MB ({abuse['after_large'] - abuse['idle']:+.1f} MB); "
+                f"peak while serving it {abuse['peak_large']:.1f} MB"
+            ),
+            "back within a few MB",
+            verdict(abuse["after_large"] - abuse["idle"] <= 5.0),
+        ),
+        (
+            "RSS with 1,000 idle connections open, and after they close",
+            f"{abuse['during_idle']:.1f} MB, then {abuse['after_idle']:.1f} MB",
+            (
+                f"idle before: {abuse['idle']:.1f} MB ({abuse['during_idle'] - abuse['idle']:+.1f} MB while open: "
+                "256 held to their deadline, the rest answered 503 and closed)"
+            ),
+            "bounded; back within a few MB",
+            verdict(abuse["after_idle"] - abuse["idle"] <= 5.0),
         ),
         (
             "100 hot swaps under load: failures",

@@ -192,3 +192,58 @@ def test_the_update_driver_times_probation_on_the_monotonic_clock(tmp_path: Path
 
     driver = UpdateDriver(load_config(write_config(tmp_path, agent_repo)))
     assert driver.clock is time.monotonic
+
+
+@pytest.mark.parametrize("jump_s", [+86400 * 365, -86400 * 365], ids=["forward a year", "back a year"])
+def test_a_wall_clock_step_neither_skips_nor_holds_probation_in_a_real_agent(
+    tmp_path: Path, agent_repo: AgentRepo, jump_s: float
+) -> None:
+    """The agent process's wall clock (``time.time``) steps a year half a second after
+    it starts, as NTP does after boot on a board without an RTC: probation still takes
+    its window, measured on the monotonic clock."""
+    import subprocess
+    import sys
+    import time
+
+    from agent_fixtures import agent_env, wait_for
+
+    window_s = 3.0
+    config = write_config(tmp_path, agent_repo, window_s=0.3)
+    assert agent_cli("install", str(agent_repo.export("1.0.0")), "--config", str(config)).returncode == 0
+    config.write_text(config.read_text().replace("window_s = 0.3", f"window_s = {window_s}"))
+    wrapper = (
+        "import sys, time\n"
+        "real = time.time\n"
+        "start = real()\n"
+        f"time.time = lambda: real() + ({jump_s} if real() - start > 0.5 else 0.0)\n"
+        f"sys.argv = ['edgeship-agent', 'run', '--config', {str(config)!r}]\n"
+        "from edgeship.agent.cli import main\n"
+        "main()\n"
+    )
+    log = (tmp_path / "agent.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-c", wrapper], stdout=log, stderr=subprocess.STDOUT, env=agent_env())
+    try:
+        from edgeship.agent.config import load_config
+        from edgeship.agent.control import ControlClient
+
+        client = ControlClient(load_config(config).control_socket, timeout=5)
+        status = wait_for(lambda: _try_status(client), 30, what="the agent")
+        started = time.monotonic()
+        assert status["update"]["state"] == "PROBATION"
+        time.sleep(1.5)
+        assert _try_status(client)["update"]["state"] == "PROBATION", "a forward step skipped probation"
+        doc = wait_for(lambda: (d := _try_status(client)) and d["update"]["terminal"] and d or None, 20,
+                       what="probation to end")
+        assert doc["update"]["state"] == "COMMITTED", doc["update"]
+        assert window_s - 0.5 <= time.monotonic() - started < window_s + 5, "a backward step held probation"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
+def _try_status(client: object) -> dict | None:
+    try:
+        return dict(client.call("status")["status"])  # type: ignore[attr-defined]
+    except EdgeshipError:
+        return None

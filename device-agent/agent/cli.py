@@ -319,7 +319,7 @@ control socket (it is starting: loading and warming its model)."""
 
 
 def _through_agent_or_locked(
-    config: AgentConfig, op: str, role: str, quiet: bool, **args: Any
+    config: AgentConfig, op: str, role: str, **args: Any
 ) -> tuple[dict[str, Any] | None, Any]:
     """Send ``op`` to the running agent, or take the data folder's lock when none runs.
 
@@ -346,7 +346,7 @@ def _through_agent_or_locked(
                 f"an agent (pid {pid}) holds {config.lock_file} but has not answered on "
                 f"{config.control_socket} for {AGENT_ANSWER_WAIT_S:g} s; try again, or restart it"
             )
-        if not told and not quiet:
+        if not told:  # progress: on stderr, with --json too
             what = "the agent to start" if holder in (None, "run") else f"`edgeship-agent {holder}`"
             _say(f"waiting for {what} (pid {pid}) ...")
             told = True
@@ -407,7 +407,7 @@ def install(package: str, config_path: str, as_json: bool, no_wait: bool, timeou
     path = Path(package).resolve()
     if not path.is_file():
         raise BadInputError(f"offline package {package}: no such file")
-    reply, lock = _through_agent_or_locked(config, "install", "install", as_json, package=str(path))
+    reply, lock = _through_agent_or_locked(config, "install", "install", package=str(path))
     if reply is None:
         doc = _offline(config, lambda driver: driver.begin(OfflinePackageSource(path)), as_json, lock)
         _finish(doc, "install", as_json)
@@ -438,7 +438,7 @@ def _accepted(config: Any, reply: dict[str, Any], message: str, what: str, *, no
 def rollback(config_path: str, as_json: bool, no_wait: bool, timeout: float) -> None:
     """Roll back: abort the update in progress, or go back to the previous kept bundle."""
     config = load_config(config_path)
-    reply, lock = _through_agent_or_locked(config, "rollback", "rollback", as_json)
+    reply, lock = _through_agent_or_locked(config, "rollback", "rollback")
     if reply is None:
 
         def start(driver: Any) -> None:

@@ -471,6 +471,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
+        if method == "HEAD":
+            self.close_connection = True  # the answer has a body: the stream cannot be reused
         allowed = self._allowed(path)
         if method not in allowed:
             self._discard_body()
