@@ -5,14 +5,18 @@ serve a non-loopback address unprotected, and probation on the monotonic clock."
 from __future__ import annotations
 
 import datetime as dt
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 from agent_fixtures import AgentRepo, agent_cli, write_config
-from edgeship.agent.health import ProbationPolicy, ProbationSample, Verdict, probation_elapsed, probation_verdict
+from edgeship.agent.health import (
+    ProbationPolicy,
+    ProbationSample,
+    Verdict,
+    probation_elapsed,
+    probation_verdict,
+)
 from edgeship.agent.runtimes import open_model
 from edgeship.agent.server import ApiAccess, ApiServer, bind_refusal, load_access, read_token
 from edgeship.agent.serving import LoadedModel, ServingModel

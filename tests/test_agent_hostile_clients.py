@@ -22,7 +22,6 @@ from agent_fixtures import (
     AgentProcess,
     AgentRepo,
     agent_cli,
-    agent_env,
     make_golden,
     wait_for,
     write_config,
@@ -96,8 +95,7 @@ class Served:
     def __init__(self, agent: AgentProcess, x: np.ndarray) -> None:
         self.agent = agent
         self.x = x
-        host, port = agent.status()["server"].removeprefix("http://").rsplit(":", 1)
-        self.port = int(port)
+        self.port = int(agent.status()["server"].rsplit(":", 1)[1])
 
     def predict_ok(self) -> None:
         client = self.agent.client()

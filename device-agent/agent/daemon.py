@@ -28,10 +28,10 @@ from edgeship.ota.errors import BadInputError, EdgeshipError
 
 from .config import AgentConfig
 from .control import AgentLock, ControlServer
+from .decoding import DecodeLimits
 from .persistence import AgentState, InstalledBundle
 from .reporter import NullReporter, Reporter, state_document
 from .server import ApiServer, ServerLimits, bind_refusal, load_access
-from .decoding import DecodeLimits
 from .serving import ServingModel
 from .sources import (
     BundleSource,

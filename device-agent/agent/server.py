@@ -32,8 +32,8 @@ client's delayed ACK).
 from __future__ import annotations
 
 __all__ = [
-    "ApiServer",
     "ApiAccess",
+    "ApiServer",
     "PredictRequestError",
     "ServerLimits",
     "bind_refusal",
@@ -295,8 +295,8 @@ class _Handler(BaseHTTPRequestHandler):
     def finish(self) -> None:
         try:
             self.rfile.close()
-        except Exception:  # noqa: BLE001 - closing a broken stream must not raise
-            pass
+        except OSError:  # closing a broken stream must not raise
+            return
 
     def handle_one_request(self) -> None:
         limits = self.server.limits
@@ -581,7 +581,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, str(exc))
         except (_RequestTimeout, ConnectionError):
             raise
-        except Exception as exc:  # the model failed: 500, counted by the serving layer
+        except Exception as exc:  # noqa: BLE001 - the model failed: 500, counted by the serving layer
             self._error(500, f"prediction failed: {str(exc)[:300]}")
 
     def _feedback(self, model: LoadedModel, body: Any) -> dict[str, Any]:

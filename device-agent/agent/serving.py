@@ -377,8 +377,9 @@ def run_in_slices(
     """``run(inputs)``, a batch over INVOKE_ROWS as slices of rows joined again. A
     model whose outputs are not one row per input row (rare: a reduction over
     the batch) is run on the whole batch instead."""
-    rows = len(inputs[0]) if inputs and getattr(inputs[0], "ndim", 0) else 0
-    if rows <= INVOKE_ROWS or any(getattr(x, "ndim", 0) == 0 or len(x) != rows for x in inputs):
+    first = inputs[0] if inputs else None
+    rows = len(first) if isinstance(first, np.ndarray) and first.ndim else 0
+    if rows <= INVOKE_ROWS or any(not isinstance(x, np.ndarray) or x.ndim == 0 or len(x) != rows for x in inputs):
         return run(inputs)
     parts = []
     for begin in range(0, rows, INVOKE_ROWS):
@@ -467,7 +468,7 @@ class ServingModel:
                         y = get_tensor(out_index)  # a copy: safe to hand out after the lock
                 finally:
                     release()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - counted by kind, then raised again
                 raise _counted_failure(model, exc) from None
             if y is not None:
                 end = _clock_ns()
@@ -482,7 +483,7 @@ class ServingModel:
         except BadInputError:
             model.stats.error("bad_request")
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - counted by kind, then raised again
             raise _counted_failure(model, exc) from None
         end = _clock_ns()
         model.stats.record(end - start, end, inputs, outputs)
