@@ -368,3 +368,42 @@ def test_a_model_that_produces_nan_on_valid_input_is_rolled_back(tmp_path: Path,
         assert doc["active"]["version"] == "1.0.0"
     finally:
         agent.stop()
+
+
+def test_metrics_pass_promtool_and_show_connections(served: Served) -> None:
+    import shutil
+    import subprocess
+
+    client = served.agent.client()
+    status, text = client.request("GET", "/metrics")
+    client.close()
+    assert status == 200
+    assert "edgeship_http_connections " in text and "edgeship_http_connections_refused_total " in text
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed")
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_chunked_upload_from_requests_is_served(served: Served) -> None:
+    import requests
+
+    document = json.dumps({"instances": served.x[:3].tolist()}).encode()
+    pieces = iter([document[:10], document[10:1000], document[1000:]])  # a generator: requests sends it chunked
+    reply = requests.post(f"http://127.0.0.1:{served.port}/v1/models/digits:predict", data=pieces, timeout=10)
+    assert reply.status_code == 200 and len(reply.json()["predictions"]) == 3
+    reply = requests.put(f"http://127.0.0.1:{served.port}/v1/models/digits:predict", json={}, timeout=10)
+    assert reply.status_code == 405 and reply.headers["Allow"] == "POST" and "error" in reply.json()
+
+
+def test_a_body_that_never_comes_is_a_408_at_the_body_deadline(served: Served) -> None:
+    start = time.monotonic()
+    status, body, _ = raw_exchange(
+        served.port, b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n{\"inst",
+        wait_s=IDLE_S * 4,
+    )
+    assert status == 408 and body is not None and "in time" in body["error"], body
+    assert IDLE_S - 0.5 < time.monotonic() - start < IDLE_S * 3
+    served.predict_ok()
+    served.no_rollback()

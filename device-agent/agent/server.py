@@ -504,7 +504,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200 if ok else 503, detail)
                 return
             if path == "/metrics":
-                text = render_prometheus(self.server.serving, self.server.data_dir, self.server.metrics())
+                text = render_prometheus(self.server.serving, self.server.data_dir) + self.server.metrics_text()
                 self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
                 return
             match = _ROUTE.match(path)
@@ -657,8 +657,16 @@ class _Server(ThreadingHTTPServer):
         self.refused = 0
         self._large = 0
 
-    def metrics(self) -> dict[str, float]:
-        return {"http_connections": self.connections, "http_connections_refused_total": self.refused}
+    def metrics_text(self) -> str:
+        """The connection gauges in Prometheus text (appended to /metrics)."""
+        return (
+            "# HELP edgeship_http_connections Open HTTP connections (each holds a thread until its deadline).\n"
+            "# TYPE edgeship_http_connections gauge\n"
+            f"edgeship_http_connections {self.connections}\n"
+            "# HELP edgeship_http_connections_refused_total Connections answered 503 at [limits] max_connections.\n"
+            "# TYPE edgeship_http_connections_refused_total counter\n"
+            f"edgeship_http_connections_refused_total {self.refused}\n"
+        )
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._count_lock:

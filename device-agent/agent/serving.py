@@ -130,6 +130,11 @@ class ModelStats:
         input statistics and fold the batch when they are due. Races between
         threads here are benign (at worst two samples in one period)."""
         self._next_sample = now + _CHECK_NS
+        try:  # the fold's bound follows the sizes seen now: held inputs and outputs stay ~8 MB
+            held = sum(x.nbytes for x in inputs if isinstance(x, np.ndarray))
+            self._flush_at = max(1, min(self._flush_at, _FLUSH_BYTES // max(held, 1)))
+        except TypeError:
+            pass
         if inputs and now >= self._next_input:
             self._next_input = now + _INPUT_SAMPLE_NS
             try:
