@@ -338,6 +338,9 @@ class Agent:
                 "runtime_version": model.runner.runtime_version,
                 "requests": snap["requests"],
                 "errors": snap["errors"],
+                "caller_errors": snap["caller_errors"],
+                "nonfinite": snap["nonfinite"],
+                "nonfinite_input": snap["nonfinite_input"],
                 "p95_ms": snap["latency"].quantile_ms(0.95),
                 "loaded_at": model.loaded_at,
             }

@@ -280,7 +280,7 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
         self._reader = _DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self._reader, 65536)
-        self.wfile = _SocketWriter(self.connection)
+        self.wfile = _SocketWriter(self.connection, limits.body_timeout_s)
         self._requests = 0
 
     def handle(self) -> None:
@@ -619,15 +619,19 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _SocketWriter(io.BufferedIOBase):
-    """Unbuffered writes: each response is one ``sendall``."""
+    """Unbuffered writes: each response is one ``sendall``, with its own time limit
+    (a client that stops reading must not hold the thread; the socket's timeout
+    otherwise is whatever the last read's deadline left)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
         self._sock = sock
+        self._timeout_s = timeout_s
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: Any) -> int:
+        self._sock.settimeout(self._timeout_s)
         self._sock.sendall(data)
         return len(data)
 
