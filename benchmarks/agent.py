@@ -124,9 +124,10 @@ def load(host: str, port: int, body: bytes, seconds: float, connections: int) ->
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A /proc/PID/status size in MB: VmRSS (resident now) or VmHWM (its peak)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
 
@@ -356,7 +357,7 @@ def rss_under_abuse(proc: subprocess.Popen, host: str, port: int, settle_s: floa
         assert response.status == 200, response.read()[:200]
         response.read()
         conn.close()
-    out["peak_large"] = _peak_mb(proc.pid)
+    out["peak_large"] = rss_mb(proc.pid, "VmHWM")
     time.sleep(settle_s)
     out["after_large"] = rss_mb(proc.pid)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -369,13 +370,6 @@ def rss_under_abuse(proc: subprocess.Popen, host: str, port: int, settle_s: floa
     time.sleep(settle_s)
     out["after_idle"] = rss_mb(proc.pid)
     return out
-
-
-def _peak_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def rss_after_update(

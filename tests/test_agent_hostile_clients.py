@@ -23,6 +23,7 @@ from agent_fixtures import (
     AgentRepo,
     agent_cli,
     make_golden,
+    rss_mb,
     wait_for,
     write_config,
 )
@@ -37,13 +38,6 @@ def _limits(text: str, **values: float) -> str:
         end = text.index("\n", start)
         text = text[:start] + f"{key} = {value}" + text[end:]
     return text
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def raw_exchange(port: int, data: bytes, wait_s: float = 5.0) -> tuple[int, dict[str, Any] | None, float]:
@@ -382,7 +376,7 @@ def test_metrics_pass_promtool_and_show_connections(served: Served) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed")
-    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

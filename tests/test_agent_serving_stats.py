@@ -274,7 +274,7 @@ def test_a_failing_invoke_on_the_inline_path_is_a_runtime_error_and_releases_the
         raise RuntimeError("delegate failed")
 
     model.hot = (model.stats, *calls._replace(invoke=broken), model.stats._latencies.append,
-                 model.stats._outputs.append)
+                 model.stats._outputs.extend)
     serving.swap(model)
     with pytest.raises(RuntimeError, match="delegate failed"):
         serving.predict([np.zeros((1, 8, 8, 1), np.float32)])

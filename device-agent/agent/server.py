@@ -99,6 +99,8 @@ _CHUNK_LINE = re.compile(rb"^([0-9A-Fa-f]{1,16})(;[^\r\n]*)?\r?\n$")
 _LARGE_BODY = 1 << 20
 """A body at least this large leaves parsed objects worth handing back to the OS."""
 _MAX_TRAILERS = 32
+_BURST_CONNECTIONS = 32
+"""After this many connections at once, the last one to close trims memory."""
 
 
 @dataclass(frozen=True)
@@ -660,6 +662,7 @@ class _Server(ThreadingHTTPServer):
         self.connections = 0
         self.refused = 0
         self._large = 0
+        self._peak = 0  # connections at once since the last trim
 
     def metrics_text(self) -> str:
         """The connection gauges in Prometheus text (appended to /metrics)."""
@@ -679,6 +682,7 @@ class _Server(ThreadingHTTPServer):
                 self.refused += 1
             else:
                 self.connections += 1
+                self._peak = max(self._peak, self.connections)
         if full:
             self._refuse(request)
             return
@@ -707,6 +711,13 @@ class _Server(ThreadingHTTPServer):
         finally:
             with self._count_lock:
                 self.connections -= 1
+                burst_over = self.connections == 0 and self._peak >= _BURST_CONNECTIONS
+                if burst_over:
+                    self._peak = 0
+            if burst_over:  # the threads of a burst are gone: hand their memory back
+                from .updater import release_memory
+
+                release_memory()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # a client's broken connection is not the agent's error
