@@ -16,7 +16,10 @@ baseline measured in the same run:
 6. idle RSS after one update installed through the running agent's control socket (the
    state a device idles in; target <= 60 MB) vs the same process before the update, and
    vs the verification run in the agent's own process (``EDGESHIP_AGENT_VERIFY_IN_PROCESS=1``);
-   the same for an update from the fleet over Mosquitto (MQTT blocks), where mosquitto is installed.
+   the same for an update from the fleet over Mosquitto (MQTT blocks), where mosquitto is installed;
+7. RSS of the serving agent after the largest predict request its default [limits] admit, and
+   with 1,000 idle connections open and after they close, vs its idle RSS just before (target:
+   back within 5 MB).
 
 Reproduce: ``.venv/bin/python benchmarks/agent.py --write`` (about 2 minutes).
 """
@@ -52,6 +55,7 @@ TARGETS = {
     "p99_ms": 5.0,
     "swap_p99_ratio": 2.0,
     "start_s": 1.5,
+    "rss_back_mb": 5.0,
 }
 
 
@@ -124,9 +128,10 @@ def load(host: str, port: int, body: bytes, seconds: float, connections: int) ->
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A /proc/PID/status size in MB: VmRSS (resident now) or VmHWM (its peak)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
 
@@ -331,6 +336,44 @@ def start_agent(
         except OSError:
             time.sleep(0.005)
     return proc, host, int(port), time.perf_counter() - begin
+
+
+def rss_under_abuse(proc: subprocess.Popen, host: str, port: int, settle_s: float = 2.0) -> dict[str, float]:
+    """VmRSS of a serving agent: idle; after the largest predict request its default
+    [limits] admit for digits (max_batch = 1,024 instances of full-precision random
+    floats), three times; while 1,000 idle connections are open (beyond the connection
+    cap they get a 503 and are closed); and after they are gone."""
+    import resource
+    import socket
+
+    from edgeship.agent.config import AgentConfig
+
+    defaults = AgentConfig(device_id="d", fleet="f", data_dir=Path("."), root_metadata=Path("."),
+                           director_key=Path("."))
+    rng = np.random.default_rng(0)
+    body = json.dumps({"instances": rng.uniform(0, 16, (defaults.max_batch, 8, 8, 1)).tolist()}).encode()
+    assert len(body) <= defaults.max_body_bytes
+    out: dict[str, float] = {"idle": rss_mb(proc.pid), "body_mb": len(body) / 1e6}
+    for _ in range(3):
+        conn = http.client.HTTPConnection(host, port, timeout=60)
+        conn.request("POST", "/v1/models/digits:predict", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200, response.read()[:200]
+        response.read()
+        conn.close()
+    out["peak_large"] = rss_mb(proc.pid, "VmHWM")
+    time.sleep(settle_s)
+    out["after_large"] = rss_mb(proc.pid)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    idle = [socket.create_connection((host, port), timeout=10) for _ in range(1000)]
+    time.sleep(settle_s)
+    out["during_idle"] = rss_mb(proc.pid)
+    for sock in idle:
+        sock.close()
+    time.sleep(settle_s)
+    out["after_idle"] = rss_mb(proc.pid)
+    return out
 
 
 def rss_after_update(
@@ -641,10 +684,16 @@ def main() -> None:
             load(host, port, body, 2.0, args.connections)  # warm-up
             http_result = load(host, port, body, 10.0, args.connections)
             http_more = load(host, port, body, 10.0, 2 * args.connections)  # and twice the concurrency
+            abuse = rss_under_abuse(proc, host, port)
         finally:
             proc.terminate()
             proc.wait(timeout=20)
         bare_rps = 1e6 / bare_us
+        print(
+            f"RSS under abuse: idle {abuse['idle']:.1f} MB; after the largest admitted request "
+            f"({abuse['body_mb']:.2f} MB, 1,024 instances) {abuse['after_large']:.1f} MB (peak {abuse['peak_large']:.1f} MB); "
+            f"with 1,000 idle connections {abuse['during_idle']:.1f} MB; after them {abuse['after_idle']:.1f} MB"
+        )
         print(
             f"HTTP predict: {http_result['rps']:.0f} req/s, p50 {http_result['p50']:.2f} ms, "
             f"p99 {http_result['p99']:.2f} ms, {http_result['failed']} failed; bare loop {bare_rps:.0f} invokes/s; "
@@ -739,6 +788,27 @@ def main() -> None:
             verdict(http_more["rps"] >= TARGETS["rps"] and http_more["p99"] < TARGETS["p99_ms"]),
         ),
         (
+            "RSS after the largest request the defaults admit (digits: 1,024 instances, "
+            f"{abuse['body_mb']:.2f} MB of JSON, 3 times)",
+            f"{abuse['after_large']:.1f} MB",
+            (
+                f"the same process idle just before: {abuse['idle']:.1f} MB ({abuse['after_large'] - abuse['idle']:+.1f} MB); "
+                f"peak while serving it {abuse['peak_large']:.1f} MB"
+            ),
+            "<= +5 MB",
+            verdict(abuse["after_large"] - abuse["idle"] <= TARGETS["rss_back_mb"]),
+        ),
+        (
+            "RSS with 1,000 idle connections open, and after they close",
+            f"{abuse['during_idle']:.1f} MB, then {abuse['after_idle']:.1f} MB",
+            (
+                f"idle before: {abuse['idle']:.1f} MB ({abuse['during_idle'] - abuse['idle']:+.1f} MB while open: "
+                "256 held to their deadline, the rest answered 503 and closed)"
+            ),
+            "after: <= +5 MB",
+            verdict(abuse["after_idle"] - abuse["idle"] <= TARGETS["rss_back_mb"]),
+        ),
+        (
             "100 hot swaps under load: failures",
             f"{swap['during']['failed']} of {swap['during']['ok'] + swap['during']['failed']}",
             f"{swap['swaps']} swaps in 10 s",
@@ -788,6 +858,11 @@ RSS after one fleet update: the same agents with a Mosquitto broker in their con
 `BlockServer` and the repository's director key publish a signed desired state for 2.0.0
 (retained); the agent checks it, downloads the bundle in MQTT blocks, verifies, self-tests,
 swaps and commits; median of 3, and of 3 more with `EDGESHIP_AGENT_VERIFY_IN_PROCESS=1`.
+RSS under abuse: the agent of the HTTP rows, right after its load (its idle RSS then is the
+baseline); three predict requests of 1,024 instances of full-precision random floats (the largest
+the default `[limits]` admit for digits: `max_batch`), VmRSS 2 s after; then 1,000 idle TCP
+connections held 2 s (256 take a thread until their deadline, the rest get a 503), VmRSS, and
+VmRSS 2 s after they close.
 
 | measure | agent | baseline in the same run | target | |
 | --- | --- | --- | --- | --- |

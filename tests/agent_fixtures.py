@@ -265,15 +265,18 @@ def agent_cli(
 class AgentProcess:
     """``edgeship-agent run`` in its own process; killed with SIGKILL by tests."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, env: dict[str, str] | None = None, preexec_fn: Any = None, args: tuple[str, ...] = ()
+    ) -> None:
         self.config = config
         self.log = config.parent / f"agent-{time.monotonic_ns()}.log"
         self._log_handle = open(self.log, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeship.agent.cli", "run", "--config", str(config)],
+            [sys.executable, "-m", "edgeship.agent.cli", "run", "--config", str(config), *args],
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
             env=env or agent_env(),
+            preexec_fn=preexec_fn,  # noqa: PLW1509 - e.g. a lower file limit for the agent alone (rlimit only)
         )
 
     def wait_serving(self, timeout: float = 30.0) -> dict[str, Any]:
@@ -323,6 +326,14 @@ class AgentProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log_handle.close()
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory (or another /proc/PID/status size, e.g. VmHWM) in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024.0
+    raise AssertionError(f"no {field} for pid {pid}")
 
 
 def status(config: Path) -> dict[str, Any]:

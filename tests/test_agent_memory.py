@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_fixtures import AgentProcess, AgentRepo, agent_cli, write_config
+from agent_fixtures import AgentProcess, AgentRepo, agent_cli, rss_mb, write_config
 from edgeship.agent.isolated import _rebuild_error
 from edgeship.agent.runtimes import RuntimeUnavailableError
 from edgeship.agent.sources import VERIFY_IN_PROCESS_ENV, OfflinePackageSource
@@ -103,13 +103,6 @@ def _mapped(pid: int, fragment: str) -> bool:
     return fragment in Path(f"/proc/{pid}/maps").read_text()
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
 def test_update_through_the_running_agent_keeps_verification_out_of_it(
     tmp_path: Path, agent_repo: AgentRepo
@@ -133,7 +126,7 @@ def test_update_through_the_running_agent_keeps_verification_out_of_it(
             time.sleep(0.1)
         time.sleep(1.0)
         pid = agent.proc.pid
-        before = _rss_mb(pid)
+        before = rss_mb(pid)
         result = agent_cli("install", agent_repo.export("2.0.0"), "--config", str(config), "--json")
         assert result.returncode == 0, result.stderr
         doc = json.loads(result.stdout)
@@ -143,7 +136,7 @@ def test_update_through_the_running_agent_keeps_verification_out_of_it(
         code, pred = agent.client().predict("digits", [[[[0.0]] * 8] * 8])
         assert code == 200 and len(pred["predictions"][0]) == 10
         time.sleep(2.0)
-        after = _rss_mb(pid)
+        after = rss_mb(pid)
         assert not _mapped(pid, "cryptography/hazmat/bindings/_rust"), (
             "cryptography entered the agent"
         )

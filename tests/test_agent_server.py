@@ -92,7 +92,7 @@ def test_int8_model_takes_and_returns_floats(
     [
         (None, b"{not json", "JSON Parse error"),
         ({"instances": [[1.0, 2.0]]}, None, "has shape [1, 2]"),
-        ({"instances": [[["a"] * 1] * 8] * 8}, None, "float32"),
+        ({"instances": [[[["a"]] * 8] * 8]}, None, "float32"),
         ({"instances": [[[[1.0]] * 8] * 8, [[[1.0]] * 7] * 8]}, None, "rectangular"),
         ({"instances": []}, None, "non-empty"),
         ({"rows": []}, None, "exactly one of 'instances'"),
@@ -168,7 +168,9 @@ def test_healthz_metrics_feedback_and_telemetry(api, x: np.ndarray) -> None:  # 
     assert classes == 15
     doc = window.take()
     message = TelemetryMessage.from_dict(doc)  # the fleet's schema accepts it
-    assert message.requests == 4 and message.errors == 0 and message.latency.count == 3
+    # the fleet's counts are the model's own: the refused request is the caller's
+    assert message.requests == 3 and message.errors == 0 and message.latency.count == 3
+    assert doc["device_stats"]["caller_errors"] == 1
     assert message.feedback == {"correct": 2, "total": 3}
     assert (
         doc["device_stats"]["rss_bytes"] > 0 and sum(doc["device_stats"]["classes"].values()) == 15

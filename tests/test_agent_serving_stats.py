@@ -274,7 +274,7 @@ def test_a_failing_invoke_on_the_inline_path_is_a_runtime_error_and_releases_the
         raise RuntimeError("delegate failed")
 
     model.hot = (model.stats, *calls._replace(invoke=broken), model.stats._latencies.append,
-                 model.stats._outputs.append)
+                 model.stats._outputs.extend)
     serving.swap(model)
     with pytest.raises(RuntimeError, match="delegate failed"):
         serving.predict([np.zeros((1, 8, 8, 1), np.float32)])
@@ -301,3 +301,20 @@ def test_bad_inputs_get_one_line_and_are_counted(digits_tflite: Path, inputs: li
     snap = serving.current.stats.snapshot()  # type: ignore[union-attr]
     assert snap["errors"] == {"bad_request": 1} and snap["requests"] == 1
     serving.predict([np.zeros((1, 8, 8, 1), np.float32)])  # and the model still serves
+
+
+def test_a_large_batch_runs_in_slices_with_the_same_answer(digits_tflite: Path, digits_files: dict[str, Path]) -> None:
+    from edgeship.agent.serving import INVOKE_ROWS, run_in_slices
+
+    x = np.load(digits_files["eval"])["x"][: INVOKE_ROWS * 3 + 5].astype(np.float32)
+    with open_model(digits_tflite) as whole, open_model(digits_tflite) as sliced:
+        (expected,) = whole.run([x])
+        shapes: list[int] = []
+
+        def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+            shapes.append(len(inputs[0]))
+            return sliced.run(inputs)
+
+        (got,) = run_in_slices(run, [x])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert shapes == [INVOKE_ROWS] * 3 + [5]

@@ -195,8 +195,23 @@ def init(
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
-def run(config_path: str, as_json: bool, log_level: str) -> None:
+@click.option("--bind", default=None, help="HTTP API address HOST:PORT (overrides [server] bind)")
+@click.option(
+    "--token-file", default=None, type=click.Path(dir_okay=False),
+    help="bearer token file for the API (overrides [server] token_file; mode 0600)",
+)
+@click.option(
+    "--trusted-network", is_flag=True,
+    help="serve a non-loopback --bind without a token or client certificates (you vouch for the network)",
+)
+def run(
+    config_path: str, as_json: bool, log_level: str, bind: str | None, token_file: str | None,
+    trusted_network: bool,
+) -> None:
     """Serve the active model and carry out updates (the daemon; systemd runs this)."""
+    import dataclasses
+
+    from .config import parse_bind
     from .daemon import Agent
     from .reporter import LogReporter
 
@@ -209,6 +224,15 @@ def run(config_path: str, as_json: bool, log_level: str) -> None:
     from .config import check_trust_anchors
 
     check_trust_anchors(config.root_metadata, config.director_key, where=f"config {config.source}: ")
+    overrides: dict[str, Any] = {}
+    if bind is not None:
+        overrides["bind_host"], overrides["bind_port"] = parse_bind(bind, "--bind")
+    if token_file is not None:
+        overrides["api_token_file"] = Path(token_file).resolve()
+    if trusted_network:
+        overrides["trusted_network"] = True
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
     from .fleet_link import open_fleet_link  # issue 5: MQTT when [broker] url is set
 
     link = open_fleet_link(config)  # None without a broker: no MQTT at all
@@ -219,7 +243,8 @@ def run(config_path: str, as_json: bool, log_level: str) -> None:
         link.attach(agent)
     model = agent.serving.current
     assert agent.api is not None
-    where = f"http://{agent.api.host}:{agent.api.port}"
+    host = agent.api.host
+    where = f"{agent.api.scheme}://{f'[{host}]' if ':' in host else host}:{agent.api.port}"
     if as_json:  # one line, printed once the API listens (a supervisor or test can wait for it)
         doc = {"serving": {"name": model.name, "version": model.version} if model else None, "server": where}
         click.echo(json.dumps(doc, sort_keys=True))
@@ -330,18 +355,51 @@ def _follow(config: AgentConfig, update_id: str, timeout: float, quiet: bool) ->
         time.sleep(0.2)
 
 
-def _offline(config: AgentConfig, start: Callable[[Any], Any], quiet: bool) -> dict[str, Any]:
-    """No agent runs: take the lock and drive the update here (up to PROBATION)."""
-    from .control import AgentLock
+AGENT_ANSWER_WAIT_S = 120.0
+"""How long a command waits for an agent that holds the lock to answer on its
+control socket (it is starting: loading and warming its model)."""
+
+
+def _through_agent_or_locked(
+    config: AgentConfig, op: str, role: str, **args: Any
+) -> tuple[dict[str, Any] | None, Any]:
+    """Send ``op`` to the running agent, or take the data folder's lock when none runs.
+
+    Returns (the agent's reply, None) or (None, the held lock). An agent that holds
+    the lock but does not answer yet is starting: wait for it to answer and go
+    through it. Another command holding the lock (an install or rollback run
+    without an agent) is waited for.
+    """
+    from .control import AgentLock, AgentNotRunning, ControlClient
+
+    deadline = time.monotonic() + AGENT_ANSWER_WAIT_S
+    told = False
+    while True:
+        try:
+            return ControlClient(config.control_socket).call(op, **args), None
+        except AgentNotRunning:
+            pass
+        lock = AgentLock(config.lock_file)
+        if lock.acquire(role=role):
+            return None, lock
+        pid, holder = lock.holder()
+        if holder in (None, "run") and time.monotonic() > deadline:
+            raise EdgeshipError(
+                f"an agent (pid {pid}) holds {config.lock_file} but has not answered on "
+                f"{config.control_socket} for {AGENT_ANSWER_WAIT_S:g} s; try again, or restart it"
+            )
+        if not told:  # progress: on stderr, with --json too
+            what = "the agent to start" if holder in (None, "run") else f"`edgeship-agent {holder}`"
+            _say(f"waiting for {what} (pid {pid}) ...")
+            told = True
+        time.sleep(0.1)
+
+
+def _offline(config: AgentConfig, start: Callable[[Any], Any], quiet: bool, lock: Any) -> dict[str, Any]:
+    """No agent runs: with the lock held, drive the update here (up to PROBATION)."""
     from .daemon import status_document
     from .updater import UpdateDriver
 
-    lock = AgentLock(config.lock_file)
-    if not lock.acquire():
-        raise EdgeshipError(
-            f"an agent (pid {lock.holder_pid()}) holds {config.lock_file} but does not answer on "
-            f"{config.control_socket}; try again, or restart it"
-        )
     try:
         driver = UpdateDriver(config, reporter=_ProgressReporter(quiet))
         update = driver.state.update
@@ -385,17 +443,15 @@ class _ProgressReporter:
 )
 def install(package: str, config_path: str, as_json: bool, no_wait: bool, timeout: float) -> None:
     """Install an offline update package (from `edgeship bundle export`)."""
-    from .control import AgentNotRunning, ControlClient
     from .sources import OfflinePackageSource
 
     config = load_config(config_path)
     path = Path(package).resolve()
     if not path.is_file():
         raise BadInputError(f"offline package {package}: no such file")
-    try:
-        reply = ControlClient(config.control_socket).call("install", package=str(path))
-    except AgentNotRunning:
-        doc = _offline(config, lambda driver: driver.begin(OfflinePackageSource(path)), as_json)
+    reply, lock = _through_agent_or_locked(config, "install", "install", package=str(path))
+    if reply is None:
+        doc = _offline(config, lambda driver: driver.begin(OfflinePackageSource(path)), as_json, lock)
         _finish(doc, "install", as_json)
         return
     _accepted(config, reply, f"update {reply['update']} accepted by the running agent", "install",
@@ -423,19 +479,16 @@ def _accepted(config: Any, reply: dict[str, Any], message: str, what: str, *, no
 )
 def rollback(config_path: str, as_json: bool, no_wait: bool, timeout: float) -> None:
     """Roll back: abort the update in progress, or go back to the previous kept bundle."""
-    from .control import AgentNotRunning, ControlClient
-
     config = load_config(config_path)
-    try:
-        reply = ControlClient(config.control_socket).call("rollback")
-    except AgentNotRunning:
+    reply, lock = _through_agent_or_locked(config, "rollback", "rollback")
+    if reply is None:
 
         def start(driver: Any) -> None:
             source = driver.rollback_request()
             if source is not None:
                 driver.begin(source, kind="rollback")
 
-        _finish(_offline(config, start, as_json), "rollback", as_json)
+        _finish(_offline(config, start, as_json, lock), "rollback", as_json)
         return
     _accepted(config, reply, f"rollback accepted by the running agent (update {reply.get('update')})",
               "rollback", no_wait=no_wait, timeout=timeout, as_json=as_json)

@@ -53,6 +53,20 @@ class AgentConfig:
     keep_previous: int = 2
     broker_url: str = ""
     telemetry_interval_s: float = 60.0
+    # [server]: who may call the API beyond loopback (docs/security.md)
+    api_token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    trusted_network: bool = False
+    # [limits]: what one client may make the agent hold (docs/agent.md)
+    max_body_bytes: int = 16 << 20
+    max_batch: int = 1024
+    max_tensor_bytes: int = 32 << 20
+    max_connections: int = 256
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    idle_timeout_s: float = 30.0
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -141,7 +155,18 @@ _KNOWN_KEYS: dict[str, frozenset[str] | None] = {
     "paths": frozenset({"data"}),
     "trust": frozenset({"root", "director_key"}),
     "runtime": frozenset({"prefer", "threads"}),
-    "server": frozenset({"bind"}),
+    "server": frozenset({"bind", "token_file", "tls_cert", "tls_key", "tls_client_ca", "trusted_network"}),
+    "limits": frozenset(
+        {
+            "max_body_bytes",
+            "max_batch",
+            "max_tensor_bytes",
+            "max_connections",
+            "header_timeout_s",
+            "body_timeout_s",
+            "idle_timeout_s",
+        }
+    ),
     "self_test": frozenset({"latency_runs", "max_latency_ratio"}),
     "probation": frozenset(
         {"window_s", "min_requests", "max_error_rate", "max_nonfinite_rate", "max_latency_ratio", "max_restarts"}
@@ -178,6 +203,9 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None) -> Agen
         p = Path(r.get(table, key, str, required=True)).expanduser()
         return p if p.is_absolute() else (base / p)
 
+    def optional_path(table: str, key: str) -> Path | None:
+        return path(table, key) if r.get(table, key, str, "") else None
+
     device_id = r.get("device", "id", str, required=True)
     fleet = r.get("device", "fleet", str, required=True)
     for name, value in (("[device] id", device_id), ("[device] fleet", fleet)):
@@ -211,8 +239,34 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None) -> Agen
         keep_previous=r.get("retention", "keep_previous", int, 2),
         broker_url=r.get("broker", "url", str, ""),
         telemetry_interval_s=r.get("telemetry", "interval_s", float, 60.0),
+        api_token_file=optional_path("server", "token_file"),
+        tls_cert=optional_path("server", "tls_cert"),
+        tls_key=optional_path("server", "tls_key"),
+        tls_client_ca=optional_path("server", "tls_client_ca"),
+        trusted_network=r.get("server", "trusted_network", bool, False),
+        max_body_bytes=r.get("limits", "max_body_bytes", int, 16 << 20),
+        max_batch=r.get("limits", "max_batch", int, 1024),
+        max_tensor_bytes=r.get("limits", "max_tensor_bytes", int, 32 << 20),
+        max_connections=r.get("limits", "max_connections", int, 256),
+        header_timeout_s=r.get("limits", "header_timeout_s", float, 10.0),
+        body_timeout_s=r.get("limits", "body_timeout_s", float, 30.0),
+        idle_timeout_s=r.get("limits", "idle_timeout_s", float, 30.0),
         source=source,
     )
+    for name, value in (
+        ("[limits] max_body_bytes", cfg.max_body_bytes),
+        ("[limits] max_batch", cfg.max_batch),
+        ("[limits] max_tensor_bytes", cfg.max_tensor_bytes),
+        ("[limits] max_connections", cfg.max_connections),
+        ("[limits] header_timeout_s", cfg.header_timeout_s),
+        ("[limits] body_timeout_s", cfg.body_timeout_s),
+        ("[limits] idle_timeout_s", cfg.idle_timeout_s),
+    ):
+        _positive(where, name, value, allow_zero=False)
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise BadInputError(f"{where}: [server] tls_cert and tls_key go together (the certificate and its key)")
+    if cfg.tls_client_ca is not None and cfg.tls_cert is None:
+        raise BadInputError(f"{where}: [server] tls_client_ca needs tls_cert and tls_key (client certificates need TLS)")
     for name, value in (
         ("[probation] window_s", cfg.probation_window_s),
         ("[probation] min_requests", cfg.probation_min_requests),
@@ -252,6 +306,21 @@ threads = {threads}                  # interpreter threads (XNNPACK / ONNX intra
 
 [server]
 bind = {bind}             # TF Serving-compatible REST API (keep it on loopback)
+# Beyond loopback the agent refuses to start without access control (docs/security.md):
+# token_file = "/etc/edgeship/api.token"   # callers send "Authorization: Bearer <token>" (file mode 0600)
+# tls_cert = "/etc/edgeship/api.crt"       # HTTPS, with tls_key; tls_client_ca: client certificates required
+# tls_key = "/etc/edgeship/api.key"
+# tls_client_ca = "/etc/edgeship/clients-ca.pem"
+# trusted_network = false                  # true: serve a non-loopback address without either (you vouch for the network)
+
+[limits]
+max_body_bytes = 16777216 # largest request body (bytes); a larger one is a 400 before it is read
+max_batch = 1024          # instances per predict request
+max_tensor_bytes = 33554432   # bytes of one decoded input tensor, checked before it is allocated
+max_connections = 256     # concurrent HTTP connections; more get a 503 (the control socket is apart)
+header_timeout_s = 10.0   # to receive a request's line and headers
+body_timeout_s = 30.0     # to receive its body
+idle_timeout_s = 30.0     # a keep-alive connection idle this long is closed
 
 [self_test]
 latency_runs = 20         # invokes timed for the new and the running model

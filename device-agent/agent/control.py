@@ -39,7 +39,9 @@ class AgentLock:
         self.path = path
         self._fd: int | None = None
 
-    def acquire(self, *, blocking: bool = False) -> bool:
+    def acquire(self, *, blocking: bool = False, role: str = "run") -> bool:
+        """Take the lock (``role``: the command holding it, ``run`` for the daemon,
+        written beside the pid so a starting daemon knows whether to wait)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -48,7 +50,7 @@ class AgentLock:
             os.close(fd)
             return False
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()} {role}\n".encode())
         self._fd = fd
         return True
 
@@ -59,10 +61,15 @@ class AgentLock:
             self._fd = None
 
     def holder_pid(self) -> int | None:
+        return self.holder()[0]
+
+    def holder(self) -> tuple[int | None, str | None]:
+        """(pid, role) of the process that holds the lock, as it wrote them."""
         try:
-            return int(self.path.read_text().strip() or 0) or None
+            fields = self.path.read_text().split()
+            return (int(fields[0]) or None if fields else None), (fields[1] if len(fields) > 1 else None)
         except (OSError, ValueError):
-            return None
+            return None, None
 
 
 class _StreamHandler(socketserver.StreamRequestHandler):

@@ -17,6 +17,7 @@ __all__ = ["Agent", "AgentBusyError", "status_document"]
 
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -27,9 +28,10 @@ from edgeship.ota.errors import BadInputError, EdgeshipError
 
 from .config import AgentConfig
 from .control import AgentLock, ControlServer
+from .decoding import DecodeLimits
 from .persistence import AgentState, InstalledBundle
 from .reporter import NullReporter, Reporter, state_document
-from .server import ApiServer
+from .server import ApiServer, ServerLimits, bind_refusal, load_access
 from .serving import ServingModel
 from .sources import (
     BundleSource,
@@ -61,6 +63,11 @@ def _bundle_doc(bundle: InstalledBundle | None) -> dict[str, Any] | None:
     }
 
 
+def _host_text(host: str) -> str:
+    """A host as it goes in a URL (IPv6 in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
 def status_document(
     config: AgentConfig, state: AgentState, *, running: bool, serving: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -90,8 +97,58 @@ def status_document(
             "history": [{"state": s, "at": t, "reason": r} for s, t, r in update.history],
         },
         "serving": serving,
-        "server": f"http://{config.bind_host}:{config.bind_port}",
+        "server": f"{'https' if config.tls_cert else 'http'}://{_host_text(config.bind_host)}:{config.bind_port}",
     }
+
+
+_RESERVED_FDS = 64
+"""File descriptors kept free of HTTP connections: the control socket, the state
+file, the model, MQTT, a bundle being verified."""
+
+
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas: by default each new thread may get its own (up to
+    8 per core), and the memory a connection's thread touched stays in its arena
+    after the thread ends. The API's threads take turns on the GIL, so two arenas
+    cost no throughput. Returns whether glibc took it (musl and macOS: no-op)."""
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(-8, arenas))  # M_ARENA_MAX
+
+
+def server_limits(config: AgentConfig) -> ServerLimits:
+    """The API's limits from the config, the connection cap held below the process's
+    file limit (raised to its hard limit first) so connections alone never exhaust it."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    except (OSError, ValueError):  # pragma: no cover - a sandbox that forbids it
+        soft = 1024
+    cap = config.max_connections
+    if soft != resource.RLIM_INFINITY and cap > soft - _RESERVED_FDS:
+        cap = max(1, soft - _RESERVED_FDS)
+        log.warning(
+            "[limits] max_connections %d lowered to %d: the file limit is %d (LimitNOFILE= in the unit)",
+            config.max_connections, cap, soft,
+        )
+    return ServerLimits(
+        max_body_bytes=config.max_body_bytes,
+        max_connections=cap,
+        header_timeout_s=config.header_timeout_s,
+        body_timeout_s=config.body_timeout_s,
+        idle_timeout_s=config.idle_timeout_s,
+        decode=DecodeLimits(max_batch=config.max_batch, max_tensor_bytes=config.max_tensor_bytes),
+    )
 
 
 class Agent:
@@ -120,13 +177,31 @@ class Agent:
         self.started_at = 0.0
 
     # -- life cycle ------------------------------------------------------------------------------
+    def _take_lock(self) -> None:
+        """Take the data folder's lock; while a command-line install or rollback holds
+        it (no agent ran when it started), wait for it to finish, then serve."""
+        waiting_for: int | None = None
+        while not self.lock.acquire(role="run"):
+            pid, role = self.lock.holder()
+            if role in (None, "run"):
+                raise AgentBusyError(f"another edgeship-agent (pid {pid}) holds {self.config.lock_file}")
+            if waiting_for != pid:
+                log.info("waiting for `edgeship-agent %s` (pid %s) to finish before serving", role, pid)
+                waiting_for = pid
+            time.sleep(0.1)
+
     def start(self) -> Agent:
         self.started_at = time.time()
+        limit_malloc_arenas()
         self.config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not self.lock.acquire():
-            raise AgentBusyError(
-                f"another edgeship-agent (pid {self.lock.holder_pid()}) holds {self.config.lock_file}"
-            )
+        access = load_access(
+            self.config.api_token_file, self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca
+        )
+        refusal = bind_refusal(self.config.bind_host, access, self.config.trusted_network)
+        if refusal is not None:
+            raise BadInputError(refusal)
+        limits = server_limits(self.config)
+        self._take_lock()
         try:
             driver = self.driver = UpdateDriver(
                 self.config,
@@ -151,6 +226,8 @@ class Agent:
                 self.config.bind_host,
                 self.config.bind_port,
                 health=self._health,
+                limits=limits,
+                access=access,
             ).start()
             self.control = ControlServer(self.config.control_socket, self.dispatch).start()
         except BaseException:
@@ -280,12 +357,15 @@ class Agent:
                 "runtime_version": model.runner.runtime_version,
                 "requests": snap["requests"],
                 "errors": snap["errors"],
+                "caller_errors": snap["caller_errors"],
+                "nonfinite": snap["nonfinite"],
+                "nonfinite_input": snap["nonfinite_input"],
                 "p95_ms": snap["latency"].quantile_ms(0.95),
                 "loaded_at": model.loaded_at,
             }
         doc = status_document(self.config, self.driver.snapshot(), running=True, serving=serving)
         if self.api is not None:
-            doc["server"] = f"http://{self.api.host}:{self.api.port}"
+            doc["server"] = f"{self.api.scheme}://{_host_text(self.api.host)}:{self.api.port}"
         return doc
 
     def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ __all__ = [
     "ProbationSample",
     "Verdict",
     "latency_gate",
+    "probation_elapsed",
     "probation_verdict",
 ]
 
@@ -42,13 +43,22 @@ class ProbationPolicy:
 class ProbationSample:
     """What the new model did since it was activated, and the old model's p95."""
 
-    elapsed_s: float
-    requests: int
-    errors: int  # model errors (not the callers' bad requests)
-    nonfinite: int
+    elapsed_s: float  # on the monotonic clock (probation_elapsed)
+    requests: int  # answered on valid input: not refused requests, nor NaN-in/NaN-out ones
+    errors: int  # the model's runtime failures (not the callers' bad requests)
+    nonfinite: int  # NaN/Inf outputs from finite inputs
     p95_ms: float | None
     baseline_p95_ms: float | None  # the replaced model's p95 while it served (None: unknown)
     baseline_requests: int = 0
+
+
+def probation_elapsed(started: float, now: float) -> float:
+    """Seconds of probation so far, from two readings of a monotonic clock.
+
+    Never negative: a clock that went backwards (only a wall clock can) would
+    otherwise hold probation in WAIT until it caught up again.
+    """
+    return max(0.0, now - started)
 
 
 def probation_verdict(sample: ProbationSample, policy: ProbationPolicy) -> tuple[Verdict, str]:

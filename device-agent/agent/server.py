@@ -10,26 +10,54 @@ Applications written for TF Serving work unchanged::
     GET  /healthz                                200 when a model serves, else 503
     GET  /metrics                                Prometheus text
 
-Errors use TF Serving's format, ``{"error": "message"}``, with 400 for a bad
-request (malformed JSON, wrong shape, wrong dtype), 404 for an unknown model or
-version, 503 while no model serves. int8 models take and return floats: the
-runtime layer quantizes and dequantizes for the caller.
+Errors use TF Serving's format, ``{"error": "message"}``: 400 for a bad request
+(malformed JSON, wrong shape, wrong dtype, over a limit; decoding.py has the
+rules), 401 without valid credentials, 404 for an unknown path, model or
+version, 405 for a method a path does not take, 408 when a request is not
+received in time, 503 while no model serves or when the connection cap is
+reached. int8 models take and return floats: the runtime layer quantizes and
+dequantizes for the caller.
 
-The standard library's ``ThreadingHTTPServer`` with HTTP/1.1 keep-alive: one
-thread per connection, each response written with a single ``sendall`` and
-Nagle's algorithm off (a header write followed by a body write would otherwise
-wait for the client's delayed ACK).
+One thread per connection (the standard library's server, HTTP/1.1 keep-alive),
+bounded: at most ``max_connections`` at once (beyond it a connection gets a 503
+and is closed, so file descriptors stay available to the control socket), each
+connection's reads run against a deadline (``header_timeout_s`` for a request's
+line and headers, ``body_timeout_s`` for its body, ``idle_timeout_s`` between
+keep-alive requests), and a slow or silent client only ever holds its own
+thread. Each response goes out in a single ``sendall`` with Nagle's algorithm
+off (a header write followed by a body write would otherwise wait for the
+client's delayed ACK).
 """
 
 from __future__ import annotations
 
-__all__ = ["ApiServer", "PredictRequestError", "build_inputs", "format_outputs", "signature_key", "tensor_keys"]
+__all__ = [
+    "ApiAccess",
+    "ApiServer",
+    "PredictRequestError",
+    "ServerLimits",
+    "bind_refusal",
+    "build_inputs",
+    "format_outputs",
+    "is_loopback",
+    "load_access",
+    "read_token",
+    "signature_key",
+    "tensor_keys",
+]
 
+import hmac
+import io
+import ipaddress
 import json
 import re
+import socket
+import ssl
 import sys
 import threading
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
@@ -37,11 +65,20 @@ from typing import Any, Callable
 import numpy as np
 from edgeship.ota.errors import BadInputError, EdgeshipError
 
+from .decoding import (
+    DecodeLimits,
+    PredictRequestError,
+    build_inputs,
+    caller_dtype,
+    decode_request,
+    format_outputs,
+    signature_key,
+    tensor_keys,
+)
 from .runtimes import ModelSignature, TensorSpec
 from .serving import LoadedModel, NoModelError, ServingModel
 from .telemetry import render_prometheus
 
-MAX_BODY_BYTES = 32 * 1024 * 1024
 SWITCH_INTERVAL_S = 0.001
 _ROUTE = re.compile(
     r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?"
@@ -58,132 +95,120 @@ _TF_DTYPES = {
     "int64": "DT_INT64",
     "bool": "DT_BOOL",
 }
+_CHUNK_LINE = re.compile(rb"^([0-9A-Fa-f]{1,16})(;[^\r\n]*)?\r?\n$")
+_LARGE_BODY = 1 << 20
+"""A body at least this large leaves parsed objects worth handing back to the OS."""
+_MAX_TRAILERS = 32
+_BURST_CONNECTIONS = 32
+"""After this many connections at once, the last one to close trims memory."""
 
 
-class PredictRequestError(BadInputError):
-    """A predict request that cannot be served as sent (HTTP 400)."""
+@dataclass(frozen=True)
+class ServerLimits:
+    """Resource bounds of the HTTP API ([limits] in the config; docs/agent.md)."""
+
+    max_body_bytes: int = 16 << 20
+    max_connections: int = 256
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    idle_timeout_s: float = 30.0
+    decode: DecodeLimits = field(default_factory=DecodeLimits)
 
 
-_TF_TENSOR_NAME = re.compile(r"^serving_default_(?P<key>.+):\d+$")
+@dataclass(frozen=True)
+class ApiAccess:
+    """Who may call predict, metadata and /metrics (``/healthz`` stays open).
+
+    ``token``: callers send ``Authorization: Bearer <token>``. ``tls``: a server
+    context; with ``client_certs`` a caller must present a certificate the
+    context's CA verifies. Neither: anyone who can connect (loopback by default).
+    """
+
+    token: str | None = None
+    tls: ssl.SSLContext | None = None
+    client_certs: bool = False
+
+    @property
+    def open(self) -> bool:
+        return self.token is None and not self.client_certs
 
 
-def signature_key(tensor_name: str) -> str:
-    """The SavedModel signature key a TF Serving client uses for an input: TF's TFLite
-    converter names the tensor of key ``image`` ``serving_default_image:0``."""
-    match = _TF_TENSOR_NAME.match(tensor_name)
-    return match.group("key") if match else tensor_name
-
-
-def tensor_keys(specs: Sequence[TensorSpec]) -> list[str]:
-    """The names TF Serving would use for these tensors: the model's SignatureDef keys
-    (``TensorSpec.key``), else the key in a converter's tensor name
-    (``signature_key``), else the tensor names themselves where keys would collide."""
-    keys = [s.key or signature_key(s.name) for s in specs]
-    return keys if len(set(keys)) == len(keys) else [s.name for s in specs]
-
-
-def _named_values(given: dict[str, Any], specs: Sequence[TensorSpec], where: str) -> list[Any]:
-    """The values of a document naming each input, by tensor name or by signature key."""
-    if set(given) == {s.name for s in specs}:
-        return [given[s.name] for s in specs]
-    keys = tensor_keys(specs)
-    if set(given) == set(keys):
-        return [given[k] for k in keys]
-    raise PredictRequestError(f"{where} must name exactly the inputs {keys}")
-
-
-def _caller_dtype(spec: TensorSpec) -> np.dtype:
-    """The dtype a caller sends for this input: float for float and quantized tensors."""
-    if spec.quantized or np.dtype(spec.dtype).kind == "f":
-        return np.dtype(np.float32)
-    return np.dtype(spec.dtype)
-
-
-def _tensor(value: Any, spec: TensorSpec, where: str) -> np.ndarray:
-    dtype = _caller_dtype(spec)
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only takes connections from this machine."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
     try:
-        array = np.asarray(value, dtype=dtype)
-    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise PredictRequestError(
-            f"{where}: input '{spec.name}' must be a rectangular array of {dtype.name} values ({str(exc)[:120]})"
-        ) from None
-    if array.dtype.kind == "O":  # pragma: no cover - numpy refuses ragged lists above
-        raise PredictRequestError(f"{where}: input '{spec.name}' is ragged")
-    expected = spec.shape
-    if array.ndim != len(expected) or any(
-        want not in (-1, got) for want, got in zip(expected[1:], array.shape[1:])
-    ):
-        raise PredictRequestError(
-            f"{where}: input '{spec.name}' has shape {list(array.shape)}, the model expects "
-            f"{['batch' if i == 0 else d for i, d in enumerate(expected)]} (-1: any size)"
-        )
-    if array.shape[0] == 0:
-        raise PredictRequestError(f"{where}: empty batch")
-    return array
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
-def build_inputs(body: Any, signature: ModelSignature) -> tuple[list[np.ndarray], bool]:
-    """A request document -> model inputs (batched) and whether it was the row form."""
-    if not isinstance(body, dict):
-        raise PredictRequestError("request body must be a JSON object with 'instances' or 'inputs'")
-    signature_name = body.get("signature_name", "serving_default")
-    if signature_name not in ("serving_default", "", None):
-        raise PredictRequestError(
-            f"unknown signature_name {signature_name!r}: this model has 'serving_default'"
-        )
-    specs = signature.inputs
-    if ("instances" in body) == ("inputs" in body):
-        raise PredictRequestError(
-            "request must have exactly one of 'instances' (row format) or 'inputs' (columnar)"
-        )
-    if "instances" in body:
-        instances = body["instances"]
-        if not isinstance(instances, list) or not instances:
-            raise PredictRequestError("'instances' must be a non-empty list")
-        if isinstance(instances[0], dict):
-            columns: list[list[Any]] = [[] for _ in specs]
-            for row, instance in enumerate(instances):
-                if not isinstance(instance, dict):
-                    raise PredictRequestError(
-                        f"instances[{row}] must name exactly the inputs {tensor_keys(specs)}"
-                    )
-                for i, value in enumerate(_named_values(instance, specs, f"instances[{row}]")):
-                    columns[i].append(value)
-            return [_tensor(col, s, "instances") for col, s in zip(columns, specs)], True
-        if len(specs) != 1:
-            raise PredictRequestError(
-                f"the model has {len(specs)} inputs: each instance must be an object naming {tensor_keys(specs)}"
-            )
-        return [_tensor(instances, specs[0], "instances")], True
-    inputs = body["inputs"]
-    if isinstance(inputs, dict):
-        values = _named_values(inputs, specs, "'inputs'")
-        return [_tensor(v, s, "inputs") for v, s in zip(values, specs)], False
-    if len(specs) != 1:
-        raise PredictRequestError(
-            f"the model has {len(specs)} inputs: 'inputs' must be an object naming them"
-        )
-    return [_tensor(inputs, specs[0], "inputs")], False
+MIN_TOKEN_CHARS = 16
 
 
-def format_outputs(
-    outputs: Sequence[np.ndarray], signature: ModelSignature, row: bool
-) -> dict[str, Any]:
-    """Model outputs -> TF Serving's response (``predictions`` rows or ``outputs`` columns)."""
-    if len(outputs) == 1:
-        return {"predictions": outputs[0].tolist()} if row else {"outputs": outputs[0].tolist()}
-    names = tensor_keys(signature.outputs)  # TF Serving answers under the SignatureDef's output keys
-    if row:
-        lists = [o.tolist() for o in outputs]
-        return {"predictions": [dict(zip(names, values)) for values in zip(*lists)]}
-    return {"outputs": {n: o.tolist() for n, o in zip(names, outputs)}}
+def bind_refusal(host: str, access: ApiAccess, trusted_network: bool) -> str | None:
+    """Why the API must not listen on ``host`` as configured, or None.
+
+    Beyond loopback every process on the network could predict, read metadata
+    and /metrics: a bearer token or client certificates are required, unless the
+    operator states that the network is trusted.
+    """
+    if is_loopback(host) or not access.open or trusted_network:
+        return None
+    return (
+        f"refusing to serve the API on {host}, beyond loopback, without access control: set "
+        "[server] token_file (bearer token) or tls_cert/tls_key/tls_client_ca (client certificates), "
+        "or state [server] trusted_network = true (--trusted-network); see docs/security.md"
+    )
+
+
+def read_token(path: Path) -> str:
+    """The bearer token from its file, which only its owner may read (like a key)."""
+    try:
+        info = path.stat()
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgeshipError(f"[server] token_file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    if info.st_mode & 0o077:
+        raise EdgeshipError(
+            f"[server] token_file {path} is readable by others (mode {info.st_mode & 0o777:o}): chmod 600 {path}"
+        )
+    if len(text) < MIN_TOKEN_CHARS or any(c.isspace() for c in text):
+        raise EdgeshipError(
+            f"[server] token_file {path} must hold one token of at least {MIN_TOKEN_CHARS} characters "
+            "without spaces (e.g. `openssl rand -hex 32`)"
+        )
+    return text
+
+
+def load_access(
+    token_file: Path | None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    tls_client_ca: Path | None = None,
+) -> ApiAccess:
+    """The API's access rules from the config's files (read once, at start)."""
+    token = read_token(token_file) if token_file is not None else None
+    context = None
+    if tls_cert is not None and tls_key is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(str(tls_cert), str(tls_key))
+            if tls_client_ca is not None:
+                context.load_verify_locations(cafile=str(tls_client_ca))
+                # optional at the handshake so /healthz stays open; required per request elsewhere
+                context.verify_mode = ssl.CERT_OPTIONAL
+        except (OSError, ssl.SSLError) as exc:
+            raise EdgeshipError(f"[server] TLS files cannot be used: {exc}") from None
+    return ApiAccess(token=token, tls=context, client_certs=tls_client_ca is not None)
 
 
 def _signature_def(signature: ModelSignature) -> dict[str, Any]:
     def tensors(specs: Sequence[TensorSpec]) -> dict[str, Any]:
         return {
             key: {
-                "dtype": _TF_DTYPES.get(_caller_dtype(s).name, "DT_INVALID"),
+                "dtype": _TF_DTYPES.get(caller_dtype(s).name, "DT_INVALID"),
                 "tensor_shape": {
                     "dim": [{"size": str(d), "name": ""} for d in (-1, *s.shape[1:])],
                     "unknown_rank": False,
@@ -194,12 +219,39 @@ def _signature_def(signature: ModelSignature) -> dict[str, Any]:
         }
 
     return {
-        # under the keys a TF Serving client uses (build_inputs accepts them, and
+        # under the keys a TF Serving client uses (decode_request accepts them, and
         # multi-output answers use them)
         "inputs": tensors(signature.inputs),
         "outputs": tensors(signature.outputs),
         "method_name": "tensorflow/serving/predict",
     }
+
+
+class _RequestTimeout(Exception):
+    """The client did not send its request (line, headers or body) in time."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The connection's reads against one absolute deadline (monotonic clock): a
+    client that sends a byte every few seconds cannot hold the thread past it, as
+    it could with a plain per-read socket timeout."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.deadline = float("inf")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise _RequestTimeout()
+        self.sock.settimeout(remaining)
+        try:
+            return self.sock.recv_into(buffer)
+        except (TimeoutError, ssl.SSLWantReadError):
+            raise _RequestTimeout() from None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -211,73 +263,167 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    # -- connection ----------------------------------------------------------------------------
+    def setup(self) -> None:
+        limits = self.server.limits
+        access = self.server.access
+        if access.tls is not None:
+            self.request.settimeout(limits.header_timeout_s)
+            try:
+                self.request = access.tls.wrap_socket(self.request, server_side=True)
+            except (OSError, ssl.SSLError):
+                self.request.close()
+                raise ConnectionAbortedError("TLS handshake failed") from None
+        self.connection = self.request
+        if self.disable_nagle_algorithm:
+            try:
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+            except OSError:
+                pass
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader, 65536)
+        self.wfile = _SocketWriter(self.connection, limits.body_timeout_s)
+        self._requests = 0
+
+    def handle(self) -> None:
+        self.close_connection = True
+        try:
+            self.handle_one_request()
+            while not self.close_connection:
+                self.handle_one_request()
+        except (ConnectionError, TimeoutError, ssl.SSLError, OSError):
+            pass  # the peer went away; nothing to answer
+
+    def finish(self) -> None:
+        try:
+            self.rfile.close()
+        except OSError:  # closing a broken stream must not raise
+            return
+
+    def handle_one_request(self) -> None:
+        limits = self.server.limits
+        now = time.monotonic()
+        self._reader.deadline = now + (limits.idle_timeout_s if self._requests else limits.header_timeout_s)
+        self.close_connection = True
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+        except _RequestTimeout:
+            return  # an idle or silent connection: closed without an answer
+        if not self.raw_requestline:
+            return
+        self._requests += 1
+        self._reader.deadline = time.monotonic() + limits.header_timeout_s
+        try:
+            if len(self.raw_requestline) > 65536:
+                self.requestline = self.request_version = self.command = ""
+                self._error(414, "request line too long")
+                return
+            if not self.parse_request():
+                return  # parse_request answered (through send_error)
+            self._dispatch(self.command)
+        except _RequestTimeout:
+            self.close_connection = True
+            self._error(408, "request not received in time")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's protocol errors (bad request line, too many or too
+        long headers), in the API's JSON format."""
+        self.close_connection = True
+        self._error(code, message or self.responses.get(code, ("error",))[0])
+
     # -- plumbing ------------------------------------------------------------------------------
-    def _send(self, status: int, payload: bytes, content_type: str = "application/json") -> None:
+    def _send(
+        self, status: int, payload: bytes, content_type: str = "application/json", extra: str = ""
+    ) -> None:
         head = (
             f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(payload)}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(payload)}\r\n{extra}"
             f"{'Connection: close' if self.close_connection else 'Connection: keep-alive'}\r\n\r\n"
         ).encode("latin-1")
         self.wfile.write(head + payload)
 
-    def _json(self, status: int, document: Any) -> None:
-        self._send(status, json.dumps(document, separators=(",", ":")).encode())
+    def _json(self, status: int, document: Any, extra: str = "") -> None:
+        self._send(status, json.dumps(document, separators=(",", ":")).encode(), extra=extra)
 
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
+    def _error(self, status: int, message: str, extra: str = "") -> None:
+        self._json(status, {"error": message}, extra)
+
+    def _framing(self) -> tuple[str, int]:
+        """How the body is delimited: ("chunked", 0), ("length", n) or ("none", 0).
+        Conflicting or invalid framing is a 400 (and the connection closes: where
+        the next request starts is unknown)."""
+        encodings = [v.strip().lower() for v in self.headers.get_all("Transfer-Encoding") or []]
+        lengths = [v.strip() for v in self.headers.get_all("Content-Length") or []]
+        if encodings:
+            self.close_connection = True
+            if lengths:
+                raise PredictRequestError("a request cannot have both Transfer-Encoding and Content-Length")
+            if ",".join(encodings) != "chunked":
+                raise PredictRequestError(f"unsupported Transfer-Encoding {', '.join(encodings)!r} (only chunked)")
+            self.close_connection = False
+            return "chunked", 0
+        if not lengths:
+            return "none", 0
+        values = {v for text in lengths for v in text.split(",")}
+        values = {v.strip() for v in values}
+        if len(values) != 1 or not next(iter(values)).isdigit() or len(next(iter(values))) > 12:
+            self.close_connection = True
+            raise PredictRequestError(f"invalid Content-Length {', '.join(lengths)!r}")
+        return "length", int(next(iter(values)))
 
     def _chunked(self) -> bytes:
-        """A ``Transfer-Encoding: chunked`` body, at most MAX_BODY_BYTES."""
+        """A ``Transfer-Encoding: chunked`` body, parsed strictly: a chunk size that is
+        not hex, negative, or over the body cap is a 400 at once."""
+        cap = self.server.limits.max_body_bytes
         parts: list[bytes] = []
         total = 0
         while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
+            line = self.rfile.readline(1026)
+            match = _CHUNK_LINE.match(line)
+            if match is None:
                 self.close_connection = True
-                raise PredictRequestError("malformed chunked request body") from None
+                raise PredictRequestError("malformed chunked request body (a chunk size must be hex)")
+            size = int(match.group(1), 16)
             if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return b"".join(parts)
-            total += size
-            if total > MAX_BODY_BYTES:
+                for _ in range(_MAX_TRAILERS):
+                    if self.rfile.readline(1026) in (b"\r\n", b"\n"):
+                        return b"".join(parts)
                 self.close_connection = True
-                raise PredictRequestError(f"request body exceeds {MAX_BODY_BYTES} bytes")
-            parts.append(self.rfile.read(size))
-            self.rfile.readline(8)  # the CRLF after each chunk
+                raise PredictRequestError("malformed chunked request body (trailers)")
+            total += size
+            if total > cap:
+                self.close_connection = True
+                raise PredictRequestError(f"request body exceeds {cap} bytes ([limits] max_body_bytes)")
+            data = self.rfile.read(size)
+            if len(data) != size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                self.close_connection = True
+                raise PredictRequestError("malformed chunked request body (chunk shorter than its size)")
+            parts.append(data)
+
+    def _raw_body(self) -> bytes | None:
+        """The request's body (None without one), received before the body deadline."""
+        self._reader.deadline = time.monotonic() + self.server.limits.body_timeout_s
+        kind, length = self._framing()
+        if kind == "chunked":
+            return self._chunked()
+        if kind == "none":
+            return None
+        cap = self.server.limits.max_body_bytes
+        if length > cap:
+            self.close_connection = True
+            raise PredictRequestError(f"request body of {length} bytes exceeds {cap} ([limits] max_body_bytes)")
+        raw = self.rfile.read(length)
+        if len(raw) != length:
+            self.close_connection = True
+            raise ConnectionAbortedError("body cut short")
+        return raw
 
     def _discard_body(self) -> None:
         """Consume a body nobody will read, so the keep-alive connection stays usable."""
-        length_text = self.headers.get("Content-Length") or ""
         try:
-            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                self._chunked()
-            elif length_text.isdigit() and int(length_text) <= MAX_BODY_BYTES:
-                self.rfile.read(int(length_text))
-            elif length_text:
-                self.close_connection = True
+            self._raw_body()
         except PredictRequestError:
             self.close_connection = True
-
-    def _body(self) -> Any:
-        length_text = self.headers.get("Content-Length")
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raw = self._chunked()
-        elif length_text is None or not length_text.isdigit():
-            self.close_connection = True  # the body's end is unknown: the stream cannot be reused
-            raise PredictRequestError("a request body with Content-Length is required")
-        else:
-            length = int(length_text)
-            if length > MAX_BODY_BYTES:
-                self.close_connection = True
-                raise PredictRequestError(f"request body of {length} bytes exceeds {MAX_BODY_BYTES}")
-            raw = self.rfile.read(length)
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
-            raise PredictRequestError(f"JSON Parse error: {str(exc)[:200]}") from None
 
     def _model_for(self, name: str, version: str | None) -> LoadedModel:
         model = self.server.serving.current
@@ -290,37 +436,90 @@ class _Handler(BaseHTTPRequestHandler):
             )
         return model
 
-    # -- verbs ---------------------------------------------------------------------------------
-    def do_GET(self) -> None:
+    def _authorized(self) -> bool:
+        """Whether this caller may use a protected path; answers 401 when not."""
+        access = self.server.access
+        if access.open:
+            return True
+        if access.client_certs and not self.connection.getpeercert():  # type: ignore[attr-defined]
+            self.close_connection = True
+            self._error(401, "a client certificate is required ([server] tls_client_ca)")
+            return False
+        if access.token is not None:
+            given = self.headers.get("Authorization", "")
+            scheme, _, credential = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                credential.strip().encode(), access.token.encode()
+            ):
+                self.close_connection = True  # the body was not read
+                self._error(
+                    401, "missing or wrong bearer token (Authorization: Bearer ...)",
+                    'WWW-Authenticate: Bearer realm="edgeship-agent"\r\n',
+                )
+                return False
+        return True
+
+    # -- routing -------------------------------------------------------------------------------
+    def _allowed(self, path: str) -> tuple[str, ...]:
+        """The methods a known path takes; () for an unknown path."""
+        if path in ("/healthz", "/metrics"):
+            return ("GET",)
+        match = _ROUTE.match(path)
+        if not match:
+            return ()
+        if match.group("verb"):
+            return ("POST",) if match.group("verb") in ("predict", "feedback") else ()
+        return ("GET",)
+
+    def _dispatch(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
+        if method == "HEAD":
+            self.close_connection = True  # the answer has a body: the stream cannot be reused
+        allowed = self._allowed(path)
+        if method not in allowed:
+            self._discard_body()
+            if not allowed:
+                self._error(404, f"unknown path {path} (see docs/agent.md for the API)")
+            else:
+                self._error(
+                    405, f"method {method} is not allowed on {path} (use {', '.join(allowed)})",
+                    f"Allow: {', '.join(allowed)}\r\n",
+                )
+            return
+        if path != "/healthz" and not self._authorized():
+            return
+        if method == "GET":
+            self._discard_body()
+            self._get(path)
+            return
+        self._large_pending = False
+        try:
+            self._post(path)
+        finally:  # after _post's frame (the parsed body) is gone
+            if self._large_pending:
+                self.server.large_end()
+
+    def _get(self, path: str) -> None:
         try:
             if path == "/healthz":
                 ok, detail = self.server.health()
                 self._json(200 if ok else 503, detail)
                 return
             if path == "/metrics":
-                text = render_prometheus(self.server.serving, self.server.data_dir)
+                text = render_prometheus(self.server.serving, self.server.data_dir) + self.server.metrics_text()
                 self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
                 return
             match = _ROUTE.match(path)
-            if not match or match.group("verb"):
-                self._error(404, f"unknown path {path} (see docs/agent.md for the API)")
-                return
+            assert match is not None
             model = self._model_for(match.group("name"), match.group("version"))
             if match.group("metadata"):
                 self._json(
                     200,
                     {
-                        "model_spec": {
-                            "name": model.name,
-                            "signature_name": "",
-                            "version": model.version,
-                        },
+                        "model_spec": {"name": model.name, "signature_name": "", "version": model.version},
                         "metadata": {
                             "signature_def": {
-                                "signature_def": {
-                                    "serving_default": _signature_def(model.runner.signature)
-                                }
+                                "signature_def": {"serving_default": _signature_def(model.runner.signature)}
                             }
                         },
                     },
@@ -345,37 +544,46 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # noqa: BLE001 - a bug must answer in the error format, not drop the connection
             self._error(500, f"internal error: {type(exc).__name__}: {str(exc)[:300]}")
 
-    def do_POST(self) -> None:
-        path = self.path.split("?", 1)[0]
+    def _post(self, path: str) -> None:
         match = _ROUTE.match(path)
+        assert match is not None
         try:
-            if (
-                not match
-                or match.group("metadata")
-                or match.group("verb") not in ("predict", "feedback")
-            ):
-                self._discard_body()
-                self._error(404, f"unknown path {path}: use /v1/models/NAME:predict")
-                return
-            body = self._body()
+            raw = self._raw_body()
+            if raw is None:
+                self.close_connection = True  # the body's end is unknown: the stream cannot be reused
+                raise PredictRequestError("a request body with Content-Length is required")
+            if len(raw) >= _LARGE_BODY:
+                self.server.large_begin()
+                self._large_pending = True
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+                raise PredictRequestError(f"JSON Parse error: {str(exc)[:200]}") from None
             model = self._model_for(match.group("name"), match.group("version"))
             if match.group("verb") == "feedback":
                 self._json(200, self._feedback(model, body))
                 return
             try:
-                inputs, row = build_inputs(body, model.runner.signature)
+                decoded = decode_request(
+                    body,
+                    model.runner.signature,
+                    self.server.limits.decode,
+                    maybe_bools=b"true" in raw or b"false" in raw,
+                )
             except PredictRequestError:
                 model.stats.error("bad_request")
                 raise
-            served, outputs = self.server.serving.predict(inputs, model)  # counts its own errors
-            self._json(200, format_outputs(outputs, served.runner.signature, row))
+            served, outputs = self.server.serving.predict(decoded.inputs, model)  # counts its own errors
+            self._json(200, format_outputs(outputs, served.runner.signature, decoded.row))
         except BadInputError as exc:
             self._error(400, exc.message)
         except NoModelError as exc:
             self._error(503, exc.message)
         except LookupError as exc:
             self._error(404, str(exc))
-        except Exception as exc:  # the model failed: 500, counted by the serving layer
+        except (_RequestTimeout, ConnectionError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the model failed: 500, counted by the serving layer
             self._error(500, f"prediction failed: {str(exc)[:300]}")
 
     def _feedback(self, model: LoadedModel, body: Any) -> dict[str, Any]:
@@ -412,6 +620,33 @@ class _Handler(BaseHTTPRequestHandler):
         return {"accepted": len(labels), "correct": correct}
 
 
+class _SocketWriter(io.BufferedIOBase):
+    """Unbuffered writes: each response is one ``sendall``, with its own time limit
+    (a client that stops reading must not hold the thread; the socket's timeout
+    otherwise is whatever the last read's deadline left)."""
+
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+        self._sock = sock
+        self._timeout_s = timeout_s
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._sock.settimeout(self._timeout_s)
+        self._sock.sendall(data)
+        return len(data)
+
+
+_BUSY_BODY = b'{"error":"too many connections: the agent\'s connection limit is reached"}'
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    + f"Content-Length: {len(_BUSY_BODY)}\r\n".encode()
+    + b"Retry-After: 1\r\nConnection: close\r\n\r\n"
+    + _BUSY_BODY
+)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -419,6 +654,91 @@ class _Server(ThreadingHTTPServer):
     serving: ServingModel
     data_dir: Path
     health: Callable[[], tuple[bool, dict[str, Any]]]
+    limits: ServerLimits
+    access: ApiAccess
+
+    def setup_counters(self) -> None:
+        self._count_lock = threading.Lock()
+        self.connections = 0
+        self.refused = 0
+        self._large = 0
+        self._peak = 0  # connections at once since the last trim
+
+    def metrics_text(self) -> str:
+        """The connection gauges in Prometheus text (appended to /metrics)."""
+        return (
+            "# HELP edgeship_http_connections Open HTTP connections (each holds a thread until its deadline).\n"
+            "# TYPE edgeship_http_connections gauge\n"
+            f"edgeship_http_connections {self.connections}\n"
+            "# HELP edgeship_http_connections_refused_total Connections answered 503 at [limits] max_connections.\n"
+            "# TYPE edgeship_http_connections_refused_total counter\n"
+            f"edgeship_http_connections_refused_total {self.refused}\n"
+        )
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._count_lock:
+            full = self.connections >= self.limits.max_connections
+            if full:
+                self.refused += 1
+            else:
+                self.connections += 1
+                self._peak = max(self._peak, self.connections)
+        if full:
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            with self._count_lock:
+                self.connections -= 1
+            raise
+
+    def _refuse(self, request: socket.socket) -> None:
+        """Beyond the cap: a 503 if the socket takes it at once (never block the
+        accept loop), then close. A TLS listener closes without an answer (the
+        handshake would block here)."""
+        if self.access.tls is None:
+            try:
+                request.setblocking(False)
+                request.send(_BUSY)
+            except OSError:
+                pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:
+                self.connections -= 1
+                burst_over = self.connections == 0 and self._peak >= _BURST_CONNECTIONS
+                if burst_over:
+                    self._peak = 0
+            if burst_over:  # the threads of a burst are gone: hand their memory back
+                from .updater import release_memory
+
+                release_memory()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client's broken connection is not the agent's error
+
+    def large_begin(self) -> None:
+        with self._count_lock:
+            self._large += 1
+
+    def large_end(self) -> None:
+        """After the last concurrent large request: hand the parsed objects' memory back."""
+        with self._count_lock:
+            self._large -= 1
+            last = self._large == 0
+        if last:
+            from .updater import release_memory
+
+            release_memory()
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class ApiServer:
@@ -431,10 +751,13 @@ class ApiServer:
         host: str = "127.0.0.1",
         port: int = 8501,
         health: Callable[[], tuple[bool, dict[str, Any]]] | None = None,
+        limits: ServerLimits | None = None,
+        access: ApiAccess | None = None,
     ) -> None:
         self.serving = serving
         try:
-            self._httpd = _Server((host, port), _Handler)
+            server_class = _Server6 if ":" in host else _Server
+            self._httpd = server_class((host.strip("[]"), port), _Handler)
         except OSError as exc:  # taken port, unknown host, privileged port
             raise EdgeshipError(
                 f"cannot listen on {host}:{port} ([server] bind): {exc.strerror or exc}"
@@ -442,6 +765,9 @@ class ApiServer:
         self._httpd.serving = serving
         self._httpd.data_dir = data_dir
         self._httpd.health = health or self._default_health
+        self._httpd.limits = limits or ServerLimits()
+        self._httpd.access = access or ApiAccess()
+        self._httpd.setup_counters()
         self._thread: threading.Thread | None = None
 
     @property
@@ -451,6 +777,14 @@ class ApiServer:
     @property
     def port(self) -> int:
         return int(self._httpd.server_address[1])
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self._httpd.access.tls is not None else "http"
+
+    @property
+    def connections(self) -> int:
+        return self._httpd.connections
 
     def _default_health(self) -> tuple[bool, dict[str, Any]]:
         model = self.serving.current

@@ -9,7 +9,17 @@ own statistics, so probation compares the new model with the one it replaced.
 
 from __future__ import annotations
 
-__all__ = ["LoadedModel", "ModelStats", "NoModelError", "ServingModel", "warm_up", "zero_inputs"]
+__all__ = [
+    "LoadedModel",
+    "ModelStats",
+    "NoModelError",
+    "ServingModel",
+    "inputs_finite",
+    "model_health",
+    "run_in_slices",
+    "warm_up",
+    "zero_inputs",
+]
 
 import threading
 import time
@@ -71,6 +81,9 @@ class ModelStats:
     examples: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # kind -> count
     nonfinite: int = 0
+    """Requests whose outputs held NaN/Inf although their inputs were finite: the model's."""
+    nonfinite_input: int = 0
+    """Requests whose outputs held NaN/Inf and whose inputs did too: the caller's, counted apart."""
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     classes: dict[int, int] = field(default_factory=dict)
     input_count: int = 0
@@ -81,9 +94,12 @@ class ModelStats:
     """Set by LoadedModel: the first output has no dynamic dimension after the
     batch, so outputs of one byte size have one shape (a runner returns one dtype
     per output), and a fold can join them as bytes."""
-    # Per request: its latency (ns), then its first output. Appends and `del x[:n]`
-    # are atomic (C code under the GIL); a fold takes from the front what is there,
-    # later appends wait for the next fold.
+    # Per request: its latency (ns), then its first output and its inputs, side by
+    # side in one list by one `extend` (atomic: the two stay together under
+    # concurrent requests, and a fold splits them with two C-speed slices); the
+    # inputs decide, for an output that is not finite, whose fault it was. Appends,
+    # extends and `del x[:n]` are atomic (C code under the GIL); a fold takes from
+    # the front what is there, later ones wait for the next fold.
     _latencies: array = field(default_factory=lambda: array("q"), repr=False, compare=False)
     _outputs: list = field(default_factory=list, repr=False, compare=False)
     # (examples, sum of their per-example input means) per sampled request
@@ -106,7 +122,7 @@ class ModelStats:
         """Record one successful prediction that ended at ``now`` (clock_ns);
         ``ServingModel.predict``'s inline path does the same without the call."""
         self._latencies.append(latency_ns)
-        self._outputs.append(outputs[0] if outputs else None)
+        self._outputs.extend((outputs[0] if outputs else None, inputs))
         if now >= self._next_sample:
             self._sample(now, inputs)
 
@@ -115,6 +131,11 @@ class ModelStats:
         input statistics and fold the batch when they are due. Races between
         threads here are benign (at worst two samples in one period)."""
         self._next_sample = now + _CHECK_NS
+        try:  # the fold's bound follows the sizes seen now: held inputs and outputs stay ~8 MB
+            held = sum(x.nbytes for x in inputs if isinstance(x, np.ndarray))
+            self._flush_at = max(1, min(self._flush_at, _FLUSH_BYTES // max(held, 1)))
+        except TypeError:
+            pass
         if inputs and now >= self._next_input:
             self._next_input = now + _INPUT_SAMPLE_NS
             try:
@@ -151,14 +172,17 @@ class ModelStats:
             self.latency.counts = [a + b for a, b in zip(self.latency.counts, counts.tolist())]
             self.latency.total_ms += int(lat.sum()) / 1e6
             self.requests += count
-        count = len(self._outputs)
+        count = len(self._outputs) & ~1  # whole (output, inputs) pairs
         if count:
-            outputs = self._outputs[:count]
+            pairs = self._outputs[:count]
             del self._outputs[:count]
-            self._fold_outputs(outputs)
+            outputs = pairs[0::2]
+            inputs = pairs[1::2]
+            self._fold_outputs(outputs, inputs)
             first = outputs[0]
             if isinstance(first, np.ndarray):
-                self._flush_at = max(1, min(_FLUSH_MAX, _FLUSH_BYTES // max(first.nbytes, 1)))
+                held = first.nbytes + sum(x.nbytes for x in inputs[0] if isinstance(x, np.ndarray))
+                self._flush_at = max(1, min(_FLUSH_MAX, _FLUSH_BYTES // max(held, 1)))
         self._next_sample = self._next_input = 0  # the next request is sampled: every window with traffic has one
         samples = self._samples
         count = len(samples)
@@ -169,19 +193,21 @@ class ModelStats:
                 self.input_count += rows
                 self.input_sum += total
 
-    def _fold_outputs(self, outputs: list[Any]) -> None:
+    def _fold_outputs(self, outputs: list[Any], inputs: list[Any]) -> None:
         stacked = self._joined(outputs) if self.fixed_row_shape else None
         if stacked is None:
-            outputs = [o for o in outputs if isinstance(o, np.ndarray) and o.ndim]
-            if not outputs:
+            kept = [(o, i) for o, i in zip(outputs, inputs) if isinstance(o, np.ndarray) and o.ndim]
+            if not kept:
                 return
+            outputs = [o for o, _ in kept]
+            inputs = [i for _, i in kept]
             try:
                 stacked = np.concatenate(outputs)
             except ValueError:  # outputs of different shapes (a dynamic model): one by one
-                for o in outputs:
-                    self._fold_stacked(o, [o])
+                for o, i in kept:
+                    self._fold_stacked(o, [o], [i])
                 return
-        self._fold_stacked(stacked, outputs)
+        self._fold_stacked(stacked, outputs, inputs)
 
     @staticmethod
     def _joined(outputs: list[Any]) -> np.ndarray | None:
@@ -200,9 +226,13 @@ class ModelStats:
             return None
         return np.frombuffer(joined, dtype=first.dtype).reshape((rows, *first.shape[1:]))
 
-    def _fold_stacked(self, stacked: np.ndarray, sizes: int | list[np.ndarray]) -> None:
+    def _fold_stacked(
+        self, stacked: np.ndarray, sizes: int | list[np.ndarray], inputs: list[Any] | None = None
+    ) -> None:
         """Fold rows of outputs; ``sizes``: rows per request (one number for all),
-        or the requests' outputs (to tell which request a row came from)."""
+        or the requests' outputs (to tell which request a row came from);
+        ``inputs``: each request's inputs (a non-finite output of a non-finite
+        input is the caller's, not the model's)."""
         self.examples += len(stacked)
         if stacked.dtype.kind == "f" and not np.isfinite(stacked).all():
             rows_ok = np.isfinite(stacked.reshape(len(stacked), -1)).all(axis=1)
@@ -212,7 +242,11 @@ class ModelStats:
             else:
                 ends = np.cumsum([len(o) for o in sizes])
                 owners = np.searchsorted(ends, bad, side="right")
-            self.nonfinite += int(np.unique(owners).size)
+            for owner in np.unique(owners).tolist():
+                if inputs is not None and owner < len(inputs) and not inputs_finite(inputs[owner]):
+                    self.nonfinite_input += 1
+                else:
+                    self.nonfinite += 1
             stacked = stacked[rows_ok]
         if stacked.ndim == 2 and stacked.shape[1] > 1 and len(stacked):
             classes = np.bincount(np.argmax(stacked, axis=1))
@@ -234,6 +268,11 @@ class ModelStats:
         """Failures that count against the model (not the caller's bad requests)."""
         return sum(v for k, v in self.errors.items() if k != "bad_request")
 
+    @property
+    def caller_errors(self) -> int:
+        """Requests refused as the caller's mistake (HTTP 4xx)."""
+        return self.errors.get("bad_request", 0)
+
     def snapshot(self) -> dict[str, Any]:
         """A consistent copy of the counters (plain data)."""
         with self._lock:
@@ -243,7 +282,9 @@ class ModelStats:
                 "examples": self.examples,
                 "errors": dict(self.errors),
                 "model_errors": self.model_errors,
+                "caller_errors": self.caller_errors,
                 "nonfinite": self.nonfinite,
+                "nonfinite_input": self.nonfinite_input,
                 "latency": LatencyHistogram(list(self.latency.counts), self.latency.total_ms),
                 "classes": dict(self.classes),
                 "input_count": self.input_count,
@@ -277,7 +318,7 @@ class LoadedModel:
         calls = self.runner.hot_calls()
         stats = self.stats
         self.hot = None if calls is None else (
-            stats, *calls, stats._latencies.append, stats._outputs.append
+            stats, *calls, stats._latencies.append, stats._outputs.extend
         )
         try:  # no dynamic dimension after the batch: outputs join as bytes
             shape = self.runner.signature.outputs[0].shape
@@ -288,6 +329,28 @@ class LoadedModel:
     @property
     def label(self) -> str:
         return f"{self.name} {self.version}"
+
+
+def inputs_finite(inputs: Any) -> bool:
+    """Whether every float value of a request's inputs is finite (integer and bool
+    inputs always are; something that is not an array counts as finite)."""
+    try:
+        for x in inputs:
+            if isinstance(x, np.ndarray) and x.dtype.kind in "fc" and not np.isfinite(x).all():
+                return False
+    except TypeError:
+        return True
+    return True
+
+
+def model_health(snapshot: dict[str, Any]) -> dict[str, int]:
+    """What counts against the model, from a ``ModelStats.snapshot()`` (docs/agent.md,
+    "What counts against a model"): ``requests`` it answered on valid inputs (not the
+    callers' refused requests, nor those whose non-finite output came from a
+    non-finite input), its ``errors`` (runtime failures) and its ``nonfinite``
+    outputs from finite inputs."""
+    valid = snapshot["requests"] - snapshot["caller_errors"] - snapshot["nonfinite_input"]
+    return {"requests": max(valid, 0), "errors": snapshot["model_errors"], "nonfinite": snapshot["nonfinite"]}
 
 
 def zero_inputs(signature: ModelSignature) -> list[np.ndarray]:
@@ -305,6 +368,53 @@ def warm_up(runner: ModelRunner, inputs: Sequence[np.ndarray] | None = None, run
         inputs = zero_inputs(runner.signature)
     for _ in range(runs):
         runner.run(inputs)
+
+
+INVOKE_ROWS = 64
+"""Rows per invoke at most: a larger batch runs in slices. A TFLite interpreter
+keeps the memory arena of the largest batch it was resized to for good (a
+1,024-row digits request held 15 MB after it), so one large request would leave
+the agent larger for the rest of its life; slices bound that to INVOKE_ROWS rows."""
+
+
+def run_in_slices(
+    run: Callable[[Sequence[np.ndarray]], list[np.ndarray]], inputs: Sequence[np.ndarray]
+) -> list[np.ndarray]:
+    """``run(inputs)``, a batch over INVOKE_ROWS as slices of rows joined again. A
+    model whose outputs are not one row per input row (rare: a reduction over
+    the batch) is run on the whole batch instead."""
+    first = inputs[0] if inputs else None
+    rows = len(first) if isinstance(first, np.ndarray) and first.ndim else 0
+    if rows <= INVOKE_ROWS or any(not isinstance(x, np.ndarray) or x.ndim == 0 or len(x) != rows for x in inputs):
+        return run(inputs)
+    parts = []
+    for begin in range(0, rows, INVOKE_ROWS):
+        piece = [x[begin : begin + INVOKE_ROWS] for x in inputs]
+        outputs = run(piece)
+        if any(getattr(y, "ndim", 0) == 0 or len(y) != len(piece[0]) for y in outputs):
+            return run(inputs)
+        parts.append(outputs)
+    return [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
+
+
+_CALLER_INDEX_ERRORS = ("index out of bounds", "out of range", "indices")
+"""What a runtime says when an index the caller sent is outside a table (TFLite:
+"gather index out of bounds"); TF Serving answers such a request 400."""
+
+
+def _counted_failure(model: LoadedModel, exc: Exception) -> Exception:
+    """Count a failed invoke and return what to raise: the caller's fault (400) when
+    the model takes integer inputs (token ids, indexes) and the runtime refused an
+    index, else the model's runtime error."""
+    text = str(exc)
+    integer_inputs = any(
+        np.dtype(s.dtype).kind in "iu" and not s.quantized for s in model.runner.signature.inputs
+    )
+    if integer_inputs and any(words in text for words in _CALLER_INDEX_ERRORS):
+        model.stats.error("bad_request")
+        return BadInputError(f"an input index is out of range for the model ({text.splitlines()[0][:200]})")
+    model.stats.error("runtime")
+    return exc
 
 
 class ServingModel:
@@ -364,25 +474,23 @@ class ServingModel:
                         y = get_tensor(out_index)  # a copy: safe to hand out after the lock
                 finally:
                     release()
-            except Exception:
-                stats.error("runtime")
-                raise
+            except Exception as exc:  # noqa: BLE001 - counted by kind, then raised again
+                raise _counted_failure(model, exc) from None
             if y is not None:
                 end = _clock_ns()
                 add_latency(end - start)
-                add_output(y)
+                add_output((y, inputs))
                 if end >= stats._next_sample:  # at most every 10 ms
                     stats._sample(end, inputs)
                 return model, [y]
         start = _clock_ns()
         try:
-            outputs = model.run(inputs)
+            outputs = run_in_slices(model.run, inputs)
         except BadInputError:
             model.stats.error("bad_request")
             raise
-        except Exception:
-            model.stats.error("runtime")
-            raise
+        except Exception as exc:  # noqa: BLE001 - counted by kind, then raised again
+            raise _counted_failure(model, exc) from None
         end = _clock_ns()
         model.stats.record(end - start, end, inputs, outputs)
         return model, outputs

@@ -30,7 +30,7 @@ from typing import Any
 from edgeship.ota.protocol import TelemetryMessage
 from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
 
-from .serving import LoadedModel, ServingModel
+from .serving import LoadedModel, ServingModel, model_health
 from .slots import free_bytes
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -123,8 +123,26 @@ def render_prometheus(
         metric(
             "edgeship_predict_nonfinite_total",
             "counter",
-            "Predictions with NaN or Inf outputs.",
+            "Predictions with NaN or Inf outputs from finite inputs (the model's failures).",
             [(f"{{{base}}}", snap["nonfinite"])],
+        )
+        metric(
+            "edgeship_predict_nonfinite_input_total",
+            "counter",
+            "Predictions with NaN or Inf outputs whose inputs held NaN or Inf (the caller's; never a rollback).",
+            [(f"{{{base}}}", snap["nonfinite_input"])],
+        )
+        metric(
+            "edgeship_predict_caller_errors_total",
+            "counter",
+            "Predict requests refused as the caller's mistake (HTTP 4xx; never a rollback).",
+            [(f"{{{base}}}", snap["caller_errors"])],
+        )
+        metric(
+            "edgeship_predict_model_failures_total",
+            "counter",
+            "Requests the model failed on valid input: runtime errors and non-finite outputs from finite inputs.",
+            [(f"{{{base}}}", snap["model_errors"] + snap["nonfinite"])],
         )
         hist: LatencyHistogram = snap["latency"]
         cumulative = 0
@@ -219,24 +237,31 @@ class TelemetryWindow:
         self.data_dir = data_dir
         self._last: dict[str, Any] | None = None
         self._last_model: LoadedModel | None = None
-        self._last_ts = time.time()
+        self._last_tick = time.monotonic()  # window lengths and rates: never a wall-clock step
         self._last_cpu = process_cpu_seconds()
 
     def take(self) -> dict[str, Any]:
         """One window's telemetry: a valid ``TelemetryMessage`` dict plus device readings."""
-        now = time.time()
+        now = time.time()  # the report's timestamp
+        tick = time.monotonic()
         model = self.serving.current
         snap = model.stats.snapshot() if model is not None else None
         prev = self._last if (model is not None and model is self._last_model) else None
         if snap is None:
-            requests = errors = 0
+            requests = errors = caller_errors = nonfinite_input = 0
             latency = LatencyHistogram()
             classes: dict[int, int] = {}
             feedback = {"correct": 0, "total": 0}
             mean = float("nan")
         else:
-            requests = snap["requests"] - (prev["requests"] if prev else 0)
-            errors = snap["model_errors"] - (prev["model_errors"] if prev else 0)
+            # the fleet's error rate is the model's own: failures on valid inputs over
+            # the requests it answered on valid inputs (docs/agent.md)
+            health = model_health(snap)
+            before = model_health(prev) if prev else {"requests": 0, "errors": 0, "nonfinite": 0}
+            requests = health["requests"] - before["requests"]
+            errors = (health["errors"] + health["nonfinite"]) - (before["errors"] + before["nonfinite"])
+            caller_errors = snap["caller_errors"] - (prev["caller_errors"] if prev else 0)
+            nonfinite_input = snap["nonfinite_input"] - (prev["nonfinite_input"] if prev else 0)
             base = prev["latency"].counts if prev else [0] * len(snap["latency"].counts)
             latency = LatencyHistogram(
                 [a - b for a, b in zip(snap["latency"].counts, base)],
@@ -255,7 +280,7 @@ class TelemetryWindow:
             total = snap["input_sum"] - (prev["input_sum"] if prev else 0.0)
             mean = total / count if count else float("nan")
         cpu = process_cpu_seconds()
-        window = max(now - self._last_ts, 1e-3)
+        window = max(tick - self._last_tick, 1e-3)
         message = TelemetryMessage(
             ts=now,
             window_s=window,
@@ -276,6 +301,8 @@ class TelemetryWindow:
             "temperature_c": device_temperatures_c(),
             "classes": {str(c): n for c, n in sorted(classes.items())},
             "input_mean": None if math.isnan(mean) else mean,
+            "caller_errors": caller_errors,
+            "nonfinite_from_input": nonfinite_input,
         }
-        self._last, self._last_model, self._last_ts, self._last_cpu = snap, model, now, cpu
+        self._last, self._last_model, self._last_tick, self._last_cpu = snap, model, tick, cpu
         return document

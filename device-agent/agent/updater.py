@@ -53,11 +53,18 @@ from edgeship.ota.golden import GoldenVectors, compare_outputs
 from edgeship.ota.hashing import hash_file
 
 from .config import AgentConfig
-from .health import ProbationPolicy, ProbationSample, Verdict, latency_gate, probation_verdict
+from .health import (
+    ProbationPolicy,
+    ProbationSample,
+    Verdict,
+    latency_gate,
+    probation_elapsed,
+    probation_verdict,
+)
 from .persistence import AgentState, InstalledBundle, StateStore, UpdateRecord
 from .reporter import NullReporter, Reporter, event_document, state_document
 from .runtimes import RuntimeUnavailableError, _importable_tflite, open_model
-from .serving import LoadedModel, ServingModel, warm_up, zero_inputs
+from .serving import LoadedModel, ServingModel, model_health, warm_up, zero_inputs
 from .slots import apply_retention, free_bytes, install_into_slot, plan_retention, slot_name
 from .sources import BundleSource, SlotSource, SourceContext, SourceRegistry, StagedBundle
 from .state_machine import (
@@ -223,8 +230,12 @@ class UpdateDriver:
         registry: SourceRegistry | None = None,
         hooks: TestHooks | None = None,
         store: StateStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self.clock = clock
+        """Times probation: monotonic, so a wall-clock step (NTP after boot on a
+        board without an RTC) neither skips the window nor holds it forever."""
         self.store = store or StateStore(config.state_file)
         self.serving = serving
         self.reporter = reporter or NullReporter()
@@ -713,7 +724,11 @@ class UpdateDriver:
             max_nonfinite_rate=self.config.max_nonfinite_rate,
             max_latency_ratio=self.config.max_latency_ratio,
         )
-        started = update.probation_started or time.time()
+        # The window runs on this process's monotonic clock: an agent restarted during
+        # probation watches the model for a whole window again (the persisted
+        # probation_started is a wall-clock timestamp, for reports only).
+        clock = self.clock
+        started = clock()
         baseline = self._baseline
         baseline_p95 = (
             baseline["latency"].quantile_ms(0.95) if baseline and baseline["requests"] else None
@@ -725,11 +740,12 @@ class UpdateDriver:
             if current is None:
                 raise EdgeshipError("no model is serving during probation")
             snap = current.stats.snapshot()
+            health = model_health(snap)
             sample = ProbationSample(
-                elapsed_s=time.time() - started,
-                requests=snap["requests"] - snap["errors"].get("bad_request", 0),
-                errors=snap["model_errors"],
-                nonfinite=snap["nonfinite"],
+                elapsed_s=probation_elapsed(started, clock()),
+                requests=health["requests"],
+                errors=health["errors"],
+                nonfinite=health["nonfinite"],
                 p95_ms=snap["latency"].quantile_ms(0.95),
                 baseline_p95_ms=baseline_p95,
                 baseline_requests=baseline["requests"] if baseline else 0,
