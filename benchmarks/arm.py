@@ -141,16 +141,16 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "## Emulated ARM devices (`benchmarks/arm.py`)",
         "",
-        f"**EMULATED, not a Raspberry Pi's figures.** Measured {when} on {platform.machine()}, 2 cores (shared), "
-        "in Debian bookworm roots (what Raspberry Pi OS 64-bit and 32-bit are) under qemu-user-static "
-        f"{_qemu_version()}, the project's wheel installed as docs/agent.md tells a device to. "
-        "Sizes are a device's; the RSS of an emulated process includes qemu and its translated code "
-        "(an upper bound); times are only meaningful through the emulation factor beside them "
-        "(emulated / host, the same step in the same run). Agent figures: digits (fp32 TFLite, batch 1, "
-        f"1 thread) installed and committed, median of {STARTS} starts.",
+        (f"**EMULATED, not a Raspberry Pi's figures.** Measured {when} on {platform.machine()}, 2 cores (shared), "
+         "in Debian bookworm roots (what Raspberry Pi OS 64-bit and 32-bit are) under qemu-user-static "
+         f"{_qemu_version()}, the project's wheel installed as docs/agent.md tells a device to. "
+         "Sizes are a device's; the RSS of an emulated process includes qemu and its translated code "
+         "(an upper bound); times are only meaningful through the emulation factor beside them "
+         "(emulated / host, the same step in the same run). Agent figures: digits (fp32 TFLite, batch 1, "
+         f"1 thread) installed and committed, median of {STARTS} starts."),
         "",
-        "| device (emulated) | extra | install size | idle RSS serving digits | start to first prediction | "
-        "pure Python | one invoke |",
+        ("| device (emulated) | extra | install size | idle RSS serving digits | start to first prediction | "
+         "pure Python | one invoke |"),
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for res in results:
@@ -179,9 +179,9 @@ def table(results: list[dict[str, Any]]) -> str:
     lines += [
         "",
         "armhf has no ONNX Runtime (no armv7 build exists), so no `[onnx]` row there.",
-        "Pure Python: 1,000,000 iterations of an integer loop in one process; one invoke: the mean of "
-        "200 `runner.run` calls on a zeros input after one warm-up, the same runtime on both sides "
-        "where the host has it (armhf's tflite_runtime 2.14 against the host's .venv-tflite).",
+        ("Pure Python: 1,000,000 iterations of an integer loop in one process; one invoke: the mean of "
+         "200 `runner.run` calls on a zeros input after one warm-up, the same runtime on both sides "
+         "where the host has it (armhf's tflite_runtime 2.14 against the host's .venv-tflite)."),
         "",
         "Reproduce (root): `make bench-arm` (`.venv/bin/python benchmarks/arm.py --write`).",
     ]

@@ -49,7 +49,13 @@ needs_onnx = pytest.mark.skipif(EXTRA != "onnx", reason=f"edgeship[{EXTRA}] runs
 def in_root(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """The root's venv Python (the one the agent runs on) with ``args``."""
     command = [*shlex.split(os.environ["EDGESHIP_TEST_AGENT_COMMAND"]), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout * time_scale())
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout * time_scale(), check=False)
+
+
+def assert_inside_the_root(pid: int) -> None:
+    """The process runs chrooted in the ARM root, on qemu: not a host agent passing for one."""
+    assert os.path.realpath(f"/proc/{pid}/root") == os.path.realpath(os.environ["EDGESHIP_ARM_ROOT"])
+    assert "qemu" in os.path.realpath(f"/proc/{pid}/exe")
 
 
 def test_the_agent_runs_on_the_emulated_cpu_with_only_its_extras_runtime() -> None:
@@ -83,6 +89,7 @@ def test_offline_install_serves_what_the_host_computes(tmp_path: Path, agent_rep
     try:
         doc = agent.wait_serving()
         assert doc["serving"]["runtime"] == RUNTIME and doc["serving"]["version"] == "1.0.0"
+        assert_inside_the_root(agent.proc.pid)
         client = agent.client()
         try:
             code, body = client.predict("digits", agent_repo.eval_x.tolist())
@@ -115,6 +122,7 @@ def test_fleet_join_through_the_hosts_broker(
     agent = FleetAgent(tmp_path / "device", fleet_release, mosquitto_broker.url, device)
     try:
         agent.wait_serving()
+        assert_inside_the_root(agent.proc.pid)
         wait_for(lambda: "online" in director.status[device], 30, "the device's birth message")
         director.assign(device, GOOD)
         update = director.wait_update(device, GOOD, ("COMMITTED", "FAILED", "REJECTED"))
@@ -159,6 +167,7 @@ def test_onnx_bundles_install_swap_and_roll_back(tmp_path: Path, digits_files: d
     try:
         doc = agent.wait_serving()
         assert doc["serving"]["runtime"] == "onnxruntime" and doc["serving"]["version"] == "1.0.0"
+        assert_inside_the_root(agent.proc.pid)
         client = agent.client()
         try:
             code, body = client.predict("digits", x.tolist())
