@@ -77,4 +77,6 @@ lint: $(STAMP)
 	$(BIN)/python -m mypy -p edgeship.ota -p edgeship.agent
 
 clean:
+	@# an ARM root killed mid-session may still have the host's /dev bound inside: unmount first
+	@[ ! -d build/arm ] || bash -c 'source .ci/arm/lib.sh && release_mounts build/arm'
 	rm -rf $(VENV) $(TFLITE_VENV) build *.egg-info .pytest_cache
