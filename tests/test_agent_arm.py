@@ -20,15 +20,15 @@ import json
 import os
 import shlex
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from agent_fixtures import AgentProcess, AgentRepo, agent_cli, time_scale, write_config
 from fleet_e2e_fixtures import GOOD, FleetAgent, FleetRelease, TestDirector, fleet_release, wait_for
+from test_fleet_e2e import director  # the fleet tests' fixture: a TestDirector on the broker
 
-__all__ = ["fleet_release"]  # the session fixture, re-exported for pytest
+__all__ = ["director", "fleet_release"]  # fixtures, re-exported for pytest
 
 ARCH = os.environ.get("EDGESHIP_ARM_ARCH", "")
 EXTRA = os.environ.get("EDGESHIP_ARM_EXTRA", "")
@@ -100,15 +100,6 @@ def test_offline_install_serves_what_the_host_computes(tmp_path: Path, agent_rep
     finally:
         agent.stop()
     assert agent.proc.returncode == 0
-
-
-@pytest.fixture
-def director(mosquitto_broker, fleet_release: FleetRelease) -> Iterator[TestDirector]:  # type: ignore[no-untyped-def]
-    d = TestDirector(mosquitto_broker.url, fleet_release)
-    try:
-        yield d
-    finally:
-        d.close()
 
 
 @needs_tflite
