@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,14 +29,29 @@ def _as_nobody(*command: str) -> list[str]:
     return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *command]
 
 
-def test_without_root_the_stage_is_skipped_with_one_line() -> None:
-    result = subprocess.run(_as_nobody("bash", str(ARM / "host-setup")), capture_output=True, text=True,
-                            timeout=60, check=False)
+@pytest.fixture
+def readable_copy() -> Iterator[Path]:
+    """.ci/arm copied where an unprivileged user can read it (a checkout under /root, or
+    pytest's own tmp_path, is not)."""
+    folder = Path(tempfile.mkdtemp(prefix="edgeship-ci-arm-"))
+    try:
+        shutil.copytree(ARM, folder / ".ci" / "arm")
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(0o755)
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_without_root_the_stage_is_skipped_with_one_line(readable_copy: Path) -> None:
+    arm = readable_copy / ".ci" / "arm"
+    result = subprocess.run(_as_nobody("bash", str(arm / "host-setup")), capture_output=True, text=True,
+                            timeout=60, check=False, cwd=readable_copy)
     assert result.returncode == 3, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("ARM stage skipped: needs root")
     # test-arm turns that into a pass: CI on such a machine goes on
-    result = subprocess.run(_as_nobody("bash", str(ARM / "test-arm"), "--ci"), capture_output=True, text=True,
-                            timeout=60, check=False, cwd=REPO)
+    result = subprocess.run(_as_nobody("bash", str(arm / "test-arm"), "--ci"), capture_output=True, text=True,
+                            timeout=60, check=False, cwd=readable_copy)
     assert result.returncode == 0 and "ARM stage skipped" in result.stderr, result.stderr
 
 
