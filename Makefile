@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.edgeship-installed
 TFLITE_VENV := .venv-tflite
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-tflite system-packages bench lint clean
+.PHONY: demo test test-fast test-tflite test-arm system-packages bench bench-arm lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,17 @@ test-tflite: $(TFLITE_VENV)/.edgeship-installed $(TFLITE_VENV)/models/reference.
 	EDGESHIP_TFLITE_MODELS=$(TFLITE_VENV)/models $(TFLITE_VENV)/bin/python -m pytest -p no:cacheprovider \
 		tests/test_agent_tflite.py tests/test_agent_state_machine.py $(PYTEST_ARGS)
 
+## test-arm: the device agent on arm64 and armhf Debian bookworm roots (Raspberry Pi OS
+## 64-bit and 32-bit) under qemu-user-static, installed from the project's wheel as a device
+## would (needs root; roots cached in /var/cache/edgeship-arm); CI runs `.ci/arm/test-arm --ci`
+test-arm: system-packages $(STAMP)
+	bash .ci/arm/test-arm
+
+## bench-arm: the emulated devices' figures (install size, idle RSS, start to first
+## prediction, emulation factor) into docs/benchmarks.md; needs root like test-arm
+bench-arm: system-packages $(STAMP)
+	$(BIN)/python benchmarks/arm.py --write
+
 ## bench: the benchmarks; results go to docs/benchmarks.md
 bench: $(STAMP)
 	$(BIN)/python benchmarks/conversion.py --write docs/benchmarks.md
@@ -66,4 +77,6 @@ lint: $(STAMP)
 	$(BIN)/python -m mypy -p edgeship.ota -p edgeship.agent
 
 clean:
+	@# an ARM root killed mid-session may still have the host's /dev bound inside: unmount first
+	@[ ! -d build/arm ] || bash -c 'source .ci/arm/lib.sh && release_mounts build/arm'
 	rm -rf $(VENV) $(TFLITE_VENV) build *.egg-info .pytest_cache

@@ -311,13 +311,14 @@ def make_device(base: Path) -> tuple[Path, Path, Path]:
 
 
 def start_agent(
-    config: Path, extra_env: dict[str, str] | None = None
+    config: Path, extra_env: dict[str, str] | None = None, python: list[str] | None = None
 ) -> tuple[subprocess.Popen, str, int, float]:
-    """Start ``edgeship-agent run``; returns it, its address and the time to first prediction."""
+    """Start ``edgeship-agent run`` (with ``python``: that command line's Python, e.g. one in
+    an emulated ARM root); returns it, its address and the time to first prediction."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     begin = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeship.agent.cli", "run", "--config", str(config), "--json"],
+        [*(python or [sys.executable]), "-m", "edgeship.agent.cli", "run", "--config", str(config), "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=env,

@@ -10,6 +10,7 @@ import http.client
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -24,7 +25,7 @@ from edgeship.agent.config import AgentConfig, load_config, render_config
 from edgeship.agent.runtimes import open_model
 from edgeship.ota.errors import EdgeshipError
 from edgeship.ota.golden import GoldenVectors
-from polling import wait_for  # noqa: F401  (re-exported for the tests)
+from polling import time_scale, wait_for  # noqa: F401  (wait_for re-exported for the tests)
 
 PASSPHRASE = "agent-tests-root-passphrase"
 FLEET = "lab"
@@ -249,16 +250,24 @@ def agent_env() -> dict[str, str]:
     return env
 
 
+def agent_command() -> list[str]:
+    """The program that runs ``edgeship-agent``: this Python, or, where
+    EDGESHIP_TEST_AGENT_COMMAND is set, that command line (the ARM stage runs the agent
+    installed in an emulated arm64/armhf root this way: ``.ci/arm/in-root ROOT PYTHON``)."""
+    command = os.environ.get("EDGESHIP_TEST_AGENT_COMMAND", "")
+    return [*(shlex.split(command) if command else [sys.executable]), "-m", "edgeship.agent.cli"]
+
+
 def agent_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """Run ``edgeship-agent`` as a user would (a real process)."""
     return subprocess.run(
-        [sys.executable, "-m", "edgeship.agent.cli", *args],
+        [*agent_command(), *args],
         capture_output=True,
         text=True,
         env=env or agent_env(),
-        timeout=timeout,
+        timeout=timeout * time_scale(),
     )
 
 
@@ -272,7 +281,7 @@ class AgentProcess:
         self.log = config.parent / f"agent-{time.monotonic_ns()}.log"
         self._log_handle = open(self.log, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeship.agent.cli", "run", "--config", str(config), *args],
+            [*agent_command(), "run", "--config", str(config), *args],
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
             env=env or agent_env(),
@@ -285,14 +294,16 @@ class AgentProcess:
         from edgeship.agent.control import ControlClient
 
         socket_path = load_config(self.config).control_socket
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * time_scale()
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(
                     f"agent exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
                 )
             try:
-                return dict(ControlClient(socket_path, timeout=5).call("status")["status"])
+                return dict(
+                    ControlClient(socket_path, timeout=5 * time_scale()).call("status")["status"]
+                )
             except EdgeshipError:
                 time.sleep(0.05)
         raise AssertionError(f"agent did not start:\n{self.log.read_text()[-3000:]}")
@@ -302,7 +313,7 @@ class AgentProcess:
         from edgeship.agent.control import ControlClient
 
         return dict(
-            ControlClient(load_config(self.config).control_socket, timeout=10).call("status")[
+            ControlClient(load_config(self.config).control_socket, timeout=10 * time_scale()).call("status")[
                 "status"
             ]
         )
@@ -321,7 +332,7 @@ class AgentProcess:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=15 * time_scale())
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
