@@ -220,7 +220,9 @@ def test_start_wait_through_a_pipe_prints_each_change_and_ends_with_the_state(
         thread.join()
     assert process.returncode == code, (process.stdout, process.stderr)
     lines = process.stdout.strip().splitlines()
-    assert len(lines) >= 2, lines  # a line per change, not one silent wait
+    # a line per change, not one silent wait; with no device the simulated clock (2 s a tick) can end
+    # the stage before the first poll, and the one line is then the final state
+    assert len(lines) >= (2 if devices else 1), lines
     assert all(" rollout r-" in line for line in lines), lines
     assert f" {state} " in lines[-1] and reason in lines[-1], lines[-1]
     assert len(set(line.split(" ", 1)[1] for line in lines)) == len(lines)  # only changes are printed
