@@ -15,7 +15,7 @@ import importlib.metadata
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,14 @@ from edgeship.ota.atomicfile import atomic_output_path, atomic_write_json
 from edgeship.ota.bundle import read_labels
 from edgeship.ota.errors import BadInputError, EdgeshipError, GateFailedError, require_module
 
-from .data import Dataset, PreprocessingSpec, load_dataset, split_holdback
+from .data import Dataset, PreprocessingSpec, input_name, load_dataset, split_holdback
 from .golden_vectors import golden_sample_count, make_golden_vectors
 from .inspection import inspect_model, runtime_requirements
 from .progress import ProgressCallback, no_progress
 from .report import REPORT_SCHEMA, build_report, golden_path, quality_summary, report_path
 from .sources import (
     KerasRunner,
+    FEEDABLE_DTYPES,
     check_runner_inputs,
     detect_source_kind,
     load_keras_or_savedmodel,
@@ -112,17 +113,25 @@ def _versions(names: tuple[str, ...]) -> dict[str, str]:
 
 
 def _random_data(runner: ModelRunner, samples: int = 64) -> Dataset:
-    shapes = []
+    """Stand-in data when none is given: uniform [0, 1) floats; integer inputs get
+    ids 0 and 1 (valid for any embedding or category table), booleans coin flips."""
+    rng = np.random.default_rng(0)
+    inputs = []
     for spec in runner.signature.inputs:
         dims = list(spec.shape[1:])
         if any(d < 0 for d in dims):
             raise BadInputError(
-                f"input '{spec.name}' has dynamic dimensions {list(spec.shape)}; give --calib or --eval DATA to validate on"
+                f"input '{input_name(spec)}' has dynamic dimensions {list(spec.shape)}; give --calib or --eval DATA to validate on"
             )
-        shapes.append(dims)
-    rng = np.random.default_rng(0)
-    inputs = tuple(rng.random((samples, *dims), dtype=np.float32) for dims in shapes)
-    return Dataset(inputs, None, "random uniform [0, 1) inputs (no --calib or --eval given)")
+        kind = np.dtype(spec.dtype).kind if spec.dtype in FEEDABLE_DTYPES else "f"
+        if kind == "f" or spec.quantized:
+            inputs.append(rng.random((samples, *dims), dtype=np.float32))
+        elif kind == "b":
+            inputs.append(rng.integers(0, 2, (samples, *dims)).astype(bool))
+        else:
+            inputs.append(rng.integers(0, 2, (samples, *dims)).astype(spec.dtype))
+    names = tuple(input_name(s) for s in runner.signature.inputs)
+    return Dataset(tuple(inputs), None, "random inputs (no --calib or --eval given: floats uniform in [0, 1), integer ids 0/1)", names=names)
 
 
 def _check_labels(labels: list[str], reference: ModelRunner, from_data: list[str] | None) -> list[str]:
@@ -219,16 +228,13 @@ def convert_model(
     calibration: Dataset | None = None
     validation_data: Dataset | None = None
     if calib is not None:
-        calibration = load_dataset(calib, input_shapes=input_shapes, preprocessing=preprocessing, role="calibration data")
+        calibration = load_dataset(calib, input_specs=reference.signature.inputs, preprocessing=preprocessing, role="calibration data")
     if eval_data is not None:
-        validation_data = load_dataset(eval_data, input_shapes=input_shapes, preprocessing=preprocessing, role="eval data")
+        validation_data = load_dataset(eval_data, input_specs=reference.signature.inputs, preprocessing=preprocessing, role="eval data")
     if calibration is not None and validation_data is None:
         if quantize == "int8":  # hold back a fifth: never validate on what was calibrated on
             calibration, validation_data = split_holdback(calibration)
-            validation_data = Dataset(
-                validation_data.inputs, validation_data.labels, validation_data.source + " (held back from calibration)",
-                validation_data.preprocessing, validation_data.class_names,
-            )
+            validation_data = replace(validation_data, source=validation_data.source + " (held back from calibration)")
         else:
             validation_data = calibration
     if validation_data is None:
@@ -292,7 +298,7 @@ def convert_model(
         if fixed and min(fixed) <= len(validation_data):  # a fixed-batch model replays exactly one batch
             n_golden = min(fixed)
         golden, derivation = make_golden_vectors(
-            work, fmt, [x[:n_golden] for x in validation_data.inputs], quantization=quantize, output_quanta=quanta
+            work, fmt, validation_data.take(slice(0, n_golden)), quantization=quantize, output_quanta=quanta
         )
         golden_work = golden_path(work)
         golden.save(golden_work)

@@ -268,8 +268,13 @@ def _open_any_model(p: Path, threads: int | None) -> ModelRunner:
 
 
 
+FEEDABLE_DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "bool")
+
+
 def check_runner_inputs(runner: ModelRunner, where: str) -> None:
-    """Refuse models whose inputs are not float (the data path here feeds floats)."""
+    """Refuse models whose inputs the data path cannot feed (strings, complex numbers)."""
     for spec in runner.signature.inputs:
-        if spec.dtype not in ("float32", "float16", "float64") and not spec.quantized:
-            raise BadInputError(f"{where}: input '{spec.name}' has dtype {spec.dtype}; only float (or quantized) inputs are supported")
+        if spec.dtype not in FEEDABLE_DTYPES:
+            raise BadInputError(
+                f"{where}: input '{spec.name}' has dtype {spec.dtype}; edgeship feeds float, integer and boolean inputs"
+            )

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgeship.agent.runtimes import ModelLoadError
+from edgeship.agent.runtimes import ModelLoadError, TensorSpec, match_names
 from edgeship.ota.errors import BadInputError, EdgeshipError, first_line, require_module
 
 from .data import Dataset
@@ -119,7 +119,10 @@ class _CalibrationReader:
     """An onnxruntime CalibrationDataReader over a Dataset, one sample at a time."""
 
     def __init__(self, names: Sequence[str], data: Dataset, progress: ProgressCallback) -> None:
-        self._names = list(names)
+        # graph input i is fed the data array of the same name
+        graph_specs = [TensorSpec(n, (), "float32") for n in names]
+        order = match_names(graph_specs, list(data.names), "input") if data.names else list(range(len(names)))
+        self._names = [names[i] for i in order]
         self._data = data
         self._next = 0
         self._progress = progress

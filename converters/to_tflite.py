@@ -22,7 +22,7 @@ from edgeship.ota.errors import BadInputError, EdgeshipError
 
 from .data import Dataset
 from .progress import ProgressCallback, no_progress
-from .sources import import_tensorflow, stdout_to_stderr
+from .sources import import_tensorflow, keras_output_names, stdout_to_stderr
 
 QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
 
@@ -40,6 +40,20 @@ def unsupported_ops_from_error(message: str) -> list[str]:
     names = set(re.findall(r"\btf\.([A-Z][A-Za-z0-9_]*)", message))
     names |= set(re.findall(r"\bFlex([A-Z][A-Za-z0-9_]*)", message))
     return sorted(names)
+
+
+def named_outputs_model(model: Any) -> Any:
+    """The Keras model with its outputs as a dict keyed by the model's output
+    names, so the TFLite SignatureDef names each output (``classes``) instead of
+    numbering it (``output_0``): LiteRT may keep output tensors in another order,
+    and names are how validation, golden vectors and the agent pair them up."""
+    tf = import_tensorflow()
+    if isinstance(getattr(model, "output", None), dict) or not getattr(model, "outputs", None):
+        return model
+    try:
+        return tf.keras.Model(model.inputs, dict(zip(keras_output_names(model), model.outputs)))
+    except Exception:  # a subclassed model without a graph of layers: its own outputs
+        return model
 
 
 def convert_to_tflite(
@@ -72,7 +86,7 @@ def convert_to_tflite(
     def make_converter() -> Any:
         if kind == "savedmodel":
             return tf.lite.TFLiteConverter.from_saved_model(str(path))
-        return tf.lite.TFLiteConverter.from_keras_model(source)
+        return tf.lite.TFLiteConverter.from_keras_model(named_outputs_model(source))
 
     converter = make_converter()
     samples = 0
@@ -84,10 +98,11 @@ def convert_to_tflite(
         assert calibration is not None
         samples = len(calibration)
 
-        def representative() -> Iterator[list[np.ndarray]]:
+        def representative() -> Iterator[dict[str, np.ndarray]]:
+            # by input name (the SignatureDef keys), never by position
             for i in range(samples):
                 report("calibrating", i + 1, samples)
-                yield [x[i : i + 1] for x in calibration.inputs]
+                yield {name: x[i : i + 1] for name, x in zip(calibration.names, calibration.inputs)}
 
         converter.representative_dataset = representative
         ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]

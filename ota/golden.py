@@ -7,10 +7,16 @@ agent replays them as its self-test before it trusts a model. The file is an
 
     meta            0-d unicode array: JSON {"format": 1, "inputs": [...names],
                     "outputs": [...names], "atol": float, "rtol": float}
-    input_<i>       the i-th model input, float32 (in the model's float domain,
-                    before any int8 quantization; the runner quantizes)
-    output_<i>      the i-th output as the converted model produced it, dequantized
-                    to float32
+    input_<i>       the input named ``inputs[i]``: float32 for a float input (in
+                    the model's float domain, before any int8 quantization; the
+                    runner quantizes), the input's own dtype for integer and
+                    boolean inputs (token ids, category ids, masks)
+    output_<i>      the output named ``outputs[i]`` as the converted model produced
+                    it, dequantized to float32
+
+Inputs and outputs are matched to the model's tensors by these names, never by
+position: a TFLite file may keep its tensors in another order than the model it
+was converted from.
 """
 
 from __future__ import annotations
