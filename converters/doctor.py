@@ -15,14 +15,23 @@ evaluation data.
 
 The way out (``--keep-float auto``): layers are kept in float in the order of
 that ranking, worst first; the prefix grows 1, 2, 4, ... until the gate passes,
-then a binary search finds the shortest passing prefix (``fewest_layers``). ONNX
+then a binary search finds the shortest passing prefix (``fewest_layers``), and
+each kept layer goes back to int8 if the gate passes without it (``fewest_kept``). ONNX
 excludes them through ``nodes_to_exclude``; TFLite through the converter's
 selective quantization (the QuantizationDebugger's ``denylisted_nodes``).
 """
 
 from __future__ import annotations
 
-__all__ = ["fewest_layers", "rank_onnx_layers", "introduced_errors", "doctor_summary"]
+__all__ = [
+    "channel_relative_rmse",
+    "ChannelStats",
+    "doctor_summary",
+    "fewest_kept",
+    "fewest_layers",
+    "introduced_errors",
+    "rank_onnx_layers",
+]
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -64,6 +73,76 @@ def fewest_layers(count: int, passes: Callable[[int], bool]) -> int | None:
     return high
 
 
+def channel_axis(ndim: int) -> int:
+    """The channel axis of an activation: 1 for NCHW images (ONNX), else the last."""
+    return 1 if ndim == 4 else ndim - 1
+
+
+class ChannelStats:
+    """Per-channel running sums over samples (bounded memory: three vectors a
+    tensor): squared error of int8 against float, and the float values' sum and
+    sum of squares for the channel's spread."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.error: Any = 0.0
+        self.total: Any = 0.0
+        self.squares: Any = 0.0
+
+    def add(self, reference: np.ndarray, other: np.ndarray) -> None:
+        f = np.asarray(reference, np.float64)
+        q = np.asarray(other, np.float64)
+        if f.ndim > 1:
+            axis = channel_axis(f.ndim)
+            channels = f.shape[axis]
+            f = np.moveaxis(f, axis, -1).reshape(-1, channels)
+            q = np.moveaxis(q, axis, -1).reshape(-1, channels)
+        else:
+            f, q = f.reshape(-1, 1), q.reshape(-1, 1)
+        self.count += f.shape[0]
+        self.error = self.error + ((f - q) ** 2).sum(axis=0)
+        self.total = self.total + f.sum(axis=0)
+        self.squares = self.squares + (f**2).sum(axis=0)
+
+    def relative_rmse(self) -> float:
+        if not self.count:
+            return 0.0
+        deviation = np.maximum(np.atleast_1d(self.squares) - np.atleast_1d(self.total) ** 2 / self.count, 0.0)
+        return channel_relative_rmse(np.atleast_1d(self.error), deviation)
+
+
+def channel_relative_rmse(squared_error: np.ndarray, squared_deviation: np.ndarray) -> float:
+    """The worst channel's RMSE relative to its own spread (pure).
+
+    Per channel, so one channel with a huge range (an outlier that stretches a
+    per-tensor int8 scale) cannot hide the others being rounded to nothing;
+    channels that never vary (a ReLU that never fires) are left out.
+    """
+    live = squared_deviation > 1e-12 * max(float(squared_deviation.max(initial=0.0)), 1e-30)
+    if not np.any(live):
+        return 0.0
+    return float(np.sqrt((squared_error[live] / squared_deviation[live]).max()))
+
+
+def fewest_kept(ranked: Sequence[str], passes: Callable[[tuple[str, ...]], bool]) -> tuple[str, ...] | None:
+    """The layers to keep in float: the shortest passing prefix of ``ranked``
+    (worst first; ``fewest_layers``), then pruned: each kept layer, least
+    suspected first, is put back into int8 if the gate still passes without it
+    (the ranking measures where error appears, which is not always the layer
+    whose float output cures it). None when even all of ``ranked`` fails."""
+    k = fewest_layers(len(ranked), lambda n: passes(tuple(ranked[:n])))
+    if k is None:
+        return None
+    kept = list(ranked[:k])
+    for name in reversed(ranked[:k]):
+        if len(kept) == 1:
+            break
+        trial = tuple(n for n in kept if n != name)
+        if passes(trial):
+            kept = list(trial)
+    return tuple(kept)
+
+
 def introduced_errors(
     nodes: Sequence[tuple[str, str, Sequence[str], Sequence[str]]], relative: dict[str, float]
 ) -> list[dict[str, Any]]:
@@ -91,7 +170,7 @@ def rank_onnx_layers(float_model: Path, quantized: Path, data: Dataset, work: Pa
     ort = require_module("onnxruntime", "convert")
     from .to_onnx import prepare_onnx
 
-    float_proto, _ = prepare_onnx(onnx.load(str(float_model)))
+    float_proto, _ = prepare_onnx(onnx.load(str(float_model)))  # a no-op on the quantizer's own prepared graph
     quant_proto = onnx.load(str(quantized))
     quant_tensors = {o for n in quant_proto.graph.node for o in n.output}
     skip = {"QuantizeLinear", "DequantizeLinear", "Constant", "Identity", "Shape", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
@@ -114,8 +193,7 @@ def rank_onnx_layers(float_model: Path, quantized: Path, data: Dataset, work: Pa
     from edgeship.agent.runtimes import TensorSpec, match_names
 
     order = match_names([TensorSpec(x, (), "float32") for x in names], list(data.names) or ["x"], "input")
-    squares: dict[str, float] = {t: 0.0 for t in watched}
-    energy: dict[str, float] = {t: 0.0 for t in watched}
+    stats = {t: ChannelStats() for t in watched}
     for i in range(n):
         feed = {names[order[j]]: np.asarray(data.inputs[j][i : i + 1]) for j in range(len(order))}
         results = []
@@ -127,9 +205,8 @@ def rank_onnx_layers(float_model: Path, quantized: Path, data: Dataset, work: Pa
             q = np.asarray(results[1][tensor], np.float64)
             if f.shape != q.shape or f.dtype.kind not in "fc":
                 continue
-            squares[tensor] += float(np.mean((f - q) ** 2))
-            energy[tensor] += float(np.var(f))
-    relative = {t: float(np.sqrt(squares[t] / max(energy[t], 1e-24))) for t in watched if energy[t] > 0}
+            stats[tensor].add(f, q)
+    relative = {t: stats[t].relative_rmse() for t in watched}
     return introduced_errors(nodes, relative)
 
 

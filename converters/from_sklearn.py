@@ -18,6 +18,7 @@ from __future__ import annotations
 
 __all__ = ["SKLEARN_SUFFIXES", "SKLEARN_OPSET", "SklearnRunner", "export_sklearn_to_onnx", "load_sklearn"]
 
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,11 +93,23 @@ def export_sklearn_to_onnx(path: Path, out: Path, *, trust_pickle: bool) -> list
             options=options or None,
         )
     except Exception as exc:  # skl2onnx raises RuntimeError/NotImplementedError naming the estimator
-        raise EdgeshipError(f"skl2onnx cannot convert {path.name}: {first_line(exc)}") from None
+        raise EdgeshipError(f"skl2onnx cannot convert {path.name} ({type(model).__name__}): {_skl2onnx_reason(exc)}") from None
     check_onnx_model(proto, path.name)
     onnx.save(proto, str(out))
     load_in_onnxruntime(out, path.name)
     return [f"scikit-learn {type(model).__name__} exported with skl2onnx (ZipMap off: plain label and probability tensors)"]
+
+
+def _skl2onnx_reason(exc: BaseException) -> str:
+    """One short line: skl2onnx's message can hold a whole tree's attributes."""
+    text = first_line(exc)
+    node = re.match(r"Unable to create node '([^']+)'", text)
+    cause = exc.__cause__ or exc.__context__
+    if node:
+        text = f"cannot create the {node.group(1)} node"
+        if cause is not None:
+            text += f" ({type(cause).__name__}: {first_line(cause)[:150]})"
+    return text[:300]
 
 
 class SklearnRunner(ModelRunner):

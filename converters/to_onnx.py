@@ -41,6 +41,7 @@ __all__ = [
 import collections
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +109,7 @@ def export_to_onnx(source: Any, kind: str, path: Path, out: Path, *, opset: int 
 
         with stdout_to_stderr():
             concrete = forward.get_concrete_function()
-            frozen = convert_variables_to_constants_v2(concrete, aggressive_inlining=True)
+            frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False, aggressive_inlining=True)
             graph_def = frozen.graph.as_graph_def()
             rewritten = replace_erfc(graph_def)
             if rewritten:
@@ -420,7 +421,9 @@ def quantize_onnx(
         )
     except Exception as exc:
         raise EdgeshipError(f"static int8 quantization of {name} failed: {_quantization_failure(exc)}") from None
-    return {"calibration_samples": len(calibration), "notes": notes, "per_channel": per_channel}
+    kept = out.parent / (out.name + ".float.onnx")  # what the quantizer saw: the doctor compares against it
+    shutil.copyfile(processed, kept)
+    return {"calibration_samples": len(calibration), "notes": notes, "per_channel": per_channel, "processed_model": str(kept)}
 
 
 def strided(batches: int, most: int) -> int:

@@ -22,7 +22,7 @@ __all__ = [
 
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -327,8 +327,18 @@ def tflite_layer_statistics(
     """Per-layer error of the int8 model against float, from LiteRT's
     QuantizationDebugger: each quantized operator's output compared with the
     float result of the same operator on the same (quantized) input, over
-    ``data``. Sorted worst first by RMSE in units of the tensor's scale (about
-    0.29 is pure rounding noise; larger means the layer loses information)."""
+    ``data``: the error each layer introduces. Sorted worst first by the worst
+    channel's RMSE relative to its spread (``doctor.channel_relative_rmse``);
+    RMSE in units of the tensor's scale is reported too (about 0.29 is rounding
+    noise, and it cannot see channels an outlier rounds to nothing)."""
+    from .doctor import ChannelStats
+
+    def relative(float_values: Sequence[np.ndarray], quant_values: Sequence[np.ndarray], scale: float, zero_point: int) -> float:
+        stats = ChannelStats()
+        for f, q in zip(float_values, quant_values):
+            stats.add(np.asarray(f), (np.asarray(q, np.float64) - zero_point) * scale)
+        return stats.relative_rmse()
+
     tf = import_tensorflow()
     converter, _, _ = build_converter(source, kind, path, options=replace(options, keep_float=(), strict=False, int8_io=False),
                                       calibration=calibration, progress=progress)
@@ -342,23 +352,30 @@ def tflite_layer_statistics(
 
     with stdout_to_stderr(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=debug_dataset)
+        debug_options = tf.lite.experimental.QuantizationDebugOptions(
+            layer_direct_compare_metrics={"channel_relative_rmse": relative}
+        )
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=debug_dataset, debug_options=debug_options
+        )
         details = debugger._quant_interpreter.get_input_details()  # the debugger feeds by position: match names here
         specs = [TensorSpec(str(d["name"]), tuple(int(v) for v in d["shape"]), np.dtype(d["dtype"]).name) for d in details]
         order[:] = [list(data.names).index(name) if data.names else 0 for name in _names_for(specs, data.names)]
         debugger.run()
     rows = []
-    for tensor, stats in debugger.layer_statistics.items():
+    for verify_name, stats in debugger.layer_statistics.items():
+        tensor, _ = debugger._get_operand_name_and_index(verify_name)  # the quantized op's output tensor
         scale = float(stats.get("scale", 0.0) or 0.0)
         mse = float(stats.get("mean_squared_error", 0.0))
         rows.append({
             "layer": str(tensor),
+            "introduced": float(stats.get("channel_relative_rmse", 0.0)),
             "rmse_over_scale": float(np.sqrt(mse) / scale) if scale else None,
             "rmse": float(np.sqrt(mse)),
             "max_abs_error": float(stats.get("max_abs_error", 0.0)),
             "scale": scale,
         })
-    rows.sort(key=lambda r: -(r["rmse_over_scale"] or 0.0))
+    rows.sort(key=lambda r: -r["introduced"])
     return rows
 
 
@@ -379,14 +396,21 @@ def _calibration_step(data: Dataset) -> int:
 
 def _selectively_quantized(tf: Any, converter: Any, keep_float: tuple[str, ...]) -> bytes:
     """int8 with the named tensors' operators (or whole operator types) left in
-    float, through LiteRT's QuantizationDebugger (its denylists drive the
-    converter's selective quantization)."""
+    float: the converter calibrates only, then TFLite's MLIR quantizer runs with
+    denylists (what LiteRT's QuantizationDebugger does for its "selective
+    quantization"; called directly, because the debugger insists on building a
+    debug model first, which fails when the denylist leaves nothing to verify)."""
+    from tensorflow.lite.python import convert as tflite_convert
+
     nodes = [k for k in keep_float if not k.isupper()]
     op_types = [k for k in keep_float if k.isupper()]
-    options = tf.lite.experimental.QuantizationDebugOptions(
-        denylisted_nodes=nodes or None, denylisted_ops=op_types or None, fully_quantize=False
-    )
-    debugger = tf.lite.experimental.QuantizationDebugger(
-        converter=converter, debug_dataset=converter.representative_dataset, debug_options=options
-    )
-    return bytes(debugger.get_nondebug_quantized_model())
+    converter.experimental_mlir_quantizer = True
+    converter._experimental_calibrate_only = True  # the converter's own switch: calibrated float model out
+    calibrated = converter.convert()
+    return bytes(tflite_convert.mlir_quantize(
+        calibrated,
+        disable_per_channel=converter._experimental_disable_per_channel,
+        fully_quantize=False,
+        denylisted_ops=op_types or None,
+        denylisted_nodes=nodes or None,
+    ))

@@ -178,7 +178,8 @@ def compare_outputs_of(
     head = classification_output(reference)
     n = int(reference[0].shape[0]) if reference else 0
     ref_acc = cand_acc = agreement = None
-    regression = labels is not None and labels.dtype.kind == "f"
+    # regression: labels, but no [N, classes] output to take a top-1 from
+    regression = labels is not None and head is None
     if regression and labels is not None:
         target = next((i for i, y in enumerate(reference) if y.size == n and y.dtype.kind == "f"), None)
         if target is not None:
