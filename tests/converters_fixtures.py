@@ -135,3 +135,131 @@ def int8_sensitive_model(folder: Path, outlier: float = 2000.0) -> dict[str, Pat
     np.savez(folder / "calib.npz", x=x[:1200][:300], y=y[:1200][:300])
     np.savez(folder / "eval.npz", x=x[1200:], y=y[1200:])
     return {"model": folder / "sensitive.keras", "calib": folder / "calib.npz", "eval": folder / "eval.npz"}
+
+
+# ---- the model zoo: small models of the kinds that broke the converter ----------------------
+
+
+def zoo_model(kind: str, folder: Path) -> dict[str, Path]:
+    """A small model of ``kind`` (random weights: conversion parity does not need
+    training) and calibration data for it, saved in ``folder``:
+
+    - normalization: a Normalization layer adapted to data (its mean and
+      variance were captured constants that became extra ONNX graph inputs);
+    - encoder: LayerNormalization and a Dense layer with exact GELU (the Erfc
+      ONNX lacks, the float NEG island TFLite int8 leaves);
+    - lstm / gru: a recurrent layer over 12 steps (tensor-list ops);
+    - lstm-dynamic: an LSTM over a sequence of any length (a fixed batch, a WHILE
+      loop, and a TFLite int8 converter that segfaults).
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "normalization":
+        x = rng.normal(5, 3, (160, 8)).astype(np.float32)
+        inputs = tf.keras.Input((8,), name="features")
+        norm = tf.keras.layers.Normalization()
+        norm.adapt(x)
+        hidden = tf.keras.layers.Dense(16, activation="relu")(norm(inputs))
+        outputs = tf.keras.layers.Dense(3, activation="softmax", name="probs")(hidden)
+    elif kind == "encoder":
+        x = rng.normal(0, 1, (160, 6, 16)).astype(np.float32)
+        inputs = tf.keras.Input((6, 16), name="embedded")
+        hidden = tf.keras.layers.LayerNormalization()(inputs)
+        hidden = tf.keras.layers.Dense(32, activation="gelu")(hidden)  # Keras' gelu is exact (erf)
+        hidden = tf.keras.layers.GlobalAveragePooling1D()(tf.keras.layers.Dense(16)(hidden))
+        outputs = tf.keras.layers.Dense(4, activation="softmax", name="probs")(hidden)
+    elif kind in ("lstm", "gru", "lstm-dynamic"):
+        steps = None if kind == "lstm-dynamic" else 12
+        x = rng.normal(0, 1, (160, 12, 6)).astype(np.float32)
+        inputs = tf.keras.Input((steps, 6), name="sequence")
+        layer = tf.keras.layers.GRU(16) if kind == "gru" else tf.keras.layers.LSTM(16)
+        outputs = tf.keras.layers.Dense(3, activation="softmax", name="probs")(layer(inputs))
+    else:
+        raise ValueError(kind)
+    model = tf.keras.Model(inputs, outputs)
+    model.save(folder / f"{kind}.keras")
+    np.savez(folder / f"{kind}.npz", x=x)
+    return {"model": folder / f"{kind}.keras", "calib": folder / f"{kind}.npz"}
+
+
+def sklearn_models(folder: Path) -> dict[str, Path]:
+    """scikit-learn models trained in a second on scikit-learn's own data, saved with
+    joblib, and their evaluation data (x, y): classifiers on digits, regressors on
+    diabetes."""
+    import joblib
+    import numpy as np
+    from sklearn.datasets import load_diabetes, load_digits
+    from sklearn.ensemble import GradientBoostingRegressor, RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folder.mkdir(parents=True, exist_ok=True)
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    xr, yr = load_diabetes(return_X_y=True)
+    xr = xr.astype(np.float32)
+    np.savez(folder / "digits-eval.npz", x=x[1400:], y=y[1400:])
+    np.savez(folder / "diabetes-eval.npz", x=xr[350:], y=yr[350:])
+    models = {
+        "logistic-pipeline": make_pipeline(StandardScaler(), LogisticRegression(max_iter=300)).fit(x[:1400], y[:1400]),
+        "random-forest": RandomForestClassifier(n_estimators=20, max_depth=8, random_state=0).fit(x[:1400], y[:1400]),
+        "ridge-pipeline": make_pipeline(StandardScaler(), Ridge()).fit(xr[:350], yr[:350]),
+        "boosted-regressor": GradientBoostingRegressor(n_estimators=40, random_state=0).fit(xr[:350], yr[:350]),
+    }
+    paths = {"digits-eval": folder / "digits-eval.npz", "diabetes-eval": folder / "diabetes-eval.npz"}
+    for name, model in models.items():
+        paths[name] = folder / f"{name}.joblib"
+        joblib.dump(model, paths[name])
+    return paths
+
+
+def serve_with_agent(result: Any, folder: Path, name: str, instances: Any) -> tuple[Any, str]:
+    """Bundle a ConversionResult (model, golden vectors, report), publish it in a
+    real release repository, install it with the agent's UpdateDriver (signature
+    and golden vectors checked, self-test replayed by name) and answer one TF
+    Serving predict request through the agent's HTTP server. Returns (the JSON
+    answer, the self-test's reason)."""
+    import http.client
+    import json
+
+    from edgeship.agent.config import load_config, render_config
+    from edgeship.agent.server import ApiServer
+    from edgeship.agent.serving import ServingModel
+    from edgeship.agent.sources import OfflinePackageSource
+    from edgeship.agent.updater import UpdateDriver
+    from edgeship.ota.bundle import build_bundle
+    from edgeship.ota.release import ReleaseRepository
+
+    folder.mkdir(parents=True, exist_ok=True)
+    repo = ReleaseRepository(folder / "repo")
+    repo.init(root_passphrase="converter-zoo-tests")
+    build_bundle(result.out, name=name, version="1.0.0", out=folder / "m.bundle", golden=result.golden_path,
+                 report=result.report_path)
+    repo.publish(folder / "m.bundle")
+    config_path = folder / "agent.toml"
+    config_path.write_text(render_config(
+        data=str(folder / "data"), device_id="zoo", fleet="lab", root=str(repo.root_metadata_path),
+        director_key=str(repo.director_public_key_path), bind="127.0.0.1:0",
+    ))
+    config = load_config(config_path)
+    serving = ServingModel()
+    driver = UpdateDriver(config, serving=serving)
+    server = ApiServer(serving, config.data_dir, port=0).start()
+    try:
+        repo.export(name, "1.0.0", folder / "m.package", fleet="lab")
+        driver.begin(OfflinePackageSource(folder / "m.package"))
+        record = driver.run()
+        assert record.state == "COMMITTED", record.reason
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+        conn.request("POST", f"/v1/models/{name}:predict", json.dumps({"instances": instances}))
+        response = conn.getresponse()
+        body = json.loads(response.read())
+        assert response.status == 200, body
+        return body, str(record.reason)
+    finally:
+        server.stop()
