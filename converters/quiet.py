@@ -34,11 +34,13 @@ QUIET_ENV = {
 
 _CHATTY_LOGGERS = ("tensorflow", "absl", "tf2onnx", "onnxruntime", "root", "h5py", "keras", "skl2onnx")
 _active: list[TextIO] = []
+_verbose: list[bool] = []
 
 
 def is_verbose() -> bool:
-    """Whether the user asked to see the converters' own output (``--verbose`` sets it)."""
-    return os.environ.get("EDGESHIP_VERBOSE", "") not in ("", "0")
+    """Whether the user asked to see the converters' own output (``--verbose``,
+    or EDGESHIP_VERBOSE=1 in the environment)."""
+    return bool(_verbose) or os.environ.get("EDGESHIP_VERBOSE", "") not in ("", "0")
 
 
 def quiet_active() -> bool:
@@ -56,7 +58,14 @@ def quiet_output(enabled: bool = True) -> Iterator[None]:
 
     Nested blocks are no-ops; ``enabled=False`` (``--verbose``) changes nothing.
     """
-    if not enabled or _active or is_verbose():
+    if not enabled:
+        _verbose.append(True)  # child converters inherit the choice
+        try:
+            yield
+        finally:
+            _verbose.pop()
+        return
+    if _active or is_verbose():
         yield
         return
     for key, value in QUIET_ENV.items():

@@ -86,6 +86,15 @@ def test_golden_replay_fed_by_position_in_the_wrong_order_is_caught(multi: dict[
     assert not compare_outputs(golden, swapped).passed
 
 
+@pytest.mark.parametrize("to", ["tflite", "onnx"])
+def test_the_agent_installs_a_multi_input_model_with_integer_ids(multi: dict[str, Path], tmp_path: Path, to: str) -> None:
+    """The agent's self-test replays the golden vectors (int32 ids included) by name."""
+    from converters_fixtures import serve_with_agent
+
+    _, state = serve_with_agent(_convert(multi, to, "int8"), tmp_path / "agent", "multi", None)
+    assert state == "COMMITTED"
+
+
 def test_data_missing_an_input_names_it(multi: dict[str, Path], tmp_path: Path) -> None:
     calib = tmp_path / "partial.npz"
     np.savez(calib, meta=np.zeros((4, 3), np.float32), image=np.zeros((4, 8, 8, 1), np.float32))
