@@ -21,7 +21,7 @@ was converted from.
 
 from __future__ import annotations
 
-__all__ = ["GoldenVectors", "GoldenCheck", "GOLDEN_FORMAT", "compare_outputs"]
+__all__ = ["GoldenVectors", "GoldenCheck", "GOLDEN_FORMAT", "check_against_signature", "compare_outputs"]
 
 import io
 import json
@@ -160,3 +160,31 @@ def compare_outputs(golden: GoldenVectors, actual: Sequence[np.ndarray] | Mappin
                 f"{f', rtol={golden.rtol:.4g}' if golden.rtol else ''})"
             )
     return GoldenCheck(not failures, worst, golden.atol, golden.rtol, tuple(failures))
+
+
+def check_against_signature(golden: GoldenVectors, signature: Mapping[str, object]) -> None:
+    """Refuse golden vectors whose tensors the model's signature does not have:
+    each golden input and output must name a tensor of the signature (a single
+    tensor on each side pairs whatever it is called), and an integer or boolean
+    model input must get integer or boolean golden values (ids, not floats)."""
+    from edgeship.agent.runtimes import TensorSpec, match_names
+
+    try:
+        inputs = [TensorSpec.from_dict(dict(t)) for t in signature.get("inputs", [])]  # type: ignore[union-attr]
+        outputs = [TensorSpec.from_dict(dict(t)) for t in signature.get("outputs", [])]  # type: ignore[union-attr]
+    except (KeyError, TypeError, ValueError):
+        return  # a malformed signature is the manifest check's to refuse
+    for role, specs, names in (("input", inputs, golden.input_names), ("output", outputs, golden.output_names)):
+        if not specs:
+            continue
+        if len(specs) != len(names):
+            raise BadInputError(f"golden vectors have {len(names)} {role}s, the model {len(specs)}")
+        order = match_names(specs, list(names), role)
+        if role == "input":
+            for array, index in zip(golden.inputs, order):
+                spec = specs[index]
+                wants_ids = spec.dtype.startswith(("int", "uint", "bool")) and not spec.quantized
+                if wants_ids and np.asarray(array).dtype.kind == "f":
+                    raise BadInputError(
+                        f"golden input for '{spec.name}' is {np.asarray(array).dtype}, the model takes {spec.dtype} ids"
+                    )

@@ -57,6 +57,7 @@ from .health import ProbationPolicy, ProbationSample, Verdict, latency_gate, pro
 from .persistence import AgentState, InstalledBundle, StateStore, UpdateRecord
 from .reporter import NullReporter, Reporter, event_document, state_document
 from .runtimes import RuntimeUnavailableError, _importable_tflite, open_model
+from .runtimes import match_names
 from .serving import LoadedModel, ServingModel, warm_up, zero_inputs
 from .slots import apply_retention, free_bytes, install_into_slot, plan_retention, slot_name
 from .sources import BundleSource, SlotSource, SourceContext, SourceRegistry, StagedBundle
@@ -645,10 +646,11 @@ class UpdateDriver:
             # by name: the file's tensor order need not be the order the golden vectors were written in
             try:
                 feed = runner.ordered({n: np.asarray(x) for n, x in zip(golden.input_names, golden.inputs)})
+                produced = match_names(runner.signature.outputs, list(golden.output_names), "output")
             except EdgeshipError as exc:
                 return SelfTestResult(False, f"golden vectors do not fit the model: {exc.message}")
             outputs = runner.run(feed)
-            check = compare_outputs(golden, {s.name: y for s, y in zip(runner.signature.outputs, outputs)})
+            check = compare_outputs(golden, {n: outputs[i] for n, i in zip(golden.output_names, produced)})
             if not check.passed:
                 return SelfTestResult(False, check.reason)
             reasons.append(check.reason)
