@@ -52,7 +52,12 @@ def _application(name: str, folder: Path, samples: int = 32) -> dict[str, Path]:
 
 def zoo(folder: Path, small_only: bool) -> list[tuple[str, Callable[[], dict[str, Path]], Sequence[tuple[str, str]], dict[str, Any]]]:
     """(name, builder, variants, convert options) for every model of the zoo."""
-    from converters_fixtures import int8_sensitive_model, old_toolchain_cnn, sklearn_models, zoo_model
+    from converters_fixtures import (
+        int8_sensitive_model,
+        old_toolchain_cnn,
+        sklearn_models,
+        zoo_model,
+    )
 
     def old_onnx() -> dict[str, Path]:
         from sklearn.datasets import load_digits
@@ -138,7 +143,7 @@ def _measure_in_child(name: str, files: dict[str, Path], to: str, quantize: str,
     request = folder / "row.json"
     request.write_text(json.dumps({"name": name, "files": {k: str(v) for k, v in files.items()}, "to": to,
                                    "quantize": quantize, "options": options, "folder": str(folder)}))
-    proc = subprocess.run([sys.executable, __file__, "--row", str(request)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, "--row", str(request)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"model": name, "to": to, "quantize": quantize, "ok": False,
                 "error": f"benchmark row exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] or ''}"}
@@ -178,8 +183,9 @@ def render(rows: list[dict[str, Any]], command: str, host: str) -> str:
         )
     ok = sum(1 for r in rows if r.get("ok"))
     worst = max((r["peak_rss_mib"] for r in rows if r.get("ok")), default=0.0)
+    verdict = "PASS" if worst < PEAK_RSS_TARGET_MIB else "FAIL"
     lines += ["", f"{ok} of {len(rows)} conversions succeeded; the highest peak memory was {worst:.0f} MiB "
-              f"({'PASS' if worst < PEAK_RSS_TARGET_MIB else 'FAIL'} against {PEAK_RSS_TARGET_MIB} MiB)."]
+                  f"({verdict} against {PEAK_RSS_TARGET_MIB} MiB)."]
     return "\n".join(lines)
 
 
@@ -211,8 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 state = "ok" if row.get("ok") else "FAILED " + row.get("error", "")[:120]
                 print(f"{name} {to} {quantize}: {state} ({row.get('seconds') or 0:.1f} s, "
                       f"{row.get('peak_rss_mib') or 0:.0f} MiB)", file=sys.stderr, flush=True)
-    command = "python benchmarks/zoo.py" + (" --small" if args.small else "") + (f" --only {args.only}" if args.only else "") + \
-        (f" --write {args.write}" if args.write else "")
+    command = (
+        "python benchmarks/zoo.py" + (" --small" if args.small else "") + (f" --only {args.only}" if args.only else "")
+        + (f" --write {args.write}" if args.write else "")
+    )
     host = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     markdown = render(rows, command, host)
     if args.write:

@@ -36,25 +36,31 @@ from edgeship.ota.atomicfile import atomic_output_path, atomic_write_json
 from edgeship.ota.bundle import read_labels
 from edgeship.ota.errors import BadInputError, EdgeshipError, GateFailedError, require_module
 
+from .bench import measure_latency
 from .data import Dataset, PreprocessingSpec, input_name, load_dataset, split_holdback
+from .doctor import DOCTOR_SAMPLES, doctor_summary, fewest_kept, rank_onnx_layers
 from .golden_vectors import golden_sample_count, make_golden_vectors
 from .inspection import inspect_model, runtime_requirements
+from .isolated import run_stage, save_dataset
 from .progress import ProgressCallback, no_progress
+from .quiet import quiet_output
 from .report import REPORT_SCHEMA, build_report, golden_path, quality_summary, report_path
 from .sources import (
-    KerasRunner,
     FEEDABLE_DTYPES,
+    KerasRunner,
     check_runner_inputs,
     detect_source_kind,
     load_keras_or_savedmodel,
     open_any_model,
 )
 from .tflite_flatbuffer import read_tflite_graph
-from .bench import measure_latency
-from .doctor import DOCTOR_SAMPLES, doctor_summary, fewest_kept, rank_onnx_layers
-from .isolated import run_stage, save_dataset
-from .quiet import quiet_output
-from .to_onnx import ACTIVATION_TYPES, CALIBRATION_METHODS, DEFAULT_OPSET, OnnxQuantOptions, onnx_output_quanta
+from .to_onnx import (
+    ACTIVATION_TYPES,
+    CALIBRATION_METHODS,
+    DEFAULT_OPSET,
+    OnnxQuantOptions,
+    onnx_output_quanta,
+)
 from .to_tflite import QUANTIZATIONS, TFLITE_ACTIVATIONS, TFLiteOptions
 from .validate import GateLimits, fixed_batch, inputs_for, run_dataset, validate_models
 

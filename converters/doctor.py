@@ -24,8 +24,8 @@ selective quantization (the QuantizationDebugger's ``denylisted_nodes``).
 from __future__ import annotations
 
 __all__ = [
-    "channel_relative_rmse",
     "ChannelStats",
+    "channel_relative_rmse",
     "doctor_summary",
     "fewest_kept",
     "fewest_layers",

@@ -16,7 +16,7 @@ labels 'y' as class indices).
 
 from __future__ import annotations
 
-__all__ = ["SKLEARN_SUFFIXES", "SKLEARN_OPSET", "SklearnRunner", "export_sklearn_to_onnx", "load_sklearn"]
+__all__ = ["SKLEARN_OPSET", "SKLEARN_SUFFIXES", "SklearnRunner", "export_sklearn_to_onnx", "load_sklearn"]
 
 import re
 import threading

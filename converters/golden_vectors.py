@@ -34,8 +34,8 @@ import numpy as np
 from edgeship.agent.runtimes import ModelRunner, dequantize, quantize
 from edgeship.ota.golden import GoldenVectors
 
-from .sources import open_any_model
 from .data import Dataset
+from .sources import open_any_model
 from .validate import fixed_batch, inputs_for, run_arrays
 
 SPREAD_MARGIN = 4.0

@@ -31,11 +31,11 @@ __all__ = [
     "check_onnx_model",
     "export_to_onnx",
     "load_in_onnxruntime",
-    "prepare_onnx",
-    "replace_erfc",
     "min_onnxruntime_version",
     "onnx_operator_counts",
+    "prepare_onnx",
     "quantize_onnx",
+    "replace_erfc",
 ]
 
 import collections
@@ -105,7 +105,9 @@ def export_to_onnx(source: Any, kind: str, path: Path, out: Path, *, opset: int 
 
     notes: list[str] = []
     try:
-        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+        from tensorflow.python.framework.convert_to_constants import (
+            convert_variables_to_constants_v2,
+        )
 
         with stdout_to_stderr():
             concrete = forward.get_concrete_function()

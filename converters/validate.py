@@ -19,11 +19,11 @@ __all__ = [
     "check_gates",
     "classification_output",
     "compare_outputs_of",
-    "model_size_bytes",
-    "run_dataset",
-    "run_arrays",
     "fixed_batch",
     "inputs_for",
+    "model_size_bytes",
+    "run_arrays",
+    "run_dataset",
     "validate_models",
 ]
 

@@ -67,7 +67,7 @@ def test_int8_keeps_integer_inputs_and_golden_vectors_replay_by_name(multi: dict
     inputs = {i.get("key") or i["name"]: i for i in result.report["signature"]["inputs"]}
     assert inputs["tokens"]["dtype"] == "int32" and inputs["tokens"]["scale"] == 0.0  # ids are never quantized
     golden = GoldenVectors.load(result.golden_path)
-    tokens = golden.inputs[[i for i, n in enumerate(golden.input_names) if "tokens" in n][0]]
+    tokens = golden.inputs[next(i for i, n in enumerate(golden.input_names) if "tokens" in n)]
     assert tokens.dtype == np.int32 and tokens.max() < VOCAB
     # replayed as the agent does, by name, with the golden tensors handed over in reverse order
     with open_model(result.out) as runner:
