@@ -554,7 +554,7 @@ def _run_conversion(plan: _ConversionPlan, work: Path, progress: ProgressCallbac
             )
             notes += exported["notes"]
             peak.append(exported.get("peak_rss_mib") or 0.0)
-    options = OnnxQuantOptions(
+    onnx_options = OnnxQuantOptions(
         quantize=plan.quantize, per_channel=plan.choices.per_channel, method=plan.choices.method,
         activations=plan.choices.activations, keep_float=keep,
     )
@@ -564,7 +564,7 @@ def _run_conversion(plan: _ConversionPlan, work: Path, progress: ProgressCallbac
     result = run_stage(
         "ONNX quantization",
         {"stage": "onnx-quantize", "stage_name": "ONNX quantization", "src": str(fp32), "out": str(work),
-         "options": asdict(options), "calibration": calibration, "model_name": name,
+         "options": asdict(onnx_options), "calibration": calibration, "model_name": name,
          # the doctor's reconversions reuse the first calibration's ranges
          "cache": str(plan.stages / f"calibration-{plan.choices.method}.json")},
         plan.stages / "quantize", model_name=name, progress=progress,

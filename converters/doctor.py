@@ -152,7 +152,7 @@ def introduced_errors(
         nodes: (name, op type, input tensors, output tensors) in graph order.
         relative: tensor -> relative RMSE of int8 against float.
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, op, inputs, outputs in nodes:
         measured = [relative[t] for t in outputs if t in relative]
         if not measured:

@@ -362,7 +362,7 @@ def tflite_layer_statistics(
         specs = [TensorSpec(str(d["name"]), tuple(int(v) for v in d["shape"]), np.dtype(d["dtype"]).name) for d in details]
         order[:] = [list(data.names).index(name) if data.names else 0 for name in _names_for(specs, data.names)]
         debugger.run()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for verify_name, stats in debugger.layer_statistics.items():
         tensor, _ = debugger._get_operand_name_and_index(verify_name)  # the quantized op's output tensor
         scale = float(stats.get("scale", 0.0) or 0.0)

@@ -28,7 +28,7 @@ import json
 import os
 import zipfile
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -162,7 +162,7 @@ def compare_outputs(golden: GoldenVectors, actual: Sequence[np.ndarray] | Mappin
     return GoldenCheck(not failures, worst, golden.atol, golden.rtol, tuple(failures))
 
 
-def check_against_signature(golden: GoldenVectors, signature: Mapping[str, object]) -> None:
+def check_against_signature(golden: GoldenVectors, signature: Mapping[str, Any]) -> None:
     """Refuse golden vectors whose tensors the model's signature does not have:
     each golden input and output must name a tensor of the signature (a single
     tensor on each side pairs whatever it is called), and an integer or boolean
@@ -170,8 +170,8 @@ def check_against_signature(golden: GoldenVectors, signature: Mapping[str, objec
     from edgeship.agent.runtimes import TensorSpec, match_names
 
     try:
-        inputs = [TensorSpec.from_dict(dict(t)) for t in signature.get("inputs", [])]  # type: ignore[union-attr]
-        outputs = [TensorSpec.from_dict(dict(t)) for t in signature.get("outputs", [])]  # type: ignore[union-attr]
+        inputs = [TensorSpec.from_dict(dict(t)) for t in signature.get("inputs", [])]
+        outputs = [TensorSpec.from_dict(dict(t)) for t in signature.get("outputs", [])]
     except (KeyError, TypeError, ValueError):
         return  # a malformed signature is the manifest check's to refuse
     for role, specs, names in (("input", inputs, golden.input_names), ("output", outputs, golden.output_names)):
