@@ -35,6 +35,7 @@ __all__ = [
     "onnx_operator_counts",
     "prepare_onnx",
     "quantize_onnx",
+    "inline_function_calls",
     "replace_erfc",
 ]
 
@@ -113,6 +114,10 @@ def export_to_onnx(source: Any, kind: str, path: Path, out: Path, *, opset: int 
             concrete = forward.get_concrete_function()
             frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False, aggressive_inlining=True)
             graph_def = frozen.graph.as_graph_def()
+            inlined = inline_function_calls(graph_def, frozen)
+            if inlined is not None:
+                graph_def = inlined
+                notes.append("functions marked no-inline (Keras' XLA convolutions) inlined before export")
             rewritten = replace_erfc(graph_def)
             if rewritten:
                 notes.append(f"Erfc (exact GELU) rewritten as 1 - Erf at {rewritten} node(s): ONNX has no Erfc")
@@ -129,6 +134,40 @@ def export_to_onnx(source: Any, kind: str, path: Path, out: Path, *, opset: int 
     onnx.save(proto, str(out))
     load_in_onnxruntime(out, path.name)
     return notes
+
+
+_CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
+
+
+def inline_function_calls(graph_def: Any, frozen: Any) -> Any | None:
+    """A GraphDef with the function calls freezing left behind inlined, or None
+    when there were none. Keras 3 wraps some convolutions (ConvNeXt's grouped
+    and depthwise ones) in ``tf.function(jit_compile=True)`` marked
+    ``_noinline``: freezing keeps those calls, and ONNX has no
+    StatefulPartitionedCall. The marks are removed and grappler's function
+    optimizer inlines the calls."""
+    if not any(node.op in _CALL_OPS for node in graph_def.node):
+        return None
+    tf = import_tensorflow()
+    from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
+    from tensorflow.python.grappler import tf_optimizer
+
+    for function in graph_def.library.function:
+        for key in ("_noinline", "_XlaMustCompile", "_jit_compile"):
+            if key in function.attr:
+                del function.attr[key]
+    for node in graph_def.node:
+        for key in ("_noinline", "_XlaMustCompile"):
+            if key in node.attr:
+                del node.attr[key]
+    meta = tf.compat.v1.train.export_meta_graph(graph_def=graph_def, graph=frozen.graph)
+    fetch = meta_graph_pb2.CollectionDef()
+    fetch.node_list.value.extend(t.name for t in frozen.outputs)
+    meta.collection_def["train_op"].CopyFrom(fetch)
+    config = config_pb2.ConfigProto()
+    config.graph_options.rewrite_options.optimizers.append("function")
+    config.graph_options.rewrite_options.min_graph_nodes = -1
+    return tf_optimizer.OptimizeGraph(config, meta)
 
 
 def replace_erfc(graph_def: Any) -> int:
