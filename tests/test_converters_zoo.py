@@ -163,3 +163,27 @@ def test_old_toolchain_onnx_is_upgraded_and_quantizes(old_onnx: dict[str, Path],
 def test_old_onnx_fp32_is_passed_through_untouched(old_onnx: dict[str, Path], tmp_path: Path) -> None:
     result = convert_model(old_onnx["model"], tmp_path / "old.onnx", calib=old_onnx["calib"], latency_runs=2)
     assert result.out.read_bytes() == old_onnx["model"].read_bytes()
+
+
+# ---- Keras applications (random weights, small inputs: the operators are what matter) ------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["EfficientNetB0", "ConvNeXtTiny"])
+def test_keras_applications_export_to_onnx_that_loads(tmp_path: Path, name: str) -> None:
+    """EfficientNetB0's rescaling/normalization constants stay constants (one graph
+    input); ConvNeXtTiny's no-inline XLA convolutions are inlined (no
+    StatefulPartitionedCall) and its exact GELU becomes Erf."""
+    import onnx
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(0)
+    model = getattr(tf.keras.applications, name)(weights=None, input_shape=(32, 32, 3))
+    model.save(tmp_path / f"{name}.keras")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype(np.float32))
+    result = convert_model(tmp_path / f"{name}.keras", tmp_path / f"{name}.onnx", calib=tmp_path / "calib.npz", latency_runs=2)
+    graph = onnx.load(str(result.out)).graph
+    initializers = {i.name for i in graph.initializer}
+    assert len([i for i in graph.input if i.name not in initializers]) == 1
+    assert not {n.op_type for n in graph.node} & {"StatefulPartitionedCall", "PartitionedCall", "Erfc"}
+    assert result.report["quality"]["max_abs_error"] < 1e-3
