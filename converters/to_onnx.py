@@ -128,6 +128,15 @@ def export_to_onnx(source: Any, kind: str, path: Path, out: Path, *, opset: int 
             )
     except Exception as exc:
         raise EdgeshipError(f"tf2onnx could not convert {path.name}: {first_line(exc)}") from None
+    unsupported = sorted({
+        n.op_type for n in proto.graph.node
+        if n.domain not in ("com.microsoft",) and not onnx.defs.has(n.op_type, n.domain if n.domain != "ai.onnx" else "")
+    })
+    if unsupported:  # tf2onnx keeps what it cannot map as the TensorFlow op, which no ONNX runtime has
+        raise EdgeshipError(
+            f"tf2onnx cannot express operator(s) {', '.join(unsupported)} of {path.name} in ONNX opset {opset}; "
+            "rewrite those layers or convert to TFLite"
+        )
     _rename_inputs(proto, [str(s.name) for s in signature])
     _rename_outputs(proto, output_names)
     check_onnx_model(proto, path.name)

@@ -187,3 +187,18 @@ def test_keras_applications_export_to_onnx_that_loads(tmp_path: Path, name: str)
     assert len([i for i in graph.input if i.name not in initializers]) == 1
     assert not {n.op_type for n in graph.node} & {"StatefulPartitionedCall", "PartitionedCall", "Erfc"}
     assert result.report["quality"]["max_abs_error"] < 1e-3
+
+
+def test_an_operator_onnx_lacks_is_named(tmp_path: Path) -> None:
+    import tensorflow as tf
+    from edgeship.ota.errors import EdgeshipError
+
+    class Bessel(tf.keras.layers.Layer):
+        def call(self, x: Any) -> Any:
+            return tf.math.special.bessel_i0e(x)
+
+    inputs = tf.keras.Input((4,), name="x")
+    tf.keras.Model(inputs, Bessel()(inputs)).export(tmp_path / "bessel")
+    with pytest.raises(EdgeshipError, match=r"tf2onnx cannot express operator\(s\) BesselI0e of bessel in ONNX opset 17"):
+        convert_model(tmp_path / "bessel", tmp_path / "b.onnx", latency_runs=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bessel"]
