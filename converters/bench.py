@@ -65,7 +65,7 @@ def rss_mib() -> float | None:
 
 
 def sample_inputs(signature_inputs: Sequence[TensorSpec], seed: int = 0) -> list[np.ndarray]:
-    """One batch-1 float input per model input (standard normal), for timing only."""
+    """One batch-1 input per model input (standard normal floats, zero ids), for timing only."""
     rng = np.random.default_rng(seed)
     arrays = []
     for spec in signature_inputs:
@@ -76,7 +76,10 @@ def sample_inputs(signature_inputs: Sequence[TensorSpec], seed: int = 0) -> list
             raise BadInputError(
                 f"input '{spec.name}' has dynamic dimensions {list(spec.shape)}; give --data so the shape is known"
             )
-        arrays.append(rng.standard_normal(shape).astype(np.float32))
+        if spec.dtype in ("float32", "float16", "float64") or spec.quantized:
+            arrays.append(rng.standard_normal(shape).astype(np.float32))
+        else:  # ids and masks: zeros are valid for any embedding or category table
+            arrays.append(np.zeros(shape, dtype=np.dtype(spec.dtype)))
     return arrays
 
 

@@ -1,5 +1,9 @@
-"""DATA for calibration and validation: an ``.npz`` (array ``x``, optional labels
-``y``), an ``.npy``, or a folder of images read with a preprocessing spec.
+"""DATA for calibration and validation: an ``.npz`` (one array per model input,
+named after the input, ``x`` for a single-input model; optional labels ``y``), an
+``.npy`` (a single-input model), or a folder of images read with a preprocessing
+spec. Arrays keep the dtype the model's input takes: float inputs get float32
+(through the preprocessing spec), integer and boolean inputs (token ids,
+category ids, masks) get exactly their dtype, checked to fit.
 
 The preprocessing spec is the contract between the data the engineer has and
 the tensor the model takes; it travels on with the converted model (the report,
@@ -16,8 +20,10 @@ __all__ = [
     "Dataset",
     "PreprocessingSpec",
     "check_against_input",
+    "input_name",
     "load_dataset",
     "parse_preprocessing",
+    "specs_from_shapes",
     "split_holdback",
 ]
 
@@ -31,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgeship.agent.runtimes import TensorSpec, tensor_aliases
 from edgeship.ota.errors import BadInputError, require_module
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
@@ -180,13 +187,15 @@ def _number(text: str) -> float:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Model inputs (one float32 array per model input), optional labels."""
+    """Model inputs (one array per model input, in the model's dtype), their
+    input names, optional labels."""
 
     inputs: tuple[np.ndarray, ...]
     labels: np.ndarray | None
     source: str
     preprocessing: PreprocessingSpec | None = None
     class_names: tuple[str, ...] = field(default_factory=tuple)
+    names: tuple[str, ...] = field(default_factory=tuple)
 
     def __len__(self) -> int:
         return int(self.inputs[0].shape[0]) if self.inputs else 0
@@ -198,72 +207,135 @@ class Dataset:
             labels=None if self.labels is None else self.labels[indices],
         )
 
+    def by_name(self) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.inputs))
+
     def describe(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "samples": len(self),
             "labels": self.labels is not None,
+            "inputs": list(self.names),
             "shapes": [list(x.shape) for x in self.inputs],
+            "dtypes": [x.dtype.name for x in self.inputs],
         }
+
+
+def specs_from_shapes(input_shapes: Sequence[Sequence[int]]) -> list[TensorSpec]:
+    """Float inputs named ``x`` (one) or ``input_<i>`` for callers that know only shapes."""
+    if len(input_shapes) == 1:
+        return [TensorSpec("x", tuple(input_shapes[0]), "float32")]
+    return [TensorSpec(f"input_{i}", tuple(shape), "float32") for i, shape in enumerate(input_shapes)]
+
+
+def input_name(spec: TensorSpec) -> str:
+    """The name a user knows an input by (``image``, not ``serving_default_image:0``)."""
+    return tensor_aliases(spec)[-1]
 
 
 def load_dataset(
     path: str | os.PathLike[str],
     *,
-    input_shapes: Sequence[Sequence[int]],
+    input_shapes: Sequence[Sequence[int]] | None = None,
+    input_specs: Sequence[TensorSpec] | None = None,
     preprocessing: PreprocessingSpec | None = None,
     role: str = "data",
 ) -> Dataset:
-    """Load DATA for a model whose inputs have ``input_shapes`` (batch first, -1 dynamic).
+    """Load DATA for a model whose inputs are ``input_specs`` (or, float inputs
+    only, ``input_shapes``: batch first, -1 dynamic).
 
     Raises:
-        BadInputError: missing/unreadable file, no array ``x``, wrong shape or dtype.
+        BadInputError: missing/unreadable file, no array for an input, wrong shape or dtype.
     """
+    specs = list(input_specs) if input_specs is not None else specs_from_shapes(input_shapes or [])
     p = Path(path)
     if not p.exists():
         raise BadInputError(f"{role} {p}: no such file or folder")
     if p.is_dir():
-        dataset = _load_image_folder(p, input_shapes, preprocessing, role)
+        dataset = _load_image_folder(p, [s.shape for s in specs], preprocessing, role)
     elif p.suffix == ".npz":
-        dataset = _load_npz(p, len(input_shapes), preprocessing, role)
+        dataset = _load_npz(p, specs, preprocessing, role)
     elif p.suffix == ".npy":
-        dataset = _load_npy(p, preprocessing, role)
+        dataset = _load_npy(p, specs, preprocessing, role)
     else:
-        raise BadInputError(f"{role} {p}: unknown data format (expected an .npz with array 'x', an .npy, or a folder of images)")
-    check_against_input(dataset, input_shapes, role)
+        raise BadInputError(
+            f"{role} {p}: unknown data format (expected an .npz with one array per input, an .npy, or a folder of images)"
+        )
+    dataset = replace(dataset, names=tuple(input_name(s) for s in specs))
+    check_against_input(dataset, specs, role)
     return dataset
 
 
-def _load_npz(p: Path, n_inputs: int, spec: PreprocessingSpec | None, role: str) -> Dataset:
+def _load_npz(p: Path, specs: Sequence[TensorSpec], spec: PreprocessingSpec | None, role: str) -> Dataset:
     try:
         with np.load(p, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise BadInputError(f"{role} {p} cannot be read as .npz: {exc}") from None
-    if n_inputs == 1 and "x" in arrays:
-        xs = [arrays["x"]]
-    elif all(f"x_{i}" in arrays for i in range(n_inputs)):
-        xs = [arrays[f"x_{i}"] for i in range(n_inputs)]
-    elif n_inputs > 1:
-        raise BadInputError(
-            f"{role} file {p} needs arrays x_0..x_{n_inputs - 1} for this {n_inputs}-input model "
-            f"(found: {', '.join(sorted(arrays)) or 'nothing'})"
-        )
-    else:
-        raise BadInputError(f"{role} file {p} has no array 'x' (found: {', '.join(sorted(arrays)) or 'nothing'})")
+    found = ", ".join(sorted(arrays)) or "nothing"
+    xs = []
+    for tensor in specs:
+        aliases = tensor_aliases(tensor)
+        key = next((a for a in aliases if a in arrays), None)
+        if key is None and len(specs) == 1 and "x" in arrays:
+            key = "x"
+        if key is None:
+            wanted = " or ".join(f"'{a}'" for a in dict.fromkeys((aliases[-1], "x"))) if len(specs) == 1 else f"'{aliases[-1]}'"
+            raise BadInputError(
+                f"{role} file {p} has no array {wanted} for the model's input '{aliases[-1]}' (found: {found}); "
+                "store one array per model input, named after it"
+            )
+        xs.append(_to_model_dtype(arrays[key], tensor, spec, p, role))
     labels = arrays.get("y")
-    inputs = tuple(_to_float(x, spec, p, role) for x in xs)
     if labels is not None:
-        labels = _labels(labels, len(inputs[0]), p, role)
-    return Dataset(inputs, labels, str(p), spec)
+        labels = _labels(labels, len(xs[0]), p, role)
+    return Dataset(tuple(xs), labels, str(p), spec)
 
 
-def _load_npy(p: Path, spec: PreprocessingSpec | None, role: str) -> Dataset:
+def _load_npy(p: Path, specs: Sequence[TensorSpec], spec: PreprocessingSpec | None, role: str) -> Dataset:
+    if len(specs) != 1:
+        raise BadInputError(
+            f"{role} {p}: an .npy holds one array, the model takes {len(specs)} inputs "
+            f"({', '.join(input_name(s) for s in specs)}); give an .npz with one array per input"
+        )
     try:
         x = np.load(p, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise BadInputError(f"{role} {p} cannot be read as .npy: {exc}") from None
-    return Dataset((_to_float(x, spec, p, role),), None, str(p), spec)
+    return Dataset((_to_model_dtype(x, specs[0], spec, p, role),), None, str(p), spec)
+
+
+def _to_model_dtype(x: np.ndarray, tensor: TensorSpec, spec: PreprocessingSpec | None, p: Path, role: str) -> np.ndarray:
+    """The array in the dtype the model's input takes, or a one-line refusal."""
+    name = input_name(tensor)
+    if x.ndim == 0:
+        raise BadInputError(f"{role} {p}: the array for '{name}' is a single number; it needs a sample axis (shape [N, ...])")
+    want = np.dtype(tensor.dtype) if tensor.dtype in _NUMPY_DTYPES else np.dtype(np.float32)
+    if want.kind == "f" or tensor.quantized:
+        return _to_float(x, spec, p, role)
+    if want.kind == "b":
+        if x.dtype.kind == "b":
+            return x
+        if x.dtype.kind in "iuf" and np.all((x == 0) | (x == 1)):
+            return x.astype(bool)
+        raise BadInputError(f"{role} {p}: input '{name}' is boolean; its array has dtype {x.dtype} with values other than 0 and 1")
+    # integer inputs: ids, never scaled or normalized
+    if x.dtype.kind == "f":
+        if not np.all(np.isfinite(x)) or not np.all(x == np.round(x)):
+            raise BadInputError(
+                f"{role} {p}: input '{name}' takes {want.name} (ids); its array holds non-integer floats"
+            )
+    elif x.dtype.kind not in "iub":
+        raise BadInputError(f"{role} {p}: input '{name}' takes {want.name}; its array has dtype {x.dtype}")
+    info = np.iinfo(want)
+    if x.size and (x.min() < info.min or x.max() > info.max):
+        raise BadInputError(
+            f"{role} {p}: input '{name}' takes {want.name}; its array holds values from {x.min()} to {x.max()}, out of range"
+        )
+    return x.astype(want)
+
+
+_NUMPY_DTYPES = {"float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "bool"}
 
 
 def _to_float(x: np.ndarray, spec: PreprocessingSpec | None, p: Path, role: str) -> np.ndarray:
@@ -283,10 +355,12 @@ def _labels(y: np.ndarray, n: int, p: Path, role: str) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] > 1:  # one-hot
         y = y.argmax(axis=1)
     y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
-    if y.ndim != 1 or y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.all(y == np.round(y))):
-        raise BadInputError(f"{role} {p}: labels 'y' must be class indices (shape [N]) or one-hot (shape [N, classes]); got {y.dtype} {list(y.shape)}")
+    if y.ndim != 1 or y.dtype.kind not in "iubf":
+        raise BadInputError(f"{role} {p}: labels 'y' must be class indices (shape [N]), one-hot (shape [N, classes]) or regression targets; got {y.dtype} {list(y.shape)}")
     if len(y) != n:
-        raise BadInputError(f"{role} {p}: 'y' has {len(y)} labels but 'x' has {n} samples")
+        raise BadInputError(f"{role} {p}: 'y' has {len(y)} labels but the inputs have {n} samples")
+    if y.dtype.kind == "f" and not np.all(y == np.round(y)):
+        return y.astype(np.float64)  # regression targets: error metrics, not accuracy
     return y.astype(np.int64)
 
 
@@ -333,22 +407,26 @@ def _load_image_folder(
     return Dataset((x,), labels, str(p), spec, tuple(classes))
 
 
-def check_against_input(dataset: Dataset, input_shapes: Sequence[Sequence[int]], role: str = "data") -> None:
+def check_against_input(
+    dataset: Dataset, inputs: Sequence[TensorSpec] | Sequence[Sequence[int]], role: str = "data"
+) -> None:
     """Refuse data whose per-sample shape does not fit the model's inputs."""
-    if len(dataset.inputs) != len(input_shapes):
-        raise BadInputError(f"{role} {dataset.source}: has {len(dataset.inputs)} input arrays, the model takes {len(input_shapes)}")
+    specs = [s if isinstance(s, TensorSpec) else TensorSpec(f"input_{i}", tuple(s), "float32") for i, s in enumerate(inputs)]
+    if len(dataset.inputs) != len(specs):
+        raise BadInputError(f"{role} {dataset.source}: has {len(dataset.inputs)} input arrays, the model takes {len(specs)}")
     if len(dataset) == 0:
         raise BadInputError(f"{role} {dataset.source}: holds no samples")
-    for i, (x, shape) in enumerate(zip(dataset.inputs, input_shapes)):
-        want = list(shape)[1:]
+    for x, tensor in zip(dataset.inputs, specs):
+        name = input_name(tensor)
+        want = list(tensor.shape)[1:]
         got = list(x.shape)[1:]
         if len(want) != len(got) or any(w not in (-1, g) for w, g in zip(want, got)):
             raise BadInputError(
-                f"{role} {dataset.source}: input {i} has samples of shape {got}, the model expects {want} "
+                f"{role} {dataset.source}: input '{name}' has samples of shape {got}, the model expects {want} "
                 "(-1: any size; the first axis of the array is the sample)"
             )
-        if not np.all(np.isfinite(x)):
-            raise BadInputError(f"{role} {dataset.source}: input {i} contains NaN or Inf")
+        if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+            raise BadInputError(f"{role} {dataset.source}: input '{name}' contains NaN or Inf")
         if len(x) != len(dataset):
             raise BadInputError(f"{role} {dataset.source}: inputs have different numbers of samples")
 

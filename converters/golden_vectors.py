@@ -34,8 +34,9 @@ import numpy as np
 from edgeship.agent.runtimes import ModelRunner, dequantize, quantize
 from edgeship.ota.golden import GoldenVectors
 
+from .data import Dataset
 from .sources import open_any_model
-from .validate import fixed_batch, run_arrays
+from .validate import fixed_batch, inputs_for, run_arrays
 
 SPREAD_MARGIN = 4.0
 QUANTUM_STEPS = 2.0
@@ -68,7 +69,8 @@ def golden_tolerance(observed_spread: float, output_quantum: float, floor: float
 
 
 def golden_sample_count(input_shapes: Sequence[Sequence[int]], wanted: int = 8) -> int:
-    """Up to ``wanted`` samples, fewer for large inputs (the file stays under ~2 MiB)."""
+    """Up to ``wanted`` samples, fewer for large inputs (the file stays under ~2 MiB;
+    4 bytes an element, the widest common input dtype)."""
     per_sample = sum(int(np.prod([d for d in s[1:] if d > 0])) * 4 for s in input_shapes) or 1
     return int(max(1, min(wanted, MAX_GOLDEN_BYTES // per_sample)))
 
@@ -150,7 +152,7 @@ def _onnx_unoptimized(path: Path, inputs: Sequence[np.ndarray], runner: ModelRun
 def make_golden_vectors(
     path: Path,
     fmt: str,
-    inputs: Sequence[np.ndarray],
+    data: Dataset,
     *,
     quantization: str,
     output_quanta: Sequence[float] = (),
@@ -161,6 +163,7 @@ def make_golden_vectors(
     variants whose spread sets the tolerance.
     """
     with open_any_model(path, threads=1) as runner:
+        inputs = inputs_for(runner, data)  # matched by name, in the file's own order
         names_in = tuple(s.name for s in runner.signature.inputs)
         names_out = tuple(s.name for s in runner.signature.outputs)
         expected = run_arrays(runner, inputs)
@@ -189,7 +192,7 @@ def make_golden_vectors(
     atol = golden_tolerance(spread, quantum, floor)
     golden = GoldenVectors(
         input_names=names_in,
-        inputs=tuple(np.asarray(x, np.float32) for x in inputs),
+        inputs=tuple(np.asarray(x, np.float32) if np.asarray(x).dtype.kind == "f" else np.asarray(x) for x in inputs),
         output_names=names_out,
         outputs=tuple(np.asarray(y, np.float32) for y in expected),
         atol=atol,

@@ -42,7 +42,8 @@ from edgeship.agent.runtimes import (
 )
 from edgeship.ota.errors import BadInputError, MissingExtraError, first_line, require_module
 
-SOURCE_KINDS = ("keras", "h5", "savedmodel", "onnx", "tflite")
+SOURCE_KINDS = ("keras", "h5", "savedmodel", "onnx", "tflite", "sklearn")
+SKLEARN_SUFFIXES = (".joblib", ".pkl", ".pickle")
 
 
 def detect_source_kind(path: str | os.PathLike[str]) -> str:
@@ -73,8 +74,11 @@ def detect_source_kind(path: str | os.PathLike[str]) -> str:
         return "onnx"  # an ONNX ModelProto starts with field 1, ir_version
     if p.suffix == ".tflite":
         return detect_model_format(p)  # raises the runtime layer's message
+    if p.suffix.lower() in SKLEARN_SUFFIXES:
+        return "sklearn"  # a pickle: never opened here (loading it runs code)
     raise ModelLoadError(
-        f"{p}: unknown model format (expected a .keras or .h5 file, a SavedModel folder, an .onnx or a .tflite file)"
+        f"{p}: unknown model format (expected a .keras or .h5 file, a SavedModel folder, an .onnx or a .tflite file, "
+        "or a scikit-learn .joblib/.pkl)"
     )
 
 
@@ -86,6 +90,20 @@ def import_tensorflow() -> Any:
 
 @contextlib.contextmanager
 def stdout_to_stderr() -> Iterator[None]:
+    """See ``_stdout_to_stderr``; inside ``quiet_output`` the output goes nowhere."""
+    from .quiet import quiet_active
+
+    if quiet_active():
+        sys.stdout.flush()
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            yield
+        return
+    with _stdout_to_stderr():
+        yield
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
     """Send whatever TensorFlow and friends print to stdout to stderr instead.
 
     The TFLite converter and Keras' export print ("Saved artifact at ...") from
@@ -167,6 +185,17 @@ class KerasRunner(ModelRunner):
             outputs = tuple(_spec_from_tf(key, outputs_struct[key]) for key in self._output_keys)
         else:
             self._fn = None
+            # The reference runs as a compiled graph, traced once for any batch
+            # size: timing eager Keras (Python per layer) would inflate every
+            # speed-up reported against it.
+            specs = [tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in model.inputs]
+            single = len(specs) == 1
+
+            @tf.function(input_signature=specs, reduce_retracing=True)
+            def graph(*xs: Any) -> Any:
+                return model(xs[0] if single else list(xs), training=False)
+
+            self._graph = graph
             inputs = tuple(
                 TensorSpec(_keras_name(t), tuple(-1 if d is None else int(d) for d in t.shape), _dtype_name(t.dtype))
                 for t in model.inputs
@@ -186,8 +215,7 @@ class KerasRunner(ModelRunner):
             if self._fn is not None:
                 result = self._fn(**{k: self._tf.constant(x) for k, x in zip(self._input_keys, inputs)})
                 return [np.asarray(result[k]) for k in self._output_keys]
-            feed = list(inputs) if len(inputs) > 1 else inputs[0]
-            result = self._model(feed, training=False)
+            result = self._graph(*[self._tf.convert_to_tensor(x) for x in inputs])
             if isinstance(result, dict):
                 result = [result[k] for k in sorted(result)]
             if not isinstance(result, (list, tuple)):
@@ -197,6 +225,7 @@ class KerasRunner(ModelRunner):
     def close(self) -> None:
         self._model = None
         self._fn = None
+        self._graph = None
 
 
 def keras_output_names(model: Any) -> list[str]:
@@ -268,8 +297,13 @@ def _open_any_model(p: Path, threads: int | None) -> ModelRunner:
 
 
 
+FEEDABLE_DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "bool")
+
+
 def check_runner_inputs(runner: ModelRunner, where: str) -> None:
-    """Refuse models whose inputs are not float (the data path here feeds floats)."""
+    """Refuse models whose inputs the data path cannot feed (strings, complex numbers)."""
     for spec in runner.signature.inputs:
-        if spec.dtype not in ("float32", "float16", "float64") and not spec.quantized:
-            raise BadInputError(f"{where}: input '{spec.name}' has dtype {spec.dtype}; only float (or quantized) inputs are supported")
+        if spec.dtype not in FEEDABLE_DTYPES:
+            raise BadInputError(
+                f"{where}: input '{spec.name}' has dtype {spec.dtype}; edgeship feeds float, integer and boolean inputs"
+            )

@@ -9,7 +9,7 @@ TensorFlow; whichever is installed is used.
 
 from __future__ import annotations
 
-__all__ = ["OperatorInfo", "TFLiteGraph", "read_tflite_graph"]
+__all__ = ["OperatorInfo", "TFLiteGraph", "parse_tflite_graph", "read_tflite_graph"]
 
 import importlib
 import os
@@ -69,8 +69,12 @@ def _schema() -> Any:
 
 def read_tflite_graph(path: str | os.PathLike[str]) -> TFLiteGraph:
     """Parse the model's main subgraph (ModelLoadError on a corrupt file)."""
+    return parse_tflite_graph(Path(path).read_bytes(), str(path))
+
+
+def parse_tflite_graph(data: bytes, path: str = "the model") -> TFLiteGraph:
+    """``read_tflite_graph`` of a flatbuffer in memory."""
     schema = _schema()
-    data = Path(path).read_bytes()
     try:
         model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
         builtin_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}

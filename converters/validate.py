@@ -14,14 +14,16 @@ __all__ = [
     "GateLimits",
     "ParityMetrics",
     "ValidationResult",
+    "align_inputs",
     "align_outputs",
     "check_gates",
     "classification_output",
     "compare_outputs_of",
-    "model_size_bytes",
-    "run_dataset",
-    "run_arrays",
     "fixed_batch",
+    "inputs_for",
+    "model_size_bytes",
+    "run_arrays",
+    "run_dataset",
     "validate_models",
 ]
 
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgeship.agent.runtimes import ModelRunner, TensorSpec
+from edgeship.agent.runtimes import ModelRunner, TensorSpec, match_names, tensor_aliases
 from edgeship.ota.errors import BadInputError, GateFailedError
 
 from .bench import LatencyStats, measure_latency
@@ -49,6 +51,10 @@ class ParityMetrics:
     max_abs_error: float
     mean_abs_error: float
     per_output: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    reference_rmse: float | None = None
+    """Regression models (float labels 'y'): root mean square error against the labels."""
+    candidate_rmse: float | None = None
+    candidate_mae: float | None = None
 
     @property
     def accuracy_drop_pp(self) -> float | None:
@@ -75,26 +81,32 @@ class GateLimits:
         return asdict(self)
 
 
-def _base(name: str) -> str:
-    name = name.split(":")[0]
-    for prefix in ("StatefulPartitionedCall_", "serving_default_"):
-        name = name.removeprefix(prefix)
-    return name
-
-
 def align_outputs(reference: Sequence[TensorSpec], candidate: Sequence[TensorSpec]) -> list[int]:
-    """For each reference output, the index of the matching candidate output.
+    """For each reference output, the index of the candidate output of the same
+    name (pure).
 
-    By name when every reference name matches one candidate name, otherwise by a
-    unique shape, otherwise by position (converters keep order for one output,
-    and TFLite names its outputs after the graph, not the Keras model).
+    Names are compared through their aliases (a TFLite file calls the Keras
+    output ``classes`` ``StatefulPartitionedCall:1`` with the SignatureDef key
+    ``classes``). Only where names say nothing (a candidate from elsewhere) may
+    outputs of distinct shapes pair up by shape; outputs never pair by position,
+    and same-shaped outputs without names in common are refused, not guessed.
     """
     if len(reference) != len(candidate):
         raise BadInputError(f"the reference has {len(reference)} outputs, the candidate {len(candidate)}")
-    names = [_base(c.name) for c in candidate]
-    by_name = [names.index(_base(r.name)) if _base(r.name) in names else -1 for r in reference]
-    if -1 not in by_name and len(set(by_name)) == len(by_name):
-        return by_name
+    if len(reference) == 1:
+        return [0]
+    order: list[int] = []
+    for r in reference:
+        index = None
+        for alias in tensor_aliases(r):
+            try:
+                index = match_names(candidate, [alias], "output")[0]
+                break
+            except BadInputError:
+                continue
+        order.append(-1 if index is None else index)
+    if -1 not in order and len(set(order)) == len(order):
+        return order
     shapes = [tuple(c.shape[1:]) for c in candidate]
     by_shape = []
     for r in reference:
@@ -102,7 +114,32 @@ def align_outputs(reference: Sequence[TensorSpec], candidate: Sequence[TensorSpe
         by_shape.append(matches[0] if len(matches) == 1 else -1)
     if -1 not in by_shape and len(set(by_shape)) == len(by_shape):
         return by_shape
-    return list(range(len(reference)))
+    raise BadInputError(
+        "cannot pair the outputs by name: the reference has "
+        f"{[tensor_aliases(r)[-1] for r in reference]}, the candidate {[tensor_aliases(c)[-1] for c in candidate]}, "
+        "and same-shaped outputs cannot be told apart by shape"
+    )
+
+
+def align_inputs(runner: ModelRunner, names: Sequence[str]) -> list[int]:
+    """For each of the runner's inputs, the index in ``names`` of the data that
+    feeds it (by name; see ``match_names``)."""
+    order = match_names(runner.signature.inputs, list(names), "input")
+    inverse = [0] * len(order)
+    for position, index in enumerate(order):
+        inverse[index] = position
+    return inverse
+
+
+def inputs_for(runner: ModelRunner, data: Dataset) -> list[np.ndarray]:
+    """The dataset's arrays in the order the runner's file keeps its inputs, matched by name."""
+    if not data.names:
+        if len(data.inputs) != 1:
+            raise BadInputError("data for a multi-input model must name its arrays after the inputs")
+        return list(data.inputs)
+    if len(data.names) != len(runner.signature.inputs):
+        raise BadInputError(f"the data has {len(data.names)} inputs, the model takes {len(runner.signature.inputs)}")
+    return [data.inputs[i] for i in align_inputs(runner, data.names)]
 
 
 def classification_output(outputs: Sequence[np.ndarray]) -> int | None:
@@ -141,11 +178,25 @@ def compare_outputs_of(
     head = classification_output(reference)
     n = int(reference[0].shape[0]) if reference else 0
     ref_acc = cand_acc = agreement = None
+    # regression: labels, but no [N, classes] output to take a top-1 from
+    regression = labels is not None and head is None
+    if regression and labels is not None:
+        target = next((i for i, y in enumerate(reference) if y.size == n and y.dtype.kind == "f"), None)
+        if target is not None:
+            truth = labels.astype(np.float64)
+            ref_y = reference[target].reshape(n).astype(np.float64)
+            cand_y = candidate[target].reshape(n).astype(np.float64)
+            return ParityMetrics(
+                n, None, None, None, worst, total / count if count else 0.0, tuple(per_output),
+                reference_rmse=float(np.sqrt(np.mean((ref_y - truth) ** 2))),
+                candidate_rmse=float(np.sqrt(np.mean((cand_y - truth) ** 2))),
+                candidate_mae=float(np.mean(np.abs(cand_y - truth))),
+            )
     if head is not None:
         ref_top = reference[head].argmax(axis=1)
         cand_top = candidate[head].argmax(axis=1)
         agreement = float(np.mean(ref_top == cand_top))
-        if labels is not None:
+        if labels is not None and not regression:
             ref_acc = float(np.mean(ref_top == labels))
             cand_acc = float(np.mean(cand_top == labels))
     return ParityMetrics(n, ref_acc, cand_acc, agreement, worst, total / count if count else 0.0, tuple(per_output))
@@ -243,7 +294,7 @@ def run_arrays(
         if fixed and stop - start < fixed:
             chunk = [np.concatenate([c, np.repeat(c[-1:], fixed - (stop - start), axis=0)]) for c in chunk]
         outputs = runner.run(chunk)
-        parts.append([np.asarray(y, np.float32)[: stop - start] for y in outputs])
+        parts.append([np.asarray(y)[: stop - start] for y in outputs])
         report(label, stop, n)
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
@@ -257,7 +308,7 @@ def run_dataset(
     label: str = "running",
 ) -> list[np.ndarray]:
     """All outputs of ``runner`` over ``data`` (see run_arrays)."""
-    return run_arrays(runner, data.inputs, batch=batch, progress=progress, label=label)
+    return run_arrays(runner, inputs_for(runner, data), batch=batch, progress=progress, label=label)
 
 
 def validate_models(
@@ -281,12 +332,10 @@ def validate_models(
     cand_out = [cand_raw[i] for i in order]
     names = [s.name for s in reference.signature.outputs]
     metrics = compare_outputs_of(ref_out, cand_out, data.labels, names)
-    one = [x[:1] for x in data.inputs]
-    if fixed_batch(candidate) or fixed_batch(reference):
-        size = max(fixed_batch(candidate) or 1, fixed_batch(reference) or 1)
-        one = [np.repeat(x[:1], size, axis=0) for x in data.inputs]
+    size = max(fixed_batch(candidate) or 1, fixed_batch(reference) or 1)
     latencies: dict[str, LatencyStats] = {}
     for role, runner in (("reference", reference), ("candidate", candidate)):
+        one = [np.repeat(x[:1], size, axis=0) for x in inputs_for(runner, data)]
         latencies[role] = measure_latency(
             runner, one, runs=latency_runs, threads=threads, progress=progress, label=f"timing: {role}"
         )

@@ -276,9 +276,10 @@ def build_bundle(
 
     golden_info: Optional[Dict[str, Any]] = None
     if golden is not None:
-        from .golden import GoldenVectors
+        from .golden import GoldenVectors, check_against_signature
 
         vectors = GoldenVectors.load(golden)
+        check_against_signature(vectors, signature)  # by name and dtype, before anything is packed
         tolerance = _first(report_doc, "golden_tolerance", "golden")
         atol, rtol = vectors.atol, vectors.rtol
         if isinstance(tolerance, Mapping):

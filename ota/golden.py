@@ -7,22 +7,28 @@ agent replays them as its self-test before it trusts a model. The file is an
 
     meta            0-d unicode array: JSON {"format": 1, "inputs": [...names],
                     "outputs": [...names], "atol": float, "rtol": float}
-    input_<i>       the i-th model input, float32 (in the model's float domain,
-                    before any int8 quantization; the runner quantizes)
-    output_<i>      the i-th output as the converted model produced it, dequantized
-                    to float32
+    input_<i>       the input named ``inputs[i]``: float32 for a float input (in
+                    the model's float domain, before any int8 quantization; the
+                    runner quantizes), the input's own dtype for integer and
+                    boolean inputs (token ids, category ids, masks)
+    output_<i>      the output named ``outputs[i]`` as the converted model produced
+                    it, dequantized to float32
+
+Inputs and outputs are matched to the model's tensors by these names, never by
+position: a TFLite file may keep its tensors in another order than the model it
+was converted from.
 """
 
 from __future__ import annotations
 
-__all__ = ["GoldenVectors", "GoldenCheck", "GOLDEN_FORMAT", "compare_outputs"]
+__all__ = ["GoldenVectors", "GoldenCheck", "GOLDEN_FORMAT", "check_against_signature", "compare_outputs"]
 
 import io
 import json
 import os
 import zipfile
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -154,3 +160,31 @@ def compare_outputs(golden: GoldenVectors, actual: Sequence[np.ndarray] | Mappin
                 f"{f', rtol={golden.rtol:.4g}' if golden.rtol else ''})"
             )
     return GoldenCheck(not failures, worst, golden.atol, golden.rtol, tuple(failures))
+
+
+def check_against_signature(golden: GoldenVectors, signature: Mapping[str, Any]) -> None:
+    """Refuse golden vectors whose tensors the model's signature does not have:
+    each golden input and output must name a tensor of the signature (a single
+    tensor on each side pairs whatever it is called), and an integer or boolean
+    model input must get integer or boolean golden values (ids, not floats)."""
+    from edgeship.agent.runtimes import TensorSpec, match_names
+
+    try:
+        inputs = [TensorSpec.from_dict(dict(t)) for t in signature.get("inputs", [])]
+        outputs = [TensorSpec.from_dict(dict(t)) for t in signature.get("outputs", [])]
+    except (KeyError, TypeError, ValueError):
+        return  # a malformed signature is the manifest check's to refuse
+    for role, specs, names in (("input", inputs, golden.input_names), ("output", outputs, golden.output_names)):
+        if not specs:
+            continue
+        if len(specs) != len(names):
+            raise BadInputError(f"golden vectors have {len(names)} {role}s, the model {len(specs)}")
+        order = match_names(specs, list(names), role)
+        if role == "input":
+            for array, index in zip(golden.inputs, order):
+                spec = specs[index]
+                wants_ids = spec.dtype.startswith(("int", "uint", "bool")) and not spec.quantized
+                if wants_ids and np.asarray(array).dtype.kind == "f":
+                    raise BadInputError(
+                        f"golden input for '{spec.name}' is {np.asarray(array).dtype}, the model takes {spec.dtype} ids"
+                    )

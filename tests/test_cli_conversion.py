@@ -132,7 +132,7 @@ def test_bench_ranks_models_against_the_first(convert_digits: Any, digits_files:
     [
         (["convert", "{tmp}/nope.keras", "-o", "{tmp}/o.tflite"], 2, "no such model file"),
         (["convert", "{tmp}/junk.keras", "-o", "{tmp}/o.tflite"], 2, "not a valid .keras file"),
-        (["convert", "{model}", "-o", "{tmp}/o.tflite", "--quantize", "int8", "--calib", "{tmp}/noxs.npz"], 2, "has no array 'x'"),
+        (["convert", "{model}", "-o", "{tmp}/o.tflite", "--quantize", "int8", "--calib", "{tmp}/noxs.npz"], 2, "has no array 'image' or 'x'"),
         (["convert", "{model}", "-o", "{tmp}/no/such/dir/o.tflite"], 2, "cannot be written"),
         (["convert", "{model}", "-o", "{tmp}/o.tflite", "--preprocess", "layout=NWHC"], 2, "layout"),
         (["inspect", "{tmp}/junk.keras"], 2, "not a valid .keras file"),

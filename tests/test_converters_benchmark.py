@@ -79,3 +79,28 @@ def test_markdown_names_the_command_every_row_and_every_verdict() -> None:
     assert sum(line.startswith("| digits_cnn | litert |") for line in text.splitlines()) == 4
     assert "| MobileNetV2 int8 TFLite size <= 0.30x fp32 | 0.400x | FAIL |" in text
     assert "| mobilenet_v2 | litert | int8 | 1.0 | 0.40 | n/a | n/a |" in text  # random weights: no accuracy
+
+
+def _zoo_module() -> Any:
+    spec = importlib.util.spec_from_file_location("edgeship_benchmark_zoo", REPO / "benchmarks" / "zoo.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_zoo_table_names_the_command_failures_and_the_memory_verdict() -> None:
+    zoo = _zoo_module()
+    rows = [
+        {"model": "lstm", "to": "tflite", "quantize": "int8", "ok": True, "size_ratio": 0.3, "agreement": 0.96,
+         "accuracy_drop_pp": None, "max_abs_error": 0.005, "rmse": None, "seconds": 5.0, "peak_rss_mib": 900.0,
+         "notes": ["recurrent layer(s) lstm: unrolled"], "kept_in_float": None},
+        {"model": "DenseNet121", "to": "onnx", "quantize": "int8", "ok": True, "size_ratio": 0.27, "agreement": 0.5,
+         "accuracy_drop_pp": None, "max_abs_error": 0.1, "rmse": None, "seconds": 90.0, "peak_rss_mib": 5000.0,
+         "notes": [], "kept_in_float": None},
+        {"model": "hgb", "to": "onnx", "quantize": "none", "ok": False, "error": "skl2onnx cannot convert", "seconds": 1.0},
+    ]
+    text = zoo.render(rows, "python benchmarks/zoo.py", "x86_64")
+    assert "`python benchmarks/zoo.py`" in text
+    assert "| hgb | onnx none | no |" in text and "skl2onnx cannot convert" in text
+    assert "5000 (over target)" in text and "2 of 3 conversions succeeded" in text and "FAIL against 4096 MiB" in text

@@ -189,7 +189,7 @@ def test_truncated_keras_model(digits_files: dict[str, Path], tmp_path: Path) ->
     [
         ({"x": np.zeros((4, 28, 28, 1), np.float32)}, "the model expects [8, 8, 1]"),
         ({"x": np.zeros((4, 8, 8, 1), np.int32)}, "dtype int32"),
-        ({"images": np.zeros((4, 8, 8, 1), np.float32)}, "has no array 'x' (found: images)"),
+        ({"images": np.zeros((4, 8, 8, 1), np.float32)}, "has no array 'image' or 'x' for the model's input 'image' (found: images)"),
     ],
 )
 def test_bad_calibration_data(digits_files: dict[str, Path], tmp_path: Path, arrays: dict, message: str) -> None:

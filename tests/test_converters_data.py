@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edgeship.agent.runtimes import TensorSpec
 from edgeship.converters.data import PreprocessingSpec, load_dataset, split_holdback
 from edgeship.ota.errors import BadInputError
 
@@ -46,11 +47,11 @@ def test_uint8_arrays_need_a_spec_and_use_it(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "arrays, message",
     [
-        ({"images": np.zeros((2, 8, 8, 1), np.float32)}, "has no array 'x' (found: images)"),
+        ({"images": np.zeros((2, 8, 8, 1), np.float32)}, "has no array 'x' for the model's input 'x' (found: images)"),
         ({"x": np.zeros((2, 7, 8, 1), np.float32)}, "samples of shape [7, 8, 1], the model expects [8, 8, 1]"),
         ({"x": np.zeros((2, 8, 8), np.float32)}, "samples of shape [8, 8]"),
         ({"x": np.array(["a", "b"])}, "dtype <U1"),
-        ({"x": np.zeros((2, 8, 8, 1), np.float32), "y": np.zeros(3)}, "'y' has 3 labels but 'x' has 2 samples"),
+        ({"x": np.zeros((2, 8, 8, 1), np.float32), "y": np.zeros(3)}, "'y' has 3 labels but the inputs have 2 samples"),
         ({"x": np.full((2, 8, 8, 1), np.nan, np.float32)}, "NaN or Inf"),
         ({"x": np.zeros((0, 8, 8, 1), np.float32)}, "holds no samples"),
     ],
@@ -154,3 +155,54 @@ def test_a_single_number_instead_of_samples_is_one_line(tmp_path: Path, name: st
         np.savez(path, x=np.float32(3.0))
     with pytest.raises(BadInputError, match="single number; it needs a sample axis"):
         load_dataset(path, input_shapes=SHAPE)
+
+
+MULTI = [
+    TensorSpec("serving_default_tokens:0", (-1, 5), "int32", key="tokens"),
+    TensorSpec("serving_default_meta:0", (-1, 3), "float32", key="meta"),
+    TensorSpec("mask", (-1, 5), "bool"),
+]
+
+
+def test_npz_arrays_are_matched_to_inputs_by_name_and_keep_integer_dtypes(tmp_path: Path) -> None:
+    path = tmp_path / "multi.npz"
+    # stored in another order than the model's, ids as int64, mask as 0/1 integers
+    np.savez(path, mask=np.array([[1, 0, 1, 0, 1]] * 4), meta=np.ones((4, 3)), tokens=np.arange(20).reshape(4, 5), y=np.arange(4))
+    data = load_dataset(path, input_specs=MULTI)
+    assert data.names == ("tokens", "meta", "mask")
+    tokens, meta, mask = data.inputs
+    assert tokens.dtype == np.int32 and tokens[1].tolist() == [5, 6, 7, 8, 9]
+    assert meta.dtype == np.float32 and mask.dtype == np.bool_ and mask[0].tolist() == [True, False, True, False, True]
+    assert data.by_name()["tokens"] is tokens
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"x": np.zeros((2, 5))}, "has no array 'tokens' for the model's input 'tokens'"),
+        ({"tokens": np.full((2, 5), 0.5), "meta": np.zeros((2, 3)), "mask": np.zeros((2, 5))}, "input 'tokens' takes int32 (ids); its array holds non-integer floats"),
+        ({"tokens": np.full((2, 5), 2**40), "meta": np.zeros((2, 3)), "mask": np.zeros((2, 5))}, "out of range"),
+        ({"tokens": np.zeros((2, 5)), "meta": np.zeros((2, 3)), "mask": np.full((2, 5), 2)}, "input 'mask' is boolean"),
+        ({"tokens": np.zeros((2, 4)), "meta": np.zeros((2, 3)), "mask": np.zeros((2, 5))}, "input 'tokens' has samples of shape [4]"),
+    ],
+)
+def test_named_arrays_refused_with_the_input_named(tmp_path: Path, arrays: dict, message: str) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(BadInputError) as info:
+        load_dataset(path, input_specs=MULTI)
+    assert message in info.value.message and "\n" not in info.value.message
+
+
+def test_an_npy_cannot_feed_a_multi_input_model(tmp_path: Path) -> None:
+    path = tmp_path / "one.npy"
+    np.save(path, np.zeros((2, 5)))
+    with pytest.raises(BadInputError, match="one array per input"):
+        load_dataset(path, input_specs=MULTI)
+
+
+def test_float_labels_are_regression_targets(tmp_path: Path) -> None:
+    path = tmp_path / "reg.npz"
+    np.savez(path, x=np.zeros((3, 8, 8, 1), np.float32), y=np.array([0.5, 1.25, 3.0]))
+    labels = load_dataset(path, input_shapes=SHAPE).labels
+    assert labels.dtype == np.float64 and labels.tolist() == [0.5, 1.25, 3.0]

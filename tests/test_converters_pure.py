@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from edgeship.agent.runtimes import TensorSpec
+from edgeship.agent.runtimes import TensorSpec, match_names
 from edgeship.converters.bench import fastest, latency_stats
 from edgeship.converters.data import PreprocessingSpec, parse_preprocessing
 from edgeship.converters.golden_vectors import golden_sample_count, golden_tolerance
@@ -80,12 +80,42 @@ def test_parity_refuses_mismatched_outputs() -> None:
         ([("probabilities", (-1, 10))], [("StatefulPartitionedCall_1:0", (-1, 10))], [0]),
         ([("a", (-1, 10)), ("b", (-1, 1))], [("b", (-1, 1)), ("a", (-1, 10))], [1, 0]),  # by name
         ([("a", (-1, 10)), ("b", (-1, 1))], [("x:0", (-1, 1)), ("x:1", (-1, 10))], [1, 0]),  # by shape
-        ([("a", (-1, 2)), ("b", (-1, 2))], [("x:0", (-1, 2)), ("x:1", (-1, 2))], [0, 1]),  # by position
+        ([("a", (-1, 2)), ("b", (-1, 2))], [("x:1", (-1, 2), "b"), ("x:0", (-1, 2), "a")], [1, 0]),  # by SignatureDef key
+        ([("a", (-1, 2)), ("b", (-1, 2))], [("serving_default_b:0", (-1, 2)), ("serving_default_a:0", (-1, 2))], [1, 0]),
     ],
 )
 def test_align_outputs(ref: list, cand: list, expected: list[int]) -> None:
-    specs = lambda items: [TensorSpec(n, s, "float32") for n, s in items]
+    specs = lambda items: [TensorSpec(item[0], item[1], "float32", key=item[2] if len(item) > 2 else "") for item in items]
     assert align_outputs(specs(ref), specs(cand)) == expected
+
+
+def test_same_shaped_outputs_without_common_names_are_refused_not_paired_by_position() -> None:
+    ref = [TensorSpec("a", (-1, 2), "float32"), TensorSpec("b", (-1, 2), "float32")]
+    cand = [TensorSpec("x:0", (-1, 2), "float32"), TensorSpec("x:1", (-1, 2), "float32")]
+    with pytest.raises(BadInputError, match="cannot pair the outputs by name"):
+        align_outputs(ref, cand)
+
+
+@pytest.mark.parametrize(
+    "specs, names, expected",
+    [
+        ([("serving_default_tokens:0", ""), ("serving_default_meta:0", "")], ["meta", "tokens"], [1, 0]),
+        ([("x:0", "meta"), ("y:0", "tokens")], ["tokens", "meta"], [1, 0]),
+        ([("anything", "")], ["other"], [0]),  # one tensor each side: the only pairing there is
+        ([("meta", ""), ("serving_default_meta:0", "")], ["meta"], [0]),  # the exact name wins over an alias
+    ],
+)
+def test_match_names(specs: list, names: list[str], expected: list[int]) -> None:
+    tensors = [TensorSpec(n, (-1, 3), "float32", key=k) for n, k in specs]
+    assert match_names(tensors, names) == expected
+
+
+def test_match_names_refuses_unknown_and_duplicate_names() -> None:
+    tensors = [TensorSpec("serving_default_a:0", (-1,), "float32"), TensorSpec("serving_default_b:0", (-1,), "float32")]
+    with pytest.raises(BadInputError, match="no input named 'c' .*a, b"):
+        match_names(tensors, ["a", "c"])
+    with pytest.raises(BadInputError, match="same tensor"):
+        match_names(tensors, ["a", "serving_default_a:0"])
 
 
 @pytest.mark.parametrize(

@@ -24,14 +24,16 @@ __all__ = [
     "TensorSpec",
     "available_runtimes",
     "detect_model_format",
+    "match_names",
     "open_model",
+    "tensor_aliases",
 ]
 
 import importlib
 import importlib.util
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -111,6 +113,49 @@ class ModelSignature:
         )
 
 
+_NAME_PREFIXES = ("serving_default_", "StatefulPartitionedCall_")
+
+
+def tensor_aliases(spec: TensorSpec) -> tuple[str, ...]:
+    """The names a tensor answers to, most specific first (pure): its own name,
+    its SignatureDef key, and its name without TensorFlow's decorations
+    (``serving_default_image:0`` -> ``image``)."""
+    base = spec.name.split(":")[0]
+    for prefix in _NAME_PREFIXES:
+        base = base.removeprefix(prefix)
+    found: list[str] = []
+    for alias in (spec.name, spec.key, base):
+        if alias and alias not in found:
+            found.append(alias)
+    return tuple(found)
+
+
+def match_names(specs: Sequence[TensorSpec], names: Sequence[str], what: str = "input") -> list[int]:
+    """For each of ``names``, the index of the tensor in ``specs`` it names (pure).
+
+    Tensors are matched by name, never by position: a name matches a tensor's
+    own name first, then its SignatureDef key, then its undecorated name. The
+    one exception is a single tensor on both sides, whatever it is called.
+
+    Raises:
+        BadInputError: a name matches no tensor or the same tensor as another.
+    """
+    if len(specs) == 1 and len(names) == 1:
+        return [0]
+    chosen: list[int] = []
+    for name in names:
+        aliases = [tensor_aliases(s) for s in specs]
+        index = next((i for level in range(3) for i, known in enumerate(aliases)
+                      if len(known) > level and known[level] == name), None)
+        if index is None:
+            known = ", ".join(a[-1] for a in aliases)
+            raise BadInputError(f"no {what} named '{name}' (the model's {what}s: {known})")
+        if index in chosen:
+            raise BadInputError(f"{what} '{name}' names the same tensor as another {what}")
+        chosen.append(index)
+    return chosen
+
+
 def quantize(values: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Float values to the tensor's integer domain (pass-through if already that dtype)."""
     target = np.dtype(spec.dtype)
@@ -166,6 +211,27 @@ class ModelRunner:
         native = [quantize(np.asarray(x), spec) for x, spec in zip(inputs, self.signature.inputs)]
         outputs = self.run_raw(native)
         return [dequantize(y, spec) for y, spec in zip(outputs, self.signature.outputs)]
+
+    def ordered(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Named inputs as the positional list ``run`` takes, matched by name
+        (``match_names``), whatever order the file keeps its tensors in."""
+        specs = self.signature.inputs
+        if len(inputs) != len(specs):
+            raise BadInputError(
+                f"model takes {len(specs)} inputs ({', '.join(tensor_aliases(t)[-1] for t in specs)}), got {len(inputs)}"
+            )
+        order = match_names(specs, list(inputs), "input")
+        arrays: list[Any] = [None] * len(specs)
+        for index, array in zip(order, inputs.values()):
+            arrays[index] = array
+        return arrays
+
+    def run_named(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Inputs by name in, outputs by name out (float, like ``run``): the way a
+        caller that holds named tensors (golden vectors, a multi-input request)
+        feeds a model."""
+        outputs = self.run(self.ordered(inputs))
+        return {spec.name: y for spec, y in zip(self.signature.outputs, outputs)}
 
     def run_raw(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError

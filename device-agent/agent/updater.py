@@ -64,6 +64,7 @@ from .health import (
 from .persistence import AgentState, InstalledBundle, StateStore, UpdateRecord
 from .reporter import NullReporter, Reporter, event_document, state_document
 from .runtimes import RuntimeUnavailableError, _importable_tflite, open_model
+from .runtimes import match_names
 from .serving import LoadedModel, ServingModel, model_health, warm_up, zero_inputs
 from .slots import apply_retention, free_bytes, install_into_slot, plan_retention, slot_name
 from .sources import BundleSource, SlotSource, SourceContext, SourceRegistry, StagedBundle
@@ -206,7 +207,12 @@ def load_bundle_model(
         model.golden_input_mean = float(x.mean())
         model.golden_input_std = float(x.std()) or None
     if warm:
-        first = [np.asarray(a)[:1] for a in golden.inputs] if golden is not None else None
+        first = None
+        if golden is not None:
+            try:
+                first = runner.ordered({n: np.asarray(a)[:1] for n, a in zip(golden.input_names, golden.inputs)})
+            except EdgeshipError:
+                first = None
         try:
             warm_up(runner, first)
         except EdgeshipError:
@@ -648,12 +654,18 @@ class UpdateDriver:
                     atol=installed.golden_tolerance.get("atol", golden.atol),
                     rtol=installed.golden_tolerance.get("rtol", golden.rtol),
                 )
-            outputs = runner.run([np.asarray(x) for x in golden.inputs])
-            check = compare_outputs(golden, outputs)
+            # by name: the file's tensor order need not be the order the golden vectors were written in
+            try:
+                feed = runner.ordered({n: np.asarray(x) for n, x in zip(golden.input_names, golden.inputs)})
+                produced = match_names(runner.signature.outputs, list(golden.output_names), "output")
+            except EdgeshipError as exc:
+                return SelfTestResult(False, f"golden vectors do not fit the model: {exc.message}")
+            outputs = runner.run(feed)
+            check = compare_outputs(golden, {n: outputs[i] for n, i in zip(golden.output_names, produced)})
             if not check.passed:
                 return SelfTestResult(False, check.reason)
             reasons.append(check.reason)
-            sample = [np.asarray(x)[:1] for x in golden.inputs]
+            sample = [np.asarray(x)[:1] for x in feed]
         else:
             sample = zero_inputs(runner.signature)
             outputs = runner.run(sample)

@@ -109,33 +109,64 @@ def _print_validation(out: Any, validation: dict[str, Any]) -> None:
 @click.option("--labels", "labels_file", type=str, default=None, metavar="FILE", help="Class names, one per line, recorded in the report (the bundle's labels).")
 @click.option("--no-validate", is_flag=True, help="Skip validation against MODEL (golden vectors are still written).")
 @click.option("--allow-select-tf-ops", is_flag=True, help="Let TFLite fall back to TensorFlow kernels (the device then needs full TensorFlow).")
+@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per channel (int8).")
+@click.option("--calibration-method", "calibration_method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True, help="ONNX static int8 calibration (TFLite: minmax).")
+@click.option("--activations", type=click.Choice(["int8", "uint8", "int16"]), default="int8", show_default=True, help="Activation type: int8 or uint8 (ONNX), int8 or int16 (TFLite 16x8).")
+@click.option("--strict", is_flag=True, help="TFLite int8: refuse, naming them, operators that would stay in float.")
+@click.option("--calib-samples", "calib_samples", type=int, default=None, metavar="N", help="Use the first N calibration samples (a few hundred suffice for minmax).")
+@click.option("--keep-float", "keep_float", type=str, default=None, metavar="auto|LAYER,...", help="Leave these layers in float (int8), or 'auto': the fewest that make the gate pass.")
+@click.option("--doctor", is_flag=True, help="int8: measure and name the layers int8 hurts most, even when the gates pass.")
+@click.option("--fixed-batch", "fixed_batch", type=int, default=None, metavar="N", help="TFLite: convert with a static batch size N (recurrent models).")
+@click.option("--trust-pickle", is_flag=True, help="Load a scikit-learn .joblib/.pkl (a pickle runs code when loaded: only files you trust).")
+@click.option("--verbose", is_flag=True, help="Show the converters' and runtimes' own output.")
 @_gate_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 def convert(
     model: str, output: str, to: str | None, quantize: str, int8_io: bool, calib: str | None, eval_data: str | None,
-    preprocess: str | None, labels_file: str | None, no_validate: bool, allow_select_tf_ops: bool, max_accuracy_drop: float | None,
+    preprocess: str | None, labels_file: str | None, no_validate: bool, allow_select_tf_ops: bool, per_tensor: bool,
+    calibration_method: str, activations: str, strict: bool, calib_samples: int | None, keep_float: str | None,
+    doctor: bool, fixed_batch: int | None, trust_pickle: bool, verbose: bool, max_accuracy_drop: float | None,
     min_agreement: float | None, as_json: bool,
 ) -> None:
-    """Convert and quantize MODEL (.keras, .h5, SavedModel folder, .onnx) to OUT, validate it,
-    and write OUT.golden.npz and OUT.report.json beside it."""
-    from edgeship.converters.convert import ConversionGateError, convert_model, read_labels
+    """Convert and quantize MODEL (.keras, .h5, SavedModel folder, .onnx, scikit-learn .joblib/.pkl)
+    to OUT, validate it, and write OUT.golden.npz and OUT.report.json beside it."""
+    from edgeship.converters.convert import ConversionGateError, QuantizationChoices, convert_model, read_labels
     from edgeship.converters.data import parse_preprocessing
+    from edgeship.converters.quiet import stage_lines
 
     limits = _limits(max_accuracy_drop, min_agreement)
     spec = parse_preprocessing(preprocess)
     labels = read_labels(labels_file) if labels_file else None
+    keep = tuple(k.strip() for k in keep_float.split(",") if k.strip()) if keep_float else ()
+    if "auto" in keep and keep != ("auto",):
+        raise BadInputError("--keep-float takes 'auto' or a list of layers, not both")
+    choices = QuantizationChoices(
+        per_channel=not per_tensor, method=calibration_method, activations=activations, strict=strict,
+        samples=calib_samples, keep_float=keep, fixed_batch=fixed_batch, doctor=doctor,
+    )
     try:
-        with progress_reporter(enabled=sys.stderr.isatty()) as progress:
+        with progress_reporter(enabled=sys.stderr.isatty()) as bars:
+            lines = stage_lines() if not sys.stderr.isatty() else None
+
+            def progress(description: str, completed: int, total: int) -> None:
+                bars(description, completed, total)
+                if lines is not None:
+                    lines(description, completed, total)
+
             result = convert_model(
                 model, output, to=to, quantize=quantize, int8_io=int8_io, calib=calib, eval_data=eval_data,
                 preprocessing=spec, validate=not no_validate, limits=limits, allow_select_tf_ops=allow_select_tf_ops,
-                labels=labels, progress=progress,
+                labels=labels, progress=progress, choices=choices, trust_pickle=trust_pickle, verbose=verbose,
             )
     except ConversionGateError as exc:
         if as_json:
             emit_json({"written": False, "error": exc.message, "report": exc.report})
         elif exc.report.get("validation"):
             _print_validation(_console(stderr=True), exc.report["validation"])
+            doctor = (exc.report.get("conversion") or {}).get("doctor")
+            if doctor and doctor.get("worst_layers"):
+                names = ", ".join(row["layer"] for row in doctor["worst_layers"][:3])
+                _line(_console(stderr=True), f"int8 error is largest at: {names}; try --keep-float auto (or --keep-float {doctor['worst_layers'][0]['layer']})")
         raise
     report = result.report
     if as_json:
@@ -153,6 +184,18 @@ def convert(
         f"{report['operators']['fully_integer']})"
     )
     _line(out, f"wrote {result.golden_path} ({golden['samples']} samples, atol {golden['atol']:.3g}) and {result.report_path}")
+    conversion = report["conversion"]
+    for note in conversion.get("notes") or []:
+        _line(out, f"note: {note}")
+    doctor = conversion.get("doctor")
+    if doctor and doctor.get("worst_layers"):
+        worst = ", ".join(f"{row['layer']} ({row.get('introduced', row.get('rmse_over_scale')) or 0:.3g})" for row in doctor["worst_layers"][:3])
+        _line(out, f"int8 error is largest at: {worst}")
+        if doctor.get("kept_in_float"):
+            _line(out, f"kept in float: {', '.join(doctor['kept_in_float'])}")
+    peak = conversion.get("peak_rss_mib") or {}
+    _line(out, f"took {conversion.get('seconds', 0):.1f} s; peak memory {peak.get('edgeship') or 0:.0f} MiB here, "
+               f"{peak.get('converter') or 0:.0f} MiB in the converter")
 
 
 @click.command("validate")
@@ -179,7 +222,7 @@ def validate(
         raise BadInputError("--runs and --threads must be at least 1")
     spec = parse_preprocessing(preprocess)
     with open_any_model(reference, threads=threads) as ref, open_any_model(candidate, threads=threads) as cand:
-        dataset = load_dataset(data, input_shapes=[s.shape for s in ref.signature.inputs], preprocessing=spec)
+        dataset = load_dataset(data, input_specs=ref.signature.inputs, preprocessing=spec)
         with progress_reporter(enabled=sys.stderr.isatty()) as progress:
             result = validate_models(ref, cand, dataset, limits=limits, latency_runs=runs, threads=threads, progress=progress)
     if as_json:
@@ -253,7 +296,7 @@ def bench(models: Sequence[str], threads: int, runs: int, warmup: int, data: str
             before = rss_mib()
             with open_any_model(path, threads=threads) as runner:
                 if data is not None:
-                    dataset = load_dataset(data, input_shapes=[s.shape for s in runner.signature.inputs])
+                    dataset = load_dataset(data, input_specs=runner.signature.inputs)
                     inputs = [x[:1] for x in dataset.inputs]
                 else:
                     inputs = sample_inputs(runner.signature.inputs)
