@@ -94,8 +94,15 @@ class VariantResult:
 
 
 def train(out_dir: str | os.PathLike[str], *, epochs: int = 12, seed: int = 0) -> dict[str, Path]:
-    """Train the CNN and save ``digits.keras``, ``calib.npz`` and ``eval.npz`` in ``out_dir``."""
-    return save_digits_model(out_dir, epochs=epochs, seed=seed)
+    """Train the CNN and save ``digits.keras``, ``calib.npz`` and ``eval.npz`` in ``out_dir``.
+
+    Quietly, as the converters run (EDGESHIP_VERBOSE=1 shows everything): importing TensorFlow
+    prints absl and oneDNN lines that no environment variable of TensorFlow 2.21 turns off.
+    """
+    from edgeship.converters.quiet import quiet_output
+
+    with quiet_output():
+        return save_digits_model(out_dir, epochs=epochs, seed=seed)
 
 
 def write_labels(path: Path) -> Path:
