@@ -171,6 +171,9 @@ def test_careless_requests_get_clear_answers(fleet: Any) -> None:
     client = Client(server.port)
     client.login(VIEWER_TOKEN)
     assert client.request("GET", "/devices/nobody")[0] == 404
+    assert client.request("GET", "/rollouts/r-missing")[0] == 404
+    assert client.request("GET", "/abtests/ab-missing")[0] == 404
+    assert client.request("GET", "/?tag=no-equals-sign")[0] == 400
     assert client.request("GET", "/no/such/page")[0] == 404
     assert client.request("GET", "/static/../store.py")[0] == 404
     assert client.request("PUT", "/")[0] in (405, 501)

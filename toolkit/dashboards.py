@@ -43,6 +43,12 @@ def _panel(pid: int, kind: str, title: str, targets: Sequence[dict[str, Any]], g
     return panel
 
 
+def _latency_quantiles(bucket: str, selector: str, by: str, legend: str) -> list[dict[str, Any]]:
+    """p50, p95 and p99 of a latency histogram, grouped ``by`` (one target each)."""
+    return [_target(f"histogram_quantile({q}, sum by ({by}, le) (rate({bucket}{{{selector}}}[$__rate_interval])))",
+                    f"p{round(q * 100)} {legend}") for q in (0.5, 0.95, 0.99)]
+
+
 def _query_variable(name: str, label: str, query: str) -> dict[str, Any]:
     return {"name": name, "label": label, "type": "query", "datasource": _DATASOURCE,
             "query": {"query": query, "refId": f"{name}-values"}, "definition": query,
@@ -94,9 +100,8 @@ def fleet_dashboard() -> dict[str, Any]:
                (12, 8, 12, 8), unit="percentunit",
                description="A caller's bad input is not counted: only failures of the model on valid input."),
         _panel(10, "timeseries", "Latency p50 / p95 / p99, by version",
-               [_target(f"histogram_quantile({q}, sum by (bundle, version, le) "
-                        f"(rate(edgeship_fleet_latency_seconds_bucket{{{v}}}{rate})))", f"p{round(q * 100)} {by_version}")
-                for q in (0.5, 0.95, 0.99)], (0, 16, 12, 8), unit="s"),
+               _latency_quantiles("edgeship_fleet_latency_seconds_bucket", v, "bundle, version", by_version),
+               (0, 16, 12, 8), unit="s"),
         _panel(11, "heatmap", "Latency distribution",
                [_target(f"sum by (le) (increase(edgeship_fleet_latency_seconds_bucket{{{v}}}{rate}))", "{{le}}",
                         format="heatmap")], (12, 16, 12, 8), options={"calculate": False, "yAxis": {"unit": "s"}}),
@@ -146,9 +151,8 @@ def device_dashboard() -> dict[str, Any]:
                [_target(f"sum by (model, kind) (rate(edgeship_predict_errors_total{{{i}}}{rate}))", "{{model}} {{kind}}")],
                (12, 0, 12, 8), unit="reqps"),
         _panel(3, "timeseries", "Latency p50 / p95 / p99",
-               [_target(f"histogram_quantile({q}, sum by (model, version, le) "
-                        f"(rate(edgeship_predict_latency_seconds_bucket{{{i}}}{rate})))", f"p{round(q * 100)} {by_model}")
-                for q in (0.5, 0.95, 0.99)], (0, 8, 12, 8), unit="s"),
+               _latency_quantiles("edgeship_predict_latency_seconds_bucket", i, "model, version", by_model),
+               (0, 8, 12, 8), unit="s"),
         _panel(4, "heatmap", "Latency distribution",
                [_target(f"sum by (le) (increase(edgeship_predict_latency_seconds_bucket{{{i}}}{rate}))", "{{le}}",
                         format="heatmap")], (12, 8, 12, 8), options={"calculate": False, "yAxis": {"unit": "s"}}),

@@ -226,9 +226,15 @@ class ConsoleServer:
         self._send(request, 200, body, "text/html; charset=utf-8")
 
     def _page(self, parts: list[str], query: dict[str, str]) -> views.Page:
+        # The fleet page's filters are the caller's words (400); every other page reads one record
+        # by the id in its path, and the store refusing it means there is no such record (404).
+        if not parts:
+            try:
+                flt = views.FleetFilter.from_query(query)
+            except EdgeshipError as exc:
+                raise _Answer(400, exc.message) from None
+            return views.fleet_page(self.store, flt)
         try:
-            if not parts:
-                return views.fleet_page(self.store, views.FleetFilter.from_query(query))
             if parts[0] == "devices" and len(parts) == 2:
                 return views.device_page(self.store, parts[1])
             if parts == ["rollouts"]:
@@ -240,7 +246,7 @@ class ConsoleServer:
             if parts[0] == "abtests" and len(parts) == 2:
                 return views.abtest_page(self.store, parts[1])
         except EdgeshipError as exc:
-            raise _Answer(404 if "unknown" in exc.message or "no " in exc.message else 400, exc.message) from None
+            raise _Answer(404, exc.message) from None
         raise _Answer(404, "no such page")
 
     def _act(self, request: BaseHTTPRequestHandler, parts: list[str], form: dict[str, str]) -> None:

@@ -105,8 +105,6 @@ class FleetFilter:
         key, _, value = self.tag.partition("=")
         return ((key.strip(), value.strip()),)
 
-    def query(self) -> dict[str, str]:
-        return {k: v for k, v in self.__dict__.items() if v}
 
 
 def fleet_page(store: Any, flt: FleetFilter) -> Page:
