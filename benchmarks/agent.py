@@ -262,6 +262,8 @@ def make_device(base: Path) -> tuple[Path, Path, Path]:
     """A release repository with digits 1.0.0 and 2.0.0, an agent config, and digits 1.0.0
     installed and committed (the real offline-package path)."""
     import tensorflow as tf
+    from model import save_digits_model
+
     from edgeship.agent.config import load_config, render_config
     from edgeship.agent.runtimes import open_model
     from edgeship.agent.serving import ServingModel
@@ -270,7 +272,6 @@ def make_device(base: Path) -> tuple[Path, Path, Path]:
     from edgeship.ota.bundle import build_bundle
     from edgeship.ota.golden import GoldenVectors
     from edgeship.ota.release import ReleaseRepository
-    from model import save_digits_model
 
     files = save_digits_model(base / "digits", epochs=8)
     keras_model = tf.keras.models.load_model(files["model"])

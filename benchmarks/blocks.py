@@ -29,26 +29,26 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import paho.mqtt.client as paho
-from edgeship.ota.blocks import BlockTransferConfig, MqttBlockFetcher
-from edgeship.ota.transport import MqttConnection
-from edgeship.toolkit.blockserver import BlockServer
 from mqtt_broker import MosquittoBroker
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from results_doc import write_section
+
+from edgeship.ota.blocks import BlockTransferConfig, MqttBlockFetcher
+from edgeship.ota.transport import MqttConnection
+from edgeship.toolkit.blockserver import BlockServer
 
 
 def bare_paho(port: int, data: bytes, block: int, qos: int) -> float:
     """Seconds to move ``data`` in ``block``-byte messages from one paho client to another."""
     chunks = [data[i:i + block] for i in range(0, len(data), block)]
     done = threading.Event()
-    received: List[int] = [0]
+    received: list[int] = [0]
     sink = bytearray()
 
     def on_message(client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
@@ -120,7 +120,7 @@ def main() -> None:
     size = int(args.size_mb * 1024 * 1024)
     block = args.block_kb * 1024
     data = os.urandom(size)
-    rows: List[Dict[str, object]] = []
+    rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         root = folder / "repo"

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from broker_fixtures import start_broker  # noqa: E402
+
 from edgeship.toolkit import broker_config as bc  # noqa: E402
 
 

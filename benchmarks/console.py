@@ -38,9 +38,10 @@ from console_fixtures import (
     start_abtest,
     start_rollout,
 )
+from results_doc import write_section
+
 from edgeship.ota.protocol import TelemetryMessage
 from edgeship.toolkit.store import FleetStore, IngestItem
-from results_doc import write_section
 
 
 def fetch(port: int, path: str) -> float:

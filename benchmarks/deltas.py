@@ -32,9 +32,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "examples" / "digits"))
 
 import numpy as np
+from results_doc import write_section
+
 from edgeship.ota.bundle import build_bundle
 from edgeship.toolkit.deltas import DEFAULT_LEVEL, build_delta
-from results_doc import write_section
 
 LINK_BYTES_PER_S = 1_000_000
 

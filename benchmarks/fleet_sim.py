@@ -46,7 +46,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -74,7 +74,16 @@ from edgeship.ota.protocol import (
 )
 from edgeship.ota.release import ReleaseRepository
 from edgeship.ota.telemetry import LatencyHistogram
-from edgeship.ota.topics import BLOCK_DATA, BLOCK_REQUEST, DESIRED, EVENTS, REPORTED, STATUS, TELEMETRY, device_topic
+from edgeship.ota.topics import (
+    BLOCK_DATA,
+    BLOCK_REQUEST,
+    DESIRED,
+    EVENTS,
+    REPORTED,
+    STATUS,
+    TELEMETRY,
+    device_topic,
+)
 from edgeship.toolkit.store import FleetStore
 
 FLEET = "sim"
@@ -91,19 +100,19 @@ def _fmt(seconds: float) -> str:
 class SimDevice:
     """One device: one paho client (its own TCP connection and client id) on the shared loop."""
 
-    def __init__(self, sim: "Simulator", device: str) -> None:
+    def __init__(self, sim: Simulator, device: str) -> None:
         self.sim, self.device = sim, device
         self.loop = sim.loop
         self.active = {"name": "digits", "version": "1.0.0"}
         self.connected = asyncio.Event()
         self.seq = 0
-        self.last_sequence: Optional[int] = None
+        self.last_sequence: int | None = None
         self.state: Any = None
-        self.info: Optional[BlockInfo] = None
-        self.blocks: Dict[int, bytes] = {}
+        self.info: BlockInfo | None = None
+        self.blocks: dict[int, bytes] = {}
         self.progress_at = 0.0
         self.request_no = 0
-        self.committed_at: Optional[float] = None
+        self.committed_at: float | None = None
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=device, protocol=paho.MQTTv5)
         self.client.will_set(self.topic(STATUS), encode_message(StatusMessage("offline")), qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -113,7 +122,7 @@ class SimDevice:
         self.client.on_socket_register_write = lambda c, u, s: self.loop.add_writer(s, c.loop_write)
         self.client.on_socket_unregister_write = lambda c, u, s: self.loop.remove_writer(s)
         self.client.max_inflight_messages_set(100)
-        self._misc: Optional[asyncio.Task] = None
+        self._misc: asyncio.Task | None = None
 
     def topic(self, kind: str) -> str:
         return device_topic(FLEET, self.device, kind)
@@ -142,7 +151,7 @@ class SimDevice:
         self.report()
         self.connected.set()
 
-    def report(self, update: Optional[Dict[str, Any]] = None) -> None:
+    def report(self, update: dict[str, Any] | None = None) -> None:
         message = ReportedMessage(self.device, time.time(), dict(self.active), update=update, agent_version="sim",
                                   runtime="none")
         self.client.publish(self.topic(REPORTED), encode_message(message), 1, True)
@@ -180,7 +189,7 @@ class SimDevice:
         self.report({"state": "FETCHING", "bundle": {"name": state.bundle, "version": state.version}})
         self._request(None)
 
-    def _request(self, indexes: Optional[List[int]]) -> None:
+    def _request(self, indexes: list[int] | None) -> None:
         self.request_no += 1
         self.progress_at = time.monotonic()
         bitmap = None
@@ -192,7 +201,7 @@ class SimDevice:
                                offset)
         self.client.publish(self.topic(BLOCK_REQUEST), encode_message(request), 1)
 
-    def _missing(self) -> List[int]:
+    def _missing(self) -> list[int]:
         assert self.info is not None
         return [i for i in range(self.info.blocks_total) if i not in self.blocks]
 
@@ -255,13 +264,13 @@ class Simulator:
         self.host, self.port, self.n = host, port, n
         self.director_key = load_director_public_key(director_pub)
         self.loop = asyncio.new_event_loop()
-        self.devices: List[SimDevice] = []
+        self.devices: list[SimDevice] = []
         self.bytes_received = 0
         self.retries = 0
         self.rate_limited = 0
         self.mismatches = 0
         self.errors = 0
-        self.target_file: Optional[Path] = None
+        self.target_file: Path | None = None
         self.thread = threading.Thread(target=self.loop.run_forever, name="sim-loop", daemon=True)
 
     def start(self) -> None:
@@ -317,9 +326,9 @@ class Simulator:
 
 # -- the harness ---------------------------------------------------------------------------------
 
-def _metrics(port: int) -> Dict[str, float]:
+def _metrics(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    values: Dict[str, float] = {}
+    values: dict[str, float] = {}
     for line in text.splitlines():
         if line and not line.startswith("#") and "{" not in line:
             name, value = line.rsplit(" ", 1)
@@ -382,15 +391,16 @@ def _baseline_subscriber(host: str, port: int) -> Any:
 
 
 def _telemetry_rows(store: FleetStore) -> int:
-    from edgeship.toolkit.store import telemetry
     import sqlalchemy as sa
+
+    from edgeship.toolkit.store import telemetry
 
     with store.engine.connect() as conn:
         return int(conn.execute(sa.select(sa.func.count()).select_from(telemetry)).scalar_one())
 
 
 def _telemetry_phase(sim: Simulator, hz: float, seconds: int, metrics_port: int, proc: psutil.Process,
-                     broker_port: int, store: FleetStore) -> Dict[str, Any]:
+                     broker_port: int, store: FleetStore) -> dict[str, Any]:
     n = len(sim.devices)
     histogram = LatencyHistogram()
     rng = random.Random(3)
@@ -402,9 +412,9 @@ def _telemetry_phase(sim: Simulator, hz: float, seconds: int, metrics_port: int,
     time.sleep(0.5)
     before = _metrics(metrics_port)
     cpu0 = _cpu(proc)
-    lags: List[float] = []
-    depth: List[float] = []
-    ticks: List[float] = []
+    lags: list[float] = []
+    depth: list[float] = []
+    ticks: list[float] = []
     stop = threading.Event()
 
     def sample() -> None:
@@ -451,11 +461,11 @@ def _telemetry_phase(sim: Simulator, hz: float, seconds: int, metrics_port: int,
     return r
 
 
-def run(n: int, bundle_mb: float, telemetry_s: int, rates: List[float], work: Path) -> Dict[str, Any]:
+def run(n: int, bundle_mb: float, telemetry_s: int, rates: list[float], work: Path) -> dict[str, Any]:
     from mqtt_broker import MosquittoBroker
     from ota_repo_simulator import make_bundle
 
-    results: Dict[str, Any] = {"devices": n, "bundle_mb": bundle_mb}
+    results: dict[str, Any] = {"devices": n, "bundle_mb": bundle_mb}
     broker = MosquittoBroker(work / "mosquitto", "listener {port} 127.0.0.1\nallow_anonymous true\n"
                                                   "persistence false\nmax_queued_messages 10000\n").start()
     repo = ReleaseRepository(work / "repo")
@@ -500,7 +510,7 @@ def run(n: int, bundle_mb: float, telemetry_s: int, rates: List[float], work: Pa
                               "--db", db], capture_output=True, text=True, check=True, timeout=60)
         rollout_id = out.stdout.strip()
         print(f"rollout {rollout_id} of a {target.length / 1e6:.2f} MB bundle to {n} devices ...", flush=True)
-        stage_times: List[float] = []
+        stage_times: list[float] = []
         last_stage = 0
         while True:
             rollout, _ = store.load_rollout(rollout_id)
@@ -547,7 +557,7 @@ def run(n: int, bundle_mb: float, telemetry_s: int, rates: List[float], work: Pa
     return results
 
 
-def render(r: Dict[str, Any], command: str) -> str:
+def render(r: dict[str, Any], command: str) -> str:
     mb = r["bundle_bytes"] / 1e6
     moved = r["block_bytes_sent"] or r["bytes_received"]
     rollout_mbps = moved / 1e6 / r["rollout_s"]

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -45,13 +45,13 @@ def _message(rng: random.Random) -> TelemetryMessage:
                             drift=0.02)
 
 
-def _timed(func: Callable[[], int]) -> Tuple[int, float]:
+def _timed(func: Callable[[], int]) -> tuple[int, float]:
     start = time.perf_counter()
     count = func()
     return count, time.perf_counter() - start
 
 
-def run(url: str, messages: int) -> List[Tuple[str, int, float]]:
+def run(url: str, messages: int) -> list[tuple[str, int, float]]:
     rng = random.Random(1)
     store = FleetStore(url)
     samples = [_message(rng) for _ in range(200)]
@@ -59,7 +59,7 @@ def run(url: str, messages: int) -> List[Tuple[str, int, float]]:
     devices = [f"dev-{i:04d}" for i in range(DEVICES)]
     now = time.time()
     store.ingest([IngestItem(FLEET, d, samples[0], now) for d in devices])  # the devices exist
-    results: List[Tuple[str, int, float]] = []
+    results: list[tuple[str, int, float]] = []
 
     def one_by_one() -> int:
         count = max(200, messages // 10)
@@ -107,7 +107,7 @@ def run(url: str, messages: int) -> List[Tuple[str, int, float]]:
     return results
 
 
-def markdown(url: str, results: List[Tuple[str, int, float]]) -> str:
+def markdown(url: str, results: list[tuple[str, int, float]]) -> str:
     baseline_rate = results[0][1] / results[0][2]
     kind = "temporary WAL file" if url.startswith("sqlite") else "server"
     intro = (f"Store: `{url.split('://')[0]}` ({kind}), {DEVICES} devices, telemetry messages with a 26-bucket "

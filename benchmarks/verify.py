@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -94,7 +94,7 @@ def child(mode: str, bundle: str, repo: str, scratch: str) -> None:
                       "added": max(0, peak - rss_before)}))
 
 
-def _run_child(mode: str, bundle: Path, repo: Path) -> Dict[str, Any]:
+def _run_child(mode: str, bundle: Path, repo: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-child-", dir=bundle.parent) as scratch:
         done = subprocess.run([sys.executable, __file__, "--child", mode, str(bundle), str(repo), scratch],
                               capture_output=True, text=True, check=True)
@@ -151,8 +151,8 @@ def main() -> None:
         (folder / "repo" / "bench.json").write_text(json.dumps({"name": "big", "version": "1.0.0"}))
         length = bundle.stat().st_size
         _sha256sum(bundle)  # warm the page cache for everyone
-        runs: Dict[str, List[Dict[str, Any]]] = {"verify": [], "device": []}
-        baseline: List[float] = []
+        runs: dict[str, list[dict[str, Any]]] = {"verify": [], "device": []}
+        baseline: list[float] = []
         for _ in range(args.repeat):
             baseline.append(_sha256sum(bundle))
             runs["verify"].append(_run_child("verify", bundle, folder / "repo"))
@@ -160,7 +160,7 @@ def main() -> None:
 
     base = statistics.median(baseline)
     rows = []
-    results: Dict[str, Any] = {"bundle_bytes": length, "sha256sum_s": base}
+    results: dict[str, Any] = {"bundle_bytes": length, "sha256sum_s": base}
     for mode, label in (("verify", "`bundle verify` (TUF metadata + one streaming pass)"),
                         ("device", "device `fetch_verified_bundle` (download, verify, extract)")):
         seconds = statistics.median(r["seconds"] for r in runs[mode])

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
 from edgeship.agent.runtimes import ModelRunner, TensorSpec
 from edgeship.ota.errors import BadInputError
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgeship.agent.runtimes import ModelLoadError, ModelRunner
 from edgeship.ota.atomicfile import atomic_output_path, atomic_write_json
 from edgeship.ota.bundle import read_labels

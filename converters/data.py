@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgeship.agent.runtimes import TensorSpec, tensor_aliases
 from edgeship.ota.errors import BadInputError, require_module
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgeship.ota.errors import require_module
 
 from .data import Dataset

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgeship.ota.errors import BadInputError, EdgeshipError, GateFailedError, MissingExtraError
 
 from .data import Dataset

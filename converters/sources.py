@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgeship.agent.runtimes import (
     ModelLoadError,
     ModelRunner,

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgeship.agent.runtimes import ModelLoadError, TensorSpec, match_names
 from edgeship.ota.errors import BadInputError, EdgeshipError, first_line, require_module
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgeship.agent.runtimes import TensorSpec, match_names
 from edgeship.ota.errors import BadInputError, EdgeshipError
 

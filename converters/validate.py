@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgeship.agent.runtimes import ModelRunner, TensorSpec, match_names, tensor_aliases
 from edgeship.ota.errors import BadInputError, GateFailedError
 

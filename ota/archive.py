@@ -43,7 +43,7 @@ __all__ = [
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Optional
+from typing import BinaryIO
 
 from .errors import SecurityError
 from .hashing import CHUNK_SIZE
@@ -203,7 +203,7 @@ class TarStreamReader:
     Each error is an :class:`UnsafeBundleError` subclass naming the member.
     """
 
-    def __init__(self, stream: BinaryIO, limits: Optional[ExtractionLimits] = None, *, nested: bool = False,
+    def __init__(self, stream: BinaryIO, limits: ExtractionLimits | None = None, *, nested: bool = False,
                  what: str = "bundle") -> None:
         self._stream = stream
         self.limits = limits or ExtractionLimits()
@@ -246,7 +246,7 @@ class TarStreamReader:
 
     # -- headers --------------------------------------------------------------------------------
 
-    def next_member(self) -> Optional[TarMember]:
+    def next_member(self) -> TarMember | None:
         """Parse and judge the next header; None at the end-of-archive marker."""
         if self._ended:
             return None
@@ -342,7 +342,7 @@ class TarStreamReader:
 
     # -- content --------------------------------------------------------------------------------
 
-    def read_content(self, member: TarMember, *, cap: Optional[int] = None) -> Iterator[bytes]:
+    def read_content(self, member: TarMember, *, cap: int | None = None) -> Iterator[bytes]:
         """Yield the member's content in chunks of at most 1 MiB.
 
         Args:

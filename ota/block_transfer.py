@@ -47,9 +47,10 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple, Union
+from typing import Callable
 from urllib import parse
 
 from .atomicfile import atomic_write_json
@@ -87,7 +88,7 @@ class BlockTransferFailed(TransportError):
     is the server's HTTP-like answer where it gave one (404: no such file, 400: a
     refused URL), else None."""
 
-    def __init__(self, message: str, status_code: Optional[int] = None) -> None:
+    def __init__(self, message: str, status_code: int | None = None) -> None:
         Exception.__init__(self, message)
         self.status_code = status_code
 
@@ -161,7 +162,7 @@ class PartialFile:
 
     FORMAT = "edgeship-partial-file"
 
-    def __init__(self, folder: Path, stream: str, file_size: int, block_size: int, etag: Optional[str]) -> None:
+    def __init__(self, folder: Path, stream: str, file_size: int, block_size: int, etag: str | None) -> None:
         self.folder = folder
         self.stream = stream
         self.file_size = file_size
@@ -171,10 +172,10 @@ class PartialFile:
         key = hashlib.sha256(stream.encode("utf-8")).hexdigest()[:40]
         self.data_path = folder / f"{key}.part"
         self.sidecar_path = folder / f"{key}.json"
-        self.have: Set[int] = set()
+        self.have: set[int] = set()
         self._unsynced = 0
         self._last_sync = time.monotonic()
-        self._syncer: Optional[threading.Thread] = None
+        self._syncer: threading.Thread | None = None
         self._discarded = False
         folder.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
@@ -209,7 +210,7 @@ class PartialFile:
         self.have = {i for i in have if 0 <= i < self.total}
         return True
 
-    def _write_sidecar(self, have: Optional[List[int]] = None) -> None:
+    def _write_sidecar(self, have: list[int] | None = None) -> None:
         held = sorted(self.have) if have is None else have
         atomic_write_json(self.sidecar_path, {
             "format": self.FORMAT, "stream": self.stream, "file_size": self.file_size,
@@ -220,7 +221,7 @@ class PartialFile:
     def complete(self) -> bool:
         return len(self.have) == self.total
 
-    def missing(self) -> List[int]:
+    def missing(self) -> list[int]:
         return [i for i in range(self.total) if i not in self.have]
 
     def write(self, index: int, data: bytes) -> None:
@@ -260,13 +261,13 @@ class PartialFile:
                                         name="partial-file-sync")
         self._syncer.start()
 
-    def _sync_now(self, have: List[int]) -> None:
+    def _sync_now(self, have: list[int]) -> None:
         os.fsync(self._fd)
         self._write_sidecar(have)
         self._unsynced = 0
         self._last_sync = time.monotonic()
 
-    def _sync_in_background(self, have: List[int]) -> None:
+    def _sync_in_background(self, have: list[int]) -> None:
         try:
             os.fsync(self._fd)
             self._write_sidecar(have)
@@ -323,10 +324,10 @@ class MqttBlockDownloader:
         *,
         fleet: str,
         device: str,
-        work_dir: Union[str, os.PathLike[str]],
+        work_dir: str | os.PathLike[str],
         prefix: str = DEFAULT_PREFIX,
-        config: Optional[BlockTransferConfig] = None,
-        progress: Optional[ProgressCallback] = None,
+        config: BlockTransferConfig | None = None,
+        progress: ProgressCallback | None = None,
     ) -> None:
         self.connection = connection
         self.config = config or BlockTransferConfig()
@@ -339,9 +340,9 @@ class MqttBlockDownloader:
         self.dropped_replies = 0
         self._subscribed = False
         self._lock = threading.Lock()
-        self.requests_sent: Deque[Tuple[float, BlockRequest]] = collections.deque(maxlen=20_000)
+        self.requests_sent: collections.deque[tuple[float, BlockRequest]] = collections.deque(maxlen=20_000)
         """The last requests this fetcher sent, with their time.monotonic() (for diagnostics and tests)."""
-        self.current: Optional[PartialFile] = None
+        self.current: PartialFile | None = None
         """The partial file being fetched now, if any."""
         self.blocks_received = 0
         self.duplicate_blocks = 0
@@ -398,7 +399,7 @@ class MqttBlockDownloader:
             log.info("resuming %s: %d of %d blocks already on disk", stream, len(partial.have), partial.total)
         return self._blocks(partial, deadline)
 
-    def fetch_to_file(self, url: str, destination: Union[str, os.PathLike[str]]) -> int:
+    def fetch_to_file(self, url: str, destination: str | os.PathLike[str]) -> int:
         """Fetch ``url`` into ``destination`` (outside the TUF client); returns the byte count."""
         count = 0
         try:
@@ -442,9 +443,9 @@ class MqttBlockDownloader:
         config = self.config
         stream = partial.stream
         next_yield = 0
-        pending: Deque[int] = collections.deque(partial.missing())
-        inflight: Dict[int, float] = {}
-        fresh: Dict[int, bytes] = {}
+        pending: collections.deque[int] = collections.deque(partial.missing())
+        inflight: dict[int, float] = {}
+        fresh: dict[int, bytes] = {}
         not_before = 0.0
         last_progress = time.monotonic()
         was_connected = True
@@ -486,7 +487,7 @@ class MqttBlockDownloader:
                 room = config.window - len(inflight)
                 if connected and pending and now >= not_before \
                         and (room >= max(1, config.window // 4) or not inflight):
-                    batch: List[int] = []
+                    batch: list[int] = []
                     while pending and len(batch) < room:
                         index = pending.popleft()
                         if index not in partial.have:

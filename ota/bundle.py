@@ -39,7 +39,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple, Union
+from typing import Any, BinaryIO, Callable
 
 from .archive import (
     CHUNK_SIZE,
@@ -88,9 +88,9 @@ class ExtractedBundle:
     root: Path
     manifest: BundleManifest
     model_path: Path
-    golden_path: Optional[Path]
-    labels_path: Optional[Path]
-    report_path: Optional[Path] = None
+    golden_path: Path | None
+    labels_path: Path | None
+    report_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -104,13 +104,13 @@ class BundleScan:
 
 # -- building --------------------------------------------------------------------------------------
 
-def sidecar_files(model_path: str | os.PathLike[str]) -> Dict[str, Optional[Path]]:
+def sidecar_files(model_path: str | os.PathLike[str]) -> dict[str, Path | None]:
     """The converter's files beside a model: ``MODEL.golden.npz`` and ``MODEL.report.json``.
 
     ``digits.tflite`` -> ``digits.tflite.golden.npz`` (or ``digits.golden.npz``).
     """
     model = Path(model_path)
-    found: Dict[str, Optional[Path]] = {}
+    found: dict[str, Path | None] = {}
     for key, suffix in (("golden", ".golden.npz"), ("report", ".report.json")):
         candidates = [model.with_name(model.name + suffix), model.with_name(model.stem + suffix)]
         found[key] = next((c for c in candidates if c.is_file()), None)
@@ -120,7 +120,7 @@ def sidecar_files(model_path: str | os.PathLike[str]) -> Dict[str, Optional[Path
 class _ProgressReader:
     """A file wrapper that reports how much of it was read (tarfile copies through ``read``)."""
 
-    def __init__(self, handle: BinaryIO, progress: Optional[ProgressCallback], total: int) -> None:
+    def __init__(self, handle: BinaryIO, progress: ProgressCallback | None, total: int) -> None:
         self._handle = handle
         self._progress = progress
         self._total = total
@@ -134,7 +134,7 @@ class _ProgressReader:
         return data
 
 
-def _load_report(report: Any) -> Dict[str, Any]:
+def _load_report(report: Any) -> dict[str, Any]:
     if report is None:
         return {}
     if isinstance(report, Mapping):
@@ -153,7 +153,7 @@ def _load_report(report: Any) -> Dict[str, Any]:
     return doc
 
 
-def read_labels(path: Union[str, "os.PathLike[str]"]) -> Tuple[str, ...]:
+def read_labels(path: str | os.PathLike[str]) -> tuple[str, ...]:
     """Class names, one per line in class-index order (the converter and the bundle
     read the same file the same way). Blank lines at the end are ignored; a blank
     line before a name would shift every later class, so it is refused."""
@@ -186,7 +186,7 @@ def _first(report: Mapping[str, Any], *keys: str) -> Any:
     return None
 
 
-def _derive_signature(model: Path) -> Tuple[Dict[str, Any], str, str, list]:
+def _derive_signature(model: Path) -> tuple[dict[str, Any], str, str, list]:
     """Load the model through the runtimes to read its signature (no report given)."""
     from edgeship.agent.runtimes import ModelLoadError, RuntimeUnavailableError, open_model
 
@@ -204,9 +204,9 @@ def _derive_signature(model: Path) -> Tuple[Dict[str, Any], str, str, list]:
 
 
 def _runtime_requirements(report: Mapping[str, Any], fmt: str, signature: Mapping[str, Any],
-                          loaded: Optional[Tuple[str, str, list]]) -> Dict[str, Any]:
+                          loaded: tuple[str, str, list] | None) -> dict[str, Any]:
     given = _first(report, "runtime_requirements", "runtime", "requirements")
-    runtime: Dict[str, Any] = dict(given) if isinstance(given, Mapping) else {}
+    runtime: dict[str, Any] = dict(given) if isinstance(given, Mapping) else {}
     # the converter's report names the runtime "name"; the manifest calls it "runtime"
     runtime["runtime"] = runtime.get("runtime") or runtime.get("name") or (
         "tflite" if fmt == "tflite" else "onnxruntime")
@@ -232,13 +232,13 @@ def build_bundle(
     name: str,
     version: str,
     out: str | os.PathLike[str],
-    golden: Optional[str | os.PathLike[str]] = None,
-    labels: Optional[str | os.PathLike[str]] = None,
-    report: Optional[str | os.PathLike[str] | Mapping[str, Any]] = None,
-    meta: Optional[Mapping[str, str]] = None,
-    tags: Optional[Sequence[str]] = None,
-    created: Optional[_dt.datetime] = None,
-    progress: Optional[ProgressCallback] = None,
+    golden: str | os.PathLike[str] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    meta: Mapping[str, str] | None = None,
+    tags: Sequence[str] | None = None,
+    created: _dt.datetime | None = None,
+    progress: ProgressCallback | None = None,
 ) -> BundleManifest:
     """Pack a converted model into a bundle file at ``out`` (written atomically).
 
@@ -266,15 +266,15 @@ def build_bundle(
         raise BadInputError(f"model {model}: no such file")
     fmt = detect_model_format(model)
     report_doc = _load_report(report)
-    members: Dict[str, Path] = {MODEL_FILES[fmt]: model}
+    members: dict[str, Path] = {MODEL_FILES[fmt]: model}
 
     signature = report_doc.get("signature")
-    loaded: Optional[Tuple[str, str, list]] = None
+    loaded: tuple[str, str, list] | None = None
     if not isinstance(signature, Mapping):
         signature, runtime_name, runtime_version, operators = _derive_signature(model)
         loaded = (runtime_name, runtime_version, operators)
 
-    golden_info: Optional[Dict[str, Any]] = None
+    golden_info: dict[str, Any] | None = None
     if golden is not None:
         from .golden import GoldenVectors, check_against_signature
 
@@ -293,8 +293,8 @@ def build_bundle(
         golden_info = {"file": GOLDEN_NAME, "atol": atol, "rtol": rtol, "count": int(vectors.inputs[0].shape[0])
                        if vectors.inputs and vectors.inputs[0].ndim else 1}
         members[GOLDEN_NAME] = Path(golden)
-    label_list: Tuple[str, ...] = ()
-    generated: Dict[str, bytes] = {}
+    label_list: tuple[str, ...] = ()
+    generated: dict[str, bytes] = {}
     if labels is not None:
         label_list = read_labels(labels)
         members[LABELS_NAME] = Path(labels)
@@ -305,7 +305,7 @@ def build_bundle(
     if report_doc:
         generated[REPORT_NAME] = (json.dumps(report_doc, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
 
-    files: Dict[str, Dict[str, Any]] = {}
+    files: dict[str, dict[str, Any]] = {}
     for member, path in members.items():
         try:
             size, digest = hash_file(path, progress)
@@ -398,7 +398,7 @@ def _read_manifest_member(reader: TarStreamReader) -> BundleManifest:
     return BundleManifest.from_json_bytes(data)
 
 
-def read_manifest(bundle_path: str | os.PathLike[str], *, limits: Optional[ExtractionLimits] = None) -> BundleManifest:
+def read_manifest(bundle_path: str | os.PathLike[str], *, limits: ExtractionLimits | None = None) -> BundleManifest:
     """Read only the manifest (the first member) of a bundle. Nothing is verified but its shape."""
     with _open_bundle(Path(bundle_path)) as stream:
         return _read_manifest_member(TarStreamReader(stream, limits))
@@ -407,7 +407,7 @@ def read_manifest(bundle_path: str | os.PathLike[str], *, limits: Optional[Extra
 class _HashingReader:
     """A read-only stream wrapper that hashes and counts what passes through it."""
 
-    def __init__(self, raw: BinaryIO, progress: Optional[ProgressCallback] = None, total: int = 0) -> None:
+    def __init__(self, raw: BinaryIO, progress: ProgressCallback | None = None, total: int = 0) -> None:
         self._raw = raw
         self.digest = hashlib.sha256()
         self.length = 0
@@ -429,7 +429,7 @@ class _HashingReader:
 def _walk_members(
     reader: TarStreamReader,
     manifest: BundleManifest,
-    sink: Callable[[str], Optional[BinaryIO]],
+    sink: Callable[[str], BinaryIO | None],
 ) -> None:
     """Check every member after the manifest against it; stream each into ``sink(name)``."""
     seen = set()
@@ -484,8 +484,8 @@ def _walk_members(
 def scan_bundle(
     bundle_path: str | os.PathLike[str],
     *,
-    limits: Optional[ExtractionLimits] = None,
-    progress: Optional[ProgressCallback] = None,
+    limits: ExtractionLimits | None = None,
+    progress: ProgressCallback | None = None,
 ) -> BundleScan:
     """Read a whole bundle once, checking it as extraction would, writing nothing.
 
@@ -508,7 +508,7 @@ def extract_bundle(
     bundle_path: str | os.PathLike[str],
     dest_dir: str | os.PathLike[str],
     *,
-    limits: Optional[ExtractionLimits] = None,
+    limits: ExtractionLimits | None = None,
 ) -> ExtractedBundle:
     """Extract a bundle into ``dest_dir`` (which must not exist, or be empty), safely.
 
@@ -528,7 +528,7 @@ def extract_bundle_stream(
     stream: BinaryIO,
     dest_dir: str | os.PathLike[str],
     *,
-    limits: Optional[ExtractionLimits] = None,
+    limits: ExtractionLimits | None = None,
 ) -> ExtractedBundle:
     """Like :func:`extract_bundle`, from an open binary stream."""
     dest = Path(dest_dir)

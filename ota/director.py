@@ -50,7 +50,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Union
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -135,22 +135,22 @@ class DesiredState:
     version: str
     target: str
     length: int
-    hashes: Dict[str, str]
+    hashes: dict[str, str]
     sequence: int
     expires: _dt.datetime
     issued: _dt.datetime
-    deployment: Optional[str] = None
-    rollout: Optional[str] = None
+    deployment: str | None = None
+    rollout: str | None = None
     action: str = "install"
-    extra: Dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
     """Fields of a newer schema minor version this code does not know (kept, signed)."""
 
     @property
     def sha256(self) -> str:
         return self.hashes["sha256"]
 
-    def to_dict(self) -> Dict[str, Any]:
-        doc: Dict[str, Any] = dict(self.extra)
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = dict(self.extra)
         doc.update({
             "_type": DESIRED_STATE_TYPE,
             "schema": DESIRED_STATE_SCHEMA,
@@ -185,7 +185,7 @@ class DesiredState:
                 f"{DESIRED_STATE_SCHEMA}); upgrade the agent"
             )
 
-        def text(key: str, optional: bool = False) -> Optional[str]:
+        def text(key: str, optional: bool = False) -> str | None:
             value = doc.get(key)
             if value is None and optional:
                 return None
@@ -306,7 +306,7 @@ def _as_public_key(public_key: PublicKeyLike) -> Ed25519PublicKey:
 
 # -- sign and verify -------------------------------------------------------------------------------
 
-def sign_desired_state(state: DesiredState, private_key: Ed25519PrivateKey) -> Dict[str, Any]:
+def sign_desired_state(state: DesiredState, private_key: Ed25519PrivateKey) -> dict[str, Any]:
     """The signed envelope ``{"signed": ..., "signatures": [{"keyid", "sig"}]}``."""
     if state.action not in ACTIONS:
         raise BadInputError(f"action {state.action!r} is not one of {list(ACTIONS)}")
@@ -326,7 +326,7 @@ def verify_desired_state(
     *,
     device: str,
     fleet: str,
-    last_sequence: Optional[int],
+    last_sequence: int | None,
     now: _dt.datetime,
 ) -> DesiredState:
     """Check a director envelope on the device; return the desired state it carries.

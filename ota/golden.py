@@ -27,8 +27,9 @@ import io
 import json
 import os
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class GoldenVectors:
         atomic_write_bytes(path, buffer.getvalue())
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "GoldenVectors":
+    def load(cls, path: str | os.PathLike[str]) -> GoldenVectors:
         """Read a golden-vector file; a malformed one raises BadInputError."""
         try:
             with np.load(path, allow_pickle=False) as npz:

@@ -10,15 +10,15 @@ __all__ = ["CHUNK_SIZE", "hash_file", "sha256_file"]
 
 import hashlib
 import os
-from typing import Callable, Optional, Tuple
+from typing import Callable
 
 CHUNK_SIZE = 1 << 20
 """Bytes read at a time (1 MiB)."""
 
 
 def hash_file(
-    path: "str | os.PathLike[str]", progress: Optional[Callable[[str, int, int], None]] = None
-) -> Tuple[int, str]:
+    path: str | os.PathLike[str], progress: Callable[[str, int, int], None] | None = None
+) -> tuple[int, str]:
     """(size in bytes, sha256 hex digest) of a file; ``progress("hash", done, total)`` as it goes."""
     digest = hashlib.sha256()
     size = 0
@@ -37,6 +37,6 @@ def hash_file(
     return size, digest.hexdigest()
 
 
-def sha256_file(path: "str | os.PathLike[str]") -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
     """The sha256 hex digest of a file."""
     return hash_file(path)[1]

@@ -26,8 +26,9 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any
 
 from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient import FetcherInterface
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 _SYNC_EVERY_BYTES = 4 * 1024 * 1024
 
 
-def _end_of(response: Any, offset: int) -> Optional[int]:
+def _end_of(response: Any, offset: int) -> int | None:
     """The byte offset the body should end at (offset + Content-Length), when the server said."""
     length = response.headers.get("Content-Length")
     try:
@@ -71,12 +72,12 @@ class HttpFetcher(FetcherInterface):
         self,
         base_url: str,
         *,
-        work_dir: Union[str, "os.PathLike[str]", None] = None,
+        work_dir: str | os.PathLike[str] | None = None,
         timeout_s: float = 30.0,
         retries: int = 3,
         chunk_size: int = 64 * 1024,
-        ca_file: Optional[str] = None,
-        headers: Optional[Dict[str, str]] = None,
+        ca_file: str | None = None,
+        headers: dict[str, str] | None = None,
         sync_every_bytes: int = _SYNC_EVERY_BYTES,  # how often the partial file is made durable
     ) -> None:
         parts = check_http_base_url(base_url)
@@ -101,13 +102,13 @@ class HttpFetcher(FetcherInterface):
         return self.base_url + urllib.parse.quote(stream, safe="/")
 
     # -- the partial file --
-    def _paths(self, http_url: str) -> Optional[tuple]:
+    def _paths(self, http_url: str) -> tuple | None:
         if self.work_dir is None:
             return None
         key = hashlib.sha256(http_url.encode("utf-8")).hexdigest()[:40]
         return self.work_dir / f"{key}.part", self.work_dir / f"{key}.json"
 
-    def _load(self, http_url: str) -> Dict[str, Any]:
+    def _load(self, http_url: str) -> dict[str, Any]:
         paths = self._paths(http_url)
         if paths is None:
             return {}
@@ -121,7 +122,7 @@ class HttpFetcher(FetcherInterface):
         except (OSError, ValueError, TypeError):
             return {}
 
-    def _save(self, http_url: str, validator: Optional[str], count: int) -> None:
+    def _save(self, http_url: str, validator: str | None, count: int) -> None:
         paths = self._paths(http_url)
         if paths is None or not validator:
             return
@@ -146,7 +147,7 @@ class HttpFetcher(FetcherInterface):
         response.edgeship_end = _end_of(response, offset)
         return self._stream(http_url, response, offset, validator)
 
-    def _open(self, http_url: str, state: Dict[str, Any]) -> tuple:
+    def _open(self, http_url: str, state: dict[str, Any]) -> tuple:
         """Send the request (a Range one when resuming); return (response, start offset, validator)."""
         headers = dict(self.headers)
         offset = int(state.get("bytes", 0))
@@ -179,7 +180,7 @@ class HttpFetcher(FetcherInterface):
             log.info("%s changed or ignores ranges; downloading it again", http_url)
         return response, 0, validator
 
-    def _stream(self, http_url: str, response: Any, offset: int, validator: Optional[str]) -> Iterator[bytes]:
+    def _stream(self, http_url: str, response: Any, offset: int, validator: str | None) -> Iterator[bytes]:
         paths = self._paths(http_url)
         handle = None
         if paths is not None:
@@ -200,7 +201,7 @@ class HttpFetcher(FetcherInterface):
                         left -= len(held)
                         yield held
             while True:
-                chunk: Optional[bytes]
+                chunk: bytes | None
                 try:
                     chunk = response.read(self.chunk_size)
                 except (OSError, ValueError) as exc:  # connection dropped mid-body (http.client raises these)

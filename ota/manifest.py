@@ -21,7 +21,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 from .archive import ManifestError
 from .errors import BadInputError
@@ -57,19 +57,19 @@ class BundleManifest:
     version: str
     format: str
     model_file: str
-    files: Dict[str, Dict[str, Any]]
-    runtime: Dict[str, Any] = field(default_factory=dict)
-    signature: Dict[str, Any] = field(default_factory=dict)
-    preprocessing: Dict[str, Any] = field(default_factory=dict)
-    golden: Optional[Dict[str, Any]] = None
-    labels: Tuple[str, ...] = ()
-    quality: Dict[str, Any] = field(default_factory=dict)
-    tags: Tuple[str, ...] = ()
-    meta: Dict[str, str] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]]
+    runtime: dict[str, Any] = field(default_factory=dict)
+    signature: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    golden: dict[str, Any] | None = None
+    labels: tuple[str, ...] = ()
+    quality: dict[str, Any] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    meta: dict[str, str] = field(default_factory=dict)
     created: str = ""
     schema: int = SCHEMA_VERSION
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "schema": self.schema,
             "name": self.name,
@@ -114,8 +114,8 @@ class BundleManifest:
         files_doc = doc.get("files")
         if not isinstance(files_doc, Mapping) or not files_doc:
             raise ManifestError("manifest: 'files' must be a non-empty object")
-        files: Dict[str, Dict[str, Any]] = {}
-        folded: Dict[str, str] = {}
+        files: dict[str, dict[str, Any]] = {}
+        folded: dict[str, str] = {}
         for member, info in files_doc.items():
             if not isinstance(member, str) or not _MEMBER_NAME.fullmatch(member) or member == MANIFEST_NAME:
                 raise ManifestError(f"manifest: file name {member!r} is not allowed (flat names of a-z, 0-9, . _ -)")
@@ -139,7 +139,7 @@ class BundleManifest:
                 f"manifest: model_file {model_file!r} must be {MODEL_FILES[fmt]!r} and listed in 'files'"
             )
 
-        def obj(key: str) -> Dict[str, Any]:
+        def obj(key: str) -> dict[str, Any]:
             value = doc.get(key) or {}
             if not isinstance(value, Mapping):
                 raise ManifestError(f"manifest: {key!r} must be an object")

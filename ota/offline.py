@@ -28,7 +28,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from .archive import (
     CHUNK_SIZE,
@@ -52,13 +52,13 @@ _MAX_SMALL_BYTES = 64 * 1024
 def write_offline_package(
     out: Path,
     *,
-    metadata: List[Path],
+    metadata: list[Path],
     target_path: str,
     target_file: Path,
-    envelope: Dict[str, Any],
+    envelope: dict[str, Any],
     fleet: str,
     now: _dt.datetime,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Write a package atomically to ``out``; return what it holds (for the CLI)."""
     signed = envelope["signed"]
     info = {"format": PACKAGE_FORMAT, "schema": 1, "fleet": fleet, "bundle": signed["bundle"],
@@ -107,9 +107,9 @@ class OfflinePackage:
     """An offline package unpacked (not yet verified) into ``root``."""
 
     fetcher: LocalFolderFetcher
-    desired_envelope: Dict[str, Any]
+    desired_envelope: dict[str, Any]
     root: Path
-    info: Dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def cleanup(self) -> None:
         """Remove the unpacked files (after the update, whatever its outcome)."""
@@ -129,7 +129,7 @@ def open_offline_package(
     package_path: str | os.PathLike[str],
     work_dir: str | os.PathLike[str],
     *,
-    limits: Optional[ExtractionLimits] = None,
+    limits: ExtractionLimits | None = None,
 ) -> OfflinePackage:
     """Unpack an ``edgeship bundle export`` package safely into a new folder of ``work_dir``.
 

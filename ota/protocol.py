@@ -49,8 +49,9 @@ __all__ = [
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Union
 
 from .errors import BadInputError
 from .telemetry import LatencyHistogram
@@ -65,7 +66,7 @@ MAX_BLOCK_SIZE = 1024 * 1024
 MAX_STREAM_BYTES = 8 * 1024 ** 3
 """Largest stream (file) the block protocol describes (bytes)."""
 
-MAX_PAYLOAD_BYTES: Dict[str, int] = {
+MAX_PAYLOAD_BYTES: dict[str, int] = {
     DESIRED: 64 * 1024,
     REPORTED: 64 * 1024,
     STATUS: 1024,
@@ -94,7 +95,7 @@ def _where(doc_type: str, key: str) -> str:
     return f"{doc_type} message field '{key}'"
 
 
-def _get(doc: Dict[str, Any], key: str, kinds: Tuple[type, ...], doc_type: str, required: bool = True) -> Any:
+def _get(doc: dict[str, Any], key: str, kinds: tuple[type, ...], doc_type: str, required: bool = True) -> Any:
     if key not in doc or doc[key] is None:
         if required:
             raise ProtocolError(f"{doc_type} message lacks required field '{key}'")
@@ -110,36 +111,36 @@ def _get(doc: Dict[str, Any], key: str, kinds: Tuple[type, ...], doc_type: str, 
     return value
 
 
-def _kind_names(kinds: Tuple[type, ...]) -> str:
+def _kind_names(kinds: tuple[type, ...]) -> str:
     names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object", list: "a list"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def _text(doc: Dict[str, Any], key: str, doc_type: str, required: bool = True, limit: int = 256) -> Optional[str]:
+def _text(doc: dict[str, Any], key: str, doc_type: str, required: bool = True, limit: int = 256) -> str | None:
     value = _get(doc, key, (str,), doc_type, required)
     if value is not None and (len(value) > limit or (required and not value)):
         raise ProtocolError(f"{_where(doc_type, key)} must be 1-{limit} characters")
     return value
 
 
-def _count(doc: Dict[str, Any], key: str, doc_type: str, required: bool = True, low: int = 0,
-           high: int = 2**63 - 1) -> Optional[int]:
+def _count(doc: dict[str, Any], key: str, doc_type: str, required: bool = True, low: int = 0,
+           high: int = 2**63 - 1) -> int | None:
     value = _get(doc, key, (int,), doc_type, required)
     if value is not None and not low <= value <= high:
         raise ProtocolError(f"{_where(doc_type, key)} must be within [{low}, {high}], got {value}")
     return value
 
 
-def _number(doc: Dict[str, Any], key: str, doc_type: str, required: bool = True) -> Optional[float]:
+def _number(doc: dict[str, Any], key: str, doc_type: str, required: bool = True) -> float | None:
     value = _get(doc, key, (int, float), doc_type, required)
     return None if value is None else float(value)
 
 
-def _object(doc: Dict[str, Any], key: str, doc_type: str, required: bool = True) -> Optional[Dict[str, Any]]:
+def _object(doc: dict[str, Any], key: str, doc_type: str, required: bool = True) -> dict[str, Any] | None:
     return _get(doc, key, (dict,), doc_type, required)
 
 
-def _decode(payload: bytes, kind: str, expected_type: str) -> Dict[str, Any]:
+def _decode(payload: bytes, kind: str, expected_type: str) -> dict[str, Any]:
     """Cap, decode and check the envelope (``v``, ``type``) of one JSON document."""
     if not isinstance(payload, (bytes, bytearray)):
         raise ProtocolError(f"{kind} payload must be bytes, got {type(payload).__name__}")
@@ -164,15 +165,15 @@ def _decode(payload: bytes, kind: str, expected_type: str) -> Dict[str, Any]:
     return doc
 
 
-def _base(doc_type: str) -> Dict[str, Any]:
+def _base(doc_type: str) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "type": doc_type}
 
 
-def _drop_none(doc: Dict[str, Any]) -> Dict[str, Any]:
+def _drop_none(doc: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if v is not None}
 
 
-def _bundle_ref(value: Optional[Dict[str, Any]], key: str, doc_type: str) -> Optional[Dict[str, str]]:
+def _bundle_ref(value: dict[str, Any] | None, key: str, doc_type: str) -> dict[str, str] | None:
     """``{"name": ..., "version": ...}`` or None."""
     if value is None:
         return None
@@ -191,12 +192,12 @@ class DesiredMessage:
     director-trust code on the device, which is the only judge of it.
     """
 
-    envelope: Dict[str, Any]
+    envelope: dict[str, Any]
     KIND = DESIRED
     TYPE = "desired"
 
     @classmethod
-    def from_dict(cls, doc: Dict[str, Any]) -> "DesiredMessage":
+    def from_dict(cls, doc: dict[str, Any]) -> DesiredMessage:
         envelope = _object(doc, "envelope", cls.TYPE)
         assert envelope is not None
         _object(envelope, "signed", "desired.envelope")
@@ -210,7 +211,7 @@ class DesiredMessage:
             _text(signature, "sig", f"desired.envelope.signatures[{index}]", limit=4096)
         return cls(envelope)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {**_base(self.TYPE), "envelope": self.envelope}
 
 
@@ -220,16 +221,16 @@ class ReportedMessage:
 
     device: str
     ts: float
-    active: Optional[Dict[str, str]] = None
-    previous: Optional[Dict[str, str]] = None
-    update: Optional[Dict[str, Any]] = None
-    agent_version: Optional[str] = None
-    runtime: Optional[str] = None
+    active: dict[str, str] | None = None
+    previous: dict[str, str] | None = None
+    update: dict[str, Any] | None = None
+    agent_version: str | None = None
+    runtime: str | None = None
     KIND = REPORTED
     TYPE = "reported"
 
     @classmethod
-    def from_dict(cls, doc: Dict[str, Any]) -> "ReportedMessage":
+    def from_dict(cls, doc: dict[str, Any]) -> ReportedMessage:
         t = cls.TYPE
         update = _object(doc, "update", t, required=False)
         if update is not None:
@@ -244,7 +245,7 @@ class ReportedMessage:
             runtime=_text(doc, "runtime", t, required=False, limit=64),
         )
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return _drop_none({**_base(self.TYPE), "device": self.device, "ts": self.ts, "active": self.active,
                            "previous": self.previous, "update": self.update,
                            "agent_version": self.agent_version, "runtime": self.runtime})
@@ -258,18 +259,18 @@ class StatusMessage:
     """Device, retained: ``online`` when connected; the last will publishes ``offline``."""
 
     state: str
-    ts: Optional[float] = None
+    ts: float | None = None
     KIND = STATUS
     TYPE = "status"
 
     @classmethod
-    def from_dict(cls, doc: Dict[str, Any]) -> "StatusMessage":
+    def from_dict(cls, doc: dict[str, Any]) -> StatusMessage:
         state = _text(doc, "state", cls.TYPE, limit=16)
         if state not in STATUS_STATES:
             raise ProtocolError(f"status message field 'state' must be one of {list(STATUS_STATES)}, got {state!r}")
         return cls(state, _number(doc, "ts", cls.TYPE, required=False))
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return _drop_none({**_base(self.TYPE), "state": self.state, "ts": self.ts})
 
 
@@ -280,15 +281,15 @@ class EventMessage:
     event: str
     ts: float
     seq: int
-    deployment: Optional[str] = None
-    bundle: Optional[Dict[str, str]] = None
-    state: Optional[str] = None
-    detail: Optional[str] = None
+    deployment: str | None = None
+    bundle: dict[str, str] | None = None
+    state: str | None = None
+    detail: str | None = None
     KIND = EVENTS
     TYPE = "event"
 
     @classmethod
-    def from_dict(cls, doc: Dict[str, Any]) -> "EventMessage":
+    def from_dict(cls, doc: dict[str, Any]) -> EventMessage:
         t = cls.TYPE
         return cls(
             event=_text(doc, "event", t, limit=64) or "",
@@ -300,7 +301,7 @@ class EventMessage:
             detail=_text(doc, "detail", t, required=False, limit=4096),
         )
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return _drop_none({**_base(self.TYPE), "event": self.event, "ts": self.ts, "seq": self.seq,
                            "deployment": self.deployment, "bundle": self.bundle, "state": self.state,
                            "detail": self.detail})
@@ -319,14 +320,14 @@ class TelemetryMessage:
     requests: int
     errors: int
     latency: LatencyHistogram
-    bundle: Optional[Dict[str, str]] = None
-    feedback: Optional[Dict[str, int]] = None
-    drift: Optional[float] = None
+    bundle: dict[str, str] | None = None
+    feedback: dict[str, int] | None = None
+    drift: float | None = None
     KIND = TELEMETRY
     TYPE = "telemetry"
 
     @classmethod
-    def from_dict(cls, doc: Dict[str, Any]) -> "TelemetryMessage":
+    def from_dict(cls, doc: dict[str, Any]) -> TelemetryMessage:
         t = cls.TYPE
         latency_doc = _object(doc, "latency", t)
         try:
@@ -352,7 +353,7 @@ class TelemetryMessage:
             feedback=feedback, drift=_number(doc, "drift", t, required=False),
         )
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return _drop_none({**_base(self.TYPE), "ts": self.ts, "window_s": self.window_s, "requests": self.requests,
                            "errors": self.errors, "latency": self.latency.to_dict(), "bundle": self.bundle,
                            "feedback": self.feedback, "drift": self.drift})
@@ -371,13 +372,13 @@ class BlockRequest:
     request_id: str
     stream: str
     block_size: int
-    bitmap: Optional[str] = None
+    bitmap: str | None = None
     offset: int = 0
     KIND = BLOCK_REQUEST
     TYPE = "block_request"
 
     @classmethod
-    def from_dict(cls, doc: Dict[str, Any]) -> "BlockRequest":
+    def from_dict(cls, doc: dict[str, Any]) -> BlockRequest:
         t = cls.TYPE
         stream = _text(doc, "stream", t, limit=_MAX_STREAM_CHARS) or ""
         _check_stream(stream)
@@ -392,11 +393,11 @@ class BlockRequest:
             offset=_count(doc, "offset", t, required=False, high=_MAX_BLOCKS) or 0,
         )
 
-    def wanted(self) -> List[int]:
+    def wanted(self) -> list[int]:
         """The absolute block indexes this request asks for, ascending."""
         return indexes_from_bitmap(self.bitmap or "", self.offset)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return _drop_none({**_base(self.TYPE), "request_id": self.request_id, "stream": self.stream,
                            "block_size": self.block_size, "bitmap": self.bitmap,
                            "offset": self.offset or None})
@@ -418,14 +419,14 @@ class BlockInfo:
     stream: str
     file_size: int
     block_size: int
-    etag: Optional[str] = None
+    etag: str | None = None
     TYPE = "block_info"
 
     @property
     def blocks_total(self) -> int:
         return blocks_in(self.file_size, self.block_size)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return _drop_none({**_base(self.TYPE), "request_id": self.request_id, "stream": self.stream,
                            "file_size": self.file_size, "block_size": self.block_size, "etag": self.etag})
 
@@ -438,10 +439,10 @@ class BlockError:
     stream: str
     code: int
     message: str
-    retry_after_s: Optional[float] = None
+    retry_after_s: float | None = None
     TYPE = "block_error"
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return _drop_none({**_base(self.TYPE), "request_id": self.request_id, "stream": self.stream,
                            "code": self.code, "message": self.message, "retry_after_s": self.retry_after_s})
 
@@ -456,10 +457,10 @@ class BlockData:
     block_size: int
     file_size: int
     data: bytes = field(repr=False)
-    etag: Optional[str] = None
+    etag: str | None = None
     TYPE = "block"
 
-    def header(self) -> Dict[str, Any]:
+    def header(self) -> dict[str, Any]:
         return _drop_none({**_base(self.TYPE), "request_id": self.request_id, "stream": self.stream,
                            "index": self.index, "block_size": self.block_size, "file_size": self.file_size,
                            "length": len(self.data), "etag": self.etag})
@@ -566,7 +567,7 @@ def bitmap_from_indexes(indexes: Iterable[int], offset: int = 0) -> str:
     return bits.hex()
 
 
-def indexes_from_bitmap(bitmap: str, offset: int = 0) -> List[int]:
+def indexes_from_bitmap(bitmap: str, offset: int = 0) -> list[int]:
     """The set bit positions of a hex bitmap plus ``offset``, ascending."""
     bits = bytes.fromhex(bitmap)
     return [offset + byte_i * 8 + bit for byte_i, byte in enumerate(bits) if byte

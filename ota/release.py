@@ -42,7 +42,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Union
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -68,7 +68,7 @@ from .offline import write_offline_package
 from .versions import check_name, compare_versions, parse_version
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
-DEFAULT_EXPIRY: Dict[str, int] = {
+DEFAULT_EXPIRY: dict[str, int] = {
     "root": 365 * 86400,
     "targets": 365 * 86400,
     "snapshot": 7 * 86400,
@@ -113,7 +113,7 @@ def _utc_now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
 
 
-def _as_bytes(passphrase: Optional[Passphrase], what: str = "root passphrase") -> bytes:
+def _as_bytes(passphrase: Passphrase | None, what: str = "root passphrase") -> bytes:
     if passphrase is None:
         raise BadInputError(f"a {what} is needed (prompt, or the EDGESHIP_ROOT_PASSPHRASE environment variable)")
     data = passphrase.encode("utf-8") if isinstance(passphrase, str) else bytes(passphrase)
@@ -133,15 +133,15 @@ class TargetInfo:
     length: int
     sha256: str
     format: str
-    runtime: Dict[str, Any]
+    runtime: dict[str, Any]
     file: Path
     """Where the bundle lies in the repository."""
 
     @property
-    def hashes(self) -> Dict[str, str]:
+    def hashes(self) -> dict[str, str]:
         return {"sha256": self.sha256}
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "version": self.version,
@@ -158,7 +158,7 @@ ROOT_KEY_KDF_ROUNDS = 32
 """bcrypt rounds for the encrypted root key (about half a second per use on a small CPU)."""
 
 
-def encode_private_key(key: Ed25519PrivateKey, passphrase: Optional[bytes]) -> bytes:
+def encode_private_key(key: Ed25519PrivateKey, passphrase: bytes | None) -> bytes:
     """A private key as PEM: unencrypted PKCS#8, or, with a passphrase, the OpenSSH key format
     encrypted under bcrypt's KDF.
 
@@ -174,7 +174,7 @@ def encode_private_key(key: Ed25519PrivateKey, passphrase: Optional[bytes]) -> b
                              encryption.build(passphrase))
 
 
-def decode_private_key(pem: bytes, password: Optional[bytes]) -> Any:
+def decode_private_key(pem: bytes, password: bytes | None) -> Any:
     """Read what ``encode_private_key`` wrote (and encrypted PKCS#8 from earlier repositories).
 
     Raises ValueError or TypeError when the passphrase is wrong or missing.
@@ -231,10 +231,10 @@ class ReleaseRepository:
 
     # -- configuration --------------------------------------------------------------------------
 
-    def expiry(self) -> Dict[str, int]:
+    def expiry(self) -> dict[str, int]:
         """Seconds of validity per role (config.json, defaults for what it lacks)."""
         config_path = self.path / "config.json"
-        config: Dict[str, Any] = {}
+        config: dict[str, Any] = {}
         if config_path.is_file():
             try:
                 config = json.loads(config_path.read_text())
@@ -251,7 +251,7 @@ class ReleaseRepository:
                                     "and 100 years; correct it in that file")
         return values
 
-    def _set_expiry(self, changes: Optional[Mapping[str, int]]) -> Dict[str, int]:
+    def _set_expiry(self, changes: Mapping[str, int] | None) -> dict[str, int]:
         values = self.expiry()
         for role, seconds in (changes or {}).items():
             if role not in ROLES:
@@ -267,10 +267,10 @@ class ReleaseRepository:
 
     # -- keys -----------------------------------------------------------------------------------
 
-    def _write_key(self, role: str, key: Ed25519PrivateKey, passphrase: Optional[bytes]) -> None:
+    def _write_key(self, role: str, key: Ed25519PrivateKey, passphrase: bytes | None) -> None:
         atomic_write_bytes(self._key_path(role), encode_private_key(key, passphrase), mode=0o600)
 
-    def _signer(self, role: str, passphrase: Optional[Passphrase] = None) -> CryptoSigner:
+    def _signer(self, role: str, passphrase: Passphrase | None = None) -> CryptoSigner:
         path = self._key_path(role)
         try:
             pem = path.read_bytes()
@@ -296,7 +296,7 @@ class ReleaseRepository:
         except (DeserializationError, OSError, ValueError) as exc:
             raise EdgeshipError(f"{path} cannot be read as TUF metadata: {exc}") from None
 
-    def _sign_write(self, md: Metadata, signers: List[CryptoSigner], now: _dt.datetime) -> None:
+    def _sign_write(self, md: Metadata, signers: list[CryptoSigner], now: _dt.datetime) -> None:
         role = md.signed.type
         md.signed.expires = now + _dt.timedelta(seconds=self.expiry()[role])
         md.signatures.clear()
@@ -307,7 +307,7 @@ class ReleaseRepository:
             atomic_write_bytes(self.metadata_dir / f"{md.signed.version}.root.json", data, mode=0o644)
         atomic_write_bytes(self.metadata_dir / f"{role}.json", data, mode=0o644)
 
-    def _resign(self, roles: List[str], now: _dt.datetime, *, bump_targets: bool = False) -> None:
+    def _resign(self, roles: list[str], now: _dt.datetime, *, bump_targets: bool = False) -> None:
         """Re-sign targets (optionally), then snapshot and timestamp, each with a new version."""
         if "targets" in roles or bump_targets:
             targets = self._load("targets")
@@ -331,9 +331,9 @@ class ReleaseRepository:
         self,
         *,
         root_passphrase: Passphrase,
-        expiry: Optional[Mapping[str, int]] = None,
-        now: Optional[_dt.datetime] = None,
-    ) -> Dict[str, Any]:
+        expiry: Mapping[str, int] | None = None,
+        now: _dt.datetime | None = None,
+    ) -> dict[str, Any]:
         """Create keys for every role and the director, and version 1 of all metadata.
 
         Raises:
@@ -349,7 +349,7 @@ class ReleaseRepository:
             raise EdgeshipError(f"cannot create a release repository in {self.path}: {exc.strerror or exc}") from None
         return self.fingerprints()
 
-    def _create(self, passphrase: bytes, expiry: Optional[Mapping[str, int]], now: _dt.datetime) -> None:
+    def _create(self, passphrase: bytes, expiry: Mapping[str, int] | None, now: _dt.datetime) -> None:
         with self._locked():
             for folder in (self.metadata_dir, self.targets_dir, self.director_dir):
                 folder.mkdir(parents=True, exist_ok=True)
@@ -369,7 +369,7 @@ class ReleaseRepository:
             atomic_write_json(self.director_dir / "sequences.json", {})
             fsync_dir(self.path)
 
-    def fingerprints(self) -> Dict[str, Any]:
+    def fingerprints(self) -> dict[str, Any]:
         """Key ids of every role and the director, and the two provisioning files."""
         self._require()
         root = self._load("root").signed
@@ -386,10 +386,10 @@ class ReleaseRepository:
 
     # -- targets --------------------------------------------------------------------------------
 
-    def targets(self) -> List[TargetInfo]:
+    def targets(self) -> list[TargetInfo]:
         """Every published bundle, sorted by name then version."""
         self._require()
-        found: List[TargetInfo] = []
+        found: list[TargetInfo] = []
         for path, target in self._load("targets").signed.targets.items():
             custom = target.custom if isinstance(target.custom, dict) else {}
             found.append(TargetInfo(
@@ -422,8 +422,8 @@ class ReleaseRepository:
         self,
         bundle_path: str | os.PathLike[str],
         *,
-        now: Optional[_dt.datetime] = None,
-        progress: Optional[ProgressCallback] = None,
+        now: _dt.datetime | None = None,
+        progress: ProgressCallback | None = None,
     ) -> TargetInfo:
         """Check the bundle, copy it into ``targets/`` and sign new targets, snapshot, timestamp.
 
@@ -458,8 +458,8 @@ class ReleaseRepository:
             self._resign(["snapshot", "timestamp"], now)
         return self.target_info(manifest.name, manifest.version)
 
-    def verify_bundle(self, bundle_path: str | os.PathLike[str], *, now: Optional[_dt.datetime] = None,
-                      progress: Optional[ProgressCallback] = None) -> Dict[str, Any]:
+    def verify_bundle(self, bundle_path: str | os.PathLike[str], *, now: _dt.datetime | None = None,
+                      progress: ProgressCallback | None = None) -> dict[str, Any]:
         """Check a bundle file against this repository, offline, as a device would.
 
         The repository's metadata is verified with python-tuf from its first root
@@ -494,11 +494,11 @@ class ReleaseRepository:
 
     # -- status and refresh ---------------------------------------------------------------------
 
-    def status(self, *, now: Optional[_dt.datetime] = None) -> Dict[str, Any]:
+    def status(self, *, now: _dt.datetime | None = None) -> dict[str, Any]:
         """Roles (version, expiry, key ids), published targets and the provisioning files."""
         self._require()
         now = now or _utc_now()
-        roles: Dict[str, Any] = {}
+        roles: dict[str, Any] = {}
         root = self._load("root").signed
         for role in ROLES:
             signed = self._load(role).signed
@@ -524,11 +524,11 @@ class ReleaseRepository:
     def refresh(
         self,
         *,
-        now: Optional[_dt.datetime] = None,
-        expiry: Optional[Mapping[str, int]] = None,
-        targets: Optional[bool] = None,
-        root_passphrase: Optional[Passphrase] = None,
-    ) -> Dict[str, Any]:
+        now: _dt.datetime | None = None,
+        expiry: Mapping[str, int] | None = None,
+        targets: bool | None = None,
+        root_passphrase: Passphrase | None = None,
+    ) -> dict[str, Any]:
         """Re-sign timestamp and snapshot (and targets, root when due or asked) with fresh expiries.
 
         Args:
@@ -559,10 +559,10 @@ class ReleaseRepository:
         self,
         role: str,
         *,
-        root_passphrase: Optional[Passphrase] = None,
-        new_root_passphrase: Optional[Passphrase] = None,
-        now: Optional[_dt.datetime] = None,
-    ) -> Dict[str, Any]:
+        root_passphrase: Passphrase | None = None,
+        new_root_passphrase: Passphrase | None = None,
+        now: _dt.datetime | None = None,
+    ) -> dict[str, Any]:
         """Replace ``role``'s key; the old key is revoked (no longer trusted by devices).
 
         ``root``, ``targets``, ``snapshot`` and ``timestamp`` need the root passphrase:
@@ -616,7 +616,7 @@ class ReleaseRepository:
 
     # -- director -------------------------------------------------------------------------------
 
-    def _sequences(self) -> Dict[str, int]:
+    def _sequences(self) -> dict[str, int]:
         path = self.director_dir / "sequences.json"
         if not path.is_file():
             return {}
@@ -642,11 +642,11 @@ class ReleaseRepository:
         name: str,
         version: str,
         expires_in: _dt.timedelta = _dt.timedelta(days=7),
-        deployment: Optional[str] = None,
-        rollout: Optional[str] = None,
+        deployment: str | None = None,
+        rollout: str | None = None,
         action: str = "install",
-        now: Optional[_dt.datetime] = None,
-    ) -> Dict[str, Any]:
+        now: _dt.datetime | None = None,
+    ) -> dict[str, Any]:
         """Build and sign the desired state for ``device`` (or ``"*"``) with the fleet's next sequence."""
         self._require()
         now = now or _utc_now()
@@ -681,8 +681,8 @@ class ReleaseRepository:
         *,
         fleet: str = "default",
         expires_in: _dt.timedelta = _dt.timedelta(days=30),
-        now: Optional[_dt.datetime] = None,
-    ) -> Dict[str, Any]:
+        now: _dt.datetime | None = None,
+    ) -> dict[str, Any]:
         """Write an offline update package (see :mod:`edgeship.ota.fetchers`) to ``out``.
 
         It holds the bundle, every root version and the current timestamp, snapshot

@@ -11,8 +11,9 @@ __all__ = ["LATENCY_BUCKETS_MS", "LatencyHistogram"]
 
 import bisect
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 LATENCY_BUCKETS_MS: tuple[float, ...] = (
     0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0,
@@ -36,12 +37,12 @@ class LatencyHistogram:
         self.counts[bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
         self.total_ms += latency_ms
 
-    def merge(self, other: "LatencyHistogram") -> "LatencyHistogram":
+    def merge(self, other: LatencyHistogram) -> LatencyHistogram:
         """A new histogram holding both (bucket bounds are fixed, so this is exact)."""
         return LatencyHistogram([a + b for a, b in zip(self.counts, other.counts)], self.total_ms + other.total_ms)
 
     @classmethod
-    def merged(cls, histograms: Iterable["LatencyHistogram"]) -> "LatencyHistogram":
+    def merged(cls, histograms: Iterable[LatencyHistogram]) -> LatencyHistogram:
         result = cls()
         for histogram in histograms:
             result = result.merge(histogram)
@@ -75,7 +76,7 @@ class LatencyHistogram:
         return {"buckets_ms": list(LATENCY_BUCKETS_MS), "counts": list(self.counts), "sum_ms": self.total_ms}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LatencyHistogram":
+    def from_dict(cls, data: dict[str, Any]) -> LatencyHistogram:
         """Rebuild from to_dict(); refuses histograms with other buckets (ValueError)."""
         buckets = [float(b) for b in data.get("buckets_ms", LATENCY_BUCKETS_MS)]
         counts = list(data["counts"])

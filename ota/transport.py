@@ -47,9 +47,10 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -85,11 +86,11 @@ class BrokerUrl:
     scheme: str
     host: str
     port: int
-    username: Optional[str] = None
-    password: Optional[str] = field(default=None, repr=False)
-    ca_file: Optional[str] = None
-    cert_file: Optional[str] = None
-    key_file: Optional[str] = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
     @property
     def tls(self) -> bool:
@@ -104,12 +105,12 @@ class BrokerUrl:
 def parse_broker_url(
     url: str,
     *,
-    username: Optional[str] = None,
-    password: Optional[str] = None,
-    ca_file: Optional[str] = None,
-    cert_file: Optional[str] = None,
-    key_file: Optional[str] = None,
-    environ: Optional[Mapping[str, str]] = None,
+    username: str | None = None,
+    password: str | None = None,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> BrokerUrl:
     """Check and split a broker URL; credentials come from the options or the environment.
 
@@ -199,13 +200,13 @@ class ReconnectPolicy:
         exponent = min(max(attempt - 1, 0), 64)
         return min(self.max_s, self.initial_s * self.multiplier ** exponent)
 
-    def delay(self, attempt: int, rng: Union[random.Random, None] = None) -> float:
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         ceiling = self.ceiling(attempt)
         draw = (rng or random).random()
         return ceiling * (1.0 - self.jitter * draw)
 
 
-def validate_filter(topic_filter: str) -> Tuple[Optional[str], str]:
+def validate_filter(topic_filter: str) -> tuple[str | None, str]:
     """Split ``$share/GROUP/FILTER`` into (group, filter); check wildcard placement.
 
     Raises:
@@ -214,7 +215,7 @@ def validate_filter(topic_filter: str) -> Tuple[Optional[str], str]:
     """
     if not isinstance(topic_filter, str) or not topic_filter:
         raise BadInputError("subscription filter is empty")
-    group: Optional[str] = None
+    group: str | None = None
     plain = topic_filter
     if topic_filter.startswith("$share/"):
         pieces = topic_filter.split("/", 2)
@@ -305,7 +306,7 @@ def describe_connect_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}"
 
 
-def _describe(code: Union[ReasonCode, MQTTErrorCode, int, None]) -> str:
+def _describe(code: ReasonCode | MQTTErrorCode | int | None) -> str:
     if isinstance(code, ReasonCode):
         return str(code)
     if isinstance(code, MQTTErrorCode):
@@ -316,7 +317,7 @@ def _describe(code: Union[ReasonCode, MQTTErrorCode, int, None]) -> str:
 class PendingPublish:
     """A published message whose acknowledgement can be awaited once (QoS 0: nothing to wait for)."""
 
-    def __init__(self, connection: "MqttConnection", topic: str, mid: Optional[int], mark: int) -> None:
+    def __init__(self, connection: MqttConnection, topic: str, mid: int | None, mark: int) -> None:
         self._connection = connection
         self.topic = topic
         self._mid = mid
@@ -365,16 +366,16 @@ class MqttConnection:
 
     def __init__(
         self,
-        broker: Union[BrokerUrl, str],
+        broker: BrokerUrl | str,
         *,
         client_id: str,
         protocol: str = MQTT_AUTO,
-        last_will: Optional[WillMessage] = None,
-        birth: Optional[WillMessage] = None,
+        last_will: WillMessage | None = None,
+        birth: WillMessage | None = None,
         keepalive: int = 30,
         clean_start: bool = True,
-        reconnect: Optional[ReconnectPolicy] = None,
-        on_connect: Optional[ConnectListener] = None,
+        reconnect: ReconnectPolicy | None = None,
+        on_connect: ConnectListener | None = None,
         max_queued_messages: int = 10000,
     ) -> None:
         self.broker = parse_broker_url(broker) if isinstance(broker, str) else broker
@@ -400,22 +401,22 @@ class MqttConnection:
         self.keepalive = keepalive
         self.clean_start = clean_start
         self.policy = reconnect or ReconnectPolicy()
-        self._listeners: List[ConnectListener] = [on_connect] if on_connect else []
-        self._subscriptions: Dict[str, _Subscription] = {}
+        self._listeners: list[ConnectListener] = [on_connect] if on_connect else []
+        self._subscriptions: dict[str, _Subscription] = {}
         self._lock = threading.RLock()
         # Acknowledgements by message id. A waiter notes the serial before it
         # publishes and accepts only a later ack of its mid: mids wrap at 65535,
         # and paho calls on_publish holding its own locks, so we never hold
         # ours across a paho call (that would deadlock).
         self._acks = threading.Condition()
-        self._acked: Dict[int, Tuple[int, List[ReasonCode]]] = {}
+        self._acked: dict[int, tuple[int, list[ReasonCode]]] = {}
         self._ack_serial = 0
         self._connected = threading.Event()
         self._closing = threading.Event()
-        self._refusal: Optional[str] = None
+        self._refusal: str | None = None
         self._last_error = "no attempt yet"
         self._ever_connected = False
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._rng = random.Random()
         self.connects = 0
         """Accepted connects so far (1 after the first connect, more after reconnects)."""
@@ -475,7 +476,7 @@ class MqttConnection:
         return self._connected.wait(timeout)
 
     # -- connect / close --
-    def start(self, connect_timeout: float = 10.0) -> "MqttConnection":
+    def start(self, connect_timeout: float = 10.0) -> MqttConnection:
         """Start the network thread and return at once; it connects (and reconnects) with
         backoff whenever the broker is there, for as long as the connection is open.
 
@@ -491,7 +492,7 @@ class MqttConnection:
         self._thread.start()
         return self
 
-    def connect(self, timeout: float = 10.0) -> "MqttConnection":
+    def connect(self, timeout: float = 10.0) -> MqttConnection:
         """Connect, retrying with backoff for up to ``timeout`` seconds.
 
         Raises:
@@ -554,7 +555,7 @@ class MqttConnection:
             thread.join(timeout)
         self._connected.clear()
 
-    def __enter__(self) -> "MqttConnection":
+    def __enter__(self) -> MqttConnection:
         if self._thread is None:
             self.connect()
         return self
@@ -583,7 +584,7 @@ class MqttConnection:
                 self._last_error = _describe(result)
                 continue
             result = MQTTErrorCode.MQTT_ERR_SUCCESS
-            close_deadline: Optional[float] = None
+            close_deadline: float | None = None
             self._connack = False
             wait_for_connack = self._connect_timeout
             if self._auto and self.protocol == MQTT_V5 and not self._ever_connected:
@@ -692,7 +693,7 @@ class MqttConnection:
                 self.dropped += 1
                 log.exception("handler %r failed on a message on %s; message dropped", handler, topic)
 
-    def _record_ack(self, mid: int, reasons: List[ReasonCode]) -> None:
+    def _record_ack(self, mid: int, reasons: list[ReasonCode]) -> None:
         with self._acks:
             self._ack_serial += 1
             self._acked[mid] = (self._ack_serial, reasons)
@@ -702,7 +703,7 @@ class MqttConnection:
                     properties: object = None) -> None:
         self._record_ack(mid, [reason] if isinstance(reason, ReasonCode) else [])
 
-    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int, reasons: List[ReasonCode],
+    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int, reasons: list[ReasonCode],
                       properties: object = None) -> None:
         self._record_ack(mid, list(reasons))
 
@@ -722,7 +723,7 @@ class MqttConnection:
                 return True
             return False
 
-    def _await(self, mid: int, after: int, timeout: float, what: str) -> List[ReasonCode]:
+    def _await(self, mid: int, after: int, timeout: float, what: str) -> list[ReasonCode]:
         deadline = time.monotonic() + timeout
         with self._acks:
             while True:
@@ -744,8 +745,8 @@ class MqttConnection:
             raise RuntimeError(f"{what} cannot wait for an acknowledgement inside a message handler; pass wait=False")
 
     # -- publish / subscribe --
-    def publish(self, topic: str, payload: Union[bytes, str], qos: int = 0, retain: bool = False, *,
-                wait: Optional[bool] = None, timeout: float = 10.0) -> "PendingPublish":
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False, *,
+                wait: bool | None = None, timeout: float = 10.0) -> PendingPublish:
         """Publish one message.
 
         With QoS 1/2 and ``wait`` (the default for QoS > 0 outside the network
@@ -837,7 +838,7 @@ class MqttConnection:
             self._client.unsubscribe(topic_filter)
 
 
-def device_connection(broker: Union[BrokerUrl, str], *, fleet: str, device: str, prefix: str = DEFAULT_PREFIX,
+def device_connection(broker: BrokerUrl | str, *, fleet: str, device: str, prefix: str = DEFAULT_PREFIX,
                       **options: object) -> MqttConnection:
     """A device's connection: client id = device id, retained ``status`` ``online`` as its
     birth message and ``offline`` as its last will (docs/protocol.md). Not yet connected.

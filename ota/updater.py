@@ -60,7 +60,6 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
 
 from tuf.api import exceptions as tuf_exceptions
 from tuf.api.metadata import TargetFile
@@ -141,8 +140,8 @@ class VerifiedBundle:
     manifest: BundleManifest
     root: Path
     model_path: Path
-    golden_path: Optional[Path]
-    labels_path: Optional[Path]
+    golden_path: Path | None
+    labels_path: Path | None
     target: str
     length: int
     sha256: str
@@ -252,7 +251,7 @@ class _VerifyingStream:
     extractor's ``finish``) has read verified bytes or an exception.
     """
 
-    def __init__(self, chunks: Iterator[bytes], target: str, length: int, hashes: Dict[str, str]) -> None:
+    def __init__(self, chunks: Iterator[bytes], target: str, length: int, hashes: dict[str, str]) -> None:
         self._chunks = iter(chunks)
         self._source = chunks
         self.target = target
@@ -275,7 +274,7 @@ class _VerifyingStream:
         """Fetch the next chunk into the buffer; False at the (verified) end."""
         while True:
             try:
-                chunk: Optional[bytes] = next(self._chunks)
+                chunk: bytes | None = next(self._chunks)
             except StopIteration:
                 chunk = None
             except tuf_exceptions.DownloadError as exc:
@@ -367,7 +366,7 @@ def fetch_verified_bundle(
     fetcher: FetcherInterface,
     work_dir: str | os.PathLike[str],
     now: _dt.datetime,
-    limits: Optional[ExtractionLimits] = None,
+    limits: ExtractionLimits | None = None,
 ) -> VerifiedBundle:
     """Refresh TUF metadata, check it against the director, download, verify and extract.
 

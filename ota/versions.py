@@ -14,7 +14,7 @@ from __future__ import annotations
 __all__ = ["NAME_PATTERN", "parse_version", "compare_versions", "check_name", "ParsedVersion"]
 
 import re
-from typing import Tuple, Union
+from typing import Union
 
 from .errors import BadInputError
 
@@ -23,8 +23,8 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 _VERSION = re.compile(r"^(\d{1,9}(?:\.\d{1,9}){0,5})(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?$")
 
-_Identifier = Tuple[int, Union[int, str]]
-ParsedVersion = Tuple[Tuple[int, ...], int, Tuple[_Identifier, ...]]
+_Identifier = tuple[int, Union[int, str]]
+ParsedVersion = tuple[tuple[int, ...], int, tuple[_Identifier, ...]]
 """(numeric core without trailing zeros, 1 for a release / 0 for a pre-release, pre-release ids)."""
 
 

@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from polling import time_scale, wait_for  # noqa: F401  (wait_for re-exported for the tests)
+
 from edgeship.agent.config import AgentConfig, load_config, render_config
 from edgeship.agent.runtimes import open_model
 from edgeship.ota.errors import EdgeshipError
 from edgeship.ota.golden import GoldenVectors
-from polling import time_scale, wait_for  # noqa: F401  (wait_for re-exported for the tests)
 
 PASSPHRASE = "agent-tests-root-passphrase"
 FLEET = "lab"

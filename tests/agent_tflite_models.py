@@ -23,8 +23,9 @@ def write_models(out: Path) -> None:
     import tensorflow as tf
 
     sys.path.insert(0, str(REPO / "examples" / "digits"))
-    from edgeship.agent.runtimes import open_model
     from model import save_digits_model
+
+    from edgeship.agent.runtimes import open_model
 
     out.mkdir(parents=True, exist_ok=True)
     files = save_digits_model(out / "train", epochs=8)

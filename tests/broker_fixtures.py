@@ -15,12 +15,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import paho.mqtt.client as mqtt
+from mqtt_broker import MosquittoBroker, free_port
+
 from edgeship.toolkit.broker_config import BrokerSettings
 from edgeship.toolkit.identities import BrokerFolder
-from mqtt_broker import MosquittoBroker, free_port
 
 __all__ = ["Client", "connect", "start_broker", "BrokerUnderTest", "creds"]
 
@@ -30,10 +31,10 @@ class Client:
     """A connected paho client that queues every message it receives."""
 
     mqttc: mqtt.Client
-    messages: "queue.Queue[tuple[str, bytes]]" = field(default_factory=queue.Queue)
+    messages: queue.Queue[tuple[str, bytes]] = field(default_factory=queue.Queue)
     disconnected: threading.Event = field(default_factory=threading.Event)
-    subscribed: "queue.Queue[list[Any]]" = field(default_factory=queue.Queue)
-    published: "queue.Queue[tuple[int, Any]]" = field(default_factory=queue.Queue)
+    subscribed: queue.Queue[list[Any]] = field(default_factory=queue.Queue)
+    published: queue.Queue[tuple[int, Any]] = field(default_factory=queue.Queue)
 
     def subscribe(self, topic: str, qos: int = 1) -> list[Any]:
         """Subscribe and wait for the SUBACK; returns its reason codes."""
@@ -45,7 +46,7 @@ class Client:
         if qos:
             info.wait_for_publish(timeout=5)
 
-    def wait_for(self, topic: str, timeout: float = 5.0) -> Optional[bytes]:
+    def wait_for(self, topic: str, timeout: float = 5.0) -> bytes | None:
         """Wait for a message on ``topic`` (other messages stay recorded in ``seen``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -87,15 +88,15 @@ class Client:
             self.mqttc.loop_stop()
 
 
-def connect(port: int, *, ca: Optional[Path] = None, cert: Optional[Path] = None, key: Optional[Path] = None,
-            username: Optional[str] = None, password: Optional[str] = None, tls: bool = True,
+def connect(port: int, *, ca: Path | None = None, cert: Path | None = None, key: Path | None = None,
+            username: str | None = None, password: str | None = None, tls: bool = True,
             protocol: int = mqtt.MQTTv311, timeout: float = 5.0,
-            client_id: Optional[str] = None) -> tuple[Optional[Client], str]:
+            client_id: str | None = None) -> tuple[Client | None, str]:
     """Connect; returns (client, "ok") or (None, why it was refused)."""
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"t-{uuid.uuid4().hex[:10]}",
                     protocol=protocol)
     client = Client(c)
-    result: "queue.Queue[str]" = queue.Queue()
+    result: queue.Queue[str] = queue.Queue()
 
     def on_connect(_c: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
         result.put("ok" if not rc.is_failure else f"refused: {rc}")
@@ -149,12 +150,12 @@ class BrokerUnderTest:
     settings: BrokerSettings
     root: Path
 
-    def device(self, device_id: str, fleet: str = "f1", auth: Optional[str] = None) -> dict[str, Any]:
+    def device(self, device_id: str, fleet: str = "f1", auth: str | None = None) -> dict[str, Any]:
         out = self.root / "creds" / device_id
         self.folder.issue_device(device_id, fleet, out, auth=auth)
         return creds(out)
 
-    def connect_as(self, c: dict[str, Any], **kw: Any) -> tuple[Optional[Client], str]:
+    def connect_as(self, c: dict[str, Any], **kw: Any) -> tuple[Client | None, str]:
         if "cert" in c:
             return connect(self.settings.cert_port or 0, ca=c["ca"], cert=c["cert"], key=c["key"], **kw)
         password = Path(c["password"]).read_text().strip()

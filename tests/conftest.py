@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mqtt_broker import MosquittoBroker
@@ -106,7 +107,7 @@ def agent_repo(
 
 
 @pytest.fixture
-def mosquitto_broker(tmp_path: Path) -> Iterator["MosquittoBroker"]:
+def mosquitto_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
     """A real Mosquitto on a free loopback port, anonymous, MQTT 3.1.1 and 5.
 
     For a custom configuration (TLS, ACLs), build ``MosquittoBroker(folder, config)``

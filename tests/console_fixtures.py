@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from edgeship.ota.protocol import EventMessage, ReportedMessage, StatusMessage, TelemetryMessage
 from edgeship.ota.telemetry import LatencyHistogram
 from edgeship.toolkit.store import FleetStore, IngestItem

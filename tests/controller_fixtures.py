@@ -10,12 +10,14 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable
 
 import pytest
 from click.testing import CliRunner
+from polling import wait_for  # noqa: F401  (re-exported for the tests)
 
 from edgeship.ota.director import DesiredState, load_director_public_key, verify_desired_state
 from edgeship.ota.protocol import (
@@ -31,7 +33,6 @@ from edgeship.ota.telemetry import LatencyHistogram
 from edgeship.ota.topics import DESIRED, EVENTS, REPORTED, STATUS, TELEMETRY, device_topic
 from edgeship.ota.transport import MqttConnection, ReconnectPolicy, WillMessage
 from edgeship.toolkit.cli import main
-from polling import wait_for  # noqa: F401  (re-exported for the tests)
 
 __all__ = ["PASS", "FAST", "SimDevice", "cli", "cli_json", "make_release_repo", "wait_for", "start_controller"]
 
@@ -39,17 +40,17 @@ PASS = "controller test passphrase"
 FAST = ReconnectPolicy(initial_s=0.1, max_s=0.5)
 
 
-def cli(args: List[str], code: int = 0, env: Optional[Dict[str, str]] = None) -> Any:
+def cli(args: list[str], code: int = 0, env: dict[str, str] | None = None) -> Any:
     result = CliRunner().invoke(main, args, catch_exceptions=False, env=env)
     assert result.exit_code == code, (args, result.output, getattr(result, "stderr", ""))
     return result
 
 
-def cli_json(args: List[str], env: Optional[Dict[str, str]] = None) -> Any:
+def cli_json(args: list[str], env: dict[str, str] | None = None) -> Any:
     return json.loads(cli(args + ["--json"], env=env).stdout)
 
 
-def make_release_repo(folder: Path, model: Path, versions: List[str], name: str = "digits") -> Path:
+def make_release_repo(folder: Path, model: Path, versions: list[str], name: str = "digits") -> Path:
     """``edgeship keys init`` + ``bundle build`` + ``publish`` for each version, through the CLI."""
     env = {"EDGESHIP_ROOT_PASSPHRASE": PASS}
     repo = folder / "repo"
@@ -71,17 +72,17 @@ class SimDevice:
     fleet: str
     device: str
     director_pub: Path
-    active: Optional[Dict[str, str]] = None
+    active: dict[str, str] | None = None
     auto_commit: bool = False
-    desired: "queue.Queue[DesiredState]" = field(default_factory=queue.Queue)
-    refused: List[str] = field(default_factory=list)
-    last_sequence: Optional[int] = None
+    desired: queue.Queue[DesiredState] = field(default_factory=queue.Queue)
+    refused: list[str] = field(default_factory=list)
+    last_sequence: int | None = None
     seq: int = 0
 
     def topic(self, kind: str) -> str:
         return device_topic(self.fleet, self.device, kind)
 
-    def connect(self) -> "SimDevice":
+    def connect(self) -> SimDevice:
         offline = encode_message(StatusMessage("offline"))
         online = encode_message(StatusMessage("online", time.time()))
         self.connection = MqttConnection(self.broker, client_id=self.device, reconnect=FAST,
@@ -116,8 +117,8 @@ class SimDevice:
         self.event("update_committed", bundle=bundle, state="COMMITTED", deployment=state.deployment)
         self.report(update={"state": "COMMITTED", "bundle": bundle}, previous=previous)
 
-    def report(self, update: Optional[Dict[str, Any]] = None, previous: Optional[Dict[str, str]] = None,
-               device: Optional[str] = None) -> None:
+    def report(self, update: dict[str, Any] | None = None, previous: dict[str, str] | None = None,
+               device: str | None = None) -> None:
         message = ReportedMessage(device=device or self.device, ts=time.time(), active=self.active,
                                   previous=previous, update=update, agent_version="sim", runtime="none")
         self.connection.publish(self.topic(REPORTED), encode_message(message), qos=1, retain=True)
@@ -127,7 +128,7 @@ class SimDevice:
         self.connection.publish(self.topic(EVENTS), encode_message(EventMessage(name, time.time(), self.seq,
                                                                                 **fields)), qos=1)
 
-    def telemetry(self, requests: int = 100, errors: int = 0, latency_ms: float = 2.0, drift: Optional[float] = None,
+    def telemetry(self, requests: int = 100, errors: int = 0, latency_ms: float = 2.0, drift: float | None = None,
                   qos: int = 1) -> None:
         histogram = LatencyHistogram()
         for _ in range(requests):
@@ -165,7 +166,7 @@ def db_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def devices_factory(mosquitto_broker: Any, release_repo: Path) -> Iterator[Callable[..., SimDevice]]:
-    made: List[SimDevice] = []
+    made: list[SimDevice] = []
 
     def make(device: str, fleet: str = "plant", **kwargs: Any) -> SimDevice:
         sim = SimDevice(mosquitto_broker.url, fleet, device, release_repo / "director" / "director.pub",

@@ -24,13 +24,14 @@ from typing import Any
 import numpy as np
 import pytest
 from agent_fixtures import AgentProcess, agent_env
+from polling import wait_for  # noqa: F401  (re-exported for the tests)
+
 from edgeship.agent.config import render_config
 from edgeship.ota.errors import EdgeshipError
 from edgeship.ota.golden import GoldenVectors
 from edgeship.ota.protocol import DesiredMessage, encode_message, parse_message
 from edgeship.ota.topics import DESIRED, EVENTS, REPORTED, STATUS, device_topic, device_wildcard
 from edgeship.ota.transport import MqttConnection, ReceivedMessage
-from polling import wait_for  # noqa: F401  (re-exported for the tests)
 
 __all__ = ["FLEET", "PASSPHRASE", "FleetAgent", "FleetRelease", "TestDirector", "edgeship_cli", "wait_for"]
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import pytest
 from mqtt_broker import free_port
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["PostgresServer", "SimulatedFleet", "postgres_binaries", "postgres_server"]
 
 
-def postgres_binaries() -> Optional[Path]:
+def postgres_binaries() -> Path | None:
     """The folder holding initdb and pg_ctl, or None."""
     found = shutil.which("initdb")
     if found and shutil.which("pg_ctl"):
@@ -121,7 +121,7 @@ class SimulatedFleet:
     """
 
     def __init__(self, store: FleetStore, fleet: str, n: int, version: str = "1.0", name: str = "digits",
-                 fail: Optional[set] = None, now: Optional[float] = None) -> None:
+                 fail: set | None = None, now: float | None = None) -> None:
         from edgeship.ota.protocol import ReportedMessage, StatusMessage
         from edgeship.toolkit.store import IngestItem
 
@@ -134,7 +134,7 @@ class SimulatedFleet:
         store.ingest([IngestItem(fleet, d, StatusMessage("online"), self.now) for d in self.devices]
                      + [IngestItem(fleet, d, self._report(d, version), self.now) for d in self.devices])
 
-    def _report(self, device: str, version: Optional[str], update: Optional[dict] = None) -> object:
+    def _report(self, device: str, version: str | None, update: dict | None = None) -> object:
         active = {"name": self.name, "version": version} if version else None
         return self._reported(device=device, ts=self.now, active=active, update=update)
 

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
 
 __all__ = ["MosquittoBroker", "free_port", "mosquitto_binary"]
 
@@ -19,7 +18,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def mosquitto_binary() -> Optional[str]:
+def mosquitto_binary() -> str | None:
     return shutil.which("mosquitto") or (
         "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
     )
@@ -33,7 +32,7 @@ class MosquittoBroker:
     config may use ``{port}`` and ``{folder}`` placeholders.
     """
 
-    def __init__(self, folder: Path, config: Optional[str] = None, port: Optional[int] = None) -> None:
+    def __init__(self, folder: Path, config: str | None = None, port: int | None = None) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto; .ci/run does it)")
@@ -48,13 +47,13 @@ class MosquittoBroker:
         self.config_path = self.folder / "mosquitto.conf"
         self.config_path.write_text(template.format(port=self.port, folder=self.folder))
         self.log_path = self.folder / "mosquitto.log"
-        self.process: Optional[subprocess.Popen[bytes]] = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> "MosquittoBroker":
+    def start(self, timeout: float = 10.0) -> MosquittoBroker:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [self.binary, "-c", str(self.config_path)], stdout=log, stderr=subprocess.STDOUT

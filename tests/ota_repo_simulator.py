@@ -13,16 +13,17 @@ import datetime as dt
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Union
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from edgeship.ota.bundle import build_bundle
-from edgeship.ota.director import DesiredState, sign_desired_state
 from securesystemslib.signer import CryptoSigner
 from tuf.api.exceptions import DownloadHTTPError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 from tuf.ngclient import FetcherInterface
+
+from edgeship.ota.bundle import build_bundle
+from edgeship.ota.director import DesiredState, sign_desired_state
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 SIGNATURE = {
@@ -39,7 +40,7 @@ def fake_tflite(size: int = 4096, seed: bytes = b"") -> bytes:
 
 
 def make_bundle(folder: Path, name: str = "digits", version: str = "1.0.0", size: int = 4096,
-                labels: Optional[List[str]] = None) -> Path:
+                labels: list[str] | None = None) -> Path:
     """A real bundle file built with build_bundle from a small fake TFLite model."""
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / f"{name}-{version}.tflite"
@@ -63,12 +64,12 @@ class RepositorySimulator(FetcherInterface):
     callable returning a chunk iterator, e.g. an endless stream).
     """
 
-    def __init__(self, now: dt.datetime, *, expiry: Optional[Dict[str, dt.timedelta]] = None) -> None:
+    def __init__(self, now: dt.datetime, *, expiry: dict[str, dt.timedelta] | None = None) -> None:
         self.now = now
         self.expiry = {"root": dt.timedelta(days=365), "targets": dt.timedelta(days=365),
                        "snapshot": dt.timedelta(days=7), "timestamp": dt.timedelta(days=1)}
         self.expiry.update(expiry or {})
-        self.signers: Dict[str, CryptoSigner] = {r: CryptoSigner.generate_ed25519() for r in ROLES}
+        self.signers: dict[str, CryptoSigner] = {r: CryptoSigner.generate_ed25519() for r in ROLES}
         root = Root(version=1, expires=now + self.expiry["root"], consistent_snapshot=False)
         for role in ROLES:
             root.add_key(self.signers[role].public_key, role)
@@ -76,12 +77,12 @@ class RepositorySimulator(FetcherInterface):
         self.targets = Metadata(Targets(version=1, expires=now))
         self.snapshot = Metadata(Snapshot(version=1, expires=now))
         self.timestamp = Metadata(Timestamp(version=1, expires=now))
-        self.signed_roots: List[bytes] = []
-        self.served: Dict[str, bytes] = {}
-        self.history: Dict[str, Dict[int, bytes]] = {r: {} for r in ("targets", "snapshot", "timestamp")}
-        self.target_bytes: Dict[str, bytes] = {}
-        self.serve_override: Dict[str, Served] = {}
-        self.fetched: List[str] = []
+        self.signed_roots: list[bytes] = []
+        self.served: dict[str, bytes] = {}
+        self.history: dict[str, dict[int, bytes]] = {r: {} for r in ("targets", "snapshot", "timestamp")}
+        self.target_bytes: dict[str, bytes] = {}
+        self.serve_override: dict[str, Served] = {}
+        self.fetched: list[str] = []
         self.director_key = Ed25519PrivateKey.generate()
         self.sequence = 0
         self._sign_root()
@@ -89,19 +90,19 @@ class RepositorySimulator(FetcherInterface):
 
     # -- signing ---------------------------------------------------------------------------------
 
-    def _serialize(self, md: Metadata, signers: List[CryptoSigner]) -> bytes:
+    def _serialize(self, md: Metadata, signers: list[CryptoSigner]) -> bytes:
         md.signatures.clear()
         for signer in signers:
             md.sign(signer, append=True)
         return md.to_bytes(JSONSerializer(compact=False))
 
-    def _sign_root(self, extra_signers: Optional[List[CryptoSigner]] = None) -> None:
+    def _sign_root(self, extra_signers: list[CryptoSigner] | None = None) -> None:
         data = self._serialize(self.root, [self.signers["root"], *(extra_signers or [])])
         self.signed_roots.append(data)
         self.served["root.json"] = data
 
-    def sign_role(self, role: str, *, signer: Optional[CryptoSigner] = None, bump: bool = True,
-                  expires: Optional[dt.datetime] = None) -> bytes:
+    def sign_role(self, role: str, *, signer: CryptoSigner | None = None, bump: bool = True,
+                  expires: dt.datetime | None = None) -> bytes:
         md = {"targets": self.targets, "snapshot": self.snapshot, "timestamp": self.timestamp}[role]
         if bump and self.history[role]:  # the first signature is version 1
             md.signed.version += 1
@@ -111,9 +112,9 @@ class RepositorySimulator(FetcherInterface):
         self.served[f"{role}.json"] = data
         return data
 
-    def publish(self, *, targets: bool = True, snapshot_targets_version: Optional[int] = None,
-                timestamp_snapshot_version: Optional[int] = None,
-                timestamp_expires: Optional[dt.datetime] = None) -> None:
+    def publish(self, *, targets: bool = True, snapshot_targets_version: int | None = None,
+                timestamp_snapshot_version: int | None = None,
+                timestamp_expires: dt.datetime | None = None) -> None:
         """Sign new versions: targets (optional), snapshot, timestamp."""
         if targets:
             self.sign_role("targets")
@@ -162,9 +163,9 @@ class RepositorySimulator(FetcherInterface):
     # -- director --------------------------------------------------------------------------------
 
     def desired(self, name: str = "digits", version: str = "1.0.0", *, device: str = "dev-1",
-                fleet: str = "plant", sequence: Optional[int] = None, expires_in: dt.timedelta = dt.timedelta(hours=1),
-                hashes: Optional[Dict[str, str]] = None, length: Optional[int] = None,
-                key: Optional[Ed25519PrivateKey] = None, action: str = "install") -> dict:
+                fleet: str = "plant", sequence: int | None = None, expires_in: dt.timedelta = dt.timedelta(hours=1),
+                hashes: dict[str, str] | None = None, length: int | None = None,
+                key: Ed25519PrivateKey | None = None, action: str = "install") -> dict:
         path = f"{name}/{name}-{version}.bundle"
         target = self.targets.signed.targets.get(path)
         if sequence is None:
@@ -210,7 +211,7 @@ class RepositorySimulator(FetcherInterface):
         return trust_dir
 
 
-def leftovers(folder: Path) -> List[str]:
+def leftovers(folder: Path) -> list[str]:
     """Everything under ``folder`` (for 'nothing left behind' assertions)."""
     if not folder.exists():
         return []

@@ -28,7 +28,6 @@ import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
 
 from mqtt_broker import free_port
 from packaging.markers import default_environment
@@ -38,7 +37,7 @@ __all__ = ["Sshd", "DeviceAccount", "make_device_account", "make_user_key", "bui
            "repack_installed", "world_readable_tempdir"]
 
 
-def sshd_binary() -> Optional[str]:
+def sshd_binary() -> str | None:
     return "/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else shutil.which("sshd")
 
 
@@ -98,9 +97,9 @@ class Sshd:
             "",
         ]))
         self.log = root / "sshd.log"
-        self.process: Optional[subprocess.Popen[bytes]] = None
+        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "Sshd":
+    def start(self) -> Sshd:
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege separation folder
         binary = sshd_binary()
         assert binary

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 from agent_fixtures import AgentRepo, agent_cli, write_config
+
 from edgeship.agent.health import (
     ProbationPolicy,
     ProbationSample,

@@ -133,10 +133,11 @@ def test_onnx_bundles_install_swap_and_roll_back(tmp_path: Path, digits_files: d
     """edgeship[onnx] on arm64: the digits model converted to ONNX on the host (edgeship
     convert), bundled, signed and exported; installed offline, served, hot-swapped to the
     next version while the agent runs, and rolled back."""
+    from fleet_e2e_fixtures import edgeship_cli
+
     from edgeship.agent.runtimes import open_model
     from edgeship.ota.bundle import build_bundle
     from edgeship.ota.release import ReleaseRepository
-    from fleet_e2e_fixtures import edgeship_cli
 
     model = tmp_path / "digits.onnx"
     edgeship_cli("convert", str(digits_files["model"]), "-o", str(model), "--calib", str(digits_files["calib"]))

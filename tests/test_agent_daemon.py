@@ -18,6 +18,7 @@ from agent_fixtures import (
     agent_config,
     wait_for,
 )
+
 from edgeship.agent.daemon import Agent
 from edgeship.agent.sources import OfflinePackageSource
 from edgeship.ota.protocol import EventMessage, ReportedMessage, TelemetryMessage

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from agent_fixtures import TFServingClient
+
 from edgeship.agent.decoding import DecodeLimits, PredictRequestError, decode_request
 from edgeship.agent.runtimes import ModelSignature, TensorSpec, open_model
 from edgeship.agent.server import ApiServer

@@ -283,6 +283,7 @@ def nan_repo(
     pixel of every digit is 0. Its golden vectors use a first pixel of 1, so it passes
     the self-test and fails only in service."""
     import tensorflow as tf
+
     from edgeship.ota.bundle import build_bundle
     from edgeship.ota.release import ReleaseRepository
 

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ota_repo_simulator import make_bundle
+
 from edgeship.agent.config import parse_config
 from edgeship.agent.sources import Admission, DirectorSource, SourceContext, StagedBundle
 from edgeship.ota.block_transfer import BlockTransferFailed
 from edgeship.ota.errors import EdgeshipError, SecurityError
 from edgeship.ota.release import ReleaseRepository
-from ota_repo_simulator import make_bundle
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.timezone.utc)
 

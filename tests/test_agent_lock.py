@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_fixtures import AgentProcess, AgentRepo, agent_cli, agent_env, wait_for, write_config
+
 from edgeship.agent.config import load_config
 from edgeship.agent.control import AgentLock, ControlServer
 

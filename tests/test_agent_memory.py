@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from agent_fixtures import AgentProcess, AgentRepo, agent_cli, rss_mb, write_config
+
 from edgeship.agent.isolated import _rebuild_error
 from edgeship.agent.runtimes import RuntimeUnavailableError
 from edgeship.agent.sources import VERIFY_IN_PROCESS_ENV, OfflinePackageSource
@@ -88,6 +89,7 @@ def test_missing_package_fails_in_the_parent_with_the_same_message(
     import datetime as dt
 
     from agent_fixtures import agent_config
+
     from edgeship.agent.sources import SourceContext
 
     config = agent_config(tmp_path, agent_repo)

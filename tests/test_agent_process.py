@@ -22,6 +22,7 @@ from agent_fixtures import (
     wait_for,
     write_config,
 )
+
 from edgeship.agent.config import load_config
 
 

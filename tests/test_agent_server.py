@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from agent_fixtures import TFServingClient
+
 from edgeship.agent.runtimes import open_model
 from edgeship.agent.server import ApiServer
 from edgeship.agent.serving import LoadedModel, ServingModel, warm_up

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from edgeship.agent.runtimes import open_model
 from edgeship.agent.serving import LoadedModel, ModelStats, ServingModel
 from edgeship.ota.errors import BadInputError

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from edgeship.agent.config import load_config, render_config
 
 if sys.version_info >= (3, 11):
@@ -119,6 +120,7 @@ def test_init_writes_a_config_the_unprivileged_service_user_can_read(tmp_path: P
     import stat
 
     from click.testing import CliRunner
+
     from edgeship.agent.cli import cli
 
     out = tmp_path / "agent.toml"

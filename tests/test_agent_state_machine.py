@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from edgeship.agent.config import load_config, parse_config, render_config
 from edgeship.agent.health import (
     MIN_SAMPLE,

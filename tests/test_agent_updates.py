@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from agent_fixtures import DEVICE, AgentRepo, agent_config, tamper_package
+
 from edgeship.agent.persistence import StateStore
 from edgeship.agent.serving import ServingModel
 from edgeship.agent.sources import OfflinePackageSource, SlotSource
@@ -201,6 +202,7 @@ def test_package_signed_by_another_repository_is_rejected(
     device: UpdateDriver, agent_repo: AgentRepo, tmp_path: Path
 ) -> None:
     from agent_fixtures import PASSPHRASE
+
     from edgeship.ota.bundle import build_bundle
     from edgeship.ota.release import ReleaseRepository
 

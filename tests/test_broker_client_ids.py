@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 from broker_fixtures import connect, start_broker
-from edgeship.toolkit.broker_config import client_id_allowed
 from mqtt_broker import free_port, mosquitto_binary
+
+from edgeship.toolkit.broker_config import client_id_allowed
 
 needs_mosquitto = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 
@@ -72,6 +73,7 @@ def test_device_a_cannot_take_device_b_s_session_on_mosquitto(tmp_path: Path, au
 def test_device_a_cannot_take_device_b_s_session_on_the_embedded_broker(tmp_path: Path) -> None:
     pytest.importorskip("amqtt")
     from broker_fixtures import creds
+
     from edgeship.toolkit.broker_config import BrokerSettings
     from edgeship.toolkit.embedded_rules import RuledEmbeddedBroker
     from edgeship.toolkit.identities import BrokerFolder

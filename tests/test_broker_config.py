@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
+
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.topics import DEVICE_KINDS, DEVICE_PUBLISHES, DEVICE_SUBSCRIBES
 from edgeship.toolkit import broker_config as bc
@@ -161,7 +162,7 @@ def test_crl_lists_revoked_serials() -> None:
 
 # -- the CLI --------------------------------------------------------------------------------------
 
-def run(args: list[str]) -> "object":
+def run(args: list[str]) -> object:
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 

@@ -8,16 +8,18 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from broker_fixtures import Client, connect, creds
 from click.testing import CliRunner
+from mqtt_broker import free_port
+
 from edgeship.toolkit.broker_config import BrokerSettings
 from edgeship.toolkit.cli import main
 from edgeship.toolkit.identities import BrokerFolder
-from mqtt_broker import free_port
 
 pytest.importorskip("amqtt")
 pytest.importorskip("edgeship.toolkit.embedded_broker")

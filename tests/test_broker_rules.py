@@ -8,19 +8,20 @@ pass just because nothing works.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
 from broker_fixtures import BrokerUnderTest, Client, connect, start_broker
+from mqtt_broker import mosquitto_binary
+
 from edgeship.toolkit.broker_config import (
     certificate_pem,
     create_ca,
     issue_client_certificate,
     private_key_pem,
 )
-from mqtt_broker import mosquitto_binary
 
 pytestmark = [pytest.mark.mosquitto,
               pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (.ci/run installs it)")]

@@ -11,8 +11,9 @@ import time
 import pytest
 from broker_fixtures import connect
 from click.testing import CliRunner
-from edgeship.toolkit.cli import main
 from mqtt_broker import free_port
+
+from edgeship.toolkit.cli import main
 
 HAVE_EMBEDDED = importlib.util.find_spec("edgeship.toolkit.embedded_broker") is not None
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from converters_fixtures import conversions_dir, convert_digits  # noqa: F401  (fixtures)
+
 from edgeship.toolkit.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

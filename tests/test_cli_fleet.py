@@ -11,18 +11,19 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fleet_fixtures import SimulatedFleet
+
 from edgeship.ota.protocol import TelemetryMessage
 from edgeship.ota.telemetry import LatencyHistogram
 from edgeship.toolkit.abtest import assign_arm
 from edgeship.toolkit.cli import main
 from edgeship.toolkit.rollouts import RollbackDevice, RolloutState
 from edgeship.toolkit.store import FleetStore, IngestItem
-from fleet_fixtures import SimulatedFleet
 
 FLEET = "plant1"
 
@@ -80,7 +81,7 @@ def test_the_store_comes_from_the_environment(db: str, store: FleetStore, monkey
     (["--select", "site"], "TAG=VALUE"),
     (["--broker", "http://x:1"], "mqtt://HOST:PORT"),
 ])
-def test_bad_rollout_options_are_one_line_and_exit_2(db: str, args: List[str], fragment: str) -> None:
+def test_bad_rollout_options_are_one_line_and_exit_2(db: str, args: list[str], fragment: str) -> None:
     result = run("rollout", "start", "digits", "2.0", "--fleet", FLEET, "--db", db, *args, code=2)
     assert result.stderr.startswith("error: ") and fragment in result.stderr
     assert result.stderr.count("\n") == 1 and result.stdout == ""
@@ -230,7 +231,7 @@ def test_start_wait_through_a_pipe_prints_each_change_and_ends_with_the_state(
         assert process.stderr.strip().splitlines()[-1].startswith("error: rollout r-")
 
 
-def sim_ids(n: int) -> List[str]:
+def sim_ids(n: int) -> list[str]:
     return [f"dev-{i:03d}" for i in range(n)]
 
 
@@ -306,7 +307,7 @@ def test_abtest_promote_a_chosen_arm_and_stop(db: str, store: FleetStore) -> Non
 @pytest.mark.parametrize("args", [["digits", "digits:2.0"], ["digits:1.0", "digits:1.0"],
                                   ["digits:1.0", "digits:2.0", "--split", "100"],
                                   ["digits:1.0", "digits:2.0", "--min-samples", "1"]])
-def test_abtest_bad_input(db: str, args: List[str]) -> None:
+def test_abtest_bad_input(db: str, args: list[str]) -> None:
     result = run("abtest", "start", *args, "--fleet", FLEET, "--metric", "accuracy", "--db", db, code=2)
     assert result.stderr.startswith("error: ")
 
@@ -359,7 +360,7 @@ def test_a_store_of_another_shape_is_one_line_not_a_traceback(tmp_path: Path) ->
 
 @pytest.mark.parametrize("args", [["rollout", "ls"], ["fleet", "ls"], ["abtest", "ls"], ["rollout", "status", "r-1"],
                                   ["device", "show", "dev-1"]])
-def test_a_mistyped_store_is_refused_not_created(tmp_path: Path, args: List[str]) -> None:
+def test_a_mistyped_store_is_refused_not_created(tmp_path: Path, args: list[str]) -> None:
     """Commands that read what is there refuse a SQLite store that does not exist, instead
     of showing an empty fleet and leaving a new file behind."""
     db = tmp_path / "typo.db"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -17,13 +17,13 @@ from edgeship.toolkit.cli import main
 from edgeship.toolkit.store import FleetStore, IngestItem
 
 
-def run(args: List[str], code: int = 0) -> Any:
+def run(args: list[str], code: int = 0) -> Any:
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == code, (args, result.output)
     return result
 
 
-def run_json(args: List[str]) -> Any:
+def run_json(args: list[str]) -> Any:
     return json.loads(run(args + ["--json"]).stdout)
 
 
@@ -118,7 +118,7 @@ def test_fleet_ls_reads_the_environment(db: str, monkeypatch: pytest.MonkeyPatch
     (["device", "tag", "cam-1", "a=b", "--remove", "a"], "both set and removed"),
     (["device", "tag", "ghost", "a=b"], "unknown device"),
 ])
-def test_bad_input_is_one_line_and_exit_2(db: str, args: List[str], why: str) -> None:
+def test_bad_input_is_one_line_and_exit_2(db: str, args: list[str], why: str) -> None:
     result = run(args + ["--db", db], code=2)
     assert result.output.startswith("error: ") or "Error:" in result.output
     assert why in result.output
@@ -176,6 +176,6 @@ def test_device_show_json_and_text(db: str, monkeypatch: pytest.MonkeyPatch) -> 
     (["controller", "--broker", "mqtt://127.0.0.1:1", "--repo", ".", "--fleet", "a/b"], "fleet"),
     (["controller", "--broker", "mqtt://127.0.0.1:1", "--repo", ".", "--metrics-port", "70000"], "metrics-port"),
 ])
-def test_controller_bad_input_is_one_line_and_exit_2(args: List[str], why: str, tmp_path: Path) -> None:
+def test_controller_bad_input_is_one_line_and_exit_2(args: list[str], why: str, tmp_path: Path) -> None:
     result = run(args + ["--db", f"sqlite:///{tmp_path / 'f.db'}"], code=2)
     assert result.output.startswith("error: ") and why in result.output and "Traceback" not in result.output

@@ -4,10 +4,11 @@ are refused before anything is recorded."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
+
 from edgeship.toolkit.cli import main
 from edgeship.toolkit.store import FleetStore
 
@@ -42,7 +43,7 @@ def test_bad_wait_interval_is_refused_before_the_rollout_is_recorded(db: str, in
 
 
 @pytest.mark.parametrize("args", [["rollout", "ls", "--limit", "0"], ["rollout", "ls", "--limit", "-1"]])
-def test_bad_limit_is_one_line(db: str, args: List[str]) -> None:
+def test_bad_limit_is_one_line(db: str, args: list[str]) -> None:
     result = _run(*args, "--db", db)
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: --limit")
@@ -148,8 +149,9 @@ def test_status_json_numbers_stages_from_1_everywhere(db: str) -> None:
     records must use the same numbering, or a script matching them is off by one."""
     import json
 
-    from edgeship.toolkit.store import FleetStore
     from fleet_fixtures import SimulatedFleet
+
+    from edgeship.toolkit.store import FleetStore
 
     with FleetStore(db) as store:
         sim = SimulatedFleet(store, "plant", 20)

@@ -10,14 +10,15 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from ota_repo_simulator import SIGNATURE, fake_tflite
+
 from edgeship.ota.golden import GoldenVectors
 from edgeship.toolkit.cli import main
-from ota_repo_simulator import SIGNATURE, fake_tflite
 
 PASS = "correct horse battery"
 
@@ -29,13 +30,13 @@ def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     return CliRunner()
 
 
-def run(runner: CliRunner, args: List[str], code: int = 0, **kwargs: Any) -> Any:
+def run(runner: CliRunner, args: list[str], code: int = 0, **kwargs: Any) -> Any:
     result = runner.invoke(main, args, catch_exceptions=False, **kwargs)
     assert result.exit_code == code, (result.output, result.stderr if hasattr(result, "stderr") else "")
     return result
 
 
-def run_json(runner: CliRunner, args: List[str]) -> Any:
+def run_json(runner: CliRunner, args: list[str]) -> Any:
     return json.loads(run(runner, args + ["--json"]).stdout)
 
 

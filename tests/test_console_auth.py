@@ -4,6 +4,7 @@ what a session cookie and a CSRF token prove, and which secrets the console acce
 from __future__ import annotations
 
 import pytest
+
 from edgeship.ota.errors import BadInputError
 from edgeship.toolkit.console.auth import Credentials, Role, SessionSigner, authorize, route_kind
 

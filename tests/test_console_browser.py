@@ -22,8 +22,9 @@ from controller_fixtures import (  # noqa: F401 - fixtures
     release_repo,
     start_controller,
 )
-from edgeship.toolkit.store import FleetStore
 from polling import wait_for
+
+from edgeship.toolkit.store import FleetStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.mosquitto, pytest.mark.chromium]
 

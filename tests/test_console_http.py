@@ -21,6 +21,7 @@ from console_fixtures import (  # noqa: F401 - fixtures
     start_abtest,
     start_rollout,
 )
+
 from edgeship.toolkit.store import FleetStore
 
 

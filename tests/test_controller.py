@@ -13,11 +13,9 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any, Callable
 
 import pytest
-
-from fleet_fixtures import postgres_server  # noqa: F401 - fixture
 from controller_fixtures import (  # noqa: F401 - fixtures
     SimDevice,
     cli,
@@ -29,6 +27,8 @@ from controller_fixtures import (  # noqa: F401 - fixtures
     start_controller,
     wait_for,
 )
+from fleet_fixtures import postgres_server  # noqa: F401 - fixture
+
 from edgeship.ota import updater
 from edgeship.ota.blocks import BlockTransferConfig, MqttBlockFetcher
 from edgeship.ota.director import load_director_public_key, verify_desired_state
@@ -123,7 +123,7 @@ def test_rollout_reaches_devices_as_signed_desired_states_and_blocks_are_served(
         assert record.rollout_id == rollout_id and record.envelope["signatures"]
         # retained: a device that connects later still finds its signed desired state
         late = MqttConnection(mosquitto_broker.url, client_id="reader").connect(5)
-        got: List[Any] = []
+        got: list[Any] = []
         late.subscribe(f"edgeship/plant/devices/dev-1/{DESIRED}", lambda m: got.append(m), qos=1)
         wait_for(lambda: got, what="retained desired state")
         message = parse_message(DESIRED, got[0].payload)
@@ -160,7 +160,7 @@ def test_deploy_to_one_device_is_signed_and_published(mosquitto_broker: Any, rel
         controller.stop()
 
 
-def _hostile_payloads(prefix: str) -> List[Any]:
+def _hostile_payloads(prefix: str) -> list[Any]:
     big = b"{" + b'"x":"' + b"a" * 70_000 + b'"}'
     unsigned = json.dumps({"v": 1, "type": "desired", "envelope": {"signed": {"device": "dev-h"},
                                                                    "signatures": []}}).encode()
@@ -433,7 +433,7 @@ def test_one_rollout_that_cannot_be_reconciled_does_not_stop_the_tick(
 
     controller = Controller(ControllerConfig(broker="mqtt://127.0.0.1:1", repo=release_repo, db_url=db_url),
                             store=store)
-    reconciled: List[str] = []
+    reconciled: list[str] = []
 
     def reconcile(rollout_id: str, now: float) -> None:
         if rollout_id == "r-bad":
@@ -450,9 +450,10 @@ def test_an_assignment_the_controller_cannot_sign_fails_at_once_with_the_reason(
         release_repo: Path, db_url: str, store: FleetStore) -> None:
     """A rollout of a version the repository does not hold (started without --repo): the device
     is FAILED with the reason in the same tick, and the rollout aborts on it, not after 30 minutes."""
+    from fleet_fixtures import SimulatedFleet
+
     from edgeship.toolkit.controller import Controller, ControllerConfig
     from edgeship.toolkit.rollouts import DeviceStatus, RolloutPolicy, RolloutState, new_rollout
-    from fleet_fixtures import SimulatedFleet
 
     SimulatedFleet(store, "plant", 2, version="1.0.0")
     now = time.time()

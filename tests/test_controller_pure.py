@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import pytest
 
@@ -18,6 +18,7 @@ from edgeship.ota.director import (
     sign_desired_state,
     verify_desired_state,
 )
+from edgeship.ota.errors import BadInputError
 from edgeship.ota.protocol import (
     EventMessage,
     ReportedMessage,
@@ -35,7 +36,6 @@ from edgeship.toolkit.controller import (
     route_message,
     timestamp_refresh_due,
 )
-from edgeship.ota.errors import BadInputError
 from edgeship.toolkit.controller_metrics import FleetCounters
 
 T = "edgeship/plant/devices/dev-1"
@@ -116,7 +116,7 @@ def test_desired_state_carries_the_release_repository_target_and_verifies(tmp_pa
                              last_sequence=None, now=dt.datetime.fromtimestamp(now, dt.timezone.utc))
 
 
-def _status(expires_in: int, validity: int = 86400, expired: bool = False, role: str = "timestamp") -> Dict[str, Any]:
+def _status(expires_in: int, validity: int = 86400, expired: bool = False, role: str = "timestamp") -> dict[str, Any]:
     other = {"expires_in_seconds": 7 * 86400, "validity_seconds": 7 * 86400, "expired": False}
     roles = {"timestamp": dict(other, validity_seconds=86400, expires_in_seconds=86400), "snapshot": other}
     roles[role] = {"expires_in_seconds": expires_in, "validity_seconds": validity, "expired": expired}
@@ -132,7 +132,7 @@ def _status(expires_in: int, validity: int = 86400, expired: bool = False, role:
     (_status(3 * 86400, 7 * 86400, role="snapshot"), 0.5, True),
     ({"roles": {}}, 0.5, False),
 ])
-def test_timestamp_refresh_is_due_before_half_the_validity_is_gone(status: Dict[str, Any], fraction: float,
+def test_timestamp_refresh_is_due_before_half_the_validity_is_gone(status: dict[str, Any], fraction: float,
                                                                    due: bool) -> None:
     assert timestamp_refresh_due(status, fraction) is due
 
@@ -221,6 +221,6 @@ def test_labels_are_escaped() -> None:
 
 @pytest.mark.parametrize("changes", [{"tick_s": 0}, {"batch_max": 0}, {"replica_id": ""},
                                      {"desired_renew_s": 10.0, "desired_expires_s": 5.0}])
-def test_config_refuses_nonsense(changes: Dict[str, Any]) -> None:
+def test_config_refuses_nonsense(changes: dict[str, Any]) -> None:
     with pytest.raises(BadInputError):
         ControllerConfig(broker="mqtt://127.0.0.1:1883", repo="r", db_url="sqlite://", **changes)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
+
 from edgeship.ota.errors import BadInputError
 from edgeship.toolkit.cli import main
 from edgeship.toolkit.controller import ControllerConfig
@@ -20,7 +21,7 @@ from edgeship.toolkit.controller import ControllerConfig
     {"shared_group": "+"},
     {"shared_group": "g#"},
 ])
-def test_config_refuses_silent_nonsense(changes: Dict[str, Any]) -> None:
+def test_config_refuses_silent_nonsense(changes: dict[str, Any]) -> None:
     with pytest.raises(BadInputError):
         ControllerConfig(broker="mqtt://127.0.0.1:1883", repo="r", db_url="sqlite://", **changes)
 

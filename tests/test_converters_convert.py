@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from converters_fixtures import conversions_dir, convert_digits  # noqa: F401  (fixtures)
+
 from edgeship.agent.runtimes import ModelLoadError, open_model
 from edgeship.converters.convert import ConversionGateError, convert_model
 from edgeship.converters.report import REPORT_SCHEMA

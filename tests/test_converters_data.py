@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from edgeship.agent.runtimes import TensorSpec
 from edgeship.converters.data import PreprocessingSpec, load_dataset, split_holdback
 from edgeship.ota.errors import BadInputError

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from converters_fixtures import int8_sensitive_model
+
 from edgeship.converters.convert import ConversionGateError, QuantizationChoices, convert_model
 from edgeship.converters.doctor import ChannelStats, fewest_kept, fewest_layers, introduced_errors
 from edgeship.converters.validate import GateLimits

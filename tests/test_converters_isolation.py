@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from converters_fixtures import zoo_model
+
 from edgeship.converters.isolated import StageCrashedError, crash_message, run_stage
 from edgeship.converters.quiet import stage_lines
 

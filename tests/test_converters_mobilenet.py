@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from edgeship.agent.runtimes import open_model
 from edgeship.converters.convert import convert_model
 from edgeship.ota.golden import GoldenVectors, compare_outputs

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from edgeship.agent.runtimes import open_model
 from edgeship.converters.convert import convert_model
 from edgeship.ota.errors import BadInputError

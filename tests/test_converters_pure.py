@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from edgeship.agent.runtimes import TensorSpec, match_names
 from edgeship.converters.bench import fastest, latency_stats
 from edgeship.converters.data import PreprocessingSpec, parse_preprocessing

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from converters_fixtures import serve_with_agent, sklearn_models
+
 from edgeship.converters.convert import convert_model
 from edgeship.ota.errors import BadInputError
 from edgeship.toolkit.cli import main as cli

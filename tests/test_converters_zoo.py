@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from converters_fixtures import old_toolchain_cnn, zoo_model
+
 from edgeship.agent.runtimes import open_model
 from edgeship.converters.convert import QuantizationChoices, convert_model
 from edgeship.ota.errors import BadInputError
@@ -191,6 +192,7 @@ def test_keras_applications_export_to_onnx_that_loads(tmp_path: Path, name: str)
 
 def test_an_operator_onnx_lacks_is_named(tmp_path: Path) -> None:
     import tensorflow as tf
+
     from edgeship.ota.errors import EdgeshipError
 
     class Bessel(tf.keras.layers.Layer):

@@ -10,10 +10,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, List
 
 import pytest
+from transport_fixtures import Collector, python_child, read_line_with, wait_until
+
 from edgeship.ota.blocks import BlockTransferConfig, MqttBlockFetcher
 from edgeship.ota.errors import EdgeshipError
 from edgeship.ota.topics import device_topic
@@ -26,7 +28,6 @@ from edgeship.ota.transport import (
 )
 from edgeship.toolkit.blockserver import BlockServer
 from edgeship.toolkit.embedded_broker import EmbeddedBroker
-from transport_fixtures import Collector, python_child, read_line_with, wait_until
 
 FAST = ReconnectPolicy(initial_s=0.1, max_s=0.5)
 
@@ -167,7 +168,7 @@ def test_an_agent_started_before_the_broker_loses_nothing_in_the_version_fallbac
     got = Collector()
     conn = MqttConnection(f"mqtt://127.0.0.1:{port}", client_id="early", reconnect=FAST).start()
     conn.subscribe("edgeship/lab/devices/early/#", got)
-    errors: List[Exception] = []
+    errors: list[Exception] = []
 
     def report() -> None:
         try:  # published before any broker exists; must arrive once the version is settled

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+
 from edgeship.ota.errors import EdgeshipError
 from edgeship.toolkit.cli import main
 from edgeship.toolkit.embedded_broker import EmbeddedBroker

@@ -4,10 +4,11 @@ false-positive rate under no difference (a simulation)."""
 from __future__ import annotations
 
 import math
-from typing import List
 
 import numpy as np
 import pytest
+from scipy import stats
+
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
 from edgeship.toolkit.abtest import (
@@ -25,7 +26,6 @@ from edgeship.toolkit.abtest import (
     welch_test,
 )
 from edgeship.toolkit.rollouts import DeviceSnapshot
-from scipy import stats
 
 A, B = Arm("digits", "1.0"), Arm("digits", "2.0")
 
@@ -163,7 +163,7 @@ def test_format_p() -> None:
 # -- reports and verdicts ------------------------------------------------------------------------
 
 def _latency_windows(test: ABTest, rng: np.random.Generator, devices: int, windows: int, scale_a: float,
-                     scale_b: float, per_window: int = 200) -> List[TelemetryWindow]:
+                     scale_b: float, per_window: int = 200) -> list[TelemetryWindow]:
     out = []
     for i in range(devices):
         device = f"dev-{i:03d}"
@@ -250,7 +250,7 @@ def test_empty_report() -> None:
 
 # -- false positives under no difference ---------------------------------------------------------
 
-def _fpr(pvalues: List[float], alpha: float = 0.05) -> float:
+def _fpr(pvalues: list[float], alpha: float = 0.05) -> float:
     return sum(p < alpha for p in pvalues) / len(pvalues)
 
 
@@ -259,7 +259,7 @@ def test_false_positive_rate_near_alpha_for_welch_on_histogram_p95() -> None:
     rng = np.random.default_rng(11)
     test = ab(min_samples=10)
     labels = {f"dev-{i:03d}": assign_arm(test.id, f"dev-{i:03d}", 50) for i in range(30)}
-    pvalues: List[float] = []
+    pvalues: list[float] = []
     for _ in range(600):
         windows = []
         for device, label in labels.items():

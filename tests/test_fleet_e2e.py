@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgeship.ota.protocol import DesiredMessage, encode_message
-from edgeship.ota.topics import DESIRED, device_topic
 from fleet_e2e_fixtures import (
     BAD,
     FLEET,
@@ -26,6 +24,9 @@ from fleet_e2e_fixtures import (
     fleet_release,
     wait_for,
 )
+
+from edgeship.ota.protocol import DesiredMessage, encode_message
+from edgeship.ota.topics import DESIRED, device_topic
 
 __all__ = ["fleet_release"]  # the session fixture, re-exported for pytest
 
@@ -272,6 +273,7 @@ def test_fleet_update_keeps_the_verification_out_of_the_agent(
 def test_agent_without_broker_runs_as_before(tmp_path: Path, fleet_release: FleetRelease) -> None:
     """No [broker] url: no MQTT at all, the agent starts and serves its API."""
     from agent_fixtures import AgentProcess
+
     from edgeship.agent.config import render_config
 
     folder = tmp_path / "nb"
@@ -345,6 +347,7 @@ def test_agent_starts_before_its_broker_and_connects_when_it_appears(
 
 def test_bad_broker_url_is_one_clear_line(tmp_path: Path, fleet_release: FleetRelease) -> None:
     from agent_fixtures import agent_cli
+
     from edgeship.agent.config import render_config
 
     config = tmp_path / "agent.toml"

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,6 +50,7 @@ def heavy_release(fleet_release: FleetRelease, digits_files: dict[str, Path],
                   tmp_path_factory: pytest.TempPathFactory) -> FleetRelease:
     """fleet_release plus digits 3.0.0: the same answers, a much heavier graph."""
     import tensorflow as tf
+
     from edgeship.agent.runtimes import open_model
     from edgeship.ota.golden import GoldenVectors
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from edgeship.agent.config import parse_config
 from edgeship.agent.fleet_link import (
     DesiredAction,

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any
 
 import pytest
 from agent_fixtures import TFServingClient
 from click.testing import CliRunner
+
 from edgeship.agent.fleet_link import _encode
 from edgeship.agent.runtimes import open_model
 from edgeship.agent.server import ApiServer
@@ -31,11 +33,11 @@ TEST_ID = "ab-feedback"
 
 
 @pytest.fixture
-def agents(tmp_path: Path, digits_tflite: Path) -> Iterator[Dict[str, Any]]:
+def agents(tmp_path: Path, digits_tflite: Path) -> Iterator[dict[str, Any]]:
     """Two real agent API servers: one device of arm A serving 1.0.0, one of arm B serving 2.0.0."""
     names = {assign_arm(TEST_ID, f"dev-{i}", 50.0): f"dev-{i}" for i in range(64)}
     assert set(names) == {"A", "B"}
-    started: Dict[str, Any] = {}
+    started: dict[str, Any] = {}
     for arm, version in (("A", "1.0.0"), ("B", "2.0.0")):
         runner = open_model(digits_tflite)
         warm_up(runner)
@@ -51,7 +53,7 @@ def agents(tmp_path: Path, digits_tflite: Path) -> Iterator[Dict[str, Any]]:
         entry["server"].stop()
 
 
-def _post_feedback(server: ApiServer, labels: List[int], predictions: List[int]) -> None:
+def _post_feedback(server: ApiServer, labels: list[int], predictions: list[int]) -> None:
     client = TFServingClient(server.host, server.port)
     try:
         status, body = client.request("POST", "/v1/models/digits:feedback",
@@ -61,7 +63,7 @@ def _post_feedback(server: ApiServer, labels: List[int], predictions: List[int])
         client.close()
 
 
-def test_feedback_labels_reach_the_abtest_report(agents: Dict[str, Any], tmp_path: Path) -> None:
+def test_feedback_labels_reach_the_abtest_report(agents: dict[str, Any], tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
     truth = [i % 10 for i in range(200)]
     # arm A answers 120 of 200 right, arm B 190 of 200: B is clearly more accurate

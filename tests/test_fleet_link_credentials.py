@@ -11,16 +11,18 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from mqtt_broker import free_port, mosquitto_binary
+
 from edgeship.agent.cli import cli as agent_cli
 from edgeship.agent.config import load_config
 from edgeship.agent.fleet_link import load_link_settings
 from edgeship.toolkit.cli import main as edgeship_main
-from mqtt_broker import free_port, mosquitto_binary
 
 
 @pytest.fixture(scope="module")

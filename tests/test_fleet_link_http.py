@@ -10,16 +10,17 @@ import threading
 from pathlib import Path
 
 import pytest
+from ota_repo_simulator import make_bundle
+
 from edgeship.agent.config import parse_config
 from edgeship.agent.fleet_link import FleetLink, FleetLinkSettings, load_link_settings
+from edgeship.agent.sources import DirectorSource, HttpFetchPlan
 from edgeship.ota import director as d
 from edgeship.ota import updater as u
-from edgeship.agent.sources import DirectorSource, HttpFetchPlan
 from edgeship.ota.block_transfer import MqttBlockDownloader
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.http_fetcher import HttpFetcher
 from edgeship.ota.release import ReleaseRepository
-from ota_repo_simulator import make_bundle
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.timezone.utc)
 

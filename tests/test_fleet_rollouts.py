@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import pytest
+
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.telemetry import LatencyHistogram
 from edgeship.toolkit.rollouts import (
@@ -49,8 +50,8 @@ S = DeviceStatus
 T0 = 1000.0
 
 
-def snap(device: str, version: Optional[str] = OLD, *, online: bool = True, update: Optional[str] = None,
-         update_version: str = NEW, at: Optional[float] = None, name: str = NAME,
+def snap(device: str, version: str | None = OLD, *, online: bool = True, update: str | None = None,
+         update_version: str = NEW, at: float | None = None, name: str = NAME,
          telemetry: Sequence[VersionTelemetry] = ()) -> DeviceSnapshot:
     return DeviceSnapshot(device, online=online, active_name=name if version else None, active_version=version,
                           update_state=update, update_name=NAME if update else None,
@@ -58,12 +59,12 @@ def snap(device: str, version: Optional[str] = OLD, *, online: bool = True, upda
                           telemetry=tuple(telemetry))
 
 
-def fleet(n: int, version: str = OLD, **kwargs: Any) -> List[DeviceSnapshot]:
+def fleet(n: int, version: str = OLD, **kwargs: Any) -> list[DeviceSnapshot]:
     return [snap(f"d{i:02d}", version, **kwargs) for i in range(n)]
 
 
-def rec(device: str, status: str, stage: Optional[int] = 0, assigned_at: Optional[float] = T0,
-        previous: Optional[str] = OLD) -> DeviceRecord:
+def rec(device: str, status: str, stage: int | None = 0, assigned_at: float | None = T0,
+        previous: str | None = OLD) -> DeviceRecord:
     moved = DeviceStatus(status) not in (S.PENDING, S.ALREADY, S.SKIPPED)
     return DeviceRecord(device, DeviceStatus(status), stage=stage if moved else None,
                         assigned_at=assigned_at if moved else None,
@@ -78,12 +79,12 @@ def rollout(records: Sequence[DeviceRecord] = (), *, state: str = "RUNNING", sta
                    devices={r.device: r for r in records})
 
 
-def kinds(actions: Sequence[Any]) -> List[str]:
+def kinds(actions: Sequence[Any]) -> list[str]:
     return [a.kind for a in actions]
 
 
-def statuses(r: Rollout) -> Dict[str, int]:
-    counts: Dict[str, int] = {}
+def statuses(r: Rollout) -> dict[str, int]:
+    counts: dict[str, int] = {}
     for record in r.devices.values():
         counts[record.status.value] = counts.get(record.status.value, 0) + 1
     return counts
@@ -110,7 +111,7 @@ def hist(latency_ms: float, n: int) -> LatencyHistogram:
     ((33.3, 100), 3, [1, 3]),
     ((100,), 7, [7]),
 ])
-def test_stage_targets(stages: Tuple[float, ...], population: int, expected: List[int]) -> None:
+def test_stage_targets(stages: tuple[float, ...], population: int, expected: list[int]) -> None:
     assert stage_targets(stages, population) == expected
 
 
@@ -154,7 +155,7 @@ def test_health_gates_refuse(text: str) -> None:
     dict(stages=(5, 5, 100)), dict(stages=(50, 150)), dict(success_threshold_pct=0),
     dict(success_threshold_pct=101), dict(stage_timeout_s=0), dict(bake_s=-1),
 ])
-def test_policy_refuses(policy: Dict[str, Any]) -> None:
+def test_policy_refuses(policy: dict[str, Any]) -> None:
     with pytest.raises(BadInputError):
         RolloutPolicy(**policy)
 
@@ -204,8 +205,8 @@ FIRST_STEP = [
 
 @pytest.mark.parametrize("devices, expected_kinds, expected_statuses",
                          [pytest.param(f, k, s, id=d) for d, f, k, s in FIRST_STEP])
-def test_first_step(devices: List[DeviceSnapshot], expected_kinds: List[str],
-                    expected_statuses: Dict[str, int]) -> None:
+def test_first_step(devices: list[DeviceSnapshot], expected_kinds: list[str],
+                    expected_statuses: dict[str, int]) -> None:
     decision = step(rollout(), devices, T0 + 1)
     assert kinds(decision.actions) == expected_kinds
     assert statuses(decision.rollout) == expected_statuses
@@ -291,7 +292,7 @@ def test_device_outcome(before: DeviceRecord, device: DeviceSnapshot, now: float
 
 # -- stage decisions -----------------------------------------------------------------------------
 
-def _stage_case(records: List[DeviceRecord], devices: List[DeviceSnapshot], now: float, **policy: Any) -> Any:
+def _stage_case(records: list[DeviceRecord], devices: list[DeviceSnapshot], now: float, **policy: Any) -> Any:
     return step(rollout(records, **policy), devices, now)
 
 
@@ -342,8 +343,8 @@ STAGES = [
 
 @pytest.mark.parametrize("records, devices, now, policy, expected_kinds, expected_state",
                          [pytest.param(r, f, n, p, k, s, id=d) for d, r, f, n, p, k, s in STAGES])
-def test_stage_decision(records: List[DeviceRecord], devices: List[DeviceSnapshot], now: float,
-                        policy: Dict[str, Any], expected_kinds: List[str], expected_state: str) -> None:
+def test_stage_decision(records: list[DeviceRecord], devices: list[DeviceSnapshot], now: float,
+                        policy: dict[str, Any], expected_kinds: list[str], expected_state: str) -> None:
     decision = _stage_case(records, devices, now, **policy)
     assert kinds(decision.actions) == expected_kinds
     assert decision.rollout.state is RolloutState(expected_state)
@@ -420,8 +421,8 @@ ABORTS = [
 
 @pytest.mark.parametrize("records, devices, policy, expected_kinds, fragment",
                          [pytest.param(r, f, p, k, x, id=d) for d, r, f, p, k, x in ABORTS])
-def test_abort_decision(records: List[DeviceRecord], devices: List[DeviceSnapshot], policy: Dict[str, Any],
-                        expected_kinds: List[str], fragment: Optional[str]) -> None:
+def test_abort_decision(records: list[DeviceRecord], devices: list[DeviceSnapshot], policy: dict[str, Any],
+                        expected_kinds: list[str], fragment: str | None) -> None:
     decision = step(rollout(records, **policy), devices, T0 + 2)
     assert kinds(decision.actions) == expected_kinds
     if fragment is None:
@@ -481,7 +482,7 @@ def test_paused_rollout_still_aborts_on_failures() -> None:
     (rollback, "PAUSED", True, "ROLLED_BACK"), (rollback, "ABORTED", False, None),
     (rollback, "ROLLED_BACK", False, None),
 ])
-def test_operator_commands(command: Any, state: str, allowed: bool, next_state: Optional[str]) -> None:
+def test_operator_commands(command: Any, state: str, allowed: bool, next_state: str | None) -> None:
     r = rollout([rec("a", "SUCCEEDED")], state=state)
     if not allowed:
         with pytest.raises(BadInputError):
@@ -546,12 +547,12 @@ def test_a_device_that_was_pending_and_gets_the_version_elsewhere_becomes_alread
 
 # -- whole runs ----------------------------------------------------------------------------------
 
-def _simulate(n: int, fail: set, policy: RolloutPolicy, max_steps: int = 50) -> Tuple[Rollout, List[Any]]:
+def _simulate(n: int, fail: set, policy: RolloutPolicy, max_steps: int = 50) -> tuple[Rollout, list[Any]]:
     """Drive the engine against devices that answer one step after they are assigned."""
     r = new_rollout("r-sim", "f", NAME, NEW, policy, 0.0)
     versions = {f"d{i:03d}": OLD for i in range(n)}
-    updates: Dict[str, Tuple[str, float]] = {}
-    log: List[Any] = []
+    updates: dict[str, tuple[str, float]] = {}
+    log: list[Any] = []
     for t in range(1, max_steps):
         devices = [DeviceSnapshot(d, True, NAME, v, *(("",) * 0), update_state=updates.get(d, (None, 0))[0],
                                   update_name=NAME if d in updates else None,
@@ -625,12 +626,12 @@ def test_invariants_under_random_device_behaviour(seed: int) -> None:
     behaviour = {f"d{i:02d}": rng.choices(["ok", "fail", "reject", "silent", "slow"], [80, 5, 3, 5, 7])[0]
                  for i in range(n)}
     online = {d: rng.random() > 0.1 for d in behaviour}
-    versions: Dict[str, Optional[str]] = {d: rng.choice([OLD, OLD, OLD, NEW, "0.5", None]) for d in behaviour}
-    updates: Dict[str, Tuple[str, float]] = {}
-    assigned_once: Dict[str, int] = {}
+    versions: dict[str, str | None] = {d: rng.choice([OLD, OLD, OLD, NEW, "0.5", None]) for d in behaviour}
+    updates: dict[str, tuple[str, float]] = {}
+    assigned_once: dict[str, int] = {}
     present = set(behaviour)
     r = new_rollout("r-rand", "f", NAME, NEW, policy, 0.0)
-    finished_at: Optional[int] = None
+    finished_at: int | None = None
     for t in range(1, 120):
         if rng.random() < 0.05:  # a device joins
             device = f"j{t:03d}"
@@ -702,7 +703,7 @@ NEWER = "9.0.0"
     ([], [snap("d00", NEW)], T0 + 1, "COMPLETED", "every selected device already runs the version"),
 ])
 def test_reason_says_what_the_rollout_waits_for_or_why_it_ended(
-        records: List[DeviceRecord], devices: List[DeviceSnapshot], now: float, state: str, reason_has: str) -> None:
+        records: list[DeviceRecord], devices: list[DeviceSnapshot], now: float, state: str, reason_has: str) -> None:
     start = replace(rollout(records, stage=max([r.stage or 0 for r in records], default=0)),
                     reason="waiting: no device matches the selection yet")
     decision = step(start, devices, now)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import pytest
+from fleet_fixtures import postgres_server  # noqa: F401  (fixture)
+
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.protocol import EventMessage, ReportedMessage, StatusMessage, TelemetryMessage
 from edgeship.ota.telemetry import LatencyHistogram
@@ -28,7 +30,6 @@ from edgeship.toolkit.rollouts import (
     step,
 )
 from edgeship.toolkit.store import ConcurrentUpdateError, FleetStore, IngestItem, parse_selection
-from fleet_fixtures import postgres_server  # noqa: F401  (fixture)
 
 FLEET = "plant1"
 
@@ -50,13 +51,13 @@ def hist(*latencies: float) -> LatencyHistogram:
     return h
 
 
-def reported(device: str, version: Optional[str], update: Optional[Dict[str, Any]] = None,
+def reported(device: str, version: str | None, update: dict[str, Any] | None = None,
              name: str = "digits") -> ReportedMessage:
     return ReportedMessage(device=device, ts=1.0, active={"name": name, "version": version} if version else None,
                            update=update, agent_version="0.1.0", runtime="litert")
 
 
-def telemetry(version: str, requests: int, errors: int, *latencies: float, correct: Optional[int] = None,
+def telemetry(version: str, requests: int, errors: int, *latencies: float, correct: int | None = None,
               name: str = "digits") -> TelemetryMessage:
     return TelemetryMessage(ts=5.0, window_s=10.0, requests=requests, errors=errors, latency=hist(*latencies),
                             bundle={"name": name, "version": version},
@@ -156,7 +157,7 @@ def test_tags_and_selection(store: FleetStore) -> None:
     store.set_tags("c", {"site": "paris"})
     store.set_tags("x", {"site": "berlin"})
 
-    def ids(selection: List[str], fleet: Optional[str] = FLEET) -> List[str]:
+    def ids(selection: list[str], fleet: str | None = FLEET) -> list[str]:
         return [d.id for d in store.list_devices(fleet, parse_selection(selection))]
 
     assert ids([]) == ["a", "b", "c"]
@@ -216,7 +217,7 @@ def test_desired_sequences_grow_per_device(store: FleetStore) -> None:
 
 
 def test_desired_sequences_are_unique_under_concurrency(store: FleetStore) -> None:
-    results: List[int] = []
+    results: list[int] = []
     lock = threading.Lock()
 
     def worker() -> None:

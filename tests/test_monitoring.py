@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from agent_fixtures import TFServingClient
+
 from edgeship.ota.telemetry import LatencyHistogram
 from edgeship.toolkit.controller_metrics import FleetCounters, render_metrics
 from edgeship.toolkit.dashboards import DASHBOARDS, device_dashboard, fleet_dashboard
@@ -129,6 +130,7 @@ def agent_page(tmp_path: Path, digits_tflite: Path, digits_files: dict[str, Path
                monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A real agent's /metrics after predictions and feedback, on a board with one thermal zone."""
     import numpy as np
+
     from edgeship.agent import telemetry
     from edgeship.agent.runtimes import open_model
     from edgeship.agent.server import ApiServer

@@ -15,9 +15,11 @@ import io
 import json
 import tarfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Optional
 
 import pytest
+from ota_repo_simulator import SIGNATURE, RepositorySimulator, fake_tflite, leftovers
+
 from edgeship.ota import archive as a
 from edgeship.ota import director as d
 from edgeship.ota import updater as u
@@ -32,14 +34,13 @@ from edgeship.ota.bundle import (
 )
 from edgeship.ota.errors import EXIT_REJECTED, BadInputError
 from edgeship.ota.offline import open_offline_package
-from ota_repo_simulator import SIGNATURE, RepositorySimulator, fake_tflite, leftovers
 
 MODEL = fake_tflite(3000)
 LABELS = b"zero\none\ntwo\n"
-Entry = Tuple[tarfile.TarInfo, Optional[bytes]]
+Entry = tuple[tarfile.TarInfo, Optional[bytes]]
 
 
-def manifest_bytes(contents: Dict[str, bytes], **overrides: Any) -> bytes:
+def manifest_bytes(contents: dict[str, bytes], **overrides: Any) -> bytes:
     doc = BundleManifest(
         name="digits", version="1.0.0", format="tflite", model_file="model.tflite",
         files={n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in contents.items()},
@@ -49,8 +50,8 @@ def manifest_bytes(contents: Dict[str, bytes], **overrides: Any) -> bytes:
     return json.dumps(doc).encode()
 
 
-def entry(name: str, data: Optional[bytes] = b"", kind: bytes = tarfile.REGTYPE, linkname: str = "",
-          size: Optional[int] = None) -> Entry:
+def entry(name: str, data: bytes | None = b"", kind: bytes = tarfile.REGTYPE, linkname: str = "",
+          size: int | None = None) -> Entry:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.linkname = linkname
@@ -59,7 +60,7 @@ def entry(name: str, data: Optional[bytes] = b"", kind: bytes = tarfile.REGTYPE,
     return info, data
 
 
-def tar_of(entries: List[Entry], fmt: int = tarfile.USTAR_FORMAT) -> bytes:
+def tar_of(entries: list[Entry], fmt: int = tarfile.USTAR_FORMAT) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=fmt, encoding="utf-8", errors="surrogateescape") as tar:
         for info, data in entries:
@@ -67,7 +68,7 @@ def tar_of(entries: List[Entry], fmt: int = tarfile.USTAR_FORMAT) -> bytes:
     return buffer.getvalue()
 
 
-def good_entries(files: Optional[Dict[str, bytes]] = None) -> List[Entry]:
+def good_entries(files: dict[str, bytes] | None = None) -> list[Entry]:
     files = files if files is not None else {"model.tflite": MODEL, "labels.txt": LABELS}
     return [entry("manifest.json", manifest_bytes(files))] + [entry(n, b) for n, b in files.items()]
 
@@ -154,7 +155,7 @@ def _case_twins() -> bytes:
     return tar_of([entry("manifest.json", manifest_bytes(files))] + [entry(n, b) for n, b in files.items()])
 
 
-CASES: List[Tuple[str, Callable[[], bytes], Type[UnsafeBundleError], str]] = [
+CASES: list[tuple[str, Callable[[], bytes], type[UnsafeBundleError], str]] = [
     ("absolute path", lambda: _with_member(entry("/etc/cron.d/evil", b"x")),
      a.UnsafeMemberNameError, "absolute path"),
     ("dot-dot", lambda: _with_member(entry("../../home/pi/.bashrc", b"x")),
@@ -235,7 +236,7 @@ CASES: List[Tuple[str, Callable[[], bytes], Type[UnsafeBundleError], str]] = [
 
 @pytest.mark.parametrize("label,build,error,message", CASES, ids=[c[0] for c in CASES])
 def test_hostile_bundle_is_refused_and_nothing_extracted(
-        tmp_path: Path, label: str, build: Callable[[], bytes], error: Type[UnsafeBundleError], message: str) -> None:
+        tmp_path: Path, label: str, build: Callable[[], bytes], error: type[UnsafeBundleError], message: str) -> None:
     bundle = tmp_path / "hostile.bundle"
     bundle.write_bytes(build())
     dest = tmp_path / "out" / "digits"
@@ -350,7 +351,7 @@ SIGNED_CASES = [c for c in CASES if c[0] in ("symbolic link", "dot-dot", "member
 
 @pytest.mark.parametrize("label,build,error,message", SIGNED_CASES, ids=[c[0] for c in SIGNED_CASES])
 def test_signed_hostile_bundle_is_refused_on_the_device(
-        tmp_path: Path, label: str, build: Callable[[], bytes], error: Type[UnsafeBundleError], message: str) -> None:
+        tmp_path: Path, label: str, build: Callable[[], bytes], error: type[UnsafeBundleError], message: str) -> None:
     sim = RepositorySimulator(NOW)
     hostile = tmp_path / "hostile.bundle"
     hostile.write_bytes(build())
@@ -367,7 +368,7 @@ def test_signed_hostile_bundle_is_refused_on_the_device(
 # -- offline packages are read with the same care ----------------------------------------------------
 
 @pytest.mark.parametrize("names", [["targets/a", "targets/a/b"], ["targets/a/b", "targets/a"]])
-def test_offline_package_with_a_file_and_folder_of_one_name(tmp_path: Path, names: List[str]) -> None:
+def test_offline_package_with_a_file_and_folder_of_one_name(tmp_path: Path, names: list[str]) -> None:
     # one name used as a file and as a folder: an archive error, not a bare OSError
     package = tmp_path / "p.tar"
     package.write_bytes(tar_of([entry("package.json", b"{}")] + [entry(n, b"x") for n in names]))
@@ -381,7 +382,7 @@ def test_offline_package_with_a_file_and_folder_of_one_name(tmp_path: Path, name
     ("../desired.json", a.UnsafeMemberNameError, "climbs out"),
     ("metadata/sub/x.json", a.UnexpectedMemberError, "does not belong"),
 ])
-def test_hostile_offline_package(tmp_path: Path, name: str, error: Type[UnsafeBundleError], message: str) -> None:
+def test_hostile_offline_package(tmp_path: Path, name: str, error: type[UnsafeBundleError], message: str) -> None:
     package = tmp_path / "p.tar"
     package.write_bytes(tar_of([entry("package.json", b"{}"), entry(name, b"x")]))
     with pytest.raises(error, match=message):

@@ -11,14 +11,15 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Optional, Type
+from typing import Callable
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from ota_repo_simulator import RepositorySimulator, leftovers, make_bundle
+
 from edgeship.ota import director as d
 from edgeship.ota import updater as u
 from edgeship.ota.errors import EXIT_FAILURE, EXIT_REJECTED, SecurityError
-from ota_repo_simulator import RepositorySimulator, leftovers, make_bundle
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.timezone.utc)
 
@@ -31,7 +32,7 @@ class Device:
         self.name = name
         self.trust = sim.provision(tmp / f"{name}-trust")
         self.work = tmp / f"{name}-work"
-        self.last_sequence: Optional[int] = None
+        self.last_sequence: int | None = None
 
     def update(self, envelope: dict, *, now: dt.datetime = NOW, fetcher: object = None) -> u.VerifiedBundle:
         state = d.verify_desired_state(envelope, self.sim.director_key.public_key(), device=self.name,
@@ -54,7 +55,7 @@ def device(tmp_path: Path, sim: RepositorySimulator) -> Device:
     return Device(tmp_path, sim)
 
 
-def _refused(device: Device, envelope: dict, error: Type[Exception], match: str, **kwargs: object) -> Exception:
+def _refused(device: Device, envelope: dict, error: type[Exception], match: str, **kwargs: object) -> Exception:
     with pytest.raises(error, match=match) as info:
         device.update(envelope, **kwargs)  # type: ignore[arg-type]
     assert leftovers(device.work) == [], "a refused update left files behind"
@@ -167,7 +168,7 @@ def test_rollback_to_an_older_timestamp(device: Device, sim: RepositorySimulator
     _refused_work_kept(device, sim.desired("digits", "1.1.0"), u.MetadataRollbackError, "New timestamp version 1 must be >= 3")
 
 
-def _refused_work_kept(device: Device, envelope: dict, error: Type[Exception], match: str) -> None:
+def _refused_work_kept(device: Device, envelope: dict, error: type[Exception], match: str) -> None:
     """Like _refused, for a device that already holds an earlier verified bundle."""
     before = leftovers(device.work)
     with pytest.raises(error, match=match):

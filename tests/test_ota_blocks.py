@@ -11,10 +11,14 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, List, Optional, Set, Tuple
 
 import pytest
+from mqtt_broker import MosquittoBroker
+from transport_fixtures import python_child, read_line_with, wait_until
+from tuf.api import exceptions as tuf_exceptions
+
 from edgeship.ota.blocks import (
     BlockNotFoundError,
     BlockTransferConfig,
@@ -26,9 +30,6 @@ from edgeship.ota.errors import BadInputError, EdgeshipError
 from edgeship.ota.protocol import BlockRequest, encode_message, indexes_from_bitmap
 from edgeship.ota.transport import MqttConnection, ReconnectPolicy
 from edgeship.toolkit.blockserver import BlockServer, TokenBucket, resolve_stream
-from mqtt_broker import MosquittoBroker
-from transport_fixtures import python_child, read_line_with, wait_until
-from tuf.api import exceptions as tuf_exceptions
 
 FAST = ReconnectPolicy(initial_s=0.1, max_s=0.5)
 
@@ -70,7 +71,7 @@ def test_other_urls_are_refused_as_400(url: str) -> None:
         ([(0.0, 1000), (0.0, 1)], [True, False]),  # more than capacity needs a full bucket
     ],
 )
-def test_token_bucket(steps: List[Tuple[float, int]], expected: List[bool]) -> None:
+def test_token_bucket(steps: list[tuple[float, int]], expected: list[bool]) -> None:
     bucket = TokenBucket(rate=50, capacity=150, updated=0.0)
     assert [bucket.take(amount, now) for now, amount in steps] == expected
 
@@ -121,7 +122,7 @@ def test_config_refuses_nonsense() -> None:
 class Rig:
     """A controller connection with a BlockServer, and a device connection with a fetcher."""
 
-    def __init__(self, broker: MosquittoBroker, tmp_path: Path, *, config: Optional[BlockTransferConfig] = None,
+    def __init__(self, broker: MosquittoBroker, tmp_path: Path, *, config: BlockTransferConfig | None = None,
                  **server_options: object) -> None:
         self.root = _repository(tmp_path)
         self.controller = MqttConnection(broker.url, client_id="controller", reconnect=FAST).connect(5)
@@ -234,7 +235,7 @@ def test_garbage_on_the_data_topic_does_not_break_a_transfer(rig: Rig) -> None:
     assert b"".join(rig.fetcher.fetch("edgeship://targets/t.tar")) == data
 
 
-def _requested_after(fetcher: MqttBlockFetcher, since: float) -> Set[int]:
+def _requested_after(fetcher: MqttBlockFetcher, since: float) -> set[int]:
     return {i for t, r in fetcher.requests_sent if t >= since and r.bitmap for i in r.wanted()}
 
 
@@ -246,8 +247,8 @@ def test_broker_restart_mid_transfer_resumes_without_refetching(mosquitto_broker
               config=BlockTransferConfig(block_size=8192, window=32, request_timeout_s=1.0))
     data = rig.target("bundle.tar", 2_000_000)
     total = -(-len(data) // 8192)
-    snapshot: List[Set[int]] = []
-    restarted_at: List[float] = []
+    snapshot: list[set[int]] = []
+    restarted_at: list[float] = []
 
     def progress(stream: str, have: int, of: int) -> None:
         if have >= total // 3 and not snapshot and not restarted_at:

@@ -4,13 +4,13 @@ another down (issue 5: "per-device rate limit")."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
 
 import pytest
+from mqtt_broker import MosquittoBroker
+
 from edgeship.ota.protocol import BlockRequest, bitmap_from_indexes
 from edgeship.ota.transport import MqttConnection
 from edgeship.toolkit.blockserver import BlockServer
-from mqtt_broker import MosquittoBroker
 
 pytestmark = pytest.mark.mosquitto
 
@@ -19,7 +19,7 @@ def test_rate_limit_is_per_device(mosquitto_broker: MosquittoBroker, tmp_path: P
     (tmp_path / "metadata").mkdir()
     (tmp_path / "targets").mkdir()
     (tmp_path / "targets" / "b.tar").write_bytes(b"x" * 64 * 1024)
-    now: List[float] = [100.0]
+    now: list[float] = [100.0]
     conn = MqttConnection(mosquitto_broker.url, client_id="ctl-review").connect(5)
     try:
         server = BlockServer(conn, tmp_path, rate_bytes_per_s=1024, burst_bytes=8 * 1024, clock=lambda: now[0])

@@ -10,12 +10,15 @@ import datetime as dt
 import http.server
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Tuple
 
 import pytest
 
 pytest.importorskip("edgeship.ota.updater")
+
+from mqtt_broker import MosquittoBroker
+from ota_repo_simulator import make_bundle
 
 from edgeship.ota import director as d
 from edgeship.ota import updater as u
@@ -25,8 +28,6 @@ from edgeship.ota.http_fetcher import HttpFetcher
 from edgeship.ota.release import ReleaseRepository
 from edgeship.ota.transport import MqttConnection, ReconnectPolicy
 from edgeship.toolkit.blockserver import BlockServer
-from mqtt_broker import MosquittoBroker
-from ota_repo_simulator import make_bundle
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.timezone.utc)
 FAST = ReconnectPolicy(initial_s=0.1, max_s=0.5)
@@ -53,7 +54,7 @@ def _trust(repo: ReleaseRepository, folder: Path) -> Path:
 
 
 @pytest.fixture
-def mqtt_pair(mosquitto_broker: MosquittoBroker, repo: ReleaseRepository) -> Iterator[Tuple[MqttConnection, BlockServer]]:
+def mqtt_pair(mosquitto_broker: MosquittoBroker, repo: ReleaseRepository) -> Iterator[tuple[MqttConnection, BlockServer]]:
     controller = MqttConnection(mosquitto_broker.url, client_id="controller", reconnect=FAST).connect(5)
     device = MqttConnection(mosquitto_broker.url, client_id="dev-1", reconnect=FAST).connect(5)
     server = BlockServer(controller, repo.path).start()
@@ -63,7 +64,7 @@ def mqtt_pair(mosquitto_broker: MosquittoBroker, repo: ReleaseRepository) -> Ite
     controller.close()
 
 
-def test_bundle_verified_through_mqtt_blocks(repo: ReleaseRepository, mqtt_pair: Tuple[MqttConnection, BlockServer],
+def test_bundle_verified_through_mqtt_blocks(repo: ReleaseRepository, mqtt_pair: tuple[MqttConnection, BlockServer],
                                              tmp_path: Path) -> None:
     device, server = mqtt_pair
     fetcher = MqttBlockFetcher(device, fleet="plant", device="dev-1", work_dir=tmp_path / "blocks",
@@ -79,7 +80,7 @@ def test_bundle_verified_through_mqtt_blocks(repo: ReleaseRepository, mqtt_pair:
 
 
 def test_tampered_bundle_on_the_host_is_refused_through_mqtt(repo: ReleaseRepository,
-                                                              mqtt_pair: Tuple[MqttConnection, BlockServer],
+                                                              mqtt_pair: tuple[MqttConnection, BlockServer],
                                                               tmp_path: Path) -> None:
     device, _ = mqtt_pair
     [target] = [p for p in (repo.path / "targets").rglob("*") if p.is_file()]

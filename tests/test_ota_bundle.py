@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ota_repo_simulator import SIGNATURE, fake_tflite
+
 from edgeship.ota.archive import ManifestError
 from edgeship.ota.bundle import (
     SCHEMA_VERSION,
@@ -21,7 +23,6 @@ from edgeship.ota.bundle import (
 )
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.golden import GoldenVectors
-from ota_repo_simulator import SIGNATURE, fake_tflite
 
 REPORT = {
     "schema": "edgeship.conversion-report/1",

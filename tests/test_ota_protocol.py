@@ -4,9 +4,10 @@ every malformed, oversized, unknown-version or unsigned one is refused with one 
 from __future__ import annotations
 
 import json
-from typing import Any, Dict
+from typing import Any
 
 import pytest
+
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.protocol import (
     MAX_PAYLOAD_BYTES,
@@ -71,20 +72,20 @@ def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
     assert parse_message(STATUS, json.dumps(doc).encode()) == StatusMessage("online")
 
 
-def _status(**over: Any) -> Dict[str, Any]:
+def _status(**over: Any) -> dict[str, Any]:
     return {"v": 1, "type": "status", "state": "online", **over}
 
 
-def _event(**over: Any) -> Dict[str, Any]:
+def _event(**over: Any) -> dict[str, Any]:
     return {"v": 1, "type": "event", "event": "installed", "ts": 1.0, "seq": 1, **over}
 
 
-def _telemetry(**over: Any) -> Dict[str, Any]:
+def _telemetry(**over: Any) -> dict[str, Any]:
     return {"v": 1, "type": "telemetry", "ts": 1.0, "window_s": 10.0, "requests": 5, "errors": 0,
             "latency": LatencyHistogram().to_dict(), **over}
 
 
-def _request(**over: Any) -> Dict[str, Any]:
+def _request(**over: Any) -> dict[str, Any]:
     return {"v": 1, "type": "block_request", "request_id": "r", "stream": "targets/x.tar", "block_size": 1024,
             **over}
 
@@ -216,7 +217,7 @@ def test_block_replies_round_trip(reply: Any) -> None:
     assert parse_block_reply(encode_block_reply(reply)) == reply
 
 
-def _block(header: Dict[str, Any], body: bytes) -> bytes:
+def _block(header: dict[str, Any], body: bytes) -> bytes:
     base = {"v": 1, "type": "block", "request_id": "r", "stream": "s", "index": 0, "block_size": 256,
             "file_size": 300, "length": len(body)}
     return json.dumps({**base, **header}).encode() + b"\n" + body

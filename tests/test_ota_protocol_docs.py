@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import pytest
+
 from edgeship.ota.protocol import (
     BlockData,
     BlockError,
@@ -27,9 +28,9 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 BUNDLE = {"name": "digits", "version": "1.0.0"}
 
 
-def _schemas() -> Dict[str, Dict[str, Any]]:
+def _schemas() -> dict[str, dict[str, Any]]:
     """type name -> the schema object documented for it."""
-    found: Dict[str, Dict[str, Any]] = {}
+    found: dict[str, dict[str, Any]] = {}
     for block in re.findall(r"```json\n(.*?)```", DOC.read_text("utf-8"), flags=re.S):
         doc = json.loads(block)
         for schema in doc.get("oneOf", [doc]):
@@ -39,7 +40,7 @@ def _schemas() -> Dict[str, Dict[str, Any]]:
     return found
 
 
-FULL: List[Any] = [
+FULL: list[Any] = [
     DesiredMessage({"signed": {}, "signatures": [{"keyid": "k", "sig": "s"}]}),
     ReportedMessage("dev-1", 1.0, BUNDLE, BUNDLE, {"state": "IDLE"}, "0.1.0", "litert"),
     StatusMessage("online", 1.0),
@@ -50,7 +51,7 @@ FULL: List[Any] = [
     BlockError("q-1", "targets/x.tar", 429, "slow down", 1.5),
     BlockData("q-1", "targets/x.tar", 0, 4096, 10, b"0123456789", "e"),
 ]
-MINIMAL: List[Any] = [
+MINIMAL: list[Any] = [
     ReportedMessage("dev-1", 1.0), StatusMessage("offline"), EventMessage("hello", 1.0, 0),
     TelemetryMessage(1.0, 10.0, 0, 0, LatencyHistogram()), BlockRequest("q-1", "targets/x.tar", 4096),
     BlockInfo("q-1", "targets/x.tar", 10, 4096), BlockError("q-1", "targets/x.tar", 404, "no such file"),
@@ -58,7 +59,7 @@ MINIMAL: List[Any] = [
 ]
 
 
-def _fields(message: Any) -> Dict[str, Any]:
+def _fields(message: Any) -> dict[str, Any]:
     return message.header() if isinstance(message, BlockData) else message.to_dict()
 
 

@@ -12,9 +12,12 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
 import pytest
+from mqtt_broker import MosquittoBroker, free_port
+from transport_fixtures import Collector, python_child, read_line_with, wait_until
+
 from edgeship.ota.errors import BadInputError, EdgeshipError
 from edgeship.ota.protocol import StatusMessage, encode_message, parse_message
 from edgeship.ota.topics import (
@@ -37,8 +40,6 @@ from edgeship.ota.transport import (
     topic_matches,
     validate_filter,
 )
-from mqtt_broker import MosquittoBroker, free_port
-from transport_fixtures import Collector, python_child, read_line_with, wait_until
 
 FAST = ReconnectPolicy(initial_s=0.1, max_s=0.5, multiplier=2.0, jitter=0.5)
 
@@ -234,7 +235,7 @@ time.sleep(120)
 @pytest.mark.parametrize("protocol", [MQTT_V311, MQTT_V5])
 def test_last_will_marks_a_killed_device_offline(mosquitto_broker: MosquittoBroker, protocol: str) -> None:
     topic = device_topic("lab", "pi-07", STATUS)
-    states: List[str] = []
+    states: list[str] = []
     seen = Collector()
 
     def on_status(message: ReceivedMessage) -> None:
@@ -288,7 +289,7 @@ def test_reconnect_with_backoff_resubscribes_and_sees_retained_state(tmp_path: P
     ).start()
     desired_topic = device_topic("lab", "pi-09", "desired")
     got = Collector()
-    reconnects: List[bool] = []
+    reconnects: list[bool] = []
     try:
         with _conn(broker, "controller-1") as controller:
             controller.publish(desired_topic, b'{"seq":1}', qos=1, retain=True)
@@ -359,7 +360,7 @@ def test_shared_subscription_splits_messages_between_two_controllers(mosquitto_b
         assert len(got_a) > 20 and len(got_b) > 20, (len(got_a), len(got_b))
 
 
-def _schema_checking_handler(log: List[str]) -> Any:
+def _schema_checking_handler(log: list[str]) -> Any:
     def handle(message: ReceivedMessage) -> None:
         kind = parse_device_topic(message.topic).kind
         if kind == "blocks/data":
@@ -391,7 +392,7 @@ def test_hostile_messages_on_every_topic_are_logged_and_dropped(mosquitto_broker
                                                                 tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="edgeship.ota.transport")
-    accepted: List[str] = []
+    accepted: list[str] = []
     oversized = tmp_path / "big.bin"
     oversized.write_bytes(b'{"v":1,"type":"status","state":"online","pad":"' + b"x" * 3_000_000 + b'"}')
     with _conn(mosquitto_broker, "ctl") as ctl:
@@ -428,7 +429,7 @@ def test_hostile_messages_on_every_topic_are_logged_and_dropped(mosquitto_broker
 
 
 def test_waiting_inside_a_handler_is_refused_not_deadlocked(mosquitto_broker: MosquittoBroker) -> None:
-    errors: List[str] = []
+    errors: list[str] = []
     echoed = Collector()
     with _conn(mosquitto_broker, "echo") as conn:
         def echo(message: ReceivedMessage) -> None:
@@ -511,7 +512,7 @@ def test_a_started_connection_comes_up_when_the_broker_does(tmp_path: Path) -> N
 def test_fetching_blocks_inside_a_handler_is_refused(mosquitto_broker: MosquittoBroker, tmp_path: Path) -> None:
     from edgeship.ota.blocks import MqttBlockFetcher
 
-    errors: List[str] = []
+    errors: list[str] = []
     with _conn(mosquitto_broker, "dev") as conn:
         fetcher = MqttBlockFetcher(conn, fleet="lab", device="dev", work_dir=tmp_path)
 

@@ -8,21 +8,22 @@ import hashlib
 import http.server
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, List, Optional
 
 import pytest
+from tuf.api import exceptions as tuf_exceptions
+
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.http_fetcher import HttpFetcher
-from tuf.api import exceptions as tuf_exceptions
 
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     root: Path
     ranges = True
-    drop_after: List[int]  # per request, in order: cut the body after this many bytes (-1: don't)
-    seen_ranges: List[Optional[str]]
+    drop_after: list[int]  # per request, in order: cut the body after this many bytes (-1: don't)
+    seen_ranges: list[str | None]
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

@@ -6,21 +6,22 @@ from __future__ import annotations
 import copy
 import datetime as dt
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Type
+from typing import Any, Callable
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from tuf.api import exceptions as tuf_exceptions
+
 from edgeship.ota import director as d
 from edgeship.ota import updater as u
 from edgeship.ota.errors import BadInputError
-from tuf.api import exceptions as tuf_exceptions
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.timezone.utc)
 KEY = Ed25519PrivateKey.generate()
 
 
 def state(**changes: Any) -> d.DesiredState:
-    fields: Dict[str, Any] = dict(
+    fields: dict[str, Any] = dict(
         fleet="plant", device="dev-1", bundle="digits", version="1.4.0", target="digits/digits-1.4.0.bundle",
         length=52736, hashes={"sha256": "ab" * 32}, sequence=10, expires=NOW + dt.timedelta(hours=1),
         issued=NOW, deployment="dep-1", rollout=None, action="install",
@@ -41,7 +42,7 @@ def resign(envelope: dict, mutate: Callable[[dict], None]) -> dict:
     return {"signed": doc, "signatures": [{"keyid": d.director_key_id(KEY.public_key()), "sig": sig}]}
 
 
-def verify(envelope: Any, last: Optional[int] = 9, now: dt.datetime = NOW, device: str = "dev-1") -> d.DesiredState:
+def verify(envelope: Any, last: int | None = 9, now: dt.datetime = NOW, device: str = "dev-1") -> d.DesiredState:
     return d.verify_desired_state(envelope, KEY.public_key(), device=device, fleet="plant", last_sequence=last,
                                   now=now)
 
@@ -59,7 +60,7 @@ def test_round_trip() -> None:
     (11, 10, False),   # a replay
     (1000, 10, False),
 ])
-def test_sequence_table(last: Optional[int], sequence: int, ok: bool) -> None:
+def test_sequence_table(last: int | None, sequence: int, ok: bool) -> None:
     envelope = signed(sequence=sequence)
     if ok:
         assert verify(envelope, last=last).sequence == sequence
@@ -87,7 +88,7 @@ def test_device_table(target_device: str, ok: bool) -> None:
             verify(signed(device=target_device))
 
 
-MALFORMED: Dict[str, Any] = {
+MALFORMED: dict[str, Any] = {
     "not an object": (lambda: ["signed"], d.MalformedDesiredStateError, "no 'signed' object"),
     "no signatures": (lambda: {"signed": signed()["signed"], "signatures": []}, d.MalformedDesiredStateError,
                       "unsigned"),
@@ -159,7 +160,7 @@ def test_key_files(tmp_path: Path) -> None:
     (tuf_exceptions.DownloadHTTPError("not found", 404), u.FetchError),
     (tuf_exceptions.DownloadError("Failed to download"), u.FetchError),
 ])
-def test_tuf_errors_map_to_their_own_types(exc: Exception, expected: Type[Exception]) -> None:
+def test_tuf_errors_map_to_their_own_types(exc: Exception, expected: type[Exception]) -> None:
     mapped = u.map_tuf_error(exc)
     assert type(mapped) is expected
     assert str(exc) in mapped.message

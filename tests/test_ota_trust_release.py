@@ -8,10 +8,11 @@ import json
 import shutil
 import stat
 from pathlib import Path
-from typing import Optional
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from ota_repo_simulator import leftovers, make_bundle
+
 from edgeship.ota import director as d
 from edgeship.ota import updater as u
 from edgeship.ota.archive import MemberHashError, UnsafeBundleError
@@ -19,7 +20,6 @@ from edgeship.ota.errors import BadInputError
 from edgeship.ota.fetchers import LocalFolderFetcher
 from edgeship.ota.offline import open_offline_package
 from edgeship.ota.release import ReleaseRepository, VersionNotNewerError, parse_duration
-from ota_repo_simulator import leftovers, make_bundle
 
 PASS = "correct horse battery"
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -32,8 +32,8 @@ def repo(tmp_path: Path) -> ReleaseRepository:
     return repository
 
 
-def _device_update(repo: ReleaseRepository, tmp: Path, name: str, version: str, *, trust: Optional[Path] = None,
-                   now: dt.datetime = NOW, device: str = "dev-1", last: Optional[int] = None) -> u.VerifiedBundle:
+def _device_update(repo: ReleaseRepository, tmp: Path, name: str, version: str, *, trust: Path | None = None,
+                   now: dt.datetime = NOW, device: str = "dev-1", last: int | None = None) -> u.VerifiedBundle:
     if trust is None:
         trust = tmp / f"trust-{device}"
         trust.mkdir(exist_ok=True)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 from broker_fixtures import start_broker
+from mqtt_broker import mosquitto_binary
+
 from edgeship.ota.protocol import StatusMessage, encode_message
 from edgeship.toolkit.provisioning import ProvisionError, wait_online
-from mqtt_broker import mosquitto_binary
 
 pytestmark = [pytest.mark.mosquitto,
               pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from edgeship.ota.errors import BadInputError
 from edgeship.toolkit.cli import main
 from edgeship.toolkit.provisioning import ProvisionOptions

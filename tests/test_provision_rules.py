@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from edgeship.ota.errors import BadInputError
 from edgeship.toolkit.provisioning import (
     HostFacts,

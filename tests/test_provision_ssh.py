@@ -9,13 +9,13 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from broker_fixtures import connect, creds, start_broker
 from click.testing import CliRunner
-from edgeship.toolkit.cli import main
 from mqtt_broker import free_port, mosquitto_binary
 from provision_fixtures import (
     Sshd,
@@ -25,6 +25,8 @@ from provision_fixtures import (
     sshd_binary,
     world_readable_tempdir,
 )
+
+from edgeship.toolkit.cli import main
 
 pytestmark = [
     pytest.mark.sshd,

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable
 
 from edgeship.ota.transport import ReceivedMessage
 
@@ -21,18 +21,18 @@ class Collector:
     """A message handler that keeps what it received (thread-safe)."""
 
     def __init__(self) -> None:
-        self.messages: List[ReceivedMessage] = []
+        self.messages: list[ReceivedMessage] = []
         self._lock = threading.Lock()
 
     def __call__(self, message: ReceivedMessage) -> None:
         with self._lock:
             self.messages.append(message)
 
-    def payloads(self) -> List[bytes]:
+    def payloads(self) -> list[bytes]:
         with self._lock:
             return [m.payload for m in self.messages]
 
-    def wait_for(self, predicate: Callable[[List[ReceivedMessage]], bool], timeout: float = 10.0) -> bool:
+    def wait_for(self, predicate: Callable[[list[ReceivedMessage]], bool], timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
@@ -51,7 +51,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, step: float
     return predicate()
 
 
-def python_child(code: str, *args: str) -> "subprocess.Popen[str]":
+def python_child(code: str, *args: str) -> subprocess.Popen[str]:
     """Run ``code`` in a fresh interpreter (the venv's), stdout piped, line-buffered text."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
@@ -60,10 +60,10 @@ def python_child(code: str, *args: str) -> "subprocess.Popen[str]":
     )
 
 
-def read_line_with(process: "subprocess.Popen[str]", marker: str, timeout: float = 20.0) -> str:
+def read_line_with(process: subprocess.Popen[str], marker: str, timeout: float = 20.0) -> str:
     """Read the child's stdout until a line containing ``marker`` (or fail with its stderr)."""
     assert process.stdout is not None
-    result: List[str] = []
+    result: list[str] = []
 
     def reader() -> None:
         assert process.stdout is not None

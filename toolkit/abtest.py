@@ -41,7 +41,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.telemetry import LatencyHistogram
@@ -93,7 +93,7 @@ class ABTest:
     alpha: float = 0.05
     power: float = 0.8
     created_at: float = 0.0
-    selection: Tuple[Tuple[str, str], ...] = ()
+    selection: tuple[tuple[str, str], ...] = ()
     state: str = "RUNNING"
 
     def __post_init__(self) -> None:
@@ -118,8 +118,8 @@ class TelemetryWindow:
     """One device's telemetry message, as the store keeps it."""
 
     device: str
-    name: Optional[str]
-    version: Optional[str]
+    name: str | None
+    version: str | None
     requests: int
     errors: int
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
@@ -135,7 +135,7 @@ def assign_arm(test_id: str, device: str, split_pct: float) -> str:
 
 
 def plan_assignments(test: ABTest, devices: Iterable[Any],
-                     desired: Optional[Mapping[str, Tuple[str, str]]] = None) -> List[AssignVersion]:
+                     desired: Mapping[str, tuple[str, str]] | None = None) -> list[AssignVersion]:
     """The desired states the controller must still write for a running test.
 
     Args:
@@ -145,7 +145,7 @@ def plan_assignments(test: ABTest, devices: Iterable[Any],
             desired state or active model already is their arm's are left alone.
     """
     desired = desired or {}
-    actions: List[AssignVersion] = []
+    actions: list[AssignVersion] = []
     for device in sorted(devices, key=lambda d: d.device):
         label = assign_arm(test.id, device.device, test.split_pct)
         arm = test.arm(label)
@@ -166,13 +166,13 @@ class ArmStats:
     arm: str
     devices: int
     n: int
-    mean: Optional[float]
-    ci_low: Optional[float]
-    ci_high: Optional[float]
-    std: Optional[float] = None
-    successes: Optional[int] = None
+    mean: float | None
+    ci_low: float | None
+    ci_high: float | None
+    std: float | None = None
+    successes: int | None = None
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -188,9 +188,9 @@ class TestResult:
     p_value: float
     effect_size: float
     effect_size_name: str
-    df: Optional[float] = None
+    df: float | None = None
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -250,7 +250,7 @@ def two_proportion_test(successes_a: int, n_a: int, successes_b: int, n_b: int, 
 
 
 def samples_needed_continuous(sd_a: float, sd_b: float, difference: float, alpha: float = 0.05,
-                              power: float = 0.8) -> Optional[int]:
+                              power: float = 0.8) -> int | None:
     """Samples per arm for a two-sided test to detect ``difference`` (normal approximation); None if 0."""
     if difference == 0.0 or not math.isfinite(difference):
         return None
@@ -259,7 +259,7 @@ def samples_needed_continuous(sd_a: float, sd_b: float, difference: float, alpha
     return max(2, math.ceil(z * z * (sd_a ** 2 + sd_b ** 2) / difference ** 2))
 
 
-def samples_needed_proportions(p_a: float, p_b: float, alpha: float = 0.05, power: float = 0.8) -> Optional[int]:
+def samples_needed_proportions(p_a: float, p_b: float, alpha: float = 0.05, power: float = 0.8) -> int | None:
     """Samples per arm to detect p_a vs p_b with a two-sided two-proportion test (Fleiss, no correction)."""
     if p_a == p_b:
         return None
@@ -274,7 +274,7 @@ def format_p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
-def _wilson(successes: int, n: int, alpha: float) -> Tuple[Optional[float], Optional[float]]:
+def _wilson(successes: int, n: int, alpha: float) -> tuple[float | None, float | None]:
     if n == 0:
         return None, None
     z = float(_scipy_stats().norm.ppf(1.0 - alpha / 2.0))
@@ -284,14 +284,14 @@ def _wilson(successes: int, n: int, alpha: float) -> Tuple[Optional[float], Opti
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _arm_windows(test: ABTest, label: str, windows: Iterable[TelemetryWindow]) -> List[TelemetryWindow]:
+def _arm_windows(test: ABTest, label: str, windows: Iterable[TelemetryWindow]) -> list[TelemetryWindow]:
     """Windows that belong to an arm: from a device of that arm, served by that arm's version."""
     arm = test.arm(label)
     return [w for w in windows if assign_arm(test.id, w.device, test.split_pct) == label
             and (w.name, w.version) == (arm.name, arm.version)]
 
 
-def arm_stats(test: ABTest, label: str, windows: Iterable[TelemetryWindow]) -> Tuple[ArmStats, List[float], int]:
+def arm_stats(test: ABTest, label: str, windows: Iterable[TelemetryWindow]) -> tuple[ArmStats, list[float], int]:
     """(stats, continuous samples, successes) of one arm for the test's metric."""
     mine = _arm_windows(test, label, windows)
     devices = len({w.device for w in mine})
@@ -321,14 +321,14 @@ class ABReport:
     metric: str
     a: ArmStats
     b: ArmStats
-    result: Optional[TestResult]
+    result: TestResult | None
     significant: bool
-    winner: Optional[str]
-    samples_needed_per_arm: Optional[int]
-    more_samples_needed: Optional[int]
+    winner: str | None
+    samples_needed_per_arm: int | None
+    more_samples_needed: int | None
     verdict: str
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"test_id": self.test_id, "metric": self.metric, "arms": {"A": self.a.to_dict(), "B": self.b.to_dict()},
                 "result": self.result.to_dict() if self.result else None, "significant": self.significant,
                 "winner": self.winner, "samples_needed_per_arm": self.samples_needed_per_arm,
@@ -345,8 +345,8 @@ def report(test: ABTest, windows: Iterable[TelemetryWindow]) -> ABReport:
     stats_a, samples_a, succ_a = arm_stats(test, "A", windows)
     stats_b, samples_b, succ_b = arm_stats(test, "B", windows)
     metric, unit = test.metric, _UNIT[test.metric]
-    result: Optional[TestResult] = None
-    needed: Optional[int] = None
+    result: TestResult | None = None
+    needed: int | None = None
     if metric.continuous:
         if stats_a.n >= 2 and stats_b.n >= 2:
             result = welch_test(samples_a, samples_b, test.alpha)
@@ -358,8 +358,8 @@ def report(test: ABTest, windows: Iterable[TelemetryWindow]) -> ABReport:
     have = min(stats_a.n, stats_b.n)
     enough = have >= test.min_samples
     significant = bool(result is not None and enough and result.p_value < test.alpha)
-    winner: Optional[str] = None
-    more: Optional[int] = None
+    winner: str | None = None
+    more: int | None = None
     if significant:
         assert result is not None
         b_higher = result.difference > 0

@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import Callable
 
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.protocol import (
@@ -100,7 +100,7 @@ class TokenBucket:
         return max(0.0, (need - self.tokens) / self.rate)
 
 
-def resolve_stream(root: Path, stream: str) -> Optional[Path]:
+def resolve_stream(root: Path, stream: str) -> Path | None:
     """The regular file for ``stream`` under ``root/metadata`` or ``root/targets``, or None.
 
     Symlinks are resolved before the containment check, so no name leads outside.
@@ -126,8 +126,8 @@ class ServedRequest:
     fleet: str
     device: str
     stream: str
-    wanted: Tuple[int, ...]
-    served: Tuple[int, ...]
+    wanted: tuple[int, ...]
+    served: tuple[int, ...]
     outcome: str  # "info", "blocks", "rate-limited", "not-found", "bad-request"
 
 
@@ -153,11 +153,11 @@ class BlockServer:
     def __init__(
         self,
         connection: MqttConnection,
-        root: Union[str, "os.PathLike[str]"],
+        root: str | os.PathLike[str],
         *,
         fleet: str = "+",
         prefix: str = DEFAULT_PREFIX,
-        shared_group: Optional[str] = None,
+        shared_group: str | None = None,
         rate_bytes_per_s: float = 8 * 1024 * 1024,
         burst_bytes: float = 4 * 1024 * 1024,
         max_blocks_per_request: int = 256,
@@ -165,7 +165,7 @@ class BlockServer:
         queue_size: int = 1000,
         max_unacked_bytes: int = 16 * 1024 * 1024,
         history: int = 2000,
-        publisher: Optional[MqttConnection] = None,
+        publisher: MqttConnection | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.connection = connection
@@ -184,21 +184,21 @@ class BlockServer:
         self.max_blocks = max_blocks_per_request
         self.qos = qos
         self.clock = clock
-        self._buckets: Dict[Tuple[str, str], TokenBucket] = {}
-        self._queue: "queue.Queue[Optional[Tuple[str, str, BlockRequest]]]" = queue.Queue(queue_size)
-        self._worker: Optional[threading.Thread] = None
-        self._etags: Dict[Path, Tuple[Tuple[int, int, int], str]] = {}
-        self.log: Deque[ServedRequest] = collections.deque(maxlen=history)
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self._queue: queue.Queue[tuple[str, str, BlockRequest] | None] = queue.Queue(queue_size)
+        self._worker: threading.Thread | None = None
+        self._etags: dict[Path, tuple[tuple[int, int, int], str]] = {}
+        self.log: collections.deque[ServedRequest] = collections.deque(maxlen=history)
         """The last ``history`` requests handled (diagnostics, tests)."""
         self.blocks_sent = 0
         self.bytes_sent = 0
         self.dropped_requests = 0
         self.max_unacked_bytes = max_unacked_bytes
-        self._unacked: Deque[Tuple[PendingPublish, int]] = collections.deque()
+        self._unacked: collections.deque[tuple[PendingPublish, int]] = collections.deque()
         self._unacked_bytes = 0
 
     # -- lifecycle --
-    def start(self) -> "BlockServer":
+    def start(self) -> BlockServer:
         if self._worker is not None:
             return self
         self._worker = threading.Thread(target=self._work, name="block-server", daemon=True)
@@ -214,7 +214,7 @@ class BlockServer:
         self._worker.join(timeout)
         self._worker = None
 
-    def __enter__(self) -> "BlockServer":
+    def __enter__(self) -> BlockServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -258,7 +258,7 @@ class BlockServer:
         now = self.clock()
         wanted = tuple(request.wanted())
 
-        def record(served: Tuple[int, ...], outcome: str) -> ServedRequest:
+        def record(served: tuple[int, ...], outcome: str) -> ServedRequest:
             entry = ServedRequest(time.time(), fleet, device, request.stream, wanted, served, outcome)
             self.log.append(entry)
             return entry
@@ -284,7 +284,7 @@ class BlockServer:
             bucket = self._buckets.get((fleet, device))
             if bucket is None:
                 bucket = self._buckets[(fleet, device)] = TokenBucket(self.rate, self.burst, updated=now)
-            served: List[int] = []
+            served: list[int] = []
             for index in indexes:
                 length = min(block_size, size - index * block_size)
                 if not bucket.take(max(length, 1), self.clock()):
@@ -332,7 +332,7 @@ class BlockServer:
                 self._unacked.clear()
                 self._unacked_bytes = 0
 
-    def _reply(self, topic: str, reply: BlockReply) -> Optional[PendingPublish]:
+    def _reply(self, topic: str, reply: BlockReply) -> PendingPublish | None:
         try:
             return self.publisher.publish(topic, encode_block_reply(reply), qos=self.qos, wait=False)
         except TransportError as exc:

@@ -57,14 +57,16 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.topics import (
     DEFAULT_PREFIX,
@@ -170,7 +172,7 @@ class BrokerSettings:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "BrokerSettings":
+    def from_dict(cls, data: Mapping[str, Any]) -> BrokerSettings:
         try:
             return cls(
                 prefix=str(data.get("prefix", DEFAULT_PREFIX)), bind=str(data.get("bind", "127.0.0.1")),

@@ -51,9 +51,10 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable
 
 from edgeship.ota.director import DesiredState, load_director_private_key, sign_desired_state
 from edgeship.ota.errors import BadInputError, EdgeshipError
@@ -75,9 +76,20 @@ from edgeship.ota.topics import (
     parse_device_topic,
     validate_identifier,
 )
-from edgeship.ota.transport import MQTT_V5, BrokerUrl, MqttConnection, ReceivedMessage, TransportError
+from edgeship.ota.transport import (
+    MQTT_V5,
+    BrokerUrl,
+    MqttConnection,
+    ReceivedMessage,
+    TransportError,
+)
 from edgeship.toolkit.blockserver import BlockServer
-from edgeship.toolkit.controller_metrics import INGESTED_KINDS, FleetCounters, MetricsServer, render_metrics
+from edgeship.toolkit.controller_metrics import (
+    INGESTED_KINDS,
+    FleetCounters,
+    MetricsServer,
+    render_metrics,
+)
 from edgeship.toolkit.rollouts import AssignVersion, RollbackDevice
 from edgeship.toolkit.store import ConcurrentUpdateError, FleetStore, IngestItem, PendingAction
 
@@ -130,8 +142,8 @@ def route_message(topic: str, payload: bytes, received_at: float, prefix: str = 
 
 
 def build_desired_state(*, fleet: str, device: str, target: TargetInfo, sequence: int, now: float,
-                        expires_in_s: float, action: str, rollout: Optional[str] = None,
-                        deployment: Optional[str] = None) -> DesiredState:
+                        expires_in_s: float, action: str, rollout: str | None = None,
+                        deployment: str | None = None) -> DesiredState:
     """The director's document for one device: the bundle's TUF target, length and hashes from the
     release repository, so the device's two checks (director and TUF) name the same bytes."""
     issued = _dt.datetime.fromtimestamp(int(now), _dt.timezone.utc)
@@ -184,13 +196,13 @@ class ControllerConfig:
         telemetry_retention_s: telemetry older than this is pruned (hourly).
     """
 
-    broker: Union[str, BrokerUrl]
-    repo: Union[str, Path]
+    broker: str | BrokerUrl
+    repo: str | Path
     db_url: str
     replica_id: str = field(default_factory=default_replica_id)
     prefix: str = DEFAULT_PREFIX
     fleet: str = "+"
-    shared_group: Optional[str] = DEFAULT_SHARED_GROUP
+    shared_group: str | None = DEFAULT_SHARED_GROUP
     protocol: str = "auto"
     tick_s: float = 1.0
     batch_max: int = 500
@@ -202,7 +214,7 @@ class ControllerConfig:
     desired_renew_s: float = 2 * 86400.0
     refresh_check_s: float = 60.0
     refresh_fraction: float = 0.5
-    metrics_port: Optional[int] = None
+    metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_window_s: float = 60.0
     telemetry_retention_s: float = 7 * 86400.0
@@ -229,7 +241,7 @@ class ControllerStats:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: Dict[str, float] = {}
+        self._values: dict[str, float] = {}
 
     def add(self, key: str, amount: float = 1) -> None:
         with self._lock:
@@ -247,7 +259,7 @@ class ControllerStats:
         with self._lock:
             return self._values.get(key, default)
 
-    def snapshot(self) -> Dict[str, float]:
+    def snapshot(self) -> dict[str, float]:
         with self._lock:
             return dict(self._values)
 
@@ -259,7 +271,7 @@ class _RateLimitedLog:
     def __init__(self, burst: int = 10, period_s: float = 10.0) -> None:
         self.burst, self.period_s = burst, period_s
         self._lock = threading.Lock()
-        self._windows: Dict[str, Tuple[float, int]] = {}
+        self._windows: dict[str, tuple[float, int]] = {}
 
     def warning(self, key: str, text: str) -> None:
         now = time.monotonic()
@@ -291,7 +303,7 @@ class Controller:
         clock: the wall clock (epoch seconds) stamped on messages and passed to the engine.
     """
 
-    def __init__(self, config: ControllerConfig, *, store: Optional[FleetStore] = None,
+    def __init__(self, config: ControllerConfig, *, store: FleetStore | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
@@ -313,28 +325,28 @@ class Controller:
         self.connection = MqttConnection(config.broker, client_id=self.client_id, protocol=config.protocol,
                                          clean_start=True,
                                          on_connect=self._on_connect)
-        self.block_server: Optional[BlockServer] = None
-        self._queue: "queue.Queue[Any]" = queue.Queue(config.queue_max)
+        self.block_server: BlockServer | None = None
+        self._queue: queue.Queue[Any] = queue.Queue(config.queue_max)
         self._stop = threading.Event()
-        self._threads: List[threading.Thread] = []
+        self._threads: list[threading.Thread] = []
         self._rejects = _RateLimitedLog()
-        self._retry: List[PendingAction] = []
+        self._retry: list[PendingAction] = []
         self._last_refresh_check = 0.0
         self._last_renew_check = 0.0
         self._last_prune = 0.0
         self._last_late_joiner_check = 0.0
-        self._http: Optional[MetricsServer] = None
-        self._metrics_cache: Tuple[float, str] = (0.0, "")
+        self._http: MetricsServer | None = None
+        self._metrics_cache: tuple[float, str] = (0.0, "")
         self._metrics_lock = threading.Lock()
         self.shared = False
         self.started = False
 
     # -- lifecycle --
     @property
-    def metrics_port(self) -> Optional[int]:
+    def metrics_port(self) -> int | None:
         return self._http.port if self._http is not None else None
 
-    def start(self, connect_timeout: float = 15.0) -> "Controller":
+    def start(self, connect_timeout: float = 15.0) -> Controller:
         """Connect, subscribe, start the writer, the reconcile loop, the block server and the metrics."""
         if self.started:
             return self
@@ -405,7 +417,7 @@ class Controller:
         self.started = False
         log.info("controller %s stopped", self.config.replica_id)
 
-    def __enter__(self) -> "Controller":
+    def __enter__(self) -> Controller:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -449,7 +461,7 @@ class Controller:
             if first is _STOP:
                 self._queue.task_done()
                 return
-            batch: List[IngestItem] = [first]
+            batch: list[IngestItem] = [first]
             deadline = time.monotonic() + cfg.batch_wait_s
             stop_after = False
             while len(batch) < cfg.batch_max:
@@ -474,7 +486,7 @@ class Controller:
                 return
 
     def _drain_rest(self) -> None:
-        rest: List[IngestItem] = []
+        rest: list[IngestItem] = []
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -486,7 +498,7 @@ class Controller:
         for start in range(0, len(rest), self.config.batch_max):
             self._write(rest[start:start + self.config.batch_max])
 
-    def _write(self, batch: List[IngestItem]) -> None:
+    def _write(self, batch: list[IngestItem]) -> None:
         """One transaction for the batch; if the store refuses it, retry once, then item by item so
         one poison message (say, a value a PostgreSQL column cannot hold) costs only itself."""
         for attempt in range(2):
@@ -498,7 +510,7 @@ class Controller:
                 if attempt == 0:
                     log.warning("ingest of %d messages failed (%s); retrying", len(batch), str(exc)[:200])
                     time.sleep(0.2)
-        written: List[IngestItem] = []
+        written: list[IngestItem] = []
         for item in batch:
             try:
                 self.store.ingest([item])
@@ -535,7 +547,7 @@ class Controller:
             self.stats.add("ticks")
             self._stop.wait(max(0.0, self.config.tick_s - elapsed))
 
-    def tick(self, now: Optional[float] = None) -> Dict[str, int]:
+    def tick(self, now: float | None = None) -> dict[str, int]:
         """One reconcile: rollouts, A/B tests, the outbox; and the periodic jobs when due.
         Returns what it did (counts). Public so tests can drive it."""
         now = self.clock() if now is None else now
@@ -604,7 +616,7 @@ class Controller:
             log.info("director key changed on disk; signing with the new key")
         return self._director_key
 
-    def _carry_out(self, now: float) -> Tuple[int, int]:
+    def _carry_out(self, now: float) -> tuple[int, int]:
         """Sign and publish the claimed outbox actions. An action whose publish failed stays
         claimed by this replica and is tried again next tick (the outbox lease gives it to another
         replica if this one dies)."""
@@ -613,11 +625,11 @@ class Controller:
         self._retry = []
         if not pending:
             return 0, 0
-        targets: Dict[Tuple[str, str], Union[TargetInfo, EdgeshipError]] = {}
+        targets: dict[tuple[str, str], TargetInfo | EdgeshipError] = {}
         key = self._signing_key()
         published = errors = 0
-        in_flight: List[Tuple[PendingAction, DesiredState, Dict[str, Any], Any]] = []
-        sequences: Dict[str, Tuple[int, set]] = {}
+        in_flight: list[tuple[PendingAction, DesiredState, dict[str, Any], Any]] = []
+        sequences: dict[str, tuple[int, set]] = {}
 
         def sequence_for(fleet: str, device: str) -> int:
             # One number from the fleet's director counter serves the whole batch: a sequence must only
@@ -691,7 +703,7 @@ class Controller:
         if not expiring:
             return
         key = self._signing_key()
-        sequences: Dict[str, int] = {}  # one number per fleet: the list holds each device once
+        sequences: dict[str, int] = {}  # one number per fleet: the list holds each device once
         for record in expiring:
             try:
                 target = self.repo.target_info(record.name, record.version)
@@ -748,7 +760,7 @@ class Controller:
             self._metrics_cache = (time.monotonic(), text)
             return text
 
-    def snapshot_stats(self) -> Dict[str, float]:
+    def snapshot_stats(self) -> dict[str, float]:
         """The controller's counters, with the block server's and the connection's state."""
         self.stats.set("queue_depth", self._queue.qsize())
         self.stats.set("connected", 1 if self.connection.is_connected else 0)
@@ -766,7 +778,7 @@ class JsonLogFormatter(logging.Formatter):
     exception when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
-        doc: Dict[str, Any] = {
+        doc: dict[str, Any] = {
             "ts": _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage(),
             "thread": record.threadName,

@@ -8,8 +8,9 @@ __all__ = ["INGESTED_KINDS", "FleetCounters", "MetricsServer", "WINDOW_QUANTILES
 
 import logging
 import threading
+from collections.abc import Iterable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable
 
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
@@ -32,7 +33,7 @@ def _labels(**labels: Any) -> str:
     return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels.items()) + "}"
 
 
-def _number(value: Optional[float]) -> str:
+def _number(value: float | None) -> str:
     if value is None:
         return "NaN"
     if isinstance(value, float) and value != value:  # NaN
@@ -52,9 +53,9 @@ class FleetCounters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._series: Dict[Tuple[str, str, str], Dict[str, Any]] = {}
+        self._series: dict[tuple[str, str, str], dict[str, Any]] = {}
 
-    def add(self, fleet: str, bundle: Optional[Mapping[str, str]], requests: int, errors: int,
+    def add(self, fleet: str, bundle: Mapping[str, str] | None, requests: int, errors: int,
             latency: LatencyHistogram) -> None:
         key = (fleet, (bundle or {}).get("name", ""), (bundle or {}).get("version", ""))
         with self._lock:
@@ -63,7 +64,7 @@ class FleetCounters:
             entry["errors"] += errors
             entry["latency"] = entry["latency"].merge(latency)
 
-    def snapshot(self) -> Dict[Tuple[str, str, str], Dict[str, Any]]:
+    def snapshot(self) -> dict[tuple[str, str, str], dict[str, Any]]:
         with self._lock:
             return {key: dict(value) for key, value in self._series.items()}
 
@@ -73,14 +74,14 @@ WINDOW_QUANTILES = ((0.5, "p50"), (0.95, "p95"), (0.99, "p99"))
 reserved for summaries)."""
 
 
-def _version_labels(fleet: str, bundle: str, version: str) -> Dict[str, Any]:
+def _version_labels(fleet: str, bundle: str, version: str) -> dict[str, Any]:
     return {"fleet": fleet, "bundle": bundle, "version": version}
 
 
 def render_metrics(summary: Mapping[str, Mapping[str, Any]], rollouts: Sequence[Mapping[str, Any]],
                    stats: Mapping[str, float], window_s: float,
-                   counters: Optional[Mapping[Tuple[str, str, str], Mapping[str, Any]]] = None,
-                   rollout_states: Optional[Mapping[Tuple[str, str], int]] = None) -> str:
+                   counters: Mapping[tuple[str, str, str], Mapping[str, Any]] | None = None,
+                   rollout_states: Mapping[tuple[str, str], int] | None = None) -> str:
     """The Prometheus text exposition (format 0.0.4) of the fleet and the controller. Pure.
 
     Names follow Prometheus' conventions, checked by ``promtool check metrics`` in the tests: base
@@ -98,15 +99,15 @@ def render_metrics(summary: Mapping[str, Mapping[str, Any]], rollouts: Sequence[
         counters: :meth:`FleetCounters.snapshot`: cumulative requests, errors and latency.
         rollout_states: rollouts per (fleet, state), all of them (:meth:`FleetStore.rollout_state_counts`).
     """
-    out: List[str] = []
+    out: list[str] = []
 
-    def family(name: str, kind: str, help_text: str, samples: Iterable[Tuple[Dict[str, Any], Optional[float]]]) -> None:
+    def family(name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, Any], float | None]]) -> None:
         out.append(f"# HELP {name} {help_text}")
         out.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
             out.append(f"{name}{_labels(**labels)} {_number(value)}")
 
-    def histogram(name: str, help_text: str, series: Sequence[Tuple[Dict[str, Any], LatencyHistogram]]) -> None:
+    def histogram(name: str, help_text: str, series: Sequence[tuple[dict[str, Any], LatencyHistogram]]) -> None:
         out.append(f"# HELP {name} {help_text}")
         out.append(f"# TYPE {name} histogram")
         for labels, hist in series:
@@ -245,13 +246,13 @@ class MetricsServer:
         except OSError as exc:
             raise BadInputError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
         self._server.daemon_threads = True
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         return int(self._server.server_address[1])
 
-    def start(self) -> "MetricsServer":
+    def start(self) -> MetricsServer:
         self._thread = threading.Thread(target=self._server.serve_forever, name="controller-metrics", daemon=True)
         self._thread.start()
         return self

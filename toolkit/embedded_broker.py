@@ -29,7 +29,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any
 
 from edgeship.ota.errors import BadInputError, EdgeshipError, first_line, require_module
 
@@ -49,12 +49,12 @@ class EmbeddedBroker:
             raise BadInputError(f"broker port must be 0-65535, got {port}")
         self.host = host
         self.port = port
-        self._thread: Optional[threading.Thread] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._broker: Any = None
         self._ready = threading.Event()
         self._stopped = threading.Event()
-        self._error: Optional[BaseException] = None
+        self._error: BaseException | None = None
 
     @property
     def url(self) -> str:
@@ -64,13 +64,13 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._ready.is_set()
 
-    def _config(self) -> Dict[str, Any]:
+    def _config(self) -> dict[str, Any]:
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": 10000}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
 
-    def start(self, timeout: float = 15.0) -> "EmbeddedBroker":
+    def start(self, timeout: float = 15.0) -> EmbeddedBroker:
         """Start the broker; return once it accepts TCP connections.
 
         Raises:
@@ -155,14 +155,14 @@ class EmbeddedBroker:
         self._broker = None
         self._ready.clear()
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def main(argv: Optional[list] = None) -> None:
+def main(argv: list | None = None) -> None:
     """``python -m edgeship.toolkit.embedded_broker``: run until interrupted (what
     ``edgeship broker run`` does without --broker-dir)."""
     import argparse

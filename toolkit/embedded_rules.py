@@ -28,11 +28,12 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.plugins.topic_checking import TopicAccessControlListPlugin
+
 from edgeship.ota.errors import BadInputError
 
 from .broker_config import (
@@ -51,12 +52,12 @@ class _RegistryCache:
     def __init__(self, folder: str) -> None:
         self.folder = BrokerFolder(folder)
         self._lock = threading.Lock()
-        self._stamp: Optional[float] = None
-        self.passwords: Dict[str, str] = {}
-        self.rules: Dict[str, Any] = {}
-        self.kinds: Dict[str, str] = {}
+        self._stamp: float | None = None
+        self.passwords: dict[str, str] = {}
+        self.rules: dict[str, Any] = {}
+        self.kinds: dict[str, str] = {}
 
-    def refresh(self) -> "_RegistryCache":
+    def refresh(self) -> _RegistryCache:
         path = self.folder.path / REGISTRY_FILE
         try:
             stamp = path.stat().st_mtime_ns
@@ -70,7 +71,7 @@ class _RegistryCache:
         return self
 
 
-def rules_from_registry(folder: BrokerFolder) -> tuple[Dict[str, str], Dict[str, Any]]:
+def rules_from_registry(folder: BrokerFolder) -> tuple[dict[str, str], dict[str, Any]]:
     """(user -> password entry, amqtt topic rules) of the folder's active identities."""
     active = [r for r in folder.records().values() if r.active]
     passwords = {r.name: r.password_entry for r in active if r.auth == "password" and r.password_entry}
@@ -79,7 +80,7 @@ def rules_from_registry(folder: BrokerFolder) -> tuple[Dict[str, str], Dict[str,
     return passwords, rules
 
 
-_CACHES: Dict[str, _RegistryCache] = {}
+_CACHES: dict[str, _RegistryCache] = {}
 
 
 def _cache(folder: str) -> _RegistryCache:
@@ -116,8 +117,8 @@ class DeviceTopicRules(BaseTopicPlugin):
     class Config:
         broker_dir: str = ""
 
-    async def topic_filtering(self, *, session: Any = None, topic: Optional[str] = None,
-                              action: Optional[Action] = None) -> bool:
+    async def topic_filtering(self, *, session: Any = None, topic: str | None = None,
+                              action: Action | None = None) -> bool:
         if not topic:
             return False
         rules = _cache(self.config.broker_dir).rules
@@ -146,7 +147,7 @@ class RuledEmbeddedBroker(EmbeddedBroker):
             raise BadInputError(f"the broker in {folder.path} has no active password identity")
         self.broker_dir = str(Path(folder.path))
 
-    def _config(self) -> Dict[str, Any]:
+    def _config(self) -> dict[str, Any]:
         config = super()._config()
         config["plugins"] = {
             f"{__name__}.RegistryPasswordAuth": {"broker_dir": self.broker_dir},

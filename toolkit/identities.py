@@ -47,9 +47,10 @@ import datetime as dt
 import json
 import os
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from edgeship.ota.atomicfile import atomic_write_bytes, atomic_write_text
 from edgeship.ota.errors import BadInputError, EdgeshipError
@@ -103,7 +104,7 @@ class IdentityRecord:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "IdentityRecord":
+    def from_dict(cls, data: Mapping[str, Any]) -> IdentityRecord:
         return cls(
             name=str(data["name"]), kind=str(data["kind"]), fleet=str(data.get("fleet", "")),
             auth=str(data["auth"]), issued=str(data["issued"]), serial=str(data.get("serial", "")),
@@ -211,7 +212,7 @@ class BrokerFolder:
     def exists(self) -> bool:
         return (self.path / SETTINGS_FILE).is_file() and self.ca_key_path.is_file()
 
-    def require(self) -> "BrokerFolder":
+    def require(self) -> BrokerFolder:
         if not self.exists():
             raise BadInputError(
                 f"{self.path} is not a broker folder (no {SETTINGS_FILE} or CA); "

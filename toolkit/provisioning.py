@@ -73,17 +73,18 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
+from typing import Any, Callable, Protocol
 
-from edgeship.ota.hashing import sha256_file
 from edgeship.ota.errors import (
     BadInputError,
     EdgeshipError,
     GateFailedError,
     require_module,
 )
+from edgeship.ota.hashing import sha256_file
 from edgeship.ota.topics import (
     DEFAULT_PREFIX,
     STATUS,
@@ -127,7 +128,7 @@ _USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.IGNORECASE)
 _HOST = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252})$")
 
 
-def parse_target(text: str, *, port: Optional[int] = None, default_user: Optional[str] = None) -> SshTarget:
+def parse_target(text: str, *, port: int | None = None, default_user: str | None = None) -> SshTarget:
     """``USER@HOST[:PORT]`` (``[v6]:PORT`` for IPv6) -> SshTarget; ``port`` overrides the one in the text."""
     user, sep, rest = text.rpartition("@")
     if not sep:
@@ -174,7 +175,7 @@ class HostEntry:
     """One line of a hosts file."""
 
     target: SshTarget
-    device_id: Optional[str] = None
+    device_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     line: int = 0
 
@@ -194,7 +195,7 @@ def parse_hosts_file(text: str, *, where: str = "hosts file") -> list[HostEntry]
         first, *rest = line.split()
         try:
             target = parse_target(first)
-            device_id: Optional[str] = None
+            device_id: str | None = None
             tags: dict[str, str] = {}
             for item in rest:
                 if item.startswith("id="):
@@ -228,8 +229,8 @@ class HostRequirements:
     min_memory_mb: int = 128
 
     @classmethod
-    def from_env(cls, environ: Optional[Mapping[str, str]] = None, *, min_disk_mb: Optional[int] = None,
-                 min_memory_mb: Optional[int] = None) -> "HostRequirements":
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, min_disk_mb: int | None = None,
+                 min_memory_mb: int | None = None) -> HostRequirements:
         """Defaults, then EDGESHIP_PROVISION_MIN_DISK_MB / _MIN_MEMORY_MB, then the explicit values."""
         env = os.environ if environ is None else environ
         base = cls()
@@ -252,24 +253,24 @@ class HostRequirements:
 class HostFacts:
     """What the probe found on the device (None: could not be determined)."""
 
-    arch: Optional[str] = None
-    system: Optional[str] = None
-    python: Optional[str] = None
-    python_version: Optional[tuple[int, int, int]] = None
+    arch: str | None = None
+    system: str | None = None
+    python: str | None = None
+    python_version: tuple[int, int, int] | None = None
     venv_module: bool = False
-    disk_free_mb: Optional[int] = None
-    memory_available_mb: Optional[int] = None
+    disk_free_mb: int | None = None
+    memory_available_mb: int | None = None
     systemd: bool = False
-    user: Optional[str] = None
-    uid: Optional[int] = None
-    home: Optional[str] = None
-    hostname: Optional[str] = None
+    user: str | None = None
+    uid: int | None = None
+    home: str | None = None
+    hostname: str | None = None
     files: dict[str, str] = field(default_factory=dict)  # rel path under the prefix -> sha256
-    state: Optional[dict[str, Any]] = None
+    state: dict[str, Any] | None = None
     venv_exists: bool = False
     agent_installed: bool = False
     agent_running: bool = False
-    unit_sha256: Optional[str] = None
+    unit_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -333,7 +334,7 @@ def parse_host_facts(text: str) -> HostFacts:
             continue
         values[key] = value.strip()
 
-    def intval(key: str, scale: int = 1) -> Optional[int]:
+    def intval(key: str, scale: int = 1) -> int | None:
         v = values.get(key, "")
         return int(v) // scale if v.isdigit() else None
 
@@ -453,7 +454,7 @@ def render_systemd_unit(prefix: str, user: str) -> str:
     ])
 
 
-def render_agent_env(prefix: str, connection: Mapping[str, Any], password: Optional[str] = None) -> str:
+def render_agent_env(prefix: str, connection: Mapping[str, Any], password: str | None = None) -> str:
     """The agent's environment (EnvironmentFile syntax, also sh): what edgeship.ota.transport reads
     from the environment, i.e. a password device's user name and password. Certificate devices need
     nothing here (the certificate's CN is the user name)."""
@@ -503,7 +504,7 @@ def wheel_content_id(path: Path) -> str:
         raise BadInputError(f"{path} is not a wheel (not a zip file)") from None
 
 
-def _source_root() -> Optional[Path]:
+def _source_root() -> Path | None:
     here = Path(__file__).resolve().parents[1]
     return here if (here / "pyproject.toml").is_file() and (here / "toolkit").is_dir() else None
 
@@ -529,7 +530,7 @@ def build_project_wheel(out_dir: Path) -> Path:
     return wheels[-1]
 
 
-def collect_wheels(wheelhouse: Optional[Path], build_dir: Path) -> tuple[list[Path], bool]:
+def collect_wheels(wheelhouse: Path | None, build_dir: Path) -> tuple[list[Path], bool]:
     """The wheels to upload and whether they are complete (a wheelhouse: install with --no-index)."""
     if wheelhouse is None:
         return [build_project_wheel(build_dir)], False
@@ -553,7 +554,7 @@ class CommandResult:
 class RemoteShell(Protocol):
     """What provisioning needs from a device: run a sh command, upload a file."""
 
-    def run(self, command: str, *, timeout: Optional[float] = None) -> CommandResult: ...
+    def run(self, command: str, *, timeout: float | None = None) -> CommandResult: ...
     def put(self, local: Path, remote: str) -> None: ...
     def close(self) -> None: ...
 
@@ -576,7 +577,7 @@ def quiet_paramiko() -> None:
 class FabricShell:
     """A RemoteShell over SSH with fabric (key authentication only)."""
 
-    def __init__(self, target: SshTarget, *, identity: Optional[str] = None, known_hosts: Optional[str] = None,
+    def __init__(self, target: SshTarget, *, identity: str | None = None, known_hosts: str | None = None,
                  connect_timeout: float = 15.0) -> None:
         fabric = require_module("fabric", "host")
         paramiko = require_module("paramiko", "host")
@@ -598,7 +599,7 @@ class FabricShell:
         except Exception as exc:  # noqa: BLE001 - paramiko/socket errors of every kind
             raise ProvisionError(f"cannot reach {target} over SSH: {_one_line(exc)}") from None
 
-    def run(self, command: str, *, timeout: Optional[float] = None) -> CommandResult:
+    def run(self, command: str, *, timeout: float | None = None) -> CommandResult:
         try:
             r = self._conn.run(command, hide=True, warn=True, in_stream=False, timeout=timeout)
         except Exception as exc:  # noqa: BLE001
@@ -636,22 +637,22 @@ class StepResult:
 class ProvisionOptions:
     fleet: str
     runtime: str = "onnx"
-    device_id: Optional[str] = None
+    device_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
-    wheelhouse: Optional[Path] = None
-    prefix: Optional[str] = None
-    broker_dir: Optional[Path] = None
-    broker_url: Optional[str] = None
-    root_metadata: Optional[Path] = None
-    director_key: Optional[Path] = None
+    wheelhouse: Path | None = None
+    prefix: str | None = None
+    broker_dir: Path | None = None
+    broker_url: str | None = None
+    root_metadata: Path | None = None
+    director_key: Path | None = None
     requirements: HostRequirements = field(default_factory=HostRequirements)
     wait_online: bool = True
     online_timeout: float = 60.0
     dry_run: bool = False
     bind: str = "127.0.0.1:8501"
-    wheels: Optional[tuple[tuple[Path, ...], bool]] = None
+    wheels: tuple[tuple[Path, ...], bool] | None = None
     """Wheels collected once for many devices (``collect_wheels``' result); None: collect per run."""
-    db_url: Optional[str] = None
+    db_url: str | None = None
     """The fleet store: ``tags`` are recorded there once the device has reported (``--select`` finds it)."""
     tags_timeout: float = 20.0
     """How long to wait for the controller to know the device before giving up on recording its tags."""
@@ -669,7 +670,7 @@ class ProvisionReport:
     device_id: str = ""
     prefix: str = ""
     steps: list[StepResult] = field(default_factory=list)
-    facts: Optional[HostFacts] = None
+    facts: HostFacts | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -689,7 +690,7 @@ class _Run:
     """One provisioning run: the facts, the options, and the step log."""
 
     def __init__(self, shell: RemoteShell, options: ProvisionOptions, report: ProvisionReport,
-                 on_step: Optional[StepCallback]) -> None:
+                 on_step: StepCallback | None) -> None:
         self.shell, self.opt, self.report, self.on_step = shell, options, report, on_step
 
     def step(self, name: str, status: str, detail: str = "") -> StepResult:
@@ -699,7 +700,7 @@ class _Run:
             self.on_step(result)
         return result
 
-    def sh(self, command: str, what: str, timeout: Optional[float] = None) -> str:
+    def sh(self, command: str, what: str, timeout: float | None = None) -> str:
         r = self.shell.run(command, timeout=timeout)
         if r.exit_code != 0:
             last = (r.stderr.strip() or r.stdout.strip() or f"exit status {r.exit_code}").splitlines()[-1]
@@ -738,7 +739,7 @@ def _resolve_prefix(shell: RemoteShell, options: ProvisionOptions) -> tuple[str,
 
 
 def provision(shell: RemoteShell, target: str, options: ProvisionOptions, *,
-              on_step: Optional[StepCallback] = None) -> ProvisionReport:
+              on_step: StepCallback | None = None) -> ProvisionReport:
     """Provision one device through ``shell``; idempotent; ``options.dry_run`` changes nothing."""
     from .identities import BrokerFolder, read_connection
 
@@ -851,8 +852,8 @@ def provision(shell: RemoteShell, target: str, options: ProvisionOptions, *,
 
     # 6. broker credentials
     broker_url = options.broker_url
-    connection: Optional[dict[str, Any]] = None
-    password: Optional[str] = None
+    connection: dict[str, Any] | None = None
+    password: str | None = None
     if options.broker_dir is None:
         run.step("broker credentials", "skipped", "no --broker-dir: the agent runs without a broker")
     else:
@@ -1083,7 +1084,7 @@ class _StatusWatcher:
     its identity, so two connections with the provisioner's identity would take turns."""
 
     _lock = threading.Lock()
-    _open: "dict[str, tuple[Any, int]]" = {}
+    _open: dict[str, tuple[Any, int]] = {}
 
     @classmethod
     def acquire(cls, folder: Any) -> Any:
@@ -1150,9 +1151,9 @@ def wait_online(folder: Any, fleet: str, device_id: str, timeout: float) -> floa
     return time.monotonic() - start
 
 
-def deprovision(shell: RemoteShell, target: str, *, prefix: Optional[str] = None, broker_dir: Optional[Path] = None,
-                device_id: Optional[str] = None, dry_run: bool = False,
-                on_step: Optional[StepCallback] = None) -> ProvisionReport:
+def deprovision(shell: RemoteShell, target: str, *, prefix: str | None = None, broker_dir: Path | None = None,
+                device_id: str | None = None, dry_run: bool = False,
+                on_step: StepCallback | None = None) -> ProvisionReport:
     """Stop the agent, remove the unit and the prefix, revoke the device's broker credentials."""
     from .identities import BrokerFolder
 

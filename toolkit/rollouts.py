@@ -71,7 +71,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Union
 
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.telemetry import LatencyHistogram
@@ -128,8 +128,8 @@ class FailureThreshold:
     Exactly one of ``count`` and ``pct`` is set.
     """
 
-    count: Optional[int] = None
-    pct: Optional[float] = None
+    count: int | None = None
+    pct: float | None = None
 
     def __post_init__(self) -> None:
         if (self.count is None) == (self.pct is None):
@@ -169,8 +169,8 @@ class HealthGates:
     neither abort nor block a stage.
     """
 
-    max_error_rate: Optional[float] = None
-    max_p95_ratio: Optional[float] = None
+    max_error_rate: float | None = None
+    max_p95_ratio: float | None = None
     min_requests: int = 100
 
     def __post_init__(self) -> None:
@@ -185,7 +185,7 @@ class HealthGates:
     @classmethod
     def parse(cls, text: str) -> HealthGates:
         """``"max_error_rate=0.05,max_p95_ratio=1.5[,min_requests=100]"`` (error rate may be ``5%``)."""
-        values: Dict[str, Any] = {}
+        values: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in str(text).split(","))):
             key, sep, raw = part.partition("=")
             key, raw = key.strip(), raw.strip()
@@ -216,7 +216,7 @@ class HealthGates:
 class RolloutPolicy:
     """How a rollout moves. ``stages`` are cumulative percentages of the devices to move, ending at 100."""
 
-    stages: Tuple[float, ...] = (5.0, 25.0, 100.0)
+    stages: tuple[float, ...] = (5.0, 25.0, 100.0)
     success_threshold_pct: float = 90.0
     max_failures: FailureThreshold = field(default_factory=lambda: FailureThreshold(pct=10.0))
     health: HealthGates = field(default_factory=HealthGates)
@@ -239,7 +239,7 @@ class RolloutPolicy:
         if self.bake_s < 0:
             raise BadInputError("the bake time must be >= 0")
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "stages": list(self.stages),
             "success_threshold_pct": self.success_threshold_pct,
@@ -265,7 +265,7 @@ def _fmt_stages(stages: Iterable[float]) -> str:
     return ",".join(f"{s:g}" for s in stages)
 
 
-def parse_stages(text: str) -> Tuple[float, ...]:
+def parse_stages(text: str) -> tuple[float, ...]:
     """``"5,25,100"`` -> (5.0, 25.0, 100.0); checked by RolloutPolicy."""
     try:
         return tuple(float(part) for part in str(text).split(",") if part.strip())
@@ -308,13 +308,13 @@ class DeviceSnapshot:
 
     device: str
     online: bool = True
-    active_name: Optional[str] = None
-    active_version: Optional[str] = None
-    update_state: Optional[str] = None
-    update_name: Optional[str] = None
-    update_version: Optional[str] = None
-    reported_at: Optional[float] = None
-    telemetry: Tuple[VersionTelemetry, ...] = ()
+    active_name: str | None = None
+    active_version: str | None = None
+    update_state: str | None = None
+    update_name: str | None = None
+    update_version: str | None = None
+    reported_at: float | None = None
+    telemetry: tuple[VersionTelemetry, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -323,14 +323,14 @@ class DeviceRecord:
 
     device: str
     status: DeviceStatus
-    stage: Optional[int] = None
-    assigned_at: Optional[float] = None
-    previous_name: Optional[str] = None
-    previous_version: Optional[str] = None
+    stage: int | None = None
+    assigned_at: float | None = None
+    previous_name: str | None = None
+    previous_version: str | None = None
     updated_at: float = 0.0
-    detail: Optional[str] = None
+    detail: str | None = None
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["status"] = self.status.value
         return doc
@@ -350,15 +350,15 @@ class Rollout:
     stage_started_at: float = 0.0
     created_at: float = 0.0
     updated_at: float = 0.0
-    selection: Tuple[Tuple[str, str], ...] = ()
+    selection: tuple[tuple[str, str], ...] = ()
     devices: Mapping[str, DeviceRecord] = field(default_factory=dict)
-    reason: Optional[str] = None
+    reason: str | None = None
 
     def count(self, *statuses: DeviceStatus) -> int:
         wanted = set(statuses)
         return sum(1 for record in self.devices.values() if record.status in wanted)
 
-    def moved(self) -> List[DeviceRecord]:
+    def moved(self) -> list[DeviceRecord]:
         return [r for r in self.devices.values() if r.status in MOVED_STATUSES]
 
     def population(self) -> int:
@@ -376,7 +376,7 @@ class AssignVersion:
     name: str
     version: str
     reason: str
-    stage: Optional[int] = None
+    stage: int | None = None
     kind: str = field(default="assign", init=False)
 
 
@@ -454,27 +454,27 @@ class HealthReading:
     new_requests: int = 0
     new_errors: int = 0
     new_latency_count: int = 0
-    new_p95_ms: Optional[float] = None
+    new_p95_ms: float | None = None
     baseline_requests: int = 0
     baseline_errors: int = 0
     baseline_latency_count: int = 0
-    baseline_p95_ms: Optional[float] = None
+    baseline_p95_ms: float | None = None
 
     @property
-    def new_error_rate(self) -> Optional[float]:
+    def new_error_rate(self) -> float | None:
         return self.new_errors / self.new_requests if self.new_requests else None
 
     @property
-    def baseline_error_rate(self) -> Optional[float]:
+    def baseline_error_rate(self) -> float | None:
         return self.baseline_errors / self.baseline_requests if self.baseline_requests else None
 
     @property
-    def p95_ratio(self) -> Optional[float]:
+    def p95_ratio(self) -> float | None:
         if self.new_p95_ms is None or not self.baseline_p95_ms:
             return None
         return self.new_p95_ms / self.baseline_p95_ms
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "new_error_rate": self.new_error_rate,
                 "baseline_error_rate": self.baseline_error_rate, "p95_ratio": self.p95_ratio}
 
@@ -482,21 +482,21 @@ class HealthReading:
 @dataclass(frozen=True)
 class Decision:
     rollout: Rollout
-    actions: List[Action] = field(default_factory=list)
-    health: Optional[HealthReading] = None
+    actions: list[Action] = field(default_factory=list)
+    health: HealthReading | None = None
 
 
 # -- pure helpers ---------------------------------------------------------------------------------
 
 def new_rollout(rollout_id: str, fleet: str, name: str, version: str, policy: RolloutPolicy, now: float,
-                selection: Sequence[Tuple[str, str]] = ()) -> Rollout:
+                selection: Sequence[tuple[str, str]] = ()) -> Rollout:
     """A RUNNING rollout at stage 0 with no device yet: the first :func:`step` picks them."""
     return Rollout(id=rollout_id, fleet=fleet, name=name, version=version, policy=policy,
                    state=RolloutState.RUNNING, stage=0, stage_started_at=now, created_at=now, updated_at=now,
                    selection=tuple(sorted((str(k), str(v)) for k, v in selection)), devices={})
 
 
-def stage_targets(stages: Sequence[float], population: int) -> List[int]:
+def stage_targets(stages: Sequence[float], population: int) -> list[int]:
     """Cumulative device counts per stage: ceil(pct * N), each stage at least one more than the last.
 
     >>> stage_targets((5, 25, 100), 10)
@@ -504,7 +504,7 @@ def stage_targets(stages: Sequence[float], population: int) -> List[int]:
     >>> stage_targets((5, 25, 100), 2)
     [1, 2, 2]
     """
-    targets: List[int] = []
+    targets: list[int] = []
     previous = 0
     for pct in stages:
         # The epsilon keeps 25% of 100 at 25 despite binary floating point.
@@ -536,19 +536,19 @@ class StageProgress:
     percent: float
     target: int
     assigned: int
-    counts: Dict[str, int]
+    counts: dict[str, int]
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def stage_progress(rollout: Rollout) -> List[StageProgress]:
+def stage_progress(rollout: Rollout) -> list[StageProgress]:
     """Per stage: its cumulative target and how its devices stand (for status views and metrics)."""
     population = rollout.population() + rollout.count(D.ROLLBACK_SENT, D.NO_PREVIOUS, D.CANCELLED)
     targets = stage_targets(rollout.policy.stages, population)
     result = []
     for index, pct in enumerate(rollout.policy.stages):
-        counts: Dict[str, int] = {}
+        counts: dict[str, int] = {}
         for record in rollout.devices.values():
             if record.stage == index:
                 counts[record.status.value] = counts.get(record.status.value, 0) + 1
@@ -556,7 +556,7 @@ def stage_progress(rollout: Rollout) -> List[StageProgress]:
     return result
 
 
-def describe_stages(progress: Sequence[StageProgress]) -> List[str]:
+def describe_stages(progress: Sequence[StageProgress]) -> list[str]:
     """One phrase per stage, its own counts against its own size (the devices it adds to the
     previous stages' cumulative target): "stage 3 (100%, 9 dev): 9 succeeded", never a running
     total beside a stage's count."""
@@ -569,7 +569,7 @@ def describe_stages(progress: Sequence[StageProgress]) -> List[str]:
     return phrases
 
 
-def _as_map(fleet: Union[Mapping[str, DeviceSnapshot], Iterable[DeviceSnapshot]]) -> Dict[str, DeviceSnapshot]:
+def _as_map(fleet: Mapping[str, DeviceSnapshot] | Iterable[DeviceSnapshot]) -> dict[str, DeviceSnapshot]:
     if isinstance(fleet, Mapping):
         return dict(fleet)
     return {snapshot.device: snapshot for snapshot in fleet}
@@ -598,7 +598,7 @@ def _classify_new(snapshot: DeviceSnapshot, rollout: Rollout, now: float) -> Dev
     return DeviceRecord(snapshot.device, D.PENDING, updated_at=now)
 
 
-def _outcome(snapshot: DeviceSnapshot, rollout: Rollout) -> Optional[Tuple[DeviceStatus, Optional[str]]]:
+def _outcome(snapshot: DeviceSnapshot, rollout: Rollout) -> tuple[DeviceStatus, str | None] | None:
     """What a device's report says about the rollout's version, or None (no news)."""
     if snapshot.update_name == rollout.name and snapshot.update_version == rollout.version and snapshot.update_state:
         state = snapshot.update_state.upper()
@@ -615,7 +615,7 @@ def _outcome(snapshot: DeviceSnapshot, rollout: Rollout) -> Optional[Tuple[Devic
     return None
 
 
-def _refresh(record: DeviceRecord, snapshot: Optional[DeviceSnapshot], rollout: Rollout, now: float) -> DeviceRecord:
+def _refresh(record: DeviceRecord, snapshot: DeviceSnapshot | None, rollout: Rollout, now: float) -> DeviceRecord:
     status = record.status
     if status is D.PENDING:
         if snapshot is None:
@@ -648,18 +648,18 @@ def _refresh(record: DeviceRecord, snapshot: Optional[DeviceSnapshot], rollout: 
     return replace(record, status=new_status, detail=detail, updated_at=now)
 
 
-def _order_key(rollout_id: str, snapshot: Optional[DeviceSnapshot]) -> Tuple[int, str]:
+def _order_key(rollout_id: str, snapshot: DeviceSnapshot | None) -> tuple[int, str]:
     """Online devices first, then a stable pseudo-random order per rollout (canaries spread out)."""
     assert snapshot is not None
     digest = hashlib.sha256(f"{rollout_id}:{snapshot.device}".encode()).hexdigest()
     return (0 if snapshot.online else 1, digest)
 
 
-def _assign(rollout: Rollout, devices: Dict[str, DeviceRecord], fleet: Mapping[str, DeviceSnapshot], limit: int,
-            stage: int, now: float, reason: str) -> List[Action]:
+def _assign(rollout: Rollout, devices: dict[str, DeviceRecord], fleet: Mapping[str, DeviceSnapshot], limit: int,
+            stage: int, now: float, reason: str) -> list[Action]:
     pending = [d for d, r in devices.items() if r.status is D.PENDING and d in fleet]
     pending.sort(key=lambda d: _order_key(rollout.id, fleet[d]))
-    actions: List[Action] = []
+    actions: list[Action] = []
     for device in pending[:max(limit, 0)]:
         snapshot = fleet[device]
         devices[device] = replace(devices[device], status=D.ASSIGNED, stage=stage, assigned_at=now, updated_at=now,
@@ -673,7 +673,7 @@ def _pct(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:.0f}%" if whole else "n/a"
 
 
-def _abort_reason(rollout: Rollout, health: HealthReading) -> Optional[str]:
+def _abort_reason(rollout: Rollout, health: HealthReading) -> str | None:
     moved = rollout.moved()
     failed = sum(1 for r in moved if r.status is D.FAILED)
     rejected = sum(1 for r in moved if r.status is D.REJECTED)
@@ -708,7 +708,7 @@ def _skipped_note(rollout: Rollout) -> str:
 
 def _roll_back(rollout: Rollout, now: float, reason: str, state: RolloutState, first: Action) -> Decision:
     devices = dict(rollout.devices)
-    actions: List[Action] = [first]
+    actions: list[Action] = [first]
     for device in sorted(devices):
         record = devices[device]
         if record.status in MOVED_STATUSES:
@@ -726,7 +726,7 @@ def _roll_back(rollout: Rollout, now: float, reason: str, state: RolloutState, f
 
 # -- the engine -----------------------------------------------------------------------------------
 
-def step(rollout: Rollout, fleet: Union[Mapping[str, DeviceSnapshot], Iterable[DeviceSnapshot]],
+def step(rollout: Rollout, fleet: Mapping[str, DeviceSnapshot] | Iterable[DeviceSnapshot],
          now: float) -> Decision:
     """Advance ``rollout`` by one reconciliation.
 
@@ -741,14 +741,14 @@ def step(rollout: Rollout, fleet: Union[Mapping[str, DeviceSnapshot], Iterable[D
     snapshot = _as_map(fleet)
     if rollout.state in (RolloutState.ABORTED, RolloutState.ROLLED_BACK):
         return Decision(rollout, [])
-    devices: Dict[str, DeviceRecord] = {d: _refresh(r, snapshot.get(d), rollout, now)
+    devices: dict[str, DeviceRecord] = {d: _refresh(r, snapshot.get(d), rollout, now)
                                         for d, r in rollout.devices.items()}
     for device in sorted(snapshot):
         if device not in devices:
             devices[device] = _classify_new(snapshot[device], rollout, now)
     current = replace(rollout, devices=devices, updated_at=now)
     health = measure_health(current, snapshot)
-    actions: List[Action] = []
+    actions: list[Action] = []
     last = len(rollout.policy.stages) - 1
 
     if current.state is RolloutState.COMPLETED:

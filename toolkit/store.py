@@ -38,7 +38,7 @@ import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable
 
 from edgeship.ota.errors import BadInputError, EdgeshipError, require_module
 from edgeship.ota.protocol import EventMessage, ReportedMessage, StatusMessage, TelemetryMessage
@@ -258,35 +258,35 @@ class DeviceInfo:
     online: bool
     first_seen: float
     last_seen: float
-    active_name: Optional[str]
-    active_version: Optional[str]
-    previous_name: Optional[str]
-    previous_version: Optional[str]
-    update_state: Optional[str]
-    update_name: Optional[str]
-    update_version: Optional[str]
-    update_detail: Optional[str]
-    reported_at: Optional[float]
-    agent_version: Optional[str]
-    runtime: Optional[str]
-    telemetry_at: Optional[float]
-    last_requests: Optional[int]
-    last_errors: Optional[int]
-    last_p95_ms: Optional[float]
-    last_drift: Optional[float]
-    tags: Dict[str, str] = field(default_factory=dict)
+    active_name: str | None
+    active_version: str | None
+    previous_name: str | None
+    previous_version: str | None
+    update_state: str | None
+    update_name: str | None
+    update_version: str | None
+    update_detail: str | None
+    reported_at: float | None
+    agent_version: str | None
+    runtime: str | None
+    telemetry_at: float | None
+    last_requests: int | None
+    last_errors: int | None
+    last_p95_ms: float | None
+    last_drift: float | None
+    tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def device(self) -> str:  # the attribute plan_assignments and the engine read
         return self.id
 
     @property
-    def last_error_rate(self) -> Optional[float]:
+    def last_error_rate(self) -> float | None:
         if not self.last_requests or self.last_errors is None:
             return None
         return self.last_errors / self.last_requests
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "last_error_rate": self.last_error_rate}
 
 
@@ -298,12 +298,12 @@ class DesiredRecord:
     name: str
     version: str
     action: str
-    rollout_id: Optional[str]
-    abtest_id: Optional[str]
-    deployment: Optional[str]
+    rollout_id: str | None
+    abtest_id: str | None
+    deployment: str | None
     issued_at: float
-    expires_at: Optional[float]
-    envelope: Optional[Dict[str, Any]]
+    expires_at: float | None
+    envelope: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -312,8 +312,8 @@ class PendingAction:
 
     id: int
     fleet: str
-    rollout_id: Optional[str]
-    abtest_id: Optional[str]
+    rollout_id: str | None
+    abtest_id: str | None
     action: Action
     created_at: float
 
@@ -323,9 +323,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
-def parse_selection(items: Iterable[str]) -> Tuple[Tuple[str, str], ...]:
+def parse_selection(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
     """``["site=berlin", "hw=pi4"]`` -> sorted (key, value) pairs; every pair must match (AND)."""
-    pairs: Dict[str, str] = {}
+    pairs: dict[str, str] = {}
     for item in items:
         key, sep, value = str(item).partition("=")
         if not sep or not key.strip() or not value.strip():
@@ -334,13 +334,13 @@ def parse_selection(items: Iterable[str]) -> Tuple[Tuple[str, str], ...]:
     return tuple(sorted(pairs.items()))
 
 
-def _bundle(ref: Optional[Mapping[str, Any]]) -> Tuple[Optional[str], Optional[str]]:
+def _bundle(ref: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
     if not ref:
         return None, None
     return ref.get("name"), ref.get("version")
 
 
-def _update_fields(update: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+def _update_fields(update: Mapping[str, Any] | None) -> dict[str, Any]:
     """The agent's ``update`` object: ``state`` plus the bundle it is about, as ``bundle: {name, version}``
     or flat ``name``/``version``, and why it ended as ``reason`` (what the agent reports)."""
     if not update:
@@ -354,7 +354,7 @@ def _update_fields(update: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
             "update_detail": str(detail)[:4096] if detail else None}
 
 
-def _latency_json(histogram: LatencyHistogram) -> Dict[str, Any]:
+def _latency_json(histogram: LatencyHistogram) -> dict[str, Any]:
     return {"counts": list(histogram.counts), "sum_ms": histogram.total_ms}
 
 
@@ -445,13 +445,13 @@ class FleetStore:
         """
         if not items:
             return 0
-        new_devices: Dict[str, Dict[str, Any]] = {}
-        status_rows: List[Dict[str, Any]] = []
-        reported_rows: List[Dict[str, Any]] = []
-        event_rows: List[Dict[str, Any]] = []
-        telemetry_rows: List[Dict[str, Any]] = []
-        device_telemetry: Dict[str, Dict[str, Any]] = {}
-        seen: Dict[str, float] = {}
+        new_devices: dict[str, dict[str, Any]] = {}
+        status_rows: list[dict[str, Any]] = []
+        reported_rows: list[dict[str, Any]] = []
+        event_rows: list[dict[str, Any]] = []
+        telemetry_rows: list[dict[str, Any]] = []
+        device_telemetry: dict[str, dict[str, Any]] = {}
+        seen: dict[str, float] = {}
         for item in items:
             message, device, at = item.message, item.device, item.received_at
             new_devices.setdefault(device, {"id": device, "fleet": item.fleet, "online": False, "first_seen": at,
@@ -501,7 +501,7 @@ class FleetStore:
                              .values(online=sa.bindparam("online"), status_at=sa.bindparam("status_at")),
                              status_rows)
             if reported_rows:
-                columns: Dict[str, Any] = {k: sa.bindparam(k) for k in reported_rows[0] if k != "b_id"}
+                columns: dict[str, Any] = {k: sa.bindparam(k) for k in reported_rows[0] if k != "b_id"}
                 conn.execute(sa.update(devices).where(devices.c.id == b_id).values(**columns), reported_rows)
             if device_telemetry:
                 rows = list(device_telemetry.values())
@@ -524,7 +524,7 @@ class FleetStore:
 
     # -- devices and tags ---------------------------------------------------------------------
 
-    def set_tags(self, device: str, tags: Mapping[str, str], remove: Iterable[str] = ()) -> Dict[str, str]:
+    def set_tags(self, device: str, tags: Mapping[str, str], remove: Iterable[str] = ()) -> dict[str, str]:
         """Set (and remove) a device's tags; returns its tags after. Unknown device: BadInputError."""
         with self.engine.begin() as conn:
             if conn.execute(sa.select(devices.c.id).where(devices.c.id == device)).first() is None:
@@ -538,18 +538,18 @@ class FleetStore:
                              [{"device_id": device, "key": k, "value": v} for k, v in tags.items()])
             return self._tags(conn, [device]).get(device, {})
 
-    def _tags(self, conn: Connection, ids: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, str]]:
+    def _tags(self, conn: Connection, ids: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
         query = sa.select(device_tags.c.device_id, device_tags.c.key, device_tags.c.value)
         if ids is not None:
             if not ids:
                 return {}
             query = query.where(device_tags.c.device_id.in_(list(ids)))
-        result: Dict[str, Dict[str, str]] = {}
+        result: dict[str, dict[str, str]] = {}
         for device_id, key, value in conn.execute(query):
             result.setdefault(device_id, {})[key] = value
         return result
 
-    def _selected(self, fleet: Optional[str], selection: Sequence[Tuple[str, str]]) -> Any:
+    def _selected(self, fleet: str | None, selection: Sequence[tuple[str, str]]) -> Any:
         # Every column but the raw reported document: nothing here reads it, and decoding its JSON
         # for each of 10,000 rows was most of the cost of listing a fleet.
         query = sa.select(*[c for c in devices.c if c.name != "reported"])
@@ -560,7 +560,7 @@ class FleetStore:
                                                   device_tags.c.key == key, device_tags.c.value == value))
         return query.order_by(devices.c.id)
 
-    def list_devices(self, fleet: Optional[str] = None, selection: Sequence[Tuple[str, str]] = ()) -> List[DeviceInfo]:
+    def list_devices(self, fleet: str | None = None, selection: Sequence[tuple[str, str]] = ()) -> list[DeviceInfo]:
         """The devices of ``fleet`` (all fleets if None) that carry every tag=value of ``selection``."""
         with self.engine.connect() as conn:
             rows = conn.execute(self._selected(fleet, selection)).mappings().all()
@@ -568,9 +568,9 @@ class FleetStore:
         names = DeviceInfo.__dataclass_fields__
         return [DeviceInfo(**{k: row[k] for k in names if k != "tags"}, tags=tags.get(row["id"], {})) for row in rows]
 
-    def device_listing(self, fleet: Optional[str] = None, selection: Sequence[Tuple[str, str]] = (), *,
-                       bundle: str = "", version: str = "", state: str = "", online: Optional[bool] = None,
-                       limit: int = 500) -> Dict[str, Any]:
+    def device_listing(self, fleet: str | None = None, selection: Sequence[tuple[str, str]] = (), *,
+                       bundle: str = "", version: str = "", state: str = "", online: bool | None = None,
+                       limit: int = 500) -> dict[str, Any]:
         """One page of a filtered fleet, counted in SQL (the console's fleet page at 10,000 devices):
         ``devices`` (the first ``limit`` by fleet and id), ``total``, ``online``, ``versions``
         (``"name version"`` or ``""`` -> count) and ``states`` (update state or ``""`` -> count) over
@@ -611,12 +611,12 @@ class FleetStore:
         names = DeviceInfo.__dataclass_fields__
         return DeviceInfo(**{k: row[k] for k in names if k != "tags"}, tags=tags)
 
-    def fleet_summary(self, since: float) -> Dict[str, Any]:
+    def fleet_summary(self, since: float) -> dict[str, Any]:
         """What the controller's Prometheus metrics need, per fleet: devices and how many are online,
         devices per active (bundle, version), and the fleet's merged latency histogram and request and
         error counts over the telemetry received since ``since``, in all and per reported (bundle,
         version) under ``by_version`` (with the largest drift score)."""
-        summary: Dict[str, Any] = {}
+        summary: dict[str, Any] = {}
         with self.engine.connect() as conn:
             online_query = (sa.select(devices.c.fleet, devices.c.online, sa.func.count())
                             .group_by(devices.c.fleet, devices.c.online))
@@ -652,10 +652,10 @@ class FleetStore:
                     per_version["drift_max"] = max(drift, per_version["drift_max"] or drift)
         return summary
 
-    def device_telemetry(self, device: str, since: float) -> Dict[Tuple[str, str], Dict[str, Any]]:
+    def device_telemetry(self, device: str, since: float) -> dict[tuple[str, str], dict[str, Any]]:
         """One device's telemetry received since ``since``, merged per (bundle, version): requests,
         errors and the latency histogram (the console's device page)."""
-        merged: Dict[Tuple[str, str], Dict[str, Any]] = {}
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
         with self.engine.connect() as conn:
             for _device, name, version, requests, errors, latency, _c, _t in self._telemetry_rows(conn, [device],
                                                                                                     since):
@@ -666,14 +666,14 @@ class FleetStore:
                 entry["latency"] = entry["latency"].merge(_latency_from_json(latency))
         return merged
 
-    def rollout_state_counts(self) -> Dict[Tuple[str, str], int]:
+    def rollout_state_counts(self) -> dict[tuple[str, str], int]:
         """How many rollouts each fleet has in each state (the metrics' ``edgeship_rollouts``)."""
         query = sa.select(rollouts.c.fleet, rollouts.c.state, sa.func.count()).group_by(rollouts.c.fleet,
                                                                                        rollouts.c.state)
         with self.engine.connect() as conn:
             return {(fleet, state): int(count) for fleet, state, count in conn.execute(query)}
 
-    def recent_events(self, device: Optional[str] = None, limit: int = 50) -> List[Dict[str, Any]]:
+    def recent_events(self, device: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         query = sa.select(events).order_by(events.c.received_at.desc(), events.c.id.desc()).limit(limit)
         if device is not None:
             query = query.where(events.c.device_id == device)
@@ -691,13 +691,13 @@ class FleetStore:
                      .where(telemetry.c.device_id.in_(chunk), telemetry.c.received_at >= since))
             yield from conn.execute(query)
 
-    def fleet_snapshot(self, fleet: str, selection: Sequence[Tuple[str, str]] = (),
-                       telemetry_since: Optional[float] = None) -> List[DeviceSnapshot]:
+    def fleet_snapshot(self, fleet: str, selection: Sequence[tuple[str, str]] = (),
+                       telemetry_since: float | None = None) -> list[DeviceSnapshot]:
         """The rollout engine's input: the selected devices, with their telemetry per version merged
         over the windows received since ``telemetry_since`` (none if None)."""
         with self.engine.connect() as conn:
             rows = conn.execute(self._selected(fleet, selection)).mappings().all()
-            merged: Dict[Tuple[str, str, str], List[Any]] = {}
+            merged: dict[tuple[str, str, str], list[Any]] = {}
             if telemetry_since is not None and rows:
                 for device_id, name, version, requests, errors, latency, _c, _t in self._telemetry_rows(
                         conn, [r["id"] for r in rows], telemetry_since):
@@ -710,7 +710,7 @@ class FleetStore:
                     slot[1] += errors
                     slot[2] = [a + b for a, b in zip(slot[2], hist.counts)]
                     slot[3] += hist.total_ms
-        per_device: Dict[str, List[VersionTelemetry]] = {}
+        per_device: dict[str, list[VersionTelemetry]] = {}
         for (device_id, name, version), (requests, errors, counts, total) in sorted(merged.items()):
             per_device.setdefault(device_id, []).append(
                 VersionTelemetry(name, version, requests, errors, LatencyHistogram(counts, total)))
@@ -720,8 +720,8 @@ class FleetStore:
                                reported_at=r["reported_at"], telemetry=tuple(per_device.get(r["id"], ())))
                 for r in rows]
 
-    def telemetry_windows(self, fleet: str, selection: Sequence[Tuple[str, str]] = (),
-                          since: float = 0.0) -> List[TelemetryWindow]:
+    def telemetry_windows(self, fleet: str, selection: Sequence[tuple[str, str]] = (),
+                          since: float = 0.0) -> list[TelemetryWindow]:
         """Every telemetry window of the selected devices received since ``since`` (the A/B report's input)."""
         with self.engine.connect() as conn:
             ids = [r[0] for r in conn.execute(sa.select(self._selected(fleet, selection).subquery().c.id))]
@@ -742,9 +742,9 @@ class FleetStore:
             return int(conn.execute(statement).scalar_one())
 
     def record_desired(self, *, fleet: str, device: str, sequence: int, name: str, version: str,
-                       action: str = "install", issued_at: float, expires_at: Optional[float] = None,
-                       rollout_id: Optional[str] = None, abtest_id: Optional[str] = None,
-                       deployment: Optional[str] = None, envelope: Optional[Dict[str, Any]] = None) -> None:
+                       action: str = "install", issued_at: float, expires_at: float | None = None,
+                       rollout_id: str | None = None, abtest_id: str | None = None,
+                       deployment: str | None = None, envelope: dict[str, Any] | None = None) -> None:
         """Keep the desired state the controller signed and published (its history too)."""
         if action not in ("install", "rollback"):
             raise BadInputError(f"desired action {action!r} must be install or rollback")
@@ -754,7 +754,7 @@ class FleetStore:
                 rollout_id=rollout_id, abtest_id=abtest_id, deployment=deployment, issued_at=issued_at,
                 expires_at=expires_at, envelope=envelope))
 
-    def desired_for(self, device: str) -> Optional[DesiredRecord]:
+    def desired_for(self, device: str) -> DesiredRecord | None:
         """The device's latest desired state (highest sequence), or None."""
         query = (sa.select(desired_states).where(desired_states.c.device_id == device)
                  .order_by(desired_states.c.sequence.desc()).limit(1))
@@ -762,7 +762,7 @@ class FleetStore:
             row = conn.execute(query).mappings().first()
         return None if row is None else self._desired(row)
 
-    def desired_map(self, fleet: str) -> Dict[str, Tuple[str, str]]:
+    def desired_map(self, fleet: str) -> dict[str, tuple[str, str]]:
         """Each device of ``fleet``: the (name, version) of its latest desired state."""
         latest = (sa.select(desired_states.c.device_id, sa.func.max(desired_states.c.sequence).label("seq"))
                   .where(desired_states.c.fleet == fleet).group_by(desired_states.c.device_id).subquery())
@@ -772,7 +772,7 @@ class FleetStore:
         with self.engine.connect() as conn:
             return {d: (n, v) for d, n, v in conn.execute(query)}
 
-    def expiring_desired(self, before: float, limit: int = 1000) -> List[DesiredRecord]:
+    def expiring_desired(self, before: float, limit: int = 1000) -> list[DesiredRecord]:
         """Each device's latest desired state if it expires before ``before`` (the controller
         re-issues them so a device that was away long never finds only an expired document)."""
         latest = (sa.select(desired_states.c.device_id, sa.func.max(desired_states.c.sequence).label("seq"))
@@ -793,7 +793,7 @@ class FleetStore:
 
     # -- rollouts -----------------------------------------------------------------------------
 
-    def create_rollout(self, rollout: Rollout, promote_abtest: Optional[str] = None) -> None:
+    def create_rollout(self, rollout: Rollout, promote_abtest: str | None = None) -> None:
         """Store a new rollout. Refused while another rollout of the same bundle on the fleet is
         RUNNING or PAUSED, or a RUNNING A/B test there has an arm of that bundle (other than
         ``promote_abtest``, which this rollout promotes: it is marked PROMOTED in the same
@@ -830,7 +830,7 @@ class FleetStore:
                                                        detail=f"{rollout.name} {rollout.version}"))
 
     @staticmethod
-    def _rollout_row(rollout: Rollout) -> Dict[str, Any]:
+    def _rollout_row(rollout: Rollout) -> dict[str, Any]:
         return {"id": rollout.id, "fleet": rollout.fleet, "name": rollout.name, "version": rollout.version,
                 "state": rollout.state.value, "stage": rollout.stage, "stage_started_at": rollout.stage_started_at,
                 "created_at": rollout.created_at, "updated_at": rollout.updated_at,
@@ -850,19 +850,19 @@ class FleetStore:
              "assigned_at": r.assigned_at, "previous_name": r.previous_name, "previous_version": r.previous_version,
              "updated_at": r.updated_at, "detail": r.detail} for r in changed])
 
-    def load_rollout(self, rollout_id: str) -> Tuple[Rollout, int]:
+    def load_rollout(self, rollout_id: str) -> tuple[Rollout, int]:
         """(rollout, revision). Unknown id: BadInputError."""
         with self.engine.connect() as conn:
             return self._load_rollout(conn, rollout_id)
 
-    def rollout_revision(self, rollout_id: str) -> Optional[int]:
+    def rollout_revision(self, rollout_id: str) -> int | None:
         """The stored revision of a rollout (None: unknown): every change to it or its devices'
         records bumps it, so a reader may keep a loaded rollout until this moves."""
         with self.engine.connect() as conn:
             value = conn.execute(sa.select(rollouts.c.revision).where(rollouts.c.id == rollout_id)).scalar()
         return None if value is None else int(value)
 
-    def _load_rollout(self, conn: Connection, rollout_id: str) -> Tuple[Rollout, int]:
+    def _load_rollout(self, conn: Connection, rollout_id: str) -> tuple[Rollout, int]:
         row = conn.execute(sa.select(rollouts).where(rollouts.c.id == rollout_id)).mappings().first()
         if row is None:
             raise BadInputError(f"unknown rollout {rollout_id!r} (see `edgeship rollout ls`)")
@@ -881,7 +881,7 @@ class FleetStore:
         return rollout, int(row["revision"])
 
     def save_rollout(self, rollout: Rollout, expected_revision: int, actions: Sequence[Action] = (),
-                     before: Optional[Rollout] = None, now: Optional[float] = None) -> int:
+                     before: Rollout | None = None, now: float | None = None) -> int:
         """Persist a decision: the rollout, its changed device records, its log, and the actions that
         must reach devices (into the outbox), in one transaction. Returns the new revision.
 
@@ -902,7 +902,7 @@ class FleetStore:
         return expected_revision + 1
 
     def _log_and_enqueue(self, conn: Connection, fleet: str, actions: Sequence[Action], at: float,
-                         rollout_id: Optional[str] = None, abtest_id: Optional[str] = None) -> None:
+                         rollout_id: str | None = None, abtest_id: str | None = None) -> None:
         if not actions:
             return
         if rollout_id is not None:
@@ -915,7 +915,7 @@ class FleetStore:
                 {"created_at": at, "fleet": fleet, "rollout_id": rollout_id, "abtest_id": abtest_id, "kind": a.kind,
                  "device_id": a.device, "payload": asdict(a)} for a in deliver])
 
-    def update_rollout(self, rollout_id: str, decide: Callable[[Rollout], Decision], *, now: Optional[float] = None,
+    def update_rollout(self, rollout_id: str, decide: Callable[[Rollout], Decision], *, now: float | None = None,
                        retries: int = 5) -> Decision:
         """Load, apply ``decide`` (a pure function of the rollout), save; retry on a concurrent save."""
         for attempt in range(retries):
@@ -942,7 +942,7 @@ class FleetStore:
 
         return self.update_rollout(rollout_id, decide, now=now)
 
-    def reconcile_abtest(self, test_id: str, now: float) -> List[AssignVersion]:
+    def reconcile_abtest(self, test_id: str, now: float) -> list[AssignVersion]:
         """Queue the arm assignments a RUNNING A/B test still needs (devices that joined, or whose
         desired state is not their arm's yet); returns what was queued. Assignments already queued and
         not yet carried out are not queued twice."""
@@ -958,8 +958,8 @@ class FleetStore:
             self.enqueue_actions(test.fleet, actions, now, abtest_id=test_id)
         return actions
 
-    def list_rollouts(self, fleet: Optional[str] = None, states: Optional[Iterable[str]] = None,
-                      limit: int = 100) -> List[Dict[str, Any]]:
+    def list_rollouts(self, fleet: str | None = None, states: Iterable[str] | None = None,
+                      limit: int = 100) -> list[dict[str, Any]]:
         """Rollout rows (no device records), newest first, with per-status device counts."""
         query = sa.select(rollouts).order_by(rollouts.c.created_at.desc(), rollouts.c.id).limit(limit)
         if fleet is not None:
@@ -970,14 +970,14 @@ class FleetStore:
                         .group_by(rollout_devices.c.rollout_id, rollout_devices.c.status))
         with self.engine.connect() as conn:
             rows = [dict(r) for r in conn.execute(query).mappings()]
-            counts: Dict[str, Dict[str, int]] = {}
+            counts: dict[str, dict[str, int]] = {}
             for rollout_id, status, count in conn.execute(counts_query):
                 counts.setdefault(rollout_id, {})[status] = int(count)
         for row in rows:
             row["devices"] = counts.get(row["id"], {})
         return rows
 
-    def live_rollout_ids(self) -> List[str]:
+    def live_rollout_ids(self) -> list[str]:
         """What the controller reconciles: RUNNING and PAUSED rollouts, and COMPLETED ones not yet
         superseded by a newer rollout of the same bundle on the fleet (they serve late joiners)."""
         query = sa.select(rollouts.c.id).where(sa.or_(
@@ -987,7 +987,7 @@ class FleetStore:
         with self.engine.connect() as conn:
             return [r[0] for r in conn.execute(query)]
 
-    def rollout_log_entries(self, rollout_id: str, limit: int = 200) -> List[Dict[str, Any]]:
+    def rollout_log_entries(self, rollout_id: str, limit: int = 200) -> list[dict[str, Any]]:
         query = (sa.select(rollout_log).where(rollout_log.c.rollout_id == rollout_id)
                  .order_by(rollout_log.c.id.desc()).limit(limit))
         with self.engine.connect() as conn:
@@ -995,13 +995,13 @@ class FleetStore:
 
     # -- the outbox ---------------------------------------------------------------------------
 
-    def enqueue_actions(self, fleet: str, actions: Sequence[Action], now: float, *, rollout_id: Optional[str] = None,
-                        abtest_id: Optional[str] = None) -> None:
+    def enqueue_actions(self, fleet: str, actions: Sequence[Action], now: float, *, rollout_id: str | None = None,
+                        abtest_id: str | None = None) -> None:
         """Queue device actions decided outside a rollout (``deploy``, A/B assignments)."""
         with self.engine.begin() as conn:
             self._log_and_enqueue(conn, fleet, actions, now, rollout_id=rollout_id, abtest_id=abtest_id)
 
-    def pending_actions(self, limit: int = 1000) -> List[PendingAction]:
+    def pending_actions(self, limit: int = 1000) -> list[PendingAction]:
         """Actions not yet carried out, oldest first (a device's actions stay in decision order)."""
         query = sa.select(outbox).where(outbox.c.done_at.is_(None)).order_by(outbox.c.id).limit(limit)
         with self.engine.connect() as conn:
@@ -1010,7 +1010,7 @@ class FleetStore:
                               action_from_dict(r["payload"] if not isinstance(r["payload"], str)
                                                else json.loads(r["payload"])), r["created_at"]) for r in rows]
 
-    def claim_actions(self, owner: str, now: float, limit: int = 500, lease_s: float = 60.0) -> List[PendingAction]:
+    def claim_actions(self, owner: str, now: float, limit: int = 500, lease_s: float = 60.0) -> list[PendingAction]:
         """Claim pending actions for one controller replica, so two replicas never carry out the same
         one: unclaimed entries, or entries whose claim is older than ``lease_s`` (a replica that died).
         Returns the entries this call claimed, oldest first."""
@@ -1032,7 +1032,7 @@ class FleetStore:
                               action_from_dict(r["payload"] if not isinstance(r["payload"], str)
                                                else json.loads(r["payload"])), r["created_at"]) for r in rows]
 
-    def complete_action(self, action_id: int, now: float, error: Optional[str] = None) -> None:
+    def complete_action(self, action_id: int, now: float, error: str | None = None) -> None:
         """Mark an outbox entry carried out (``error`` keeps why it could not be)."""
         with self.engine.begin() as conn:
             conn.execute(sa.update(outbox).where(outbox.c.id == action_id).values(done_at=now, error=error))
@@ -1069,7 +1069,7 @@ class FleetStore:
                 selection=[list(p) for p in test.selection], state=test.state, created_at=test.created_at,
                 updated_at=test.created_at))
 
-    def get_abtest(self, test_id: str) -> Tuple[ABTest, Optional[str]]:
+    def get_abtest(self, test_id: str) -> tuple[ABTest, str | None]:
         """(test, id of the rollout it was promoted to or None). Unknown id: BadInputError."""
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(abtests).where(abtests.c.id == test_id)).mappings().first()
@@ -1086,7 +1086,7 @@ class FleetStore:
                       power=row["power"], created_at=row["created_at"],
                       selection=tuple((k, v) for k, v in selection), state=row["state"])
 
-    def list_abtests(self, fleet: Optional[str] = None, states: Optional[Iterable[str]] = None) -> List[ABTest]:
+    def list_abtests(self, fleet: str | None = None, states: Iterable[str] | None = None) -> list[ABTest]:
         query = sa.select(abtests).order_by(abtests.c.created_at.desc(), abtests.c.id)
         if fleet is not None:
             query = query.where(abtests.c.fleet == fleet)
@@ -1095,7 +1095,7 @@ class FleetStore:
         with self.engine.connect() as conn:
             return [self._abtest(r) for r in conn.execute(query).mappings()]
 
-    def set_abtest_state(self, test_id: str, state: str, now: float, promoted_rollout: Optional[str] = None) -> None:
+    def set_abtest_state(self, test_id: str, state: str, now: float, promoted_rollout: str | None = None) -> None:
         with self.engine.begin() as conn:
             result = conn.execute(sa.update(abtests).where(abtests.c.id == test_id)
                                   .values(state=state, updated_at=now, promoted_rollout=promoted_rollout))
@@ -1103,7 +1103,7 @@ class FleetStore:
                 raise BadInputError(f"unknown A/B test {test_id!r}")
 
 
-def open_store(url: Optional[str] = None) -> FleetStore:
+def open_store(url: str | None = None) -> FleetStore:
     """The store at ``url``, else $EDGESHIP_DB, else ``sqlite:///fleet.db``."""
     import os
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from edgeship.ota.errors import BadInputError
 
 from .runtimes import ModelSignature, TensorSpec

@@ -178,7 +178,9 @@ def load_link_settings(config: AgentConfig, table: Mapping[str, Any] | None = No
     if settings.repository_ca_file and not (settings.repository_url or "").startswith("https://"):
         raise BadInputError(f"{where}: [broker] repository_ca_file needs an https:// repository_url")
     if settings.repository_url:
-        from edgeship.ota.repository_urls import check_http_base_url  # not HttpFetcher: no TUF import here
+        from edgeship.ota.repository_urls import (
+            check_http_base_url,  # not HttpFetcher: no TUF import here
+        )
 
         try:
             check_http_base_url(settings.repository_url)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
 from edgeship.ota.errors import EXIT_REJECTED, BadInputError, EdgeshipError, first_line
 
 TFLITE_RUNTIMES: tuple[str, ...] = ("litert", "tflite_runtime", "tensorflow")

@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
 from edgeship.ota.errors import BadInputError, EdgeshipError
 
 from .decoding import (

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from edgeship.ota.errors import BadInputError, EdgeshipError
 from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
 
@@ -301,6 +302,9 @@ class LoadedModel:
     version: str
     runner: ModelRunner
     slot: str = ""
+    serving_version: int = 0
+    """The int64 that only grows per model: what TF Serving and OIP clients address as
+    ``/versions/N`` (the bundle's own ``version`` string is still accepted)."""
     loaded_at: float = field(default_factory=time.time)
     stats: ModelStats = field(default_factory=ModelStats)
     golden_input_mean: float | None = None

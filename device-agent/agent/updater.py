@@ -35,9 +35,9 @@ import datetime as _dt
 import gc
 import logging
 import os
+import re
 import shutil
 import signal
-import re
 import statistics
 import threading
 import time
@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
 from edgeship.ota.errors import BadInputError, EdgeshipError, SecurityError, first_line
 from edgeship.ota.golden import GoldenVectors, compare_outputs
 from edgeship.ota.hashing import hash_file
@@ -63,8 +64,7 @@ from .health import (
 )
 from .persistence import AgentState, InstalledBundle, StateStore, UpdateRecord
 from .reporter import NullReporter, Reporter, event_document, state_document
-from .runtimes import RuntimeUnavailableError, _importable_tflite, open_model
-from .runtimes import match_names
+from .runtimes import RuntimeUnavailableError, _importable_tflite, match_names, open_model
 from .serving import LoadedModel, ServingModel, model_health, warm_up, zero_inputs
 from .slots import apply_retention, free_bytes, install_into_slot, plan_retention, slot_name
 from .sources import BundleSource, SlotSource, SourceContext, SourceRegistry, StagedBundle

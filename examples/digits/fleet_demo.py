@@ -322,6 +322,7 @@ class FleetDemo:
         import http.client
 
         import numpy as np
+
         from edgeship.agent.config import load_config
         from edgeship.agent.control import ControlClient
 

@@ -47,8 +47,9 @@ from typing import Any, Callable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from edgeship.converters.validate import GateLimits
 from model import save_digits_model
+
+from edgeship.converters.validate import GateLimits
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -156,6 +157,7 @@ def benchmark_variants(
 ) -> dict[str, dict[str, Any]]:
     """Batch-1 latency of the Keras model and of every variant, same inputs, one run."""
     import numpy as np
+
     from edgeship.converters.bench import measure_latency, rss_mib
     from edgeship.converters.sources import open_any_model
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 __all__ = ["abtest"]
 
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import click
+
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.topics import validate_identifier
 from edgeship.ota.versions import check_name, parse_version
@@ -38,7 +39,7 @@ def abtest() -> None:
     """A/B tests between two bundle versions, with a statistical verdict."""
 
 
-def _test_doc(test: Any, promoted: Optional[str] = None) -> Dict[str, Any]:
+def _test_doc(test: Any, promoted: str | None = None) -> dict[str, Any]:
     return {"id": test.id, "fleet": test.fleet, "a": str(test.a), "b": str(test.b), "metric": test.metric.value,
             "split_pct": test.split_pct, "min_samples": test.min_samples, "alpha": test.alpha, "power": test.power,
             "selection": dict(test.selection), "state": test.state, "created_at": test.created_at,
@@ -62,8 +63,8 @@ def _test_doc(test: Any, promoted: Optional[str] = None) -> Dict[str, Any]:
 @db_option
 @broker_option
 @json_option
-def start(arm_a: str, arm_b: str, fleet: str, select: Tuple[str, ...], split: float, metric: str, min_samples: int,
-          alpha: float, power: float, repo_dir: Optional[str], db_url: Optional[str], broker_url: Optional[str],
+def start(arm_a: str, arm_b: str, fleet: str, select: tuple[str, ...], split: float, metric: str, min_samples: int,
+          alpha: float, power: float, repo_dir: str | None, db_url: str | None, broker_url: str | None,
           as_json: bool) -> None:
     """Start an A/B test between NAME:VA and NAME:VB; prints the test's id."""
     from edgeship.toolkit.abtest import ABTest, Arm, Metric
@@ -87,7 +88,7 @@ def start(arm_a: str, arm_b: str, fleet: str, select: Tuple[str, ...], split: fl
         click.echo(test.id)
 
 
-def _fmt(value: Optional[float], metric: str) -> str:
+def _fmt(value: float | None, metric: str) -> str:
     if value is None:
         return "-"
     return f"{value:.2f} ms" if metric == "latency_p95" else f"{value:.2%}"
@@ -97,7 +98,7 @@ def _fmt(value: Optional[float], metric: str) -> str:
 @click.argument("test_id")
 @db_option
 @json_option
-def report_command(test_id: str, db_url: Optional[str], as_json: bool) -> None:
+def report_command(test_id: str, db_url: str | None, as_json: bool) -> None:
     """Per-arm statistics, the test, p-value, effect size and a verdict in words."""
     store = open_fleet_store(db_url, existing=True)
     test, result, promoted = abtest_report(store, test_id)
@@ -130,8 +131,8 @@ def report_command(test_id: str, db_url: Optional[str], as_json: bool) -> None:
 @db_option
 @broker_option
 @json_option
-def promote(test_id: str, arm: Optional[str], stages: str, success_threshold: float, max_failures: str, health: str,
-            stage_timeout: str, bake: str, db_url: Optional[str], broker_url: Optional[str], as_json: bool) -> None:
+def promote(test_id: str, arm: str | None, stages: str, success_threshold: float, max_failures: str, health: str,
+            stage_timeout: str, bake: str, db_url: str | None, broker_url: str | None, as_json: bool) -> None:
     """Start a rollout of the winning arm to the test's devices; prints the rollout's id.
 
     Refused (exit 3) while the report has no significant winner, unless --arm names one.
@@ -150,7 +151,7 @@ def promote(test_id: str, arm: Optional[str], stages: str, success_threshold: fl
 @click.argument("test_id")
 @db_option
 @json_option
-def stop(test_id: str, db_url: Optional[str], as_json: bool) -> None:
+def stop(test_id: str, db_url: str | None, as_json: bool) -> None:
     """Stop a test without promoting: the controller stops assigning arms; devices keep what they run."""
     store = open_fleet_store(db_url, existing=True)
     test, _ = store.get_abtest(test_id)
@@ -167,7 +168,7 @@ def stop(test_id: str, db_url: Optional[str], as_json: bool) -> None:
 @click.option("--fleet", default=None, help="Only this fleet.")
 @db_option
 @json_option
-def ls(fleet: Optional[str], db_url: Optional[str], as_json: bool) -> None:
+def ls(fleet: str | None, db_url: str | None, as_json: bool) -> None:
     """List A/B tests, newest first."""
     store = open_fleet_store(db_url, existing=True)
     tests = store.list_abtests(fleet)

@@ -22,6 +22,7 @@ import threading
 from typing import Any
 
 import click
+
 from edgeship.ota.errors import BadInputError, EdgeshipError
 
 from ..broker_config import AUTH_MODES, BrokerSettings

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from edgeship.ota.errors import BadInputError
 from edgeship.toolkit.output import console, emit_json, progress_reporter
 
@@ -130,7 +131,12 @@ def convert(
 ) -> None:
     """Convert and quantize MODEL (.keras, .h5, SavedModel folder, .onnx, scikit-learn .joblib/.pkl)
     to OUT, validate it, and write OUT.golden.npz and OUT.report.json beside it."""
-    from edgeship.converters.convert import ConversionGateError, QuantizationChoices, convert_model, read_labels
+    from edgeship.converters.convert import (
+        ConversionGateError,
+        QuantizationChoices,
+        convert_model,
+        read_labels,
+    )
     from edgeship.converters.data import parse_preprocessing
     from edgeship.converters.quiet import stage_lines
 

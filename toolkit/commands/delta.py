@@ -8,6 +8,7 @@ import hashlib
 from pathlib import Path
 
 import click
+
 from edgeship.ota.errors import BadInputError
 
 from ..output import emit_json

@@ -12,9 +12,10 @@ __all__ = ["device", "credentials", "revoke", "provision_cmd", "deprovision_cmd"
 import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 
@@ -170,7 +171,7 @@ def _provision_options(func: Any) -> Any:
     return func
 
 
-def _build_options(kw: dict[str, Any], *, device_id: str | None, tags: dict[str, str]) -> "ProvisionOptions":
+def _build_options(kw: dict[str, Any], *, device_id: str | None, tags: dict[str, str]) -> ProvisionOptions:
     from edgeship.ota.errors import BadInputError
 
     root, director = kw["root"], kw["director_key"]
@@ -201,7 +202,7 @@ _MARK = {"changed": "[green]✓[/green]", "unchanged": "[dim]=[/dim]", "skipped"
          "planned": "[cyan]→[/cyan]", "failed": "[red]✗[/red]"}
 
 
-def _print_step(con: Any, step: "StepResult", prefix: str = "") -> None:
+def _print_step(con: Any, step: StepResult, prefix: str = "") -> None:
     from rich.markup import escape
 
     detail = f": {step.detail}" if step.detail else ""
@@ -252,7 +253,7 @@ def deprovision_cmd(target: str, port: int | None, device_id: str | None, identi
 
 
 @contextlib.contextmanager
-def _shell(target: "SshTarget", kw: dict[str, Any]) -> Iterator["FabricShell"]:
+def _shell(target: SshTarget, kw: dict[str, Any]) -> Iterator[FabricShell]:
     shell = FabricShell(target, identity=kw.get("identity"), known_hosts=kw.get("known_hosts"))
     try:
         yield shell
@@ -260,7 +261,7 @@ def _shell(target: "SshTarget", kw: dict[str, Any]) -> Iterator["FabricShell"]:
         shell.close()
 
 
-def _finish_report(con: Any, report: "ProvisionReport", as_json: bool, *, dry_run: bool, verb: str) -> None:
+def _finish_report(con: Any, report: ProvisionReport, as_json: bool, *, dry_run: bool, verb: str) -> None:
     if as_json:
         emit_json({**report.to_dict(), "dry_run": dry_run})
         return

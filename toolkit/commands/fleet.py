@@ -16,9 +16,10 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import click
+
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.topics import validate_identifier
 
@@ -81,10 +82,10 @@ def _setup_logging(json_log: bool, verbose: int) -> None:
 @click.option("--key", "key_file", type=click.Path(dir_okay=False), default=None, help="Client key.")
 @click.option("--json-log", is_flag=True, help="Log one JSON object per line on stderr.")
 @click.option("-v", "--verbose", count=True, help="More log (-vv: debug).")
-def controller(broker_url: Optional[str], credentials_dir: Optional[str], repo_dir: str, db_url: Optional[str], replica_id: Optional[str], fleet_name: str,
-               prefix: str, shared_group: str, tick_s: float, metrics_port: Optional[int], metrics_host: str,
-               username: Optional[str], password: Optional[str], ca_file: Optional[str], cert_file: Optional[str],
-               key_file: Optional[str], json_log: bool, verbose: int) -> None:
+def controller(broker_url: str | None, credentials_dir: str | None, repo_dir: str, db_url: str | None, replica_id: str | None, fleet_name: str,
+               prefix: str, shared_group: str, tick_s: float, metrics_port: int | None, metrics_host: str,
+               username: str | None, password: str | None, ca_file: str | None, cert_file: str | None,
+               key_file: str | None, json_log: bool, verbose: int) -> None:
     """Run the fleet controller until SIGTERM or SIGINT: ingest, serve blocks, reconcile, publish."""
     from edgeship.ota.transport import parse_broker_url
     from edgeship.toolkit.controller import Controller, ControllerConfig, default_replica_id
@@ -133,7 +134,7 @@ def controller(broker_url: Optional[str], credentials_dir: Optional[str], repo_d
 
 # -- fleet ls ------------------------------------------------------------------------------------
 
-def _ago(seconds: Optional[float], now: float) -> str:
+def _ago(seconds: float | None, now: float) -> str:
     if seconds is None:
         return "-"
     delta = max(0.0, now - seconds)
@@ -146,14 +147,14 @@ def _ago(seconds: Optional[float], now: float) -> str:
     return f"{delta / 86400:.0f}d ago"
 
 
-def device_rows(store: Any, fleet: Optional[str], selection: Tuple[Tuple[str, str], ...], window_s: float,
-                now: float) -> List[Dict[str, Any]]:
+def device_rows(store: Any, fleet: str | None, selection: tuple[tuple[str, str], ...], window_s: float,
+                now: float) -> list[dict[str, Any]]:
     """One row per selected device: its state and its active version's telemetry over the window
     (p95 from the merged fixed-bucket histograms, errors per request)."""
     from edgeship.ota.telemetry import LatencyHistogram
 
     devices = store.list_devices(fleet, selection)
-    merged: Dict[Tuple[str, Optional[str], Optional[str]], List[Any]] = {}
+    merged: dict[tuple[str, str | None, str | None], list[Any]] = {}
     for fleet_name in sorted({d.fleet for d in devices}):
         for window in store.telemetry_windows(fleet_name, selection, since=now - window_s):
             acc = merged.setdefault((window.device, window.name, window.version), [0, 0, LatencyHistogram()])
@@ -162,7 +163,7 @@ def device_rows(store: Any, fleet: Optional[str], selection: Tuple[Tuple[str, st
             acc[2] = acc[2].merge(window.latency)
     rows = []
     for info in devices:
-        slot: Optional[List[Any]] = merged.get((info.id, info.active_name, info.active_version))
+        slot: list[Any] | None = merged.get((info.id, info.active_name, info.active_version))
         if slot is None:  # telemetry without a bundle, or of another version: use what there is
             slots = [v for (d, _n, _v), v in merged.items() if d == info.id]
             if slots:
@@ -191,10 +192,10 @@ class _FleetGroup(click.Group):
     """``fleet`` with ``provision`` (the provisioning command, defined in commands/device.py) loaded
     on use: device.py imports ``show``/``tag`` from this module, so importing it here would be a cycle."""
 
-    def list_commands(self, ctx: click.Context) -> List[str]:
+    def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | {"provision"})
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> Optional[click.Command]:
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name == "provision":
             from .device import fleet_provision
 
@@ -214,8 +215,8 @@ def fleet() -> None:
 @db_option
 @broker_option
 @json_option
-def fleet_ls(fleet_name: Optional[str], select: Tuple[str, ...], window: str, db_url: Optional[str],
-             broker_url: Optional[str], as_json: bool) -> None:
+def fleet_ls(fleet_name: str | None, select: tuple[str, ...], window: str, db_url: str | None,
+             broker_url: str | None, as_json: bool) -> None:
     """Devices: online, active bundle and version, update status, last seen, p95, error rate, drift."""
     from edgeship.toolkit.store import parse_selection
 
@@ -276,8 +277,8 @@ def fleet_ls(fleet_name: Optional[str], select: Tuple[str, ...], window: str, db
 @db_option
 @broker_option
 @json_option
-def deploy(name: str, version: str, device_ids: Tuple[str, ...], select: Tuple[str, ...], fleet_name: Optional[str],
-           repo_dir: Optional[str], db_url: Optional[str], broker_url: Optional[str], as_json: bool) -> None:
+def deploy(name: str, version: str, device_ids: tuple[str, ...], select: tuple[str, ...], fleet_name: str | None,
+           repo_dir: str | None, db_url: str | None, broker_url: str | None, as_json: bool) -> None:
     """Assign NAME VERSION to devices directly (no stages, no thresholds); the controller publishes it."""
     from edgeship.ota.versions import check_name, parse_version
     from edgeship.toolkit.rollouts import AssignVersion
@@ -305,7 +306,7 @@ def deploy(name: str, version: str, device_ids: Tuple[str, ...], select: Tuple[s
                 raise BadInputError("no device matches " + ",".join(f"{k}={v}" for k, v in selection) +
                                     (f" in fleet {fleet_name}" if fleet_name else ""))
         now = time.time()
-        by_fleet: Dict[str, List[Any]] = {}
+        by_fleet: dict[str, list[Any]] = {}
         for target in targets:
             by_fleet.setdefault(target.fleet, []).append(target)
         for fleet_id, members in sorted(by_fleet.items()):
@@ -332,7 +333,7 @@ def deploy(name: str, version: str, device_ids: Tuple[str, ...], select: Tuple[s
 @db_option
 @broker_option
 @json_option
-def device_show(device_id: str, window: str, n_events: int, db_url: Optional[str], broker_url: Optional[str],
+def device_show(device_id: str, window: str, n_events: int, db_url: str | None, broker_url: str | None,
                 as_json: bool) -> None:
     """A device's state, tags, desired state, telemetry and recent events."""
     from edgeship.ota.telemetry import LatencyHistogram
@@ -349,7 +350,7 @@ def device_show(device_id: str, window: str, n_events: int, db_url: Optional[str
         events = store.recent_events(device_id, limit=max(0, n_events))
     finally:
         store.close()
-    per_version: Dict[str, Dict[str, Any]] = {}
+    per_version: dict[str, dict[str, Any]] = {}
     for w in windows:
         key = f"{w.name}:{w.version}" if w.name else "none"
         slot = per_version.setdefault(key, {"requests": 0, "errors": 0, "latency": LatencyHistogram()})
@@ -405,14 +406,14 @@ def device_show(device_id: str, window: str, n_events: int, db_url: Optional[str
 @db_option
 @broker_option
 @json_option
-def device_tag(device_id: str, pairs: Tuple[str, ...], remove: Tuple[str, ...], db_url: Optional[str],
-               broker_url: Optional[str], as_json: bool) -> None:
+def device_tag(device_id: str, pairs: tuple[str, ...], remove: tuple[str, ...], db_url: str | None,
+               broker_url: str | None, as_json: bool) -> None:
     """Set (KEY=VALUE) or remove (--remove KEY) a device's tags; rollouts select devices by them."""
     check_broker_url(broker_url)
     validate_identifier(device_id, "device id")
     if not pairs and not remove:
         raise BadInputError("give at least one KEY=VALUE or --remove KEY")
-    tags: Dict[str, str] = {}
+    tags: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key, value = key.strip(), value.strip()

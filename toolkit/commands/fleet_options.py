@@ -25,9 +25,10 @@ __all__ = [
 ]
 
 import re
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable
 
 import click
+
 from edgeship.ota.errors import BadInputError
 
 F = Callable[..., Any]
@@ -35,7 +36,7 @@ F = Callable[..., Any]
 _BROKER_URL = re.compile(r"^mqtts?://[^\s/:]+(:\d{1,5})?/?$")
 
 
-def check_broker_url(url: Optional[str]) -> Optional[str]:
+def check_broker_url(url: str | None) -> str | None:
     """``mqtt://HOST:PORT`` or ``mqtts://HOST:PORT`` (or None); anything else is bad input.
 
     The same rules as the controller and the agent (``parse_broker_url``: ports 1-65535, IPv6
@@ -58,7 +59,7 @@ def repo_option(func: F) -> F:
                              "(env EDGESHIP_REPO).")(func)
 
 
-def check_published(repo_dir: Optional[str], *bundles: Tuple[str, str]) -> None:
+def check_published(repo_dir: str | None, *bundles: tuple[str, str]) -> None:
     """With a release repository, every (name, version) must be published there (BadInputError)."""
     if repo_dir is None:
         return
@@ -121,7 +122,7 @@ def policy_from_options(stages: str, success_threshold: float, max_failures: str
                          stage_timeout_s=parse_duration(stage_timeout), bake_s=bake_s)
 
 
-def open_fleet_store(db_url: Optional[str], *, existing: bool = False) -> Any:
+def open_fleet_store(db_url: str | None, *, existing: bool = False) -> Any:
     """The fleet store of ``--db`` ($EDGESHIP_DB, else ./fleet.db). ``existing``: a command
     that only reads or changes what is there refuses a SQLite file that does not exist (a
     mistyped --db would otherwise show an empty fleet and leave a new file behind)."""

@@ -12,9 +12,10 @@ import datetime as _dt
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import click
+
 from edgeship.ota.errors import BadInputError
 from edgeship.toolkit.output import console, emit_json, progress_reporter
 
@@ -36,10 +37,10 @@ def _passphrase(*, confirm: bool, env: str = PASSPHRASE_ENV, prompt: str = "Root
     return str(click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True))
 
 
-def _expiry_options(values: Tuple[str, ...]) -> Dict[str, int]:
+def _expiry_options(values: tuple[str, ...]) -> dict[str, int]:
     from edgeship.ota.release import ROLES, parse_duration
 
-    result: Dict[str, int] = {}
+    result: dict[str, int] = {}
     for item in values:
         role, sep, duration = item.partition("=")
         if not sep or role not in ROLES:
@@ -53,7 +54,7 @@ def _progress(as_json: bool) -> Any:
     return progress_reporter(enabled=sys.stderr.isatty())
 
 
-def _echo_fingerprints(info: Dict[str, Any]) -> None:
+def _echo_fingerprints(info: dict[str, Any]) -> None:
     out = console()
     for role, keyids in info["keys"].items():
         for keyid in keyids:
@@ -76,7 +77,7 @@ def keys() -> None:
 @click.option("--expires", "expires", multiple=True, metavar="ROLE=DURATION",
               help="Validity of a role's metadata, e.g. timestamp=1d, snapshot=7d, targets=1y (repeatable).")
 @_json_option
-def keys_init(repo_dir: Path, expires: Tuple[str, ...], as_json: bool) -> None:
+def keys_init(repo_dir: Path, expires: tuple[str, ...], as_json: bool) -> None:
     """Create the root, targets, snapshot, timestamp and director keys and the first metadata.
 
     The root key is encrypted with a passphrase (prompted, or EDGESHIP_ROOT_PASSPHRASE).
@@ -113,8 +114,8 @@ def keys_rotate(role: str, repo_dir: Path, as_json: bool) -> None:
 
     repository = ReleaseRepository(repo_dir)
     repository.fingerprints()  # refuses a folder that is not a repository, before any prompt
-    passphrase: Optional[str] = None
-    new_passphrase: Optional[str] = None
+    passphrase: str | None = None
+    new_passphrase: str | None = None
     if role != "director":
         passphrase = _passphrase(confirm=False)
     if role == "root":
@@ -145,8 +146,8 @@ def bundle() -> None:
     """Build, inspect, verify and export model bundles."""
 
 
-def _meta_options(values: Tuple[str, ...]) -> Dict[str, str]:
-    meta: Dict[str, str] = {}
+def _meta_options(values: tuple[str, ...]) -> dict[str, str]:
+    meta: dict[str, str] = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -167,8 +168,8 @@ def _meta_options(values: Tuple[str, ...]) -> Dict[str, str]:
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The bundle file to write.")
 @_json_option
-def bundle_build(model: Path, name: str, version: str, golden: Optional[Path], labels: Optional[Path],
-                 report: Optional[Path], meta: Tuple[str, ...], tags: Tuple[str, ...], out: Path,
+def bundle_build(model: Path, name: str, version: str, golden: Path | None, labels: Path | None,
+                 report: Path | None, meta: tuple[str, ...], tags: tuple[str, ...], out: Path,
                  as_json: bool) -> None:
     """Pack MODEL, its manifest, golden vectors, labels and report into one bundle file."""
     from edgeship.ota.bundle import build_bundle, sidecar_files
@@ -244,7 +245,7 @@ def bundle_inspect(bundle_file: Path, as_json: bool) -> None:
               help="Check the bundle against this release repository (offline). Without it, only the "
                    "bundle's own manifest is checked.")
 @_json_option
-def bundle_verify(bundle_file: Path, repo_dir: Optional[Path], as_json: bool) -> None:
+def bundle_verify(bundle_file: Path, repo_dir: Path | None, as_json: bool) -> None:
     """Verify a bundle: its members against its manifest, and against the release repository."""
     from edgeship.ota.bundle import scan_bundle
     from edgeship.ota.release import ReleaseRepository
@@ -359,7 +360,7 @@ def repo_status(repo_dir: Path, as_json: bool) -> None:
 @click.option("--root", "with_root", is_flag=True,
               help="Re-sign root.json too, with the same key (needs the root passphrase).")
 @_json_option
-def repo_refresh(repo_dir: Path, expires: Tuple[str, ...], with_targets: Optional[bool], with_root: bool,
+def repo_refresh(repo_dir: Path, expires: tuple[str, ...], with_targets: bool | None, with_root: bool,
                  as_json: bool) -> None:
     """Re-sign timestamp and snapshot (targets when due, root with --root) before they expire."""
     from edgeship.ota.release import ReleaseRepository

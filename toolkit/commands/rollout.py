@@ -12,9 +12,10 @@ __all__ = ["rollout", "rollout_summary"]
 
 import math
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import click
+
 from edgeship.ota.errors import BadInputError, GateFailedError
 from edgeship.ota.topics import validate_identifier
 from edgeship.ota.versions import check_name, parse_version
@@ -40,14 +41,14 @@ def check_interval(interval: float) -> float:
     return interval
 
 
-def rollout_summary(rollout: Any, health: Any = None, with_devices: bool = False) -> Dict[str, Any]:
+def rollout_summary(rollout: Any, health: Any = None, with_devices: bool = False) -> dict[str, Any]:
     """A rollout as one JSON-ready document (what ``status --json`` prints)."""
     from edgeship.toolkit.rollouts import stage_progress
 
-    counts: Dict[str, int] = {}
+    counts: dict[str, int] = {}
     for record in rollout.devices.values():
         counts[record.status.value] = counts.get(record.status.value, 0) + 1
-    doc: Dict[str, Any] = {
+    doc: dict[str, Any] = {
         "id": rollout.id, "fleet": rollout.fleet, "name": rollout.name, "version": rollout.version,
         "state": rollout.state.value, "stage": rollout.stage + 1, "stages": list(rollout.policy.stages),
         "reason": rollout.reason, "created_at": rollout.created_at, "updated_at": rollout.updated_at,
@@ -62,7 +63,7 @@ def rollout_summary(rollout: Any, health: Any = None, with_devices: bool = False
     return doc
 
 
-def _load_with_health(store: Any, rollout_id: str) -> Tuple[Any, Any]:
+def _load_with_health(store: Any, rollout_id: str) -> tuple[Any, Any]:
     from edgeship.toolkit.rollouts import measure_health
 
     rollout, _ = store.load_rollout(rollout_id)
@@ -76,7 +77,7 @@ _COLUMNS = [("SUCCEEDED", "ok", "green"), ("ASSIGNED", "sent", ""), ("IN_PROGRES
             ("ROLLBACK_SENT", "rolled back", "yellow"), ("NO_PREVIOUS", "no previous", "")]
 
 
-def _render(doc: Dict[str, Any]) -> Any:
+def _render(doc: dict[str, Any]) -> Any:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -99,7 +100,7 @@ def _render(doc: Dict[str, Any]) -> Any:
     counts = doc["counts"]
     foot = Text(f"pending {counts.get('PENDING', 0)}, already on the version {counts.get('ALREADY', 0)}, "
                 f"skipped {counts.get('SKIPPED', 0)}, cancelled {counts.get('CANCELLED', 0)}")
-    parts: List[Any] = [head, table, foot]
+    parts: list[Any] = [head, table, foot]
     health = doc.get("health")
     if health and (health["new_requests"] or health["baseline_requests"]):
         rate, ratio, p95 = health["new_error_rate"], health["p95_ratio"], health["new_p95_ms"]
@@ -135,9 +136,9 @@ def rollout() -> None:
 @db_option
 @broker_option
 @json_option
-def start(name: str, version: str, fleet: str, select: Tuple[str, ...], stages: str, success_threshold: float,
+def start(name: str, version: str, fleet: str, select: tuple[str, ...], stages: str, success_threshold: float,
           max_failures: str, health: str, stage_timeout: str, bake: str, wait: bool, interval: float,
-          wait_timeout: Optional[str], repo_dir: Optional[str], db_url: Optional[str], broker_url: Optional[str], as_json: bool) -> None:
+          wait_timeout: str | None, repo_dir: str | None, db_url: str | None, broker_url: str | None, as_json: bool) -> None:
     """Start rolling NAME VERSION out to a fleet in stages; prints the rollout's id."""
     from edgeship.toolkit.rollouts import new_rollout
     from edgeship.toolkit.store import new_id, parse_selection
@@ -173,7 +174,7 @@ def start(name: str, version: str, fleet: str, select: Tuple[str, ...], stages: 
     finish_waiting(final, deadline_s)
 
 
-def finish_waiting(final: Any, timeout_s: Optional[float]) -> None:
+def finish_waiting(final: Any, timeout_s: float | None) -> None:
     """The exit status of a followed rollout: 0 COMPLETED, 3 ABORTED or ROLLED_BACK (its gates or
     an operator refused the version), 1 still RUNNING or PAUSED when --timeout ran out."""
     from edgeship.ota.errors import EdgeshipError
@@ -187,7 +188,7 @@ def finish_waiting(final: Any, timeout_s: Optional[float]) -> None:
     raise GateFailedError(f"rollout {final.id} {final.state.value}: {final.reason}")
 
 
-def change_line(doc: Dict[str, Any]) -> str:
+def change_line(doc: dict[str, Any]) -> str:
     """One line about a rollout's state, for logs and pipes: the current stage's own counts
     against its own size (describe_stages), never a running total beside a stage count."""
     from edgeship.toolkit.rollouts import StageProgress, describe_stages
@@ -206,7 +207,7 @@ def change_line(doc: Dict[str, Any]) -> str:
 
 
 def follow_rollout(store: Any, rollout_id: str, interval: float, *, as_json: bool,
-                   timeout_s: Optional[float] = None) -> Any:
+                   timeout_s: float | None = None) -> Any:
     """Poll until the rollout is finished (or ``timeout_s`` passes): a live view when stdout is a
     terminal, else one line per change (stderr with --json, which keeps stdout for the document)."""
     import sys
@@ -218,7 +219,7 @@ def follow_rollout(store: Any, rollout_id: str, interval: float, *, as_json: boo
     out = console(stderr=as_json)
     last_line = ""
 
-    def poll() -> Tuple[Any, Dict[str, Any]]:
+    def poll() -> tuple[Any, dict[str, Any]]:
         current, health = _load_with_health(store, rollout_id)
         return current, rollout_summary(current, health)
 
@@ -251,7 +252,7 @@ def follow_rollout(store: Any, rollout_id: str, interval: float, *, as_json: boo
 @click.option("--devices", "with_devices", is_flag=True, help="Include every device's record.")
 @db_option
 @json_option
-def status(rollout_id: str, watch: bool, interval: float, with_devices: bool, db_url: Optional[str],
+def status(rollout_id: str, watch: bool, interval: float, with_devices: bool, db_url: str | None,
            as_json: bool) -> None:
     """Show a rollout's stages, device counts and health."""
     from edgeship.toolkit.rollouts import FINISHED_STATES
@@ -300,7 +301,7 @@ def _operator_command(name: str, summary: str) -> Any:
     @db_option
     @broker_option
     @json_option
-    def command(rollout_id: str, reason: Optional[str], db_url: Optional[str], broker_url: Optional[str],
+    def command(rollout_id: str, reason: str | None, db_url: str | None, broker_url: str | None,
                 as_json: bool) -> None:
         from edgeship.toolkit.fleet_actions import operate_rollout
 
@@ -333,7 +334,7 @@ rollback_command = _operator_command(
 @click.option("--limit", type=int, default=50, show_default=True)
 @db_option
 @json_option
-def ls(fleet: Optional[str], states: Tuple[str, ...], limit: int, db_url: Optional[str], as_json: bool) -> None:
+def ls(fleet: str | None, states: tuple[str, ...], limit: int, db_url: str | None, as_json: bool) -> None:
     """List rollouts, newest first."""
     if limit < 1:
         raise BadInputError(f"--limit {limit}: show at least 1 rollout")
