@@ -204,7 +204,7 @@ def run(n: int, bundle_mb: float, every_s: float, db: str, work: Path) -> dict[s
 
     r: dict[str, Any] = {"devices": n, "every_s": every_s}
     broker = MosquittoBroker(work / "mosquitto", "listener {port} 127.0.0.1\nallow_anonymous true\n"
-                                                  "persistence false\nmax_queued_messages 10000\n").start()
+                                                  "persistence false\nmax_queued_messages 100000\n").start()  # as `edgeship broker config`
     repo = ReleaseRepository(work / "repo")
     repo.init(root_passphrase="benchmark passphrase")
     target = repo.publish(make_bundle(work / "bundles", "digits", "1.1.0", size=int(bundle_mb * 1024 * 1024)))

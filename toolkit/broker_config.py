@@ -332,6 +332,11 @@ def render_mosquitto_conf(settings: BrokerSettings, folder: str | Path) -> str:
         # Block transfer is request/reply: without this, Nagle's algorithm holds small
         # replies back and halves throughput on a default broker (docs/benchmarks.md, blocks).
         "set_tcp_nodelay true",
+        # The controller's session receives every device's QoS 1 reports, events and block
+        # requests; Mosquitto's default queue of 1,000 messages per client overflows during a
+        # rollout to a few thousand devices and silently drops a device's last report, which
+        # holds its stage open until the stage timeout (docs/benchmarks.md, fleet-scale).
+        "max_queued_messages 100000",
     ]
     if settings.pass_port is not None:
         lines.append(f"password_file {d / 'passwd'}")
