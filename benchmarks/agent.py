@@ -83,7 +83,7 @@ def _client_process(
                     ok += 1
                 else:
                     failed += 1
-            except Exception:
+            except (OSError, http.client.HTTPException):
                 failed += 1
                 conn.close()
                 conn = http.client.HTTPConnection(host, port, timeout=10)

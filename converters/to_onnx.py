@@ -127,7 +127,7 @@ def export_to_onnx(source: Any, kind: str, path: Path, out: Path, *, opset: int 
             proto, _ = tf2onnx.convert.from_graph_def(
                 graph_def, input_names=input_names, output_names=graph_outputs, opset=opset
             )
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - tf2onnx raises whatever TensorFlow or its own rewriters raise
         raise EdgeshipError(f"tf2onnx could not convert {path.name}: {first_line(exc)}") from None
     unsupported = sorted({
         n.op_type for n in proto.graph.node
@@ -213,7 +213,7 @@ def check_onnx_model(proto: Any, name: str) -> None:
     onnx = require_module("onnx", "convert")
     try:
         onnx.checker.check_model(proto, full_check=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - onnx's checker raises ValidationError and C++ errors of several types
         raise EdgeshipError(f"the ONNX export of {name} is not a valid ONNX model: {first_line(exc)}") from None
 
 
@@ -224,7 +224,7 @@ def load_in_onnxruntime(path: Path, name: str) -> None:
     options.log_severity_level = 3
     try:
         ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's load errors are pybind types (Fail, InvalidGraph, ...) with no common base
         raise EdgeshipError(f"ONNX Runtime cannot load the ONNX export of {name}: {first_line(exc)}") from None
 
 
@@ -352,7 +352,7 @@ def prepare_onnx(model: Any) -> tuple[Any, list[str]]:
         try:
             model = version_converter.convert_version(model, PREPARED_OPSET)
             notes.append(f"opset {opset} upgraded to {PREPARED_OPSET} (onnx version converter)")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the version converter fails in many ways; the model still quantizes per tensor
             notes.append(f"opset {opset} could not be upgraded ({first_line(exc)[:120]}); per-channel quantization is off")
     if model.ir_version < 7:
         notes.append(f"IR version {model.ir_version} raised to 7")
@@ -366,7 +366,7 @@ def prepare_onnx(model: Any) -> tuple[Any, list[str]]:
         notes.append(f"{len(listed)} initializer(s) removed from the graph inputs (weights listed as inputs by an old exporter)")
     try:
         model = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # inference is a help for quantization, not a requirement
+    except Exception:  # noqa: BLE001, S110 - inference is a help for quantization, not a requirement
         pass
     return model, notes
 
@@ -398,7 +398,7 @@ def quantize_onnx(
         raise BadInputError(f"unknown ONNX activation type {options.activations!r}; choose from {list(ACTIVATION_TYPES)}")
     try:
         model = onnx.load(str(src))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - onnx's parser raises protobuf's DecodeError and others, no one family
         raise ModelLoadError(f"{name}: not a readable ONNX model: {first_line(exc)}") from None
     notes: list[str] = []
     if quantize == "none":
@@ -410,7 +410,7 @@ def quantize_onnx(
 
         try:
             onnx.save(convert_float_to_float16(model, keep_io_types=True), str(out))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's float16 converter raises whatever an unusual graph trips
             raise EdgeshipError(f"float16 conversion of {name} failed: {first_line(exc)}") from None
         return {"calibration_samples": 0, "notes": notes}
     quantization = require_module("onnxruntime.quantization", "convert")
@@ -422,7 +422,7 @@ def quantize_onnx(
         try:
             quantization.quantize_dynamic(str(prepared), str(out), weight_type=quantization.QuantType.QInt8,
                                           nodes_to_exclude=list(options.keep_float) or None)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's quantizer raises whatever an unusual graph trips
             raise EdgeshipError(f"dynamic quantization of {name} failed: {_quantization_failure(exc)}") from None
         return {"calibration_samples": 0, "notes": notes}
     if calibration is None:
@@ -436,10 +436,10 @@ def quantize_onnx(
     processed = work / "processed.onnx"
     try:  # shape inference + graph clean-up, as onnxruntime recommends before static quantization
         quantization.shape_inference.quant_pre_process(str(prepared), str(processed), skip_symbolic_shape=False)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - pre-processing is optional: any failure retries without symbolic shapes
         try:
             quantization.shape_inference.quant_pre_process(str(prepared), str(processed), skip_symbolic_shape=True)
-        except Exception:
+        except Exception:  # noqa: BLE001 - pre-processing is optional: quantize without it
             processed = prepared
             notes.append(f"onnxruntime's quantization pre-processing failed ({first_line(exc)[:120]}); quantized without it")
     report("preparing the graph", 1, 1)
@@ -470,7 +470,7 @@ def quantize_onnx(
             extra_options=extra,
             calibration_cache_path=str(cache) if cache else None,
         )
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's quantizer raises whatever an unusual graph trips
         raise EdgeshipError(f"static int8 quantization of {name} failed: {_quantization_failure(exc)}") from None
     kept = out.parent / (out.name + ".float.onnx")  # what the quantizer saw: the doctor compares against it
     shutil.copyfile(processed, kept)
@@ -508,7 +508,7 @@ def onnx_operator_counts(path: str | os.PathLike[str]) -> tuple[dict[str, int], 
     onnx = require_module("onnx", "onnx")
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - onnx's parser raises protobuf's DecodeError and others, no one family
         raise ModelLoadError(f"{path}: not a readable ONNX model: {first_line(exc)}") from None
     counts = collections.Counter(
         (f"{node.domain}." if node.domain not in ("", "ai.onnx") else "") + node.op_type for node in model.graph.node

@@ -480,7 +480,7 @@ def parse_message(kind: str, payload: bytes) -> Message:
     cls = _BY_KIND.get(kind)
     if cls is None:
         raise ProtocolError(f"no JSON message schema for topic kind {kind!r}; expected one of {sorted(_BY_KIND)}")
-    return cls.from_dict(_decode(payload, kind, cls.TYPE))  # type: ignore[attr-defined]
+    return cls.from_dict(_decode(payload, kind, cls.TYPE))
 
 
 def encode_message(message: Message) -> bytes:

@@ -283,7 +283,7 @@ class ReleaseRepository:
             if role == "root":
                 raise BadInputError(f"the root passphrase does not decrypt {path}") from None
             raise BadInputError(f"the {role} key {path} is not a readable PEM private key") from None
-        return CryptoSigner(key)  # type: ignore[arg-type]
+        return CryptoSigner(key)
 
     # -- metadata -------------------------------------------------------------------------------
 

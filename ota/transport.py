@@ -576,7 +576,7 @@ class MqttConnection:
             attempt += 1
             try:
                 result = self._client.reconnect()
-            except Exception as exc:  # OSError, ssl errors, DNS: all mean "try again later"
+            except Exception as exc:  # noqa: BLE001 - OSError, ssl errors, DNS: all mean try again later
                 self._last_error = describe_connect_failure(exc)
                 log.debug("connect to %s failed: %s", self.broker, self._last_error)
                 continue

@@ -286,7 +286,7 @@ class AgentProcess:
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
             env=env or agent_env(),
-            preexec_fn=preexec_fn,  # noqa: PLW1509 - e.g. a lower file limit for the agent alone (rlimit only)
+            preexec_fn=preexec_fn,  # e.g. a lower file limit for the agent alone (rlimit only)
         )
 
     def wait_serving(self, timeout: float = 30.0) -> dict[str, Any]:

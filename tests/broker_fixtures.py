@@ -128,7 +128,7 @@ def connect(port: int, *, ca: Path | None = None, cert: Path | None = None, key:
         c.loop_stop()
         try:
             c.disconnect()
-        except Exception:  # noqa: BLE001 - already gone
+        except Exception:  # noqa: BLE001, S110 - already gone
             pass
         return None, outcome
     return client, outcome

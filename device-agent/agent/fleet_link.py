@@ -258,7 +258,9 @@ class MqttReporter:
         self.connection = connection
         self.config = config
         self.settings = settings
-        topic = lambda kind: device_topic(config.fleet, config.device_id, kind, settings.prefix)
+        def topic(kind: str) -> str:
+            return device_topic(config.fleet, config.device_id, kind, settings.prefix)
+
         self.reported_topic = topic(REPORTED)
         self.events_topic = topic(EVENTS)
         self.telemetry_topic = topic(TELEMETRY)
