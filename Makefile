@@ -77,6 +77,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/python -m ruff check converters ota toolkit device-agent tests benchmarks examples
 	$(BIN)/python .ci/typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_architecture.py
 
 clean:
 	@# an ARM root killed mid-session may still have the host's /dev bound inside: unmount first
