@@ -1,5 +1,5 @@
-"""Fixtures of the device-agent tests: a real release repository (issue 3's
-``ReleaseRepository``) holding digits bundles, good and bad, exported as real
+"""Fixtures of the device-agent tests: a real release repository
+(``ReleaseRepository``) holding digits bundles, good and bad, exported as real
 offline packages; agent configs; a plain TF Serving-style HTTP client."""
 
 from __future__ import annotations

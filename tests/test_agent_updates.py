@@ -1,5 +1,5 @@
 """The update driver with real parts: real offline packages from a real release
-repository (issue 3's TUF + director verification), real LiteRT, real files.
+repository (TUF + director verification), real LiteRT, real files.
 
 A failure is injected in each state in turn; every bad bundle must end REJECTED
 or FAILED with the running model still serving."""
