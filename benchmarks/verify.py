@@ -108,7 +108,7 @@ def _sha256sum(path: Path) -> float:
 
 
 def _make_bundle(folder: Path, size: int) -> Path:
-    from edgeship.ota.bundle import build_bundle
+    from edgeship.ota.bundle_build import build_bundle
 
     model = folder / "big.tflite"
     with open(model, "wb") as handle:

@@ -121,7 +121,7 @@ def _build(
     digits_files: dict[str, Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AgentRepo:
-    from edgeship.ota.bundle import build_bundle
+    from edgeship.ota.bundle_build import build_bundle
     from edgeship.ota.release import ReleaseRepository
 
     base = tmp_path_factory.mktemp("agent-repo")

@@ -284,7 +284,7 @@ def nan_repo(
     the self-test and fails only in service."""
     import tensorflow as tf
 
-    from edgeship.ota.bundle import build_bundle
+    from edgeship.ota.bundle_build import build_bundle
     from edgeship.ota.release import ReleaseRepository
 
     base = tmp_path_factory.mktemp("nan-repo")

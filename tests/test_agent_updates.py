@@ -203,7 +203,7 @@ def test_package_signed_by_another_repository_is_rejected(
 ) -> None:
     from agent_fixtures import PASSPHRASE
 
-    from edgeship.ota.bundle import build_bundle
+    from edgeship.ota.bundle_build import build_bundle
     from edgeship.ota.release import ReleaseRepository
 
     rogue = ReleaseRepository(tmp_path / "rogue")
@@ -364,7 +364,7 @@ def test_onnx_bundle_runs_on_onnx_runtime(device: UpdateDriver, agent_repo: Agen
     """The runtime is chosen by the bundle's format: an .onnx bundle replaces a .tflite one."""
     pytest.importorskip("onnxruntime")
     from edgeship.agent.runtimes import open_model
-    from edgeship.ota.bundle import build_bundle
+    from edgeship.ota.bundle_build import build_bundle
     from edgeship.ota.golden import GoldenVectors
 
     model = _linear_onnx(tmp_path / "linear.onnx")
@@ -406,7 +406,7 @@ def test_hostile_offline_package_is_rejected_and_writes_nothing_outside(
 def _publish_with_requirements(agent_repo: AgentRepo, tmp_path: Path, name: str, requirements: dict) -> Path:
     """A real digits bundle whose manifest states ``requirements``, published and exported."""
     from edgeship.agent.runtimes import open_model
-    from edgeship.ota.bundle import build_bundle
+    from edgeship.ota.bundle_build import build_bundle
 
     with open_model(agent_repo.fp32, prefer=["litert"]) as runner:
         signature = runner.signature.to_dict()

@@ -16,7 +16,7 @@ import pytest
 from broker_fixtures import BrokerUnderTest, Client, connect, start_broker
 from mqtt_broker import mosquitto_binary
 
-from edgeship.toolkit.broker_config import (
+from edgeship.toolkit.fleet_pki import (
     certificate_pem,
     create_ca,
     issue_client_certificate,
