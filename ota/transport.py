@@ -15,6 +15,12 @@ Reconnect: after a lost connection the network thread reconnects with
 exponential backoff and full jitter (:class:`ReconnectPolicy`), re-subscribes
 every filter (so retained messages, the desired state among them, arrive
 again), publishes the birth message, and calls the connect listeners.
+
+Why one module of this size: it is the whole of what edgeship knows about paho-mqtt (the
+design keeps paho behind one small module), and most of it is one class, the connection,
+whose reconnect, subscription, birth/last-will and pending-publish state change together on
+paho's network thread. The pure pieces beside it (broker URLs, topic filters, the reconnect
+policy) are the vocabulary of that connection's options and its callers.
 """
 
 from __future__ import annotations
