@@ -203,7 +203,7 @@ def _stage_onnx_export(request: dict[str, Any], progress: ProgressCallback) -> d
 
 
 def _stage_onnx_quantize(request: dict[str, Any], progress: ProgressCallback) -> dict[str, Any]:
-    from .to_onnx import OnnxQuantOptions, quantize_onnx
+    from .onnx_quantize import OnnxQuantOptions, quantize_onnx
 
     calibration = load_dataset_files(request["calibration"]) if request.get("calibration") else None
     result = quantize_onnx(
