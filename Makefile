@@ -72,9 +72,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fleet_sim.py
 	$(BIN)/python benchmarks/broker.py --write
 
+## lint: ruff (rules in pyproject.toml), mypy over every edgeship package, and the import rules
+## between the parts (docs/development.md); CI runs it before the tests
 lint: $(STAMP)
-	$(BIN)/python -m ruff check converters ota toolkit device-agent tests
-	$(BIN)/python -m mypy -p edgeship.ota -p edgeship.agent
+	$(BIN)/python -m ruff check converters ota toolkit device-agent tests benchmarks examples
+	$(BIN)/python .ci/typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_architecture.py
 
 clean:
 	@# an ARM root killed mid-session may still have the host's /dev bound inside: unmount first

@@ -83,7 +83,7 @@ def _client_process(
                     ok += 1
                 else:
                     failed += 1
-            except Exception:
+            except (OSError, http.client.HTTPException):
                 failed += 1
                 conn.close()
                 conn = http.client.HTTPConnection(host, port, timeout=10)
@@ -269,7 +269,7 @@ def make_device(base: Path) -> tuple[Path, Path, Path]:
     from edgeship.agent.serving import ServingModel
     from edgeship.agent.sources import OfflinePackageSource
     from edgeship.agent.updater import UpdateDriver
-    from edgeship.ota.bundle import build_bundle
+    from edgeship.ota.bundle_build import build_bundle
     from edgeship.ota.golden import GoldenVectors
     from edgeship.ota.release import ReleaseRepository
 

@@ -13,7 +13,7 @@ same message size and QoS:
   (fsync + sidecar every 64 blocks) and streams the file, in order, to a consumer
   that hashes it (as the TUF client does). Timed from the fetch call to the last byte.
 
-Target (issue 5): block transfer at >= 50% of the baseline's throughput.
+Target: block transfer at >= 50% of the baseline's throughput.
 
     .venv/bin/python benchmarks/blocks.py [--size-mb 32] [--block-kb 64] [--repeats 3] [--no-write]
 """

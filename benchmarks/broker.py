@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from broker_fixtures import start_broker  # noqa: E402
+from broker_fixtures import start_broker
 
-from edgeship.toolkit import broker_config as bc  # noqa: E402
+from edgeship.toolkit import broker_config as bc
 
 
 def throughput(b, device_creds, messages: int) -> float:  # type: ignore[no-untyped-def]
@@ -41,7 +41,7 @@ def throughput(b, device_creds, messages: int) -> float:  # type: ignore[no-unty
     ctl.subscribe("edgeship/#")
     topic = f"edgeship/f1/devices/{device_creds['username']}/telemetry"
     start = time.perf_counter()
-    for i in range(messages):
+    for _ in range(messages):
         dev.mqttc.publish(topic, b"x" * 64, qos=1)
     dev.publish(f"edgeship/f1/devices/{device_creds['username']}/events", b"end")
     assert ctl.wait_for_payload(f"edgeship/f1/devices/{device_creds['username']}/events", b"end", timeout=120)

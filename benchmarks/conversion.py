@@ -6,7 +6,7 @@ MobileNetV2 with random weights (224x224), measured in one run.
 
 Latency is measured interleaved: the models of a runtime take turns call by
 call, so a noisy neighbour on a shared machine slows every row alike instead of
-one row by chance. Targets of issue 2 are checked and
+one row by chance. The conversion targets are checked and
 printed PASS/FAIL beside the measured numbers.
 """
 
@@ -138,7 +138,7 @@ def measure(name: str, paths: dict[str, Path], out: Path, rounds: int, per_round
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets against the measured rows (pure)."""
+    """The conversion targets against the measured rows (pure)."""
     def row(model: str, fmt: str, quantize: str) -> dict[str, Any] | None:
         return next((r for r in rows if r["model"] == model and r["format"] == fmt and r["quantize"] == quantize), None)
 
@@ -188,7 +188,7 @@ def render_markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]], me
             f"{_pct(r['accuracy']) if labelled else 'n/a'} | {_pct(r['agreement']) if labelled else 'n/a'} | {r['p50_ms_1t']:.3f} | {r['p50_ratio_1t']:.2f} | "
             f"{r['p50_ms_2t']:.3f} | {r['p50_ratio_2t']:.2f} |"
         )
-    lines += ["", "Targets of issue 2:", "", "| target | measured | result |", "| --- | --- | --- |"]
+    lines += ["", "Conversion targets:", "", "| target | measured | result |", "| --- | --- | --- |"]
     for c in checks:
         lines.append(f"| {c['target']} | {c['measured']} | {'PASS' if c['passed'] else 'FAIL'} |")
     lines += [

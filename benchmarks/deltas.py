@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "examples" / "digits"))
 import numpy as np
 from results_doc import write_section
 
-from edgeship.ota.bundle import build_bundle
+from edgeship.ota.bundle_build import build_bundle
 from edgeship.toolkit.deltas import DEFAULT_LEVEL, build_delta
 
 LINK_BYTES_PER_S = 1_000_000

@@ -11,7 +11,7 @@ belong to the verification alone):
   hashes, fsync);
 
 against ``sha256sum`` on the same file in the same run (page cache warm for all).
-Gates (issue 3): peak RSS added by verification <= 16 MiB; verification speed
+Gates: peak RSS added by verification <= 16 MiB; verification speed
 >= 80% of ``sha256sum``'s. Results go to docs/benchmarks.md, section ``verify``.
 
 Run: ``.venv/bin/python benchmarks/verify.py [--size-mb 200] [--repeat 3]``
@@ -108,7 +108,7 @@ def _sha256sum(path: Path) -> float:
 
 
 def _make_bundle(folder: Path, size: int) -> Path:
-    from edgeship.ota.bundle import build_bundle
+    from edgeship.ota.bundle_build import build_bundle
 
     model = folder / "big.tflite"
     with open(model, "wb") as handle:
@@ -186,7 +186,7 @@ def main() -> None:
         lines.append(f"| {label} | {seconds:.3f} | {mbps:.0f} | {ratio:.2f} | {added:.1f} |")
     lines += [
         "",
-        f"Gates (issue 3): verification adds at most {RSS_GATE_MIB:.0f} MiB of RSS and runs at no less than "
+        f"Verification gates: verification adds at most {RSS_GATE_MIB:.0f} MiB of RSS and runs at no less than "
         f"{SPEED_GATE:.0%} of `sha256sum`'s speed: **{'pass' if passed else 'FAIL'}** for `bundle verify`; "
         f"the device path's RSS gate: **{'pass' if device_ok else 'FAIL'}**; its time also includes writing "
         "the extracted files and fsyncing them (the download streams straight into the extractor), and it "

@@ -5,6 +5,12 @@ The work happens in a private folder beside OUT; only when conversion,
 validation, golden vectors and report all succeeded (and the gates passed) are
 the three files moved into place, each through ``atomic_output_path``. A
 failure at any step leaves nothing behind, not even a temporary file.
+
+Why one module of this size: it is one concept, the conversion pipeline (plan, isolated
+stages, validation, the doctor's retries, atomic placement), whose steps share the plan and the
+private work folder. Each step's substance lives in its own module (``to_tflite``, ``to_onnx``,
+``onnx_quantize``, ``validate``, ``doctor``, ``golden_vectors``, ``report``); what remains here
+is the order they run in and what each hands the next.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import numpy as np
 
 from edgeship.agent.runtimes import ModelLoadError, ModelRunner
 from edgeship.ota.atomicfile import atomic_output_path, atomic_write_json
-from edgeship.ota.bundle import read_labels
+from edgeship.ota.bundle_build import read_labels
 from edgeship.ota.errors import BadInputError, EdgeshipError, GateFailedError, require_module
 
 from .bench import measure_latency
@@ -43,6 +49,12 @@ from .doctor import DOCTOR_SAMPLES, doctor_summary, fewest_kept, rank_onnx_layer
 from .golden_vectors import golden_sample_count, make_golden_vectors
 from .inspection import inspect_model, runtime_requirements
 from .isolated import run_stage, save_dataset
+from .onnx_quantize import (
+    ACTIVATION_TYPES,
+    CALIBRATION_METHODS,
+    OnnxQuantOptions,
+    onnx_output_quanta,
+)
 from .progress import ProgressCallback, no_progress
 from .quiet import quiet_output
 from .report import REPORT_SCHEMA, build_report, golden_path, quality_summary, report_path
@@ -55,13 +67,7 @@ from .sources import (
     open_any_model,
 )
 from .tflite_flatbuffer import read_tflite_graph
-from .to_onnx import (
-    ACTIVATION_TYPES,
-    CALIBRATION_METHODS,
-    DEFAULT_OPSET,
-    OnnxQuantOptions,
-    onnx_output_quanta,
-)
+from .to_onnx import DEFAULT_OPSET
 from .to_tflite import QUANTIZATIONS, TFLITE_ACTIVATIONS, TFLiteOptions
 from .validate import GateLimits, fixed_batch, inputs_for, run_dataset, validate_models
 

@@ -311,7 +311,7 @@ def _to_model_dtype(x: np.ndarray, tensor: TensorSpec, spec: PreprocessingSpec |
     name = input_name(tensor)
     if x.ndim == 0:
         raise BadInputError(f"{role} {p}: the array for '{name}' is a single number; it needs a sample axis (shape [N, ...])")
-    want = np.dtype(tensor.dtype) if tensor.dtype in _NUMPY_DTYPES else np.dtype(np.float32)
+    want: np.dtype[Any] = np.dtype(tensor.dtype) if tensor.dtype in _NUMPY_DTYPES else np.dtype(np.float32)
     if want.kind == "f" or tensor.quantized:
         return _to_float(x, spec, p, role)
     if want.kind == "b":
@@ -412,7 +412,8 @@ def check_against_input(
     dataset: Dataset, inputs: Sequence[TensorSpec] | Sequence[Sequence[int]], role: str = "data"
 ) -> None:
     """Refuse data whose per-sample shape does not fit the model's inputs."""
-    specs = [s if isinstance(s, TensorSpec) else TensorSpec(f"input_{i}", tuple(s), "float32") for i, s in enumerate(inputs)]
+    given: Sequence[TensorSpec | Sequence[int]] = inputs
+    specs = [s if isinstance(s, TensorSpec) else TensorSpec(f"input_{i}", tuple(s), "float32") for i, s in enumerate(given)]
     if len(dataset.inputs) != len(specs):
         raise BadInputError(f"{role} {dataset.source}: has {len(dataset.inputs)} input arrays, the model takes {len(specs)}")
     if len(dataset) == 0:

@@ -169,7 +169,7 @@ def rank_onnx_layers(float_model: Path, quantized: Path, data: Dataset, work: Pa
     """Per-node error of the QDQ model against the float one on ``data`` (worst first)."""
     onnx = require_module("onnx", "convert")
     ort = require_module("onnxruntime", "convert")
-    from .to_onnx import prepare_onnx
+    from .onnx_quantize import prepare_onnx
 
     float_proto, _ = prepare_onnx(onnx.load(str(float_model)))  # a no-op on the quantizer's own prepared graph
     quant_proto = onnx.load(str(quantized))

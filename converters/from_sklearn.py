@@ -46,7 +46,7 @@ def load_sklearn(path: Path, *, trust_pickle: bool) -> Any:
     joblib = require_module("joblib", "convert")
     try:
         model = joblib.load(path)
-    except Exception as exc:  # a pickle can raise anything
+    except Exception as exc:  # noqa: BLE001 - a pickle can raise anything
         raise ModelLoadError(f"{path}: cannot load this pickle: {first_line(exc)}") from None
     if not hasattr(model, "predict"):
         raise ModelLoadError(f"{path}: holds a {type(model).__name__}, not a scikit-learn estimator (no predict)")
@@ -93,7 +93,7 @@ def export_sklearn_to_onnx(path: Path, out: Path, *, trust_pickle: bool) -> list
             target_opset=SKLEARN_OPSET,
             options=options or None,
         )
-    except Exception as exc:  # skl2onnx raises RuntimeError/NotImplementedError naming the estimator
+    except Exception as exc:  # noqa: BLE001 - skl2onnx raises RuntimeError, NotImplementedError and its own types, naming the estimator
         raise EdgeshipError(f"skl2onnx cannot convert {path.name} ({type(model).__name__}): {_skl2onnx_reason(exc)}") from None
     check_onnx_model(proto, path.name)
     onnx.save(proto, str(out))

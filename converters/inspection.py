@@ -130,7 +130,7 @@ def inspect_model(path: str | os.PathLike[str]) -> dict[str, Any]:
         counts, _ = onnx_operator_counts(p)
         try:
             float_ops = onnx_float_operators(onnx.load(str(p), load_external_data=False))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - onnx's parser raises protobuf's DecodeError and others, no one family
             raise ModelLoadError(f"{p}: not a readable ONNX model ({exc.__class__.__name__})") from None
         fully_integer = not float_ops
     else:

@@ -108,7 +108,7 @@ def run_stage(
     verbose = is_verbose()
     if not verbose:
         env.update(QUIET_ENV)
-    log = open(work / "child.log", "wb")  # noqa: SIM115 - closed below
+    log = open(work / "child.log", "wb")  # closed below
     try:
         out_target: Any = log
         if verbose:
@@ -158,7 +158,7 @@ def _relay_progress(fd: int, report: ProgressCallback) -> None:
             if len(parts) == 3:
                 try:
                     report(parts[0], int(parts[1]), int(parts[2]))
-                except Exception:  # a display problem must not stop the conversion
+                except Exception:  # noqa: BLE001, S110 - a display problem must not stop the conversion
                     pass
 
 
@@ -203,7 +203,7 @@ def _stage_onnx_export(request: dict[str, Any], progress: ProgressCallback) -> d
 
 
 def _stage_onnx_quantize(request: dict[str, Any], progress: ProgressCallback) -> dict[str, Any]:
-    from .to_onnx import OnnxQuantOptions, quantize_onnx
+    from .onnx_quantize import OnnxQuantOptions, quantize_onnx
 
     calibration = load_dataset_files(request["calibration"]) if request.get("calibration") else None
     result = quantize_onnx(
@@ -269,7 +269,7 @@ def _child_main(argv: list[str]) -> int:
         outcome = {"error": {"class": type(exc).__name__, "message": exc.message}}
     except MemoryError:
         outcome = {"error": {"class": "EdgeshipError", "message": "the converter ran out of memory"}}
-    except Exception as exc:  # a converter's own exception: one line, exit 1 at the CLI
+    except Exception as exc:  # noqa: BLE001 - a converter's own exception: one line, exit 1 at the CLI
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), exc.__class__.__name__)
         outcome = {"error": {"class": "EdgeshipError", "message": f"{request.get('stage_name', request['stage'])} failed: {first[:300]}"}}
     tmp = result_file.with_suffix(".tmp")

@@ -90,7 +90,7 @@ def quiet_output(enabled: bool = True) -> Iterator[None]:
         os.dup2(devnull, 2)
         # Python-level stderr (progress bars, click) still reaches the user; the
         # libraries' prints to stdout and everything native goes nowhere
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - closed below
+        sys.stdout = open(os.devnull, "w")  # closed below
         sys.stderr = original
         for name in _CHATTY_LOGGERS:
             logging.getLogger(None if name == "root" else name).setLevel(logging.ERROR)
@@ -102,7 +102,7 @@ def quiet_output(enabled: bool = True) -> Iterator[None]:
         _active.pop()
         try:
             sys.stdout.close()
-        except Exception:  # pragma: no cover
+        except OSError:  # pragma: no cover - closing os.devnull
             pass
         sys.stdout, sys.stderr = python_out, python_err
         for name, level in levels.items():

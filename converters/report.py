@@ -1,6 +1,6 @@
 """The conversion report written beside every converted model (OUT + ``.report.json``).
 
-It is the hand-over to issue 3's bundle manifest: format, signature with
+It is the hand-over to the bundle manifest: format, signature with
 quantization parameters, preprocessing, quality, operators, runtime
 requirements and the golden tolerance. The schema is documented in
 docs/converters.md; ``REPORT_SCHEMA`` changes when a field changes meaning.

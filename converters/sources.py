@@ -124,7 +124,7 @@ def _stdout_to_stderr() -> Iterator[None]:
     finally:
         try:
             sys.stdout.flush()
-        except Exception:  # pragma: no cover
+        except (OSError, ValueError):  # pragma: no cover - a closed or broken stream
             pass
         if saved_fd >= 0:
             os.dup2(saved_fd, 1)
@@ -144,7 +144,7 @@ def load_keras_or_savedmodel(path: str | os.PathLike[str], kind: str | None = No
                 return tf.saved_model.load(str(p))
     except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile, ImportError, AttributeError) as exc:
         raise ModelLoadError(f"{p}: TensorFlow cannot load this {kind} model: {first_line(exc)}") from None
-    except Exception as exc:  # TensorFlow raises many internal error types on corrupt files
+    except Exception as exc:  # noqa: BLE001 - TensorFlow raises many internal error types on corrupt files
         raise ModelLoadError(f"{p}: TensorFlow cannot load this {kind} model: {first_line(exc)}") from None
     raise ModelLoadError(f"{p}: a {kind} model is not a Keras model or a SavedModel")
 

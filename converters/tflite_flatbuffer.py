@@ -62,7 +62,7 @@ def _schema() -> Any:
     for name in ("ai_edge_litert.schema_py_generated", "tflite_runtime.schema_py_generated", "tensorflow.lite.python.schema_py_generated"):
         try:
             return importlib.import_module(name)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a schema module that fails to import for any reason is skipped for the next
             continue
     raise MissingExtraError("reading a .tflite file needs LiteRT or TensorFlow: pip install 'edgeship[litert]'")
 
@@ -103,7 +103,7 @@ def parse_tflite_graph(data: bytes, path: str = "the model") -> TFLiteGraph:
             quanta.append(_output_quantum(int(out), tensors, producer))
     except ModelLoadError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the generated flatbuffer parser raises whatever a truncated buffer trips (struct.error, IndexError, ...)
         raise ModelLoadError(
             f"{path}: not a readable TFLite flatbuffer (corrupt or truncated? the parser failed with {exc.__class__.__name__})"
         ) from None

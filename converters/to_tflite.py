@@ -98,7 +98,7 @@ def named_outputs_model(model: Any) -> Any:
         return model
     try:
         return tf.keras.Model(model.inputs, dict(zip(keras_output_names(model), model.outputs)))
-    except Exception:  # a subclassed model without a graph of layers: its own outputs
+    except Exception:  # noqa: BLE001 - a subclassed model without a graph of layers: its own outputs
         return model
 
 
@@ -166,7 +166,7 @@ def recurrent_plan(model: Any, fixed_batch: int | None) -> tuple[Any, list[str]]
                     f"recurrent layer(s) {', '.join(layers)}: unrolled over the sequence length into builtin operators "
                     "(TFLite has no builtin for a rolled Keras 3 loop; unrolled, it also quantizes to int8)"
                 )
-            except Exception as exc:  # a custom cell that cannot be cloned: keep the loop, fix the batch
+            except Exception as exc:  # noqa: BLE001 - a custom cell that cannot be cloned: keep the loop, fix the batch
                 notes.append(f"recurrent layer(s) {', '.join(layers)} could not be unrolled ({exc.__class__.__name__})")
                 static_length = False
         if not static_length and fixed_batch is None and any(t.shape[0] is None for t in model.inputs):
@@ -214,7 +214,7 @@ def convert_to_tflite(
                 content = _selectively_quantized(tf, converter, options.keep_float)
             else:
                 content = converter.convert()
-    except Exception as exc:  # the converter raises ConverterError and friends
+    except Exception as exc:  # noqa: BLE001 - the converter raises ConverterError and friends
         raise _converter_error(str(exc), exc, options) from None
     report("converting to TFLite", 1, 1)
     if options.strict and quantize == "int8":

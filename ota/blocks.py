@@ -40,8 +40,8 @@ from .block_transfer import (
     BlockTransferConfig,
     BlockTransferFailed,
     MqttBlockDownloader,
-    PartialFile,
 )
+from .partial_file import PartialFile
 
 
 class BlockTransferError(BlockTransferFailed, tuf_exceptions.DownloadError):

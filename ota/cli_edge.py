@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = ["ErrorReportingGroup"]
 
 import sys
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import click
@@ -47,11 +48,18 @@ class ErrorReportingGroup(click.Group):
         which keeps its traceback). Subclasses add theirs."""
         return None
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         if not standalone_mode:  # a caller that handles click's exceptions itself
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            result = super().main(*args, standalone_mode=False, **kwargs)
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else self.name
             _fail(f"{exc.format_message()} (see '{where} --help')", EXIT_BAD_INPUT)

@@ -301,7 +301,7 @@ def load_director_public_key(path: str | os.PathLike[str] | bytes) -> Ed25519Pub
 def _as_public_key(public_key: PublicKeyLike) -> Ed25519PublicKey:
     if isinstance(public_key, Ed25519PublicKey):
         return public_key
-    return load_director_public_key(public_key)  # type: ignore[arg-type]
+    return load_director_public_key(public_key)
 
 
 # -- sign and verify -------------------------------------------------------------------------------

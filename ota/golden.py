@@ -52,7 +52,8 @@ class GoldenVectors:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the vectors atomically (temp file in the same folder, then rename)."""
-        arrays: dict[str, np.ndarray] = {
+        # Any: numpy's stub types savez's **kwds as its allow_pickle flag
+        arrays: dict[str, Any] = {
             "meta": np.array(
                 json.dumps(
                     {

@@ -15,6 +15,12 @@ Reconnect: after a lost connection the network thread reconnects with
 exponential backoff and full jitter (:class:`ReconnectPolicy`), re-subscribes
 every filter (so retained messages, the desired state among them, arrive
 again), publishes the birth message, and calls the connect listeners.
+
+Why one module of this size: it is the whole of what edgeship knows about paho-mqtt (the
+design keeps paho behind one small module), and most of it is one class, the connection,
+whose reconnect, subscription, birth/last-will and pending-publish state change together on
+paho's network thread. The pure pieces beside it (broker URLs, topic filters, the reconnect
+policy) are the vocabulary of that connection's options and its callers.
 """
 
 from __future__ import annotations
@@ -576,7 +582,7 @@ class MqttConnection:
             attempt += 1
             try:
                 result = self._client.reconnect()
-            except Exception as exc:  # OSError, ssl errors, DNS: all mean "try again later"
+            except Exception as exc:  # noqa: BLE001 - OSError, ssl errors, DNS: all mean try again later
                 self._last_error = describe_connect_failure(exc)
                 log.debug("connect to %s failed: %s", self.broker, self._last_error)
                 continue

@@ -1,5 +1,5 @@
-"""Fixtures of the device-agent tests: a real release repository (issue 3's
-``ReleaseRepository``) holding digits bundles, good and bad, exported as real
+"""Fixtures of the device-agent tests: a real release repository
+(``ReleaseRepository``) holding digits bundles, good and bad, exported as real
 offline packages; agent configs; a plain TF Serving-style HTTP client."""
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _build(
     digits_files: dict[str, Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AgentRepo:
-    from edgeship.ota.bundle import build_bundle
+    from edgeship.ota.bundle_build import build_bundle
     from edgeship.ota.release import ReleaseRepository
 
     base = tmp_path_factory.mktemp("agent-repo")
@@ -286,7 +286,7 @@ class AgentProcess:
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
             env=env or agent_env(),
-            preexec_fn=preexec_fn,  # noqa: PLW1509 - e.g. a lower file limit for the agent alone (rlimit only)
+            preexec_fn=preexec_fn,  # e.g. a lower file limit for the agent alone (rlimit only)
         )
 
     def wait_serving(self, timeout: float = 30.0) -> dict[str, Any]:

@@ -13,10 +13,24 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def full_integer_tflite(model: Any, calib: np.ndarray) -> bytes:
+    """A Keras model as full-integer TFLite with int8 inputs and outputs (100 calibration samples)."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([calib[i : i + 1]] for i in range(100))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    return bytes(converter.convert())
 
 
 def write_models(out: Path) -> None:
@@ -31,14 +45,7 @@ def write_models(out: Path) -> None:
     files = save_digits_model(out / "train", epochs=8)
     model = tf.keras.models.load_model(files["model"])
     (out / "digits.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-    calib = np.load(files["calib"])["x"]
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([calib[i : i + 1]] for i in range(100))
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
-    (out / "digits-int8.tflite").write_bytes(converter.convert())
+    (out / "digits-int8.tflite").write_bytes(full_integer_tflite(model, np.load(files["calib"])["x"]))
     x = np.load(files["eval"])["x"][:64].astype(np.float32)
     np.savez(out / "eval.npz", x=x)
     with (

@@ -8,7 +8,9 @@ import json
 import os
 import queue
 import shutil
+import signal
 import ssl
+import subprocess
 import tempfile
 import threading
 import time
@@ -128,7 +130,7 @@ def connect(port: int, *, ca: Path | None = None, cert: Path | None = None, key:
         c.loop_stop()
         try:
             c.disconnect()
-        except Exception:  # noqa: BLE001 - already gone
+        except Exception:  # noqa: BLE001, S110 - already gone
             pass
         return None, outcome
     return client, outcome
@@ -194,6 +196,16 @@ def start_broker(root: Path, auth: str = "both") -> BrokerUnderTest:
     while folder.running_broker_pid() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     return BrokerUnderTest(folder, broker, settings, root)
+
+
+def stop_gracefully(proc: subprocess.Popen, timeout: float = 15.0) -> int:
+    """SIGTERM a broker process and wait (SIGKILL after ``timeout`` s); its exit status."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(5)
 
 
 def _has_user(name: str) -> bool:

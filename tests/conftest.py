@@ -45,17 +45,11 @@ def digits_int8_tflite(digits_files: dict[str, Path], tmp_path_factory: pytest.T
     """The digits model as full-integer TFLite with int8 inputs and outputs."""
     import numpy as np
     import tensorflow as tf
+    from agent_tflite_models import full_integer_tflite
 
     model = tf.keras.models.load_model(digits_files["model"])
-    calib = np.load(digits_files["calib"])["x"]
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([calib[i : i + 1]] for i in range(100))
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
     out = tmp_path_factory.mktemp("digits-int8") / "digits-int8.tflite"
-    out.write_bytes(converter.convert())
+    out.write_bytes(full_integer_tflite(model, np.load(digits_files["calib"])["x"]))
     return out
 
 

@@ -232,7 +232,7 @@ def serve_with_agent(result: Any, folder: Path, name: str, instances: Any) -> tu
     from edgeship.agent.serving import ServingModel
     from edgeship.agent.sources import OfflinePackageSource
     from edgeship.agent.updater import UpdateDriver
-    from edgeship.ota.bundle import build_bundle
+    from edgeship.ota.bundle_build import build_bundle
     from edgeship.ota.release import ReleaseRepository
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 from agent_fixtures import AgentProcess, agent_env
-from polling import wait_for  # noqa: F401  (re-exported for the tests)
+from polling import wait_for  # also re-exported for the tests
 
 from edgeship.agent.config import render_config
 from edgeship.ota.errors import EdgeshipError

@@ -22,7 +22,7 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Tar
 from tuf.api.serialization.json import JSONSerializer
 from tuf.ngclient import FetcherInterface
 
-from edgeship.ota.bundle import build_bundle
+from edgeship.ota.bundle_build import build_bundle
 from edgeship.ota.director import DesiredState, sign_desired_state
 
 ROLES = ("root", "targets", "snapshot", "timestamp")

@@ -136,7 +136,7 @@ def test_onnx_bundles_install_swap_and_roll_back(tmp_path: Path, digits_files: d
     from fleet_e2e_fixtures import edgeship_cli
 
     from edgeship.agent.runtimes import open_model
-    from edgeship.ota.bundle import build_bundle
+    from edgeship.ota.bundle_build import build_bundle
     from edgeship.ota.release import ReleaseRepository
 
     model = tmp_path / "digits.onnx"

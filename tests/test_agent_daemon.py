@@ -1,4 +1,4 @@
-"""The running agent in-process, as the fleet (issue 5) plugs into it: the reporter
+"""The running agent in-process, as the fleet link plugs into it: the reporter
 receives valid ReportedMessage / EventMessage / TelemetryMessage documents, and a
 desired state with a TUF fetcher takes the same path as an offline package."""
 

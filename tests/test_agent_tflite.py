@@ -51,7 +51,7 @@ def test_agent_installs_and_serves_on_tflite_runtime(tmp_path: Path) -> None:
     from edgeship.agent.serving import ServingModel
     from edgeship.agent.sources import OfflinePackageSource
     from edgeship.agent.updater import UpdateDriver
-    from edgeship.ota.bundle import build_bundle
+    from edgeship.ota.bundle_build import build_bundle
     from edgeship.ota.golden import GoldenVectors
     from edgeship.ota.release import ReleaseRepository
 

@@ -15,6 +15,7 @@ from cryptography import x509
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.topics import DEVICE_KINDS, DEVICE_PUBLISHES, DEVICE_SUBSCRIBES
 from edgeship.toolkit import broker_config as bc
+from edgeship.toolkit import fleet_pki as pki
 from edgeship.toolkit.cli import main
 from edgeship.toolkit.identities import BrokerFolder
 
@@ -139,23 +140,23 @@ def test_our_hash_format_is_mosquitto_passwd_s(tmp_path: Path) -> None:
 # -- PKI ------------------------------------------------------------------------------------------
 
 def test_server_certificate_names_and_client_certificate_cn() -> None:
-    ca_key, ca = bc.create_ca()
-    _, server = bc.issue_server_certificate(ca_key, ca, ["broker.lan", "10.1.2.3"])
+    ca_key, ca = pki.create_ca()
+    _, server = pki.issue_server_certificate(ca_key, ca, ["broker.lan", "10.1.2.3"])
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {str(v.value) for v in san} == {"localhost", "127.0.0.1", "broker.lan", "10.1.2.3"}
-    _, client = bc.issue_client_certificate(ca_key, ca, "dev-7")
+    _, client = pki.issue_client_certificate(ca_key, ca, "dev-7")
     assert client.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value == "dev-7"
     client.verify_directly_issued_by(ca)
     with pytest.raises(BadInputError):
-        bc.issue_client_certificate(ca_key, ca, "dev/7")
+        pki.issue_client_certificate(ca_key, ca, "dev/7")
 
 
 def test_crl_lists_revoked_serials() -> None:
     import datetime as dt
 
-    ca_key, ca = bc.create_ca()
+    ca_key, ca = pki.create_ca()
     now = dt.datetime.now(dt.timezone.utc)
-    crl = bc.build_crl(ca_key, ca, [(1234, now), (99, now)])
+    crl = pki.build_crl(ca_key, ca, [(1234, now), (99, now)])
     assert {r.serial_number for r in crl} == {1234, 99} and crl.is_signature_valid(ca.public_key())
     assert crl.next_update_utc > now + dt.timedelta(days=300)
 

@@ -5,7 +5,6 @@ rules; and `edgeship broker run --broker-dir` as a real process."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker_fixtures import Client, connect, creds
+from broker_fixtures import Client, connect, creds, stop_gracefully
 from click.testing import CliRunner
 from mqtt_broker import free_port
 
@@ -116,10 +115,5 @@ def test_broker_run_with_rules_as_a_process(tmp_path: Path) -> None:
         assert a is not None, outcome
         a.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_gracefully(proc)
     assert proc.returncode == 0

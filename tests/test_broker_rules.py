@@ -16,7 +16,7 @@ import pytest
 from broker_fixtures import BrokerUnderTest, Client, connect, start_broker
 from mqtt_broker import mosquitto_binary
 
-from edgeship.toolkit.broker_config import (
+from edgeship.toolkit.fleet_pki import (
     certificate_pem,
     create_ca,
     issue_client_certificate,
@@ -233,5 +233,42 @@ def test_broker_restart_keeps_the_rules_and_retained_desired_state(tmp_path: Pat
         r.subscribe(t("dev-r", "desired"))
         assert r.wait_for(t("dev-r", "desired")) == b"keep-me"
         r.close()
+    finally:
+        b.stop()
+
+
+# -- Under the ACL that `broker config` writes, the controller identity can do what the controller
+# does: MQTT 5 shared subscriptions to every device's events, telemetry and block requests (two
+# replicas, each with its own identity from `broker replica`, share the load), and publishing
+# desired states.
+
+def test_controller_identity_shares_subscriptions_under_the_acl(tmp_path: Path) -> None:
+    b = start_broker(tmp_path, auth="cert")
+    try:
+        from broker_fixtures import creds
+
+        b.folder.issue_controller("edgeship-controller-b", tmp_path / "replica-b")
+        replicas = []
+        for ctl in (b.controller(), creds(tmp_path / "replica-b")):
+            client, outcome = b.connect_as(ctl, protocol=mqtt.MQTTv5)
+            assert client is not None, outcome
+            granted = client.subscribe("$share/edgeship-controllers/edgeship/+/devices/+/events")
+            assert all(not getattr(g, "is_failure", g >= 128) for g in granted), granted
+            replicas.append(client)
+        dev, outcome = b.connect_as(b.device("dev-a"))
+        assert dev is not None, outcome
+        for i in range(20):
+            dev.publish("edgeship/f1/devices/dev-a/events", f"e{i}".encode())
+        time.sleep(1.0)
+        per_replica = [list(r.drain()) for r in replicas]
+        got = [p for messages in per_replica for _, p in messages]
+        assert sorted(got) == sorted(f"e{i}".encode() for i in range(20))  # every event, each once
+        assert all(per_replica), [len(m) for m in per_replica]  # and both replicas had a share
+        # and the controller may publish a device's desired state, which the device reads
+        dev.subscribe("edgeship/f1/devices/dev-a/desired")
+        replicas[0].publish("edgeship/f1/devices/dev-a/desired", b"d", retain=True)
+        assert dev.wait_for("edgeship/f1/devices/dev-a/desired") == b"d"
+        for client in (*replicas, dev):
+            client.close()
     finally:
         b.stop()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from broker_fixtures import connect
+from broker_fixtures import connect, stop_gracefully
 from click.testing import CliRunner
 from mqtt_broker import free_port
 
@@ -43,10 +42,5 @@ def test_broker_run_serves_mqtt_until_sigterm() -> None:
         assert client.wait_for("edgeship/f1/devices/d1/status") == b"hello"
         client.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_gracefully(proc)
     assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]

@@ -415,9 +415,9 @@ def test_abtest_assignments_reach_both_arms(mosquitto_broker: Any, release_repo:
         v1 = {"name": "digits", "version": "1.0.0"}
         sims = {arm: [devices_factory(n, active=dict(v1)) for n in names[arm]] for arm in ("A", "B")}
         for sim in sims["B"]:  # arm B devices get 1.1.0, signed, tagged with the test
-            state = wait_for(lambda: not sim.desired.empty() and sim.desired.get_nowait(), what="desired state")
+            state = wait_for(lambda sim=sim: not sim.desired.empty() and sim.desired.get_nowait(), what="desired state")
             assert (state.version, state.deployment) == ("1.1.0", test_id)
-            record = wait_for(lambda: store.desired_for(sim.device), what="desired state recorded")
+            record = wait_for(lambda sim=sim: store.desired_for(sim.device), what="desired state recorded")
             assert record.abtest_id == test_id  # recorded once the broker acknowledged the publish
         time.sleep(1.0)  # arm A devices already run 1.0.0: nothing is sent to them
         assert all(s.desired.empty() and store.desired_for(s.device) is None for s in sims["A"])

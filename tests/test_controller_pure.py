@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from edgeship.ota.director import (
     WrongDeviceError,
@@ -28,6 +29,7 @@ from edgeship.ota.protocol import (
 )
 from edgeship.ota.release import TargetInfo
 from edgeship.ota.telemetry import LatencyHistogram
+from edgeship.toolkit.cli import main
 from edgeship.toolkit.controller import (
     ControllerConfig,
     RejectedMessage,
@@ -219,8 +221,39 @@ def test_labels_are_escaped() -> None:
     assert 'edgeship_devices{fleet="we\\"ird"} 1' in render_metrics(summary, [], {}, 60)
 
 
-@pytest.mark.parametrize("changes", [{"tick_s": 0}, {"batch_max": 0}, {"replica_id": ""},
-                                     {"desired_renew_s": 10.0, "desired_expires_s": 5.0}])
-def test_config_refuses_nonsense(changes: dict[str, Any]) -> None:
+# -- controller settings that would misbehave (some silently) are refused with one line ---------
+
+
+@pytest.mark.parametrize("changes", [
+    {"tick_s": 0},
+    {"batch_max": 0},
+    {"replica_id": ""},
+    {"desired_renew_s": 10.0, "desired_expires_s": 5.0},
+    {"tick_s": float("nan")},       # every wait returns at once: a busy loop
+    {"tick_s": float("inf")},       # OverflowError in the reconcile thread
+    {"tick_s": 1e12},
+    {"shared_group": "a/b"},        # $share/a/b/edgeship/...: group "a", the wrong topic filter
+    {"shared_group": "+"},
+    {"shared_group": "g#"},
+])
+def test_controller_config_refuses_settings_that_would_misbehave_silently(changes: dict[str, Any]) -> None:
     with pytest.raises(BadInputError):
         ControllerConfig(broker="mqtt://127.0.0.1:1883", repo="r", db_url="sqlite://", **changes)
+
+
+def test_controller_config_accepts_sane_tick_and_shared_group() -> None:
+    config = ControllerConfig(broker="mqtt://127.0.0.1:1883", repo="r", db_url="sqlite://", tick_s=0.5,
+                              shared_group="edgeship-controllers")
+    assert config.shared_group == "edgeship-controllers"
+    assert ControllerConfig(broker="mqtt://127.0.0.1:1883", repo="r", db_url="sqlite://",
+                            shared_group=None).shared_group is None
+
+
+@pytest.mark.parametrize("args,why", [(["--tick", "nan"], "tick"), (["--shared-group", "a/b"], "shared")])
+def test_controller_command_refuses_bad_tick_or_shared_group_before_connecting(tmp_path: Path, args: list, why: str) -> None:
+    repo = tmp_path / "repo"
+    result = CliRunner().invoke(main, ["controller", "--broker", "mqtt://127.0.0.1:1", "--repo", str(repo),
+                                       "--db", f"sqlite:///{tmp_path / 'f.db'}", *args],
+                                env={"EDGESHIP_ROOT_PASSPHRASE": "a long passphrase"})
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and why in result.stderr

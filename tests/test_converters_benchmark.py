@@ -1,4 +1,4 @@
-"""benchmarks/conversion.py's pure part: the issue's targets checked against
+"""benchmarks/conversion.py's pure part: the conversion targets checked against
 measured rows (PASS/FAIL decides the script's exit status), and the markdown it
 writes into docs/benchmarks.md."""
 

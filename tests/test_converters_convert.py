@@ -1,6 +1,6 @@
 """Real conversions of the digits CNN (TensorFlow Lite converter, tf2onnx,
 onnxruntime.quantization), validated through the device runtimes; the report,
-the golden vectors, and every bad input of issue 2."""
+the golden vectors, and every bad input a user can give."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_every_variant_converts_validates_and_reports(convert_digits: Any, to: s
     assert report["schema"] == REPORT_SCHEMA
     assert report["model"]["format"] == to and report["model"]["size_bytes"] == result.out.stat().st_size
     quality = report["quality"]
-    # the issue's target for digits, on held-out eval data
+    # the conversion target for digits, on held-out eval data
     assert quality["samples"] == 397
     assert quality["accuracy_drop_pp"] <= 1.0, quality
     assert quality["agreement"] >= 0.97, quality
@@ -318,13 +318,13 @@ def test_missing_extra_names_it_and_exits_5(tmp_path: Path, digits_files: dict[s
     assert list(tmp_path.iterdir()) == []
 
 
-# ---- review fixes: outputs that cannot be written, gates that cannot be checked ----------
+# ---- outputs that cannot be written, gates that cannot be checked --------------------------
 
 
 def test_a_folder_nobody_can_write_in_is_refused_before_any_work(digits_files: dict[str, Path]) -> None:
     """/proc takes no new files, not even from root (for whom os.access always says yes)."""
     with pytest.raises(BadInputError) as info:
-        convert_model(digits_files["model"], "/proc/edgeship-review.tflite")
+        convert_model(digits_files["model"], "/proc/edgeship-unwritable.tflite")
     assert "cannot be written" in info.value.message and "\n" not in info.value.message
     assert info.value.exit_code == 2
 

@@ -43,7 +43,7 @@ def test_mobilenet_int8_is_small_valid_and_self_tests(mobilenet: dict[str, Path]
     fp32 = _convert(mobilenet, to, "none")
     int8 = _convert(mobilenet, to, "int8")
     ratio = int8.report["model"]["size_bytes"] / fp32.report["model"]["size_bytes"]
-    assert ratio <= 0.30, ratio  # the size target (TFLite); ONNX QDQ keeps int8 weights too
+    assert ratio <= 0.30, ratio  # the size target (TFLite); ONNX QDQ keeps int8 weights too
     for result in (fp32, int8):
         report = result.report
         assert report["signature"]["inputs"][0]["shape"] == [-1, 224, 224, 3]

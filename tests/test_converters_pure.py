@@ -86,7 +86,9 @@ def test_parity_refuses_mismatched_outputs() -> None:
     ],
 )
 def test_align_outputs(ref: list, cand: list, expected: list[int]) -> None:
-    specs = lambda items: [TensorSpec(item[0], item[1], "float32", key=item[2] if len(item) > 2 else "") for item in items]
+    def specs(items: list) -> list[TensorSpec]:
+        return [TensorSpec(item[0], item[1], "float32", key=item[2] if len(item) > 2 else "") for item in items]
+
     assert align_outputs(specs(ref), specs(cand)) == expected
 
 

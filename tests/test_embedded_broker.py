@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from transport_fixtures import Collector, python_child, read_line_with, wait_until
 
 from edgeship.ota.blocks import BlockTransferConfig, MqttBlockFetcher
@@ -27,6 +28,7 @@ from edgeship.ota.transport import (
     TransportError,
 )
 from edgeship.toolkit.blockserver import BlockServer
+from edgeship.toolkit.cli import main
 from edgeship.toolkit.embedded_broker import EmbeddedBroker
 
 FAST = ReconnectPolicy(initial_s=0.1, max_s=0.5)
@@ -174,7 +176,7 @@ def test_an_agent_started_before_the_broker_loses_nothing_in_the_version_fallbac
         try:  # published before any broker exists; must arrive once the version is settled
             conn.publish(device_topic("lab", "early", "reported"), b'{"state":"IDLE"}', qos=1, retain=True,
                          wait=False, timeout=20)
-        except Exception as exc:  # pragma: no cover - the assertion below shows it
+        except Exception as exc:  # pragma: no cover  # noqa: BLE001 - the assertion below shows it
             errors.append(exc)
 
     import threading
@@ -204,3 +206,50 @@ def test_module_entry_point_on_a_taken_port_is_one_line() -> None:
     assert result.stderr.strip().splitlines() == [
         f"error: embedded MQTT broker could not listen on 127.0.0.1:{port} "
         "(OSError: [Errno 98] Address already in use)"], result.stderr
+
+
+# -- `edgeship broker run` with an address it cannot listen on: one clear line, whatever the port.
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "no-such-host.invalid", "192.0.2.1"])
+def test_an_address_it_cannot_listen_on_is_a_clear_error(host: str) -> None:
+    with pytest.raises(EdgeshipError, match=f"could not listen on {host}"):
+        EmbeddedBroker(host, 0).start(timeout=5)
+
+
+def test_broker_run_with_a_bad_host_is_one_line() -> None:
+    result = CliRunner().invoke(main, ["broker", "run", "--host", "999.1.1.1", "--port", "0"])
+    assert result.exit_code != 0 and not isinstance(result.exception, OSError), result.output
+    assert result.stderr.startswith("error: embedded MQTT broker could not listen on 999.1.1.1")
+    assert result.stderr.count("\n") == 1
+
+
+def test_a_fixed_port_on_a_bad_host_is_one_line_without_amqtt_s_traceback() -> None:
+    from mqtt_broker import free_port
+
+    # a real process: amqtt logs through the root logger's last-resort handler there
+    result = subprocess.run([sys.executable, "-m", "edgeship.toolkit.cli", "broker", "run", "--host", "192.0.2.1",
+                             "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: embedded MQTT broker could not listen on 192.0.2.1"), result.stderr
+
+
+def test_ipv6_loopback_still_listens() -> None:
+    import socket
+
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 here")
+    broker = EmbeddedBroker("::1", 0)
+    try:
+        broker.start(timeout=10)
+    except EdgeshipError as exc:
+        if "Address family" in exc.message or "Cannot assign" in exc.message:
+            pytest.skip(f"no IPv6 loopback here: {exc.message}")
+        raise
+    try:
+        assert broker.port > 0
+        socket.create_connection(("::1", broker.port), timeout=5).close()
+    finally:
+        broker.stop()

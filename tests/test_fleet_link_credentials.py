@@ -174,7 +174,7 @@ def test_an_agent_initialised_from_the_folder_connects_and_a_wrong_ca_is_named(b
     assert _init("--credentials", str(tmp_path / "dev-1"), "--data", str(tmp_path / "d"), "--bind", bind,
                  "-o", str(tmp_path / "a.toml")).exit_code == 0
     # the same device, but trusting another CA: the broker's certificate does not verify
-    from edgeship.toolkit.broker_config import certificate_pem, create_ca
+    from edgeship.toolkit.fleet_pki import certificate_pem, create_ca
 
     _, other_ca = create_ca("not the fleet CA")
     (tmp_path / "other-ca.crt").write_bytes(certificate_pem(other_ca))

@@ -1,5 +1,5 @@
-"""The agent's fleet link can fetch bundles over HTTP instead of MQTT blocks (issue 5: "or over
-HTTP; both are fetchers behind the same verification"): ``[broker] repository_url``."""
+"""The agent's fleet link can fetch bundles over HTTP instead of MQTT blocks (both are fetchers
+behind the same verification): ``[broker] repository_url``."""
 
 from __future__ import annotations
 

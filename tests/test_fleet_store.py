@@ -1,6 +1,6 @@
 """The fleet store on SQLite (a WAL file) and, marked slow, on a real PostgreSQL server.
 
-Every test in this module runs on both backends through the ``store`` fixture.
+Every test that takes the ``store`` fixture runs on both backends.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from fleet_fixtures import postgres_server  # noqa: F401  (fixture)
 
-from edgeship.ota.errors import BadInputError
+from edgeship.ota.errors import BadInputError, EdgeshipError
 from edgeship.ota.protocol import EventMessage, ReportedMessage, StatusMessage, TelemetryMessage
 from edgeship.ota.telemetry import LatencyHistogram
 from edgeship.toolkit.abtest import ABTest, Arm, Metric, assign_arm
+from edgeship.toolkit.cli import main
 from edgeship.toolkit.rollouts import (
     AssignVersion,
     DeviceStatus,
@@ -478,3 +480,29 @@ def test_a_second_running_abtest_of_a_bundle_is_refused_whatever_its_selection(s
                                metric=Metric.ERROR_RATE, created_at=12.0))  # another bundle: fine
     store.create_abtest(ABTest(id="ab-4", fleet="elsewhere", a=Arm("digits", "1.0"), b=Arm("digits", "2.0"),
                                metric=Metric.ERROR_RATE, created_at=13.0))  # another fleet: fine
+
+
+# -- Store URLs the store cannot use are one clear line, never a traceback.
+
+@pytest.mark.parametrize("url", ["mysql://x@127.0.0.1/db", "oracle://x@h/db", "mssql+pyodbc://x@h/db"])
+def test_unsupported_databases_are_bad_input(url: str) -> None:
+    with pytest.raises(BadInputError, match="sqlite:/// or postgresql://"):
+        FleetStore(url)
+
+
+def test_a_file_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not SQLite at all\n" * 100)
+    with pytest.raises(EdgeshipError, match="cannot open the store"):
+        FleetStore(f"sqlite:///{junk}")
+    result = CliRunner().invoke(main, ["rollout", "ls", "--db", f"sqlite:///{junk}"])
+    assert result.exit_code == 1 and result.stderr.startswith("error: cannot open the store")
+    assert result.stderr.count("\n") == 1
+    assert junk.read_bytes() == b"this is not SQLite at all\n" * 100  # nothing lost
+
+
+def test_an_unreachable_postgresql_is_one_line() -> None:
+    pytest.importorskip("psycopg")
+    with pytest.raises(EdgeshipError, match="cannot open the store") as caught:
+        FleetStore("postgresql://nobody@127.0.0.1:1/fleet")
+    assert "\n" not in caught.value.message and "\t" not in caught.value.message

@@ -1,5 +1,5 @@
-"""Monitoring as code, checked with Prometheus' own promtool: the controller's metrics page passes
-`promtool check metrics`, the alert rules load and fire on their cases (`promtool test rules`), and
+"""Monitoring as code, checked with Prometheus' own promtool: the controller's and the agent's metrics
+pages pass `promtool check metrics`, the alert rules load and fire on their cases (`promtool test rules`), and
 every query of the shipped Grafana dashboards and alert rules is valid PromQL over metric names the
 controller and the agent really export."""
 
@@ -157,6 +157,16 @@ def agent_page(tmp_path: Path, digits_tflite: Path, digits_files: dict[str, Path
         yield text
     finally:
         server.stop()
+
+
+@pytest.mark.promtool
+def test_agent_metrics_pass_promtool_check_metrics(agent_page: str) -> None:
+    """A real agent's /metrics (model, latency histogram, classes, feedback, thermal zone, the HTTP
+    connection gauges) as Prometheus' own linter reads it."""
+    assert "edgeship_predict_latency_seconds_bucket" in agent_page and "edgeship_device_temperature_celsius" in agent_page
+    result = promtool("check", "metrics", stdin=agent_page)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "" and result.stderr.strip() == ""
 
 
 def test_device_dashboard_queries_only_what_the_agent_exports(agent_page: str) -> None:

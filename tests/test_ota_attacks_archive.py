@@ -1,4 +1,4 @@
-"""The attack table of issue 3, archive side: every hostile bundle is refused with its own
+"""The attack table of the bundle's trust, archive side: every hostile bundle is refused with its own
 exception, before its content is written, and nothing is left extracted.
 
 The hostile archives are real tar files written with Python's tarfile (or by hand

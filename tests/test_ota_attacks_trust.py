@@ -1,4 +1,4 @@
-"""The attack table of issue 3, trust side: each attack against the release repository,
+"""The attack table of the bundle's trust, trust side: each attack against the release repository,
 the director or the transport raises its own exception, and nothing is left in the
 device's work folder.
 

@@ -7,6 +7,7 @@ Tampering on the host side is caught by TUF, whatever the transport."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import http.server
 import shutil
 import threading
@@ -99,7 +100,7 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 
 def test_bundle_verified_over_http(repo: ReleaseRepository, tmp_path: Path) -> None:
-    handler = lambda *a, **k: _Quiet(*a, directory=str(repo.path), **k)
+    handler = functools.partial(_Quiet, directory=str(repo.path))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -15,12 +15,11 @@ from edgeship.ota.archive import ManifestError
 from edgeship.ota.bundle import (
     SCHEMA_VERSION,
     BundleManifest,
-    build_bundle,
     extract_bundle,
     read_manifest,
     scan_bundle,
-    sidecar_files,
 )
+from edgeship.ota.bundle_build import build_bundle, sidecar_files
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.golden import GoldenVectors
 
@@ -179,7 +178,7 @@ def test_build_reports_progress(tmp_path: Path, model: Path) -> None:
 )
 def test_labels_are_read_one_way_for_the_converter_and_the_bundle(tmp_path: Path, text: str, expected: object) -> None:
     from edgeship.converters.convert import read_labels as converter_read_labels
-    from edgeship.ota.bundle import read_labels
+    from edgeship.ota.bundle_build import read_labels
 
     assert converter_read_labels is read_labels  # one reader: `convert --labels` and `bundle build --labels` agree
     path = tmp_path / "labels.txt"

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgeship.ota.bundle import build_bundle
+from edgeship.ota.bundle_build import build_bundle
 from edgeship.ota.delta import (
     MAGIC,
     DeltaError,

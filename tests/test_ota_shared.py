@@ -87,7 +87,7 @@ def test_hash_file_streams_any_size_and_reports_progress(tmp_path) -> None:
         path = tmp_path / f"f{size}"
         path.write_bytes(data)
         seen: list = []
-        assert hash_file(path, lambda step, done, total: seen.append((step, done, total))) == (
+        assert hash_file(path, lambda step, done, total, seen=seen: seen.append((step, done, total))) == (
             size, hashlib.sha256(data).hexdigest())
         assert sha256_file(path) == hashlib.sha256(data).hexdigest()
         assert not seen or seen[-1] == ("hash", size, size)

@@ -1,6 +1,7 @@
 """The controller's Prometheus page: the text exposition written by a pure function, and a small
-HTTP server for it (docs/fleet.md, "Metrics"). No client library: the format is a few lines of text,
-and the figures come from the store and the controller's counters at scrape time."""
+HTTP server for it (docs/fleet.md, "Metrics"). The format is written by the same
+:mod:`edgeship.ota.prometheus` as the agent's page; the figures come from the store and the
+controller's counters at scrape time."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ __all__ = ["INGESTED_KINDS", "FleetCounters", "MetricsServer", "WINDOW_QUANTILES
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from edgeship.ota.errors import BadInputError
-from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
+from edgeship.ota.prometheus import CONTENT_TYPE, Exposition, latency_seconds
+from edgeship.ota.telemetry import LatencyHistogram
 from edgeship.ota.topics import EVENTS, REPORTED, STATUS, TELEMETRY
 from edgeship.toolkit.rollouts import RolloutState
 
@@ -21,24 +23,6 @@ log = logging.getLogger(__name__)
 
 INGESTED_KINDS = (REPORTED, STATUS, EVENTS, TELEMETRY)
 """The topic kinds the controller ingests (and counts per kind)."""
-
-
-def _label(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(**labels: Any) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels.items()) + "}"
-
-
-def _number(value: float | None) -> str:
-    if value is None:
-        return "NaN"
-    if isinstance(value, float) and value != value:  # NaN
-        return "NaN"
-    return repr(float(value)) if isinstance(value, float) else str(value)
 
 
 class FleetCounters:
@@ -99,26 +83,8 @@ def render_metrics(summary: Mapping[str, Mapping[str, Any]], rollouts: Sequence[
         counters: :meth:`FleetCounters.snapshot`: cumulative requests, errors and latency.
         rollout_states: rollouts per (fleet, state), all of them (:meth:`FleetStore.rollout_state_counts`).
     """
-    out: list[str] = []
-
-    def family(name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, Any], float | None]]) -> None:
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            out.append(f"{name}{_labels(**labels)} {_number(value)}")
-
-    def histogram(name: str, help_text: str, series: Sequence[tuple[dict[str, Any], LatencyHistogram]]) -> None:
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} histogram")
-        for labels, hist in series:
-            running = 0
-            for bound, count in zip(LATENCY_BUCKETS_MS, hist.counts):
-                running += count
-                out.append(f"{name}_bucket{_labels(**labels, le=f'{bound / 1000.0:g}')} {running}")
-            out.append(f"{name}_bucket{_labels(**labels, le='+Inf')} {hist.count}")
-            out.append(f"{name}_sum{_labels(**labels)} {_number(hist.total_ms / 1000.0)}")
-            out.append(f"{name}_count{_labels(**labels)} {hist.count}")
-
+    page = Exposition()
+    family = page.family
     fleets = sorted(summary)
     family("edgeship_devices", "gauge", "Devices known to the controller.",
            [({"fleet": f}, summary[f]["devices"]) for f in fleets])
@@ -159,9 +125,9 @@ def render_metrics(summary: Mapping[str, Mapping[str, Any]], rollouts: Sequence[
     family("edgeship_fleet_errors_total", "counter",
            "Inference errors (the model's own) reported since this controller started, per bundle version.",
            [(_version_labels(*key), entry["errors"]) for key, entry in cumulative])
-    histogram("edgeship_fleet_latency_seconds",
-              "Inference latency reported by devices since this controller started (merged fixed buckets).",
-              [(_version_labels(*key), entry["latency"]) for key, entry in cumulative])
+    page.histogram("edgeship_fleet_latency_seconds",
+                   "Inference latency reported by devices since this controller started (merged fixed buckets).",
+                   [(_version_labels(*key), latency_seconds(entry["latency"])) for key, entry in cumulative])
     # Every state of every fleet, zeros included: an alert on a change (the first ABORTED) needs the
     # series to exist before it changes.
     states = dict(rollout_states or {})
@@ -213,8 +179,7 @@ def render_metrics(summary: Mapping[str, Mapping[str, Any]], rollouts: Sequence[
     ]
     for name, kind, help_text, key in singles:
         family(name, kind, help_text, [({}, stats.get(key))] if key in stats else [])
-    return "\n".join(out) + "\n"
-
+    return page.text()
 
 
 class MetricsServer:
@@ -222,23 +187,23 @@ class MetricsServer:
 
     def __init__(self, host: str, port: int, page: Callable[[], str]) -> None:
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:  # http.server's naming
                 if self.path.split("?")[0] not in ("/metrics", "/"):
                     self.send_error(404, "only /metrics is served here")
                     return
                 try:
                     body = page().encode("utf-8")
-                except Exception as exc:  # the store may be busy or gone: say so, do not die
+                except Exception as exc:  # noqa: BLE001 - the store may be busy or gone: say so, do not die
                     log.warning("metrics scrape failed: %s", exc)
                     self.send_error(503, "metrics unavailable")
                     return
                 self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Type", CONTENT_TYPE)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 log.debug("metrics: " + format, *args)
 
         try:

@@ -123,7 +123,7 @@ class DeviceTopicRules(BaseTopicPlugin):
             return False
         rules = _cache(self.config.broker_dir).rules
         key = {Action.PUBLISH: "publish-acl", Action.SUBSCRIBE: "subscribe-acl",
-               Action.RECEIVE: "receive-acl"}.get(action)  # type: ignore[arg-type]
+               Action.RECEIVE: "receive-acl"}.get(action)
         if key is None:
             return False
         user = (session.username if session is not None else None) or "anonymous"

@@ -26,6 +26,10 @@ Credentials written for one identity (``device credentials --out DIR``)::
     client.crt  client.key (0600)            (certificate auth)
     password (0600)                          (password auth)
     connection.json    url, user name, fleet, prefix and the files above
+
+Why one module of this size: it is one concept, the broker folder; its registry, the files
+generated from it and the reload of the running broker change together under one lock, so they
+stay in one class (the pure rendering is in :mod:`.broker_config`, the PKI in :mod:`.fleet_pki`).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from edgeship.ota.errors import BadInputError, EdgeshipError
 from edgeship.ota.topics import validate_identifier
 
 from . import broker_config as bc
+from . import fleet_pki as pki
 
 REGISTRY_FILE = "identities.json"
 SETTINGS_FILE = "broker.json"
@@ -270,9 +275,9 @@ class BrokerFolder:
             (self.path / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.path / "ca", 0o755)
         if not self.ca_key_path.exists():
-            ca_key, ca_cert = bc.create_ca()
-            atomic_write_bytes(self.ca_key_path, bc.private_key_pem(ca_key), mode=0o600)
-            atomic_write_bytes(self.ca_cert_path, bc.certificate_pem(ca_cert), mode=0o644)
+            ca_key, ca_cert = pki.create_ca()
+            atomic_write_bytes(self.ca_key_path, pki.private_key_pem(ca_key), mode=0o600)
+            atomic_write_bytes(self.ca_cert_path, pki.certificate_pem(ca_cert), mode=0o644)
             changed.append("fleet CA created")
         ca_key, ca_cert = self._ca()
         old = self._read_json(self.path / SETTINGS_FILE) if (self.path / SETTINGS_FILE).exists() else None
@@ -280,11 +285,11 @@ class BrokerFolder:
             atomic_write_text(self.path / SETTINGS_FILE, json.dumps(settings.to_dict(), indent=2) + "\n")
             changed.append("settings written")
         server_crt = self.path / "server" / "server.crt"
-        if not server_crt.exists() or self._server_names(server_crt) != set(bc.server_names(settings.names)):
-            key, cert = bc.issue_server_certificate(ca_key, ca_cert, settings.names)
-            atomic_write_bytes(self.path / "server" / "server.key", bc.private_key_pem(key), mode=0o600)
-            atomic_write_bytes(server_crt, bc.certificate_pem(cert), mode=0o644)
-            changed.append("server certificate issued for " + ", ".join(bc.server_names(settings.names)))
+        if not server_crt.exists() or self._server_names(server_crt) != set(pki.server_names(settings.names)):
+            key, cert = pki.issue_server_certificate(ca_key, ca_cert, settings.names)
+            atomic_write_bytes(self.path / "server" / "server.key", pki.private_key_pem(key), mode=0o600)
+            atomic_write_bytes(server_crt, pki.certificate_pem(cert), mode=0o644)
+            changed.append("server certificate issued for " + ", ".join(pki.server_names(settings.names)))
         reg = self._registry()
         ctl = reg.identities.get(settings.controller)
         if ctl is not None and ctl.kind != "controller":
@@ -316,7 +321,7 @@ class BrokerFolder:
     def _server_names(self, path: Path) -> set[str]:
         from cryptography import x509
 
-        cert = bc.load_certificate(path)
+        cert = pki.load_certificate(path)
         try:
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         except x509.ExtensionNotFound:
@@ -324,7 +329,7 @@ class BrokerFolder:
         return {str(n.value) for n in san}
 
     def _ca(self) -> tuple[Any, Any]:
-        return bc.load_private_key(self.ca_key_path), bc.load_certificate(self.ca_cert_path)
+        return pki.load_private_key(self.ca_key_path), pki.load_certificate(self.ca_cert_path)
 
     # -- issue / revoke ------------------------------------------------------------------
     def _issue(self, reg: _Registry, name: str, kind: str, fleet: str, auth: str, out: Path,
@@ -337,12 +342,12 @@ class BrokerFolder:
         record = IdentityRecord(name=name, kind=kind, fleet=fleet, auth=auth, issued=_iso(_now()))
         if auth == "cert":
             ca_key, ca_cert = self._ca()
-            key, cert = bc.issue_client_certificate(ca_key, ca_cert, name)
-            atomic_write_bytes(out / "client.key", bc.private_key_pem(key), mode=0o600)
-            atomic_write_bytes(out / "client.crt", bc.certificate_pem(cert), mode=0o644)
+            key, cert = pki.issue_client_certificate(ca_key, ca_cert, name)
+            atomic_write_bytes(out / "client.key", pki.private_key_pem(key), mode=0o600)
+            atomic_write_bytes(out / "client.crt", pki.certificate_pem(cert), mode=0o644)
             files.update(cert="client.crt", key="client.key")
             record = replace(record, serial=format(cert.serial_number, "x"),
-                             fingerprint=bc.certificate_fingerprint(cert),
+                             fingerprint=pki.certificate_fingerprint(cert),
                              not_after=_iso(cert.not_valid_after_utc))
         else:
             password = bc.generate_password()
@@ -474,7 +479,7 @@ class BrokerFolder:
                 changed = True
         # The CRL is re-signed every time (its next-update must stay in the future).
         old_crl = self._crl_serials()
-        atomic_write_bytes(self.crl_path, bc.certificate_pem(bc.build_crl(ca_key, ca_cert, revoked)), mode=0o644)
+        atomic_write_bytes(self.crl_path, pki.certificate_pem(pki.build_crl(ca_key, ca_cert, revoked)), mode=0o644)
         if old_crl != {s for s, _ in revoked}:
             changed = True
         self._hand_to_broker_account(settings)

@@ -1,4 +1,4 @@
-"""The agent's MQTT side (issue 5): reports home and takes desired states.
+"""The agent's MQTT side: reports home and takes desired states.
 
 ``FleetLink`` owns one :class:`~edgeship.ota.transport.MqttConnection` (client id
 = the device id) and plugs into the agent through its two seams:
@@ -26,6 +26,10 @@ Without a broker (``[broker] url = ""``) none of this exists: the agent serves
 and updates from offline packages exactly as before. While the broker is down
 the agent keeps serving; the connection retries with backoff, reports are kept
 (the latest state, up to 1,000 events) and sent after the reconnect.
+
+Why one module of this size: it is one concept, the device's link to the fleet; the settings,
+the pure decision on a desired state, the reporter and the link that wires them to the agent
+are read together when following a desired state from the broker to an update.
 
 Settings, all in the config's ``[broker]`` table besides ``url`` (docs/fleet-link.md):
 ``prefix``, ``protocol``, ``keepalive_s``, ``reconnect_max_s``, ``block_size``,
@@ -258,7 +262,9 @@ class MqttReporter:
         self.connection = connection
         self.config = config
         self.settings = settings
-        topic = lambda kind: device_topic(config.fleet, config.device_id, kind, settings.prefix)
+        def topic(kind: str) -> str:
+            return device_topic(config.fleet, config.device_id, kind, settings.prefix)
+
         self.reported_topic = topic(REPORTED)
         self.events_topic = topic(EVENTS)
         self.telemetry_topic = topic(TELEMETRY)

@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeship.ota.prometheus import Exposition, latency_seconds
 from edgeship.ota.protocol import TelemetryMessage
-from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
+from edgeship.ota.telemetry import LatencyHistogram
 
 from .serving import LoadedModel, ServingModel, model_health
 from .slots import free_bytes
@@ -81,152 +82,66 @@ def drift_score(
     return abs(input_mean - golden_mean) / golden_std
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def render_prometheus(
     serving: ServingModel, data_dir: Path, extra: dict[str, Any] | None = None
 ) -> str:
-    """The Prometheus text exposition (version 0.0.4) of the serving model and the process."""
-    lines: list[str] = []
+    """The Prometheus text exposition (version 0.0.4) of the serving model and the process.
 
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            lines.append(f"{name}{labels} {value:.10g}")
-
+    ``extra`` adds one family per key (``edgeship_<key>``): a counter where the key ends in
+    ``_total``, else a gauge.
+    """
+    page = Exposition()
     model = serving.current
     if model is not None:
         snap = model.stats.snapshot()
-        base = f'model="{_escape(model.name)}",version="{_escape(model.version)}"'
-        metric(
-            "edgeship_predict_requests_total",
-            "counter",
-            "Predict requests served by the active model.",
-            [(f"{{{base}}}", snap["requests"])],
-        )
-        metric(
-            "edgeship_predict_examples_total",
-            "counter",
-            "Examples (batch rows) predicted.",
-            [(f"{{{base}}}", snap["examples"])],
-        )
-        metric(
-            "edgeship_predict_errors_total",
-            "counter",
-            "Failed predict requests by kind.",
-            [(f'{{{base},kind="{_escape(k)}"}}', v) for k, v in sorted(snap["errors"].items())]
-            or [(f'{{{base},kind="runtime"}}', 0)],
-        )
-        metric(
-            "edgeship_predict_nonfinite_total",
-            "counter",
-            "Predictions with NaN or Inf outputs from finite inputs (the model's failures).",
-            [(f"{{{base}}}", snap["nonfinite"])],
-        )
-        metric(
-            "edgeship_predict_nonfinite_input_total",
-            "counter",
-            "Predictions with NaN or Inf outputs whose inputs held NaN or Inf (the caller's; never a rollback).",
-            [(f"{{{base}}}", snap["nonfinite_input"])],
-        )
-        metric(
-            "edgeship_predict_caller_errors_total",
-            "counter",
-            "Predict requests refused as the caller's mistake (HTTP 4xx; never a rollback).",
-            [(f"{{{base}}}", snap["caller_errors"])],
-        )
-        metric(
-            "edgeship_predict_model_failures_total",
-            "counter",
-            "Requests the model failed on valid input: runtime errors and non-finite outputs from finite inputs.",
-            [(f"{{{base}}}", snap["model_errors"] + snap["nonfinite"])],
-        )
-        hist: LatencyHistogram = snap["latency"]
-        cumulative = 0
-        samples = []
-        for bound, count in zip(LATENCY_BUCKETS_MS, hist.counts):
-            cumulative += count
-            samples.append((f'{{{base},le="{bound / 1000.0:g}"}}', cumulative))
-        samples.append((f'{{{base},le="+Inf"}}', hist.count))
-        lines.append(
-            "# HELP edgeship_predict_latency_seconds Predict latency in the model runtime."
-        )
-        lines.append("# TYPE edgeship_predict_latency_seconds histogram")
-        for labels, value in samples:
-            lines.append(f"edgeship_predict_latency_seconds_bucket{labels} {value}")
-        lines.append(
-            f"edgeship_predict_latency_seconds_sum{{{base}}} {hist.total_ms / 1000.0:.10g}"
-        )
-        lines.append(f"edgeship_predict_latency_seconds_count{{{base}}} {hist.count}")
-        metric(
-            "edgeship_predict_class_total",
-            "counter",
-            "Predicted classes (argmax of the first output).",
-            [(f'{{{base},class="{c}"}}', n) for c, n in sorted(snap["classes"].items())],
-        )
-        metric(
-            "edgeship_feedback_total",
-            "counter",
-            "Ground-truth labels received.",
-            [(f"{{{base}}}", snap["feedback"]["total"])],
-        )
-        metric(
-            "edgeship_feedback_correct_total",
-            "counter",
-            "Ground-truth labels that matched the prediction.",
-            [(f"{{{base}}}", snap["feedback"]["correct"])],
-        )
+        base = {"model": model.name, "version": model.version}
+        page.counter("edgeship_predict_requests_total", "Predict requests served by the active model.",
+                     [(base, snap["requests"])])
+        page.counter("edgeship_predict_examples_total", "Examples (batch rows) predicted.",
+                     [(base, snap["examples"])])
+        page.counter("edgeship_predict_errors_total", "Failed predict requests by kind.",
+                     [({**base, "kind": k}, v) for k, v in sorted(snap["errors"].items())]
+                     or [({**base, "kind": "runtime"}, 0)])
+        page.counter("edgeship_predict_nonfinite_total",
+                     "Predictions with NaN or Inf outputs from finite inputs (the model's failures).",
+                     [(base, snap["nonfinite"])])
+        page.counter("edgeship_predict_nonfinite_input_total",
+                     "Predictions with NaN or Inf outputs whose inputs held NaN or Inf (the caller's; never a rollback).",
+                     [(base, snap["nonfinite_input"])])
+        page.counter("edgeship_predict_caller_errors_total",
+                     "Predict requests refused as the caller's mistake (HTTP 4xx; never a rollback).",
+                     [(base, snap["caller_errors"])])
+        page.counter("edgeship_predict_model_failures_total",
+                     "Requests the model failed on valid input: runtime errors and non-finite outputs from finite inputs.",
+                     [(base, snap["model_errors"] + snap["nonfinite"])])
+        page.histogram("edgeship_predict_latency_seconds", "Predict latency in the model runtime.",
+                       [(base, latency_seconds(snap["latency"]))])
+        page.counter("edgeship_predict_class_total", "Predicted classes (argmax of the first output).",
+                     [({**base, "class": c}, n) for c, n in sorted(snap["classes"].items())])
+        page.counter("edgeship_feedback_total", "Ground-truth labels received.",
+                     [(base, snap["feedback"]["total"])])
+        page.counter("edgeship_feedback_correct_total", "Ground-truth labels that matched the prediction.",
+                     [(base, snap["feedback"]["correct"])])
         if snap["input_count"]:
-            metric(
-                "edgeship_input_mean",
-                "gauge",
-                "Mean input value per example over sampled requests (drift; docs/agent.md).",
-                [(f"{{{base}}}", snap["input_sum"] / snap["input_count"])],
-            )
-        metric(
-            "edgeship_model_loaded_timestamp_seconds",
-            "gauge",
-            "When the active model was loaded.",
-            [(f"{{{base}}}", model.loaded_at)],
-        )
-    metric(
-        "edgeship_model_swaps_total",
-        "counter",
-        "Hot swaps of the serving model.",
-        [("", serving.swaps)],
-    )
-    metric(
-        "process_cpu_seconds_total",
-        "counter",
-        "User and system CPU time of the agent.",
-        [("", process_cpu_seconds())],
-    )
-    metric(
-        "process_resident_memory_bytes",
-        "gauge",
-        "Resident memory of the agent.",
-        [("", process_rss_bytes())],
-    )
-    metric(
-        "edgeship_disk_free_bytes",
-        "gauge",
-        "Free bytes on the data folder's filesystem.",
-        [("", free_disk_bytes(data_dir))],
-    )
+            page.gauge("edgeship_input_mean",
+                       "Mean input value per example over sampled requests (drift; docs/agent.md).",
+                       [(base, snap["input_sum"] / snap["input_count"])])
+        page.gauge("edgeship_model_loaded_timestamp_seconds", "When the active model was loaded.",
+                   [(base, model.loaded_at)])
+    page.counter("edgeship_model_swaps_total", "Hot swaps of the serving model.", [({}, serving.swaps)])
+    page.counter("process_cpu_seconds_total", "User and system CPU time of the agent.",
+                 [({}, process_cpu_seconds())])
+    page.gauge("process_resident_memory_bytes", "Resident memory of the agent.", [({}, process_rss_bytes())])
+    page.gauge("edgeship_disk_free_bytes", "Free bytes on the data folder's filesystem.",
+               [({}, free_disk_bytes(data_dir))])
     temps = device_temperatures_c()
     if temps:
-        metric(
-            "edgeship_device_temperature_celsius",
-            "gauge",
-            "Board thermal zones.",
-            [(f'{{zone="{_escape(k)}"}}', v) for k, v in temps.items()],
-        )
+        page.gauge("edgeship_device_temperature_celsius", "Board thermal zones.",
+                   [({"zone": k}, v) for k, v in temps.items()])
     for key, value in sorted((extra or {}).items()):
-        metric(f"edgeship_{key}", "gauge", key.replace("_", " ") + ".", [("", float(value))])
-    return "\n".join(lines) + "\n"
+        kind = "counter" if key.endswith("_total") else "gauge"
+        page.family(f"edgeship_{key}", kind, key.replace("_", " ") + ".", [({}, float(value))])
+    return page.text()
 
 
 class TelemetryWindow:

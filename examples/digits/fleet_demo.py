@@ -83,7 +83,7 @@ class ProcessGroup:
         self.pids_file = log_dir / "pids.json"
 
     def start(self, name: str, argv: Sequence[str], layer: int) -> subprocess.Popen[bytes]:
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - held until the process is stopped
+        log = open(self.log_dir / f"{name}.log", "wb")  # held until the process is stopped
         proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=_env(), start_new_session=True)
         self.procs.append((name, layer, proc, log))

@@ -81,7 +81,7 @@ LABELS = tuple(str(digit) for digit in range(10))
 PRIMARY_VARIANT = "int8"
 """The variant the fleet demo bundles and rolls out (full-integer TFLite, float I/O)."""
 GATES = GateLimits(max_accuracy_drop_pp=1.0, min_agreement_pct=97.0)
-"""The issue's target for the digits model, applied to every variant."""
+"""The conversion target for the digits model, applied to every variant."""
 
 
 @dataclass(frozen=True)

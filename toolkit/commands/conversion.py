@@ -169,10 +169,10 @@ def convert(
             emit_json({"written": False, "error": exc.message, "report": exc.report})
         elif exc.report.get("validation"):
             _print_validation(_console(stderr=True), exc.report["validation"])
-            doctor = (exc.report.get("conversion") or {}).get("doctor")
-            if doctor and doctor.get("worst_layers"):
-                names = ", ".join(row["layer"] for row in doctor["worst_layers"][:3])
-                _line(_console(stderr=True), f"int8 error is largest at: {names}; try --keep-float auto (or --keep-float {doctor['worst_layers'][0]['layer']})")
+            diagnosis = (exc.report.get("conversion") or {}).get("doctor")
+            if diagnosis and diagnosis.get("worst_layers"):
+                names = ", ".join(row["layer"] for row in diagnosis["worst_layers"][:3])
+                _line(_console(stderr=True), f"int8 error is largest at: {names}; try --keep-float auto (or --keep-float {diagnosis['worst_layers'][0]['layer']})")
         raise
     report = result.report
     if as_json:
@@ -193,12 +193,12 @@ def convert(
     conversion = report["conversion"]
     for note in conversion.get("notes") or []:
         _line(out, f"note: {note}")
-    doctor = conversion.get("doctor")
-    if doctor and doctor.get("worst_layers"):
-        worst = ", ".join(f"{row['layer']} ({row.get('introduced', row.get('rmse_over_scale')) or 0:.3g})" for row in doctor["worst_layers"][:3])
+    diagnosis = conversion.get("doctor")
+    if diagnosis and diagnosis.get("worst_layers"):
+        worst = ", ".join(f"{row['layer']} ({row.get('introduced', row.get('rmse_over_scale')) or 0:.3g})" for row in diagnosis["worst_layers"][:3])
         _line(out, f"int8 error is largest at: {worst}")
-        if doctor.get("kept_in_float"):
-            _line(out, f"kept in float: {', '.join(doctor['kept_in_float'])}")
+        if diagnosis.get("kept_in_float"):
+            _line(out, f"kept in float: {', '.join(diagnosis['kept_in_float'])}")
     peak = conversion.get("peak_rss_mib") or {}
     _line(out, f"took {conversion.get('seconds', 0):.1f} s; peak memory {peak.get('edgeship') or 0:.0f} MiB here, "
                f"{peak.get('converter') or 0:.0f} MiB in the converter")

@@ -172,7 +172,7 @@ def bundle_build(model: Path, name: str, version: str, golden: Path | None, labe
                  report: Path | None, meta: tuple[str, ...], tags: tuple[str, ...], out: Path,
                  as_json: bool) -> None:
     """Pack MODEL, its manifest, golden vectors, labels and report into one bundle file."""
-    from edgeship.ota.bundle import build_bundle, sidecar_files
+    from edgeship.ota.bundle_build import build_bundle, sidecar_files
 
     found = sidecar_files(model)
     golden = golden or found["golden"]
