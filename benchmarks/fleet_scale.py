@@ -48,7 +48,6 @@ from fleet_sim import (
     FLEET,
     SimDevice,
     Simulator,
-    _baseline_subscriber,
     _cpu,
     _metrics,
     _telemetry_rows,
@@ -190,6 +189,35 @@ def _telemetry_payload() -> bytes:
                                            bundle={"name": "digits", "version": "1.0.0"}, drift=0.01))
 
 
+def _baseline_subscriber(host: str, port: int) -> tuple[Any, dict[str, int]]:
+    """A bare paho subscriber to every device's telemetry: what the broker delivers, to set beside
+    what the controller wrote. It subscribes from on_connect (so a reconnect subscribes again)
+    and the run waits for its SUBACK: with thousands of devices connected, a subscription sent
+    before the broker answered the connection is easily lost."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    counter = {"n": 0}
+    subscribed = threading.Event()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="baseline-telemetry", protocol=paho.MQTTv5)
+
+    def on_connect(c: Any, u: Any, flags: Any, reason: Any, properties: Any) -> None:
+        c.subscribe(f"edgeship/{FLEET}/devices/+/telemetry", 0)
+
+    def on_subscribe(c: Any, u: Any, mid: Any, reasons: Any, properties: Any) -> None:
+        subscribed.set()
+
+    def on_message(c: Any, u: Any, m: Any) -> None:
+        counter["n"] += 1
+
+    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    client.connect(host, port, keepalive=120)
+    client.loop_start()
+    if not subscribed.wait(60):
+        raise RuntimeError("the baseline subscriber got no SUBACK within 60 s")
+    return client, counter
+
+
 def _wait_for_line(log: Path, proc: subprocess.Popen, needle: bytes, what: str) -> None:
     deadline = time.monotonic() + 60
     while needle not in log.read_bytes():
@@ -322,8 +350,9 @@ def run(n: int, bundle_mb: float, every_s: float, db: str, work: Path) -> dict[s
             if committed != last_committed:
                 last_committed, progress_at = committed, now
             elif now - progress_at > 120 and not stuck_shown:  # say who is stuck, and why if it can be seen
-                stuck_shown = True
-                for device in [d for d in sim.devices if not d.committed_at][:5]:
+                fetching = [d for d in sim.devices if d.state is not None]
+                stuck_shown = bool(fetching)
+                for device in fetching[:5]:
                     print(f"  no progress for 120 s: {device.device} connected={device.client.is_connected()} "
                           f"fetching={device.state is not None} blocks={len(device.blocks)}/"
                           f"{device.info.blocks_total if device.info else '?'} last desired sequence "
