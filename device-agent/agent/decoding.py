@@ -181,7 +181,7 @@ def strict_array(
     table above), or PredictRequestError; ``shape``: the leading shape, when known."""
     dtype = np.dtype(dtype)
     if shape is None:
-        shape = _leading_shape(value)
+        shape = list(value.shape) if isinstance(value, np.ndarray) else _leading_shape(value)
     try:
         found = np.asarray(value)
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # ragged lists

@@ -29,6 +29,8 @@ __all__ = [
     "signature_names",
     "tensor_from_bytes",
     "tensor_from_values",
+    "tensor_order",
+    "version_text",
 ]
 
 from collections.abc import Iterator, Sequence
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .decoding import DecodeLimits, PredictRequestError, caller_dtype, strict_array
-from .runtimes import TensorSpec
+from .runtimes import TensorSpec, tensor_aliases
 from .servables import ModelVersions, ServableNotFoundError, Servables
 from .serving import LoadedModel, NoModelError, ServingModel
 
@@ -54,6 +56,27 @@ OIP_DTYPES: dict[str, np.dtype] = {
 }
 """The Open Inference Protocol's tensor data types the agent's runtimes serve (no BYTES)."""
 _OIP_NAMES = {dtype.name: name for name, dtype in OIP_DTYPES.items()}
+
+
+def version_text(model: LoadedModel) -> str:
+    """A model's version as TF Serving and OIP clients see it: its serving version number,
+    or its bundle version where it has none (0: loaded by a caller that assigns none)."""
+    return str(model.serving_version) if model.serving_version > 0 else model.version
+
+
+def tensor_order(specs: Sequence[TensorSpec], names: Sequence[str], keys: Sequence[str], what: str) -> list[int]:
+    """For each name a request gives, the index of the tensor it names: its key (what the
+    metadata lists), its own name or an alias. Unlike golden vectors, a protocol request
+    must name its tensors right even when the model has only one (a typo is the caller's 400)."""
+    found: list[int] = []
+    for name in names:
+        index = next((i for i, spec in enumerate(specs) if name in (keys[i], *tensor_aliases(spec))), -1)
+        if index < 0:
+            raise PredictRequestError(f"no {what} named '{name}' (the model's {what}s: {', '.join(keys)})")
+        if index in found:
+            raise PredictRequestError(f"{what} '{name}' names the same tensor as another {what}")
+        found.append(index)
+    return found
 
 
 def oip_datatype(dtype: np.dtype) -> str:

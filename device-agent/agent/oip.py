@@ -36,11 +36,15 @@ from typing import Any
 
 import numpy as np
 
-from edgeship.ota.errors import BadInputError
-
 from .decoding import DecodeLimits, PredictRequestError, caller_dtype, loads_json, tensor_keys
-from .inference import OIP_DTYPES, oip_datatype, tensor_from_bytes, tensor_from_values
-from .runtimes import match_names, tensor_aliases
+from .inference import (
+    OIP_DTYPES,
+    oip_datatype,
+    tensor_from_bytes,
+    tensor_from_values,
+    tensor_order,
+    version_text,
+)
 from .serving import LoadedModel
 
 EXTENSIONS = ("binary_tensor_data",)
@@ -136,10 +140,7 @@ def decode_infer(
     names = [t.get("name") for t in tensors]
     if not all(isinstance(n, str) for n in names):
         raise PredictRequestError("every input needs a 'name'")
-    try:
-        order = match_names(specs, names, "input")
-    except BadInputError as exc:
-        raise PredictRequestError(exc.message) from None
+    order = tensor_order(specs, names, keys, "input")
     arrays: list[Any] = [None] * len(specs)
     offset = 0
     for tensor, name, index in zip(tensors, names, order):
@@ -202,9 +203,7 @@ def _requested_outputs(request: dict[str, Any], model: LoadedModel) -> list[Requ
         out_params = _parameters(item, f"output '{name}'")
         if "classification" in out_params:
             raise PredictRequestError(f"output '{name}': the classification extension is not served")
-        index = next((j for j, spec in enumerate(specs) if name in (keys[j], *tensor_aliases(spec))), -1)
-        if index < 0:
-            raise PredictRequestError(f"no output named '{name}' (the model's outputs: {', '.join(keys)})")
+        (index,) = tensor_order(specs, [name], keys, "output")
         binary = _flag(out_params, "binary_data", f"output '{name}'") if "binary_data" in out_params else binary_default
         found.append(RequestedOutput(index, keys[index], binary))
     return found
@@ -229,7 +228,7 @@ def encode_infer(
         tensors.append(tensor)
     document: dict[str, Any] = {
         "model_name": model.name,
-        "model_version": str(model.serving_version),
+        "model_version": version_text(model),
         "outputs": tensors,
     }
     if request.id is not None:

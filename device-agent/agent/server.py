@@ -83,7 +83,7 @@ from .decoding import (
     signature_key,
     tensor_keys,
 )
-from .inference import as_servables, caller_error, predict, resolve, signature_names
+from .inference import as_servables, caller_error, predict, resolve, signature_names, version_text
 from .runtimes import ModelSignature, TensorSpec
 from .servables import Servables
 from .serving import LoadedModel, NoModelError, ServingModel
@@ -241,12 +241,6 @@ def _signature_def(signature: ModelSignature) -> dict[str, Any]:
         "outputs": tensors(signature.outputs),
         "method_name": "tensorflow/serving/predict",
     }
-
-
-def version_text(model: LoadedModel) -> str:
-    """A model's version as TF Serving and OIP clients see it: its serving version number,
-    or its bundle version where it has none (0: loaded by a caller that assigns none)."""
-    return str(model.serving_version) if model.serving_version > 0 else model.version
 
 
 def _agent_version() -> str:
