@@ -282,3 +282,15 @@ def test_decode_infer_reads_json_and_binary_tensors_alike(catalogue: Servables) 
     as_binary = decode_infer(header + x.tobytes(), len(header), model, DecodeLimits())
     np.testing.assert_array_equal(as_json.inputs[0], as_binary.inputs[0])
     assert [o.binary for o in as_binary.outputs] == [True] and [o.binary for o in as_json.outputs] == [False]
+
+
+@pytest.mark.parametrize(("line", "words"), [("grpc_port = 8501", "REST API's port"), ("grpc_port = 70000", "0-65535"),
+                                             ('grpc_port = "8500"', "must be a int")])
+def test_a_wrong_grpc_port_is_refused_with_one_line(tmp_path: Path, agent_repo: AgentRepo, line: str, words: str) -> None:
+    from edgeship.agent.config import load_config
+    from edgeship.ota.errors import BadInputError
+
+    config = write_config(tmp_path, agent_repo, port=8501)
+    config.write_text(config.read_text().replace("[server]\n", f"[server]\n{line}\n", 1))
+    with pytest.raises(BadInputError, match=words):
+        load_config(config)
