@@ -28,6 +28,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -83,11 +84,20 @@ def start(kind: str, *args: str) -> tuple[subprocess.Popen, dict[str, int]]:
     return proc, json.loads(port_file.read_text())
 
 
+class _NoDelayConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 # -- the clients: one call each, the answer decoded -----------------------------------------------------
 
 class RestClient:
+    """Keep-alive HTTP/1.1 with TCP_NODELAY, as requests/urllib3 and most clients set it (without
+    it, the body's last segment can wait for the server's delayed ACK)."""
+
     def __init__(self, port: int) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        self.conn = _NoDelayConnection("127.0.0.1", port, timeout=60)
 
     def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[http.client.HTTPResponse, bytes]:
         try:

@@ -294,3 +294,32 @@ def test_a_wrong_grpc_port_is_refused_with_one_line(tmp_path: Path, agent_repo: 
     config.write_text(config.read_text().replace("[server]\n", f"[server]\n{line}\n", 1))
     with pytest.raises(BadInputError, match=words):
         load_config(config)
+
+
+@pytest.mark.parametrize(
+    ("value", "status", "words"),
+    [
+        (str(2**70), 400, "float32"),  # orjson reads it as a float; json as an integer, which is refused
+        ("1e20", 200, ""),  # a float literal that large is a float32 value
+        ("NaN", 200, ""),  # orjson refuses NaN; json (and TF Serving) accept it
+        ("123456789012345678901234567890.5", 200, ""),
+    ],
+)
+def test_json_bodies_get_jsons_answer_whichever_parser_reads_them(
+    tmp_path: Path, catalogue: Servables, value: str, status: int, words: str
+) -> None:
+    server = ApiServer(catalogue, tmp_path, port=0).start()
+    base = f"http://127.0.0.1:{server.port}"
+    row = "[" + ",".join([value] + ["0.5"] * 63) + "]"
+    instances = "[" + ",".join(["[" + ",".join(["[" + row[1:-1].split(",")[i * 8 + j] + "]" for j in range(8)]) + "]"
+                                for i in range(8)]) + "]"
+    name = catalogue.resolve("other").runner.signature.inputs[0].name
+    oip_body = f'{{"inputs": [{{"name": "{name}", "shape": [1, 8, 8, 1], "datatype": "FP32", "data": {row}}}]}}'
+    try:
+        for path, body in (("/v1/models/other:predict", f'{{"instances": [{instances}]}}'),
+                           ("/v2/models/other/infer", oip_body)):
+            reply = requests.post(base + path, data=body.encode(), timeout=10)
+            assert reply.status_code == status, (path, reply.text)
+            assert words in reply.text
+    finally:
+        server.stop()

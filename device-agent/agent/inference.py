@@ -254,13 +254,14 @@ def tensor_from_values(
     spec: TensorSpec,
     limits: DecodeLimits,
     label: str,
+    exact_integers: bool = True,
 ) -> np.ndarray:
     """JSON or protobuf values (flat in row-major order, or nested as the shape) as an
     array, checked by ``decoding.py``'s rules (numbers only into numeric tensors, integers
     only into integer ones, ``true``/``false`` only into bool ones)."""
     dtype = _expected_dtype(spec, np.dtype(dtype), label)
     check_bounds(shape, dtype, spec, limits, label)
-    array = strict_array(values, dtype, label)
+    array = strict_array(values, dtype, label, exact_integers=exact_integers)
     count = int(np.prod(shape, dtype=np.int64))
     if array.size != count or (array.ndim != 1 and list(array.shape) != list(shape)):
         raise PredictRequestError(

@@ -36,7 +36,14 @@ from typing import Any
 
 import numpy as np
 
-from .decoding import DecodeLimits, PredictRequestError, caller_dtype, loads_json, tensor_keys
+from .decoding import (
+    DecodeLimits,
+    InexactParseError,
+    PredictRequestError,
+    caller_dtype,
+    loads_json,
+    tensor_keys,
+)
 from .inference import (
     OIP_DTYPES,
     oip_datatype,
@@ -125,7 +132,17 @@ def decode_infer(
         header, binary = body[:header_length], memoryview(body)[header_length:]
     else:
         header, binary = body, memoryview(b"")
-    request = _object(loads_json(header), "the inference request")
+    document, exact = loads_json(header)
+    try:
+        return _decode(document, exact, binary, model, limits)
+    except InexactParseError:  # a huge number orjson may have read otherwise: json decides
+        return _decode(loads_json(header, exact=True)[0], True, binary, model, limits)
+
+
+def _decode(
+    document: Any, exact: bool, binary: memoryview, model: LoadedModel, limits: DecodeLimits
+) -> InferRequest:
+    request = _object(document, "the inference request")
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise PredictRequestError("'id' must be a string")
@@ -172,7 +189,7 @@ def decode_infer(
             if "data" not in tensor:
                 raise PredictRequestError(f"{label} has neither 'data' nor binary_data_size")
             arrays[index] = tensor_from_values(
-                tensor["data"], OIP_DTYPES[datatype], shape, specs[index], limits, label
+                tensor["data"], OIP_DTYPES[datatype], shape, specs[index], limits, label, exact
             )
     if offset != len(binary):
         raise PredictRequestError(

@@ -73,7 +73,9 @@ from edgeship.ota.errors import BadInputError, EdgeshipError
 
 from . import oip
 from .decoding import (
+    DecodedRequest,
     DecodeLimits,
+    InexactParseError,
     PredictRequestError,
     build_inputs,
     caller_dtype,
@@ -683,19 +685,26 @@ class _Handler(BaseHTTPRequestHandler):
             if len(raw) >= _LARGE_BODY:
                 self.server.large_begin()
                 self._large_pending = True
-            body = loads_json(raw)
+            body, exact = loads_json(raw)
             model = self._model_for(match.group("name"), match.group("version"), match.group("label"))
             if match.group("verb") == "feedback":
                 self._json(200, self._feedback(model, body))
                 return
-            try:
-                decoded = decode_request(
+            def decode(body: Any, exact: bool) -> DecodedRequest:
+                return decode_request(
                     body,
                     model.runner.signature,
                     self.server.limits.decode,
                     maybe_bools=b"true" in raw or b"false" in raw,
                     signature_names=signature_names(model),
+                    exact_integers=exact,
                 )
+
+            try:
+                try:
+                    decoded = decode(body, exact)
+                except InexactParseError:  # a huge number orjson may have read otherwise: json decides
+                    decoded = decode(loads_json(raw, exact=True)[0], True)
             except PredictRequestError:
                 caller_error(model)
                 raise
