@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +257,13 @@ def load_main(kind: str, port: int, model: str, seconds: float, frame_file: Path
                                "p99": percentile(latencies, 99)}))
 
 
-def run_loads(port: int, loads: list[tuple[str, str, np.ndarray, tuple[str, str]]], seconds: float) -> dict[str, Any]:
+def run_loads(
+    port: int, loads: list[tuple[str, str, np.ndarray, tuple[str, str]]], seconds: float,
+    during: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Each load's closed-loop client in its own process for ``seconds``; ``during`` runs in this
+    process meanwhile (an update of one model while both serve: the agent's multi-model update
+    drives it through the control socket; the loads then count failed requests)."""
     folder = Path(tempfile.mkdtemp(prefix="bench-load-"))
     procs = []
     for kind, model, frame, names in loads:
@@ -266,6 +273,8 @@ def run_loads(port: int, loads: list[tuple[str, str, np.ndarray, tuple[str, str]
             sys.executable, str(HERE), "load", "--kind", kind, "--port", str(port), "--model", model,
             "--seconds", str(seconds), "--frame", str(folder / f"{model}.npy"), "--names", ",".join(names),
             "--out", str(out)])))
+    if during is not None:
+        during()
     found = {}
     for model, out, proc in procs:
         proc.wait(timeout=seconds + 120)

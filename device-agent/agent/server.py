@@ -116,6 +116,8 @@ _TF_DTYPES = {
 _CHUNK_LINE = re.compile(rb"^([0-9A-Fa-f]{1,16})(;[^\r\n]*)?\r?\n$")
 _LARGE_BODY = 1 << 20
 """A body at least this large leaves parsed objects worth handing back to the OS."""
+_TRIM_QUIET_S = 0.25
+"""Memory goes back to the OS once no large request has ended for this long."""
 _MAX_TRAILERS = 32
 _BURST_CONNECTIONS = 32
 """After this many connections at once, the last one to close trims memory."""
@@ -798,6 +800,9 @@ class _Server(ThreadingHTTPServer):
         self.refused = 0
         self._large = 0
         self._peak = 0  # connections at once since the last trim
+        self._trim_due = 0.0
+        self._trim_wanted = threading.Event()
+        self._trimmer: threading.Thread | None = None
 
     def metrics_text(self) -> str:
         """The connection gauges in Prometheus text (appended to /metrics)."""
@@ -862,13 +867,31 @@ class _Server(ThreadingHTTPServer):
             self._large += 1
 
     def large_end(self) -> None:
-        """After the last concurrent large request: hand the parsed objects' memory back."""
+        """After a large request: hand the parsed objects' memory back once no large request
+        has come for ``_TRIM_QUIET_S`` (on the trimmer's thread, off the request path: a
+        collection and ``malloc_trim`` cost 10-25 ms, which a stream of camera frames in JSON
+        would otherwise pay on every frame)."""
         with self._count_lock:
             self._large -= 1
-            last = self._large == 0
-        if last:
-            from .updater import release_memory
+            self._trim_due = time.monotonic() + _TRIM_QUIET_S
+            if self._trimmer is None:
+                self._trimmer = threading.Thread(target=self._trim_when_quiet, name="edgeship-trim", daemon=True)
+                self._trimmer.start()
+        self._trim_wanted.set()
 
+    def _trim_when_quiet(self) -> None:
+        from .updater import release_memory
+
+        while True:
+            self._trim_wanted.wait()
+            while True:
+                with self._count_lock:
+                    wait_s = self._trim_due - time.monotonic()
+                    busy = self._large > 0
+                if not busy and wait_s <= 0:
+                    break
+                time.sleep(max(wait_s, 0.05))
+            self._trim_wanted.clear()  # a large request ending from here on asks again
             release_memory()
 
 
