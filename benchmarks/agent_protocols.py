@@ -3,7 +3,7 @@
 
 1. MobileNetV2 (weights=None, int8 TFLite with float I/O, 1 thread), one 224x224x3 frame
    per request, sequential, keep-alive, in interleaved rounds: bare LiteRT
-   ``set_tensor``/``invoke``/``get_tensor`` in this process; the agent's OIP v2 binary
+   ``set_tensor``/``invoke``/``get_tensor`` in a clean process of its own (timing itself); the agent's OIP v2 binary
    extension over HTTP; OIP v2 gRPC (``raw_input_contents``); TF Serving gRPC Predict
    (``tensor_content``); TF Serving REST JSON (``{"instances": ...}``, 3.2 MB); a plain
    FastAPI+uvicorn wrapper around LiteRT taking the same JSON body, written as a user
@@ -17,7 +17,7 @@
 
 The agent's serving stack runs in its own process (``serve``: ``Servables`` holding the
 models, ``ApiServer`` and ``GrpcServer``), as ``edgeship-agent run`` runs them; the clients
-and bare LiteRT run in this one. Clients send pre-encoded bodies, so the agent and the
+run in this one, bare LiteRT in a clean process of its own. Clients send pre-encoded bodies, so the agent and the
 FastAPI wrapper get the same bytes and the client's JSON encoding is not counted.
 """
 
@@ -213,6 +213,44 @@ def bare_call(model: Path, frame: np.ndarray) -> Any:
     return call
 
 
+class BareProcess:
+    """Bare LiteRT in a clean process of its own, timing its own ``set_tensor``/``invoke``/
+    ``get_tensor`` calls: the baseline runs under the same conditions as the agent's server
+    process (this one has TensorFlow, gRPC channels and client threads loaded, which measured
+    up to 1.5x slower invokes than a clean process)."""
+
+    def __init__(self, model: Path, frame_file: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE), "bare", "--model", str(model), "--frame", str(frame_file)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
+
+    def times(self, n: int) -> list[float]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return [float(v) for v in json.loads(self.proc.stdout.readline())]
+
+    def __call__(self) -> None:
+        self.times(1)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=20)
+
+
+def bare_main(model: Path, frame_file: Path) -> None:
+    call = bare_call(model, np.load(frame_file))
+    for line in sys.stdin:
+        times = []
+        for _ in range(int(line)):
+            begin = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - begin) * 1e3)
+        print(json.dumps(times), flush=True)
+
+
 def interleaved(calls: dict[str, Any], rounds: int, per_round: dict[str, int]) -> dict[str, list[float]]:
     """Latencies (ms) of each path, measured in rounds that take turns (noise hits all alike)."""
     found: dict[str, list[float]] = {name: [] for name in calls}
@@ -221,6 +259,9 @@ def interleaved(calls: dict[str, Any], rounds: int, per_round: dict[str, int]) -
             call()
     for _ in range(rounds):
         for name, call in calls.items():
+            if isinstance(call, BareProcess):
+                found[name] += call.times(per_round[name])
+                continue
             for _ in range(per_round[name]):
                 begin = time.perf_counter()
                 call()
@@ -342,6 +383,7 @@ def idle_rss_with_grpc() -> dict[str, float]:
 
 
 def run(write: bool, rounds: int, seconds: float) -> None:
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="agent-protocols-") as tmp:
         base = Path(tmp)
         print("building MobileNetV2 int8 and digits ...", file=sys.stderr)
@@ -352,8 +394,10 @@ def run(write: bool, rounds: int, seconds: float) -> None:
             names = tensor_names(ports["http"], "mobilenet")
             digit_names = tensor_names(ports["http"], "digits")
             rest = RestClient(ports["http"])
+            np.save(base / "frame.npy", frame)
+            bare = BareProcess(mobilenet, base / "frame.npy")
             calls = {
-                "bare LiteRT": bare_call(mobilenet, frame),
+                "bare LiteRT": bare,
                 "OIP binary over HTTP": oip_binary_call(rest, "mobilenet", frame, names),
                 "OIP gRPC (raw_input_contents)": oip_grpc_call(ports["grpc"], "mobilenet", frame, names),
                 "TF Serving gRPC Predict": tf_grpc_call(ports["grpc"], "mobilenet", frame, names[0]),
@@ -362,12 +406,15 @@ def run(write: bool, rounds: int, seconds: float) -> None:
                 "tritonclient.http infer (binary)": triton_http_call(ports["http"], "mobilenet", frame, names),
                 "tritonclient.grpc infer": triton_grpc_call(ports["grpc"], "mobilenet", frame, names),
             }
-            reference = calls["bare LiteRT"]().ravel()
+            reference = bare_call(mobilenet, frame)().ravel()
             for name, call in calls.items():  # every path answers what the model answers
+                if name == "bare LiteRT":
+                    continue
                 np.testing.assert_allclose(np.asarray(call(), dtype=np.float32).ravel(), reference, rtol=1e-4, atol=1e-5,
                                            err_msg=name)
             slow = {"TF Serving REST JSON", "FastAPI+uvicorn wrapper, JSON"}
             latencies = interleaved(calls, rounds, {n: (8 if n in slow else 20) for n in calls})
+            bare.close()
             fastapi.terminate()
             fastapi.wait(timeout=20)
             # two models under load, each alone, then together
@@ -382,6 +429,7 @@ def run(write: bool, rounds: int, seconds: float) -> None:
                     proc.wait(timeout=20)
         print("idle RSS with and without gRPC ...", file=sys.stderr)
         rss = idle_rss_with_grpc()
+    load_after = os.getloadavg()[0]
     p50 = {name: percentile(values, 50) for name, values in latencies.items()}
     p99 = {name: percentile(values, 99) for name, values in latencies.items()}
     bare = p50["bare LiteRT"]
@@ -410,7 +458,9 @@ def run(write: bool, rounds: int, seconds: float) -> None:
         "### Protocols on camera frames (MobileNetV2 int8, one 224x224x3 frame per request)",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on this machine (shared, 2 cores), one run, interleaved rounds "
-        f"({rounds}); sequential keep-alive requests; p50/p99 of each path's requests.",
+        f"({rounds}); sequential keep-alive requests; p50/p99 of each path's requests. Load average "
+        f"{load_before:.1f} at the start and {load_after:.1f} at the end (other jobs shared the machine: "
+        "the ratios move from run to run; see docs/agent.md, \"Protocols\").",
         "",
         "| path | p50 | p99 | p50 / bare | target |",
         "| --- | --- | --- | --- | --- |",
@@ -448,6 +498,9 @@ def main() -> None:
     serve = sub.add_parser("serve")
     serve.add_argument("--model", action="append", default=[])
     serve.add_argument("--port-file", type=Path, required=True)
+    bare = sub.add_parser("bare")
+    bare.add_argument("--model", type=Path, required=True)
+    bare.add_argument("--frame", type=Path, required=True)
     load = sub.add_parser("load")
     for name in ("kind", "model", "names"):
         load.add_argument(f"--{name}", required=True)
@@ -463,6 +516,8 @@ def main() -> None:
     if args.command == "serve":
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         serve_main(args.model, args.port_file)
+    elif args.command == "bare":
+        bare_main(args.model, args.frame)
     elif args.command == "load":
         load_main(args.kind, args.port, args.model, args.seconds, args.frame, args.names, args.out)
     else:
