@@ -346,6 +346,14 @@ def build_models(base: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
     _convert_keras(digits_files["model"], digits)
     frame = np.load(paths["eval"])["x"][:1].astype(np.float32)
     digit = np.load(digits_files["eval"])["x"][:1].astype(np.float32)
+    subprocess.run(
+        [sys.executable, "-c",
+         "import sys, tensorflow as tf; m = tf.keras.Sequential([tf.keras.Input((224, 224, 3)), "
+         "tf.keras.layers.GlobalAveragePooling2D(), tf.keras.layers.Dense(1000)]); "
+         "open(sys.argv[1], 'wb').write(tf.lite.TFLiteConverter.from_keras_model(m).convert())",
+         str(base / "probe.tflite")],
+        check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True,
+    )
     return mobilenet, digits, frame, digit
 
 
@@ -391,7 +399,8 @@ def run(write: bool, rounds: int, seconds: float) -> None:
         base = Path(tmp)
         print("building MobileNetV2 int8 and digits ...", file=sys.stderr)
         mobilenet, digits, frame, digit = build_models(base)
-        agent, ports = start("serve", "--model", f"mobilenet={mobilenet}", "--model", f"digits={digits}")
+        agent, ports = start("serve", "--model", f"mobilenet={mobilenet}", "--model", f"digits={digits}",
+                             "--model", f"probe={base / 'probe.tflite'}")
         fastapi, fastapi_ports = start("fastapi", str(mobilenet))
         try:
             names = tensor_names(ports["http"], "mobilenet")
@@ -417,6 +426,14 @@ def run(write: bool, rounds: int, seconds: float) -> None:
                                            err_msg=name)
             slow = {"TF Serving REST JSON", "FastAPI+uvicorn wrapper, JSON"}
             latencies = interleaved(calls, rounds, {n: (8 if n in slow else 20) for n in calls})
+            # what each protocol costs per frame, the model left out: a model of one pooling and
+            # one small dense layer (0.1 ms) takes the same 224x224x3 frame
+            probe_names = tensor_names(ports["http"], "probe")
+            probe = interleaved({
+                "OIP binary over HTTP": oip_binary_call(RestClient(ports["http"]), "probe", frame, probe_names),
+                "OIP gRPC": oip_grpc_call(ports["grpc"], "probe", frame, probe_names),
+                "TF Serving REST JSON": json_call(RestClient(ports["http"]), "probe", frame),
+            }, rounds, {"OIP binary over HTTP": 20, "OIP gRPC": 20, "TF Serving REST JSON": 8})
             bare.close()
             fastapi.terminate()
             fastapi.wait(timeout=20)
@@ -443,6 +460,8 @@ def run(write: bool, rounds: int, seconds: float) -> None:
     for model in ("mobilenet", "digits"):
         print(f"{model}: p99 alone {alone[model]['p99']:.2f} ms ({alone[model]['n']} requests), together "
               f"{together[model]['p99']:.2f} ms ({together[model]['n']}), failed {together[model]['failed']}")
+    for name, values in probe.items():
+        print(f"protocol cost per frame, model left out: {name} p50 {percentile(values, 50):.2f} ms")
     print(f"idle RSS: REST only {rss['rest']:.1f} MB, with the gRPC front ends {rss['grpc']:.1f} MB")
     if not write:
         return
@@ -470,6 +489,12 @@ def run(write: bool, rounds: int, seconds: float) -> None:
     ]
     for name in p50:
         lines.append(f"| {name} | {p50[name]:.2f} ms | {p99[name]:.2f} ms | {ratio[name]:.2f}x | {targets.get(name, '')} |")
+    lines += [
+        "",
+        "What each protocol costs per frame with the model left out (the same frame to a model of "
+        "one pooling and one small dense layer, about 0.1 ms): "
+        + "; ".join(f"{name} p50 {percentile(values, 50):.2f} ms" for name, values in probe.items()) + ".",
+    ]
     lines += [
         "",
         f"Two models served at once, each under a closed-loop client of its own (its own process, "
