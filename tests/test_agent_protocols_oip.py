@@ -323,3 +323,20 @@ def test_json_bodies_get_jsons_answer_whichever_parser_reads_them(
             assert words in reply.text
     finally:
         server.stop()
+
+
+def test_grpc_port_without_grpcio_refuses_to_start_with_one_line(tmp_path: Path, agent_repo: AgentRepo) -> None:
+    """A device configured for gRPC but installed without the extra must not come up
+    silently serving REST only."""
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, agent_repo)
+    config.write_text(config.read_text().replace("[server]\n", "[server]\ngrpc_port = 0\n", 1))
+    program = (
+        "import sys; sys.modules['grpc'] = None; "  # as if grpcio were not installed
+        "from edgeship.agent.cli import main; sys.argv = ['edgeship-agent', 'run', '--config', sys.argv[1]]; main()"
+    )
+    result = subprocess.run([sys.executable, "-c", program, str(config)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "pip install 'edgeship[grpc]'" in result.stderr and "Traceback" not in result.stderr

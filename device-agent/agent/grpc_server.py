@@ -21,7 +21,6 @@ from __future__ import annotations
 __all__ = ["GRPC_SERVICES", "GrpcServer", "grpc_available"]
 
 import hmac
-import importlib.util
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
@@ -57,8 +56,14 @@ _SIGNATURE_DEF_MAP_URL = "type.googleapis.com/tensorflow.serving.SignatureDefMap
 
 
 def grpc_available() -> bool:
-    """Whether the gRPC extra is installed (grpcio and protobuf importable)."""
-    return all(importlib.util.find_spec(m) is not None for m in ("grpc", "google.protobuf"))
+    """Whether the gRPC extra is installed (grpcio and protobuf import); called only where
+    ``[server] grpc_port`` is set, so a REST-only agent never loads them."""
+    try:
+        import grpc  # noqa: F401
+        from google.protobuf import message  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # TF DataType numbers -> the numpy dtype of tensor_content, and the repeated field of values
