@@ -340,3 +340,36 @@ def test_grpc_port_without_grpcio_refuses_to_start_with_one_line(tmp_path: Path,
     result = subprocess.run([sys.executable, "-c", program, str(config)], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "pip install 'edgeship[grpc]'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_model_exported_under_serve_answers_to_serve_and_serving_default(
+    tmp_path: Path, digits_files: dict[str, Path]
+) -> None:
+    """Keras 3's ``model.export`` names its endpoint ``serve``; a TFLite converted under that
+    key answers TF Serving clients that give ``signature_name: "serve"``."""
+    import tensorflow as tf
+
+    keras_model = tf.keras.models.load_model(digits_files["model"])
+    keras_model.export(str(tmp_path / "saved"), verbose=False)
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "saved"), signature_keys=["serve"])
+    path = tmp_path / "serve.tflite"
+    path.write_bytes(converter.convert())
+    runner = open_model(path)
+    assert runner.signature_name == "serve"
+    servables = Servables()
+    servables.ensure("digits").serving.swap(LoadedModel("digits", "1.0.0", runner, serving_version=2))
+    server = ApiServer(servables, tmp_path, port=0).start()
+    base = f"http://127.0.0.1:{server.port}"
+    x = np.zeros((1, 8, 8, 1), np.float32).tolist()
+    try:
+        for name in ("serve", "serving_default", None):
+            body: dict[str, Any] = {"instances": x} if name is None else {"signature_name": name, "instances": x}
+            assert requests.post(f"{base}/v1/models/digits:predict", json=body, timeout=10).status_code == 200
+        reply = requests.post(f"{base}/v1/models/digits:predict", json={"signature_name": "predict", "instances": x},
+                              timeout=10)
+        assert reply.status_code == 400 and "'serve'" in reply.json()["error"]
+        meta = requests.get(f"{base}/v1/models/digits/metadata", timeout=10).json()
+        assert set(meta["metadata"]["signature_def"]["signature_def"]) == {"serve", "serving_default"}
+        assert meta["model_spec"]["version"] == "2"
+    finally:
+        server.stop()
