@@ -7,12 +7,15 @@ STAMP  := $(VENV)/.edgeship-installed
 TFLITE_VENV := .venv-tflite
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-tflite test-arm system-packages bench bench-arm lint clean
+.PHONY: protos demo test test-fast test-tflite test-arm system-packages bench bench-arm lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[all]'
+	@# tensorflow-serving-api requires the `tensorflow` distribution; [convert] has tensorflow-cpu,
+	@# which holds the protos it needs: installed without its dependencies (pyproject: tfserving-client)
+	$(BIN)/python -m pip install --quiet --no-deps 'tensorflow-serving-api>=2.21,<2.22'
 	@touch $@
 
 ## demo: the main job end to end on the embedded defaults (no broker, no device, no account)
@@ -71,6 +74,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fleet_store.py --write
 	$(BIN)/python benchmarks/fleet_sim.py
 	$(BIN)/python benchmarks/broker.py --write
+
+## protos: regenerate the agent's gRPC message modules from device-agent/agent/protos/*.proto
+protos: $(STAMP)
+	$(BIN)/python device-agent/agent/protos/generate.py
 
 ## lint: ruff (rules in pyproject.toml), mypy over every edgeship package, and the import rules
 ## between the parts (docs/development.md); CI runs it before the tests

@@ -22,6 +22,10 @@ baseline measured in the same run:
    back within 5 MB).
 
 Reproduce: ``.venv/bin/python benchmarks/agent.py --write`` (about 2 minutes).
+
+``--protocols`` measures the protocol front ends instead (``benchmarks/agent_protocols.py``:
+MobileNetV2 frames over every protocol beside bare LiteRT and a FastAPI wrapper, two models at
+once, idle RSS with gRPC; section ``agent-protocols``).
 """
 
 from __future__ import annotations
@@ -556,8 +560,19 @@ def main() -> None:
         type=Path,
         help="measure only the in-process overhead on this .tflite (batch 1, random input); no --write",
     )
+    parser.add_argument(
+        "--protocols",
+        action="store_true",
+        help="measure only the protocols on camera frames, two models at once and RSS with gRPC "
+        "(benchmarks/agent_protocols.py; section agent-protocols)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.protocols:
+        from agent_protocols import run as run_protocols
+
+        run_protocols(args.write, rounds=5, seconds=8.0)
+        return
     if args.only_overhead:
         from ai_edge_litert.interpreter import Interpreter
 

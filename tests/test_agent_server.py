@@ -51,7 +51,7 @@ def test_predict_row_and_columnar_forms_match_the_runtime(
     status, body = client.request("POST", "/v1/models/digits:predict", {"inputs": x.tolist()})
     assert status == 200
     np.testing.assert_allclose(np.array(body["outputs"]), expected, atol=1e-6)
-    name = server.serving.current.runner.signature.inputs[0].name
+    name = server.servables.resolve("digits").runner.signature.inputs[0].name
     status, body = client.request(
         "POST",
         "/v1/models/digits/versions/1.0.0:predict",

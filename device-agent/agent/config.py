@@ -59,6 +59,8 @@ class AgentConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     trusted_network: bool = False
+    grpc_port: int | None = None
+    """The gRPC front ends' port on the bind host (None: no gRPC; needs edgeship[grpc])."""
     # [limits]: what one client may make the agent hold (docs/agent.md)
     max_body_bytes: int = 16 << 20
     max_batch: int = 1024
@@ -155,7 +157,7 @@ _KNOWN_KEYS: dict[str, frozenset[str] | None] = {
     "paths": frozenset({"data"}),
     "trust": frozenset({"root", "director_key"}),
     "runtime": frozenset({"prefer", "threads"}),
-    "server": frozenset({"bind", "token_file", "tls_cert", "tls_key", "tls_client_ca", "trusted_network"}),
+    "server": frozenset({"bind", "token_file", "tls_cert", "tls_key", "tls_client_ca", "trusted_network", "grpc_port"}),
     "limits": frozenset(
         {
             "max_body_bytes",
@@ -244,6 +246,7 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None) -> Agen
         tls_key=optional_path("server", "tls_key"),
         tls_client_ca=optional_path("server", "tls_client_ca"),
         trusted_network=r.get("server", "trusted_network", bool, False),
+        grpc_port=r.get("server", "grpc_port", int, None),
         max_body_bytes=r.get("limits", "max_body_bytes", int, 16 << 20),
         max_batch=r.get("limits", "max_batch", int, 1024),
         max_tensor_bytes=r.get("limits", "max_tensor_bytes", int, 32 << 20),
@@ -267,6 +270,10 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None) -> Agen
         raise BadInputError(f"{where}: [server] tls_cert and tls_key go together (the certificate and its key)")
     if cfg.tls_client_ca is not None and cfg.tls_cert is None:
         raise BadInputError(f"{where}: [server] tls_client_ca needs tls_cert and tls_key (client certificates need TLS)")
+    if cfg.grpc_port is not None and not 0 <= cfg.grpc_port <= 65535:
+        raise BadInputError(f"{where}: [server] grpc_port = {cfg.grpc_port} must be a port (0-65535; 0 picks a free one)")
+    if cfg.grpc_port is not None and cfg.grpc_port and cfg.grpc_port == cfg.bind_port:
+        raise BadInputError(f"{where}: [server] grpc_port {cfg.grpc_port} is the REST API's port ([server] bind)")
     for name, value in (
         ("[probation] window_s", cfg.probation_window_s),
         ("[probation] min_requests", cfg.probation_min_requests),
@@ -312,6 +319,7 @@ bind = {bind}             # TF Serving-compatible REST API (keep it on loopback)
 # tls_key = "/etc/edgeship/api.key"
 # tls_client_ca = "/etc/edgeship/clients-ca.pem"
 # trusted_network = false                  # true: serve a non-loopback address without either (you vouch for the network)
+# grpc_port = 8500                         # gRPC (OIP v2 and TF Serving) on the bind host; needs edgeship[grpc]
 
 [limits]
 max_body_bytes = 16777216 # largest request body (bytes); a larger one is a 400 before it is read

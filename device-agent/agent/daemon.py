@@ -170,6 +170,7 @@ class Agent:
         self.lock = AgentLock(config.lock_file)
         self.driver: UpdateDriver | None = None
         self.api: ApiServer | None = None
+        self.grpc: Any = None  # grpc_server.GrpcServer where [server] grpc_port is set
         self.control: ControlServer | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -201,6 +202,14 @@ class Agent:
         if refusal is not None:
             raise BadInputError(refusal)
         limits = server_limits(self.config)
+        if self.config.grpc_port is not None:
+            from .grpc_server import grpc_available
+
+            if not grpc_available():
+                raise BadInputError(
+                    "[server] grpc_port is set but grpcio is not installed: pip install 'edgeship[grpc]' "
+                    "(or remove grpc_port to serve REST only)"
+                )
         self._take_lock()
         try:
             driver = self.driver = UpdateDriver(
@@ -229,6 +238,22 @@ class Agent:
                 limits=limits,
                 access=access,
             ).start()
+            if self.config.grpc_port is not None:
+                from .grpc_server import GrpcServer
+                from .server import _agent_version
+
+                self.grpc = GrpcServer(
+                    self.api.servables,
+                    self.config.bind_host,
+                    self.config.grpc_port,
+                    limits=limits,
+                    token=access.token,
+                    tls_cert=self.config.tls_cert,
+                    tls_key=self.config.tls_key,
+                    tls_client_ca=self.config.tls_client_ca,
+                    version=_agent_version(),
+                ).start()
+            log.info("serving protocols: %s", ", ".join(p["name"] + " " + p["address"] for p in self.protocols()))
             self.control = ControlServer(self.config.control_socket, self.dispatch).start()
         except BaseException:
             self.lock.release()
@@ -248,6 +273,8 @@ class Agent:
         self._wake.set()
         if self.api is not None:
             self.api.stop()
+        if self.grpc is not None:
+            self.grpc.stop()
         if self.control is not None:
             self.control.stop()
         self.lock.release()
@@ -344,6 +371,24 @@ class Agent:
             return {"update": update.id if update else None, "aborted": True}
         return self.submit(source, kind="rollback")
 
+    def protocols(self) -> list[dict[str, str]]:
+        """The protocols this agent serves and where (the start log line, ``status --json``)."""
+        found: list[dict[str, str]] = []
+        if self.api is not None:
+            base = f"{self.api.scheme}://{_host_text(self.api.host)}:{self.api.port}"
+            found += [
+                {"name": "tfserving-rest", "address": f"{base}/v1/models"},
+                {"name": "oip-rest", "address": f"{base}/v2"},
+            ]
+        if self.grpc is not None:
+            address = f"{_host_text(self.grpc.host)}:{self.grpc.port}"
+            kind = "grpcs" if self.grpc.tls else "grpc"
+            found += [
+                {"name": "oip-grpc", "address": f"{kind}://{address} inference.GRPCInferenceService"},
+                {"name": "tfserving-grpc", "address": f"{kind}://{address} tensorflow.serving.PredictionService"},
+            ]
+        return found
+
     def status(self) -> dict[str, Any]:
         assert self.driver is not None
         model = self.serving.current
@@ -366,6 +411,7 @@ class Agent:
         doc = status_document(self.config, self.driver.snapshot(), running=True, serving=serving)
         if self.api is not None:
             doc["server"] = f"{self.api.scheme}://{_host_text(self.api.host)}:{self.api.port}"
+        doc["protocols"] = self.protocols()
         return doc
 
     def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:

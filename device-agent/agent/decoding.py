@@ -28,15 +28,19 @@ from __future__ import annotations
 __all__ = [
     "DecodeLimits",
     "DecodedRequest",
+    "InexactParseError",
     "PredictRequestError",
     "build_inputs",
     "caller_dtype",
     "decode_request",
     "format_outputs",
+    "loads_json",
     "signature_key",
+    "strict_array",
     "tensor_keys",
 ]
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +55,47 @@ from .runtimes import ModelSignature, TensorSpec
 
 class PredictRequestError(BadInputError):
     """A predict request that cannot be served as sent (HTTP 400)."""
+
+
+try:  # the fast parser where the device has it (edgeship[litert] / [onnx]); json otherwise
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - a device without it
+    _orjson = None
+
+
+class InexactParseError(Exception):
+    """A document parsed by orjson holds a number orjson may have read differently from
+    ``json`` (an integer literal beyond 64 bits becomes a float): parse it again with
+    ``json`` (``loads_json(raw, exact=True)``) and decode again. Not the caller's error."""
+
+
+_INEXACT_FLOAT = float(2**63)
+"""orjson reads integer literals beyond 64 bits as floats: only a float this large can be one."""
+
+
+def loads_json(raw: bytes | memoryview, exact: bool = False) -> tuple[Any, bool]:
+    """A request body parsed as JSON, or PredictRequestError; and whether its numbers are
+    exactly ``json``'s (False: orjson parsed it; decode with ``exact_integers=False``, which
+    raises InexactParseError where that could matter, and then parse again with ``exact``).
+
+    orjson parses a camera frame's 3 MB of numbers about 2.3x faster than ``json``
+    (docs/benchmarks.md). It is stricter than ``json`` (no ``NaN``/``Infinity``, which TF
+    Serving accepts, no integers beyond 64 bits, no lone surrogates), so a body it refuses
+    is parsed again by ``json``: the answer is always ``json``'s, only faster. The one
+    difference left, an integer literal beyond 64 bits that orjson reads as a float (``json``
+    as an integer, which a float tensor refuses), is caught after decoding: a float of 2**63
+    or more from an orjson document raises InexactParseError, and the body is parsed again
+    by ``json`` (a pre-scan of the body for such literals cost more than the parse itself).
+    """
+    if _orjson is not None and not exact:
+        try:
+            return _orjson.loads(raw), False
+        except _orjson.JSONDecodeError:
+            pass
+    try:
+        return json.loads(bytes(raw) if isinstance(raw, memoryview) else raw), True
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise PredictRequestError(f"JSON Parse error: {str(exc)[:200]}") from None
 
 
 @dataclass(frozen=True)
@@ -137,34 +182,20 @@ def _shape_text(spec: TensorSpec) -> list[Any]:
     return ["batch" if i == 0 else d for i, d in enumerate(spec.shape)]
 
 
-def _tensor(
-    value: Any, spec: TensorSpec, where: str, limits: DecodeLimits, maybe_bools: bool
+def strict_array(
+    value: Any,
+    dtype: np.dtype,
+    label: str,
+    maybe_bools: bool = True,
+    shape: Sequence[int] | None = None,
+    exact_integers: bool = True,
 ) -> np.ndarray:
-    dtype = caller_dtype(spec)
-    label = f"{where}: input '{spec.name}'"
-    if dtype.kind not in "fiub":
-        raise PredictRequestError(
-            f"{label} has dtype {dtype.name}: the agent serves numeric and bool inputs only "
-            "({\"b64\": ...} strings are not supported)"
-        )
-    shape = _leading_shape(value)
-    if shape and shape[0] == 0:
-        raise PredictRequestError(f"{where}: empty batch")
-    if len(shape) != len(spec.shape):
-        raise PredictRequestError(
-            f"{label} has shape {shape}, the model expects {_shape_text(spec)} (-1: any size)"
-        )
-    if shape[0] > limits.max_batch:
-        raise PredictRequestError(
-            f"{label}: batch of {shape[0]} instances exceeds the limit of {limits.max_batch} "
-            "([limits] max_batch); split the request"
-        )
-    nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
-    if nbytes > limits.max_tensor_bytes:
-        raise PredictRequestError(
-            f"{label}: {shape} {dtype.name} is {nbytes} bytes, over the limit of "
-            f"{limits.max_tensor_bytes} ([limits] max_tensor_bytes)"
-        )
+    """JSON values (nested lists) as an array of ``dtype`` by TF Serving's rules (the
+    table above), or PredictRequestError; ``shape``: the leading shape, when known;
+    ``exact_integers``: False for values orjson parsed (see ``loads_json``)."""
+    dtype = np.dtype(dtype)
+    if shape is None:
+        shape = list(value.shape) if isinstance(value, np.ndarray) else _leading_shape(value)
     try:
         found = np.asarray(value)
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # ragged lists
@@ -180,6 +211,8 @@ def _tensor(
         )
     if kind in "US":
         raise PredictRequestError(f"{label} takes {dtype.name} values: strings are not numbers")
+    if not exact_integers and kind == "f" and found.size and np.abs(found).max() >= _INEXACT_FLOAT:
+        raise InexactParseError()
     if dtype.kind == "b":
         if kind != "b":
             raise PredictRequestError(f"{label} takes bool values: true or false only")
@@ -210,6 +243,39 @@ def _tensor(
                 raise PredictRequestError(
                     f"{label}: a value is beyond float32's range (+-{_FLOAT32_MAX:.4g})"
                 )
+    return array
+
+
+def _tensor(
+    value: Any, spec: TensorSpec, where: str, limits: DecodeLimits, maybe_bools: bool,
+    exact_integers: bool = True,
+) -> np.ndarray:
+    dtype = caller_dtype(spec)
+    label = f"{where}: input '{spec.name}'"
+    if dtype.kind not in "fiub":
+        raise PredictRequestError(
+            f"{label} has dtype {dtype.name}: the agent serves numeric and bool inputs only "
+            "({\"b64\": ...} strings are not supported)"
+        )
+    shape = _leading_shape(value)
+    if shape and shape[0] == 0:
+        raise PredictRequestError(f"{where}: empty batch")
+    if len(shape) != len(spec.shape):
+        raise PredictRequestError(
+            f"{label} has shape {shape}, the model expects {_shape_text(spec)} (-1: any size)"
+        )
+    if shape[0] > limits.max_batch:
+        raise PredictRequestError(
+            f"{label}: batch of {shape[0]} instances exceeds the limit of {limits.max_batch} "
+            "([limits] max_batch); split the request"
+        )
+    nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if nbytes > limits.max_tensor_bytes:
+        raise PredictRequestError(
+            f"{label}: {shape} {dtype.name} is {nbytes} bytes, over the limit of "
+            f"{limits.max_tensor_bytes} ([limits] max_tensor_bytes)"
+        )
+    array = strict_array(value, dtype, label, maybe_bools, shape, exact_integers)
     expected = spec.shape
     if any(want not in (-1, got) for want, got in zip(expected[1:], array.shape[1:])):
         raise PredictRequestError(
@@ -224,19 +290,24 @@ def decode_request(
     limits: DecodeLimits = DecodeLimits(),
     *,
     maybe_bools: bool = True,
+    signature_names: Sequence[str] = ("serving_default",),
+    exact_integers: bool = True,
 ) -> DecodedRequest:
     """A parsed request document -> the model's inputs, or PredictRequestError.
 
     ``maybe_bools``: whether the document may hold ``true``/``false`` at all (the
     HTTP layer passes False when the body's bytes hold neither word, which spares
     a walk over every value: numpy alone would read ``true`` as 1 among numbers).
+    ``signature_names``: the names ``signature_name`` may give (the model's own first).
+    ``exact_integers``: False for a document orjson parsed (``loads_json``).
     """
     if not isinstance(body, dict):
         raise PredictRequestError("request body must be a JSON object with 'instances' or 'inputs'")
     signature_name = body.get("signature_name", "serving_default")
-    if signature_name not in ("serving_default", "", None):
+    if signature_name not in (*signature_names, "", None):
         raise PredictRequestError(
-            f"unknown signature_name {signature_name!r}: this model has 'serving_default'"
+            f"unknown signature_name {signature_name!r}: this model has "
+            + ", ".join(repr(n) for n in signature_names)
         )
     specs = signature.inputs
     if ("instances" in body) == ("inputs" in body):
@@ -245,7 +316,7 @@ def decode_request(
         )
 
     def tensor(value: Any, spec: TensorSpec, where: str) -> np.ndarray:
-        return _tensor(value, spec, where, limits, maybe_bools)
+        return _tensor(value, spec, where, limits, maybe_bools, exact_integers)
 
     if "instances" in body:
         instances = body["instances"]

@@ -202,6 +202,9 @@ class ModelRunner:
     runtime_version: str
     path: Path
     signature: ModelSignature
+    signature_name: str = "serving_default"
+    """The SignatureDef key the file's one signature has (``serve`` for a Keras export
+    converted under that key); what TF Serving clients give as ``signature_name``."""
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         if len(inputs) != len(self.signature.inputs):
@@ -269,6 +272,7 @@ class TFLiteRunner(ModelRunner):
         self._input_details = self._interpreter.get_input_details()
         self._output_details = self._interpreter.get_output_details()
         in_keys, out_keys = _signature_keys(self._interpreter)
+        self.signature_name = _signature_name(self._interpreter)
         self.signature = ModelSignature(
             inputs=tuple(_tflite_spec(d, in_keys) for d in self._input_details),
             outputs=tuple(_tflite_spec(d, out_keys) for d in self._output_details),
@@ -524,6 +528,15 @@ def _tflite_spec(detail: dict[str, Any], keys: dict[int, str]) -> TensorSpec:
         zero_point=int(zero_point),
         key=keys.get(int(detail["index"]), ""),
     )
+
+
+def _signature_name(interpreter: Any) -> str:
+    """The key of the file's only signature, else ``serving_default``."""
+    try:
+        signatures = list(interpreter.get_signature_list())
+    except (AttributeError, RuntimeError, ValueError):
+        return "serving_default"
+    return str(signatures[0]) if len(signatures) == 1 and signatures[0] else "serving_default"
 
 
 def _signature_keys(interpreter: Any) -> tuple[dict[int, str], dict[int, str]]:

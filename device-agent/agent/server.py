@@ -3,12 +3,17 @@
 Applications written for TF Serving work unchanged::
 
     POST /v1/models/NAME:predict                 {"instances": [...]} or {"inputs": ...}
-    POST /v1/models/NAME/versions/V:predict      the same, pinned to version V
-    GET  /v1/models/NAME[/versions/V]            version status
-    GET  /v1/models/NAME[/versions/V]/metadata   signature_def
+    POST /v1/models/NAME/versions/V:predict      the same, pinned to version V (the serving
+                                                 version number, or the bundle's version)
+    POST /v1/models/NAME/labels/L:predict        the same, the version label L points at
+    GET  /v1/models/NAME[/versions/V|/labels/L]  version status (every loaded version)
+    GET  /v1/models/NAME[...]/metadata           signature_def
     POST /v1/models/NAME:feedback                ground-truth labels (edgeship extension)
     GET  /healthz                                200 when a model serves, else 503
     GET  /metrics                                Prometheus text
+
+The Open Inference Protocol's REST paths (``/v2/...``, ``oip.py``) are served on the same
+port, by the same connection handling, limits and access rules.
 
 Errors use TF Serving's format, ``{"error": "message"}``: 400 for a bad request
 (malformed JSON, wrong shape, wrong dtype, over a limit; decoding.py has the
@@ -66,25 +71,37 @@ import numpy as np
 
 from edgeship.ota.errors import BadInputError, EdgeshipError
 
+from . import oip
 from .decoding import (
+    DecodedRequest,
     DecodeLimits,
+    InexactParseError,
     PredictRequestError,
     build_inputs,
     caller_dtype,
     decode_request,
     format_outputs,
+    loads_json,
     signature_key,
     tensor_keys,
 )
+from .inference import as_servables, caller_error, predict, resolve, signature_names, version_text
 from .runtimes import ModelSignature, TensorSpec
+from .servables import Servables
 from .serving import LoadedModel, NoModelError, ServingModel
 from .telemetry import render_prometheus
 
 SWITCH_INTERVAL_S = 0.001
 _ROUTE = re.compile(
-    r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?"
+    r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
     r"(?:(?P<metadata>/metadata)|:(?P<verb>[a-z]+))?/?$"
 )
+_V2_ROUTE = re.compile(
+    r"^/v2(?:/health/(?P<health>live|ready)"
+    r"|/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<verb>ready|infer))?)?/?$"
+)
+_OPEN_PATHS = ("/healthz", "/v2/health/live", "/v2/health/ready")
+"""Paths any caller may use whatever the access rules: liveness and readiness only."""
 _TF_DTYPES = {
     "float32": "DT_FLOAT",
     "float16": "DT_HALF",
@@ -99,6 +116,8 @@ _TF_DTYPES = {
 _CHUNK_LINE = re.compile(rb"^([0-9A-Fa-f]{1,16})(;[^\r\n]*)?\r?\n$")
 _LARGE_BODY = 1 << 20
 """A body at least this large leaves parsed objects worth handing back to the OS."""
+_TRIM_QUIET_S = 0.25
+"""Memory goes back to the OS once no large request has ended for this long."""
 _MAX_TRAILERS = 32
 _BURST_CONNECTIONS = 32
 """After this many connections at once, the last one to close trims memory."""
@@ -226,6 +245,44 @@ def _signature_def(signature: ModelSignature) -> dict[str, Any]:
         "outputs": tensors(signature.outputs),
         "method_name": "tensorflow/serving/predict",
     }
+
+
+def _agent_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("edgeship")
+    except Exception:  # noqa: BLE001 - metadata missing in a bare checkout: say so, never fail a request
+        return "unknown"
+
+
+def render_metrics(servables: Servables, data_dir: Path) -> str:
+    """``/metrics`` for every model: each model's series (labelled by model and version)
+    under one HELP/TYPE per family, the process series once."""
+    texts = [render_prometheus(m.serving, data_dir) for m in servables]
+    if len(texts) == 1:
+        return texts[0]
+    if not texts:
+        return render_prometheus(ServingModel(), data_dir)
+    families: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    family = ""
+    for text in texts:
+        for line in text.splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                family = line.split(" ", 3)[2]
+                lines = families.setdefault(family, [])
+                if line not in lines:
+                    lines.append(line)
+            elif line and line not in seen:
+                sample = line.split("{", 1)[0].split(" ", 1)[0]
+                if sample.startswith(family):
+                    key = sample if "{" not in line else line.rsplit(" ", 1)[0]
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    families.setdefault(family, []).append(line)
+    return "\n".join(line for lines in families.values() for line in lines) + "\n"
 
 
 class _RequestTimeout(Exception):
@@ -426,16 +483,77 @@ class _Handler(BaseHTTPRequestHandler):
         except PredictRequestError:
             self.close_connection = True
 
-    def _model_for(self, name: str, version: str | None) -> LoadedModel:
-        model = self.server.serving.current
-        if model is None:
-            raise NoModelError("no model is serving")
-        if name != model.name or (version is not None and version != model.version):
-            raise LookupError(
-                f"Servable not found for request: {'Specific' if version else 'Latest'}({name}"
-                f"{', ' + version if version else ''}); this agent serves {model.name} {model.version}"
-            )
-        return model
+    def _model_for(self, name: str, version: str | None, label: str | None = None) -> LoadedModel:
+        return resolve(self.server.servables, name, version, label)
+
+    # -- the Open Inference Protocol (oip.py) -------------------------------------------------
+    def _v2_get(self, path: str) -> None:
+        match = _V2_ROUTE.match(path)
+        assert match is not None
+        servables = self.server.servables
+        try:
+            if match.group("health") == "live":
+                self._json(200, {"live": True})
+            elif match.group("health") == "ready":
+                ready = all(m.serving.current is not None for m in servables) and bool(servables.names())
+                self._json(200 if ready else 503, {"ready": ready})
+            elif match.group("name") is None:
+                self._json(200, oip.server_metadata(_agent_version()))
+            else:
+                model = self._model_for(match.group("name"), match.group("version"))
+                if match.group("verb") == "ready":
+                    self._json(200, {"name": model.name, "ready": True})
+                else:
+                    self._json(200, oip.model_metadata(model, servables.get(model.name).loaded()))
+        except NoModelError as exc:
+            self._error(503, exc.message)
+        except LookupError as exc:
+            self._error(404, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must answer in the error format, not drop the connection
+            self._error(500, f"internal error: {type(exc).__name__}: {str(exc)[:300]}")
+
+    def _v2_infer(self, path: str) -> None:
+        match = _V2_ROUTE.match(path)
+        assert match is not None and match.group("verb") == "infer"
+        try:
+            header = self.headers.get("Inference-Header-Content-Length")
+            raw = self._raw_body()
+            if raw is None:
+                self.close_connection = True
+                raise PredictRequestError("a request body with Content-Length is required")
+            if len(raw) >= _LARGE_BODY:
+                self.server.large_begin()
+                self._large_pending = True
+            header_length = None
+            if header is not None:
+                if not header.strip().isdigit():
+                    raise PredictRequestError(f"invalid Inference-Header-Content-Length {header!r}")
+                header_length = int(header)
+            model = self._model_for(match.group("name"), match.group("version"))
+            try:
+                request = oip.decode_infer(raw, header_length, model, self.server.limits.decode)
+            except PredictRequestError:
+                caller_error(model)
+                raise
+            served, outputs = predict(self.server.servables, model, request.inputs)
+            body, json_length = oip.encode_infer(served, outputs, request)
+            if json_length is None:
+                self._send(200, body)
+            else:
+                self._send(
+                    200, body, "application/octet-stream",
+                    f"Inference-Header-Content-Length: {json_length}\r\n",
+                )
+        except BadInputError as exc:
+            self._error(400, exc.message)
+        except NoModelError as exc:
+            self._error(503, exc.message)
+        except LookupError as exc:
+            self._error(404, str(exc))
+        except (_RequestTimeout, ConnectionError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the model failed: 500, counted by the serving layer
+            self._error(500, f"inference failed: {str(exc)[:300]}")
 
     def _authorized(self) -> bool:
         """Whether this caller may use a protected path; answers 401 when not."""
@@ -465,6 +583,9 @@ class _Handler(BaseHTTPRequestHandler):
         """The methods a known path takes; () for an unknown path."""
         if path in ("/healthz", "/metrics"):
             return ("GET",)
+        v2 = _V2_ROUTE.match(path)
+        if v2:
+            return ("POST",) if v2.group("verb") == "infer" else ("GET",)
         match = _ROUTE.match(path)
         if not match:
             return ()
@@ -487,15 +608,21 @@ class _Handler(BaseHTTPRequestHandler):
                     f"Allow: {', '.join(allowed)}\r\n",
                 )
             return
-        if path != "/healthz" and not self._authorized():
+        if path not in _OPEN_PATHS and not self._authorized():
             return
         if method == "GET":
             self._discard_body()
-            self._get(path)
+            if path.startswith("/v2"):
+                self._v2_get(path)
+            else:
+                self._get(path)
             return
         self._large_pending = False
         try:
-            self._post(path)
+            if path.startswith("/v2"):
+                self._v2_infer(path)
+            else:
+                self._post(path)
         finally:  # after _post's frame (the parsed body) is gone
             if self._large_pending:
                 self.server.large_end()
@@ -507,34 +634,38 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200 if ok else 503, detail)
                 return
             if path == "/metrics":
-                text = render_prometheus(self.server.serving, self.server.data_dir) + self.server.metrics_text()
+                text = render_metrics(self.server.servables, self.server.data_dir) + self.server.metrics_text()
                 self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
                 return
             match = _ROUTE.match(path)
             assert match is not None
-            model = self._model_for(match.group("name"), match.group("version"))
+            model = self._model_for(match.group("name"), match.group("version"), match.group("label"))
             if match.group("metadata"):
+                signature = _signature_def(model.runner.signature)
                 self._json(
                     200,
                     {
-                        "model_spec": {"name": model.name, "signature_name": "", "version": model.version},
+                        "model_spec": {"name": model.name, "signature_name": "", "version": version_text(model)},
                         "metadata": {
                             "signature_def": {
-                                "signature_def": {"serving_default": _signature_def(model.runner.signature)}
+                                "signature_def": {name: signature for name in signature_names(model)}
                             }
                         },
                     },
                 )
             else:
+                named = match.group("version") is not None or match.group("label") is not None
+                versions = [model] if named else self.server.servables.get(model.name).loaded()
                 self._json(
                     200,
                     {
                         "model_version_status": [
                             {
-                                "version": model.version,
+                                "version": version_text(m),
                                 "state": "AVAILABLE",
                                 "status": {"error_code": "OK", "error_message": ""},
                             }
+                            for m in versions
                         ]
                     },
                 )
@@ -556,25 +687,30 @@ class _Handler(BaseHTTPRequestHandler):
             if len(raw) >= _LARGE_BODY:
                 self.server.large_begin()
                 self._large_pending = True
-            try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
-                raise PredictRequestError(f"JSON Parse error: {str(exc)[:200]}") from None
-            model = self._model_for(match.group("name"), match.group("version"))
+            body, exact = loads_json(raw)
+            model = self._model_for(match.group("name"), match.group("version"), match.group("label"))
             if match.group("verb") == "feedback":
                 self._json(200, self._feedback(model, body))
                 return
-            try:
-                decoded = decode_request(
+            def decode(body: Any, exact: bool) -> DecodedRequest:
+                return decode_request(
                     body,
                     model.runner.signature,
                     self.server.limits.decode,
                     maybe_bools=b"true" in raw or b"false" in raw,
+                    signature_names=signature_names(model),
+                    exact_integers=exact,
                 )
+
+            try:
+                try:
+                    decoded = decode(body, exact)
+                except InexactParseError:  # a huge number orjson may have read otherwise: json decides
+                    decoded = decode(loads_json(raw, exact=True)[0], True)
             except PredictRequestError:
-                model.stats.error("bad_request")
+                caller_error(model)
                 raise
-            served, outputs = self.server.serving.predict(decoded.inputs, model)  # counts its own errors
+            served, outputs = predict(self.server.servables, model, decoded.inputs)  # counts its own errors
             self._json(200, format_outputs(outputs, served.runner.signature, decoded.row))
         except BadInputError as exc:
             self._error(400, exc.message)
@@ -652,7 +788,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
-    serving: ServingModel
+    servables: Servables
     data_dir: Path
     health: Callable[[], tuple[bool, dict[str, Any]]]
     limits: ServerLimits
@@ -664,6 +800,9 @@ class _Server(ThreadingHTTPServer):
         self.refused = 0
         self._large = 0
         self._peak = 0  # connections at once since the last trim
+        self._trim_due = 0.0
+        self._trim_wanted = threading.Event()
+        self._trimmer: threading.Thread | None = None
 
     def metrics_text(self) -> str:
         """The connection gauges in Prometheus text (appended to /metrics)."""
@@ -728,13 +867,31 @@ class _Server(ThreadingHTTPServer):
             self._large += 1
 
     def large_end(self) -> None:
-        """After the last concurrent large request: hand the parsed objects' memory back."""
+        """After a large request: hand the parsed objects' memory back once no large request
+        has come for ``_TRIM_QUIET_S`` (on the trimmer's thread, off the request path: a
+        collection and ``malloc_trim`` cost 10-25 ms, which a stream of camera frames in JSON
+        would otherwise pay on every frame)."""
         with self._count_lock:
             self._large -= 1
-            last = self._large == 0
-        if last:
-            from .updater import release_memory
+            self._trim_due = time.monotonic() + _TRIM_QUIET_S
+            if self._trimmer is None:
+                self._trimmer = threading.Thread(target=self._trim_when_quiet, name="edgeship-trim", daemon=True)
+                self._trimmer.start()
+        self._trim_wanted.set()
 
+    def _trim_when_quiet(self) -> None:
+        from .updater import release_memory
+
+        while True:
+            self._trim_wanted.wait()
+            while True:
+                with self._count_lock:
+                    wait_s = self._trim_due - time.monotonic()
+                    busy = self._large > 0
+                if not busy and wait_s <= 0:
+                    break
+                time.sleep(max(wait_s, 0.05))
+            self._trim_wanted.clear()  # a large request ending from here on asks again
             release_memory()
 
 
@@ -747,7 +904,7 @@ class ApiServer:
 
     def __init__(
         self,
-        serving: ServingModel,
+        servables: Servables | ServingModel,
         data_dir: Path,
         host: str = "127.0.0.1",
         port: int = 8501,
@@ -755,7 +912,7 @@ class ApiServer:
         limits: ServerLimits | None = None,
         access: ApiAccess | None = None,
     ) -> None:
-        self.serving = serving
+        self.servables = as_servables(servables)
         try:
             server_class = _Server6 if ":" in host else _Server
             self._httpd = server_class((host.strip("[]"), port), _Handler)
@@ -763,7 +920,7 @@ class ApiServer:
             raise EdgeshipError(
                 f"cannot listen on {host}:{port} ([server] bind): {exc.strerror or exc}"
             ) from None
-        self._httpd.serving = serving
+        self._httpd.servables = self.servables
         self._httpd.data_dir = data_dir
         self._httpd.health = health or self._default_health
         self._httpd.limits = limits or ServerLimits()
@@ -788,10 +945,16 @@ class ApiServer:
         return self._httpd.connections
 
     def _default_health(self) -> tuple[bool, dict[str, Any]]:
-        model = self.serving.current
-        if model is None:
+        models = [m.serving.current for m in self.servables]
+        serving = [m for m in models if m is not None]
+        if not serving:
             return False, {"status": "no model serving"}
-        return True, {"status": "ok", "model": {"name": model.name, "version": model.version}}
+        first = serving[0]
+        return True, {
+            "status": "ok",
+            "model": {"name": first.name, "version": first.version},
+            "models": [{"name": m.name, "version": m.version, "serving_version": m.serving_version} for m in serving],
+        }
 
     def start(self) -> ApiServer:
         # One thread per keep-alive connection share the GIL; CPython hands it over every

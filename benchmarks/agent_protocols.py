@@ -1,0 +1,558 @@
+"""The agent's protocols on camera frames, each beside bare LiteRT in the same run
+(docs/benchmarks.md, section ``agent-protocols``; run by ``benchmarks/agent.py --protocols``):
+
+1. MobileNetV2 (weights=None, int8 TFLite with float I/O, 1 thread), one 224x224x3 frame
+   per request, sequential, keep-alive, in interleaved rounds: bare LiteRT
+   ``set_tensor``/``invoke``/``get_tensor`` in a clean process of its own (timing itself); the agent's OIP v2 binary
+   extension over HTTP; OIP v2 gRPC (``raw_input_contents``); TF Serving gRPC Predict
+   (``tensor_content``); TF Serving REST JSON (``{"instances": ...}``, 3.2 MB); a plain
+   FastAPI+uvicorn wrapper around LiteRT taking the same JSON body, written as a user
+   would; and tritonclient's own http/grpc ``infer`` (what an application pays with the
+   client library). Targets: binary paths p50 <= 1.3x bare; JSON <= 4x bare and faster
+   than the FastAPI wrapper.
+2. Two models served at once (digits and MobileNetV2), each under a closed-loop client of
+   its own (its own process): each model's p99 alone vs together (target <= 2x).
+3. Idle RSS of ``edgeship-agent run`` serving digits, with and without the gRPC front
+   ends started (``[server] grpc_port``).
+
+The agent's serving stack runs in its own process (``serve``: ``Servables`` holding the
+models, ``ApiServer`` and ``GrpcServer``), as ``edgeship-agent run`` runs them; the clients
+run in this one, bare LiteRT in a clean process of its own. Clients send pre-encoded bodies, so the agent and the
+FastAPI wrapper get the same bytes and the client's JSON encoding is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve()
+TARGETS = {"binary_ratio": 1.3, "json_ratio": 4.0, "two_models_p99_ratio": 2.0}
+
+
+# -- the servers (their own processes) --------------------------------------------------------------
+
+def serve_main(models: list[str], port_file: Path) -> None:
+    """The agent's serving stack over a catalogue of ``name=path`` models."""
+    from edgeship.agent.grpc_server import GrpcServer
+    from edgeship.agent.runtimes import open_model
+    from edgeship.agent.servables import Servables
+    from edgeship.agent.server import ApiServer
+    from edgeship.agent.serving import LoadedModel, warm_up
+
+    servables = Servables()
+    for item in models:
+        name, path = item.split("=", 1)
+        runner = open_model(path, threads=1)
+        warm_up(runner)
+        servables.ensure(name).serving.swap(LoadedModel(name, "1.0.0", runner, serving_version=1))
+    with tempfile.TemporaryDirectory() as data:
+        api = ApiServer(servables, Path(data), port=0).start()
+        grpc_server = GrpcServer(servables, port=0).start()
+        port_file.write_text(json.dumps({"http": api.port, "grpc": grpc_server.port}))
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        grpc_server.stop()
+        api.stop()
+
+
+def start(kind: str, *args: str) -> tuple[subprocess.Popen, dict[str, int]]:
+    """``serve`` (the agent's stack, this script) or ``fastapi`` (fastapi_wrapper.py) in a process."""
+    port_file = Path(tempfile.mkdtemp(prefix="bench-ports-")) / "ports.json"
+    command = ([str(HERE.with_name("fastapi_wrapper.py")), *args, str(port_file)] if kind == "fastapi"
+               else [str(HERE), kind, "--port-file", str(port_file), *args])
+    proc = subprocess.Popen([sys.executable, *command], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    deadline = time.monotonic() + 120
+    while not port_file.exists() or not port_file.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{kind} server did not start")
+        time.sleep(0.05)
+    time.sleep(0.2)
+    return proc, json.loads(port_file.read_text())
+
+
+class _NoDelayConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# -- the clients: one call each, the answer decoded -----------------------------------------------------
+
+class RestClient:
+    """Keep-alive HTTP/1.1 with TCP_NODELAY, as requests/urllib3 and most clients set it (without
+    it, the body's last segment can wait for the server's delayed ACK)."""
+
+    def __init__(self, port: int) -> None:
+        self.conn = _NoDelayConnection("127.0.0.1", port, timeout=60)
+
+    def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[http.client.HTTPResponse, bytes]:
+        try:
+            self.conn.request("POST", path, body, headers or {})
+            response = self.conn.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # the server closed an idle keep-alive connection (uvicorn after 5 s): reconnect once,
+            # as requests/urllib3 do
+            self.conn.close()
+            self.conn.request("POST", path, body, headers or {})
+            response = self.conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{path}: {response.status} {data[:200]!r}")
+        return response, data
+
+
+def oip_binary_call(client: RestClient, model: str, frame: np.ndarray, names: tuple[str, str]) -> Any:
+    header = json.dumps({
+        "inputs": [{"name": names[0], "shape": list(frame.shape), "datatype": "FP32",
+                    "parameters": {"binary_data_size": frame.nbytes}}],
+        "outputs": [{"name": names[1], "parameters": {"binary_data": True}}],
+    }).encode()
+    body = header + frame.tobytes()
+    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+
+    def call() -> np.ndarray:
+        response, data = client.post(f"/v2/models/{model}/infer", body, headers)
+        length = int(response.getheader("Inference-Header-Content-Length"))
+        return np.frombuffer(data[length:], dtype=np.float32)
+
+    return call
+
+
+def json_call(client: RestClient, model: str, frame: np.ndarray) -> Any:
+    body = json.dumps({"instances": frame.tolist()}).encode()
+
+    def call() -> np.ndarray:
+        return np.asarray(json.loads(client.post(f"/v1/models/{model}:predict", body)[1])["predictions"])
+
+    return call
+
+
+def oip_grpc_call(port: int, model: str, frame: np.ndarray, names: tuple[str, str]) -> Any:
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    request = service_pb2.ModelInferRequest(model_name=model, raw_input_contents=[frame.tobytes()])
+    request.inputs.add(name=names[0], datatype="FP32", shape=list(frame.shape))
+    request.outputs.add(name=names[1])
+
+    def call() -> np.ndarray:
+        return np.frombuffer(stub.ModelInfer(request, timeout=60).raw_output_contents[0], dtype=np.float32)
+
+    return call
+
+
+def tf_grpc_call(port: int, model: str, frame: np.ndarray, input_key: str) -> Any:
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    tensor = request.inputs[input_key]
+    tensor.dtype = 1
+    for d in frame.shape:
+        tensor.tensor_shape.dim.add(size=d)
+    tensor.tensor_content = frame.tobytes()
+
+    def call() -> np.ndarray:
+        out = next(iter(stub.Predict(request, timeout=60).outputs.values()))
+        return np.frombuffer(out.tensor_content, dtype=np.float32)
+
+    return call
+
+
+def triton_http_call(port: int, model: str, frame: np.ndarray, names: tuple[str, str]) -> Any:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}", network_timeout=60)
+    tensor = httpclient.InferInput(names[0], list(frame.shape), "FP32")
+    tensor.set_data_from_numpy(frame, binary_data=True)
+    output = httpclient.InferRequestedOutput(names[1], binary_data=True)
+    return lambda: client.infer(model, [tensor], outputs=[output]).as_numpy(names[1])
+
+
+def triton_grpc_call(port: int, model: str, frame: np.ndarray, names: tuple[str, str]) -> Any:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{port}")
+    tensor = grpcclient.InferInput(names[0], list(frame.shape), "FP32")
+    tensor.set_data_from_numpy(frame)
+    output = grpcclient.InferRequestedOutput(names[1])
+    return lambda: client.infer(model, [tensor], outputs=[output]).as_numpy(names[1])
+
+
+def bare_call(model: Path, frame: np.ndarray) -> Any:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(model), num_threads=1)
+    interpreter.allocate_tensors()
+    input_index = interpreter.get_input_details()[0]["index"]
+    output_index = interpreter.get_output_details()[0]["index"]
+
+    def call() -> np.ndarray:
+        interpreter.set_tensor(input_index, frame)
+        interpreter.invoke()
+        return interpreter.get_tensor(output_index)
+
+    return call
+
+
+class BareProcess:
+    """Bare LiteRT in a clean process of its own, timing its own ``set_tensor``/``invoke``/
+    ``get_tensor`` calls: the baseline runs under the same conditions as the agent's server
+    process (this one has TensorFlow, gRPC channels and client threads loaded, which measured
+    up to 1.5x slower invokes than a clean process). One invoke per exchange, so it sleeps between
+    invokes as a server does: on a loaded machine a back-to-back loop is scheduled worse than a
+    process that wakes per request, which made the bare loop look slower than the agent."""
+
+    def __init__(self, model: Path, frame_file: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE), "bare", "--model", str(model), "--frame", str(frame_file)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
+
+    def times(self, n: int) -> list[float]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return [float(v) for v in json.loads(self.proc.stdout.readline())]
+
+    def __call__(self) -> None:
+        self.times(1)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=20)
+
+
+def bare_main(model: Path, frame_file: Path) -> None:
+    call = bare_call(model, np.load(frame_file))
+    for line in sys.stdin:
+        times = []
+        for _ in range(int(line)):
+            begin = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - begin) * 1e3)
+        print(json.dumps(times), flush=True)
+
+
+def interleaved(calls: dict[str, Any], rounds: int, per_round: dict[str, int]) -> dict[str, list[float]]:
+    """Latencies (ms) of each path, measured in rounds that take turns (noise hits all alike)."""
+    found: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():  # warm-up
+        for _ in range(3):
+            call()
+    for _ in range(rounds):
+        for name, call in calls.items():
+            if isinstance(call, BareProcess):  # one invoke per exchange: it waits between, like a server
+                for _ in range(per_round[name]):
+                    found[name] += call.times(1)
+                continue
+            for _ in range(per_round[name]):
+                begin = time.perf_counter()
+                call()
+                found[name].append((time.perf_counter() - begin) * 1e3)
+    return found
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+# -- two models under load: a closed-loop client per model, each in its own process ---------------------
+
+def load_main(kind: str, port: int, model: str, seconds: float, frame_file: Path, names: str, out: Path) -> None:
+    frame = np.load(frame_file)
+    client = RestClient(port)
+    a, b = names.split(",")
+    call = oip_binary_call(client, model, frame, (a, b)) if kind == "oip" else json_call(client, model, frame)
+    for _ in range(5):
+        call()
+    latencies, failed = [], 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        begin = time.perf_counter()
+        try:
+            call()
+        except (RuntimeError, OSError):
+            failed += 1
+            client = RestClient(port)
+            call = oip_binary_call(client, model, frame, (a, b)) if kind == "oip" else json_call(client, model, frame)
+            continue
+        latencies.append((time.perf_counter() - begin) * 1e3)
+    out.write_text(json.dumps({"n": len(latencies), "failed": failed, "p50": percentile(latencies, 50),
+                               "p99": percentile(latencies, 99)}))
+
+
+def run_loads(
+    port: int, loads: list[tuple[str, str, np.ndarray, tuple[str, str]]], seconds: float,
+    during: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Each load's closed-loop client in its own process for ``seconds``; ``during`` runs in this
+    process meanwhile (an update of one model while both serve: the agent's multi-model update
+    drives it through the control socket; the loads then count failed requests)."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    procs = []
+    for kind, model, frame, names in loads:
+        np.save(folder / f"{model}.npy", frame)
+        out = folder / f"{model}.json"
+        procs.append((model, out, subprocess.Popen([
+            sys.executable, str(HERE), "load", "--kind", kind, "--port", str(port), "--model", model,
+            "--seconds", str(seconds), "--frame", str(folder / f"{model}.npy"), "--names", ",".join(names),
+            "--out", str(out)])))
+    if during is not None:
+        during()
+    found = {}
+    for model, out, proc in procs:
+        proc.wait(timeout=seconds + 120)
+        found[model] = json.loads(out.read_text())
+    return found
+
+
+# -- the whole benchmark ------------------------------------------------------------------------------
+
+def build_models(base: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+    """MobileNetV2 int8 (float I/O) through edgeship's converter, and digits fp32."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.path.insert(0, str(REPO / "examples" / "digits"))
+    from conversion import prepare_mobilenet
+    from model import save_digits_model
+
+    from edgeship.converters.convert import convert_model
+
+    paths = prepare_mobilenet(base, calib_samples=16, eval_samples=4)
+    mobilenet = base / "mobilenet-int8.tflite"
+    convert_model(paths["model"], mobilenet, to="tflite", quantize="int8", calib=paths["calib"],
+                  eval_data=paths["eval"], validate=False, latency_runs=1)
+    digits_files = save_digits_model(base / "digits", epochs=4)
+    digits = base / "digits.tflite"
+    _convert_keras(digits_files["model"], digits)
+    frame = np.load(paths["eval"])["x"][:1].astype(np.float32)
+    digit = np.load(digits_files["eval"])["x"][:1].astype(np.float32)
+    subprocess.run(
+        [sys.executable, "-c",
+         "import sys, tensorflow as tf; m = tf.keras.Sequential([tf.keras.Input((224, 224, 3)), "
+         "tf.keras.layers.GlobalAveragePooling2D(), tf.keras.layers.Dense(1000)]); "
+         "open(sys.argv[1], 'wb').write(tf.lite.TFLiteConverter.from_keras_model(m).convert())",
+         str(base / "probe.tflite")],
+        check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True,
+    )
+    return mobilenet, digits, frame, digit
+
+
+def _convert_keras(model: Path, out: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-c",
+         "import sys, tensorflow as tf; m = tf.keras.models.load_model(sys.argv[1]); "
+         "open(sys.argv[2], 'wb').write(tf.lite.TFLiteConverter.from_keras_model(m).convert())",
+         str(model), str(out)],
+        check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True,
+    )
+
+
+def tensor_names(port: int, model: str) -> tuple[str, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", f"/v2/models/{model}")
+    meta = json.loads(conn.getresponse().read())
+    return meta["inputs"][0]["name"], meta["outputs"][0]["name"]
+
+
+def idle_rss_with_grpc() -> dict[str, float]:
+    """Idle RSS of ``edgeship-agent run`` serving digits, with and without [server] grpc_port."""
+    from agent import make_device, rss_mb, start_agent
+
+    found: dict[str, list[float]] = {"rest": [], "grpc": []}
+    with tempfile.TemporaryDirectory(prefix="agent-rss-") as tmp:
+        config, _, _ = make_device(Path(tmp))
+        with_grpc = config.with_name("agent-grpc.toml")
+        with_grpc.write_text(config.read_text().replace("[server]\n", "[server]\ngrpc_port = 0\n", 1))
+        for _ in range(3):
+            for key, path in (("rest", config), ("grpc", with_grpc)):
+                proc, _, _, _ = start_agent(path)
+                time.sleep(1.0)
+                found[key].append(rss_mb(proc.pid))
+                proc.terminate()
+                proc.wait(timeout=20)
+    return {k: statistics.median(v) for k, v in found.items()}
+
+
+def run(write: bool, rounds: int, seconds: float) -> None:
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="agent-protocols-") as tmp:
+        base = Path(tmp)
+        print("building MobileNetV2 int8 and digits ...", file=sys.stderr)
+        mobilenet, digits, frame, digit = build_models(base)
+        agent, ports = start("serve", "--model", f"mobilenet={mobilenet}", "--model", f"digits={digits}",
+                             "--model", f"probe={base / 'probe.tflite'}")
+        fastapi, fastapi_ports = start("fastapi", str(mobilenet))
+        try:
+            names = tensor_names(ports["http"], "mobilenet")
+            digit_names = tensor_names(ports["http"], "digits")
+            rest = RestClient(ports["http"])
+            np.save(base / "frame.npy", frame)
+            bare = BareProcess(mobilenet, base / "frame.npy")
+            calls = {
+                "bare LiteRT": bare,
+                "OIP binary over HTTP": oip_binary_call(rest, "mobilenet", frame, names),
+                "OIP gRPC (raw_input_contents)": oip_grpc_call(ports["grpc"], "mobilenet", frame, names),
+                "TF Serving gRPC Predict": tf_grpc_call(ports["grpc"], "mobilenet", frame, names[0]),
+                "TF Serving REST JSON": json_call(RestClient(ports["http"]), "mobilenet", frame),
+                "FastAPI+uvicorn wrapper, JSON": json_call(RestClient(fastapi_ports["http"]), "mobilenet", frame),
+                "tritonclient.http infer (binary)": triton_http_call(ports["http"], "mobilenet", frame, names),
+                "tritonclient.grpc infer": triton_grpc_call(ports["grpc"], "mobilenet", frame, names),
+            }
+            reference = bare_call(mobilenet, frame)().ravel()
+            for name, call in calls.items():  # every path answers what the model answers
+                if name == "bare LiteRT":
+                    continue
+                np.testing.assert_allclose(np.asarray(call(), dtype=np.float32).ravel(), reference, rtol=1e-4, atol=1e-5,
+                                           err_msg=name)
+            slow = {"TF Serving REST JSON", "FastAPI+uvicorn wrapper, JSON"}
+            latencies = interleaved(calls, rounds, {n: (8 if n in slow else 20) for n in calls})
+            # what each protocol costs per frame, the model left out: a model of one pooling and
+            # one small dense layer (0.1 ms) takes the same 224x224x3 frame
+            probe_names = tensor_names(ports["http"], "probe")
+            probe = interleaved({
+                "OIP binary over HTTP": oip_binary_call(RestClient(ports["http"]), "probe", frame, probe_names),
+                "OIP gRPC": oip_grpc_call(ports["grpc"], "probe", frame, probe_names),
+                "TF Serving REST JSON": json_call(RestClient(ports["http"]), "probe", frame),
+            }, rounds, {"OIP binary over HTTP": 20, "OIP gRPC": 20, "TF Serving REST JSON": 8})
+            bare.close()
+            fastapi.terminate()
+            fastapi.wait(timeout=20)
+            # two models under load, each alone, then together
+            mobile_load = ("oip", "mobilenet", frame, names)
+            digits_load = ("json", "digits", digit, digit_names)
+            alone = {**run_loads(ports["http"], [mobile_load], seconds), **run_loads(ports["http"], [digits_load], seconds)}
+            together = run_loads(ports["http"], [mobile_load, digits_load], seconds)
+        finally:
+            for proc in (agent, fastapi):
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=20)
+        print("idle RSS with and without gRPC ...", file=sys.stderr)
+        rss = idle_rss_with_grpc()
+    load_after = os.getloadavg()[0]
+    p50 = {name: percentile(values, 50) for name, values in latencies.items()}
+    p99 = {name: percentile(values, 99) for name, values in latencies.items()}
+    bare = p50["bare LiteRT"]
+    ratio = {name: p50[name] / bare for name in p50}
+    for name in p50:
+        print(f"{name}: p50 {p50[name]:.2f} ms, p99 {p99[name]:.2f} ms, {ratio[name]:.2f}x bare "
+              f"({len(latencies[name])} requests)")
+    for model in ("mobilenet", "digits"):
+        print(f"{model}: p99 alone {alone[model]['p99']:.2f} ms ({alone[model]['n']} requests), together "
+              f"{together[model]['p99']:.2f} ms ({together[model]['n']}), failed {together[model]['failed']}")
+    for name, values in probe.items():
+        print(f"protocol cost per frame, model left out: {name} p50 {percentile(values, 50):.2f} ms")
+    print(f"idle RSS: REST only {rss['rest']:.1f} MB, with the gRPC front ends {rss['grpc']:.1f} MB")
+    if not write:
+        return
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    json_fast = p50["TF Serving REST JSON"] < p50["FastAPI+uvicorn wrapper, JSON"]
+    targets = {
+        "OIP binary over HTTP": verdict(ratio["OIP binary over HTTP"] <= TARGETS["binary_ratio"]) + " (<= 1.3x)",
+        "OIP gRPC (raw_input_contents)": verdict(ratio["OIP gRPC (raw_input_contents)"] <= TARGETS["binary_ratio"]) + " (<= 1.3x)",
+        "TF Serving gRPC Predict": verdict(ratio["TF Serving gRPC Predict"] <= TARGETS["binary_ratio"]) + " (<= 1.3x)",
+        "TF Serving REST JSON": verdict(ratio["TF Serving REST JSON"] <= TARGETS["json_ratio"]) + " (<= 4x); "
+        + verdict(json_fast) + " (faster than the FastAPI wrapper)",
+    }
+    lines = [
+        "### Protocols on camera frames (MobileNetV2 int8, one 224x224x3 frame per request)",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} on this machine (shared, 2 cores), one run, interleaved rounds "
+        f"({rounds}); sequential keep-alive requests; p50/p99 of each path's requests. Load average "
+        f"{load_before:.1f} at the start and {load_after:.1f} at the end (other jobs shared the machine: "
+        "the ratios move from run to run; see docs/agent.md, \"Protocols\").",
+        "",
+        "| path | p50 | p99 | p50 / bare | target |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name in p50:
+        lines.append(f"| {name} | {p50[name]:.2f} ms | {p99[name]:.2f} ms | {ratio[name]:.2f}x | {targets.get(name, '')} |")
+    lines += [
+        "",
+        "What each protocol costs per frame with the model left out (the same frame to a model of "
+        "one pooling and one small dense layer, about 0.1 ms): "
+        + "; ".join(f"{name} p50 {percentile(values, 50):.2f} ms" for name, values in probe.items()) + ".",
+    ]
+    lines += [
+        "",
+        f"Two models served at once, each under a closed-loop client of its own (its own process, "
+        f"{seconds:.0f} s per phase): MobileNetV2 over OIP binary, digits over TF Serving REST JSON.",
+        "",
+        "| model | p99 alone | p99 together | ratio | failed together | target |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for model in ("mobilenet", "digits"):
+        r = together[model]["p99"] / alone[model]["p99"]
+        lines.append(f"| {model} | {alone[model]['p99']:.2f} ms | {together[model]['p99']:.2f} ms | {r:.2f}x | "
+                     f"{together[model]['failed']} | {verdict(r <= TARGETS['two_models_p99_ratio'])} (<= 2x) |")
+    lines += [
+        "",
+        f"Idle RSS of `edgeship-agent run` serving digits (median of 3 starts): REST only {rss['rest']:.1f} MB; "
+        f"with `[server] grpc_port` (grpcio and both gRPC front ends loaded) {rss['grpc']:.1f} MB "
+        f"(+{rss['grpc'] - rss['rest']:.1f} MB).",
+        "",
+        "Reproduce: `.venv/bin/python benchmarks/agent.py --protocols --write` (about 6 minutes).",
+    ]
+    from results_doc import write_section
+
+    write_section("agent-protocols", "\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve")
+    serve.add_argument("--model", action="append", default=[])
+    serve.add_argument("--port-file", type=Path, required=True)
+    bare = sub.add_parser("bare")
+    bare.add_argument("--model", type=Path, required=True)
+    bare.add_argument("--frame", type=Path, required=True)
+    load = sub.add_parser("load")
+    for name in ("kind", "model", "names"):
+        load.add_argument(f"--{name}", required=True)
+    load.add_argument("--port", type=int, required=True)
+    load.add_argument("--seconds", type=float, required=True)
+    load.add_argument("--frame", type=Path, required=True)
+    load.add_argument("--out", type=Path, required=True)
+    bench = sub.add_parser("bench")
+    bench.add_argument("--write", action="store_true")
+    bench.add_argument("--rounds", type=int, default=5)
+    bench.add_argument("--seconds", type=float, default=8.0)
+    args = parser.parse_args()
+    if args.command == "serve":
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        serve_main(args.model, args.port_file)
+    elif args.command == "bare":
+        bare_main(args.model, args.frame)
+    elif args.command == "load":
+        load_main(args.kind, args.port, args.model, args.seconds, args.frame, args.names, args.out)
+    else:
+        run(getattr(args, "write", False), getattr(args, "rounds", 5), getattr(args, "seconds", 8.0))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    main()

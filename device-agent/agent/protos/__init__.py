@@ -1,0 +1,1 @@
+"""Protocol buffer messages of the gRPC front ends (generated; see generate.py)."""
