@@ -209,16 +209,26 @@ def rule_violations(graph: Mapping[str, list[Import]], files: Mapping[str, Path]
     return refused
 
 
+OPTIONAL_EXTRAS = {
+    # module prefix -> the optional library it may import at module level, and why that is light
+    "edgeship.agent.decoding": ("orjson", "the JSON fast path, guarded: json when it is missing"),
+    "edgeship.agent.protos.": ("google", "edgeship[grpc]: generated messages, loaded only when gRPC starts"),
+}
+
+
 def heavy_device_imports(graph: Mapping[str, list[Import]], files: Mapping[str, Path]) -> list[str]:
     """Module-level imports on the device side that are neither the standard library, the light
-    base nor the project."""
+    base, the project nor an optional extra of the module importing it."""
     heavy = []
     for name, imports in graph.items():
         if part_of(name) not in DEVICE_PARTS:
             continue
+        optional = {lib for prefix, (lib, _) in OPTIONAL_EXTRAS.items() if name.startswith(prefix)}
         for imp in imports:
             top = imp.target.split(".")[0]
             if imp.lazy or top == "edgeship" or top in LIGHT_BASE or top in sys.stdlib_module_names:
+                continue
+            if top in optional:
                 continue
             heavy.append(f"{files[name].relative_to(REPO)}:{imp.line}: {name} imports {imp.target} at module level")
     return heavy
@@ -313,3 +323,15 @@ def test_a_heavy_module_level_import_on_the_device_is_named() -> None:
     assert [line.split(": ", 1)[1] for line in heavy_device_imports(_graph(sources), files)] == [
         "edgeship.agent.serving imports tensorflow at module level"
     ]
+
+
+def test_the_grpc_extra_loads_only_when_grpc_starts(
+    project: tuple[dict[str, Path], dict[str, list[Import]]],
+) -> None:
+    """A device without edgeship[grpc] must import the rest of the agent: only the gRPC front end
+    (and the generated messages themselves) may import them at module level."""
+    _, graph = project
+    grpc_side = ("edgeship.agent.protos", "edgeship.agent.grpc_server")
+    eager = [f"{name} imports {imp.target}" for name, imports in graph.items() for imp in imports
+             if imp.target.startswith(grpc_side) and not imp.lazy and not name.startswith(grpc_side)]
+    assert not eager, "\n".join(eager)

@@ -57,6 +57,7 @@ class PredictRequestError(BadInputError):
     """A predict request that cannot be served as sent (HTTP 400)."""
 
 
+_orjson: Any
 try:  # the fast parser where the device has it (edgeship[litert] / [onnx]); json otherwise
     import orjson as _orjson
 except ImportError:  # pragma: no cover - a device without it

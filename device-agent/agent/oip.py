@@ -154,9 +154,10 @@ def _decode(
     if len(inputs) != len(specs):
         raise PredictRequestError(f"the model takes {len(specs)} inputs {keys}, the request has {len(inputs)}")
     tensors = [_object(t, f"inputs[{i}]") for i, t in enumerate(inputs)]
-    names = [t.get("name") for t in tensors]
-    if not all(isinstance(n, str) for n in names):
+    given = [t.get("name") for t in tensors]
+    if not all(isinstance(n, str) for n in given):
         raise PredictRequestError("every input needs a 'name'")
+    names: list[str] = [str(n) for n in given]
     order = tensor_order(specs, names, keys, "input")
     arrays: list[Any] = [None] * len(specs)
     offset = 0
