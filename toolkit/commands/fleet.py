@@ -1,4 +1,4 @@
-"""``edgeship controller``, ``edgeship fleet ls``, ``edgeship deploy``, and ``device show``/``device tag``.
+"""``edgeship controller``, ``edgeship fleet ls`` / ``fleet provision``, ``edgeship deploy``.
 
 The controller is the one long-running process that holds the broker connection and the
 director key (toolkit/controller.py). The other commands read and write the fleet store only:
@@ -9,7 +9,7 @@ docs/fleet.md, "Controller".
 
 from __future__ import annotations
 
-__all__ = ["controller", "deploy", "device_show", "device_tag", "fleet", "fleet_ls", "device_rows"]
+__all__ = ["controller", "deploy", "fleet", "fleet_ls", "device_rows"]
 
 import logging
 import signal
@@ -24,18 +24,19 @@ from edgeship.ota.errors import BadInputError
 from edgeship.ota.topics import validate_identifier
 
 from ..output import console, emit_json
+from .device import fleet_provision
 from .fleet_options import (
+    WINDOW_HELP,
+    ago,
     broker_option,
     check_broker_url,
     check_published,
     db_option,
     json_option,
     open_fleet_store,
+    parse_window,
     repo_option,
 )
-
-_WINDOW_HELP = "Telemetry window for p95 latency and error rate (e.g. 15m, 1h)."
-
 
 # -- the controller ------------------------------------------------------------------------------
 
@@ -134,19 +135,6 @@ def controller(broker_url: str | None, credentials_dir: str | None, repo_dir: st
 
 # -- fleet ls ------------------------------------------------------------------------------------
 
-def _ago(seconds: float | None, now: float) -> str:
-    if seconds is None:
-        return "-"
-    delta = max(0.0, now - seconds)
-    if delta < 90:
-        return f"{delta:.0f}s ago"
-    if delta < 5400:
-        return f"{delta / 60:.0f}m ago"
-    if delta < 2 * 86400:
-        return f"{delta / 3600:.0f}h ago"
-    return f"{delta / 86400:.0f}d ago"
-
-
 def device_rows(store: Any, fleet: str | None, selection: tuple[tuple[str, str], ...], window_s: float,
                 now: float) -> list[dict[str, Any]]:
     """One row per selected device: its state and its active version's telemetry over the window
@@ -182,28 +170,7 @@ def device_rows(store: Any, fleet: str | None, selection: tuple[tuple[str, str],
     return rows
 
 
-def _window(text: str) -> float:
-    from edgeship.toolkit.rollouts import parse_duration
-
-    return parse_duration(text)
-
-
-class _FleetGroup(click.Group):
-    """``fleet`` with ``provision`` (the provisioning command, defined in commands/device.py) loaded
-    on use: device.py imports ``show``/``tag`` from this module, so importing it here would be a cycle."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(super().list_commands(ctx)) | {"provision"})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name == "provision":
-            from .device import fleet_provision
-
-            return fleet_provision
-        return super().get_command(ctx, cmd_name)
-
-
-@click.group("fleet", cls=_FleetGroup)
+@click.group("fleet")
 def fleet() -> None:
     """List the fleet's devices, their models and health; provision many devices."""
 
@@ -211,7 +178,7 @@ def fleet() -> None:
 @fleet.command("ls")
 @click.option("--fleet", "fleet_name", default=None, help="Only this fleet (default: every fleet).")
 @click.option("--select", "select", multiple=True, metavar="TAG=VALUE", help="Only devices with this tag (AND).")
-@click.option("--window", default="15m", show_default=True, help=_WINDOW_HELP)
+@click.option("--window", default="15m", show_default=True, help=WINDOW_HELP)
 @db_option
 @broker_option
 @json_option
@@ -224,7 +191,7 @@ def fleet_ls(fleet_name: str | None, select: tuple[str, ...], window: str, db_ur
     if fleet_name is not None:
         validate_identifier(fleet_name, "fleet")
     selection = parse_selection(select)
-    window_s = _window(window)
+    window_s = parse_window(window)
     now = time.time()
     store = open_fleet_store(db_url, existing=True)
     try:
@@ -256,7 +223,7 @@ def fleet_ls(fleet_name: str | None, select: tuple[str, ...], window: str, db_ur
         table.add_row(r["device"], r["fleet"], "[green]yes[/green]" if r["online"] else "[red]no[/red]",
                       f"{r['bundle']} {r['version']}" if r["bundle"] else "-",
                       f"[{update_style}]{update}[/{update_style}]" if update_style else update,
-                      _ago(r["last_seen"], now),
+                      ago(r["last_seen"], now),
                       "-" if r["p95_ms"] is None else f"{r['p95_ms']:.2f} ms",
                       "-" if r["error_rate"] is None else f"{r['error_rate']:.1%}",
                       "-" if r["drift"] is None else f"{r['drift']:.3f}")
@@ -324,114 +291,4 @@ def deploy(name: str, version: str, device_ids: tuple[str, ...], select: tuple[s
     con.print("the running controller signs and publishes the desired states (see `edgeship fleet ls`)")
 
 
-# -- device show / tag (attached to the `device` group in commands/device.py) ---------------------
-
-@click.command("show")
-@click.argument("device_id")
-@click.option("--window", default="15m", show_default=True, help=_WINDOW_HELP)
-@click.option("--events", "n_events", type=int, default=10, show_default=True, help="Recent events to show.")
-@db_option
-@broker_option
-@json_option
-def device_show(device_id: str, window: str, n_events: int, db_url: str | None, broker_url: str | None,
-                as_json: bool) -> None:
-    """A device's state, tags, desired state, telemetry and recent events."""
-    from edgeship.ota.telemetry import LatencyHistogram
-
-    check_broker_url(broker_url)
-    validate_identifier(device_id, "device id")
-    window_s = _window(window)
-    now = time.time()
-    store = open_fleet_store(db_url, existing=True)
-    try:
-        info = store.get_device(device_id)
-        desired = store.desired_for(device_id)
-        windows = [w for w in store.telemetry_windows(info.fleet, (), since=now - window_s) if w.device == device_id]
-        events = store.recent_events(device_id, limit=max(0, n_events))
-    finally:
-        store.close()
-    per_version: dict[str, dict[str, Any]] = {}
-    for w in windows:
-        key = f"{w.name}:{w.version}" if w.name else "none"
-        slot = per_version.setdefault(key, {"requests": 0, "errors": 0, "latency": LatencyHistogram()})
-        slot["requests"] += w.requests
-        slot["errors"] += w.errors
-        slot["latency"] = slot["latency"].merge(w.latency)
-    telemetry = {key: {"requests": s["requests"], "errors": s["errors"],
-                       "error_rate": s["errors"] / s["requests"] if s["requests"] else None,
-                       "p50_ms": s["latency"].quantile_ms(0.5), "p95_ms": s["latency"].quantile_ms(0.95),
-                       "p99_ms": s["latency"].quantile_ms(0.99)} for key, s in sorted(per_version.items())}
-    desired_doc = None
-    if desired is not None:
-        desired_doc = {"sequence": desired.sequence, "name": desired.name, "version": desired.version,
-                       "action": desired.action, "rollout": desired.rollout_id, "abtest": desired.abtest_id,
-                       "deployment": desired.deployment, "issued_at": desired.issued_at,
-                       "expires_at": desired.expires_at}
-    doc = {"device": info.to_dict(), "desired": desired_doc, "telemetry": telemetry, "window_s": window_s,
-           "events": [{k: e[k] for k in ("ts", "seq", "received_at", "event", "deployment", "bundle_name",
-                                         "bundle_version", "state", "detail")} for e in events]}
-    if as_json:
-        emit_json(doc)
-        return
-    con = console()
-    con.print(f"[bold]{info.id}[/bold]  fleet {info.fleet}  " +
-              ("[green]online[/green]" if info.online else "[red]offline[/red]") +
-              f"  last seen {_ago(info.last_seen, now)}  first seen {_ago(info.first_seen, now)}")
-    con.print(f"  active   {info.active_name or '-'} {info.active_version or ''}   previous "
-              f"{info.previous_name or '-'} {info.previous_version or ''}")
-    con.print(f"  update   {info.update_state or '-'} {info.update_name or ''} {info.update_version or ''}"
-              + (f"  ({info.update_detail})" if info.update_detail else ""))
-    if desired is not None:
-        con.print(f"  desired  {desired.name} {desired.version} ({desired.action}, sequence {desired.sequence}"
-                  + (f", rollout {desired.rollout_id}" if desired.rollout_id else "")
-                  + (f", A/B test {desired.abtest_id}" if desired.abtest_id else "") + ")")
-    con.print(f"  agent    {info.agent_version or '-'}  runtime {info.runtime or '-'}")
-    con.print("  tags     " + (", ".join(f"{k}={v}" for k, v in sorted(info.tags.items())) or "-"))
-    for key, t in telemetry.items():
-        p95 = "-" if t["p95_ms"] is None else f"{t['p95_ms']:.2f} ms"
-        rate = "-" if t["error_rate"] is None else f"{t['error_rate']:.1%}"
-        con.print(f"  {key}: {t['requests']} requests in the last {window}, p95 {p95}, errors {rate}")
-    if info.last_drift is not None:
-        con.print(f"  drift    {info.last_drift:.3f}")
-    for e in doc["events"]:
-        bundle = f" {e['bundle_name']} {e['bundle_version']}" if e["bundle_name"] else ""
-        con.print(f"  event {_ago(e['received_at'], now):>8}  {e['event']}{bundle}"
-                  + (f" [{e['state']}]" if e["state"] else "") + (f": {e['detail']}" if e["detail"] else ""))
-
-
-@click.command("tag")
-@click.argument("device_id")
-@click.argument("pairs", nargs=-1, metavar="KEY=VALUE...")
-@click.option("--remove", "remove", multiple=True, metavar="KEY", help="Remove this tag (repeatable).")
-@db_option
-@broker_option
-@json_option
-def device_tag(device_id: str, pairs: tuple[str, ...], remove: tuple[str, ...], db_url: str | None,
-               broker_url: str | None, as_json: bool) -> None:
-    """Set (KEY=VALUE) or remove (--remove KEY) a device's tags; rollouts select devices by them."""
-    check_broker_url(broker_url)
-    validate_identifier(device_id, "device id")
-    if not pairs and not remove:
-        raise BadInputError("give at least one KEY=VALUE or --remove KEY")
-    tags: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key or not value:
-            raise BadInputError(f"tag {pair!r}: use KEY=VALUE (e.g. site=berlin)")
-        if len(key) > 64 or len(value) > 256:
-            raise BadInputError(f"tag {pair[:80]!r}: keys are at most 64 characters, values 256")
-        tags[key] = value
-    overlap = set(tags) & set(remove)
-    if overlap:
-        raise BadInputError(f"tag {sorted(overlap)[0]!r} is both set and removed")
-    store = open_fleet_store(db_url, existing=True)
-    try:
-        result = store.set_tags(device_id, tags, remove=remove)
-    finally:
-        store.close()
-    if as_json:
-        emit_json({"device": device_id, "tags": result})
-        return
-    console().print(f"{device_id}: " + (", ".join(f"{k}={v}" for k, v in sorted(result.items())) or "no tags"))
-
+fleet.add_command(fleet_provision)
