@@ -576,7 +576,7 @@ class MqttConnection:
             attempt += 1
             try:
                 result = self._client.reconnect()
-            except Exception as exc:  # OSError, ssl errors, DNS: all mean "try again later"
+            except Exception as exc:  # noqa: BLE001 - OSError, ssl errors, DNS: all mean "try again later"
                 self._last_error = describe_connect_failure(exc)
                 log.debug("connect to %s failed: %s", self.broker, self._last_error)
                 continue
@@ -594,7 +594,7 @@ class MqttConnection:
             while result == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 try:
                     result = self._client.loop(timeout=0.2)
-                except Exception as exc:  # a bug in a callback path must not end the thread
+                except Exception as exc:  # a bug in a callback path must not end the thread (logged)
                     log.exception("MQTT network loop error: %s", exc)
                     result = MQTTErrorCode.MQTT_ERR_UNKNOWN
                 if self._connected.is_set():
@@ -663,7 +663,7 @@ class MqttConnection:
         for listener in listeners:
             try:
                 listener(reconnected)
-            except Exception:
+            except Exception:  # a listener's bug must not stop the others or the connection (logged)
                 log.exception("connect listener %r failed", listener)
         self._connected.set()
 
@@ -689,7 +689,7 @@ class MqttConnection:
             except EdgeshipError as exc:
                 self.dropped += 1
                 log.warning("dropped message on %s (%d bytes): %s", topic, len(received.payload), exc.message)
-            except Exception:
+            except Exception:  # a handler's bug drops its message, never the network thread (logged)
                 self.dropped += 1
                 log.exception("handler %r failed on a message on %s; message dropped", handler, topic)
 

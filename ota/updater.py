@@ -279,7 +279,7 @@ class _VerifyingStream:
                 chunk = None
             except tuf_exceptions.DownloadError as exc:
                 raise map_tuf_error(exc, f"bundle {self.target}") from None
-            except Exception as exc:  # any transport: a failure to fetch, not a verification failure
+            except Exception as exc:  # noqa: BLE001 - any transport: a failure to fetch, not a verification failure
                 raise FetchError(f"bundle {self.target}: download failed: {exc}") from None
             if chunk is None:
                 self._eof = True

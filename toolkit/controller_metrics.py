@@ -222,13 +222,13 @@ class MetricsServer:
 
     def __init__(self, host: str, port: int, page: Callable[[], str]) -> None:
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 if self.path.split("?")[0] not in ("/metrics", "/"):
                     self.send_error(404, "only /metrics is served here")
                     return
                 try:
                     body = page().encode("utf-8")
-                except Exception as exc:  # the store may be busy or gone: say so, do not die
+                except Exception as exc:  # noqa: BLE001 - the store may be busy or gone: say so, do not die
                     log.warning("metrics scrape failed: %s", exc)
                     self.send_error(503, "metrics unavailable")
                     return
@@ -238,7 +238,7 @@ class MetricsServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 log.debug("metrics: " + format, *args)
 
         try:

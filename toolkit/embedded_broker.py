@@ -117,7 +117,7 @@ class EmbeddedBroker:
 
         try:
             loop.run_until_complete(boot())
-        except BaseException as exc:  # the port is taken, a config error: report it to start()
+        except BaseException as exc:  # noqa: BLE001 - the port is taken, a config error: report it to start()
             self._error = exc
             self._ready.set()
             loop.close()
@@ -146,7 +146,7 @@ class EmbeddedBroker:
             future = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), loop)
             try:
                 future.result(timeout)
-            except Exception as exc:  # a broker that fails to shut down cleanly is still stopped below
+            except Exception as exc:  # noqa: BLE001 - a broker that fails to shut down cleanly is still stopped below
                 log.warning("embedded broker shutdown: %s", exc)
             loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout)
