@@ -24,6 +24,7 @@ __all__ = [
     "ROLES",
     "ReleaseRepository",
     "TargetInfo",
+    "next_serving_version",
     "VersionNotNewerError",
     "decode_private_key",
     "encode_private_key",
@@ -39,7 +40,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -136,6 +137,9 @@ class TargetInfo:
     runtime: dict[str, Any]
     file: Path
     """Where the bundle lies in the repository."""
+    serving_version: int | None = None
+    """The model's serving version (an integer that only grows per name; signed in the target's
+    custom metadata). None: published before serving versions existed."""
 
     @property
     def hashes(self) -> dict[str, str]:
@@ -151,7 +155,23 @@ class TargetInfo:
             "format": self.format,
             "runtime": self.runtime,
             "file": str(self.file),
+            "serving_version": self.serving_version,
         }
+
+
+def _serving_version(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def next_serving_version(published: Iterable[TargetInfo], name: str) -> int:
+    """The serving version a new version of model ``name`` gets at publish (pure).
+
+    The next integer after the highest published for that name. Versions published before serving
+    versions existed carry none; they still count (the first signed number is above how many
+    versions of the name there already are), so a number never names two versions of a model.
+    """
+    mine = [t for t in published if t.name == name]
+    return max([len(mine), *(t.serving_version or 0 for t in mine)]) + 1
 
 
 ROOT_KEY_KDF_ROUNDS = 32
@@ -401,6 +421,7 @@ class ReleaseRepository:
                 format=str(custom.get("format", "")),
                 runtime=dict(custom.get("runtime") or {}),
                 file=self.targets_dir / path,
+                serving_version=_serving_version(custom.get("serving_version")),
             ))
         found.sort(key=lambda t: (t.name, parse_version(t.version) if t.version else ((), 0, ())))
         return found
@@ -447,7 +468,8 @@ class ReleaseRepository:
             destination.parent.mkdir(parents=True, exist_ok=True)
             _copy_verified(Path(bundle_path), destination, scan)
             custom = {"name": manifest.name, "version": manifest.version, "format": manifest.format,
-                      "runtime": manifest.runtime}
+                      "runtime": manifest.runtime,
+                      "serving_version": next_serving_version(self.targets(), manifest.name)}
             targets = self._load("targets")
             targets.signed.targets[path] = TargetFile(
                 length=scan.length, hashes={"sha256": scan.sha256}, path=path,

@@ -230,7 +230,7 @@ class Controller:
         self.block_server: BlockServer | None = None
         self.publisher = DesiredPublisher(self.connection, self.store, next_sequence=self.repo.next_sequence,
                                           signing_key=self._signing_key, prefix=config.prefix,
-                                          expires_s=config.desired_expires_s)
+                                          expires_s=config.desired_expires_s, target_info=self.repo.target_info)
         self.writer = IngestWriter(self.store, self.stats, self.fleet_counters, clock, batch_max=config.batch_max,
                                    batch_wait_s=config.batch_wait_s, queue_max=config.queue_max)
         self._stop = threading.Event()
@@ -477,6 +477,13 @@ class Controller:
         self._retry.extend(change.token for change in outcome.unsent)
         for change in outcome.published:
             self.store.complete_action(change.token.id, now)
+        for change, why in outcome.refused:
+            log.warning("desired state for %s not sent: %s", change.device, why)
+            self.store.complete_action(change.token.id, now, error=why)
+            if change.rollout_id and change.action == "install":
+                self._fail_assignment(change.rollout_id, change.device, why, now)
+            errors += 1
+            self.stats.add("action_errors")
         self.stats.add("desired_published", len(outcome.published))
         return len(outcome.published), errors
 
@@ -499,6 +506,8 @@ class Controller:
                                          action=record.action, rollout_id=record.rollout_id,
                                          abtest_id=record.abtest_id, deployment=record.deployment))
         outcome = self.publisher.publish(changes, now)
+        for change, why in outcome.refused:
+            log.warning("desired state of %s cannot be renewed: %s", change.device, why)
         self.stats.add("desired_renewed", len(outcome.published))
         log.info("renewed %d desired states before they expire", len(outcome.published))
 

@@ -1,6 +1,12 @@
 """The one path by which a desired state reaches a device: build, sign, publish (retained, QoS 1),
 record in the store.
 
+A change names one model's entry; the document carries the device's whole desired set: the
+store's current set with that entry replaced (``fleet_rules.next_desired_set``). Which form the
+device gets follows what its agent reports (``fleet_rules.document_schema``): schema 2 (every
+model) to a multi-model agent, schema 1 (today's single bundle) to an agent of one model while
+its set holds one model; a second model name for such an agent is refused with the reason.
+
 Everything that changes what a device must run goes through :meth:`DesiredPublisher.publish`:
 the outbox's assignments and rollbacks (rollouts, A/B tests, ``deploy``) and the re-issue of
 documents before they expire. A document is recorded in the store only once the broker has
@@ -9,19 +15,35 @@ acknowledged it, so the store never claims a device was told something it was no
 
 from __future__ import annotations
 
-__all__ = ["DesiredChange", "DesiredPublisher", "PublishOutcome", "build_desired_state"]
+__all__ = [
+    "DesiredChange",
+    "DesiredPublisher",
+    "PublishOutcome",
+    "build_desired_state",
+    "build_schema2_document",
+    "sign_document",
+]
 
 import datetime as _dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeship.ota.director import DesiredState, sign_desired_state
+from edgeship.ota.director import (
+    DESIRED_STATE_TYPE,
+    DesiredState,
+    canonical_json,
+    director_key_id,
+    format_utc,
+    sign_desired_state,
+)
+from edgeship.ota.errors import EdgeshipError
 from edgeship.ota.protocol import DesiredMessage, encode_message
 from edgeship.ota.release import TargetInfo
 from edgeship.ota.topics import DESIRED, device_topic
 from edgeship.ota.transport import MqttConnection, TransportError
+from edgeship.toolkit.fleet_rules import DesiredModel, document_schema, next_desired_set
 from edgeship.toolkit.store import FleetStore
 
 log = logging.getLogger(__name__)
@@ -37,6 +59,31 @@ def build_desired_state(*, fleet: str, device: str, target: TargetInfo, sequence
                         length=target.length, hashes=dict(target.hashes), sequence=sequence,
                         expires=issued + _dt.timedelta(seconds=int(expires_in_s)), issued=issued,
                         deployment=deployment, rollout=rollout, action=action)
+
+
+def build_schema2_document(*, fleet: str, device: str, sequence: int, now: float, expires_in_s: float,
+                           models: Mapping[str, tuple[DesiredModel, TargetInfo]]) -> dict[str, Any]:
+    """The director's schema-2 document (the signed part): every model the device must serve, each
+    with its bundle's TUF target, length and hashes and its serving version (docs/protocol.md)."""
+    issued = _dt.datetime.fromtimestamp(int(now), _dt.timezone.utc)
+    return {
+        "_type": DESIRED_STATE_TYPE, "schema": 2, "fleet": fleet, "device": device, "sequence": int(sequence),
+        "issued": format_utc(issued), "expires": format_utc(issued + _dt.timedelta(seconds=int(expires_in_s))),
+        "models": {name: {"bundle": target.name, "version": target.version,
+                          "serving_version": entry.serving_version if entry.serving_version is not None
+                          else target.serving_version,
+                          "target": target.path, "length": int(target.length), "hashes": dict(target.hashes),
+                          "deployment": entry.deployment, "rollout": entry.rollout_id, "action": entry.action}
+                   for name, (entry, target) in sorted(models.items())},
+    }
+
+
+def sign_document(signed: Mapping[str, Any], private_key: Any) -> dict[str, Any]:
+    """The envelope of a prepared document: the same canonical JSON and ed25519 signature as
+    ``sign_desired_state`` gives a schema-1 document."""
+    return {"signed": dict(signed),
+            "signatures": [{"keyid": director_key_id(private_key.public_key()),
+                            "sig": private_key.sign(canonical_json(dict(signed))).hex()}]}
 
 
 @dataclass(frozen=True)
@@ -60,6 +107,9 @@ class PublishOutcome:
     published: list[DesiredChange] = field(default_factory=list)
     unsent: list[DesiredChange] = field(default_factory=list)
     """Not acknowledged by the broker: try again later (nothing was recorded for them)."""
+    refused: list[tuple[DesiredChange, str]] = field(default_factory=list)
+    """Not sent, with the reason (an agent of one model given a second model, a model of the set
+    that is no longer published): the device keeps its current document."""
 
 
 class DesiredPublisher:
@@ -70,11 +120,14 @@ class DesiredPublisher:
         store: where published documents are recorded.
         next_sequence: the fleet's director counter (one number per call; it only grows).
         signing_key: returns the director's private key (re-read when it was rotated).
+        target_info: the release repository's ``target_info(name, version)`` (the other models of
+            a schema-2 document are looked up there).
     """
 
     def __init__(self, connection: MqttConnection, store: FleetStore, *, next_sequence: Callable[[str], int],
-                 signing_key: Callable[[], Any], prefix: str, expires_s: float, ack_timeout_s: float = 15.0) -> None:
-        self.connection, self.store = connection, store
+                 signing_key: Callable[[], Any], prefix: str, expires_s: float,
+                 target_info: Callable[[str, str], TargetInfo], ack_timeout_s: float = 15.0) -> None:
+        self.connection, self.store, self.target_info = connection, store, target_info
         self.next_sequence, self.signing_key = next_sequence, signing_key
         self.prefix, self.expires_s, self.ack_timeout_s = prefix, expires_s, ack_timeout_s
 
@@ -90,18 +143,40 @@ class DesiredPublisher:
         if not changes:
             return outcome
         key = self.signing_key()
+        devices = sorted({c.device for c in changes})
+        current = self.store.desired_sets(devices)
+        forms = self.store.device_forms(devices)
         sequences: dict[str, tuple[int, set[str]]] = {}
-        in_flight: list[tuple[DesiredChange, DesiredState, dict[str, Any], Any]] = []
+        in_flight: list[tuple[DesiredChange, int, dict[str, DesiredModel], dict[str, Any], Any]] = []
         for index, change in enumerate(changes):
-            current = sequences.get(change.fleet)
-            if current is None or change.device in current[1]:
-                current = sequences[change.fleet] = (self.next_sequence(change.fleet), set())
-            current[1].add(change.device)
-            state = build_desired_state(fleet=change.fleet, device=change.device, target=change.target,
-                                        sequence=current[0], now=now, expires_in_s=self.expires_s,
-                                        action=change.action, rollout=change.rollout_id,
-                                        deployment=change.deployment)
-            envelope = sign_desired_state(state, key)
+            entry = DesiredModel(change.target.name, change.target.version, change.target.serving_version,
+                                 change.action, change.rollout_id, change.abtest_id, change.deployment)
+            models = next_desired_set(current.get(change.device, {}), entry)
+            multi, agent_version = forms.get(change.device, (False, None))
+            schema, why = document_schema(models, multi_model_agent=multi, agent_version=agent_version)
+            if schema == 2:
+                try:
+                    targets = {name: (m, change.target if name == entry.name else self.target_info(m.name, m.version))
+                               for name, m in models.items()}
+                except EdgeshipError as exc:
+                    why = f"the device's desired set cannot be signed: {exc.message}"
+            if why is not None:
+                outcome.refused.append((change, why))
+                continue
+            current_seq = sequences.get(change.fleet)
+            if current_seq is None or change.device in current_seq[1]:
+                current_seq = sequences[change.fleet] = (self.next_sequence(change.fleet), set())
+            current_seq[1].add(change.device)
+            sequence = current_seq[0]
+            if schema == 2:
+                envelope = sign_document(build_schema2_document(
+                    fleet=change.fleet, device=change.device, sequence=sequence, now=now,
+                    expires_in_s=self.expires_s, models=targets), key)
+            else:
+                envelope = sign_desired_state(build_desired_state(
+                    fleet=change.fleet, device=change.device, target=change.target, sequence=sequence, now=now,
+                    expires_in_s=self.expires_s, action=change.action, rollout=change.rollout_id,
+                    deployment=change.deployment), key)
             topic = device_topic(change.fleet, change.device, DESIRED, self.prefix)
             try:
                 handle = self.connection.publish(topic, encode_message(DesiredMessage(envelope)), qos=1,
@@ -110,8 +185,9 @@ class DesiredPublisher:
                 log.warning("desired state for %s not published (%s); trying again later", change.device, exc)
                 outcome.unsent.extend(changes[index:])
                 break
-            in_flight.append((change, state, envelope, handle))
-        for change, state, envelope, handle in in_flight:
+            current[change.device] = models  # a second change of this device in the batch builds on this one
+            in_flight.append((change, sequence, models, envelope, handle))
+        for change, sequence, models, envelope, handle in in_flight:
             try:
                 handle.wait(self.ack_timeout_s)
             except TransportError as exc:
@@ -119,9 +195,9 @@ class DesiredPublisher:
                 outcome.unsent.append(change)
                 continue
             self.store.record_desired(
-                fleet=change.fleet, device=change.device, sequence=state.sequence, name=state.bundle,
-                version=state.version, action=state.action, issued_at=now, expires_at=now + self.expires_s,
+                fleet=change.fleet, device=change.device, sequence=sequence, name=change.target.name,
+                version=change.target.version, action=change.action, issued_at=now, expires_at=now + self.expires_s,
                 rollout_id=change.rollout_id, abtest_id=change.abtest_id, deployment=change.deployment,
-                envelope=envelope)
+                envelope=envelope, models=models)
             outcome.published.append(change)
         return outcome

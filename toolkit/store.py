@@ -47,15 +47,17 @@ from edgeship.ota.protocol import EventMessage, ReportedMessage, StatusMessage, 
 from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
 from edgeship.toolkit.abtest import TelemetryWindow
 from edgeship.toolkit.rollouts import DeviceSnapshot, VersionTelemetry
+from edgeship.toolkit.store_migration import migrate
 from edgeship.toolkit.store_schema import (
     DEFAULT_DB_URL,
     bundle_ref,
+    device_models,
     device_tags,
     devices,
     events,
     latency_from_json,
     latency_json,
-    metadata,
+    model_rows,
     rollouts,
     telemetry,
     update_fields,
@@ -102,6 +104,8 @@ class DeviceInfo:
     last_p95_ms: float | None
     last_drift: float | None
     tags: dict[str, str] = field(default_factory=dict)
+    models_reported: bool | None = None
+    """True: a multi-model agent (its reports carry ``models``); it reads desired-state schema 2."""
 
     @property
     def device(self) -> str:  # the attribute plan_assignments and the engine read
@@ -176,7 +180,7 @@ class FleetStore(IntentRecords):
             sa.event.listen(self.engine, "connect", _on_sqlite_connect)
         if create:
             try:
-                metadata.create_all(self.engine)
+                self.migrations = migrate(self.engine)
             except sa.exc.DatabaseError as exc:  # OperationalError, or a file that is not a database
                 why = " ".join(str(exc.orig).split())  # libpq's messages span lines: keep it one line
                 raise EdgeshipError(f"cannot open the store {url}: {why[:200]}") from None
@@ -220,6 +224,7 @@ class FleetStore(IntentRecords):
         event_rows: list[dict[str, Any]] = []
         telemetry_rows: list[dict[str, Any]] = []
         device_telemetry: dict[str, dict[str, Any]] = {}
+        reported_models: dict[str, list[dict[str, Any]]] = {}
         seen: dict[str, float] = {}
         for item in items:
             message, device, at = item.message, item.device, item.received_at
@@ -236,7 +241,10 @@ class FleetStore(IntentRecords):
                     "b_id": device, "active_name": active[0], "active_version": active[1],
                     "previous_name": previous[0], "previous_version": previous[1], "reported_at": at,
                     "reported": message.to_dict(), "agent_version": message.agent_version,
-                    "runtime": message.runtime, **update_fields(message.update)})
+                    "runtime": message.runtime, "models_reported": message.models is not None,
+                    **update_fields(message.update)})
+                if message.models is not None:
+                    reported_models[device] = model_rows(device, message.models, at)
                 seen[device] = at
             elif isinstance(message, EventMessage):
                 name, version = bundle_ref(message.bundle)
@@ -250,12 +258,19 @@ class FleetStore(IntentRecords):
                 name, version = bundle_ref(message.bundle)
                 p95 = message.latency.quantile_ms(0.95)
                 feedback = message.feedback or {}
-                telemetry_rows.append({
+                windows = [(m.name, m.version, m.serving_version, m.requests, m.errors, m.latency, m.feedback or {},
+                            m.drift) for m in message.models] or [
+                    (name, version, None, message.requests, message.errors, message.latency, feedback,
+                     message.drift)]
+                # a multi-model agent's windows are per model (its top-level fields repeat the first)
+                telemetry_rows.extend({
                     "device_id": device, "fleet": item.fleet, "ts": message.ts, "received_at": at,
-                    "window_s": message.window_s, "requests": message.requests, "errors": message.errors,
-                    "latency": latency_json(message.latency), "p95_ms": p95, "bundle_name": name,
-                    "bundle_version": version, "feedback_correct": feedback.get("correct"),
-                    "feedback_total": feedback.get("total"), "drift": message.drift})
+                    "window_s": message.window_s, "requests": w_requests, "errors": w_errors,
+                    "latency": latency_json(w_latency), "p95_ms": w_latency.quantile_ms(0.95), "bundle_name": w_name,
+                    "bundle_version": w_version, "serving_version": w_serving,
+                    "feedback_correct": w_feedback.get("correct"), "feedback_total": w_feedback.get("total"),
+                    "drift": w_drift}
+                    for w_name, w_version, w_serving, w_requests, w_errors, w_latency, w_feedback, w_drift in windows)
                 device_telemetry[device] = {"b_id": device, "telemetry_at": at, "last_requests": message.requests,
                                             "last_errors": message.errors, "last_p95_ms": p95,
                                             "last_drift": message.drift}
@@ -280,6 +295,11 @@ class FleetStore(IntentRecords):
                 conn.execute(sa.update(devices).where(devices.c.id == b_id)
                              .values(last_seen=sa.bindparam("at")),
                              [{"b_id": d, "at": at} for d, at in seen.items()])
+            if reported_models:
+                conn.execute(sa.delete(device_models).where(device_models.c.device_id.in_(list(reported_models))))
+                rows = [row for device_rows in reported_models.values() for row in device_rows]
+                if rows:
+                    conn.execute(sa.insert(device_models), rows)
             if event_rows:
                 conn.execute(self._insert_ignore(events, "device_id", "seq", "ts"), event_rows)
             if telemetry_rows:
@@ -479,11 +499,18 @@ class FleetStore(IntentRecords):
             yield from conn.execute(query)
 
     def fleet_snapshot(self, fleet: str, selection: Sequence[tuple[str, str]] = (),
-                       telemetry_since: float | None = None) -> list[DeviceSnapshot]:
+                       telemetry_since: float | None = None, model: str | None = None) -> list[DeviceSnapshot]:
         """The rollout engine's input: the selected devices, with their telemetry per version merged
-        over the windows received since ``telemetry_since`` (none if None)."""
+        over the windows received since ``telemetry_since`` (none if None).
+
+        ``model``: each device as it serves that model name. A multi-model device reports each model
+        on its own (its other models are no concern of this rollout); a device of one model is read
+        from its one active model, as before."""
         with self.engine.connect() as conn:
             rows = conn.execute(self._selected(fleet, selection)).mappings().all()
+            per_model: dict[str, Any] = {}
+            if model is not None:
+                per_model = self._model_rows(conn, [r["id"] for r in rows if r["models_reported"]], model)
             merged: dict[tuple[str, str, str], list[Any]] = {}
             if telemetry_since is not None and rows:
                 for device_id, name, version, requests, errors, latency, _c, _t in self._telemetry_rows(
@@ -501,11 +528,51 @@ class FleetStore(IntentRecords):
         for (device_id, name, version), (requests, errors, counts, total) in sorted(merged.items()):
             per_device.setdefault(device_id, []).append(
                 VersionTelemetry(name, version, requests, errors, LatencyHistogram(counts, total)))
-        return [DeviceSnapshot(device=r["id"], online=bool(r["online"]), active_name=r["active_name"],
-                               active_version=r["active_version"], update_state=r["update_state"],
-                               update_name=r["update_name"], update_version=r["update_version"],
-                               reported_at=r["reported_at"], telemetry=tuple(per_device.get(r["id"], ())))
-                for r in rows]
+        snapshots = []
+        for r in rows:
+            if model is not None and r["models_reported"]:
+                m = per_model.get(r["id"], {})
+                state = {"active_name": model if m.get("active_version") else None,
+                         "active_version": m.get("active_version"), "update_state": m.get("update_state"),
+                         "update_name": model if m.get("update_state") else None,
+                         "update_version": m.get("update_version")}
+            else:
+                state = {k: r[k] for k in ("active_name", "active_version", "update_state", "update_name",
+                                           "update_version")}
+            snapshots.append(DeviceSnapshot(device=r["id"], online=bool(r["online"]), reported_at=r["reported_at"],
+                                            telemetry=tuple(per_device.get(r["id"], ())), **state))
+        return snapshots
+
+    @staticmethod
+    def _model_rows(conn: Connection, ids: Sequence[str], model: str | None = None) -> dict[str, Any]:
+        """``device_models`` rows of ``ids``: device -> row (of ``model``), or device -> {name: row}."""
+        found: dict[str, Any] = {}
+        for start in range(0, len(ids), 500):
+            query = sa.select(device_models).where(device_models.c.device_id.in_(list(ids[start:start + 500])))
+            if model is not None:
+                query = query.where(device_models.c.model == model)
+            for r in conn.execute(query).mappings():
+                if model is not None:
+                    found[r["device_id"]] = dict(r)
+                else:
+                    found.setdefault(r["device_id"], {})[r["model"]] = dict(r)
+        return found
+
+    def device_forms(self, ids: Sequence[str]) -> dict[str, tuple[bool, str | None]]:
+        """Each known device: (whether its agent serves many models, its agent version)."""
+        found: dict[str, tuple[bool, str | None]] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                query = sa.select(devices.c.id, devices.c.models_reported, devices.c.agent_version).where(
+                    devices.c.id.in_(list(ids[start:start + 500])))
+                for device, multi, version in conn.execute(query):
+                    found[device] = (bool(multi), version)
+        return found
+
+    def device_models_of(self, ids: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+        """What multi-model devices report per model: device -> model name -> row."""
+        with self.engine.connect() as conn:
+            return self._model_rows(conn, list(ids))
 
     def telemetry_windows(self, fleet: str, selection: Sequence[tuple[str, str]] = (),
                           since: float = 0.0) -> list[TelemetryWindow]:

@@ -10,15 +10,19 @@ __all__ = [
     "LIVE_ROLLOUT_STATES",
     "abtests",
     "desired_sequences",
+    "desired_models",
     "desired_states",
+    "device_models",
     "device_tags",
     "devices",
     "events",
     "metadata",
+    "model_rows",
     "outbox",
     "rollout_devices",
     "rollout_log",
     "rollouts",
+    "store_meta",
     "telemetry",
 ]
 
@@ -59,6 +63,9 @@ devices = sa.Table(
     sa.Column("reported_at", sa.Float),
     sa.Column("reported", sa.JSON),
     sa.Column("agent_version", sa.String(64)), sa.Column("runtime", sa.String(64)),
+    # True once the device reported a `models` map (a multi-model agent): it reads desired-state
+    # schema 2. False/NULL: an agent of one model (schema 1 only).
+    sa.Column("models_reported", sa.Boolean),
     sa.Column("telemetry_at", sa.Float),
     sa.Column("last_requests", sa.Integer), sa.Column("last_errors", sa.Integer),
     sa.Column("last_p95_ms", sa.Float), sa.Column("last_drift", sa.Float),
@@ -105,6 +112,7 @@ telemetry = sa.Table(
     sa.Column("bundle_name", _NAME), sa.Column("bundle_version", _VERSION),
     sa.Column("feedback_correct", sa.Integer), sa.Column("feedback_total", sa.Integer),
     sa.Column("drift", sa.Float),
+    sa.Column("serving_version", sa.BigInteger),
     sa.Index("ix_telemetry_device_received", "device_id", "received_at"),
     sa.Index("ix_telemetry_fleet_received", "fleet", "received_at"),
 )
@@ -128,6 +136,40 @@ desired_states = sa.Table(
     sa.Column("expires_at", sa.Float),
     sa.Column("envelope", sa.JSON),
     sa.UniqueConstraint("device_id", "sequence", name="uq_desired_device_sequence"),
+)
+
+desired_models = sa.Table(
+    # The device's current desired set: one row per model it must serve (schema 2's `models`).
+    # A rollout or A/B test changes one row; the others are copied into the next document.
+    "desired_models", metadata,
+    sa.Column("device_id", _ID, primary_key=True),
+    sa.Column("model", _NAME, primary_key=True),
+    sa.Column("fleet", _ID, nullable=False, index=True),
+    sa.Column("version", _VERSION, nullable=False),
+    sa.Column("serving_version", sa.BigInteger),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("rollout_id", _ID), sa.Column("abtest_id", _ID), sa.Column("deployment", sa.String(128)),
+    sa.Column("sequence", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+device_models = sa.Table(
+    # What a multi-model agent reports per model (reported.models); replaced by each report.
+    "device_models", metadata,
+    sa.Column("device_id", _ID, primary_key=True),
+    sa.Column("model", _NAME, primary_key=True),
+    sa.Column("active_version", _VERSION), sa.Column("previous_version", _VERSION),
+    sa.Column("serving_version", sa.BigInteger),
+    sa.Column("update_state", sa.String(32)), sa.Column("update_version", _VERSION),
+    sa.Column("update_detail", sa.Text),
+    sa.Column("labels", sa.JSON),
+    sa.Column("reported_at", sa.Float, nullable=False),
+)
+
+store_meta = sa.Table(
+    "store_meta", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
 )
 
 rollouts = sa.Table(
@@ -239,3 +281,16 @@ def latency_from_json(doc: Any) -> LatencyHistogram:
 def json_value(value: Any) -> Any:
     """A JSON column's value (drivers that return it as text give a str)."""
     return json.loads(value) if isinstance(value, str) else value
+
+
+def model_rows(device: str, models: Mapping[str, Mapping[str, Any]], at: float) -> list[dict[str, Any]]:
+    """``device_models`` rows from a reported ``models`` map."""
+    rows = []
+    for name, entry in sorted(models.items()):
+        active, previous = entry.get("active") or {}, entry.get("previous") or {}
+        update = update_fields(entry.get("update"))
+        rows.append({"device_id": device, "model": name, "active_version": active.get("version"),
+                     "previous_version": previous.get("version"), "serving_version": entry.get("serving_version"),
+                     "update_state": update["update_state"], "update_version": update["update_version"],
+                     "update_detail": update["update_detail"], "labels": entry.get("labels"), "reported_at": at})
+    return rows

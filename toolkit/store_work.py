@@ -17,7 +17,12 @@ from sqlalchemy.engine import Connection, Engine
 
 from edgeship.ota.errors import BadInputError, EdgeshipError
 from edgeship.toolkit.abtest import ABTest, Arm, Metric, TelemetryWindow, plan_assignments
-from edgeship.toolkit.fleet_rules import LiveWork, exclusion_conflict
+from edgeship.toolkit.fleet_rules import (
+    DesiredModel,
+    LiveWork,
+    exclusion_conflict,
+    next_desired_set,
+)
 from edgeship.toolkit.rollouts import (
     Action,
     AssignVersion,
@@ -35,6 +40,7 @@ from edgeship.toolkit.rollouts import (
 from edgeship.toolkit.store_schema import (
     LIVE_ROLLOUT_STATES,
     abtests,
+    desired_models,
     desired_sequences,
     desired_states,
     json_value,
@@ -94,7 +100,7 @@ class IntentRecords:
         raise NotImplementedError  # FleetStore's
 
     def fleet_snapshot(self, fleet: str, selection: Sequence[tuple[str, str]] = (),
-                       telemetry_since: float | None = None) -> list[DeviceSnapshot]:
+                       telemetry_since: float | None = None, model: str | None = None) -> list[DeviceSnapshot]:
         raise NotImplementedError  # FleetStore's
 
     def telemetry_windows(self, fleet: str, selection: Sequence[tuple[str, str]] = (),
@@ -115,8 +121,12 @@ class IntentRecords:
     def record_desired(self, *, fleet: str, device: str, sequence: int, name: str, version: str,
                        action: str = "install", issued_at: float, expires_at: float | None = None,
                        rollout_id: str | None = None, abtest_id: str | None = None,
-                       deployment: str | None = None, envelope: dict[str, Any] | None = None) -> None:
-        """Keep the desired state the controller signed and published (its history too)."""
+                       deployment: str | None = None, envelope: dict[str, Any] | None = None,
+                       models: Mapping[str, DesiredModel] | None = None) -> None:
+        """Keep the desired state the controller signed and published (its history too).
+
+        ``name``/``version`` is the entry that changed; ``models`` the device's whole desired set
+        the document carried (None: the current set with that entry replaced)."""
         if action not in ("install", "rollback"):
             raise BadInputError(f"desired action {action!r} must be install or rollback")
         with self.engine.begin() as conn:
@@ -124,6 +134,40 @@ class IntentRecords:
                 device_id=device, fleet=fleet, sequence=sequence, name=name, version=version, action=action,
                 rollout_id=rollout_id, abtest_id=abtest_id, deployment=deployment, issued_at=issued_at,
                 expires_at=expires_at, envelope=envelope))
+            if models is None:
+                models = next_desired_set(self._desired_set(conn, device), DesiredModel(
+                    name, version, None, action, rollout_id, abtest_id, deployment))
+            conn.execute(sa.delete(desired_models).where(desired_models.c.device_id == device))
+            if models:
+                conn.execute(sa.insert(desired_models), [
+                    {"device_id": device, "model": m.name, "fleet": fleet, "version": m.version,
+                     "serving_version": m.serving_version, "action": m.action, "rollout_id": m.rollout_id,
+                     "abtest_id": m.abtest_id, "deployment": m.deployment, "sequence": sequence,
+                     "updated_at": issued_at} for m in models.values()])
+
+    def desired_set(self, device: str) -> dict[str, DesiredModel]:
+        """The device's current desired set: model name -> entry (empty: nothing desired yet)."""
+        with self.engine.connect() as conn:
+            return self._desired_set(conn, device)
+
+    def desired_sets(self, ids: Sequence[str]) -> dict[str, dict[str, DesiredModel]]:
+        """:meth:`desired_set` of several devices at once."""
+        found: dict[str, dict[str, DesiredModel]] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                query = sa.select(desired_models).where(desired_models.c.device_id.in_(list(ids[start:start + 500])))
+                for r in conn.execute(query).mappings():
+                    found.setdefault(r["device_id"], {})[r["model"]] = self._desired_model(r)
+        return found
+
+    @staticmethod
+    def _desired_model(r: Any) -> DesiredModel:
+        return DesiredModel(r["model"], r["version"], r["serving_version"], r["action"], r["rollout_id"],
+                            r["abtest_id"], r["deployment"])
+
+    def _desired_set(self, conn: Connection, device: str) -> dict[str, DesiredModel]:
+        query = sa.select(desired_models).where(desired_models.c.device_id == device).order_by(desired_models.c.model)
+        return {r["model"]: self._desired_model(r) for r in conn.execute(query).mappings()}
 
     def desired_for(self, device: str) -> DesiredRecord | None:
         """The device's latest desired state (highest sequence), or None."""
@@ -133,8 +177,18 @@ class IntentRecords:
             row = conn.execute(query).mappings().first()
         return None if row is None else self._desired(row)
 
-    def desired_map(self, fleet: str) -> dict[str, tuple[str, str]]:
-        """Each device of ``fleet``: the (name, version) of its latest desired state."""
+    def desired_map(self, fleet: str, names: Iterable[str] | None = None) -> dict[str, tuple[str, str]]:
+        """Each device of ``fleet``: the (name, version) of its latest desired state; with ``names``,
+        of its desired entry for one of those model names (devices with none are left out)."""
+        if names is not None:
+            query = (sa.select(desired_models.c.device_id, desired_models.c.model, desired_models.c.version)
+                     .where(desired_models.c.fleet == fleet, desired_models.c.model.in_(list(names)))
+                     .order_by(desired_models.c.device_id, desired_models.c.model))
+            with self.engine.connect() as conn:
+                found: dict[str, tuple[str, str]] = {}
+                for d, n, v in conn.execute(query):
+                    found.setdefault(d, (n, v))
+                return found
         latest = (sa.select(desired_states.c.device_id, sa.func.max(desired_states.c.sequence).label("seq"))
                   .where(desired_states.c.fleet == fleet).group_by(desired_states.c.device_id).subquery())
         query = (sa.select(desired_states.c.device_id, desired_states.c.name, desired_states.c.version)
@@ -314,7 +368,8 @@ class IntentRecords:
         outbox. What the controller calls for each of :meth:`live_rollout_ids` on every tick."""
         def decide(rollout: Rollout) -> Decision:
             since = max(rollout.created_at, now - telemetry_window_s)
-            return step(rollout, self.fleet_snapshot(rollout.fleet, rollout.selection, telemetry_since=since), now)
+            return step(rollout, self.fleet_snapshot(rollout.fleet, rollout.selection, telemetry_since=since,
+                                                     model=rollout.name), now)
 
         return self.update_rollout(rollout_id, decide, now=now)
 
@@ -325,11 +380,13 @@ class IntentRecords:
         test, _ = self.get_abtest(test_id)
         if test.state != "RUNNING":
             return []
-        desired = self.desired_map(test.fleet)
+        names = {test.a.name, test.b.name}
+        desired = self.desired_map(test.fleet, names)
         for pending in self.pending_actions(limit=100_000):
             if pending.abtest_id == test_id and isinstance(pending.action, AssignVersion):
                 desired[pending.action.device] = (pending.action.name, pending.action.version)
-        actions = plan_assignments(test, self.list_devices(test.fleet, test.selection), desired)
+        # each device as it serves the test's model (a multi-model device serves others beside it)
+        actions = plan_assignments(test, self.fleet_snapshot(test.fleet, test.selection, model=test.a.name), desired)
         if actions:
             self.enqueue_actions(test.fleet, actions, now, abtest_id=test_id)
         return actions

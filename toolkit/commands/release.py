@@ -311,8 +311,8 @@ def publish(bundle_file: Path, repo_dir: Path, as_json: bool) -> None:
     if as_json:
         emit_json(info.to_dict())
         return
-    console().print(f"Published {info.name} {info.version} as {info.path} ({info.length} bytes, "
-                    f"sha256 {info.sha256})")
+    console().print(f"Published {info.name} {info.version} (serving version {info.serving_version}) as "
+                    f"{info.path} ({info.length} bytes, sha256 {info.sha256})")
 
 
 # -- repo ------------------------------------------------------------------------------------------
@@ -342,10 +342,11 @@ def repo_status(repo_dir: Path, as_json: bool) -> None:
         when = "EXPIRED" if info["expired"] else (f"{left / 86400:.1f} d" if left >= 86400 else f"{left / 3600:.1f} h")
         roles.add_row(role, str(info["version"]), info["expires"], when, ", ".join(k[:16] for k in info["keys"]))
     out.print(roles)
-    targets = Table("bundle", "version", "format", "bytes", "sha256")
+    targets = Table("bundle", "version", "serving", "format", "bytes", "sha256")
     for target in status["targets"]:
-        targets.add_row(target["name"], target["version"], target["format"], str(target["length"]),
-                        target["sha256"][:16])
+        serving = target.get("serving_version")
+        targets.add_row(target["name"], target["version"], "-" if serving is None else str(serving),
+                        target["format"], str(target["length"]), target["sha256"][:16])
     out.print(targets if status["targets"] else "no bundles published yet")
     out.print(f"trusted root metadata: {status['root_metadata']}")
     out.print(f"director public key:   {status['director_public_key']}")
