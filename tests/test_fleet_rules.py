@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from edgeship.toolkit.fleet_rules import LiveWork, exclusion_conflict
@@ -37,3 +39,76 @@ def test_one_model_name_is_moved_by_one_thing_at_a_time(kind: str, names: set[st
         assert got is None
     else:
         assert got is not None and got.startswith(expected), got
+
+
+# -- many models per device -----------------------------------------------------------------------
+
+from edgeship.toolkit.fleet_rules import DesiredModel, document_schema, next_desired_set  # noqa: E402
+
+DIGITS_1 = DesiredModel("digits", "1.0.0", 1)
+DIGITS_2 = DesiredModel("digits", "1.1.0", 2, rollout_id="ro-1")
+KWS_1 = DesiredModel("kws", "0.1.0", 1)
+
+
+@pytest.mark.parametrize("current,change,expected", [
+    ({}, DIGITS_1, {"digits": DIGITS_1}),
+    # a rollout of one model replaces that entry and leaves the others as they were
+    ({"digits": DIGITS_1, "kws": KWS_1}, DIGITS_2, {"digits": DIGITS_2, "kws": KWS_1}),
+    ({"digits": DIGITS_1}, KWS_1, {"digits": DIGITS_1, "kws": KWS_1}),
+    # a renewal (the same entry) changes nothing
+    ({"digits": DIGITS_1, "kws": KWS_1}, KWS_1, {"digits": DIGITS_1, "kws": KWS_1}),
+])
+def test_a_change_moves_one_model_and_copies_the_others(current: dict[str, DesiredModel], change: DesiredModel,
+                                                        expected: dict[str, DesiredModel]) -> None:
+    assert next_desired_set(current, change) == expected
+    assert current == dict(current)  # the current set is not modified
+
+
+@pytest.mark.parametrize("models,multi,version,expected", [
+    ({"digits": DIGITS_1}, True, "0.2.0", (2, None)),
+    ({"digits": DIGITS_1, "kws": KWS_1}, True, "0.2.0", (2, None)),
+    # an agent of one model: schema 1 while it holds one model
+    ({"digits": DIGITS_2}, False, "0.1.0", (1, None)),
+    ({}, False, None, (1, None)),
+    # a second model name is refused with the reason, naming the agent's version
+    ({"digits": DIGITS_1, "kws": KWS_1}, False, "0.1.0", (None, "agent 0.1.0 serves one model; upgrade the agent")),
+    ({"digits": DIGITS_1, "kws": KWS_1}, False, None,
+     (None, "agent (version unknown) serves one model; upgrade the agent")),
+])
+def test_the_document_form_follows_what_the_agent_reports(models: dict[str, DesiredModel], multi: bool,
+                                                          version: str | None,
+                                                          expected: tuple[int | None, str | None]) -> None:
+    assert document_schema(models, multi_model_agent=multi, agent_version=version) == expected
+
+
+def test_a_schema2_document_carries_every_model_and_verifies_with_the_director_key(tmp_path: Any) -> None:
+    from pathlib import Path
+
+    from edgeship.ota.director import (
+        DESIRED_STATE_TYPE,
+        canonical_json,
+        generate_director_key,
+        load_director_private_key,
+        load_director_public_key,
+    )
+    from edgeship.ota.release import TargetInfo
+    from edgeship.toolkit.desired_publisher import build_schema2_document, sign_document
+
+    generate_director_key(tmp_path / "d.key", tmp_path / "d.pub")
+    key = load_director_private_key(tmp_path / "d.key")
+    targets = {
+        "digits": (DIGITS_2, TargetInfo("digits", "1.1.0", "digits/digits-1.1.0.bundle", 10, "a" * 64, "tflite", {},
+                                        Path("x"), serving_version=2)),
+        "kws": (DesiredModel("kws", "0.1.0"), TargetInfo("kws", "0.1.0", "kws/kws-0.1.0.bundle", 20, "b" * 64,
+                                                         "onnx", {}, Path("y"), serving_version=5))}
+    doc = build_schema2_document(fleet="f", device="d1", sequence=9, now=1_700_000_000, expires_in_s=3600,
+                                 models=targets)
+    assert doc["_type"] == DESIRED_STATE_TYPE and doc["schema"] == 2 and doc["sequence"] == 9
+    assert doc["models"]["digits"] == {"bundle": "digits", "version": "1.1.0", "serving_version": 2,
+                                       "target": "digits/digits-1.1.0.bundle", "length": 10,
+                                       "hashes": {"sha256": "a" * 64}, "deployment": None, "rollout": "ro-1",
+                                       "action": "install"}
+    assert doc["models"]["kws"]["serving_version"] == 5  # from the signed target when the entry has none
+    envelope = sign_document(doc, key)
+    public = load_director_public_key(tmp_path / "d.pub")
+    public.verify(bytes.fromhex(envelope["signatures"][0]["sig"]), canonical_json(envelope["signed"]))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 __all__ = [
     "SINGLE_MODEL_AGENT_REASON",
+    "describe_models",
+    "model_listing",
     "DesiredModel",
     "LiveWork",
     "document_schema",
@@ -17,6 +19,7 @@ __all__ = [
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -99,3 +102,45 @@ def document_schema(models: Mapping[str, DesiredModel], *, multi_model_agent: bo
     if len(models) <= 1:
         return 1, None
     return None, SINGLE_MODEL_AGENT_REASON.format(version=agent_version or "(version unknown)")
+
+
+def model_listing(*, active_name: str | None, active_version: str | None, update_state: str | None,
+                  update_name: str | None, update_version: str | None, models_reported: bool | None,
+                  reported: Mapping[str, Mapping[str, Any]], desired: Mapping[str, DesiredModel]) -> list[dict[str, Any]]:
+    """Every model of one device, for ``fleet ls`` and ``device show`` (pure): name, the bundle
+    version it serves and its serving version, its update state, and what is desired of it.
+
+    A multi-model agent reports each model (``reported``: its ``device_models`` rows); an agent of
+    one model reports one active bundle and no serving version (it numbers versions itself). A
+    desired model the device does not serve yet is listed with no version."""
+    rows: dict[str, dict[str, Any]] = {}
+    if models_reported:
+        for name, m in reported.items():
+            rows[name] = {"name": name, "version": m.get("active_version"), "serving_version": m.get("serving_version"),
+                          "update_state": m.get("update_state"), "update_version": m.get("update_version")}
+    elif active_name or update_name:
+        name = active_name or update_name or ""
+        rows[name] = {"name": name, "version": active_version, "serving_version": None,
+                      "update_state": update_state, "update_version": update_version}
+    for name, entry in desired.items():
+        row = rows.setdefault(name, {"name": name, "version": None, "serving_version": None, "update_state": None,
+                                     "update_version": None})
+        row.update({"desired_version": entry.version, "desired_serving_version": entry.serving_version,
+                    "desired_action": entry.action})
+    for row in rows.values():
+        row.setdefault("desired_version", None)
+        row.setdefault("desired_serving_version", None)
+        row.setdefault("desired_action", None)
+    return [rows[name] for name in sorted(rows)]
+
+
+def describe_models(models: Iterable[Mapping[str, Any]]) -> str:
+    """``digits 1.1.0 (#2), kws 0.1.0 (#5)`` for a table cell; ``-`` for none."""
+    parts = []
+    for m in models:
+        version = m.get("version") or "-"
+        serving = f" (#{m['serving_version']})" if m.get("serving_version") is not None else ""
+        wanted = m.get("desired_version")
+        pending = f" -> {wanted}" if wanted and wanted != m.get("version") else ""
+        parts.append(f"{m['name']} {version}{serving}{pending}")
+    return ", ".join(parts) or "-"

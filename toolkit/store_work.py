@@ -145,6 +145,15 @@ class IntentRecords:
                      "abtest_id": m.abtest_id, "deployment": m.deployment, "sequence": sequence,
                      "updated_at": issued_at} for m in models.values()])
 
+    def serving_version_of(self, fleet: str, name: str, version: str) -> int | None:
+        """The serving version the desired states of ``fleet`` give model ``name`` at ``version``
+        (copied from the release repository's signed target at publish); None: none given yet."""
+        query = sa.select(sa.func.max(desired_models.c.serving_version)).where(
+            desired_models.c.fleet == fleet, desired_models.c.model == name, desired_models.c.version == version)
+        with self.engine.connect() as conn:
+            value = conn.execute(query).scalar()
+        return None if value is None else int(value)
+
     def desired_set(self, device: str) -> dict[str, DesiredModel]:
         """The device's current desired set: model name -> entry (empty: nothing desired yet)."""
         with self.engine.connect() as conn:

@@ -15,6 +15,7 @@ import click
 
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.topics import validate_identifier
+from edgeship.toolkit.fleet_rules import model_listing
 
 from ..output import console, emit_json
 from .fleet_options import (
@@ -38,7 +39,8 @@ from .fleet_options import (
 @json_option
 def device_show(device_id: str, window: str, n_events: int, db_url: str | None, broker_url: str | None,
                 as_json: bool) -> None:
-    """A device's state, tags, desired state, telemetry and recent events."""
+    """A device's state, every model it serves (bundle and serving version), tags, desired state,
+    telemetry and recent events."""
     from edgeship.ota.telemetry import LatencyHistogram
 
     check_broker_url(broker_url)
@@ -49,6 +51,11 @@ def device_show(device_id: str, window: str, n_events: int, db_url: str | None, 
     try:
         info = store.get_device(device_id)
         desired = store.desired_for(device_id)
+        models = model_listing(
+            active_name=info.active_name, active_version=info.active_version, update_state=info.update_state,
+            update_name=info.update_name, update_version=info.update_version, models_reported=info.models_reported,
+            reported=store.device_models_of([device_id]).get(device_id, {}) if info.models_reported else {},
+            desired=store.desired_set(device_id))
         windows = [w for w in store.telemetry_windows(info.fleet, (), since=now - window_s) if w.device == device_id]
         events = store.recent_events(device_id, limit=max(0, n_events))
     finally:
@@ -70,7 +77,7 @@ def device_show(device_id: str, window: str, n_events: int, db_url: str | None, 
                        "action": desired.action, "rollout": desired.rollout_id, "abtest": desired.abtest_id,
                        "deployment": desired.deployment, "issued_at": desired.issued_at,
                        "expires_at": desired.expires_at}
-    doc = {"device": info.to_dict(), "desired": desired_doc, "telemetry": telemetry, "window_s": window_s,
+    doc = {"device": info.to_dict(), "models": models, "desired": desired_doc, "telemetry": telemetry, "window_s": window_s,
            "events": [{k: e[k] for k in ("ts", "seq", "received_at", "event", "deployment", "bundle_name",
                                          "bundle_version", "state", "detail")} for e in events]}
     if as_json:
@@ -82,6 +89,14 @@ def device_show(device_id: str, window: str, n_events: int, db_url: str | None, 
               f"  last seen {ago(info.last_seen, now)}  first seen {ago(info.first_seen, now)}")
     con.print(f"  active   {info.active_name or '-'} {info.active_version or ''}   previous "
               f"{info.previous_name or '-'} {info.previous_version or ''}")
+    for m in models:
+        serving = f" (serving version {m['serving_version']})" if m["serving_version"] is not None else ""
+        wanted = (f"  desired {m['desired_version']}"
+                  + (f" (#{m['desired_serving_version']})" if m["desired_serving_version"] is not None else "")
+                  if m["desired_version"] else "")
+        state = f"  {m['update_state']}" + (f" {m['update_version']}" if m["update_version"] else "") \
+            if m["update_state"] else ""
+        con.print(f"  model    {m['name']} {m['version'] or '-'}{serving}{state}{wanted}")
     con.print(f"  update   {info.update_state or '-'} {info.update_name or ''} {info.update_version or ''}"
               + (f"  ({info.update_detail})" if info.update_detail else ""))
     if desired is not None:

@@ -140,8 +140,12 @@ def device_rows(store: Any, fleet: str | None, selection: tuple[tuple[str, str],
     """One row per selected device: its state and its active version's telemetry over the window
     (p95 from the merged fixed-bucket histograms, errors per request)."""
     from edgeship.ota.telemetry import LatencyHistogram
+    from edgeship.toolkit.fleet_rules import model_listing
 
     devices = store.list_devices(fleet, selection)
+    ids = [d.id for d in devices]
+    reported = store.device_models_of([d.id for d in devices if d.models_reported])
+    desired = store.desired_sets(ids)
     merged: dict[tuple[str, str | None, str | None], list[Any]] = {}
     for fleet_name in sorted({d.fleet for d in devices}):
         for window in store.telemetry_windows(fleet_name, selection, since=now - window_s):
@@ -166,6 +170,11 @@ def device_rows(store: Any, fleet: str | None, selection: tuple[tuple[str, str],
             "last_seen": info.last_seen, "requests": requests, "errors": errors,
             "p95_ms": histogram.quantile_ms(0.95), "error_rate": (errors / requests) if requests else None,
             "drift": info.last_drift, "tags": info.tags,
+            "models": model_listing(
+                active_name=info.active_name, active_version=info.active_version, update_state=info.update_state,
+                update_name=info.update_name, update_version=info.update_version,
+                models_reported=info.models_reported, reported=reported.get(info.id, {}),
+                desired=desired.get(info.id, {})),
         })
     return rows
 
@@ -184,7 +193,8 @@ def fleet() -> None:
 @json_option
 def fleet_ls(fleet_name: str | None, select: tuple[str, ...], window: str, db_url: str | None,
              broker_url: str | None, as_json: bool) -> None:
-    """Devices: online, active bundle and version, update status, last seen, p95, error rate, drift."""
+    """Devices: online, every model with its bundle and serving version, update status, last seen, p95,
+    error rate, drift."""
     from edgeship.toolkit.store import parse_selection
 
     check_broker_url(broker_url)
@@ -210,7 +220,9 @@ def fleet_ls(fleet_name: str | None, select: tuple[str, ...], window: str, db_ur
                   (" match the selection" if selection else "") + " (devices appear once they report)")
         return
     table = Table(show_edge=False, pad_edge=False)
-    for title, justify in (("device", "left"), ("fleet", "left"), ("online", "left"), ("bundle", "left"),
+    from edgeship.toolkit.fleet_rules import describe_models
+
+    for title, justify in (("device", "left"), ("fleet", "left"), ("online", "left"), ("models", "left"),
                            ("update", "left"), ("last seen", "right"), (f"p95 ({window})", "right"),
                            ("errors", "right"), ("drift", "right")):
         table.add_column(title, justify=justify)  # type: ignore[arg-type]
@@ -221,7 +233,7 @@ def fleet_ls(fleet_name: str | None, select: tuple[str, ...], window: str, db_ur
         update_style = {"FAILED": "red", "REJECTED": "magenta", "ROLLED_BACK": "yellow",
                         "COMMITTED": "green"}.get(r["update_state"] or "", "")
         table.add_row(r["device"], r["fleet"], "[green]yes[/green]" if r["online"] else "[red]no[/red]",
-                      f"{r['bundle']} {r['version']}" if r["bundle"] else "-",
+                      describe_models(r["models"]),
                       f"[{update_style}]{update}[/{update_style}]" if update_style else update,
                       ago(r["last_seen"], now),
                       "-" if r["p95_ms"] is None else f"{r['p95_ms']:.2f} ms",
