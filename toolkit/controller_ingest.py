@@ -213,8 +213,12 @@ class IngestWriter:
         self.stats.add("ingested", len(batch))
         for item in batch:
             if isinstance(item.message, TelemetryMessage):
-                self.fleet_counters.add(item.fleet, item.message.bundle, item.message.requests, item.message.errors,
-                                        item.message.latency)
+                for m in item.message.models:  # a multi-model device: each model's window
+                    self.fleet_counters.add(item.fleet, {"name": m.name, "version": m.version or ""}, m.requests,
+                                            m.errors, m.latency)
+                if not item.message.models:
+                    self.fleet_counters.add(item.fleet, item.message.bundle, item.message.requests,
+                                            item.message.errors, item.message.latency)
         self.stats.add("batches")
         self.stats.set("ingest_lag_s", lag)
         self.stats.max("ingest_lag_max_s", lag)
