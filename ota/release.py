@@ -40,7 +40,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -704,8 +704,13 @@ class ReleaseRepository:
         fleet: str = "default",
         expires_in: _dt.timedelta = _dt.timedelta(days=30),
         now: _dt.datetime | None = None,
+        also: Sequence[tuple[str, str]] = (),
     ) -> dict[str, Any]:
         """Write an offline update package (see :mod:`edgeship.ota.fetchers`) to ``out``.
+
+        ``also``: more (model name, version) pairs: the package then carries every bundle and a
+        schema-2 desired state naming them all (multi-model agents only; one model keeps schema 1,
+        which every agent reads).
 
         It holds the bundle, every root version and the current timestamp, snapshot
         and targets metadata, and a director-signed desired state for device ``"*"``
@@ -718,13 +723,27 @@ class ReleaseRepository:
         check_name(name)
         now = now or _utc_now()
         target = self.target_info(name, version)
-        envelope = self.sign_desired(fleet=fleet, device="*", name=target.name, version=target.version,
-                                     expires_in=expires_in, now=now)
+        chosen = [target] + [self.target_info(check_name(n), v) for n, v in also]
+        names = [t.name for t in chosen]
+        if len(set(names)) != len(names):
+            raise BadInputError(f"a package holds one version per model; {sorted(n for n in names if names.count(n) > 1)[0]} "
+                                "is named twice")
+        if len(chosen) == 1:
+            envelope = self.sign_desired(fleet=fleet, device="*", name=target.name, version=target.version,
+                                         expires_in=expires_in, now=now)
+        else:
+            from .desired_sets import ModelEntry, build_desired_set, sign_document
+
+            signed = build_desired_set(
+                fleet=fleet, device="*", sequence=self.next_sequence(fleet), issued=now, expires=now + expires_in,
+                models={t.name: ModelEntry(bundle=t.name, version=t.version, target=t.path, length=t.length,
+                                           hashes=t.hashes, serving_version=t.serving_version) for t in chosen})
+            envelope = sign_document(signed, load_director_private_key(self.director_dir / "director.key"))
         roots = sorted(self.metadata_dir.glob("*.root.json"), key=lambda p: int(p.name.split(".")[0]))
         metadata = roots + [self.metadata_dir / f"{role}.json" for role in ("timestamp", "snapshot", "targets")]
         try:
-            result = write_offline_package(Path(out), metadata=metadata, target_path=target.path,
-                                           target_file=target.file, envelope=envelope, fleet=fleet, now=now)
+            result = write_offline_package(Path(out), metadata=metadata, envelope=envelope, fleet=fleet, now=now,
+                                           targets=[(t.path, t.file) for t in chosen])
         except OSError as exc:
             raise EdgeshipError(f"offline package {out} cannot be written: {exc.strerror or exc}") from None
         # the package is usable until the first of its metadata expires (the timestamp, by default a day)

@@ -30,14 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeship.ota.director import (
-    DESIRED_STATE_TYPE,
-    DesiredState,
-    canonical_json,
-    director_key_id,
-    format_utc,
-    sign_desired_state,
-)
+from edgeship.ota.desired_sets import ModelEntry, build_desired_set, sign_document
+from edgeship.ota.director import DesiredState, sign_desired_state
 from edgeship.ota.errors import EdgeshipError
 from edgeship.ota.protocol import DesiredMessage, encode_message
 from edgeship.ota.release import TargetInfo
@@ -63,27 +57,19 @@ def build_desired_state(*, fleet: str, device: str, target: TargetInfo, sequence
 
 def build_schema2_document(*, fleet: str, device: str, sequence: int, now: float, expires_in_s: float,
                            models: Mapping[str, tuple[DesiredModel, TargetInfo]]) -> dict[str, Any]:
-    """The director's schema-2 document (the signed part): every model the device must serve, each
-    with its bundle's TUF target, length and hashes and its serving version (docs/protocol.md)."""
+    """The director's schema-2 document (the signed part) for a device's desired set: each model
+    with its bundle's TUF target, length and hashes and its serving version (the entry's, else the
+    signed target's)."""
     issued = _dt.datetime.fromtimestamp(int(now), _dt.timezone.utc)
-    return {
-        "_type": DESIRED_STATE_TYPE, "schema": 2, "fleet": fleet, "device": device, "sequence": int(sequence),
-        "issued": format_utc(issued), "expires": format_utc(issued + _dt.timedelta(seconds=int(expires_in_s))),
-        "models": {name: {"bundle": target.name, "version": target.version,
-                          "serving_version": entry.serving_version if entry.serving_version is not None
-                          else target.serving_version,
-                          "target": target.path, "length": int(target.length), "hashes": dict(target.hashes),
-                          "deployment": entry.deployment, "rollout": entry.rollout_id, "action": entry.action}
-                   for name, (entry, target) in sorted(models.items())},
-    }
-
-
-def sign_document(signed: Mapping[str, Any], private_key: Any) -> dict[str, Any]:
-    """The envelope of a prepared document: the same canonical JSON and ed25519 signature as
-    ``sign_desired_state`` gives a schema-1 document."""
-    return {"signed": dict(signed),
-            "signatures": [{"keyid": director_key_id(private_key.public_key()),
-                            "sig": private_key.sign(canonical_json(dict(signed))).hex()}]}
+    return build_desired_set(
+        fleet=fleet, device=device, sequence=sequence, issued=issued,
+        expires=issued + _dt.timedelta(seconds=int(expires_in_s)),
+        models={name: ModelEntry(bundle=target.name, version=target.version, target=target.path,
+                                 length=target.length, hashes=target.hashes,
+                                 serving_version=entry.serving_version if entry.serving_version is not None
+                                 else target.serving_version,
+                                 deployment=entry.deployment, rollout=entry.rollout_id, action=entry.action)
+                for name, (entry, target) in models.items()})
 
 
 @dataclass(frozen=True)
