@@ -1,6 +1,8 @@
 """Model bundles: one uncompressed POSIX tar file holding a model and what a device needs
 to trust, test and serve it (see docs/bundle-format.md).
 
+One concept over 500 lines: the bundle format, written and read (safe extraction) in one place.
+
 Layout: ``manifest.json`` first, then the model (``model.tflite`` or ``model.onnx``),
 then optionally ``golden.npz``, ``labels.txt`` and ``report.json``. The manifest
 lists every other member with its size and sha256; extraction refuses anything

@@ -1,5 +1,8 @@
 """Every message of the MQTT topic tree, as versioned JSON (see docs/protocol.md).
 
+One concept over 500 lines: the schema of every message, with its shared checks, read
+side by side with docs/protocol.md (tests/test_ota_protocol_docs.py compares them).
+
 Pure: bytes in, a validated frozen dataclass out (or a ProtocolError), and back.
 Nothing here touches a socket. Each payload is capped in size *before* it is
 decoded, so a hostile or broken publisher can cost a reader no more than one

@@ -1,6 +1,9 @@
 """The release repository on the host: a TUF repository written with ``tuf.api.metadata``,
 plus the director's key and sequence counters (see docs/trust.md).
 
+One concept over 500 lines: every write to the repository folder (keys, roles, targets,
+rotation, refresh, export) goes through one object that holds its lock and signers.
+
 Layout of a repository folder::
 
     config.json            expiry of each role (seconds)

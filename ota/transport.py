@@ -1,5 +1,9 @@
 """MQTT transport: the one module that imports paho-mqtt (see docs/protocol.md).
 
+One concept over 500 lines: the wrapper that keeps paho (connection, reconnect, publish
+acknowledgements, subscriptions) behind our own surface; splitting it would let paho's
+types leak into a second module.
+
 Everything above it (the agent, the controller, block transfer) sees a small
 surface: :func:`parse_broker_url`, :class:`MqttConnection` (connect, publish,
 subscribe, close) and :class:`ReceivedMessage`. Paho's return codes never leave

@@ -1,6 +1,8 @@
 """What a locked-down Mosquitto needs, generated: its configuration, its ACL, its
 password file entries, and the fleet PKI (made with ``cryptography``).
 
+One concept over 500 lines: what the broker is given, rendered from one set of settings.
+
 Rendering is pure (settings and identities in, text out); the PKI helpers create
 keys, certificates and CRLs in memory. Files are written by
 ``edgeship.toolkit.identities.BrokerFolder``, which owns the broker folder.
