@@ -34,8 +34,6 @@ agent only when something it reads changed.
 
 from __future__ import annotations
 
-from edgeship.toolkit.device_presence import wait_online
-
 from .apply import deprovision, probe, provision
 from .files import (
     broker_table_lines,
@@ -98,3 +96,13 @@ __all__ = [
     "read_agent_capabilities", "record_fleet_tags", "render_agent_env", "render_start_script",
     "render_systemd_unit", "wait_online", "wheel_content_id", "wheels_to_change",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # ``wait_online`` lives with the MQTT presence watch, which imports this package's errors:
+    # re-exported on first use, so neither module imports the other at import time
+    if name == "wait_online":
+        from edgeship.toolkit.device_presence import wait_online
+
+        return wait_online
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
