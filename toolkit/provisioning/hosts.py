@@ -401,7 +401,8 @@ def parse_agent_capabilities(json_output: str, plain_output: str) -> AgentCapabi
     except ValueError:
         doc = None
     if isinstance(doc, dict):
-        protocol = doc.get("protocol") if isinstance(doc.get("protocol"), dict) else {}
+        found = doc.get("protocol")
+        protocol: dict[str, Any] = found if isinstance(found, dict) else {}
         schemas = protocol.get("desired_schema", [1])
         if not isinstance(schemas, list):
             schemas = [schemas]
