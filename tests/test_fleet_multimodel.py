@@ -119,6 +119,19 @@ def test_two_model_names_roll_out_independently(mosquitto_broker: Any, two_model
         shown = cli_json(["device", "show", "m-1", "--db", db_url])
         assert {m["name"]: m["desired_version"] for m in shown["models"]} == {"digits": "1.1.0", "kws": "1.1.0"}
         assert set(shown["telemetry"]) == {"digits:1.1.0", "kws:1.1.0"}
+
+        # taking kws off m-0 leaves digits as it was; the single-model agent cannot be told to serve
+        # nothing and is refused with the reason (the outbox entry keeps it)
+        sequence = multi[0].last_sequence
+        cli(["undeploy", "kws", "--device", "m-0", "--device", "s-0", "--db", db_url])
+        wait_for(lambda: multi[0].last_sequence != sequence and "kws" not in multi[0].models,
+                 what="kws removed from m-0")
+        assert {n: e["version"] for n, e in multi[0].documents[-1]["models"].items()} == {"digits": "1.1.0"}
+        assert multi[0].models["digits"]["active"] == {"name": "digits", "version": "1.1.0"}
+        assert set(multi[1].documents[-1]["models"]) == {"digits", "kws"}  # m-1 untouched
+        wait_for(lambda: set(store.device_models_of(["m-0"])["m-0"]) == {"digits"}, what="m-0 reports digits only")
+        assert store.desired_set("m-0").keys() == {"digits"}
+        assert store.desired_set("s-0").keys() == {"digits"} and single.active["name"] == "digits"
     finally:
         store.close()
         controller.stop()

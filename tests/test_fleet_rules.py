@@ -81,6 +81,26 @@ def test_the_document_form_follows_what_the_agent_reports(models: dict[str, Desi
     assert document_schema(models, multi_model_agent=multi, agent_version=version) == expected
 
 
+@pytest.mark.parametrize("left,multi,expected", [
+    ({"digits": DIGITS_1}, True, (2, None)),
+    ({}, True, (2, None)),  # a multi-model agent may be told to serve nothing
+    # schema 1 names one bundle: it cannot tell an agent of one model to drop it
+    ({}, False, (None, "agent 0.1.0 serves one model; upgrade the agent")),
+])
+def test_taking_a_model_out_needs_a_multi_model_agent(left: dict[str, DesiredModel], multi: bool,
+                                                      expected: tuple[int | None, str | None]) -> None:
+    assert document_schema(left, multi_model_agent=multi, agent_version="0.1.0", removing=True) == expected
+
+
+@pytest.mark.parametrize("models,multi,version,expected", [
+    ({"digits": DIGITS_1}, True, "0.2.0", (2, None)),
+])
+def test_a_multi_model_agent_gets_schema_2_even_for_one_model(models: dict[str, DesiredModel], multi: bool,
+                                                          version: str | None,
+                                                          expected: tuple[int | None, str | None]) -> None:
+    assert document_schema(models, multi_model_agent=multi, agent_version=version) == expected
+
+
 def test_a_schema2_document_carries_every_model_and_verifies_with_the_director_key(tmp_path: Any) -> None:
     from pathlib import Path
 

@@ -88,7 +88,7 @@ from edgeship.toolkit.controller_metrics import (
     render_metrics,
 )
 from edgeship.toolkit.desired_publisher import DesiredChange, DesiredPublisher, build_desired_state
-from edgeship.toolkit.rollouts import AssignVersion, RollbackDevice
+from edgeship.toolkit.rollouts import AssignVersion, RemoveModel, RollbackDevice
 from edgeship.toolkit.store import ConcurrentUpdateError, FleetStore, PendingAction
 
 log = logging.getLogger(__name__)
@@ -375,6 +375,10 @@ class Controller:
         changes: list[DesiredChange] = []
         for entry in pending:
             action = entry.action
+            if isinstance(action, RemoveModel):
+                changes.append(DesiredChange(fleet=entry.fleet, device=action.device, target=None, action="remove",
+                                             model=action.name, deployment=f"remove-{entry.id}", token=entry))
+                continue
             if not isinstance(action, (AssignVersion, RollbackDevice)):
                 self.store.complete_action(entry.id, now, error=f"not a device action: {action.kind}")
                 continue
@@ -422,15 +426,11 @@ class Controller:
             return
         changes: list[DesiredChange] = []
         for record in expiring:
-            try:
-                target = self.repo.target_info(record.name, record.version)
-            except EdgeshipError as exc:
-                log.warning("desired state of %s (%s %s) cannot be renewed: %s", record.device, record.name,
-                            record.version, exc.message)
-                continue
-            changes.append(DesiredChange(fleet=record.fleet, device=record.device, target=target,
-                                         action=record.action, rollout_id=record.rollout_id,
-                                         abtest_id=record.abtest_id, deployment=record.deployment))
+            # the device's current set again (every model's target looked up by the publisher)
+            changes.append(DesiredChange(fleet=record.fleet, device=record.device, target=None, renew=True,
+                                         model=record.name, model_version=record.version, action=record.action,
+                                         rollout_id=record.rollout_id, abtest_id=record.abtest_id,
+                                         deployment=record.deployment))
         outcome = self.publisher.publish(changes, now)
         for change, why in outcome.refused:
             log.warning("desired state of %s cannot be renewed: %s", change.device, why)

@@ -80,12 +80,19 @@ class DesiredChange:
 
     fleet: str
     device: str
-    target: TargetInfo
+    target: TargetInfo | None
+    """The model's bundle to install or roll back to; None with ``action`` ``remove``."""
     action: str
     rollout_id: str | None = None
     abtest_id: str | None = None
     deployment: str | None = None
     token: Any = None
+    model: str = ""
+    """With ``remove``: the model name taken out of the device's set; with ``renew``: the model
+    the renewed document last changed (kept in the store's history)."""
+    model_version: str = ""
+    renew: bool = False
+    """Publish the device's current set again (a new sequence, a new expiry), changing nothing."""
 
 
 @dataclass
@@ -133,17 +140,32 @@ class DesiredPublisher:
         current = self.store.desired_sets(devices)
         forms = self.store.device_forms(devices)
         sequences: dict[str, tuple[int, set[str]]] = {}
-        in_flight: list[tuple[DesiredChange, int, dict[str, DesiredModel], dict[str, Any], Any]] = []
+        in_flight: list[tuple[DesiredChange, int, dict[str, DesiredModel], dict[str, Any], Any, tuple[str, str]]] = []
         for index, change in enumerate(changes):
-            entry = DesiredModel(change.target.name, change.target.version, change.target.serving_version,
-                                 change.action, change.rollout_id, change.abtest_id, change.deployment)
-            models = next_desired_set(current.get(change.device, {}), entry)
+            have = current.get(change.device, {})
+            if change.renew:
+                if not have:
+                    outcome.refused.append((change, f"{change.device} has no desired model to renew"))
+                    continue
+                models, recorded = dict(have), (change.model, change.model_version)
+            elif change.target is None:  # remove one model; the others stay
+                if change.model not in have:
+                    outcome.refused.append((change, f"{change.model} is not in the desired set of {change.device}"))
+                    continue
+                models = {n: m for n, m in have.items() if n != change.model}
+                recorded = (change.model, have[change.model].version)
+            else:
+                models = next_desired_set(have, DesiredModel(
+                    change.target.name, change.target.version, change.target.serving_version, change.action,
+                    change.rollout_id, change.abtest_id, change.deployment))
+                recorded = (change.target.name, change.target.version)
             multi, agent_version = forms.get(change.device, (False, None))
-            schema, why = document_schema(models, multi_model_agent=multi, agent_version=agent_version)
-            if schema == 2:
+            schema, why = document_schema(models, multi_model_agent=multi, agent_version=agent_version,
+                                          removing=change.target is None and not change.renew)
+            if why is None:
                 try:
-                    targets = {name: (m, change.target if name == entry.name else self.target_info(m.name, m.version))
-                               for name, m in models.items()}
+                    targets = {name: (m, change.target if change.target is not None and name == change.target.name
+                                      else self.target_info(m.name, m.version)) for name, m in models.items()}
                 except EdgeshipError as exc:
                     why = f"the device's desired set cannot be signed: {exc.message}"
             if why is not None:
@@ -158,11 +180,12 @@ class DesiredPublisher:
                 envelope = sign_document(build_schema2_document(
                     fleet=change.fleet, device=change.device, sequence=sequence, now=now,
                     expires_in_s=self.expires_s, models=targets), key)
-            else:
+            else:  # one model: schema 1 names its entry
+                (only, target), = targets.values()
                 envelope = sign_desired_state(build_desired_state(
-                    fleet=change.fleet, device=change.device, target=change.target, sequence=sequence, now=now,
-                    expires_in_s=self.expires_s, action=change.action, rollout=change.rollout_id,
-                    deployment=change.deployment), key)
+                    fleet=change.fleet, device=change.device, target=target, sequence=sequence, now=now,
+                    expires_in_s=self.expires_s, action=only.action, rollout=only.rollout_id,
+                    deployment=only.deployment), key)
             topic = device_topic(change.fleet, change.device, DESIRED, self.prefix)
             try:
                 handle = self.connection.publish(topic, encode_message(DesiredMessage(envelope)), qos=1,
@@ -172,8 +195,8 @@ class DesiredPublisher:
                 outcome.unsent.extend(changes[index:])
                 break
             current[change.device] = models  # a second change of this device in the batch builds on this one
-            in_flight.append((change, sequence, models, envelope, handle))
-        for change, sequence, models, envelope, handle in in_flight:
+            in_flight.append((change, sequence, models, envelope, handle, recorded))
+        for change, sequence, models, envelope, handle, (name, version) in in_flight:
             try:
                 handle.wait(self.ack_timeout_s)
             except TransportError as exc:
@@ -181,8 +204,8 @@ class DesiredPublisher:
                 outcome.unsent.append(change)
                 continue
             self.store.record_desired(
-                fleet=change.fleet, device=change.device, sequence=sequence, name=change.target.name,
-                version=change.target.version, action=change.action, issued_at=now, expires_at=now + self.expires_s,
+                fleet=change.fleet, device=change.device, sequence=sequence, name=name,
+                version=version, action=change.action, issued_at=now, expires_at=now + self.expires_s,
                 rollout_id=change.rollout_id, abtest_id=change.abtest_id, deployment=change.deployment,
                 envelope=envelope, models=models)
             outcome.published.append(change)

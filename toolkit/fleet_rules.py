@@ -89,17 +89,18 @@ SINGLE_MODEL_AGENT_REASON = "agent {version} serves one model; upgrade the agent
 
 
 def document_schema(models: Mapping[str, DesiredModel], *, multi_model_agent: bool,
-                    agent_version: str | None) -> tuple[int | None, str | None]:
+                    agent_version: str | None, removing: bool = False) -> tuple[int | None, str | None]:
     """Which desired-state schema a device gets for ``models``: (schema, None), or (None, why not).
 
     A device whose reported state carries ``models`` runs a multi-model agent: schema 2, the whole
     set. An agent of one model (no ``models`` in its reports, or none seen yet) reads schema 1
     only: it gets schema 1 while its set holds one model; a second model name is refused for it,
-    with a reason an operator can act on.
+    with a reason an operator can act on, and so is taking a model out (``removing``), which
+    schema 1 cannot express.
     """
     if multi_model_agent:
         return 2, None
-    if len(models) <= 1:
+    if len(models) <= 1 and not removing:  # schema 1 names one bundle: it cannot say "serve nothing"
         return 1, None
     return None, SINGLE_MODEL_AGENT_REASON.format(version=agent_version or "(version unknown)")
 

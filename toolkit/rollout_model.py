@@ -23,6 +23,7 @@ __all__ = [
     "PauseRollout",
     "ResumeRollout",
     "RollbackDevice",
+    "RemoveModel",
     "RollbackRollout",
     "Rollout",
     "RolloutPolicy",
@@ -358,6 +359,16 @@ class RollbackDevice:
 
 
 @dataclass(frozen=True)
+class RemoveModel:
+    """Take model ``name`` out of ``device``'s desired set (``edgeship undeploy``); its other models stay."""
+
+    device: str
+    name: str
+    reason: str
+    kind: str = field(default="remove", init=False)
+
+
+@dataclass(frozen=True)
 class AdvanceStage:
     from_stage: int
     to_stage: int
@@ -397,11 +408,11 @@ class ResumeRollout:
     kind: str = field(default="resume", init=False)
 
 
-Action = Union[AssignVersion, RollbackDevice, AdvanceStage, CompleteRollout, AbortRollout, RollbackRollout,
-               PauseRollout, ResumeRollout]
+Action = Union[AssignVersion, RollbackDevice, RemoveModel, AdvanceStage, CompleteRollout, AbortRollout,
+               RollbackRollout, PauseRollout, ResumeRollout]
 _ACTIONS = {cls.__dataclass_fields__["kind"].default: cls for cls in  # type: ignore[attr-defined]
-            (AssignVersion, RollbackDevice, AdvanceStage, CompleteRollout, AbortRollout, RollbackRollout,
-             PauseRollout, ResumeRollout)}
+            (AssignVersion, RollbackDevice, RemoveModel, AdvanceStage, CompleteRollout, AbortRollout,
+             RollbackRollout, PauseRollout, ResumeRollout)}
 
 
 def action_from_dict(doc: Mapping[str, Any]) -> Action:

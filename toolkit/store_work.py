@@ -29,6 +29,7 @@ from edgeship.toolkit.rollouts import (
     DeviceRecord,
     DeviceSnapshot,
     DeviceStatus,
+    RemoveModel,
     RollbackDevice,
     Rollout,
     RolloutPolicy,
@@ -125,16 +126,19 @@ class IntentRecords(ABTestRecords):
                        models: Mapping[str, DesiredModel] | None = None) -> None:
         """Keep the desired state the controller signed and published (its history too).
 
-        ``name``/``version`` is the entry that changed; ``models`` the device's whole desired set
-        the document carried (None: the current set with that entry replaced)."""
-        if action not in ("install", "rollback"):
-            raise BadInputError(f"desired action {action!r} must be install or rollback")
+        ``name``/``version`` is the entry that changed (``remove``: the entry taken out); ``models``
+        the device's whole desired set the document carried (None: the current set with that entry
+        replaced, or without it)."""
+        if action not in ("install", "rollback", "remove"):
+            raise BadInputError(f"desired action {action!r} must be install, rollback or remove")
         with self.engine.begin() as conn:
             conn.execute(sa.insert(desired_states).values(
                 device_id=device, fleet=fleet, sequence=sequence, name=name, version=version, action=action,
                 rollout_id=rollout_id, abtest_id=abtest_id, deployment=deployment, issued_at=issued_at,
                 expires_at=expires_at, envelope=envelope))
-            if models is None:
+            if models is None and action == "remove":
+                models = {n: m for n, m in self._desired_set(conn, device).items() if n != name}
+            elif models is None:
                 models = next_desired_set(self._desired_set(conn, device), DesiredModel(
                     name, version, None, action, rollout_id, abtest_id, deployment))
             conn.execute(sa.delete(desired_models).where(desired_models.c.device_id == device))
@@ -335,7 +339,7 @@ class IntentRecords(ABTestRecords):
             conn.execute(sa.insert(rollout_log), [
                 {"rollout_id": rollout_id, "at": at, "kind": a.kind, "device_id": getattr(a, "device", None),
                  "detail": getattr(a, "reason", None)} for a in actions])
-        deliver = [a for a in actions if isinstance(a, (AssignVersion, RollbackDevice))]
+        deliver = [a for a in actions if isinstance(a, (AssignVersion, RollbackDevice, RemoveModel))]
         if deliver:
             conn.execute(sa.insert(outbox), [
                 {"created_at": at, "fleet": fleet, "rollout_id": rollout_id, "abtest_id": abtest_id, "kind": a.kind,

@@ -9,7 +9,7 @@ docs/fleet.md, "Controller".
 
 from __future__ import annotations
 
-__all__ = ["controller", "deploy", "fleet", "fleet_ls", "device_rows"]
+__all__ = ["controller", "deploy", "device_rows", "fleet", "fleet_ls", "undeploy"]
 
 import logging
 import signal
@@ -261,29 +261,15 @@ def deploy(name: str, version: str, device_ids: tuple[str, ...], select: tuple[s
     """Assign NAME VERSION to devices directly (no stages, no thresholds); the controller publishes it."""
     from edgeship.ota.versions import check_name, parse_version
     from edgeship.toolkit.rollouts import AssignVersion
-    from edgeship.toolkit.store import parse_selection
 
     check_broker_url(broker_url)
     check_name(name)
     parse_version(version)
-    if bool(device_ids) == bool(select):
-        raise BadInputError("deploy needs either --device ID (repeatable) or --select TAG=VALUE, not both")
-    if fleet_name is not None:
-        validate_identifier(fleet_name, "fleet")
+    _check_choice("deploy", device_ids, select, fleet_name)
     check_published(repo_dir, (name, version))
     store = open_fleet_store(db_url)
     try:
-        if device_ids:
-            targets = [store.get_device(validate_identifier(d, "device id")) for d in dict.fromkeys(device_ids)]
-            wrong = [t.id for t in targets if fleet_name is not None and t.fleet != fleet_name]
-            if wrong:
-                raise BadInputError(f"device {wrong[0]} is not in fleet {fleet_name}")
-        else:
-            selection = parse_selection(select)
-            targets = store.list_devices(fleet_name, selection)
-            if not targets:
-                raise BadInputError("no device matches " + ",".join(f"{k}={v}" for k, v in selection) +
-                                    (f" in fleet {fleet_name}" if fleet_name else ""))
+        targets = _chosen_devices(store, device_ids, select, fleet_name)
         now = time.time()
         by_fleet: dict[str, list[Any]] = {}
         for target in targets:
@@ -301,6 +287,71 @@ def deploy(name: str, version: str, device_ids: tuple[str, ...], select: tuple[s
     con.print(f"queued {name} {version} for {len(targets)} device(s): " + ", ".join(t.id for t in targets[:20])
               + (" ..." if len(targets) > 20 else ""))
     con.print("the running controller signs and publishes the desired states (see `edgeship fleet ls`)")
+
+
+def _check_choice(command: str, device_ids: tuple[str, ...], select: tuple[str, ...], fleet_name: str | None) -> None:
+    if bool(device_ids) == bool(select):
+        raise BadInputError(f"{command} needs either --device ID (repeatable) or --select TAG=VALUE, not both")
+    if fleet_name is not None:
+        validate_identifier(fleet_name, "fleet")
+
+
+def _chosen_devices(store: Any, device_ids: tuple[str, ...], select: tuple[str, ...],
+                    fleet_name: str | None) -> list[Any]:
+    """The devices ``--device`` names (each must be in ``--fleet`` when given), or ``--select`` matches."""
+    from edgeship.toolkit.store import parse_selection
+
+    if device_ids:
+        targets = [store.get_device(validate_identifier(d, "device id")) for d in dict.fromkeys(device_ids)]
+        wrong = [t.id for t in targets if fleet_name is not None and t.fleet != fleet_name]
+        if wrong:
+            raise BadInputError(f"device {wrong[0]} is not in fleet {fleet_name}")
+        return targets
+    selection = parse_selection(select)
+    targets = store.list_devices(fleet_name, selection)
+    if not targets:
+        raise BadInputError("no device matches " + ",".join(f"{k}={v}" for k, v in selection) +
+                            (f" in fleet {fleet_name}" if fleet_name else ""))
+    return targets
+
+
+@click.command("undeploy")
+@click.argument("name")
+@click.option("--device", "device_ids", multiple=True, metavar="ID", help="The device (repeatable).")
+@click.option("--select", "select", multiple=True, metavar="TAG=VALUE",
+              help="Every device with this tag (repeatable: all must match).")
+@click.option("--fleet", "fleet_name", default=None, help="The fleet (needed with --select when several exist).")
+@db_option
+@broker_option
+@json_option
+def undeploy(name: str, device_ids: tuple[str, ...], select: tuple[str, ...], fleet_name: str | None,
+             db_url: str | None, broker_url: str | None, as_json: bool) -> None:
+    """Take model NAME off devices: the controller publishes their desired set without it (the agent
+    unloads it and keeps its slots); their other models stay. Needs multi-model agents: an agent of
+    one model cannot be told to serve nothing, and is refused with the reason."""
+    from edgeship.ota.versions import check_name
+    from edgeship.toolkit.rollouts import RemoveModel
+
+    check_broker_url(broker_url)
+    check_name(name)
+    _check_choice("undeploy", device_ids, select, fleet_name)
+    store = open_fleet_store(db_url)
+    try:
+        targets = _chosen_devices(store, device_ids, select, fleet_name)
+        now = time.time()
+        by_fleet: dict[str, list[Any]] = {}
+        for target in targets:
+            by_fleet.setdefault(target.fleet, []).append(target)
+        for fleet_id, members in sorted(by_fleet.items()):
+            store.enqueue_actions(fleet_id, [RemoveModel(m.id, name, reason=f"undeploy {name}") for m in members], now)
+    finally:
+        store.close()
+    doc = {"name": name, "queued": [{"device": t.id, "fleet": t.fleet} for t in targets]}
+    if as_json:
+        emit_json(doc)
+        return
+    console().print(f"queued the removal of {name} from {len(targets)} device(s): "
+                    + ", ".join(t.id for t in targets[:20]) + (" ..." if len(targets) > 20 else ""))
 
 
 fleet.add_command(fleet_provision)
