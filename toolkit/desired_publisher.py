@@ -140,6 +140,13 @@ class DesiredPublisher:
         current = self.store.desired_sets(devices)
         forms = self.store.device_forms(devices)
         sequences: dict[str, tuple[int, set[str]]] = {}
+        looked_up: dict[tuple[str, str], TargetInfo] = {}  # the repository's metadata is read once per bundle
+
+        def target_of(name: str, version: str) -> TargetInfo:
+            if (name, version) not in looked_up:
+                looked_up[(name, version)] = self.target_info(name, version)
+            return looked_up[(name, version)]
+
         in_flight: list[tuple[DesiredChange, int, dict[str, DesiredModel], dict[str, Any], Any, tuple[str, str]]] = []
         for index, change in enumerate(changes):
             have = current.get(change.device, {})
@@ -165,7 +172,7 @@ class DesiredPublisher:
             if why is None:
                 try:
                     targets = {name: (m, change.target if change.target is not None and name == change.target.name
-                                      else self.target_info(m.name, m.version)) for name, m in models.items()}
+                                      else target_of(m.name, m.version)) for name, m in models.items()}
                 except EdgeshipError as exc:
                     why = f"the device's desired set cannot be signed: {exc.message}"
             if why is not None:
