@@ -113,6 +113,7 @@ class SimDevice:
         self.progress_at = 0.0
         self.request_no = 0
         self.committed_at: float | None = None
+        self.serving_version: int | None = None
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=device, protocol=paho.MQTTv5)
         self.client.will_set(self.topic(STATUS), encode_message(StatusMessage("offline")), qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -152,8 +153,11 @@ class SimDevice:
         self.connected.set()
 
     def report(self, update: dict[str, Any] | None = None) -> None:
+        # --multi-model: report the `models` map, so the controller sends desired-state schema 2
+        models = {self.active["name"]: {"active": dict(self.active), "serving_version": self.serving_version,
+                                        **({"update": update} if update else {})}} if self.sim.multi_model else None
         message = ReportedMessage(self.device, time.time(), dict(self.active), update=update, agent_version="sim",
-                                  runtime="none")
+                                  runtime="none", models=models)
         self.client.publish(self.topic(REPORTED), encode_message(message), 1, True)
 
     def event(self, name: str, **fields: Any) -> None:
@@ -180,14 +184,43 @@ class SimDevice:
     def _on_desired(self, payload: bytes) -> None:
         doc = parse_message(DESIRED, payload)
         assert isinstance(doc, DesiredMessage)
-        state = verify_desired_state(doc.envelope, self.sim.director_key, device=self.device, fleet=FLEET,
-                                     last_sequence=self.last_sequence, now=dt.datetime.now(dt.timezone.utc))
+        if doc.envelope.get("signed", {}).get("schema") == 2:
+            state = self._schema2_state(doc.envelope)
+            if state is None:
+                return
+        else:
+            state = verify_desired_state(doc.envelope, self.sim.director_key, device=self.device, fleet=FLEET,
+                                         last_sequence=self.last_sequence, now=dt.datetime.now(dt.timezone.utc))
         self.last_sequence = state.sequence
         if state.version == self.active["version"] and state.bundle == self.active["name"]:
             return
         self.state, self.info, self.blocks = state, None, {}
         self.report({"state": "FETCHING", "bundle": {"name": state.bundle, "version": state.version}})
         self._request(None)
+
+    def _schema2_state(self, envelope: dict[str, Any]) -> Any:
+        """What a multi-model agent checks of a schema-2 document (signature over the canonical JSON,
+        device, fleet, a growing sequence, expiry), then this device's one model's entry as the
+        single-model state the transfer below works on (None: nothing to do)."""
+        from types import SimpleNamespace
+
+        from edgeship.ota.director import canonical_json, parse_utc
+
+        signed = envelope["signed"]
+        self.sim.director_key.verify(bytes.fromhex(envelope["signatures"][0]["sig"]), canonical_json(signed))
+        if signed["device"] != self.device or signed["fleet"] != FLEET:
+            raise RuntimeError(f"{self.device}: a desired state for {signed['fleet']}/{signed['device']}")
+        if self.last_sequence is not None and signed["sequence"] <= self.last_sequence:
+            raise RuntimeError(f"{self.device}: sequence {signed['sequence']} is not above {self.last_sequence}")
+        if parse_utc(signed["expires"]) <= dt.datetime.now(dt.timezone.utc):
+            raise RuntimeError(f"{self.device}: an expired desired state")
+        self.last_sequence = signed["sequence"]
+        entry = signed["models"].get(self.active["name"])
+        if entry is None:
+            return None
+        self.serving_version = entry.get("serving_version")
+        return SimpleNamespace(sequence=signed["sequence"], bundle=entry["bundle"], version=entry["version"],
+                               target=entry["target"], length=entry["length"], sha256=entry["hashes"]["sha256"])
 
     def _request(self, indexes: list[int] | None) -> None:
         self.request_no += 1
@@ -260,8 +293,8 @@ class SimDevice:
 
 
 class Simulator:
-    def __init__(self, host: str, port: int, director_pub: Path, n: int) -> None:
-        self.host, self.port, self.n = host, port, n
+    def __init__(self, host: str, port: int, director_pub: Path, n: int, multi_model: bool = False) -> None:
+        self.host, self.port, self.n, self.multi_model = host, port, n, multi_model
         self.director_key = load_director_public_key(director_pub)
         self.loop = asyncio.new_event_loop()
         self.devices: list[SimDevice] = []
@@ -461,7 +494,8 @@ def _telemetry_phase(sim: Simulator, hz: float, seconds: int, metrics_port: int,
     return r
 
 
-def run(n: int, bundle_mb: float, telemetry_s: int, rates: list[float], work: Path) -> dict[str, Any]:
+def run(n: int, bundle_mb: float, telemetry_s: int, rates: list[float], work: Path,
+        multi_model: bool = False) -> dict[str, Any]:
     from mqtt_broker import MosquittoBroker
     from ota_repo_simulator import make_bundle
 
@@ -480,7 +514,7 @@ def run(n: int, bundle_mb: float, telemetry_s: int, rates: list[float], work: Pa
     controller = subprocess.Popen([sys.executable, "-m", "edgeship.toolkit.cli", "controller", "--broker", broker.url,
                                    "--repo", str(repo.path), "--db", db, "--replica-id", "bench",
                                    "--metrics-port", str(metrics_port)], stdout=log, stderr=subprocess.STDOUT)
-    sim = Simulator("127.0.0.1", broker.port, repo.director_public_key_path, n)
+    sim = Simulator("127.0.0.1", broker.port, repo.director_public_key_path, n, multi_model=multi_model)
     sim.target_file = target.file
     try:
         proc = psutil.Process(controller.pid)
@@ -617,15 +651,18 @@ def main() -> None:
                         help="Telemetry rates per device to measure (messages/s), comma-separated.")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--json", action="store_true", help="Print the raw results as JSON too.")
+    parser.add_argument("--multi-model", action="store_true",
+                        help="Devices speak as multi-model agents: report `models`, get desired-state schema 2.")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgeship-fleet-sim-"))
     try:
         rates = [float(x) for x in args.telemetry_hz.split(",") if x.strip()]
-        results = run(args.devices, args.bundle_mb, args.telemetry_s, rates, work)
+        results = run(args.devices, args.bundle_mb, args.telemetry_s, rates, work, multi_model=args.multi_model)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     command = (f".venv/bin/python benchmarks/fleet_sim.py --devices {args.devices} --bundle-mb {args.bundle_mb:g} "
-               f"--telemetry-s {args.telemetry_s} --telemetry-hz {args.telemetry_hz}")
+               f"--telemetry-s {args.telemetry_s} --telemetry-hz {args.telemetry_hz}"
+               + (" --multi-model" if args.multi_model else ""))
     text = render(results, command)
     print(text)
     if args.json:

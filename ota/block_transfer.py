@@ -1,6 +1,8 @@
 """Block transfer over MQTT, device side (after AWS IoT's MQTT-based file streams),
 without the TUF client: what the agent's serving process needs to move a file.
 
+One concept over 500 lines: the device side of the block exchange (request, resume, verify).
+
 :class:`MqttBlockDownloader` fetches ``edgeship://metadata/<file>`` and
 ``edgeship://targets/<path>`` in blocks that it requests on the device's
 ``blocks/request`` topic and receives on ``blocks/data`` (docs/protocol.md,

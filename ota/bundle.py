@@ -2,6 +2,8 @@
 to trust, test and serve it (see docs/bundle-format.md). This module reads, scans and
 extracts them (what a device does); :mod:`edgeship.ota.bundle_build` writes them (the host).
 
+One concept over 500 lines: the bundle format, written and read (safe extraction) in one place.
+
 Layout: ``manifest.json`` first, then the model (``model.tflite`` or ``model.onnx``),
 then optionally ``golden.npz``, ``labels.txt`` and ``report.json``. The manifest
 lists every other member with its size and sha256; extraction refuses anything

@@ -37,7 +37,7 @@ class ErrorReportingGroup(click.Group):
             _fail("interrupted", 130)
         except OSError as exc:  # a full disk, a folder that is a file, a permission: the system's words
             _fail(describe_os_error(exc), EXIT_FAILURE)
-        except Exception as exc:
+        except Exception as exc:  # translated when it is a known library error, re-raised otherwise
             known = self.translate_error(exc)
             if known is None:
                 raise

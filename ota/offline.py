@@ -53,17 +53,32 @@ def write_offline_package(
     out: Path,
     *,
     metadata: list[Path],
-    target_path: str,
-    target_file: Path,
+    target_path: str = "",
+    target_file: Path | None = None,
     envelope: dict[str, Any],
     fleet: str,
     now: _dt.datetime,
+    targets: list[tuple[str, Path]] | None = None,
 ) -> dict[str, Any]:
-    """Write a package atomically to ``out``; return what it holds (for the CLI)."""
+    """Write a package atomically to ``out``; return what it holds (for the CLI).
+
+    One model: ``target_path``/``target_file`` and a schema-1 envelope. Several: ``targets`` (TUF
+    path, file) and a schema-2 envelope whose ``models`` name them; ``package.json`` then has
+    schema 2 and a ``models`` list (its ``bundle``/``version`` are the first model's, for readers of
+    one model)."""
     signed = envelope["signed"]
-    info = {"format": PACKAGE_FORMAT, "schema": 1, "fleet": fleet, "bundle": signed["bundle"],
-            "version": signed["version"], "target": target_path, "created": format_utc(now),
-            "sequence": signed["sequence"]}
+    files = targets if targets is not None else [(target_path, target_file)]
+    if signed.get("schema") == 2:
+        models = [{"name": name, "bundle": m["bundle"], "version": m["version"], "target": m["target"],
+                   "serving_version": m.get("serving_version")} for name, m in sorted(signed["models"].items())]
+        first = models[0]
+        info: dict[str, Any] = {"format": PACKAGE_FORMAT, "schema": 2, "fleet": fleet, "bundle": first["bundle"],
+                                "version": first["version"], "target": first["target"], "models": models,
+                                "created": format_utc(now), "sequence": signed["sequence"]}
+    else:
+        info = {"format": PACKAGE_FORMAT, "schema": 1, "fleet": fleet, "bundle": signed["bundle"],
+                "version": signed["version"], "target": files[0][0], "created": format_utc(now),
+                "sequence": signed["sequence"]}
     if not out.parent.is_dir():
         raise BadInputError(f"output folder {out.parent} does not exist")
     with tempfile.NamedTemporaryFile(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent, delete=False) as handle:
@@ -74,14 +89,16 @@ def write_offline_package(
             _tar_bytes(tar, "desired.json", json.dumps(envelope, indent=2, sort_keys=True).encode(), now)
             for path in metadata:
                 _tar_file(tar, f"metadata/{path.name}", path, now)
-            _tar_file(tar, f"targets/{target_path}", target_file, now)
+            for path_in_repo, file in files:
+                assert file is not None  # a target file always comes with its path
+                _tar_file(tar, f"targets/{path_in_repo}", file, now)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"package": str(out), "fleet": fleet, "device": signed["device"], "bundle": signed["bundle"],
-            "version": signed["version"], "target": target_path, "sequence": signed["sequence"],
-            "expires": signed["expires"]}
+    return {"package": str(out), "fleet": fleet, "device": signed["device"], "bundle": info["bundle"],
+            "version": info["version"], "target": info["target"], "sequence": signed["sequence"],
+            "expires": signed["expires"], **({"models": info["models"]} if "models" in info else {})}
 
 
 def _tar_bytes(tar: tarfile.TarFile, name: str, payload: bytes, now: _dt.datetime) -> None:

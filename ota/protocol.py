@@ -1,5 +1,8 @@
 """Every message of the MQTT topic tree, as versioned JSON (see docs/protocol.md).
 
+One concept over 500 lines: the schema of every message, with its shared checks, read
+side by side with docs/protocol.md (tests/test_ota_protocol_docs.py compares them).
+
 Pure: bytes in, a validated frozen dataclass out (or a ProtocolError), and back.
 Nothing here touches a socket. Each payload is capped in size *before* it is
 decoded, so a hostile or broken publisher can cost a reader no more than one
@@ -48,6 +51,8 @@ __all__ = [
     "MAX_BLOCKS_PER_STREAM",
     "STATUS_STATES",
     "BlockReply",
+    "MAX_MODELS",
+    "ModelTelemetry",
 ]
 
 import json
@@ -185,6 +190,41 @@ def _bundle_ref(value: dict[str, Any] | None, key: str, doc_type: str) -> dict[s
     return {"name": _text(value, "name", where) or "", "version": _text(value, "version", where, limit=64) or ""}
 
 
+MAX_MODELS = 64
+"""Models one device may report (a reported or telemetry message names at most this many)."""
+
+
+def _model_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not 1 <= len(name) <= 64:
+        raise ProtocolError(f"{where}: a model name must be 1-64 characters")
+    return name
+
+
+def _reported_models(value: dict[str, Any] | None, doc_type: str) -> dict[str, dict[str, Any]] | None:
+    """``{"<name>": {"active", "previous", "serving_version", "update", "labels"}}`` or None."""
+    if value is None:
+        return None
+    if len(value) > MAX_MODELS:
+        raise ProtocolError(f"{doc_type}.models names {len(value)} models; at most {MAX_MODELS}")
+    models: dict[str, dict[str, Any]] = {}
+    for name, entry in value.items():
+        where = f"{doc_type}.models.{_model_name(name, f'{doc_type}.models')}"
+        if not isinstance(entry, dict):
+            raise ProtocolError(f"{where} must be an object")
+        update = _object(entry, "update", where, required=False)
+        if update is not None:
+            _text(update, "state", f"{where}.update", limit=32)
+        labels = _object(entry, "labels", where, required=False)
+        if labels is not None:
+            labels = {str(k)[:64]: _count(labels, k, f"{where}.labels") for k in list(labels)[:16]}
+        models[name] = _drop_none({
+            "active": _bundle_ref(_object(entry, "active", where, required=False), "active", where),
+            "previous": _bundle_ref(_object(entry, "previous", where, required=False), "previous", where),
+            "serving_version": _count(entry, "serving_version", where, required=False),
+            "update": update, "labels": labels})
+    return models
+
+
 # -- messages ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -230,6 +270,8 @@ class ReportedMessage:
     update: dict[str, Any] | None = None
     agent_version: str | None = None
     runtime: str | None = None
+    models: dict[str, dict[str, Any]] | None = None
+    """Every model the device serves (a multi-model agent; None: an agent of one model)."""
     KIND = REPORTED
     TYPE = "reported"
 
@@ -247,12 +289,13 @@ class ReportedMessage:
             update=update,
             agent_version=_text(doc, "agent_version", t, required=False, limit=64),
             runtime=_text(doc, "runtime", t, required=False, limit=64),
+            models=_reported_models(_object(doc, "models", t, required=False), t),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return _drop_none({**_base(self.TYPE), "device": self.device, "ts": self.ts, "active": self.active,
                            "previous": self.previous, "update": self.update,
-                           "agent_version": self.agent_version, "runtime": self.runtime})
+                           "agent_version": self.agent_version, "runtime": self.runtime, "models": self.models})
 
 
 STATUS_STATES = ("online", "offline")
@@ -289,6 +332,8 @@ class EventMessage:
     bundle: dict[str, str] | None = None
     state: str | None = None
     detail: str | None = None
+    model: str | None = None
+    """The model name the event concerns (multi-model agents)."""
     KIND = EVENTS
     TYPE = "event"
 
@@ -303,12 +348,62 @@ class EventMessage:
             bundle=_bundle_ref(_object(doc, "bundle", t, required=False), "bundle", t),
             state=_text(doc, "state", t, required=False, limit=32),
             detail=_text(doc, "detail", t, required=False, limit=4096),
+            model=_text(doc, "model", t, required=False, limit=64),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return _drop_none({**_base(self.TYPE), "event": self.event, "ts": self.ts, "seq": self.seq,
                            "deployment": self.deployment, "bundle": self.bundle, "state": self.state,
-                           "detail": self.detail})
+                           "detail": self.detail, "model": self.model})
+
+
+@dataclass(frozen=True)
+class ModelTelemetry:
+    """One model's window within a telemetry message (``models`` list)."""
+
+    name: str
+    version: str | None
+    serving_version: int | None
+    requests: int
+    errors: int
+    latency: LatencyHistogram
+    feedback: dict[str, int] | None = None
+    drift: float | None = None
+
+    @classmethod
+    def from_dict(cls, doc: Any, where: str) -> ModelTelemetry:
+        if not isinstance(doc, dict):
+            raise ProtocolError(f"{where} must be an object")
+        name = _model_name(doc.get("name"), where)
+        requests, errors, latency, feedback = _window_counts(doc, where)
+        return cls(name=name, version=_text(doc, "version", where, required=False, limit=64),
+                   serving_version=_count(doc, "serving_version", where, required=False), requests=requests,
+                   errors=errors, latency=latency, feedback=feedback, drift=_number(doc, "drift", where, required=False))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _drop_none({"name": self.name, "version": self.version, "serving_version": self.serving_version,
+                           "requests": self.requests, "errors": self.errors, "latency": self.latency.to_dict(),
+                           "feedback": self.feedback, "drift": self.drift})
+
+
+def _window_counts(doc: dict[str, Any], t: str) -> tuple[int, int, LatencyHistogram, dict[str, int] | None]:
+    """requests, errors, latency and feedback of one window (a message's, or one model's)."""
+    latency_doc = _object(doc, "latency", t)
+    try:
+        latency = LatencyHistogram.from_dict(latency_doc or {})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"{t} message field 'latency' is not a latency histogram ({exc})") from None
+    feedback = _object(doc, "feedback", t, required=False)
+    if feedback is not None:
+        feedback = {"correct": _count(feedback, "correct", f"{t}.feedback") or 0,
+                    "total": _count(feedback, "total", f"{t}.feedback") or 0}
+        if feedback["correct"] > feedback["total"]:
+            raise ProtocolError(f"{t}.feedback: 'correct' exceeds 'total'")
+    requests = _count(doc, "requests", t) or 0
+    errors = _count(doc, "errors", t) or 0
+    if errors > requests:
+        raise ProtocolError(f"{t} message counts {errors} errors in {requests} requests")
+    return requests, errors, latency, feedback
 
 
 @dataclass(frozen=True)
@@ -327,27 +422,18 @@ class TelemetryMessage:
     bundle: dict[str, str] | None = None
     feedback: dict[str, int] | None = None
     drift: float | None = None
+    models: tuple[ModelTelemetry, ...] = ()
+    """Each model's window (a multi-model agent); the top-level fields are the first model's."""
     KIND = TELEMETRY
     TYPE = "telemetry"
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> TelemetryMessage:
         t = cls.TYPE
-        latency_doc = _object(doc, "latency", t)
-        try:
-            latency = LatencyHistogram.from_dict(latency_doc or {})
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"telemetry message field 'latency' is not a latency histogram ({exc})") from None
-        feedback = _object(doc, "feedback", t, required=False)
-        if feedback is not None:
-            feedback = {"correct": _count(feedback, "correct", "telemetry.feedback") or 0,
-                        "total": _count(feedback, "total", "telemetry.feedback") or 0}
-            if feedback["correct"] > feedback["total"]:
-                raise ProtocolError("telemetry.feedback: 'correct' exceeds 'total'")
-        requests = _count(doc, "requests", t) or 0
-        errors = _count(doc, "errors", t) or 0
-        if errors > requests:
-            raise ProtocolError(f"telemetry message counts {errors} errors in {requests} requests")
+        requests, errors, latency, feedback = _window_counts(doc, t)
+        models = _get(doc, "models", (list,), t, required=False)
+        if models is not None and len(models) > MAX_MODELS:
+            raise ProtocolError(f"telemetry message names {len(models)} models; at most {MAX_MODELS}")
         window = _number(doc, "window_s", t) or 0.0
         if window <= 0:
             raise ProtocolError("telemetry message field 'window_s' must be positive")
@@ -355,12 +441,14 @@ class TelemetryMessage:
             ts=_number(doc, "ts", t) or 0.0, window_s=window, requests=requests, errors=errors, latency=latency,
             bundle=_bundle_ref(_object(doc, "bundle", t, required=False), "bundle", t),
             feedback=feedback, drift=_number(doc, "drift", t, required=False),
+            models=tuple(ModelTelemetry.from_dict(m, f"telemetry.models[{i}]") for i, m in enumerate(models or ())),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return _drop_none({**_base(self.TYPE), "ts": self.ts, "window_s": self.window_s, "requests": self.requests,
                            "errors": self.errors, "latency": self.latency.to_dict(), "bundle": self.bundle,
-                           "feedback": self.feedback, "drift": self.drift})
+                           "feedback": self.feedback, "drift": self.drift,
+                           "models": [m.to_dict() for m in self.models] or None})
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """The release repository on the host: a TUF repository written with ``tuf.api.metadata``,
 plus the director's key and sequence counters (see docs/trust.md).
 
+One concept over 500 lines: every write to the repository folder (keys, roles, targets,
+rotation, refresh, export) goes through one object that holds its lock and signers.
+
 Layout of a repository folder::
 
     config.json            expiry of each role (seconds)
@@ -28,6 +31,7 @@ __all__ = [
     "ROLES",
     "ReleaseRepository",
     "TargetInfo",
+    "next_serving_version",
     "VersionNotNewerError",
     "decode_private_key",
     "encode_private_key",
@@ -43,7 +47,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -140,6 +144,9 @@ class TargetInfo:
     runtime: dict[str, Any]
     file: Path
     """Where the bundle lies in the repository."""
+    serving_version: int | None = None
+    """The model's serving version (an integer that only grows per name; signed in the target's
+    custom metadata). None: published before serving versions existed."""
 
     @property
     def hashes(self) -> dict[str, str]:
@@ -155,7 +162,23 @@ class TargetInfo:
             "format": self.format,
             "runtime": self.runtime,
             "file": str(self.file),
+            "serving_version": self.serving_version,
         }
+
+
+def _serving_version(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def next_serving_version(published: Iterable[TargetInfo], name: str) -> int:
+    """The serving version a new version of model ``name`` gets at publish (pure).
+
+    The next integer after the highest published for that name. Versions published before serving
+    versions existed carry none; they still count (the first signed number is above how many
+    versions of the name there already are), so a number never names two versions of a model.
+    """
+    mine = [t for t in published if t.name == name]
+    return max([len(mine), *(t.serving_version or 0 for t in mine)]) + 1
 
 
 ROOT_KEY_KDF_ROUNDS = 32
@@ -405,6 +428,7 @@ class ReleaseRepository:
                 format=str(custom.get("format", "")),
                 runtime=dict(custom.get("runtime") or {}),
                 file=self.targets_dir / path,
+                serving_version=_serving_version(custom.get("serving_version")),
             ))
         found.sort(key=lambda t: (t.name, parse_version(t.version) if t.version else ((), 0, ())))
         return found
@@ -451,7 +475,8 @@ class ReleaseRepository:
             destination.parent.mkdir(parents=True, exist_ok=True)
             _copy_verified(Path(bundle_path), destination, scan)
             custom = {"name": manifest.name, "version": manifest.version, "format": manifest.format,
-                      "runtime": manifest.runtime}
+                      "runtime": manifest.runtime,
+                      "serving_version": next_serving_version(self.targets(), manifest.name)}
             targets = self._load("targets")
             targets.signed.targets[path] = TargetFile(
                 length=scan.length, hashes={"sha256": scan.sha256}, path=path,
@@ -686,8 +711,13 @@ class ReleaseRepository:
         fleet: str = "default",
         expires_in: _dt.timedelta = _dt.timedelta(days=30),
         now: _dt.datetime | None = None,
+        also: Sequence[tuple[str, str]] = (),
     ) -> dict[str, Any]:
         """Write an offline update package (see :mod:`edgeship.ota.fetchers`) to ``out``.
+
+        ``also``: more (model name, version) pairs: the package then carries every bundle and a
+        schema-2 desired state naming them all (multi-model agents only; one model keeps schema 1,
+        which every agent reads).
 
         It holds the bundle, every root version and the current timestamp, snapshot
         and targets metadata, and a director-signed desired state for device ``"*"``
@@ -700,13 +730,27 @@ class ReleaseRepository:
         check_name(name)
         now = now or _utc_now()
         target = self.target_info(name, version)
-        envelope = self.sign_desired(fleet=fleet, device="*", name=target.name, version=target.version,
-                                     expires_in=expires_in, now=now)
+        chosen = [target] + [self.target_info(check_name(n), v) for n, v in also]
+        names = [t.name for t in chosen]
+        if len(set(names)) != len(names):
+            raise BadInputError(f"a package holds one version per model; {sorted(n for n in names if names.count(n) > 1)[0]} "
+                                "is named twice")
+        if len(chosen) == 1:
+            envelope = self.sign_desired(fleet=fleet, device="*", name=target.name, version=target.version,
+                                         expires_in=expires_in, now=now)
+        else:
+            from .desired_sets import ModelEntry, build_desired_set, sign_document
+
+            signed = build_desired_set(
+                fleet=fleet, device="*", sequence=self.next_sequence(fleet), issued=now, expires=now + expires_in,
+                models={t.name: ModelEntry(bundle=t.name, version=t.version, target=t.path, length=t.length,
+                                           hashes=t.hashes, serving_version=t.serving_version) for t in chosen})
+            envelope = sign_document(signed, load_director_private_key(self.director_dir / "director.key"))
         roots = sorted(self.metadata_dir.glob("*.root.json"), key=lambda p: int(p.name.split(".")[0]))
         metadata = roots + [self.metadata_dir / f"{role}.json" for role in ("timestamp", "snapshot", "targets")]
         try:
-            result = write_offline_package(Path(out), metadata=metadata, target_path=target.path,
-                                           target_file=target.file, envelope=envelope, fleet=fleet, now=now)
+            result = write_offline_package(Path(out), metadata=metadata, envelope=envelope, fleet=fleet, now=now,
+                                           targets=[(t.path, t.file) for t in chosen])
         except OSError as exc:
             raise EdgeshipError(f"offline package {out} cannot be written: {exc.strerror or exc}") from None
         # the package is usable until the first of its metadata expires (the timestamp, by default a day)

@@ -1,5 +1,9 @@
 """MQTT transport: the one module that imports paho-mqtt (see docs/protocol.md).
 
+One concept over 500 lines: the wrapper that keeps paho (connection, reconnect, publish
+acknowledgements, subscriptions) behind our own surface; splitting it would let paho's
+types leak into a second module.
+
 Everything above it (the agent, the controller, block transfer) sees a small
 surface: :func:`parse_broker_url`, :class:`MqttConnection` (connect, publish,
 subscribe, close) and :class:`ReceivedMessage`. Paho's return codes never leave
@@ -600,7 +604,7 @@ class MqttConnection:
             while result == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 try:
                     result = self._client.loop(timeout=0.2)
-                except Exception as exc:  # a bug in a callback path must not end the thread
+                except Exception as exc:  # a bug in a callback path must not end the thread (logged)
                     log.exception("MQTT network loop error: %s", exc)
                     result = MQTTErrorCode.MQTT_ERR_UNKNOWN
                 if self._connected.is_set():
@@ -669,7 +673,7 @@ class MqttConnection:
         for listener in listeners:
             try:
                 listener(reconnected)
-            except Exception:
+            except Exception:  # a listener's bug must not stop the others or the connection (logged)
                 log.exception("connect listener %r failed", listener)
         self._connected.set()
 
@@ -695,7 +699,7 @@ class MqttConnection:
             except EdgeshipError as exc:
                 self.dropped += 1
                 log.warning("dropped message on %s (%d bytes): %s", topic, len(received.payload), exc.message)
-            except Exception:
+            except Exception:  # a handler's bug drops its message, never the network thread (logged)
                 self.dropped += 1
                 log.exception("handler %r failed on a message on %s; message dropped", handler, topic)
 

@@ -23,6 +23,7 @@ from edgeship.ota.director import DesiredState, load_director_public_key, verify
 from edgeship.ota.protocol import (
     DesiredMessage,
     EventMessage,
+    ModelTelemetry,
     ReportedMessage,
     StatusMessage,
     TelemetryMessage,
@@ -78,6 +79,12 @@ class SimDevice:
     refused: list[str] = field(default_factory=list)
     last_sequence: int | None = None
     seq: int = 0
+    multi_model: bool = False
+    """Speak as a multi-model agent: report a ``models`` map, read desired-state schema 2."""
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """model name -> {"active": bundle ref, "serving_version": n} (a multi-model device)."""
+    documents: list[dict[str, Any]] = field(default_factory=list)
+    """Every verified schema-2 document (the signed part), in order."""
 
     def topic(self, kind: str) -> str:
         return device_topic(self.fleet, self.device, kind)
@@ -98,6 +105,10 @@ class SimDevice:
     def _on_desired(self, message: Any) -> None:
         envelope = parse_message(DESIRED, message.payload)
         assert isinstance(envelope, DesiredMessage)
+        signed = envelope.envelope.get("signed") if isinstance(envelope.envelope, dict) else None
+        if self.multi_model and isinstance(signed, dict) and signed.get("schema") == 2:
+            self._on_schema2(envelope.envelope)
+            return
         try:
             state = verify_desired_state(envelope.envelope, load_director_public_key(self.director_pub),
                                          device=self.device, fleet=self.fleet, last_sequence=self.last_sequence,
@@ -110,6 +121,44 @@ class SimDevice:
         if self.auto_commit:
             threading.Thread(target=self.commit, args=(state,), daemon=True).start()
 
+    def _on_schema2(self, envelope: dict[str, Any]) -> None:
+        """What a multi-model agent checks before it acts on a schema-2 document: the director's
+        signature over the canonical JSON, its device and fleet, a sequence that grew, the expiry."""
+        from edgeship.ota.director import canonical_json, parse_utc
+
+        signed = envelope["signed"]
+        try:
+            key = load_director_public_key(self.director_pub)
+            key.verify(bytes.fromhex(envelope["signatures"][0]["sig"]), canonical_json(signed))
+            assert signed["device"] == self.device and signed["fleet"] == self.fleet, "wrong device"
+            assert self.last_sequence is None or signed["sequence"] > self.last_sequence, "replayed"
+            assert parse_utc(signed["expires"]) > dt.datetime.now(dt.timezone.utc), "expired"
+        except Exception as exc:  # noqa: BLE001 - a refused document is recorded, never installed
+            self.refused.append(f"{type(exc).__name__}: {exc}")
+            return
+        self.last_sequence = signed["sequence"]
+        self.documents.append(signed)
+        if self.auto_commit:
+            threading.Thread(target=self.commit_models, args=(signed,), daemon=True).start()
+
+    def commit_models(self, signed: dict[str, Any]) -> None:
+        """Install each model whose entry changed (one update per model); drop the ones left out."""
+        for name, entry in sorted(signed["models"].items()):
+            bundle = {"name": entry["bundle"], "version": entry["version"]}
+            have = self.models.get(name, {})
+            if have.get("active") == bundle:
+                continue
+            previous = have.get("active")
+            self.models[name] = {"active": bundle, "previous": previous, "serving_version": entry["serving_version"],
+                                 "update": {"state": "COMMITTED", "bundle": bundle}}
+            self.active = bundle
+            self.event("update_committed", bundle=bundle, state="COMMITTED", deployment=entry["deployment"],
+                       model=name)
+            self.report(update={"state": "COMMITTED", "bundle": bundle}, previous=previous)
+        for name in [n for n in self.models if n not in signed["models"]]:
+            del self.models[name]
+            self.report()
+
     def commit(self, state: DesiredState) -> None:
         bundle = {"name": state.bundle, "version": state.version}
         previous = self.active
@@ -120,7 +169,9 @@ class SimDevice:
     def report(self, update: dict[str, Any] | None = None, previous: dict[str, str] | None = None,
                device: str | None = None) -> None:
         message = ReportedMessage(device=device or self.device, ts=time.time(), active=self.active,
-                                  previous=previous, update=update, agent_version="sim", runtime="none")
+                                  previous=previous, update=update, agent_version="sim", runtime="none",
+                                  models={n: {k: v for k, v in m.items() if v is not None}
+                                          for n, m in self.models.items()} if self.multi_model else None)
         self.connection.publish(self.topic(REPORTED), encode_message(message), qos=1, retain=True)
 
     def event(self, name: str, **fields: Any) -> None:
@@ -133,8 +184,11 @@ class SimDevice:
         histogram = LatencyHistogram()
         for _ in range(requests):
             histogram.observe(latency_ms)
+        per_model = tuple(ModelTelemetry(name, m["active"]["version"], m.get("serving_version"), requests, errors,
+                                         histogram, drift=drift)
+                          for name, m in sorted(self.models.items())) if self.multi_model else ()
         message = TelemetryMessage(ts=time.time(), window_s=10.0, requests=requests, errors=errors, latency=histogram,
-                                   bundle=self.active, drift=drift)
+                                   bundle=self.active, drift=drift, models=per_model)
         self.connection.publish(self.topic(TELEMETRY), encode_message(message), qos=qos)
 
 

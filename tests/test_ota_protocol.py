@@ -249,3 +249,43 @@ def test_bad_block_replies_are_refused(payload: bytes, needle: str) -> None:
     with pytest.raises(ProtocolError) as info:
         parse_block_reply(payload)
     assert needle in str(info.value), str(info.value)
+
+
+# -- many models per device -----------------------------------------------------------------------
+
+def _doc(kind: str, **fields: Any) -> bytes:
+    return json.dumps({"v": 1, "type": kind, **fields}).encode()
+
+
+def test_reported_models_and_per_model_telemetry_round_trip() -> None:
+    from edgeship.ota.protocol import ModelTelemetry
+
+    reported = ReportedMessage("dev-1", 1.0, {"name": "kws", "version": "2.0.0"}, agent_version="0.2.0", models={
+        "digits": {"active": {"name": "digits", "version": "1.0.0"}, "serving_version": 3,
+                   "update": {"state": "COMMITTED"}, "labels": {"stable": 3}},
+        "kws": {"active": {"name": "kws", "version": "2.0.0"}, "previous": {"name": "kws", "version": "1.0.0"}}})
+    assert parse_message(REPORTED, encode_message(reported)) == reported
+    hist = LatencyHistogram()
+    hist.observe(3.0)
+    telemetry = TelemetryMessage(1.0, 10.0, 1, 0, hist, models=(
+        ModelTelemetry("digits", "1.0.0", 3, 1, 0, hist), ModelTelemetry("kws", None, None, 0, 0, LatencyHistogram())))
+    assert parse_message(TELEMETRY, encode_message(telemetry)) == telemetry
+
+
+@pytest.mark.parametrize("kind,payload,needle", [
+    (REPORTED, _doc("reported", device="d", ts=1, models=[]), "'models' must be an object"),
+    (REPORTED, _doc("reported", device="d", ts=1, models={"": {}}), "model name must be 1-64"),
+    (REPORTED, _doc("reported", device="d", ts=1, models={"m": "x"}), "reported.models.m must be an object"),
+    (REPORTED, _doc("reported", device="d", ts=1, models={"m": {"serving_version": -1}}), "serving_version"),
+    (REPORTED, _doc("reported", device="d", ts=1, models={f"m{i}": {} for i in range(65)}), "at most 64"),
+    (TELEMETRY, _doc("telemetry", ts=1, window_s=1, requests=0, errors=0, latency={"counts": [0] * 26},
+                     models=[{"name": "m", "requests": 1, "errors": 2, "latency": {"counts": [0] * 26}}]),
+     "2 errors in 1 requests"),
+    (TELEMETRY, _doc("telemetry", ts=1, window_s=1, requests=0, errors=0, latency={"counts": [0] * 26},
+                     models=[{"requests": 1, "errors": 0, "latency": {"counts": [0] * 26}}]), "model name"),
+    (EVENTS, _doc("event", event="e", ts=1, seq=1, model=7), "'model' must be a string"),
+])
+def test_bad_model_fields_are_refused_with_one_line(kind: str, payload: bytes, needle: str) -> None:
+    with pytest.raises(BadInputError) as info:
+        parse_message(kind, payload)
+    assert needle in info.value.message and "\n" not in info.value.message

@@ -18,6 +18,7 @@ from edgeship.ota.protocol import (
     BlockRequest,
     DesiredMessage,
     EventMessage,
+    ModelTelemetry,
     ReportedMessage,
     StatusMessage,
     TelemetryMessage,
@@ -42,10 +43,12 @@ def _schemas() -> dict[str, dict[str, Any]]:
 
 FULL: list[Any] = [
     DesiredMessage({"signed": {}, "signatures": [{"keyid": "k", "sig": "s"}]}),
-    ReportedMessage("dev-1", 1.0, BUNDLE, BUNDLE, {"state": "IDLE"}, "0.1.0", "litert"),
+    ReportedMessage("dev-1", 1.0, BUNDLE, BUNDLE, {"state": "IDLE"}, "0.1.0", "litert",
+                    {"digits": {"active": BUNDLE, "serving_version": 1}}),
     StatusMessage("online", 1.0),
-    EventMessage("update_committed", 1.0, 3, "r-1", BUNDLE, "IDLE", "done"),
-    TelemetryMessage(1.0, 10.0, 5, 1, LatencyHistogram(), BUNDLE, {"correct": 1, "total": 2}, 0.1),
+    EventMessage("update_committed", 1.0, 3, "r-1", BUNDLE, "IDLE", "done", "digits"),
+    TelemetryMessage(1.0, 10.0, 5, 1, LatencyHistogram(), BUNDLE, {"correct": 1, "total": 2}, 0.1,
+                     (ModelTelemetry("digits", "1.0.0", 1, 5, 1, LatencyHistogram()),)),
     BlockRequest("q-1", "targets/x.tar", 4096, "ff", 8),
     BlockInfo("q-1", "targets/x.tar", 10, 4096, "e"),
     BlockError("q-1", "targets/x.tar", 429, "slow down", 1.5),

@@ -79,7 +79,7 @@ def test_publish_and_device_update(repo: ReleaseRepository, tmp_path: Path) -> N
     assert info.path == "digits/digits-1.0.0.bundle" and info.file.is_file()
     targets = json.loads((repo.metadata_dir / "targets.json").read_text())["signed"]["targets"]
     assert targets[info.path]["custom"] == {"name": "digits", "version": "1.0.0", "format": "tflite",
-                                            "runtime": info.runtime}
+                                            "runtime": info.runtime, "serving_version": 1}
     result = _device_update(repo, tmp_path, "digits", "1.0.0")
     assert result.sha256 == info.sha256 and result.manifest.version == "1.0.0"
 
@@ -324,3 +324,66 @@ def test_root_keys_of_earlier_repositories_still_open(tmp_path: Path) -> None:
     assert decode_private_key(legacy, PASS.encode()).public_key() == key.public_key()
     with pytest.raises((ValueError, TypeError)):
         decode_private_key(legacy, b"wrong passphrase")
+
+
+def test_serving_versions_grow_per_model_name_and_are_signed(repo: ReleaseRepository, tmp_path: Path) -> None:
+    """Each name counts on its own; the number is in the signed custom metadata."""
+    got = {}
+    for name, version in (("digits", "1.0.0"), ("kws", "0.1.0"), ("digits", "1.1.0"), ("digits", "2.0.0"),
+                          ("kws", "0.2.0")):
+        info = repo.publish(make_bundle(tmp_path / f"{name}-{version}", name, version), now=NOW)
+        got[(name, version)] = info.serving_version
+    assert got == {("digits", "1.0.0"): 1, ("kws", "0.1.0"): 1, ("digits", "1.1.0"): 2, ("digits", "2.0.0"): 3,
+                   ("kws", "0.2.0"): 2}
+    signed = json.loads((repo.metadata_dir / "targets.json").read_text())["signed"]["targets"]
+    assert signed["digits/digits-2.0.0.bundle"]["custom"]["serving_version"] == 3
+
+
+@pytest.mark.parametrize("published,expected", [
+    ([], 1),
+    ([("digits", None), ("digits", None)], 3),  # published before serving versions: still counted
+    ([("digits", 7), ("kws", 9)], 8),
+    ([("digits", None), ("digits", 1)], 3),
+])
+def test_next_serving_version(published: list[tuple[str, int | None]], expected: int) -> None:
+    from edgeship.ota.release import TargetInfo, next_serving_version
+
+    targets = [TargetInfo(n, f"1.0.{i}", "p", 1, "0" * 64, "tflite", {}, Path("x"), serving_version=s)
+               for i, (n, s) in enumerate(published)]
+    assert next_serving_version(targets, "digits") == expected
+
+
+def test_an_offline_package_can_carry_several_models(repo: ReleaseRepository, tmp_path: Path) -> None:
+    """Two model names in one package: a schema-2 desired state naming both, signed by the director,
+    and each bundle verified from the stick through TUF as an online update would be."""
+
+    repo.publish(make_bundle(tmp_path / "b1", "digits", "1.0.0"), now=NOW)
+    repo.publish(make_bundle(tmp_path / "b2", "kws", "0.3.0"), now=NOW)
+    package = tmp_path / "usb.tar"
+    info = repo.export("digits", "1.0.0", package, fleet="plant", now=NOW, also=[("kws", "0.3.0")])
+    assert [(m["bundle"], m["version"], m["serving_version"]) for m in info["models"]] == \
+        [("digits", "1.0.0", 1), ("kws", "0.3.0", 1)]
+    opened = open_offline_package(package, tmp_path / "usb")
+    assert opened.info["schema"] == 2 and len(opened.info["models"]) == 2
+    signed = opened.desired_envelope["signed"]
+    assert signed["schema"] == 2 and signed["device"] == "*" and sorted(signed["models"]) == ["digits", "kws"]
+    public = d.load_director_public_key(repo.director_public_key_path)
+    public.verify(bytes.fromhex(opened.desired_envelope["signatures"][0]["sig"]), d.canonical_json(signed))
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    shutil.copy(repo.metadata_dir / "1.root.json", trust / "root.json")
+    for name, entry in signed["models"].items():
+        # what the device checks per model: the director's entry and TUF name the same bytes
+        state = d.DesiredState(fleet="plant", device="dev-7", bundle=entry["bundle"], version=entry["version"],
+                               target=entry["target"], length=entry["length"], hashes=entry["hashes"],
+                               sequence=signed["sequence"], expires=d.parse_utc(signed["expires"]),
+                               issued=d.parse_utc(signed["issued"]))
+        result = u.fetch_verified_bundle(trust_dir=trust, desired=state, fetcher=opened.fetcher,
+                                         work_dir=tmp_path / f"work-{name}", now=NOW)
+        assert result.manifest.name == name
+    opened.cleanup()
+    # one model: schema 1 as before, which every agent reads
+    single = repo.export("digits", "1.0.0", tmp_path / "one.tar", fleet="plant", now=NOW)
+    assert "models" not in single
+    with pytest.raises(BadInputError, match="named twice"):
+        repo.export("digits", "1.0.0", tmp_path / "dup.tar", fleet="plant", now=NOW, also=[("digits", "1.0.0")])

@@ -240,7 +240,7 @@ class BlockServer:
                 return
             try:
                 self.serve(*item)
-            except Exception:
+            except Exception:  # one bad request must not end the block server's worker (logged)
                 log.exception("block server failed on a request from %s/%s", item[0], item[1])
 
     def _etag(self, path: Path, stat: os.stat_result) -> str:

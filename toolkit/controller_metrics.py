@@ -59,6 +59,8 @@ reserved for summaries)."""
 
 
 def _version_labels(fleet: str, bundle: str, version: str) -> dict[str, Any]:
+    # ``bundle`` is the model's name: a multi-model device's telemetry arrives per model, so each
+    # model of a device adds to its own series (docs/fleet.md, "Many models per device")
     return {"fleet": fleet, "bundle": bundle, "version": version}
 
 

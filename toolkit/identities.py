@@ -1,5 +1,7 @@
 """The broker folder, its registry of issued identities, and device credentials.
 
+One concept over 500 lines: the broker folder and everything written into it, under one lock.
+
 A broker folder (``edgeship broker config --out DIR``) holds::
 
     broker.json        the settings (BrokerSettings)

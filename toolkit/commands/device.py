@@ -2,7 +2,7 @@
 
 ``device`` is a plain click group: other parts add their own subcommands
 (``show``, ``tag``) with ``@device.command(...)`` or ``device.add_command(...)``.
-``fleet_provision`` is attached by the lead as ``edgeship fleet provision``.
+``fleet_provision`` is attached to the ``fleet`` group as ``edgeship fleet provision``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from ..provisioning import (
     parse_target,
     provision,
 )
+from .device_records import device_show, device_tag
 
 BROKER_DIR_HELP = "The broker folder made by `edgeship broker config` (env EDGESHIP_BROKER_DIR)."
 
@@ -372,10 +373,6 @@ def fleet_provision(hosts_file: str, parallel: int, **kw: Any) -> None:
         code = EXIT_GATE_FAILED if all(r["exit_code"] == EXIT_GATE_FAILED for r in failed) else EXIT_FAILURE
         sys.exit(code)
 
-
-# `device show` and `device tag` read and write the fleet store; they live with the other
-# store-backed commands in commands/fleet.py (the controller engineer's).
-from .fleet import device_show, device_tag  # noqa: E402
 
 device.add_command(device_show)
 device.add_command(device_tag)

@@ -1,4 +1,4 @@
-"""``edgeship controller``, ``edgeship fleet ls``, ``edgeship deploy``, and ``device show``/``device tag``.
+"""``edgeship controller``, ``edgeship fleet ls`` / ``fleet provision``, ``edgeship deploy``.
 
 The controller is the one long-running process that holds the broker connection and the
 director key (toolkit/controller.py). The other commands read and write the fleet store only:
@@ -9,7 +9,7 @@ docs/fleet.md, "Controller".
 
 from __future__ import annotations
 
-__all__ = ["controller", "deploy", "device_show", "device_tag", "fleet", "fleet_ls", "device_rows"]
+__all__ = ["controller", "deploy", "device_rows", "fleet", "fleet_ls", "undeploy"]
 
 import logging
 import signal
@@ -24,18 +24,19 @@ from edgeship.ota.errors import BadInputError
 from edgeship.ota.topics import validate_identifier
 
 from ..output import console, emit_json
+from .device import fleet_provision
 from .fleet_options import (
+    WINDOW_HELP,
+    ago,
     broker_option,
     check_broker_url,
     check_published,
     db_option,
     json_option,
     open_fleet_store,
+    parse_window,
     repo_option,
 )
-
-_WINDOW_HELP = "Telemetry window for p95 latency and error rate (e.g. 15m, 1h)."
-
 
 # -- the controller ------------------------------------------------------------------------------
 
@@ -134,26 +135,17 @@ def controller(broker_url: str | None, credentials_dir: str | None, repo_dir: st
 
 # -- fleet ls ------------------------------------------------------------------------------------
 
-def _ago(seconds: float | None, now: float) -> str:
-    if seconds is None:
-        return "-"
-    delta = max(0.0, now - seconds)
-    if delta < 90:
-        return f"{delta:.0f}s ago"
-    if delta < 5400:
-        return f"{delta / 60:.0f}m ago"
-    if delta < 2 * 86400:
-        return f"{delta / 3600:.0f}h ago"
-    return f"{delta / 86400:.0f}d ago"
-
-
 def device_rows(store: Any, fleet: str | None, selection: tuple[tuple[str, str], ...], window_s: float,
                 now: float) -> list[dict[str, Any]]:
     """One row per selected device: its state and its active version's telemetry over the window
     (p95 from the merged fixed-bucket histograms, errors per request)."""
     from edgeship.ota.telemetry import LatencyHistogram
+    from edgeship.toolkit.fleet_rules import model_listing
 
     devices = store.list_devices(fleet, selection)
+    ids = [d.id for d in devices]
+    reported = store.device_models_of([d.id for d in devices if d.models_reported])
+    desired = store.desired_sets(ids)
     merged: dict[tuple[str, str | None, str | None], list[Any]] = {}
     for fleet_name in sorted({d.fleet for d in devices}):
         for window in store.telemetry_windows(fleet_name, selection, since=now - window_s):
@@ -178,32 +170,16 @@ def device_rows(store: Any, fleet: str | None, selection: tuple[tuple[str, str],
             "last_seen": info.last_seen, "requests": requests, "errors": errors,
             "p95_ms": histogram.quantile_ms(0.95), "error_rate": (errors / requests) if requests else None,
             "drift": info.last_drift, "tags": info.tags,
+            "models": model_listing(
+                active_name=info.active_name, active_version=info.active_version, update_state=info.update_state,
+                update_name=info.update_name, update_version=info.update_version,
+                models_reported=info.models_reported, reported=reported.get(info.id, {}),
+                desired=desired.get(info.id, {})),
         })
     return rows
 
 
-def _window(text: str) -> float:
-    from edgeship.toolkit.rollouts import parse_duration
-
-    return parse_duration(text)
-
-
-class _FleetGroup(click.Group):
-    """``fleet`` with ``provision`` (the provisioning command, defined in commands/device.py) loaded
-    on use: device.py imports ``show``/``tag`` from this module, so importing it here would be a cycle."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(super().list_commands(ctx)) | {"provision"})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name == "provision":
-            from .device import fleet_provision
-
-            return fleet_provision
-        return super().get_command(ctx, cmd_name)
-
-
-@click.group("fleet", cls=_FleetGroup)
+@click.group("fleet")
 def fleet() -> None:
     """List the fleet's devices, their models and health; provision many devices."""
 
@@ -211,20 +187,21 @@ def fleet() -> None:
 @fleet.command("ls")
 @click.option("--fleet", "fleet_name", default=None, help="Only this fleet (default: every fleet).")
 @click.option("--select", "select", multiple=True, metavar="TAG=VALUE", help="Only devices with this tag (AND).")
-@click.option("--window", default="15m", show_default=True, help=_WINDOW_HELP)
+@click.option("--window", default="15m", show_default=True, help=WINDOW_HELP)
 @db_option
 @broker_option
 @json_option
 def fleet_ls(fleet_name: str | None, select: tuple[str, ...], window: str, db_url: str | None,
              broker_url: str | None, as_json: bool) -> None:
-    """Devices: online, active bundle and version, update status, last seen, p95, error rate, drift."""
+    """Devices: online, every model with its bundle and serving version, update status, last seen, p95,
+    error rate, drift."""
     from edgeship.toolkit.store import parse_selection
 
     check_broker_url(broker_url)
     if fleet_name is not None:
         validate_identifier(fleet_name, "fleet")
     selection = parse_selection(select)
-    window_s = _window(window)
+    window_s = parse_window(window)
     now = time.time()
     store = open_fleet_store(db_url, existing=True)
     try:
@@ -243,7 +220,9 @@ def fleet_ls(fleet_name: str | None, select: tuple[str, ...], window: str, db_ur
                   (" match the selection" if selection else "") + " (devices appear once they report)")
         return
     table = Table(show_edge=False, pad_edge=False)
-    for title, justify in (("device", "left"), ("fleet", "left"), ("online", "left"), ("bundle", "left"),
+    from edgeship.toolkit.fleet_rules import describe_models
+
+    for title, justify in (("device", "left"), ("fleet", "left"), ("online", "left"), ("models", "left"),
                            ("update", "left"), ("last seen", "right"), (f"p95 ({window})", "right"),
                            ("errors", "right"), ("drift", "right")):
         table.add_column(title, justify=justify)  # type: ignore[arg-type]
@@ -254,9 +233,9 @@ def fleet_ls(fleet_name: str | None, select: tuple[str, ...], window: str, db_ur
         update_style = {"FAILED": "red", "REJECTED": "magenta", "ROLLED_BACK": "yellow",
                         "COMMITTED": "green"}.get(r["update_state"] or "", "")
         table.add_row(r["device"], r["fleet"], "[green]yes[/green]" if r["online"] else "[red]no[/red]",
-                      f"{r['bundle']} {r['version']}" if r["bundle"] else "-",
+                      describe_models(r["models"]),
                       f"[{update_style}]{update}[/{update_style}]" if update_style else update,
-                      _ago(r["last_seen"], now),
+                      ago(r["last_seen"], now),
                       "-" if r["p95_ms"] is None else f"{r['p95_ms']:.2f} ms",
                       "-" if r["error_rate"] is None else f"{r['error_rate']:.1%}",
                       "-" if r["drift"] is None else f"{r['drift']:.3f}")
@@ -282,29 +261,15 @@ def deploy(name: str, version: str, device_ids: tuple[str, ...], select: tuple[s
     """Assign NAME VERSION to devices directly (no stages, no thresholds); the controller publishes it."""
     from edgeship.ota.versions import check_name, parse_version
     from edgeship.toolkit.rollouts import AssignVersion
-    from edgeship.toolkit.store import parse_selection
 
     check_broker_url(broker_url)
     check_name(name)
     parse_version(version)
-    if bool(device_ids) == bool(select):
-        raise BadInputError("deploy needs either --device ID (repeatable) or --select TAG=VALUE, not both")
-    if fleet_name is not None:
-        validate_identifier(fleet_name, "fleet")
+    _check_choice("deploy", device_ids, select, fleet_name)
     check_published(repo_dir, (name, version))
     store = open_fleet_store(db_url)
     try:
-        if device_ids:
-            targets = [store.get_device(validate_identifier(d, "device id")) for d in dict.fromkeys(device_ids)]
-            wrong = [t.id for t in targets if fleet_name is not None and t.fleet != fleet_name]
-            if wrong:
-                raise BadInputError(f"device {wrong[0]} is not in fleet {fleet_name}")
-        else:
-            selection = parse_selection(select)
-            targets = store.list_devices(fleet_name, selection)
-            if not targets:
-                raise BadInputError("no device matches " + ",".join(f"{k}={v}" for k, v in selection) +
-                                    (f" in fleet {fleet_name}" if fleet_name else ""))
+        targets = _chosen_devices(store, device_ids, select, fleet_name)
         now = time.time()
         by_fleet: dict[str, list[Any]] = {}
         for target in targets:
@@ -324,114 +289,69 @@ def deploy(name: str, version: str, device_ids: tuple[str, ...], select: tuple[s
     con.print("the running controller signs and publishes the desired states (see `edgeship fleet ls`)")
 
 
-# -- device show / tag (attached to the `device` group in commands/device.py) ---------------------
+def _check_choice(command: str, device_ids: tuple[str, ...], select: tuple[str, ...], fleet_name: str | None) -> None:
+    if bool(device_ids) == bool(select):
+        raise BadInputError(f"{command} needs either --device ID (repeatable) or --select TAG=VALUE, not both")
+    if fleet_name is not None:
+        validate_identifier(fleet_name, "fleet")
 
-@click.command("show")
-@click.argument("device_id")
-@click.option("--window", default="15m", show_default=True, help=_WINDOW_HELP)
-@click.option("--events", "n_events", type=int, default=10, show_default=True, help="Recent events to show.")
+
+def _chosen_devices(store: Any, device_ids: tuple[str, ...], select: tuple[str, ...],
+                    fleet_name: str | None) -> list[Any]:
+    """The devices ``--device`` names (each must be in ``--fleet`` when given), or ``--select`` matches."""
+    from edgeship.toolkit.store import parse_selection
+
+    if device_ids:
+        targets = [store.get_device(validate_identifier(d, "device id")) for d in dict.fromkeys(device_ids)]
+        wrong = [t.id for t in targets if fleet_name is not None and t.fleet != fleet_name]
+        if wrong:
+            raise BadInputError(f"device {wrong[0]} is not in fleet {fleet_name}")
+        return targets
+    selection = parse_selection(select)
+    targets = store.list_devices(fleet_name, selection)
+    if not targets:
+        raise BadInputError("no device matches " + ",".join(f"{k}={v}" for k, v in selection) +
+                            (f" in fleet {fleet_name}" if fleet_name else ""))
+    return targets
+
+
+@click.command("undeploy")
+@click.argument("name")
+@click.option("--device", "device_ids", multiple=True, metavar="ID", help="The device (repeatable).")
+@click.option("--select", "select", multiple=True, metavar="TAG=VALUE",
+              help="Every device with this tag (repeatable: all must match).")
+@click.option("--fleet", "fleet_name", default=None, help="The fleet (needed with --select when several exist).")
 @db_option
 @broker_option
 @json_option
-def device_show(device_id: str, window: str, n_events: int, db_url: str | None, broker_url: str | None,
-                as_json: bool) -> None:
-    """A device's state, tags, desired state, telemetry and recent events."""
-    from edgeship.ota.telemetry import LatencyHistogram
+def undeploy(name: str, device_ids: tuple[str, ...], select: tuple[str, ...], fleet_name: str | None,
+             db_url: str | None, broker_url: str | None, as_json: bool) -> None:
+    """Take model NAME off devices: the controller publishes their desired set without it (the agent
+    unloads it and keeps its slots); their other models stay. Needs multi-model agents: an agent of
+    one model cannot be told to serve nothing, and is refused with the reason."""
+    from edgeship.ota.versions import check_name
+    from edgeship.toolkit.rollouts import RemoveModel
 
     check_broker_url(broker_url)
-    validate_identifier(device_id, "device id")
-    window_s = _window(window)
-    now = time.time()
-    store = open_fleet_store(db_url, existing=True)
+    check_name(name)
+    _check_choice("undeploy", device_ids, select, fleet_name)
+    store = open_fleet_store(db_url)
     try:
-        info = store.get_device(device_id)
-        desired = store.desired_for(device_id)
-        windows = [w for w in store.telemetry_windows(info.fleet, (), since=now - window_s) if w.device == device_id]
-        events = store.recent_events(device_id, limit=max(0, n_events))
+        targets = _chosen_devices(store, device_ids, select, fleet_name)
+        now = time.time()
+        by_fleet: dict[str, list[Any]] = {}
+        for target in targets:
+            by_fleet.setdefault(target.fleet, []).append(target)
+        for fleet_id, members in sorted(by_fleet.items()):
+            store.enqueue_actions(fleet_id, [RemoveModel(m.id, name, reason=f"undeploy {name}") for m in members], now)
     finally:
         store.close()
-    per_version: dict[str, dict[str, Any]] = {}
-    for w in windows:
-        key = f"{w.name}:{w.version}" if w.name else "none"
-        slot = per_version.setdefault(key, {"requests": 0, "errors": 0, "latency": LatencyHistogram()})
-        slot["requests"] += w.requests
-        slot["errors"] += w.errors
-        slot["latency"] = slot["latency"].merge(w.latency)
-    telemetry = {key: {"requests": s["requests"], "errors": s["errors"],
-                       "error_rate": s["errors"] / s["requests"] if s["requests"] else None,
-                       "p50_ms": s["latency"].quantile_ms(0.5), "p95_ms": s["latency"].quantile_ms(0.95),
-                       "p99_ms": s["latency"].quantile_ms(0.99)} for key, s in sorted(per_version.items())}
-    desired_doc = None
-    if desired is not None:
-        desired_doc = {"sequence": desired.sequence, "name": desired.name, "version": desired.version,
-                       "action": desired.action, "rollout": desired.rollout_id, "abtest": desired.abtest_id,
-                       "deployment": desired.deployment, "issued_at": desired.issued_at,
-                       "expires_at": desired.expires_at}
-    doc = {"device": info.to_dict(), "desired": desired_doc, "telemetry": telemetry, "window_s": window_s,
-           "events": [{k: e[k] for k in ("ts", "seq", "received_at", "event", "deployment", "bundle_name",
-                                         "bundle_version", "state", "detail")} for e in events]}
+    doc = {"name": name, "queued": [{"device": t.id, "fleet": t.fleet} for t in targets]}
     if as_json:
         emit_json(doc)
         return
-    con = console()
-    con.print(f"[bold]{info.id}[/bold]  fleet {info.fleet}  " +
-              ("[green]online[/green]" if info.online else "[red]offline[/red]") +
-              f"  last seen {_ago(info.last_seen, now)}  first seen {_ago(info.first_seen, now)}")
-    con.print(f"  active   {info.active_name or '-'} {info.active_version or ''}   previous "
-              f"{info.previous_name or '-'} {info.previous_version or ''}")
-    con.print(f"  update   {info.update_state or '-'} {info.update_name or ''} {info.update_version or ''}"
-              + (f"  ({info.update_detail})" if info.update_detail else ""))
-    if desired is not None:
-        con.print(f"  desired  {desired.name} {desired.version} ({desired.action}, sequence {desired.sequence}"
-                  + (f", rollout {desired.rollout_id}" if desired.rollout_id else "")
-                  + (f", A/B test {desired.abtest_id}" if desired.abtest_id else "") + ")")
-    con.print(f"  agent    {info.agent_version or '-'}  runtime {info.runtime or '-'}")
-    con.print("  tags     " + (", ".join(f"{k}={v}" for k, v in sorted(info.tags.items())) or "-"))
-    for key, t in telemetry.items():
-        p95 = "-" if t["p95_ms"] is None else f"{t['p95_ms']:.2f} ms"
-        rate = "-" if t["error_rate"] is None else f"{t['error_rate']:.1%}"
-        con.print(f"  {key}: {t['requests']} requests in the last {window}, p95 {p95}, errors {rate}")
-    if info.last_drift is not None:
-        con.print(f"  drift    {info.last_drift:.3f}")
-    for e in doc["events"]:
-        bundle = f" {e['bundle_name']} {e['bundle_version']}" if e["bundle_name"] else ""
-        con.print(f"  event {_ago(e['received_at'], now):>8}  {e['event']}{bundle}"
-                  + (f" [{e['state']}]" if e["state"] else "") + (f": {e['detail']}" if e["detail"] else ""))
+    console().print(f"queued the removal of {name} from {len(targets)} device(s): "
+                    + ", ".join(t.id for t in targets[:20]) + (" ..." if len(targets) > 20 else ""))
 
 
-@click.command("tag")
-@click.argument("device_id")
-@click.argument("pairs", nargs=-1, metavar="KEY=VALUE...")
-@click.option("--remove", "remove", multiple=True, metavar="KEY", help="Remove this tag (repeatable).")
-@db_option
-@broker_option
-@json_option
-def device_tag(device_id: str, pairs: tuple[str, ...], remove: tuple[str, ...], db_url: str | None,
-               broker_url: str | None, as_json: bool) -> None:
-    """Set (KEY=VALUE) or remove (--remove KEY) a device's tags; rollouts select devices by them."""
-    check_broker_url(broker_url)
-    validate_identifier(device_id, "device id")
-    if not pairs and not remove:
-        raise BadInputError("give at least one KEY=VALUE or --remove KEY")
-    tags: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key or not value:
-            raise BadInputError(f"tag {pair!r}: use KEY=VALUE (e.g. site=berlin)")
-        if len(key) > 64 or len(value) > 256:
-            raise BadInputError(f"tag {pair[:80]!r}: keys are at most 64 characters, values 256")
-        tags[key] = value
-    overlap = set(tags) & set(remove)
-    if overlap:
-        raise BadInputError(f"tag {sorted(overlap)[0]!r} is both set and removed")
-    store = open_fleet_store(db_url, existing=True)
-    try:
-        result = store.set_tags(device_id, tags, remove=remove)
-    finally:
-        store.close()
-    if as_json:
-        emit_json({"device": device_id, "tags": result})
-        return
-    console().print(f"{device_id}: " + (", ".join(f"{k}={v}" for k, v in sorted(result.items())) or "no tags"))
-
+fleet.add_command(fleet_provision)

@@ -13,6 +13,9 @@
 from __future__ import annotations
 
 __all__ = [
+    "WINDOW_HELP",
+    "ago",
+    "parse_window",
     "broker_option",
     "check_broker_url",
     "check_published",
@@ -137,3 +140,27 @@ def open_fleet_store(db_url: str | None, *, existing: bool = False) -> Any:
             raise BadInputError(f"no fleet store at {path} (the controller and `edgeship deploy` make one; "
                                 "check --db or $EDGESHIP_DB)")
     return open_store(url)
+
+
+WINDOW_HELP = "Telemetry window for p95 latency and error rate (e.g. 15m, 1h)."
+
+
+def parse_window(text: str) -> float:
+    """A telemetry window such as ``15m`` in seconds (the rollout durations' syntax)."""
+    from edgeship.toolkit.rollouts import parse_duration
+
+    return parse_duration(text)
+
+
+def ago(seconds: float | None, now: float) -> str:
+    """How long ago ``seconds`` (epoch) was, for a table: ``42s ago``, ``3h ago``; ``-`` for never."""
+    if seconds is None:
+        return "-"
+    delta = max(0.0, now - seconds)
+    if delta < 90:
+        return f"{delta:.0f}s ago"
+    if delta < 5400:
+        return f"{delta / 60:.0f}m ago"
+    if delta < 2 * 86400:
+        return f"{delta / 3600:.0f}h ago"
+    return f"{delta / 86400:.0f}d ago"

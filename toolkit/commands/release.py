@@ -273,14 +273,26 @@ def bundle_verify(bundle_file: Path, repo_dir: Path | None, as_json: bool) -> No
 @click.option("--fleet", default="default", show_default=True, help="The fleet whose devices may install it.")
 @click.option("--expires", "expires", default="30d", show_default=True,
               help="How long the package's desired state stays valid.")
+@click.option("--model", "models", multiple=True, metavar="NAME=VERSION",
+              help="Another model for the same package (repeatable): devices then get every model in it "
+                   "(desired-state schema 2, multi-model agents only).")
 @_json_option
 def bundle_export(name: str, version: str, repo_dir: Path, out: Path, fleet: str, expires: str,
-                  as_json: bool) -> None:
-    """Write an offline update package (for USB sticks): bundle, metadata and a signed desired state."""
+                  models: tuple[str, ...], as_json: bool) -> None:
+    """Write an offline update package (for USB sticks): one bundle or several, the metadata and a
+    signed desired state."""
+    from edgeship.ota.errors import BadInputError
     from edgeship.ota.release import ReleaseRepository, parse_duration
 
+    also = []
+    for item in models:
+        other, sep, other_version = item.partition("=")
+        if not sep or not other or not other_version:
+            raise BadInputError(f"--model {item!r}: use NAME=VERSION (e.g. kws=1.2.0)")
+        also.append((other, other_version))
     result = ReleaseRepository(repo_dir).export(name, version, out, fleet=fleet,
-                                                expires_in=_dt.timedelta(seconds=parse_duration(expires)))
+                                                expires_in=_dt.timedelta(seconds=parse_duration(expires)),
+                                                also=also)
     from edgeship.ota.director import parse_utc
 
     # a package whose metadata lapses well before its desired state is a trap for a USB stick
@@ -292,7 +304,9 @@ def bundle_export(name: str, version: str, repo_dir: Path, out: Path, fleet: str
     if as_json:
         emit_json(result)
         return
-    console().print(f"Wrote {out}: {result['bundle']} {result['version']} for every device of fleet "
+    held = ", ".join(f"{m['bundle']} {m['version']}" for m in result["models"]) if "models" in result \
+        else f"{result['bundle']} {result['version']}"
+    console().print(f"Wrote {out}: {held} for every device of fleet "
                     f"{fleet!r} (sequence {result['sequence']}, valid until {result['expires']})")
 
 
@@ -311,8 +325,8 @@ def publish(bundle_file: Path, repo_dir: Path, as_json: bool) -> None:
     if as_json:
         emit_json(info.to_dict())
         return
-    console().print(f"Published {info.name} {info.version} as {info.path} ({info.length} bytes, "
-                    f"sha256 {info.sha256})")
+    console().print(f"Published {info.name} {info.version} (serving version {info.serving_version}) as "
+                    f"{info.path} ({info.length} bytes, sha256 {info.sha256})")
 
 
 # -- repo ------------------------------------------------------------------------------------------
@@ -342,10 +356,11 @@ def repo_status(repo_dir: Path, as_json: bool) -> None:
         when = "EXPIRED" if info["expired"] else (f"{left / 86400:.1f} d" if left >= 86400 else f"{left / 3600:.1f} h")
         roles.add_row(role, str(info["version"]), info["expires"], when, ", ".join(k[:16] for k in info["keys"]))
     out.print(roles)
-    targets = Table("bundle", "version", "format", "bytes", "sha256")
+    targets = Table("bundle", "version", "serving", "format", "bytes", "sha256")
     for target in status["targets"]:
-        targets.add_row(target["name"], target["version"], target["format"], str(target["length"]),
-                        target["sha256"][:16])
+        serving = target.get("serving_version")
+        targets.add_row(target["name"], target["version"], "-" if serving is None else str(serving),
+                        target["format"], str(target["length"]), target["sha256"][:16])
     out.print(targets if status["targets"] else "no bundles published yet")
     out.print(f"trusted root metadata: {status['root_metadata']}")
     out.print(f"director public key:   {status['director_public_key']}")

@@ -41,8 +41,10 @@ def check_interval(interval: float) -> float:
     return interval
 
 
-def rollout_summary(rollout: Any, health: Any = None, with_devices: bool = False) -> dict[str, Any]:
-    """A rollout as one JSON-ready document (what ``status --json`` prints)."""
+def rollout_summary(rollout: Any, health: Any = None, with_devices: bool = False,
+                    serving_version: int | None = None) -> dict[str, Any]:
+    """A rollout as one JSON-ready document (what ``status --json`` prints). ``serving_version``:
+    the model's serving version of the rollout's version (signed at publish; None: not known yet)."""
     from edgeship.toolkit.rollouts import stage_progress
 
     counts: dict[str, int] = {}
@@ -50,7 +52,7 @@ def rollout_summary(rollout: Any, health: Any = None, with_devices: bool = False
         counts[record.status.value] = counts.get(record.status.value, 0) + 1
     doc: dict[str, Any] = {
         "id": rollout.id, "fleet": rollout.fleet, "name": rollout.name, "version": rollout.version,
-        "state": rollout.state.value, "stage": rollout.stage + 1, "stages": list(rollout.policy.stages),
+        "serving_version": serving_version, "state": rollout.state.value, "stage": rollout.stage + 1, "stages": list(rollout.policy.stages),
         "reason": rollout.reason, "created_at": rollout.created_at, "updated_at": rollout.updated_at,
         "selection": {k: v for k, v in rollout.selection}, "policy": rollout.policy.to_dict(), "counts": counts,
         # stages are numbered from 1 everywhere in this document, as in "stage 2 of 3"
@@ -68,7 +70,7 @@ def _load_with_health(store: Any, rollout_id: str) -> tuple[Any, Any]:
 
     rollout, _ = store.load_rollout(rollout_id)
     snapshot = {s.device: s for s in store.fleet_snapshot(rollout.fleet, rollout.selection,
-                                                         telemetry_since=rollout.created_at)}
+                                                         telemetry_since=rollout.created_at, model=rollout.name)}
     return rollout, measure_health(rollout, snapshot)
 
 
@@ -85,7 +87,8 @@ def _render(doc: dict[str, Any]) -> Any:
     selection = ",".join(f"{k}={v}" for k, v in doc["selection"].items()) or "all devices"
     state_style = {"RUNNING": "cyan", "PAUSED": "yellow", "COMPLETED": "green", "ABORTED": "red",
                    "ROLLED_BACK": "red"}.get(doc["state"], "")
-    head = Text.assemble((f"rollout {doc['id']}", "bold"), f"  {doc['name']} {doc['version']} -> fleet "
+    serving = f" (serving version {doc['serving_version']})" if doc.get("serving_version") is not None else ""
+    head = Text.assemble((f"rollout {doc['id']}", "bold"), f"  {doc['name']} {doc['version']}{serving} -> fleet "
                          f"{doc['fleet']} ({selection})  ", (doc["state"], state_style),
                          f"  stage {doc['stage']} of {len(doc['stages'])}")
     table = Table(show_edge=False, pad_edge=False)
@@ -221,7 +224,9 @@ def follow_rollout(store: Any, rollout_id: str, interval: float, *, as_json: boo
 
     def poll() -> tuple[Any, dict[str, Any]]:
         current, health = _load_with_health(store, rollout_id)
-        return current, rollout_summary(current, health)
+        return current, rollout_summary(current, health,
+                                        serving_version=store.serving_version_of(current.fleet, current.name,
+                                                                                 current.version))
 
     current, doc = poll()
     if live_view:
@@ -274,7 +279,8 @@ def status(rollout_id: str, watch: bool, interval: float, with_devices: bool, db
                     current, health = _load_with_health(store, rollout_id)
                     live.update(_render(rollout_summary(current, health)))
             return
-    doc = rollout_summary(current, health, with_devices)
+    doc = rollout_summary(current, health, with_devices,
+                          store.serving_version_of(current.fleet, current.name, current.version))
     if as_json:
         emit_json(doc)
         return
