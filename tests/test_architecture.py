@@ -47,10 +47,8 @@ LAZY_ONLY_RULES: dict[str, tuple[str, ...]] = {
 """Part -> what it may import only inside a function, never at module level."""
 
 KNOWN_CYCLES: tuple[frozenset[str], ...] = (
-    # Being taken apart on other branches (isolation as a wrapper around a source; the fleet
-    # commands' shared helpers in a module of their own): remove each line when its branch merges.
+    # Being taken apart (isolation as a wrapper around a source): remove the line when it is gone.
     frozenset({"edgeship.agent.isolated", "edgeship.agent.sources"}),
-    frozenset({"edgeship.toolkit.commands.device", "edgeship.toolkit.commands.fleet"}),
 )
 
 DEVICE_PARTS = ("edgeship.ota", "edgeship.agent")

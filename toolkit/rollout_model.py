@@ -410,7 +410,7 @@ class ResumeRollout:
 
 Action = Union[AssignVersion, RollbackDevice, RemoveModel, AdvanceStage, CompleteRollout, AbortRollout,
                RollbackRollout, PauseRollout, ResumeRollout]
-_ACTIONS = {cls.__dataclass_fields__["kind"].default: cls for cls in  # type: ignore[attr-defined]
+_ACTIONS = {cls.__dataclass_fields__["kind"].default: cls for cls in
             (AssignVersion, RollbackDevice, RemoveModel, AdvanceStage, CompleteRollout, AbortRollout,
              RollbackRollout, PauseRollout, ResumeRollout)}
 
@@ -421,7 +421,7 @@ def action_from_dict(doc: Mapping[str, Any]) -> Action:
     cls = _ACTIONS.get(str(fields.pop("kind", "")))
     if cls is None:
         raise BadInputError(f"unknown rollout action {doc.get('kind')!r}")
-    return cls(**fields)  # type: ignore[no-any-return]
+    return cls(**fields)
 
 
 @dataclass(frozen=True)

@@ -254,6 +254,7 @@ class FleetStore(FleetReads, IntentRecords):
                 name, version = bundle_ref(message.bundle)
                 p95 = message.latency.quantile_ms(0.95)
                 feedback = message.feedback or {}
+                windows: list[tuple[str | None, str | None, int | None, int, int, Any, dict[str, int], float | None]]
                 windows = [(m.name, m.version, m.serving_version, m.requests, m.errors, m.latency, m.feedback or {},
                             m.drift) for m in message.models] or [
                     (name, version, None, message.requests, message.errors, message.latency, feedback,
