@@ -87,7 +87,7 @@ def test_console_in_a_real_browser(browser: Any, mosquitto_broker: Any, release_
 
         # a device: models, update, latency histogram, history
         page.click("a[href='/devices/pi-03']")
-        page.wait_for_selector("[data-testid=active-version] >> text=1.0.0")
+        page.wait_for_selector("[data-testid=version-digits] >> text=1.0.0")
         assert page.locator("svg[aria-label^='latency histogram']").count() == 1
         page.screenshot(path=str(SCREENSHOTS / "console-device.png"), full_page=True)
 

@@ -223,3 +223,37 @@ def test_rollout_health_is_measured_in_the_background_and_then_shown(console_sto
         reading, age = health.reading(console_store, rollout)
     assert reading is not None and age is not None and age < 10
     assert (reading.baseline_requests, reading.baseline_errors, reading.new_requests) == (25, 1, 0)
+
+
+def test_a_device_of_many_models_lists_each_and_the_fleet_filters_by_any_of_them(console_store: FleetStore) -> None:
+    from edgeship.ota.protocol import ReportedMessage, StatusMessage
+    from edgeship.toolkit.store import IngestItem
+
+    fill_fleet(console_store, devices=3)
+    models = {"digits": {"active": {"name": "digits", "version": "1.1.0"}, "serving_version": 4},
+              "kws": {"active": {"name": "kws", "version": "0.2.0"}, "serving_version": 2,
+                      "update": {"state": "PROBATION", "bundle": {"name": "kws", "version": "0.2.0"}}}}
+    console_store.ingest([
+        IngestItem("plant", "gw-1", StatusMessage("online"), 1.0),
+        IngestItem("plant", "gw-1", ReportedMessage("gw-1", 1.0, {"name": "kws", "version": "0.2.0"},
+                                                    agent_version="0.3.0", models=models), 1.0)])
+    server = serve(console_store)
+    try:
+        client = Client(server.port)
+        client.login(VIEWER_TOKEN)
+        _, _, page = client.request("GET", "/devices/gw-1")
+        rows = dict(re.findall(r'<tr data-model="([^"]+)"><td>[^<]+</td><td data-testid="version-[^"]+">([^<]+)</td>', page))
+        assert rows == {"digits": "1.1.0", "kws": "0.2.0"}
+        assert "PROBATION" in page
+        # the fleet table names both, with their serving versions
+        _, _, fleet_page = client.request("GET", "/?fleet=plant")
+        assert "digits 1.1.0 (#4), kws 0.2.0 (#2)" in fleet_page
+        # a filter by model finds the device through either model; the one-model devices only by theirs
+        _, _, by_kws = client.request("GET", "/?bundle=kws")
+        assert re.findall(r'data-device="([^"]+)"', by_kws) == ["gw-1"]
+        _, _, by_digits = client.request("GET", "/?bundle=digits&version=1.1.0")
+        assert re.findall(r'data-device="([^"]+)"', by_digits) == ["gw-1"]
+        _, _, by_old = client.request("GET", "/?bundle=digits&version=1.0.0")
+        assert "gw-1" not in re.findall(r'data-device="([^"]+)"', by_old) and by_old.count("data-device=") == 3
+    finally:
+        server.stop()

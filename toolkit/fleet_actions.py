@@ -8,14 +8,27 @@ transactions; what the engines decide (say, resuming a rollout that is not pause
 
 from __future__ import annotations
 
-__all__ = ["ROLLOUT_OPERATIONS", "OperationResult", "PromotionResult", "abtest_report", "operate_rollout",
-           "promote_abtest"]
+__all__ = ["ROLLOUT_OPERATIONS", "OperationResult", "PromotionResult", "abtest_report", "device_models",
+           "operate_rollout", "promote_abtest"]
 
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from edgeship.ota.errors import BadInputError, GateFailedError
+
+
+def device_models(store: Any, info: Any) -> list[dict[str, Any]]:
+    """Every model of one device (name, bundle version, serving version, update state, what is
+    desired of it), as `edgeship device show` and the console's device page list them."""
+    from edgeship.toolkit.fleet_rules import model_listing
+
+    reported = store.device_models_of([info.id]).get(info.id, {}) if info.models_reported else {}
+    return model_listing(
+        active_name=info.active_name, active_version=info.active_version, update_state=info.update_state,
+        update_name=info.update_name, update_version=info.update_version, models_reported=info.models_reported,
+        reported=reported, desired=store.desired_set(info.id))
+
 
 ROLLOUT_OPERATIONS = ("pause", "resume", "abort", "rollback")
 """The rollout engine's operator transitions, by the name the CLI and the console use."""

@@ -381,9 +381,17 @@ class FleetStore(FleetReads, IntentRecords):
         every match, and ``fleets`` (every fleet in the store)."""
         selected = self._selected(fleet, selection).order_by(None)
         if bundle:
-            selected = selected.where(devices.c.active_name == bundle)
-        if version:
-            selected = selected.where(devices.c.active_version == version)
+            # a model name: a one-model agent's active bundle, or any model a multi-model agent reports
+            served = sa.select(device_models.c.device_id).where(device_models.c.model == bundle)
+            if version:
+                served = served.where(device_models.c.active_version == version)
+            one_model = devices.c.active_name == bundle
+            if version:
+                one_model = sa.and_(one_model, devices.c.active_version == version)
+            selected = selected.where(sa.or_(one_model, devices.c.id.in_(served)))
+        elif version:
+            served = sa.select(device_models.c.device_id).where(device_models.c.active_version == version)
+            selected = selected.where(sa.or_(devices.c.active_version == version, devices.c.id.in_(served)))
         if state:
             selected = selected.where(devices.c.update_state.is_(None) if state.lower() == "none"
                                       else sa.func.upper(devices.c.update_state) == state.upper())

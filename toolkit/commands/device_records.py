@@ -15,7 +15,7 @@ import click
 
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.topics import validate_identifier
-from edgeship.toolkit.fleet_rules import model_listing
+from edgeship.toolkit.fleet_actions import device_models
 
 from ..output import console, emit_json
 from .fleet_options import (
@@ -51,11 +51,7 @@ def device_show(device_id: str, window: str, n_events: int, db_url: str | None, 
     try:
         info = store.get_device(device_id)
         desired = store.desired_for(device_id)
-        models = model_listing(
-            active_name=info.active_name, active_version=info.active_version, update_state=info.update_state,
-            update_name=info.update_name, update_version=info.update_version, models_reported=info.models_reported,
-            reported=store.device_models_of([device_id]).get(device_id, {}) if info.models_reported else {},
-            desired=store.desired_set(device_id))
+        models = device_models(store, info)
         windows = [w for w in store.telemetry_windows(info.fleet, (), since=now - window_s) if w.device == device_id]
         events = store.recent_events(device_id, limit=max(0, n_events))
     finally:

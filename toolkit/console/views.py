@@ -19,6 +19,8 @@ from typing import Any
 
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.telemetry import LatencyHistogram
+from edgeship.toolkit.fleet_actions import device_models
+from edgeship.toolkit.fleet_rules import describe_models
 
 from . import charts
 
@@ -113,8 +115,13 @@ def fleet_page(store: Any, flt: FleetFilter) -> Page:
                                    limit=MAX_DEVICE_ROWS)
     versions = sorted(((v or "nothing installed"), n) for v, n in listing["versions"].items())
     states = sorted(((s or "none"), n) for s, n in listing["states"].items())
+    multi = [d.id for d in listing["devices"] if d.models_reported]
+    reported = store.device_models_of(multi) if multi else {}
+    models = {d.id: describe_models({"name": name, **m, "version": m.get("active_version")}
+                                    for name, m in sorted(reported.get(d.id, {}).items()))
+              for d in listing["devices"] if d.id in reported}
     return Page("fleet.html", "Fleet", {
-        "filter": flt, "devices": listing["devices"], "total": listing["total"], "online": listing["online"],
+        "filter": flt, "devices": listing["devices"], "models": models, "total": listing["total"], "online": listing["online"],
         "offline": listing["total"] - listing["online"], "versions": sorted(versions, key=lambda kv: -kv[1]),
         "states": states, "fleets": listing["fleets"], "shown": len(listing["devices"]), "now": time.time()})
 
@@ -131,7 +138,8 @@ def device_page(store: Any, device_id: str, window_s: float = 900.0) -> Page:
     events = store.recent_events(device_id, limit=30)
     desired = store.desired_for(device_id)
     return Page("device.html", f"Device {info.id}", {
-        "device": info, "versions": versions, "events": events, "desired": desired, "window_s": window_s,
+        "device": info, "models": device_models(store, info), "versions": versions, "events": events,
+        "desired": desired, "window_s": window_s,
         "latency_chart": charts.latency_histogram_chart(merged), "requests": merged.count, "now": now})
 
 
