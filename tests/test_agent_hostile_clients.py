@@ -60,7 +60,7 @@ def raw_exchange(port: int, data: bytes, wait_s: float = 5.0) -> tuple[int, dict
             head, _, body = chunks.partition(b"\r\n\r\n")
             if not head:
                 return 0, None, time.monotonic() - start
-            length = int(next((l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")), b"0"))
+            length = int(next((line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), b"0"))
             while len(body) < length:
                 got = sock.recv(65536)
                 if not got:

@@ -58,12 +58,46 @@ def _say(text: str) -> None:
     click.echo(text, err=True)
 
 
+def capabilities() -> dict[str, Any]:
+    """What this agent can do, for whoever installs or manages it (``--version --json``):
+    provisioning reads this instead of guessing from the installed files."""
+    from edgeship.ota.director import DESIRED_STATE_SCHEMAS
+
+    from .reporter import agent_version
+    from .runtimes import available_runtimes
+
+    return {
+        "name": "edgeship-agent",
+        "version": agent_version(),
+        "protocol": {"mqtt": True, "desired_schema": list(DESIRED_STATE_SCHEMAS), "reported_models": True},
+        "runtimes": available_runtimes(include_tensorflow=False),
+        "formats": ["tflite", "onnx"],
+        "servables": True,
+        "api": ["tfserving-rest"],
+    }
+
+
 @click.group(
-    cls=ErrorReportingGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+    cls=ErrorReportingGroup,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-@click.version_option(package_name="edgeship")
-def cli() -> None:
+@click.option("--version", "show_version", is_flag=True, help="print the version and exit (with --json: capabilities)")
+@click.option("--json", "as_json", is_flag=True, help="with --version: one JSON document of the agent's capabilities")
+@click.pass_context
+def cli(ctx: click.Context, show_version: bool, as_json: bool) -> None:
     """edgeship-agent: verify, install, self-test, swap, serve, watch and roll back models."""
+    if show_version:
+        if as_json:
+            _emit(capabilities())
+        else:
+            from .reporter import agent_version
+
+            click.echo(f"edgeship-agent, version {agent_version()}")
+        ctx.exit(0)
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+        ctx.exit(0)
 
 
 # -- init ----------------------------------------------------------------------------------------
@@ -233,11 +267,12 @@ def run(
         overrides["trusted_network"] = True
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    from .fleet_link import open_fleet_link  # issue 5: MQTT when [broker] url is set
+    from .fleet_link import open_fleet_link  # MQTT when [broker] url is set
 
     link = open_fleet_link(config)  # None without a broker: no MQTT at all
     agent = Agent(
-        config, reporter=link.reporter if link else LogReporter(), registry=link.registry if link else None
+        config, reporter=link.reporter if link else LogReporter(), registry=link.registry if link else None,
+        hooks=_fault_hooks(config.data_dir),
     ).start()
     if link is not None:
         link.attach(agent)
@@ -257,6 +292,26 @@ def run(
     finally:
         if link is not None:
             link.close()  # status "offline" (a crash leaves that to the last will)
+
+
+FAULT_ENV = ("EDGESHIP_AGENT_TEST_PAUSE_IN", "EDGESHIP_AGENT_TEST_KILL_IN")
+"""Test-only (docs/agent.md, "Crash tests"): comma-separated update states in which the
+agent pauses (writing ``<data>/test-paused-in-STATE``) or SIGKILLs itself."""
+
+
+def _fault_hooks(data_dir: Path) -> Any:
+    """Fault injection for crash tests, only when one of FAULT_ENV is set (else None)."""
+    import os
+
+    def states(name: str) -> frozenset[str]:
+        return frozenset(s.strip().upper() for s in os.environ.get(name, "").split(",") if s.strip())
+
+    pause, kill = (states(name) for name in FAULT_ENV)
+    if not pause and not kill:
+        return None
+    from .faults import FaultHooks
+
+    return FaultHooks(pause_in=pause, kill_in=kill, marker_dir=data_dir)
 
 
 # -- status --------------------------------------------------------------------------------------
@@ -398,10 +453,14 @@ def _through_agent_or_locked(
 def _offline(config: AgentConfig, start: Callable[[Any], Any], quiet: bool, lock: Any) -> dict[str, Any]:
     """No agent runs: with the lock held, drive the update here (up to PROBATION)."""
     from .daemon import status_document
+    from .isolated import isolate_verification
+    from .sources import SourceRegistry
     from .updater import UpdateDriver
 
     try:
-        driver = UpdateDriver(config, reporter=_ProgressReporter(quiet))
+        driver = UpdateDriver(
+            config, reporter=_ProgressReporter(quiet), registry=SourceRegistry(wrap=isolate_verification)
+        )
         update = driver.state.update
         # an update interrupted before activation is finished here first; one waiting in
         # PROBATION (deferred to the running agent) is left alone: no restart is counted
@@ -443,6 +502,7 @@ class _ProgressReporter:
 )
 def install(package: str, config_path: str, as_json: bool, no_wait: bool, timeout: float) -> None:
     """Install an offline update package (from `edgeship bundle export`)."""
+    from .isolated import isolate_verification
     from .sources import OfflinePackageSource
 
     config = load_config(config_path)
@@ -451,7 +511,7 @@ def install(package: str, config_path: str, as_json: bool, no_wait: bool, timeou
         raise BadInputError(f"offline package {package}: no such file")
     reply, lock = _through_agent_or_locked(config, "install", "install", package=str(path))
     if reply is None:
-        doc = _offline(config, lambda driver: driver.begin(OfflinePackageSource(path)), as_json, lock)
+        doc = _offline(config, lambda driver: driver.begin(isolate_verification(OfflinePackageSource(path))), as_json, lock)
         _finish(doc, "install", as_json)
         return
     _accepted(config, reply, f"update {reply['update']} accepted by the running agent", "install",

@@ -86,7 +86,7 @@ class _StreamHandler(socketserver.StreamRequestHandler):
             reply = {"ok": False, "error": exc.message, "exit_code": exc.exit_code}
         except ValueError as exc:
             reply = {"ok": False, "error": f"bad control request: {exc}", "exit_code": 2}
-        except Exception as exc:  # pragma: no cover - a bug must not kill the agent
+        except Exception as exc:  # noqa: BLE001 - pragma: no cover - a bug must answer the caller, not kill the agent
             reply = {
                 "ok": False,
                 "error": f"internal error: {type(exc).__name__}: {first_line(exc)}",

@@ -6,7 +6,7 @@ data folder's lock; read the state; count the re-entry of an interrupted update
 after ``max_restarts``); load and warm the bundle to serve; open the HTTP API;
 then resume the interrupted update on the worker thread.
 
-The fleet (issue 5) plugs in here: ``Agent(config, reporter=MqttReporter(...),
+The fleet link plugs in here: ``Agent(config, reporter=MqttReporter(...),
 registry=...)`` and ``agent.submit_desired(envelope, fetcher)`` for each desired
 state it receives; the update then takes exactly the path of a local install.
 """
@@ -29,20 +29,17 @@ from edgeship.ota.errors import BadInputError, EdgeshipError
 from .config import AgentConfig
 from .control import AgentLock, ControlServer
 from .decoding import DecodeLimits
+from .faults import FaultHooks
+from .isolated import isolate_verification
+from .loading import load_bundle_model
 from .persistence import AgentState, InstalledBundle
 from .reporter import NullReporter, Reporter, state_document
 from .server import ApiServer, ServerLimits, bind_refusal, load_access
 from .serving import ServingModel
-from .sources import (
-    BundleSource,
-    DirectorSource,
-    OfflinePackageSource,
-    SourceRegistry,
-    verify_in_child,
-)
+from .sources import BundleSource, DirectorSource, OfflinePackageSource, SourceRegistry
 from .state_machine import State, is_terminal
 from .telemetry import TelemetryWindow
-from .updater import TestHooks, UpdateDriver, load_bundle_model
+from .updater import UpdateDriver
 
 log = logging.getLogger("edgeship.agent")
 
@@ -160,12 +157,12 @@ class Agent:
         *,
         reporter: Reporter | None = None,
         registry: SourceRegistry | None = None,
-        hooks: TestHooks | None = None,
+        hooks: FaultHooks | None = None,
     ) -> None:
         self.config = config
         self.reporter = reporter or NullReporter()
-        self.registry = registry or SourceRegistry()
-        self.hooks = hooks or TestHooks.from_env(config.data_dir)
+        self.registry = registry or SourceRegistry(wrap=isolate_verification)
+        self.hooks = hooks
         self.serving = ServingModel()
         self.lock = AgentLock(config.lock_file)
         self.driver: UpdateDriver | None = None
@@ -271,7 +268,7 @@ class Agent:
             if self.driver.in_progress:
                 try:
                     self.driver.run()
-                except Exception:  # pragma: no cover - the driver ends updates itself
+                except Exception:
                     log.exception("update worker failed")
                     time.sleep(1)
                 self._report_state()
@@ -313,9 +310,10 @@ class Agent:
 
     # -- requests --------------------------------------------------------------------------------
     def submit(self, source: BundleSource, kind: str = "install") -> dict[str, Any]:
-        """Start an update (persisted before this returns); the worker runs it."""
+        """Start an update (persisted before this returns); the worker runs it. A package's
+        or a director's verification runs in a child (isolated.py) unless turned off."""
         assert self.driver is not None
-        record = self.driver.begin(source, kind)
+        record = self.driver.begin(isolate_verification(source), kind)
         self._wake.set()
         return {"update": record.id, "state": record.state}
 
@@ -323,7 +321,7 @@ class Agent:
         self, envelope: dict[str, Any], fetcher: Any, record: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """The fleet's entry point: a director envelope and a TUF fetcher (see sources.py)."""
-        return self.submit(DirectorSource(envelope, fetcher, record, isolate=verify_in_child()))
+        return self.submit(DirectorSource(envelope, fetcher, record))
 
     def is_redelivery(self, envelope: dict[str, Any]) -> bool:
         """Whether a desired state was already acted on (a retained message seen again

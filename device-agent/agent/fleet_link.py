@@ -1,4 +1,4 @@
-"""The agent's MQTT side (issue 5): reports home and takes desired states.
+"""The agent's MQTT side: reports home and takes desired states.
 
 ``FleetLink`` owns one :class:`~edgeship.ota.transport.MqttConnection` (client id
 = the device id) and plugs into the agent through its two seams:
@@ -84,8 +84,9 @@ from edgeship.ota.topics import (
 )
 
 from .config import AgentConfig
+from .isolated import isolate_verification, verify_in_child
 from .reporter import state_document
-from .sources import DirectorSource, HttpFetchPlan, SourceRegistry, verify_in_child
+from .sources import BundleSource, DirectorSource, HttpFetchPlan, SourceRegistry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -258,7 +259,9 @@ class MqttReporter:
         self.connection = connection
         self.config = config
         self.settings = settings
-        topic = lambda kind: device_topic(config.fleet, config.device_id, kind, settings.prefix)
+        def topic(kind: str) -> str:
+            return device_topic(config.fleet, config.device_id, kind, settings.prefix)
+
         self.reported_topic = topic(REPORTED)
         self.events_topic = topic(EVENTS)
         self.telemetry_topic = topic(TELEMETRY)
@@ -434,7 +437,7 @@ class FleetLink:
                 prefix=s.prefix, config=BlockTransferConfig(block_size=s.block_size, window=s.block_window,
                                                             request_timeout_s=s.block_timeout_s),
             )
-        self.registry = SourceRegistry()
+        self.registry = SourceRegistry(wrap=isolate_verification)
         self.registry.register(SOURCE_KIND, self._rebuild)
         self.agent: Any = None
         self._pending: tuple[int, dict[str, Any]] | None = None  # verified: (sequence, envelope)
@@ -489,11 +492,11 @@ class FleetLink:
             log.debug("fleet link close: %s", exc)
 
     # -- update source after a restart --
-    def _rebuild(self, record: dict[str, Any]) -> DirectorSource:
+    def _rebuild(self, record: dict[str, Any]) -> BundleSource:
         envelope = record.get("envelope")
         if not isinstance(envelope, dict):
             raise EdgeshipError("the interrupted fleet update's record holds no desired-state envelope")
-        return DirectorSource(envelope, self.fetcher, record, isolate=verify_in_child())
+        return DirectorSource(envelope, self.fetcher, record)
 
     # -- desired states --
     def _on_desired(self, message: Any) -> None:
