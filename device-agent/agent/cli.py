@@ -318,12 +318,17 @@ def _fault_hooks(data_dir: Path) -> Any:
 def _status(config: AgentConfig) -> dict[str, Any]:
     from .control import AgentNotRunning, ControlClient
     from .daemon import status_document
-    from .persistence import StateStore
+    from .models import latest, model_status, stored_states
+    from .persistence import AgentState
 
     try:
         return dict(ControlClient(config.control_socket, timeout=10).call("status")["status"])
     except AgentNotRunning:
-        return status_document(config, StateStore(config.state_file).load(), running=False)
+        states = stored_states(config)
+        primary = latest(states)
+        state = states[primary] if primary is not None else AgentState()
+        models = [model_status(name, s, None) for name, s in sorted(states.items())]
+        return status_document(config, state, running=False, models=models)
 
 
 @cli.command()
@@ -343,6 +348,11 @@ def status(config_path: str, as_json: bool) -> None:
     click.echo(f"active   {active['name'] + ' ' + active['version'] if active else '-'}")
     kept = ", ".join(f"{b['name']} {b['version']}" for b in doc["previous"]) or "-"
     click.echo(f"kept     {kept}")
+    for entry in doc.get("models") or []:
+        labels = ", ".join(f"{k}={v}" for k, v in sorted((entry.get("labels") or {}).items())) or "-"
+        state = (entry.get("update") or {}).get("state") or "-"
+        what = "removed" if entry.get("removed") else f"{entry.get('version') or '-'} (serving version {entry.get('serving_version')})"
+        click.echo(f"model    {entry['name']}: {what}, labels {labels}, update {state}")
     update = doc["update"]
     if update:
         click.echo(
@@ -393,6 +403,10 @@ def _follow(config: AgentConfig, update_id: str, timeout: float, quiet: bool) ->
     while True:
         doc = _status(config)
         update = doc.get("update") or {}
+        for entry in doc.get("models") or []:  # another model may have changed since: find ours
+            if (entry.get("update") or {}).get("id") == update_id and update.get("id") != update_id:
+                update = entry["update"]
+                doc = {**doc, "update": update, "active": entry.get("active")}
         if update.get("id") != update_id:
             raise EdgeshipError(f"update {update_id} is no longer the agent's current update")
         history = update.get("history") or []
@@ -451,25 +465,31 @@ def _through_agent_or_locked(
 
 
 def _offline(config: AgentConfig, start: Callable[[Any], Any], quiet: bool, lock: Any) -> dict[str, Any]:
-    """No agent runs: with the lock held, drive the update here (up to PROBATION)."""
+    """No agent runs: with the lock held, drive the update here (up to PROBATION).
+    ``start(models)`` begins it and returns the driver that runs it."""
     from .daemon import status_document
     from .isolated import isolate_verification
+    from .models import ModelSet, model_status
+    from .servables import Servables
     from .sources import SourceRegistry
-    from .updater import UpdateDriver
 
     try:
-        driver = UpdateDriver(
-            config, reporter=_ProgressReporter(quiet), registry=SourceRegistry(wrap=isolate_verification)
+        models = ModelSet(
+            config, Servables(), reporter=_ProgressReporter(quiet),  # type: ignore[arg-type]
+            registry=SourceRegistry(wrap=isolate_verification), serving=False,
         )
-        update = driver.state.update
-        # an update interrupted before activation is finished here first; one waiting in
-        # PROBATION (deferred to the running agent) is left alone: no restart is counted
-        if driver.in_progress and update is not None and update.state != "PROBATION":
-            driver.prepare_resume()
-            driver.run(stop_at_probation=True)
-        start(driver)
+        models.open(resume=False)
+        for driver in models.drivers():
+            update = driver.state.update
+            # an update interrupted before activation is finished here first; one waiting in
+            # PROBATION (deferred to the running agent) is left alone: no restart is counted
+            if driver.in_progress and update is not None and update.state != "PROBATION":
+                driver.prepare_resume()
+                driver.run(stop_at_probation=True)
+        driver = start(models)
         driver.run(stop_at_probation=True)
-        return status_document(config, driver.snapshot(), running=False)
+        listed = [model_status(d.name, d.snapshot(), None) for d in models.drivers()]
+        return status_document(config, driver.snapshot(), running=False, models=listed)
     finally:
         lock.release()
 
@@ -511,8 +531,18 @@ def install(package: str, config_path: str, as_json: bool, no_wait: bool, timeou
         raise BadInputError(f"offline package {package}: no such file")
     reply, lock = _through_agent_or_locked(config, "install", "install", package=str(path))
     if reply is None:
-        doc = _offline(config, lambda driver: driver.begin(isolate_verification(OfflinePackageSource(path))), as_json, lock)
-        _finish(doc, "install", as_json)
+
+        def begin(models: Any) -> Any:
+            from .models import peek_package_model, read_index
+
+            name = peek_package_model(path)
+            models.unremove(name)
+            driver = models.driver(name)
+            base = int(read_index(config).get("last_sequence", 0))
+            driver.begin(isolate_verification(OfflinePackageSource(path)), base_sequence=base)
+            return driver
+
+        _finish(_offline(config, begin, as_json, lock), "install", as_json)
         return
     _accepted(config, reply, f"update {reply['update']} accepted by the running agent", "install",
               no_wait=no_wait, timeout=timeout, as_json=as_json)
@@ -537,16 +567,27 @@ def _accepted(config: Any, reply: dict[str, Any], message: str, what: str, *, no
 @click.option(
     "--timeout", default=3600.0, show_default=True, help="seconds to wait for the rollback to end"
 )
-def rollback(config_path: str, as_json: bool, no_wait: bool, timeout: float) -> None:
+@click.option("--model", "model", default=None, help="which model (needed when the device serves several)")
+def rollback(config_path: str, as_json: bool, no_wait: bool, timeout: float, model: str | None) -> None:
     """Roll back: abort the update in progress, or go back to the previous kept bundle."""
     config = load_config(config_path)
-    reply, lock = _through_agent_or_locked(config, "rollback", "rollback")
+    reply, lock = _through_agent_or_locked(config, "rollback", "rollback", **({"model": model} if model else {}))
     if reply is None:
 
-        def start(driver: Any) -> None:
+        def start(models: Any) -> Any:
+            names = [model] if model else models.names()
+            busy = [n for n in names if models.get(n) is not None and models.get(n).in_progress]
+            if model and models.get(model) is None:
+                raise BadInputError(f"no model {model!r} on this device (models: {', '.join(models.names()) or 'none'})")
+            if not names:
+                raise BadInputError("nothing to roll back to: no model is installed on this device")
+            if len(busy) != 1 and len(names) != 1:
+                raise BadInputError(f"name the model (--model): this device serves {', '.join(names)}")
+            driver = models.driver(busy[0] if len(busy) == 1 else names[0])
             source = driver.rollback_request()
             if source is not None:
                 driver.begin(source, kind="rollback")
+            return driver
 
         _finish(_offline(config, start, as_json, lock), "rollback", as_json)
         return

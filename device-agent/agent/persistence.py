@@ -104,6 +104,7 @@ class AgentState:
     last_sequence: int = 0
     update: UpdateRecord | None = None
     max_serving_version: int = 0   # the highest serving version this model ever had here
+    removed: bool = False          # the desired state no longer names this model: not loaded, slots kept
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -113,6 +114,7 @@ class AgentState:
             "last_sequence": self.last_sequence,
             "update": self.update.to_dict() if self.update else None,
             "max_serving_version": self.max_serving_version,
+            "removed": self.removed,
         }
 
     @classmethod
@@ -123,6 +125,7 @@ class AgentState:
             last_sequence=int(data.get("last_sequence", 0)),
             update=UpdateRecord.from_dict(data["update"]) if data.get("update") else None,
             max_serving_version=int(data.get("max_serving_version", 0)),
+            removed=bool(data.get("removed", False)),
         )
 
 

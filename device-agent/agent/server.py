@@ -3,7 +3,8 @@
 Applications written for TF Serving work unchanged::
 
     POST /v1/models/NAME:predict                 {"instances": [...]} or {"inputs": ...}
-    POST /v1/models/NAME/versions/V:predict      the same, pinned to version V
+    POST /v1/models/NAME/versions/V:predict      the same, pinned to version V (serving number or bundle version)
+    POST /v1/models/NAME/labels/L:predict        the same, the version label L names (stable, candidate, ...)
     GET  /v1/models/NAME[/versions/V]            version status
     GET  /v1/models/NAME[/versions/V]/metadata   signature_def
     POST /v1/models/NAME:feedback                ground-truth labels (edgeship extension)
@@ -77,12 +78,13 @@ from .decoding import (
     tensor_keys,
 )
 from .runtimes import ModelSignature, TensorSpec
+from .servables import Servables
 from .serving import LoadedModel, NoModelError, ServingModel
 from .telemetry import render_prometheus
 
 SWITCH_INTERVAL_S = 0.001
 _ROUTE = re.compile(
-    r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?"
+    r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
     r"(?:(?P<metadata>/metadata)|:(?P<verb>[a-z]+))?/?$"
 )
 _TF_DTYPES = {
@@ -426,7 +428,11 @@ class _Handler(BaseHTTPRequestHandler):
         except PredictRequestError:
             self.close_connection = True
 
-    def _model_for(self, name: str, version: str | None) -> LoadedModel:
+    def _model_for(self, name: str, version: str | None, label: str | None = None) -> LoadedModel:
+        if self.server.servables is not None:  # every model this agent serves, by name
+            return self.server.servables.resolve(name, version, label)
+        if label is not None:
+            raise LookupError(f"Servable not found for request: Label({name}, {label})")
         model = self.server.serving.current
         if model is None:
             raise NoModelError("no model is serving")
@@ -507,12 +513,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200 if ok else 503, detail)
                 return
             if path == "/metrics":
-                text = render_prometheus(self.server.serving, self.server.data_dir) + self.server.metrics_text()
+                text = render_prometheus(self.server.servables or self.server.serving, self.server.data_dir)
+                text += self.server.metrics_text()
                 self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
                 return
             match = _ROUTE.match(path)
             assert match is not None
-            model = self._model_for(match.group("name"), match.group("version"))
+            model = self._model_for(match.group("name"), match.group("version"), match.group("label"))
             if match.group("metadata"):
                 self._json(
                     200,
@@ -560,7 +567,7 @@ class _Handler(BaseHTTPRequestHandler):
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
                 raise PredictRequestError(f"JSON Parse error: {str(exc)[:200]}") from None
-            model = self._model_for(match.group("name"), match.group("version"))
+            model = self._model_for(match.group("name"), match.group("version"), match.group("label"))
             if match.group("verb") == "feedback":
                 self._json(200, self._feedback(model, body))
                 return
@@ -653,6 +660,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
     serving: ServingModel
+    servables: Servables | None
     data_dir: Path
     health: Callable[[], tuple[bool, dict[str, Any]]]
     limits: ServerLimits
@@ -747,7 +755,7 @@ class ApiServer:
 
     def __init__(
         self,
-        serving: ServingModel,
+        serving: ServingModel | Servables,
         data_dir: Path,
         host: str = "127.0.0.1",
         port: int = 8501,
@@ -755,7 +763,9 @@ class ApiServer:
         limits: ServerLimits | None = None,
         access: ApiAccess | None = None,
     ) -> None:
-        self.serving = serving
+        # one model (a ServingModel: tests, tools) or every model this agent serves
+        self.servables = serving if isinstance(serving, Servables) else None
+        self.serving = serving if isinstance(serving, ServingModel) else ServingModel()
         try:
             server_class = _Server6 if ":" in host else _Server
             self._httpd = server_class((host.strip("[]"), port), _Handler)
@@ -763,7 +773,8 @@ class ApiServer:
             raise EdgeshipError(
                 f"cannot listen on {host}:{port} ([server] bind): {exc.strerror or exc}"
             ) from None
-        self._httpd.serving = serving
+        self._httpd.serving = self.serving
+        self._httpd.servables = self.servables
         self._httpd.data_dir = data_dir
         self._httpd.health = health or self._default_health
         self._httpd.limits = limits or ServerLimits()

@@ -180,6 +180,7 @@ class UpdateDriver:
         self._hook_pending: State | None = None
         self._defer_probation = False
         self.state: AgentState = self.store.load()
+        self._saved: dict[str, Any] = self.state.to_dict()
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.steps: dict[State, Callable[[UpdateSession], Outcome]] = {
             State.DISK_CHECK: self._disk_check,
@@ -199,8 +200,18 @@ class UpdateDriver:
         return update is not None and not is_terminal(State(update.state))
 
     def snapshot(self) -> AgentState:
+        """A copy of the state as last saved. Takes no lock: another model's driver reports
+        every model's state while it holds its own lock (two drivers asking each other for
+        their locks would deadlock)."""
+        return AgentState.from_dict(self._saved)
+
+    def save(self, *, publish: bool = True) -> None:
+        """Write the state (atomically) and keep the copy ``snapshot`` reads (``publish``:
+        a terminal state is shown once its end is cleaned up, see ``_finish``)."""
         with self._lock:
-            return AgentState.from_dict(self.state.to_dict())
+            self.store.save(self.state)
+            if publish:
+                self._saved = self.state.to_dict()
 
     def boot_bundle(self) -> InstalledBundle | None:
         """The bundle to serve at start (the old one while a rollback is in progress)."""
@@ -211,8 +222,13 @@ class UpdateDriver:
         return self.state.active
 
     # -- starting and stopping -------------------------------------------------------------------
-    def begin(self, source: BundleSource, kind: str = "install") -> UpdateRecord:
-        """Record a new update (persisted in DISK_CHECK); run it with ``run()``."""
+    model_name: str | None = None
+    """The model this driver updates (None: whatever the bundle names, one model per agent)."""
+
+    def begin(self, source: BundleSource, kind: str = "install", *, base_sequence: int | None = None) -> UpdateRecord:
+        """Record a new update (persisted in DISK_CHECK); run it with ``run()``.
+        ``base_sequence``: the lowest director sequence it may accept (default: this
+        model's last accepted one; the agent passes the highest of all its models)."""
         with self._lock:
             if self.in_progress:
                 update = self.state.update
@@ -226,7 +242,7 @@ class UpdateDriver:
                 kind=kind,
                 source=source.to_record(),
                 rollback_to=self.state.active,
-                base_sequence=self.state.last_sequence,
+                base_sequence=max(self.state.last_sequence, base_sequence or 0),
             )
             self._session = UpdateSession(record, source=source)
             self.state.update = record
@@ -308,7 +324,7 @@ class UpdateDriver:
             if self.hooks is not None:
                 self.hooks.before_step(state)
             return self.steps[state](session)
-        except Exception as exc:
+        except Exception as exc:  # every failure of a step ends the update somewhere (logged when unexpected)
             if not isinstance(exc, EdgeshipError):
                 log.exception("unexpected error in %s", state.value)
             reason = exc.message if isinstance(exc, EdgeshipError) else f"{type(exc).__name__}: {first_line(exc)}"
@@ -331,7 +347,7 @@ class UpdateDriver:
         update.history.append([state.value, now, reason])
         if is_terminal(state):
             update.finished = now
-        self.store.save(self.state)
+        self.save(publish=not is_terminal(state))
         log.info("update %s: %s (%s)", update.id, state.value, reason)
         self._report(state, reason)
         if hook and self.hooks is not None:
@@ -352,7 +368,7 @@ class UpdateDriver:
             self.reporter.report_state(state_document(self.config, self.state))
             if self.on_change is not None:
                 self.on_change(self, state)
-        except Exception:
+        except Exception:  # a reporter must never break an update
             log.exception("reporter failed")
 
     def _context(self, update: UpdateRecord) -> SourceContext:
@@ -373,6 +389,8 @@ class UpdateDriver:
     def _disk_check(self, session: UpdateSession) -> Outcome:
         update = session.record
         admission = self._source(session).admit(self._context(update))
+        if self.model_name is not None and admission.name != self.model_name:
+            raise SecurityError(f"bundle {admission.name} {admission.version} is not model {self.model_name}")
         active = self.state.active
         if (
             update.kind == "install"
@@ -492,9 +510,13 @@ class UpdateDriver:
             )
             return model, result
 
-        (model, result), footprint = measure_footprint(load_and_test)
+        (model, result), measured = measure_footprint(load_and_test)
         if not result.passed:
             raise EdgeshipError(f"self-test failed: {result.reason}")
+        # at least the model file: its weights are mapped in whatever the allocator reuses
+        model_file = self.home.slots_dir / installed.slot / installed.model_file
+        footprint = max(measured or 0, model_file.stat().st_size if model_file.exists() else 0)
+        model.footprint_bytes = footprint
         refusal = self.memory_check(installed.name, footprint) if self.memory_check is not None else None
         if refusal is not None:
             return Outcome(Event.REJECT, refusal)
@@ -512,6 +534,7 @@ class UpdateDriver:
             model = session.prepared
             if model is None or model.slot != installed.slot:  # after a restart: load and warm again
                 model = load_bundle_model(self.config, installed, slots_dir=self.home.slots_dir)
+                model.footprint_bytes = session.record.footprint_bytes
             old = self.serving.swap(model)
             session.baseline = old.stats.snapshot() if old is not None else None
             self._published(model, old)
@@ -626,7 +649,7 @@ class UpdateDriver:
         if session is not None and session.source is not None:
             try:
                 session.source.cleanup(self._context(update))
-            except Exception:
+            except Exception:  # best effort: retention removes the work folder anyway
                 log.exception("source cleanup failed")
         self.cleanup()
         release_memory()
@@ -646,10 +669,11 @@ class UpdateDriver:
             plan = plan_retention(self.state.active, self.state.previous, self.config.keep_previous, on_disk, protected)
             if list(plan.keep_previous) != self.state.previous:
                 self.state.previous = list(plan.keep_previous)
-                self.store.save(self.state)
+                self.save(publish=False)
             apply_retention(slots, plan)
             work = self.home.work_dir
             if work.is_dir():
                 for child in work.iterdir():
                     if update is None or is_terminal(State(update.state)) or child.name != update.id:
                         shutil.rmtree(child, ignore_errors=True)
+            self._saved = self.state.to_dict()  # what status shows: only now is the end cleaned up
