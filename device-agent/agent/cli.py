@@ -9,6 +9,9 @@ an exit status (1 failure, 2 bad input, 3 gate refused, 4 verification refused,
 ``install`` and ``rollback`` talk to the running agent over its control socket;
 when no agent runs they take the data folder's lock and do the update here, up
 to activation (probation then runs when the agent starts).
+
+Longer than the project's usual module: one concept, the command line (each command's
+options and its one path through the running agent or the data folder's lock).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ model's state; count the re-entry of each interrupted update (before any model i
 loaded, so a model that kills the process is rolled back after ``max_restarts``);
 load and warm each model's bundle to serve; open the HTTP API; then resume the
 interrupted updates, one worker thread per model (updates of different models run at
-the same time; one model's update never pauses another's serving).
+the same time; one model's update never pauses another's serving). Slightly over the
+project's usual module size: one concept, the running agent and its entry points.
 
 The fleet link plugs in here: ``Agent(config, reporter=MqttReporter(...),
 registry=...)`` and ``agent.submit_desired(envelope, fetcher)`` for each desired

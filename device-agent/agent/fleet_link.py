@@ -20,7 +20,11 @@ foreign, expired or replayed document never becomes an update), then decided by
 the pure :func:`decide_desired` on a worker thread: duplicates and replays are
 ignored, a document naming the bundle that already runs changes nothing, a newer
 document naming another version aborts the update in progress and is taken once
-it has ended. The agent verifies the document again when the update runs.
+it has ended. The agent verifies the document again when the update runs. A
+schema-2 document is decided model by model (one driver per model), and a model it
+no longer names is removed; a schema-1 document names one model and leaves the others.
+Longer than the project's usual module: one concept, the agent's side of the fleet
+protocol (reporter, desired-state worker and its decisions), each part needing the others.
 
 Without a broker (``[broker] url = ""``) none of this exists: the agent serves
 and updates from offline packages exactly as before. While the broker is down

@@ -24,6 +24,10 @@ injection in faults.py (built by the command line, handed in here).
 
 One driver runs one model name's updates, one at a time; the daemon runs a driver per
 model (``ModelHome``: its slots, work folder and state file).
+
+Longer than the project's usual module: one concept, the driver of the table, whose
+steps share the session and the persisted record; splitting the steps from the loop
+would split what a reader must hold together.
 """
 
 from __future__ import annotations
