@@ -185,7 +185,7 @@ def test_memory_budget_refuses_a_model_that_does_not_fit(tmp_path: Path, agent_r
         agent.stop()
 
 
-def _desired2(agent_repo: AgentRepo, models: dict[str, str], device: str) -> dict[str, Any]:
+def _desired2(agent_repo: AgentRepo, models: dict[str, str], device: str, fleet: str = FLEET) -> dict[str, Any]:
     """A schema-2 document signed by the repository's director key."""
     from edgeship.ota.director import (
         DesiredState,
@@ -201,7 +201,7 @@ def _desired2(agent_repo: AgentRepo, models: dict[str, str], device: str) -> dic
         entries[name] = ModelEntry(bundle=name, version=version, target=target.path, length=target.length,
                                    hashes=dict(target.hashes))
     now = dt.datetime.now(dt.timezone.utc)
-    state = DesiredState.for_models(fleet=FLEET, device=device, models=entries, sequence=repo.next_sequence(FLEET),
+    state = DesiredState.for_models(fleet=fleet, device=device, models=entries, sequence=repo.next_sequence(fleet),
                                     expires=now + dt.timedelta(hours=1), issued=now)
     return sign_desired_state(state, load_director_private_key(repo.director_dir / "director.key"))
 
@@ -375,3 +375,53 @@ def test_sigkill_in_each_state_of_one_models_update_leaves_the_other_served(
             assert status == 200 and body["model_version_status"][0]["version"] == models["digits"]["version"]
         finally:
             agent.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.mosquitto
+def test_two_models_through_a_real_broker_with_schema_2_documents(
+    tmp_path: Path, agent_repo: AgentRepo, mosquitto_broker: Any
+) -> None:
+    """The fleet link over a real Mosquitto: a schema-2 document installs two models, the
+    next one moves one of them and leaves the other, the last removes one. What the agent
+    publishes (reported state with ``models``, events with ``model``, telemetry with
+    ``models``) still parses as the controller parses it."""
+    from fleet_e2e_fixtures import FLEET as E2E_FLEET
+    from fleet_e2e_fixtures import FleetAgent, FleetRelease, TestDirector
+
+    from edgeship.ota.protocol import DesiredMessage, encode_message
+
+    release = FleetRelease(repo=agent_repo.path, eval_x=agent_repo.eval_x, golden_y=agent_repo.eval_x, bundles={})
+    director = TestDirector(mosquitto_broker.url, release)
+    device = "dev-multi"
+    agent = FleetAgent(tmp_path / "m", release, mosquitto_broker.url, device)
+
+    def publish(models: dict[str, str]) -> None:
+        envelope = _desired2(agent_repo, models, device, fleet=E2E_FLEET)
+        director.publish_desired(device, encode_message(DesiredMessage(envelope)))
+
+    def settled(expected: dict[str, str]) -> bool:
+        models = {m["name"]: m for m in agent.status()["models"] if not m["removed"]}
+        return {n: m["version"] for n, m in models.items()} == expected and all(
+            (m["update"] or {}).get("terminal") for m in models.values())
+
+    try:
+        agent.wait_serving()
+        publish({"digits": "1.0.0", SECOND_MODEL: "1.0.0"})
+        wait_for(lambda: settled({"digits": "1.0.0", SECOND_MODEL: "1.0.0"}), 120, what="both models")
+        first = {m["name"]: m["update"]["id"] for m in agent.status()["models"]}
+        publish({"digits": "2.0.0", SECOND_MODEL: "1.0.0"})
+        wait_for(lambda: settled({"digits": "2.0.0", SECOND_MODEL: "1.0.0"}), 120, what="digits 2.0.0")
+        after = {m["name"]: m["update"]["id"] for m in agent.status()["models"]}
+        assert after[SECOND_MODEL] == first[SECOND_MODEL] and after["digits"] != first["digits"]
+        publish({"digits": "2.0.0"})
+        wait_for(lambda: settled({"digits": "2.0.0"}), 60, what=f"{SECOND_MODEL} removed")
+        client = agent.client()
+        assert client.predict(SECOND_MODEL, agent_repo.eval_x[:1].tolist())[0] == 404
+        assert client.predict("digits", agent_repo.eval_x[:1].tolist())[0] == 200
+        wait_for(lambda: device in director.reported, 30, what="a reported state")
+        assert not director.refused, director.refused  # everything the agent published parsed
+        assert any(getattr(e, "state", None) == "COMMITTED" for e in director.events[device])
+    finally:
+        agent.stop()
+        director.close()

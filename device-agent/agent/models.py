@@ -260,6 +260,7 @@ class ModelSet:
         self.hooks = hooks
         self.on_change = on_change
         self._lock = threading.RLock()
+        self._fetch_lock = threading.Lock()  # one transfer at a time (shared trust folder and downloader)
         self._drivers: dict[str, ModelDriver] = {}
         self.last_changed: str | None = None
 
@@ -316,7 +317,7 @@ class ModelSet:
                 found = self._drivers[name] = ModelDriver(
                     self.config, name, self.servables, served=self.serve, reporter=self.reporter,
                     registry=self.registry, hooks=self.hooks, memory_check=self.memory_check,
-                    on_change=self._changed,
+                    on_change=self._changed, fetch_lock=self._fetch_lock,
                 )
             return found
 

@@ -162,6 +162,7 @@ class UpdateDriver:
         home: ModelHome | None = None,
         memory_check: MemoryCheck | None = None,
         on_change: Callable[[UpdateDriver, State], None] | None = None,
+        fetch_lock: threading.Lock | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
@@ -176,6 +177,9 @@ class UpdateDriver:
         self.hooks = hooks
         self.memory_check = memory_check
         self.on_change = on_change
+        self.fetch_lock = fetch_lock or threading.Lock()
+        """Held through FETCHING: the models of one agent share the TUF trust folder and the
+        fleet link's block downloader, so their transfers take turns."""
         self._lock = threading.RLock()
         self._abort = threading.Event()
         self._abort_reason = ""
@@ -423,7 +427,8 @@ class UpdateDriver:
         return Outcome(Event.SUCCESS, reason, apply)
 
     def _fetching(self, session: UpdateSession) -> Outcome:
-        staged = self._source(session).fetch(self._context(session.record))
+        with self.fetch_lock:
+            staged = self._source(session).fetch(self._context(session.record))
 
         def apply(state: AgentState, record: UpdateRecord) -> None:
             record.fetched = staged.to_dict()
