@@ -53,16 +53,30 @@ def write_offline_package(
     out: Path,
     *,
     metadata: list[Path],
-    target_path: str,
-    target_file: Path,
+    target_path: str | None = None,
+    target_file: Path | None = None,
     envelope: dict[str, Any],
     fleet: str,
     now: _dt.datetime,
+    targets: list[tuple[str, Path]] | None = None,
 ) -> dict[str, Any]:
-    """Write a package atomically to ``out``; return what it holds (for the CLI)."""
+    """Write a package atomically to ``out``; return what it holds (for the CLI).
+
+    One bundle (``target_path``/``target_file``, a schema-1 ``envelope``) or several
+    (``targets``: (path, file) pairs, a schema-2 ``envelope`` naming each model)."""
     signed = envelope["signed"]
-    info = {"format": PACKAGE_FORMAT, "schema": 1, "fleet": fleet, "bundle": signed["bundle"],
-            "version": signed["version"], "target": target_path, "created": format_utc(now),
+    targets = list(targets or [])
+    if target_path is not None and target_file is not None:
+        targets.append((target_path, target_file))
+    if not targets:
+        raise BadInputError("an offline package needs at least one bundle")
+    models = signed.get("models") if isinstance(signed.get("models"), dict) else None
+    described: dict[str, Any] = (
+        {"models": {n: {"bundle": e["bundle"], "version": e["version"], "target": e["target"]} for n, e in models.items()}}
+        if models is not None
+        else {"bundle": signed["bundle"], "version": signed["version"], "target": targets[0][0]}
+    )
+    info = {"format": PACKAGE_FORMAT, "schema": 1, "fleet": fleet, **described, "created": format_utc(now),
             "sequence": signed["sequence"]}
     if not out.parent.is_dir():
         raise BadInputError(f"output folder {out.parent} does not exist")
@@ -74,14 +88,14 @@ def write_offline_package(
             _tar_bytes(tar, "desired.json", json.dumps(envelope, indent=2, sort_keys=True).encode(), now)
             for path in metadata:
                 _tar_file(tar, f"metadata/{path.name}", path, now)
-            _tar_file(tar, f"targets/{target_path}", target_file, now)
+            for path, file in targets:
+                _tar_file(tar, f"targets/{path}", file, now)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"package": str(out), "fleet": fleet, "device": signed["device"], "bundle": signed["bundle"],
-            "version": signed["version"], "target": target_path, "sequence": signed["sequence"],
-            "expires": signed["expires"]}
+    return {"package": str(out), "fleet": fleet, "device": signed["device"], **described,
+            "sequence": signed["sequence"], "expires": signed["expires"]}
 
 
 def _tar_bytes(tar: tarfile.TarFile, name: str, payload: bytes, now: _dt.datetime) -> None:

@@ -425,3 +425,77 @@ def test_two_models_through_a_real_broker_with_schema_2_documents(
     finally:
         agent.stop()
         director.close()
+
+
+@pytest.mark.slow
+def test_a_restart_in_probation_loads_the_stable_version_again(tmp_path: Path, agent_repo: AgentRepo) -> None:
+    """Killed in PROBATION: the restarted agent serves the candidate and keeps the previous
+    version loaded under ``stable`` again; a rollback then ends with it."""
+    config = write_config(tmp_path, agent_repo, window_s=0.3)
+    agent = AgentProcess(config)
+    agent.wait_serving()
+    assert _cli_install(config, agent_repo.export("1.0.0"))["update"]["state"] == "COMMITTED"
+    agent.stop()
+    config.write_text(config.read_text().replace("window_s = 0.3", "window_s = 600.0"))
+    agent = AgentProcess(config)
+    try:
+        agent.wait_serving()
+        assert agent_cli("install", str(agent_repo.export("2.0.0")), "--config", str(config), "--no-wait").returncode == 0
+        wait_for(lambda: agent.status()["update"]["state"] == "PROBATION", 60, what="probation")
+    finally:
+        agent.kill()
+    agent = AgentProcess(config)
+    try:
+        agent.wait_serving()
+        (digits,) = agent.status()["models"]
+        assert digits["labels"] == {"stable": 1, "candidate": 2}
+        assert [v["serving_version"] for v in digits["loaded"]] == [2, 1]
+        client = agent.client()
+        status, body = client.request("GET", "/v1/models/digits/labels/stable")
+        assert status == 200 and body["model_version_status"][0]["version"] == "1.0.0"
+        result = agent_cli("rollback", "--config", str(config), "--json")
+        assert result.returncode == 0, result.stderr
+        (digits,) = agent.status()["models"]
+        assert digits["version"] == "1.0.0" and digits["labels"] == {"stable": 1} and len(digits["loaded"]) == 1
+    finally:
+        agent.stop()
+
+
+def _two_model_package(agent_repo: AgentRepo, out: Path, versions: dict[str, str]) -> Path:
+    """An offline package carrying several models: one schema-2 document for device "*"."""
+    from edgeship.ota.offline import write_offline_package
+
+    repo = agent_repo.repo
+    envelope = _desired2(agent_repo, versions, "*")
+    roots = sorted(repo.metadata_dir.glob("*.root.json"), key=lambda p: int(p.name.split(".")[0]))
+    metadata = roots + [repo.metadata_dir / f"{role}.json" for role in ("timestamp", "snapshot", "targets")]
+    targets = [(repo.target_info(n, v).path, repo.target_info(n, v).file) for n, v in versions.items()]
+    write_offline_package(out, metadata=metadata, targets=targets, envelope=envelope, fleet=FLEET,
+                          now=dt.datetime.now(dt.timezone.utc))
+    return out
+
+
+def test_a_package_of_several_models_installs_each(tmp_path: Path, agent_repo: AgentRepo) -> None:
+    from edgeship.agent.models import peek_package_models
+
+    package = _two_model_package(agent_repo, tmp_path / "both.package", {"digits": "2.0.0", SECOND_MODEL: "2.0.0"})
+    assert peek_package_models(package) == ["digits", SECOND_MODEL]
+    # without a running agent: the command line installs each, up to PROBATION
+    config = write_config(tmp_path / "offline", agent_repo)
+    result = agent_cli("install", str(package), "--config", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    listed = {m["name"]: m for m in json.loads(result.stdout)["models"]}
+    assert {n: (m["version"], m["update"]["state"]) for n, m in listed.items()} == {
+        "digits": ("2.0.0", "PROBATION"), SECOND_MODEL: ("2.0.0", "PROBATION")}
+    # through a running agent: both updates, to the end
+    agent = Agent(agent_config(tmp_path / "running", agent_repo, probation_window_s=0.1)).start()
+    try:
+        reply = agent.dispatch({"op": "install", "package": str(package)})
+        assert sorted(u["model"] for u in reply["updates"]) == ["digits", SECOND_MODEL]
+        for name in ("digits", SECOND_MODEL):
+            driver = agent.models.driver(name)
+            wait_for(lambda d=driver: not d.in_progress, 60, what=name)
+            assert driver.state.update.state == "COMMITTED", driver.state.update.reason
+            assert agent.servables.resolve(name).version == "2.0.0"
+    finally:
+        agent.stop()

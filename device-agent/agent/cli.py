@@ -536,16 +536,30 @@ def install(package: str, config_path: str, as_json: bool, no_wait: bool, timeou
     if reply is None:
 
         def begin(models: Any) -> Any:
-            from .models import peek_package_model, read_index
+            from .models import peek_package_models, read_index
 
-            name = peek_package_model(path)
-            models.unremove(name)
-            driver = models.driver(name)
-            base = int(read_index(config).get("last_sequence", 0))
-            driver.begin(isolate_verification(OfflinePackageSource(path)), base_sequence=base)
-            return driver
+            names = peek_package_models(path)
+            drivers = []
+            for name in names:  # a package of several models: one update each, in turn
+                models.unremove(name)
+                driver = models.driver(name)
+                base = int(read_index(config).get("last_sequence", 0))
+                source = OfflinePackageSource(path, model=name if len(names) > 1 else None)
+                driver.begin(isolate_verification(source), base_sequence=base)
+                if name != names[-1]:
+                    driver.run(stop_at_probation=True)
+                drivers.append(driver)
+            failed = [d for d in drivers[:-1] if d.state.update is not None
+                      and d.state.update.state not in ("PROBATION", "COMMITTED")]
+            return failed[0] if failed else drivers[-1]
 
         _finish(_offline(config, begin, as_json, lock), "install", as_json)
+        return
+    others = [u for u in reply.get("updates") or [] if u.get("update") != reply["update"]]
+    if others and not no_wait:  # a package of several models: follow each, report the first that failed
+        docs = [_follow(config, u["update"], timeout, as_json) for u in [reply, *others]]
+        codes = [_EXIT_FOR_STATE.get(str((d.get("update") or {}).get("state")), EXIT_FAILURE) for d in docs]
+        _finish(next((d for d, c in zip(docs, codes) if c), docs[-1]), "install", as_json)
         return
     _accepted(config, reply, f"update {reply['update']} accepted by the running agent", "install",
               no_wait=no_wait, timeout=timeout, as_json=as_json)

@@ -34,7 +34,14 @@ from .control import AgentLock, ControlServer
 from .decoding import DecodeLimits
 from .faults import FaultHooks
 from .isolated import isolate_verification
-from .models import ModelDriver, ModelSet, peek_package_model, read_index, write_index
+from .models import (
+    ModelDriver,
+    ModelSet,
+    peek_package_model,
+    peek_package_models,
+    read_index,
+    write_index,
+)
 from .persistence import AgentState, InstalledBundle
 from .reporter import NullReporter, Reporter, state_document
 from .servables import Servables
@@ -474,7 +481,10 @@ class Agent:
                     "from it: put the package where the agent's user can read it, e.g. a USB mount "
                     "under /media)"
                 )
-            return {"ok": True, **self.submit(OfflinePackageSource(package))}
+            names = peek_package_models(Path(package))
+            started = [self.submit(OfflinePackageSource(package, model=n if len(names) > 1 else None), model=n)
+                       for n in names]
+            return {"ok": True, **started[0], "updates": started}
         if op == "rollback":
             model = request.get("model")
             return {"ok": True, **self.rollback(model if isinstance(model, str) and model else None)}

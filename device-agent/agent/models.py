@@ -30,6 +30,7 @@ __all__ = [
     "migrate_single_model",
     "model_home",
     "peek_package_model",
+    "peek_package_models",
     "stored_states",
 ]
 
@@ -165,9 +166,14 @@ def memory_refusal(name: str, budget_bytes: int, used_bytes: int, need_bytes: in
 
 
 def peek_package_model(path: Path) -> str:
-    """The model an offline package names (its unverified ``desired.json``), to pick the
-    driver that verifies it: a routing hint only (the update refuses a package whose
-    verified bundle is another model). Reads tar headers by hand: no tarfile import."""
+    """The (first) model an offline package names; see ``peek_package_models``."""
+    return peek_package_models(path)[0]
+
+
+def peek_package_models(path: Path) -> list[str]:
+    """The models an offline package names (its unverified ``desired.json``: one bundle,
+    or a schema-2 set), to pick the drivers that verify it: a routing hint only (an update
+    refuses a verified bundle of another model). Reads tar headers by hand: no tarfile import."""
     try:
         with open(path, "rb") as handle:
             for _ in range(64):
@@ -179,9 +185,9 @@ def peek_package_model(path: Path) -> str:
                 if member == "desired.json" and size <= 64 * 1024:
                     signed = json.loads(handle.read(size)).get("signed") or {}
                     models = signed.get("models")
-                    if isinstance(models, dict) and len(models) == 1:
-                        return str(next(iter(models)))
-                    return str(signed["bundle"])
+                    if isinstance(models, dict) and models:
+                        return sorted(str(n) for n in models)
+                    return [str(signed["bundle"])]
                 handle.seek((size + 511) // 512 * 512, os.SEEK_CUR)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BadInputError(f"offline package {path}: not readable as a package ({exc})") from None
@@ -283,28 +289,36 @@ class ModelSet:
                 continue
             self.load(driver)
 
+    def _open(self, driver: ModelDriver, bundle: InstalledBundle) -> LoadedModel | None:
+        try:
+            model, footprint = measure_footprint(
+                lambda: load_bundle_model(self.config, bundle, slots_dir=driver.home.slots_dir)
+            )
+        except EdgeshipError as exc:
+            log.error("cannot serve %s: %s", bundle.label, exc.message)
+            return None
+        model.footprint_bytes = max(footprint or 0, _file_size(driver.home.slots_dir / bundle.slot / bundle.model_file))
+        return model
+
     def load(self, driver: ModelDriver) -> None:
-        """Load and publish the bundle ``driver``'s model serves now."""
+        """Load and publish the bundle ``driver``'s model serves now; in PROBATION also the
+        previous version, kept loaded under ``stable`` as before the restart."""
         boot = driver.boot_bundle()
-        if boot is not None:
-            try:
-                model, footprint = measure_footprint(
-                    lambda boot=boot, driver=driver: load_bundle_model(
-                        self.config, boot, slots_dir=driver.home.slots_dir
-                    )
-                )
-            except EdgeshipError as exc:
-                log.error("cannot serve %s: %s", boot.label, exc.message)
-                return
-            model.footprint_bytes = max(footprint or 0, _file_size(driver.home.slots_dir / boot.slot / boot.model_file))
+        model = self._open(driver, boot) if boot is not None else None
+        if model is not None:
             driver.versions.serving.swap(model)
             self.servables.publish(driver.versions)
             update = driver.state.update
-            if update is None or is_terminal(State(update.state)):
-                driver.versions.set_label(STABLE, model.serving_version)
-            else:
+            if update is not None and update.state == State.PROBATION.value:
                 driver.versions.set_label(driver.candidate_label(), model.serving_version)
-            log.info("serving %s (version %d)", boot.label, model.serving_version)
+                previous = update.rollback_to
+                kept = self._open(driver, previous) if previous is not None and previous.slot != model.slot else None
+                if kept is not None:
+                    driver.versions.keep(kept)
+                    driver.versions.set_label(STABLE, kept.serving_version)
+            else:
+                driver.versions.set_label(STABLE, model.serving_version)
+            log.info("serving %s (version %d)", model.label, model.serving_version)
         if not driver.in_progress:
             driver.cleanup()
 
