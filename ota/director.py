@@ -172,20 +172,10 @@ class ModelEntry:
             raise MalformedDesiredStateError(f"{where}: not an object")
 
         def text(key: str, optional: bool = False) -> str | None:
-            value = doc.get(key)
-            if value is None and optional:
-                return None
-            if not isinstance(value, str) or not value or len(value) > 256:
-                raise MalformedDesiredStateError(f"{where}: {key!r} must be a non-empty string")
-            return value
+            return _text(doc, key, where, optional)
 
         def integer(key: str, optional: bool = False) -> int | None:
-            value = doc.get(key)
-            if value is None and optional:
-                return None
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value >= 1 << 63:
-                raise MalformedDesiredStateError(f"{where}: {key!r} must be a non-negative integer")
-            return value
+            return _integer(doc, key, where, optional)
 
         hashes = doc.get("hashes")
         if (not isinstance(hashes, Mapping) or "sha256" not in hashes
@@ -215,6 +205,25 @@ class ModelEntry:
 
 
 _ENTRY_FIELDS = ("bundle", "version", "target", "length", "hashes", "deployment", "rollout", "action")
+
+
+def _text(doc: Mapping[str, Any], key: str, where: str, optional: bool = False) -> str | None:
+    value = doc.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise MalformedDesiredStateError(f"{where}: {key!r} must be a non-empty string")
+    return value
+
+
+def _integer(doc: Mapping[str, Any], key: str, where: str, optional: bool = False) -> int | None:
+    """A non-negative int64 (a bool is no integer here)."""
+    value = doc.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value >= 1 << 63:
+        raise MalformedDesiredStateError(f"{where}: {key!r} must be a non-negative integer")
+    return value
 
 
 @dataclass(frozen=True)
@@ -345,18 +354,10 @@ class DesiredState:
             )
 
         def text(key: str, optional: bool = False) -> str | None:
-            value = doc.get(key)
-            if value is None and optional:
-                return None
-            if not isinstance(value, str) or not value or len(value) > 256:
-                raise MalformedDesiredStateError(f"desired state: {key!r} must be a non-empty string")
-            return value
+            return _text(doc, key, "desired state", optional)
 
         def integer(key: str) -> int:
-            value = doc.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise MalformedDesiredStateError(f"desired state: {key!r} must be a non-negative integer")
-            return value
+            return _integer(doc, key, "desired state")  # type: ignore[return-value]
 
         try:
             expires = parse_utc(doc.get("expires"))  # type: ignore[arg-type]
