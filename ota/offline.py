@@ -88,8 +88,8 @@ def write_offline_package(
             _tar_bytes(tar, "desired.json", json.dumps(envelope, indent=2, sort_keys=True).encode(), now)
             for path in metadata:
                 _tar_file(tar, f"metadata/{path.name}", path, now)
-            for path, file in targets:
-                _tar_file(tar, f"targets/{path}", file, now)
+            for name, file in targets:
+                _tar_file(tar, f"targets/{name}", file, now)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     finally:

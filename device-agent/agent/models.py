@@ -441,7 +441,11 @@ def latest(states: dict[str, AgentState]) -> str | None:
     """The model whose update started last (what one-model readers are shown)."""
     if not states:
         return None
-    return max(states, key=lambda n: (states[n].update.started if states[n].update else 0.0, n))
+    def started(name: str) -> tuple[float, str]:
+        update = states[name].update
+        return (update.started if update is not None else 0.0, name)
+
+    return max(states, key=started)
 
 
 def model_status(name: str, state: AgentState, versions: ModelVersions | None) -> dict[str, Any]:
