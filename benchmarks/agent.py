@@ -584,7 +584,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
         base = Path(tmp)
         config, model, _ = make_device(base)
-        from edgeship.agent.sources import VERIFY_IN_PROCESS_ENV
+        from edgeship.agent.isolated import VERIFY_IN_PROCESS_ENV
         from edgeship.ota.release import ReleaseRepository
 
         ReleaseRepository(base / "repo").export("digits", "2.0.0", base / "2.package", fleet="bench")

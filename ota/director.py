@@ -13,6 +13,12 @@ Envelope (what ``edgeship.ota.protocol.DesiredMessage.envelope`` carries)::
                 "rollout": ..., "action": "install" | "rollback"},
      "signatures": [{"keyid": <sha256 of the raw public key, hex>, "sig": <ed25519 signature, hex>}]}
 
+Schema 2 names the full set of models a device serves: instead of the bundle fields it has
+``"models": {<model name>: {"bundle", "version", "serving_version", "target", "length",
+"hashes", "deployment", "rollout", "action"}}``; a model name absent from the set is to be
+removed. ``DesiredState.models()`` gives the entries of either schema (schema 1: its one
+bundle, keyed by the bundle name, the other models left alone), ``schema2`` says which.
+
 The signature covers the canonical JSON (OLPC canonical JSON, as TUF signs) of
 ``signed``. Verification is a pure function of the envelope, the trusted key, the
 device's identity, the last sequence number it accepted and its clock.
@@ -23,9 +29,11 @@ from __future__ import annotations
 __all__ = [
     "ACTIONS",
     "DESIRED_STATE_SCHEMA",
+    "DESIRED_STATE_SCHEMAS",
     "DESIRED_STATE_TYPE",
     "DesiredState",
     "DirectorError",
+    "ModelEntry",
     "DirectorKeyError",
     "DirectorSignatureError",
     "ExpiredDesiredStateError",
@@ -64,6 +72,9 @@ from .versions import check_name, parse_version
 
 DESIRED_STATE_TYPE = "edgeship-desired-state"
 DESIRED_STATE_SCHEMA = 1
+"""The single-bundle form; still written for agents that read only it."""
+DESIRED_STATE_SCHEMAS = (1, 2)
+"""What this code reads: 1 (one bundle) and 2 (the full set of models, by name)."""
 ACTIONS = ("install", "rollback")
 _HEX = re.compile(r"^[0-9a-f]+$")
 _ISO = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
@@ -120,6 +131,102 @@ def canonical_json(obj: Any) -> bytes:
 
 
 @dataclass(frozen=True)
+class ModelEntry:
+    """One model's line of a desired state: which bundle (and version) it serves.
+
+    ``serving_version`` is the int64 the release repository assigned at publish (TF Serving
+    clients address it as ``/versions/N``); None where the document does not carry one (the
+    device then numbers the version itself)."""
+
+    bundle: str
+    version: str
+    target: str
+    length: int
+    hashes: dict[str, str]
+    serving_version: int | None = None
+    deployment: str | None = None
+    rollout: str | None = None
+    action: str = "install"
+
+    @property
+    def sha256(self) -> str:
+        return self.hashes["sha256"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bundle": self.bundle,
+            "version": self.version,
+            "serving_version": self.serving_version,
+            "target": self.target,
+            "length": int(self.length),
+            "hashes": dict(self.hashes),
+            "deployment": self.deployment,
+            "rollout": self.rollout,
+            "action": self.action,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], where: str = "desired state") -> ModelEntry:
+        """Validate one entry (``where`` names it in errors: ``desired state model 'digits'``)."""
+        if not isinstance(doc, Mapping):
+            raise MalformedDesiredStateError(f"{where}: not an object")
+
+        def text(key: str, optional: bool = False) -> str | None:
+            return _text(doc, key, where, optional)
+
+        def integer(key: str, optional: bool = False) -> int | None:
+            return _integer(doc, key, where, optional)
+
+        hashes = doc.get("hashes")
+        if (not isinstance(hashes, Mapping) or "sha256" not in hashes
+                or not all(isinstance(k, str) and isinstance(v, str) and _HEX.fullmatch(v) for k, v in hashes.items())):
+            raise MalformedDesiredStateError(f"{where}: 'hashes' must map algorithms to hex, sha256 included")
+        action = doc.get("action", "install")
+        if action not in ACTIONS:
+            raise MalformedDesiredStateError(f"{where}: action {action!r} is not one of {list(ACTIONS)}")
+        # the bundle and version name a folder on the device (work_dir/<bundle>-<version>): the
+        # same rules as the release repository's, never a path
+        try:
+            check_name(doc.get("bundle"))  # type: ignore[arg-type]
+            parse_version(doc.get("version"))  # type: ignore[arg-type]
+        except BadInputError as exc:
+            raise MalformedDesiredStateError(f"{where}: {exc.message}") from None
+        return cls(
+            bundle=text("bundle"),  # type: ignore[arg-type]
+            version=text("version"),  # type: ignore[arg-type]
+            target=text("target"),  # type: ignore[arg-type]
+            length=integer("length"),  # type: ignore[arg-type]
+            hashes={str(k): str(v) for k, v in hashes.items()},
+            serving_version=integer("serving_version", optional=True),
+            deployment=text("deployment", optional=True),
+            rollout=text("rollout", optional=True),
+            action=str(action),
+        )
+
+
+_ENTRY_FIELDS = ("bundle", "version", "target", "length", "hashes", "deployment", "rollout", "action")
+
+
+def _text(doc: Mapping[str, Any], key: str, where: str, optional: bool = False) -> str | None:
+    value = doc.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise MalformedDesiredStateError(f"{where}: {key!r} must be a non-empty string")
+    return value
+
+
+def _integer(doc: Mapping[str, Any], key: str, where: str, optional: bool = False) -> int | None:
+    """A non-negative int64 (a bool is no integer here)."""
+    value = doc.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value >= 1 << 63:
+        raise MalformedDesiredStateError(f"{where}: {key!r} must be a non-negative integer")
+    return value
+
+
+@dataclass(frozen=True)
 class DesiredState:
     """What one device (or ``"*"``: every device of ``fleet``) must run.
 
@@ -144,12 +251,72 @@ class DesiredState:
     action: str = "install"
     extra: dict[str, Any] = field(default_factory=dict)
     """Fields of a newer schema minor version this code does not know (kept, signed)."""
+    model_entries: Mapping[str, ModelEntry] | None = None
+    """Schema 2: the full set of models by name; None for a schema-1 document."""
 
     @property
     def sha256(self) -> str:
         return self.hashes["sha256"]
 
+    @property
+    def schema2(self) -> bool:
+        """Whether the document names the device's full set of models (absent = removed)."""
+        return self.model_entries is not None
+
+    @classmethod
+    def for_models(
+        cls,
+        *,
+        fleet: str,
+        device: str,
+        models: Mapping[str, ModelEntry],
+        sequence: int,
+        expires: _dt.datetime,
+        issued: _dt.datetime,
+    ) -> DesiredState:
+        """A schema-2 document: ``models`` is every model the device must serve."""
+        return cls(fleet=fleet, device=device, bundle="", version="", target="", length=0, hashes={},
+                   sequence=sequence, expires=expires, issued=issued, model_entries=dict(models))
+
+    def models(self) -> dict[str, ModelEntry]:
+        """The model entries: schema 2's set, or schema 1's one bundle under its name."""
+        if self.model_entries is not None:
+            return dict(self.model_entries)
+        serving = self.extra.get("serving_version")
+        return {self.bundle: ModelEntry(
+            bundle=self.bundle, version=self.version, target=self.target, length=self.length,
+            hashes=dict(self.hashes),
+            serving_version=serving if isinstance(serving, int) and not isinstance(serving, bool) else None,
+            deployment=self.deployment, rollout=self.rollout, action=self.action,
+        )}
+
+    def for_model(self, name: str) -> DesiredState:
+        """The schema-1 view of one model's entry (what the TUF check of its bundle reads)."""
+        entry = self.models().get(name)
+        if entry is None:
+            raise MalformedDesiredStateError(
+                f"desired state (sequence {self.sequence}) names no model {name!r} "
+                f"(it names {', '.join(sorted(self.models())) or 'none'})"
+            )
+        return DesiredState(fleet=self.fleet, device=self.device, bundle=entry.bundle, version=entry.version,
+                            target=entry.target, length=entry.length, hashes=dict(entry.hashes),
+                            sequence=self.sequence, expires=self.expires, issued=self.issued,
+                            deployment=entry.deployment, rollout=entry.rollout, action=entry.action)
+
     def to_dict(self) -> dict[str, Any]:
+        if self.model_entries is not None:
+            doc2: dict[str, Any] = dict(self.extra)
+            doc2.update({
+                "_type": DESIRED_STATE_TYPE,
+                "schema": 2,
+                "fleet": self.fleet,
+                "device": self.device,
+                "sequence": int(self.sequence),
+                "expires": format_utc(self.expires),
+                "issued": format_utc(self.issued),
+                "models": {name: entry.to_dict() for name, entry in sorted(self.model_entries.items())},
+            })
+            return doc2
         doc: dict[str, Any] = dict(self.extra)
         doc.update({
             "_type": DESIRED_STATE_TYPE,
@@ -179,61 +346,62 @@ class DesiredState:
             raise MalformedDesiredStateError(
                 f"desired state: _type is {doc.get('_type')!r}, expected {DESIRED_STATE_TYPE!r}"
             )
-        if doc.get("schema") != DESIRED_STATE_SCHEMA:
+        schema = doc.get("schema")
+        if schema not in DESIRED_STATE_SCHEMAS or isinstance(schema, bool):
             raise MalformedDesiredStateError(
-                f"desired state schema {doc.get('schema')!r} is not supported (this device reads "
-                f"{DESIRED_STATE_SCHEMA}); upgrade the agent"
+                f"desired state schema {schema!r} is not supported (this device reads "
+                f"{', '.join(map(str, DESIRED_STATE_SCHEMAS))}); upgrade the agent"
             )
 
         def text(key: str, optional: bool = False) -> str | None:
-            value = doc.get(key)
-            if value is None and optional:
-                return None
-            if not isinstance(value, str) or not value or len(value) > 256:
-                raise MalformedDesiredStateError(f"desired state: {key!r} must be a non-empty string")
-            return value
+            return _text(doc, key, "desired state", optional)
 
         def integer(key: str) -> int:
-            value = doc.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise MalformedDesiredStateError(f"desired state: {key!r} must be a non-negative integer")
-            return value
+            return _integer(doc, key, "desired state")  # type: ignore[return-value]
 
-        hashes = doc.get("hashes")
-        if (not isinstance(hashes, Mapping) or "sha256" not in hashes
-                or not all(isinstance(k, str) and isinstance(v, str) and _HEX.fullmatch(v) for k, v in hashes.items())):
-            raise MalformedDesiredStateError("desired state: 'hashes' must map algorithms to hex, sha256 included")
         try:
             expires = parse_utc(doc.get("expires"))  # type: ignore[arg-type]
             issued = parse_utc(doc.get("issued"))  # type: ignore[arg-type]
         except ValueError as exc:
             raise MalformedDesiredStateError(f"desired state: {exc}") from None
-        action = doc.get("action", "install")
-        if action not in ACTIONS:
-            raise MalformedDesiredStateError(f"desired state: action {action!r} is not one of {list(ACTIONS)}")
-        # the bundle and version name a folder on the device (work_dir/<bundle>-<version>): the
-        # same rules as the release repository's, never a path
-        try:
-            check_name(doc.get("bundle"))  # type: ignore[arg-type]
-            parse_version(doc.get("version"))  # type: ignore[arg-type]
-        except BadInputError as exc:
-            raise MalformedDesiredStateError(f"desired state: {exc.message}") from None
-        known = {"_type", "schema", "fleet", "device", "bundle", "version", "target", "length", "hashes",
-                 "sequence", "expires", "issued", "deployment", "rollout", "action"}
+        if schema == 2:
+            models = doc.get("models")
+            if not isinstance(models, Mapping):
+                raise MalformedDesiredStateError("desired state schema 2: 'models' must be an object")
+            entries: dict[str, ModelEntry] = {}
+            for name, item in models.items():
+                try:
+                    check_name(name)
+                except BadInputError as exc:
+                    raise MalformedDesiredStateError(f"desired state: model {exc.message}") from None
+                entries[name] = ModelEntry.from_dict(item, f"desired state model {name!r}")
+            known2 = {"_type", "schema", "fleet", "device", "sequence", "expires", "issued", "models"}
+            return cls(
+                fleet=text("fleet"),  # type: ignore[arg-type]
+                device=text("device"),  # type: ignore[arg-type]
+                bundle="", version="", target="", length=0, hashes={},
+                sequence=integer("sequence"),
+                expires=expires,
+                issued=issued,
+                extra={k: v for k, v in doc.items() if k not in known2},
+                model_entries=entries,
+            )
+        entry = ModelEntry.from_dict({k: doc.get(k) for k in _ENTRY_FIELDS if k in doc})
+        known = {"_type", "schema", "fleet", "device", "sequence", "expires", "issued", *_ENTRY_FIELDS}
         return cls(
             fleet=text("fleet"),  # type: ignore[arg-type]
             device=text("device"),  # type: ignore[arg-type]
-            bundle=text("bundle"),  # type: ignore[arg-type]
-            version=text("version"),  # type: ignore[arg-type]
-            target=text("target"),  # type: ignore[arg-type]
-            length=integer("length"),
-            hashes={str(k): str(v) for k, v in hashes.items()},
+            bundle=entry.bundle,
+            version=entry.version,
+            target=entry.target,
+            length=entry.length,
+            hashes=entry.hashes,
             sequence=integer("sequence"),
             expires=expires,
             issued=issued,
-            deployment=text("deployment", optional=True),
-            rollout=text("rollout", optional=True),
-            action=str(action),
+            deployment=entry.deployment,
+            rollout=entry.rollout,
+            action=entry.action,
             extra={k: v for k, v in doc.items() if k not in known},
         )
 
@@ -308,10 +476,11 @@ def _as_public_key(public_key: PublicKeyLike) -> Ed25519PublicKey:
 
 def sign_desired_state(state: DesiredState, private_key: Ed25519PrivateKey) -> dict[str, Any]:
     """The signed envelope ``{"signed": ..., "signatures": [{"keyid", "sig"}]}``."""
-    if state.action not in ACTIONS:
-        raise BadInputError(f"action {state.action!r} is not one of {list(ACTIONS)}")
-    if "sha256" not in state.hashes:
-        raise BadInputError("a desired state needs a sha256 hash of its target")
+    for name, entry in state.models().items():
+        if entry.action not in ACTIONS:
+            raise BadInputError(f"model {name}: action {entry.action!r} is not one of {list(ACTIONS)}")
+        if "sha256" not in entry.hashes:
+            raise BadInputError(f"model {name}: a desired state needs a sha256 hash of its target")
     signed = state.to_dict()
     signature = private_key.sign(canonical_json(signed))
     return {

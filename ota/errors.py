@@ -3,6 +3,12 @@
 Each domain error carries the process exit status it maps to; only the CLI
 edges (``edgeship`` and ``edgeship-agent``) turn an error into an exit. The
 message is one line that names what was wrong, where, and what to do.
+
+Each family also has a ``family`` name: what crosses a process boundary (a child that
+verifies an update, a converter stage) is ``(family, message, exit_code)``, and
+``error_from_family`` rebuilds the family's class on the other side, so the receiver
+maps it the same way (a ``security`` error is still REJECTED) without importing the
+module the child raised it from.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ __all__ = [
     "MissingExtraError",
     "require_module",
     "first_line",
+    "error_from_family",
 ]
 
 import importlib
 from types import ModuleType
+from typing import ClassVar
 
 EXIT_FAILURE = 1
 """Something failed that is not the user's input (I/O, a runtime crash)."""
@@ -46,6 +54,13 @@ class EdgeshipError(Exception):
     """
 
     exit_code: int = EXIT_FAILURE
+    family: ClassVar[str] = "error"
+    """The family's name; a subclass that names a new one registers it (``error_from_family``)."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "family" in cls.__dict__:
+            _FAMILIES.setdefault(cls.family, cls)
 
     def __init__(self, message: str, *, exit_code: int | None = None) -> None:
         super().__init__(message)
@@ -57,28 +72,42 @@ class EdgeshipError(Exception):
         return str(self.args[0]) if self.args else self.__class__.__name__
 
 
+_FAMILIES: dict[str, type[EdgeshipError]] = {}
+
+
 class BadInputError(EdgeshipError):
     """The user's input (a file, an option, data) cannot be used."""
 
     exit_code = EXIT_BAD_INPUT
+    family = "bad_input"
 
 
 class GateFailedError(EdgeshipError):
     """A configured quality gate refused the result."""
 
     exit_code = EXIT_GATE_FAILED
+    family = "gate_failed"
 
 
 class SecurityError(EdgeshipError):
     """Hostile or untrusted data: bad signature, hash, expiry, rollback, archive."""
 
     exit_code = EXIT_REJECTED
+    family = "security"
 
 
 class MissingExtraError(EdgeshipError):
     """An optional dependency is missing; the message names the extra to install."""
 
     exit_code = EXIT_MISSING_EXTRA
+    family = "missing_extra"
+
+
+def error_from_family(family: str, message: str, exit_code: int | None = None) -> EdgeshipError:
+    """The error of ``family`` (the base ``EdgeshipError`` for a family not loaded here),
+    with ``message`` and ``exit_code`` (None: the family's own)."""
+    cls = _FAMILIES.get(family, EdgeshipError)
+    return cls(message, exit_code=exit_code)
 
 
 def require_module(module: str, extra: str) -> ModuleType:

@@ -98,6 +98,9 @@ BUNDLES = {
 }
 
 
+SECOND_MODEL = "numbers"
+"""A second model name in the agent repository: versions 1.0.0 (fp32) and 2.0.0 (int8)."""
+
 _REQUIREMENTS: dict[str, dict[str, Any]] = {
     "needs-runtime": {"min_version": "99.0"},
     "other-arch": {"architectures": ["riscv64"]},
@@ -166,6 +169,11 @@ def _build(
                 out=out,
                 report={"signature": int8_signature},
             )
+        repo.publish(out)
+    # a second model name (another digits build) for the agents that serve several at once
+    for version, model, golden in (("1.0.0", digits_tflite, golden_fp32), ("2.0.0", digits_int8_tflite, golden_int8)):
+        out = base / f"{SECOND_MODEL}-{version}.bundle"
+        build_bundle(model, name=SECOND_MODEL, version=version, out=out, golden=golden)
         repo.publish(out)
     packages = base / "packages"
     packages.mkdir()

@@ -1,6 +1,6 @@
 """A fleet update's verification in a child process that downloads through the agent.
 
-``DirectorSource(isolate=True)`` runs admit (the director's signature) and fetch
+``IsolatedSource(DirectorSource(...))`` runs admit (the director's signature) and fetch
 (TUF refresh, bounded download, hashes, extraction) in ``edgeship.agent.isolated``;
 the child's TUF client asks this process for every byte (the proxy fetcher), and
 this process answers from its own downloader: here a folder-backed one with the
@@ -21,6 +21,7 @@ import pytest
 from ota_repo_simulator import make_bundle
 
 from edgeship.agent.config import parse_config
+from edgeship.agent.isolated import IsolatedSource
 from edgeship.agent.sources import Admission, DirectorSource, SourceContext, StagedBundle
 from edgeship.ota.block_transfer import BlockTransferFailed
 from edgeship.ota.errors import EdgeshipError, SecurityError
@@ -84,10 +85,11 @@ def _context(tmp_path: Path, repo: ReleaseRepository) -> SourceContext:
 
 
 def _source(repo: ReleaseRepository, downloader: Any, isolate: bool,
-            envelope: dict[str, Any] | None = None) -> DirectorSource:
+            envelope: dict[str, Any] | None = None) -> Any:
     if envelope is None:
         envelope = repo.sign_desired(fleet="plant", device="dev-1", name="digits", version="1.0.0", now=NOW)
-    return DirectorSource(envelope, downloader, {"kind": "mqtt", "envelope": envelope}, isolate=isolate)
+    source = DirectorSource(envelope, downloader, {"kind": "mqtt", "envelope": envelope})
+    return IsolatedSource(source) if isolate else source
 
 
 def test_the_child_verifies_what_this_process_downloads(tmp_path: Path, release: ReleaseRepository) -> None:
@@ -105,7 +107,7 @@ def test_the_child_verifies_what_this_process_downloads(tmp_path: Path, release:
     assert any(p.startswith("metadata/") for p in downloader.opened)
     assert any(p.startswith("targets/") for p in downloader.opened)
     # the same answer as the verification in this process
-    again = _source(release, FolderDownloader(release.path), isolate=False, envelope=source.envelope)
+    again = _source(release, FolderDownloader(release.path), isolate=False, envelope=source.inner.envelope)
     ctx2 = _context(tmp_path / "in-process", release)
     assert again.admit(ctx2) == admission
     assert again.fetch(ctx2).manifest == staged.manifest
@@ -136,9 +138,9 @@ def test_a_missing_target_fails_with_its_reason(tmp_path: Path, release: Release
 
 
 def test_a_forged_desired_state_is_refused_in_the_child(tmp_path: Path, release: ReleaseRepository) -> None:
-    source = _source(release, FolderDownloader(release.path), isolate=True)
-    source.envelope["signed"]["version"] = "9.9.9"  # the signature no longer matches
-    source._record["envelope"] = source.envelope
+    envelope = release.sign_desired(fleet="plant", device="dev-1", name="digits", version="1.0.0", now=NOW)
+    envelope["signed"]["version"] = "9.9.9"  # the signature no longer matches
+    source = _source(release, FolderDownloader(release.path), isolate=True, envelope=envelope)
     with pytest.raises(SecurityError, match="(?i)signature"):
         source.admit(_context(tmp_path, release))
 

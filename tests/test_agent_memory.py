@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -15,54 +16,63 @@ from pathlib import Path
 import pytest
 from agent_fixtures import AgentProcess, AgentRepo, agent_cli, rss_mb, write_config
 
-from edgeship.agent.isolated import _rebuild_error
+from edgeship.agent.isolated import (
+    VERIFY_IN_PROCESS_ENV,
+    IsolatedSource,
+    error_payload,
+    isolate_verification,
+    rebuild_error,
+)
+from edgeship.agent.loading import release_memory
 from edgeship.agent.runtimes import RuntimeUnavailableError
-from edgeship.agent.sources import VERIFY_IN_PROCESS_ENV, OfflinePackageSource
+from edgeship.agent.sources import OfflinePackageSource
 from edgeship.agent.state_machine import Event
-from edgeship.agent.updater import classify_error, release_memory
+from edgeship.agent.updater import classify_error
+from edgeship.ota.director import DirectorSignatureError
 from edgeship.ota.errors import BadInputError, EdgeshipError, SecurityError
 
 
 # -- the child's error comes back mapped the same way (pure) ------------------------------------------
 @pytest.mark.parametrize(
-    ("payload", "cls", "exit_code"),
+    ("raised", "cls", "exit_code"),
     [
-        # a class the agent has loaded: the same class
-        (("error", "edgeship.ota.errors", "BadInputError", "m", 2, False, False), BadInputError, 2),
-        (("error", "edgeship.ota.errors", "SecurityError", "m", 4, True, False), SecurityError, 4),
-        # a module the agent must not import (cryptography would come with it): the base class
-        # that keeps REJECTED, with the child's exit code
-        (
-            ("error", "edgeship.not.loaded", "DirectorSignatureError", "m", 4, True, False),
-            SecurityError,
-            4,
-        ),
-        (("error", "edgeship.not.loaded", "X", "m", 4, False, True), RuntimeUnavailableError, 4),
-        (("error", "edgeship.not.loaded", "X", "m", 1, False, False), EdgeshipError, 1),
-        # a bug in the child (no class): FAILED with its "Type: message" reason
-        (("error", "", "", "KeyError: 'x'", None, False, False), EdgeshipError, 1),
+        # a family the agent has loaded: that family's class
+        (BadInputError("m"), BadInputError, 2),
+        (SecurityError("m"), SecurityError, 4),
+        # a subclass from a module the agent must not import (cryptography would come with
+        # it): its family's class, which keeps REJECTED, with the child's exit code
+        (DirectorSignatureError("m"), SecurityError, 4),
+        (RuntimeUnavailableError("m", exit_code=4), RuntimeUnavailableError, 4),
+        (EdgeshipError("m"), EdgeshipError, 1),
+        # a bug in the child (no family): FAILED with its "Type: message" reason
+        (KeyError("x"), EdgeshipError, 1),
     ],
 )
-def test_child_errors_keep_class_message_and_exit_code(
-    payload: tuple, cls: type, exit_code: int
+def test_child_errors_keep_family_message_and_exit_code(
+    raised: Exception, cls: type, exit_code: int
 ) -> None:
-    exc = _rebuild_error(payload)
+    payload = pickle.loads(pickle.dumps(error_payload(raised)))  # what crosses the pipe
+    exc = rebuild_error(payload)
     assert type(exc) is cls
-    assert (
-        isinstance(exc, EdgeshipError) and exc.message == payload[3] and exc.exit_code == exit_code
-    )
-    rejected = payload[5] or payload[6]
+    message = "KeyError: 'x'" if isinstance(raised, KeyError) else "m"
+    assert isinstance(exc, EdgeshipError) and exc.message == message and exc.exit_code == exit_code
+    rejected = isinstance(raised, (SecurityError, RuntimeUnavailableError))
     assert classify_error(exc) is (Event.REJECT if rejected else Event.FAILURE)
+
+
+def test_an_unknown_family_comes_back_as_the_base_error() -> None:
+    exc = rebuild_error(("error", "from_a_newer_child", "m", 3))
+    assert type(exc) is EdgeshipError and exc.exit_code == 3
 
 
 def test_isolation_is_the_default_and_the_env_switch_turns_it_off(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.delenv(VERIFY_IN_PROCESS_ENV, raising=False)
-    assert OfflinePackageSource(tmp_path / "p").isolate is True
+    assert isinstance(isolate_verification(OfflinePackageSource(tmp_path / "p")), IsolatedSource)
     monkeypatch.setenv(VERIFY_IN_PROCESS_ENV, "1")
-    assert OfflinePackageSource(tmp_path / "p").isolate is False
-    assert OfflinePackageSource(tmp_path / "p", isolate=True).isolate is True
+    assert isinstance(isolate_verification(OfflinePackageSource(tmp_path / "p")), OfflinePackageSource)
+    assert isinstance(IsolatedSource(OfflinePackageSource(tmp_path / "p")), IsolatedSource)
 
 
 def test_release_memory_trims_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,8 +104,7 @@ def test_missing_package_fails_in_the_parent_with_the_same_message(
 
     config = agent_config(tmp_path, agent_repo)
     ctx = SourceContext(config, 0, dt.datetime.now(dt.timezone.utc), tmp_path / "w", tmp_path / "t")
-    source = OfflinePackageSource(tmp_path / "gone.package")
-    assert source.isolate
+    source = IsolatedSource(OfflinePackageSource(tmp_path / "gone.package"))
     with pytest.raises(BadInputError, match="no such file"):
         source.admit(ctx)
 
@@ -166,10 +175,11 @@ def test_in_process_switch_still_verifies_in_the_agent(
         "import sys\n"
         "from edgeship.agent.config import load_config\n"
         "from edgeship.agent.serving import ServingModel\n"
+        "from edgeship.agent.isolated import isolate_verification\n"
         "from edgeship.agent.sources import OfflinePackageSource\n"
         "from edgeship.agent.updater import UpdateDriver\n"
         "d = UpdateDriver(load_config(sys.argv[1]), serving=ServingModel())\n"
-        "d.begin(OfflinePackageSource(sys.argv[2])); r = d.run()\n"
+        "d.begin(isolate_verification(OfflinePackageSource(sys.argv[2]))); r = d.run()\n"
         "print(r.state, 'cryptography' in sys.modules, 'tensorflow' in sys.modules)\n"
     )
     package = agent_repo.export("1.0.0")

@@ -217,7 +217,7 @@ def test_sigkill_in_each_state_then_restart_ends_consistent(
             assert agent_cli("rollback", "--config", str(config), "--no-wait").returncode == 0
         wait_for(marker.exists, 60, what=f"the agent to pause in {state}")
         agent.kill()  # SIGKILL, mid-update
-        on_disk = json.loads((data / "state.json").read_text())
+        on_disk = json.loads((data / "models" / "digits" / "state.json").read_text())
         assert on_disk["update"]["state"] == state
         if state == "ROLLING_BACK":
             config.write_text(config.read_text().replace("window_s = 60.0", "window_s = 0.3"))
@@ -231,13 +231,14 @@ def test_sigkill_in_each_state_then_restart_ends_consistent(
             assert version in (active, new)  # never neither
             assert served_version(agent, x) == version
             outcomes[state] = (final, version == new)
-            slots = {p.name for p in (data / "slots").iterdir()}
+            slots = {p.name for p in (data / "models" / "digits" / "slots").iterdir()}
             assert doc["active"]["slot"] in slots
             assert slots <= {
                 doc["active"]["slot"],
                 *(b["slot"] for b in doc["previous"]),
             }  # no orphans
-            assert not any((data / "work").iterdir())
+            work = data / "models" / "digits" / "work"
+            assert not work.exists() or not any(work.iterdir())
             resumed = any("resumed" in h["reason"] for h in doc["update"]["history"])
             assert resumed is (state != "COMMITTED"), (
                 state
@@ -282,7 +283,7 @@ def test_model_that_kills_the_agent_in_probation_is_rolled_back_after_max_restar
         agent._log_handle.close()
         if agent.proc.returncode != -9:
             break
-        state = json.loads((load_config(config).data_dir / "state.json").read_text())["update"][
+        state = json.loads((load_config(config).data_dir / "models" / "digits" / "state.json").read_text())["update"][
             "state"
         ]
         if state != "PROBATION":

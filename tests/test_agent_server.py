@@ -156,10 +156,10 @@ def test_healthz_metrics_feedback_and_telemetry(api, x: np.ndarray) -> None:  # 
     assert client.request("POST", "/v1/models/digits:feedback", {"labels": [1]})[0] == 400
     status, text = client.request("GET", "/metrics")
     assert status == 200
-    assert 'edgeship_predict_requests_total{model="digits",version="1.0.0"} 4' in text
-    assert 'edgeship_predict_examples_total{model="digits",version="1.0.0"} 15' in text
+    assert 'edgeship_predict_requests_total{model="digits",version="1.0.0",serving_version="0"} 4' in text
+    assert 'edgeship_predict_examples_total{model="digits",version="1.0.0",serving_version="0"} 15' in text
     assert 'kind="bad_request"} 1' in text
-    assert 'edgeship_predict_latency_seconds_count{model="digits",version="1.0.0"} 3' in text
+    assert 'edgeship_predict_latency_seconds_count{model="digits",version="1.0.0",serving_version="0"} 3' in text
     assert "process_resident_memory_bytes" in text and "edgeship_disk_free_bytes" in text
     classes = sum(
         int(line.rsplit(" ", 1)[1])

@@ -134,3 +134,23 @@ def test_init_writes_a_config_the_unprivileged_service_user_can_read(tmp_path: P
     mode = stat.S_IMODE(out.stat().st_mode)
     assert mode & 0o044 == 0o044 and mode & 0o022 == 0, oct(mode)
     assert "password" not in out.read_text().lower()
+
+
+def test_version_json_states_the_agents_capabilities() -> None:
+    """What provisioning reads to know what an installed agent speaks (a real process)."""
+    import json
+
+    from agent_fixtures import agent_cli
+
+    from edgeship.agent.reporter import agent_version
+
+    done = agent_cli("--version", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["name"] == "edgeship-agent" and doc["version"] == agent_version()
+    assert doc["protocol"]["mqtt"] is True and doc["protocol"]["desired_schema"] == [1, 2]
+    assert doc["servables"] is True and "tfserving-rest" in doc["api"]
+    assert doc["runtimes"] and all(isinstance(v, str) for v in doc["runtimes"].values())
+    assert "tensorflow" not in doc["runtimes"]  # asking must not import TensorFlow
+    plain = agent_cli("--version")
+    assert plain.returncode == 0 and plain.stdout.strip() == f"edgeship-agent, version {agent_version()}"

@@ -111,8 +111,45 @@ def test_no_event_leaves_a_terminal_state() -> None:
         for event in Event:
             with pytest.raises(InvalidTransitionError):
                 next_state(state, event)
-    with pytest.raises(InvalidTransitionError):
-        next_state(S.ACTIVATING, E.REJECT)  # after activation a refusal is a failure
+
+def test_a_refusal_after_activation_rolls_back_like_a_failure() -> None:
+    for state in (S.ACTIVATING, S.PROBATION):
+        assert next_state(state, E.REJECT) is next_state(state, E.FAILURE) is S.ROLLING_BACK
+    assert next_state(S.ROLLING_BACK, E.REJECT) is S.FAILED
+
+
+def test_only_probation_waits_and_a_rollback_cannot_be_aborted() -> None:
+    from edgeship.agent.state_machine import WAITS, accepts
+
+    assert WAITS == {(S.PROBATION, E.DEFER)}
+    assert next_state(S.PROBATION, E.DEFER) is S.PROBATION
+    assert not accepts(S.ROLLING_BACK, E.ABORT)  # a rollback in progress finishes
+    for state in (S.DISK_CHECK, S.FETCHING, S.VERIFYING, S.INSTALLING, S.SELF_TEST, S.ACTIVATING, S.PROBATION):
+        assert accepts(state, E.ABORT)
+
+
+# Every (state, event) pair the driver can post, and where it must lead (None: no row).
+TABLE = [
+    (s, e, TRANSITIONS.get((s, e)))
+    for s in State
+    for e in Event
+]
+
+
+@pytest.mark.parametrize(("state", "event", "target"), TABLE, ids=[f"{s.value}-{e.value}" for s, e, _ in TABLE])
+def test_every_row_keeps_the_old_model_before_activation_and_rolls_back_after(
+    state: State, event: Event, target: State | None
+) -> None:
+    if target is None:
+        with pytest.raises(InvalidTransitionError):
+            next_state(state, event)
+        return
+    if state in PRE_ACTIVATION_STATES and event is not E.SUCCESS:
+        assert target in (S.FAILED, S.REJECTED)  # the old model never stopped serving
+    if state in (S.ACTIVATING, S.PROBATION) and event not in (E.SUCCESS, E.DEFER):
+        assert target is S.ROLLING_BACK  # after activation every way out but commit rolls back
+    if state is S.ROLLING_BACK and event is not E.SUCCESS:
+        assert target is S.FAILED
 
 
 @pytest.mark.parametrize(
@@ -351,7 +388,7 @@ def test_broker_table_takes_the_fleet_links_keys() -> None:
     ],
 )
 def test_tflite_runtime_order(prefer: list[str], runtimes: list[str] | None, order: list[str]) -> None:
-    from edgeship.agent.updater import tflite_runtime_order
+    from edgeship.agent.runtimes import tflite_runtime_order
 
     assert tflite_runtime_order(prefer, runtimes) == order
 
@@ -385,14 +422,14 @@ def test_tflite_runtime_order(prefer: list[str], runtimes: list[str] | None, ord
 def test_tflite_min_version(
     runtime: str, have: str, minimum: str | None, validated: dict | None, ok: bool, words: str
 ) -> None:
-    from edgeship.agent.updater import tflite_version_ok
+    from edgeship.agent.runtimes import tflite_version_ok
 
     result, reason = tflite_version_ok(runtime, have, minimum, validated)
     assert result is ok and words in reason, reason
 
 
 def test_only_states_before_activation_can_end_rejected() -> None:
-    """The driver turns a REJECT after activation into FAILURE (it rolls back): the set it
-    uses is exactly the states from which the table has a REJECT edge."""
-    rejectable = {state for (state, event) in TRANSITIONS if event is E.REJECT}
-    assert rejectable == set(PRE_ACTIVATION_STATES)
+    """A REJECT after activation rolls back (the table, not the driver, says so): the states
+    from which a REJECT reaches REJECTED are exactly those before activation."""
+    rejected = {state for (state, event), end in TRANSITIONS.items() if event is E.REJECT and end is S.REJECTED}
+    assert rejected == set(PRE_ACTIVATION_STATES)

@@ -96,8 +96,8 @@ MALFORMED: dict[str, Any] = {
         {"keyid": d.director_key_id(KEY.public_key()), "sig": "zz"}]}, d.DirectorSignatureError, "does not verify"),
     "other type": (lambda: resign(signed(), lambda s: s.update(_type="tuf-targets")), d.MalformedDesiredStateError,
                    "_type is 'tuf-targets'"),
-    "newer schema": (lambda: resign(signed(), lambda s: s.update(schema=2)), d.MalformedDesiredStateError,
-                     "schema 2 is not supported"),
+    "newer schema": (lambda: resign(signed(), lambda s: s.update(schema=3)), d.MalformedDesiredStateError,
+                     "schema 3 is not supported"),
     "bad action": (lambda: resign(signed(), lambda s: s.update(action="wipe")), d.MalformedDesiredStateError,
                    "action 'wipe'"),
     "no sha256": (lambda: resign(signed(), lambda s: s.update(hashes={"md5": "00"})), d.MalformedDesiredStateError,
@@ -164,3 +164,56 @@ def test_tuf_errors_map_to_their_own_types(exc: Exception, expected: type[Except
     mapped = u.map_tuf_error(exc)
     assert type(mapped) is expected
     assert str(exc) in mapped.message
+
+
+# -- schema 2: the full set of models a device serves ----------------------------------------------
+def entry(**changes: Any) -> d.ModelEntry:
+    fields: dict[str, Any] = dict(bundle="digits", version="1.4.0", target="digits/digits-1.4.0.bundle",
+                                  length=52736, hashes={"sha256": "ab" * 32}, serving_version=7)
+    fields.update(changes)
+    return d.ModelEntry(**fields)
+
+
+def signed2(models: dict[str, d.ModelEntry], sequence: int = 10) -> dict:
+    state2 = d.DesiredState.for_models(fleet="plant", device="dev-1", models=models, sequence=sequence,
+                                       expires=NOW + dt.timedelta(hours=1), issued=NOW)
+    return d.sign_desired_state(state2, KEY)
+
+
+def test_schema2_round_trips_every_model_entry() -> None:
+    models = {"digits": entry(), "wake": entry(bundle="wake", version="2.0.0", target="wake/wake-2.0.0.bundle",
+                                               serving_version=None, rollout="canary", deployment="dep-9")}
+    envelope = signed2(models)
+    assert envelope["signed"]["schema"] == 2 and "bundle" not in envelope["signed"]
+    got = verify(envelope)
+    assert got.schema2 and got.models() == models
+    assert got.for_model("wake").bundle == "wake" and got.for_model("wake").sequence == 10
+    with pytest.raises(d.MalformedDesiredStateError, match="names no model 'other'"):
+        got.for_model("other")
+
+
+def test_schema2_with_no_models_means_remove_all() -> None:
+    got = verify(signed2({}))
+    assert got.schema2 and got.models() == {}
+
+
+def test_schema1_reads_as_its_one_model_and_leaves_the_others_alone() -> None:
+    got = verify(signed())
+    assert not got.schema2
+    assert got.models() == {"digits": entry(serving_version=None, deployment="dep-1")}
+    carried = verify(resign(signed(), lambda s: s.update(serving_version=4)))
+    assert carried.models()["digits"].serving_version == 4
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda s: s.update(models=[]), "'models' must be an object"),
+    (lambda s: s["models"].update({"../x": s["models"]["digits"]}), "model"),
+    (lambda s: s["models"]["digits"].update(hashes={}), "model 'digits': 'hashes'"),
+    (lambda s: s["models"]["digits"].update(serving_version=-1), "'serving_version' must be a non-negative"),
+    (lambda s: s["models"]["digits"].update(serving_version=True), "'serving_version' must be a non-negative"),
+    (lambda s: s["models"]["digits"].update(action="wipe"), "action 'wipe'"),
+    (lambda s: s["models"]["digits"].update(version="../1"), "model 'digits'"),
+])
+def test_schema2_malformed_entries_are_refused(mutate: Callable[[dict], None], message: str) -> None:
+    with pytest.raises(d.MalformedDesiredStateError, match=message):
+        verify(resign(signed2({"digits": entry()}), mutate))

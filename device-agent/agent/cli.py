@@ -9,6 +9,9 @@ an exit status (1 failure, 2 bad input, 3 gate refused, 4 verification refused,
 ``install`` and ``rollback`` talk to the running agent over its control socket;
 when no agent runs they take the data folder's lock and do the update here, up
 to activation (probation then runs when the agent starts).
+
+Longer than the project's usual module: one concept, the command line (each command's
+options and its one path through the running agent or the data folder's lock).
 """
 
 from __future__ import annotations
@@ -58,12 +61,46 @@ def _say(text: str) -> None:
     click.echo(text, err=True)
 
 
+def capabilities() -> dict[str, Any]:
+    """What this agent can do, for whoever installs or manages it (``--version --json``):
+    provisioning reads this instead of guessing from the installed files."""
+    from edgeship.ota.director import DESIRED_STATE_SCHEMAS
+
+    from .reporter import agent_version
+    from .runtimes import available_runtimes
+
+    return {
+        "name": "edgeship-agent",
+        "version": agent_version(),
+        "protocol": {"mqtt": True, "desired_schema": list(DESIRED_STATE_SCHEMAS), "reported_models": True},
+        "runtimes": available_runtimes(include_tensorflow=False),
+        "formats": ["tflite", "onnx"],
+        "servables": True,
+        "api": ["tfserving-rest"],
+    }
+
+
 @click.group(
-    cls=ErrorReportingGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+    cls=ErrorReportingGroup,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-@click.version_option(package_name="edgeship")
-def cli() -> None:
+@click.option("--version", "show_version", is_flag=True, help="print the version and exit (with --json: capabilities)")
+@click.option("--json", "as_json", is_flag=True, help="with --version: one JSON document of the agent's capabilities")
+@click.pass_context
+def cli(ctx: click.Context, show_version: bool, as_json: bool) -> None:
     """edgeship-agent: verify, install, self-test, swap, serve, watch and roll back models."""
+    if show_version:
+        if as_json:
+            _emit(capabilities())
+        else:
+            from .reporter import agent_version
+
+            click.echo(f"edgeship-agent, version {agent_version()}")
+        ctx.exit(0)
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+        ctx.exit(0)
 
 
 # -- init ----------------------------------------------------------------------------------------
@@ -233,11 +270,12 @@ def run(
         overrides["trusted_network"] = True
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    from .fleet_link import open_fleet_link  # issue 5: MQTT when [broker] url is set
+    from .fleet_link import open_fleet_link  # MQTT when [broker] url is set
 
     link = open_fleet_link(config)  # None without a broker: no MQTT at all
     agent = Agent(
-        config, reporter=link.reporter if link else LogReporter(), registry=link.registry if link else None
+        config, reporter=link.reporter if link else LogReporter(), registry=link.registry if link else None,
+        hooks=_fault_hooks(config.data_dir),
     ).start()
     if link is not None:
         link.attach(agent)
@@ -259,16 +297,41 @@ def run(
             link.close()  # status "offline" (a crash leaves that to the last will)
 
 
+FAULT_ENV = ("EDGESHIP_AGENT_TEST_PAUSE_IN", "EDGESHIP_AGENT_TEST_KILL_IN")
+"""Test-only (docs/agent.md, "Crash tests"): comma-separated update states in which the
+agent pauses (writing ``<data>/test-paused-in-STATE``) or SIGKILLs itself."""
+
+
+def _fault_hooks(data_dir: Path) -> Any:
+    """Fault injection for crash tests, only when one of FAULT_ENV is set (else None)."""
+    import os
+
+    def states(name: str) -> frozenset[str]:
+        return frozenset(s.strip().upper() for s in os.environ.get(name, "").split(",") if s.strip())
+
+    pause, kill = (states(name) for name in FAULT_ENV)
+    if not pause and not kill:
+        return None
+    from .faults import FaultHooks
+
+    return FaultHooks(pause_in=pause, kill_in=kill, marker_dir=data_dir)
+
+
 # -- status --------------------------------------------------------------------------------------
 def _status(config: AgentConfig) -> dict[str, Any]:
     from .control import AgentNotRunning, ControlClient
     from .daemon import status_document
-    from .persistence import StateStore
+    from .models import latest, model_status, stored_states
+    from .persistence import AgentState
 
     try:
         return dict(ControlClient(config.control_socket, timeout=10).call("status")["status"])
     except AgentNotRunning:
-        return status_document(config, StateStore(config.state_file).load(), running=False)
+        states = stored_states(config)
+        primary = latest(states)
+        state = states[primary] if primary is not None else AgentState()
+        models = [model_status(name, s, None) for name, s in sorted(states.items())]
+        return status_document(config, state, running=False, models=models)
 
 
 @cli.command()
@@ -288,6 +351,11 @@ def status(config_path: str, as_json: bool) -> None:
     click.echo(f"active   {active['name'] + ' ' + active['version'] if active else '-'}")
     kept = ", ".join(f"{b['name']} {b['version']}" for b in doc["previous"]) or "-"
     click.echo(f"kept     {kept}")
+    for entry in doc.get("models") or []:
+        labels = ", ".join(f"{k}={v}" for k, v in sorted((entry.get("labels") or {}).items())) or "-"
+        state = (entry.get("update") or {}).get("state") or "-"
+        what = "removed" if entry.get("removed") else f"{entry.get('version') or '-'} (serving version {entry.get('serving_version')})"
+        click.echo(f"model    {entry['name']}: {what}, labels {labels}, update {state}")
     update = doc["update"]
     if update:
         click.echo(
@@ -338,6 +406,10 @@ def _follow(config: AgentConfig, update_id: str, timeout: float, quiet: bool) ->
     while True:
         doc = _status(config)
         update = doc.get("update") or {}
+        for entry in doc.get("models") or []:  # another model may have changed since: find ours
+            if (entry.get("update") or {}).get("id") == update_id and update.get("id") != update_id:
+                update = entry["update"]
+                doc = {**doc, "update": update, "active": entry.get("active")}
         if update.get("id") != update_id:
             raise EdgeshipError(f"update {update_id} is no longer the agent's current update")
         history = update.get("history") or []
@@ -396,21 +468,31 @@ def _through_agent_or_locked(
 
 
 def _offline(config: AgentConfig, start: Callable[[Any], Any], quiet: bool, lock: Any) -> dict[str, Any]:
-    """No agent runs: with the lock held, drive the update here (up to PROBATION)."""
+    """No agent runs: with the lock held, drive the update here (up to PROBATION).
+    ``start(models)`` begins it and returns the driver that runs it."""
     from .daemon import status_document
-    from .updater import UpdateDriver
+    from .isolated import isolate_verification
+    from .models import ModelSet, model_status
+    from .servables import Servables
+    from .sources import SourceRegistry
 
     try:
-        driver = UpdateDriver(config, reporter=_ProgressReporter(quiet))
-        update = driver.state.update
-        # an update interrupted before activation is finished here first; one waiting in
-        # PROBATION (deferred to the running agent) is left alone: no restart is counted
-        if driver.in_progress and update is not None and update.state != "PROBATION":
-            driver.prepare_resume()
-            driver.run(stop_at_probation=True)
-        start(driver)
+        models = ModelSet(
+            config, Servables(), reporter=_ProgressReporter(quiet),
+            registry=SourceRegistry(wrap=isolate_verification), serving=False,
+        )
+        models.open(resume=False)
+        for driver in models.drivers():
+            update = driver.state.update
+            # an update interrupted before activation is finished here first; one waiting in
+            # PROBATION (deferred to the running agent) is left alone: no restart is counted
+            if driver.in_progress and update is not None and update.state != "PROBATION":
+                driver.prepare_resume()
+                driver.run(stop_at_probation=True)
+        driver = start(models)
         driver.run(stop_at_probation=True)
-        return status_document(config, driver.snapshot(), running=False)
+        listed = [model_status(d.name, d.snapshot(), None) for d in models.drivers()]
+        return status_document(config, driver.snapshot(), running=False, models=listed)
     finally:
         lock.release()
 
@@ -443,6 +525,7 @@ class _ProgressReporter:
 )
 def install(package: str, config_path: str, as_json: bool, no_wait: bool, timeout: float) -> None:
     """Install an offline update package (from `edgeship bundle export`)."""
+    from .isolated import isolate_verification
     from .sources import OfflinePackageSource
 
     config = load_config(config_path)
@@ -451,8 +534,32 @@ def install(package: str, config_path: str, as_json: bool, no_wait: bool, timeou
         raise BadInputError(f"offline package {package}: no such file")
     reply, lock = _through_agent_or_locked(config, "install", "install", package=str(path))
     if reply is None:
-        doc = _offline(config, lambda driver: driver.begin(OfflinePackageSource(path)), as_json, lock)
-        _finish(doc, "install", as_json)
+
+        def begin(models: Any) -> Any:
+            from .models import peek_package_models, read_index
+
+            names = peek_package_models(path)
+            drivers = []
+            for name in names:  # a package of several models: one update each, in turn
+                models.unremove(name)
+                driver = models.driver(name)
+                base = int(read_index(config).get("last_sequence", 0))
+                source = OfflinePackageSource(path, model=name if len(names) > 1 else None)
+                driver.begin(isolate_verification(source), base_sequence=base)
+                if name != names[-1]:
+                    driver.run(stop_at_probation=True)
+                drivers.append(driver)
+            failed = [d for d in drivers[:-1] if d.state.update is not None
+                      and d.state.update.state not in ("PROBATION", "COMMITTED")]
+            return failed[0] if failed else drivers[-1]
+
+        _finish(_offline(config, begin, as_json, lock), "install", as_json)
+        return
+    others = [u for u in reply.get("updates") or [] if u.get("update") != reply["update"]]
+    if others and not no_wait:  # a package of several models: follow each, report the first that failed
+        docs = [_follow(config, u["update"], timeout, as_json) for u in [reply, *others]]
+        codes = [_EXIT_FOR_STATE.get(str((d.get("update") or {}).get("state")), EXIT_FAILURE) for d in docs]
+        _finish(next((d for d, c in zip(docs, codes) if c), docs[-1]), "install", as_json)
         return
     _accepted(config, reply, f"update {reply['update']} accepted by the running agent", "install",
               no_wait=no_wait, timeout=timeout, as_json=as_json)
@@ -477,16 +584,27 @@ def _accepted(config: Any, reply: dict[str, Any], message: str, what: str, *, no
 @click.option(
     "--timeout", default=3600.0, show_default=True, help="seconds to wait for the rollback to end"
 )
-def rollback(config_path: str, as_json: bool, no_wait: bool, timeout: float) -> None:
+@click.option("--model", "model", default=None, help="which model (needed when the device serves several)")
+def rollback(config_path: str, as_json: bool, no_wait: bool, timeout: float, model: str | None) -> None:
     """Roll back: abort the update in progress, or go back to the previous kept bundle."""
     config = load_config(config_path)
-    reply, lock = _through_agent_or_locked(config, "rollback", "rollback")
+    reply, lock = _through_agent_or_locked(config, "rollback", "rollback", **({"model": model} if model else {}))
     if reply is None:
 
-        def start(driver: Any) -> None:
+        def start(models: Any) -> Any:
+            names = [model] if model else models.names()
+            busy = [n for n in names if models.get(n) is not None and models.get(n).in_progress]
+            if model and models.get(model) is None:
+                raise BadInputError(f"no model {model!r} on this device (models: {', '.join(models.names()) or 'none'})")
+            if not names:
+                raise BadInputError("nothing to roll back to: no model is installed on this device")
+            if len(busy) != 1 and len(names) != 1:
+                raise BadInputError(f"name the model (--model): this device serves {', '.join(names)}")
+            driver = models.driver(busy[0] if len(busy) == 1 else names[0])
             source = driver.rollback_request()
             if source is not None:
                 driver.begin(source, kind="rollback")
+            return driver
 
         _finish(_offline(config, start, as_json, lock), "rollback", as_json)
         return

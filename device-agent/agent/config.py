@@ -51,6 +51,8 @@ class AgentConfig:
     self_test_latency_ratio: float = 0.0
     self_test_runs: int = 20
     keep_previous: int = 2
+    memory_budget_mb: float = 0.0
+    """[models] memory_budget_mb: what every loaded model may take together (0: no budget)."""
     broker_url: str = ""
     telemetry_interval_s: float = 60.0
     # [server]: who may call the API beyond loopback (docs/security.md)
@@ -174,6 +176,7 @@ _KNOWN_KEYS: dict[str, frozenset[str] | None] = {
         {"window_s", "min_requests", "max_error_rate", "max_nonfinite_rate", "max_latency_ratio", "max_restarts"}
     ),
     "retention": frozenset({"keep_previous"}),
+    "models": frozenset({"memory_budget_mb"}),
     "telemetry": frozenset({"interval_s"}),
     "broker": None,  # url here; the fleet link's own keys are validated by fleet_link.load_link_settings
 }
@@ -239,6 +242,7 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None) -> Agen
         self_test_latency_ratio=r.get("self_test", "max_latency_ratio", float, 0.0),
         self_test_runs=r.get("self_test", "latency_runs", int, 20),
         keep_previous=r.get("retention", "keep_previous", int, 2),
+        memory_budget_mb=r.get("models", "memory_budget_mb", float, 0.0),
         broker_url=r.get("broker", "url", str, ""),
         telemetry_interval_s=r.get("telemetry", "interval_s", float, 60.0),
         api_token_file=optional_path("server", "token_file"),
@@ -282,6 +286,7 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None) -> Agen
         ("[probation] max_latency_ratio", cfg.max_latency_ratio),
         ("[self_test] max_latency_ratio", cfg.self_test_latency_ratio),
         ("[retention] keep_previous", cfg.keep_previous),
+        ("[models] memory_budget_mb", cfg.memory_budget_mb),
     ):
         _positive(where, name, value)
     _positive(where, "[probation] max_restarts", cfg.max_reentries, allow_zero=True)
@@ -344,6 +349,9 @@ max_restarts = 3          # agent restarts tolerated in one update state before 
 
 [retention]
 keep_previous = 2         # committed bundles kept besides the active one
+
+[models]
+memory_budget_mb = 0.0    # what all loaded models may take together; a model that would not fit is REJECTED (0: no budget)
 
 [telemetry]
 interval_s = 60.0         # how often a telemetry window goes to the reporter (MQTT with a broker)

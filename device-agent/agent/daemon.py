@@ -1,12 +1,15 @@
-"""``edgeship-agent run``: serving, the update worker, telemetry and the control socket.
+"""``edgeship-agent run``: serving, the update workers, telemetry and the control socket.
 
 Start order (fast to the first prediction, safe against crash loops): take the
-data folder's lock; read the state; count the re-entry of an interrupted update
-(before any model is loaded, so a model that kills the process is rolled back
-after ``max_restarts``); load and warm the bundle to serve; open the HTTP API;
-then resume the interrupted update on the worker thread.
+data folder's lock; move a one-model layout under ``models/`` (models.py); read each
+model's state; count the re-entry of each interrupted update (before any model is
+loaded, so a model that kills the process is rolled back after ``max_restarts``);
+load and warm each model's bundle to serve; open the HTTP API; then resume the
+interrupted updates, one worker thread per model (updates of different models run at
+the same time; one model's update never pauses another's serving). Slightly over the
+project's usual module size: one concept, the running agent and its entry points.
 
-The fleet (issue 5) plugs in here: ``Agent(config, reporter=MqttReporter(...),
+The fleet link plugs in here: ``Agent(config, reporter=MqttReporter(...),
 registry=...)`` and ``agent.submit_desired(envelope, fetcher)`` for each desired
 state it receives; the update then takes exactly the path of a local install.
 """
@@ -29,20 +32,25 @@ from edgeship.ota.errors import BadInputError, EdgeshipError
 from .config import AgentConfig
 from .control import AgentLock, ControlServer
 from .decoding import DecodeLimits
+from .faults import FaultHooks
+from .isolated import isolate_verification
+from .models import (
+    ModelDriver,
+    ModelSet,
+    peek_package_model,
+    peek_package_models,
+    read_index,
+    write_index,
+)
 from .persistence import AgentState, InstalledBundle
 from .reporter import NullReporter, Reporter, state_document
+from .servables import Servables
 from .server import ApiServer, ServerLimits, bind_refusal, load_access
 from .serving import ServingModel
-from .sources import (
-    BundleSource,
-    DirectorSource,
-    OfflinePackageSource,
-    SourceRegistry,
-    verify_in_child,
-)
+from .sources import BundleSource, DirectorSource, OfflinePackageSource, SlotSource, SourceRegistry
 from .state_machine import State, is_terminal
 from .telemetry import TelemetryWindow
-from .updater import TestHooks, UpdateDriver, load_bundle_model
+from .updater import UpdateDriver
 
 log = logging.getLogger("edgeship.agent")
 
@@ -69,11 +77,19 @@ def _host_text(host: str) -> str:
 
 
 def status_document(
-    config: AgentConfig, state: AgentState, *, running: bool, serving: dict[str, Any] | None = None
+    config: AgentConfig,
+    state: AgentState,
+    *,
+    running: bool,
+    serving: dict[str, Any] | None = None,
+    models: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """What ``edgeship-agent status --json`` prints (``active.name/version``, ``update.state/reason``)."""
+    """What ``edgeship-agent status --json`` prints: ``models`` lists every model (name,
+    version, serving_version, labels, update); the top-level ``active``/``update`` are
+    those of the model that changed last (what a one-model reader expects)."""
     update = state.update
     return {
+        "models": models if models is not None else [],
         "device": config.device_id,
         "fleet": config.fleet,
         "running": running,
@@ -160,22 +176,36 @@ class Agent:
         *,
         reporter: Reporter | None = None,
         registry: SourceRegistry | None = None,
-        hooks: TestHooks | None = None,
+        hooks: FaultHooks | None = None,
     ) -> None:
         self.config = config
         self.reporter = reporter or NullReporter()
-        self.registry = registry or SourceRegistry()
-        self.hooks = hooks or TestHooks.from_env(config.data_dir)
-        self.serving = ServingModel()
+        self.registry = registry or SourceRegistry(wrap=isolate_verification)
+        self.hooks = hooks
+        self.servables = Servables()
+        self.models = ModelSet(
+            config, self.servables, reporter=_ModelReporter(self), registry=self.registry, hooks=hooks,
+        )
         self.lock = AgentLock(config.lock_file)
-        self.driver: UpdateDriver | None = None
         self.api: ApiServer | None = None
         self.grpc: Any = None  # grpc_server.GrpcServer where [server] grpc_port is set
         self.control: ControlServer | None = None
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._wakes: dict[str, threading.Event] = {}
         self._threads: list[threading.Thread] = []
+        self._workers_lock = threading.Lock()
+        self._started = False
         self.started_at = 0.0
+
+    # -- one-model views (the model that changed last) -------------------------------------------
+    @property
+    def driver(self) -> ModelDriver | None:
+        return self.models.primary()
+
+    @property
+    def serving(self) -> ServingModel:
+        driver = self.models.primary()
+        return driver.versions.serving if driver is not None else ServingModel()
 
     # -- life cycle ------------------------------------------------------------------------------
     def _take_lock(self) -> None:
@@ -212,25 +242,10 @@ class Agent:
                 )
         self._take_lock()
         try:
-            driver = self.driver = UpdateDriver(
-                self.config,
-                serving=self.serving,
-                reporter=self.reporter,
-                registry=self.registry,
-                hooks=self.hooks,
-            )
-            driver.prepare_resume()
-            boot = driver.boot_bundle()
-            if boot is not None:
-                try:
-                    self.serving.swap(load_bundle_model(self.config, boot))
-                    log.info("serving %s", boot.label)
-                except EdgeshipError as exc:
-                    log.error("cannot serve %s: %s", boot.label, exc.message)
-            if not driver.in_progress:
-                driver.cleanup()
+            self.models.open()
+            self.models.load_boot_models()
             self.api = ApiServer(
-                self.serving,
+                self.servables,
                 self.config.data_dir,
                 self.config.bind_host,
                 self.config.bind_port,
@@ -258,19 +273,19 @@ class Agent:
         except BaseException:
             self.lock.release()
             raise
-        for target, name in (
-            (self._work, "edgeship-updater"),
-            (self._telemetry, "edgeship-telemetry"),
-        ):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._started = True
+        for driver in self.models.drivers():
+            self._worker_for(driver.name)
+        thread = threading.Thread(target=self._telemetry, name="edgeship-telemetry", daemon=True)
+        thread.start()
+        self._threads.append(thread)
         self._report_state()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
+        for wake in list(self._wakes.values()):
+            wake.set()
         if self.api is not None:
             self.api.stop()
         if self.grpc is not None:
@@ -292,84 +307,160 @@ class Agent:
         self.stop()
 
     # -- workers ---------------------------------------------------------------------------------
-    def _work(self) -> None:
-        assert self.driver is not None
+    def _worker_for(self, name: str) -> threading.Event:
+        """The wake-up event of ``name``'s update worker (started on first use)."""
+        with self._workers_lock:
+            wake = self._wakes.get(name)
+            if wake is None:
+                wake = self._wakes[name] = threading.Event()
+                if self._started:
+                    thread = threading.Thread(
+                        target=self._work, args=(name, wake), name=f"edgeship-updater-{name}", daemon=True
+                    )
+                    thread.start()
+                    self._threads.append(thread)
+            return wake
+
+    def _work(self, name: str, wake: threading.Event) -> None:
+        driver = self.models.driver(name)
         while not self._stop.is_set():
-            if self.driver.in_progress:
+            if driver.in_progress:
                 try:
-                    self.driver.run()
-                except Exception:  # pragma: no cover - the driver ends updates itself
-                    log.exception("update worker failed")
+                    driver.run()
+                except Exception:  # pragma: no cover - the driver ends updates itself; the worker must live on
+                    log.exception("update worker of %s failed", name)
                     time.sleep(1)
                 self._report_state()
                 continue
-            self._wake.wait(1.0)
-            self._wake.clear()
+            wake.wait(1.0)
+            wake.clear()
 
     def _telemetry(self) -> None:
-        window = TelemetryWindow(self.serving, self.config.data_dir)
+        window = TelemetryWindow(self.servables, self.config.data_dir)
         while not self._stop.wait(self.config.telemetry_interval_s):
             try:
                 self.reporter.report_telemetry(window.take())
-            except Exception:
+            except Exception:  # a failed report must not end the telemetry thread
                 log.exception("telemetry report failed")
 
+    def reported_document(self, driver: UpdateDriver | None = None) -> dict[str, Any]:
+        """The reported state: top-level fields from ``driver`` (default: the model that
+        changed last), ``models`` for every model (what a multi-model controller reads)."""
+        driver = driver or self.models.primary()
+        state = driver.snapshot() if driver is not None else AgentState()
+        model = driver.serving.current if driver is not None and driver.serving is not None else None
+        doc = state_document(self.config, state, model.runner.runtime if model else None)
+        doc["models"] = {
+            entry["name"]: {
+                "active": entry["active"],
+                "previous": entry["previous"],
+                "serving_version": entry["serving_version"],
+                "update": {k: v for k, v in (entry["update"] or {}).items() if k != "history"} or None,
+                "labels": entry["labels"],
+                "removed": entry["removed"],
+            }
+            for entry in self.models.status()
+        }
+        return doc
+
     def _report_state(self) -> None:
-        if self.driver is None:
-            return
         try:
-            model = self.serving.current
-            self.reporter.report_state(
-                state_document(
-                    self.config, self.driver.snapshot(), model.runner.runtime if model else None
-                )
-            )
-        except Exception:
+            self.reporter.report_state(self.reported_document())
+        except Exception:  # a failed report must not break the caller (an update's end)
             log.exception("state report failed")
 
     def _health(self) -> tuple[bool, dict[str, Any]]:
-        model = self.serving.current
-        update = self.driver.state.update if self.driver else None
+        serving = [v.serving.current for v in self.servables]
+        loaded = [m for m in serving if m is not None]
+        primary = self.models.primary()
+        update = primary.state.update if primary is not None else None
         doc: dict[str, Any] = {
-            "status": "ok" if model else "no model serving",
+            "status": "ok" if loaded else "no model serving",
             "update": update.state if update else None,
         }
-        if model is not None:
-            doc["model"] = {"name": model.name, "version": model.version}
-        return model is not None, doc
+        current = primary.serving.current if primary is not None and primary.serving is not None else None
+        first = current or (loaded[0] if loaded else None)
+        if first is not None:
+            doc["model"] = {"name": first.name, "version": first.version}
+        return bool(loaded), doc
 
     # -- requests --------------------------------------------------------------------------------
-    def submit(self, source: BundleSource, kind: str = "install") -> dict[str, Any]:
-        """Start an update (persisted before this returns); the worker runs it."""
-        assert self.driver is not None
-        record = self.driver.begin(source, kind)
-        self._wake.set()
-        return {"update": record.id, "state": record.state}
+    def submit(
+        self, source: BundleSource, kind: str = "install", *, model: str | None = None
+    ) -> dict[str, Any]:
+        """Start an update of ``model`` (default: the model the source names; persisted
+        before this returns); that model's worker runs it. A package's or a director's
+        verification runs in a child (isolated.py) unless turned off."""
+        name = model or _source_model(source)
+        self.models.unremove(name)
+        driver = self.models.driver(name)
+        base = int(read_index(self.config).get("last_sequence", 0))
+        record = driver.begin(isolate_verification(source), kind, base_sequence=base)
+        self.models.last_changed = name
+        self._worker_for(name).set()
+        return {"update": record.id, "state": record.state, "model": name}
 
     def submit_desired(
         self, envelope: dict[str, Any], fetcher: Any, record: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        """The fleet's entry point: a director envelope and a TUF fetcher (see sources.py)."""
-        return self.submit(DirectorSource(envelope, fetcher, record, isolate=verify_in_child()))
+        """The fleet's entry point: a director envelope and a TUF fetcher (see sources.py);
+        ``record["model"]`` names the model of a schema-2 document."""
+        source = DirectorSource(envelope, fetcher, record)
+        return self.submit(source, model=source.model or _source_model(source))
+
+    def accepted(self, sequence: int) -> None:
+        """A desired state was acted on in full: an older one is a replay from now on."""
+        index = read_index(self.config)
+        if sequence > int(index.get("last_sequence", 0)):
+            index["last_sequence"] = sequence
+            write_index(self.config, index)
+
+    def last_sequence(self) -> int:
+        highest = max((d.state.last_sequence for d in self.models.drivers()), default=0)
+        return max(highest, int(read_index(self.config).get("last_sequence", 0)))
+
+    def remove_model(self, name: str, reason: str) -> bool:
+        """The desired state no longer names ``name``: unload it (False: its update is
+        being aborted first; ask again)."""
+        done = self.models.remove(name, reason)
+        if done:
+            self._report_state()
+        return done
 
     def is_redelivery(self, envelope: dict[str, Any]) -> bool:
         """Whether a desired state was already acted on (a retained message seen again
         after a reconnect): its sequence is not above the last accepted one. A peek
         for deduplication only; an update verifies the signature itself."""
-        assert self.driver is not None
         signed = envelope.get("signed") if isinstance(envelope, dict) else None
         sequence = signed.get("sequence") if isinstance(signed, dict) else None
-        return isinstance(sequence, int) and sequence <= self.driver.state.last_sequence
+        return isinstance(sequence, int) and sequence <= self.last_sequence()
 
-    def rollback(self) -> dict[str, Any]:
-        """Abort the update in progress (after activation it rolls back), or roll back
-        to the most recent kept bundle through a full update of kind ``rollback``."""
-        assert self.driver is not None
-        source = self.driver.rollback_request()
+    def rollback(self, model: str | None = None) -> dict[str, Any]:
+        """Abort ``model``'s update in progress (after activation it rolls back), or roll
+        back to its most recent kept bundle through a full update of kind ``rollback``.
+        Without ``model``: the only model, or the one whose update is in progress."""
+        driver = self._driver_for(model)
+        source = driver.rollback_request()
         if source is None:
-            update = self.driver.state.update
-            return {"update": update.id if update else None, "aborted": True}
-        return self.submit(source, kind="rollback")
+            update = driver.state.update
+            return {"update": update.id if update else None, "aborted": True, "model": driver.name}
+        return self.submit(source, kind="rollback", model=driver.name)
+
+    def _driver_for(self, model: str | None) -> ModelDriver:
+        if model is not None:
+            driver = self.models.get(model)
+            if driver is None:
+                raise BadInputError(f"no model {model!r} on this device (models: {', '.join(self.models.names()) or 'none'})")
+            return driver
+        busy = [d for d in self.models.drivers() if d.in_progress]
+        served = [d for d in self.models.drivers() if not d.state.removed]
+        if len(busy) == 1:
+            return busy[0]
+        if len(served) == 1:
+            return served[0]
+        if not served:
+            raise BadInputError("nothing to roll back to: no model is installed on this device")
+        raise BadInputError(f"name the model (--model): this device serves {', '.join(d.name for d in served)}")
 
     def protocols(self) -> list[dict[str, str]]:
         """The protocols this agent serves and where (the start log line, ``status --json``)."""
@@ -390,14 +481,15 @@ class Agent:
         return found
 
     def status(self) -> dict[str, Any]:
-        assert self.driver is not None
-        model = self.serving.current
+        primary = self.models.primary()
+        model = primary.serving.current if primary is not None and primary.serving is not None else None
         serving = None
         if model is not None:
             snap = model.stats.snapshot()
             serving = {
                 "name": model.name,
                 "version": model.version,
+                "serving_version": model.serving_version,
                 "runtime": model.runner.runtime,
                 "runtime_version": model.runner.runtime_version,
                 "requests": snap["requests"],
@@ -408,7 +500,10 @@ class Agent:
                 "p95_ms": snap["latency"].quantile_ms(0.95),
                 "loaded_at": model.loaded_at,
             }
-        doc = status_document(self.config, self.driver.snapshot(), running=True, serving=serving)
+        state = primary.snapshot() if primary is not None else AgentState()
+        doc = status_document(self.config, state, running=True, serving=serving, models=self.models.status())
+        doc["memory"] = {"budget_mb": self.config.memory_budget_mb or None,
+                         "used_mb": round(self.models.memory_used() / (1 << 20), 3)}
         if self.api is not None:
             doc["server"] = f"{self.api.scheme}://{_host_text(self.api.host)}:{self.api.port}"
         doc["protocols"] = self.protocols()
@@ -432,7 +527,48 @@ class Agent:
                     "from it: put the package where the agent's user can read it, e.g. a USB mount "
                     "under /media)"
                 )
-            return {"ok": True, **self.submit(OfflinePackageSource(package))}
+            names = peek_package_models(Path(package))
+            started = [self.submit(OfflinePackageSource(package, model=n if len(names) > 1 else None), model=n)
+                       for n in names]
+            return {"ok": True, **started[0], "updates": started}
         if op == "rollback":
-            return {"ok": True, **self.rollback()}
+            model = request.get("model")
+            return {"ok": True, **self.rollback(model if isinstance(model, str) and model else None)}
         raise BadInputError(f"unknown control operation {op!r} (ping, status, install, rollback)")
+
+
+def _source_model(source: BundleSource) -> str:
+    """The model a source is for, before it is verified (a routing hint: the update
+    refuses a verified bundle of another model)."""
+    if isinstance(source, SlotSource):
+        return source.bundle.name
+    if isinstance(source, OfflinePackageSource):
+        return source.model or peek_package_model(source.path)
+    if isinstance(source, DirectorSource):
+        signed = source.envelope.get("signed") if isinstance(source.envelope, dict) else None
+        if source.model is not None:
+            return source.model
+        if isinstance(signed, dict) and isinstance(signed.get("bundle"), str):
+            return str(signed["bundle"])
+    raise BadInputError(f"cannot tell which model {source.describe()} is for")
+
+
+class _ModelReporter:
+    """What each model's driver reports through: its events carry the model's name, and
+    its state reports carry every model (``models``)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def report_event(self, event: dict[str, Any]) -> None:
+        bundle = event.get("bundle") or {}
+        if isinstance(bundle, dict) and bundle.get("name"):
+            event = {**event, "model": bundle["name"]}
+        self.agent.reporter.report_event(event)
+
+    def report_state(self, state: dict[str, Any]) -> None:
+        driver = self.agent.models.primary()
+        self.agent.reporter.report_state(self.agent.reported_document(driver))
+
+    def report_telemetry(self, telemetry: dict[str, Any]) -> None:
+        self.agent.reporter.report_telemetry(telemetry)

@@ -20,7 +20,11 @@ foreign, expired or replayed document never becomes an update), then decided by
 the pure :func:`decide_desired` on a worker thread: duplicates and replays are
 ignored, a document naming the bundle that already runs changes nothing, a newer
 document naming another version aborts the update in progress and is taken once
-it has ended. The agent verifies the document again when the update runs.
+it has ended. The agent verifies the document again when the update runs. A
+schema-2 document is decided model by model (one driver per model), and a model it
+no longer names is removed; a schema-1 document names one model and leaves the others.
+Longer than the project's usual module: one concept, the agent's side of the fleet
+protocol (reporter, desired-state worker and its decisions), each part needing the others.
 
 Without a broker (``[broker] url = ""``) none of this exists: the agent serves
 and updates from offline packages exactly as before. While the broker is down
@@ -88,8 +92,8 @@ from edgeship.ota.topics import (
 )
 
 from .config import AgentConfig
-from .reporter import state_document
-from .sources import DirectorSource, HttpFetchPlan, SourceRegistry, verify_in_child
+from .isolated import isolate_verification, verify_in_child
+from .sources import BundleSource, DirectorSource, HttpFetchPlan, SourceRegistry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -440,13 +444,13 @@ class FleetLink:
                 prefix=s.prefix, config=BlockTransferConfig(block_size=s.block_size, window=s.block_window,
                                                             request_timeout_s=s.block_timeout_s),
             )
-        self.registry = SourceRegistry()
+        self.registry = SourceRegistry(wrap=isolate_verification)
         self.registry.register(SOURCE_KIND, self._rebuild)
         self.agent: Any = None
         self._pending: tuple[int, dict[str, Any]] | None = None  # verified: (sequence, envelope)
         self._candidates: dict[int, dict[str, Any]] = {}  # received, not verified yet: claimed sequence -> envelope
-        self._taken = 0
-        self._aborted_for = 0
+        self._taken: dict[str, int] = {}       # model -> the highest sequence handed to its driver
+        self._aborted_for: dict[str, int] = {}
         self._last_refusal_event = -1e9
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -495,11 +499,11 @@ class FleetLink:
             log.debug("fleet link close: %s", exc)
 
     # -- update source after a restart --
-    def _rebuild(self, record: dict[str, Any]) -> DirectorSource:
+    def _rebuild(self, record: dict[str, Any]) -> BundleSource:
         envelope = record.get("envelope")
         if not isinstance(envelope, dict):
             raise EdgeshipError("the interrupted fleet update's record holds no desired-state envelope")
-        return DirectorSource(envelope, self.fetcher, record, isolate=verify_in_child())
+        return DirectorSource(envelope, self.fetcher, record)
 
     # -- desired states --
     def _on_desired(self, message: Any) -> None:
@@ -572,7 +576,7 @@ class FleetLink:
                 sequence, envelope = self._pending
             try:
                 done = self._consider(sequence, envelope)
-            except Exception:
+            except Exception:  # one bad document must not end the worker; it is logged and dropped
                 log.exception("desired state %d could not be handled", sequence)
                 done = True
             with self._cond:
@@ -582,53 +586,94 @@ class FleetLink:
                     self._cond.wait(0.5)  # an update runs: look again shortly
 
     def _consider(self, sequence: int, envelope: dict[str, Any]) -> bool:
-        """Decide and act on one verified desired state; False: try again later."""
-        agent = self.agent
-        driver = agent.driver
+        """Decide and act on one verified desired state, model by model; False: try again
+        later (an update of one of its models runs). Schema 2 names the full set: a model
+        it does not name is removed. Schema 1 names one model and leaves the others alone."""
         signed = envelope["signed"]
-        bundle = (str(signed["bundle"]), str(signed["version"]))
-        state = driver.snapshot()
-        update = state.update
-        in_progress = driver.in_progress
+        agent = self.agent
+        if signed.get("schema") == 2:
+            wanted = {str(n): (str(e["bundle"]), str(e["version"])) for n, e in (signed.get("models") or {}).items()}
+            gone = [n for n in agent.models.names() if n not in wanted]
+        else:
+            wanted, gone = {str(signed["bundle"]): (str(signed["bundle"]), str(signed["version"]))}, []
+        done = True
+        for name, bundle in sorted(wanted.items()):
+            done = self._consider_model(sequence, envelope, name, bundle, signed.get("schema") == 2) and done
+        for name in gone:
+            if self._taken.get(name, 0) >= sequence:
+                continue
+            removed = agent.remove_model(name, f"desired state {sequence} does not name it")
+            if removed:
+                self._taken[name] = sequence
+            done = removed and done
+        if done:
+            agent.accepted(sequence)
+        return done
+
+    def _consider_model(
+        self, sequence: int, envelope: dict[str, Any], name: str, bundle: tuple[str, str], schema2: bool
+    ) -> bool:
+        agent = self.agent
+        driver = agent.models.get(name)
+        state = driver.snapshot() if driver is not None else None
+        update = state.update if state is not None else None
+        in_progress = driver is not None and driver.in_progress
         running = None
         if in_progress and update is not None:
             if update.bundle:
                 running = (str(update.bundle.get("name")), str(update.bundle.get("version")))
             else:  # not admitted yet: what its envelope names
                 named = (update.source.get("envelope") or {}).get("signed") or {}
-                if named.get("bundle"):
-                    running = (str(named["bundle"]), str(named.get("version")))
-        active = (state.active.name, state.active.version) if state.active is not None else None
-        decision = decide_desired(sequence=sequence, bundle=bundle, last_sequence=int(state.last_sequence or 0),
-                                  taken_sequence=self._taken, active=active, running=running,
+                entry = (named.get("models") or {}).get(update.source.get("model") or name) if named.get("models") else named
+                if isinstance(entry, dict) and entry.get("bundle"):
+                    running = (str(entry["bundle"]), str(entry.get("version")))
+        active = (state.active.name, state.active.version) if state is not None and state.active is not None else None
+        if state is not None and state.removed:
+            active = None if (state.active is None or (state.active.name, state.active.version) != bundle) else active
+        accepted = int(read_index_sequence(agent))
+        last = max(accepted, int(state.last_sequence or 0) if state is not None else 0)
+        decision = decide_desired(sequence=sequence, bundle=bundle, last_sequence=last,
+                                  taken_sequence=self._taken.get(name, 0), active=active, running=running,
                                   in_progress=in_progress)
         self.decisions.append((time.time(), sequence, decision))
         action = decision.action
         if action in (DesiredAction.IGNORE_REPLAY, DesiredAction.IGNORE_SAME):
-            log.debug("desired state ignored: %s", decision.reason)
+            log.debug("desired state ignored for %s: %s", name, decision.reason)
             return True
         if action is DesiredAction.ALREADY_ACTIVE:
             log.info("desired state %d: %s; nothing to install", sequence, decision.reason)
-            self._taken = sequence
-            model = agent.serving.current
-            self.reporter.report_state(state_document(self.config, state, model.runner.runtime if model else None))
+            self._taken[name] = sequence
+            if state is not None and state.removed:
+                agent.models.restore(name)
+            self.reporter.report_state(agent.reported_document(driver))
             return True
         if action is DesiredAction.ABORT_AND_WAIT:
-            if self._aborted_for != sequence:
-                self._aborted_for = sequence
-                log.info("desired state %d supersedes the update in progress: %s", sequence, decision.reason)
+            if self._aborted_for.get(name) != sequence and driver is not None:
+                self._aborted_for[name] = sequence
+                log.info("desired state %d supersedes the update of %s in progress: %s", sequence, name, decision.reason)
                 driver.abort(f"superseded by desired state {sequence} ({bundle[0]} {bundle[1]})")
             return False
         if action is DesiredAction.WAIT:
             return False
+        record: dict[str, Any] = {"kind": SOURCE_KIND, "envelope": envelope}
+        if schema2:
+            record["model"] = name
         try:
-            reply = agent.submit_desired(envelope, self.fetcher, {"kind": SOURCE_KIND, "envelope": envelope})
+            reply = agent.submit_desired(envelope, self.fetcher, record)
         except EdgeshipError as exc:  # raced with an update that started meanwhile
-            log.info("desired state %d waits: %s", sequence, exc.message)
+            log.info("desired state %d waits for %s: %s", sequence, name, exc.message)
             return False
-        self._taken = sequence
-        log.info("desired state %d: update %s started (%s)", sequence, reply.get("update"), decision.reason)
+        self._taken[name] = sequence
+        log.info("desired state %d: update %s of %s started (%s)", sequence, reply.get("update"), name,
+                 decision.reason)
         return True
+
+
+def read_index_sequence(agent: Any) -> int:
+    """The highest desired state the agent acted on in full (replays below it are ignored)."""
+    from .models import read_index
+
+    return int(read_index(agent.config).get("last_sequence", 0))
 
 
 def verify_envelope(envelope: dict[str, Any], director_key: str, device: str, fleet: str, now: str) -> int:

@@ -1,4 +1,4 @@
-"""Run one source step (``admit`` or ``fetch``) in a short-lived child interpreter.
+"""Run an update source's ``admit`` or ``fetch`` in a short-lived child interpreter.
 
 Why: verifying an update imports TUF, securesystemslib, cryptography (a 7 MB Rust
 extension), urllib3 and tarfile, and a Python process never gives an imported
@@ -6,13 +6,13 @@ module back. Done in the serving process, one offline update left the idle agent
 about 15 MB bigger for the rest of its life (docs/agent.md, "Memory after an
 update"). The child does the work and exits; its imports and its heap go with it.
 
-Only the step's computation moves: the update driver in the parent still enters
-and persists every state, maps errors onto events (the child's exception comes
-back with the same message and exit code, as a class the driver maps the same
-way: ``SecurityError`` still means REJECTED) and owns the state machine. The child writes only where the in-process
-step would (the update's work folder). It dies with its parent
-(``PR_SET_PDEATHSIG``), so an agent killed mid-step leaves no writer behind when
-the restarted agent resumes the step.
+``IsolatedSource(inner)`` wraps any source: the same interface, its two steps run in
+the child, which rebuilds ``inner`` from its record and runs the plain class there
+(sources.py knows nothing of this module). Only the step's computation moves: the
+update driver in the parent still enters and persists every state, maps errors onto
+events and owns the state machine. The child writes only where the in-process step
+would (the update's work folder). It dies with its parent (``PR_SET_PDEATHSIG``), so
+an agent killed mid-step leaves no writer behind when the restarted agent resumes.
 
 Fleet updates too: a ``DirectorSource`` (admit: the director's signature; fetch:
 TUF refresh, download, extraction) runs here, its bytes fetched *through the
@@ -29,15 +29,24 @@ original stdout. The parent sends ``(op, source record, context fields, plan)``;
 the child may then ask ``("fetch", url)`` (answer ``("open",)`` or ``("fail",
 message, status)``), ``("next",)`` (``("chunk", bytes)``, ``("end",)`` or
 ``("fail", ...)``) and ``("close",)`` (no answer: the parent drops the transfer),
-and ends with ``("ok", result)`` or ``("error", class module, class name,
-message, exit code, is_security, is_runtime_unavailable)``. The child's own prints
-and logs go to stderr. Parent and child are the same program on the same machine:
-pickle is not read from anyone else.
+and ends with ``("ok", result)`` or ``("error", family, message, exit code)``: an
+error crosses as its family (``EdgeshipError.family``), rebuilt in the parent as that
+family's class, so ``security`` still means REJECTED. The child's own prints and logs
+go to stderr. Parent and child are the same program on the same machine: pickle is
+not read from anyone else.
 """
 
 from __future__ import annotations
 
-__all__ = ["run_call", "run_isolated"]
+__all__ = [
+    "VERIFY_IN_PROCESS_ENV",
+    "IsolatedSource",
+    "error_payload",
+    "isolate_verification",
+    "rebuild_error",
+    "run_call",
+    "verify_in_child",
+]
 
 import os
 import pickle
@@ -46,10 +55,83 @@ import subprocess
 import sys
 from typing import Any
 
-from edgeship.ota.errors import EdgeshipError, SecurityError, first_line
+from edgeship.ota.errors import EdgeshipError, error_from_family, first_line
+
+from .runtimes import RuntimeUnavailableError  # registers its error family for rebuild_error
+from .sources import (
+    Admission,
+    BundleSource,
+    DirectorSource,
+    HttpFetchPlan,
+    OfflinePackageSource,
+    SourceContext,
+    StagedBundle,
+)
+
+VERIFY_IN_PROCESS_ENV = "EDGESHIP_AGENT_VERIFY_IN_PROCESS"
+"""Set to ``1``: updates are verified in the agent's own process (diagnostics, the
+benchmark's comparison; costs ~15 MB of idle RSS for good)."""
+
+_REBUILT_FAMILIES = (RuntimeUnavailableError,)
+"""Families defined in the agent (the others come with edgeship.ota.errors): imported
+here so that a child's ``runtime_unavailable`` is rebuilt as itself."""
 
 
-def _context_fields(ctx: Any) -> dict[str, Any]:
+def verify_in_child() -> bool:
+    """Whether update verification runs in a short-lived child (the default), or in
+    the agent's own process (``EDGESHIP_AGENT_VERIFY_IN_PROCESS=1``)."""
+    return os.environ.get(VERIFY_IN_PROCESS_ENV) != "1"
+
+
+def isolate_verification(source: BundleSource) -> BundleSource:
+    """``source`` wrapped so that its verification runs in a child, where it verifies
+    anything (a package or a director document) and unless ``EDGESHIP_AGENT_VERIFY_IN_PROCESS=1``;
+    a kept slot is only re-hashed: it stays in process."""
+    if isinstance(source, (OfflinePackageSource, DirectorSource)) and verify_in_child():
+        return IsolatedSource(source)
+    return source
+
+
+class IsolatedSource(BundleSource):
+    """``inner``'s admit and fetch, each in a short-lived child (see the module doc)."""
+
+    def __init__(self, inner: BundleSource) -> None:
+        self.inner = inner
+        self.kind = inner.kind  # type: ignore[misc]
+
+    def to_record(self) -> dict[str, Any]:
+        return self.inner.to_record()
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def precheck(self, ctx: SourceContext) -> None:
+        self.inner.precheck(ctx)
+
+    def cleanup(self, ctx: SourceContext) -> None:
+        self.inner.cleanup(ctx)
+
+    def _run(self, op: str, ctx: SourceContext) -> Any:
+        self.inner.precheck(ctx)  # here: no child is started for a package that cannot fit
+        plan: dict[str, Any] = {}
+        fetcher = None
+        if isinstance(self.inner, DirectorSource):
+            fetcher = self.inner.fetcher
+            plan = {"director": True, "http": None}
+            if isinstance(fetcher, HttpFetchPlan):
+                plan["http"] = (fetcher.url, fetcher.work_dir, fetcher.ca_file)
+        return _run_child((op, self.to_record(), _context_fields(ctx), plan), fetcher)
+
+    def admit(self, ctx: SourceContext) -> Admission:
+        result: Admission = self._run("admit", ctx)
+        return result
+
+    def fetch(self, ctx: SourceContext) -> StagedBundle:
+        staged: StagedBundle = self._run("fetch", ctx)
+        return staged
+
+
+def _context_fields(ctx: SourceContext) -> dict[str, Any]:
     return {
         "config": ctx.config,
         "last_sequence": ctx.last_sequence,
@@ -59,26 +141,18 @@ def _context_fields(ctx: Any) -> dict[str, Any]:
     }
 
 
-def _rebuild_error(payload: tuple[Any, ...]) -> BaseException:
-    """The child's exception as the same class when the agent has its module loaded,
-    else as the base that keeps the driver's error mapping and exit code
-    (RuntimeUnavailableError, SecurityError, EdgeshipError), with the same message."""
-    from .runtimes import RuntimeUnavailableError
+def error_payload(exc: BaseException) -> tuple[Any, ...]:
+    """The child's reply for ``exc``: its family, message and exit code (a bug that is
+    no EdgeshipError: the base family, with the reason the in-process step would give)."""
+    if isinstance(exc, EdgeshipError):
+        return ("error", exc.family, exc.message, exc.exit_code)
+    return ("error", EdgeshipError.family, f"{type(exc).__name__}: {first_line(exc)}", None)
 
-    _, module, name, message, exit_code, is_security, is_runtime = payload
-    # only a class whose module the agent already has: importing e.g. edgeship.ota.director
-    # here would pull cryptography into the serving process, which is what the child avoids
-    cls: Any = getattr(sys.modules.get(module), name, None) if module else None
-    if isinstance(cls, type) and issubclass(cls, EdgeshipError):
-        try:
-            return cls(message, exit_code=exit_code)
-        except TypeError:  # a subclass with another constructor: the base below
-            cls = None
-    if is_runtime:
-        return RuntimeUnavailableError(message, exit_code=exit_code)
-    if is_security:
-        return SecurityError(message, exit_code=exit_code)
-    return EdgeshipError(message, exit_code=exit_code)
+
+def rebuild_error(payload: tuple[Any, ...]) -> EdgeshipError:
+    """The child's error in the parent: its family's class, message and exit code."""
+    _, family, message, exit_code = payload
+    return error_from_family(str(family), str(message), exit_code)
 
 
 _FRAME = struct.Struct(">I")
@@ -154,17 +228,6 @@ class _FetchServer:
             close()  # the downloader's generator: a refused stream starts over next time
 
 
-def run_isolated(
-    op: str, record: dict[str, Any], ctx: Any, *, fetcher: Any = None, plan: dict[str, Any] | None = None
-) -> Any:
-    """``source.<op>(ctx)`` for the source rebuilt from ``record``, in a child
-    interpreter; returns its result or raises its error (see the module doc).
-    ``fetcher``: what the child's downloads go through (a ``DirectorSource``'s);
-    ``plan``: how the child rebuilds a fleet source (``{"director": True,
-    "http": None or (url, work folder, CA file)}``)."""
-    return _run_child((op, record, _context_fields(ctx), plan or {}), fetcher)
-
-
 def run_call(function: str, *args: Any) -> Any:
     """``module:function(*args)`` in a child interpreter (plain data in and out)."""
     return _run_child(("call", {"function": function}, {"args": args}, {}), None)
@@ -218,7 +281,7 @@ def _run_child(request: tuple[Any, ...], fetcher: Any) -> Any:
         )
     if reply[0] == "ok":
         return reply[1]
-    raise _rebuild_error(reply)
+    raise rebuild_error(reply)
 
 
 def _die_with_parent() -> None:
@@ -292,8 +355,6 @@ def _child() -> int:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed goes to stderr, never into the reply
     channel = _Channel(sys.stdin.buffer, out)
-    from .runtimes import RuntimeUnavailableError
-
     op, record, fields, plan = _recv(sys.stdin.buffer)
     try:
         if op == "call":
@@ -302,7 +363,7 @@ def _child() -> int:
             module, _, name = str(record["function"]).partition(":")
             result = getattr(importlib.import_module(module), name)(*fields["args"])
         else:
-            from .sources import DirectorSource, SourceContext, SourceRegistry
+            from .sources import SourceRegistry
 
             source: Any
             if plan.get("director"):
@@ -316,25 +377,15 @@ def _child() -> int:
                     fetcher = _proxy_fetcher(channel)
                 source = DirectorSource(record["envelope"], fetcher, record)
             else:
-                source = SourceRegistry().rebuild(record)
-                setattr(source, "isolate", False)  # noqa: B010 - do the work here, not in another child
+                source = SourceRegistry().rebuild(record)  # the plain source: the work happens here
             result = getattr(source, op)(SourceContext(**fields))
         reply: tuple[Any, ...] = ("ok", result)
-    except EdgeshipError as exc:
-        reply = (
-            "error",
-            type(exc).__module__,
-            type(exc).__qualname__,
-            exc.message,
-            exc.exit_code,
-            isinstance(exc, SecurityError),
-            isinstance(exc, RuntimeUnavailableError),
-        )
-    except Exception as exc:  # noqa: BLE001 - a bug: FAILED with the reason the in-process step gives
-        import traceback
+    except Exception as exc:  # noqa: BLE001 - every error goes back to the parent by its family
+        if not isinstance(exc, EdgeshipError):
+            import traceback
 
-        traceback.print_exc()
-        reply = ("error", "", "", f"{type(exc).__name__}: {first_line(exc)}", None, False, False)
+            traceback.print_exc()
+        reply = error_payload(exc)
     _send(out, reply)
     return 0
 

@@ -39,6 +39,9 @@ class InstalledBundle:
     runtime: dict[str, Any] = field(default_factory=dict)
     installed_at: float = 0.0
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # member -> {size, sha256}, from the manifest
+    serving_version: int = 0
+    """The int64 clients address as ``/versions/N``: from the desired state, or assigned
+    on this device (the model's highest known + 1) when the update carried none."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +77,9 @@ class UpdateRecord:
     started: float = field(default_factory=time.time)
     finished: float | None = None
     probation_started: float | None = None
+    serving_version: int | None = None    # what the desired state assigned (None: numbered here)
+    rollout: str | None = None     # the rollout's label for the candidate (None: "candidate")
+    footprint_bytes: int | None = None  # resident-set growth measured by the self-test
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -97,6 +103,8 @@ class AgentState:
     previous: list[InstalledBundle] = field(default_factory=list)   # most recent first
     last_sequence: int = 0
     update: UpdateRecord | None = None
+    max_serving_version: int = 0   # the highest serving version this model ever had here
+    removed: bool = False          # the desired state no longer names this model: not loaded, slots kept
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -105,6 +113,8 @@ class AgentState:
             "previous": [b.to_dict() for b in self.previous],
             "last_sequence": self.last_sequence,
             "update": self.update.to_dict() if self.update else None,
+            "max_serving_version": self.max_serving_version,
+            "removed": self.removed,
         }
 
     @classmethod
@@ -114,6 +124,8 @@ class AgentState:
             previous=[InstalledBundle.from_dict(b) for b in data.get("previous", [])],
             last_sequence=int(data.get("last_sequence", 0)),
             update=UpdateRecord.from_dict(data["update"]) if data.get("update") else None,
+            max_serving_version=int(data.get("max_serving_version", 0)),
+            removed=bool(data.get("removed", False)),
         )
 
 

@@ -2,7 +2,7 @@
 
 ``Reporter`` is what the agent calls; the documents it passes have the shapes of
 ``edgeship.ota.protocol``'s ReportedMessage, EventMessage and TelemetryMessage
-(``to_dict()``), so an MQTT reporter (issue 5) only has to publish them on the
+(``to_dict()``), so an MQTT reporter only has to publish them on the
 device's topics. Here: ``NullReporter`` (no fleet) and ``LogReporter`` (JSON
 lines on the agent's log, what a device without a broker keeps).
 """

@@ -10,6 +10,10 @@ checked on the workstation by the same code that will run it on the device.
 
 Quantized (int8/uint8) inputs and outputs are handled here from the model's own
 scales and zero points: callers pass and receive float32.
+
+It also decides whether a bundle can run here at all (``check_bundle_runtime``: format,
+architecture, the TFLite version rules), before anything is loaded. Longer than the
+project's usual module: one concept, the runtimes, and what each one can open.
 """
 
 from __future__ import annotations
@@ -22,16 +26,23 @@ __all__ = [
     "ModelSignature",
     "RuntimeUnavailableError",
     "TensorSpec",
+    "LITERT_TFLITE_FLOOR",
     "available_runtimes",
+    "check_bundle_runtime",
     "detect_model_format",
     "match_names",
     "open_model",
     "tensor_aliases",
+    "tflite_runtime_order",
+    "tflite_version_ok",
+    "version_tuple",
 ]
 
 import importlib
 import importlib.util
 import os
+import platform
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -57,6 +68,8 @@ class ModelLoadError(BadInputError):
 
 class RuntimeUnavailableError(EdgeshipError):
     """No installed runtime can run this model (the device lacks what it needs)."""
+
+    family = "runtime_unavailable"
 
     exit_code = EXIT_REJECTED
 
@@ -405,7 +418,7 @@ class OnnxRunner(ModelRunner):
         ]
         try:
             self._session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
-        except Exception as exc:  # onnxruntime raises its own exception types
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own, undocumented exception types
             raise ModelLoadError(f"{path}: onnxruntime cannot load this ONNX model: {first_line(exc)}") from None
         self.providers = tuple(self._session.get_providers())
         self._input_names = [i.name for i in self._session.get_inputs()]
@@ -450,7 +463,7 @@ def _importable_tflite(name: str) -> bool:
         return False
     try:
         importlib.import_module(module_name)
-    except Exception:  # a broken install (e.g. tflite_runtime under numpy 2) is not available
+    except Exception:  # noqa: BLE001 - a broken install (e.g. tflite_runtime under numpy 2) is not available
         return False
     return True
 
@@ -470,8 +483,8 @@ def available_runtimes(*, include_tensorflow: bool = True) -> dict[str, str]:
     if importlib.util.find_spec("onnxruntime") is not None:
         try:
             found["onnxruntime"] = str(importlib.import_module("onnxruntime").__version__)
-        except Exception:
-            pass
+        except Exception:  # noqa: BLE001 - a broken install is reported as absent, not as a crash
+            return found
     return found
 
 
@@ -600,7 +613,105 @@ def _module_version(module_name: str) -> str:
                 pass
         module = importlib.import_module(module_name)
         return str(getattr(module, "__version__", "unknown"))
-    except Exception:
+    except Exception:  # noqa: BLE001 - any import failure: the version is unknown, never a crash
         return "unknown"
 
 
+
+
+# -- can this bundle run here? ----------------------------------------------------------------------
+
+LITERT_TFLITE_FLOOR = "2.17.0"
+"""The TensorFlow Lite version whose kernels every LiteRT (``ai_edge_litert``) release
+has: LiteRT was split out of TensorFlow after 2.17. A manifest's ``min_version`` for a
+.tflite model is a TensorFlow Lite version (the converter's ``min_runtime_version``),
+while LiteRT numbers its own releases (1.x, 2.x), so the two are never compared."""
+
+
+def tflite_runtime_order(prefer: Sequence[str], runtimes: Sequence[str] | None) -> list[str]:
+    """The configured TFLite runtimes (``[runtime] prefer``, in order) that the bundle
+    may run on: its manifest's ``runtime.runtimes`` (e.g. only ``tensorflow`` for a
+    model with SELECT_TF_OPS); all of them when the manifest names none."""
+    allowed = {str(r) for r in runtimes or []}
+    return [r for r in prefer if not allowed or r in allowed]
+
+
+def tflite_version_ok(
+    runtime: str, have: str, min_version: str | None, validated_with: Mapping[str, Any] | None
+) -> tuple[bool, str]:
+    """Whether TFLite runtime ``runtime`` at version ``have`` provides the TensorFlow Lite
+    version ``min_version`` the bundle states, and why.
+
+    tflite_runtime and tensorflow use TensorFlow's numbering: compared directly. LiteRT
+    provides at least ``LITERT_TFLITE_FLOOR``; above it, only the converter's own proof
+    counts (the model was validated on LiteRT at this version or an older one)."""
+    if not min_version:
+        return True, "no minimum runtime version"
+    if runtime != "litert":
+        if version_tuple(have) >= version_tuple(str(min_version)):
+            return True, f"{runtime} {have} >= {min_version}"
+        return False, f"bundle needs {runtime} >= {min_version}, this device has {have}"
+    if version_tuple(str(min_version)) <= version_tuple(LITERT_TFLITE_FLOOR):
+        return True, f"TensorFlow Lite {min_version} <= {LITERT_TFLITE_FLOOR}, which every LiteRT has"
+    validated = validated_with or {}
+    if validated.get("runtime") == "litert" and validated.get("version") and version_tuple(
+        have
+    ) >= version_tuple(str(validated["version"])):
+        return True, f"validated by the converter on litert {validated['version']} (this device: {have})"
+    return False, (
+        f"bundle needs TensorFlow Lite >= {min_version}; litert {have} is not known to provide it "
+        f"(LiteRT numbers its releases apart from TensorFlow; the converter validated the model "
+        f"with {validated.get('runtime', 'no runtime')} {validated.get('version', '')})".rstrip()
+    )
+
+
+def check_bundle_runtime(manifest: Mapping[str, Any], prefer: Sequence[str]) -> str:
+    """Whether a bundle's model can run on this device with the runtimes ``prefer`` allows:
+    returns the runtime it would use, or raises RuntimeUnavailableError (the update is
+    REJECTED: the device lacks what the bundle needs, nothing is broken)."""
+    fmt = manifest.get("format")
+    needs = manifest.get("runtime") or {}
+    machine = platform.machine()
+    arches = needs.get("architectures") or []
+    if arches and machine not in arches:
+        raise RuntimeUnavailableError(f"bundle is built for {arches}, this device is {machine}")
+    if fmt == "tflite":
+        order = tflite_runtime_order(prefer, needs.get("runtimes"))
+        if not order:
+            raise RuntimeUnavailableError(
+                f"bundle runs only on {list(needs.get('runtimes') or [])}; this agent uses "
+                f"{list(prefer)} ([runtime] prefer)"
+            )
+        found = next((r for r in order if _importable_tflite(r)), None)
+        if found is None:
+            raise RuntimeUnavailableError(f"bundle is a TFLite model for {order}; none of them is installed here")
+        have = _module_version(_TFLITE_MODULES[found][1])
+        ok, why = tflite_version_ok(found, have, needs.get("min_version"), needs.get("validated_with"))
+        if not ok:
+            raise RuntimeUnavailableError(why)
+        return found
+    if fmt != "onnx":
+        raise RuntimeUnavailableError(f"bundle format {fmt!r} is not supported by this agent")
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise RuntimeUnavailableError("bundle is an ONNX model; onnxruntime is not installed here")
+    minimum = needs.get("min_version")
+    if minimum:
+        have = _module_version("onnxruntime")
+        if version_tuple(have) < version_tuple(str(minimum)):
+            raise RuntimeUnavailableError(f"bundle needs onnxruntime >= {minimum}, this device has {have}")
+    return "onnxruntime"
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """The release numbers of a runtime's version: ``2.15.0+nv24.05`` -> (2, 15, 0),
+    ``2.16.0rc1`` -> (2, 16, 0). Each dot-separated part gives its leading digits; a
+    part with anything after them (a pre-release or local label) is the last one."""
+    parts = []
+    for piece in text.split("."):
+        match = re.match(r"\d+", piece)
+        if match is None:
+            break
+        parts.append(int(match.group()))
+        if match.end() != len(piece):
+            break
+    return tuple(parts)

@@ -155,6 +155,16 @@ class Servables:
             )
         return found
 
+    def publish(self, versions: ModelVersions) -> ModelVersions:
+        """Make ``versions`` addressable by its name (its first version serves): until then
+        the name is unknown to callers (404), not a model without a version (503)."""
+        with self._lock:
+            return self._models.setdefault(versions.name, versions)
+
+    def get_or_none(self, name: str) -> ModelVersions | None:
+        with self._lock:
+            return self._models.get(name)
+
     def remove(self, name: str) -> ModelVersions | None:
         """Forget ``name``; the caller unloads what it held (requests in flight finish)."""
         with self._lock:

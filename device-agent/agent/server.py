@@ -257,32 +257,9 @@ def _agent_version() -> str:
 
 
 def render_metrics(servables: Servables, data_dir: Path) -> str:
-    """``/metrics`` for every model: each model's series (labelled by model and version)
-    under one HELP/TYPE per family, the process series once."""
-    texts = [render_prometheus(m.serving, data_dir) for m in servables]
-    if len(texts) == 1:
-        return texts[0]
-    if not texts:
-        return render_prometheus(ServingModel(), data_dir)
-    families: dict[str, list[str]] = {}
-    seen: set[str] = set()
-    family = ""
-    for text in texts:
-        for line in text.splitlines():
-            if line.startswith("# HELP ") or line.startswith("# TYPE "):
-                family = line.split(" ", 3)[2]
-                lines = families.setdefault(family, [])
-                if line not in lines:
-                    lines.append(line)
-            elif line and line not in seen:
-                sample = line.split("{", 1)[0].split(" ", 1)[0]
-                if sample.startswith(family):
-                    key = sample if "{" not in line else line.rsplit(" ", 1)[0]
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    families.setdefault(family, []).append(line)
-    return "\n".join(line for lines in families.values() for line in lines) + "\n"
+    """``/metrics``: every loaded version of every model (labelled by model, version and serving
+    version) under one HELP/TYPE per family, the process series once."""
+    return render_prometheus(servables, data_dir)
 
 
 class _RequestTimeout(Exception):
@@ -560,7 +537,7 @@ class _Handler(BaseHTTPRequestHandler):
         access = self.server.access
         if access.open:
             return True
-        if access.client_certs and not self.connection.getpeercert():  # type: ignore[attr-defined]
+        if access.client_certs and not self.connection.getpeercert():
             self.close_connection = True
             self._error(401, "a client certificate is required ([server] tls_client_ca)")
             return False

@@ -306,6 +306,8 @@ class LoadedModel:
     """The int64 that only grows per model: what TF Serving and OIP clients address as
     ``/versions/N`` (the bundle's own ``version`` string is still accepted)."""
     loaded_at: float = field(default_factory=time.time)
+    footprint_bytes: int | None = None
+    """What loading and running it added to the resident set (the memory budget's measure)."""
     stats: ModelStats = field(default_factory=ModelStats)
     golden_input_mean: float | None = None
     golden_input_std: float | None = None

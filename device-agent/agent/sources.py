@@ -1,7 +1,7 @@
 """Where an update's bundle comes from: the seam between the update driver and a transport.
 
-A source does two things for the driver, both through issue 3's verification API
-(``edgeship.ota.director`` / ``edgeship.ota.updater``):
+A source does two things for the driver, both through the verification API that host
+and device share (``edgeship.ota.director`` / ``edgeship.ota.updater``):
 
 - ``admit`` (state DISK_CHECK): verify the director's signed desired state and say
   what it names (bundle, version, signed length, sequence);
@@ -14,21 +14,21 @@ record), through ``SourceRegistry``. Kinds here:
 - ``package``: an offline package from ``edgeship bundle export`` (USB updates,
   ``edgeship-agent install PACKAGE``);
 - ``director``: a signed desired-state envelope plus any ``FetcherInterface``; the
-  fleet (issue 5) registers a factory for its own kind that rebuilds its fetcher
+  fleet link registers a factory for its own kind that rebuilds its fetcher
   (MQTT blocks) and returns a ``DirectorSource``;
 - ``slot``: a bundle kept in a slot on this device (``edgeship-agent rollback``): no
   transfer, its files are re-hashed against the manifest they were verified with.
 
 ota's verification modules (tuf, cryptography) are imported only when an update
-runs, so serving starts without them; for an offline package they are imported
-only in a short-lived child process (isolated.py), so the agent idles after an
-update as small as before it.
+runs, so serving starts without them. The agent runs a package's or a director's
+source wrapped in ``isolated.IsolatedSource``: its ``admit`` and ``fetch`` run in a
+short-lived child process, so the agent idles after an update as small as before it.
+This module does not know about that wrapper (the child runs these same classes).
 """
 
 from __future__ import annotations
 
 __all__ = [
-    "VERIFY_IN_PROCESS_ENV",
     "Admission",
     "BundleSource",
     "DirectorSource",
@@ -38,14 +38,12 @@ __all__ = [
     "SourceContext",
     "SourceRegistry",
     "StagedBundle",
-    "verify_in_child",
 ]
 
 import datetime as _dt
-import os
 import shutil
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -54,16 +52,6 @@ from edgeship.ota.errors import BadInputError, EdgeshipError, SecurityError
 from .config import AgentConfig
 from .persistence import InstalledBundle
 from .slots import free_bytes
-
-VERIFY_IN_PROCESS_ENV = "EDGESHIP_AGENT_VERIFY_IN_PROCESS"
-
-
-def verify_in_child() -> bool:
-    """Whether update verification runs in a short-lived child (the default), or in
-    the agent's own process (``EDGESHIP_AGENT_VERIFY_IN_PROCESS=1``)."""
-    return os.environ.get(VERIFY_IN_PROCESS_ENV) != "1"
-"""Set to ``1``: an offline package is verified in the agent's own process (the
-behaviour before isolated.py; costs ~15 MB of idle RSS for good)."""
 
 PACKAGE_COPIES = 3
 """An offline package's bytes exist up to three times during an install: the unpacked
@@ -80,6 +68,8 @@ class Admission:
     sequence: int | None = None
     deployment: str | None = None
     target: str | None = None
+    serving_version: int | None = None
+    rollout: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +107,6 @@ class SourceContext:
     now: _dt.datetime
     work_dir: Path
     trust_dir: Path
-    cache: dict[str, Any] = field(default_factory=dict)
 
 
 class BundleSource(ABC):
@@ -140,7 +129,12 @@ class BundleSource(ABC):
     def describe(self) -> str:
         return self.kind
 
-    def cleanup(self, ctx: SourceContext) -> None:  # noqa: B027 - optional hook, nothing by default
+    def precheck(self, ctx: SourceContext) -> None:
+        """Cheap checks before any work (an isolated source runs them in the agent, before
+        a child starts): e.g. the package exists and fits on the disk."""
+        return None
+
+    def cleanup(self, ctx: SourceContext) -> None:
         """Remove what the source left in the work folder (after the update ends)."""
         return None
 
@@ -159,10 +153,8 @@ class DirectorSource(BundleSource):
     """A director envelope and a fetcher: the path every fleet update takes.
 
     ``fetcher``: a TUF ``FetcherInterface``, an ``MqttBlockDownloader`` (the fleet
-    link's, made without TUF) or an ``HttpFetchPlan``. ``isolate``: admit and fetch
-    run in a short-lived child (isolated.py), which downloads through this
-    process's fetcher (or, for HTTPS, by itself); the fleet link sets it so that
-    the verification's imports (TUF, cryptography) never enter the agent.
+    link's, made without TUF) or an ``HttpFetchPlan``. ``model``: which model's entry of
+    a schema-2 document this update installs (None: a schema-1 document's one bundle).
     """
 
     kind = "director"
@@ -173,21 +165,17 @@ class DirectorSource(BundleSource):
         fetcher: Any,
         record: dict[str, Any] | None = None,
         *,
-        isolate: bool = False,
+        model: str | None = None,
     ) -> None:
         self.envelope = envelope
         self.fetcher = fetcher
-        self.isolate = isolate
         self._record = dict(record or {"kind": self.kind})
         self._record.setdefault("envelope", envelope)
-
-    def _run_isolated(self, op: str, ctx: SourceContext) -> Any:
-        from .isolated import run_isolated
-
-        plan: dict[str, Any] = {"director": True, "http": None}
-        if isinstance(self.fetcher, HttpFetchPlan):
-            plan["http"] = (self.fetcher.url, self.fetcher.work_dir, self.fetcher.ca_file)
-        return run_isolated(op, self.to_record(), ctx, fetcher=self.fetcher, plan=plan)
+        if model is not None:
+            self._record["model"] = model
+        self.model: str | None = self._record.get("model")
+        self._verified: Any = None
+        self._entry: Any = None
 
     def _tuf_fetcher(self) -> Any:
         """The fetcher as the TUF client wants it (in-process work)."""
@@ -207,23 +195,24 @@ class DirectorSource(BundleSource):
 
     def describe(self) -> str:
         signed = self.envelope.get("signed", {}) if isinstance(self.envelope, dict) else {}
-        return (
-            f"{self._record.get('kind')}: {signed.get('bundle', '?')} {signed.get('version', '?')}"
-        )
+        if self.model is not None:
+            entry = (signed.get("models") or {}).get(self.model) if isinstance(signed.get("models"), dict) else None
+            if isinstance(entry, dict):
+                signed = entry
+        return f"{self._record.get('kind')}: {signed.get('bundle', '?')} {signed.get('version', '?')}"
 
     def _desired(self, ctx: SourceContext) -> Any:
+        """The verified document, narrowed to this source's model (verified once per source)."""
         from edgeship.ota.director import load_director_public_key, verify_desired_state
 
-        if "desired" not in ctx.cache:
+        if self._verified is None:
             try:
                 key = load_director_public_key(ctx.config.director_key)
             except SecurityError:
                 raise
             except EdgeshipError as exc:
-                raise EdgeshipError(
-                    f"director key {ctx.config.director_key}: {exc.message}"
-                ) from None
-            ctx.cache["desired"] = verify_desired_state(
+                raise EdgeshipError(f"director key {ctx.config.director_key}: {exc.message}") from None
+            desired = verify_desired_state(
                 self.envelope,
                 key,
                 device=ctx.config.device_id,
@@ -231,13 +220,14 @@ class DirectorSource(BundleSource):
                 last_sequence=ctx.last_sequence,
                 now=ctx.now,
             )
-        return ctx.cache["desired"]
+            name = self.model or desired.bundle
+            self._entry = desired.models().get(name)
+            self._verified = desired if self.model is None and not desired.schema2 else desired.for_model(name)
+        return self._verified
 
     def admit(self, ctx: SourceContext) -> Admission:
-        if self.isolate:
-            result: Admission = self._run_isolated("admit", ctx)
-            return result
         desired = self._desired(ctx)
+        entry = self._entry
         return Admission(
             name=desired.bundle,
             version=desired.version,
@@ -245,12 +235,11 @@ class DirectorSource(BundleSource):
             sequence=int(desired.sequence),
             deployment=desired.deployment,
             target=desired.target,
+            serving_version=entry.serving_version if entry is not None else None,
+            rollout=desired.rollout,
         )
 
     def fetch(self, ctx: SourceContext) -> StagedBundle:
-        if self.isolate:
-            staged: StagedBundle = self._run_isolated("fetch", ctx)
-            return staged
         from edgeship.ota.updater import fetch_verified_bundle
 
         desired = self._desired(ctx)
@@ -282,27 +271,26 @@ def _seed_trust(ctx: SourceContext) -> None:
 
 class OfflinePackageSource(BundleSource):
     """``edgeship bundle export`` package: TUF metadata, the bundle and a director
-    document for device ``"*"`` of the fleet, verified exactly like a fleet update."""
+    document for device ``"*"`` of the fleet, verified exactly like a fleet update.
+    ``model``: which model of a package that carries several (None: its only one)."""
 
     kind = "package"
 
-    def __init__(self, path: str | Path, *, isolate: bool | None = None) -> None:
+    def __init__(self, path: str | Path, *, model: str | None = None) -> None:
         self.path = Path(path).resolve()
-        # admit and fetch (TUF, cryptography, tar extraction) run in a short-lived child
-        # interpreter so their imports never enter the serving process (isolated.py);
-        # EDGESHIP_AGENT_VERIFY_IN_PROCESS=1 keeps them in-process (diagnostics, the
-        # benchmark's comparison; docs/agent.md)
-        if isolate is None:
-            isolate = verify_in_child()
-        self.isolate = isolate
+        self.model = model
+        self._director: DirectorSource | None = None
 
     def to_record(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": str(self.path)}
+        record: dict[str, Any] = {"kind": self.kind, "path": str(self.path)}
+        if self.model is not None:
+            record["model"] = self.model
+        return record
 
     def describe(self) -> str:
-        return f"offline package {self.path}"
+        return f"offline package {self.path}" + (f" (model {self.model})" if self.model else "")
 
-    def _check_space(self, ctx: SourceContext) -> None:
+    def precheck(self, ctx: SourceContext) -> None:
         """The package exists and its copies fit, before the first copy is made."""
         if not self.path.is_file():
             raise BadInputError(
@@ -317,34 +305,22 @@ class OfflinePackageSource(BundleSource):
                 f"downloaded and extracted), free {free} bytes on {ctx.config.data_dir}"
             )
 
-    def _director(self, ctx: SourceContext) -> DirectorSource:
-        if "package" not in ctx.cache:
+    def _opened(self, ctx: SourceContext) -> DirectorSource:
+        if self._director is None:
             from edgeship.ota.updater import open_offline_package
 
             unpack = ctx.work_dir / "package"
             shutil.rmtree(unpack, ignore_errors=True)
-            self._check_space(ctx)
+            self.precheck(ctx)
             package = open_offline_package(self.path, unpack)
-            ctx.cache["package"] = DirectorSource(package.desired_envelope, package.fetcher)
-        source: DirectorSource = ctx.cache["package"]
-        return source
+            self._director = DirectorSource(package.desired_envelope, package.fetcher, model=self.model)
+        return self._director
 
     def admit(self, ctx: SourceContext) -> Admission:
-        if self.isolate:
-            from .isolated import run_isolated
-
-            self._check_space(ctx)  # here too: no child is started for a package that cannot fit
-            result: Admission = run_isolated("admit", self.to_record(), ctx)
-            return result
-        return self._director(ctx).admit(ctx)
+        return self._opened(ctx).admit(ctx)
 
     def fetch(self, ctx: SourceContext) -> StagedBundle:
-        if self.isolate:  # the package is unpacked and the desired state verified again there
-            from .isolated import run_isolated
-
-            staged: StagedBundle = run_isolated("fetch", self.to_record(), ctx)
-            return staged
-        return self._director(ctx).fetch(ctx)
+        return self._opened(ctx).fetch(ctx)
 
     def cleanup(self, ctx: SourceContext) -> None:
         shutil.rmtree(ctx.work_dir / "package", ignore_errors=True)
@@ -355,11 +331,16 @@ class SlotSource(BundleSource):
 
     kind = "slot"
 
-    def __init__(self, bundle: InstalledBundle) -> None:
+    def __init__(self, bundle: InstalledBundle, slots_dir: Path | None = None) -> None:
         self.bundle = bundle
+        self.slots_dir = slots_dir
+        """The model's slots folder (None: the config's, one model per agent)."""
 
     def to_record(self) -> dict[str, Any]:
-        return {"kind": self.kind, "bundle": self.bundle.to_dict()}
+        record: dict[str, Any] = {"kind": self.kind, "bundle": self.bundle.to_dict()}
+        if self.slots_dir is not None:
+            record["slots_dir"] = str(self.slots_dir)
+        return record
 
     def describe(self) -> str:
         return f"kept slot {self.bundle.slot} ({self.bundle.label})"
@@ -370,7 +351,7 @@ class SlotSource(BundleSource):
     def fetch(self, ctx: SourceContext) -> StagedBundle:
         import json
 
-        root = ctx.config.slots_dir / self.bundle.slot
+        root = (self.slots_dir or ctx.config.slots_dir) / self.bundle.slot
         try:
             manifest = json.loads((root / "manifest.json").read_text())
         except (OSError, ValueError) as exc:
@@ -389,12 +370,18 @@ SourceFactory = Callable[[dict[str, Any]], BundleSource]
 
 
 class SourceRegistry:
-    """kind -> factory that rebuilds a source from its record (after a restart)."""
+    """kind -> factory that rebuilds a source from its record (after a restart).
 
-    def __init__(self) -> None:
+    ``wrap``: applied to every rebuilt source (the agent passes the isolation wrapper, so a
+    resumed update is verified in a child like a new one)."""
+
+    def __init__(self, wrap: Callable[[BundleSource], BundleSource] | None = None) -> None:
+        self.wrap = wrap
         self._factories: dict[str, SourceFactory] = {
-            OfflinePackageSource.kind: lambda r: OfflinePackageSource(r["path"]),
-            SlotSource.kind: lambda r: SlotSource(InstalledBundle.from_dict(r["bundle"])),
+            OfflinePackageSource.kind: lambda r: OfflinePackageSource(r["path"], model=r.get("model")),
+            SlotSource.kind: lambda r: SlotSource(
+                InstalledBundle.from_dict(r["bundle"]), Path(r["slots_dir"]) if r.get("slots_dir") else None
+            ),
         }
 
     def register(self, kind: str, factory: SourceFactory) -> None:
@@ -409,4 +396,5 @@ class SourceRegistry:
                 f"update source of kind {kind!r} cannot be rebuilt here (known: {sorted(self._factories)}); "
                 "was the agent restarted without the plug-in that started this update?"
             )
-        return factory(record)
+        source = factory(record)
+        return self.wrap(source) if self.wrap is not None else source

@@ -4,6 +4,12 @@ Pure: no I/O. The updater persists a state before it acts in it (write, fsync,
 rename), then asks this module where an event leads. After the Mender client:
 reading ``TRANSITIONS`` tells every path an update can take, and a cap on
 re-entries of a state (a crash loop) turns into ``LOOP_DETECTED``.
+
+Every outcome of a step is an event looked up here, none is rewritten in code: a
+refusal after activation (REJECT) rolls back like any failure; an operator's abort is
+an ABORT event wherever the table takes one (a rollback in progress takes none: it
+finishes); DEFER is the one row that leads back to its own state: the update waits
+there, persisted, for a process that can carry on (PROBATION needs a serving agent).
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ __all__ = [
     "PRE_ACTIVATION_STATES",
     "TERMINAL_STATES",
     "TRANSITIONS",
+    "WAITS",
     "Event",
     "InvalidTransitionError",
     "State",
+    "accepts",
     "event_on_reentry",
     "is_terminal",
     "next_state",
@@ -48,6 +56,7 @@ class Event(str, Enum):
     REJECT = "REJECT"              # refused: trust failure, or the device lacks what the bundle needs
     ABORT = "ABORT"                # an operator asked to stop (rollback command)
     LOOP_DETECTED = "LOOP_DETECTED"  # the state was re-entered too often (crash loop)
+    DEFER = "DEFER"                # this process cannot go on here (PROBATION without serving)
 
 
 S, E = State, Event
@@ -83,18 +92,25 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = {
     (S.SELF_TEST,    E.LOOP_DETECTED): S.FAILED,
     (S.ACTIVATING,   E.SUCCESS):       S.PROBATION,
     (S.ACTIVATING,   E.FAILURE):       S.ROLLING_BACK,
+    (S.ACTIVATING,   E.REJECT):        S.ROLLING_BACK,
     (S.ACTIVATING,   E.ABORT):         S.ROLLING_BACK,
     (S.ACTIVATING,   E.LOOP_DETECTED): S.ROLLING_BACK,
     (S.PROBATION,    E.SUCCESS):       S.COMMITTED,
     (S.PROBATION,    E.FAILURE):       S.ROLLING_BACK,
+    (S.PROBATION,    E.REJECT):        S.ROLLING_BACK,
     (S.PROBATION,    E.ABORT):         S.ROLLING_BACK,
     (S.PROBATION,    E.LOOP_DETECTED): S.ROLLING_BACK,
+    (S.PROBATION,    E.DEFER):         S.PROBATION,
     (S.ROLLING_BACK, E.SUCCESS):       S.ROLLED_BACK,
     # A rollback that cannot finish is retried on restart; the cap stops a loop in FAILED
     # (the new bundle then stays the one recorded as active: never neither, see serving_bundle_key).
     (S.ROLLING_BACK, E.FAILURE):       S.FAILED,
+    (S.ROLLING_BACK, E.REJECT):        S.FAILED,
     (S.ROLLING_BACK, E.LOOP_DETECTED): S.FAILED,
 }
+
+WAITS: frozenset[tuple[State, Event]] = frozenset(k for k, v in TRANSITIONS.items() if k[0] is v)
+"""The rows that lead back to their own state: the driver stops there without re-entering."""
 
 TERMINAL_STATES: frozenset[State] = frozenset({S.IDLE, S.COMMITTED, S.ROLLED_BACK, S.FAILED, S.REJECTED})
 """States in which no update is in progress (IDLE: none was ever started)."""
@@ -115,6 +131,11 @@ def next_state(state: State, event: Event) -> State:
         return TRANSITIONS[(State(state), Event(event))]
     except KeyError:
         raise InvalidTransitionError(f"no transition from {State(state).value} on {Event(event).value}") from None
+
+
+def accepts(state: State, event: Event) -> bool:
+    """Whether the table has a row for ``event`` in ``state``."""
+    return (State(state), Event(event)) in TRANSITIONS
 
 
 def is_terminal(state: State) -> bool:
