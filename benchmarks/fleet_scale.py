@@ -230,7 +230,7 @@ def run(n: int, bundle_mb: float, every_s: float, db: str, work: Path) -> dict[s
     from mqtt_broker import MosquittoBroker
     from ota_repo_simulator import make_bundle
 
-    r: dict[str, Any] = {"devices": n, "every_s": every_s}
+    r: dict[str, Any] = {"devices": n, "every_s": every_s, "load_before": os.getloadavg()[0]}
     broker = MosquittoBroker(work / "mosquitto", "listener {port} 127.0.0.1\nallow_anonymous true\n"
                                                   "persistence false\nmax_queued_messages 100000\n").start()  # as `edgeship broker config`
     repo = ReleaseRepository(work / "repo")
@@ -381,6 +381,7 @@ def run(n: int, bundle_mb: float, every_s: float, db: str, work: Path) -> dict[s
             time.sleep(0.5)
         sampler.stop_event.set()
         sampler.join(5)
+        r["load_after"] = os.getloadavg()[0]
         baseline_client.loop_stop()
         baseline_client.disconnect()
         metrics = _metrics(metrics_port)
@@ -438,6 +439,8 @@ def render(runs: dict[str, dict[str, Any]], command: str) -> str:
     def row(label: str, cell: Any) -> None:
         lines.append(f"| {label} | " + " | ".join(cell(runs[name]) for name in names) + " |")
 
+    row("load average (1 min) before / after: the machine's other work", lambda r: f"{r['load_before']:.1f} / "
+        f"{r.get('load_after', 0.0):.1f}")
     row("connect all; every device in the store", lambda r: f"{r['connect_s']:.0f} s; {r['known_s']:.0f} s")
     row("rollout", lambda r: f"**{r['rollout_state']}** in {r['rollout_s']:.0f} s (stages at "
         + ", ".join(f"{s:.0f}" for s in r["stage_s"]) + " s)")
