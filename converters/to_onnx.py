@@ -218,7 +218,7 @@ def check_onnx_model(proto: Any, name: str) -> None:
     onnx = require_module("onnx", "convert")
     try:
         onnx.checker.check_model(proto, full_check=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - onnx.checker raises ValidationError and friends
         raise EdgeshipError(f"the ONNX export of {name} is not a valid ONNX model: {first_line(exc)}") from None
 
 
@@ -229,7 +229,7 @@ def load_in_onnxruntime(path: Path, name: str) -> None:
     options.log_severity_level = 3
     try:
         ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise EdgeshipError(f"ONNX Runtime cannot load the ONNX export of {name}: {first_line(exc)}") from None
 
 
@@ -357,7 +357,7 @@ def prepare_onnx(model: Any) -> tuple[Any, list[str]]:
         try:
             model = version_converter.convert_version(model, PREPARED_OPSET)
             notes.append(f"opset {opset} upgraded to {PREPARED_OPSET} (onnx version converter)")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the version converter raises anything on odd graphs
             notes.append(f"opset {opset} could not be upgraded ({first_line(exc)[:120]}); per-channel quantization is off")
     if model.ir_version < 7:
         notes.append(f"IR version {model.ir_version} raised to 7")
@@ -371,7 +371,7 @@ def prepare_onnx(model: Any) -> tuple[Any, list[str]]:
         notes.append(f"{len(listed)} initializer(s) removed from the graph inputs (weights listed as inputs by an old exporter)")
     try:
         model = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # inference is a help for quantization, not a requirement
+    except Exception:  # noqa: BLE001, S110 - inference is a help for quantization, not a requirement
         pass
     return model, notes
 
@@ -403,7 +403,7 @@ def quantize_onnx(
         raise BadInputError(f"unknown ONNX activation type {options.activations!r}; choose from {list(ACTIVATION_TYPES)}")
     try:
         model = onnx.load(str(src))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and others on a bad file
         raise ModelLoadError(f"{name}: not a readable ONNX model: {first_line(exc)}") from None
     notes: list[str] = []
     if quantize == "none":
@@ -415,7 +415,7 @@ def quantize_onnx(
 
         try:
             onnx.save(convert_float_to_float16(model, keep_io_types=True), str(out))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the float16 converter raises anything
             raise EdgeshipError(f"float16 conversion of {name} failed: {first_line(exc)}") from None
         return {"calibration_samples": 0, "notes": notes}
     quantization = require_module("onnxruntime.quantization", "convert")
@@ -427,7 +427,7 @@ def quantize_onnx(
         try:
             quantization.quantize_dynamic(str(prepared), str(out), weight_type=quantization.QuantType.QInt8,
                                           nodes_to_exclude=list(options.keep_float) or None)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's quantizer raises anything
             raise EdgeshipError(f"dynamic quantization of {name} failed: {_quantization_failure(exc)}") from None
         return {"calibration_samples": 0, "notes": notes}
     if calibration is None:
@@ -441,10 +441,10 @@ def quantize_onnx(
     processed = work / "processed.onnx"
     try:  # shape inference + graph clean-up, as onnxruntime recommends before static quantization
         quantization.shape_inference.quant_pre_process(str(prepared), str(processed), skip_symbolic_shape=False)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's pre-processing raises anything
         try:
             quantization.shape_inference.quant_pre_process(str(prepared), str(processed), skip_symbolic_shape=True)
-        except Exception:
+        except Exception:  # noqa: BLE001 - onnxruntime's pre-processing raises anything
             processed = prepared
             notes.append(f"onnxruntime's quantization pre-processing failed ({first_line(exc)[:120]}); quantized without it")
     report("preparing the graph", 1, 1)
@@ -475,7 +475,7 @@ def quantize_onnx(
             extra_options=extra,
             calibration_cache_path=str(cache) if cache else None,
         )
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's quantizer raises anything
         raise EdgeshipError(f"static int8 quantization of {name} failed: {_quantization_failure(exc)}") from None
     kept = out.parent / (out.name + ".float.onnx")  # what the quantizer saw: the doctor compares against it
     shutil.copyfile(processed, kept)
@@ -513,7 +513,7 @@ def onnx_operator_counts(path: str | os.PathLike[str]) -> tuple[dict[str, int], 
     onnx = require_module("onnx", "onnx")
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and others on a bad file
         raise ModelLoadError(f"{path}: not a readable ONNX model: {first_line(exc)}") from None
     counts = collections.Counter(
         (f"{node.domain}." if node.domain not in ("", "ai.onnx") else "") + node.op_type for node in model.graph.node
