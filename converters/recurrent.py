@@ -59,6 +59,13 @@ def lstm_fusion_refusal(kind: str, config: dict[str, Any], masking_in_model: boo
     ignores masks and returns the sequence (the last step is sliced from it).
     Full-integer int8 is refused: its state tensors would take their int8 scales
     from the zero initial state (about 1e-8), which wipes out the recurrence."""
+    if kind == "Bidirectional":
+        inner = config.get("layer") or {}
+        if inner.get("class_name") != "LSTM":
+            return f"Bidirectional({inner.get('class_name')}) has no fused TFLite kernel"
+        if config.get("merge_mode") not in ("concat", "sum", "mul", "ave"):
+            return f"merge_mode {config.get('merge_mode')!r} (two outputs)"
+        return lstm_fusion_refusal("LSTM", inner.get("config") or {}, masking_in_model, quantize)
     if kind != "LSTM":
         return f"{kind} has no fused TFLite kernel"
     if quantize == "int8":
@@ -150,12 +157,16 @@ def _fused_lstm_class() -> Any:
                 raise ValueError("masked or initial-state LSTM: not fusable")
             # The fused kernel keeps its state in variable tensors and writes the
             # final state back into them: constant zeros would carry one call's
-            # state into the next. Zeros computed from the input (two distinct
-            # tensors: the converter refuses to share one between h and c) are
-            # rewritten by their own operators before every call.
-            h0 = tf.tile(sequences[:, 0, :1] * 0.0, [1, self.units])
-            c0 = tf.tile(sequences[:, -1, :1] * 0.0, [1, self.units])
-            last, outputs, _, _, _ = self._function(sequences, h0, c0, *(tf.convert_to_tensor(w) for w in self._weights))
+            # state into the next. Zeros computed from the input are rewritten by
+            # their own operators before every call. Each state must be a tensor
+            # of its own (the converter refuses a non-constant state shared by two
+            # operands), so each is the zeroed input times a slice of this layer's
+            # kernel: distinct for h and c, and from one layer to the next.
+            kernel, recurrent, bias = (tf.convert_to_tensor(w) for w in self._weights)
+            units = self.units
+            h0 = tf.matmul(sequences[:, 0, :] * 0.0, kernel[:, :units])
+            c0 = tf.matmul(sequences[:, -1, :] * 0.0, kernel[:, units : 2 * units])
+            last, outputs, _, _, _ = self._function(sequences, h0, c0, kernel, recurrent, bias)
             return outputs if self.return_sequences else last
 
         def compute_output_shape(self, input_shape: Any) -> Any:
@@ -163,7 +174,37 @@ def _fused_lstm_class() -> Any:
                 return (input_shape[0], input_shape[1], self.units)
             return (input_shape[0], self.units)
 
-    return FusedLSTM
+    class FusedBidirectional(tf.keras.layers.Layer):
+        """A Keras Bidirectional(LSTM) as two fused LSTMs (the backward one reads
+        the sequence reversed; its sequence output is flipped back, as Keras does)."""
+
+        def __init__(self, source: Any) -> None:
+            super().__init__(name=source.name, dtype=source.dtype_policy)
+            self.merge_mode = source.merge_mode
+            self.return_sequences = bool(source.return_sequences)
+            self.forward = FusedLSTM(source.forward_layer)
+            self.backward = FusedLSTM(source.backward_layer)
+
+        def call(self, sequences: Any, mask: Any = None, initial_state: Any = None) -> Any:
+            forward = self.forward(sequences, mask=mask, initial_state=initial_state)
+            backward = self.backward(sequences, mask=mask, initial_state=initial_state)
+            if self.return_sequences:
+                backward = tf.reverse(backward, [1])
+            if self.merge_mode == "concat":
+                return tf.concat([forward, backward], axis=-1)
+            if self.merge_mode == "sum":
+                return forward + backward
+            if self.merge_mode == "mul":
+                return forward * backward
+            return (forward + backward) / 2
+
+        def compute_output_shape(self, input_shape: Any) -> Any:
+            units = self.forward.units + (self.backward.units if self.merge_mode == "concat" else 0)
+            if self.return_sequences:
+                return (input_shape[0], input_shape[1], units)
+            return (input_shape[0], units)
+
+    return {"LSTM": FusedLSTM, "Bidirectional": FusedBidirectional}
 
 
 def with_fixed_batch(model: Any, batch: int) -> Any:
@@ -185,7 +226,7 @@ def _rebuilt(model: Any, fuse: bool, unroll: bool, quantize: str) -> tuple[Any, 
     """A clone of the model with fusable LSTMs swapped for FusedLSTM (``fuse``) and
     the other recurrent layers unrolled (``unroll``); (model, fused names, refusals)."""
     tf = import_tensorflow()
-    fused_class = _fused_lstm_class() if fuse else None
+    fused_classes = _fused_lstm_class() if fuse else None
     masking = _masks_sequences(model)
     fused: list[str] = []
     refused: dict[str, str] = {}
@@ -193,11 +234,11 @@ def _rebuilt(model: Any, fuse: bool, unroll: bool, quantize: str) -> tuple[Any, 
     def clone(layer: Any) -> Any:
         kind = type(layer).__name__
         config = layer.get_config()
-        if kind in RECURRENT_LAYERS and fused_class is not None:
+        if kind in RECURRENT_LAYERS and fused_classes is not None:
             reason = lstm_fusion_refusal(kind, config, masking, quantize)
             if reason is None:
                 fused.append(layer.name)
-                return fused_class(layer)
+                return fused_classes[kind](layer)
             refused[layer.name] = reason
         if unroll and kind in ("LSTM", "GRU", "SimpleRNN"):
             config["unroll"] = True

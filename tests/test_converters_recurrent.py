@@ -29,6 +29,11 @@ _DEFAULT = {"activation": "tanh", "recurrent_activation": "sigmoid", "return_sta
     ("LSTM", {}, True, "none", "masks"),
     ("GRU", {}, False, "none", "GRU has no fused TFLite kernel"),
     ("SimpleRNN", {}, False, "none", "SimpleRNN has no fused TFLite kernel"),
+    ("Bidirectional", {"merge_mode": "concat", "layer": {"class_name": "LSTM", "config": _DEFAULT}}, False, "none", None),
+    ("Bidirectional", {"merge_mode": None, "layer": {"class_name": "LSTM", "config": _DEFAULT}}, False, "none", "merge_mode"),
+    ("Bidirectional", {"merge_mode": "sum", "layer": {"class_name": "GRU", "config": _DEFAULT}}, False, "none", "GRU"),
+    ("Bidirectional", {"merge_mode": "ave", "layer": {"class_name": "LSTM", "config": {**_DEFAULT, "return_state": True}}},
+     False, "none", "return_state"),
 ])
 def test_which_layers_the_fused_lstm_kernel_computes_exactly(
     kind: str, changes: dict[str, Any], masking: bool, quantize: str, refused: str | None,
@@ -138,3 +143,17 @@ def test_an_lstm_returning_its_state_is_unrolled_with_the_reason(tmp_path: Path)
     assert FUSED_LSTM_OPERATOR not in _operators(result.out)
     assert "return_state" in " ".join(result.report["conversion"]["notes"])
     assert result.report["quality"]["max_abs_error"] < 1e-5
+
+
+def test_a_bidirectional_lstm_becomes_two_fused_kernels(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(4)
+    inputs = tf.keras.Input((9, 4), name="signal")
+    hidden = tf.keras.layers.Bidirectional(tf.keras.layers.LSTM(8, return_sequences=True))(inputs)
+    hidden = tf.keras.layers.Bidirectional(tf.keras.layers.LSTM(5), merge_mode="sum")(hidden)
+    tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="score")(hidden)).save(tmp_path / "bi.keras")
+    np.savez(tmp_path / "bi.npz", x=np.random.default_rng(4).normal(0, 1, (40, 9, 4)).astype(np.float32))
+    result = convert_model(tmp_path / "bi.keras", tmp_path / "bi.tflite", calib=tmp_path / "bi.npz", latency_runs=2)
+    assert _operators(result.out).count(FUSED_LSTM_OPERATOR) == 4
+    assert result.report["quality"]["max_abs_error"] < 1e-5, result.report["quality"]
