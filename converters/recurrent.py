@@ -134,7 +134,7 @@ def _annotated_lstm(go_backwards: bool) -> Any:
 def _fused_lstm_class() -> Any:
     tf = import_tensorflow()
 
-    class FusedLSTM(tf.keras.layers.Layer):
+    class FusedLSTM(tf.keras.layers.Layer):  # type: ignore[name-defined]  # TensorFlow is imported lazily
         """A Keras LSTM layer's inference as one annotated function call (same weights)."""
 
         def __init__(self, source: Any) -> None:
@@ -174,7 +174,7 @@ def _fused_lstm_class() -> Any:
                 return (input_shape[0], input_shape[1], self.units)
             return (input_shape[0], self.units)
 
-    class FusedBidirectional(tf.keras.layers.Layer):
+    class FusedBidirectional(tf.keras.layers.Layer):  # type: ignore[name-defined]  # imported lazily
         """A Keras Bidirectional(LSTM) as two fused LSTMs (the backward one reads
         the sequence reversed; its sequence output is flipped back, as Keras does)."""
 
