@@ -84,6 +84,9 @@ def zoo(folder: Path, small_only: bool) -> list[tuple[str, Callable[[], dict[str
         ("sklearn logistic pipeline", sklearn("logistic-pipeline", "digits-eval"), (("onnx", "none"),), {"trust_pickle": True}),
         ("sklearn random forest", sklearn("random-forest", "digits-eval"), (("onnx", "none"),), {"trust_pickle": True}),
         ("sklearn ridge pipeline", sklearn("ridge-pipeline", "diabetes-eval"), (("onnx", "none"),), {"trust_pickle": True}),
+        ("sklearn hist gradient boosting", sklearn("hist-boosting", "digits-eval"), (("onnx", "none"),), {"trust_pickle": True}),
+        ("sklearn hist gradient boosting regressor", sklearn("hist-boosting-regressor", "diabetes-eval"), (("onnx", "none"),),
+         {"trust_pickle": True}),
         ("int8-sensitive MLP (doctor)", lambda: int8_sensitive_model(folder / "sensitive"), (("onnx", "int8"), ("tflite", "int8")),
          {"doctor_gate": 1.0}),
     ]

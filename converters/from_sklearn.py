@@ -18,9 +18,10 @@ from __future__ import annotations
 
 __all__ = ["SKLEARN_OPSET", "SKLEARN_SUFFIXES", "SklearnRunner", "export_sklearn_to_onnx", "load_sklearn"]
 
+import contextlib
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,18 +88,43 @@ def export_sklearn_to_onnx(path: Path, out: Path, *, trust_pickle: bool) -> list
     features = int(model.n_features_in_)
     options = {id(c): {"zipmap": False} for c in _classifiers_in(model)}
     try:
-        proto = skl2onnx.convert_sklearn(
-            model,
-            initial_types=[(INPUT_NAME, data_types.FloatTensorType([None, features]))],
-            target_opset=SKLEARN_OPSET,
-            options=options or None,
-        )
-    except Exception as exc:  # noqa: BLE001 - skl2onnx raises RuntimeError, NotImplementedError and its own types, naming the estimator
+        with _integer_missing_value_flags():
+            proto = skl2onnx.convert_sklearn(
+                model,
+                initial_types=[(INPUT_NAME, data_types.FloatTensorType([None, features]))],
+                target_opset=SKLEARN_OPSET,
+                options=options or None,
+            )
+    except Exception as exc:  # noqa: BLE001 - skl2onnx raises RuntimeError/NotImplementedError naming the estimator
         raise EdgeshipError(f"skl2onnx cannot convert {path.name} ({type(model).__name__}): {_skl2onnx_reason(exc)}") from None
     check_onnx_model(proto, path.name)
     onnx.save(proto, str(out))
     load_in_onnxruntime(out, path.name)
     return [f"scikit-learn {type(model).__name__} exported with skl2onnx (ZipMap off: plain label and probability tensors)"]
+
+
+@contextlib.contextmanager
+def _integer_missing_value_flags() -> Iterator[None]:
+    """skl2onnx 1.20 gives a HistGradientBoosting tree's leaves the Python
+    ``False`` as their ``nodes_missing_value_tracks_true`` flag (its branches get
+    numpy integers); onnx 1.16+ refuses a bool in an integer list attribute, so
+    every HistGradientBoosting model failed with "Expected an int, got a
+    boolean". Within: skl2onnx's tree-node helper receives the flag as 0/1."""
+    from skl2onnx.common import tree_ensemble
+
+    original = tree_ensemble.add_node
+
+    def add_node(*args: Any, **kwargs: Any) -> Any:
+        flag = kwargs.get("nodes_missing_value_tracks_true")
+        if flag is not None:
+            kwargs["nodes_missing_value_tracks_true"] = int(flag)
+        return original(*args, **kwargs)
+
+    tree_ensemble.add_node = add_node
+    try:
+        yield
+    finally:
+        tree_ensemble.add_node = original
 
 
 def _skl2onnx_reason(exc: BaseException) -> str:

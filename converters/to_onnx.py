@@ -36,6 +36,7 @@ from edgeship.agent.runtimes import ModelLoadError
 from edgeship.ota.errors import EdgeshipError, first_line, require_module
 
 from .sources import import_tensorflow, keras_output_names, serving_function, stdout_to_stderr
+from .tf2onnx_memory import export_graph_def, release_memory
 
 DEFAULT_OPSET = 17
 
@@ -56,7 +57,7 @@ def export_to_onnx(source: Any, kind: str, path: Path, out: Path, *, opset: int 
     """Write the Keras model / SavedModel ``source`` as fp32 ONNX to ``out``,
     checked and loadable; returns notes on what was rewritten."""
     tf = import_tensorflow()
-    tf2onnx = require_module("tf2onnx", "convert")
+    require_module("tf2onnx", "convert")
     onnx = require_module("onnx", "convert")
     if kind == "savedmodel":
         function = serving_function(source)
@@ -103,10 +104,14 @@ def export_to_onnx(source: Any, kind: str, path: Path, out: Path, *, opset: int 
                 notes.append(f"Erfc (exact GELU) rewritten as 1 - Erf at {rewritten} node(s): ONNX has no Erfc")
             input_names = [t.name for t in frozen.inputs if t.dtype != tf.resource]
             graph_outputs = [t.name for t in frozen.outputs]
-            proto, _ = tf2onnx.convert.from_graph_def(
-                graph_def, input_names=input_names, output_names=graph_outputs, opset=opset
-            )
-    except Exception as exc:  # noqa: BLE001 - tf2onnx raises whatever TensorFlow or its own rewriters raise
+            # the frozen function and the graphs before inlining hold their own copies
+            # of every weight: gone before tf2onnx makes its own
+            del concrete, frozen, inlined, forward
+            proto, export_notes = export_graph_def(graph_def, input_names, graph_outputs, opset)
+            notes += export_notes
+            del graph_def
+            release_memory()
+    except Exception as exc:  # noqa: BLE001 - tf2onnx raises anything; one line naming the model
         raise EdgeshipError(f"tf2onnx could not convert {path.name}: {first_line(exc)}") from None
     unsupported = sorted({
         n.op_type for n in proto.graph.node

@@ -15,8 +15,6 @@ __all__ = [
     "TFLiteOptions",
     "convert_to_tflite",
     "named_outputs_model",
-    "recurrent_layers",
-    "recurrent_plan",
     "unsupported_ops_from_error",
 ]
 
@@ -34,6 +32,7 @@ from edgeship.ota.errors import BadInputError, EdgeshipError
 
 from .data import Dataset
 from .progress import ProgressCallback, no_progress
+from .recurrent import FUSED_LSTM_OPERATOR, plan_recurrent
 from .sources import import_tensorflow, keras_output_names, stdout_to_stderr
 
 QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
@@ -60,6 +59,9 @@ class TFLiteOptions:
             float by the quantization doctor (TFLite's selective quantization).
         fixed_batch: the batch size the model is rebuilt with before converting
             (recurrent layers need a static batch to become builtin kernels).
+        recurrent: "fused" (LSTMs to TFLite's fused sequence kernel, the rest
+            unrolled) or "unrolled" (every recurrent layer unrolled: the fallback
+            when the fused conversion fails).
     """
 
     quantize: str = "none"
@@ -70,6 +72,7 @@ class TFLiteOptions:
     strict: bool = False
     keep_float: tuple[str, ...] = ()
     fixed_batch: int | None = None
+    recurrent: str = "fused"
 
 
 @dataclass(frozen=True)
@@ -102,90 +105,6 @@ def named_outputs_model(model: Any) -> Any:
         return model
 
 
-RECURRENT_LAYERS = ("LSTM", "GRU", "SimpleRNN", "Bidirectional", "RNN", "ConvLSTM1D", "ConvLSTM2D")
-
-
-def recurrent_layers(model: Any) -> list[str]:
-    """Names of the recurrent layers in a Keras model (searched through nested models)."""
-    found = []
-    for layer in getattr(model, "layers", None) or []:
-        if type(layer).__name__ in RECURRENT_LAYERS:
-            found.append(layer.name)
-        found += recurrent_layers(layer) if hasattr(layer, "layers") else []
-    return found
-
-
-def with_fixed_batch(model: Any, batch: int) -> Any:
-    """The Keras model rebuilt with inputs of a static batch size (same weights):
-    TensorFlow's tensor-list ops behind a recurrent layer with a dynamic batch
-    have no TFLite builtin, a static batch lowers them to a builtin WHILE loop."""
-    tf = import_tensorflow()
-    inputs = [tf.keras.Input(batch_shape=(batch, *t.shape[1:]), dtype=t.dtype, name=_input_name(t)) for t in model.inputs]
-    outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
-    return tf.keras.Model(inputs, outputs, name=model.name)
-
-
-def unrolled(model: Any) -> Any:
-    """The Keras model with every recurrent layer unrolled over its (static)
-    sequence length, same weights: the loop becomes plain builtin operators
-    (FULLY_CONNECTED, LOGISTIC, TANH, MUL, ADD) that every TFLite runtime has and
-    that quantize to int8, where the tensor-list loop of a rolled layer has no
-    builtin kernel at all."""
-    tf = import_tensorflow()
-
-    def clone(layer: Any) -> Any:
-        config = layer.get_config()
-        name = type(layer).__name__
-        if name in ("LSTM", "GRU", "SimpleRNN"):
-            config["unroll"] = True
-        elif name == "Bidirectional":
-            for key in ("layer", "backward_layer"):
-                inner = config.get(key)
-                if isinstance(inner, dict) and isinstance(inner.get("config"), dict):
-                    inner["config"]["unroll"] = True
-        return layer.__class__.from_config(config)
-
-    copy = tf.keras.models.clone_model(model, clone_function=clone)
-    copy.set_weights(model.get_weights())
-    return copy
-
-
-def recurrent_plan(model: Any, fixed_batch: int | None) -> tuple[Any, list[str]]:
-    """The model to convert and the notes that say how: recurrent layers with a
-    static sequence length are unrolled; with a dynamic length the batch is fixed
-    (1 unless ``fixed_batch`` says otherwise) so TFLite lowers the loop to a
-    builtin WHILE."""
-    layers = recurrent_layers(model)
-    notes: list[str] = []
-    if layers:
-        static_length = all(len(t.shape) >= 3 and t.shape[1] is not None for t in model.inputs)
-        if static_length:
-            try:
-                model = unrolled(model)
-                notes.append(
-                    f"recurrent layer(s) {', '.join(layers)}: unrolled over the sequence length into builtin operators "
-                    "(TFLite has no builtin for a rolled Keras 3 loop; unrolled, it also quantizes to int8)"
-                )
-            except Exception as exc:  # noqa: BLE001 - a custom cell that cannot be cloned: keep the loop, fix the batch
-                notes.append(f"recurrent layer(s) {', '.join(layers)} could not be unrolled ({exc.__class__.__name__})")
-                static_length = False
-        if not static_length and fixed_batch is None and any(t.shape[0] is None for t in model.inputs):
-            fixed_batch = 1
-            notes.append(
-                f"recurrent layer(s) {', '.join(layers)} with a dynamic sequence length: converted with a fixed batch of 1 "
-                "(a builtin WHILE loop; a dynamic batch leaves tensor-list ops TFLite builtins lack)"
-            )
-    if fixed_batch is not None:
-        model = with_fixed_batch(model, fixed_batch)
-        if not layers:
-            notes.append(f"converted with a fixed batch of {fixed_batch} (--fixed-batch)")
-    return model, notes
-
-
-def _input_name(tensor: Any) -> str:
-    return str(getattr(tensor, "name", "input")).split(":")[0]
-
-
 def convert_to_tflite(
     source: Any,
     kind: str,
@@ -202,9 +121,31 @@ def convert_to_tflite(
             that TFLite builtins cannot express (named; allow_select_tf_ops opts in).
         EdgeshipError: the converter failed for another reason (exit 1).
     """
-    tf = import_tensorflow()
     report = progress or no_progress
-    converter, samples, notes = build_converter(source, kind, path, options=options, calibration=calibration, progress=report)
+    fused: list[str] = []
+    try:
+        content, samples, notes = _convert_once(source, kind, path, options, calibration, report, fused)
+    except EdgeshipError as exc:
+        if not fused:
+            raise
+        fused_failure: str | None = exc.message
+    else:
+        fused_failure = _missing_fused_kernels(content, fused)
+    if fused_failure is not None:  # unrolling is the way that works without the fused kernel
+        fallback = replace(options, recurrent="unrolled")
+        content, samples, notes = _convert_once(source, kind, path, fallback, calibration, report, [])
+        notes = [f"the fused LSTM conversion failed ({fused_failure[:200]}); recurrent layers unrolled instead", *notes]
+    return TFLiteConversion(bytes(content), options.allow_select_tf_ops, samples, tuple(notes))
+
+
+def _convert_once(
+    source: Any, kind: str, path: Path, options: TFLiteOptions, calibration: Dataset | None, report: ProgressCallback,
+    fused: list[str],
+) -> tuple[bytes, int, list[str]]:
+    """One conversion; ``fused`` receives the LSTM layers swapped for the fused kernel's function."""
+    tf = import_tensorflow()
+    converter, samples, notes, fused[:] = build_converter(source, kind, path, options=options, calibration=calibration,
+                                                          progress=report)
     quantize = options.quantize
     report("converting to TFLite", 0, 1)
     try:
@@ -226,7 +167,21 @@ def convert_to_tflite(
                 f"--strict: the int8 model keeps operator(s) {', '.join(floats)} in float (no int8 kernel for them here); "
                 "rewrite those layers, or drop --strict to let them run in float"
             )
-    return TFLiteConversion(bytes(content), options.allow_select_tf_ops, samples, tuple(notes))
+    return bytes(content), samples, notes
+
+
+def _missing_fused_kernels(content: bytes, fused: list[str]) -> str | None:
+    """None when every LSTM the plan fused is a fused kernel in the flatbuffer,
+    else what is missing (the converter keeps the function's loop when it does
+    not fuse, without an error)."""
+    if not fused:
+        return None
+    from .tflite_flatbuffer import parse_tflite_graph
+
+    found = sum(1 for o in parse_tflite_graph(content).operators if o.name == FUSED_LSTM_OPERATOR)
+    if found >= len(fused):
+        return None
+    return f"{found} {FUSED_LSTM_OPERATOR} operator(s) for {len(fused)} LSTM layer(s)"
 
 
 def _converter_error(message: str, exc: BaseException, options: TFLiteOptions) -> EdgeshipError:
@@ -254,8 +209,8 @@ def build_converter(
     options: TFLiteOptions,
     calibration: Dataset | None,
     progress: ProgressCallback,
-) -> tuple[Any, int, list[str]]:
-    """A configured TFLiteConverter; (converter, calibration samples, notes)."""
+) -> tuple[Any, int, list[str], list[str]]:
+    """A configured TFLiteConverter; (converter, calibration samples, notes, fused LSTM layers)."""
     quantize = options.quantize
     if quantize not in QUANTIZATIONS:
         raise BadInputError(f"unknown quantization {quantize!r}; choose from {list(QUANTIZATIONS)}")
@@ -268,9 +223,11 @@ def build_converter(
     tf = import_tensorflow()
     report = progress
     notes: list[str] = []
+    fused: list[str] = []
     model = source
     if kind != "savedmodel":
-        model, notes = recurrent_plan(source, options.fixed_batch)
+        plan = plan_recurrent(source, options.fixed_batch, options.recurrent, options.quantize)
+        model, notes, fused = plan.model, plan.notes, plan.fused
     if kind == "savedmodel":
         converter = tf.lite.TFLiteConverter.from_saved_model(str(path))
     else:
@@ -312,7 +269,7 @@ def build_converter(
     if options.allow_select_tf_ops:
         ops = ops + [tf.lite.OpsSet.SELECT_TF_OPS]
     converter.target_spec.supported_ops = ops
-    return converter, samples, notes
+    return converter, samples, notes, fused
 
 
 def tflite_layer_statistics(
@@ -341,7 +298,7 @@ def tflite_layer_statistics(
         return stats.relative_rmse()
 
     tf = import_tensorflow()
-    converter, _, _ = build_converter(source, kind, path, options=replace(options, keep_float=(), strict=False, int8_io=False),
+    converter, *_ = build_converter(source, kind, path, options=replace(options, keep_float=(), strict=False, int8_io=False),
                                       calibration=calibration, progress=progress)
     n = len(data)
     order: list[int] = []  # the debug interpreter's input order, known once it exists

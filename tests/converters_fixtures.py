@@ -193,7 +193,12 @@ def sklearn_models(folder: Path) -> dict[str, Path]:
     import joblib
     import numpy as np
     from sklearn.datasets import load_diabetes, load_digits
-    from sklearn.ensemble import GradientBoostingRegressor, RandomForestClassifier
+    from sklearn.ensemble import (
+        GradientBoostingRegressor,
+        HistGradientBoostingClassifier,
+        HistGradientBoostingRegressor,
+        RandomForestClassifier,
+    )
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -210,6 +215,8 @@ def sklearn_models(folder: Path) -> dict[str, Path]:
         "random-forest": RandomForestClassifier(n_estimators=20, max_depth=8, random_state=0).fit(x[:1400], y[:1400]),
         "ridge-pipeline": make_pipeline(StandardScaler(), Ridge()).fit(xr[:350], yr[:350]),
         "boosted-regressor": GradientBoostingRegressor(n_estimators=40, random_state=0).fit(xr[:350], yr[:350]),
+        "hist-boosting": HistGradientBoostingClassifier(max_iter=20, random_state=0).fit(x[:1400], y[:1400]),
+        "hist-boosting-regressor": HistGradientBoostingRegressor(max_iter=40, random_state=0).fit(xr[:350], yr[:350]),
     }
     paths = {"digits-eval": folder / "digits-eval.npz", "diabetes-eval": folder / "diabetes-eval.npz"}
     for name, model in models.items():

@@ -23,7 +23,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return sklearn_models(tmp_path_factory.mktemp("sklearn"))
 
 
-@pytest.mark.parametrize("name", ["logistic-pipeline", "random-forest"])
+@pytest.mark.parametrize("name", ["logistic-pipeline", "random-forest", "hist-boosting"])
 def test_classifiers_convert_with_label_and_probabilities(models: dict[str, Path], tmp_path: Path, name: str) -> None:
     result = convert_model(models[name], tmp_path / f"{name}.onnx", eval_data=models["digits-eval"],
                            trust_pickle=True, latency_runs=3)
@@ -35,7 +35,7 @@ def test_classifiers_convert_with_label_and_probabilities(models: dict[str, Path
     assert report["validation"]["reference"]["runtime"] == "scikit-learn"
 
 
-@pytest.mark.parametrize("name", ["ridge-pipeline", "boosted-regressor"])
+@pytest.mark.parametrize("name", ["ridge-pipeline", "boosted-regressor", "hist-boosting-regressor"])
 def test_regressors_are_validated_with_error_metrics(models: dict[str, Path], tmp_path: Path, name: str) -> None:
     result = convert_model(models[name], tmp_path / f"{name}.onnx", eval_data=models["diabetes-eval"],
                            trust_pickle=True, latency_runs=3)
@@ -94,3 +94,28 @@ def test_the_agent_installs_and_serves_a_scikit_learn_model(models: dict[str, Pa
     predictions = answer["predictions"]
     assert [p["label"] for p in predictions] == expected.tolist()
     assert np.allclose([sum(p["probabilities"]) for p in predictions], 1.0, atol=1e-4)
+
+
+def test_hist_gradient_boosting_sends_missing_values_where_scikit_learn_does(tmp_path: Path) -> None:
+    """skl2onnx's tree helper is given integer missing-value flags (it passes a bool
+    that onnx refuses); NaN features still take the branch scikit-learn learned."""
+    import joblib
+    import onnxruntime as ort
+    from skl2onnx.common import tree_ensemble
+    from sklearn.datasets import load_digits
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from edgeship.converters.from_sklearn import export_sklearn_to_onnx
+
+    original = tree_ensemble.add_node
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    x[::5, 20] = np.nan
+    x[1::7, 36] = np.nan
+    model = HistGradientBoostingClassifier(max_iter=15, random_state=0).fit(x[:1400], y[:1400])
+    joblib.dump(model, tmp_path / "hgb.joblib")
+    export_sklearn_to_onnx(tmp_path / "hgb.joblib", tmp_path / "hgb.onnx", trust_pickle=True)
+    assert tree_ensemble.add_node is original  # the compatibility shim is gone afterwards
+    labels, probabilities = ort.InferenceSession(str(tmp_path / "hgb.onnx")).run(None, {"input": x[1400:]})
+    np.testing.assert_array_equal(labels, model.predict(x[1400:]))
+    np.testing.assert_allclose(probabilities, model.predict_proba(x[1400:]), atol=1e-5)
