@@ -101,7 +101,7 @@ def test_one_model_layout_moves_under_models_on_first_start(tmp_path: Path, agen
         assert [(b["version"], b["serving_version"]) for b in state["previous"]] == [("1.0.0", 1)]
         client = _client(agent)
         status, body = client.request("GET", "/v1/models/digits/versions/2")
-        assert status == 200 and body["model_version_status"][0]["version"] == "2.0.0"
+        assert status == 200 and body["model_version_status"][0]["version"] == "2"  # serving version of 2.0.0
         assert client.request("GET", "/v1/models/digits/labels/stable")[0] == 200
         assert client.predict("digits", agent_repo.eval_x[:2].tolist())[0] == 200
         assert migrate_single_model(config) is None  # done once
@@ -141,8 +141,10 @@ def test_two_models_serve_at_once_each_with_its_versions_and_labels(tmp_path: Pa
         versions = agent.servables.get("digits")
         assert versions.labels() == {"stable": 1, "candidate": 2}  # the stable one stays loaded
         assert [m.serving_version for m in versions.loaded()] == [2, 1]
-        assert client.request("GET", "/v1/models/digits/versions/1")[1]["model_version_status"][0]["version"] == "1.0.0"
-        assert client.request("GET", "/v1/models/digits/labels/candidate")[1]["model_version_status"][0]["version"] == "2.0.0"
+        # TF Serving's status names versions by their number (1.0.0 is serving version 1, 2.0.0 is 2)
+        assert client.request("GET", "/v1/models/digits/versions/1")[1]["model_version_status"][0]["version"] == "1"
+        assert client.request("GET", "/v1/models/digits/labels/candidate")[1]["model_version_status"][0]["version"] == "2"
+        assert client.request("GET", "/v1/models/digits/versions/1.0.0")[1]["model_version_status"][0]["version"] == "1"
         assert client.request("POST", "/v1/models/digits/labels/stable:predict",
                               {"instances": agent_repo.eval_x[:1].tolist()})[0] == 200
         kept = versions.resolve("1")
@@ -372,7 +374,7 @@ def test_sigkill_in_each_state_of_one_models_update_leaves_the_other_served(
             client = agent.client()
             assert client.predict(SECOND_MODEL, x)[0] == 200
             status, body = client.request("GET", "/v1/models/digits")
-            assert status == 200 and body["model_version_status"][0]["version"] == models["digits"]["version"]
+            assert status == 200 and body["model_version_status"][0]["version"] == str(models["digits"]["serving_version"])
         finally:
             agent.stop()
 
@@ -452,7 +454,7 @@ def test_a_restart_in_probation_loads_the_stable_version_again(tmp_path: Path, a
         assert [v["serving_version"] for v in digits["loaded"]] == [2, 1]
         client = agent.client()
         status, body = client.request("GET", "/v1/models/digits/labels/stable")
-        assert status == 200 and body["model_version_status"][0]["version"] == "1.0.0"
+        assert status == 200 and body["model_version_status"][0]["version"] == "1"  # serving version of 1.0.0
         result = agent_cli("rollback", "--config", str(config), "--json")
         assert result.returncode == 0, result.stderr
         (digits,) = agent.status()["models"]

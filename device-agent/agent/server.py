@@ -334,6 +334,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.rfile.close()
         except OSError:  # closing a broken stream must not raise
             return
+        finally:
+            if getattr(self, "_had_large", False):
+                # The trimmer thread hands most of a large body's memory back, but what this
+                # thread freed sits in its own malloc caches, which only it can return: done
+                # here, when the connection ends and no request of it is waiting.
+                from .loading import release_memory
+
+                release_memory()
 
     def handle_one_request(self) -> None:
         limits = self.server.limits
@@ -602,6 +610,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._post(path)
         finally:  # after _post's frame (the parsed body) is gone
             if self._large_pending:
+                self._had_large = True
                 self.server.large_end()
 
     def _get(self, path: str) -> None:
@@ -832,7 +841,7 @@ class _Server(ThreadingHTTPServer):
                 if burst_over:
                     self._peak = 0
             if burst_over:  # the threads of a burst are gone: hand their memory back
-                from .updater import release_memory
+                from .loading import release_memory
 
                 release_memory()
 
@@ -857,7 +866,7 @@ class _Server(ThreadingHTTPServer):
         self._trim_wanted.set()
 
     def _trim_when_quiet(self) -> None:
-        from .updater import release_memory
+        from .loading import release_memory
 
         while True:
             self._trim_wanted.wait()
