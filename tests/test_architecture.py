@@ -331,3 +331,28 @@ def test_the_grpc_extra_loads_only_when_grpc_starts(
     eager = [f"{name} imports {imp.target}" for name, imports in graph.items() for imp in imports
              if imp.target.startswith(grpc_side) and not imp.lazy and not name.startswith(grpc_side)]
     assert not eager, "\n".join(eager)
+
+
+def test_the_update_table_in_the_architecture_docs_is_the_one_in_the_code() -> None:
+    """docs/architecture.md draws the transition table; a row added in the code and not there
+    (or the other way round) fails here."""
+    from edgeship.agent.state_machine import TRANSITIONS, Event, State
+
+    text = (REPO / "docs" / "architecture.md").read_text()
+    section = text[text.index("## The update state machine"):]
+    header, drawn = None, {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or set(cells[0]) <= {"-", " "}:
+            continue
+        if cells[0] == "state":
+            header = cells[1:]
+            continue
+        assert header is not None
+        for event, cell in zip(header, cells[1:]):
+            if not cell:
+                continue
+            if event == "other":  # "EVENT -> STATE"
+                event, _, cell = (part.strip() for part in cell.partition("->"))
+            drawn[(State[cells[0]], Event[event])] = State[cell]
+    assert drawn == dict(TRANSITIONS)
