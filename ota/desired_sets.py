@@ -18,29 +18,19 @@ __all__ = ["DESIRED_SET_SCHEMA", "ModelEntry", "build_desired_set", "sign_docume
 
 import datetime as _dt
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from .director import ACTIONS, DESIRED_STATE_TYPE, canonical_json, director_key_id, format_utc
+from .director import (
+    ACTIONS,
+    DESIRED_STATE_TYPE,
+    ModelEntry,
+    canonical_json,
+    director_key_id,
+    format_utc,
+)
 from .errors import BadInputError
 
 DESIRED_SET_SCHEMA = 2
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """One model of the set: its bundle's TUF target (name, version, path, length, hashes), its
-    serving version, and why it is there."""
-
-    bundle: str
-    version: str
-    target: str
-    length: int
-    hashes: Mapping[str, str]
-    serving_version: int | None = None
-    deployment: str | None = None
-    rollout: str | None = None
-    action: str = "install"
 
 
 def build_desired_set(*, fleet: str, device: str, sequence: int, issued: _dt.datetime, expires: _dt.datetime,
@@ -54,10 +44,7 @@ def build_desired_set(*, fleet: str, device: str, sequence: int, issued: _dt.dat
     return {
         "_type": DESIRED_STATE_TYPE, "schema": DESIRED_SET_SCHEMA, "fleet": fleet, "device": device,
         "sequence": int(sequence), "issued": format_utc(issued), "expires": format_utc(expires),
-        "models": {name: {"bundle": e.bundle, "version": e.version, "serving_version": e.serving_version,
-                          "target": e.target, "length": int(e.length), "hashes": dict(e.hashes),
-                          "deployment": e.deployment, "rollout": e.rollout, "action": e.action}
-                   for name, e in sorted(models.items())},
+        "models": {name: e.to_dict() for name, e in sorted(models.items())},
     }
 
 
