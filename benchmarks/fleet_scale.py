@@ -189,33 +189,54 @@ def _telemetry_payload() -> bytes:
                                            bundle={"name": "digits", "version": "1.0.0"}, drift=0.01))
 
 
-def _baseline_subscriber(host: str, port: int) -> tuple[Any, dict[str, int]]:
-    """A bare paho subscriber to every device's telemetry: what the broker delivers, to set beside
-    what the controller wrote. It subscribes from on_connect (so a reconnect subscribes again)
-    and the run waits for its SUBACK: with thousands of devices connected, a subscription sent
-    before the broker answered the connection is easily lost."""
+class BaselineSubscriber:
+    """A bare paho subscriber to every device's telemetry, in a process of its own: what the broker
+    delivers, to set beside what the controller wrote. Its own process because paho's own loop
+    uses select(), which cannot watch a descriptor numbered past 1,024, and this process holds one
+    per simulated device. It subscribes from on_connect and the run waits for its SUBACK."""
+
+    def __init__(self, host: str, port: int, folder: Path) -> None:
+        self.count_file = folder / "baseline-count"
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--baseline-subscriber",
+                                      host, str(port), str(self.count_file)])
+        deadline = time.monotonic() + 60
+        while not self.count_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the baseline subscriber did not subscribe within 60 s")
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        self.proc.wait(30)
+        return int(self.count_file.read_text() or 0)
+
+
+def _baseline_subscriber_main(host: str, port: int, count_file: Path) -> None:
+    import signal
+
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
     counter = {"n": 0}
-    subscribed = threading.Event()
+    stop = threading.Event()
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id="baseline-telemetry", protocol=paho.MQTTv5)
 
     def on_connect(c: Any, u: Any, flags: Any, reason: Any, properties: Any) -> None:
         c.subscribe(f"edgeship/{FLEET}/devices/+/telemetry", 0)
 
     def on_subscribe(c: Any, u: Any, mid: Any, reasons: Any, properties: Any) -> None:
-        subscribed.set()
+        count_file.write_text("0")
 
     def on_message(c: Any, u: Any, m: Any) -> None:
         counter["n"] += 1
 
     client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     client.connect(host, port, keepalive=120)
     client.loop_start()
-    if not subscribed.wait(60):
-        raise RuntimeError("the baseline subscriber got no SUBACK within 60 s")
-    return client, counter
+    stop.wait()
+    client.loop_stop()
+    count_file.write_text(str(counter["n"]))
 
 
 def _wait_for_line(log: Path, proc: subprocess.Popen, needle: bytes, what: str) -> None:
@@ -271,7 +292,7 @@ def run(n: int, bundle_mb: float, every_s: float, db: str, work: Path) -> dict[s
 
         # -- telemetry from every device, every `every_s` seconds, from now until the end
         payload = _telemetry_payload()
-        baseline_client, delivered = _baseline_subscriber("127.0.0.1", broker.port)
+        baseline = BaselineSubscriber("127.0.0.1", broker.port, work)
         rows_start = _telemetry_rows(store)
         sent = {"n": 0}
 
@@ -382,11 +403,10 @@ def run(n: int, bundle_mb: float, every_s: float, db: str, work: Path) -> dict[s
         sampler.stop_event.set()
         sampler.join(5)
         r["load_after"] = os.getloadavg()[0]
-        baseline_client.loop_stop()
-        baseline_client.disconnect()
+        delivered = baseline.stop()
         metrics = _metrics(metrics_port)
         r.update(telemetry_sent=sent["n"], telemetry_ingested=_telemetry_rows(store) - rows_start,
-                 telemetry_delivered_baseline=delivered["n"],
+                 telemetry_delivered_baseline=delivered,
                  telemetry_dropped=metrics.get("edgeship_controller_ingest_dropped_total", 0.0),
                  lag_median_s=_pct(sampler.lag, 0.5), lag_p95_s=_pct(sampler.lag, 0.95),
                  lag_max_s=max(sampler.lag, default=0.0), queue_max=max(sampler.queue, default=0.0),
@@ -519,4 +539,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 5 and sys.argv[1] == "--baseline-subscriber":
+        _baseline_subscriber_main(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
+    else:
+        main()
