@@ -70,6 +70,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeship.ota.errors import BadInputError, EdgeshipError
+from edgeship.ota.prometheus import Exposition
 
 from . import oip
 from .decoding import (
@@ -254,12 +255,6 @@ def _agent_version() -> str:
         return version("edgeship")
     except Exception:  # noqa: BLE001 - metadata missing in a bare checkout: say so, never fail a request
         return "unknown"
-
-
-def render_metrics(servables: Servables, data_dir: Path) -> str:
-    """``/metrics``: every loaded version of every model (labelled by model, version and serving
-    version) under one HELP/TYPE per family, the process series once."""
-    return render_prometheus(servables, data_dir)
 
 
 class _RequestTimeout(Exception):
@@ -620,7 +615,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200 if ok else 503, detail)
                 return
             if path == "/metrics":
-                text = render_metrics(self.server.servables, self.server.data_dir) + self.server.metrics_text()
+                # every loaded version of every model, then the connection gauges
+                text = render_prometheus(self.server.servables, self.server.data_dir) + self.server.metrics_text()
                 self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
                 return
             match = _ROUTE.match(path)
@@ -792,14 +788,12 @@ class _Server(ThreadingHTTPServer):
 
     def metrics_text(self) -> str:
         """The connection gauges in Prometheus text (appended to /metrics)."""
-        return (
-            "# HELP edgeship_http_connections Open HTTP connections (each holds a thread until its deadline).\n"
-            "# TYPE edgeship_http_connections gauge\n"
-            f"edgeship_http_connections {self.connections}\n"
-            "# HELP edgeship_http_connections_refused_total Connections answered 503 at [limits] max_connections.\n"
-            "# TYPE edgeship_http_connections_refused_total counter\n"
-            f"edgeship_http_connections_refused_total {self.refused}\n"
-        )
+        page = Exposition()
+        page.gauge("edgeship_http_connections",
+                   "Open HTTP connections (each holds a thread until its deadline).", [({}, self.connections)])
+        page.counter("edgeship_http_connections_refused_total",
+                     "Connections answered 503 at [limits] max_connections.", [({}, self.refused)])
+        return page.text()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._count_lock:
