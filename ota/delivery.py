@@ -226,7 +226,9 @@ def deliver_bundle(
         delta_file = work / f".{out.name}.delta"
         try:
             info = _lookup(updater, companion_path(name, version, "delta", base_sha256))
-            if info is not None:
+            if info is None:
+                reasons.append(f"no delta is published from this base (sha256 {str(base_sha256)[:16]}...)")
+            else:
                 refusal = companion_refusal("delta", info.custom, info.length, info.hashes, base_sha256=base_sha256,
                                             **common)
                 if refusal is not None:
