@@ -98,6 +98,8 @@ def companion_refusal(kind: str, custom: Mapping[str, Any] | None, length: int, 
         return f"its signed kind is {custom.get('kind')!r}, not {kind!r}"
     if custom.get("of") != bundle_target or custom.get("name") != name or custom.get("version") != version:
         return f"it is signed as a companion of {custom.get('of')!r}, not of {bundle_target!r}"
+    if kind == "compressed" and custom.get("encoding", "zstd") != "zstd":
+        return f"its encoding {custom.get('encoding')!r} is not zstd"
     if kind == "delta" and custom.get("base_sha256") != base_sha256:
         return "it is signed for another base than the bundle this device holds"
     if "sha256" not in hashes:

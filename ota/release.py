@@ -590,6 +590,7 @@ class ReleaseRepository:
                                           "of": bundle.path}
                 if companion.kind == "compressed":
                     _check_compressed(Path(companion.file), bundle)
+                    custom["encoding"] = "zstd"
                     path = companion_path(bundle.name, bundle.version, "compressed")
                 elif companion.kind == "delta":
                     if not companion.base_version:

@@ -296,6 +296,14 @@ def test_which_listed_delta_may_be_used(custom: Any, length: int, hashes: dict[s
     assert found == refusal if refusal is None else refusal in str(found)
 
 
+def test_a_compressed_companion_in_another_encoding_is_not_used() -> None:
+    custom = {"kind": "compressed", "encoding": "brotli", "name": "digits", "version": "1.1.0", "of": BUNDLE}
+    assert "not zstd" in str(companion_refusal("compressed", custom, 100, {"sha256": "x"}, bundle_target=BUNDLE,
+                                               bundle_length=5000, name="digits", version="1.1.0"))
+    assert companion_refusal("compressed", {**custom, "encoding": "zstd"}, 100, {"sha256": "x"}, bundle_target=BUNDLE,
+                             bundle_length=5000, name="digits", version="1.1.0") is None
+
+
 @pytest.mark.parametrize("have_base,zstd,paths", [
     (True, True, ("delta", "compressed", "full")),
     (False, True, ("compressed", "full")),
@@ -304,3 +312,21 @@ def test_which_listed_delta_may_be_used(custom: Any, length: int, hashes: dict[s
 ])
 def test_the_paths_tried_in_order(have_base: bool, zstd: bool, paths: tuple[str, ...]) -> None:
     assert plan_deliveries(have_base=have_base, can_decompress=zstd) == paths
+
+
+def test_the_transfer_is_reported_with_the_update_and_on_the_verifying_event() -> None:
+    from edgeship.agent.persistence import AgentState, UpdateRecord
+    from edgeship.agent.reporter import event_document, state_document
+    from edgeship.agent.state_machine import State
+
+    transfer = {"kind": "delta", "bytes": 2503, "full_bytes": 163840, "base_version": "1.0.0"}
+    state = AgentState(update=UpdateRecord(id="u1", kind="install", state="VERIFYING",
+                                           bundle={"name": "digits", "version": "1.1.0"}, transfer=transfer))
+    config = parse_config({"device": {"id": "dev-1", "fleet": "plant"}, "paths": {"data": "/nonexistent"},
+                           "trust": {"root": "/r.json", "director_key": "/d.pub"}}, source=Path("agent.toml"))
+    assert state_document(config, state)["update"]["transfer"] == transfer
+    assert event_document(state, 3, State.VERIFYING, "fetched")["transfer"] == transfer
+    assert "transfer" not in event_document(state, 4, State.PROBATION, "serving")
+    assert UpdateRecord.from_dict(state.update.to_dict()).transfer == transfer  # survives a restart
+    state.update.transfer = None
+    assert "transfer" not in state_document(config, state)["update"]

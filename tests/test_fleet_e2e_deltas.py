@@ -178,6 +178,9 @@ def test_devices_with_a_base_take_the_delta_and_a_new_device_the_compressed_bund
             assert [m["update"]["transfer"]["kind"] for m in models] == [
                 "compressed" if agent.device == "dev-new" else "delta"]
         assert not director.refused, director.refused
+        # only the active slot keeps its bundle file (the next delta's base); 1.0.0's slot kept none
+        kept = sorted((tmp_path / "dev-2" / "data").rglob(".edgeship-bundle"))
+        assert len(kept) == 1 and kept[0].read_bytes() == full.file.read_bytes(), kept
 
         # a damaged delta is refused, the compressed bundle taken, and the model serves throughout
         agent = agents["dev-1"]

@@ -429,6 +429,7 @@ def test_companions_are_signed_targets_that_must_rebuild_their_bundle(repo: Rele
     trust.mkdir()
     shutil.copy(repo.metadata_dir / "1.root.json", trust / "root.json")
     updater = u._refresh(trust, LocalFolderFetcher(repo.path), NOW)
+    assert updater.get_targetinfo(added[0].path).custom["encoding"] == "zstd"
     info = updater.get_targetinfo(added[1].path)
     assert info is not None and info.length == added[1].length
     assert info.custom == {"kind": "delta", "name": "digits", "version": "1.1.0", "of": v2.path,
