@@ -51,7 +51,8 @@ class ZstdBoundedReader:
         self.expected = expected
         self.produced = 0
         self._raw = raw
-        self._reader = zstandard.ZstdDecompressor().stream_reader(_Prefixed(head, raw), read_across_frames=False)
+        source: Any = _Prefixed(head, raw)  # read()-able: all stream_reader needs
+        self._reader = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=False)
 
     def read(self, n: int = -1) -> bytes:
         want = CHUNK if n is None or n < 0 else n

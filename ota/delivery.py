@@ -223,7 +223,7 @@ def deliver_bundle(
         return TransferRecord(kind, received.total, bundle.length, base_version if kind == "delta" else None,
                               "; ".join(reasons)[:FALLBACK_LIMIT] or None, list(plan))
 
-    common = {"bundle_target": bundle.path, "bundle_length": bundle.length, "name": name, "version": version}
+    common: dict[str, Any] = {"bundle_target": bundle.path, "bundle_length": bundle.length, "name": name, "version": version}
     if "delta" in plan:
         delta_file = work / f".{out.name}.delta"
         try:

@@ -85,7 +85,7 @@ def drop_stale_bases(slots_dir: Path, keep: Iterable[str], protected: Iterable[s
     only the active slot's bundle is a base the next update asks a delta from; a kept slot keeps
     its extracted files for rollback, not a second copy of them. Returns the slots cleared."""
     spare = set(keep) | set(protected)
-    cleared = []
+    cleared: list[str] = []
     if not slots_dir.is_dir():
         return cleared
     for slot in sorted(p for p in slots_dir.iterdir() if p.is_dir() and p.name not in spare):
