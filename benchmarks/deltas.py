@@ -3,7 +3,8 @@ docs/benchmarks.md).
 
 Cases, each a pair of bundles (old -> new) built from real models:
 
-- digits CNN (trained on scikit-learn's digits), fine-tuned one more epoch: fp32 and int8 TFLite;
+- digits CNN (trained on scikit-learn's digits), fine-tuned one more epoch: fp32 and int8 TFLite, and
+  ONNX (tf2onnx, fp32 initializers);
 - MobileNetV2 (96x96, random weights, 10 classes), head retrained: only the last Dense layer moves;
 - MobileNetV2 fine-tuned: a few SGD steps on every layer (every weight moves a little), fp32 and int8.
 
@@ -68,6 +69,17 @@ def tflite(model: Any, path: Path, calib: np.ndarray, int8: bool) -> Path:
     return path
 
 
+def onnx(model: Any, path: Path, calib: np.ndarray) -> Path:
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = [tf.TensorSpec((None, *calib.shape[1:]), tf.float32, name="input")]
+    forward = tf.function(lambda batch: model(batch, training=False), input_signature=spec)
+    proto, _ = tf2onnx.convert.from_function(forward, input_signature=spec, opset=13)
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
 def copy_model(model: Any) -> Any:
     import tensorflow as tf
 
@@ -76,7 +88,7 @@ def copy_model(model: Any) -> Any:
     return twin
 
 
-def cases(folder: Path) -> list[tuple[str, Any, Any, np.ndarray, bool]]:
+def cases(folder: Path) -> list[tuple[str, Any, Any, np.ndarray, str]]:
     import tensorflow as tf
     from model import load_digits_split, train_digits_cnn
 
@@ -101,21 +113,25 @@ def cases(folder: Path) -> list[tuple[str, Any, Any, np.ndarray, bool]]:
     fine.compile(optimizer=tf.keras.optimizers.SGD(1e-3), loss="sparse_categorical_crossentropy")
     fine.fit(x, y, epochs=1, batch_size=16, verbose=0)
     return [
-        ("digits CNN, fine-tuned (fp32)", digits, tuned, x_digits, False),
-        ("digits CNN, fine-tuned (int8)", digits, tuned, x_digits, True),
-        ("MobileNetV2 96px, head retrained (fp32)", mobile, head, x, False),
-        ("MobileNetV2 96px, head retrained (int8)", mobile, head, x, True),
-        ("MobileNetV2 96px, every layer fine-tuned (fp32)", mobile, fine, x, False),
-        ("MobileNetV2 96px, every layer fine-tuned (int8)", mobile, fine, x, True),
+        ("digits CNN, fine-tuned (fp32)", digits, tuned, x_digits, "fp32"),
+        ("digits CNN, fine-tuned (int8)", digits, tuned, x_digits, "int8"),
+        ("digits CNN, fine-tuned (ONNX fp32)", digits, tuned, x_digits, "onnx"),
+        ("MobileNetV2 96px, head retrained (fp32)", mobile, head, x, "fp32"),
+        ("MobileNetV2 96px, head retrained (int8)", mobile, head, x, "int8"),
+        ("MobileNetV2 96px, every layer fine-tuned (fp32)", mobile, fine, x, "fp32"),
+        ("MobileNetV2 96px, every layer fine-tuned (int8)", mobile, fine, x, "int8"),
     ]
 
 
 def measure(folder: Path) -> list[dict[str, Any]]:
     rows = []
-    for i, (label, old_model, new_model, calib, int8) in enumerate(cases(folder)):
+    for i, (label, old_model, new_model, calib, kind) in enumerate(cases(folder)):
         bundles = []
         for tag, model in (("old", old_model), ("new", new_model)):
-            model_file = tflite(model, folder / f"{i}-{tag}.tflite", calib, int8)
+            if kind == "onnx":
+                model_file = onnx(model, folder / f"{i}-{tag}.onnx", calib)
+            else:
+                model_file = tflite(model, folder / f"{i}-{tag}.tflite", calib, kind == "int8")
             out = folder / f"{i}-{tag}.bundle"
             build_bundle(model_file, name="model", version="1.0.0" if tag == "old" else "1.1.0", out=out)
             bundles.append(out)
@@ -138,7 +154,7 @@ def measure(folder: Path) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         f"Run: `.venv/bin/python benchmarks/deltas.py --write` on {platform.machine()}, 2 cores (shared), Python "
-        f"{platform.python_version()}, zstd level {DEFAULT_LEVEL}. Bundles of TFLite models; each delta rebuilt "
+        f"{platform.python_version()}, zstd level {DEFAULT_LEVEL}. Bundles of TFLite and ONNX models; each delta rebuilt "
         "bit for bit in a child process (checked). Baseline: the new bundle compressed with zstd at the same level; "
         "the plain binary delta is zstd with the old bundle as dictionary (`--patch-from`), same run.",
         "",
