@@ -165,6 +165,7 @@ def test_devices_with_a_base_take_the_delta_and_a_new_device_the_compressed_bund
             assert transfer == {"kind": "delta", "bytes": delta.length, "full_bytes": full.length,
                                 "base_version": BASE}, transfer
             assert transfer["bytes"] < full.length / 10, transfer  # the head alone travelled
+            print(f"{device}: {transfer}")
         assert _transfer(director, "dev-new", HEAD) == {"kind": "compressed", "bytes": zst.length,
                                                         "full_bytes": full.length}
         assert {e.stream for e in director.blocks.log if "/deltas/" in e.stream} == {"targets/" + delta.path}
