@@ -316,7 +316,7 @@ def test_the_paths_tried_in_order(have_base: bool, zstd: bool, paths: tuple[str,
 
 def test_the_transfer_is_reported_with_the_update_and_on_the_verifying_event() -> None:
     from edgeship.agent.persistence import AgentState, UpdateRecord
-    from edgeship.agent.reporter import event_document, state_document
+    from edgeship.agent.reporter import event_document, state_document, transfer_summary
     from edgeship.agent.state_machine import State
 
     transfer = {"kind": "delta", "bytes": 2503, "full_bytes": 163840, "base_version": "1.0.0"}
@@ -328,5 +328,8 @@ def test_the_transfer_is_reported_with_the_update_and_on_the_verifying_event() -
     assert event_document(state, 3, State.VERIFYING, "fetched")["transfer"] == transfer
     assert "transfer" not in event_document(state, 4, State.PROBATION, "serving")
     assert UpdateRecord.from_dict(state.update.to_dict()).transfer == transfer  # survives a restart
+    assert transfer_summary(transfer) == "delta from 1.0.0: 2,503 of 163,840 bytes"
+    assert transfer_summary({"kind": "full", "bytes": 9, "full_bytes": 5, "fallback": "compressed refused: x"}) \
+        == "full: 9 of 5 bytes; compressed refused: x"
     state.update.transfer = None
     assert "transfer" not in state_document(config, state)["update"]

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from agent_fixtures import agent_cli
 from fleet_e2e_fixtures import FleetAgent, FleetRelease, TestDirector, edgeship_cli, wait_for
 
 from edgeship.ota.golden import GoldenVectors
@@ -179,6 +180,9 @@ def test_devices_with_a_base_take_the_delta_and_a_new_device_the_compressed_bund
             assert [m["update"]["transfer"]["kind"] for m in models] == [
                 "compressed" if agent.device == "dev-new" else "delta"]
         assert not director.refused, director.refused
+        shown = agent_cli("status", "--config", str(agents["dev-2"].config))
+        assert shown.returncode == 0 and f"transfer delta from {BASE}: {delta.length:,} of {full.length:,} bytes" \
+            in shown.stdout, shown.stdout
         # only the active slot keeps its bundle file (the next delta's base); 1.0.0's slot kept none
         kept = sorted((tmp_path / "dev-2" / "data").rglob(".edgeship-bundle"))
         assert len(kept) == 1 and kept[0].read_bytes() == full.file.read_bytes(), kept

@@ -361,6 +361,10 @@ def status(config_path: str, as_json: bool) -> None:
         click.echo(
             f"update   {update['kind']} {update['id']}: {update['state']} - {update['reason']}"
         )
+        if update.get("transfer"):
+            from .reporter import transfer_summary
+
+            click.echo(f"transfer {transfer_summary(update['transfer'])}")
     serving = doc.get("serving")
     if serving:
         click.echo(

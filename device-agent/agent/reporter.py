@@ -16,6 +16,7 @@ __all__ = [
     "agent_version",
     "event_document",
     "state_document",
+    "transfer_summary",
 ]
 
 import functools
@@ -79,6 +80,15 @@ class LogReporter:
 
     def report_telemetry(self, telemetry: dict[str, Any]) -> None:
         self.log.info("telemetry %s", json.dumps(telemetry, sort_keys=True))
+
+
+def transfer_summary(transfer: dict[str, Any]) -> str:
+    """``delta from 1.0.0: 2,503 of 163,840 bytes``: what travelled, in words (the FETCHING reason,
+    ``edgeship-agent status``)."""
+    kind = str(transfer.get("kind"))
+    what = f"delta from {transfer.get('base_version')}" if kind == "delta" else kind
+    text = f"{what}: {int(transfer.get('bytes') or 0):,} of {int(transfer.get('full_bytes') or 0):,} bytes"
+    return text + (f"; {transfer['fallback']}" if transfer.get("fallback") else "")
 
 
 def _ref(bundle: Any) -> dict[str, str] | None:

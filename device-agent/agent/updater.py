@@ -60,7 +60,7 @@ from .faults import FaultHooks
 from .health import ProbationPolicy, ProbationSample, Verdict, probation_elapsed, probation_verdict
 from .loading import load_bundle_model, release_memory
 from .persistence import AgentState, InstalledBundle, StateStore, UpdateRecord
-from .reporter import NullReporter, Reporter, event_document, state_document
+from .reporter import NullReporter, Reporter, event_document, state_document, transfer_summary
 from .runtimes import RuntimeUnavailableError, check_bundle_runtime
 from .selftest import measure_footprint, run_self_test
 from .serving import LoadedModel, ServingModel, model_health
@@ -144,16 +144,6 @@ class ModelHome:
     def single(cls, config: AgentConfig) -> ModelHome:
         """The data folder's own slots and state (one model per agent)."""
         return cls(config.slots_dir, config.work_dir, config.state_file)
-
-
-def _transfer_summary(transfer: dict[str, Any] | None) -> str:
-    """`` (delta from 1.0.0: 12,345 of 1,048,576 bytes)``: what the FETCHING reason says travelled."""
-    if not transfer:
-        return ""
-    kind = str(transfer.get("kind"))
-    what = f"delta from {transfer.get('base_version')}" if kind == "delta" else kind
-    text = f" ({what}: {int(transfer.get('bytes') or 0):,} of {int(transfer.get('full_bytes') or 0):,} bytes"
-    return text + (f"; {transfer['fallback']})" if transfer.get("fallback") else ")")
 
 
 def _utcnow() -> _dt.datetime:
@@ -457,7 +447,7 @@ class UpdateDriver:
             record.transfer = staged.transfer
 
         return Outcome(Event.SUCCESS, f"fetched and verified {staged.name} {staged.version}"
-                       + _transfer_summary(staged.transfer), apply)
+                       + (f" ({transfer_summary(staged.transfer)})" if staged.transfer else ""), apply)
 
     def _verifying(self, session: UpdateSession) -> Outcome:
         update = session.record
