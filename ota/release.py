@@ -10,6 +10,8 @@ Layout of a repository folder::
     metadata/              as a TUF repository serves it: N.root.json (every version),
                            root.json (the newest), timestamp.json, snapshot.json, targets.json
     targets/<name>/<name>-<version>.bundle
+    targets/<name>/<name>-<version>.bundle.zst           the bundle compressed (a companion target)
+    targets/<name>/deltas/<version>/<base sha256>.delta  a delta from an older bundle (a companion target)
     keys/                  0700; root.key (encrypted with the root passphrase), targets.key,
                            snapshot.key, timestamp.key (0600, online roles)
     director/              director.key (0600), director.pub, sequences.json (last sequence per fleet)
@@ -28,9 +30,13 @@ from __future__ import annotations
 __all__ = [
     "DEFAULT_EXPIRY",
     "MAX_EXPIRY_SECONDS",
+    "COMPANION_KINDS",
+    "DEFAULT_DELTA_BASES",
     "ROLES",
+    "Companion",
     "ReleaseRepository",
     "TargetInfo",
+    "companion_path",
     "next_serving_version",
     "VersionNotNewerError",
     "decode_private_key",
@@ -42,6 +48,7 @@ __all__ = [
 import contextlib
 import datetime as _dt
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -87,6 +94,14 @@ production TUF deployments do; the controller re-signs it with ``refresh``)."""
 
 MAX_EXPIRY_SECONDS = 100 * 365 * 86400
 """The longest validity a role may be given (a century; more cannot even be signed as a date)."""
+
+COMPANION_KINDS = ("compressed", "delta")
+"""Targets that carry a published bundle in fewer bytes (docs/deltas.md): the same bundle compressed
+with zstd, and deltas from older bundles of the same name. Each is a TUF target of its own (length and
+sha256 signed); what it rebuilds is checked against the bundle's own signed hash."""
+
+DEFAULT_DELTA_BASES = 2
+"""How many of the latest published versions ``publish`` builds deltas from (``deltas`` in config.json)."""
 
 Passphrase = Union[str, bytes]
 ProgressCallback = Callable[[str, int, int], None]
@@ -147,13 +162,21 @@ class TargetInfo:
     serving_version: int | None = None
     """The model's serving version (an integer that only grows per name; signed in the target's
     custom metadata). None: published before serving versions existed."""
+    kind: str = "bundle"
+    """``bundle``, or a companion of one: ``compressed`` or ``delta`` (COMPANION_KINDS)."""
+    base_version: str | None = None
+    """A delta's base: the version of the bundle it is applied to."""
+    base_sha256: str | None = None
+    """A delta's base: that bundle's sha256 (the device looks the delta up by it)."""
+    of: str | None = None
+    """A companion's bundle target path (what it rebuilds)."""
 
     @property
     def hashes(self) -> dict[str, str]:
         return {"sha256": self.sha256}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "name": self.name,
             "version": self.version,
             "target": self.path,
@@ -163,7 +186,32 @@ class TargetInfo:
             "runtime": self.runtime,
             "file": str(self.file),
             "serving_version": self.serving_version,
+            "kind": self.kind,
         }
+        if self.kind != "bundle":
+            doc.update({"of": self.of, "base_version": self.base_version, "base_sha256": self.base_sha256})
+        return doc
+
+
+@dataclass(frozen=True)
+class Companion:
+    """A file to publish as a companion of a bundle (``ReleaseRepository.add_companions``)."""
+
+    kind: str
+    """``compressed`` or ``delta``."""
+    file: Path
+    """The file to copy into the repository (a zstd frame, or an ESDELTA1 delta)."""
+    base_version: str | None = None
+    """A delta's base version (a published version of the same name)."""
+
+
+def companion_path(name: str, version: str, kind: str, base_sha256: str | None = None) -> str:
+    """The TUF target path of a bundle's companion (the device builds the same path to look it up)."""
+    if kind == "compressed":
+        return f"{name}/{name}-{version}.bundle.zst"
+    if kind == "delta" and base_sha256:
+        return f"{name}/deltas/{version}/{base_sha256}.delta"
+    raise BadInputError(f"no companion target of kind {kind!r}" + (" without a base hash" if kind == "delta" else ""))
 
 
 def _serving_version(value: Any) -> int | None:
@@ -289,8 +337,27 @@ class ReleaseRepository:
                 raise BadInputError(f"expiry of {role} must be at most {MAX_EXPIRY_SECONDS} seconds (100 years)")
             values[role] = int(seconds)
         if changes:
-            atomic_write_json(self.path / "config.json", {"schema": 1, "expiry_seconds": values})
+            atomic_write_json(self.path / "config.json", {**self._config(), "schema": 1, "expiry_seconds": values})
         return values
+
+    def _config(self) -> dict[str, Any]:
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            return {}
+        try:
+            config = json.loads(config_path.read_text())
+        except ValueError as exc:
+            raise BadInputError(f"{config_path} is not valid JSON: {exc}") from None
+        return config if isinstance(config, dict) else {}
+
+    def delta_bases(self) -> int:
+        """How many of the latest published versions ``publish`` builds deltas from: ``deltas`` in
+        config.json (0: none), default DEFAULT_DELTA_BASES."""
+        value = self._config().get("deltas", DEFAULT_DELTA_BASES)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 100:
+            raise BadInputError(f"{self.path / 'config.json'}: deltas must be a whole number from 0 to 100, "
+                                f"got {value!r}")
+        return value
 
     # -- keys -----------------------------------------------------------------------------------
 
@@ -413,12 +480,11 @@ class ReleaseRepository:
 
     # -- targets --------------------------------------------------------------------------------
 
-    def targets(self) -> list[TargetInfo]:
-        """Every published bundle, sorted by name then version."""
-        self._require()
+    def _all_targets(self) -> list[TargetInfo]:
         found: list[TargetInfo] = []
         for path, target in self._load("targets").signed.targets.items():
             custom = target.custom if isinstance(target.custom, dict) else {}
+            kind = str(custom.get("kind") or "bundle")
             found.append(TargetInfo(
                 name=str(custom.get("name", "")),
                 version=str(custom.get("version", "")),
@@ -429,8 +495,26 @@ class ReleaseRepository:
                 runtime=dict(custom.get("runtime") or {}),
                 file=self.targets_dir / path,
                 serving_version=_serving_version(custom.get("serving_version")),
+                kind=kind,
+                base_version=str(custom["base_version"]) if custom.get("base_version") else None,
+                base_sha256=str(custom["base_sha256"]) if custom.get("base_sha256") else None,
+                of=str(custom["of"]) if custom.get("of") else None,
             ))
-        found.sort(key=lambda t: (t.name, parse_version(t.version) if t.version else ((), 0, ())))
+        found.sort(key=lambda t: (t.name, parse_version(t.version) if t.version else ((), 0, ()), t.path))
+        return found
+
+    def targets(self) -> list[TargetInfo]:
+        """Every published bundle, sorted by name then version (companions: ``companions``)."""
+        self._require()
+        return [t for t in self._all_targets() if t.kind == "bundle"]
+
+    def companions(self, name: str, version: str) -> list[TargetInfo]:
+        """The companion targets of bundle ``name`` ``version``: its compressed copy first, then its
+        deltas by base version (newest base first)."""
+        self._require()
+        found = [t for t in self._all_targets() if t.kind in COMPANION_KINDS and t.name == name
+                 and t.version and compare_versions(t.version, version) == 0]
+        found.sort(key=_companion_order)
         return found
 
     def target_info(self, name: str, version: str) -> TargetInfo:
@@ -473,7 +557,7 @@ class ReleaseRepository:
             path = f"{manifest.name}/{manifest.name}-{manifest.version}.bundle"
             destination = self.targets_dir / path
             destination.parent.mkdir(parents=True, exist_ok=True)
-            _copy_verified(Path(bundle_path), destination, scan)
+            _copy_verified(Path(bundle_path), destination, scan.length, scan.sha256)
             custom = {"name": manifest.name, "version": manifest.version, "format": manifest.format,
                       "runtime": manifest.runtime,
                       "serving_version": next_serving_version(self.targets(), manifest.name)}
@@ -486,6 +570,59 @@ class ReleaseRepository:
             self._sign_write(targets, [self._signer("targets")], now)
             self._resign(["snapshot", "timestamp"], now)
         return self.target_info(manifest.name, manifest.version)
+
+    def add_companions(self, name: str, version: str, files: Sequence[Companion], *,
+                       now: _dt.datetime | None = None) -> list[TargetInfo]:
+        """Publish ``files`` as companions of the published bundle ``name`` ``version``: each is
+        checked to rebuild that bundle bit for bit (a compressed copy decompressed, a delta applied
+        to its base, both streaming), copied into ``targets/`` and signed, all with one new version
+        of targets, snapshot and timestamp.
+
+        The check is the device's (docs/deltas.md): a companion that does not rebuild the bundle would
+        be refused by every device, after costing each its bytes, so it is refused here first.
+
+        Raises:
+            BadInputError: the bundle or a delta's base version is not published, or a kind is unknown.
+            SecurityError (DeltaError, TargetHashError): a file does not rebuild the bundle.
+        """
+        self._require()
+        now = now or _utc_now()
+        if not files:
+            return []
+        bundle = self.target_info(name, version)
+        checked: list[tuple[Companion, str, int, str, dict[str, Any]]] = []
+        with tempfile.TemporaryDirectory(prefix="edgeship-companion-", dir=self.path) as scratch:
+            for companion in files:
+                custom: dict[str, Any] = {"kind": companion.kind, "name": bundle.name, "version": bundle.version,
+                                          "of": bundle.path}
+                if companion.kind == "compressed":
+                    _check_compressed(Path(companion.file), bundle)
+                    path = companion_path(bundle.name, bundle.version, "compressed")
+                elif companion.kind == "delta":
+                    if not companion.base_version:
+                        raise BadInputError(f"a delta for {name} {version} needs its base version")
+                    base = self.target_info(name, companion.base_version)
+                    _check_delta(Path(companion.file), base, bundle, Path(scratch))
+                    custom.update({"base_version": base.version, "base_sha256": base.sha256})
+                    path = companion_path(bundle.name, bundle.version, "delta", base.sha256)
+                else:
+                    raise BadInputError(f"unknown companion kind {companion.kind!r} (known: "
+                                        f"{', '.join(COMPANION_KINDS)})")
+                length, sha256 = _hash_file(Path(companion.file))
+                checked.append((companion, path, length, sha256, custom))
+        with self._locked():
+            targets = self._load("targets")
+            for companion, path, length, sha256, custom in checked:
+                destination = self.targets_dir / path
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                _copy_verified(Path(companion.file), destination, length, sha256)
+                targets.signed.targets[path] = TargetFile(length=length, hashes={"sha256": sha256}, path=path,
+                                                          unrecognized_fields={"custom": custom})
+            targets.signed.version += 1
+            self._sign_write(targets, [self._signer("targets")], now)
+            self._resign(["snapshot", "timestamp"], now)
+        published = {path for _, path, _, _, _ in checked}
+        return [t for t in self.companions(name, version) if t.path in published]
 
     def verify_bundle(self, bundle_path: str | os.PathLike[str], *, now: _dt.datetime | None = None,
                       progress: ProgressCallback | None = None) -> dict[str, Any]:
@@ -528,6 +665,14 @@ class ReleaseRepository:
         self._require()
         now = now or _utc_now()
         roles: dict[str, Any] = {}
+        everything = self._all_targets()
+        bundles = [t for t in everything if t.kind == "bundle"]
+        companions: dict[tuple[str, str], list[TargetInfo]] = {}
+        for target in everything:
+            if target.kind in COMPANION_KINDS:
+                companions.setdefault((target.name, target.version), []).append(target)
+        for listed in companions.values():
+            listed.sort(key=_companion_order)
         root = self._load("root").signed
         for role in ROLES:
             signed = self._load(role).signed
@@ -543,7 +688,8 @@ class ReleaseRepository:
         return {
             "repository": str(self.path),
             "roles": roles,
-            "targets": [t.to_dict() for t in self.targets()],
+            "targets": [{**t.to_dict(), "companions": [c.to_dict() for c in companions.get((t.name, t.version), [])]}
+                        for t in bundles],
             "root_metadata": str(self.root_metadata_path),
             "director_public_key": str(self.director_public_key_path),
             "director_key": director_key_id(load_director_public_key(self.director_public_key_path)),
@@ -759,12 +905,58 @@ class ReleaseRepository:
         result["metadata_expires_role"] = role
         return result
 
-def _copy_verified(source: Path, destination: Path, scan: BundleScan) -> None:
-    """Copy ``source`` atomically, re-hashing the copy: the file may have changed since the scan."""
-    import hashlib
+def _companion_order(target: TargetInfo) -> tuple[bool, tuple[int, ...]]:
+    """The compressed copy first, then deltas by base version, newest first."""
+    base = tuple(-x for x in parse_version(target.base_version)[0]) if target.base_version else ()
+    return target.kind != "compressed", base
 
+
+def _hash_file(path: Path) -> tuple[int, str]:
     digest = hashlib.sha256()
     length = 0
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK_SIZE):
+                digest.update(chunk)
+                length += len(chunk)
+    except OSError as exc:
+        raise BadInputError(f"companion file {path} cannot be read: {exc.strerror or exc}") from None
+    return length, digest.hexdigest()
+
+
+def _check_compressed(path: Path, bundle: TargetInfo) -> None:
+    """``path`` decompresses (one zstd frame, streaming, capped at the bundle's length) to ``bundle``."""
+    from .compressed import decompress_to
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        length = decompress_to(source, digest.update, bundle.length)
+    if length != bundle.length or digest.hexdigest() != bundle.sha256:
+        from .updater import TargetHashError
+
+        raise TargetHashError(f"{path} does not decompress to {bundle.path} (sha256 or length differ)")
+
+
+def _check_delta(path: Path, base: TargetInfo, bundle: TargetInfo, scratch: Path) -> None:
+    """``path`` applied to ``base`` rebuilds ``bundle`` bit for bit (written to ``scratch``, removed)."""
+    from .delta import apply_delta
+
+    out = scratch / "rebuilt.bundle"
+    try:
+        apply_delta(path, base.file, out, expected_target_sha256=bundle.sha256)
+        if out.stat().st_size != bundle.length:
+            from .delta import DeltaError
+
+            raise DeltaError(f"{path} rebuilds {out.stat().st_size} bytes, {bundle.path} has {bundle.length}")
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def _copy_verified(source: Path, destination: Path, length: int, sha256: str) -> None:
+    """Copy ``source`` atomically, re-hashing the copy: the file may have changed since it was checked."""
+
+    digest = hashlib.sha256()
+    copied = 0
     fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
     try:
         with open(source, "rb", buffering=0) as src, os.fdopen(fd, "wb") as dst:
@@ -773,12 +965,12 @@ def _copy_verified(source: Path, destination: Path, scan: BundleScan) -> None:
                 if not chunk:
                     break
                 digest.update(chunk)
-                length += len(chunk)
+                copied += len(chunk)
                 dst.write(chunk)
             dst.flush()
             os.fsync(dst.fileno())
-        if digest.hexdigest() != scan.sha256 or length != scan.length:
-            raise EdgeshipError(f"bundle {source} changed while it was being published; publish it again")
+        if digest.hexdigest() != sha256 or copied != length:
+            raise EdgeshipError(f"{source} changed while it was being published; publish it again")
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, destination)
         fsync_dir(destination.parent)

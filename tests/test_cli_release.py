@@ -213,3 +213,114 @@ def test_verify_without_a_repository_checks_the_manifest_only(runner: CliRunner,
     result = run_json(runner, ["bundle", "verify", str(out)])
     assert result["verified"] is True and result["released"] is None
     assert "not checked as released" in run(runner, ["bundle", "verify", str(out)]).stdout
+
+
+def _model_bundle(runner: CliRunner, folder: Path, version: str, model: bytes) -> Path:
+    """A bundle of ``model`` (bytes with the TFLite identifier) built through the CLI."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"m-{version}.tflite"
+    path.write_bytes(model)
+    (folder / f"m-{version}.tflite.report.json").write_text(json.dumps({"signature": SIGNATURE}))
+    out = folder / f"digits-{version}.bundle"
+    run(runner, ["bundle", "build", str(path), "--name", "digits", "--version", version, "-o", str(out)])
+    return out
+
+
+def _weights(seed: int, size: int = 96_000) -> bytearray:
+    """Half noise (weights), half zeros (padding): compressible, like a model, but not trivially."""
+    noise = np.random.default_rng(seed).integers(0, 256, size // 2, dtype=np.uint8).tobytes()
+    return bytearray(b"\x1c\x00\x00\x00TFL3" + noise + bytes(size // 2))
+
+
+def test_publish_adds_the_compressed_bundle_and_deltas_from_the_latest_versions(runner: CliRunner, repo: Path,
+                                                                                 tmp_path: Path) -> None:
+    from edgeship.ota.compressed import decompress_to
+    from edgeship.ota.delta import apply_delta
+    from edgeship.ota.release import ReleaseRepository
+
+    v1 = _weights(1)
+    v2 = bytearray(v1)
+    v2[100:110] = b"0123456789"  # a small retrain: most bytes unchanged
+    v3 = bytearray(v2)
+    v3[5000:5004] = b"abcd"
+    bundles = {v: _model_bundle(runner, tmp_path / "b", v, bytes(m))
+               for v, m in (("1.0.0", v1), ("2.0.0", v2), ("3.0.0", v3))}
+
+    first = run_json(runner, ["publish", str(bundles["1.0.0"]), "--repo", str(repo)])
+    assert first["target"] == "digits/digits-1.0.0.bundle" and first["skipped"] == []
+    assert [(c["kind"], c["target"]) for c in first["companions"]] == [("compressed", "digits/digits-1.0.0.bundle.zst")]
+    assert first["companions"][0]["length"] < first["length"] * 0.7
+
+    second = run_json(runner, ["publish", str(bundles["2.0.0"]), "--repo", str(repo)])
+    kinds = [(c["kind"], c["base_version"]) for c in second["companions"]]
+    assert kinds == [("compressed", None), ("delta", "1.0.0")], second
+    delta = second["companions"][1]
+    assert delta["target"] == f"digits/deltas/2.0.0/{first['sha256']}.delta"
+    assert delta["base_sha256"] == first["sha256"] and delta["of"] == "digits/digits-2.0.0.bundle"
+    assert delta["length"] < second["companions"][0]["length"] / 10  # far below the compressed bundle
+
+    third = run_json(runner, ["publish", str(bundles["3.0.0"]), "--repo", str(repo), "--deltas", "1",
+                              "--no-compress"])
+    assert [(c["kind"], c["base_version"]) for c in third["companions"]] == [("delta", "2.0.0")]
+
+    # every companion rebuilds its bundle bit for bit from the files the repository serves
+    repository = ReleaseRepository(repo)
+    assert [t.version for t in repository.targets()] == ["1.0.0", "2.0.0", "3.0.0"]  # bundles only
+    for target in repository.targets():
+        for companion in repository.companions(target.name, target.version):
+            assert companion.of == target.path
+            rebuilt = tmp_path / "rebuilt.bundle"
+            if companion.kind == "compressed":
+                with open(companion.file, "rb") as source, open(rebuilt, "wb") as out:
+                    decompress_to(source, out.write, target.length)
+            else:
+                base = repository.target_info(target.name, str(companion.base_version))
+                apply_delta(companion.file, base.file, rebuilt, expected_target_sha256=target.sha256)
+            assert rebuilt.read_bytes() == target.file.read_bytes()
+
+    status = run_json(runner, ["repo", "status", "--repo", str(repo)])
+    listed = {t["version"]: [(c["kind"], c.get("base_version")) for c in t["companions"]] for t in status["targets"]}
+    assert listed == {"1.0.0": [("compressed", None)], "2.0.0": [("compressed", None), ("delta", "1.0.0")],
+                      "3.0.0": [("delta", "2.0.0")]}
+    human = run(runner, ["repo", "status", "--repo", str(repo)]).stdout
+    assert "delta from 1.0.0" in human and "zst" in human
+    text = run(runner, ["publish", str(_model_bundle(runner, tmp_path / "b", "5.0.0", bytes(v3[:-1]) + b"z")),
+                        "--repo", str(repo), "--deltas", "0"]).stdout
+    assert "compressed: digits/digits-5.0.0.bundle.zst" in text and "delta" not in text
+
+
+def test_publish_takes_the_number_of_delta_bases_from_the_repository_config(runner: CliRunner, repo: Path,
+                                                                             tmp_path: Path) -> None:
+    config = json.loads((repo / "config.json").read_text())
+    (repo / "config.json").write_text(json.dumps({**config, "deltas": 0}))
+    v1 = _weights(7)
+    v2 = bytearray(v1)
+    v2[200] ^= 1
+    run_json(runner, ["publish", str(_model_bundle(runner, tmp_path, "1.0.0", bytes(v1))), "--repo", str(repo)])
+    second = run_json(runner, ["publish", str(_model_bundle(runner, tmp_path, "2.0.0", bytes(v2))), "--repo",
+                               str(repo)])
+    assert [c["kind"] for c in second["companions"]] == ["compressed"] and second["skipped"] == []
+    run(runner, ["repo", "refresh", "--repo", str(repo), "--expires", "timestamp=2d"])
+    assert json.loads((repo / "config.json").read_text())["deltas"] == 0  # kept by a later config write
+    (repo / "config.json").write_text(json.dumps({**config, "deltas": "many"}))
+    result = run(runner, ["publish", str(_model_bundle(runner, tmp_path, "3.0.0", bytes(v2) + b"x")), "--repo",
+                          str(repo)], code=2)
+    assert "deltas must be a whole number" in result.stderr
+
+
+def test_companions_not_worth_sending_are_skipped_with_their_reason(tmp_path: Path) -> None:
+    """Incompressible, unrelated files: neither a compressed copy nor a delta is smaller, so neither is made."""
+    from edgeship.ota.release import TargetInfo
+    from edgeship.toolkit.deltas import build_companions
+
+    def target(version: str, seed: int) -> TargetInfo:
+        path = tmp_path / f"x-{version}.bundle"
+        path.write_bytes(np.random.default_rng(seed).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
+        return TargetInfo("x", version, f"x/x-{version}.bundle", 50_000, "0" * 64, "tflite", {}, path)
+
+    old, new = target("1.0.0", 1), target("2.0.0", 2)
+    built = build_companions([old, new], new, tmp_path, bases=2)
+    assert built.files == []
+    assert [(s["kind"], s.get("base_version")) for s in built.skipped] == [("compressed", None), ("delta", "1.0.0")]
+    assert "not smaller than the bundle's 50000" in built.skipped[0]["reason"]
+    assert "no smaller than the compressed bundle" in built.skipped[1]["reason"]

@@ -387,3 +387,49 @@ def test_an_offline_package_can_carry_several_models(repo: ReleaseRepository, tm
     assert "models" not in single
     with pytest.raises(BadInputError, match="named twice"):
         repo.export("digits", "1.0.0", tmp_path / "dup.tar", fleet="plant", now=NOW, also=[("digits", "1.0.0")])
+
+
+def test_companions_are_signed_targets_that_must_rebuild_their_bundle(repo: ReleaseRepository, tmp_path: Path) -> None:
+    from edgeship.ota.compressed import CompressedBundleError
+    from edgeship.ota.delta import DeltaError
+    from edgeship.ota.release import Companion
+    from edgeship.toolkit.deltas import build_delta, compress_bundle
+
+    v1 = repo.publish(make_bundle(tmp_path / "b", version="1.0.0", size=30_000), now=NOW)
+    v2 = repo.publish(make_bundle(tmp_path / "b", version="1.1.0", size=30_000), now=NOW)
+    compress_bundle(v2.file, tmp_path / "v2.zst")
+    backwards = build_delta(v2.file.read_bytes(), v1.file.read_bytes())  # rebuilds 1.0.0, not 1.1.0
+    assert backwards.data is not None
+    (tmp_path / "wrong.delta").write_bytes(backwards.data)
+    with pytest.raises(DeltaError):
+        repo.add_companions("digits", "1.1.0", [Companion("delta", tmp_path / "wrong.delta", base_version="1.0.0")],
+                            now=NOW)
+    bad = bytearray((tmp_path / "v2.zst").read_bytes())
+    bad[40] ^= 0xFF
+    (tmp_path / "bad.zst").write_bytes(bytes(bad))
+    with pytest.raises((CompressedBundleError, u.TargetHashError)):
+        repo.add_companions("digits", "1.1.0", [Companion("compressed", tmp_path / "bad.zst")], now=NOW)
+    with pytest.raises(BadInputError, match="not published"):
+        repo.add_companions("digits", "9.0.0", [Companion("compressed", tmp_path / "v2.zst")], now=NOW)
+    version_before = json.loads((repo.metadata_dir / "targets.json").read_text())["signed"]["version"]
+    assert repo.companions("digits", "1.1.0") == []  # nothing was signed by the refusals
+
+    forward = build_delta(v1.file.read_bytes(), v2.file.read_bytes())
+    assert forward.data is not None
+    (tmp_path / "right.delta").write_bytes(forward.data)
+    added = repo.add_companions("digits", "1.1.0", [Companion("compressed", tmp_path / "v2.zst"),
+                                                    Companion("delta", tmp_path / "right.delta", base_version="1.0.0")],
+                                now=NOW)
+    assert [(c.kind, c.path) for c in added] == [("compressed", "digits/digits-1.1.0.bundle.zst"),
+                                                 ("delta", f"digits/deltas/1.1.0/{v1.sha256}.delta")]
+    assert json.loads((repo.metadata_dir / "targets.json").read_text())["signed"]["version"] == version_before + 1
+    assert [t.version for t in repo.targets()] == ["1.0.0", "1.1.0"]  # bundles only, as every caller expects
+    # a device's TUF client sees each companion with its signed length, hash and custom fields
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    shutil.copy(repo.metadata_dir / "1.root.json", trust / "root.json")
+    updater = u._refresh(trust, LocalFolderFetcher(repo.path), NOW)
+    info = updater.get_targetinfo(added[1].path)
+    assert info is not None and info.length == added[1].length
+    assert info.custom == {"kind": "delta", "name": "digits", "version": "1.1.0", "of": v2.path,
+                           "base_version": "1.0.0", "base_sha256": v1.sha256}

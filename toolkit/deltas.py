@@ -11,12 +11,15 @@ zstd-compressed full bundle is not worth a second download path and is not made 
 
 from __future__ import annotations
 
-__all__ = ["BuiltDelta", "TensorSpan", "build_delta", "tensor_spans"]
+__all__ = ["BuiltCompanions", "BuiltDelta", "TensorSpan", "build_companions", "build_delta", "compress_bundle",
+           "tensor_spans"]
 
 import hashlib
 import io
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from edgeship.ota.archive import TarStreamReader
@@ -202,3 +205,77 @@ def build_delta(old: bytes, new: bytes, level: int = DEFAULT_LEVEL) -> BuiltDelt
         return BuiltDelta(None, "none", {**sizes, "delta": full_zstd}, 0, time.perf_counter() - started)
     return BuiltDelta(best, method, {**sizes, "delta": len(best)}, used if method == "tensor" else 0,
                       time.perf_counter() - started)
+
+
+def compress_bundle(source: str | os.PathLike[str], out: str | os.PathLike[str], level: int = DEFAULT_LEVEL) -> int:
+    """Write ``source`` as one zstd frame (content size in its header, a checksum at its end) to
+    ``out``, streaming; returns the compressed size. What a device reads with
+    ``edgeship.ota.compressed``."""
+    import zstandard
+
+    size = os.path.getsize(source)
+    compressor = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
+    with open(source, "rb") as src, open(out, "wb") as dst:
+        compressor.copy_stream(src, dst, size=size)
+    return os.path.getsize(out)
+
+
+@dataclass
+class BuiltCompanions:
+    """What ``build_companions`` made for one published bundle, and what it did not make and why."""
+
+    files: list[Any] = field(default_factory=list)              # edgeship.ota.release.Companion
+    sizes: dict[str, int] = field(default_factory=dict)         # file name -> bytes
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {kind, base_version?, reason}
+
+
+def build_companions(published: list[Any], new: Any, folder: Path, *, bases: int, compress: bool = True,
+                     level: int = DEFAULT_LEVEL) -> BuiltCompanions:
+    """The compressed copy of bundle ``new`` and deltas to it from the ``bases`` latest versions of
+    its name in ``published`` (``TargetInfo`` of a release repository), written into ``folder``.
+
+    A delta no smaller than the compressed bundle is skipped (the builder's rule: the compressed
+    bundle is what to send then), and so is a compressed copy no smaller than the bundle; every skip
+    names its reason. A missing python-zstandard skips everything (said once per kind).
+    """
+    from edgeship.ota.delta import zstd_available
+    from edgeship.ota.release import Companion
+
+    result = BuiltCompanions()
+    older = [t for t in published if t.name == new.name and t.path != new.path]
+    older = older[-bases:] if bases > 0 else []
+    if not zstd_available():
+        reason = "python-zstandard is not installed (pip install 'edgeship[litert]')"
+        if compress:
+            result.skipped.append({"kind": "compressed", "reason": reason})
+        result.skipped += [{"kind": "delta", "base_version": t.version, "reason": reason} for t in older]
+        return result
+    full_zstd: int | None = None
+    if compress:
+        out = folder / f"{new.name}-{new.version}.bundle.zst"
+        full_zstd = compress_bundle(new.file, out, level)
+        if full_zstd >= new.length:
+            result.skipped.append({"kind": "compressed", "reason": f"{full_zstd} bytes compressed, not smaller than "
+                                                                   f"the bundle's {new.length}"})
+        else:
+            result.files.append(Companion("compressed", out))
+            result.sizes[out.name] = full_zstd
+    new_bytes = Path(new.file).read_bytes() if older else b""
+    for base in reversed(older):  # the newest base first: what most devices run
+        try:
+            built = build_delta(Path(base.file).read_bytes(), new_bytes, level)
+        except (EdgeshipError, OSError) as exc:
+            result.skipped.append({"kind": "delta", "base_version": base.version,
+                                   "reason": f"cannot be built: {str(exc)[:160]}"})
+            continue
+        if built.data is None:
+            result.skipped.append({"kind": "delta", "base_version": base.version,
+                                   "reason": f"no smaller than the compressed bundle ({built.sizes['tensor']} "
+                                             f"tensor-aware, {built.sizes['binary']} binary, "
+                                             f"{built.sizes['full_zstd']} compressed)"})
+            continue
+        out = folder / f"{new.name}-{base.version}-{new.version}.delta"
+        out.write_bytes(built.data)
+        result.files.append(Companion("delta", out, base_version=base.version))
+        result.sizes[out.name] = len(built.data)
+    return result

@@ -315,18 +315,41 @@ def bundle_export(name: str, version: str, repo_dir: Path, out: Path, fleet: str
 @click.command("publish")
 @click.argument("bundle_file", type=click.Path(path_type=Path))
 @_repo_option
+@click.option("--deltas", "deltas", type=click.IntRange(0, 100), default=None,
+              help="Build deltas from this many of the latest published versions (default: `deltas` in the "
+                   "repository's config.json, else 2; 0: none).")
+@click.option("--no-compress", "no_compress", is_flag=True,
+              help="Do not publish the bundle compressed with zstd beside it.")
 @_json_option
-def publish(bundle_file: Path, repo_dir: Path, as_json: bool) -> None:
-    """Publish BUNDLE_FILE into the release repository (new targets, snapshot, timestamp)."""
-    from edgeship.ota.release import ReleaseRepository
+def publish(bundle_file: Path, repo_dir: Path, deltas: int | None, no_compress: bool, as_json: bool) -> None:
+    """Publish BUNDLE_FILE into the release repository (new targets, snapshot, timestamp), with its
+    compressed copy and deltas from earlier versions as companion targets (docs/deltas.md)."""
+    import tempfile
 
+    from edgeship.ota.release import ReleaseRepository
+    from edgeship.toolkit.deltas import build_companions
+
+    repository = ReleaseRepository(repo_dir)
     with _progress(as_json) as progress:
-        info = ReleaseRepository(repo_dir).publish(bundle_file, progress=progress)
+        info = repository.publish(bundle_file, progress=progress)
+    bases = repository.delta_bases() if deltas is None else deltas
+    with tempfile.TemporaryDirectory(prefix="edgeship-publish-") as scratch:
+        built = build_companions(repository.targets(), info, Path(scratch), bases=bases, compress=not no_compress)
+        added = repository.add_companions(info.name, info.version, built.files)
+    doc = {**info.to_dict(), "companions": [c.to_dict() for c in added], "skipped": built.skipped}
     if as_json:
-        emit_json(info.to_dict())
+        emit_json(doc)
         return
-    console().print(f"Published {info.name} {info.version} (serving version {info.serving_version}) as "
-                    f"{info.path} ({info.length} bytes, sha256 {info.sha256})")
+    out = console()
+    out.print(f"Published {info.name} {info.version} (serving version {info.serving_version}) as "
+              f"{info.path} ({info.length} bytes, sha256 {info.sha256})")
+    for companion in added:
+        what = "compressed" if companion.kind == "compressed" else f"delta from {companion.base_version}"
+        out.print(f"  {what}: {companion.path} ({companion.length} bytes, "
+                  f"{companion.length / max(info.length, 1):.1%} of the bundle)")
+    for skip in built.skipped:
+        what = skip["kind"] + (f" from {skip['base_version']}" if skip.get("base_version") else "")
+        out.print(f"  no {what}: {skip['reason']}")
 
 
 # -- repo ------------------------------------------------------------------------------------------
@@ -356,14 +379,22 @@ def repo_status(repo_dir: Path, as_json: bool) -> None:
         when = "EXPIRED" if info["expired"] else (f"{left / 86400:.1f} d" if left >= 86400 else f"{left / 3600:.1f} h")
         roles.add_row(role, str(info["version"]), info["expires"], when, ", ".join(k[:16] for k in info["keys"]))
     out.print(roles)
-    targets = Table("bundle", "version", "serving", "format", "bytes", "sha256")
+    targets = Table("bundle", "version", "serving", "format", "bytes", "sha256", "companions")
     for target in status["targets"]:
         serving = target.get("serving_version")
         targets.add_row(target["name"], target["version"], "-" if serving is None else str(serving),
-                        target["format"], str(target["length"]), target["sha256"][:16])
+                        target["format"], str(target["length"]), target["sha256"][:16],
+                        _companions_cell(target.get("companions") or []))
     out.print(targets if status["targets"] else "no bundles published yet")
     out.print(f"trusted root metadata: {status['root_metadata']}")
     out.print(f"director public key:   {status['director_public_key']}")
+
+
+def _companions_cell(companions: list[dict[str, Any]]) -> str:
+    """``zst 1,234; delta from 1.0.0 456`` (bytes of each companion target)."""
+    parts = [("zst" if c["kind"] == "compressed" else f"delta from {c['base_version']}") + f" {c['length']:,}"
+             for c in companions]
+    return "; ".join(parts) or "-"
 
 
 @repo.command("refresh")
