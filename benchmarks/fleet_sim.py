@@ -786,38 +786,20 @@ def make_model_bundles(folder: Path) -> None:
         build_bundle(model_file, name=MODEL, version=version, out=folder / f"{MODEL}-{version}.bundle")
 
 
-def publish_companions(repo: ReleaseRepository, version: str, base_version: str, work: Path) -> list[Fetch]:
-    """The delta from ``base_version`` and the zstd-compressed bundle of ``version``, as the release
-    repository lists them (each a target with its length and sha256)."""
-    import zstandard
+def publish_cli(repo: ReleaseRepository, bundle: Path, deltas: int) -> dict[str, Any]:
+    """``edgeship publish BUNDLE --deltas N --json``: the bundle, and (N > 0) its zstd copy and its
+    deltas from the last N published versions, signed as companion targets (the operator's path)."""
+    args = ["--deltas", str(deltas)] + ([] if deltas else ["--no-compress"])
+    out = subprocess.run([sys.executable, "-m", "edgeship.toolkit.cli", "publish", str(bundle), "--repo",
+                          str(repo.path), *args, "--json"], capture_output=True, text=True, check=True, timeout=300)
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc
 
-    from edgeship.toolkit.deltas import DEFAULT_LEVEL, build_delta
 
-    base, new = repo.target_info(MODEL, base_version), repo.target_info(MODEL, version)
-    built = build_delta(base.file.read_bytes(), new.file.read_bytes())
-    if built.data is None:
-        raise RuntimeError(f"no delta worth sending from {base_version} to {version}: {built.sizes}")
-    files = {"delta": work / "companion.delta", "compressed": work / "companion.bundle.zst"}
-    files["delta"].write_bytes(built.data)
-    files["compressed"].write_bytes(zstandard.ZstdCompressor(level=DEFAULT_LEVEL, write_content_size=True)
-                                    .compress(new.file.read_bytes()))
-    if hasattr(repo, "add_companions"):  # the release repository signs them as TUF targets
-        from edgeship.ota.release import Companion
-
-        repo.add_companions(MODEL, version, [Companion("delta", files["delta"], base_version),
-                                             Companion("compressed", files["compressed"])])
-        return [Fetch(t.kind, t.path, t.length, t.sha256, t.base_version) for t in repo.companions(MODEL, version)]
-    # Before the repository can sign companions: the same files at the same target paths (the block
-    # server serves any file of targets/; the simulated devices do not run the TUF client).
-    fetches = []
-    for kind, path in (("delta", f"{MODEL}/deltas/{version}/{base.sha256}.delta"),
-                       ("compressed", f"{MODEL}/{MODEL}-{version}.bundle.zst")):
-        data = files[kind].read_bytes()
-        (repo.targets_dir / path).parent.mkdir(parents=True, exist_ok=True)
-        (repo.targets_dir / path).write_bytes(data)
-        fetches.append(Fetch(kind, path, len(data), hashlib.sha256(data).hexdigest(),
-                             base_version if kind == "delta" else None))
-    return fetches
+def companion_fetches(repo: ReleaseRepository, version: str) -> list[Fetch]:
+    """The companions of ``version`` as the signed targets metadata lists them (what the agent's TUF
+    client reads: path, length, sha256)."""
+    return [Fetch(t.kind, t.path, t.length, t.sha256, t.base_version) for t in repo.companions(MODEL, version)]
 
 
 def _children_cpu() -> float:
@@ -890,10 +872,18 @@ def run_deltas(n: int, work: Path, workers: int) -> dict[str, Any]:
                                                   "persistence false\nmax_queued_messages 10000\n").start()
     repo = ReleaseRepository(work / "repo")
     repo.init(root_passphrase="benchmark passphrase")
-    published = [repo.publish(work / "bundles" / f"{MODEL}-{v}.bundle") for v in MODEL_VERSIONS]
-    companions = publish_companions(repo, MODEL_VERSIONS[2], MODEL_VERSIONS[1], work)
-    results.update(bundle_bytes=published[2].length, companions={f.kind: f.length for f in companions},
-                   add_companions=hasattr(repo, "add_companions"))
+    # 1.0.0 and 1.1.0 as before deltas (no companion); 1.2.0 with them, the operator's way
+    for version in MODEL_VERSIONS:
+        doc = publish_cli(repo, work / "bundles" / f"{MODEL}-{version}.bundle", 2 if version == MODEL_VERSIONS[2] else 0)
+        print(f"published {MODEL} {version}: {len(doc['companions'])} companions, skipped "
+              f"{[s['kind'] + ': ' + s['reason'] for s in doc['skipped']]}", flush=True)
+    published = [repo.target_info(MODEL, v) for v in MODEL_VERSIONS]
+    companions = companion_fetches(repo, MODEL_VERSIONS[2])
+    if {f.kind for f in companions} != {"delta", "compressed"} or companion_fetches(repo, MODEL_VERSIONS[1]):
+        raise RuntimeError(f"unexpected companions: {companions}")
+    results.update(bundle_bytes=published[2].length,
+                   companions={(f"delta from {f.base_version}" if f.kind == "delta" else f.kind): f.length
+                               for f in companions})
     db = f"sqlite:///{work / 'fleet.db'}"
     store = FleetStore(db)
     metrics_port = 19000 + random.randint(0, 900)
@@ -969,9 +959,10 @@ def render_deltas(r: dict[str, Any], command: str) -> str:
         f"MobileNetV2 96 px, alpha 0.35, fp32 (a {_mb(r['bundle_bytes'])} bundle), three versions, each after "
         "retraining only its head. One run, two staged rollouts (5, 25, 100 %) to the same devices: first "
         "1.1.0 published without companions (every device fetches the full bundle, as before deltas), then 1.2.0 "
-        f"published with its delta from 1.1.0 ({_mb(r['companions']['delta'])}) and its zstd-compressed bundle "
-        f"({_mb(r['companions']['compressed'])}); {100 // NO_BASE_EVERY}% of the devices start that second "
-        "rollout without a base and take the compressed bundle.",
+        "published by `edgeship publish --deltas 2` with its companions, signed as TUF targets ("
+        + ", ".join(f"{kind} {_mb(length)}" for kind, length in sorted(r["companions"].items()))
+        + f"); {100 // NO_BASE_EVERY}% of the devices start that second rollout without a base and take the "
+        "compressed bundle.",
         "",
         "| measured | without deltas (1.0.0 -> 1.1.0) | with deltas (1.1.0 -> 1.2.0) | with / without |",
         "| --- | --- | --- | --- |",
@@ -1009,7 +1000,6 @@ def render_deltas(r: dict[str, Any], command: str) -> str:
         "The devices keep their active bundle's hash in memory and share one copy of each bundle file (the "
         "agent checks the hash of its own file). Bytes served include the "
         "TUF metadata kind at 0: the simulated devices do not run the TUF client.",
-        f"{'The companions were signed as TUF targets by `ReleaseRepository.add_companions`.' if r['add_companions'] else 'The companion files were placed at their target paths (the repository could not sign companions yet in this tree).'}",
     ]
     return "\n".join(lines)
 
