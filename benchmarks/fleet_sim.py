@@ -946,6 +946,29 @@ def _mb(count: float) -> str:
     return f"{count / 1e6:.2f} MB" if count >= 1e5 else f"{count / 1e3:.1f} kB"
 
 
+def _delta_reading(r: dict[str, Any]) -> str:
+    """What the table says, in figures computed from it."""
+    delta = r["delta"]
+    kinds = delta["transfers"]["by_kind"]
+    per_delta = kinds["delta"]["bytes"] / max(1, kinds["delta"]["updates"])
+    full = r["bundle_bytes"]
+    share = kinds["compressed"]["bytes"] / max(1, delta["transfers"]["bytes"])
+    slower = delta["rollout_s"] > r["full"]["rollout_s"]
+    return (f"Reading: a device that holds its base receives {per_delta / 1e3:.1f} kB instead of {full / 1e6:.2f} MB "
+            f"({per_delta / full:.1%} of the bundle); the {kinds['compressed']['devices']} devices without a base "
+            f"({kinds['compressed']['devices'] / max(1, delta['transfers']['devices']):.0%} of the fleet) move "
+            f"{share:.0%} of the rollout's bytes, so keeping the base on the device is what the saving rests on. "
+            + ("The block server's count and the devices' reports agree to the byte (no block was sent twice). "
+               if sum(delta["served"][k] for k in ("delta", "compressed", "full")) == delta["transfers"]["bytes"]
+               else "The block server sent more than the devices report receiving: blocks sent twice. ")
+            + ("The rollout with deltas took longer to complete here although the controller worked less: its time "
+               "went to the simulated devices rebuilding bundles in worker processes on the same two cores as the "
+               "controller and the broker (the simulator's CPU column), a cost each real device pays on its own CPU "
+               "(docs/benchmarks.md, section deltas: the apply's time per model). "
+               if slower else "")
+            + "The controller's CPU follows the bytes it serves.")
+
+
 def render_deltas(r: dict[str, Any], command: str) -> str:
     full, delta = r["full"], r["delta"]
     served = {name: sum(p["served"][k] for k in ("delta", "compressed", "full")) for name, p in (("full", full),
@@ -991,6 +1014,8 @@ def render_deltas(r: dict[str, Any], command: str) -> str:
         f"| deltas that failed and fell back | {full['fallbacks']} | {delta['fallbacks']} | |",
         f"| over the whole run: sha256 mismatches / block re-requests / 429s / device-side errors | "
         f"{r['mismatches']} / {r['retries']} / {r['rate_limited']} / {r['sim_errors']} | | |",
+        "",
+        _delta_reading(r),
         "",
         "Each simulated device fetches what the agent would (docs/deltas.md): the delta named by its active "
         "bundle's sha256 when one is published, else the compressed bundle, else the full one, over the block "
