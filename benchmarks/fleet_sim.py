@@ -646,6 +646,58 @@ def _telemetry_phase(sim: Simulator, hz: float, seconds: int, metrics_port: int,
     return r
 
 
+def _launch_controller(work: Path, broker_url: str, repo: Path, db: str) -> tuple[subprocess.Popen, int, Any]:
+    """``edgeship controller`` as its own process (its CPU is measured apart), with a metrics port;
+    returns once it logged that it started."""
+    metrics_port = 19000 + random.randint(0, 900)
+    log = open(work / "controller.log", "wb")
+    controller = subprocess.Popen([sys.executable, "-m", "edgeship.toolkit.cli", "controller", "--broker", broker_url,
+                                   "--repo", str(repo), "--db", db, "--replica-id", "bench",
+                                   "--metrics-port", str(metrics_port)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while b"started" not in (work / "controller.log").read_bytes():
+        if controller.poll() is not None or time.monotonic() > deadline:
+            controller.kill()
+            log.close()
+            raise RuntimeError("controller did not start: " + (work / "controller.log").read_text()[-2000:])
+        time.sleep(0.2)
+    return controller, metrics_port, log
+
+
+def _connect_fleet(sim: Simulator, store: FleetStore, n: int) -> tuple[float, float]:
+    """Connect every simulated device and wait until the controller has stored each one: (seconds to
+    connect, seconds until all are in the store)."""
+    sim.start()
+    print(f"connecting {n} devices, one MQTT connection each ...", flush=True)
+    start = time.perf_counter()
+    sim.connect_all()
+    connected = time.perf_counter() - start
+    while len([d for d in store.list_devices(FLEET) if d.online and d.active_version]) < n:
+        if time.perf_counter() - start > 300:
+            raise RuntimeError("the controller did not ingest every device within 300 s")
+        time.sleep(0.5)
+    known = time.perf_counter() - start
+    print(f"  connected in {_fmt(connected)}, all {n} in the store after {_fmt(known)}", flush=True)
+    return connected, known
+
+
+def _shut_down(sim: Simulator, controller: subprocess.Popen | None, log: Any) -> None:
+    try:
+        sim.stop()
+    except Exception as exc:  # noqa: BLE001 - report, do not hide the results measured so far
+        print(f"simulator stop: {exc}", file=sys.stderr)
+    if sim.pool is not None:
+        sim.pool.shutdown(cancel_futures=True)
+    if controller is not None:
+        controller.terminate()
+        try:
+            controller.wait(30)
+        except subprocess.TimeoutExpired:
+            controller.kill()
+    if log is not None:
+        log.close()
+
+
 def run(n: int, bundle_mb: float, telemetry_s: int, rates: list[float], work: Path,
         multi_model: bool = False) -> dict[str, Any]:
     from mqtt_broker import MosquittoBroker
@@ -661,32 +713,13 @@ def run(n: int, bundle_mb: float, telemetry_s: int, rates: list[float], work: Pa
     results["bundle_bytes"] = target.length
     db = f"sqlite:///{work / 'fleet.db'}"
     store = FleetStore(db)
-    metrics_port = 19000 + random.randint(0, 900)
-    log = open(work / "controller.log", "wb")
-    controller = subprocess.Popen([sys.executable, "-m", "edgeship.toolkit.cli", "controller", "--broker", broker.url,
-                                   "--repo", str(repo.path), "--db", db, "--replica-id", "bench",
-                                   "--metrics-port", str(metrics_port)], stdout=log, stderr=subprocess.STDOUT)
     sim = Simulator("127.0.0.1", broker.port, repo.director_public_key_path, n, multi_model=multi_model)
     sim.target_file = target.file
+    controller, log = None, None
     try:
+        controller, metrics_port, log = _launch_controller(work, broker.url, repo.path, db)
         proc = psutil.Process(controller.pid)
-        deadline = time.monotonic() + 60
-        while b"started" not in (work / "controller.log").read_bytes():
-            if controller.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("controller did not start: " + (work / "controller.log").read_text()[-2000:])
-            time.sleep(0.2)
-        sim.start()
-        print(f"connecting {n} devices, one MQTT connection each ...", flush=True)
-        start = time.perf_counter()
-        sim.connect_all()
-        results["connect_s"] = time.perf_counter() - start
-        while len([d for d in store.list_devices(FLEET) if d.online and d.active_version]) < n:
-            if time.perf_counter() - start > 300:
-                raise RuntimeError("the controller did not ingest every device within 300 s")
-            time.sleep(0.5)
-        results["known_s"] = time.perf_counter() - start
-        print(f"  connected in {_fmt(results['connect_s'])}, all {n} in the store after {_fmt(results['known_s'])}",
-              flush=True)
+        results["connect_s"], results["known_s"] = _connect_fleet(sim, store, n)
 
         # -- phase 2: staged rollout
         cpu0, sim_cpu0 = _cpu(proc), _cpu(psutil.Process())
@@ -728,16 +761,7 @@ def run(n: int, bundle_mb: float, telemetry_s: int, rates: list[float], work: Pa
         results["telemetry"] = [_telemetry_phase(sim, hz, telemetry_s, metrics_port, proc, broker.port, store)
                                 for hz in rates]
     finally:
-        try:
-            sim.stop()
-        except Exception as exc:  # noqa: BLE001 - report, do not hide the results measured so far
-            print(f"simulator stop: {exc}", file=sys.stderr)
-        controller.terminate()
-        try:
-            controller.wait(30)
-        except subprocess.TimeoutExpired:
-            controller.kill()
-        log.close()
+        _shut_down(sim, controller, log)
         store.close()
         broker.stop()
     return results
@@ -886,11 +910,6 @@ def run_deltas(n: int, work: Path, workers: int) -> dict[str, Any]:
                                for f in companions})
     db = f"sqlite:///{work / 'fleet.db'}"
     store = FleetStore(db)
-    metrics_port = 19000 + random.randint(0, 900)
-    log = open(work / "controller.log", "wb")
-    controller = subprocess.Popen([sys.executable, "-m", "edgeship.toolkit.cli", "controller", "--broker", broker.url,
-                                   "--repo", str(repo.path), "--db", db, "--replica-id", "bench",
-                                   "--metrics-port", str(metrics_port)], stdout=log, stderr=subprocess.STDOUT)
     sim = Simulator("127.0.0.1", broker.port, repo.director_public_key_path, n)
     sim.initial_active = {"name": MODEL, "version": MODEL_VERSIONS[0]}
     sim.initial_sha256 = published[0].sha256
@@ -900,23 +919,13 @@ def run_deltas(n: int, work: Path, workers: int) -> dict[str, Any]:
     sim.scratch.mkdir()
     # spawned workers: a forked child would inherit the simulator's thousand sockets and its threads
     sim.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    controller, log = None, None
     try:
         for _ in range(workers):
             sim.pool.submit(time.sleep, 0.2).result(60)  # start the workers before any timing
+        controller, metrics_port, log = _launch_controller(work, broker.url, repo.path, db)
         proc = psutil.Process(controller.pid)
-        deadline = time.monotonic() + 60
-        while b"started" not in (work / "controller.log").read_bytes():
-            if controller.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("controller did not start: " + (work / "controller.log").read_text()[-2000:])
-            time.sleep(0.2)
-        sim.start()
-        print(f"connecting {n} devices, one MQTT connection each ...", flush=True)
-        sim.connect_all()
-        start = time.perf_counter()
-        while len([d for d in store.list_devices(FLEET) if d.online and d.active_version]) < n:
-            if time.perf_counter() - start > 300:
-                raise RuntimeError("the controller did not ingest every device within 300 s")
-            time.sleep(0.5)
+        _connect_fleet(sim, store, n)
         results["full"] = _delta_phase(sim, MODEL_VERSIONS[1], db, store, metrics_port, proc)
         for index, device in enumerate(sim.devices):
             if index % NO_BASE_EVERY == 0:
@@ -925,17 +934,7 @@ def run_deltas(n: int, work: Path, workers: int) -> dict[str, Any]:
         results.update(mismatches=sim.mismatches, sim_errors=sim.errors, retries=sim.retries,
                        rate_limited=sim.rate_limited)
     finally:
-        try:
-            sim.stop()
-        except Exception as exc:  # noqa: BLE001 - report, do not hide the results measured so far
-            print(f"simulator stop: {exc}", file=sys.stderr)
-        sim.pool.shutdown(cancel_futures=True)
-        controller.terminate()
-        try:
-            controller.wait(30)
-        except subprocess.TimeoutExpired:
-            controller.kill()
-        log.close()
+        _shut_down(sim, controller, log)
         store.close()
         broker.stop()
     results["load_end"] = os.getloadavg()
