@@ -245,10 +245,12 @@ class FleetStore(FleetReads, IntentRecords):
                 if message.models is not None:
                     reported_models[device] = model_rows(device, message.models, at)
                     # a multi-model agent's top-level update repeats one model's: read each model's own
-                    for name, entry in message.models.items():
-                        update = entry.get("update")
-                        version = update_fields(update)["update_version"] or (entry.get("active") or {}).get("version")
-                        transfer_records += transfer_rows(item.fleet, device, update, name, version, at)
+                    for model_name, entry in message.models.items():
+                        model_update = entry.get("update")
+                        transfer_records += transfer_rows(
+                            item.fleet, device, model_update, model_name,
+                            update_fields(model_update)["update_version"] or (entry.get("active") or {}).get("version"),
+                            at)
                 else:
                     fields = update_fields(message.update)
                     transfer_records += transfer_rows(item.fleet, device, message.update,
