@@ -68,6 +68,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from .atomicfile import atomic_write_bytes, atomic_write_json, fsync_dir
 from .bundle import CHUNK_SIZE, BundleScan, scan_bundle
+from .delivery import companion_path
 from .director import (
     DesiredState,
     director_key_id,
@@ -79,6 +80,7 @@ from .director import (
 )
 from .errors import BadInputError, EdgeshipError
 from .fetchers import LocalFolderFetcher
+from .hashing import hash_file
 from .offline import write_offline_package
 from .versions import check_name, compare_versions, parse_version
 
@@ -203,15 +205,6 @@ class Companion:
     """The file to copy into the repository (a zstd frame, or an ESDELTA1 delta)."""
     base_version: str | None = None
     """A delta's base version (a published version of the same name)."""
-
-
-def companion_path(name: str, version: str, kind: str, base_sha256: str | None = None) -> str:
-    """The TUF target path of a bundle's companion (the device builds the same path to look it up)."""
-    if kind == "compressed":
-        return f"{name}/{name}-{version}.bundle.zst"
-    if kind == "delta" and base_sha256:
-        return f"{name}/deltas/{version}/{base_sha256}.delta"
-    raise BadInputError(f"no companion target of kind {kind!r}" + (" without a base hash" if kind == "delta" else ""))
 
 
 def _serving_version(value: Any) -> int | None:
@@ -912,16 +905,10 @@ def _companion_order(target: TargetInfo) -> tuple[bool, tuple[int, ...]]:
 
 
 def _hash_file(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    length = 0
     try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(CHUNK_SIZE):
-                digest.update(chunk)
-                length += len(chunk)
+        return hash_file(path)
     except OSError as exc:
         raise BadInputError(f"companion file {path} cannot be read: {exc.strerror or exc}") from None
-    return length, digest.hexdigest()
 
 
 def _check_compressed(path: Path, bundle: TargetInfo) -> None:

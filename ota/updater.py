@@ -13,13 +13,15 @@ exception (docs/trust.md has the table):
    signatures, versions (rollback), expiries (freeze) checked by python-tuf.
 3. The director's document and the release repository must name the same target
    with the same length and hashes (Uptane's two-repository check).
-4. The bundle streams straight into the safe extractor (one pass, no second copy on
-   disk): the archive rules judge each header before its bytes are written, the
-   stream is cut as soon as it passes the signed length, and at its end the length
-   and every signed hash must match *before* the extraction folder is renamed into
-   place. If the archive rules refuse first, the rest of the stream (at most the
-   signed length) is still read and hashed, so a bundle altered in transit is
-   reported as TargetHashError and a signed hostile bundle as its archive error.
+4. The bundle file is delivered (``edgeship.ota.delivery``: a delta from the bundle the
+   device runs, the compressed bundle, or the plain one; every download cut as soon as
+   it passes its signed length and checked against its signed hashes), and the file it
+   leaves must be the bundle the targets role signed, bit for bit. It then streams into
+   the safe extractor: the archive rules judge each header before its bytes are
+   written, and the length and every signed hash are checked again *before* the
+   extraction folder is renamed into place. A bundle altered in transit is reported as
+   TargetHashError, a signed hostile bundle as its archive error. The bundle file is
+   kept in the extraction folder as the next update's delta base (docs/deltas.md).
 5. The manifest must name the bundle and version the director asked for.
 
 On any failure the extraction folder is removed; nothing is left in ``work_dir``.
@@ -57,9 +59,10 @@ import inspect
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tuf.api import exceptions as tuf_exceptions
 from tuf.api.metadata import TargetFile
@@ -67,6 +70,7 @@ from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from .archive import ExtractionLimits, MemberSizeError, UnsafeBundleError
 from .bundle import BundleManifest, ExtractedBundle, extract_bundle_stream
+from .delivery import BASE_BUNDLE_NAME, deliver_bundle, iter_file
 from .director import DesiredState, ExpiredDesiredStateError, format_utc
 from .errors import EdgeshipError, SecurityError
 from .fetchers import METADATA_URL, TARGETS_URL, LocalFolderFetcher
@@ -145,6 +149,10 @@ class VerifiedBundle:
     target: str
     length: int
     sha256: str
+    bundle_file: Path | None = None
+    """The verified bundle file, kept beside the extracted files (the next update's delta base)."""
+    transfer: dict[str, Any] | None = None
+    """What travelled (``delivery.TransferRecord.to_dict()``: kind, bytes, full_bytes, ...)."""
 
 
 _ROLLBACK_MESSAGE = re.compile(r"must be >=|^Expected \S+\.json version")
@@ -334,26 +342,25 @@ class _VerifyingStream:
                 close()
 
 
-def _stream_and_extract(fetcher: FetcherInterface, info: TargetFile, dest: Path,
-                        limits: ExtractionLimits) -> ExtractedBundle:
-    """Download the target and extract it in one pass; the folder appears only if everything verified.
-
-    The bytes are judged twice as they stream: by the archive rules (before anything is
-    written) and by the signed length and hashes (before the extraction folder is renamed
-    into place). When the archive rules refuse first, the rest of the stream is read (at most
-    the signed length) so that a bundle altered in transit is reported as such
-    (TargetHashError) and a hostile bundle that *was* signed as the archive error it is.
-    """
+def _open_verified(fetcher: FetcherInterface, info: TargetFile) -> _VerifyingStream:
+    """A target's download, cut past its signed length and checked against its signed hashes."""
     try:
         chunks = fetcher.fetch(TARGETS_URL + info.path)
     except tuf_exceptions.DownloadError as exc:
-        raise map_tuf_error(exc, f"bundle {info.path}") from None
-    stream = _VerifyingStream(chunks, info.path, info.length, dict(info.hashes))
+        raise map_tuf_error(exc, f"target {info.path}") from None
+    return _VerifyingStream(chunks, info.path, info.length, dict(info.hashes))
+
+
+def _extract_verified_file(bundle_file: Path, info: TargetFile, dest: Path, limits: ExtractionLimits) -> ExtractedBundle:
+    """Extract the bundle file the delivery left, judged again as it streams: by the archive rules
+    (before anything is written) and by the signed length and hashes (before the extraction folder
+    is renamed into place), so a file changed on disk since it was delivered is refused too."""
+    stream = _VerifyingStream(iter_file(bundle_file), info.path, info.length, dict(info.hashes))
     try:
         try:
             return extract_bundle_stream(stream, dest, limits=limits)  # type: ignore[arg-type]
         except UnsafeBundleError:
-            stream.drain()  # raises if the transport altered the bytes
+            stream.drain()  # raises if the bytes are not the signed ones
             raise
     finally:
         stream.close()
@@ -367,8 +374,16 @@ def fetch_verified_bundle(
     work_dir: str | os.PathLike[str],
     now: _dt.datetime,
     limits: ExtractionLimits | None = None,
+    base_bundle: str | os.PathLike[str] | None = None,
+    base_version: str | None = None,
+    free_bytes: Callable[[Path], int] | None = None,
 ) -> VerifiedBundle:
     """Refresh TUF metadata, check it against the director, download, verify and extract.
+
+    The bundle arrives as a delta from ``base_bundle``, compressed, or in full, whichever the
+    release repository lists and works first (``edgeship.ota.delivery``); the result is the signed
+    bundle either way, and ``VerifiedBundle.transfer`` says what travelled. The verified bundle file
+    is kept in the extraction folder (``delivery.BASE_BUNDLE_NAME``): the next update's base.
 
     Args:
         trust_dir: the device's TUF metadata folder, provisioned with the trusted ``root.json``;
@@ -380,6 +395,10 @@ def fetch_verified_bundle(
             an earlier extraction of the same bundle there is replaced.
         now: the update's fixed time (timezone-aware).
         limits: extraction caps (defaults: :class:`ExtractionLimits`).
+        base_bundle: the bundle file this device runs (its sha256 is computed, never trusted):
+            a delta from it is tried first. None: no delta.
+        base_version: that bundle's version (for the transfer record).
+        free_bytes: free space of a folder (the delta path checks it can rebuild the bundle).
 
     Raises:
         SecurityError: a subclass naming what failed verification (the agent reports REJECTED).
@@ -415,10 +434,16 @@ def fetch_verified_bundle(
     _check_director_against_tuf(desired, info)
 
     dest = work / f"{desired.bundle}-{desired.version}"
+    bundle_file = work / f".{desired.bundle}-{desired.version}.bundle"
     try:
         if dest.exists():
             shutil.rmtree(dest)
-        extracted = _stream_and_extract(fetcher, info, dest, limits)
+        transfer = deliver_bundle(updater=updater, open_target=lambda target: _open_verified(fetcher, target),
+                                  bundle=info, name=desired.bundle,
+                                  version=desired.version, out=bundle_file,
+                                  base=Path(base_bundle) if base_bundle is not None else None,
+                                  base_version=base_version, free_bytes=free_bytes)
+        extracted = _extract_verified_file(bundle_file, info, dest, limits)
         manifest = extracted.manifest
         if manifest.name != desired.bundle or manifest.version != desired.version:
             shutil.rmtree(dest, ignore_errors=True)
@@ -426,8 +451,15 @@ def fetch_verified_bundle(
                 f"bundle {info.path} holds {manifest.name} {manifest.version}, but the director ordered "
                 f"{desired.bundle} {desired.version}"
             )
+        kept: Path | None = None
+        if BASE_BUNDLE_NAME not in manifest.files:  # else a member has the name: no base is kept
+            kept = dest / BASE_BUNDLE_NAME
+            os.replace(bundle_file, kept)
     except OSError as exc:
         raise EdgeshipError(f"work folder {work}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            bundle_file.unlink()
     return VerifiedBundle(
         manifest=manifest,
         root=extracted.root,
@@ -437,5 +469,7 @@ def fetch_verified_bundle(
         target=info.path,
         length=info.length,
         sha256=info.hashes["sha256"],
+        bundle_file=kept,
+        transfer=transfer.to_dict(),
     )
 

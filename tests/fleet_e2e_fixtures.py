@@ -107,7 +107,9 @@ def fleet_release(digits_tflite: Path, digits_files: dict[str, Path],
         out = base / f"digits-{version}.bundle"
         edgeship_cli("bundle", "build", str(digits_tflite), "--name", "digits", "--version", version,
                      "--golden", str(golden), "-o", str(out))
-        edgeship_cli("publish", str(out), "--repo", str(repo))
+        # plain bundles only: these tests prove the block transport of a whole bundle (resume, rate
+        # limits); deltas and compressed bundles have their own (tests/test_fleet_e2e_deltas.py)
+        edgeship_cli("publish", str(out), "--repo", str(repo), "--deltas", "0", "--no-compress")
         bundles[version] = out
     return FleetRelease(repo=repo, eval_x=x, golden_y=y, bundles=bundles)
 

@@ -110,6 +110,7 @@ def status_document(
             "started": update.started,
             "finished": update.finished,
             "source": {k: v for k, v in update.source.items() if k != "envelope"},
+            "transfer": update.transfer,
             "history": [{"state": s, "at": t, "reason": r} for s, t, r in update.history],
         },
         "serving": serving,

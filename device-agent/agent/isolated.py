@@ -138,6 +138,8 @@ def _context_fields(ctx: SourceContext) -> dict[str, Any]:
         "now": ctx.now,
         "work_dir": ctx.work_dir,
         "trust_dir": ctx.trust_dir,
+        "base_bundle": ctx.base_bundle,
+        "base_version": ctx.base_version,
     }
 
 

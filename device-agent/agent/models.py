@@ -470,6 +470,7 @@ def model_status(name: str, state: AgentState, versions: ModelVersions | None) -
             "id": update.id, "kind": update.kind, "state": update.state, "reason": update.reason[:1000],
             "terminal": is_terminal(State(update.state)), "bundle": update.bundle,
             "sequence": update.sequence, "deployment": update.deployment,
+            **({"transfer": dict(update.transfer)} if update.transfer else {}),
             "history": [{"state": s, "at": t, "reason": r} for s, t, r in update.history],
         },
     }

@@ -80,6 +80,7 @@ class UpdateRecord:
     serving_version: int | None = None    # what the desired state assigned (None: numbered here)
     rollout: str | None = None     # the rollout's label for the candidate (None: "candidate")
     footprint_bytes: int | None = None  # resident-set growth measured by the self-test
+    transfer: dict[str, Any] | None = None  # what travelled for FETCHING (kind, bytes, ...): reported as is
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -86,10 +86,11 @@ def _ref(bundle: Any) -> dict[str, str] | None:
 
 
 def event_document(state: AgentState, seq: int, entered: State, reason: str) -> dict[str, Any]:
-    """An EventMessage dict for entering ``entered``."""
+    """An EventMessage dict for entering ``entered``; ``update.verifying`` (entered once the bundle
+    is fetched and staged) also carries the update's ``transfer`` (docs/protocol.md)."""
     update = state.update
     bundle = update.bundle if update is not None and update.bundle else None
-    return EventMessage(
+    doc = EventMessage(
         event=f"update.{entered.value.lower()}",
         ts=time.time(),
         seq=seq,
@@ -98,6 +99,9 @@ def event_document(state: AgentState, seq: int, entered: State, reason: str) -> 
         state=entered.value,
         detail=reason[:4000] or None,
     ).to_dict()
+    if entered is State.VERIFYING and update is not None and update.transfer:
+        doc["transfer"] = dict(update.transfer)
+    return doc
 
 
 def state_document(
@@ -118,6 +122,7 @@ def state_document(
             "bundle": update.bundle,
             "sequence": update.sequence,
             "deployment": update.deployment,
+            **({"transfer": dict(update.transfer)} if update.transfer else {}),
         }
         if update is not None
         else None,

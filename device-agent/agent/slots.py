@@ -7,7 +7,8 @@ pure decision (``plan_retention``) applied by a thin deleter.
 
 from __future__ import annotations
 
-__all__ = ["RetentionPlan", "apply_retention", "free_bytes", "install_into_slot", "plan_retention", "slot_name"]
+__all__ = ["RetentionPlan", "apply_retention", "drop_stale_bases", "free_bytes", "install_into_slot", "plan_retention",
+           "slot_name"]
 
 import os
 import re
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeship.ota.atomicfile import fsync_dir
+from edgeship.ota.delivery import BASE_BUNDLE_NAME
 
 from .persistence import InstalledBundle
 
@@ -76,6 +78,22 @@ def apply_retention(slots_dir: Path, plan: RetentionPlan) -> None:
             shutil.rmtree(path, ignore_errors=True)
     if plan.delete:
         fsync_dir(slots_dir)
+
+
+def drop_stale_bases(slots_dir: Path, keep: Iterable[str], protected: Iterable[str] = ()) -> list[str]:
+    """Delete the kept bundle file (a delta base) of every slot but ``keep`` and ``protected``:
+    only the active slot's bundle is a base the next update asks a delta from; a kept slot keeps
+    its extracted files for rollback, not a second copy of them. Returns the slots cleared."""
+    spare = set(keep) | set(protected)
+    cleared = []
+    if not slots_dir.is_dir():
+        return cleared
+    for slot in sorted(p for p in slots_dir.iterdir() if p.is_dir() and p.name not in spare):
+        base = slot / BASE_BUNDLE_NAME
+        if base.is_file():
+            base.unlink(missing_ok=True)
+            cleared.append(slot.name)
+    return cleared
 
 
 def free_bytes(folder: Path) -> int:

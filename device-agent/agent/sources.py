@@ -79,6 +79,7 @@ class StagedBundle:
     root: str
     manifest: dict[str, Any]
     in_place: bool = False  # True: ``root`` is already a slot (rollback to a kept bundle)
+    transfer: dict[str, Any] | None = None  # what travelled (edgeship.ota.delivery.TransferRecord)
 
     @property
     def name(self) -> str:
@@ -97,6 +98,7 @@ class StagedBundle:
             root=str(data["root"]),
             manifest=dict(data["manifest"]),
             in_place=bool(data.get("in_place")),
+            transfer=dict(data["transfer"]) if isinstance(data.get("transfer"), dict) else None,
         )
 
 
@@ -107,6 +109,9 @@ class SourceContext:
     now: _dt.datetime
     work_dir: Path
     trust_dir: Path
+    base_bundle: Path | None = None
+    """The bundle file of the model's active slot, if it kept one: a delta from it is tried first."""
+    base_version: str | None = None
 
 
 class BundleSource(ABC):
@@ -250,8 +255,11 @@ class DirectorSource(BundleSource):
             fetcher=self._tuf_fetcher(),
             work_dir=ctx.work_dir / "bundle",
             now=ctx.now,
+            base_bundle=ctx.base_bundle,
+            base_version=ctx.base_version,
+            free_bytes=free_bytes,
         )
-        return StagedBundle(root=str(verified.root), manifest=verified.manifest.to_dict())
+        return StagedBundle(root=str(verified.root), manifest=verified.manifest.to_dict(), transfer=verified.transfer)
 
 
 def _seed_trust(ctx: SourceContext) -> None:

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeship.ota.delivery import BASE_BUNDLE_NAME
 from edgeship.ota.errors import BadInputError, EdgeshipError, SecurityError, first_line
 from edgeship.ota.hashing import hash_file
 
@@ -63,7 +64,14 @@ from .reporter import NullReporter, Reporter, event_document, state_document
 from .runtimes import RuntimeUnavailableError, check_bundle_runtime
 from .selftest import measure_footprint, run_self_test
 from .serving import LoadedModel, ServingModel, model_health
-from .slots import apply_retention, free_bytes, install_into_slot, plan_retention, slot_name
+from .slots import (
+    apply_retention,
+    drop_stale_bases,
+    free_bytes,
+    install_into_slot,
+    plan_retention,
+    slot_name,
+)
 from .sources import BundleSource, SlotSource, SourceContext, SourceRegistry, StagedBundle
 from .state_machine import (
     WAITS,
@@ -136,6 +144,16 @@ class ModelHome:
     def single(cls, config: AgentConfig) -> ModelHome:
         """The data folder's own slots and state (one model per agent)."""
         return cls(config.slots_dir, config.work_dir, config.state_file)
+
+
+def _transfer_summary(transfer: dict[str, Any] | None) -> str:
+    """`` (delta from 1.0.0: 12,345 of 1,048,576 bytes)``: what the FETCHING reason says travelled."""
+    if not transfer:
+        return ""
+    kind = str(transfer.get("kind"))
+    what = f"delta from {transfer.get('base_version')}" if kind == "delta" else kind
+    text = f" ({what}: {int(transfer.get('bytes') or 0):,} of {int(transfer.get('full_bytes') or 0):,} bytes"
+    return text + (f"; {transfer['fallback']})" if transfer.get("fallback") else ")")
 
 
 def _utcnow() -> _dt.datetime:
@@ -380,12 +398,16 @@ class UpdateDriver:
             log.exception("reporter failed")
 
     def _context(self, update: UpdateRecord) -> SourceContext:
+        active = self.state.active
+        base = self.home.slots_dir / active.slot / BASE_BUNDLE_NAME if active is not None else None
         return SourceContext(
             config=self.config,
             last_sequence=update.base_sequence,
             now=_utcnow(),
             work_dir=self.home.work_dir / update.id,
             trust_dir=self.config.data_dir / "trust",
+            base_bundle=base if base is not None and base.is_file() else None,
+            base_version=active.version if active is not None else None,
         )
 
     def _source(self, session: UpdateSession) -> BundleSource:
@@ -432,8 +454,10 @@ class UpdateDriver:
 
         def apply(state: AgentState, record: UpdateRecord) -> None:
             record.fetched = staged.to_dict()
+            record.transfer = staged.transfer
 
-        return Outcome(Event.SUCCESS, f"fetched and verified {staged.name} {staged.version}", apply)
+        return Outcome(Event.SUCCESS, f"fetched and verified {staged.name} {staged.version}"
+                       + _transfer_summary(staged.transfer), apply)
 
     def _verifying(self, session: UpdateSession) -> Outcome:
         update = session.record
@@ -680,6 +704,8 @@ class UpdateDriver:
                 self.state.previous = list(plan.keep_previous)
                 self.save(publish=False)
             apply_retention(slots, plan)
+            active = self.state.active
+            drop_stale_bases(slots, {active.slot} if active is not None else set(), protected)
             work = self.home.work_dir
             if work.is_dir():
                 for child in work.iterdir():
