@@ -45,6 +45,8 @@ import tempfile
 import threading
 import time
 import urllib.request
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,46 @@ def _fmt(seconds: float) -> str:
     return f"{seconds:.1f} s"
 
 
+# -- the delta mode's pieces -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Fetch:
+    """What a device fetches for one update: a target path with its signed length and sha256."""
+
+    kind: str                  # delta | compressed | full
+    path: str
+    length: int
+    sha256: str
+    base_version: str | None = None
+
+
+def rebuild_bundle(kind: str, payload: str, base: str, out: str, length: int, sha256: str) -> tuple[str, float]:
+    """In a worker process: the bundle from a delta (``apply_delta`` against the base file) or from a
+    zstd frame (streaming, capped at the signed length); returns the result's sha256 (computed here,
+    apart from any check the applier makes) and the seconds it took."""
+    started = time.perf_counter()
+    if kind == "delta":
+        from edgeship.ota.delta import apply_delta
+
+        apply_delta(payload, base, out, expected_target_sha256=sha256)
+    else:
+        import zstandard
+
+        with open(payload, "rb") as source, open(out, "wb") as target:
+            reader = zstandard.ZstdDecompressor().stream_reader(source)
+            written = 0
+            while chunk := reader.read(1 << 20):
+                written += len(chunk)
+                if written > length:
+                    raise ValueError(f"the compressed bundle decompresses past its signed length {length}")
+                target.write(chunk)
+    digest = hashlib.sha256()
+    with open(out, "rb") as rebuilt:
+        while chunk := rebuilt.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest(), time.perf_counter() - started
+
+
 # -- one simulated device ------------------------------------------------------------------------
 
 class SimDevice:
@@ -103,7 +145,7 @@ class SimDevice:
     def __init__(self, sim: Simulator, device: str) -> None:
         self.sim, self.device = sim, device
         self.loop = sim.loop
-        self.active = {"name": "digits", "version": "1.0.0"}
+        self.active = dict(sim.initial_active)
         self.connected = asyncio.Event()
         self.seq = 0
         self.last_sequence: int | None = None
@@ -114,6 +156,13 @@ class SimDevice:
         self.request_no = 0
         self.committed_at: float | None = None
         self.serving_version: int | None = None
+        # the delta mode: the active bundle's sha256 (None: no base kept), and the update's fetch plan
+        self.active_sha256: str | None = sim.initial_sha256
+        self.fetch: Fetch | None = None
+        self.wire_bytes = 0
+        self.fallback: str | None = None
+        self.update_no = 0
+        self.rebuilding = False
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=device, protocol=paho.MQTTv5)
         self.client.will_set(self.topic(STATUS), encode_message(StatusMessage("offline")), qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -195,6 +244,9 @@ class SimDevice:
         if state.version == self.active["version"] and state.bundle == self.active["name"]:
             return
         self.state, self.info, self.blocks = state, None, {}
+        self.update_no += 1
+        self.wire_bytes, self.fallback = 0, None
+        self.fetch = self.sim.plan(self, state)
         self.report({"state": "FETCHING", "bundle": {"name": state.bundle, "version": state.version}})
         self._request(None)
 
@@ -220,7 +272,8 @@ class SimDevice:
             return None
         self.serving_version = entry.get("serving_version")
         return SimpleNamespace(sequence=signed["sequence"], bundle=entry["bundle"], version=entry["version"],
-                               target=entry["target"], length=entry["length"], sha256=entry["hashes"]["sha256"])
+                               target=entry["target"], length=entry["length"], sha256=entry["hashes"]["sha256"],
+                               deployment=entry.get("deployment"))
 
     def _request(self, indexes: list[int] | None) -> None:
         self.request_no += 1
@@ -230,8 +283,8 @@ class SimDevice:
         if indexes:
             offset = min(indexes)
             bitmap = bitmap_from_indexes(indexes, offset)
-        request = BlockRequest(f"{self.device}-{self.request_no}", f"targets/{self.state.target}", BLOCK_SIZE, bitmap,
-                               offset)
+        path = self.fetch.path if self.fetch is not None else self.state.target
+        request = BlockRequest(f"{self.device}-{self.request_no}", f"targets/{path}", BLOCK_SIZE, bitmap, offset)
         self.client.publish(self.topic(BLOCK_REQUEST), encode_message(request), 1)
 
     def _missing(self) -> list[int]:
@@ -254,6 +307,7 @@ class SimDevice:
             else:
                 raise RuntimeError(f"{self.device}: block error {reply.code} {reply.message}")
         elif isinstance(reply, BlockData) and self.info is not None:
+            self.wire_bytes += len(reply.data)  # every block that came over the wire, repeats included
             if reply.index not in self.blocks:
                 self.blocks[reply.index] = reply.data
                 self.sim.bytes_received += len(reply.data)
@@ -265,13 +319,16 @@ class SimDevice:
 
     def _check_transfer(self) -> None:
         """Ask again for what did not arrive (a lost request or block)."""
-        if self.state is not None and time.monotonic() - self.progress_at > 5.0:
+        if self.state is not None and not self.rebuilding and time.monotonic() - self.progress_at > 5.0:
             self.sim.retries += 1
             self._request(self._missing()[:WINDOW] if self.info else None)
 
     def _finish(self) -> None:
         assert self.info is not None and self.state is not None
         data = b"".join(self.blocks[i] for i in range(self.info.blocks_total))
+        if self.fetch is not None and self.fetch.kind != "full":
+            self._finish_companion(data)
+            return
         if len(data) != self.state.length or hashlib.sha256(data).hexdigest() != self.state.sha256:
             self.sim.mismatches += 1
             detail = ""
@@ -285,11 +342,73 @@ class SimDevice:
             self.info, self.blocks = None, {}
             self._request(None)
             return
+        self._commit()
+
+    def _commit(self) -> None:
+        """The bundle is verified against the director's sha256: the new active bundle; with a
+        fetch plan (the delta mode) the report carries how it travelled."""
+        assert self.state is not None
         bundle = {"name": self.state.bundle, "version": self.state.version}
-        self.active, self.state, self.info, self.blocks = bundle, None, None, {}
+        update: dict[str, Any] = {"state": "COMMITTED", "bundle": bundle}
+        if self.fetch is not None:
+            transfer: dict[str, Any] = {"kind": self.fetch.kind, "bytes": self.wire_bytes,
+                                        "full_bytes": self.state.length}
+            if self.fetch.kind == "delta":
+                transfer["base_version"] = self.fetch.base_version
+            if self.fallback:
+                transfer["fallback"] = self.fallback[:200]
+            update.update(id=f"{self.device}-u{self.update_no}", deployment=getattr(self.state, "deployment", None),
+                          transfer=transfer)
+            self.active_sha256 = self.state.sha256
+            self.sim.kinds[self.fetch.kind] = self.sim.kinds.get(self.fetch.kind, 0) + 1
+        self.active, self.state, self.info, self.blocks, self.fetch = bundle, None, None, {}, None
         self.committed_at = time.monotonic()
         self.event("update_committed", bundle=bundle, state="COMMITTED")
-        self.report({"state": "COMMITTED", "bundle": bundle})
+        self.report(update)
+
+    def _finish_companion(self, data: bytes) -> None:
+        """A delta or a compressed bundle arrived: check its own signed length and sha256, rebuild the
+        bundle in a worker process (the real ``apply_delta``, or a capped zstd decompression), then
+        check the rebuilt bundle against the director's sha256, as the agent does."""
+        fetch, state = self.fetch, self.state
+        assert fetch is not None and state is not None
+        if len(data) != fetch.length or hashlib.sha256(data).hexdigest() != fetch.sha256:
+            self.sim.mismatches += 1
+            self.info, self.blocks = None, {}
+            self._request(None)
+            return
+        payload = self.sim.scratch / f"{self.device}-{self.update_no}.{fetch.kind}"
+        payload.write_bytes(data)
+        out = self.sim.scratch / f"{self.device}-{self.update_no}.bundle"
+        base = str(self.sim.bundle_files[self.active_sha256]) if fetch.kind == "delta" and self.active_sha256 else ""
+        self.blocks, self.rebuilding = {}, True
+        future = self.loop.run_in_executor(self.sim.pool, rebuild_bundle, fetch.kind, str(payload), base, str(out),
+                                           state.length, state.sha256)
+        future.add_done_callback(lambda done: self._rebuilt(done, fetch, payload, out))
+
+    def _rebuilt(self, done: asyncio.Future, fetch: Fetch, payload: Path, out: Path) -> None:
+        self.rebuilding = False
+        try:
+            payload.unlink(missing_ok=True)
+            out.unlink(missing_ok=True)
+            if self.state is None or self.fetch is not fetch:
+                return  # a newer desired state took over
+            try:
+                sha256, seconds = done.result()
+            except Exception as exc:  # noqa: BLE001 - any failure of the delta path means: fall back, as the agent does
+                self.fallback = f"{fetch.kind} refused: {type(exc).__name__}: {exc}"[:200]
+                self.sim.fallbacks += 1
+                self.fetch, self.info, self.blocks = self.sim.plan(self, self.state, no_delta=True), None, {}
+                self._request(None)
+                return
+            if sha256 != self.state.sha256:
+                raise RuntimeError(f"{self.device}: the rebuilt bundle's sha256 is not the director's")
+            self.sim.rebuild_s.append(seconds)
+            self._commit()
+        except Exception as exc:  # noqa: BLE001 - as in _on_message: counted and printed, never raised into the loop
+            self.sim.errors += 1
+            if self.sim.errors <= 10:
+                print(f"{self.device}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
 
 class Simulator:
@@ -304,7 +423,35 @@ class Simulator:
         self.mismatches = 0
         self.errors = 0
         self.target_file: Path | None = None
+        # the delta mode (docs/benchmarks.md, fleet-sim-deltas)
+        self.initial_active = {"name": "digits", "version": "1.0.0"}
+        self.initial_sha256: str | None = None
+        self.bundle_files: dict[str, Path] = {}      # sha256 -> the bundle file a device's active slot holds
+        self.companions: dict[str, list[Fetch]] = {}  # version -> its published delta and compressed targets
+        self.pool: ProcessPoolExecutor | None = None
+        self.scratch = Path(tempfile.gettempdir())
+        self.kinds: dict[str, int] = {}
+        self.fallbacks = 0
+        self.rebuild_s: list[float] = []
         self.thread = threading.Thread(target=self.loop.run_forever, name="sim-loop", daemon=True)
+
+    def plan(self, device: SimDevice, state: Any, no_delta: bool = False) -> Fetch | None:
+        """What the agent would fetch (docs/deltas.md): the delta from the active bundle's sha256 when
+        one is published, else the compressed bundle when published, else the full bundle. None
+        outside the delta mode (the plain full fetch)."""
+        if self.pool is None:
+            return None
+        published = self.companions.get(state.version, [])
+        if not no_delta and device.active_sha256:
+            for fetch in published:
+                if fetch.kind == "delta" and fetch.path.rsplit("/", 1)[-1] == f"{device.active_sha256}.delta":
+                    return fetch
+        if device.active_sha256 is None and published:
+            device.fallback = "no base: the active slot's bundle file is not kept"
+        for fetch in published:
+            if fetch.kind == "compressed":
+                return fetch
+        return Fetch("full", state.target, state.length, state.sha256)
 
     def start(self) -> None:
         self.thread.start()
@@ -363,9 +510,14 @@ def _metrics(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     values: dict[str, float] = {}
     for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
+        if line and not line.startswith("#"):
+            sample, value = line.rsplit(" ", 1)
+            if value == "NaN":
+                continue
+            values[sample] = float(value)
+            if "{" in sample:  # a labelled sample also adds to its family's sum, under the bare name
+                name = sample.split("{", 1)[0]
+                values[name] = values.get(name, 0.0) + float(value)
     return values
 
 
@@ -494,6 +646,58 @@ def _telemetry_phase(sim: Simulator, hz: float, seconds: int, metrics_port: int,
     return r
 
 
+def _launch_controller(work: Path, broker_url: str, repo: Path, db: str) -> tuple[subprocess.Popen, int, Any]:
+    """``edgeship controller`` as its own process (its CPU is measured apart), with a metrics port;
+    returns once it logged that it started."""
+    metrics_port = 19000 + random.randint(0, 900)
+    log = open(work / "controller.log", "wb")
+    controller = subprocess.Popen([sys.executable, "-m", "edgeship.toolkit.cli", "controller", "--broker", broker_url,
+                                   "--repo", str(repo), "--db", db, "--replica-id", "bench",
+                                   "--metrics-port", str(metrics_port)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while b"started" not in (work / "controller.log").read_bytes():
+        if controller.poll() is not None or time.monotonic() > deadline:
+            controller.kill()
+            log.close()
+            raise RuntimeError("controller did not start: " + (work / "controller.log").read_text()[-2000:])
+        time.sleep(0.2)
+    return controller, metrics_port, log
+
+
+def _connect_fleet(sim: Simulator, store: FleetStore, n: int) -> tuple[float, float]:
+    """Connect every simulated device and wait until the controller has stored each one: (seconds to
+    connect, seconds until all are in the store)."""
+    sim.start()
+    print(f"connecting {n} devices, one MQTT connection each ...", flush=True)
+    start = time.perf_counter()
+    sim.connect_all()
+    connected = time.perf_counter() - start
+    while len([d for d in store.list_devices(FLEET) if d.online and d.active_version]) < n:
+        if time.perf_counter() - start > 300:
+            raise RuntimeError("the controller did not ingest every device within 300 s")
+        time.sleep(0.5)
+    known = time.perf_counter() - start
+    print(f"  connected in {_fmt(connected)}, all {n} in the store after {_fmt(known)}", flush=True)
+    return connected, known
+
+
+def _shut_down(sim: Simulator, controller: subprocess.Popen | None, log: Any) -> None:
+    try:
+        sim.stop()
+    except Exception as exc:  # noqa: BLE001 - report, do not hide the results measured so far
+        print(f"simulator stop: {exc}", file=sys.stderr)
+    if sim.pool is not None:
+        sim.pool.shutdown(cancel_futures=True)
+    if controller is not None:
+        controller.terminate()
+        try:
+            controller.wait(30)
+        except subprocess.TimeoutExpired:
+            controller.kill()
+    if log is not None:
+        log.close()
+
+
 def run(n: int, bundle_mb: float, telemetry_s: int, rates: list[float], work: Path,
         multi_model: bool = False) -> dict[str, Any]:
     from mqtt_broker import MosquittoBroker
@@ -509,32 +713,13 @@ def run(n: int, bundle_mb: float, telemetry_s: int, rates: list[float], work: Pa
     results["bundle_bytes"] = target.length
     db = f"sqlite:///{work / 'fleet.db'}"
     store = FleetStore(db)
-    metrics_port = 19000 + random.randint(0, 900)
-    log = open(work / "controller.log", "wb")
-    controller = subprocess.Popen([sys.executable, "-m", "edgeship.toolkit.cli", "controller", "--broker", broker.url,
-                                   "--repo", str(repo.path), "--db", db, "--replica-id", "bench",
-                                   "--metrics-port", str(metrics_port)], stdout=log, stderr=subprocess.STDOUT)
     sim = Simulator("127.0.0.1", broker.port, repo.director_public_key_path, n, multi_model=multi_model)
     sim.target_file = target.file
+    controller, log = None, None
     try:
+        controller, metrics_port, log = _launch_controller(work, broker.url, repo.path, db)
         proc = psutil.Process(controller.pid)
-        deadline = time.monotonic() + 60
-        while b"started" not in (work / "controller.log").read_bytes():
-            if controller.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("controller did not start: " + (work / "controller.log").read_text()[-2000:])
-            time.sleep(0.2)
-        sim.start()
-        print(f"connecting {n} devices, one MQTT connection each ...", flush=True)
-        start = time.perf_counter()
-        sim.connect_all()
-        results["connect_s"] = time.perf_counter() - start
-        while len([d for d in store.list_devices(FLEET) if d.online and d.active_version]) < n:
-            if time.perf_counter() - start > 300:
-                raise RuntimeError("the controller did not ingest every device within 300 s")
-            time.sleep(0.5)
-        results["known_s"] = time.perf_counter() - start
-        print(f"  connected in {_fmt(results['connect_s'])}, all {n} in the store after {_fmt(results['known_s'])}",
-              flush=True)
+        results["connect_s"], results["known_s"] = _connect_fleet(sim, store, n)
 
         # -- phase 2: staged rollout
         cpu0, sim_cpu0 = _cpu(proc), _cpu(psutil.Process())
@@ -576,19 +761,271 @@ def run(n: int, bundle_mb: float, telemetry_s: int, rates: list[float], work: Pa
         results["telemetry"] = [_telemetry_phase(sim, hz, telemetry_s, metrics_port, proc, broker.port, store)
                                 for hz in rates]
     finally:
-        try:
-            sim.stop()
-        except Exception as exc:  # noqa: BLE001 - report, do not hide the results measured so far
-            print(f"simulator stop: {exc}", file=sys.stderr)
-        controller.terminate()
-        try:
-            controller.wait(30)
-        except subprocess.TimeoutExpired:
-            controller.kill()
-        log.close()
+        _shut_down(sim, controller, log)
         store.close()
         broker.stop()
     return results
+
+
+MODEL = "mobilenet"
+MODEL_VERSIONS = ("1.0.0", "1.1.0", "1.2.0")
+NO_BASE_EVERY = 20
+"""In the delta rollout every 20th device (5%) starts without a base and takes the compressed bundle."""
+
+
+def make_model_bundles(folder: Path) -> None:
+    """Three bundles of one real model, each after retraining only its head (what benchmarks/deltas.py
+    measures): MobileNetV2 at 96 px, alpha 0.35, 10 classes, fp32, random weights with BatchNorm
+    statistics set from one batch (so its features are not all zero and a retrained head really
+    moves), then its last Dense layer trained for an epoch on random data, twice."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import numpy as np
+    import tensorflow as tf
+    from deltas import copy_model, tflite
+
+    from edgeship.ota.bundle_build import build_bundle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tf.keras.utils.set_random_seed(0)
+    model = tf.keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, weights=None, classes=10)
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 96, 96, 3), dtype=np.float32)
+    y = rng.integers(0, 10, 32)
+    norms = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.BatchNormalization)]
+    for layer in norms:
+        layer.momentum = 0.0
+    model(x, training=True)  # moving statistics := this batch's
+    for layer in norms:
+        layer.momentum = 0.99
+    models = [model]
+    for _ in MODEL_VERSIONS[1:]:
+        head = copy_model(models[-1])
+        for layer in head.layers[:-1]:
+            layer.trainable = False
+        head.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
+        head.fit(x, y, epochs=1, batch_size=16, verbose=0)
+        models.append(head)
+    for version, trained in zip(MODEL_VERSIONS, models):
+        model_file = tflite(trained, folder / f"{MODEL}-{version}.tflite", x, False)
+        build_bundle(model_file, name=MODEL, version=version, out=folder / f"{MODEL}-{version}.bundle")
+
+
+def publish_cli(repo: ReleaseRepository, bundle: Path, deltas: int) -> dict[str, Any]:
+    """``edgeship publish BUNDLE --deltas N --json``: the bundle, and (N > 0) its zstd copy and its
+    deltas from the last N published versions, signed as companion targets (the operator's path)."""
+    args = ["--deltas", str(deltas)] + ([] if deltas else ["--no-compress"])
+    out = subprocess.run([sys.executable, "-m", "edgeship.toolkit.cli", "publish", str(bundle), "--repo",
+                          str(repo.path), *args, "--json"], capture_output=True, text=True, check=True, timeout=300)
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc
+
+
+def companion_fetches(repo: ReleaseRepository, version: str) -> list[Fetch]:
+    """The companions of ``version`` as the signed targets metadata lists them (what the agent's TUF
+    client reads: path, length, sha256)."""
+    return [Fetch(t.kind, t.path, t.length, t.sha256, t.base_version) for t in repo.companions(MODEL, version)]
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process and its live children (the rebuild workers)."""
+    me = psutil.Process()
+    return _cpu(me) + sum(_cpu(child) for child in me.children(recursive=True))
+
+
+def _by_kind(metrics: dict[str, float], family: str, kinds: tuple[str, ...], fleet: str | None = None) -> dict[str, float]:
+    where = f'fleet="{fleet}",' if fleet else ""
+    return {k: metrics.get(f'{family}{{{where}kind="{k}"}}', 0.0) for k in kinds}
+
+
+def _delta_phase(sim: Simulator, version: str, db: str, store: FleetStore, metrics_port: int,
+                 proc: psutil.Process) -> dict[str, Any]:
+    """One staged rollout of ``version`` to every device: time, CPU, the block server's bytes per
+    stream kind, what the devices reported (``rollout status --json``, the metrics' counters)."""
+    served_kinds, transfer_kinds = ("delta", "compressed", "full", "metadata"), ("delta", "compressed", "full")
+    before = _metrics(metrics_port)
+    kinds0, fallbacks0, rebuilds0 = dict(sim.kinds), sim.fallbacks, len(sim.rebuild_s)
+    cpu0, sim_cpu0 = _cpu(proc), _children_cpu()
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "edgeship.toolkit.cli", "rollout", "start", MODEL, version,
+                          "--fleet", FLEET, "--stages", "5,25,100", "--success-threshold", "100", "--db", db],
+                         capture_output=True, text=True, check=True, timeout=60)
+    rollout_id = out.stdout.strip()
+    print(f"rollout {rollout_id} of {MODEL} {version} to {len(sim.devices)} devices ...", flush=True)
+    while True:
+        rollout, _ = store.load_rollout(rollout_id)
+        if rollout.state.value in ("COMPLETED", "ABORTED", "ROLLED_BACK"):
+            break
+        if time.perf_counter() - start > 1800:
+            raise RuntimeError("rollout did not finish within 30 minutes")
+        time.sleep(0.25)
+    elapsed = time.perf_counter() - start
+    cpu, sim_cpu = _cpu(proc) - cpu0, _children_cpu() - sim_cpu0
+    time.sleep(2.5)  # the last reports reach the store; the metrics page is cached for 2 s
+    after = _metrics(metrics_port)
+    status = subprocess.run([sys.executable, "-m", "edgeship.toolkit.cli", "rollout", "status", rollout_id, "--json",
+                             "--db", db], capture_output=True, text=True, check=True, timeout=60)
+    b0, b1 = _by_kind(before, "edgeship_controller_block_bytes_sent_total", served_kinds), \
+        _by_kind(after, "edgeship_controller_block_bytes_sent_total", served_kinds)
+    t0, t1 = (_by_kind(before, "edgeship_fleet_transfer_bytes_total", transfer_kinds, FLEET),
+              _by_kind(after, "edgeship_fleet_transfer_bytes_total", transfer_kinds, FLEET))
+    rebuilds = sim.rebuild_s[rebuilds0:]
+    r = dict(version=version, rollout=rollout_id, state=rollout.state.value, rollout_s=elapsed, controller_cpu_s=cpu,
+             sim_cpu_s=sim_cpu, served={k: b1[k] - b0[k] for k in served_kinds},
+             reported_metrics={k: t1[k] - t0[k] for k in transfer_kinds},
+             transfers=json.loads(status.stdout)["transfers"],
+             kinds={k: sim.kinds.get(k, 0) - kinds0.get(k, 0) for k in transfer_kinds},
+             fallbacks=sim.fallbacks - fallbacks0, rebuilds=len(rebuilds),
+             rebuild_mean_s=sum(rebuilds) / len(rebuilds) if rebuilds else 0.0,
+             rebuild_max_s=max(rebuilds, default=0.0))
+    print(f"  {r['state']} in {_fmt(elapsed)}; controller CPU {cpu:.1f} s; served {r['served']}; devices "
+          f"reported {r['transfers']['bytes']} bytes {r['kinds']}", flush=True)
+    return r
+
+
+def run_deltas(n: int, work: Path, workers: int) -> dict[str, Any]:
+    """The delta mode: a real model's bundles, rolled out to ``n`` devices twice in one run, first
+    without deltas published (every device fetches the full bundle), then with them."""
+    import multiprocessing
+
+    from mqtt_broker import MosquittoBroker
+
+    results: dict[str, Any] = {"devices": n, "workers": workers, "load_start": os.getloadavg()}
+    print("making the model's bundles (MobileNetV2 96 px alpha 0.35, head retrained twice) ...", flush=True)
+    subprocess.run([sys.executable, __file__, "--make-model-bundles", str(work / "bundles")], check=True, timeout=1200)
+    broker = MosquittoBroker(work / "mosquitto", "listener {port} 127.0.0.1\nallow_anonymous true\n"
+                                                  "persistence false\nmax_queued_messages 10000\n").start()
+    repo = ReleaseRepository(work / "repo")
+    repo.init(root_passphrase="benchmark passphrase")
+    # 1.0.0 and 1.1.0 as before deltas (no companion); 1.2.0 with them, the operator's way
+    for version in MODEL_VERSIONS:
+        doc = publish_cli(repo, work / "bundles" / f"{MODEL}-{version}.bundle", 2 if version == MODEL_VERSIONS[2] else 0)
+        print(f"published {MODEL} {version}: {len(doc['companions'])} companions, skipped "
+              f"{[s['kind'] + ': ' + s['reason'] for s in doc['skipped']]}", flush=True)
+    published = [repo.target_info(MODEL, v) for v in MODEL_VERSIONS]
+    companions = companion_fetches(repo, MODEL_VERSIONS[2])
+    if {f.kind for f in companions} != {"delta", "compressed"} or companion_fetches(repo, MODEL_VERSIONS[1]):
+        raise RuntimeError(f"unexpected companions: {companions}")
+    results.update(bundle_bytes=published[2].length,
+                   companions={(f"delta from {f.base_version}" if f.kind == "delta" else f.kind): f.length
+                               for f in companions})
+    db = f"sqlite:///{work / 'fleet.db'}"
+    store = FleetStore(db)
+    sim = Simulator("127.0.0.1", broker.port, repo.director_public_key_path, n)
+    sim.initial_active = {"name": MODEL, "version": MODEL_VERSIONS[0]}
+    sim.initial_sha256 = published[0].sha256
+    sim.bundle_files = {t.sha256: t.file for t in published}
+    sim.companions = {MODEL_VERSIONS[2]: companions}
+    sim.scratch = work / "scratch"
+    sim.scratch.mkdir()
+    # spawned workers: a forked child would inherit the simulator's thousand sockets and its threads
+    sim.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    controller, log = None, None
+    try:
+        for _ in range(workers):
+            sim.pool.submit(time.sleep, 0.2).result(60)  # start the workers before any timing
+        controller, metrics_port, log = _launch_controller(work, broker.url, repo.path, db)
+        proc = psutil.Process(controller.pid)
+        _connect_fleet(sim, store, n)
+        results["full"] = _delta_phase(sim, MODEL_VERSIONS[1], db, store, metrics_port, proc)
+        for index, device in enumerate(sim.devices):
+            if index % NO_BASE_EVERY == 0:
+                device.active_sha256 = None
+        results["delta"] = _delta_phase(sim, MODEL_VERSIONS[2], db, store, metrics_port, proc)
+        results.update(mismatches=sim.mismatches, sim_errors=sim.errors, retries=sim.retries,
+                       rate_limited=sim.rate_limited)
+    finally:
+        _shut_down(sim, controller, log)
+        store.close()
+        broker.stop()
+    results["load_end"] = os.getloadavg()
+    return results
+
+
+def _mb(count: float) -> str:
+    return f"{count / 1e6:.2f} MB" if count >= 1e5 else f"{count / 1e3:.1f} kB"
+
+
+def _delta_reading(r: dict[str, Any]) -> str:
+    """What the table says, in figures computed from it."""
+    delta = r["delta"]
+    kinds = delta["transfers"]["by_kind"]
+    per_delta = kinds["delta"]["bytes"] / max(1, kinds["delta"]["updates"])
+    full = r["bundle_bytes"]
+    share = kinds["compressed"]["bytes"] / max(1, delta["transfers"]["bytes"])
+    slower = delta["rollout_s"] > r["full"]["rollout_s"]
+    return (f"Reading: a device that holds its base receives {per_delta / 1e3:.1f} kB instead of {full / 1e6:.2f} MB "
+            f"({per_delta / full:.1%} of the bundle); the {kinds['compressed']['devices']} devices without a base "
+            f"({kinds['compressed']['devices'] / max(1, delta['transfers']['devices']):.0%} of the fleet) move "
+            f"{share:.0%} of the rollout's bytes, so keeping the base on the device is what the saving rests on. "
+            + ("The block server's count and the devices' reports agree to the byte (no block was sent twice). "
+               if sum(delta["served"][k] for k in ("delta", "compressed", "full")) == delta["transfers"]["bytes"]
+               else "The block server sent more than the devices report receiving: blocks sent twice. ")
+            + ("The rollout with deltas took longer to complete here although the controller worked less: its time "
+               "went to the simulated devices rebuilding bundles in worker processes on the same two cores as the "
+               "controller and the broker (the simulator's CPU column), a cost each real device pays on its own CPU "
+               "(docs/benchmarks.md, section deltas: the apply's time per model). "
+               if slower else "")
+            + "The controller's CPU follows the bytes it serves.")
+
+
+def render_deltas(r: dict[str, Any], command: str) -> str:
+    full, delta = r["full"], r["delta"]
+    served = {name: sum(p["served"][k] for k in ("delta", "compressed", "full")) for name, p in (("full", full),
+                                                                                                ("delta", delta))}
+    lines = [
+        f"## fleet-sim, deltas: a {r['devices']:,}-device rollout of a retrained head, delta against full",
+        "",
+        f"Run: `{command}` on {platform.machine()}, {os.cpu_count()} cores (shared with other work: load average "
+        f"{r['load_start'][0]:.2f} at the start, {r['load_end'][0]:.2f} at the end), Python "
+        f"{platform.python_version()}, Mosquitto, SQLite (WAL), the controller its own process. The model: "
+        f"MobileNetV2 96 px, alpha 0.35, fp32 (a {_mb(r['bundle_bytes'])} bundle), three versions, each after "
+        "retraining only its head. One run, two staged rollouts (5, 25, 100 %) to the same devices: first "
+        "1.1.0 published without companions (every device fetches the full bundle, as before deltas), then 1.2.0 "
+        "published by `edgeship publish --deltas 2` with its companions, signed as TUF targets ("
+        + ", ".join(f"{kind} {_mb(length)}" for kind, length in sorted(r["companions"].items()))
+        + f"); {100 // NO_BASE_EVERY}% of the devices start that second rollout without a base and take the "
+        "compressed bundle.",
+        "",
+        "| measured | without deltas (1.0.0 -> 1.1.0) | with deltas (1.1.0 -> 1.2.0) | with / without |",
+        "| --- | --- | --- | --- |",
+        f"| rollout | {full['state']} in {full['rollout_s']:.1f} s | {delta['state']} in {delta['rollout_s']:.1f} s | "
+        f"{delta['rollout_s'] / full['rollout_s']:.2f} |",
+        f"| bundle bytes the controller's block server sent (`edgeship_controller_block_bytes_sent_total`) | "
+        f"{_mb(served['full'])} | {_mb(served['delta'])} (delta {_mb(delta['served']['delta'])}, compressed "
+        f"{_mb(delta['served']['compressed'])}, full {_mb(delta['served']['full'])}) | "
+        f"**{served['delta'] / max(1, served['full']):.4f}** |",
+        f"| bytes the devices reported (`rollout status --json` transfers) | {_mb(full['transfers']['bytes'])} | "
+        f"{_mb(delta['transfers']['bytes'])} | {delta['transfers']['bytes'] / max(1, full['transfers']['bytes']):.4f} |",
+        f"| ... the same from `/metrics` (`edgeship_fleet_transfer_bytes_total`) | "
+        f"{_mb(sum(full['reported_metrics'].values()))} | {_mb(sum(delta['reported_metrics'].values()))} | |",
+        f"| devices by transfer kind (delta / compressed / full) | {full['kinds'].get('delta', 0)} / "
+        f"{full['kinds'].get('compressed', 0)} / {full['kinds'].get('full', 0)} | {delta['kinds'].get('delta', 0)} / "
+        f"{delta['kinds'].get('compressed', 0)} / {delta['kinds'].get('full', 0)} | |",
+        f"| bytes saved (sum of full bundles - bytes sent) | {_mb(full['transfers']['bytes_saved'])} | "
+        f"{_mb(delta['transfers']['bytes_saved'])} | |",
+        f"| controller CPU during the rollout | {full['controller_cpu_s']:.1f} s | {delta['controller_cpu_s']:.1f} s | "
+        f"{delta['controller_cpu_s'] / max(0.01, full['controller_cpu_s']):.2f} |",
+        f"| simulator CPU (event loop and {r['workers']} rebuild worker processes) | {full['sim_cpu_s']:.1f} s | "
+        f"{delta['sim_cpu_s']:.1f} s | |",
+        f"| bundles rebuilt on the devices' side (real `apply_delta` / capped zstd, in {r['workers']} worker "
+        f"processes), mean / max | - | {delta['rebuilds']}: {delta['rebuild_mean_s'] * 1000:.0f} / "
+        f"{delta['rebuild_max_s'] * 1000:.0f} ms | |",
+        f"| deltas that failed and fell back | {full['fallbacks']} | {delta['fallbacks']} | |",
+        f"| over the whole run: sha256 mismatches / block re-requests / 429s / device-side errors | "
+        f"{r['mismatches']} / {r['retries']} / {r['rate_limited']} / {r['sim_errors']} | | |",
+        "",
+        _delta_reading(r),
+        "",
+        "Each simulated device fetches what the agent would (docs/deltas.md): the delta named by its active "
+        "bundle's sha256 when one is published, else the compressed bundle, else the full one, over the block "
+        "protocol; checks the fetched file's length and sha256, rebuilds the bundle in a worker process (so a "
+        "thousand applies do not stall the event loop that carries every device's MQTT connection), checks "
+        "the result against the director's signed sha256, and reports COMMITTED with its transfer record. "
+        "The devices keep their active bundle's hash in memory and share one copy of each bundle file (the "
+        "agent checks the hash of its own file). Bytes served include the "
+        "TUF metadata kind at 0: the simulated devices do not run the TUF client.",
+    ]
+    return "\n".join(lines)
 
 
 def render(r: dict[str, Any], command: str) -> str:
@@ -653,8 +1090,32 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="Print the raw results as JSON too.")
     parser.add_argument("--multi-model", action="store_true",
                         help="Devices speak as multi-model agents: report `models`, get desired-state schema 2.")
+    parser.add_argument("--deltas", action="store_true",
+                        help="The delta mode: a real model's bundles, rolled out without and then with deltas "
+                             "(section fleet-sim-deltas).")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="Worker processes rebuilding bundles from deltas (--deltas).")
+    parser.add_argument("--make-model-bundles", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make_model_bundles:
+        make_model_bundles(args.make_model_bundles)
+        return
     work = Path(tempfile.mkdtemp(prefix="edgeship-fleet-sim-"))
+    if args.deltas:
+        try:
+            results = run_deltas(args.devices, work, args.workers)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        text = render_deltas(results, f".venv/bin/python benchmarks/fleet_sim.py --deltas --devices {args.devices}"
+                                      f" --workers {args.workers}")
+        print(text)
+        if args.json:
+            print(json.dumps(results, indent=2, default=str))
+        if not args.no_write:
+            from results_doc import write_section
+
+            write_section("fleet-sim-deltas", text)
+        return
     try:
         rates = [float(x) for x in args.telemetry_hz.split(",") if x.strip()]
         results = run(args.devices, args.bundle_mb, args.telemetry_s, rates, work, multi_model=args.multi_model)

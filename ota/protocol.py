@@ -53,6 +53,9 @@ __all__ = [
     "BlockReply",
     "MAX_MODELS",
     "ModelTelemetry",
+    "TRANSFER_KINDS",
+    "MAX_TRANSFER_BYTES",
+    "parse_transfer",
 ]
 
 import json
@@ -200,7 +203,63 @@ def _model_name(name: Any, where: str) -> str:
     return name
 
 
-def _reported_models(value: dict[str, Any] | None, doc_type: str) -> dict[str, dict[str, Any]] | None:
+TRANSFER_KINDS = ("delta", "compressed", "full")
+"""How an update's bundle travelled: a delta from the active bundle, the zstd-compressed full bundle, the full bundle."""
+MAX_TRANSFER_BYTES = 2**53 - 1
+"""Largest byte count a transfer record may carry (exact in every JSON reader, a double's integer range)."""
+_MAX_FALLBACK_CHARS = 200
+
+
+def parse_transfer(value: Any, where: str) -> dict[str, Any]:
+    """An update's ``transfer`` record, checked and reduced to its known fields. Pure.
+
+    ``{"kind": "delta"|"compressed"|"full", "bytes": N, "full_bytes": N, "base_version": "...",
+    "fallback": "..."}``: ``base_version`` is required for a delta and refused otherwise (a
+    compressed or full bundle has no base), ``fallback`` (why a cheaper path was abandoned) is one
+    line of at most 200 characters. Unknown fields are dropped.
+
+    Raises:
+        ProtocolError: the record is malformed (the caller drops the record, not the report).
+    """
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where} must be an object")
+    kind = _text(value, "kind", where, limit=16)
+    if kind not in TRANSFER_KINDS:
+        raise ProtocolError(f"{_where(where, 'kind')} must be one of {list(TRANSFER_KINDS)}, got {str(kind)[:20]!r}")
+    sent = _count(value, "bytes", where, high=MAX_TRANSFER_BYTES)
+    full = _count(value, "full_bytes", where, high=MAX_TRANSFER_BYTES)
+    base = _text(value, "base_version", where, required=False, limit=64)
+    if kind == "delta" and not base:
+        raise ProtocolError(f"{where}: a delta transfer names its base_version")
+    if kind != "delta" and base is not None:
+        raise ProtocolError(f"{where}: a {kind} transfer has no base_version")
+    fallback = _text(value, "fallback", where, required=False, limit=_MAX_FALLBACK_CHARS)
+    if fallback is not None and ("\n" in fallback or "\r" in fallback):
+        raise ProtocolError(f"{_where(where, 'fallback')} must be one line")
+    return _drop_none({"kind": kind, "bytes": sent, "full_bytes": full, "base_version": base or None,
+                       "fallback": fallback or None})
+
+
+def _update(value: dict[str, Any] | None, where: str, dropped: list[str]) -> dict[str, Any] | None:
+    """A reported ``update`` object: ``state`` checked, ``transfer`` checked and normalized. A
+    malformed ``transfer`` is removed (its reason appended to ``dropped``): the record of bytes is
+    secondary to the update's state, which must still reach the controller."""
+    if value is None:
+        return None
+    _text(value, "state", where, limit=32)
+    if "transfer" not in value:
+        return value
+    update = dict(value)
+    try:
+        update["transfer"] = parse_transfer(update["transfer"], f"{where}.transfer")
+    except ProtocolError as exc:
+        del update["transfer"]
+        dropped.append(exc.message)
+    return update
+
+
+def _reported_models(value: dict[str, Any] | None, doc_type: str,
+                     dropped: list[str] | None = None) -> dict[str, dict[str, Any]] | None:
     """``{"<name>": {"active", "previous", "serving_version", "update", "labels"}}`` or None."""
     if value is None:
         return None
@@ -211,9 +270,8 @@ def _reported_models(value: dict[str, Any] | None, doc_type: str) -> dict[str, d
         where = f"{doc_type}.models.{_model_name(name, f'{doc_type}.models')}"
         if not isinstance(entry, dict):
             raise ProtocolError(f"{where} must be an object")
-        update = _object(entry, "update", where, required=False)
-        if update is not None:
-            _text(update, "state", f"{where}.update", limit=32)
+        update = _update(_object(entry, "update", where, required=False), f"{where}.update",
+                         dropped if dropped is not None else [])
         labels = _object(entry, "labels", where, required=False)
         if labels is not None:
             labels = {str(k)[:64]: _count(labels, k, f"{where}.labels") for k in list(labels)[:16]}
@@ -272,15 +330,18 @@ class ReportedMessage:
     runtime: str | None = None
     models: dict[str, dict[str, Any]] | None = None
     """Every model the device serves (a multi-model agent; None: an agent of one model)."""
+    dropped: tuple[str, ...] = ()
+    """Why parts of the message were dropped while the rest was accepted (a malformed ``transfer``);
+    not sent."""
     KIND = REPORTED
     TYPE = "reported"
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> ReportedMessage:
         t = cls.TYPE
-        update = _object(doc, "update", t, required=False)
-        if update is not None:
-            _text(update, "state", "reported.update", limit=32)
+        dropped: list[str] = []
+        update = _update(_object(doc, "update", t, required=False), "reported.update", dropped)
+        models = _reported_models(_object(doc, "models", t, required=False), t, dropped)
         return cls(
             device=_text(doc, "device", t, limit=64) or "",
             ts=_number(doc, "ts", t) or 0.0,
@@ -289,7 +350,8 @@ class ReportedMessage:
             update=update,
             agent_version=_text(doc, "agent_version", t, required=False, limit=64),
             runtime=_text(doc, "runtime", t, required=False, limit=64),
-            models=_reported_models(_object(doc, "models", t, required=False), t),
+            models=models,
+            dropped=tuple(dropped),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -159,12 +159,17 @@ class SimDevice:
             del self.models[name]
             self.report()
 
-    def commit(self, state: DesiredState) -> None:
+    def commit(self, state: DesiredState, transfer: dict[str, Any] | None = None) -> None:
+        """Report ``state``'s bundle COMMITTED; ``transfer``: how it travelled, on the update (with
+        the update id and deployment an agent reports beside it)."""
         bundle = {"name": state.bundle, "version": state.version}
         previous = self.active
         self.active = bundle
+        update: dict[str, Any] = {"state": "COMMITTED", "bundle": bundle}
+        if transfer is not None:
+            update.update(id=f"{self.device}-{state.sequence}", deployment=state.deployment, transfer=transfer)
         self.event("update_committed", bundle=bundle, state="COMMITTED", deployment=state.deployment)
-        self.report(update={"state": "COMMITTED", "bundle": bundle}, previous=previous)
+        self.report(update=update, previous=previous)
 
     def report(self, update: dict[str, Any] | None = None, previous: dict[str, str] | None = None,
                device: str | None = None) -> None:

@@ -257,3 +257,32 @@ def test_a_device_of_many_models_lists_each_and_the_fleet_filters_by_any_of_them
         assert "gw-1" not in re.findall(r'data-device="([^"]+)"', by_old) and by_old.count("data-device=") == 3
     finally:
         server.stop()
+
+
+def test_the_rollout_page_shows_what_its_updates_moved(fleet: Any) -> None:
+    """Before any device reports a transfer the page says nothing of bytes; after, one line: bytes
+    sent per kind and bytes saved against full bundles."""
+    import time
+
+    from edgeship.ota.protocol import ReportedMessage
+    from edgeship.toolkit.store import IngestItem
+
+    server, store, rollout_id, _ = fleet
+    client = Client(server.port)
+    client.login(VIEWER_TOKEN)
+    _, _, before = client.request("GET", f"/rollouts/{rollout_id}?part=live")
+    assert 'data-testid="rollout-bytes"' not in before
+    assigned = sorted(store.load_rollout(rollout_id)[0].devices)[:2]
+    now = time.time()
+    for device, transfer in zip(assigned, [{"kind": "delta", "bytes": 2_000, "full_bytes": 100_000,
+                                            "base_version": "1.0.0"},
+                                           {"kind": "compressed", "bytes": 80_000, "full_bytes": 100_000}]):
+        update = {"id": f"{device}-1", "state": "COMMITTED", "bundle": {"name": "digits", "version": "1.1.0"},
+                  "deployment": rollout_id, "transfer": transfer}
+        store.ingest([IngestItem("plant", device, ReportedMessage(device, now, {"name": "digits", "version": "1.1.0"},
+                                                                  update=update), now)])
+    _, _, after = client.request("GET", f"/rollouts/{rollout_id}?part=live")
+    line = re.search(r'data-testid="rollout-bytes">([^<]*)<', after)
+    assert line, after[:2000]
+    assert line.group(1) == ("bytes: 82.0 kB sent (delta 1 device 2.0 kB, compressed 1 device 80.0 kB); "
+                             "saved 118.0 kB (59% of 200.0 kB as full bundles)")

@@ -112,14 +112,18 @@ def test_rollout_reaches_devices_as_signed_desired_states_and_blocks_are_served(
         verified = updater.fetch_verified_bundle(trust_dir=trust, desired=state, fetcher=fetcher,
                                                  work_dir=tmp_path / "work", now=dt.datetime.now(dt.timezone.utc))
         assert verified.manifest.version == "1.1.0" and verified.sha256 == target.sha256
-        # a device without a base takes the compressed bundle ``publish`` made beside it (docs/deltas.md)
-        assert verified.transfer is not None and verified.transfer["kind"] == "compressed"
-        assert fetcher.blocks_received >= verified.transfer["bytes"] // 4096
+        # `edgeship publish` put the zstd copy beside the bundle: that is what travelled (no base given)
+        assert verified.transfer is not None and verified.transfer["kind"] == "compressed", verified.transfer
+        assert verified.transfer["bytes"] < target.length == verified.transfer["full_bytes"]
+        assert fetcher.blocks_received >= -(-verified.transfer["bytes"] // 4096)
         assert any(e.outcome == "blocks" and e.device == "dev-0" for e in controller.block_server.log)
-        dev0.commit(state)
+        dev0.commit(state, verified.transfer)
         wait_for(lambda: store.load_rollout(rollout_id)[0].state.value == "COMPLETED", timeout=30,
                  what="the rollout completes")
         assert first and all(store.get_device(s.device).active_version == "1.1.0" for s in sims)
+        recorded = wait_for(lambda: store.last_transfers(["dev-0"]).get("dev-0"), what="dev-0's transfer stored")
+        assert recorded["digits"]["kind"] == "compressed"
+        assert recorded["digits"]["bytes"] == verified.transfer["bytes"]
         assert all(not s.refused for s in sims)
         record = wait_for(lambda: store.desired_for("dev-1"), what="dev-1's desired state recorded")
         assert record.rollout_id == rollout_id and record.envelope["signatures"]

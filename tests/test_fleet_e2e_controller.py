@@ -78,6 +78,15 @@ def test_controller_rollout_reaches_a_device_that_was_offline_and_aborts_a_bad_v
         final = wait_for(lambda: _finished(store, rollout_id), 90, "the rollout to finish once c-3 is back")
         assert final.state.value == "COMPLETED", final.reason
         assert {d.id: d.active_version for d in store.list_devices(FLEET)} == {n: GOOD for n in names}
+        # the real agents' transfer records reached the store through the controller: every one took
+        # the full bundle (this release publishes no companion), every byte of it counted
+        from edgeship.ota.release import ReleaseRepository
+
+        length = ReleaseRepository(fleet_release.repo).target_info("digits", GOOD).length
+        moved_bytes = wait_for(lambda: (t := store.rollout_transfers(rollout_id, "digits", GOOD, names))["devices"] == 3
+                               and t, 30, "three transfer records")
+        assert moved_bytes["by_kind"]["full"]["devices"] == 3 and moved_bytes["full_bytes"] == 3 * length
+        assert moved_bytes["bytes"] >= 3 * length and moved_bytes["fallbacks"] == 0, moved_bytes
 
         # a version whose golden vectors do not match: the first stage's device fails, the rollout aborts
         bad_id = _rollout(db_url, BAD, "--stages", "20,100", "--max-failures", "0")

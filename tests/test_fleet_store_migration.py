@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import fleet_store_v1_schema as v1
+import fleet_store_v2_schema as v2
 import pytest
 import sqlalchemy as sa
 from fleet_fixtures import postgres_server  # noqa: F401  (fixture)
@@ -86,6 +87,53 @@ def test_a_store_of_the_previous_release_is_migrated_in_place(old_store_url: str
     with FleetStore(old_store_url) as again:
         assert again.migrations == []  # nothing left to do
         assert again.desired_set("d1")["digits"].version == "1.1.0"
+
+
+def _tables(url: str) -> set[str]:
+    engine = sa.create_engine(_driver_url(url))
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def _fill_v2(url: str) -> None:
+    """What the previous release (many models, no record of bytes) left: a device, a rollout of one
+    model to it, and the schema recorded as 2."""
+    engine = sa.create_engine(_driver_url(url))
+    v2.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(v2.store_meta).values(key="schema", value="2"))
+        conn.execute(sa.insert(v2.devices).values(
+            id="d1", fleet="f", online=True, first_seen=1.0, last_seen=2.0, active_name="digits",
+            active_version="1.0.0", agent_version="0.2.0", models_reported=True))
+        conn.execute(sa.insert(v2.device_models).values(device_id="d1", model="digits", active_version="1.0.0",
+                                                        serving_version=1, reported_at=2.0))
+    engine.dispose()
+
+
+def test_a_store_of_schema_2_gains_the_record_of_bytes_in_place(old_store_url: str) -> None:
+    """The transfers table is added, nothing else changes, and the migrated store records what the
+    next report says travelled; a second open has nothing to do."""
+    _fill_v2(old_store_url)
+    assert "transfers" not in _tables(old_store_url)
+    with FleetStore(old_store_url) as store:
+        assert store.migrations == [f"schema 2 -> {SCHEMA_VERSION}"]
+        assert store.device_models_of(["d1"])["d1"]["digits"]["serving_version"] == 1
+        assert store.last_transfers(["d1"]) == {}
+        update = {"id": "u-7", "state": "COMMITTED", "bundle": {"name": "digits", "version": "1.1.0"},
+                  "deployment": "r-1", "transfer": {"kind": "delta", "bytes": 4000, "full_bytes": 90000,
+                                                    "base_version": "1.0.0"}}
+        store.ingest([IngestItem("f", "d1", ReportedMessage(
+            "d1", 30.0, active={"name": "digits", "version": "1.1.0"}, update=update, agent_version="0.3.0",
+            models={"digits": {"active": {"name": "digits", "version": "1.1.0"}, "update": update}}), 30.0)])
+        last = store.last_transfers(["d1"])["d1"]["digits"]
+        assert (last["kind"], last["bytes"], last["full_bytes"], last["base_version"], last["version"]) == \
+            ("delta", 4000, 90000, "1.0.0", "1.1.0")
+        assert store.transfer_totals() == {("f", "delta"): (1, 4000)}
+    assert "transfers" in _tables(old_store_url)
+    with FleetStore(old_store_url) as again:
+        assert again.migrations == []
 
 
 def test_a_new_store_is_created_at_the_current_schema(tmp_path: Path) -> None:

@@ -61,10 +61,12 @@ def controller_page() -> str:
                  "stage": 1, "devices": {"SUCCEEDED": 1, "PENDING": 2}}]
     stats = {"received.telemetry": 10, "rejected.other": 1, "ingested": 10, "batches": 2, "ingest_dropped": 0,
              "queue_depth": 0, "ingest_lag_s": 0.1, "ingest_lag_max_s": 0.3, "desired_published": 4,
-             "action_errors": 0, "blocks_sent": 3, "block_bytes_sent": 3000, "tick_s": 0.01, "ticks": 9,
+             "action_errors": 0, "blocks_sent": 3, "block_bytes_sent.delta": 1000, "block_bytes_sent.full": 2000,
+             "block_bytes_sent.metadata": 40, "transfer_dropped": 1, "tick_s": 0.01, "ticks": 9,
              "timestamp_expires_in_s": 80000, "connected": 1}
     return render_metrics(summary, rollouts, stats, 60, counters=counters.snapshot(),
-                          rollout_states={("plant", "RUNNING"): 1, ("plant", "ABORTED"): 2})
+                          rollout_states={("plant", "RUNNING"): 1, ("plant", "ABORTED"): 2},
+                          transfers={("plant", "delta"): (95, 4_750_000), ("plant", "compressed"): (5, 7_500_000)})
 
 
 def queries_of(dashboard: dict[str, Any]) -> list[str]:
@@ -81,6 +83,24 @@ def test_controller_metrics_pass_promtool_check_metrics() -> None:
     result = promtool("check", "metrics", stdin=controller_page())
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == ""
+
+
+@pytest.mark.promtool
+def test_transfer_and_block_byte_counters_pass_promtool_and_list_every_kind() -> None:
+    """The record of bytes: what devices report per transfer kind (zeros included, so rate() has a
+    series before the first delta), and what the block server sent per stream kind."""
+    page = controller_page()
+    result = promtool("check", "metrics", stdin=page)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = set(page.splitlines())
+    assert {'edgeship_fleet_transfers_total{fleet="plant",kind="delta"} 95',
+            'edgeship_fleet_transfers_total{fleet="plant",kind="full"} 0',
+            'edgeship_fleet_transfer_bytes_total{fleet="plant",kind="compressed"} 7500000',
+            'edgeship_controller_block_bytes_sent_total{kind="delta"} 1000',
+            'edgeship_controller_block_bytes_sent_total{kind="compressed"} 0',
+            'edgeship_controller_block_bytes_sent_total{kind="metadata"} 40',
+            "edgeship_controller_transfer_records_dropped_total 1"} <= lines, page
+    assert "# TYPE edgeship_fleet_transfer_bytes_total counter" in lines
 
 
 @pytest.mark.promtool

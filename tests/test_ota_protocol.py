@@ -289,3 +289,64 @@ def test_bad_model_fields_are_refused_with_one_line(kind: str, payload: bytes, n
     with pytest.raises(BadInputError) as info:
         parse_message(kind, payload)
     assert needle in info.value.message and "\n" not in info.value.message
+
+
+# -- the update's transfer record ------------------------------------------------------------------
+
+DELTA = {"kind": "delta", "bytes": 51234, "full_bytes": 1_800_000, "base_version": "1.0.0"}
+
+
+@pytest.mark.parametrize("transfer,kept", [
+    (DELTA, DELTA),
+    ({"kind": "compressed", "bytes": 900_000, "full_bytes": 1_800_000,
+      "fallback": "delta refused: base sha256 differs"},
+     {"kind": "compressed", "bytes": 900_000, "full_bytes": 1_800_000, "fallback": "delta refused: base sha256 differs"}),
+    ({"kind": "full", "bytes": 0, "full_bytes": 0}, {"kind": "full", "bytes": 0, "full_bytes": 0}),
+    ({"kind": "full", "bytes": 2**53 - 1, "full_bytes": 2**53 - 1},
+     {"kind": "full", "bytes": 2**53 - 1, "full_bytes": 2**53 - 1}),
+    ({**DELTA, "retries": 3, "fallback": ""}, DELTA),  # unknown fields and an empty fallback are not kept
+])
+def test_a_good_transfer_record_is_kept_top_level_and_per_model(transfer: dict[str, Any],
+                                                                kept: dict[str, Any]) -> None:
+    update = {"state": "COMMITTED", "bundle": {"name": "digits", "version": "1.1.0"}, "transfer": transfer}
+    message = parse_message(REPORTED, _doc("reported", device="d", ts=1, update=update,
+                                           models={"digits": {"update": update}}))
+    assert isinstance(message, ReportedMessage)
+    assert message.update is not None and message.update["transfer"] == kept
+    assert message.models is not None and message.models["digits"]["update"]["transfer"] == kept
+    assert message.dropped == ()
+    assert parse_message(REPORTED, encode_message(message)) == message
+
+
+@pytest.mark.parametrize("transfer,needle", [
+    ("delta", "transfer must be an object"),
+    ({"bytes": 1, "full_bytes": 2}, "lacks required field 'kind'"),
+    ({"kind": "bsdiff", "bytes": 1, "full_bytes": 2}, "must be one of ['delta', 'compressed', 'full']"),
+    ({"kind": "full", "full_bytes": 2}, "lacks required field 'bytes'"),
+    ({"kind": "full", "bytes": 1}, "lacks required field 'full_bytes'"),
+    ({"kind": "full", "bytes": -1, "full_bytes": 2}, "'bytes' must be within [0, 9007199254740991]"),
+    ({"kind": "full", "bytes": 2**53, "full_bytes": 2}, "'bytes' must be within"),
+    ({"kind": "full", "bytes": 1.5, "full_bytes": 2}, "'bytes' must be an integer"),
+    ({"kind": "full", "bytes": True, "full_bytes": 2}, "got a boolean"),
+    ({"kind": "full", "bytes": "12", "full_bytes": 2}, "'bytes' must be an integer, got str"),
+    ({"kind": "delta", "bytes": 1, "full_bytes": 2}, "a delta transfer names its base_version"),
+    ({"kind": "compressed", "bytes": 1, "full_bytes": 2, "base_version": "1.0.0"},
+     "a compressed transfer has no base_version"),
+    ({**DELTA, "base_version": "v" * 65}, "'base_version' must be 1-64 characters"),
+    ({**DELTA, "fallback": "x" * 201}, "'fallback' must be 1-200 characters"),
+    ({**DELTA, "fallback": "two\nlines"}, "must be one line"),
+    ({**DELTA, "fallback": 7}, "'fallback' must be a string"),
+])
+def test_a_malformed_transfer_record_is_dropped_and_the_report_kept(transfer: Any, needle: str) -> None:
+    """The update's state still reaches the controller; only the record of bytes is lost, with a
+    one-line reason the controller logs."""
+    update = {"state": "COMMITTED", "bundle": {"name": "digits", "version": "1.1.0"}, "transfer": transfer}
+    message = parse_message(REPORTED, _doc("reported", device="d", ts=1, update=update,
+                                           models={"digits": {"update": update}}))
+    assert isinstance(message, ReportedMessage)
+    assert message.update == {"state": "COMMITTED", "bundle": {"name": "digits", "version": "1.1.0"}}
+    assert message.models is not None and "transfer" not in message.models["digits"]["update"]
+    assert len(message.dropped) == 2
+    assert all(needle in reason and "\n" not in reason for reason in message.dropped), message.dropped
+    assert message.dropped[0].startswith("reported.update.transfer")
+    assert message.dropped[1].startswith("reported.models.digits.update.transfer")

@@ -20,7 +20,7 @@ publishes, so the MQTT network thread never blocks on disk or on the broker.
 
 from __future__ import annotations
 
-__all__ = ["TokenBucket", "BlockServer", "ServedRequest", "resolve_stream"]
+__all__ = ["STREAM_KINDS", "TokenBucket", "BlockServer", "ServedRequest", "resolve_stream", "stream_kind"]
 
 import collections
 import hashlib
@@ -118,6 +118,25 @@ def resolve_stream(root: Path, stream: str) -> Path | None:
     return path if path.is_file() else None
 
 
+STREAM_KINDS = ("delta", "compressed", "full", "metadata")
+"""What a served stream is, for the count of bytes that left the controller per kind."""
+
+
+def stream_kind(stream: str) -> str:
+    """``metadata`` (TUF metadata), ``delta`` (``targets/NAME/deltas/VERSION/BASE.delta``),
+    ``compressed`` (``targets/...bundle.zst``) or ``full`` (any other target: a bundle). Pure:
+    the release repository's layout (docs/deltas.md) names what a file is."""
+    area, _, rest = stream.partition("/")
+    if area == "metadata":
+        return "metadata"
+    parts = rest.split("/")
+    if len(parts) >= 4 and parts[-3] == "deltas" and parts[-1].endswith(".delta"):
+        return "delta"
+    if rest.endswith(".zst"):
+        return "compressed"
+    return "full"
+
+
 @dataclass(frozen=True)
 class ServedRequest:
     """One request as the server handled it (kept for diagnostics and tests)."""
@@ -192,6 +211,8 @@ class BlockServer:
         """The last ``history`` requests handled (diagnostics, tests)."""
         self.blocks_sent = 0
         self.bytes_sent = 0
+        self.bytes_by_kind: dict[str, int] = dict.fromkeys(STREAM_KINDS, 0)
+        """Block bytes served per :func:`stream_kind` (only this worker thread writes it)."""
         self.dropped_requests = 0
         self.max_unacked_bytes = max_unacked_bytes
         self._unacked: collections.deque[tuple[PendingPublish, int]] = collections.deque()
@@ -285,6 +306,7 @@ class BlockServer:
             if bucket is None:
                 bucket = self._buckets[(fleet, device)] = TokenBucket(self.rate, self.burst, updated=now)
             served: list[int] = []
+            kind = stream_kind(request.stream)
             for index in indexes:
                 length = min(block_size, size - index * block_size)
                 if not bucket.take(max(length, 1), self.clock()):
@@ -307,6 +329,7 @@ class BlockServer:
                 served.append(index)
                 self.blocks_sent += 1
                 self.bytes_sent += len(data)
+                self.bytes_by_kind[kind] += len(data)
             return record(tuple(served), "blocks")
 
     def _throttle(self) -> None:

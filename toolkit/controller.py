@@ -54,9 +54,7 @@ from typing import Any, Callable
 
 from edgeship.ota.director import load_director_private_key
 from edgeship.ota.errors import BadInputError, EdgeshipError
-from edgeship.ota.protocol import (
-    TelemetryMessage,
-)
+from edgeship.ota.protocol import ReportedMessage, TelemetryMessage
 from edgeship.ota.release import ReleaseRepository, TargetInfo
 from edgeship.ota.topics import (
     EVENTS,
@@ -270,6 +268,10 @@ class Controller:
             self.stats.add(f"rejected.{kind}")
             self._rejects.warning(kind, exc.message)
             return
+        if isinstance(item.message, ReportedMessage) and item.message.dropped:
+            self.stats.add("transfer_dropped", len(item.message.dropped))
+            self._rejects.warning("transfer", f"{item.fleet}/{item.device} reported: kept the report, dropped "
+                                              f"{'; '.join(item.message.dropped)[:400]}")
         try:
             # Telemetry is a stream of windows: when the writer is behind, shed it rather than
             # stall the network thread (which also carries status, reported and events).
@@ -462,7 +464,8 @@ class Controller:
             stats = self.snapshot_stats()
             text = render_metrics(summary, rollouts, stats, self.config.metrics_window_s,
                                   counters=self.fleet_counters.snapshot(),
-                                  rollout_states=self.store.rollout_state_counts())
+                                  rollout_states=self.store.rollout_state_counts(),
+                                  transfers=self.store.transfer_totals())
             self._metrics_cache = (time.monotonic(), text)
             return text
 
@@ -472,7 +475,8 @@ class Controller:
         self.stats.set("connected", 1 if self.connection.is_connected else 0)
         if self.block_server is not None:
             self.stats.set("blocks_sent", self.block_server.blocks_sent)
-            self.stats.set("block_bytes_sent", self.block_server.bytes_sent)
+            for kind, count in list(self.block_server.bytes_by_kind.items()):
+                self.stats.set(f"block_bytes_sent.{kind}", count)
         return self.stats.snapshot()
 
     def _start_metrics(self, host: str, port: int) -> None:

@@ -15,8 +15,10 @@ from typing import Any, Callable
 
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.prometheus import CONTENT_TYPE, Exposition, latency_seconds
+from edgeship.ota.protocol import TRANSFER_KINDS
 from edgeship.ota.telemetry import LatencyHistogram
 from edgeship.ota.topics import EVENTS, REPORTED, STATUS, TELEMETRY
+from edgeship.toolkit.blockserver import STREAM_KINDS
 from edgeship.toolkit.rollouts import RolloutState
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,8 @@ def _version_labels(fleet: str, bundle: str, version: str) -> dict[str, Any]:
 def render_metrics(summary: Mapping[str, Mapping[str, Any]], rollouts: Sequence[Mapping[str, Any]],
                    stats: Mapping[str, float], window_s: float,
                    counters: Mapping[tuple[str, str, str], Mapping[str, Any]] | None = None,
-                   rollout_states: Mapping[tuple[str, str], int] | None = None) -> str:
+                   rollout_states: Mapping[tuple[str, str], int] | None = None,
+                   transfers: Mapping[tuple[str, str], tuple[int, int]] | None = None) -> str:
     """The Prometheus text exposition (format 0.0.4) of the fleet and the controller. Pure.
 
     Names follow Prometheus' conventions, checked by ``promtool check metrics`` in the tests: base
@@ -84,6 +87,8 @@ def render_metrics(summary: Mapping[str, Mapping[str, Any]], rollouts: Sequence[
         stats: the controller's own counters (:meth:`ControllerStats.snapshot`).
         counters: :meth:`FleetCounters.snapshot`: cumulative requests, errors and latency.
         rollout_states: rollouts per (fleet, state), all of them (:meth:`FleetStore.rollout_state_counts`).
+        transfers: (updates, bytes) per (fleet, transfer kind), every update the store holds
+            (:meth:`FleetStore.transfer_totals`).
     """
     page = Exposition()
     family = page.family
@@ -130,6 +135,18 @@ def render_metrics(summary: Mapping[str, Mapping[str, Any]], rollouts: Sequence[
     page.histogram("edgeship_fleet_latency_seconds",
                    "Inference latency reported by devices since this controller started (merged fixed buckets).",
                    [(_version_labels(*key), latency_seconds(entry["latency"])) for key, entry in cumulative])
+    # What devices say came over the wire, per transfer kind. Store totals (its rows are written once,
+    # never changed), so they only grow and every replica reports the same figure: aggregate replicas
+    # with max, not sum. Every kind of every fleet is listed, zeros included, so rate() starts at once.
+    moved = dict(transfers or {})
+    transfer_keys = [(fleet, kind) for fleet in sorted(set(fleets) | {f for f, _ in moved}) for kind in TRANSFER_KINDS]
+    transfer_keys += sorted(key for key in moved if key not in transfer_keys)
+    family("edgeship_fleet_transfers_total", "counter",
+           "Updates whose bundle devices reported fetching, per transfer kind (delta, compressed, full).",
+           [({"fleet": f, "kind": k}, moved.get((f, k), (0, 0))[0]) for f, k in transfer_keys])
+    family("edgeship_fleet_transfer_bytes_total", "counter",
+           "Bytes devices reported receiving for their updates (every try), per transfer kind.",
+           [({"fleet": f, "kind": k}, moved.get((f, k), (0, 0))[1]) for f, k in transfer_keys])
     # Every state of every fleet, zeros included: an alert on a change (the first ABORTED) needs the
     # series to exist before it changes.
     states = dict(rollout_states or {})
@@ -155,6 +172,9 @@ def render_metrics(summary: Mapping[str, Mapping[str, Any]], rollouts: Sequence[
     for name, kind, help_text, prefix in per_kind:
         family(name, kind, help_text, [({"kind": k}, stats.get(f"{prefix}.{k}", 0))
                                        for k in INGESTED_KINDS + ("other",)])
+    family("edgeship_controller_block_bytes_sent_total", "counter",
+           "Block bytes this controller's block server served, per stream kind (delta, compressed, full bundle, "
+           "TUF metadata).", [({"kind": k}, stats.get(f"block_bytes_sent.{k}", 0)) for k in STREAM_KINDS])
     singles = [
         ("edgeship_controller_ingested_total", "counter", "Messages written to the store.", "ingested"),
         ("edgeship_controller_ingest_batches_total", "counter", "Store transactions of the ingest writer.",
@@ -171,8 +191,8 @@ def render_metrics(summary: Mapping[str, Mapping[str, Any]], rollouts: Sequence[
          "Outbox actions that could not be carried out (not published bundle, signing or publish failure).",
          "action_errors"),
         ("edgeship_controller_blocks_sent_total", "counter", "Blocks served to devices.", "blocks_sent"),
-        ("edgeship_controller_block_bytes_sent_total", "counter", "Block bytes served to devices.",
-         "block_bytes_sent"),
+        ("edgeship_controller_transfer_records_dropped_total", "counter",
+         "Malformed transfer records dropped from reports that were otherwise accepted.", "transfer_dropped"),
         ("edgeship_controller_tick_seconds", "gauge", "Duration of the last reconcile tick.", "tick_s"),
         ("edgeship_controller_ticks_total", "counter", "Reconcile ticks run.", "ticks"),
         ("edgeship_controller_timestamp_expires_in_seconds", "gauge",

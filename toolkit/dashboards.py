@@ -130,6 +130,19 @@ def fleet_dashboard() -> dict[str, Any]:
         _panel(19, "stat", "Desired states published",
                [_target(f"sum(rate(edgeship_controller_desired_published_total{rate}))", "published")],
                (20, 40, 4, 4), unit="ops"),
+        _panel(20, "timeseries", "Update bytes per second, by transfer kind",
+               [_target(f"max by (kind) (rate(edgeship_fleet_transfer_bytes_total{{{f}}}{rate}))", "reported {{kind}}"),
+                _target(f"sum by (kind) (rate(edgeship_controller_block_bytes_sent_total{rate}))", "sent {{kind}}")],
+               (0, 48, 12, 8), unit="Bps",
+               description="Reported: what devices say arrived for their updates (delta, compressed, full; store "
+                           "totals, the same on every replica, hence max). Sent: what the controllers' block "
+                           "servers sent per stream kind (per replica, hence sum)."),
+        _panel(21, "stat", "Updates by delta, share",
+               [_target(f'sum(increase(edgeship_fleet_transfers_total{{{f},kind="delta"}}[1d])) / '
+                        f"sum(increase(edgeship_fleet_transfers_total{{{f}}}[1d]))", "delta share")],
+               (12, 48, 6, 4), unit="percentunit",
+               description="Of the updates devices reported in the last day, the share that travelled as a delta "
+                           "(low: devices lack a base, or no delta is published)."),
     ]
     variables = [_query_variable("fleet", "Fleet", "label_values(edgeship_devices, fleet)"),
                  _query_variable("bundle", "Bundle", 'label_values(edgeship_fleet_requests_total{fleet=~"$fleet"}, bundle)')]

@@ -56,6 +56,8 @@ from edgeship.toolkit.store_schema import (
     latency_json,
     model_rows,
     telemetry,
+    transfer_rows,
+    transfers,
     update_fields,
 )
 from edgeship.toolkit.store_work import (
@@ -221,6 +223,7 @@ class FleetStore(FleetReads, IntentRecords):
         telemetry_rows: list[dict[str, Any]] = []
         device_telemetry: dict[str, dict[str, Any]] = {}
         reported_models: dict[str, list[dict[str, Any]]] = {}
+        transfer_records: list[dict[str, Any]] = []
         seen: dict[str, float] = {}
         for item in items:
             message, device, at = item.message, item.device, item.received_at
@@ -241,6 +244,18 @@ class FleetStore(FleetReads, IntentRecords):
                     **update_fields(message.update)})
                 if message.models is not None:
                     reported_models[device] = model_rows(device, message.models, at)
+                    # a multi-model agent's top-level update repeats one model's: read each model's own
+                    for model_name, entry in message.models.items():
+                        model_update = entry.get("update")
+                        transfer_records += transfer_rows(
+                            item.fleet, device, model_update, model_name,
+                            update_fields(model_update)["update_version"] or (entry.get("active") or {}).get("version"),
+                            at)
+                else:
+                    fields = update_fields(message.update)
+                    transfer_records += transfer_rows(item.fleet, device, message.update,
+                                                      fields["update_name"] or active[0],
+                                                      fields["update_version"] or active[1], at)
                 seen[device] = at
             elif isinstance(message, EventMessage):
                 name, version = bundle_ref(message.bundle)
@@ -297,6 +312,8 @@ class FleetStore(FleetReads, IntentRecords):
                 rows = [row for device_rows in reported_models.values() for row in device_rows]
                 if rows:
                     conn.execute(sa.insert(device_models), rows)
+            if transfer_records:  # a retained report repeats its transfer: the first one is kept
+                conn.execute(self._insert_ignore(transfers, "device_id", "model", "update_key"), transfer_records)
             if event_rows:
                 conn.execute(self._insert_ignore(events, "device_id", "seq", "ts"), event_rows)
             if telemetry_rows:

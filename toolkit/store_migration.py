@@ -11,6 +11,9 @@ Schema versions:
        ``device_models`` (what a multi-model agent reports per model),
        ``devices.models_reported``, ``telemetry.serving_version``. The migration copies each
        device's latest desired state into ``desired_models``.
+    3: the record of bytes: ``transfers`` (how each update's bundle travelled: delta, compressed
+       or full, and its bytes). A new table only: reports from before carry no transfer, so
+       there is nothing to fill.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from edgeship.toolkit.store_schema import desired_models, desired_states, metadata, store_meta
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
     "devices": ("models_reported",),

@@ -23,6 +23,7 @@ from edgeship.toolkit.store_schema import (
     latency_from_json,
     rollouts,
     telemetry,
+    transfers,
 )
 
 
@@ -199,3 +200,47 @@ class FleetReads:
                                     correct or 0, total or 0)
                     for device_id, name, version, requests, errors, latency, correct, total
                     in self._telemetry_rows(conn, ids, since)]
+
+    # -- the record of bytes ------------------------------------------------------------------
+
+    def transfer_totals(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(fleet, kind) -> (updates, bytes) over every transfer the store holds (the metrics'
+        counters: rows are written once and never changed, so these only grow)."""
+        query = (sa.select(transfers.c.fleet, transfers.c.kind, sa.func.count(), sa.func.sum(transfers.c.bytes))
+                 .group_by(transfers.c.fleet, transfers.c.kind))
+        with self.engine.connect() as conn:
+            return {(fleet, kind): (int(count), int(total or 0)) for fleet, kind, count, total in conn.execute(query)}
+
+    def last_transfers(self, ids: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+        """device -> model -> its last transfer (kind, bytes, full_bytes, base_version, fallback,
+        version, reported_at)."""
+        found: dict[str, dict[str, dict[str, Any]]] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                query = (sa.select(transfers).where(transfers.c.device_id.in_(list(ids[start:start + 500])))
+                         .order_by(transfers.c.reported_at))
+                for r in conn.execute(query).mappings():
+                    found.setdefault(r["device_id"], {})[r["model"]] = _transfer_doc(r)
+        return found
+
+    def rollout_transfers(self, rollout_id: str, name: str, version: str, device_ids: Sequence[str]) -> dict[str, Any]:
+        """What a rollout's updates moved: :func:`~edgeship.toolkit.transfers.summarize` over the
+        transfers of its devices to its model and version (the rollout's own, or ones that do not
+        name a deployment)."""
+        from edgeship.toolkit.transfers import summarize
+
+        rows: list[dict[str, Any]] = []
+        with self.engine.connect() as conn:
+            for start in range(0, len(device_ids), 500):
+                query = sa.select(transfers).where(
+                    transfers.c.device_id.in_(list(device_ids[start:start + 500])), transfers.c.model == name,
+                    transfers.c.version == version,
+                    sa.or_(transfers.c.deployment.is_(None), transfers.c.deployment == rollout_id))
+                rows += [dict(r) for r in conn.execute(query).mappings()]
+        return summarize(rows)
+
+
+def _transfer_doc(row: Any) -> dict[str, Any]:
+    return {"kind": row["kind"], "bytes": int(row["bytes"]), "full_bytes": int(row["full_bytes"]),
+            "base_version": row["base_version"], "fallback": row["fallback"], "version": row["version"],
+            "reported_at": row["reported_at"]}

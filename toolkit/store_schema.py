@@ -24,6 +24,8 @@ __all__ = [
     "rollouts",
     "store_meta",
     "telemetry",
+    "transfer_rows",
+    "transfers",
 ]
 
 import json
@@ -166,6 +168,26 @@ device_models = sa.Table(
     sa.Column("reported_at", sa.Float, nullable=False),
 )
 
+transfers = sa.Table(
+    # How each update's bundle travelled (the reported update's ``transfer``): one row per device,
+    # model and update, written once (a retained report repeats it). Rows are never updated, so
+    # sums over the table only grow (the metrics' counters read them).
+    "transfers", metadata,
+    sa.Column("device_id", _ID, primary_key=True),
+    sa.Column("model", _NAME, primary_key=True),
+    sa.Column("update_key", sa.String(64), primary_key=True),  # the agent's update id, else the version
+    sa.Column("fleet", _ID, nullable=False),
+    sa.Column("version", _VERSION, nullable=False),
+    sa.Column("deployment", sa.String(128)),  # the rollout's id when a rollout sent it
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("full_bytes", sa.BigInteger, nullable=False),
+    sa.Column("base_version", _VERSION),
+    sa.Column("fallback", sa.String(256)),
+    sa.Column("reported_at", sa.Float, nullable=False),
+    sa.Index("ix_transfers_model_version", "model", "version"),
+)
+
 store_meta = sa.Table(
     "store_meta", metadata,
     sa.Column("key", sa.String(64), primary_key=True),
@@ -294,3 +316,21 @@ def model_rows(device: str, models: Mapping[str, Mapping[str, Any]], at: float) 
                      "update_state": update["update_state"], "update_version": update["update_version"],
                      "update_detail": update["update_detail"], "labels": entry.get("labels"), "reported_at": at})
     return rows
+
+
+def transfer_rows(fleet: str, device: str, update: Mapping[str, Any] | None, model: str | None,
+                  version: str | None, at: float) -> list[dict[str, Any]]:
+    """The ``transfers`` row of a reported update that carries a (checked) ``transfer``: [] or
+    one row. ``model``/``version``: the model and version the update is about (from the update's
+    bundle, else what the report names)."""
+    transfer = (update or {}).get("transfer")
+    if not isinstance(transfer, Mapping) or not model or not version:
+        return []
+    update_id = (update or {}).get("id")
+    deployment = (update or {}).get("deployment")
+    return [{"device_id": device, "model": str(model)[:64], "update_key": str(update_id or version)[:64],
+             "fleet": fleet, "version": str(version)[:64],
+             "deployment": str(deployment)[:128] if deployment else None, "kind": transfer["kind"],
+             "bytes": int(transfer["bytes"]), "full_bytes": int(transfer["full_bytes"]),
+             "base_version": transfer.get("base_version"), "fallback": transfer.get("fallback"),
+             "reported_at": at}]

@@ -146,6 +146,7 @@ def device_rows(store: Any, fleet: str | None, selection: tuple[tuple[str, str],
     ids = [d.id for d in devices]
     reported = store.device_models_of([d.id for d in devices if d.models_reported])
     desired = store.desired_sets(ids)
+    transfers = store.last_transfers(ids)
     merged: dict[tuple[str, str | None, str | None], list[Any]] = {}
     for fleet_name in sorted({d.fleet for d in devices}):
         for window in store.telemetry_windows(fleet_name, selection, since=now - window_s):
@@ -162,6 +163,13 @@ def device_rows(store: Any, fleet: str | None, selection: tuple[tuple[str, str],
                 slot = [sum(s[0] for s in slots), sum(s[1] for s in slots),
                         LatencyHistogram.merged(s[2] for s in slots)]
         requests, errors, histogram = slot if slot is not None else (0, 0, LatencyHistogram())
+        models = model_listing(
+            active_name=info.active_name, active_version=info.active_version, update_state=info.update_state,
+            update_name=info.update_name, update_version=info.update_version,
+            models_reported=info.models_reported, reported=reported.get(info.id, {}),
+            desired=desired.get(info.id, {}))
+        for entry in models:  # how its last update travelled: kind, bytes, full_bytes, base_version, fallback
+            entry["transfer"] = transfers.get(info.id, {}).get(entry["name"])
         rows.append({
             "device": info.id, "fleet": info.fleet, "online": info.online,
             "bundle": info.active_name, "version": info.active_version,
@@ -170,11 +178,7 @@ def device_rows(store: Any, fleet: str | None, selection: tuple[tuple[str, str],
             "last_seen": info.last_seen, "requests": requests, "errors": errors,
             "p95_ms": histogram.quantile_ms(0.95), "error_rate": (errors / requests) if requests else None,
             "drift": info.last_drift, "tags": info.tags,
-            "models": model_listing(
-                active_name=info.active_name, active_version=info.active_version, update_state=info.update_state,
-                update_name=info.update_name, update_version=info.update_version,
-                models_reported=info.models_reported, reported=reported.get(info.id, {}),
-                desired=desired.get(info.id, {})),
+            "models": models,
         })
     return rows
 

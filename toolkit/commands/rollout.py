@@ -8,7 +8,7 @@ the store's outbox, which the controller signs and publishes. See docs/fleet.md.
 
 from __future__ import annotations
 
-__all__ = ["rollout", "rollout_summary"]
+__all__ = ["rollout", "rollout_summary", "rollout_transfers", "transfer_line"]
 
 import math
 import time
@@ -42,9 +42,10 @@ def check_interval(interval: float) -> float:
 
 
 def rollout_summary(rollout: Any, health: Any = None, with_devices: bool = False,
-                    serving_version: int | None = None) -> dict[str, Any]:
+                    serving_version: int | None = None, transfers: dict[str, Any] | None = None) -> dict[str, Any]:
     """A rollout as one JSON-ready document (what ``status --json`` prints). ``serving_version``:
-    the model's serving version of the rollout's version (signed at publish; None: not known yet)."""
+    the model's serving version of the rollout's version (signed at publish; None: not known yet).
+    ``transfers``: what its updates moved (:meth:`FleetStore.rollout_transfers`)."""
     from edgeship.toolkit.rollouts import stage_progress
 
     counts: dict[str, int] = {}
@@ -58,11 +59,37 @@ def rollout_summary(rollout: Any, health: Any = None, with_devices: bool = False
         # stages are numbered from 1 everywhere in this document, as in "stage 2 of 3"
         "stage_progress": [{**p.to_dict(), "stage": p.stage + 1} for p in stage_progress(rollout)],
         "health": health.to_dict() if health is not None else None,
+        "transfers": transfers,
     }
     if with_devices:
         doc["devices"] = [{**r.to_dict(), "stage": None if r.stage is None else r.stage + 1}
                           for _, r in sorted(rollout.devices.items())]
     return doc
+
+
+def rollout_transfers(store: Any, rollout: Any) -> dict[str, Any]:
+    """What the rollout's updates moved over the wire, from the devices' transfer records."""
+    return store.rollout_transfers(rollout.id, rollout.name, rollout.version, sorted(rollout.devices))
+
+
+def _bytes(count: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def transfer_line(transfers: dict[str, Any] | None) -> str | None:
+    """One line of what a rollout moved (None: no device reported a transfer yet)."""
+    if not transfers or not transfers["devices"]:
+        return None
+    kinds = ", ".join(f"{kind} {e['devices']} device{'s' if e['devices'] != 1 else ''} {_bytes(e['bytes'])}"
+                      for kind, e in transfers["by_kind"].items() if e["updates"])
+    full = transfers["full_bytes"]
+    saved = f"{transfers['bytes_saved'] / full:.0%} of {_bytes(full)}" if full else "-"
+    fallbacks = f"; {transfers['fallbacks']} fell back" if transfers["fallbacks"] else ""
+    return (f"bytes: {_bytes(transfers['bytes'])} sent ({kinds}); saved {_bytes(transfers['bytes_saved'])} "
+            f"({saved} as full bundles){fallbacks}")
 
 
 def _load_with_health(store: Any, rollout_id: str) -> tuple[Any, Any]:
@@ -112,6 +139,9 @@ def _render(doc: dict[str, Any]) -> Any:
         ratio_text = "-" if ratio is None else f"{ratio:.2f}x"
         parts.append(Text(f"health: {health['new_requests']} requests on {doc['version']}, error rate {rate_text}, "
                           f"p95 {p95_text} ({ratio_text} the previous versions')"))
+    line = transfer_line(doc.get("transfers"))
+    if line:
+        parts.append(Text(line))
     if doc.get("reason"):
         parts.append(Text(f"reason: {doc['reason']}"))
     return Group(*parts)
@@ -171,7 +201,8 @@ def start(name: str, version: str, fleet: str, select: tuple[str, ...], stages: 
             click.echo(created.id)
         return
     final = follow_rollout(store, created.id, interval, as_json=as_json, timeout_s=deadline_s)
-    doc = rollout_summary(*_load_with_health(store, final.id))
+    final_rollout, final_health = _load_with_health(store, final.id)
+    doc = rollout_summary(final_rollout, final_health, transfers=rollout_transfers(store, final_rollout))
     if as_json:
         emit_json(doc)
     finish_waiting(final, deadline_s)
@@ -226,7 +257,8 @@ def follow_rollout(store: Any, rollout_id: str, interval: float, *, as_json: boo
         current, health = _load_with_health(store, rollout_id)
         return current, rollout_summary(current, health,
                                         serving_version=store.serving_version_of(current.fleet, current.name,
-                                                                                 current.version))
+                                                                                 current.version),
+                                        transfers=rollout_transfers(store, current))
 
     current, doc = poll()
     if live_view:
@@ -273,14 +305,18 @@ def status(rollout_id: str, watch: bool, interval: float, with_devices: bool, db
         else:
             from rich.live import Live
 
-            with Live(_render(rollout_summary(current, health)), console=console(), refresh_per_second=4) as live:
+            def view() -> Any:
+                return _render(rollout_summary(current, health, transfers=rollout_transfers(store, current)))
+
+            with Live(view(), console=console(), refresh_per_second=4) as live:
                 while current.state not in FINISHED_STATES:
                     time.sleep(interval)
                     current, health = _load_with_health(store, rollout_id)
-                    live.update(_render(rollout_summary(current, health)))
+                    live.update(view())
             return
     doc = rollout_summary(current, health, with_devices,
-                          store.serving_version_of(current.fleet, current.name, current.version))
+                          store.serving_version_of(current.fleet, current.name, current.version),
+                          rollout_transfers(store, current))
     if as_json:
         emit_json(doc)
         return

@@ -213,11 +213,12 @@ class RolloutHealth:
 
 
 def rollout_page(store: Any, rollout_id: str, reader: RolloutReader, health: RolloutHealth) -> Page:
-    from edgeship.toolkit.commands.rollout import rollout_summary
+    from edgeship.toolkit.commands.rollout import rollout_summary, rollout_transfers, transfer_line
 
     rollout = reader.load(store, rollout_id)
     reading, age = health.reading(store, rollout)
-    doc = rollout_summary(rollout, reading)
+    doc = rollout_summary(rollout, reading, transfers=rollout_transfers(store, rollout))
+    doc["transfer_line"] = transfer_line(doc["transfers"])
     records = sorted(rollout.devices.items())
     devices = [{**r.to_dict(), "stage": None if r.stage is None else r.stage + 1} for _, r in records[:MAX_DEVICE_ROWS]]
     state = doc["state"]
