@@ -396,6 +396,8 @@ class EventMessage:
     detail: str | None = None
     model: str | None = None
     """The model name the event concerns (multi-model agents)."""
+    transfer: dict[str, Any] | None = None
+    """What travelled for the update (``update.verifying``); a malformed record is dropped, the event kept."""
     KIND = EVENTS
     TYPE = "event"
 
@@ -411,12 +413,24 @@ class EventMessage:
             state=_text(doc, "state", t, required=False, limit=32),
             detail=_text(doc, "detail", t, required=False, limit=4096),
             model=_text(doc, "model", t, required=False, limit=64),
+            transfer=_event_transfer(doc.get("transfer")),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return _drop_none({**_base(self.TYPE), "event": self.event, "ts": self.ts, "seq": self.seq,
                            "deployment": self.deployment, "bundle": self.bundle, "state": self.state,
-                           "detail": self.detail, "model": self.model})
+                           "detail": self.detail, "model": self.model, "transfer": self.transfer})
+
+
+def _event_transfer(value: Any) -> dict[str, Any] | None:
+    """An event's copy of the transfer record, or None when absent or malformed: the event itself
+    (its state, detail, sequence) matters more than its copy of a record the report also carries."""
+    if value is None:
+        return None
+    try:
+        return parse_transfer(value, "event.transfer")
+    except ProtocolError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -350,3 +350,19 @@ def test_a_malformed_transfer_record_is_dropped_and_the_report_kept(transfer: An
     assert all(needle in reason and "\n" not in reason for reason in message.dropped), message.dropped
     assert message.dropped[0].startswith("reported.update.transfer")
     assert message.dropped[1].startswith("reported.models.digits.update.transfer")
+
+
+@pytest.mark.parametrize("transfer,kept", [
+    (DELTA, DELTA),
+    ({"kind": "bsdiff", "bytes": 1, "full_bytes": 2}, None),
+    ({"kind": "delta", "bytes": 1, "full_bytes": 2}, None),
+    ("delta", None),
+])
+def test_the_verifying_event_keeps_a_good_transfer_copy_and_drops_a_bad_one(transfer: Any,
+                                                                           kept: dict[str, Any] | None) -> None:
+    message = parse_message(EVENTS, _doc("event", event="update.verifying", ts=1, seq=4, state="VERIFYING",
+                                         model="digits", transfer=transfer))
+    assert isinstance(message, EventMessage)
+    assert (message.event, message.seq, message.state) == ("update.verifying", 4, "VERIFYING")
+    assert message.transfer == kept
+    assert parse_message(EVENTS, encode_message(message)) == message
