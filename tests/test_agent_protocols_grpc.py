@@ -399,3 +399,10 @@ def test_the_wire_scan_gives_up_on_what_it_does_not_read() -> None:
     assert wire_fields(memoryview(b"\x0b\x0c")) is None  # a group
     assert wire_fields(memoryview(b"\x08\xff")) is None  # a truncated varint
     assert oip_raw_contents(b"\x3a\x80") is None
+    # a well-formed message of many tiny unknown fields (protobuf reads it in C): past the cap the
+    # scan gives up, and the message's own field serves the same bytes
+    from edgeship.agent.protos import edgeship_oip_pb2
+
+    many = _oip_request([b"a" * 8]).SerializeToString() + b"\xa0\x06\x01" * 100_000
+    assert oip_raw_contents(many) is None
+    assert list(edgeship_oip_pb2.ModelInferRequest.FromString(many).raw_input_contents) == [b"a" * 8]

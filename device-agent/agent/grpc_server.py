@@ -101,6 +101,9 @@ _OIP_FIELDS = {
 _OIP_RAW_CONTENTS = 7  # ModelInferRequest.raw_input_contents (repeated bytes)
 _TF_INPUTS = 2  # PredictRequest.inputs (map<string, TensorProto>: entries of key 1, value 2)
 _TF_TENSOR_CONTENT = 4  # TensorProto.tensor_content (bytes)
+_MAX_FIELDS = 256
+"""Fields one scan reads before it gives up: a request has a handful; a message of millions of
+tiny (unknown or unpacked) fields, which protobuf parses in C, must not cost seconds of Python."""
 
 
 def _varint(data: memoryview, at: int, end: int) -> tuple[int, int]:
@@ -119,12 +122,17 @@ def _varint(data: memoryview, at: int, end: int) -> tuple[int, int]:
 def wire_fields(data: memoryview, start: int = 0, end: int | None = None) -> list[tuple[int, int, int]] | None:
     """The fields of one protobuf message in ``data[start:end]``, in wire order, as (field
     number, start, end) of each length-delimited value (other wire types are skipped); None
-    where the bytes are not a message this scan reads (groups, a value past the end)."""
+    where the bytes are not a message this scan reads (groups, a value past the end, more than
+    ``_MAX_FIELDS`` fields)."""
     end = len(data) if end is None else end
     found: list[tuple[int, int, int]] = []
     at = start
+    count = 0
     try:
         while at < end:
+            count += 1
+            if count > _MAX_FIELDS:
+                return None
             key, at = _varint(data, at, end)
             number, wire = key >> 3, key & 7
             if wire == 0:
