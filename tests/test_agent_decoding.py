@@ -257,9 +257,9 @@ FAST_TABLE: list[tuple[str, bytes, ModelSignature, bool]] = [
     ("a long mantissa", _with(_FRAME_VALUES, (0, 2, 1, 0), "0.1000000000000000055511151231257827021181583404541015625"), FRAME, True),
     ("a subnormal", _with(_FRAME_VALUES, (0, 2, 1, 0), "4.9e-324"), FRAME, True),
     ("an underflow to zero", _with(_FRAME_VALUES, (0, 2, 1, 0), "1e-400"), FRAME, True),
-    ("2**24 exactly", _with(_FRAME_VALUES, (0, 3, 2, 1), "16777215"), FRAME, True),
+    ("2**24 - 1, the largest exact integer", _with(_FRAME_VALUES, (0, 3, 2, 1), "16777215"), FRAME, True),
     # everything else: the exact path answers (values or the 400)
-    ("an integer beyond 2**24", _with(_FRAME_VALUES, (0, 3, 2, 1), "16777217"), FRAME, False),
+    ("2**24 + 1, an integer beyond it", _with(_FRAME_VALUES, (0, 3, 2, 1), "16777217"), FRAME, False),
     ("a float beyond 2**24", _with(_FRAME_VALUES, (0, 3, 2, 1), "16777217.5"), FRAME, False),
     ("beyond float32's range", _with(_FRAME_VALUES, (0, 0, 0, 0), "1e39"), FRAME, False),
     ("a huge exponent", _with(_FRAME_VALUES, (0, 0, 0, 0), "1e400"), FRAME, False),

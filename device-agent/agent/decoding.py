@@ -397,8 +397,9 @@ _NUMBER_BYTES = b"0123456789.eE+- \t\r\n"
 """What a JSON number (and JSON whitespace) is made of: deleting these bytes from a body leaves
 its skeleton of brackets, commas, braces and keys."""
 _FAST_KEYS = {b"instancs": "instances", b"inputs": "inputs"}
-"""The body's one key as its skeleton shows it (``e`` is a number byte), and the key itself
-(which simdjson then looks up: a key of other bytes that skeletons alike is not found)."""
+"""The body's one key as its skeleton shows it (``e`` is a number byte), and the key itself,
+which simdjson then looks up: a key whose skeleton matches but whose bytes differ
+(``inst1ances``) is not found, and the exact path answers."""
 
 
 @functools.lru_cache(maxsize=32)
