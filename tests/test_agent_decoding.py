@@ -259,6 +259,8 @@ FAST_TABLE: list[tuple[str, bytes, ModelSignature, bool]] = [
     ("an underflow to zero", _with(_FRAME_VALUES, (0, 2, 1, 0), "1e-400"), FRAME, True),
     ("2**24 - 1, the largest exact integer", _with(_FRAME_VALUES, (0, 3, 2, 1), "16777215"), FRAME, True),
     # everything else: the exact path answers (values or the 400)
+    ("2**24 (an integer the exact path refuses)", _with(_FRAME_VALUES, (0, 3, 2, 1), "16777216"), FRAME, False),
+    ("2**24 written as a float", _with(_FRAME_VALUES, (0, 3, 2, 1), "16777216.0"), FRAME, False),
     ("2**24 + 1, an integer beyond it", _with(_FRAME_VALUES, (0, 3, 2, 1), "16777217"), FRAME, False),
     ("a float beyond 2**24", _with(_FRAME_VALUES, (0, 3, 2, 1), "16777217.5"), FRAME, False),
     ("beyond float32's range", _with(_FRAME_VALUES, (0, 0, 0, 0), "1e39"), FRAME, False),
