@@ -427,7 +427,7 @@ def decode_request_fast(raw: bytes, signature: ModelSignature, limits: DecodeLim
       strings, ``null``, ``true``, objects, ``NaN``/``Infinity``, a second key differ from it;
       a number simdjson refuses (``01``, ``1e400``, beyond 64 bits) is a parse error; both fall
       through to the exact path;
-    - the values: any magnitude beyond 2**24 (where an integer literal is refused as lossy for
+    - the values: any magnitude of 2**24 or more (where an integer literal is refused as lossy for
       float32, and float32's range ends) falls through too, so only values the exact path
       accepts as they are come out of the fast path;
     - the bounds: the batch and the tensor's bytes are within ``limits`` (else the exact path
