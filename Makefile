@@ -44,7 +44,8 @@ $(TFLITE_VENV)/.edgeship-installed: pyproject.toml
 	$(TFLITE_VENV)/bin/python -m pip install --quiet 'tflite-runtime==2.14.*' 'numpy<2'
 	$(TFLITE_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	$(TFLITE_VENV)/bin/python -m pip install --quiet 'cryptography>=42' 'bcrypt>=4' 'tuf>=5,<8' 'securesystemslib>=1.0' \
-		'paho-mqtt>=2.0,<3' 'click>=8.1' 'tomli>=2; python_version < "3.11"' psutil pytest pytest-timeout
+		'paho-mqtt>=2.0,<3' 'click>=8.1' 'tomli>=2; python_version < "3.11"' psutil pytest pytest-timeout \
+		'pysimdjson>=7.0'
 	@touch $@
 
 $(TFLITE_VENV)/models/reference.npz: $(STAMP) tests/agent_tflite_models.py

@@ -25,7 +25,8 @@ Reproduce: ``.venv/bin/python benchmarks/agent.py --write`` (about 2 minutes).
 
 ``--protocols`` measures the protocol front ends instead (``benchmarks/agent_protocols.py``:
 MobileNetV2 frames over every protocol beside bare LiteRT and a FastAPI wrapper, two models at
-once, idle RSS with gRPC; section ``agent-protocols``).
+once on a real ``edgeship-agent run`` with one of them updated under load, idle RSS with gRPC;
+section ``agent-protocols``).
 """
 
 from __future__ import annotations
@@ -563,7 +564,8 @@ def main() -> None:
     parser.add_argument(
         "--protocols",
         action="store_true",
-        help="measure only the protocols on camera frames, two models at once and RSS with gRPC "
+        help="measure only the protocols on camera frames, two models at once (one updated under load) "
+        "and RSS with gRPC "
         "(benchmarks/agent_protocols.py; section agent-protocols)",
     )
     args = parser.parse_args()

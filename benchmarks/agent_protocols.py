@@ -10,12 +10,14 @@
    would; and tritonclient's own http/grpc ``infer`` (what an application pays with the
    client library). Targets: binary paths p50 <= 1.3x bare; JSON <= 4x bare and faster
    than the FastAPI wrapper.
-2. Two models served at once (digits and MobileNetV2), each under a closed-loop client of
-   its own (its own process): each model's p99 alone vs together (target <= 2x).
+2. Two models served at once (digits and MobileNetV2) by a real ``edgeship-agent run``, each
+   under a closed-loop client of its own (its own process): each model's p99 alone vs together
+   (target <= 2x), then both under load while MobileNetV2 is updated to a new version through
+   ``edgeship-agent install`` (target: 0 failed requests on either model).
 3. Idle RSS of ``edgeship-agent run`` serving digits, with and without the gRPC front
    ends started (``[server] grpc_port``).
 
-The agent's serving stack runs in its own process (``serve``: ``Servables`` holding the
+For 1, the agent's serving stack runs in its own process (``serve``: ``Servables`` holding the
 models, ``ApiServer`` and ``GrpcServer``), as ``edgeship-agent run`` runs them; the clients
 run in this one, bare LiteRT in a clean process of its own. Clients send pre-encoded bodies, so the agent and the
 FastAPI wrapper get the same bytes and the client's JSON encoding is not counted.
@@ -43,6 +45,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve()
 TARGETS = {"binary_ratio": 1.3, "json_ratio": 4.0, "two_models_p99_ratio": 2.0}
+PACED_RATES = {"mobilenet": 30.0, "digits": 200.0}
+"""The paced loads: a camera at 30 frames/s and a classifier asked 200 times a second."""
 
 
 # -- the servers (their own processes) --------------------------------------------------------------
@@ -278,36 +282,45 @@ def percentile(values: list[float], q: float) -> float:
 
 # -- two models under load: a closed-loop client per model, each in its own process ---------------------
 
-def load_main(kind: str, port: int, model: str, seconds: float, frame_file: Path, names: str, out: Path) -> None:
+def load_main(kind: str, port: int, model: str, seconds: float, frame_file: Path, names: str, out: Path,
+              rate: float = 0.0) -> None:
+    """One client's requests for ``seconds``: back to back (``rate`` 0: closed loop, as fast as
+    the agent answers), or paced at ``rate`` requests/s, each latency then counted from the
+    moment its request was due (a late answer delays the next request, and that delay counts)."""
     frame = np.load(frame_file)
     client = RestClient(port)
     a, b = names.split(",")
     call = oip_binary_call(client, model, frame, (a, b)) if kind == "oip" else json_call(client, model, frame)
     for _ in range(5):
         call()
-    latencies, failed = [], 0
+    latencies, failed, errors = [], 0, []
     deadline = time.monotonic() + seconds
+    due = time.perf_counter()
     while time.monotonic() < deadline:
-        begin = time.perf_counter()
+        if rate:
+            due += 1.0 / rate
+            time.sleep(max(0.0, due - time.perf_counter()))
+        begin = min(due, time.perf_counter()) if rate else time.perf_counter()
         try:
             call()
-        except (RuntimeError, OSError):
+        except (RuntimeError, OSError) as exc:
             failed += 1
+            errors = [*errors, repr(exc)[:300]][:5]
             client = RestClient(port)
             call = oip_binary_call(client, model, frame, (a, b)) if kind == "oip" else json_call(client, model, frame)
             continue
         latencies.append((time.perf_counter() - begin) * 1e3)
-    out.write_text(json.dumps({"n": len(latencies), "failed": failed, "p50": percentile(latencies, 50),
-                               "p99": percentile(latencies, 99)}))
+    out.write_text(json.dumps({"n": len(latencies), "failed": failed, "errors": errors,
+                               "p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}))
 
 
 def run_loads(
     port: int, loads: list[tuple[str, str, np.ndarray, tuple[str, str]]], seconds: float,
-    during: Callable[[], None] | None = None,
+    during: Callable[[], None] | None = None, rates: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Each load's closed-loop client in its own process for ``seconds``; ``during`` runs in this
-    process meanwhile (an update of one model while both serve: the agent's multi-model update
-    drives it through the control socket; the loads then count failed requests)."""
+    """Each load's client in its own process for ``seconds`` (closed loop, or paced at
+    ``rates[model]`` requests/s); ``during`` runs in this process meanwhile (an update of one
+    model while both serve; the loads then count failed requests)."""
     folder = Path(tempfile.mkdtemp(prefix="bench-load-"))
     procs = []
     for kind, model, frame, names in loads:
@@ -316,7 +329,7 @@ def run_loads(
         procs.append((model, out, subprocess.Popen([
             sys.executable, str(HERE), "load", "--kind", kind, "--port", str(port), "--model", model,
             "--seconds", str(seconds), "--frame", str(folder / f"{model}.npy"), "--names", ",".join(names),
-            "--out", str(out)])))
+            "--out", str(out), "--rate", str((rates or {}).get(model, 0.0))])))
     if during is not None:
         during()
     found = {}
@@ -324,6 +337,110 @@ def run_loads(
         proc.wait(timeout=seconds + 120)
         found[model] = json.loads(out.read_text())
     return found
+
+
+# -- two models on a real agent, one of them updated under load -------------------------------------------
+
+def two_model_device(base: Path, mobilenet: Path, digits: Path, frame: np.ndarray, digit: np.ndarray) -> dict[str, Path]:
+    """A release repository with digits 1.0.0 and MobileNetV2 1.0.0 and 2.0.0 (golden vectors
+    from the models themselves), their offline packages and an agent config (``edgeship-agent
+    init``'s, probation window 1 s)."""
+    from edgeship.agent.config import render_config
+    from edgeship.agent.runtimes import open_model
+    from edgeship.ota.bundle_build import build_bundle
+    from edgeship.ota.golden import GoldenVectors
+    from edgeship.ota.release import ReleaseRepository
+
+    repo = ReleaseRepository(base / "repo")
+    repo.init(root_passphrase="benchmark-passphrase")
+    found: dict[str, Path] = {}
+    for name, model, x, versions in (("digits", digits, digit, ("1.0.0",)),
+                                     ("mobilenet", mobilenet, frame, ("1.0.0", "2.0.0"))):
+        with open_model(model, threads=1) as runner:
+            (y,) = runner.run([x])
+        golden = base / f"{name}.golden.npz"
+        GoldenVectors(("image",), (x.astype(np.float32),), ("probs",), (y.astype(np.float32),), atol=1e-3).save(golden)
+        for version in versions:
+            bundle = base / f"{name}-{version}.bundle"
+            build_bundle(model, name=name, version=version, out=bundle, golden=golden)
+            repo.publish(bundle)
+            found[f"{name}-{version}"] = base / f"{name}-{version}.package"
+            repo.export(name, version, found[f"{name}-{version}"], fleet="bench")
+    found["config"] = base / "agent.toml"
+    found["config"].write_text(render_config(
+        data=str(base / "data"), device_id="bench", fleet="bench", root=str(repo.root_metadata_path),
+        director_key=str(repo.director_public_key_path), bind="127.0.0.1:0",
+    ).replace("window_s = 60.0", "window_s = 1.0"))
+    return found
+
+
+def start_agent_process(config: Path) -> tuple[subprocess.Popen, int]:
+    """``edgeship-agent run`` (its own process, as on a device); its REST port."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeship.agent.cli", "run", "--config", str(config), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert proc.stdout is not None
+    doc = json.loads(proc.stdout.readline())  # printed once the API listens
+    return proc, int(doc["server"].rsplit(":", 1)[1])
+
+
+def agent_install(config: Path, package: Path) -> dict[str, Any]:
+    """``edgeship-agent install PACKAGE`` against the running agent (its control socket):
+    the update's final record and how long the command took."""
+    begin = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "edgeship.agent.cli", "install", str(package), "--config", str(config), "--json"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    took = time.monotonic() - begin
+    try:
+        update = json.loads(result.stdout)["update"]
+    except (ValueError, KeyError):
+        raise RuntimeError(f"install {package.name} failed: {result.returncode} {result.stderr[-500:]}") from None
+    return {"state": update["state"], "reason": update.get("reason"), "seconds": took}
+
+
+def two_models_on_an_agent(base: Path, mobilenet: Path, digits: Path, frame: np.ndarray, digit: np.ndarray,
+                           seconds: float) -> dict[str, Any]:
+    """Digits and MobileNetV2 served by one ``edgeship-agent run``, each under a closed-loop
+    client of its own: each alone, both together, then both together while MobileNetV2 is
+    updated from 1.0.0 to 2.0.0 (the real update: verify, install, self-test, activate,
+    probation; the loads count every failed request)."""
+    device = two_model_device(base / "device", mobilenet, digits, frame, digit)
+    proc, port = start_agent_process(device["config"])
+    try:
+        for key in ("digits-1.0.0", "mobilenet-1.0.0"):
+            installed = agent_install(device["config"], device[key])
+            if installed["state"] != "COMMITTED":
+                raise RuntimeError(f"{key}: {installed}")
+        mobile_load = ("oip", "mobilenet", frame, tensor_names(port, "mobilenet"))
+        digits_load = ("json", "digits", digit, tensor_names(port, "digits"))
+        found: dict[str, Any] = {}
+        for pacing, rates in (("closed", None), ("paced", PACED_RATES)):
+            found[pacing] = {
+                "alone": {**run_loads(port, [mobile_load], seconds, rates=rates),
+                          **run_loads(port, [digits_load], seconds, rates=rates)},
+                "together": run_loads(port, [mobile_load, digits_load], seconds, rates=rates),
+            }
+        update: dict[str, Any] = {}
+        update_window = 2 * seconds + 10
+
+        def during() -> None:  # the loads warm up first, then the update runs inside their window
+            time.sleep(2.0)
+            update.update(agent_install(device["config"], device["mobilenet-2.0.0"]))
+            update["inside"] = update["seconds"] + 2.0 < update_window
+
+        found["closed"]["updating"] = run_loads(port, [mobile_load, digits_load], update_window, during=during)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/v1/models/mobilenet")
+        served = json.loads(conn.getresponse().read())
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {**found, "update": update, "after": served["model_version_status"][0]["version"]}
 
 
 # -- the whole benchmark ------------------------------------------------------------------------------
@@ -404,7 +521,6 @@ def run(write: bool, rounds: int, seconds: float) -> None:
         fastapi, fastapi_ports = start("fastapi", str(mobilenet))
         try:
             names = tensor_names(ports["http"], "mobilenet")
-            digit_names = tensor_names(ports["http"], "digits")
             rest = RestClient(ports["http"])
             np.save(base / "frame.npy", frame)
             bare = BareProcess(mobilenet, base / "frame.npy")
@@ -435,18 +551,15 @@ def run(write: bool, rounds: int, seconds: float) -> None:
                 "TF Serving REST JSON": json_call(RestClient(ports["http"]), "probe", frame),
             }, rounds, {"OIP binary over HTTP": 20, "OIP gRPC": 20, "TF Serving REST JSON": 8})
             bare.close()
-            fastapi.terminate()
-            fastapi.wait(timeout=20)
-            # two models under load, each alone, then together
-            mobile_load = ("oip", "mobilenet", frame, names)
-            digits_load = ("json", "digits", digit, digit_names)
-            alone = {**run_loads(ports["http"], [mobile_load], seconds), **run_loads(ports["http"], [digits_load], seconds)}
-            together = run_loads(ports["http"], [mobile_load, digits_load], seconds)
         finally:
             for proc in (agent, fastapi):
                 if proc.poll() is None:
                     proc.terminate()
                     proc.wait(timeout=20)
+        print("two models on edgeship-agent run, one updated under load ...", file=sys.stderr)
+        two = two_models_on_an_agent(base, mobilenet, digits, frame, digit, seconds)
+        closed, paced, update = two["closed"], two["paced"], two["update"]
+        alone, together, updating = closed["alone"], closed["together"], closed["updating"]
         print("idle RSS with and without gRPC ...", file=sys.stderr)
         rss = idle_rss_with_grpc()
     load_after = os.getloadavg()[0]
@@ -459,7 +572,14 @@ def run(write: bool, rounds: int, seconds: float) -> None:
               f"({len(latencies[name])} requests)")
     for model in ("mobilenet", "digits"):
         print(f"{model}: p99 alone {alone[model]['p99']:.2f} ms ({alone[model]['n']} requests), together "
-              f"{together[model]['p99']:.2f} ms ({together[model]['n']}), failed {together[model]['failed']}")
+              f"{together[model]['p99']:.2f} ms ({together[model]['n']}), failed {together[model]['failed']}; "
+              f"while MobileNetV2 is updated: p99 {updating[model]['p99']:.2f} ms ({updating[model]['n']}), "
+              f"failed {updating[model]['failed']}")
+    for model in ("mobilenet", "digits"):
+        print(f"{model} paced at {PACED_RATES[model]:.0f}/s: p99 alone {paced['alone'][model]['p99']:.2f} ms, together "
+              f"{paced['together'][model]['p99']:.2f} ms, failed {paced['together'][model]['failed']}")
+    print(f"update of mobilenet 1.0.0 -> 2.0.0 under load: {update['state']} in {update['seconds']:.1f} s "
+          f"(inside the load window: {update['inside']}); serving version after: {two['after']}")
     for name, values in probe.items():
         print(f"protocol cost per frame, model left out: {name} p50 {percentile(values, 50):.2f} ms")
     print(f"idle RSS: REST only {rss['rest']:.1f} MB, with the gRPC front ends {rss['grpc']:.1f} MB")
@@ -498,16 +618,38 @@ def run(write: bool, rounds: int, seconds: float) -> None:
     ]
     lines += [
         "",
-        f"Two models served at once, each under a closed-loop client of its own (its own process, "
-        f"{seconds:.0f} s per phase): MobileNetV2 over OIP binary, digits over TF Serving REST JSON.",
+        f"Two models served at once by one `edgeship-agent run` (installed from offline packages through "
+        f"its control socket), each under a closed-loop client of its own (its own process): "
+        f"MobileNetV2 over OIP binary, digits over TF Serving REST JSON; alone and together {seconds:.0f} s "
+        f"per phase, then together for {2 * seconds + 10:.0f} s while `edgeship-agent install` updates "
+        f"MobileNetV2 from 1.0.0 to 2.0.0 (verify, install, self-test, activate, 1 s probation): "
+        f"{update['state']} in {update['seconds']:.1f} s, inside the load window: "
+        f"{'yes' if update['inside'] else '**no**'}.",
         "",
-        "| model | p99 alone | p99 together | ratio | failed together | target |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model, load | p99 alone | p99 together | ratio | failed together | target | p99 during the update "
+        "| failed during the update | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model in ("mobilenet", "digits"):
         r = together[model]["p99"] / alone[model]["p99"]
-        lines.append(f"| {model} | {alone[model]['p99']:.2f} ms | {together[model]['p99']:.2f} ms | {r:.2f}x | "
-                     f"{together[model]['failed']} | {verdict(r <= TARGETS['two_models_p99_ratio'])} (<= 2x) |")
+        lines.append(f"| {model}, closed loop ({alone[model]['n'] / seconds:.0f}/s alone) | {alone[model]['p99']:.2f} ms | "
+                     f"{together[model]['p99']:.2f} ms | {r:.2f}x | "
+                     f"{together[model]['failed']} | {verdict(r <= TARGETS['two_models_p99_ratio'])} (<= 2x) | "
+                     f"{updating[model]['p99']:.2f} ms ({updating[model]['n']} requests) | "
+                     f"{updating[model]['failed']} | "
+                     f"{verdict(updating[model]['failed'] == 0 and together[model]['failed'] == 0)} (0 failed) |")
+    for model in ("mobilenet", "digits"):
+        a, t = paced["alone"][model], paced["together"][model]
+        r = t["p99"] / a["p99"]
+        lines.append(f"| {model}, paced at {PACED_RATES[model]:.0f}/s | {a['p99']:.2f} ms | {t['p99']:.2f} ms | "
+                     f"{r:.2f}x | {t['failed']} | {verdict(r <= TARGETS['two_models_p99_ratio'])} (<= 2x) | | | |")
+    lines += [
+        "",
+        "Closed loop: each client sends its next request as soon as the answer arrives, so the two "
+        "clients and the agent's threads want more than this machine's two cores; paced: a camera at "
+        f"{PACED_RATES['mobilenet']:.0f} frames/s and a classifier at {PACED_RATES['digits']:.0f} requests/s, "
+        "each latency counted from when its request was due.",
+    ]
     lines += [
         "",
         f"Idle RSS of `edgeship-agent run` serving digits (median of 3 starts): REST only {rss['rest']:.1f} MB; "
@@ -537,6 +679,7 @@ def main() -> None:
     load.add_argument("--seconds", type=float, required=True)
     load.add_argument("--frame", type=Path, required=True)
     load.add_argument("--out", type=Path, required=True)
+    load.add_argument("--rate", type=float, default=0.0)
     bench = sub.add_parser("bench")
     bench.add_argument("--write", action="store_true")
     bench.add_argument("--rounds", type=int, default=5)
@@ -548,7 +691,7 @@ def main() -> None:
     elif args.command == "bare":
         bare_main(args.model, args.frame)
     elif args.command == "load":
-        load_main(args.kind, args.port, args.model, args.seconds, args.frame, args.names, args.out)
+        load_main(args.kind, args.port, args.model, args.seconds, args.frame, args.names, args.out, args.rate)
     else:
         run(getattr(args, "write", False), getattr(args, "rounds", 5), getattr(args, "seconds", 8.0))
 

@@ -215,3 +215,151 @@ def test_an_out_of_vocabulary_token_id_is_the_callers_400(token_api) -> None:  #
     status, _ = client.predict("tokens", [[1, 2, 3, 4, 5, 6]])
     assert status == 200
     client.close()
+
+
+# -- the fast path (simdjson) against the exact path, body by body ------------------------------------
+FRAME = ModelSignature(inputs=(TensorSpec("image", (-1, 4, 3, 2), "float32"),), outputs=FLOAT.outputs)
+QUANT_FRAME = ModelSignature(
+    inputs=(TensorSpec("image", (-1, 4, 3, 2), "int8", scale=0.5, zero_point=1),), outputs=FLOAT.outputs
+)
+_RNG = np.random.default_rng(7)
+_FRAME_VALUES = _RNG.random((1, 4, 3, 2)).astype(np.float32)
+
+
+def _frame_text(values: Any, key: str = "instances") -> bytes:
+    return json.dumps({key: values}).encode()
+
+
+def _with(values: np.ndarray, where: tuple[int, ...], token: str) -> bytes:
+    """The frame's JSON with one value's text replaced by ``token`` (a raw JSON token)."""
+    nested = values.tolist()
+    marker = 123456.25
+    target = nested
+    for i in where[:-1]:
+        target = target[i]
+    target[where[-1]] = marker
+    return _frame_text(nested).replace(b"123456.25", token.encode())
+
+
+# (name, body, signature, whether the fast path must take it)
+FAST_TABLE: list[tuple[str, bytes, ModelSignature, bool]] = [
+    ("a frame, row format", _frame_text(_FRAME_VALUES.tolist()), FRAME, True),
+    ("a frame, columnar", _frame_text(_FRAME_VALUES.tolist(), "inputs"), FRAME, True),
+    ("a batch of 3", _frame_text(np.repeat(_FRAME_VALUES, 3, axis=0).tolist()), FRAME, True),
+    ("compact separators", json.dumps({"instances": _FRAME_VALUES.tolist()}, separators=(",", ":")).encode(), FRAME, True),
+    ("whitespace everywhere", b' \r\n{ "instances" :\t' + json.dumps(_FRAME_VALUES.tolist(), indent=1).encode() + b"\n}\n", FRAME, True),
+    ("a quantized input takes floats", _frame_text(_FRAME_VALUES.tolist()), QUANT_FRAME, True),
+    ("integers only", _frame_text((_FRAME_VALUES * 255).astype(int).tolist()), FRAME, True),
+    ("pixels 0-255 with exponents", _with(_FRAME_VALUES * 255, (0, 1, 1, 1), "2.55E2"), FRAME, True),
+    ("-0 (an integer: +0.0)", _with(_FRAME_VALUES, (0, 0, 0, 0), "-0"), FRAME, True),
+    ("-0.0 keeps its sign", _with(_FRAME_VALUES, (0, 0, 0, 0), "-0.0"), FRAME, True),
+    ("-0e0", _with(_FRAME_VALUES, (0, 0, 0, 1), "-0e0"), FRAME, True),
+    ("a long mantissa", _with(_FRAME_VALUES, (0, 2, 1, 0), "0.1000000000000000055511151231257827021181583404541015625"), FRAME, True),
+    ("a subnormal", _with(_FRAME_VALUES, (0, 2, 1, 0), "4.9e-324"), FRAME, True),
+    ("an underflow to zero", _with(_FRAME_VALUES, (0, 2, 1, 0), "1e-400"), FRAME, True),
+    ("2**24 - 1, the largest exact integer", _with(_FRAME_VALUES, (0, 3, 2, 1), "16777215"), FRAME, True),
+    # everything else: the exact path answers (values or the 400)
+    ("2**24 (an integer the exact path refuses)", _with(_FRAME_VALUES, (0, 3, 2, 1), "16777216"), FRAME, False),
+    ("2**24 written as a float", _with(_FRAME_VALUES, (0, 3, 2, 1), "16777216.0"), FRAME, False),
+    ("2**24 + 1, an integer beyond it", _with(_FRAME_VALUES, (0, 3, 2, 1), "16777217"), FRAME, False),
+    ("a float beyond 2**24", _with(_FRAME_VALUES, (0, 3, 2, 1), "16777217.5"), FRAME, False),
+    ("beyond float32's range", _with(_FRAME_VALUES, (0, 0, 0, 0), "1e39"), FRAME, False),
+    ("a huge exponent", _with(_FRAME_VALUES, (0, 0, 0, 0), "1e400"), FRAME, False),
+    ("an integer beyond 64 bits", _with(_FRAME_VALUES, (0, 0, 0, 0), "123456789012345678901234567890"), FRAME, False),
+    ("2**64 - 1", _with(_FRAME_VALUES, (0, 0, 0, 0), "18446744073709551615"), FRAME, False),
+    ("NaN", _with(_FRAME_VALUES, (0, 1, 0, 0), "NaN"), FRAME, False),
+    ("Infinity", _with(_FRAME_VALUES, (0, 1, 0, 0), "-Infinity"), FRAME, False),
+    ("null", _with(_FRAME_VALUES, (0, 1, 0, 0), "null"), FRAME, False),
+    ("true", _with(_FRAME_VALUES, (0, 1, 0, 0), "true"), FRAME, False),
+    ("a string", _with(_FRAME_VALUES, (0, 1, 0, 0), '"0.5"'), FRAME, False),
+    ("a string of digits", _with(_FRAME_VALUES, (0, 1, 0, 0), '"5"'), FRAME, False),
+    ("a b64 object", _with(_FRAME_VALUES, (0, 1, 0, 0), '{"b64": "AAAA"}'), FRAME, False),
+    ("a nested object", _with(_FRAME_VALUES, (0, 1, 0, 0), '{"1": 2}'), FRAME, False),
+    ("a number where a row goes", _with(_FRAME_VALUES, (0, 1, 0), "0.5"), FRAME, False),
+    ("a row where a number goes", _with(_FRAME_VALUES, (0, 1, 0, 0), "[0.5, 0.5]"), FRAME, False),
+    ("ragged: a short row", _with(_FRAME_VALUES, (0, 1, 0), "[0.5]"), FRAME, False),
+    ("ragged: a long row", _with(_FRAME_VALUES, (0, 1, 0), "[0.5, 0.5, 0.5]"), FRAME, False),
+    ("ragged rows that add up", _frame_text([[[[0.5] * 3, [0.5]] + [[0.5, 0.5]] * 2] * 4]), FRAME, False),
+    ("a missing value", _with(_FRAME_VALUES, (0, 1, 0), "[0.5, ]"), FRAME, False),
+    ("a leading zero", _with(_FRAME_VALUES, (0, 1, 0, 0), "01"), FRAME, False),
+    ("a trailing dot", _with(_FRAME_VALUES, (0, 1, 0, 0), "1."), FRAME, False),
+    ("a plus sign", _with(_FRAME_VALUES, (0, 1, 0, 0), "+1"), FRAME, False),
+    ("two numbers in a slot", _with(_FRAME_VALUES, (0, 1, 0, 0), "1 2"), FRAME, False),
+    ("wrong inner shape", _frame_text(np.zeros((1, 4, 2, 3)).tolist()), FRAME, False),
+    ("too deep", _frame_text(np.zeros((1, 1, 4, 3, 2)).tolist()), FRAME, False),
+    ("a scalar instance", _frame_text([0.5]), FRAME, False),
+    ("empty batch", _frame_text([]), FRAME, False),
+    ("over max_batch", _frame_text(np.zeros((5, 4, 3, 2)).tolist()), FRAME, False),
+    ("a second key", json.dumps({"instances": _FRAME_VALUES.tolist(), "signature_name": "x"}).encode(), FRAME, False),
+    ("the key twice", b'{"instances": [], ' + _frame_text(_FRAME_VALUES.tolist())[1:], FRAME, False),
+    ("both keys", json.dumps({"instances": _FRAME_VALUES.tolist(), "inputs": _FRAME_VALUES.tolist()}).encode(), FRAME, False),
+    ("a key with a digit", _frame_text(_FRAME_VALUES.tolist(), "insta1nces"), FRAME, False),
+    ("a key with a space", _frame_text(_FRAME_VALUES.tolist(), "inst ances"), FRAME, False),
+    ("an escaped key", _frame_text(_FRAME_VALUES.tolist()).replace(b"instances", b"instance\\u0073"), FRAME, False),
+    ("named instances", _frame_text([{"image": _FRAME_VALUES[0].tolist()}]), FRAME, False),
+    ("trailing garbage", _frame_text(_FRAME_VALUES.tolist()) + b" x", FRAME, False),
+    ("a BOM", b"\xef\xbb\xbf" + _frame_text(_FRAME_VALUES.tolist()), FRAME, False),
+    ("not JSON", b"[" * 5000, FRAME, False),
+    ("an int32 input (exact integers)", _frame_text([[1, 2, 3]]), INT32, False),
+    ("an int64 input beyond 2**53", _frame_text([[2**53 + 1]]), INT64, False),
+    ("a bool input", _frame_text([[True, False]]), BOOL, False),
+    ("two inputs", _frame_text({"ids": [1, 2, 3], "x": [0.5, 1]}, "inputs"), TWO, False),
+    ("a dynamic inner dimension", _frame_text([[[0.5, 0.5]]]), ModelSignature(
+        inputs=(TensorSpec("x", (-1, -1, 2), "float32"),), outputs=FLOAT.outputs), False),
+]
+FAST_LIMITS = DecodeLimits(max_batch=4, max_tensor_bytes=1 << 20)
+
+
+def _exact(raw: bytes, signature: ModelSignature) -> Any:
+    """The exact path as the server runs it: loads_json (orjson, json where it refuses or
+    where a number could differ), then decode_request; a 400's message."""
+    from edgeship.agent.decoding import InexactParseError, loads_json
+
+    try:
+        body, exact = loads_json(raw)
+        try:
+            return decode_request(body, signature, FAST_LIMITS, exact_integers=exact)
+        except InexactParseError:
+            return decode_request(loads_json(raw, exact=True)[0], signature, FAST_LIMITS)
+    except PredictRequestError as exc:
+        return exc.message
+
+
+@pytest.mark.parametrize("raw, signature, taken", [row[1:] for row in FAST_TABLE], ids=[row[0] for row in FAST_TABLE])
+def test_the_fast_path_answers_exactly_what_the_exact_path_answers(raw: bytes, signature: ModelSignature, taken: bool) -> None:
+    from edgeship.agent import decoding
+
+    if decoding._simdjson is None:
+        pytest.skip("pysimdjson is not installed: the exact path serves alone")
+    fast = decoding.decode_request_fast(raw, signature, FAST_LIMITS)
+    exact = _exact(raw, signature)
+    assert (fast is not None) == taken, exact
+    if fast is None:
+        return
+    assert not isinstance(exact, str), exact  # the exact path accepts what the fast path takes
+    assert fast.row == exact.row
+    (mine,), (theirs,) = fast.inputs, exact.inputs
+    assert mine.dtype == theirs.dtype == np.float32 and mine.shape == theirs.shape
+    assert mine.view(np.uint32).tolist() == theirs.view(np.uint32).tolist()  # bit for bit (-0.0 too)
+
+
+def test_every_float_frame_of_random_values_takes_the_fast_path_with_equal_bits() -> None:
+    from edgeship.agent import decoding
+
+    if decoding._simdjson is None:
+        pytest.skip("pysimdjson is not installed: the exact path serves alone")
+    rng = np.random.default_rng(0)
+    for scale in (1.0, 255.0, 1e-30, 1e6):
+        values = (rng.standard_normal((2, 4, 3, 2)) * scale).astype(np.float64)
+        for text in (json.dumps({"instances": values.tolist()}), json.dumps({"instances": values.astype(np.float32).tolist()})):
+            fast = decoding.decode_request_fast(text.encode(), FRAME, FAST_LIMITS)
+            exact = _exact(text.encode(), FRAME)
+            assert fast is not None
+            assert fast.inputs[0].view(np.uint32).tolist() == exact.inputs[0].view(np.uint32).tolist()
+
+
+def test_without_simdjson_the_exact_path_serves_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeship.agent import decoding
+
+    monkeypatch.setattr(decoding, "_simdjson", None)
+    assert decoding.decode_request_fast(_frame_text(_FRAME_VALUES.tolist()), FRAME, FAST_LIMITS) is None

@@ -326,3 +326,83 @@ def test_message_fields_match_the_client_libraries_own() -> None:
             checked += 1
         pairs += [(nested, theirs.nested_types_by_name[nested.name]) for nested in ours.nested_types]
     assert checked > 80
+
+
+# -- large byte fields read in place: what protobuf itself reads, or None --------------------------------
+def _oip_request(contents: list[bytes], **fields: Any) -> Any:
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name="m", raw_input_contents=contents, **fields)
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+    return request
+
+
+def _predict_request(inputs: dict[str, bytes]) -> Any:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "m"
+    for name, content in inputs.items():
+        request.inputs[name].CopyFrom(_tensor_proto(np.frombuffer(content, dtype=np.uint8) if content else np.zeros(0, np.uint8), 4))
+        request.inputs[name].tensor_content = content
+    request.output_filter.append("y")
+    return request
+
+
+OIP_WIRE = [
+    ("one tensor", _oip_request([b"\x01" * 8]).SerializeToString()),
+    ("three tensors and an id", _oip_request([b"a" * 3, b"", b"c" * 300], id="r1").SerializeToString()),
+    ("none", _oip_request([]).SerializeToString()),
+    # a message followed by another is their merge: repeated fields append, in wire order
+    ("two messages back to back", _oip_request([b"a"]).SerializeToString() + _oip_request([b"b" * 200]).SerializeToString()),
+    ("an unknown varint, fixed64 and fixed32 field", _oip_request([b"z" * 5]).SerializeToString()
+     + b"\xa0\x06\x96\x01" + b"\xa9\x06" + b"\x00" * 8 + b"\xad\x06" + b"\x00" * 4),
+]
+
+
+@pytest.mark.parametrize("data", [row[1] for row in OIP_WIRE], ids=[row[0] for row in OIP_WIRE])
+def test_raw_input_contents_read_in_place_are_what_protobuf_reads(data: bytes) -> None:
+    from edgeship.agent.grpc_server import oip_raw_contents
+    from edgeship.agent.protos import edgeship_oip_pb2
+
+    found = oip_raw_contents(data)
+    expected = list(edgeship_oip_pb2.ModelInferRequest.FromString(data).raw_input_contents)
+    assert found is not None and [bytes(v) for v in found] == expected
+
+
+TF_WIRE = [
+    ("one input", _predict_request({"image": b"\x01\x02\x03"}).SerializeToString(), True),
+    ("two inputs", _predict_request({"a": b"\x01" * 40, "b": b"\x02" * 4}).SerializeToString(), True),
+    ("typed values only", _predict_request({"a": b""}).SerializeToString(), True),
+    ("a unicode input name", _predict_request({"bild-\u00e9": b"\x05" * 3}).SerializeToString(), True),
+    # the same key twice (two messages back to back): protobuf keeps the last; the scan gives up
+    ("a key twice", _predict_request({"a": b"\x01"}).SerializeToString() + _predict_request({"a": b"\x02\x02"}).SerializeToString(), False),
+    ("different keys back to back", _predict_request({"a": b"\x01"}).SerializeToString() + _predict_request({"b": b"\x02\x02"}).SerializeToString(), True),
+]
+
+
+@pytest.mark.parametrize("data, read", [row[1:] for row in TF_WIRE], ids=[row[0] for row in TF_WIRE])
+def test_tensor_content_read_in_place_is_what_protobuf_reads(data: bytes, read: bool) -> None:
+    from edgeship.agent.grpc_server import tf_tensor_contents
+    from edgeship.agent.protos import edgeship_tfserving_pb2
+
+    found = tf_tensor_contents(data)
+    message = edgeship_tfserving_pb2.PredictRequest.FromString(data)
+    assert (found is not None) == read
+    if found is not None:
+        expected = {name: tensor.tensor_content for name, tensor in message.inputs.items() if tensor.tensor_content}
+        assert {name: bytes(v) for name, v in found.items()} == expected
+
+
+def test_the_wire_scan_gives_up_on_what_it_does_not_read() -> None:
+    from edgeship.agent.grpc_server import oip_raw_contents, wire_fields
+
+    assert wire_fields(memoryview(b"\x0a\x05abc")) is None  # a value past the end
+    assert wire_fields(memoryview(b"\x0b\x0c")) is None  # a group
+    assert wire_fields(memoryview(b"\x08\xff")) is None  # a truncated varint
+    assert oip_raw_contents(b"\x3a\x80") is None
+    # a well-formed message of many tiny unknown fields (protobuf reads it in C): past the cap the
+    # scan gives up, and the message's own field serves the same bytes
+    from edgeship.agent.protos import edgeship_oip_pb2
+
+    many = _oip_request([b"a" * 8]).SerializeToString() + b"\xa0\x06\x01" * 100_000
+    assert oip_raw_contents(many) is None
+    assert list(edgeship_oip_pb2.ModelInferRequest.FromString(many).raw_input_contents) == [b"a" * 8]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -356,3 +357,49 @@ def test_a_multi_output_model_answers_under_its_signature_keys(tmp_path: Path, t
     finally:
         client.close()
         server.stop()
+
+
+def _hostile_frames(x: np.ndarray) -> list[tuple[str, bytes]]:
+    frame = json.dumps({"instances": x[:2].tolist()})
+    return [
+        ("/v1/models/digits:predict", frame.encode()),
+        ("/v1/models/digits:predict", json.dumps({"inputs": x[:1].tolist()}).encode()),
+        ("/v1/models/digits/versions/1.0.0:predict", frame.encode()),
+        ("/v1/models/digits:predict", frame.replace("]]", "], 0.5]", 1).encode()),  # ragged
+        ("/v1/models/digits:predict", frame.replace("[", "[NaN, ", 1).encode()),
+        ("/v1/models/digits:predict", frame.replace("]", ", 16777217]", 1).encode()),  # lossy integer
+        ("/v1/models/digits:predict", frame[:-1].encode()),  # cut short
+        ("/v1/models/unknown:predict", frame.encode()),  # 404
+        ("/v1/models/unknown:predict", frame[:-1].encode()),  # malformed first: 400, as before
+        ("/v1/models/digits/versions/9:predict", frame.encode()),
+        ("/v1/models/digits:predict", json.dumps({"instances": x[:5].tolist() * 300}).encode()),  # over max_batch
+    ]
+
+
+def test_a_frame_gets_the_same_answer_with_and_without_the_fast_path(
+    api, x: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from edgeship.agent import decoding
+
+    if decoding._simdjson is None:
+        pytest.skip("pysimdjson is not installed: the exact path serves alone")
+    server, serving = api
+    client = TFServingClient(server.host, server.port)
+    taken: list[bool] = []
+    fast = decoding.decode_request_fast
+
+    def counted(*args: object, **kwargs: object) -> object:
+        found = fast(*args, **kwargs)  # type: ignore[arg-type]
+        taken.append(found is not None)
+        return found
+
+    monkeypatch.setattr("edgeship.agent.server.decode_request_fast", counted)
+    answers = [client.request("POST", path, raw=body) for path, body in _hostile_frames(x)]
+    assert taken[:3] == [True, True, True] and not any(taken[3:])  # the frames took it, nothing else
+    with_fast = serving.current.stats.snapshot()
+    monkeypatch.setattr(decoding, "_simdjson", None)
+    assert [client.request("POST", path, raw=body) for path, body in _hostile_frames(x)] == answers
+    assert [status for status, _ in answers] == [200, 200, 200, 400, 400, 400, 400, 404, 400, 404, 400]
+    without = serving.current.stats.snapshot()
+    assert without["caller_errors"] == 2 * with_fast["caller_errors"] > 0 and without["model_errors"] == 0
+    client.close()

@@ -206,9 +206,11 @@ def rule_violations(graph: Mapping[str, list[Import]], files: Mapping[str, Path]
 
 
 OPTIONAL_EXTRAS = {
-    # module prefix -> the optional library it may import at module level, and why that is light
-    "edgeship.agent.decoding": ("orjson", "the JSON fast path, guarded: json when it is missing"),
-    "edgeship.agent.protos.": ("google", "edgeship[grpc]: generated messages, loaded only when gRPC starts"),
+    # module prefix -> the optional libraries it may import at module level, and why that is light
+    "edgeship.agent.decoding": (
+        ("orjson", "simdjson"), "the JSON fast paths, guarded: json when they are missing (about 1 MB each)"
+    ),
+    "edgeship.agent.protos.": (("google",), "edgeship[grpc]: generated messages, loaded only when gRPC starts"),
 }
 
 
@@ -219,7 +221,7 @@ def heavy_device_imports(graph: Mapping[str, list[Import]], files: Mapping[str, 
     for name, imports in graph.items():
         if part_of(name) not in DEVICE_PARTS:
             continue
-        optional = {lib for prefix, (lib, _) in OPTIONAL_EXTRAS.items() if name.startswith(prefix)}
+        optional = {lib for prefix, (libs, _) in OPTIONAL_EXTRAS.items() if name.startswith(prefix) for lib in libs}
         for imp in imports:
             top = imp.target.split(".")[0]
             if imp.lazy or top == "edgeship" or top in LIGHT_BASE or top in sys.stdlib_module_names:

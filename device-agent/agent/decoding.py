@@ -33,6 +33,7 @@ __all__ = [
     "build_inputs",
     "caller_dtype",
     "decode_request",
+    "decode_request_fast",
     "format_outputs",
     "loads_json",
     "signature_key",
@@ -40,6 +41,7 @@ __all__ = [
     "tensor_keys",
 ]
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -62,6 +64,13 @@ try:  # the fast parser where the device has it (edgeship[litert] / [onnx]); jso
     import orjson as _orjson
 except ImportError:  # pragma: no cover - a device without it
     _orjson = None
+
+
+_simdjson: Any
+try:  # the fast path for camera frames where the device has it (the same extras as orjson)
+    import simdjson as _simdjson
+except ImportError:  # pragma: no cover - a device without it: the exact path serves alone
+    _simdjson = None
 
 
 class InexactParseError(Exception):
@@ -380,3 +389,76 @@ def format_outputs(
         lists = [o.tolist() for o in outputs]
         return {"predictions": [dict(zip(names, values)) for values in zip(*lists)]}
     return {"outputs": {n: o.tolist() for n, o in zip(names, outputs)}}
+
+
+# -- the fast path for one float tensor (a camera frame) --------------------------------------------
+
+_NUMBER_BYTES = b"0123456789.eE+- \t\r\n"
+"""What a JSON number (and JSON whitespace) is made of: deleting these bytes from a body leaves
+its skeleton of brackets, commas, braces and keys."""
+_FAST_KEYS = {b"instancs": "instances", b"inputs": "inputs"}
+"""The body's one key as its skeleton shows it (``e`` is a number byte), and the key itself,
+which simdjson then looks up: a key whose skeleton matches but whose bytes differ
+(``inst1ances``) is not found, and the exact path answers."""
+
+
+@functools.lru_cache(maxsize=32)
+def _instance_skeleton(dims: tuple[int, ...]) -> bytes:
+    """The skeleton of one instance of shape ``dims`` (``[[,,],[,,]]`` for (2, 3))."""
+    if not dims:
+        return b""
+    inner = _instance_skeleton(dims[1:])
+    return b"[" + b",".join([inner] * dims[0]) + b"]"
+
+
+def decode_request_fast(raw: bytes, signature: ModelSignature, limits: DecodeLimits = DecodeLimits()) -> DecodedRequest | None:
+    """A body that is exactly ``{"instances": A}`` or ``{"inputs": A}``, ``A`` a rectangular
+    array of plain JSON numbers of the model's one float input's shape, decoded with simdjson
+    (about 4x faster than orjson, which builds a Python float per value); None for anything
+    else, which ``loads_json`` + ``decode_request`` then decode (with every answer and every
+    error they give today).
+
+    The fast path takes only what both paths read alike, and gives the same float32 values
+    (both parsers round each number correctly to a double, then to float32):
+
+    - the shape: simdjson flattens the array, so its structure is checked on the body's
+      skeleton, the bytes left once the number bytes are deleted (``_NUMBER_BYTES``): for a
+      rectangular array of shape (n, *dims) of numbers, one exact string. Ragged lists,
+      strings, ``null``, ``true``, objects, ``NaN``/``Infinity``, a second key differ from it;
+      a number simdjson refuses (``01``, ``1e400``, beyond 64 bits) is a parse error; both fall
+      through to the exact path;
+    - the values: any magnitude of 2**24 or more (where an integer literal is refused as lossy for
+      float32, and float32's range ends) falls through too, so only values the exact path
+      accepts as they are come out of the fast path;
+    - the bounds: the batch and the tensor's bytes are within ``limits`` (else the exact path
+      gives its 400).
+    """
+    if _simdjson is None or len(signature.inputs) != 1:
+        return None
+    spec = signature.inputs[0]
+    dims = tuple(spec.shape[1:])
+    if caller_dtype(spec) != np.float32 or len(spec.shape) < 2 or any(d <= 0 for d in dims):
+        return None
+    skeleton = raw.translate(None, _NUMBER_BYTES)
+    if not skeleton.startswith(b'{"') or not skeleton.endswith(b"]}"):
+        return None
+    key_end = skeleton.find(b'":[', 2)
+    name = _FAST_KEYS.get(skeleton[2:key_end]) if key_end > 0 else None
+    if name is None:
+        return None
+    instance = _instance_skeleton(dims)
+    head = key_end + 2  # the skeleton's array starts here
+    batch, left = divmod(len(skeleton) - head - 2, len(instance) + 1)  # "[" n instances, n-1 commas "]}"
+    count = batch * int(np.prod(dims))
+    if left or not 0 < batch <= limits.max_batch or count * 4 > limits.max_tensor_bytes:
+        return None
+    if skeleton[head:] != b"[" + b",".join([instance] * batch) + b"]}":
+        return None
+    try:
+        document = _simdjson.Parser().parse(raw)
+        values = np.frombuffer(document[name].as_buffer(of_type="d"), dtype=np.float64)
+    except (ValueError, TypeError, KeyError, RuntimeError):  # not what the skeleton promised: the exact path decides
+        return None
+    if values.size != count or not values.size or np.abs(values).max() > _FLOAT32_EXACT_INT:
+        return None
+    return DecodedRequest([values.astype(np.float32).reshape((batch, *dims))], name == "instances")

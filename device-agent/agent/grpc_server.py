@@ -18,7 +18,7 @@ never clash with a client library's copies.
 
 from __future__ import annotations
 
-__all__ = ["GRPC_SERVICES", "GrpcServer", "grpc_available"]
+__all__ = ["GRPC_SERVICES", "GrpcServer", "grpc_available", "oip_raw_contents", "tf_tensor_contents", "wire_fields"]
 
 import hmac
 from collections.abc import Callable, Sequence
@@ -87,6 +87,128 @@ _OIP_FIELDS = {
     "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
     "FP32": "fp32_contents", "FP64": "fp64_contents",
 }
+
+
+# -- the large byte fields, read in place --------------------------------------------------------------
+# A bytes field read through protobuf's Python API is copied into a new ``bytes`` object (0.2 ms
+# for a 600 kB camera frame, a third of what the protocol costs per call); the tensor is read
+# instead straight from the request's own bytes, located by a scan of the wire format. The
+# message is parsed by protobuf first (FromString), so the bytes are known to be well formed;
+# the scan follows the wire format's rules for what it reads (a repeated field's elements in
+# order, a singular field's last occurrence wins) and gives up (None: the message's own fields
+# are used, as before) on anything it does not expect.
+
+_OIP_RAW_CONTENTS = 7  # ModelInferRequest.raw_input_contents (repeated bytes)
+_TF_INPUTS = 2  # PredictRequest.inputs (map<string, TensorProto>: entries of key 1, value 2)
+_TF_TENSOR_CONTENT = 4  # TensorProto.tensor_content (bytes)
+_MAX_FIELDS = 256
+"""Fields one scan reads before it gives up: a request has a handful; a message of millions of
+tiny (unknown or unpacked) fields, which protobuf parses in C, must not cost seconds of Python."""
+
+
+def _varint(data: memoryview, at: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= end or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def wire_fields(data: memoryview, start: int = 0, end: int | None = None) -> list[tuple[int, int, int]] | None:
+    """The fields of one protobuf message in ``data[start:end]``, in wire order, as (field
+    number, start, end) of each length-delimited value (other wire types are skipped); None
+    where the bytes are not a message this scan reads (groups, a value past the end, more than
+    ``_MAX_FIELDS`` fields)."""
+    end = len(data) if end is None else end
+    found: list[tuple[int, int, int]] = []
+    at = start
+    count = 0
+    try:
+        while at < end:
+            count += 1
+            if count > _MAX_FIELDS:
+                return None
+            key, at = _varint(data, at, end)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                _, at = _varint(data, at, end)
+            elif wire == 1:
+                at += 8
+            elif wire == 5:
+                at += 4
+            elif wire == 2:
+                size, at = _varint(data, at, end)
+                found.append((number, at, at + size))
+                at += size
+            else:  # groups: not in these messages
+                return None
+            if at > end:
+                return None
+    except ValueError:
+        return None
+    return found
+
+
+def oip_raw_contents(data: bytes) -> list[memoryview] | None:
+    """A ModelInferRequest's ``raw_input_contents``, in order, as views of ``data``."""
+    view = memoryview(data)
+    fields = wire_fields(view)
+    if fields is None:
+        return None
+    return [view[a:b] for number, a, b in fields if number == _OIP_RAW_CONTENTS]
+
+
+def tf_tensor_contents(data: bytes) -> dict[str, memoryview] | None:
+    """A PredictRequest's inputs' ``tensor_content`` by input name, as views of ``data`` (an
+    input without one is absent). None where a map entry repeats a key or a field (protobuf
+    would merge or replace: the message's own fields decide then)."""
+    view = memoryview(data)
+    fields = wire_fields(view)
+    if fields is None:
+        return None
+    found: dict[str, memoryview] = {}
+    names: set[str] = set()
+    for number, a, b in fields:
+        if number != _TF_INPUTS:
+            continue
+        entry = wire_fields(view, a, b)
+        if entry is None:
+            return None
+        keys = [(x, y) for n, x, y in entry if n == 1]
+        values = [(x, y) for n, x, y in entry if n == 2]
+        if len(keys) != 1 or len(values) > 1:
+            return None
+        try:
+            name = bytes(view[keys[0][0] : keys[0][1]]).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if name in names:
+            return None
+        names.add(name)
+        if not values:
+            continue
+        tensor = wire_fields(view, *values[0])
+        if tensor is None:
+            return None
+        contents = [(x, y) for n, x, y in tensor if n == _TF_TENSOR_CONTENT]
+        if contents:
+            found[name] = view[contents[-1][0] : contents[-1][1]]  # a singular field: the last one counts
+    return found
+
+
+class _InPlace:
+    """A parsed request message and its large byte fields as views of the bytes received."""
+
+    __slots__ = ("contents", "message")
+
+    def __init__(self, message: Any, contents: Any) -> None:
+        self.message = message
+        self.contents = contents
 
 
 class _Refusal(Exception):
@@ -215,10 +337,13 @@ class _Frontends:
             inputs=[tensor(**t) for t in doc["inputs"]], outputs=[tensor(**t) for t in doc["outputs"]],
         )
 
-    def model_infer(self, request: Any) -> Any:
+    def model_infer(self, parsed: _InPlace) -> Any:
+        request = parsed.message
         model = resolve(self.servables, request.model_name, request.model_version or None)
         specs = model.runner.signature.inputs
-        raw = request.raw_input_contents
+        raw = parsed.contents
+        if raw is None or len(raw) != len(request.raw_input_contents):
+            raw = request.raw_input_contents
 
         def build() -> list[np.ndarray]:
             if len(request.inputs) != len(specs):
@@ -300,7 +425,7 @@ class _Frontends:
             spec.version.value = model.serving_version
         return spec
 
-    def _tf_tensor(self, proto: Any, spec: Any, label: str) -> np.ndarray:
+    def _tf_tensor(self, proto: Any, spec: Any, label: str, content: memoryview | None = None) -> np.ndarray:
         found = _TF_DTYPES.get(proto.dtype)
         want = caller_dtype(spec)
         if found is None or found[0] != want:
@@ -312,13 +437,17 @@ class _Frontends:
         if proto.tensor_shape.unknown_rank:
             raise PredictRequestError(f"{label}: a tensor of unknown rank cannot be served")
         shape = [d.size for d in proto.tensor_shape.dim]
-        if proto.tensor_content:
-            return tensor_from_bytes(proto.tensor_content, dtype, shape, spec, self.limits, label)
+        if content is None:  # not read in place: the message's own field
+            content = memoryview(proto.tensor_content)
+        if len(content):
+            return tensor_from_bytes(content, dtype, shape, spec, self.limits, label)
         return _typed_values(getattr(proto, field), dtype, shape, spec, self.limits, label, broadcast=True)
 
-    def predict(self, request: Any) -> Any:
+    def predict(self, parsed: _InPlace) -> Any:
+        request = parsed.message
         model = self._tf_model(request.model_spec)
         specs = model.runner.signature.inputs
+        contents = parsed.contents
 
         def build() -> list[np.ndarray]:
             names = list(request.inputs.keys())
@@ -327,7 +456,11 @@ class _Frontends:
             order = tensor_order(specs, names, tensor_keys(specs), "input")
             arrays: list[Any] = [None] * len(specs)
             for name, index in zip(names, order):
-                arrays[index] = self._tf_tensor(request.inputs[name], specs[index], f"input '{name}'")
+                proto = request.inputs[name]
+                content = None
+                if contents is not None:
+                    content = contents.get(name, memoryview(b""))
+                arrays[index] = self._tf_tensor(proto, specs[index], f"input '{name}'", content)
             if len({len(a) for a in arrays}) > 1:
                 raise PredictRequestError("inputs have different batch sizes: every input needs one row per instance")
             return arrays
@@ -399,10 +532,18 @@ class _Frontends:
         grpc = self.grpc
         oip, tfs = self.oip, self.tfs
 
-        def unary(fn: Callable[[Any], Any], request_type: Any, open_rpc: bool = False) -> Any:
+        def unary(
+            fn: Callable[[Any], Any], request_type: Any, open_rpc: bool = False,
+            in_place: Callable[[bytes], Any] | None = None,
+        ) -> Any:
+            deserializer = request_type.FromString
+            if in_place is not None:
+                def deserializer(data: bytes) -> _InPlace:
+                    return _InPlace(request_type.FromString(data), in_place(data))
+
             return grpc.unary_unary_rpc_method_handler(
                 self.guarded(fn, open_rpc),
-                request_deserializer=request_type.FromString,
+                request_deserializer=deserializer,
                 response_serializer=lambda message: message.SerializeToString(),
             )
 
@@ -413,10 +554,10 @@ class _Frontends:
                 "ModelReady": unary(self.model_ready, oip.ModelReadyRequest),
                 "ServerMetadata": unary(self.server_metadata, oip.ServerMetadataRequest),
                 "ModelMetadata": unary(self.model_metadata, oip.ModelMetadataRequest),
-                "ModelInfer": unary(self.model_infer, oip.ModelInferRequest),
+                "ModelInfer": unary(self.model_infer, oip.ModelInferRequest, in_place=oip_raw_contents),
             }),
             grpc.method_handlers_generic_handler("tensorflow.serving.PredictionService", {
-                "Predict": unary(self.predict, tfs.PredictRequest),
+                "Predict": unary(self.predict, tfs.PredictRequest, in_place=tf_tensor_contents),
                 "GetModelMetadata": unary(self.get_model_metadata, tfs.GetModelMetadataRequest),
             }),
             grpc.method_handlers_generic_handler("tensorflow.serving.ModelService", {

@@ -81,6 +81,7 @@ from .decoding import (
     build_inputs,
     caller_dtype,
     decode_request,
+    decode_request_fast,
     format_outputs,
     loads_json,
     signature_key,
@@ -669,6 +670,12 @@ class _Handler(BaseHTTPRequestHandler):
             if len(raw) >= _LARGE_BODY:
                 self.server.large_begin()
                 self._large_pending = True
+            if match.group("verb") == "predict":
+                fast = self._predict_fast(raw, match)
+                if fast is not None:
+                    served, outputs, row = fast
+                    self._json(200, format_outputs(outputs, served.runner.signature, row))
+                    return
             body, exact = loads_json(raw)
             model = self._model_for(match.group("name"), match.group("version"), match.group("label"))
             if match.group("verb") == "feedback":
@@ -704,6 +711,21 @@ class _Handler(BaseHTTPRequestHandler):
             raise
         except Exception as exc:  # noqa: BLE001 - the model failed: 500, counted by the serving layer
             self._error(500, f"prediction failed: {str(exc)[:300]}")
+
+    def _predict_fast(self, raw: bytes, match: re.Match[str]) -> tuple[LoadedModel, list[np.ndarray], bool] | None:
+        """A camera frame's body through ``decode_request_fast`` and the model; None where the
+        fast path does not take the body (or the model cannot be resolved): the exact path
+        then answers, errors included, in today's order (a malformed body's 400 before an
+        unknown model's 404)."""
+        try:
+            model = self._model_for(match.group("name"), match.group("version"), match.group("label"))
+        except (LookupError, NoModelError):
+            return None
+        decoded = decode_request_fast(raw, model.runner.signature, self.server.limits.decode)
+        if decoded is None:
+            return None
+        served, outputs = predict(self.server.servables, model, decoded.inputs)  # counts its own errors
+        return served, outputs, decoded.row
 
     def _feedback(self, model: LoadedModel, body: Any) -> dict[str, Any]:
         """``{"labels": [...], "predictions": [...]}``: true class and the class (or
