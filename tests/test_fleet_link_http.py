@@ -83,3 +83,62 @@ def test_repository_url_makes_the_link_fetch_over_http_through_tuf(tmp_path: Pat
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_over_http_a_device_with_a_base_fetches_the_delta_and_one_without_the_compressed_bundle(
+        tmp_path: Path) -> None:
+    """The delta path is transport-blind: the same plan over the HTTP fetcher (a real HTTP server on
+    loopback serving the release repository), with the bytes on the wire counted by the fetcher."""
+    import os
+
+    from ota_repo_simulator import SIGNATURE
+
+    from edgeship.ota.bundle_build import build_bundle
+    from edgeship.toolkit.deltas import build_companions
+
+    repo = ReleaseRepository(tmp_path / "repo")
+    repo.init(root_passphrase="pass phrase", now=NOW)
+    weights = bytearray(b"\x1c\x00\x00\x00TFL3" + os.urandom(300_000))  # incompressible, like trained weights
+    for version in ("1.0.0", "1.1.0"):
+        if version == "1.1.0":
+            weights[-4096:] = os.urandom(4096)  # a retrained head: the last tensor moves
+        model = tmp_path / f"model-{version}.tflite"
+        model.write_bytes(bytes(weights))
+        out = tmp_path / f"{version}.bundle"
+        build_bundle(model, name="digits", version=version, out=out, report={"signature": SIGNATURE})
+        info = repo.publish(out, now=NOW)
+        scratch = tmp_path / f"companions-{version}"
+        scratch.mkdir()
+        built = build_companions(repo.targets(), info, scratch, bases=2)
+        repo.add_companions(info.name, info.version, built.files, now=NOW)
+    delta = next(c for c in repo.companions("digits", "1.1.0") if c.kind == "delta")
+    full = repo.target_info("digits", "1.1.0")
+    handler = lambda *a, **k: _Quiet(*a, directory=str(repo.path), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    key = d.load_director_public_key(repo.director_public_key_path)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        results = []
+        base = None
+        for step, version in enumerate(("1.0.0", "1.1.0")):
+            trust = tmp_path / f"trust-{step}"
+            trust.mkdir()
+            shutil.copy(repo.metadata_dir / "1.root.json", trust / "root.json")
+            desired = d.verify_desired_state(
+                repo.sign_desired(fleet="plant", device="dev-1", name="digits", version=version, now=NOW), key,
+                device="dev-1", fleet="plant", last_sequence=None, now=NOW)
+            result = u.fetch_verified_bundle(trust_dir=trust, desired=desired, fetcher=HttpFetcher(url),
+                                             work_dir=tmp_path / f"work-{step}", now=NOW,
+                                             base_bundle=base, base_version="1.0.0" if base else None)
+            results.append(result)
+            base = result.bundle_file
+    finally:
+        server.shutdown()
+        server.server_close()
+    first, second = results
+    assert first.transfer is not None and first.transfer["kind"] == "compressed"
+    assert second.transfer == {"kind": "delta", "bytes": delta.length, "full_bytes": full.length,
+                               "base_version": "1.0.0"}
+    assert delta.length < full.length // 10
+    assert second.sha256 == full.sha256 and Path(second.bundle_file).read_bytes() == full.file.read_bytes()
