@@ -25,7 +25,7 @@ from edgeship.ota.delta import (
     encode_region,
     read_header,
 )
-from edgeship.toolkit.deltas import build_delta, tensor_spans
+from edgeship.toolkit.deltas import TensorSpan, build_delta, pair_tensors, tensor_spans
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,42 @@ def test_unparseable_model_takes_the_binary_path(tmp_path: Path) -> None:
     changed[1000:1010] = b"0123456789"
     built = _roundtrip(tmp_path, tar(blob), tar(bytes(changed)))
     assert built.method == "binary" and built.sizes["delta"] < 2000
+
+
+def test_a_binary_delta_reaches_a_base_larger_than_the_levels_window(tmp_path: Path) -> None:
+    """12 MB of incompressible bytes with 4 kB changed: zstd at level 12 has an 8 MiB window, so
+    without a window sized to the base the matching bytes are out of reach and the delta is as large
+    as the file; with it (what ``zstd --patch-from`` does) the delta is about the change."""
+    rng = np.random.default_rng(2)
+    old = rng.bytes(12_000_000)
+    changed = bytearray(old)
+    changed[11_000_000:11_004_096] = rng.bytes(4096)
+    built = _roundtrip(tmp_path, old, bytes(changed))
+    assert built.method == "binary" and built.sizes["delta"] < 20_000, built.sizes
+
+
+def _span(name: str, at: int, length: int = 64, kind: str = "xor", width: int = 4) -> TensorSpan:
+    return TensorSpan(name, at, length, kind, width)
+
+
+@pytest.mark.parametrize("old,new,paired", [
+    # same names: paired by name, wherever they lie
+    ([_span("a", 0), _span("b", 100)], [_span("b", 0), _span("a", 100)], {0: 100, 100: 0}),
+    # a renamed tensor (a re-export numbers its layers): the next unpaired old tensor of its size and dtype
+    ([_span("dense/MatMul", 0), _span("dense/BiasAdd", 100, 16)],
+     [_span("dense_1/MatMul", 0), _span("dense_1/BiasAdd", 100, 16)], {0: 0, 100: 100}),
+    # renamed, in file order among equals
+    ([_span("x", 0), _span("y", 100), _span("z", 200)], [_span("x1", 0), _span("y1", 100), _span("z", 200)],
+     {0: 0, 100: 100, 200: 200}),
+    # a new tensor of another size or dtype is not paired
+    ([_span("a", 0)], [_span("a2", 0, 128)], {}),
+    ([_span("a", 0, kind="sub", width=1)], [_span("a", 0)], {}),
+    # an old tensor is used once, even when a renamed tensor would also fit it
+    ([_span("a", 0)], [_span("a", 0), _span("b", 100)], {0: 0}),
+])
+def test_tensors_pair_by_name_then_by_order_of_the_same_shape(old: list[TensorSpan], new: list[TensorSpan],
+                                                             paired: dict[int, int]) -> None:
+    assert {at: base.at for at, base in pair_tensors(old, new).items()} == paired
 
 
 def test_no_delta_when_it_would_not_be_smaller(tmp_path: Path) -> None:

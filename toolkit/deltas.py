@@ -133,24 +133,39 @@ class BuiltDelta:
     seconds: float
 
 
-def _zstd(level: int, dictionary: bytes | None = None) -> Any:
+# The largest window a binary delta asks for: zstd's default decompression limit (128 MiB), so the
+# device's decompressor needs no raised limit; past it matches far back are not found (size, not safety).
+_MAX_WINDOW_LOG = 27
+
+
+def _zstd(level: int, dictionary: bytes | None = None, window_for: int = 0) -> Any:
+    """A compressor at ``level``; with ``window_for`` (the base plus the new bundle, in bytes) its
+    window covers both and long-distance matching is on, which is what ``zstd --patch-from`` does:
+    at the level's own window (8 MiB at level 12) a bundle larger than it cannot reach the
+    matching bytes of its base, and the binary delta is no better than compressing the file."""
     import zstandard
 
     zdict = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if dictionary else None
-    return zstandard.ZstdCompressor(level=level, dict_data=zdict, write_content_size=True)
+    if not window_for:
+        return zstandard.ZstdCompressor(level=level, dict_data=zdict, write_content_size=True)
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, window_log=min(_MAX_WINDOW_LOG, max(10, (window_for - 1).bit_length())), enable_ldm=True,
+        write_content_size=True)
+    return zstandard.ZstdCompressor(compression_params=params, dict_data=zdict)
 
 
 def _tensor_delta(old: bytes, new: bytes, level: int, old_hash: str, new_hash: str) -> tuple[bytes, int]:
     old_spans = tensor_spans(old)
-    by_name = {s.name: s for s in old_spans}
+    new_spans = tensor_spans(new)
+    pairs = pair_tensors(old_spans, new_spans)
     regions: list[Region] = []
     literal = bytearray()
     payloads: list[bytes] = []
     cursor = 0
     compressor = _zstd(level)
-    for span in tensor_spans(new):
-        base = by_name.get(span.name)
-        if base is None or (base.length, base.kind, base.width) != (span.length, span.kind, span.width) or span.at < cursor:
+    for span in new_spans:
+        base = pairs.get(span.at)
+        if base is None or span.at < cursor:
             continue
         if span.at > cursor:
             regions.append(Region(cursor, span.at - cursor))
@@ -182,8 +197,41 @@ def _tensor_delta(old: bytes, new: bytes, level: int, old_hash: str, new_hash: s
     return out.getvalue(), len(payloads)
 
 
+def pair_tensors(old_spans: list[TensorSpan], new_spans: list[TensorSpan]) -> dict[int, TensorSpan]:
+    """Which old tensor each new tensor is diffed against (new tensor offset -> old span). Pure.
+
+    By name first. A tensor whose name is not in the old model is then paired with the next unpaired
+    old tensor of the same length, dtype transform and width, in file order: converters rename
+    tensors between exports of the same architecture (Keras numbers a cloned or reloaded model's
+    layers, ``predictions`` becoming ``predictions_1``), and the weights are still the same tensors
+    in the same order. A wrong pairing costs only size, never correctness: the applier checks the
+    rebuilt bundle's hash."""
+    def signature(span: TensorSpan) -> tuple[int, str, int]:
+        return span.length, span.kind, span.width
+
+    by_name = {s.name: s for s in old_spans}
+    pairs: dict[int, TensorSpan] = {}
+    used: set[int] = set()
+    for span in new_spans:
+        base = by_name.get(span.name)
+        if base is not None and signature(base) == signature(span) and base.at not in used:
+            pairs[span.at] = base
+            used.add(base.at)
+    spare: dict[tuple[int, str, int], list[TensorSpan]] = {}
+    for base in old_spans:
+        if base.at not in used:
+            spare.setdefault(signature(base), []).append(base)
+    for span in new_spans:
+        if span.at in pairs:
+            continue
+        candidates = spare.get(signature(span))
+        if candidates:
+            pairs[span.at] = candidates.pop(0)
+    return pairs
+
+
 def _binary_delta(old: bytes, new: bytes, level: int, old_hash: str, new_hash: str) -> bytes:
-    literal_z = _zstd(level, old).compress(new)
+    literal_z = _zstd(level, old, window_for=len(old) + len(new)).compress(new)
     header = DeltaHeader(old_hash, len(old), new_hash, len(new), ((0, len(old)),), len(literal_z),
                          (Region(0, len(new)),), method="binary")
     out = io.BytesIO()
