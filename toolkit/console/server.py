@@ -121,6 +121,7 @@ class ConsoleServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        self.rollout_health.close()
 
     # -- one request ------------------------------------------------------------------------------
 

@@ -7,11 +7,13 @@ function, so the live view can never show something the page would not.
 
 from __future__ import annotations
 
-__all__ = ["FleetFilter", "Page", "RolloutHealth", "RolloutReader", "abtest_page", "abtests_page", "device_page", "fleet_page", "render",
+__all__ = ["DEFAULT_FLEET_ROWS", "FLEET_PAGE_ROWS", "FleetFilter", "Page", "RolloutHealth", "RolloutReader", "abtest_page", "abtests_page", "device_page", "fleet_page", "render",
            "rollout_page", "rollouts_page"]
 
+import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,9 +26,15 @@ from edgeship.toolkit.fleet_rules import describe_models
 
 from . import charts
 
+log = logging.getLogger(__name__)
+
 MAX_DEVICE_ROWS = 500
-"""Rows the fleet table shows (the counts above it cover every match): a 10,000-device page would
-be megabytes of HTML that nobody reads; filters narrow it."""
+"""Rows a rollout's device table shows (its counts and stage bars cover every device)."""
+FLEET_PAGE_ROWS = (50, 100, 200, 500)
+"""The fleet table's page sizes; the first page of 100 unless the operator picks another. Every
+device is reachable by paging (keyset: next/previous by device id) and the counts above the table
+cover every match."""
+DEFAULT_FLEET_ROWS = 100
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,8 @@ def ago(ts: float | None, now: float | None = None) -> str:
 
 @dataclass(frozen=True)
 class FleetFilter:
-    """The fleet page's filters (query parameters); empty strings mean 'any'."""
+    """The fleet page's filters and its place in the table (query parameters); empty strings mean
+    'any'. ``after``/``before``: the page after or before that device id; ``rows``: the page size."""
 
     fleet: str = ""
     tag: str = ""        # KEY=VALUE
@@ -91,15 +100,26 @@ class FleetFilter:
     version: str = ""
     state: str = ""      # an update state, or "none"
     online: str = ""     # "yes" / "no"
+    after: str = ""
+    before: str = ""
+    rows: int = DEFAULT_FLEET_ROWS
+
+    FILTERS = ("fleet", "tag", "bundle", "version", "state", "online")
 
     @classmethod
     def from_query(cls, query: Mapping[str, str]) -> FleetFilter:
-        fields = {name: query.get(name, "").strip()[:128] for name in cls.__dataclass_fields__}
+        fields: dict[str, Any] = {name: query.get(name, "").strip()[:128]
+                                  for name in (*cls.FILTERS, "after", "before")}
         if fields["online"] not in ("", "yes", "no"):
             raise BadInputError("online: use yes or no")
         if fields["tag"] and "=" not in fields["tag"]:
             raise BadInputError("tag: use KEY=VALUE")
-        return cls(**fields)
+        if fields["after"] and fields["before"]:
+            raise BadInputError("after and before: give one of them")
+        rows_text = query.get("rows", "").strip() or str(DEFAULT_FLEET_ROWS)
+        if rows_text not in {str(n) for n in FLEET_PAGE_ROWS}:
+            raise BadInputError(f"rows: one of {', '.join(str(n) for n in FLEET_PAGE_ROWS)}")
+        return cls(**fields, rows=int(rows_text))
 
     def selection(self) -> tuple[tuple[str, str], ...]:
         if not self.tag:
@@ -107,23 +127,35 @@ class FleetFilter:
         key, _, value = self.tag.partition("=")
         return ((key.strip(), value.strip()),)
 
+    def url(self, **paging: str) -> str:
+        """The fleet page with these filters and page size, at ``after=ID`` / ``before=ID`` (or the first page)."""
+        query = {name: getattr(self, name) for name in self.FILTERS if getattr(self, name)}
+        if self.rows != DEFAULT_FLEET_ROWS:
+            query["rows"] = str(self.rows)
+        query.update({k: v for k, v in paging.items() if v})
+        return "/" + ("?" + urllib.parse.urlencode(query) if query else "")
 
 
 def fleet_page(store: Any, flt: FleetFilter) -> Page:
     listing = store.device_listing(flt.fleet or None, flt.selection(), bundle=flt.bundle, version=flt.version,
                                    state=flt.state, online=None if not flt.online else flt.online == "yes",
-                                   limit=MAX_DEVICE_ROWS)
+                                   limit=flt.rows, after=flt.after, before=flt.before)
     versions = sorted(((v or "nothing installed"), n) for v, n in listing["versions"].items())
     states = sorted(((s or "none"), n) for s, n in listing["states"].items())
-    multi = [d.id for d in listing["devices"] if d.models_reported]
+    shown = listing["devices"]
+    multi = [d.id for d in shown if d.models_reported]
     reported = store.device_models_of(multi) if multi else {}
     models = {d.id: describe_models({"name": name, **m, "version": m.get("active_version")}
                                     for name, m in sorted(reported.get(d.id, {}).items()))
-              for d in listing["devices"] if d.id in reported}
+              for d in shown if d.id in reported}
+    pager = {"first": flt.url() if listing["has_previous"] else "",
+             "previous": flt.url(before=shown[0].id) if listing["has_previous"] and shown else "",
+             "next": flt.url(after=shown[-1].id) if listing["has_next"] and shown else ""}
     return Page("fleet.html", "Fleet", {
-        "filter": flt, "devices": listing["devices"], "models": models, "total": listing["total"], "online": listing["online"],
+        "filter": flt, "devices": shown, "models": models, "total": listing["total"], "online": listing["online"],
         "offline": listing["total"] - listing["online"], "versions": sorted(versions, key=lambda kv: -kv[1]),
-        "states": states, "fleets": listing["fleets"], "shown": len(listing["devices"]), "now": time.time()})
+        "states": states, "fleets": listing["fleets"], "shown": len(shown), "pager": pager,
+        "page_sizes": FLEET_PAGE_ROWS, "now": time.time()})
 
 
 def device_page(store: Any, device_id: str, window_s: float = 900.0) -> Page:
@@ -178,13 +210,20 @@ class RolloutHealth:
     Measuring merges every telemetry window of the rollout's devices since it started: at 10,000
     devices that is seconds of work, which a page re-fetched every 2 s must not wait for. The page
     shows the latest reading and its age; a stale one starts one new measurement (never two at a
-    time for one rollout)."""
+    time for one rollout).
 
-    def __init__(self, max_age_s: float = 15.0) -> None:
+    The measurement runs in a worker process of its own (``in_process=False``, the default for a
+    store on disk or a server): as a thread of the console it held the interpreter's lock for those
+    seconds, and every page served meanwhile waited for it (the fleet table's time at p95 nearly
+    tripled on an otherwise idle machine). The worker opens the same store from its URL."""
+
+    def __init__(self, max_age_s: float = 15.0, in_process: bool | None = None) -> None:
         self.max_age_s = max_age_s
+        self.in_process = in_process
         self._lock = threading.Lock()
         self._readings: dict[str, tuple[float, Any]] = {}
         self._running: set[str] = set()
+        self._pool: Any = None
 
     def reading(self, store: Any, rollout: Any) -> tuple[Any, float | None]:
         """(the latest reading or None, its age in seconds or None)."""
@@ -198,18 +237,66 @@ class RolloutHealth:
                                  name=f"health-{rollout.id}").start()
         return value, (None if at is None else now - at)
 
-    def _measure(self, store: Any, rollout: Any) -> None:
-        from edgeship.toolkit.rollouts import measure_health
+    def close(self) -> None:
+        """End the worker process (the console's stop)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
+    def _worker(self, store: Any) -> Any:
+        """The worker process's pool, or None to measure here (an in-memory store has no URL to reopen)."""
+        in_memory = store.url.startswith("sqlite") and (store.url in ("sqlite://", "sqlite:///:memory:")
+                                                        or "mode=memory" in store.url)
+        if self.in_process or (self.in_process is None and in_memory):
+            return None
+        with self._lock:
+            if self._pool is None:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                # spawn, not fork: the console has threads (a forked lock held by one of them would hang the child)
+                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_open_worker_store, initargs=(store.url,))
+            return self._pool
+
+    def _measure(self, store: Any, rollout: Any) -> None:
         try:
-            snapshot = {s.device: s for s in store.fleet_snapshot(rollout.fleet, rollout.selection,
-                                                                 telemetry_since=rollout.created_at)}
-            reading = measure_health(rollout, snapshot)
+            pool = self._worker(store)
+            if pool is None:
+                reading = _health_reading(store, rollout)
+            else:
+                reading = pool.submit(_measure_in_worker, rollout.id).result()
             with self._lock:
                 self._readings[rollout.id] = (time.monotonic(), reading)
+        except Exception:  # a failed measurement (logged) leaves the last reading; the next request retries
+            log.exception("rollout %s: health not measured", rollout.id)
         finally:
             with self._lock:
                 self._running.discard(rollout.id)
+
+
+def _health_reading(store: Any, rollout: Any) -> Any:
+    from edgeship.toolkit.rollouts import measure_health
+
+    snapshot = {s.device: s for s in store.fleet_snapshot(rollout.fleet, rollout.selection,
+                                                         telemetry_since=rollout.created_at)}
+    return measure_health(rollout, snapshot)
+
+
+_WORKER_STORE: Any = None
+
+
+def _open_worker_store(url: str) -> None:
+    global _WORKER_STORE
+    from edgeship.toolkit.store import FleetStore
+
+    _WORKER_STORE = FleetStore(url, create=False)
+
+
+def _measure_in_worker(rollout_id: str) -> Any:
+    rollout, _ = _WORKER_STORE.load_rollout(rollout_id)
+    return _health_reading(_WORKER_STORE, rollout)
 
 
 def rollout_page(store: Any, rollout_id: str, reader: RolloutReader, health: RolloutHealth) -> Page:
