@@ -15,12 +15,14 @@ from sqlalchemy.engine import Connection, Engine
 
 from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
 from edgeship.toolkit.abtest import TelemetryWindow
+from edgeship.toolkit.report_reread import TERMINAL_UPDATE_STATES, StaleDevice
 from edgeship.toolkit.rollouts import DeviceSnapshot, VersionTelemetry
 from edgeship.toolkit.store_schema import (
     device_models,
     devices,
     events,
     latency_from_json,
+    rollout_devices,
     rollouts,
     telemetry,
 )
@@ -199,3 +201,27 @@ class FleetReads:
                                     correct or 0, total or 0)
                     for device_id, name, version, requests, errors, latency, correct, total
                     in self._telemetry_rows(conn, ids, since)]
+
+    def stale_in_flight(self, reported_before: float, fleet: str | None = None,
+                        limit: int = 20_000) -> list[StaleDevice]:
+        """Devices whose record says an update is in flight and whose last report came before
+        ``reported_before`` (or never), oldest report first: the device's own update state (or one of
+        its models') is not a terminal one, or a RUNNING/PAUSED rollout holds it ASSIGNED or
+        IN_PROGRESS. The input of :func:`~edgeship.toolkit.report_reread.rereads_due`."""
+        terminal = sorted(TERMINAL_UPDATE_STATES)
+        silent = sa.or_(devices.c.reported_at.is_(None), devices.c.reported_at < reported_before)
+        own = sa.and_(devices.c.update_state.is_not(None), sa.func.upper(devices.c.update_state).not_in(terminal))
+        model_in_flight = sa.exists().where(device_models.c.device_id == devices.c.id,
+                                            device_models.c.update_state.is_not(None),
+                                            sa.func.upper(device_models.c.update_state).not_in(terminal))
+        assigned = sa.exists().where(rollout_devices.c.device_id == devices.c.id,
+                                     rollout_devices.c.status.in_(["ASSIGNED", "IN_PROGRESS"]),
+                                     rollout_devices.c.rollout_id == rollouts.c.id,
+                                     rollouts.c.state.in_(["RUNNING", "PAUSED"]))
+        query = (sa.select(devices.c.id, devices.c.fleet, devices.c.reported_at)
+                 .where(silent, sa.or_(own, model_in_flight, assigned))
+                 .order_by(devices.c.reported_at, devices.c.id).limit(limit))
+        if fleet is not None:
+            query = query.where(devices.c.fleet == fleet)
+        with self.engine.connect() as conn:
+            return [StaleDevice(device, fleet_, at) for device, fleet_, at in conn.execute(query)]
