@@ -101,8 +101,10 @@ def measure(db_url: str, devices: int, requests: int) -> dict[str, Any]:
     console = serve(store)
     pages = {
         "/healthz (baseline: no store read)": "/healthz",
-        "fleet, unfiltered (500 rows shown)": "/",
+        "fleet, unfiltered (first page, 100 rows)": "/",
         "fleet, live part": "/?part=live",
+        "fleet, a page half-way through (100 rows)": f"/?after={ids[len(ids) // 2]}",
+        "fleet, live part, 500 rows per page": "/?rows=500&part=live",
         "fleet, filtered (offline)": "/?online=no&fleet=plant",
         "device": f"/devices/{ids[len(ids) // 2]}",
         "rollout (stage 1 assigned)": f"/rollouts/{rollout_id}",

@@ -260,7 +260,7 @@ def test_rollout_health_is_measured_in_the_background_and_then_shown(console_sto
     console_store.ingest([IngestItem("plant", "plant-00001", TelemetryMessage(
         ts=now, window_s=10.0, requests=25, errors=1, latency=latency, bundle={"name": "digits", "version": "1.0.0"}),
         now)])
-    health = RolloutHealth(max_age_s=60)
+    health = RolloutHealth(max_age_s=60, settle_s=0.0, clock=lambda: clock.time() + 2)
     reading, age = health.reading(console_store, rollout)
     assert reading is None and age is None  # the first request never waits
     deadline = clock.monotonic() + 10
@@ -269,6 +269,46 @@ def test_rollout_health_is_measured_in_the_background_and_then_shown(console_sto
         reading, age = health.reading(console_store, rollout)
     assert reading is not None and age is not None and age < 10
     assert (reading.baseline_requests, reading.baseline_errors, reading.new_requests) == (25, 1, 0)
+
+
+def test_rollout_health_read_window_by_window_is_the_engines_reading_over_every_window(
+        console_store: FleetStore) -> None:
+    import random
+
+    from console_fixtures import V1, V2, histogram
+
+    from edgeship.ota.protocol import TelemetryMessage
+    from edgeship.toolkit.console.views import RolloutHealth
+    from edgeship.toolkit.rollouts import measure_health
+    from edgeship.toolkit.store import IngestItem
+
+    ids = fill_fleet(console_store, devices=20, windows=1, now=1000.0)
+    rollout_id = start_rollout(console_store)
+    rollout, _ = console_store.load_rollout(rollout_id)
+    start = rollout.created_at
+    rng = random.Random(11)
+    at = {"t": start + 100.0}
+    health = RolloutHealth(settle_s=15.0, clock=lambda: at["t"])
+    readings = []
+    for round_ in range(6):  # windows arrive between measurements, some on the new version, some late
+        items = []
+        for i, device in enumerate(ids):
+            received = start + round_ * 40.0 + rng.uniform(0, 40)
+            bundle = V2 if i % 4 == 0 else V1
+            items.append(IngestItem("plant", device, TelemetryMessage(
+                ts=received, window_s=10.0, requests=30, errors=rng.randint(0, 2),
+                latency=histogram(rng, 30, 3.0 if bundle is V2 else 2.0), bundle=dict(bundle)), received))
+        console_store.ingest(items)
+        at["t"] = start + round_ * 40.0 + 20.0
+        readings.append(health.measure(console_store, rollout))
+    at["t"] = start + 10_000.0
+    final = health.measure(console_store, rollout)
+    snapshot = {s.device: s for s in console_store.fleet_snapshot("plant", (), telemetry_since=rollout.created_at)}
+    assert final == measure_health(rollout, snapshot)
+    assert final.new_requests == 6 * 5 * 30 and final.baseline_requests == 6 * 15 * 30
+    # earlier readings covered less, never more: each window counted once, when settled
+    assert [r.new_requests + r.baseline_requests for r in readings] == sorted(
+        r.new_requests + r.baseline_requests for r in readings)
 
 
 def test_a_device_of_many_models_lists_each_and_the_fleet_filters_by_any_of_them(console_store: FleetStore) -> None:

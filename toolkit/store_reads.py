@@ -107,13 +107,16 @@ class FleetReads:
 
     # -- what the engines read ----------------------------------------------------------------
 
-    def _telemetry_rows(self, conn: Connection, ids: Sequence[str], since: float) -> Iterable[Any]:
+    def _telemetry_rows(self, conn: Connection, ids: Sequence[str], since: float,
+                        until: float | None = None) -> Iterable[Any]:
         for start in range(0, len(ids), 500):
             chunk = list(ids[start:start + 500])
             query = (sa.select(telemetry.c.device_id, telemetry.c.bundle_name, telemetry.c.bundle_version,
                                telemetry.c.requests, telemetry.c.errors, telemetry.c.latency,
                                telemetry.c.feedback_correct, telemetry.c.feedback_total)
                      .where(telemetry.c.device_id.in_(chunk), telemetry.c.received_at >= since))
+            if until is not None:
+                query = query.where(telemetry.c.received_at < until)
             yield from conn.execute(query)
 
     def fleet_snapshot(self, fleet: str, selection: Sequence[tuple[str, str]] = (),
@@ -193,14 +196,16 @@ class FleetReads:
             return self._model_rows(conn, list(ids))
 
     def telemetry_windows(self, fleet: str, selection: Sequence[tuple[str, str]] = (),
-                          since: float = 0.0) -> list[TelemetryWindow]:
-        """Every telemetry window of the selected devices received since ``since`` (the A/B report's input)."""
+                          since: float = 0.0, until: float | None = None) -> list[TelemetryWindow]:
+        """Every telemetry window of the selected devices received since ``since`` (and before
+        ``until``, if given): the A/B report's input, and the console's rollout health, which reads
+        only the windows that arrived since its last reading."""
         with self.engine.connect() as conn:
             ids = [r[0] for r in conn.execute(sa.select(self._selected(fleet, selection).subquery().c.id))]
             return [TelemetryWindow(device_id, name, version, requests, errors, latency_from_json(latency),
                                     correct or 0, total or 0)
                     for device_id, name, version, requests, errors, latency, correct, total
-                    in self._telemetry_rows(conn, ids, since)]
+                    in self._telemetry_rows(conn, ids, since, until)]
 
     def stale_in_flight(self, reported_before: float, fleet: str | None = None,
                         limit: int = 20_000) -> list[StaleDevice]:

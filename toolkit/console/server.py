@@ -121,7 +121,6 @@ class ConsoleServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-        self.rollout_health.close()
 
     # -- one request ------------------------------------------------------------------------------
 
