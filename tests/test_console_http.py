@@ -148,6 +148,43 @@ def test_the_fleet_table_pages_through_every_match_by_device_id(console_store: F
         server.stop()
 
 
+def test_a_rollouts_device_table_pages_and_filters_by_status(console_store: FleetStore) -> None:
+    from edgeship.toolkit.console.views import keyset_page
+
+    ids = fill_fleet(console_store, devices=150, windows=1)
+    rollout_id = start_rollout(console_store, stages="10,100")  # stage 1: 15 devices ASSIGNED
+    server = serve(console_store)
+    try:
+        client = Client(server.port)
+        client.login(VIEWER_TOKEN)
+
+        def rows(text: str) -> list[str]:
+            return re.findall(r'<tr data-device="([^"]+)"', text)
+
+        _, _, first = client.request("GET", f"/rollouts/{rollout_id}")
+        assert rows(first) == ids[:100] and "Devices (150)" in first
+        nxt = re.search(r'<a href="([^"]+)" data-page="next"', first)
+        assert nxt is not None
+        _, _, second = client.request("GET", nxt.group(1).replace("&amp;", "&") + "&part=live")
+        assert rows(second) == ids[100:]
+        assigned = [d for d, r in sorted(console_store.load_rollout(rollout_id)[0].devices.items())
+                    if r.status.value == "ASSIGNED"]
+        _, _, only = client.request("GET", f"/rollouts/{rollout_id}?status=assigned")
+        assert rows(only) == assigned and len(assigned) == 15 and "15 assigned" in only
+        status, _, text = client.request("GET", f"/rollouts/{rollout_id}?status=LOST")
+        assert status == 400 and "status: one of" in text
+        assert client.request("GET", f"/rollouts/{rollout_id}?rows=3")[0] == 400
+    finally:
+        server.stop()
+    # the paging itself, on a sorted list
+    assert keyset_page(["a", "b", "c", "d", "e"], 2) == (["a", "b"], False, True)
+    assert keyset_page(["a", "b", "c", "d", "e"], 2, after="b") == (["c", "d"], True, True)
+    assert keyset_page(["a", "b", "c", "d", "e"], 2, after="d") == (["e"], True, False)
+    assert keyset_page(["a", "b", "c", "d", "e"], 2, before="e") == (["c", "d"], True, True)
+    assert keyset_page(["a", "b", "c", "d", "e"], 2, before="c") == (["a", "b"], False, True)
+    assert keyset_page(["a", "c", "e"], 2, after="b") == (["c", "e"], True, False)  # a device that left
+
+
 def test_nothing_answers_without_a_login(fleet: Any) -> None:
     server, _, rollout_id, _ = fleet
     client = Client(server.port)

@@ -7,14 +7,15 @@ function, so the live view can never show something the page would not.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_FLEET_ROWS", "FLEET_PAGE_ROWS", "FleetFilter", "Page", "RolloutHealth", "RolloutReader", "abtest_page", "abtests_page", "device_page", "fleet_page", "render",
+__all__ = ["DEFAULT_FLEET_ROWS", "FLEET_PAGE_ROWS", "FleetFilter", "Page", "RolloutDevicesFilter", "RolloutHealth", "RolloutReader", "abtest_page", "abtests_page", "device_page", "fleet_page", "keyset_page", "render",
            "rollout_page", "rollouts_page"]
 
+import bisect
 import logging
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -29,12 +30,10 @@ from . import charts
 
 log = logging.getLogger(__name__)
 
-MAX_DEVICE_ROWS = 500
-"""Rows a rollout's device table shows (its counts and stage bars cover every device)."""
 FLEET_PAGE_ROWS = (50, 100, 200, 500)
-"""The fleet table's page sizes; the first page of 100 unless the operator picks another. Every
-device is reachable by paging (keyset: next/previous by device id) and the counts above the table
-cover every match."""
+"""The page sizes of the fleet table and of a rollout's device table; 100 unless the operator picks
+another. Every device is reachable by paging (keyset: next/previous by device id) and the counts
+above a table cover every match."""
 DEFAULT_FLEET_ROWS = 100
 
 
@@ -189,6 +188,7 @@ class RolloutReader:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loaded: dict[str, tuple[int, Any]] = {}
+        self._sorted: dict[tuple[int, str], tuple[Any, list[str]]] = {}
 
     def load(self, store: Any, rollout_id: str) -> Any:
         revision = store.rollout_revision(rollout_id)
@@ -202,6 +202,21 @@ class RolloutReader:
             while len(self._loaded) > 32:
                 self._loaded.pop(next(iter(self._loaded)))
         return rollout
+
+    def sorted_ids(self, rollout: Any, status: str = "") -> list[str]:
+        """The rollout's device ids in order (those of ``status`` only, if given), kept with the
+        loaded rollout: a page re-fetched every 2 s does not sort 10,000 ids each time."""
+        key = (id(rollout), status)
+        with self._lock:
+            found = self._sorted.get(key)
+        if found is not None and found[0] is rollout:
+            return found[1]
+        ids = sorted(d for d, r in rollout.devices.items() if not status or r.status.value == status)
+        with self._lock:
+            self._sorted[key] = (rollout, ids)
+            while len(self._sorted) > 64:
+                self._sorted.pop(next(iter(self._sorted)))
+        return ids
 
 
 @dataclass
@@ -284,21 +299,70 @@ class RolloutHealth:
                 self._running.discard(rollout.id)
 
 
-def rollout_page(store: Any, rollout_id: str, reader: RolloutReader, health: RolloutHealth) -> Page:
-    from edgeship.toolkit.commands.rollout import rollout_summary
+def keyset_page(ids: Sequence[str], rows: int, after: str = "", before: str = "") -> tuple[list[str], bool, bool]:
+    """One page of the sorted ``ids``: ``rows`` of them after ``after``, before ``before``, or the
+    first; with whether ids lie before and after the page. The fleet table's paging (there in SQL)
+    for lists the console already holds."""
+    if before:
+        end = bisect.bisect_left(ids, before)
+        start = max(0, end - rows)
+        return list(ids[start:end]), start > 0, True
+    start = bisect.bisect_right(ids, after) if after else 0
+    return list(ids[start:start + rows]), start > 0, start + rows < len(ids)
 
+
+@dataclass(frozen=True)
+class RolloutDevicesFilter:
+    """The rollout page's device table: a device status (empty: every one) and its page (as the fleet's)."""
+
+    status: str = ""
+    paging: FleetFilter = FleetFilter()
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> RolloutDevicesFilter:
+        from edgeship.toolkit.rollouts import DeviceStatus
+
+        status = query.get("status", "").strip().upper()
+        if status and status not in DeviceStatus.__members__:
+            raise BadInputError(f"status: one of {', '.join(DeviceStatus.__members__)}")
+        return cls(status, FleetFilter.from_query({k: query.get(k, "") for k in ("rows", "after", "before")}))
+
+
+def rollout_page(store: Any, rollout_id: str, reader: RolloutReader, health: RolloutHealth,
+                 flt: RolloutDevicesFilter | None = None) -> Page:
+    """A rollout; its device table pages as the fleet's does (``rows``, ``after``, ``before``) and
+    filters by ``status``; the counts and stage bars cover every device."""
+    from edgeship.toolkit.commands.rollout import rollout_summary
+    from edgeship.toolkit.rollouts import DeviceStatus
+
+    flt = flt or RolloutDevicesFilter()
+    status, paging = flt.status, flt.paging
     rollout = reader.load(store, rollout_id)
     reading, age = health.reading(store, rollout)
     doc = rollout_summary(rollout, reading)
-    records = sorted(rollout.devices.items())
-    devices = [{**r.to_dict(), "stage": None if r.stage is None else r.stage + 1} for _, r in records[:MAX_DEVICE_ROWS]]
+    ids = reader.sorted_ids(rollout, status)
+    shown, has_previous, has_next = keyset_page(ids, paging.rows, paging.after, paging.before)
+    records = rollout.devices
+    devices = [{"device": i, "status": records[i].status.value,
+                "stage": None if records[i].stage is None else records[i].stage + 1,
+                "previous_name": records[i].previous_name, "previous_version": records[i].previous_version,
+                "detail": records[i].detail} for i in shown]
+
+    def url(**more: str) -> str:
+        params = {"status": status, "rows": "" if paging.rows == DEFAULT_FLEET_ROWS else str(paging.rows), **more}
+        kept = {k: v for k, v in params.items() if v}
+        return f"/rollouts/{urllib.parse.quote(rollout_id)}" + ("?" + urllib.parse.urlencode(kept) if kept else "")
+
+    pager = {"first": url() if has_previous else "", "previous": url(before=shown[0]) if has_previous and shown else "",
+             "next": url(after=shown[-1]) if has_next and shown else ""}
     state = doc["state"]
     operations = {"pause": state == "RUNNING", "resume": state == "PAUSED", "abort": state in ("RUNNING", "PAUSED"),
                   "rollback": state in ("RUNNING", "PAUSED", "COMPLETED", "ABORTED")}
     return Page("rollout.html", f"Rollout {rollout_id}", {
         "r": doc, "stage_chart": charts.stage_bars(doc["stage_progress"]), "operations": operations,
-        "devices": devices, "device_total": len(records), "health_age": age,
-        "log": store.rollout_log_entries(rollout_id, limit=30), "now": time.time(),
+        "devices": devices, "device_total": len(records), "matching": len(ids), "status_filter": status,
+        "statuses": list(DeviceStatus.__members__), "pager": pager, "rows": paging.rows, "page_sizes": FLEET_PAGE_ROWS,
+        "health_age": age, "log": store.rollout_log_entries(rollout_id, limit=30), "now": time.time(),
         "colours": charts.STATUS_COLOURS})
 
 
