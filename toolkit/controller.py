@@ -176,6 +176,7 @@ class Controller:
         self._last_reread_check = 0.0
         self._reread_at: dict[str, float] = {}
         self._reread_filters: list[str] = []
+        self._reread_thread: threading.Thread | None = None
         self._http: MetricsServer | None = None
         self._metrics_cache: tuple[float, str] = (0.0, "")
         self._metrics_lock = threading.Lock()
@@ -245,7 +246,7 @@ class Controller:
             group = self.config.shared_group if self.shared else None
             self.connection.unsubscribe(f"$share/{group}/{wildcard}" if group and kind in SHARED_KINDS else wildcard)
         self.writer.request_stop(timeout)
-        for thread in self._threads:
+        for thread in [*self._threads, *([self._reread_thread] if self._reread_thread else [])]:
             thread.join(timeout)
         self._threads = []
         if self._http is not None:
@@ -347,13 +348,29 @@ class Controller:
         if self.config.report_reread.max_per_pass and \
                 now - self._last_reread_check >= self.config.report_reread.check_every_s:
             self._last_reread_check = now
-            self._reread_stale_reports(now)
+            self._start_reread(now)
         if now - self._last_prune >= 3600.0:
             self._last_prune = now
             pruned = self.store.prune_telemetry(now - self.config.telemetry_retention_s)
             if pruned:
                 log.info("pruned %d telemetry windows older than %.0f s", pruned, self.config.telemetry_retention_s)
         return done
+
+    def _start_reread(self, now: float) -> None:
+        """A re-read pass in a thread of its own: each subscription waits for the broker's SUBACK,
+        and 100 of them on a loaded broker must not hold up the rollouts' reconcile. One pass at a
+        time; a pass still running when the next is due makes that one wait for the next period."""
+        if self._reread_thread is not None and self._reread_thread.is_alive():
+            return
+        self._reread_thread = threading.Thread(target=self._reread_pass, args=(now,), name="controller-reread",
+                                               daemon=True)
+        self._reread_thread.start()
+
+    def _reread_pass(self, now: float) -> None:
+        try:
+            self._reread_stale_reports(now)
+        except Exception:  # a failed pass is logged; the next period tries again
+            log.exception("re-reading stale reports failed; trying again next period")
 
     def _reread_stale_reports(self, now: float) -> None:
         """Subscribe to the exact ``reported`` topic of each device due a re-read: a new subscription
@@ -370,6 +387,8 @@ class Controller:
         self._reread_at = forget_rereads(self._reread_at, now, policy)
         due = rereads_due(stale, self._reread_at, now, policy)
         for device in due:
+            if self._stop.is_set():
+                break
             topic = device_topic(device.fleet, device.device, REPORTED, self.config.prefix)
             try:
                 self.connection.subscribe(topic, _ignore, qos=1)
