@@ -13,7 +13,8 @@ real fleet:
 3. a staged rollout (5, 25, 100 %) of the bundle to every device, to COMPLETED;
 4. throughout, once a second: the controller's CPU and RSS (psutil) and its ingest lag and queue
    (its Prometheus endpoint); and an operator reading the console's main pages one after another
-   (fleet, its live part, a device, the rollout and its live part, the rollout list).
+   (fleet, its live part, the same at the largest page size, a device, the rollout and its live
+   part, the rollout list).
 
 Baselines in the same run: the console's ``/healthz`` (no store read) beside its pages, and what a
 bare paho subscriber received of the telemetry beside what the controller wrote.
@@ -329,6 +330,7 @@ def run(n: int, bundle_mb: float, every_s: float, db: str, work: Path) -> dict[s
             "/healthz (baseline: no store read)": "/healthz",
             "fleet": "/",
             "fleet, live part": "/?part=live",
+            "fleet, live part, 500 rows per page (the largest page size)": "/?rows=500&part=live",
             "device": f"/devices/{sim.devices[n // 2].device}",
             "rollout": f"/rollouts/{rollout_id}",
             "rollout, live part": f"/rollouts/{rollout_id}?part=live",
@@ -484,11 +486,16 @@ def render(runs: dict[str, dict[str, Any]], command: str) -> str:
     row("console: failed page loads", lambda r: str(r["console_failed"]))
 
     def slowest(r: dict[str, Any]) -> float:
-        return max(v["p95"] for k, v in r["console"].items() if not k.startswith("/healthz"))
+        return max(v["p95"] for k, v in r["console"].items() if not k.startswith("/healthz") and "500 rows" not in k)
 
-    lines += ["", "Slowest console page at p95 while the rollout ran: "
+    def largest_page(r: dict[str, Any]) -> str:
+        found = [v["p95"] for k, v in r["console"].items() if "500 rows" in k]
+        return f"{found[0]:.0f} ms" if found else "not measured"
+
+    lines += ["", "Slowest console page at p95 while the rollout ran (the pages as they open, 100 fleet rows): "
               + "; ".join(f"{name} **{slowest(r):.0f} ms**" for name, r in runs.items())
-              + " (target: 300 ms)."]
+              + " (target: 300 ms). The fleet's live part at the largest page size an operator can pick (500 rows): "
+              + "; ".join(f"{name} {largest_page(r)}" for name, r in runs.items()) + "."]
     return "\n".join(lines)
 
 

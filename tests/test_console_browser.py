@@ -146,3 +146,38 @@ def test_console_in_a_real_browser(browser: Any, mosquitto_broker: Any, release_
         console.stop()
         store.close()
         controller.stop()
+
+
+def test_the_fleet_table_pages_and_a_later_page_updates_live(browser: Any, tmp_path: Path) -> None:
+    from console_fixtures import fill_fleet
+
+    from edgeship.ota.protocol import ReportedMessage
+    from edgeship.toolkit.store import IngestItem
+
+    store = FleetStore(f"sqlite:///{tmp_path / 'fleet.db'}")
+    ids = fill_fleet(store, devices=130, windows=1)
+    console = serve(store)
+    try:
+        page = log_in(browser, console.url, VIEWER_TOKEN)
+        assert page.locator("[data-testid=devices-total]").inner_text() == "130"
+        assert page.locator("tr[data-device]").count() == 100
+        page.click("a[data-page=next]")
+        page.wait_for_selector(f"tr[data-device={ids[100]}]")
+        assert [page.locator("tr[data-device]").nth(i).get_attribute("data-device") for i in range(30)] == ids[100:]
+        assert page.locator(f"tr[data-device={ids[0]}]").count() == 0
+
+        # a device on this second page changes; its row changes without a reload, on this page
+        page.evaluate("window.notReloaded = true")
+        now = time.time()
+        store.ingest([IngestItem("plant", ids[120], ReportedMessage(
+            ids[120], now, dict(V1), update={"state": "PROBATION", "bundle": {"name": "digits", "version": "1.1.0"}}),
+            now)])
+        page.wait_for_selector(f"tr[data-device={ids[120]}] >> text=PROBATION", timeout=15000)
+        assert page.evaluate("window.notReloaded") is True
+        assert page.locator("tr[data-device]").count() == 30
+        page.click("a[data-page=previous]")
+        page.wait_for_selector(f"tr[data-device={ids[0]}]")
+        assert page.locator("tr[data-device]").count() == 100
+    finally:
+        console.stop()
+        store.close()

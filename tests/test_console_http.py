@@ -102,6 +102,89 @@ def test_filters_narrow_the_fleet_table(fleet: Any) -> None:
     assert status == 400 and "online: use yes or no" in text
 
 
+def test_the_fleet_table_pages_through_every_match_by_device_id(console_store: FleetStore) -> None:
+    ids = fill_fleet(console_store, devices=230, windows=1)
+    fill_fleet(console_store, devices=5, fleet="lab", windows=1)
+    server = serve(console_store)
+    try:
+        client = Client(server.port)
+        client.login(VIEWER_TOKEN)
+
+        def rows(text: str) -> list[str]:
+            return re.findall(r'data-device="([^"]+)"', text)
+
+        def link(text: str, which: str) -> str:
+            match = re.search(rf'<a href="([^"]+)" data-page="{which}"', text)
+            return match.group(1).replace("&amp;", "&") if match else ""
+
+        # every page of the plant fleet, 100 at a time, in id order: each device once, none left out
+        _, _, page = client.request("GET", "/?fleet=plant")
+        assert '<span class="big" data-testid="devices-total">230</span>' in page  # the counts cover every match
+        seen, pages = rows(page), [page]
+        while link(pages[-1], "next"):
+            _, _, nxt = client.request("GET", link(pages[-1], "next"))
+            pages.append(nxt)
+            seen += rows(nxt)
+        assert seen == ids and [len(rows(p)) for p in pages] == [100, 100, 30]
+        assert not link(pages[0], "previous") and link(pages[1], "previous") and not link(pages[-1], "next")
+        # back from the last page lands on the page before it, with the filter kept
+        back = link(pages[-1], "previous")
+        assert "fleet=plant" in back
+        assert rows(client.request("GET", back)[2]) == rows(pages[1])
+        # a page's live part is the same rows; a page size of the operator's choosing
+        assert rows(client.request("GET", link(pages[0], "next") + "&part=live")[2]) == rows(pages[1])
+        assert len(rows(client.request("GET", "/?fleet=plant&rows=50")[2])) == 50
+        _, _, everything = client.request("GET", "/?rows=500")
+        assert len(rows(everything)) == 235 and not link(everything, "next")
+        # careless paging gets one clear line
+        for bad, words in [("/?rows=7", "rows: one of 50, 100, 200, 500"),
+                           ("/?after=a&before=b", "give one of them")]:
+            status, _, text = client.request("GET", bad)
+            assert status == 400 and words in text, (bad, status)
+        # past the end: an empty page that still counts every match
+        _, _, past = client.request("GET", "/?fleet=plant&after=zzz")
+        assert rows(past) == [] and "no device on this page of 230" in past
+    finally:
+        server.stop()
+
+
+def test_a_rollouts_device_table_pages_and_filters_by_status(console_store: FleetStore) -> None:
+    from edgeship.toolkit.console.views import keyset_page
+
+    ids = fill_fleet(console_store, devices=150, windows=1)
+    rollout_id = start_rollout(console_store, stages="10,100")  # stage 1: 15 devices ASSIGNED
+    server = serve(console_store)
+    try:
+        client = Client(server.port)
+        client.login(VIEWER_TOKEN)
+
+        def rows(text: str) -> list[str]:
+            return re.findall(r'<tr data-device="([^"]+)"', text)
+
+        _, _, first = client.request("GET", f"/rollouts/{rollout_id}")
+        assert rows(first) == ids[:100] and "Devices (150)" in first
+        nxt = re.search(r'<a href="([^"]+)" data-page="next"', first)
+        assert nxt is not None
+        _, _, second = client.request("GET", nxt.group(1).replace("&amp;", "&") + "&part=live")
+        assert rows(second) == ids[100:]
+        assigned = [d for d, r in sorted(console_store.load_rollout(rollout_id)[0].devices.items())
+                    if r.status.value == "ASSIGNED"]
+        _, _, only = client.request("GET", f"/rollouts/{rollout_id}?status=assigned")
+        assert rows(only) == assigned and len(assigned) == 15 and "15 assigned" in only
+        status, _, text = client.request("GET", f"/rollouts/{rollout_id}?status=LOST")
+        assert status == 400 and "status: one of" in text
+        assert client.request("GET", f"/rollouts/{rollout_id}?rows=3")[0] == 400
+    finally:
+        server.stop()
+    # the paging itself, on a sorted list
+    assert keyset_page(["a", "b", "c", "d", "e"], 2) == (["a", "b"], False, True)
+    assert keyset_page(["a", "b", "c", "d", "e"], 2, after="b") == (["c", "d"], True, True)
+    assert keyset_page(["a", "b", "c", "d", "e"], 2, after="d") == (["e"], True, False)
+    assert keyset_page(["a", "b", "c", "d", "e"], 2, before="e") == (["c", "d"], True, True)
+    assert keyset_page(["a", "b", "c", "d", "e"], 2, before="c") == (["a", "b"], False, True)
+    assert keyset_page(["a", "c", "e"], 2, after="b") == (["c", "e"], True, False)  # a device that left
+
+
 def test_nothing_answers_without_a_login(fleet: Any) -> None:
     server, _, rollout_id, _ = fleet
     client = Client(server.port)
@@ -214,7 +297,7 @@ def test_rollout_health_is_measured_in_the_background_and_then_shown(console_sto
     console_store.ingest([IngestItem("plant", "plant-00001", TelemetryMessage(
         ts=now, window_s=10.0, requests=25, errors=1, latency=latency, bundle={"name": "digits", "version": "1.0.0"}),
         now)])
-    health = RolloutHealth(max_age_s=60)
+    health = RolloutHealth(max_age_s=60, settle_s=0.0, clock=lambda: clock.time() + 2)
     reading, age = health.reading(console_store, rollout)
     assert reading is None and age is None  # the first request never waits
     deadline = clock.monotonic() + 10
@@ -223,6 +306,46 @@ def test_rollout_health_is_measured_in_the_background_and_then_shown(console_sto
         reading, age = health.reading(console_store, rollout)
     assert reading is not None and age is not None and age < 10
     assert (reading.baseline_requests, reading.baseline_errors, reading.new_requests) == (25, 1, 0)
+
+
+def test_rollout_health_read_window_by_window_is_the_engines_reading_over_every_window(
+        console_store: FleetStore) -> None:
+    import random
+
+    from console_fixtures import V1, V2, histogram
+
+    from edgeship.ota.protocol import TelemetryMessage
+    from edgeship.toolkit.console.views import RolloutHealth
+    from edgeship.toolkit.rollouts import measure_health
+    from edgeship.toolkit.store import IngestItem
+
+    ids = fill_fleet(console_store, devices=20, windows=1, now=1000.0)
+    rollout_id = start_rollout(console_store)
+    rollout, _ = console_store.load_rollout(rollout_id)
+    start = rollout.created_at
+    rng = random.Random(11)
+    at = {"t": start + 100.0}
+    health = RolloutHealth(settle_s=15.0, clock=lambda: at["t"])
+    readings = []
+    for round_ in range(6):  # windows arrive between measurements, some on the new version, some late
+        items = []
+        for i, device in enumerate(ids):
+            received = start + round_ * 40.0 + rng.uniform(0, 40)
+            bundle = V2 if i % 4 == 0 else V1
+            items.append(IngestItem("plant", device, TelemetryMessage(
+                ts=received, window_s=10.0, requests=30, errors=rng.randint(0, 2),
+                latency=histogram(rng, 30, 3.0 if bundle is V2 else 2.0), bundle=dict(bundle)), received))
+        console_store.ingest(items)
+        at["t"] = start + round_ * 40.0 + 20.0
+        readings.append(health.measure(console_store, rollout))
+    at["t"] = start + 10_000.0
+    final = health.measure(console_store, rollout)
+    snapshot = {s.device: s for s in console_store.fleet_snapshot("plant", (), telemetry_since=rollout.created_at)}
+    assert final == measure_health(rollout, snapshot)
+    assert final.new_requests == 6 * 5 * 30 and final.baseline_requests == 6 * 15 * 30
+    # earlier readings covered less, never more: each window counted once, when settled
+    assert [r.new_requests + r.baseline_requests for r in readings] == sorted(
+        r.new_requests + r.baseline_requests for r in readings)
 
 
 def test_a_device_of_many_models_lists_each_and_the_fleet_filters_by_any_of_them(console_store: FleetStore) -> None:

@@ -21,6 +21,9 @@ One :class:`Controller` per process (a *replica*). It
   state takes (assignments, rollbacks, and re-issues before expiry alike);
 - re-signs the repository's timestamp and snapshot before they expire, and re-issues desired
   states before they expire;
+- reads a silent device's retained ``reported`` again when its record says an update is in
+  flight (a report the broker or the ingest queue dropped; :mod:`~edgeship.toolkit.report_reread`
+  decides who, bounded per pass);
 - serves Prometheus metrics over HTTP (:func:`render_metrics`, pure) when given a port.
 
 Threads: the MQTT network thread (parse and queue only), the ingest writer, the reconcile
@@ -58,7 +61,9 @@ from edgeship.ota.protocol import ReportedMessage, TelemetryMessage
 from edgeship.ota.release import ReleaseRepository, TargetInfo
 from edgeship.ota.topics import (
     EVENTS,
+    REPORTED,
     TELEMETRY,
+    device_topic,
     device_wildcard,
 )
 from edgeship.ota.transport import (
@@ -86,6 +91,7 @@ from edgeship.toolkit.controller_metrics import (
     render_metrics,
 )
 from edgeship.toolkit.desired_publisher import DesiredChange, DesiredPublisher, build_desired_state
+from edgeship.toolkit.report_reread import forget_rereads, rereads_due
 from edgeship.toolkit.rollouts import AssignVersion, RemoveModel, RollbackDevice
 from edgeship.toolkit.store import ConcurrentUpdateError, FleetStore, PendingAction
 
@@ -165,6 +171,10 @@ class Controller:
         self._last_renew_check = 0.0
         self._last_prune = 0.0
         self._last_late_joiner_check = 0.0
+        self._last_reread_check = 0.0
+        self._reread_at: dict[str, float] = {}
+        self._reread_filters: list[str] = []
+        self._reread_thread: threading.Thread | None = None
         self._http: MetricsServer | None = None
         self._metrics_cache: tuple[float, str] = (0.0, "")
         self._metrics_lock = threading.Lock()
@@ -181,6 +191,8 @@ class Controller:
         if self.started:
             return self
         self.connection.connect(connect_timeout)
+        # every retained report arrives with this connection's subscriptions: the first re-read pass waits a period
+        self._last_reread_check = self.clock()
         cfg = self.config
         # Shared subscriptions need MQTT 5 here: a 3.1.1 broker (the embedded one) would take
         # "$share/..." for a plain topic name and deliver nothing.
@@ -232,7 +244,7 @@ class Controller:
             group = self.config.shared_group if self.shared else None
             self.connection.unsubscribe(f"$share/{group}/{wildcard}" if group and kind in SHARED_KINDS else wildcard)
         self.writer.request_stop(timeout)
-        for thread in self._threads:
+        for thread in [*self._threads, *([self._reread_thread] if self._reread_thread else [])]:
             thread.join(timeout)
         self._threads = []
         if self._http is not None:
@@ -335,12 +347,62 @@ class Controller:
         if now - self._last_renew_check >= self.config.refresh_check_s:
             self._last_renew_check = now
             self._renew_desired(now)
+        if self.config.report_reread.max_per_pass and \
+                now - self._last_reread_check >= self.config.report_reread.check_every_s:
+            self._last_reread_check = now
+            self._start_reread(now)
         if now - self._last_prune >= 3600.0:
             self._last_prune = now
             pruned = self.store.prune_telemetry(now - self.config.telemetry_retention_s)
             if pruned:
                 log.info("pruned %d telemetry windows older than %.0f s", pruned, self.config.telemetry_retention_s)
         return done
+
+    def _start_reread(self, now: float) -> None:
+        """A re-read pass in a thread of its own: each subscription waits for the broker's SUBACK,
+        and 100 of them on a loaded broker must not hold up the rollouts' reconcile. One pass at a
+        time; a pass still running when the next is due makes that one wait for the next period."""
+        if self._reread_thread is not None and self._reread_thread.is_alive():
+            return
+        self._reread_thread = threading.Thread(target=self._reread_pass, args=(now,), name="controller-reread",
+                                               daemon=True)
+        self._reread_thread.start()
+
+    def _reread_pass(self, now: float) -> None:
+        try:
+            self._reread_stale_reports(now)
+        except Exception:  # a failed pass is logged; the next period tries again
+            log.exception("re-reading stale reports failed; trying again next period")
+
+    def _reread_stale_reports(self, now: float) -> None:
+        """Subscribe to the exact ``reported`` topic of each device due a re-read: a new subscription
+        makes the broker send that topic's retained message, which the ``+/reported`` subscription's
+        handler ingests like any report (ingesting a report twice is harmless: it replaces the
+        record). Last pass's subscriptions are dropped first; the broker sent their retained message
+        right after its SUBACK."""
+        for topic_filter in self._reread_filters:
+            self.connection.unsubscribe(topic_filter)
+        self._reread_filters = []
+        policy = self.config.report_reread
+        fleet = None if self.config.fleet == "+" else self.config.fleet
+        stale = self.store.stale_in_flight(now - policy.stale_after_s, fleet=fleet)
+        self._reread_at = forget_rereads(self._reread_at, now, policy)
+        due = rereads_due(stale, self._reread_at, now, policy)
+        for device in due:
+            if self._stop.is_set():
+                break
+            topic = device_topic(device.fleet, device.device, REPORTED, self.config.prefix)
+            try:
+                self.connection.subscribe(topic, _ignore, qos=1)
+            except EdgeshipError as exc:  # the broker is away: the next pass tries again
+                log.warning("could not re-read %s's report: %s", device.device, exc.message)
+                break
+            self._reread_filters.append(topic)
+            self._reread_at[device.device] = now
+        if due:
+            self.stats.add("reports_reread", len(self._reread_filters))
+            log.info("re-reading the retained report of %d device(s) silent for %.0f s or more with an update in "
+                     "flight (%d such in all)", len(self._reread_filters), policy.stale_after_s, len(stale))
 
     def _fail_assignment(self, rollout_id: str, device: str, detail: str, now: float) -> None:
         """Mark an assignment that cannot be signed FAILED in its rollout now (not at its timeout)."""
@@ -481,6 +543,11 @@ class Controller:
 
     def _start_metrics(self, host: str, port: int) -> None:
         self._http = MetricsServer(host, port, self.metrics_text).start()
+
+
+def _ignore(message: ReceivedMessage) -> None:
+    """The handler of a re-read subscription: the ``+/reported`` subscription's handler already
+    ingests every message on the topic."""
 
 
 class JsonLogFormatter(logging.Formatter):

@@ -12,6 +12,7 @@ from pathlib import Path
 from edgeship.ota.errors import BadInputError
 from edgeship.ota.topics import DEFAULT_PREFIX, validate_identifier
 from edgeship.ota.transport import BrokerUrl
+from edgeship.toolkit.report_reread import ReportRereadPolicy
 
 DEFAULT_SHARED_GROUP = "edgeship-controllers"
 
@@ -45,6 +46,8 @@ class ControllerConfig:
         metrics_port: serve Prometheus metrics on this port (None: no HTTP server; 0: any free port).
         metrics_window_s: the telemetry window of the fleet latency and error metrics.
         telemetry_retention_s: telemetry older than this is pruned (hourly).
+        report_reread: when to read a silent device's retained report again (a lost report's
+            second chance; ``max_per_pass=0`` turns it off).
     """
 
     broker: str | BrokerUrl
@@ -72,6 +75,7 @@ class ControllerConfig:
     block_rate_bytes_per_s: float = 8 * 1024 * 1024
     block_burst_bytes: float = 4 * 1024 * 1024
     block_qos: int = 1
+    report_reread: ReportRereadPolicy = field(default_factory=ReportRereadPolicy)
 
     def __post_init__(self) -> None:
         if self.tick_s <= 0 or self.batch_wait_s < 0 or self.batch_max < 1 or self.queue_max < 1:

@@ -15,12 +15,14 @@ from sqlalchemy.engine import Connection, Engine
 
 from edgeship.ota.telemetry import LATENCY_BUCKETS_MS, LatencyHistogram
 from edgeship.toolkit.abtest import TelemetryWindow
+from edgeship.toolkit.report_reread import TERMINAL_UPDATE_STATES, StaleDevice
 from edgeship.toolkit.rollouts import DeviceSnapshot, VersionTelemetry
 from edgeship.toolkit.store_schema import (
     device_models,
     devices,
     events,
     latency_from_json,
+    rollout_devices,
     rollouts,
     telemetry,
     transfers,
@@ -106,13 +108,16 @@ class FleetReads:
 
     # -- what the engines read ----------------------------------------------------------------
 
-    def _telemetry_rows(self, conn: Connection, ids: Sequence[str], since: float) -> Iterable[Any]:
+    def _telemetry_rows(self, conn: Connection, ids: Sequence[str], since: float,
+                        until: float | None = None) -> Iterable[Any]:
         for start in range(0, len(ids), 500):
             chunk = list(ids[start:start + 500])
             query = (sa.select(telemetry.c.device_id, telemetry.c.bundle_name, telemetry.c.bundle_version,
                                telemetry.c.requests, telemetry.c.errors, telemetry.c.latency,
                                telemetry.c.feedback_correct, telemetry.c.feedback_total)
                      .where(telemetry.c.device_id.in_(chunk), telemetry.c.received_at >= since))
+            if until is not None:
+                query = query.where(telemetry.c.received_at < until)
             yield from conn.execute(query)
 
     def fleet_snapshot(self, fleet: str, selection: Sequence[tuple[str, str]] = (),
@@ -192,14 +197,40 @@ class FleetReads:
             return self._model_rows(conn, list(ids))
 
     def telemetry_windows(self, fleet: str, selection: Sequence[tuple[str, str]] = (),
-                          since: float = 0.0) -> list[TelemetryWindow]:
-        """Every telemetry window of the selected devices received since ``since`` (the A/B report's input)."""
+                          since: float = 0.0, until: float | None = None) -> list[TelemetryWindow]:
+        """Every telemetry window of the selected devices received since ``since`` (and before
+        ``until``, if given): the A/B report's input, and the console's rollout health, which reads
+        only the windows that arrived since its last reading."""
         with self.engine.connect() as conn:
             ids = [r[0] for r in conn.execute(sa.select(self._selected(fleet, selection).subquery().c.id))]
             return [TelemetryWindow(device_id, name, version, requests, errors, latency_from_json(latency),
                                     correct or 0, total or 0)
                     for device_id, name, version, requests, errors, latency, correct, total
-                    in self._telemetry_rows(conn, ids, since)]
+                    in self._telemetry_rows(conn, ids, since, until)]
+
+    def stale_in_flight(self, reported_before: float, fleet: str | None = None,
+                        limit: int = 20_000) -> list[StaleDevice]:
+        """Devices whose record says an update is in flight and whose last report came before
+        ``reported_before`` (or never), oldest report first: the device's own update state (or one of
+        its models') is not a terminal one, or a RUNNING/PAUSED rollout holds it ASSIGNED or
+        IN_PROGRESS. The input of :func:`~edgeship.toolkit.report_reread.rereads_due`."""
+        terminal = sorted(TERMINAL_UPDATE_STATES)
+        silent = sa.or_(devices.c.reported_at.is_(None), devices.c.reported_at < reported_before)
+        own = sa.and_(devices.c.update_state.is_not(None), sa.func.upper(devices.c.update_state).not_in(terminal))
+        model_in_flight = sa.exists().where(device_models.c.device_id == devices.c.id,
+                                            device_models.c.update_state.is_not(None),
+                                            sa.func.upper(device_models.c.update_state).not_in(terminal))
+        assigned = sa.exists().where(rollout_devices.c.device_id == devices.c.id,
+                                     rollout_devices.c.status.in_(["ASSIGNED", "IN_PROGRESS"]),
+                                     rollout_devices.c.rollout_id == rollouts.c.id,
+                                     rollouts.c.state.in_(["RUNNING", "PAUSED"]))
+        query = (sa.select(devices.c.id, devices.c.fleet, devices.c.reported_at)
+                 .where(silent, sa.or_(own, model_in_flight, assigned))
+                 .order_by(devices.c.reported_at, devices.c.id).limit(limit))
+        if fleet is not None:
+            query = query.where(devices.c.fleet == fleet)
+        with self.engine.connect() as conn:
+            return [StaleDevice(device, fleet_, at) for device, fleet_, at in conn.execute(query)]
 
     # -- the record of bytes ------------------------------------------------------------------
 
@@ -223,20 +254,27 @@ class FleetReads:
                     found.setdefault(r["device_id"], {})[r["model"]] = _transfer_doc(r)
         return found
 
-    def rollout_transfers(self, rollout_id: str, name: str, version: str, device_ids: Sequence[str]) -> dict[str, Any]:
+    def rollout_transfers(self, rollout_id: str, name: str, version: str,
+                          device_ids: Sequence[str] | None = None) -> dict[str, Any]:
         """What a rollout's updates moved: :func:`~edgeship.toolkit.transfers.summarize` over the
-        transfers of its devices to its model and version (the rollout's own, or ones that do not
-        name a deployment)."""
+        transfers of its devices (``device_ids``, or the rollout's own device rows: one query, which
+        the console's rollout page runs on every refresh at 10,000 devices) to its model and version
+        (the rollout's own, or ones that do not name a deployment)."""
         from edgeship.toolkit.transfers import summarize
 
+        wanted = sa.and_(transfers.c.model == name, transfers.c.version == version,
+                         sa.or_(transfers.c.deployment.is_(None), transfers.c.deployment == rollout_id))
         rows: list[dict[str, Any]] = []
         with self.engine.connect() as conn:
-            for start in range(0, len(device_ids), 500):
-                query = sa.select(transfers).where(
-                    transfers.c.device_id.in_(list(device_ids[start:start + 500])), transfers.c.model == name,
-                    transfers.c.version == version,
-                    sa.or_(transfers.c.deployment.is_(None), transfers.c.deployment == rollout_id))
-                rows += [dict(r) for r in conn.execute(query).mappings()]
+            if device_ids is None:
+                members = sa.select(rollout_devices.c.device_id).where(rollout_devices.c.rollout_id == rollout_id)
+                rows = [dict(r) for r in conn.execute(
+                    sa.select(transfers).where(transfers.c.device_id.in_(members), wanted)).mappings()]
+            else:
+                for start in range(0, len(device_ids), 500):
+                    query = sa.select(transfers).where(
+                        transfers.c.device_id.in_(list(device_ids[start:start + 500])), wanted)
+                    rows += [dict(r) for r in conn.execute(query).mappings()]
         return summarize(rows)
 
 

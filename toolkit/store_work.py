@@ -296,11 +296,17 @@ class IntentRecords(ABTestRecords):
         row = conn.execute(sa.select(rollouts).where(rollouts.c.id == rollout_id)).mappings().first()
         if row is None:
             raise BadInputError(f"unknown rollout {rollout_id!r} (see `edgeship rollout ls`)")
+        # plain rows and one status lookup per distinct value: a 10,000-device rollout is reloaded
+        # whenever its revision moves (the console's page, every reconcile), and per-row mappings and
+        # Enum calls were most of that time
+        statuses = {s.value: s for s in DeviceStatus}
+        c = rollout_devices.c
         records = {
-            r["device_id"]: DeviceRecord(r["device_id"], DeviceStatus(r["status"]), r["stage"], r["assigned_at"],
-                                         r["previous_name"], r["previous_version"], r["updated_at"], r["detail"])
-            for r in conn.execute(sa.select(rollout_devices).where(rollout_devices.c.rollout_id == rollout_id))
-            .mappings()}
+            device: DeviceRecord(device, statuses[status], stage, assigned_at, previous_name, previous_version,
+                                 updated_at, detail)
+            for device, status, stage, assigned_at, previous_name, previous_version, updated_at, detail
+            in conn.execute(sa.select(c.device_id, c.status, c.stage, c.assigned_at, c.previous_name,
+                                      c.previous_version, c.updated_at, c.detail).where(c.rollout_id == rollout_id))}
         policy = json_value(row["policy"])
         selection = json_value(row["selection"])
         rollout = Rollout(id=row["id"], fleet=row["fleet"], name=row["name"], version=row["version"],

@@ -69,7 +69,7 @@ def rollout_summary(rollout: Any, health: Any = None, with_devices: bool = False
 
 def rollout_transfers(store: Any, rollout: Any) -> dict[str, Any]:
     """What the rollout's updates moved over the wire, from the devices' transfer records."""
-    return store.rollout_transfers(rollout.id, rollout.name, rollout.version, sorted(rollout.devices))
+    return store.rollout_transfers(rollout.id, rollout.name, rollout.version)
 
 
 def _bytes(count: int) -> str:

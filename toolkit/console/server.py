@@ -228,11 +228,12 @@ class ConsoleServer:
     def _page(self, parts: list[str], query: dict[str, str]) -> views.Page:
         # The fleet page's filters are the caller's words (400); every other page reads one record
         # by the id in its path, and the store refusing it means there is no such record (404).
-        if not parts:
-            try:
-                flt = views.FleetFilter.from_query(query)
-            except EdgeshipError as exc:
-                raise _Answer(400, exc.message) from None
+        try:
+            flt = views.FleetFilter.from_query(query) if not parts else None
+            devices_flt = views.RolloutDevicesFilter.from_query(query) if parts[:1] == ["rollouts"] else None
+        except EdgeshipError as exc:
+            raise _Answer(400, exc.message) from None
+        if flt is not None:
             return views.fleet_page(self.store, flt)
         try:
             if parts[0] == "devices" and len(parts) == 2:
@@ -240,7 +241,7 @@ class ConsoleServer:
             if parts == ["rollouts"]:
                 return views.rollouts_page(self.store, query.get("fleet", ""))
             if parts[0] == "rollouts" and len(parts) == 2:
-                return views.rollout_page(self.store, parts[1], self.rollout_reader, self.rollout_health)
+                return views.rollout_page(self.store, parts[1], self.rollout_reader, self.rollout_health, devices_flt)
             if parts == ["abtests"]:
                 return views.abtests_page(self.store)
             if parts[0] == "abtests" and len(parts) == 2:

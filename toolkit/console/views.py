@@ -7,12 +7,15 @@ function, so the live view can never show something the page would not.
 
 from __future__ import annotations
 
-__all__ = ["FleetFilter", "Page", "RolloutHealth", "RolloutReader", "abtest_page", "abtests_page", "device_page", "fleet_page", "render",
+__all__ = ["DEFAULT_FLEET_ROWS", "FLEET_PAGE_ROWS", "FleetFilter", "Page", "RolloutDevicesFilter", "RolloutHealth", "RolloutReader", "abtest_page", "abtests_page", "device_page", "fleet_page", "keyset_page", "render",
            "rollout_page", "rollouts_page"]
 
+import bisect
+import logging
 import threading
 import time
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -21,12 +24,17 @@ from edgeship.ota.errors import BadInputError
 from edgeship.ota.telemetry import LatencyHistogram
 from edgeship.toolkit.fleet_actions import device_models
 from edgeship.toolkit.fleet_rules import describe_models
+from edgeship.toolkit.rollouts import VersionTelemetry
 
 from . import charts
 
-MAX_DEVICE_ROWS = 500
-"""Rows the fleet table shows (the counts above it cover every match): a 10,000-device page would
-be megabytes of HTML that nobody reads; filters narrow it."""
+log = logging.getLogger(__name__)
+
+FLEET_PAGE_ROWS = (50, 100, 200, 500)
+"""The page sizes of the fleet table and of a rollout's device table; 100 unless the operator picks
+another. Every device is reachable by paging (keyset: next/previous by device id) and the counts
+above a table cover every match."""
+DEFAULT_FLEET_ROWS = 100
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,8 @@ def ago(ts: float | None, now: float | None = None) -> str:
 
 @dataclass(frozen=True)
 class FleetFilter:
-    """The fleet page's filters (query parameters); empty strings mean 'any'."""
+    """The fleet page's filters and its place in the table (query parameters); empty strings mean
+    'any'. ``after``/``before``: the page after or before that device id; ``rows``: the page size."""
 
     fleet: str = ""
     tag: str = ""        # KEY=VALUE
@@ -91,15 +100,26 @@ class FleetFilter:
     version: str = ""
     state: str = ""      # an update state, or "none"
     online: str = ""     # "yes" / "no"
+    after: str = ""
+    before: str = ""
+    rows: int = DEFAULT_FLEET_ROWS
+
+    FILTERS = ("fleet", "tag", "bundle", "version", "state", "online")
 
     @classmethod
     def from_query(cls, query: Mapping[str, str]) -> FleetFilter:
-        fields = {name: query.get(name, "").strip()[:128] for name in cls.__dataclass_fields__}
+        fields: dict[str, Any] = {name: query.get(name, "").strip()[:128]
+                                  for name in (*cls.FILTERS, "after", "before")}
         if fields["online"] not in ("", "yes", "no"):
             raise BadInputError("online: use yes or no")
         if fields["tag"] and "=" not in fields["tag"]:
             raise BadInputError("tag: use KEY=VALUE")
-        return cls(**fields)
+        if fields["after"] and fields["before"]:
+            raise BadInputError("after and before: give one of them")
+        rows_text = query.get("rows", "").strip() or str(DEFAULT_FLEET_ROWS)
+        if rows_text not in {str(n) for n in FLEET_PAGE_ROWS}:
+            raise BadInputError(f"rows: one of {', '.join(str(n) for n in FLEET_PAGE_ROWS)}")
+        return cls(**fields, rows=int(rows_text))
 
     def selection(self) -> tuple[tuple[str, str], ...]:
         if not self.tag:
@@ -107,23 +127,35 @@ class FleetFilter:
         key, _, value = self.tag.partition("=")
         return ((key.strip(), value.strip()),)
 
+    def url(self, **paging: str) -> str:
+        """The fleet page with these filters and page size, at ``after=ID`` / ``before=ID`` (or the first page)."""
+        query = {name: getattr(self, name) for name in self.FILTERS if getattr(self, name)}
+        if self.rows != DEFAULT_FLEET_ROWS:
+            query["rows"] = str(self.rows)
+        query.update({k: v for k, v in paging.items() if v})
+        return "/" + ("?" + urllib.parse.urlencode(query) if query else "")
 
 
 def fleet_page(store: Any, flt: FleetFilter) -> Page:
     listing = store.device_listing(flt.fleet or None, flt.selection(), bundle=flt.bundle, version=flt.version,
                                    state=flt.state, online=None if not flt.online else flt.online == "yes",
-                                   limit=MAX_DEVICE_ROWS)
+                                   limit=flt.rows, after=flt.after, before=flt.before)
     versions = sorted(((v or "nothing installed"), n) for v, n in listing["versions"].items())
     states = sorted(((s or "none"), n) for s, n in listing["states"].items())
-    multi = [d.id for d in listing["devices"] if d.models_reported]
+    shown = listing["devices"]
+    multi = [d.id for d in shown if d.models_reported]
     reported = store.device_models_of(multi) if multi else {}
     models = {d.id: describe_models({"name": name, **m, "version": m.get("active_version")}
                                     for name, m in sorted(reported.get(d.id, {}).items()))
-              for d in listing["devices"] if d.id in reported}
+              for d in shown if d.id in reported}
+    pager = {"first": flt.url() if listing["has_previous"] else "",
+             "previous": flt.url(before=shown[0].id) if listing["has_previous"] and shown else "",
+             "next": flt.url(after=shown[-1].id) if listing["has_next"] and shown else ""}
     return Page("fleet.html", "Fleet", {
-        "filter": flt, "devices": listing["devices"], "models": models, "total": listing["total"], "online": listing["online"],
+        "filter": flt, "devices": shown, "models": models, "total": listing["total"], "online": listing["online"],
         "offline": listing["total"] - listing["online"], "versions": sorted(versions, key=lambda kv: -kv[1]),
-        "states": states, "fleets": listing["fleets"], "shown": len(listing["devices"]), "now": time.time()})
+        "states": states, "fleets": listing["fleets"], "shown": len(shown), "pager": pager,
+        "page_sizes": FLEET_PAGE_ROWS, "now": time.time()})
 
 
 def device_page(store: Any, device_id: str, window_s: float = 900.0) -> Page:
@@ -156,6 +188,7 @@ class RolloutReader:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loaded: dict[str, tuple[int, Any]] = {}
+        self._sorted: dict[tuple[int, str], tuple[Any, list[str]]] = {}
 
     def load(self, store: Any, rollout_id: str) -> Any:
         revision = store.rollout_revision(rollout_id)
@@ -170,20 +203,52 @@ class RolloutReader:
                 self._loaded.pop(next(iter(self._loaded)))
         return rollout
 
+    def sorted_ids(self, rollout: Any, status: str = "") -> list[str]:
+        """The rollout's device ids in order (those of ``status`` only, if given), kept with the
+        loaded rollout: a page re-fetched every 2 s does not sort 10,000 ids each time."""
+        key = (id(rollout), status)
+        with self._lock:
+            found = self._sorted.get(key)
+        if found is not None and found[0] is rollout:
+            return found[1]
+        ids = sorted(d for d, r in rollout.devices.items() if not status or r.status.value == status)
+        with self._lock:
+            self._sorted[key] = (rollout, ids)
+            while len(self._sorted) > 64:
+                self._sorted.pop(next(iter(self._sorted)))
+        return ids
+
+
+@dataclass
+class _HealthTally:
+    """One rollout's telemetry merged per (bundle, version) over the windows received before ``upto``."""
+
+    upto: float
+    per_version: dict[tuple[str, str], VersionTelemetry]
+
 
 class RolloutHealth:
     """A rollout's health (its version against the others, from the telemetry since it started),
     measured in the background and at most ``max_age_s`` old.
 
-    Measuring merges every telemetry window of the rollout's devices since it started: at 10,000
-    devices that is seconds of work, which a page re-fetched every 2 s must not wait for. The page
-    shows the latest reading and its age; a stale one starts one new measurement (never two at a
-    time for one rollout)."""
+    The page shows the latest reading and its age and never waits for a measurement; a stale one
+    starts one new measurement (never two at a time for one rollout).
 
-    def __init__(self, max_age_s: float = 15.0) -> None:
-        self.max_age_s = max_age_s
+    A measurement reads only the windows received since the last one and adds them to a running
+    tally per (bundle, version); the reading is :func:`~edgeship.toolkit.rollouts.measure_health`
+    of that tally, the same verdict as over every window at once. Re-reading every window since the
+    rollout started, as before, grew with the rollout (at 10,000 devices reporting every 10 s,
+    180,000 windows after 3 minutes: seconds of pure Python every 15 s, holding the interpreter
+    lock that every page of the console needs). A window counts once its ``received_at`` is
+    ``settle_s`` old, so one committed late by a busy ingest writer is still in the range that the
+    next read covers; the reading therefore lags the newest telemetry by ``settle_s``."""
+
+    def __init__(self, max_age_s: float = 15.0, settle_s: float = 15.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.max_age_s, self.settle_s, self.clock = max_age_s, settle_s, clock
         self._lock = threading.Lock()
         self._readings: dict[str, tuple[float, Any]] = {}
+        self._tallies: dict[str, _HealthTally] = {}
         self._running: set[str] = set()
 
     def reading(self, store: Any, rollout: Any) -> tuple[Any, float | None]:
@@ -198,36 +263,107 @@ class RolloutHealth:
                                  name=f"health-{rollout.id}").start()
         return value, (None if at is None else now - at)
 
-    def _measure(self, store: Any, rollout: Any) -> None:
-        from edgeship.toolkit.rollouts import measure_health
+    def measure(self, store: Any, rollout: Any) -> Any:
+        """Add the windows received since the last measurement; return the reading (also kept)."""
+        from edgeship.toolkit.rollouts import DeviceSnapshot, measure_health
 
+        with self._lock:
+            tally = self._tallies.get(rollout.id) or _HealthTally(rollout.created_at, {})
+        until = self.clock() - self.settle_s
+        merged = dict(tally.per_version)
+        if until > tally.upto:
+            for window in store.telemetry_windows(rollout.fleet, rollout.selection, since=tally.upto, until=until):
+                if window.name is None or window.version is None:
+                    continue
+                key = (window.name, window.version)
+                have = merged.get(key)
+                merged[key] = VersionTelemetry(key[0], key[1], window.requests, window.errors, window.latency) \
+                    if have is None else VersionTelemetry(key[0], key[1], have.requests + window.requests,
+                                                          have.errors + window.errors, have.latency.merge(window.latency))
+            tally = _HealthTally(until, merged)
+        reading = measure_health(rollout, {"": DeviceSnapshot(device="", telemetry=tuple(merged.values()))})
+        with self._lock:
+            self._tallies[rollout.id] = tally
+            self._readings[rollout.id] = (time.monotonic(), reading)
+            while len(self._tallies) > 32:
+                self._tallies.pop(next(iter(self._tallies)))
+        return reading
+
+    def _measure(self, store: Any, rollout: Any) -> None:
         try:
-            snapshot = {s.device: s for s in store.fleet_snapshot(rollout.fleet, rollout.selection,
-                                                                 telemetry_since=rollout.created_at)}
-            reading = measure_health(rollout, snapshot)
-            with self._lock:
-                self._readings[rollout.id] = (time.monotonic(), reading)
+            self.measure(store, rollout)
+        except Exception:  # a failed measurement (logged) leaves the last reading; the next request retries
+            log.exception("rollout %s: health not measured", rollout.id)
         finally:
             with self._lock:
                 self._running.discard(rollout.id)
 
 
-def rollout_page(store: Any, rollout_id: str, reader: RolloutReader, health: RolloutHealth) -> Page:
-    from edgeship.toolkit.commands.rollout import rollout_summary, rollout_transfers, transfer_line
+def keyset_page(ids: Sequence[str], rows: int, after: str = "", before: str = "") -> tuple[list[str], bool, bool]:
+    """One page of the sorted ``ids``: ``rows`` of them after ``after``, before ``before``, or the
+    first; with whether ids lie before and after the page. The fleet table's paging (there in SQL)
+    for lists the console already holds."""
+    if before:
+        end = bisect.bisect_left(ids, before)
+        start = max(0, end - rows)
+        return list(ids[start:end]), start > 0, True
+    start = bisect.bisect_right(ids, after) if after else 0
+    return list(ids[start:start + rows]), start > 0, start + rows < len(ids)
 
+
+@dataclass(frozen=True)
+class RolloutDevicesFilter:
+    """The rollout page's device table: a device status (empty: every one) and its page (as the fleet's)."""
+
+    status: str = ""
+    paging: FleetFilter = FleetFilter()
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> RolloutDevicesFilter:
+        from edgeship.toolkit.rollouts import DeviceStatus
+
+        status = query.get("status", "").strip().upper()
+        if status and status not in DeviceStatus.__members__:
+            raise BadInputError(f"status: one of {', '.join(DeviceStatus.__members__)}")
+        return cls(status, FleetFilter.from_query({k: query.get(k, "") for k in ("rows", "after", "before")}))
+
+
+def rollout_page(store: Any, rollout_id: str, reader: RolloutReader, health: RolloutHealth,
+                 flt: RolloutDevicesFilter | None = None) -> Page:
+    """A rollout; its device table pages as the fleet's does (``rows``, ``after``, ``before``) and
+    filters by ``status``; the counts and stage bars cover every device."""
+    from edgeship.toolkit.commands.rollout import rollout_summary, rollout_transfers, transfer_line
+    from edgeship.toolkit.rollouts import DeviceStatus
+
+    flt = flt or RolloutDevicesFilter()
+    status, paging = flt.status, flt.paging
     rollout = reader.load(store, rollout_id)
     reading, age = health.reading(store, rollout)
     doc = rollout_summary(rollout, reading, transfers=rollout_transfers(store, rollout))
     doc["transfer_line"] = transfer_line(doc["transfers"])
-    records = sorted(rollout.devices.items())
-    devices = [{**r.to_dict(), "stage": None if r.stage is None else r.stage + 1} for _, r in records[:MAX_DEVICE_ROWS]]
+    ids = reader.sorted_ids(rollout, status)
+    shown, has_previous, has_next = keyset_page(ids, paging.rows, paging.after, paging.before)
+    records = rollout.devices
+    devices = [{"device": i, "status": records[i].status.value,
+                "stage": None if records[i].stage is None else records[i].stage + 1,
+                "previous_name": records[i].previous_name, "previous_version": records[i].previous_version,
+                "detail": records[i].detail} for i in shown]
+
+    def url(**more: str) -> str:
+        params = {"status": status, "rows": "" if paging.rows == DEFAULT_FLEET_ROWS else str(paging.rows), **more}
+        kept = {k: v for k, v in params.items() if v}
+        return f"/rollouts/{urllib.parse.quote(rollout_id)}" + ("?" + urllib.parse.urlencode(kept) if kept else "")
+
+    pager = {"first": url() if has_previous else "", "previous": url(before=shown[0]) if has_previous and shown else "",
+             "next": url(after=shown[-1]) if has_next and shown else ""}
     state = doc["state"]
     operations = {"pause": state == "RUNNING", "resume": state == "PAUSED", "abort": state in ("RUNNING", "PAUSED"),
                   "rollback": state in ("RUNNING", "PAUSED", "COMPLETED", "ABORTED")}
     return Page("rollout.html", f"Rollout {rollout_id}", {
         "r": doc, "stage_chart": charts.stage_bars(doc["stage_progress"]), "operations": operations,
-        "devices": devices, "device_total": len(records), "health_age": age,
-        "log": store.rollout_log_entries(rollout_id, limit=30), "now": time.time(),
+        "devices": devices, "device_total": len(records), "matching": len(ids), "status_filter": status,
+        "statuses": list(DeviceStatus.__members__), "pager": pager, "rows": paging.rows, "page_sizes": FLEET_PAGE_ROWS,
+        "health_age": age, "log": store.rollout_log_entries(rollout_id, limit=30), "now": time.time(),
         "colours": charts.STATUS_COLOURS})
 
 
