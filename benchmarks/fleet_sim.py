@@ -91,6 +91,7 @@ from edgeship.toolkit.store import FleetStore
 FLEET = "sim"
 BLOCK_SIZE = 64 * 1024
 WINDOW = 16
+REASK_S = 5.0  # a device without progress for this long asks again (then twice as long, up to 8x)
 
 
 def _fmt(seconds: float) -> str:
@@ -153,6 +154,7 @@ class SimDevice:
         self.info: BlockInfo | None = None
         self.blocks: dict[int, bytes] = {}
         self.progress_at = 0.0
+        self.stall_s = REASK_S
         self.request_no = 0
         self.committed_at: float | None = None
         self.serving_version: int | None = None
@@ -310,6 +312,7 @@ class SimDevice:
             self.wire_bytes += len(reply.data)  # every block that came over the wire, repeats included
             if reply.index not in self.blocks:
                 self.blocks[reply.index] = reply.data
+                self.stall_s = REASK_S
                 self.sim.bytes_received += len(reply.data)
             missing = self._missing()
             if not missing:
@@ -319,9 +322,10 @@ class SimDevice:
 
     def _check_transfer(self) -> None:
         """Ask again for what did not arrive (a lost request or block)."""
-        if self.state is not None and not self.rebuilding and time.monotonic() - self.progress_at > 5.0:
+        if self.state is not None and not self.rebuilding and time.monotonic() - self.progress_at > self.stall_s:
             self.sim.retries += 1
             self._request(self._missing()[:WINDOW] if self.info else None)
+            self.stall_s = min(self.stall_s * 2, REASK_S * 8)  # as the agent backs off (ota.block_transfer)
 
     def _finish(self) -> None:
         assert self.info is not None and self.state is not None

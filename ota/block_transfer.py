@@ -141,6 +141,18 @@ def stream_for_url(url: str) -> str:
     return stream
 
 
+REASK_BACKOFF_LIMIT = 8
+"""A device waits at most this many request timeouts between two re-asks without progress."""
+
+
+def next_reask_s(current: float, config: BlockTransferConfig) -> float:
+    """How long to wait before the next re-ask after one went unanswered: twice the last wait, up
+    to ``REASK_BACKOFF_LIMIT`` request timeouts. Pure. A block server that answers nothing is
+    overloaded more often than it is gone, and a fleet re-asking at a fixed pace would keep it so;
+    the first block that arrives resets the wait to one request timeout."""
+    return min(current * 2, config.request_timeout_s * REASK_BACKOFF_LIMIT)
+
+
 def _retry_after(reply: BlockError, config: BlockTransferConfig) -> float:
     """The server's ``retry_after_s`` (0 is a valid answer), bounded; the request timeout without one."""
     if reply.retry_after_s is None:
@@ -267,13 +279,15 @@ class MqttBlockDownloader:
         self._drain()
         request_id = uuid.uuid4().hex
         next_send = 0.0
+        interval = self.config.request_timeout_s
         while True:
             now = time.monotonic()
             if now > deadline:
                 raise self.transfer_error(f"no description of {stream} within {self.config.total_timeout_s:g} s")
             if now >= next_send and self.connection.is_connected:
                 self._send(BlockRequest(request_id, stream, self.config.block_size))
-                next_send = now + self.config.request_timeout_s
+                next_send = now + interval
+                interval = next_reask_s(interval, self.config)
             try:
                 reply = self._replies.get(timeout=0.1)
             except queue.Empty:
@@ -299,6 +313,7 @@ class MqttBlockDownloader:
         fresh: dict[int, bytes] = {}
         not_before = 0.0
         last_progress = time.monotonic()
+        stall_s = config.request_timeout_s
         was_connected = True
         finished = False
         try:
@@ -329,12 +344,13 @@ class MqttBlockDownloader:
                 elif not was_connected:
                     was_connected = True
                     last_progress = now
-                if connected and now - last_progress > config.request_timeout_s and inflight:
+                if connected and now - last_progress > stall_s and inflight:
                     log.info("%s: %d blocks did not arrive within %.1f s; asking again",
-                             stream, len(inflight), config.request_timeout_s)
+                             stream, len(inflight), stall_s)
                     pending = collections.deque(sorted(set(pending) | set(inflight)))
                     inflight.clear()
                     last_progress = now
+                    stall_s = next_reask_s(stall_s, config)
                 room = config.window - len(inflight)
                 if connected and pending and now >= not_before \
                         and (room >= max(1, config.window // 4) or not inflight):
@@ -371,6 +387,7 @@ class MqttBlockDownloader:
                         fresh[reply.index] = reply.data
                     self.blocks_received += 1
                     last_progress = time.monotonic()
+                    stall_s = config.request_timeout_s
                     partial.sync(every_blocks=config.sync_every_blocks, every_s=config.sync_every_s)
                     if self.progress is not None:
                         self.progress(stream, len(partial.have), partial.total)

@@ -449,3 +449,47 @@ def test_block_rate_limit_is_per_device_and_fleet(mosquitto_broker: MosquittoBro
         assert len(later.served) == 2
     finally:
         conn.close()
+
+
+def test_a_device_asking_again_while_its_request_waits_replaces_it(mosquitto_broker: MosquittoBroker,
+                                                                   tmp_path: Path) -> None:
+    """Under load every device re-asks on its timeout; copies of one device's request for one stream
+    are served once (the newest), and only a full queue of distinct requests drops one."""
+    from edgeship.ota.protocol import encode_message
+    from edgeship.ota.transport import ReceivedMessage
+
+    (tmp_path / "metadata").mkdir()
+    (tmp_path / "targets").mkdir()
+    conn = MqttConnection(mosquitto_broker.url, client_id="ctl-coalesce").connect(5)
+    try:
+        server = BlockServer(conn, tmp_path, queue_size=2)  # not started: nothing is served yet
+
+        def ask(device: str, request_id: str, stream: str = "targets/b.tar") -> None:
+            payload = encode_message(BlockRequest(request_id, stream, 1024, bitmap_from_indexes(range(4), 0), 0))
+            server._on_request(ReceivedMessage(f"edgeship/plant/devices/{device}/blocks/request", payload, 1, False))
+
+        ask("dev-a", "a1")
+        ask("dev-a", "a2")
+        ask("dev-a", "a3")
+        assert server._queue.qsize() == 1 and server.coalesced_requests == 2 and server.dropped_requests == 0
+        assert server._waiting[("plant", "dev-a", "targets/b.tar")].request_id == "a3"  # the newest is served
+        ask("dev-a", "a4", "targets/c.tar")  # another stream of the same device is its own request
+        ask("dev-b", "b1")  # the queue is full: a distinct request is dropped and counted
+        assert server._queue.qsize() == 2 and server.dropped_requests == 1
+        assert ("plant", "dev-b", "targets/b.tar") not in server._waiting
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("waits,expected", [
+    ([3.0], 6.0), ([6.0], 12.0), ([12.0], 24.0), ([24.0], 24.0), ([24.0, 24.0], 24.0),
+])
+def test_reasks_back_off_to_eight_request_timeouts(waits: list[float], expected: float) -> None:
+    from edgeship.ota.block_transfer import next_reask_s
+
+    config = BlockTransferConfig(request_timeout_s=3.0)
+    current = waits[0]
+    for _ in waits:
+        result = next_reask_s(current, config)
+        current = result
+    assert result == expected

@@ -204,7 +204,16 @@ class BlockServer:
         self.qos = qos
         self.clock = clock
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
-        self._queue: queue.Queue[tuple[str, str, BlockRequest] | None] = queue.Queue(queue_size)
+        self._queue: queue.Queue[tuple[str, str, str] | None] = queue.Queue(queue_size)
+        # The newest request of each (fleet, device, stream) not yet served. A device that asks again
+        # while its earlier request still waits replaces it instead of queueing a second one: under
+        # load every device re-asks on its timeout, and serving each copy of the same window would
+        # multiply the bytes sent by the very congestion that caused the re-ask.
+        self._waiting: dict[tuple[str, str, str], BlockRequest] = {}
+        self._waiting_lock = threading.Lock()
+        self.coalesced_requests = 0
+        self._drops_unlogged = 0
+        self._drop_logged_at = -1e9
         self._worker: threading.Thread | None = None
         self._etags: dict[Path, tuple[tuple[int, int, int], str]] = {}
         self.log: collections.deque[ServedRequest] = collections.deque(maxlen=history)
@@ -246,23 +255,43 @@ class BlockServer:
         where = parse_device_topic(message.topic, self.prefix)
         request = parse_message(BLOCK_REQUEST, message.payload)
         assert isinstance(request, BlockRequest)
-        try:
-            self._queue.put_nowait((where.fleet, where.device, request))
-        except queue.Full:
-            self.dropped_requests += 1
-            log.warning("block server busy: dropped a request from %s/%s (the device will ask again)",
-                        where.fleet, where.device)
+        key = (where.fleet, where.device, request.stream)
+        with self._waiting_lock:
+            if key in self._waiting:
+                self._waiting[key] = request
+                self.coalesced_requests += 1
+                return
+            try:
+                self._queue.put_nowait(key)
+            except queue.Full:
+                self._dropped(where.fleet, where.device)
+                return
+            self._waiting[key] = request
+
+    def _dropped(self, fleet: str, device: str) -> None:
+        """Count a request refused for a full queue; say so at most once per 10 s (one line per drop
+        would cost the network thread most of its time exactly when it has none to spare)."""
+        self.dropped_requests += 1
+        self._drops_unlogged += 1
+        now = self.clock()
+        if now - self._drop_logged_at >= 10.0:
+            log.warning("block server busy: dropped %d request(s) since the last such line, the last from %s/%s "
+                        "(devices ask again)", self._drops_unlogged, fleet, device)
+            self._drops_unlogged = 0
+            self._drop_logged_at = now
 
     # -- worker --
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            key = self._queue.get()
+            if key is None:
                 return
+            with self._waiting_lock:
+                request = self._waiting.pop(key)
             try:
-                self.serve(*item)
+                self.serve(key[0], key[1], request)
             except Exception:  # one bad request must not end the block server's worker (logged)
-                log.exception("block server failed on a request from %s/%s", item[0], item[1])
+                log.exception("block server failed on a request from %s/%s", key[0], key[1])
 
     def _etag(self, path: Path, stat: os.stat_result) -> str:
         key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
