@@ -91,6 +91,20 @@ def copy_model(model: Any) -> Any:
     return twin
 
 
+def set_batchnorm_statistics(model: Any, x: np.ndarray) -> None:
+    """Set every BatchNorm layer's moving statistics to those of the batch ``x``. With random weights
+    and the initial statistics the features reaching a classifier's head are all zero, and
+    "retraining the head" would move only its bias."""
+    import tensorflow as tf
+
+    norms = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.BatchNormalization)]
+    for layer in norms:
+        layer.momentum = 0.0
+    model(x, training=True)  # moving statistics := this batch's
+    for layer in norms:
+        layer.momentum = 0.99
+
+
 def cases(folder: Path) -> list[tuple[str, Any, Any, np.ndarray, str]]:
     import tensorflow as tf
     from model import load_digits_split, train_digits_cnn
@@ -107,14 +121,7 @@ def cases(folder: Path) -> list[tuple[str, Any, Any, np.ndarray, str]]:
     rng = np.random.default_rng(0)
     x = rng.random((64, 96, 96, 3), dtype=np.float32)
     y = rng.integers(0, 10, 64)
-    # BatchNorm's moving statistics from one batch: with random weights and the initial statistics the
-    # features reaching the head are all zero, and "retraining the head" would move only its bias.
-    norms = [layer for layer in mobile.layers if isinstance(layer, tf.keras.layers.BatchNormalization)]
-    for layer in norms:
-        layer.momentum = 0.0
-    mobile(x, training=True)
-    for layer in norms:
-        layer.momentum = 0.99
+    set_batchnorm_statistics(mobile, x)
     head = copy_model(mobile)
     for layer in head.layers[:-1]:
         layer.trainable = False

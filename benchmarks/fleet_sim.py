@@ -785,7 +785,7 @@ def make_model_bundles(folder: Path) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import numpy as np
     import tensorflow as tf
-    from deltas import copy_model, tflite
+    from deltas import copy_model, set_batchnorm_statistics, tflite
 
     from edgeship.ota.bundle_build import build_bundle
 
@@ -795,12 +795,7 @@ def make_model_bundles(folder: Path) -> None:
     rng = np.random.default_rng(0)
     x = rng.random((32, 96, 96, 3), dtype=np.float32)
     y = rng.integers(0, 10, 32)
-    norms = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.BatchNormalization)]
-    for layer in norms:
-        layer.momentum = 0.0
-    model(x, training=True)  # moving statistics := this batch's
-    for layer in norms:
-        layer.momentum = 0.99
+    set_batchnorm_statistics(model, x)
     models = [model]
     for _ in MODEL_VERSIONS[1:]:
         head = copy_model(models[-1])
