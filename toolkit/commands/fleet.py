@@ -32,6 +32,7 @@ from .fleet_options import (
     check_broker_url,
     check_published,
     db_option,
+    device_choice_options,
     json_option,
     open_fleet_store,
     parse_window,
@@ -252,10 +253,7 @@ def fleet_ls(fleet_name: str | None, select: tuple[str, ...], window: str, db_ur
 @click.command("deploy")
 @click.argument("name")
 @click.argument("version")
-@click.option("--device", "device_ids", multiple=True, metavar="ID", help="The device (repeatable).")
-@click.option("--select", "select", multiple=True, metavar="TAG=VALUE",
-              help="Every device with this tag (repeatable: all must match).")
-@click.option("--fleet", "fleet_name", default=None, help="The fleet (needed with --select when several exist).")
+@device_choice_options
 @repo_option
 @db_option
 @broker_option
@@ -321,10 +319,7 @@ def _chosen_devices(store: Any, device_ids: tuple[str, ...], select: tuple[str, 
 
 @click.command("undeploy")
 @click.argument("name")
-@click.option("--device", "device_ids", multiple=True, metavar="ID", help="The device (repeatable).")
-@click.option("--select", "select", multiple=True, metavar="TAG=VALUE",
-              help="Every device with this tag (repeatable: all must match).")
-@click.option("--fleet", "fleet_name", default=None, help="The fleet (needed with --select when several exist).")
+@device_choice_options
 @db_option
 @broker_option
 @json_option

@@ -88,6 +88,16 @@ def json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(func)
 
 
+def device_choice_options(func: F) -> F:
+    """Which devices a direct assignment concerns (``deploy``, ``undeploy``): named devices, or
+    every device with the given tags, in one fleet."""
+    func = click.option("--fleet", "fleet_name", default=None,
+                        help="The fleet (needed with --select when several exist).")(func)
+    func = click.option("--select", "select", multiple=True, metavar="TAG=VALUE",
+                        help="Every device with this tag (repeatable: all must match).")(func)
+    return click.option("--device", "device_ids", multiple=True, metavar="ID", help="The device (repeatable).")(func)
+
+
 def policy_options(func: F) -> F:
     """The rollout policy options of ``rollout start`` (and ``abtest promote``)."""
     options = [
