@@ -53,12 +53,14 @@ PACED_RATES = {"mobilenet": 30.0, "digits": 200.0}
 
 def serve_main(models: list[str], port_file: Path) -> None:
     """The agent's serving stack over a catalogue of ``name=path`` models."""
+    from edgeship.agent.daemon import limit_malloc_arenas
     from edgeship.agent.grpc_server import GrpcServer
     from edgeship.agent.runtimes import open_model
     from edgeship.agent.servables import Servables
     from edgeship.agent.server import ApiServer
     from edgeship.agent.serving import LoadedModel, warm_up
 
+    limit_malloc_arenas()  # as `edgeship-agent run` does at start
     servables = Servables()
     for item in models:
         name, path = item.split("=", 1)
@@ -75,9 +77,11 @@ def serve_main(models: list[str], port_file: Path) -> None:
 
 
 def start(kind: str, *args: str) -> tuple[subprocess.Popen, dict[str, int]]:
-    """``serve`` (the agent's stack, this script) or ``fastapi`` (fastapi_wrapper.py) in a process."""
+    """``serve`` (the agent's stack, this script), ``fastapi`` (fastapi_wrapper.py) or ``grpc``
+    (grpc_wrapper.py) in a process."""
     port_file = Path(tempfile.mkdtemp(prefix="bench-ports-")) / "ports.json"
-    command = ([str(HERE.with_name("fastapi_wrapper.py")), *args, str(port_file)] if kind == "fastapi"
+    wrappers = {"fastapi": "fastapi_wrapper.py", "grpc": "grpc_wrapper.py"}
+    command = ([str(HERE.with_name(wrappers[kind])), *args, str(port_file)] if kind in wrappers
                else [str(HERE), kind, "--port-file", str(port_file), *args])
     proc = subprocess.Popen([sys.executable, *command], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     deadline = time.monotonic() + 120
@@ -159,6 +163,25 @@ def oip_grpc_call(port: int, model: str, frame: np.ndarray, names: tuple[str, st
         return np.frombuffer(stub.ModelInfer(request, timeout=60).raw_output_contents[0], dtype=np.float32)
 
     return call
+
+
+def raw_grpc_call(port: int, method: str, request: bytes) -> Any:
+    """``request``, already serialized, to a unary method: the call without the client's protobuf."""
+    import grpc
+
+    call = grpc.insecure_channel(f"127.0.0.1:{port}").unary_unary(method)
+    return lambda: call(request, timeout=60)
+
+
+def oip_grpc_serialized_call(port: int, model: str, frame: np.ndarray, names: tuple[str, str]) -> Any:
+    """The agent's ModelInfer with the request serialized once, before timing: what the agent
+    costs apart from the client's protobuf (serializing the 600 kB request, reading the answer)."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=model, raw_input_contents=[frame.tobytes()])
+    request.inputs.add(name=names[0], datatype="FP32", shape=list(frame.shape))
+    request.outputs.add(name=names[1])
+    return raw_grpc_call(port, "/inference.GRPCInferenceService/ModelInfer", request.SerializeToString())
 
 
 def tf_grpc_call(port: int, model: str, frame: np.ndarray, input_key: str) -> Any:
@@ -519,6 +542,7 @@ def run(write: bool, rounds: int, seconds: float) -> None:
         agent, ports = start("serve", "--model", f"mobilenet={mobilenet}", "--model", f"digits={digits}",
                              "--model", f"probe={base / 'probe.tflite'}")
         fastapi, fastapi_ports = start("fastapi", str(mobilenet))
+        wrapper, wrapper_ports = start("grpc", str(mobilenet))
         try:
             names = tensor_names(ports["http"], "mobilenet")
             rest = RestClient(ports["http"])
@@ -529,6 +553,8 @@ def run(write: bool, rounds: int, seconds: float) -> None:
                 "OIP binary over HTTP": oip_binary_call(rest, "mobilenet", frame, names),
                 "OIP gRPC (raw_input_contents)": oip_grpc_call(ports["grpc"], "mobilenet", frame, names),
                 "TF Serving gRPC Predict": tf_grpc_call(ports["grpc"], "mobilenet", frame, names[0]),
+                "OIP gRPC, request serialized once": oip_grpc_serialized_call(ports["grpc"], "mobilenet", frame, names),
+                "grpcio wrapper, raw bytes": raw_grpc_call(wrapper_ports["grpc"], "/wrapper.Model/Infer", frame.tobytes()),
                 "TF Serving REST JSON": json_call(RestClient(ports["http"]), "mobilenet", frame),
                 "FastAPI+uvicorn wrapper, JSON": json_call(RestClient(fastapi_ports["http"]), "mobilenet", frame),
                 "tritonclient.http infer (binary)": triton_http_call(ports["http"], "mobilenet", frame, names),
@@ -538,7 +564,15 @@ def run(write: bool, rounds: int, seconds: float) -> None:
             for name, call in calls.items():  # every path answers what the model answers
                 if name == "bare LiteRT":
                     continue
-                np.testing.assert_allclose(np.asarray(call(), dtype=np.float32).ravel(), reference, rtol=1e-4, atol=1e-5,
+                answer = call()
+                if name == "grpcio wrapper, raw bytes":
+                    answer = np.frombuffer(answer, dtype=np.float32)
+                elif name == "OIP gRPC, request serialized once":
+                    from tritonclient.grpc import service_pb2
+
+                    reply = service_pb2.ModelInferResponse.FromString(answer)
+                    answer = np.frombuffer(reply.raw_output_contents[0], dtype=np.float32)
+                np.testing.assert_allclose(np.asarray(answer, dtype=np.float32).ravel(), reference, rtol=1e-4, atol=1e-5,
                                            err_msg=name)
             slow = {"TF Serving REST JSON", "FastAPI+uvicorn wrapper, JSON"}
             latencies = interleaved(calls, rounds, {n: (8 if n in slow else 20) for n in calls})
@@ -552,7 +586,7 @@ def run(write: bool, rounds: int, seconds: float) -> None:
             }, rounds, {"OIP binary over HTTP": 20, "OIP gRPC": 20, "TF Serving REST JSON": 8})
             bare.close()
         finally:
-            for proc in (agent, fastapi):
+            for proc in (agent, fastapi, wrapper):
                 if proc.poll() is None:
                     proc.terminate()
                     proc.wait(timeout=20)
@@ -590,10 +624,15 @@ def run(write: bool, rounds: int, seconds: float) -> None:
         return "met" if ok else "**missed**"
 
     json_fast = p50["TF Serving REST JSON"] < p50["FastAPI+uvicorn wrapper, JSON"]
+    floor = ratio["grpcio wrapper, raw bytes"]
     targets = {
         "OIP binary over HTTP": verdict(ratio["OIP binary over HTTP"] <= TARGETS["binary_ratio"]) + " (<= 1.3x)",
-        "OIP gRPC (raw_input_contents)": verdict(ratio["OIP gRPC (raw_input_contents)"] <= TARGETS["binary_ratio"]) + " (<= 1.3x)",
-        "TF Serving gRPC Predict": verdict(ratio["TF Serving gRPC Predict"] <= TARGETS["binary_ratio"]) + " (<= 1.3x)",
+        "OIP gRPC (raw_input_contents)": verdict(ratio["OIP gRPC (raw_input_contents)"] <= TARGETS["binary_ratio"])
+        + f" (<= 1.3x; grpcio's floor: {floor:.2f}x)",
+        "TF Serving gRPC Predict": verdict(ratio["TF Serving gRPC Predict"] <= TARGETS["binary_ratio"])
+        + f" (<= 1.3x; grpcio's floor: {floor:.2f}x)",
+        "OIP gRPC, request serialized once": "reference: the agent without the client's protobuf",
+        "grpcio wrapper, raw bytes": "reference: grpcio's floor (grpc_wrapper.py)",
         "TF Serving REST JSON": verdict(ratio["TF Serving REST JSON"] <= TARGETS["json_ratio"]) + " (<= 4x); "
         + verdict(json_fast) + " (faster than the FastAPI wrapper)",
     }
@@ -610,6 +649,17 @@ def run(write: bool, rounds: int, seconds: float) -> None:
     ]
     for name in p50:
         lines.append(f"| {name} | {p50[name]:.2f} ms | {p99[name]:.2f} ms | {ratio[name]:.2f}x | {targets.get(name, '')} |")
+    lines += [
+        "",
+        "gRPC's floor: `benchmarks/grpc_wrapper.py` is the leanest server grpcio allows around the same "
+        "interpreter (one unary method, raw tensor bytes in and out: no protobuf, no checks), called with "
+        f"the frame's bytes; it measured {floor:.2f}x bare. Every gRPC client and server pays that much, "
+        "so the 1.3x target is below what grpcio itself costs for a 600 kB frame and a "
+        f"{bare:.1f} ms model on this machine. The agent's ModelInfer with the request serialized once "
+        f"(the client's protobuf left out) measured {ratio['OIP gRPC, request serialized once']:.2f}x: "
+        "what the OIP gRPC row adds beyond it is the client serializing the 600 kB request on every call "
+        "(docs/agent.md, \"Protocols\").",
+    ]
     lines += [
         "",
         "What each protocol costs per frame with the model left out (the same frame to a model of "

@@ -210,6 +210,21 @@ def test_callers_mistakes_are_invalid_argument_or_not_found_and_never_the_models
     assert agent.predictions.Predict(agent.predict_request(x), timeout=10).outputs
 
 
+def test_bytes_that_are_not_the_message_are_invalid_argument_and_never_the_models(agent: Agent) -> None:
+    before = agent.serving()
+    good = agent.predict_request(agent.x[:1]).SerializeToString()
+    for method in ("/inference.GRPCInferenceService/ModelInfer", "/tensorflow.serving.PredictionService/Predict",
+                   "/tensorflow.serving.PredictionService/GetModelMetadata", "/inference.GRPCInferenceService/ModelReady"):
+        call = agent.channel.unary_unary(method)
+        for body in (b"\xff\xff\xff\xff", good[: len(good) // 2], b"\x0a\x05ab"):  # garbage, cut short, a length past the end
+            found, details = _code(lambda c=call, b=body: c(b, timeout=10))
+            assert found == grpc.StatusCode.INVALID_ARGUMENT and "are not a" in details, (method, body[:8], found, details)
+    after = agent.serving()
+    assert sum(v for k, v in after["errors"].items() if k != "bad_request") == sum(
+        v for k, v in before["errors"].items() if k != "bad_request")
+    assert agent.predictions.Predict(agent.predict_request(agent.x[:1]), timeout=10).outputs
+
+
 def test_status_and_log_name_the_grpc_protocols(agent: Agent) -> None:
     names = [p["name"] for p in agent.process.status()["protocols"]]
     assert names == ["tfserving-rest", "oip-rest", "oip-grpc", "tfserving-grpc"]
@@ -347,6 +362,14 @@ def _predict_request(inputs: dict[str, bytes]) -> Any:
     return request
 
 
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
+
+
 OIP_WIRE = [
     ("one tensor", _oip_request([b"\x01" * 8]).SerializeToString()),
     ("three tensors and an id", _oip_request([b"a" * 3, b"", b"c" * 300], id="r1").SerializeToString()),
@@ -355,17 +378,29 @@ OIP_WIRE = [
     ("two messages back to back", _oip_request([b"a"]).SerializeToString() + _oip_request([b"b" * 200]).SerializeToString()),
     ("an unknown varint, fixed64 and fixed32 field", _oip_request([b"z" * 5]).SerializeToString()
      + b"\xa0\x06\x96\x01" + b"\xa9\x06" + b"\x00" * 8 + b"\xad\x06" + b"\x00" * 4),
+    ("a frame-sized tensor", _oip_request([bytes(range(256)) * 2352], id="frame").SerializeToString()),
+    ("field 7 as a varint: an unknown field, not a tensor", _oip_request([b"q" * 3]).SerializeToString() + b"\x38\x05"),
 ]
 
 
 @pytest.mark.parametrize("data", [row[1] for row in OIP_WIRE], ids=[row[0] for row in OIP_WIRE])
-def test_raw_input_contents_read_in_place_are_what_protobuf_reads(data: bytes) -> None:
-    from edgeship.agent.grpc_server import oip_raw_contents
+def test_a_split_infer_request_is_what_protobuf_reads_with_its_tensors_apart(data: bytes) -> None:
+    from edgeship.agent.grpc_server import oip_split
     from edgeship.agent.protos import edgeship_oip_pb2
 
-    found = oip_raw_contents(data)
-    expected = list(edgeship_oip_pb2.ModelInferRequest.FromString(data).raw_input_contents)
-    assert found is not None and [bytes(v) for v in found] == expected
+    parts = oip_split(data)
+    assert parts is not None
+    rest, found = parts
+    whole = edgeship_oip_pb2.ModelInferRequest.FromString(data)
+    assert [bytes(v) for v in found] == list(whole.raw_input_contents)
+    assert len(rest) == len(data) - sum(len(v) for v in found) - sum(1 + len(_varint_bytes(len(v))) for v in found)
+    whole.ClearField("raw_input_contents")
+    assert edgeship_oip_pb2.ModelInferRequest.FromString(rest) == whole
+
+
+def _entry(entry: bytes) -> bytes:
+    """A PredictRequest of one inputs entry written by hand, and a model_spec after it."""
+    return b"\x12" + _varint_bytes(len(entry)) + entry + b"\x0a\x03\x0a\x01m"
 
 
 TF_WIRE = [
@@ -376,33 +411,44 @@ TF_WIRE = [
     # the same key twice (two messages back to back): protobuf keeps the last; the scan gives up
     ("a key twice", _predict_request({"a": b"\x01"}).SerializeToString() + _predict_request({"a": b"\x02\x02"}).SerializeToString(), False),
     ("different keys back to back", _predict_request({"a": b"\x01"}).SerializeToString() + _predict_request({"b": b"\x02\x02"}).SerializeToString(), True),
+    # lengths of one and three varint bytes re-encoded around the cut
+    ("a frame-sized tensor", _predict_request({"image": bytes(range(256)) * 600}).SerializeToString(), True),
+    ("an entry's value before its key, an unknown field in the tensor",
+     _entry(b"\x12" + _varint_bytes(9) + b"\x08\x04" + b"\x22\x03abc" + b"\x28\x01" + b"\x0a\x01k"), True),
+    # an unknown field in a map entry: protobuf sets the whole entry aside; the scan gives up
+    ("an unknown field in an entry", _entry(b"\x0a\x01k\x12\x05\x22\x03abc\x18\x07"), False),
+    ("tensor_content twice in one tensor: the last counts", _entry(b"\x0a\x01k\x12\x0b\x08\x04\x22\x02ab\x22\x03xyz"), True),
 ]
 
 
 @pytest.mark.parametrize("data, read", [row[1:] for row in TF_WIRE], ids=[row[0] for row in TF_WIRE])
-def test_tensor_content_read_in_place_is_what_protobuf_reads(data: bytes, read: bool) -> None:
-    from edgeship.agent.grpc_server import tf_tensor_contents
+def test_a_split_predict_request_is_what_protobuf_reads_with_its_tensors_apart(data: bytes, read: bool) -> None:
+    from edgeship.agent.grpc_server import tf_split
     from edgeship.agent.protos import edgeship_tfserving_pb2
 
-    found = tf_tensor_contents(data)
-    message = edgeship_tfserving_pb2.PredictRequest.FromString(data)
-    assert (found is not None) == read
-    if found is not None:
-        expected = {name: tensor.tensor_content for name, tensor in message.inputs.items() if tensor.tensor_content}
+    parts = tf_split(data)
+    whole = edgeship_tfserving_pb2.PredictRequest.FromString(data)
+    assert (parts is not None) == read
+    if parts is not None:
+        rest, found = parts
+        expected = {name: tensor.tensor_content for name, tensor in whole.inputs.items() if tensor.tensor_content}
         assert {name: bytes(v) for name, v in found.items()} == expected
+        for tensor in whole.inputs.values():
+            tensor.ClearField("tensor_content")
+        assert edgeship_tfserving_pb2.PredictRequest.FromString(rest) == whole
 
 
 def test_the_wire_scan_gives_up_on_what_it_does_not_read() -> None:
-    from edgeship.agent.grpc_server import oip_raw_contents, wire_fields
+    from edgeship.agent.grpc_server import oip_split, wire_fields
 
     assert wire_fields(memoryview(b"\x0a\x05abc")) is None  # a value past the end
     assert wire_fields(memoryview(b"\x0b\x0c")) is None  # a group
     assert wire_fields(memoryview(b"\x08\xff")) is None  # a truncated varint
-    assert oip_raw_contents(b"\x3a\x80") is None
+    assert oip_split(b"\x3a\x80") is None
     # a well-formed message of many tiny unknown fields (protobuf reads it in C): past the cap the
     # scan gives up, and the message's own field serves the same bytes
     from edgeship.agent.protos import edgeship_oip_pb2
 
     many = _oip_request([b"a" * 8]).SerializeToString() + b"\xa0\x06\x01" * 100_000
-    assert oip_raw_contents(many) is None
+    assert oip_split(many) is None
     assert list(edgeship_oip_pb2.ModelInferRequest.FromString(many).raw_input_contents) == [b"a" * 8]
