@@ -573,7 +573,7 @@ def main() -> None:
     if args.protocols:
         from agent_protocols import run as run_protocols
 
-        run_protocols(args.write, rounds=5, seconds=8.0)
+        run_protocols(args.write, rounds=10, seconds=8.0)
         return
     if args.only_overhead:
         from ai_edge_litert.interpreter import Interpreter

@@ -641,7 +641,7 @@ def run(write: bool, rounds: int, seconds: float) -> None:
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on this machine (shared, 2 cores), one run, interleaved rounds "
         f"({rounds}); sequential keep-alive requests; p50/p99 of each path's requests. Load average "
-        f"{load_before:.1f} at the start and {load_after:.1f} at the end (other jobs shared the machine: "
+        f"{load_before:.1f} at the start and {load_after:.1f} at the end (the machine is shared: "
         "the ratios move from run to run; see docs/agent.md, \"Protocols\").",
         "",
         "| path | p50 | p99 | p50 / bare | target |",
@@ -706,7 +706,7 @@ def run(write: bool, rounds: int, seconds: float) -> None:
         f"with `[server] grpc_port` (grpcio and both gRPC front ends loaded) {rss['grpc']:.1f} MB "
         f"(+{rss['grpc'] - rss['rest']:.1f} MB).",
         "",
-        "Reproduce: `.venv/bin/python benchmarks/agent.py --protocols --write` (about 6 minutes).",
+        "Reproduce: `.venv/bin/python benchmarks/agent.py --protocols --write` (about 3 minutes).",
     ]
     from results_doc import write_section
 
