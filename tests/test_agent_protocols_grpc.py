@@ -119,6 +119,26 @@ def test_oip_grpc_health_metadata_and_infer_through_tritonclient(agent: Agent) -
     assert result.get_response().id == "g-1"
 
 
+def test_compressed_requests_are_served_and_a_compression_bomb_is_refused(agent: Agent) -> None:
+    x = agent.x[:3]
+    tensor = grpcclient.InferInput(agent.input, list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    for algorithm in ("gzip", "deflate"):  # tritonclient's own option, as an application sets it
+        result = agent.triton.infer("digits", [tensor], compression_algorithm=algorithm)
+        np.testing.assert_allclose(result.as_numpy(agent.output), agent.expected(x), rtol=1e-6, atol=1e-6)
+    # 64 MiB of zeros gzip to about 64 kB: over max_body_bytes once decompressed, refused before it is parsed
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    bomb = service_pb2.ModelInferRequest(model_name="digits", raw_input_contents=[bytes(64 << 20)])
+    bomb.inputs.add(name=agent.input, datatype="FP32", shape=[(64 << 20) // 256, 8, 8, 1])
+    with grpc.insecure_channel(agent.target, options=[("grpc.max_send_message_length", 128 << 20)]) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        found, details = _code(lambda: stub.ModelInfer(bomb, timeout=30, compression=grpc.Compression.Gzip))
+    assert found == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    result = agent.triton.infer("digits", [tensor])
+    np.testing.assert_allclose(result.as_numpy(agent.output), agent.expected(x), rtol=1e-6, atol=1e-6)
+
+
 def test_tf_serving_predict_metadata_and_status_through_its_stubs(agent: Agent) -> None:
     x = agent.x[:2]
     response = agent.predictions.Predict(agent.predict_request(x), timeout=10)
