@@ -139,6 +139,27 @@ def test_compressed_requests_are_served_and_a_compression_bomb_is_refused(agent:
     np.testing.assert_allclose(result.as_numpy(agent.output), agent.expected(x), rtol=1e-6, atol=1e-6)
 
 
+def test_tensorflows_own_tensor_protos_in_and_out(agent: Agent) -> None:
+    """The TF Serving client's usual code: ``tf.make_tensor_proto`` in, ``tf.make_ndarray`` out."""
+    import tensorflow as tf
+
+    x = agent.x[:2]
+    for proto, expected in (
+        (tf.make_tensor_proto(x), agent.expected(x)),  # tensor_content
+        (tf.make_tensor_proto(x.tolist(), dtype=tf.float32), agent.expected(x)),  # from a nested list
+        (tf.make_tensor_proto(0.25, shape=[1, 8, 8, 1]), agent.expected(np.full((1, 8, 8, 1), 0.25, np.float32))),  # one value broadcast
+    ):
+        request = agent.predict_request(x)
+        request.inputs[agent.input].CopyFrom(proto)
+        response = agent.predictions.Predict(request, timeout=10)
+        y = tf.make_ndarray(next(iter(response.outputs.values())))
+        np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+    request = agent.predict_request(x)
+    request.inputs[agent.input].CopyFrom(tf.make_tensor_proto(x.astype(np.float64)))  # DT_DOUBLE for a float model
+    found, details = _code(lambda: agent.predictions.Predict(request, timeout=10))
+    assert found == grpc.StatusCode.INVALID_ARGUMENT and "DT_FLOAT" in details
+
+
 def test_tf_serving_predict_metadata_and_status_through_its_stubs(agent: Agent) -> None:
     x = agent.x[:2]
     response = agent.predictions.Predict(agent.predict_request(x), timeout=10)

@@ -8,8 +8,10 @@ health."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,51 @@ def test_infer_with_tritonclient_matches_tf_serving_rest(agent: Agent, binary: b
     # no outputs named: tritonclient asks for every output in binary
     result = agent.client.infer("digits", [tensor])
     np.testing.assert_allclose(result.as_numpy(agent.output), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_compressed_request_bodies_from_tritonclient_and_tf_serving_clients(agent: Agent, binary: bool) -> None:
+    x = agent.x[:3]
+    predict = f"http://{agent.url}/v1/models/digits:predict"
+    expected = np.asarray(requests.post(predict, json={"instances": x.tolist()}, timeout=10).json()["predictions"])
+    tensor = httpclient.InferInput(agent.input, list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    for request, response in (("gzip", None), ("deflate", None), ("gzip", "gzip"), (None, "deflate")):
+        result = agent.client.infer("digits", [tensor], request_compression_algorithm=request,
+                                    response_compression_algorithm=response)
+        np.testing.assert_allclose(result.as_numpy(agent.output), expected, rtol=1e-6, atol=1e-6)
+    body = json.dumps({"instances": x.tolist()}).encode()
+    for coding, packed in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body)),
+                           ("deflate", _raw_deflate(body))):  # raw deflate, as some clients send it
+        reply = requests.post(predict, data=packed, headers={"Content-Encoding": coding}, timeout=10)
+        assert reply.status_code == 200, reply.text
+        np.testing.assert_allclose(np.asarray(reply.json()["predictions"]), expected, rtol=1e-6, atol=1e-6)
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(wbits=-15)
+    return packer.compress(data) + packer.flush()
+
+
+def test_an_unread_coding_is_415_and_a_compression_bomb_is_400_never_the_models(agent: Agent) -> None:
+    before = agent.serving()
+    predict = f"http://{agent.url}/v1/models/digits:predict"
+    body = json.dumps({"instances": agent.x[:1].tolist()}).encode()
+    reply = requests.post(predict, data=body, headers={"Content-Encoding": "br"}, timeout=10)
+    assert reply.status_code == 415 and "'br'" in reply.json()["error"]
+    assert reply.headers["Accept-Encoding"] == "gzip, deflate"
+    bomb = gzip.compress(b"[" * (64 << 20))  # 64 MiB in 64 kB: refused at max_body_bytes, never inflated whole
+    for url in (predict, f"http://{agent.url}/v2/models/digits/infer"):
+        reply = requests.post(url, data=bomb, headers={"Content-Encoding": "gzip"}, timeout=30)
+        assert reply.status_code == 400 and "once decompressed" in reply.json()["error"], reply.text
+    reply = requests.post(predict, data=gzip.compress(body)[:-9], headers={"Content-Encoding": "gzip"}, timeout=10)
+    assert reply.status_code == 400 and "not complete gzip data" in reply.json()["error"]
+    reply = requests.post(predict, data=body, headers={"Content-Encoding": "gzip"}, timeout=10)
+    assert reply.status_code == 400 and "not gzip data" in reply.json()["error"]
+    after = agent.serving()
+    assert sum(v for k, v in after["errors"].items() if k != "bad_request") == sum(
+        v for k, v in before["errors"].items() if k != "bad_request")
+    assert requests.post(predict, data=body, timeout=10).status_code == 200
 
 
 def _binary_body(header: dict[str, Any], data: bytes) -> tuple[bytes, dict[str, str]]:

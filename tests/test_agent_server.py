@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -403,3 +405,48 @@ def test_a_frame_gets_the_same_answer_with_and_without_the_fast_path(
     without = serving.current.stats.snapshot()
     assert without["caller_errors"] == 2 * with_fast["caller_errors"] > 0 and without["model_errors"] == 0
     client.close()
+
+
+def _deflate_raw(data: bytes) -> bytes:
+    packer = zlib.compressobj(wbits=-15)
+    return packer.compress(data) + packer.flush()
+
+
+_PLAIN = b'{"instances": [[1.0, 2.0]]}' * 10
+CODINGS = [
+    # (id, body, Content-Encoding values, the body read, or the words of the error)
+    ("none", _PLAIN, [], _PLAIN),
+    ("identity", _PLAIN, ["identity"], _PLAIN),
+    ("gzip", gzip.compress(_PLAIN), ["gzip"], _PLAIN),
+    ("x-gzip in capitals", gzip.compress(_PLAIN), ["X-GZIP"], _PLAIN),
+    ("deflate, zlib's format", zlib.compress(_PLAIN), ["deflate"], _PLAIN),
+    ("deflate, raw", _deflate_raw(_PLAIN), ["deflate"], _PLAIN),
+    ("two codings, in the order applied", gzip.compress(zlib.compress(_PLAIN)), ["deflate, gzip"], _PLAIN),
+    ("two header lines", gzip.compress(zlib.compress(_PLAIN)), ["deflate", "gzip"], _PLAIN),
+    ("gzip with identity", gzip.compress(_PLAIN), ["gzip, identity"], _PLAIN),
+    ("exactly the cap", gzip.compress(b"x" * 1000), ["gzip"], b"x" * 1000),
+    ("br", _PLAIN, ["br"], "415:Content-Encoding 'br' is not read"),
+    ("compress", _PLAIN, ["gzip, compress"], "415:Content-Encoding 'compress' is not read"),
+    ("a bomb", gzip.compress(b"0" * 10_000_000), ["gzip"], "400:exceeds 1000 bytes once decompressed"),
+    ("one byte over the cap", gzip.compress(b"x" * 1001), ["gzip"], "400:exceeds 1000 bytes once decompressed"),
+    ("not gzip", _PLAIN, ["gzip"], "400:not gzip data"),
+    ("not deflate", _PLAIN, ["deflate"], "400:not deflate data"),
+    ("gzip cut short", gzip.compress(_PLAIN)[:-9], ["gzip"], "400:not complete gzip data"),
+    ("garbage after the gzip stream", gzip.compress(_PLAIN) + b"tail", ["gzip"], "400:not complete gzip data"),
+    ("empty body as gzip", b"", ["gzip"], "400:not complete gzip data"),
+]
+
+
+@pytest.mark.parametrize("raw, codings, expected", [c[1:] for c in CODINGS], ids=[c[0] for c in CODINGS])
+def test_content_codings_are_undone_within_the_cap_or_refused(raw: bytes, codings: list[str], expected: object) -> None:
+    from edgeship.agent.server import UnsupportedContentEncoding, content_decoded
+    from edgeship.ota.errors import BadInputError
+
+    if isinstance(expected, bytes):
+        assert content_decoded(raw, codings, cap=1000 if len(expected) <= 1000 else len(expected)) == expected
+        return
+    status, words = str(expected).split(":", 1)
+    with pytest.raises(BadInputError) as caught:
+        content_decoded(raw, codings, cap=1000)
+    assert isinstance(caught.value, UnsupportedContentEncoding) == (status == "415")
+    assert words in caught.value.message

@@ -37,12 +37,15 @@ client's delayed ACK).
 from __future__ import annotations
 
 __all__ = [
+    "CONTENT_CODINGS",
     "ApiAccess",
     "ApiServer",
     "PredictRequestError",
+    "UnsupportedContentEncoding",
     "ServerLimits",
     "bind_refusal",
     "build_inputs",
+    "content_decoded",
     "format_outputs",
     "is_loopback",
     "load_access",
@@ -61,6 +64,7 @@ import ssl
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -256,6 +260,49 @@ def _agent_version() -> str:
         return version("edgeship")
     except Exception:  # noqa: BLE001 - metadata missing in a bare checkout: say so, never fail a request
         return "unknown"
+
+
+class UnsupportedContentEncoding(PredictRequestError):
+    """A request body in a content coding the agent does not read (HTTP 415)."""
+
+
+CONTENT_CODINGS = ("gzip", "deflate")
+"""Request body codings read (``Content-Encoding``), as Triton and TF Serving read them:
+tritonclient's ``request_compression_algorithm`` sends either."""
+
+
+def content_decoded(raw: bytes, codings: Sequence[str], cap: int) -> bytes:
+    """``raw`` with each ``Content-Encoding`` undone (the header's values, in the order they
+    were applied), never more than ``cap`` bytes out: a compression bomb is refused at the
+    cap, not inflated. ``identity`` is no coding; ``x-gzip`` is gzip; ``deflate`` is zlib's
+    format (RFC 9110), or raw deflate as some clients send it."""
+    names = [c.strip().lower() for value in codings for c in value.split(",") if c.strip()]
+    for name in reversed(names):
+        if name == "identity":
+            continue
+        if name not in ("gzip", "x-gzip", "deflate"):
+            raise UnsupportedContentEncoding(
+                f"Content-Encoding {name!r} is not read; send the body plain, gzip or deflate"
+            )
+        label = "gzip" if name == "x-gzip" else name
+        formats = [16 + zlib.MAX_WBITS] if label == "gzip" else [zlib.MAX_WBITS, -zlib.MAX_WBITS]
+        for at, wbits in enumerate(formats):
+            inflater = zlib.decompressobj(wbits)
+            try:
+                out = inflater.decompress(raw, cap + 1)
+            except zlib.error:
+                if at + 1 < len(formats):
+                    continue
+                raise PredictRequestError(f"the body is not {label} data (Content-Encoding: {name})") from None
+            break
+        if len(out) > cap:
+            raise PredictRequestError(
+                f"request body exceeds {cap} bytes once decompressed ([limits] max_body_bytes)"
+            )
+        if not inflater.eof or inflater.unused_data:
+            raise PredictRequestError(f"the body is not complete {label} data (Content-Encoding: {name})")
+        raw = out
+    return raw
 
 
 class _RequestTimeout(Exception):
@@ -457,6 +504,14 @@ class _Handler(BaseHTTPRequestHandler):
             raise ConnectionAbortedError("body cut short")
         return raw
 
+    def _body(self) -> bytes | None:
+        """The request's body as sent, its ``Content-Encoding`` undone (None without one)."""
+        raw = self._raw_body()
+        codings = self.headers.get_all("Content-Encoding")
+        if raw is None or not codings:
+            return raw
+        return content_decoded(raw, codings, self.server.limits.max_body_bytes)
+
     def _discard_body(self) -> None:
         """Consume a body nobody will read, so the keep-alive connection stays usable."""
         try:
@@ -498,7 +553,7 @@ class _Handler(BaseHTTPRequestHandler):
         assert match is not None and match.group("verb") == "infer"
         try:
             header = self.headers.get("Inference-Header-Content-Length")
-            raw = self._raw_body()
+            raw = self._body()
             if raw is None:
                 self.close_connection = True
                 raise PredictRequestError("a request body with Content-Length is required")
@@ -525,6 +580,8 @@ class _Handler(BaseHTTPRequestHandler):
                     200, body, "application/octet-stream",
                     f"Inference-Header-Content-Length: {json_length}\r\n",
                 )
+        except UnsupportedContentEncoding as exc:
+            self._error(415, exc.message, _ACCEPT_ENCODING)
         except BadInputError as exc:
             self._error(400, exc.message)
         except NoModelError as exc:
@@ -663,7 +720,7 @@ class _Handler(BaseHTTPRequestHandler):
         match = _ROUTE.match(path)
         assert match is not None
         try:
-            raw = self._raw_body()
+            raw = self._body()
             if raw is None:
                 self.close_connection = True  # the body's end is unknown: the stream cannot be reused
                 raise PredictRequestError("a request body with Content-Length is required")
@@ -701,6 +758,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise
             served, outputs = predict(self.server.servables, model, decoded.inputs)  # counts its own errors
             self._json(200, format_outputs(outputs, served.runner.signature, decoded.row))
+        except UnsupportedContentEncoding as exc:
+            self._error(415, exc.message, _ACCEPT_ENCODING)
         except BadInputError as exc:
             self._error(400, exc.message)
         except NoModelError as exc:
@@ -779,6 +838,7 @@ class _SocketWriter(io.BufferedIOBase):
         return len(data)
 
 
+_ACCEPT_ENCODING = f"Accept-Encoding: {', '.join(CONTENT_CODINGS)}\r\n"
 _BUSY_BODY = b'{"error":"too many connections: the agent\'s connection limit is reached"}'
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
