@@ -126,6 +126,13 @@ class _Abandon(Exception):
     """A delta or compressed try that cannot go on; its message is the recorded reason."""
 
 
+def _check_companion(kind: str, info: Any, **bundle: Any) -> None:
+    """Abandon the try where :func:`companion_refusal` refuses the listed companion ``info``."""
+    refusal = companion_refusal(kind, info.custom, info.length, info.hashes, **bundle)
+    if refusal is not None:
+        raise _Abandon(f"{info.path}: {refusal}")
+
+
 def companion_path(name: str, version: str, kind: str, base_sha256: str | None = None) -> str:
     """The TUF target path of a bundle's companion (the release repository writes the same path)."""
     if kind == "compressed":
@@ -231,10 +238,7 @@ def deliver_bundle(
             if info is None:
                 reasons.append(f"no delta is published from this base (sha256 {str(base_sha256)[:16]}...)")
             else:
-                refusal = companion_refusal("delta", info.custom, info.length, info.hashes, base_sha256=base_sha256,
-                                            **common)
-                if refusal is not None:
-                    raise _Abandon(f"{info.path}: {refusal}")
+                _check_companion("delta", info, base_sha256=base_sha256, **common)
                 room = free_bytes(work) if free_bytes is not None else None
                 if room is not None and room < info.length + bundle.length + DISK_MARGIN:
                     raise _Abandon(f"{room} bytes free, not enough to rebuild {bundle.length} bytes from a delta")
@@ -255,9 +259,7 @@ def deliver_bundle(
         try:
             info = _lookup(updater, companion_path(name, version, "compressed"))
             if info is not None:
-                refusal = companion_refusal("compressed", info.custom, info.length, info.hashes, **common)
-                if refusal is not None:
-                    raise _Abandon(f"{info.path}: {refusal}")
+                _check_companion("compressed", info, **common)
                 stream = open_target(info)
                 try:
                     reader = ZstdBoundedReader(stream, bundle.length)

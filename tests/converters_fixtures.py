@@ -272,3 +272,19 @@ def serve_with_agent(result: Any, folder: Path, name: str, instances: Any) -> tu
         return body, str(record.state)
     finally:
         server.stop()
+
+
+def fine_tuned_digits(digits_files: dict[str, Path]) -> tuple[Any, Any, Any]:
+    """(the digits Keras model, the same model fine-tuned one more epoch so every weight moves,
+    the calibration inputs): the old and new version a delta is built between."""
+    import numpy as np
+    import tensorflow as tf
+
+    data = np.load(digits_files["calib"])
+    x, y = data["x"].astype(np.float32), data["y"]
+    old = tf.keras.models.load_model(digits_files["model"])
+    new = tf.keras.models.clone_model(old)
+    new.set_weights(old.get_weights())
+    new.compile(optimizer=tf.keras.optimizers.Adam(1e-4), loss="sparse_categorical_crossentropy")
+    new.fit(x, y, epochs=1, verbose=0)
+    return old, new, x

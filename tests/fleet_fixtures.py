@@ -23,7 +23,7 @@ from mqtt_broker import free_port
 if TYPE_CHECKING:
     from edgeship.toolkit.store import FleetStore
 
-__all__ = ["PostgresServer", "SimulatedFleet", "postgres_binaries", "postgres_server"]
+__all__ = ["PostgresServer", "SimulatedFleet", "postgres_binaries", "postgres_server", "store"]
 
 
 def postgres_binaries() -> Path | None:
@@ -166,3 +166,17 @@ class SimulatedFleet:
             self.store.complete_action(pending.id, self.now)
         if items:
             self.store.ingest(items)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FleetStore]:
+    """An empty fleet store on SQLite, and on PostgreSQL (slow) where its binaries are installed;
+    a test module imports it with ``postgres_server``."""
+    from edgeship.toolkit.store import FleetStore
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    else:
+        url = request.getfixturevalue("postgres_server").new_database()
+    with FleetStore(url) as opened:
+        yield opened

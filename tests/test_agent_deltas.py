@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+from converters_fixtures import fine_tuned_digits
 
 from edgeship.agent.config import parse_config
 from edgeship.agent.isolated import IsolatedSource
@@ -60,13 +60,7 @@ def digits_models(digits_files: dict[str, Path], tmp_path_factory: pytest.TempPa
     import tf2onnx
 
     folder = tmp_path_factory.mktemp("delta-agent-models")
-    data = np.load(digits_files["calib"])
-    x, y = data["x"].astype(np.float32), data["y"]
-    old = tf.keras.models.load_model(digits_files["model"])
-    new = tf.keras.models.clone_model(old)
-    new.set_weights(old.get_weights())
-    new.compile(optimizer=tf.keras.optimizers.Adam(1e-4), loss="sparse_categorical_crossentropy")
-    new.fit(x, y, epochs=1, verbose=0)
+    old, new, x = fine_tuned_digits(digits_files)
     files: dict[str, Path] = {}
     for tag, model in (("old", old), ("new", new)):
         converter = tf.lite.TFLiteConverter.from_keras_model(model)

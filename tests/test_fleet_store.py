@@ -6,13 +6,12 @@ Every test that takes the ``store`` fixture runs on both backends.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from fleet_fixtures import postgres_server  # noqa: F401  (fixture)
+from fleet_fixtures import postgres_server, store  # noqa: F401  (fixtures)
 
 from edgeship.ota.errors import BadInputError, EdgeshipError
 from edgeship.ota.protocol import EventMessage, ReportedMessage, StatusMessage, TelemetryMessage
@@ -34,16 +33,6 @@ from edgeship.toolkit.rollouts import (
 from edgeship.toolkit.store import ConcurrentUpdateError, FleetStore, IngestItem, parse_selection
 
 FLEET = "plant1"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FleetStore]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'fleet.db'}"
-    else:
-        url = request.getfixturevalue("postgres_server").new_database()
-    with FleetStore(url) as opened:
-        yield opened
 
 
 def hist(*latencies: float) -> LatencyHistogram:

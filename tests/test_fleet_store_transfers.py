@@ -4,28 +4,16 @@ themselves table-tested (``toolkit.transfers.summarize``, pure)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet_fixtures import postgres_server  # noqa: F401  (fixture)
+from fleet_fixtures import postgres_server, store  # noqa: F401  (fixtures)
 
 from edgeship.ota.protocol import ReportedMessage
 from edgeship.toolkit.store import FleetStore, IngestItem
 from edgeship.toolkit.transfers import summarize
 
 FLEET = "plant1"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FleetStore]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'fleet.db'}"
-    else:
-        url = request.getfixturevalue("postgres_server").new_database()
-    with FleetStore(url) as opened:
-        yield opened
 
 
 def transfer(kind: str, sent: int, full: int = 100_000, base: str | None = None,

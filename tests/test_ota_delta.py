@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from converters_fixtures import fine_tuned_digits
 
 from edgeship.ota.bundle_build import build_bundle
 from edgeship.ota.delta import (
@@ -31,17 +32,8 @@ from edgeship.toolkit.deltas import TensorSpan, build_delta, pair_tensors, tenso
 @pytest.fixture(scope="module")
 def digits_pair(digits_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The digits model and the same model fine-tuned one more epoch (every weight moves)."""
-    import tensorflow as tf
-
-    folder = tmp_path_factory.mktemp("delta-models")
-    data = np.load(digits_files["calib"])
-    x, y = data["x"].astype(np.float32), data["y"]
-    old = tf.keras.models.load_model(digits_files["model"])
-    new = tf.keras.models.clone_model(old)
-    new.set_weights(old.get_weights())
-    new.compile(optimizer=tf.keras.optimizers.Adam(1e-4), loss="sparse_categorical_crossentropy")
-    new.fit(x, y, epochs=1, verbose=0)
-    return {"folder": folder, "old": old, "new": new, "x": x}
+    old, new, x = fine_tuned_digits(digits_files)
+    return {"folder": tmp_path_factory.mktemp("delta-models"), "old": old, "new": new, "x": x}
 
 
 def _tflite(model: Any, x: np.ndarray, path: Path, variant: str) -> Path:

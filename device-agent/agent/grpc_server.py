@@ -18,14 +18,14 @@ never clash with a client library's copies.
 
 from __future__ import annotations
 
-__all__ = ["GRPC_SERVICES", "GrpcServer", "grpc_available", "oip_split", "tf_split", "wire_fields"]
+__all__ = ["GRPC_SERVICES", "GrpcServer", "WireField", "grpc_available", "oip_split", "tf_split", "wire_fields"]
 
 import functools
 import hmac
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -131,14 +131,27 @@ def _encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
-def wire_fields(data: memoryview, start: int = 0, end: int | None = None) -> list[tuple[int, int, int, int, int]] | None:
-    """The fields of one protobuf message in ``data[start:end]``, in wire order, as (field
-    number, wire type, start of the field, start of its value, end); the value of a
-    length-delimited field (wire type 2) is ``data[value start:end]``. None where the bytes
-    are not a message this scan reads (groups, a value past the end, more than
+class WireField(NamedTuple):
+    """One field of a protobuf message as it lies in the bytes received."""
+
+    number: int
+    wire: int
+    """The wire type: 2 is length-delimited, its value ``data[value:end]``."""
+    start: int
+    """Where the field's key begins: ``data[start:end]`` is the whole field."""
+    value: int
+    end: int
+
+    def delimited(self, number: int) -> bool:
+        return self.number == number and self.wire == _LENGTH_DELIMITED
+
+
+def wire_fields(data: memoryview, start: int = 0, end: int | None = None) -> list[WireField] | None:
+    """The fields of one protobuf message in ``data[start:end]``, in wire order. None where
+    the bytes are not a message this scan reads (groups, a value past the end, more than
     ``_MAX_FIELDS`` fields)."""
     end = len(data) if end is None else end
-    found: list[tuple[int, int, int, int, int]] = []
+    found: list[WireField] = []
     at = start
     try:
         while at < end:
@@ -161,14 +174,10 @@ def wire_fields(data: memoryview, start: int = 0, end: int | None = None) -> lis
                 return None
             if at > end:
                 return None
-            found.append((number, wire, field_start, value_start, at))
+            found.append(WireField(number, wire, field_start, value_start, at))
     except ValueError:
         return None
     return found
-
-
-def _is(field: tuple[int, int, int, int, int], number: int) -> bool:
-    return field[0] == number and field[1] == _LENGTH_DELIMITED
 
 
 def oip_split(data: bytes) -> tuple[bytes, list[memoryview]] | None:
@@ -178,8 +187,8 @@ def oip_split(data: bytes) -> tuple[bytes, list[memoryview]] | None:
     fields = wire_fields(view)
     if fields is None:
         return None
-    rest = b"".join(view[f[2] : f[4]] for f in fields if not _is(f, _OIP_RAW_CONTENTS))
-    return rest, [view[f[3] : f[4]] for f in fields if _is(f, _OIP_RAW_CONTENTS)]
+    rest = b"".join(view[f.start : f.end] for f in fields if not f.delimited(_OIP_RAW_CONTENTS))
+    return rest, [view[f.value : f.end] for f in fields if f.delimited(_OIP_RAW_CONTENTS)]
 
 
 def tf_split(data: bytes) -> tuple[bytes, dict[str, memoryview]] | None:
@@ -195,35 +204,35 @@ def tf_split(data: bytes) -> tuple[bytes, dict[str, memoryview]] | None:
     found: dict[str, memoryview] = {}
     names: set[str] = set()
     for field in fields:
-        if not _is(field, _TF_INPUTS):
-            rest.append(view[field[2] : field[4]])
+        if not field.delimited(_TF_INPUTS):
+            rest.append(view[field.start : field.end])
             continue
-        entry = wire_fields(view, field[3], field[4])
+        entry = wire_fields(view, field.value, field.end)
         if entry is None:
             return None
-        keys = [f for f in entry if f[0] == 1]
-        values = [f for f in entry if f[0] == 2]
-        if len(keys) != 1 or not _is(keys[0], 1) or len(values) > 1 or len(keys) + len(values) != len(entry):
+        keys = [f for f in entry if f.number == 1]
+        values = [f for f in entry if f.number == 2]
+        if len(keys) != 1 or not keys[0].delimited(1) or len(values) > 1 or len(keys) + len(values) != len(entry):
             return None  # an unknown field makes protobuf keep the whole entry aside, unread
-        if values and not _is(values[0], 2):
+        if values and not values[0].delimited(2):
             return None
         try:
-            name = bytes(view[keys[0][3] : keys[0][4]]).decode("utf-8")
+            name = bytes(view[keys[0].value : keys[0].end]).decode("utf-8")
         except UnicodeDecodeError:
             return None
         if name in names:
             return None
         names.add(name)
-        tensor = wire_fields(view, values[0][3], values[0][4]) if values else []
+        tensor = wire_fields(view, values[0].value, values[0].end) if values else []
         if tensor is None:
             return None
-        contents = [f for f in tensor if _is(f, _TF_TENSOR_CONTENT)]
+        contents = [f for f in tensor if f.delimited(_TF_TENSOR_CONTENT)]
         if not contents:
-            rest.append(view[field[2] : field[4]])
+            rest.append(view[field.start : field.end])
             continue
-        found[name] = view[contents[-1][3] : contents[-1][4]]  # a singular field: the last one counts
-        value = b"".join(view[f[2] : f[4]] for f in tensor if not _is(f, _TF_TENSOR_CONTENT))
-        pieces = view[keys[0][2] : keys[0][4]].tobytes()
+        found[name] = view[contents[-1].value : contents[-1].end]  # a singular field: the last one counts
+        value = b"".join(view[f.start : f.end] for f in tensor if not f.delimited(_TF_TENSOR_CONTENT))
+        pieces = view[keys[0].start : keys[0].end].tobytes()
         pieces += b"\x12" + _encode_varint(len(value)) + value  # the entry's value: field 2, length-delimited
         rest.append(b"\x12" + _encode_varint(len(pieces)) + pieces)  # inputs: field 2, length-delimited
     return b"".join(rest), found

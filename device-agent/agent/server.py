@@ -286,15 +286,15 @@ def content_decoded(raw: bytes, codings: Sequence[str], cap: int) -> bytes:
             )
         label = "gzip" if name == "x-gzip" else name
         formats = [16 + zlib.MAX_WBITS] if label == "gzip" else [zlib.MAX_WBITS, -zlib.MAX_WBITS]
-        for at, wbits in enumerate(formats):
+        for wbits in formats:
             inflater = zlib.decompressobj(wbits)
             try:
                 out = inflater.decompress(raw, cap + 1)
+                break
             except zlib.error:
-                if at + 1 < len(formats):
-                    continue
-                raise PredictRequestError(f"the body is not {label} data (Content-Encoding: {name})") from None
-            break
+                continue
+        else:
+            raise PredictRequestError(f"the body is not {label} data (Content-Encoding: {name})")
         if len(out) > cap:
             raise PredictRequestError(
                 f"request body exceeds {cap} bytes once decompressed ([limits] max_body_bytes)"
