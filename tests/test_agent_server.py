@@ -412,6 +412,12 @@ def _deflate_raw(data: bytes) -> bytes:
     return packer.compress(data) + packer.flush()
 
 
+def _layers(data: bytes, count: int) -> bytes:
+    for _ in range(count):
+        data = gzip.compress(data)
+    return data
+
+
 _PLAIN = b'{"instances": [[1.0, 2.0]]}' * 10
 CODINGS = [
     # (id, body, Content-Encoding values, the body read, or the words of the error)
@@ -434,6 +440,8 @@ CODINGS = [
     ("gzip cut short", gzip.compress(_PLAIN)[:-9], ["gzip"], "400:not complete gzip data"),
     ("garbage after the gzip stream", gzip.compress(_PLAIN) + b"tail", ["gzip"], "400:not complete gzip data"),
     ("empty body as gzip", b"", ["gzip"], "400:not complete gzip data"),
+    ("four layers", _layers(_PLAIN, 4), ["gzip"] * 4, _PLAIN),
+    ("five layers", _layers(_PLAIN, 5), ["gzip, gzip, gzip, gzip, gzip"], "400:5 content codings; at most 4"),
 ]
 
 

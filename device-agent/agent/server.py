@@ -271,12 +271,17 @@ CONTENT_CODINGS = ("gzip", "deflate")
 tritonclient's ``request_compression_algorithm`` sends either."""
 
 
+_MAX_CODINGS = 4
+
+
 def content_decoded(raw: bytes, codings: Sequence[str], cap: int) -> bytes:
     """``raw`` with each ``Content-Encoding`` undone (the header's values, in the order they
     were applied), never more than ``cap`` bytes out: a compression bomb is refused at the
     cap, not inflated. ``identity`` is no coding; ``x-gzip`` is gzip; ``deflate`` is zlib's
     format (RFC 9110), or raw deflate as some clients send it."""
     names = [c.strip().lower() for value in codings for c in value.split(",") if c.strip()]
+    if len(names) > _MAX_CODINGS:  # each layer costs an inflate: a header of thousands is an attack
+        raise PredictRequestError(f"{len(names)} content codings; at most {_MAX_CODINGS} are read")
     for name in reversed(names):
         if name == "identity":
             continue
